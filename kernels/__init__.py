@@ -1,0 +1,1 @@
+"""Triton kernels for the safety signal, each beside its PyTorch reference."""

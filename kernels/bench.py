@@ -1,0 +1,212 @@
+"""Per-step cost of the safety kernels: the fused head and the decision.
+
+    python -m safeserve.kernels.bench --batch 256 --hidden 4096 --categories 9 --dtype bfloat16
+
+On CUDA it times the Triton launchers with CUDA events (and the PyTorch references beside
+them for comparison). On CPU there is no compiled Triton, so it times the reference path
+(what a CPU server runs) with a wall clock, and the report says so.
+
+The head is a skinny GEMM (K is ~10), so its floor is memory traffic, not FLOPs:
+    bytes = N*H*elem(hidden) + K*H*4 (weight) + N*K*4 (scores)
+and achieved GB/s = bytes / time is the figure to compare with the device's bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Callable
+
+import torch
+
+from safeserve.kernels.safety_decision import decide, decide_reference
+from safeserve.kernels.safety_head import (
+    _use_triton,
+    safety_scores,
+    safety_scores_reference,
+)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def _time_cuda_us(step: Callable[[], object], iters: int, warmup: int) -> float:
+    for _ in range(warmup):
+        step()
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000.0 / iters
+
+
+def _time_cpu_us(step: Callable[[], object], iters: int, warmup: int) -> float:
+    for _ in range(warmup):
+        step()
+    started = time.perf_counter()
+    for _ in range(iters):
+        step()
+    return (time.perf_counter() - started) * 1e6 / iters
+
+
+def run_benchmark(
+    batch: int = 256,
+    hidden: int = 4096,
+    categories: int = 9,
+    dtype: str = "bfloat16",
+    iters: int = 200,
+) -> dict:
+    """Time one engine step of each kernel; returns a flat dict of results.
+
+    `categories` excludes the overall 'unsafe' column, so the head has K = categories + 1.
+    """
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}; got {dtype!r}")
+    if batch < 1 or hidden < 1 or categories < 0 or iters < 1:
+        raise ValueError("batch, hidden and iters must be >= 1, categories >= 0")
+    torch_dtype = _DTYPES[dtype]
+    n_cats = categories + 1
+    on_cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if on_cuda else "cpu")
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    hidden_states = torch.randn(batch, hidden, generator=gen).to(device=device, dtype=torch_dtype)
+    weight = (torch.randn(n_cats, hidden, generator=gen) / hidden**0.5).to(device)
+    bias = torch.randn(n_cats, generator=gen).to(device)
+    scores = torch.empty(batch, n_cats, device=device)
+
+    # Decision state sized to the batch (R = N), a realistic prompt/decode mix.
+    thresholds = torch.rand(batch, n_cats, generator=gen).to(device)
+    masked = (torch.rand(batch, n_cats, generator=gen) < 0.2).to(torch.int8).to(device)
+    counter = torch.zeros(batch, dtype=torch.int32, device=device)
+    tau = torch.full((batch,), 3, dtype=torch.int32, device=device)
+    is_prompt = (torch.rand(batch, generator=gen) < 0.1).to(torch.int8).to(device)
+    active = torch.ones(batch, dtype=torch.int8, device=device)
+    event = torch.empty(batch, dtype=torch.int32, device=device)
+    cats = torch.empty(batch, dtype=torch.int32, device=device)
+    decide_args = (scores, thresholds, masked, counter, tau, is_prompt, active)
+
+    def head_step():
+        return safety_scores(hidden_states, weight, bias, out=scores)
+
+    def decide_step():
+        return decide(*decide_args, event=event, cats=cats)
+
+    warmup = max(3, min(20, iters // 10))
+    timer = _time_cuda_us if on_cuda else _time_cpu_us
+    head_step()  # fills `scores` for the decision and compiles on first use
+    head_us = timer(head_step, iters, warmup)
+    decide_us = timer(decide_step, iters, warmup)
+
+    elem = hidden_states.element_size()
+    head_bytes = batch * hidden * elem + n_cats * hidden * 4 + batch * n_cats * 4
+    result = {
+        "device": torch.cuda.get_device_name(device) if on_cuda else "cpu",
+        "path": "triton" if _use_triton(hidden_states) else "reference (PyTorch; no Triton on CPU)",
+        "timer": "cuda events" if on_cuda else "wall clock",
+        "batch": batch,
+        "hidden": hidden,
+        "categories": n_cats,
+        "dtype": dtype,
+        "iters": iters,
+        "head_us": head_us,
+        "head_bytes": head_bytes,
+        "head_gb_s": head_bytes / (head_us * 1e-6) / 1e9,
+        "decide_us": decide_us,
+        "step_us": head_us + decide_us,
+    }
+    if on_cuda:
+        # The PyTorch references on the same device: what the kernels are meant to beat.
+        ref_head_us = timer(
+            lambda: safety_scores_reference(hidden_states, weight, bias), iters, warmup
+        )
+        ref_decide_args = (scores, thresholds, masked, counter.clone(), tau, is_prompt, active)
+        ref_decide_us = timer(lambda: decide_reference(*ref_decide_args), iters, warmup)
+        result.update(
+            ref_head_us=ref_head_us,
+            ref_head_gb_s=head_bytes / (ref_head_us * 1e-6) / 1e9,
+            ref_decide_us=ref_decide_us,
+        )
+    return result
+
+
+_LABELS = {
+    "device": "device",
+    "path": "path",
+    "timer": "timer",
+    "batch": "batch (N)",
+    "hidden": "hidden (H)",
+    "categories": "head outputs (K)",
+    "dtype": "hidden dtype",
+    "iters": "iterations",
+    "head_us": "head us/step",
+    "head_bytes": "head bytes moved",
+    "head_gb_s": "head achieved GB/s",
+    "decide_us": "decision us/step",
+    "step_us": "head + decision us/step",
+    "ref_head_us": "reference head us/step",
+    "ref_head_gb_s": "reference head GB/s",
+    "ref_decide_us": "reference decision us/step",
+}
+
+
+def _format(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:,.2f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _print_table(result: dict, plain: bool) -> None:
+    rows = [(_LABELS.get(key, key), _format(value)) for key, value in result.items()]
+    if not plain:
+        try:
+            from rich.console import Console
+            from rich.table import Table
+        except ImportError:
+            plain = True
+    if plain:
+        width = max(len(label) for label, _ in rows)
+        for label, value in rows:
+            print(f"{label:<{width}}  {value}")
+        return
+    table = Table(title="SafeServe safety kernels")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for label, value in rows:
+        table.add_row(label, value)
+    Console().print(table)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=256, help="sampled rows per step (N)")
+    parser.add_argument("--hidden", type=int, default=4096, help="hidden size (H)")
+    parser.add_argument(
+        "--categories", type=int, default=9, help="harm categories; the head has one more (unsafe)"
+    )
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
+    parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--plain", action="store_true", help="plain text instead of a rich table")
+    args = parser.parse_args(argv)
+    result = run_benchmark(
+        batch=args.batch,
+        hidden=args.hidden,
+        categories=args.categories,
+        dtype=args.dtype,
+        iters=args.iters,
+    )
+    _print_table(result, args.plain)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,297 @@
+"""Per-row safety decision: head scores + per-request state -> event and category bits.
+
+Row i of the step's scores belongs to the request parked in row i of the persistent state
+tables (capacity R >= N). For an active row:
+
+    viol_bits[i] = OR over k < K of (masked[i, k] == 0 and scores[i, k] >= thresholds[i, k]) << k
+    violated     = viol_bits[i] != 0
+
+    prompt row : event = TRIGGER if violated else OK;  counter[i] = 0
+                 (the prompt verdict is the host's to act on; the counter never latches it)
+    decode row : counter[i] = counter[i] + 1 if violated else 0
+                 event = TRIGGER if violated and counter[i] >= tau[i]
+                         VIOLATION if violated (counting, not yet triggered)
+                         OK otherwise
+    cats[i]    = viol_bits[i]
+
+Inactive rows (no safety config) get event OK, cats 0, and their counter is not touched.
+A NaN score compares false, so it never violates.
+
+`decide_reference` is the vectorised PyTorch form; `decide` is the launcher the server calls
+once per engine step: a single Triton launch (CUDA, or SAFESERVE_FORCE_TRITON=1 under the
+interpreter) with no host synchronisation, or the reference elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from safeserve.kernels.safety_head import _jit, _next_pow2, _use_triton, tl, triton
+
+EVENT_OK = 0
+EVENT_VIOLATION = 1
+EVENT_TRIGGER = 2
+
+# Category bits live in an int32; bit 31 is the sign bit, so at most 31 categories.
+MAX_DECISION_CATEGORIES = 31
+
+
+# --------------------------------------------------------------------------------------
+# PyTorch reference
+# --------------------------------------------------------------------------------------
+
+
+def _violation_bits_reference(
+    scores: torch.Tensor, thresholds: torch.Tensor, masked: torch.Tensor
+) -> torch.Tensor:
+    n_rows, n_cats = scores.shape
+    hit = (masked[:n_rows] == 0) & (scores >= thresholds[:n_rows])
+    bit_values = torch.ones(n_cats, dtype=torch.int32, device=scores.device) << torch.arange(
+        n_cats, dtype=torch.int32, device=scores.device
+    )
+    # Bits are disjoint, so the sum is the OR.
+    return (hit.to(torch.int32) * bit_values).sum(dim=1, dtype=torch.int32)
+
+
+def decide_reference(
+    scores: torch.Tensor,
+    thresholds: torch.Tensor,
+    masked: torch.Tensor,
+    counter: torch.Tensor,
+    tau: torch.Tensor,
+    is_prompt: torch.Tensor,
+    active: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vectorised PyTorch decision.
+
+    Mutates counter[:N] in place; returns (event, cats), each int32 [N].
+    """
+    _check_decide_args(scores, thresholds, masked, counter, tau, is_prompt, active)
+    n_rows = scores.shape[0]
+    row_active = active[:n_rows] != 0
+    prompt = is_prompt[:n_rows] != 0
+    viol_bits = _violation_bits_reference(scores, thresholds, masked)
+    violated = viol_bits != 0
+
+    old_count = counter[:n_rows]
+    decode_count = torch.where(violated, old_count + 1, torch.zeros_like(old_count))
+    new_count = torch.where(prompt, torch.zeros_like(old_count), decode_count)
+    counter[:n_rows] = torch.where(row_active, new_count, old_count)
+
+    triggered = violated & (prompt | (new_count >= tau[:n_rows]))
+    # OK=0, VIOLATION=1, TRIGGER=2: violated rows count 1, triggered ones one more.
+    event = (violated & row_active).to(torch.int32) + (triggered & row_active).to(torch.int32)
+    cats = torch.where(row_active, viol_bits, torch.zeros_like(viol_bits))
+    return event, cats
+
+
+# --------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------
+
+
+def _safety_decision_kernel(
+    scores_ptr,
+    thresholds_ptr,
+    masked_ptr,
+    counter_ptr,
+    tau_ptr,
+    is_prompt_ptr,
+    active_ptr,
+    event_ptr,
+    cats_ptr,
+    n_rows,
+    n_cats,
+    stride_sn,
+    stride_sk,
+    stride_tn,
+    stride_tk,
+    stride_mn,
+    stride_mk,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cats = tl.arange(0, BLOCK_K)
+    row_ok = rows < n_rows
+    cat_ok = cats < n_cats
+    tile_ok = row_ok[:, None] & cat_ok[None, :]
+
+    score = tl.load(
+        scores_ptr + rows[:, None] * stride_sn + cats[None, :] * stride_sk, mask=tile_ok, other=0.0
+    )
+    threshold = tl.load(
+        thresholds_ptr + rows[:, None] * stride_tn + cats[None, :] * stride_tk,
+        mask=tile_ok,
+        other=1.0,
+    )
+    allowed = tl.load(
+        masked_ptr + rows[:, None] * stride_mn + cats[None, :] * stride_mk, mask=tile_ok, other=1
+    )
+    hit = tile_ok & (allowed == 0) & (score >= threshold)
+    # Padded columns are never hits; shift them by 0 so no lane computes 1 << 31.
+    bit_values = tl.full((BLOCK_K,), 1, tl.int32) << tl.where(cat_ok, cats, 0)
+    # Disjoint bits: the sum is the OR.
+    viol_bits = tl.sum(tl.where(hit, bit_values[None, :], 0), axis=1).to(tl.int32)
+    violated = viol_bits != 0
+
+    row_active = tl.load(active_ptr + rows, mask=row_ok, other=0) != 0
+    prompt_flag = tl.load(is_prompt_ptr + rows, mask=row_ok, other=0)
+    prompt = prompt_flag != 0
+    decode = prompt_flag == 0
+    old_count = tl.load(counter_ptr + rows, mask=row_ok, other=0)
+    tau = tl.load(tau_ptr + rows, mask=row_ok, other=1)
+
+    new_count = tl.where(violated & decode, old_count + 1, 0)
+    triggered = violated & (prompt | (new_count >= tau))
+    # Literals rather than the module's EVENT_* names: a jit body may only read constexpr
+    # globals. 2 = EVENT_TRIGGER, 1 = EVENT_VIOLATION, 0 = EVENT_OK.
+    event = tl.where(triggered, 2, tl.where(violated, 1, 0))
+    event = tl.where(row_active, event, 0).to(tl.int32)
+    viol_bits = tl.where(row_active, viol_bits, 0)
+
+    # Inactive rows keep their counter: the store is masked off rather than rewritten.
+    tl.store(counter_ptr + rows, new_count.to(tl.int32), mask=row_ok & row_active)
+    tl.store(event_ptr + rows, event, mask=row_ok)
+    tl.store(cats_ptr + rows, viol_bits, mask=row_ok)
+
+
+# --------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------
+
+
+def _check_decide_args(
+    scores: torch.Tensor,
+    thresholds: torch.Tensor,
+    masked: torch.Tensor,
+    counter: torch.Tensor,
+    tau: torch.Tensor,
+    is_prompt: torch.Tensor,
+    active: torch.Tensor,
+) -> None:
+    """Shape, dtype and device checks only: nothing here reads tensor values (no host sync)."""
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [N, K]; got {tuple(scores.shape)}")
+    n_rows, n_cats = scores.shape
+    if n_cats > MAX_DECISION_CATEGORIES:
+        raise ValueError(
+            f"K={n_cats} categories do not fit the int32 category bitmask "
+            f"(at most {MAX_DECISION_CATEGORIES})"
+        )
+    if thresholds.dim() != 2 or masked.dim() != 2:
+        raise ValueError("thresholds and masked must be [R, K]")
+    capacity = thresholds.shape[0]
+    if thresholds.shape[1] != n_cats or tuple(masked.shape) != tuple(thresholds.shape):
+        raise ValueError(
+            f"thresholds {tuple(thresholds.shape)} / masked {tuple(masked.shape)} must be "
+            f"[R, {n_cats}]"
+        )
+    if capacity < n_rows:
+        raise ValueError(f"state capacity R={capacity} is below the batch N={n_rows}")
+    for name, table in (("counter", counter), ("tau", tau), ("active", active)):
+        if table.dim() != 1 or table.shape[0] != capacity:
+            raise ValueError(f"{name} must be [R={capacity}]; got {tuple(table.shape)}")
+    if is_prompt.dim() != 1 or is_prompt.shape[0] < n_rows:
+        raise ValueError(f"is_prompt must be [N={n_rows}]; got {tuple(is_prompt.shape)}")
+    if counter.dtype != torch.int32:
+        raise ValueError(f"counter must be int32 (updated in place); got {counter.dtype}")
+    for name, t in (
+        ("thresholds", thresholds),
+        ("masked", masked),
+        ("counter", counter),
+        ("tau", tau),
+        ("is_prompt", is_prompt),
+        ("active", active),
+    ):
+        if t.device != scores.device:
+            raise ValueError(f"{name} is on {t.device}, scores on {scores.device}")
+
+
+def _as_flat(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Read-only 1-D input in the dtype the kernel loads, unit stride (no-op when already so)."""
+    return t.to(dtype).contiguous()
+
+
+def decide(
+    scores: torch.Tensor,
+    thresholds: torch.Tensor,
+    masked: torch.Tensor,
+    counter: torch.Tensor,
+    tau: torch.Tensor,
+    is_prompt: torch.Tensor,
+    active: torch.Tensor,
+    event: torch.Tensor | None = None,
+    cats: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decision launch for the step. Mutates counter[:N]; returns (event, cats) int32 [N].
+
+    `event` / `cats` may be preallocated int32 buffers of at least N elements (unit stride);
+    the first N are written and returned as views.
+    """
+    _check_decide_args(scores, thresholds, masked, counter, tau, is_prompt, active)
+    n_rows, n_cats = scores.shape
+    if not _use_triton(scores):
+        ref_event, ref_cats = decide_reference(
+            scores, thresholds, masked, counter, tau, is_prompt, active
+        )
+        if event is not None:
+            event[:n_rows].copy_(ref_event)
+            ref_event = event[:n_rows]
+        if cats is not None:
+            cats[:n_rows].copy_(ref_cats)
+            ref_cats = cats[:n_rows]
+        return ref_event, ref_cats
+
+    event = _output_buffer(event, n_rows, scores.device, "event")
+    cats = _output_buffer(cats, n_rows, scores.device, "cats")
+    if n_rows == 0:
+        return event, cats
+    if counter.stride(0) != 1:
+        raise ValueError("counter must have unit stride (the kernel writes it in place)")
+    scores = scores.float()
+    thresholds = thresholds.float()
+    if masked.dtype != torch.int8:
+        masked = masked.to(torch.int8)
+    # Padded to at least 16 columns: keeps compiled layouts away from degenerate 1-wide tiles
+    # (K=1) at no real cost; the padding is masked off.
+    block_k = max(16, _next_pow2(n_cats))
+    # A few hundred rows per step at most: 64-row programs keep the tile small and the grid short.
+    block_n = 64
+    grid = (triton.cdiv(n_rows, block_n),)
+    _jit(_safety_decision_kernel)[grid](
+        scores,
+        thresholds,
+        masked,
+        counter,
+        _as_flat(tau, torch.int32),
+        _as_flat(is_prompt, torch.int8),
+        _as_flat(active, torch.int8),
+        event,
+        cats,
+        n_rows,
+        n_cats,
+        scores.stride(0),
+        scores.stride(1),
+        thresholds.stride(0),
+        thresholds.stride(1),
+        masked.stride(0),
+        masked.stride(1),
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=4,
+    )
+    return event, cats
+
+
+def _output_buffer(
+    buf: torch.Tensor | None, n_rows: int, device: torch.device, name: str
+) -> torch.Tensor:
+    if buf is None:
+        return torch.empty(n_rows, dtype=torch.int32, device=device)
+    if buf.dtype != torch.int32 or buf.dim() != 1 or buf.shape[0] < n_rows or buf.device != device:
+        raise ValueError(f"{name} must be an int32 [>= {n_rows}] buffer on {device}")
+    if buf.stride(0) != 1:
+        raise ValueError(f"{name} must have unit stride")
+    return buf[:n_rows]

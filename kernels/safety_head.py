@@ -1,0 +1,259 @@
+"""Fused safety head: per-category scores from the hidden states of the sampled rows.
+
+Math (the one place it is defined; training and serving both call these functions):
+
+    logits[n, k] = sum_h hidden[n, h] * weight[k, h] + bias[k]      (k < K = categories + 1)
+    scores[n, k] = sigmoid(logits[n, k])                            (float32)
+
+`head_logits` is the differentiable PyTorch form used by training; `safety_scores_reference`
+is the reference the Triton kernel is tested against; `safety_scores` is the launcher the
+server calls once per engine step.
+
+The Triton kernel is one launch per call: the grid runs over blocks of BLOCK_N rows, each
+program walks H in BLOCK_H tiles, accumulates [BLOCK_N, BLOCK_K] in float32 and applies
+bias + sigmoid before one masked store. K is padded to a power of two (at least 16, the
+smallest tile `tl.dot` accepts) and masked, so any K and H work.
+
+When the Triton path runs: CUDA tensors always (if triton is importable), CPU tensors only
+with SAFESERVE_FORCE_TRITON=1, which needs TRITON_INTERPRET=1 (the tests use this).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import torch
+
+try:  # Guarded: CPU-only installs may lack triton; the reference path then serves alone.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+
+FORCE_TRITON_ENV = "SAFESERVE_FORCE_TRITON"
+
+_HIDDEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """[N, H] x [K, H] + [K] -> [N, K] logits in float32 (differentiable)."""
+    return torch.nn.functional.linear(hidden.float(), weight.float(), bias.float())
+
+
+def safety_scores_reference(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """[N, H] -> [N, K] sigmoid scores, float32."""
+    return torch.sigmoid(head_logits(hidden, weight, bias))
+
+
+# --------------------------------------------------------------------------------------
+# Shared launch plumbing (also used by safety_decision.py)
+# --------------------------------------------------------------------------------------
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _use_triton(tensor: torch.Tensor) -> bool:
+    """Whether a launcher should take the Triton path for data living where `tensor` lives."""
+    forced = os.environ.get(FORCE_TRITON_ENV, "0") == "1"
+    if triton is None:
+        if forced:
+            raise RuntimeError(f"{FORCE_TRITON_ENV}=1 but triton is not importable")
+        return False
+    if tensor.is_cuda:
+        return True
+    if forced and not _interpreting():
+        # Compiled Triton cannot read host memory; fail loudly rather than with a driver error.
+        raise RuntimeError(
+            f"{FORCE_TRITON_ENV}=1 on CPU tensors needs TRITON_INTERPRET=1 set before triton runs"
+        )
+    return forced
+
+
+_jitted: dict[tuple[Callable[..., Any], bool], Any] = {}
+
+
+def _jit(body: Callable[..., Any]) -> Any:
+    """`triton.jit(body)`, decorated at first launch rather than at import.
+
+    Triton decides between compiled and interpreted functions when `triton.jit` runs, so
+    decorating at import would freeze whatever TRITON_INTERPRET was then (a test module that
+    sets it after another module imported this one would get a compiled kernel on CPU).
+    The cache key carries the interpreter flag for the same reason.
+    """
+    key = (body, _interpreting())
+    kernel = _jitted.get(key)
+    if kernel is None:
+        kernel = triton.jit(body)
+        _jitted[key] = kernel
+    return kernel
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+# --------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------
+
+
+def _safety_head_kernel(
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    out_ptr,
+    n_rows,
+    n_hidden,
+    n_cats,
+    stride_hn,
+    stride_hh,
+    stride_wk,
+    stride_wh,
+    stride_on,
+    stride_ok,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cats = tl.arange(0, BLOCK_K)
+    row_ok = rows < n_rows
+    cat_ok = cats < n_cats
+    # 64-bit row offsets: a row view into a large activation buffer can pass 2**31 elements.
+    hidden_rows = hidden_ptr + rows.to(tl.int64)[:, None] * stride_hn
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for h_start in range(0, n_hidden, BLOCK_H):
+        hs = h_start + tl.arange(0, BLOCK_H)
+        h_ok = hs < n_hidden
+        x = tl.load(
+            hidden_rows + hs[None, :] * stride_hh,
+            mask=row_ok[:, None] & h_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        # Load the weight tile already transposed ([BLOCK_H, BLOCK_K]) so no tl.trans is needed.
+        w_t = tl.load(
+            weight_ptr + cats[None, :] * stride_wk + hs[:, None] * stride_wh,
+            mask=h_ok[:, None] & cat_ok[None, :],
+            other=0.0,
+        )
+        # "ieee": the default fp32 dot on NVIDIA is TF32 (10-bit mantissa), which misses the
+        # 1e-5 agreement with the float32 reference at H in the thousands.
+        acc = tl.dot(x, w_t, acc, input_precision="ieee")
+    b = tl.load(bias_ptr + cats, mask=cat_ok, other=0.0)
+    scores = tl.sigmoid(acc + b[None, :])
+    tl.store(
+        out_ptr + rows.to(tl.int64)[:, None] * stride_on + cats[None, :] * stride_ok,
+        scores,
+        mask=row_ok[:, None] & cat_ok[None, :],
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------
+
+
+def _head_blocks(n_hidden: int, n_cats: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_H, BLOCK_K): 16 is the smallest tile `tl.dot` takes on every dim."""
+    block_k = max(16, _next_pow2(n_cats))
+    # Keep the fp32 weight tile near 16 KiB whatever K is, so K=64 does not spill registers.
+    block_h = max(16, min(128, 4096 // block_k, _next_pow2(max(n_hidden, 1))))
+    return 16, block_h, block_k
+
+
+def _check_head_args(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor | None
+) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2 or bias.dim() != 1:
+        raise ValueError(
+            f"expected hidden [N, H], weight [K, H], bias [K]; got {tuple(hidden.shape)}, "
+            f"{tuple(weight.shape)}, {tuple(bias.shape)}"
+        )
+    if weight.shape[1] != hidden.shape[1] or bias.shape[0] != weight.shape[0]:
+        raise ValueError(
+            f"shape mismatch: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, "
+            f"bias {tuple(bias.shape)}"
+        )
+    if weight.device != hidden.device or bias.device != hidden.device:
+        raise ValueError(
+            f"hidden, weight, bias must share a device; got {hidden.device}, {weight.device}, "
+            f"{bias.device}"
+        )
+    if hidden.dtype not in _HIDDEN_DTYPES:
+        raise ValueError(f"hidden dtype {hidden.dtype} not in {_HIDDEN_DTYPES}")
+    if out is not None:
+        expected = (hidden.shape[0], weight.shape[0])
+        if tuple(out.shape) != expected or out.dtype != torch.float32:
+            raise ValueError(
+                f"out must be float32 {expected}; got {out.dtype} {tuple(out.shape)}"
+            )
+
+
+def _safety_scores_triton(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor
+) -> None:
+    n_rows, n_hidden = hidden.shape
+    n_cats = weight.shape[0]
+    if n_rows == 0:
+        return
+    if weight.dtype != torch.float32:
+        weight = weight.float()
+    # The bias is read with unit stride; .contiguous() is a no-op for the usual parameter.
+    bias = bias.float().contiguous()
+    if hidden.dtype == torch.bfloat16 and _interpreting():
+        # The numpy interpreter has no bfloat16; widening is exact (bf16 is a prefix of fp32).
+        hidden = hidden.float()
+    block_n, block_h, block_k = _head_blocks(n_hidden, n_cats)
+    grid = (triton.cdiv(n_rows, block_n),)
+    _jit(_safety_head_kernel)[grid](
+        hidden,
+        weight,
+        bias,
+        out,
+        n_rows,
+        n_hidden,
+        n_cats,
+        hidden.stride(0),
+        hidden.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        out.stride(0),
+        out.stride(1),
+        BLOCK_N=block_n,
+        BLOCK_H=block_h,
+        BLOCK_K=block_k,
+        num_warps=4,
+    )
+
+
+def safety_scores(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Launcher used by the server (Triton on CUDA, reference elsewhere).
+
+    hidden [N, H] fp32/fp16/bf16 (any strides), weight [K, H], bias [K] -> out [N, K] float32.
+    One kernel launch per call, none for N == 0; no host synchronisation.
+    """
+    if not _use_triton(hidden):
+        scores = safety_scores_reference(hidden, weight, bias)
+        if out is not None:
+            out.copy_(scores)
+            return out
+        return scores
+    _check_head_args(hidden, weight, bias, out)
+    if out is None:
+        out = torch.empty(
+            (hidden.shape[0], weight.shape[0]), dtype=torch.float32, device=hidden.device
+        )
+    _safety_scores_triton(hidden, weight, bias, out)
+    return out

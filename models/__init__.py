@@ -1,0 +1,1 @@
+"""Safety checkpoints, taxonomy, training jobs and evaluation."""

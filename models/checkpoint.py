@@ -1,0 +1,123 @@
+"""Safety checkpoint format.
+
+A safety checkpoint is a Hugging Face model directory (plain transformers still loads the LM)
+with a ``safety_head/`` folder beside the weights:
+
+    <checkpoint>/
+      config.json, model.safetensors, tokenizer files ...   the language model
+      safety_head/
+        head.safetensors     weight [K, H] float32, bias [K] float32; K = categories + 1
+        head_config.json     {"format_version", "hidden_size", "layer", "taxonomy_sha", ...}
+        taxonomy.yaml        category ids, definitions, default thresholds (head row order)
+        metrics.json         held-out metrics written by the training job (optional)
+      adapter/               optional PEFT LoRA adapter the LM was trained with
+
+``layer`` is the hidden state the head reads: -1 is the final (post-norm) hidden state, the
+input of the LM head, which is what vLLM hands to ``compute_logits`` for the sampled rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from safeserve.models.taxonomy import Taxonomy
+
+HEAD_DIR = "safety_head"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A safety checkpoint that is missing, malformed or does not fit the model."""
+
+
+@dataclass
+class SafetyHead:
+    weight: torch.Tensor  # [K, H] float32
+    bias: torch.Tensor  # [K] float32
+    taxonomy: Taxonomy
+    layer: int = -1
+    extra: dict = field(default_factory=dict)  # recipe, base model, metrics summary
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.weight.shape[1])
+
+    def validate(self, hidden_size: int | None = None) -> None:
+        k = self.taxonomy.num_outputs
+        if self.weight.ndim != 2 or self.weight.shape[0] != k:
+            raise CheckpointError(
+                f"safety head has {tuple(self.weight.shape)} weights but the taxonomy needs "
+                f"{k} rows ({len(self.taxonomy.categories)} categories + overall)"
+            )
+        if self.bias.shape != (k,):
+            raise CheckpointError(f"safety head bias has shape {tuple(self.bias.shape)}, want ({k},)")
+        if hidden_size is not None and self.hidden_size != hidden_size:
+            raise CheckpointError(
+                f"safety head reads hidden size {self.hidden_size} but the model's is {hidden_size}"
+            )
+        if self.layer != -1:
+            raise CheckpointError(
+                f"safety head reads layer {self.layer}; the server serves heads on layer -1 only"
+            )
+
+    def save(self, model_dir: str | Path) -> Path:
+        out = Path(model_dir) / HEAD_DIR
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {"weight": self.weight.detach().float().contiguous().cpu(),
+             "bias": self.bias.detach().float().contiguous().cpu()},
+            str(out / "head.safetensors"),
+        )
+        self.taxonomy.save(out / "taxonomy.yaml")
+        cfg = {
+            "format_version": FORMAT_VERSION,
+            "hidden_size": self.hidden_size,
+            "num_outputs": int(self.weight.shape[0]),
+            "layer": self.layer,
+            "output_names": list(self.taxonomy.output_names),
+            "taxonomy_sha256": taxonomy_digest(self.taxonomy),
+            **self.extra,
+        }
+        (out / "head_config.json").write_text(json.dumps(cfg, indent=2))
+        return out
+
+
+def taxonomy_digest(taxonomy: Taxonomy) -> str:
+    return hashlib.sha256("\n".join(taxonomy.ids).encode()).hexdigest()[:16]
+
+
+def has_safety_head(model_dir: str | Path) -> bool:
+    return (Path(model_dir) / HEAD_DIR / "head.safetensors").is_file()
+
+
+def load_safety_head(model_dir: str | Path, expect_taxonomy: Taxonomy | None = None) -> SafetyHead:
+    """Load and validate a head; ``expect_taxonomy`` (the server's) must list the same ids."""
+    d = Path(model_dir) / HEAD_DIR
+    try:
+        tensors = load_file(str(d / "head.safetensors"))
+        cfg = json.loads((d / "head_config.json").read_text())
+        taxonomy = Taxonomy.load(d / "taxonomy.yaml")
+    except FileNotFoundError as e:
+        raise CheckpointError(f"incomplete safety head in {d}: {e.filename} is missing") from None
+    except (ValueError, KeyError, OSError) as e:
+        raise CheckpointError(f"unreadable safety head in {d}: {e}") from None
+    if cfg.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"safety head format {cfg.get('format_version')} is not {FORMAT_VERSION}")
+    if expect_taxonomy is not None and expect_taxonomy.ids != taxonomy.ids:
+        raise CheckpointError(
+            f"safety head taxonomy {list(taxonomy.ids)} does not match the server's "
+            f"{list(expect_taxonomy.ids)}"
+        )
+    extra = {k: v for k, v in cfg.items()
+             if k not in {"format_version", "hidden_size", "num_outputs", "layer",
+                          "output_names", "taxonomy_sha256"}}
+    head = SafetyHead(tensors["weight"].float(), tensors["bias"].float(), taxonomy,
+                      int(cfg.get("layer", -1)), extra)
+    head.validate(cfg.get("hidden_size"))
+    return head

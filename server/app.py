@@ -1,0 +1,134 @@
+"""FastAPI application: routes parse and validate; the completion and safety modules decide."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from safeserve.server import completions, metrics
+from safeserve.server.engine import Engine
+from safeserve.server.errors import APIError, install_handlers
+from safeserve.server.protocol import ChatCompletionRequest, ModelCard, ModelList
+
+log = logging.getLogger(__name__)
+
+
+def create_app(engine: Engine) -> FastAPI:
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        task = asyncio.create_task(engine.start())
+        app.state.engine_task = task
+        try:
+            yield
+        finally:
+            if not task.done():
+                task.cancel()
+            engine.shutdown()
+
+    app = FastAPI(title="SafeServe", version="0.1.0", lifespan=lifespan)
+    install_handlers(app)
+    keys = list(engine.settings.api_keys)
+
+    async def authorize(request: Request) -> None:
+        if not keys:
+            return
+        header = request.headers.get("authorization", "")
+        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        if not any(secrets.compare_digest(token, k) for k in keys):
+            raise APIError(401, "invalid or missing API key", type="authentication_error",
+                           code="invalid_api_key")
+
+    def require_ready() -> None:
+        if not engine.is_ready:
+            raise APIError(503, "the engine is not ready yet", type="server_error",
+                           code="engine_not_ready")
+
+    def check_model(name: str) -> None:
+        if name != engine.spec.served_name:
+            raise APIError(404, f"The model `{name}` does not exist.", type="not_found_error",
+                           param="model", code="model_not_found")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if engine.is_ready:
+            return {"status": "ready", "model": engine.spec.served_name}
+        status = "failed" if engine.error else "loading"
+        return JSONResponse({"status": status}, status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def list_models():
+        card = ModelCard(id=engine.spec.served_name, created=started,
+                         root=str(engine.spec.model_dir), max_model_len=engine.max_model_len,
+                         safety=engine.spec.safety_summary())
+        return ModelList(data=[card])
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        mode = "stream" if body.stream else "unary"
+        try:
+            check_model(body.model)
+            require_ready()
+            prep = completions.prepare(engine, body)
+        except APIError as e:
+            metrics.REQUESTS.labels(str(e.status), mode).inc()
+            raise
+        metrics.REQUESTS.labels("200", mode).inc()
+        if body.stream:
+            return StreamingResponse(_counted(completions.stream(engine, prep)),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        metrics.IN_FLIGHT.inc()
+        try:
+            return await _unless_disconnected(request, completions.complete(engine, prep))
+        finally:
+            metrics.IN_FLIGHT.dec()
+
+    return app
+
+
+async def _counted(gen):
+    metrics.IN_FLIGHT.inc()
+    try:
+        async for item in gen:
+            yield item
+    finally:
+        await gen.aclose()
+        metrics.IN_FLIGHT.dec()
+
+
+async def _unless_disconnected(request: Request, coro):
+    """Run a non-streaming completion, cancelling it (and so aborting it in the engine) if the
+    client goes away first."""
+    work = asyncio.ensure_future(coro)
+
+    async def watch():
+        while not work.done():
+            if await request.is_disconnected():
+                work.cancel()
+                return
+            await asyncio.sleep(0.25)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        return Response(status_code=499)
+    finally:
+        watcher.cancel()

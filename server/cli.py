@@ -1,0 +1,89 @@
+"""The ``safeserve`` command: ``serve``, and the ``train``, ``eval``, ``bench`` and ``model`` groups."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(help="SafeServe: LLM serving with an explicit safety signal in the decoding loop.",
+                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+train_app = typer.Typer(help="Offline training jobs that produce servable checkpoints.",
+                        no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluations against a running OpenAI-compatible server.",
+                       no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (printed side by side, with ratios).", no_args_is_help=True)
+model_app = typer.Typer(help="Model files: the embedded default and safety checkpoints.",
+                        no_args_is_help=True)
+app.add_typer(train_app, name="train")
+app.add_typer(eval_app, name="eval")
+app.add_typer(bench_app, name="bench")
+app.add_typer(model_app, name="model")
+
+
+@app.command()
+def serve(
+    model: Optional[Path] = typer.Option(None, help="HF model directory (default: embedded SmolLM2 + default safety head)"),
+    host: Optional[str] = typer.Option(None, help="bind address [SAFESERVE_HOST, 127.0.0.1]"),
+    port: Optional[int] = typer.Option(None, help="port [SAFESERVE_PORT, 8000]"),
+    served_model_name: Optional[str] = typer.Option(None, help="model id clients send"),
+    dtype: Optional[str] = typer.Option(None, help="float32 | bfloat16 | float16 | auto"),
+    max_model_len: Optional[int] = typer.Option(None, help="context length"),
+    kv_cache_gib: Optional[float] = typer.Option(None, help="KV-cache size in GiB"),
+    max_num_seqs: Optional[int] = typer.Option(None, help="max concurrent sequences in the engine"),
+    api_key: Optional[list[str]] = typer.Option(None, help="bearer token (repeatable) [SAFESERVE_API_KEYS, comma-separated]"),
+    enforce_eager: Optional[bool] = typer.Option(None, help="skip torch.compile (faster start)"),
+    allow_unsafe: Optional[bool] = typer.Option(None, "--allow-unsafe", help="serve a model without a safety head"),
+    log_level: Optional[str] = typer.Option(None),
+):
+    """Run the OpenAI-compatible server."""
+    from safeserve.server.launch import run_server
+    from safeserve.server.settings import Settings
+
+    overrides = {k: v for k, v in dict(
+        model=model, host=host, port=port, served_model_name=served_model_name, dtype=dtype,
+        max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, max_num_seqs=max_num_seqs,
+        api_keys=api_key or None, enforce_eager=enforce_eager, allow_unsafe=allow_unsafe,
+        log_level=log_level).items() if v is not None}
+    run_server(Settings(**overrides))
+
+
+@model_app.command("prepare")
+def model_prepare():
+    """Convert the embedded default model (once) and print its directory."""
+    from safeserve.models.model_store import ensure_default_model
+
+    logging.basicConfig(level=logging.INFO)
+    typer.echo(ensure_default_model())
+
+
+def _register_plugins() -> None:
+    """Commands contributed by the training/evaluation modules (each owns its options)."""
+    import importlib
+
+    for module, group in (
+        ("safeserve.models.safety_data", train_app),
+        ("safeserve.models.safety_train", train_app),
+        ("safeserve.models.evaluation.cli", eval_app),
+        ("safeserve.models.seal.cli", train_app),
+        ("safeserve.server.bench", bench_app),
+        ("safeserve.kernels.bench_cli", bench_app),
+    ):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("safeserve"):
+                continue  # that part is not built yet
+            raise
+        mod.register(group)
+
+
+def main() -> None:
+    _register_plugins()
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Chat completions: prompt rendering, sampling parameters, and the generation loops
+(non-streaming and SSE) over the in-process engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from safeserve.server import metrics
+from safeserve.server.engine import Engine
+from safeserve.server.errors import APIError, bad_request
+from safeserve.server.protocol import (
+    AssistantMessage,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Choice,
+    ChunkChoice,
+    Delta,
+    Usage,
+    new_completion_id,
+)
+
+
+@dataclass
+class PreparedRequest:
+    """A validated request turned into what the engine needs."""
+
+    body: ChatCompletionRequest
+    prompt_ids: list[int]
+    max_tokens: int
+    completion_id: str = field(default_factory=new_completion_id)
+    created: int = field(default_factory=lambda: int(time.time()))
+    arrival: float = field(default_factory=time.perf_counter)
+
+
+def render_prompt(engine: Engine, body: ChatCompletionRequest) -> list[int]:
+    tok = engine.tokenizer
+    messages = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        for m in body.messages
+    ]
+    try:
+        text = tok.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
+        )
+    except Exception as e:  # template rejects the conversation shape (e.g. roles out of order)
+        raise bad_request(f"messages cannot be rendered by the model's chat template: {e}",
+                          param="messages") from None
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def prepare(engine: Engine, body: ChatCompletionRequest) -> PreparedRequest:
+    prompt_ids = render_prompt(engine, body)
+    limit = engine.max_model_len
+    if len(prompt_ids) >= limit:
+        raise bad_request(
+            f"This model's maximum context length is {limit} tokens, but the prompt has "
+            f"{len(prompt_ids)} tokens.", param="messages", code="context_length_exceeded")
+    room = limit - len(prompt_ids)
+    wanted = body.requested_max_tokens
+    if wanted is not None and wanted > room:
+        param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        raise bad_request(
+            f"This model's maximum context length is {limit} tokens; the prompt has "
+            f"{len(prompt_ids)} tokens, so at most {room} can be generated, but {wanted} were "
+            f"requested.", param=param, code="context_length_exceeded")
+    return PreparedRequest(body, prompt_ids, wanted or room)
+
+
+def sampling_params(prep: PreparedRequest, index: int, extra_args: dict | None = None):
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    b = prep.body
+    seed = None if b.seed is None else b.seed + index
+    return SamplingParams(
+        n=1,
+        max_tokens=prep.max_tokens,
+        temperature=1.0 if b.temperature is None else b.temperature,
+        top_p=1.0 if b.top_p is None else b.top_p,
+        presence_penalty=b.presence_penalty or 0.0,
+        frequency_penalty=b.frequency_penalty or 0.0,
+        stop=b.stop_list or None,
+        seed=seed,
+        output_kind=RequestOutputKind.DELTA,
+        extra_args=extra_args,
+    )
+
+
+@dataclass
+class ChoiceState:
+    index: int
+    request_id: str
+    text: list[str] = field(default_factory=list)
+    n_tokens: int = 0
+    finish_reason: str | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+
+class _Step:
+    """One engine output for one choice: the text and token count it added."""
+
+    __slots__ = ("choice", "text", "n_new", "finished")
+
+    def __init__(self, choice: ChoiceState, text: str, n_new: int, finished: bool):
+        self.choice, self.text, self.n_new, self.finished = choice, text, n_new, finished
+
+
+async def _merged_steps(engine: Engine, prep: PreparedRequest,
+                        choices: list[ChoiceState]) -> AsyncIterator[_Step]:
+    """Run one engine request per choice and yield their outputs as they come."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(choice: ChoiceState):
+        try:
+            params = sampling_params(prep, choice.index)
+            async for out in engine.llm.generate(
+                {"prompt_token_ids": prep.prompt_ids}, params, choice.request_id
+            ):
+                c = out.outputs[0]
+                if out.finished:
+                    choice.finish_reason = c.finish_reason
+                await queue.put(_Step(choice, c.text, len(c.token_ids), out.finished))
+        except BaseException as e:
+            await queue.put(e)
+        finally:
+            await queue.put(done)
+
+    tasks = [asyncio.create_task(pump(c)) for c in choices]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                if isinstance(item, ValueError):  # engine-side validation of our params
+                    raise bad_request(str(item))
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+        unfinished = [c.request_id for c in choices if c.finish_reason is None]
+        if unfinished:
+            metrics.ABORTED.inc(len(unfinished))
+            for rid in unfinished:
+                await engine.abort(rid)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _observe_timing(prep: PreparedRequest, step: _Step) -> None:
+    if step.n_new <= 0:
+        return
+    now = time.perf_counter()
+    c = step.choice
+    if c.first_token_at is None:
+        c.first_token_at = now
+        metrics.TTFT.observe(now - prep.arrival)
+        if step.n_new > 1:
+            gap = 0.0
+            for _ in range(step.n_new - 1):
+                metrics.ITL.observe(gap)
+    else:
+        gap = (now - c.last_token_at) / step.n_new
+        for _ in range(step.n_new):
+            metrics.ITL.observe(gap)
+    c.last_token_at = now
+    c.n_tokens += step.n_new
+
+
+def _new_choices(prep: PreparedRequest) -> list[ChoiceState]:
+    base = prep.completion_id
+    return [ChoiceState(i, f"{base}-{i}-{uuid.uuid4().hex[:8]}") for i in range(prep.body.n)]
+
+
+def _usage(prep: PreparedRequest, choices: list[ChoiceState]) -> Usage:
+    completion = sum(c.n_tokens for c in choices)
+    return Usage(prompt_tokens=len(prep.prompt_ids), completion_tokens=completion,
+                 total_tokens=len(prep.prompt_ids) + completion)
+
+
+def _finish(prep: PreparedRequest, choices: list[ChoiceState]) -> None:
+    metrics.PROMPT_TOKENS.inc(len(prep.prompt_ids))
+    metrics.GENERATION_TOKENS.inc(sum(c.n_tokens for c in choices))
+    metrics.E2E.observe(time.perf_counter() - prep.arrival)
+    for c in choices:
+        metrics.FINISHED.labels(c.finish_reason or "abort").inc()
+
+
+async def complete(engine: Engine, prep: PreparedRequest) -> ChatCompletionResponse:
+    choices = _new_choices(prep)
+    async for step in _merged_steps(engine, prep, choices):
+        _observe_timing(prep, step)
+        step.choice.text.append(step.text)
+    _finish(prep, choices)
+    return ChatCompletionResponse(
+        id=prep.completion_id,
+        created=prep.created,
+        model=prep.body.model,
+        choices=[Choice(index=c.index, message=AssistantMessage(content="".join(c.text)),
+                        finish_reason=c.finish_reason) for c in choices],
+        usage=_usage(prep, choices),
+    )
+
+
+def _sse(obj) -> str:
+    data = obj if isinstance(obj, str) else obj.model_dump_json(exclude_none=True)
+    return f"data: {data}\n\n"
+
+
+async def stream(engine: Engine, prep: PreparedRequest) -> AsyncIterator[str]:
+    choices = _new_choices(prep)
+    include_usage = bool(prep.body.stream_options and prep.body.stream_options.include_usage)
+
+    def chunk(choice_list: list[ChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=prep.completion_id, created=prep.created,
+                                   model=prep.body.model, choices=choice_list, usage=usage)
+
+    for c in choices:  # OpenAI opens every choice with the role
+        yield _sse(chunk([ChunkChoice(index=c.index, delta=Delta(role="assistant", content=""))]))
+    try:
+        async for step in _merged_steps(engine, prep, choices):
+            _observe_timing(prep, step)
+            if step.text or step.finished:
+                yield _sse(chunk([ChunkChoice(
+                    index=step.choice.index,
+                    delta=Delta(content=step.text) if step.text else Delta(),
+                    finish_reason=step.choice.finish_reason if step.finished else None)]))
+    except APIError as e:
+        yield _sse(json.dumps(e.body()))
+        yield _sse("[DONE]")
+        return
+    _finish(prep, choices)
+    if include_usage:
+        yield _sse(chunk([], usage=_usage(prep, choices)))
+    yield _sse("[DONE]")

@@ -1,0 +1,110 @@
+"""The in-process vLLM engine: ``AsyncLLM`` built from our settings, started off the event
+loop so that /health answers while it loads, and a stat logger that feeds our gauges."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from safeserve.server import metrics
+from safeserve.server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _stat_logger_factory():
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class GaugeStatLogger(StatLoggerBase):
+        """Copies the scheduler's running/waiting counts into our Prometheus gauges."""
+
+        def __init__(self, vllm_config, engine_index: int = 0):
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+            if scheduler_stats is not None:
+                metrics.RUNNING.set(scheduler_stats.num_running_reqs)
+                metrics.WAITING.set(scheduler_stats.num_waiting_reqs)
+
+        def log_engine_initialized(self):
+            pass
+
+    return GaugeStatLogger
+
+
+@dataclass
+class EngineSpec:
+    """What the engine is started with, resolved from settings and the model directory."""
+
+    model_dir: Path
+    served_name: str
+    hf_overrides: dict | None = None
+    logits_processors: list[str] | None = None
+    has_head: bool = False
+    safety_enabled: bool = False
+
+    def safety_summary(self) -> dict:
+        return {"enabled": self.safety_enabled, "model_has_head": self.has_head,
+                "unsafe_allowed": not self.safety_enabled}
+
+
+class Engine:
+    def __init__(self, settings: Settings, spec: EngineSpec):
+        self.settings = settings
+        self.spec = spec
+        self.llm = None
+        self.tokenizer = None
+        self.max_model_len = settings.max_model_len
+        self.ready = asyncio.Event()
+        self.error: BaseException | None = None
+
+    def _build(self):
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        s = self.settings
+        # GPU builds default to Model Runner V2, whose logits-processor interface differs from
+        # the V1 runner our safety processor is written against: pin V1 on every platform.
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.spec.model_dir))
+        args = AsyncEngineArgs(
+            model=str(self.spec.model_dir),
+            served_model_name=[self.spec.served_name],
+            dtype=s.dtype,
+            max_model_len=s.max_model_len,
+            kv_cache_memory_bytes=int(s.kv_cache_gib * (1 << 30)),
+            max_num_seqs=s.max_num_seqs,
+            enforce_eager=s.enforce_eager,
+            disable_log_stats=False,
+            **({"hf_overrides": self.spec.hf_overrides} if self.spec.hf_overrides else {}),
+            **({"logits_processors": self.spec.logits_processors}
+               if self.spec.logits_processors else {}),
+        )
+        return AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory()])
+
+    async def start(self) -> None:
+        try:
+            self.llm = await asyncio.to_thread(self._build)
+            self.ready.set()
+            log.info("engine ready: %s", self.spec.served_name)
+        except BaseException as e:  # surfaced by /ready and the startup log
+            self.error = e
+            log.exception("engine failed to start")
+            raise
+
+    @property
+    def is_ready(self) -> bool:
+        return self.ready.is_set() and self.llm is not None and not self.llm.errored
+
+    async def abort(self, request_id: str) -> None:
+        if self.llm is not None:
+            await self.llm.abort(request_id)
+
+    def shutdown(self) -> None:
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None

@@ -1,0 +1,40 @@
+"""Prometheus metrics of the service (exposed at /metrics with vLLM's own ``vllm:*`` metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
+_SCORE_BUCKETS = tuple(i / 10 for i in range(1, 11))
+
+REQUESTS = Counter("safeserve_requests", "Chat completion requests by HTTP status and mode",
+                   ["status", "stream"])
+FINISHED = Counter("safeserve_finished_choices", "Finished choices by finish reason", ["reason"])
+TTFT = Histogram("safeserve_time_to_first_token_seconds", "Time to first token",
+                 buckets=_LATENCY_BUCKETS)
+ITL = Histogram("safeserve_inter_token_latency_seconds", "Time between output tokens",
+                buckets=_ITL_BUCKETS)
+E2E = Histogram("safeserve_e2e_request_latency_seconds", "End-to-end request latency",
+                buckets=_LATENCY_BUCKETS)
+PROMPT_TOKENS = Counter("safeserve_prompt_tokens", "Prompt tokens processed")
+GENERATION_TOKENS = Counter("safeserve_generation_tokens", "Tokens generated")
+RUNNING = Gauge("safeserve_running_requests", "Requests running in the engine")
+WAITING = Gauge("safeserve_waiting_requests", "Requests waiting in the engine's queue")
+IN_FLIGHT = Gauge("safeserve_in_flight_requests", "Requests the HTTP layer is serving")
+ABORTED = Counter("safeserve_aborted_requests", "Requests aborted because the client went away")
+
+# Safety signal
+SAFETY_PROMPTS_FLAGGED = Counter("safeserve_safety_prompts_flagged",
+                                 "Prompts whose verdict was unsafe", ["category", "action"])
+SAFETY_RESPONSES_FLAGGED = Counter("safeserve_safety_responses_flagged",
+                                   "Responses flagged during generation", ["category", "action"])
+SAFETY_PROMPT_SCORE = Histogram("safeserve_safety_prompt_score",
+                                "Prompt-verdict score per category", ["category"],
+                                buckets=_SCORE_BUCKETS)
+SAFETY_RESPONSE_MAX_SCORE = Histogram("safeserve_safety_response_max_score",
+                                      "Highest per-token score in a response per category",
+                                      ["category"], buckets=_SCORE_BUCKETS)
+SAFETY_STEP_SECONDS = Counter("safeserve_safety_step_seconds",
+                              "Seconds the engine spent in the safety path (head + decision)")
+SAFETY_STEPS = Counter("safeserve_safety_steps", "Engine steps that ran the safety path")

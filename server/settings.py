@@ -1,0 +1,33 @@
+"""Server settings: CLI flags and ``SAFESERVE_*`` environment variables, validated once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SAFESERVE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    model: Path | None = Field(None, description="HF model directory; default: the embedded SmolLM2")
+    served_model_name: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    max_model_len: int = Field(2048, ge=16)
+    kv_cache_gib: float = Field(1.0, gt=0, description="KV-cache memory (GiB)")
+    max_num_seqs: int = Field(64, ge=1)
+    enforce_eager: bool = False
+    api_keys: list[str] = Field(default_factory=list, description="bearer tokens; empty = no auth")
+    allow_unsafe: bool = Field(False, description="serve a model that has no safety head")
+    log_level: str = "info"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v):
+        if isinstance(v, str):
+            return [k.strip() for k in v.split(",") if k.strip()]
+        return v
