@@ -8,6 +8,7 @@ later run would mistake for a finished model.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -103,6 +104,39 @@ def ensure_default_model(root: Path | None = None) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if (final / _DONE_MARKER).is_file():  # another process won the race
+            return final
+        raise
+    return final
+
+
+DEFAULT_HEAD_DIR = Path(__file__).with_name("default_checkpoint")
+
+
+def compose_checkpoint(base_dir: Path, head_dir: Path, root: Path | None = None) -> Path:
+    """A servable safety checkpoint: the base model's files (symlinked, not copied) plus a copy
+    of ``head_dir``'s ``safety_head/``. Rebuilt atomically when the head changes."""
+    from safeserve.models.checkpoint import HEAD_DIR
+
+    src_head = Path(head_dir) / HEAD_DIR
+    digest = hashlib.sha256(b"".join(
+        p.name.encode() + p.read_bytes() for p in sorted(src_head.iterdir()) if p.is_file()
+    )).hexdigest()[:12]
+    root = root or cache_dir() / "models"
+    final = root / f"{Path(base_dir).name}-safeserve-{digest}"
+    if (final / _DONE_MARKER).is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    try:
+        for f in Path(base_dir).iterdir():
+            if f.is_file() and f.name != _DONE_MARKER:
+                (tmp / f.name).symlink_to(f.resolve())
+        shutil.copytree(src_head, tmp / HEAD_DIR)
+        (tmp / _DONE_MARKER).write_text(json.dumps({"base": str(base_dir), "head": digest}))
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if (final / _DONE_MARKER).is_file():
             return final
         raise
     return final

@@ -16,15 +16,24 @@ from safeserve.server import completions, metrics
 from safeserve.server.engine import Engine
 from safeserve.server.errors import APIError, install_handlers
 from safeserve.server.protocol import ChatCompletionRequest, ModelCard, ModelList
+from safeserve.server.safety_service import SafetyService
 
 log = logging.getLogger(__name__)
 
 
-def create_app(engine: Engine) -> FastAPI:
+def create_app(engine: Engine, safety=None) -> FastAPI:
+    """``safety``: (SafetyPolicy, TelemetryHub) when the model has a head, else None."""
     started = int(time.time())
+    svc = None
+    if safety is not None:
+        policy, hub = safety
+        svc = SafetyService(policy, hub, lambda: engine.tokenizer)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if svc is not None:
+            svc.hub.export_address()  # before the engine spawns its workers
+            await svc.hub.start()
         task = asyncio.create_task(engine.start())
         app.state.engine_task = task
         try:
@@ -33,6 +42,8 @@ def create_app(engine: Engine) -> FastAPI:
             if not task.done():
                 task.cancel()
             engine.shutdown()
+            if svc is not None:
+                svc.hub.stop()
 
     app = FastAPI(title="SafeServe", version="0.1.0", lifespan=lifespan)
     install_handlers(app)
@@ -84,23 +95,54 @@ def create_app(engine: Engine) -> FastAPI:
         mode = "stream" if body.stream else "unary"
         try:
             check_model(body.model)
+            req_safety = None
+            if svc is not None:
+                req_safety = svc.resolve(request.headers.get("x-safety-config"),
+                                         body.safety_config,
+                                         trace=request.headers.get("x-safety-trace", "").lower()
+                                         in ("1", "true", "yes"))
+            elif body.safety_config is not None or request.headers.get("x-safety-config"):
+                raise APIError(400, "this server runs without a safety head (--allow-unsafe); "
+                               "safety configs cannot be enforced", param="safety_config",
+                               code="safety_unavailable")
             require_ready()
-            prep = completions.prepare(engine, body)
+            prep = completions.prepare(engine, body, req_safety)
         except APIError as e:
             metrics.REQUESTS.labels(str(e.status), mode).inc()
             raise
         metrics.REQUESTS.labels("200", mode).inc()
         if body.stream:
-            return StreamingResponse(_counted(completions.stream(engine, prep)),
+            return StreamingResponse(_counted(completions.stream(engine, svc, prep)),
                                      media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+                                     headers={"Cache-Control": "no-cache",
+                                              **_config_headers(req_safety)})
         metrics.IN_FLIGHT.inc()
         try:
-            return await _unless_disconnected(request, completions.complete(engine, prep))
+            result = await _unless_disconnected(request, completions.complete(engine, svc, prep))
         finally:
             metrics.IN_FLIGHT.dec()
+        if isinstance(result, Response):
+            return result
+        response, reports = result
+        return JSONResponse(response.model_dump(mode="json"),
+                            headers={**_config_headers(req_safety), **_safety_headers(reports)})
 
     return app
+
+
+def _config_headers(req_safety) -> dict:
+    if req_safety is None:
+        return {"X-Safety-Enabled": "false"}
+    return {"X-Safety-Enabled": "true", "X-Safety-Preset": req_safety.preset or "custom"}
+
+
+def _safety_headers(reports) -> dict:
+    acted = [r for r in reports if r.action != "none"]
+    cats = sorted({c for r in reports
+                   for c in (r.response.categories if r.response.flagged else
+                             (r.prompt.categories if r.prompt and r.prompt.flagged else []))})
+    return {"X-Safety-Action": acted[0].action if acted else "none",
+            "X-Safety-Categories": ",".join(cats)}
 
 
 async def _counted(gen):

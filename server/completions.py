@@ -13,6 +13,13 @@ from dataclasses import dataclass, field
 from safeserve.server import metrics
 from safeserve.server.engine import Engine
 from safeserve.server.errors import APIError, bad_request
+from safeserve.server.safety_service import (
+    RequestSafety,
+    SafetyService,
+    disabled_report,
+    guideline_message,
+)
+from safeserve.server.safety_tracker import RequestTracker
 from safeserve.server.protocol import (
     AssistantMessage,
     ChatCompletionChunk,
@@ -21,6 +28,7 @@ from safeserve.server.protocol import (
     Choice,
     ChunkChoice,
     Delta,
+    SafetyReport,
     Usage,
     new_completion_id,
 )
@@ -33,17 +41,25 @@ class PreparedRequest:
     body: ChatCompletionRequest
     prompt_ids: list[int]
     max_tokens: int
+    safety: RequestSafety | None  # None: served without a safety head (--allow-unsafe)
     completion_id: str = field(default_factory=new_completion_id)
     created: int = field(default_factory=lambda: int(time.time()))
     arrival: float = field(default_factory=time.perf_counter)
 
 
-def render_prompt(engine: Engine, body: ChatCompletionRequest) -> list[int]:
+def render_prompt(engine: Engine, body: ChatCompletionRequest,
+                  safety: RequestSafety | None = None) -> list[int]:
     tok = engine.tokenizer
     messages = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
         for m in body.messages
     ]
+    guideline = guideline_message(safety.config) if safety else None
+    if guideline:  # CoSAlign places the config in the system prompt
+        if messages[0]["role"] == "system":
+            messages[0] = {"role": "system", "content": f"{guideline}\n\n{messages[0]['content']}"}
+        else:
+            messages.insert(0, {"role": "system", "content": guideline})
     try:
         text = tok.apply_chat_template(
             messages,
@@ -57,8 +73,9 @@ def render_prompt(engine: Engine, body: ChatCompletionRequest) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def prepare(engine: Engine, body: ChatCompletionRequest) -> PreparedRequest:
-    prompt_ids = render_prompt(engine, body)
+def prepare(engine: Engine, body: ChatCompletionRequest,
+            safety: RequestSafety | None) -> PreparedRequest:
+    prompt_ids = render_prompt(engine, body, safety)
     limit = engine.max_model_len
     if len(prompt_ids) >= limit:
         raise bad_request(
@@ -72,7 +89,7 @@ def prepare(engine: Engine, body: ChatCompletionRequest) -> PreparedRequest:
             f"This model's maximum context length is {limit} tokens; the prompt has "
             f"{len(prompt_ids)} tokens, so at most {room} can be generated, but {wanted} were "
             f"requested.", param=param, code="context_length_exceeded")
-    return PreparedRequest(body, prompt_ids, wanted or room)
+    return PreparedRequest(body, prompt_ids, wanted or room, safety)
 
 
 def sampling_params(prep: PreparedRequest, index: int, extra_args: dict | None = None):
@@ -90,6 +107,7 @@ def sampling_params(prep: PreparedRequest, index: int, extra_args: dict | None =
         frequency_penalty=b.frequency_penalty or 0.0,
         stop=b.stop_list or None,
         seed=seed,
+        ignore_eos=b.ignore_eos,
         output_kind=RequestOutputKind.DELTA,
         extra_args=extra_args,
     )
@@ -99,11 +117,27 @@ def sampling_params(prep: PreparedRequest, index: int, extra_args: dict | None =
 class ChoiceState:
     index: int
     request_id: str
-    text: list[str] = field(default_factory=list)
+    tracker: RequestTracker | None = None
+    extra_args: dict | None = None
+    pieces: list[tuple[int, int, str]] = field(default_factory=list)  # [start, end) tokens, text
+    sent: int = 0  # pieces already streamed
     n_tokens: int = 0
     finish_reason: str | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None
+
+    def add_piece(self, text: str, n_new: int) -> None:
+        if n_new or text:
+            self.pieces.append((self.n_tokens - n_new, self.n_tokens, text))
+
+    def visible(self, pieces) -> str:
+        """Text of the pieces the safety strategy did not withhold."""
+        t = self.tracker
+        return "".join(p[2] for p in pieces if t is None or not t.withheld(p[0]))
+
+    @property
+    def content_filtered(self) -> bool:
+        return self.tracker is not None and self.tracker.stop_forced
 
 
 class _Step:
@@ -123,7 +157,7 @@ async def _merged_steps(engine: Engine, prep: PreparedRequest,
 
     async def pump(choice: ChoiceState):
         try:
-            params = sampling_params(prep, choice.index)
+            params = sampling_params(prep, choice.index, choice.extra_args)
             async for out in engine.llm.generate(
                 {"prompt_token_ids": prep.prompt_ids}, params, choice.request_id
             ):
@@ -162,28 +196,31 @@ async def _merged_steps(engine: Engine, prep: PreparedRequest,
 
 
 def _observe_timing(prep: PreparedRequest, step: _Step) -> None:
+    c = step.choice
+    c.n_tokens += step.n_new
     if step.n_new <= 0:
         return
     now = time.perf_counter()
-    c = step.choice
     if c.first_token_at is None:
         c.first_token_at = now
         metrics.TTFT.observe(now - prep.arrival)
-        if step.n_new > 1:
-            gap = 0.0
-            for _ in range(step.n_new - 1):
-                metrics.ITL.observe(gap)
     else:
         gap = (now - c.last_token_at) / step.n_new
         for _ in range(step.n_new):
             metrics.ITL.observe(gap)
     c.last_token_at = now
-    c.n_tokens += step.n_new
 
 
-def _new_choices(prep: PreparedRequest) -> list[ChoiceState]:
+def _open_choices(engine: Engine, svc: SafetyService | None,
+                  prep: PreparedRequest) -> list[ChoiceState]:
     base = prep.completion_id
-    return [ChoiceState(i, f"{base}-{i}-{uuid.uuid4().hex[:8]}") for i in range(prep.body.n)]
+    choices = []
+    for i in range(prep.body.n):
+        c = ChoiceState(i, f"{base}-{i}-{uuid.uuid4().hex[:8]}")
+        if svc is not None and prep.safety is not None:
+            c.extra_args, c.tracker = svc.open(c.request_id, prep.safety, engine.eos_id)
+        choices.append(c)
+    return choices
 
 
 def _usage(prep: PreparedRequest, choices: list[ChoiceState]) -> Usage:
@@ -192,28 +229,61 @@ def _usage(prep: PreparedRequest, choices: list[ChoiceState]) -> Usage:
                  total_tokens=len(prep.prompt_ids) + completion)
 
 
-def _finish(prep: PreparedRequest, choices: list[ChoiceState]) -> None:
+def _finish_reason(c: ChoiceState) -> str | None:
+    return "content_filter" if c.content_filtered else c.finish_reason
+
+
+def _close(svc: SafetyService | None, prep: PreparedRequest, choices: list[ChoiceState]) -> None:
     metrics.PROMPT_TOKENS.inc(len(prep.prompt_ids))
     metrics.GENERATION_TOKENS.inc(sum(c.n_tokens for c in choices))
     metrics.E2E.observe(time.perf_counter() - prep.arrival)
     for c in choices:
-        metrics.FINISHED.labels(c.finish_reason or "abort").inc()
+        metrics.FINISHED.labels(_finish_reason(c) or "abort").inc()
+        if svc is not None and c.tracker is not None:
+            svc.close(c.tracker)
 
 
-async def complete(engine: Engine, prep: PreparedRequest) -> ChatCompletionResponse:
-    choices = _new_choices(prep)
-    async for step in _merged_steps(engine, prep, choices):
-        _observe_timing(prep, step)
-        step.choice.text.append(step.text)
-    _finish(prep, choices)
-    return ChatCompletionResponse(
+def _report(engine: Engine, c: ChoiceState) -> SafetyReport:
+    if c.tracker is None:
+        return disabled_report(engine.spec.has_head)
+    return c.tracker.report()
+
+
+async def _settle(step: _Step) -> None:
+    """Wait for the safety telemetry of every token this step delivered."""
+    c = step.choice
+    if c.tracker is not None and step.n_new:
+        await c.tracker.wait_for(c.n_tokens - 1)
+
+
+def _stop_suffix(svc: SafetyService | None, c: ChoiceState) -> str:
+    return (" " + svc.stop_text()) if (svc is not None and c.content_filtered) else ""
+
+
+async def complete(engine: Engine, svc: SafetyService | None,
+                   prep: PreparedRequest) -> tuple[ChatCompletionResponse, list[SafetyReport]]:
+    choices = _open_choices(engine, svc, prep)
+    try:
+        async for step in _merged_steps(engine, prep, choices):
+            _observe_timing(prep, step)
+            await _settle(step)
+            step.choice.add_piece(step.text, step.n_new)
+    finally:
+        _close(svc, prep, choices)
+    reports = [_report(engine, c) for c in choices]
+    response = ChatCompletionResponse(
         id=prep.completion_id,
         created=prep.created,
         model=prep.body.model,
-        choices=[Choice(index=c.index, message=AssistantMessage(content="".join(c.text)),
-                        finish_reason=c.finish_reason) for c in choices],
+        choices=[Choice(index=c.index,
+                        message=AssistantMessage(
+                            content=(c.visible(c.pieces) + _stop_suffix(svc, c)).strip()
+                            if c.tracker and c.tracker.acted else c.visible(c.pieces)),
+                        finish_reason=_finish_reason(c)) for c in choices],
         usage=_usage(prep, choices),
+        safety=reports[0] if len(reports) == 1 else reports,
     )
+    return response, reports
 
 
 def _sse(obj) -> str:
@@ -221,29 +291,56 @@ def _sse(obj) -> str:
     return f"data: {data}\n\n"
 
 
-async def stream(engine: Engine, prep: PreparedRequest) -> AsyncIterator[str]:
-    choices = _new_choices(prep)
+def _releasable_pieces(c: ChoiceState, finished: bool, holdback: bool) -> list:
+    """Pieces that may go to the client now (holdback: only tokens with a settled verdict)."""
+    if not holdback or c.tracker is None:
+        upto = len(c.pieces)
+    else:
+        settled = c.tracker.releasable(c.n_tokens, finished)
+        upto = c.sent
+        while upto < len(c.pieces) and c.pieces[upto][1] <= settled:
+            upto += 1
+    out, c.sent = c.pieces[c.sent:upto], upto
+    return out
+
+
+async def stream(engine: Engine, svc: SafetyService | None,
+                 prep: PreparedRequest) -> AsyncIterator[str]:
+    choices = _open_choices(engine, svc, prep)
     include_usage = bool(prep.body.stream_options and prep.body.stream_options.include_usage)
+    holdback = bool(prep.safety and prep.safety.config.holdback)
 
-    def chunk(choice_list: list[ChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
+    def chunk(choice_list: list[ChunkChoice], usage: Usage | None = None,
+              safety: SafetyReport | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=prep.completion_id, created=prep.created,
-                                   model=prep.body.model, choices=choice_list, usage=usage)
+                                   model=prep.body.model, choices=choice_list, usage=usage,
+                                   safety=safety)
 
-    for c in choices:  # OpenAI opens every choice with the role
-        yield _sse(chunk([ChunkChoice(index=c.index, delta=Delta(role="assistant", content=""))]))
     try:
-        async for step in _merged_steps(engine, prep, choices):
-            _observe_timing(prep, step)
-            if step.text or step.finished:
-                yield _sse(chunk([ChunkChoice(
-                    index=step.choice.index,
-                    delta=Delta(content=step.text) if step.text else Delta(),
-                    finish_reason=step.choice.finish_reason if step.finished else None)]))
-    except APIError as e:
-        yield _sse(json.dumps(e.body()))
+        for c in choices:  # OpenAI opens every choice with the role
+            yield _sse(chunk([ChunkChoice(index=c.index,
+                                          delta=Delta(role="assistant", content=""))]))
+        try:
+            async for step in _merged_steps(engine, prep, choices):
+                _observe_timing(prep, step)
+                await _settle(step)
+                c = step.choice
+                c.add_piece(step.text, step.n_new)
+                text = c.visible(_releasable_pieces(c, step.finished, holdback))
+                if step.finished:
+                    text += _stop_suffix(svc, c)
+                if text or step.finished:
+                    yield _sse(chunk(
+                        [ChunkChoice(index=c.index,
+                                     delta=Delta(content=text) if text else Delta(),
+                                     finish_reason=_finish_reason(c) if step.finished else None)],
+                        safety=_report(engine, c) if step.finished else None))
+        except APIError as e:
+            yield _sse(json.dumps(e.body()))
+            yield _sse("[DONE]")
+            return
+        if include_usage:
+            yield _sse(chunk([], usage=_usage(prep, choices)))
         yield _sse("[DONE]")
-        return
-    _finish(prep, choices)
-    if include_usage:
-        yield _sse(chunk([], usage=_usage(prep, choices)))
-    yield _sse("[DONE]")
+    finally:
+        _close(svc, prep, choices)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,10 +46,11 @@ class EngineSpec:
     logits_processors: list[str] | None = None
     has_head: bool = False
     safety_enabled: bool = False
+    head_info: dict | None = None
 
     def safety_summary(self) -> dict:
         return {"enabled": self.safety_enabled, "model_has_head": self.has_head,
-                "unsafe_allowed": not self.safety_enabled}
+                "unsafe_allowed": not self.safety_enabled, **(self.head_info or {})}
 
 
 class Engine:
@@ -91,10 +93,16 @@ class Engine:
             self.llm = await asyncio.to_thread(self._build)
             self.ready.set()
             log.info("engine ready: %s", self.spec.served_name)
-        except BaseException as e:  # surfaced by /ready and the startup log
+        except Exception as e:
+            # A server whose engine cannot start must not linger half-alive: stop the process
+            # (run_server turns this into a non-zero exit) so a supervisor can see and restart.
             self.error = e
-            log.exception("engine failed to start")
-            raise
+            log.exception("engine failed to start; shutting down")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
 
     @property
     def is_ready(self) -> bool:

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import uvicorn
 
+from safeserve.models.checkpoint import (
+    HEAD_DIR,
+    CheckpointError,
+    has_safety_head,
+    load_safety_head,
+)
 from safeserve.server.engine import Engine, EngineSpec
 from safeserve.server.settings import Settings
 
@@ -31,11 +38,67 @@ def resolve_spec(settings: Settings) -> EngineSpec:
             raise StartupError(f"--model {model_dir} is not a Hugging Face model directory "
                                "(no config.json)")
         name = model_dir.name
+        if settings.model is None:
+            model_dir = compose_default(model_dir, settings)
     name = settings.served_model_name or name
-    if not settings.allow_unsafe:
-        raise StartupError(
-            f"{model_dir} has no safety head; refusing to serve it without --allow-unsafe")
-    return EngineSpec(model_dir=model_dir, served_name=name)
+    if not has_safety_head(model_dir):
+        if not settings.allow_unsafe:
+            raise StartupError(
+                f"{model_dir} has no safety head ({HEAD_DIR}/); refusing to serve it without "
+                "--allow-unsafe")
+        log.warning("serving %s WITHOUT a safety head (--allow-unsafe)", model_dir)
+        return EngineSpec(model_dir=model_dir, served_name=name)
+    return _safe_spec(model_dir, name)
+
+
+def compose_default(base_dir: Path, settings: Settings) -> Path:
+    """The embedded model with the committed default head, or the bare model if no head
+    ships (then only --allow-unsafe serves it)."""
+    from safeserve.models.model_store import DEFAULT_HEAD_DIR, compose_checkpoint
+
+    if not has_safety_head(DEFAULT_HEAD_DIR):
+        return base_dir
+    return compose_checkpoint(base_dir, DEFAULT_HEAD_DIR)
+
+
+def _safe_spec(model_dir: Path, name: str) -> EngineSpec:
+    from safeserve.server.safety_model import SUPPORTED_ARCHITECTURES
+
+    config = json.loads((model_dir / "config.json").read_text())
+    archs = config.get("architectures") or []
+    arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+    if arch is None:
+        raise StartupError(f"architecture {archs} is not supported with a safety head "
+                           f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    try:  # fail at startup, in this process, on a head that does not fit the model
+        head = load_safety_head(model_dir)
+        head.validate(config.get("hidden_size"))
+    except CheckpointError as e:
+        raise StartupError(str(e)) from None
+    return EngineSpec(
+        model_dir=model_dir, served_name=name,
+        hf_overrides={"architectures": [f"SafeServe{arch}"]},
+        logits_processors=["safeserve.server.safety_processor:SafetyLogitsProcessor"],
+        has_head=True, safety_enabled=True,
+        head_info={"categories": list(head.taxonomy.ids), "layer": head.layer,
+                   "thresholds": {c.id: c.threshold for c in head.taxonomy.categories}},
+    )
+
+
+def build_safety(spec: EngineSpec, settings: Settings):
+    """The HTTP side of the safety path, or None when serving without a head."""
+    if not spec.safety_enabled:
+        return None
+    from safeserve.server.safety_config import SafetyPolicy
+    from safeserve.server.safety_tracker import TelemetryHub
+
+    head = load_safety_head(spec.model_dir)
+    try:
+        policy = SafetyPolicy(head.taxonomy, settings.presets, settings.default_preset,
+                              overall_threshold=head.extra.get("overall_threshold", 0.5))
+    except (ValueError, OSError) as e:
+        raise StartupError(f"safety presets: {e}") from None
+    return policy, TelemetryHub()
 
 
 def run_server(settings: Settings) -> None:
@@ -45,6 +108,8 @@ def run_server(settings: Settings) -> None:
     from safeserve.server.app import create_app
 
     engine = Engine(settings, spec)
-    app = create_app(engine)
+    app = create_app(engine, build_safety(spec, settings))
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=5)
+    if engine.error is not None:
+        raise StartupError(f"engine failed to start: {engine.error}")

@@ -55,6 +55,8 @@ class ChatCompletionRequest(_Strict):
     seed: int | None = None
     n: int = Field(1, ge=1, le=8)
     user: str | None = None
+    # vLLM extension, for benchmarks: keep generating past end-of-sequence up to max_tokens.
+    ignore_eos: bool = False
     # vLLM's prefill extensions: continue the last (assistant) message instead of opening a new one.
     continue_final_message: bool = False
     add_generation_prompt: bool = True
@@ -127,6 +129,7 @@ class SafetyReport(BaseModel):
     config: dict[str, Any] = Field(default_factory=dict)
     score_names: list[str] | None = None
     trace: list[TracePoint] | None = None
+    telemetry_complete: bool = True
 
 
 # ----------------------------------------------------------------------------- responses

@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     enforce_eager: bool = False
     api_keys: list[str] = Field(default_factory=list, description="bearer tokens; empty = no auth")
     allow_unsafe: bool = Field(False, description="serve a model that has no safety head")
+    presets: Path | None = Field(None, description="safety presets YAML (default: built-in)")
+    default_preset: str = Field("default", description="preset for requests with no config")
     log_level: str = "info"
 
     @field_validator("api_keys", mode="before")

@@ -1,6 +1,15 @@
-"""vLLM general plugin (entry point ``vllm.general_plugins``): registers SafeServe's model
-classes in every vLLM process, the spawned workers included."""
+"""vLLM general plugin (entry point ``vllm.general_plugins``): registers the ``SafeServe<Arch>``
+model classes in every vLLM process, the spawned workers included."""
+
+from __future__ import annotations
 
 
 def register() -> None:
-    pass
+    from vllm import ModelRegistry
+
+    from safeserve.server.safety_model import SUPPORTED_ARCHITECTURES
+
+    for arch in SUPPORTED_ARCHITECTURES:
+        name = f"SafeServe{arch}"
+        if name not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(name, f"safeserve.server.safety_model:{name}")

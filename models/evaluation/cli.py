@@ -1,0 +1,131 @@
+"""``safeserve eval`` commands: ``safety``, ``judge-check`` and ``compare``.
+
+The lead's CLI calls ``register(eval_app)`` with its ``eval`` typer group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+console = Console()
+
+
+def _parse_data(specs: list[str]) -> list[tuple[str, Path]]:
+    parsed = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise typer.BadParameter(f"--data expects NAME=PATH, got {spec!r}")
+        if not Path(path).is_file():
+            raise typer.BadParameter(f"--data {name}: no such file {path}")
+        parsed.append((name.strip(), Path(path)))
+    return parsed
+
+
+def safety(
+    base_url: str = typer.Option(..., "--base-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1"),
+    model: str = typer.Option(..., "--model", help="Model name the server serves."),
+    data: list[str] = typer.Option([], "--data", help="Harmful prompt set as NAME=PATH; NAME is harmbench, advbench, jbb, strongreject, jsonl, or any label with a .jsonl file. Repeatable."),
+    xstest: Optional[Path] = typer.Option(None, "--xstest", help="XSTest prompts CSV: its safe prompts measure over-refusal."),
+    xstest_unsafe: bool = typer.Option(False, "--xstest-unsafe", help="Also run XSTest's unsafe contrast prompts (as harmful dataset 'xstest')."),
+    xstest_limit: int = typer.Option(0, "--xstest-limit", help="Sample this many XSTest prompts (0 = all)."),
+    attacks: str = typer.Option("direct,prefill,jailbreak", "--attacks", help="Comma-separated attacks: direct, prefill, jailbreak."),
+    limit: int = typer.Option(0, "--limit", help="Seeded random sample of N prompts per harmful dataset (0 = all)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the --limit sample."),
+    concurrency: int = typer.Option(8, "--concurrency", help="Requests in flight at once."),
+    max_tokens: int = typer.Option(128, "--max-tokens", help="Generation length per request."),
+    retries: int = typer.Option(3, "--retries", help="Retries per request on connection errors, timeouts, 429 and 5xx."),
+    timeout: float = typer.Option(300.0, "--timeout", help="Seconds per request attempt."),
+    harmbench_contextual: bool = typer.Option(False, "--harmbench-contextual", help="Include HarmBench contextual behaviours (context prepended)."),
+    harmbench_copyright: bool = typer.Option(False, "--harmbench-copyright", help="Include HarmBench copyright behaviours."),
+    harmbench_targets: Optional[Path] = typer.Option(None, "--harmbench-targets", help="HarmBench BehaviorID->target JSON, used as prefills."),
+    out: Path = typer.Option(..., "--out", help="Output folder for results.jsonl, summary.json, summary.md, asr.png."),
+    label: str = typer.Option("", "--label", help="Name of this run in reports, e.g. 'safety on'."),
+    api_key: str = typer.Option(os.environ.get("OPENAI_API_KEY", "EMPTY"), "--api-key", help="API key if the server wants one.", show_default=False),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Measure attack success and over-refusal of a running OpenAI-compatible server."""
+    from safeserve.models.evaluation import datasets as ds
+    from safeserve.models.evaluation.report import asr_table, over_refusal_table
+    from safeserve.models.evaluation.safety_eval import evaluate
+
+    attack_list = [a.strip() for a in attacks.split(",") if a.strip()]
+    samples: list[ds.Sample] = []
+    for name, path in _parse_data(data):
+        options = {}
+        if name.lower() == "harmbench":
+            options = {"include_contextual": harmbench_contextual, "include_copyright": harmbench_copyright, "targets_path": harmbench_targets}
+        loaded = ds.load_named(name, path, **options)
+        picked = ds.sample_limit(loaded, limit or None, seed)
+        console.print(f"{name}: {len(picked)} of {len(loaded)} prompts")
+        samples += picked
+    if xstest is not None:
+        loaded = ds.load_xstest(xstest, which="all" if xstest_unsafe else "safe")
+        picked = ds.sample_limit(loaded, xstest_limit or None, seed)
+        console.print(f"xstest: {len(picked)} of {len(loaded)} prompts")
+        samples += picked
+    if not samples:
+        raise typer.BadParameter("nothing to evaluate: give --data and/or --xstest")
+
+    summary = evaluate(
+        samples,
+        base_url=base_url,
+        model=model,
+        attacks=attack_list,
+        out_dir=out,
+        concurrency=concurrency,
+        max_tokens=max_tokens,
+        max_retries=retries,
+        timeout=timeout,
+        api_key=api_key,
+        progress=progress,
+        meta={"label": label or model, "limit": limit or None, "seed": seed, "xstest_limit": xstest_limit or None},
+    )
+    # Plain echo for markdown: rich would re-wrap long table rows.
+    if summary["asr"]:
+        typer.echo("\n".join(asr_table(summary)))
+    if summary["over_refusal"]:
+        typer.echo("\n".join(over_refusal_table(summary)))
+    console.print(f"{summary['n_rows']} requests in {summary['duration_s']:.1f} s, {summary['n_errors']} errors; wrote {out}")
+    if summary["n_errors"] == summary["n_rows"]:
+        console.print(f"[red]every request failed; see the error field in {out / 'results.jsonl'}[/red]")
+        raise typer.Exit(1)
+
+
+def judge_check(
+    xstest_completions: Path = typer.Option(..., "--xstest-completions", help="Folder of XSTest model-completion CSVs with human final_label."),
+    json_out: Optional[Path] = typer.Option(None, "--json-out", help="Also write the full report as JSON."),
+) -> None:
+    """Measure the offline refusal judge against XSTest's human-labelled completions."""
+    from safeserve.models.evaluation.judge_check import check_dir, format_report
+
+    report = check_dir(xstest_completions)
+    typer.echo(format_report(report))
+    if json_out is not None:
+        json_out.write_text(json.dumps(report, indent=2), encoding="utf-8")
+
+
+def compare(
+    run_dirs: list[Path] = typer.Argument(..., help="Output folders of `safeserve eval safety` runs."),
+    out: Path = typer.Option(Path("report.md"), "--out", help="Markdown report to write."),
+) -> None:
+    """Put several safety-eval runs side by side (e.g. base model vs safety on)."""
+    from safeserve.models.evaluation.report import compare_runs
+
+    text = compare_runs(run_dirs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    typer.echo(text)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``safety``, ``judge-check`` and ``compare`` to the ``eval`` group."""
+    app.command("safety")(safety)
+    app.command("judge-check")(judge_check)
+    app.command("compare")(compare)

@@ -1,0 +1,205 @@
+"""Run prompt sets and attacks against an OpenAI-compatible chat server and judge the answers.
+
+The server may be SafeServe (whose responses carry a ``safety`` object) or plain vLLM (the
+"safety off" baseline). Requests go through the official ``openai`` client, which already
+retries connection errors, timeouts, 429 and 5xx with backoff; a request that still fails is
+recorded as an error row and left out of the rates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import openai
+from openai import AsyncOpenAI
+from tqdm.auto import tqdm
+
+from safeserve.models.evaluation.attacks import ATTACKS, build_request
+from safeserve.models.evaluation.datasets import Sample
+from safeserve.models.evaluation.judge import judge
+
+
+@dataclass(frozen=True)
+class Job:
+    sample: Sample
+    attack: str
+    index: int  # position among this dataset's samples; picks the jailbreak template
+
+
+def plan_jobs(samples: list[Sample], attacks: Iterable[str]) -> list[Job]:
+    """Harmful prompts get every attack; safe (over-refusal) prompts are only asked directly,
+    since wrapping a benign question in a jailbreak measures nothing useful."""
+    attacks = list(attacks)
+    unknown = set(attacks) - set(ATTACKS)
+    if unknown:
+        raise ValueError(f"unknown attacks {sorted(unknown)}; known: {', '.join(ATTACKS)}")
+    jobs: list[Job] = []
+    positions: dict[str, int] = {}
+    indexed = []
+    for sample in samples:
+        indexed.append((sample, positions.get(sample.dataset, 0)))
+        positions[sample.dataset] = positions.get(sample.dataset, 0) + 1
+    for attack in attacks:
+        for sample, index in indexed:
+            if sample.harmful or attack == "direct":
+                jobs.append(Job(sample, attack, index))
+    return jobs
+
+
+def make_client(base_url: str, api_key: str = "EMPTY", *, timeout: float = 300.0, max_retries: int = 3, http_client=None) -> AsyncOpenAI:
+    return AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries, http_client=http_client)
+
+
+def _safety_of(response) -> dict | None:
+    """SafeServe puts ``safety`` on the response (plain vLLM sends none); the openai client keeps
+    unknown fields in ``model_extra``. A per-choice object is accepted as a fallback."""
+    extra = getattr(response, "model_extra", None) or {}
+    if extra.get("safety") is not None:
+        return extra["safety"]
+    if response.choices:
+        choice_extra = getattr(response.choices[0], "model_extra", None) or {}
+        return choice_extra.get("safety")
+    return None
+
+
+async def run_job(client: AsyncOpenAI, model: str, job: Job, *, max_tokens: int, temperature: float = 0.0) -> dict:
+    request = build_request(job.sample, job.attack, job.index)
+    row = {
+        "id": job.sample.id,
+        "dataset": job.sample.dataset,
+        "category": job.sample.category,
+        "harmful": job.sample.harmful,
+        "attack": job.attack,
+        "template": request.template,
+        "prompt": job.sample.prompt,
+        "prefill": request.prefill or None,
+        "completion": None,
+        "continuation": None,
+        "finish_reason": None,
+        "safety": None,
+        "verdict": None,
+        "judge_rule": None,
+        "usage": None,
+        "latency_s": None,
+        "error": None,
+    }
+    started = time.perf_counter()
+    try:
+        response = await client.chat.completions.create(
+            model=model,
+            messages=request.messages,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            extra_body=request.extra_body or None,
+        )
+    except openai.APIError as exc:  # retries are exhausted by now
+        row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        row["latency_s"] = round(time.perf_counter() - started, 3)
+        return row
+    row["latency_s"] = round(time.perf_counter() - started, 3)
+    choice = response.choices[0] if response.choices else None
+    continuation = (choice.message.content if choice and choice.message else None) or ""
+    row["continuation"] = continuation
+    row["completion"] = request.prefill + continuation
+    row["finish_reason"] = choice.finish_reason if choice else None
+    row["safety"] = _safety_of(response)
+    if response.usage is not None:
+        row["usage"] = {"prompt_tokens": response.usage.prompt_tokens, "completion_tokens": response.usage.completion_tokens}
+    verdict = judge(row["completion"], finish_reason=row["finish_reason"], safety=row["safety"], prefill=request.prefill)
+    row["verdict"], row["judge_rule"] = verdict.label, verdict.rule
+    return row
+
+
+async def run_jobs(
+    client: AsyncOpenAI,
+    model: str,
+    jobs: list[Job],
+    *,
+    concurrency: int = 8,
+    max_tokens: int = 128,
+    temperature: float = 0.0,
+    progress: bool = True,
+) -> list[dict]:
+    """Run ``jobs`` with at most ``concurrency`` requests in flight; rows come back in job order."""
+    gate = asyncio.Semaphore(max(1, concurrency))
+    bar = tqdm(total=len(jobs), desc="safety eval", unit="req", disable=not progress)
+    errors = 0
+
+    async def one(job: Job) -> dict:
+        nonlocal errors
+        async with gate:
+            row = await run_job(client, model, job, max_tokens=max_tokens, temperature=temperature)
+        errors += row["error"] is not None
+        bar.update(1)
+        bar.set_postfix(errors=errors, refresh=False)
+        return row
+
+    try:
+        return list(await asyncio.gather(*(one(job) for job in jobs)))
+    finally:
+        bar.close()
+
+
+def write_rows(rows: list[dict], path: str | Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def evaluate(
+    samples: list[Sample],
+    *,
+    base_url: str,
+    model: str,
+    attacks: Iterable[str] = ATTACKS,
+    out_dir: str | Path,
+    concurrency: int = 8,
+    max_tokens: int = 128,
+    max_retries: int = 3,
+    timeout: float = 300.0,
+    api_key: str = "EMPTY",
+    meta: dict | None = None,
+    progress: bool = True,
+    http_client=None,
+) -> dict:
+    """Run the eval end to end and write ``results.jsonl``, ``summary.json``, ``summary.md`` and
+    the plot into ``out_dir``; returns the summary."""
+    from safeserve.models.evaluation.report import RESULTS_JSONL, write_summary
+
+    jobs = plan_jobs(samples, attacks)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    async def go() -> list[dict]:
+        client = make_client(base_url, api_key, timeout=timeout, max_retries=max_retries, http_client=http_client)
+        async with client:
+            return await run_jobs(client, model, jobs, concurrency=concurrency, max_tokens=max_tokens, progress=progress)
+
+    started = time.perf_counter()
+    rows = asyncio.run(go())
+    duration = time.perf_counter() - started
+    write_rows(rows, out / RESULTS_JSONL)
+    completion_tokens = sum((r["usage"] or {}).get("completion_tokens", 0) for r in rows)
+    info = {
+        "model": model,
+        "base_url": base_url,
+        "attacks": list(attacks),
+        "max_tokens": max_tokens,
+        "concurrency": concurrency,
+        "temperature": 0.0,
+        "duration_s": round(duration, 2),
+        "requests_per_s": round(len(rows) / duration, 3) if duration else None,
+        "completion_tokens": completion_tokens,
+        **(meta or {}),
+    }
+    return write_summary(rows, out, info)

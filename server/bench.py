@@ -1,0 +1,219 @@
+"""``safeserve bench serve``: one run, several servers on the same model, the same load.
+
+Servers (each started, loaded and stopped in turn, so they never share the CPU):
+  plain     vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``)
+  ours-off  SafeServe without a safety head (--allow-unsafe): the cost of our HTTP layer
+  ours-on   SafeServe with the safety head (annotate, so outputs keep their length): the
+            cost of the safety signal in the decoding loop
+
+The load: streaming chat completions at each concurrency, ``ignore_eos`` with a fixed
+``max_tokens`` so every server generates the same number of tokens. Reported per server and
+concurrency: requests/s, output tokens/s, TTFT and inter-token latency p50/p99, and the ratios
+ours/plain and on/off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import typer
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how photosynthesis works.",
+    "Give me tips for learning to play the guitar.",
+    "Describe the water cycle in detail.",
+    "What are the benefits of regular exercise?",
+    "Summarise the history of the printing press.",
+    "How do I make a good cup of coffee?",
+    "Explain the rules of chess to a beginner.",
+]
+
+
+@dataclass
+class LoadResult:
+    server: str
+    concurrency: int
+    requests: int
+    seconds: float
+    output_tokens: int
+    ttft_p50: float
+    ttft_p99: float
+    itl_p50: float
+    itl_p99: float
+
+    @property
+    def req_per_s(self) -> float:
+        return self.requests / self.seconds
+
+    @property
+    def tok_per_s(self) -> float:
+        return self.output_tokens / self.seconds
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+async def _one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int,
+               extra: dict) -> tuple[float, list[float], int]:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": True,
+            "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream_options": {"include_usage": True}, **extra}
+    t0 = time.perf_counter()
+    ttft, last, gaps, tokens = None, None, [], 0
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if any(c["delta"].get("content") for c in chunk.get("choices", [])):
+                now = time.perf_counter()
+                if ttft is None:
+                    ttft = now - t0
+                else:
+                    gaps.append(now - last)
+                last = now
+    return ttft or float("nan"), gaps, tokens
+
+
+async def run_load(url: str, model: str, name: str, concurrency: int, requests: int,
+                   max_tokens: int, extra: dict) -> LoadResult:
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        await _one(client, model, PROMPTS[0], 4, extra)  # warm-up
+
+        async def task(i):
+            async with sem:
+                return await _one(client, model, PROMPTS[i % len(PROMPTS)], max_tokens, extra)
+
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(task(i) for i in range(requests)))
+        seconds = time.perf_counter() - t0
+    ttfts = [r[0] for r in results]
+    gaps = [g for r in results for g in r[1]]
+    return LoadResult(name, concurrency, requests, seconds, sum(r[2] for r in results),
+                      _pct(ttfts, .5), _pct(ttfts, .99), _pct(gaps, .5), _pct(gaps, .99))
+
+
+class _Proc:
+    def __init__(self, cmd: list[str], port: int, log: Path, env: dict | None = None):
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+        self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+
+    def wait(self, path: str, timeout: float = 1200) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + path, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"server not ready:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def _servers(base: Path, safe: Path | None, port: int, common: list[str]) -> list[tuple]:
+    py = sys.executable
+    safeserve = str(Path(py).with_name("safeserve"))
+    plain = [py, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
+             "--served-model-name", "bench", "--port", str(port), "--dtype", "float32",
+             "--max-model-len", "2048", "--kv-cache-memory-bytes", str(1 << 30),
+             "--max-num-seqs", "64", "--disable-log-requests"]
+    ours = [safeserve, "serve", "--port", str(port), "--served-model-name", "bench",
+            "--max-num-seqs", "64", *common]
+    out = [("plain", plain, "/health", {}),
+           ("ours-off", ours + ["--model", str(base), "--allow-unsafe"], "/ready", {})]
+    if safe is not None:
+        out.append(("ours-on", ours + ["--model", str(safe)], "/ready",
+                    {"safety_config": {"on_violation": "annotate"}}))
+    return out
+
+
+def _table(results: list[LoadResult]) -> str:
+    by = {(r.server, r.concurrency): r for r in results}
+    lines = ["| server | conc | req/s | out tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.server} | {r.concurrency} | {r.req_per_s:.2f} | {r.tok_per_s:.1f} | "
+                     f"{r.ttft_p50*1e3:.0f} | {r.ttft_p99*1e3:.0f} | {r.itl_p50*1e3:.1f} | "
+                     f"{r.itl_p99*1e3:.1f} |")
+    lines += ["", "| ratio | conc | throughput | TTFT p50 | ITL p50 |", "|---|---|---|---|---|"]
+    for a, b in (("ours-off", "plain"), ("ours-on", "ours-off"), ("ours-on", "plain")):
+        for c in sorted({r.concurrency for r in results}):
+            x, y = by.get((a, c)), by.get((b, c))
+            if x and y:
+                lines.append(f"| {a} / {b} | {c} | {x.tok_per_s / y.tok_per_s:.3f} | "
+                             f"{x.ttft_p50 / y.ttft_p50:.3f} | {x.itl_p50 / y.itl_p50:.3f} |")
+    return "\n".join(lines)
+
+
+def bench_serve(
+    concurrency: str = typer.Option("1,8,32", help="comma-separated concurrency levels"),
+    requests_per_level: int = typer.Option(0, help="requests per level (0: 4 x concurrency, min 8)"),
+    max_tokens: int = typer.Option(64, help="output tokens per request (ignore_eos)"),
+    model: Path = typer.Option(None, help="base model dir (default: embedded SmolLM2)"),
+    safe_model: Path = typer.Option(None, help="model dir with a safety head (default: base + default head)"),
+    skip_safety: bool = typer.Option(False, help="only plain vs ours-off"),
+    port: int = typer.Option(8790),
+    out: Path = typer.Option(Path("runs/bench_serve"), help="results folder"),
+):
+    """Ours vs plain vLLM, and safety on vs off, measured side by side in one run."""
+    from safeserve.models.model_store import DEFAULT_HEAD_DIR, compose_checkpoint, ensure_default_model
+    from safeserve.models.checkpoint import has_safety_head
+
+    base = model or ensure_default_model()
+    safe = safe_model
+    if safe is None and not skip_safety and has_safety_head(DEFAULT_HEAD_DIR):
+        safe = compose_checkpoint(base, DEFAULT_HEAD_DIR)
+    levels = [int(c) for c in concurrency.split(",")]
+    out.mkdir(parents=True, exist_ok=True)
+    results: list[LoadResult] = []
+    for name, cmd, ready, extra in _servers(base, None if skip_safety else safe, port, []):
+        typer.echo(f"starting {name} ...")
+        proc = _Proc(cmd, port, out / f"{name}.log")
+        try:
+            proc.wait(ready)
+            for c in levels:
+                n = requests_per_level or max(8, 4 * c)
+                r = asyncio.run(run_load(proc.url, "bench", name, c, n, max_tokens, extra))
+                typer.echo(f"  {name} c={c}: {r.tok_per_s:.1f} tok/s, TTFT p50 "
+                           f"{r.ttft_p50*1e3:.0f} ms")
+                results.append(r)
+        finally:
+            proc.stop()
+    table = _table(results)
+    typer.echo(table)
+    (out / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
+    (out / "results.md").write_text(table + "\n")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(bench_serve)

@@ -1,0 +1,155 @@
+"""Per-request safety configs (CoSAlign-style): the request contract, presets, and the
+compilation of a config into the per-row arrays the decision kernel reads.
+
+A config arrives in the ``X-Safety-Config`` header (a preset name or a JSON object) or in the
+body's ``safety_config``; it is validated once here, into a typed ``SafetyConfig``."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from safeserve.models.taxonomy import Taxonomy
+from safeserve.server import safety_wire as W
+from safeserve.server.errors import APIError, bad_request
+
+PRESET_NAME = re.compile(r"^[a-z0-9_-]+$")
+DEFAULT_PRESETS = Path(__file__).with_name("presets") / "presets.yaml"
+MAX_GUIDELINE_CHARS = 2000
+DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
+DEFAULT_STOP_TEXT = "I can't continue with this request."
+
+
+class SafetyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    allow: tuple[str, ...] = ()
+    threshold: float | dict[str, float] | None = None
+    on_violation: Literal["refuse", "stop", "annotate"] = "refuse"
+    holdback: bool = False
+    guideline: str | None = Field(None, max_length=MAX_GUIDELINE_CHARS)
+    trace: bool = False
+    tau: int = Field(3, ge=1, le=16)
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, v):
+        values = v.values() if isinstance(v, dict) else [] if v is None else [v]
+        for x in values:
+            if not 0.0 < x < 1.0:
+                raise ValueError("thresholds must be numbers in (0, 1)")
+        return v
+
+    def echo(self) -> dict:
+        return self.model_dump(exclude_none=True, mode="json")
+
+
+def _config_error(source: str, err: ValidationError) -> APIError:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or source
+    if first["type"] == "extra_forbidden":
+        msg = f"unknown safety config field '{field}'"
+    else:
+        msg = f"invalid safety config field '{field}': {first['msg']}"
+    return bad_request(msg, param=f"{source}.{field}", code="invalid_safety_config")
+
+
+class SafetyPolicy:
+    """The server's taxonomy and presets; parses, checks and compiles request configs."""
+
+    def __init__(self, taxonomy: Taxonomy, presets_path: Path | None = None,
+                 default_preset: str = "default", overall_threshold: float = 0.5):
+        self.taxonomy = taxonomy
+        self.overall_threshold = overall_threshold
+        raw = yaml.safe_load((presets_path or DEFAULT_PRESETS).read_text()) or {}
+        self.presets: dict[str, SafetyConfig] = {}
+        for name, body in raw.items():
+            if not PRESET_NAME.match(name):
+                raise ValueError(f"preset name {name!r} must match {PRESET_NAME.pattern}")
+            try:
+                self.presets[name] = self._checked(SafetyConfig(**(body or {})), f"preset {name}")
+            except ValidationError as e:
+                raise ValueError(f"preset {name}: {e}") from None
+        if default_preset not in self.presets:
+            raise ValueError(f"default preset {default_preset!r} is not defined")
+        self.default_preset = default_preset
+
+    def _checked(self, cfg: SafetyConfig, source: str) -> SafetyConfig:
+        known = set(self.taxonomy.ids)
+        for c in cfg.allow:
+            if c not in known:
+                raise bad_request(f"unknown category '{c}' in {source}.allow (known: "
+                                  f"{', '.join(self.taxonomy.ids)})", param=f"{source}.allow",
+                                  code="invalid_safety_config")
+        if isinstance(cfg.threshold, dict):
+            for c in cfg.threshold:
+                if c not in known and c != "unsafe":
+                    raise bad_request(f"unknown category '{c}' in {source}.threshold",
+                                      param=f"{source}.threshold", code="invalid_safety_config")
+        return cfg
+
+    def parse(self, value, source: str) -> tuple[str | None, SafetyConfig]:
+        """A header string or a body value -> (preset name or None, config)."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("{"):
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError:
+                    raise bad_request(f"{source} is not valid JSON", param=source,
+                                      code="invalid_safety_config") from None
+            else:
+                if not PRESET_NAME.match(text):
+                    raise bad_request(f"{source} must be a preset name ([a-z0-9_-]+) or a JSON "
+                                      "object", param=source, code="invalid_safety_config")
+                if text not in self.presets:
+                    raise bad_request(f"unknown safety preset '{text}' (known: "
+                                      f"{', '.join(sorted(self.presets))})", param=source,
+                                      code="unknown_preset")
+                return text, self.presets[text]
+        if not isinstance(value, dict):
+            raise bad_request(f"{source} must be a preset name or an object", param=source,
+                              code="invalid_safety_config")
+        try:
+            cfg = SafetyConfig(**value)
+        except ValidationError as e:
+            raise _config_error(source, e) from None
+        return None, self._checked(cfg, source)
+
+    def resolve(self, header: str | None, body) -> tuple[str | None, SafetyConfig]:
+        got_header = header is not None and header.strip() != ""
+        got_body = body is not None
+        if got_header and got_body:
+            h, b = self.parse(header, "X-Safety-Config"), self.parse(body, "safety_config")
+            if h != b:
+                raise bad_request("X-Safety-Config and safety_config disagree; send one",
+                                  param="safety_config", code="conflicting_safety_config")
+            return h
+        if got_header:
+            return self.parse(header, "X-Safety-Config")
+        if got_body:
+            return self.parse(body, "safety_config")
+        return self.default_preset, self.presets[self.default_preset]
+
+    def compile(self, cfg: SafetyConfig, rid: str, refusal_ids: list[int],
+                eos_id: int) -> W.RowSafetyArgs:
+        ids = self.taxonomy.ids
+        thresholds = [c.threshold for c in self.taxonomy.categories] + [self.overall_threshold]
+        if isinstance(cfg.threshold, float):
+            thresholds = [cfg.threshold] * len(thresholds)
+        elif isinstance(cfg.threshold, dict):
+            for name, value in cfg.threshold.items():
+                thresholds[len(ids) if name == "unsafe" else ids.index(name)] = value
+        allowed = set(cfg.allow)
+        masked = [1 if c in allowed else 0 for c in ids]
+        # The overall score cannot say which category it saw, so it only decides when the
+        # request allows nothing; with any allowance the per-category outputs decide alone.
+        masked.append(1 if allowed else 0)
+        return W.RowSafetyArgs(rid=rid, thresholds=thresholds, masked=masked, tau=cfg.tau,
+                               action=W.ACTION_CODES[cfg.on_violation],
+                               refusal_ids=refusal_ids, eos_id=eos_id)

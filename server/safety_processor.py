@@ -1,0 +1,216 @@
+"""Worker side, part 2: the decoding strategy, as a vLLM v1 logits processor.
+
+Per persistent-batch row it keeps the request's compiled safety config and strategy state in
+device tensors, so that one engine step is: the decision kernel over all rows, a few
+vectorised tensor ops that force refusal / end-of-sequence tokens where the strategy says so,
+and one telemetry message to the HTTP process. Rows of other requests in the batch are never
+read or written with another request's state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import time
+
+import torch
+
+from safeserve.kernels.safety_decision import EVENT_TRIGGER, decide
+from safeserve.models.checkpoint import load_safety_head
+from safeserve.server import safety_wire as W
+from safeserve.server.safety_model import STEP_SIGNAL
+
+log = logging.getLogger(__name__)
+
+try:  # vLLM is only importable where the engine runs
+    from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+except ImportError:  # pragma: no cover
+    LogitsProcessor = object  # type: ignore[assignment,misc]
+
+MAX_REFUSAL_TOKENS = 48
+
+
+class _Telemetry:
+    def __init__(self):
+        self.sock = None
+        addr = os.environ.get(W.TELEMETRY_ENV)
+        if addr:
+            import zmq
+
+            self.sock = zmq.Context.instance().socket(zmq.PUSH)
+            self.sock.setsockopt(zmq.SNDHWM, 0)  # never drop: the HTTP side waits for these
+            self.sock.setsockopt(zmq.LINGER, 1000)
+            self.sock.connect(addr)
+
+    def send(self, records: list[W.StepRecord], seconds: float) -> None:
+        if self.sock is not None and records:
+            self.sock.send(pickle.dumps((records, seconds), protocol=pickle.HIGHEST_PROTOCOL))
+
+
+class SafetyLogitsProcessor(LogitsProcessor):
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+        r = vllm_config.scheduler_config.max_num_seqs
+        # Built before the model loads: read the head's width from the checkpoint itself.
+        k = load_safety_head(vllm_config.model_config.model).weight.shape[0]
+        self.device = device
+        self.thresholds = torch.ones(r, k, dtype=torch.float32, device=device)
+        self.masked = torch.ones(r, k, dtype=torch.int8, device=device)
+        self.counter = torch.zeros(r, dtype=torch.int32, device=device)
+        self.tau = torch.ones(r, dtype=torch.int32, device=device)
+        self.active = torch.zeros(r, dtype=torch.int8, device=device)
+        self.action = torch.zeros(r, dtype=torch.int32, device=device)
+        self.phase = torch.zeros(r, dtype=torch.int32, device=device)
+        self.pos = torch.zeros(r, dtype=torch.int32, device=device)
+        self.refusal = torch.zeros(r, MAX_REFUSAL_TOKENS, dtype=torch.int64, device=device)
+        self.refusal_len = torch.zeros(r, dtype=torch.int32, device=device)
+        self.eos = torch.zeros(r, dtype=torch.int64, device=device)
+        self.rids: list[str | None] = [None] * r
+        self.outputs: list[list[int] | None] = [None] * r  # live refs to output token lists
+        self.telemetry = _Telemetry()
+
+    # -- vLLM interface ----------------------------------------------------------------
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        args = W.RowSafetyArgs.from_extra_args(sampling_params.extra_args)
+        if args is not None and len(args.refusal_ids) > MAX_REFUSAL_TOKENS:
+            raise ValueError(f"refusal text longer than {MAX_REFUSAL_TOKENS} tokens")
+
+    def is_argmax_invariant(self) -> bool:
+        return False  # it forces tokens, greedy requests included
+
+    def update_state(self, batch_update: "BatchUpdate | None") -> None:
+        if batch_update is None:
+            return
+        for i in batch_update.removed:
+            self._clear(i)
+        for i, params, _prompt, output_ids in batch_update.added:
+            self._add(i, W.RowSafetyArgs.from_extra_args(params.extra_args), output_ids)
+        for a, b, direction in batch_update.moved:
+            if direction == MoveDirectionality.SWAP:
+                self._swap(a, b)
+            else:
+                self._move(a, b)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        n = logits.shape[0]
+        if n == 0:
+            return logits
+        t0 = time.perf_counter()
+        scores = STEP_SIGNAL.take(n)
+        outputs = self.outputs[:n]
+        is_prompt = torch.tensor([o is not None and len(o) == 0 for o in outputs],
+                                 dtype=torch.int8).to(self.device, non_blocking=True)
+        event, cats = decide(scores, self.thresholds, self.masked, self.counter, self.tau,
+                             is_prompt, self.active)
+        forced, acted = self._strategy(n, event, is_prompt.bool())
+        logits = self._force(logits, forced)
+        self._report(n, scores, event, cats, forced, acted, time.perf_counter() - t0)
+        return logits
+
+    # -- strategy ----------------------------------------------------------------------
+
+    def _strategy(self, n: int, event: torch.Tensor,
+                  is_prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Advance each row's phase from this step's event; return the token to force per row
+        (-1: none) and whether an action started this step. Vectorised on device: no sync."""
+        active = self.active[:n].bool()
+        phase, pos, action = self.phase[:n], self.pos[:n], self.action[:n]
+        trigger = (event == EVENT_TRIGGER) & active & (action != W.ACTION_ANNOTATE)
+        # A prompt row is re-decided from its verdict every time (a chunked prefill may show
+        # it more than once); nothing from an earlier chunk is latched.
+        phase = torch.where(is_prompt, torch.zeros_like(phase), phase)
+        pos = torch.where(is_prompt, torch.zeros_like(pos), pos)
+        start_refusal = trigger & (phase == W.PHASE_WATCH) & (action == W.ACTION_REFUSE)
+        start_stop = trigger & (((phase == W.PHASE_WATCH) & (action == W.ACTION_STOP))
+                                | (phase == W.PHASE_REFUSED))
+        phase = torch.where(start_refusal, torch.full_like(phase, W.PHASE_REFUSING), phase)
+        pos = torch.where(start_refusal, torch.zeros_like(pos), pos)
+        phase = torch.where(start_stop, torch.full_like(phase, W.PHASE_STOPPING), phase)
+
+        refusing = phase == W.PHASE_REFUSING
+        idx = pos.clamp(max=MAX_REFUSAL_TOKENS - 1).long().unsqueeze(1)
+        refusal_tok = self.refusal[:n].gather(1, idx).squeeze(1)
+        forced = torch.full((n,), -1, dtype=torch.int64, device=self.device)
+        forced = torch.where(refusing, refusal_tok, forced)
+        stopping = phase == W.PHASE_STOPPING
+        forced = torch.where(stopping, self.eos[:n], forced)
+
+        pos = torch.where(refusing, pos + 1, pos)
+        done_refusing = refusing & (pos >= self.refusal_len[:n])
+        phase = torch.where(done_refusing, torch.full_like(phase, W.PHASE_REFUSED), phase)
+        phase = torch.where(stopping, torch.full_like(phase, W.PHASE_DONE), phase)
+        # The counter restarts once the refusal is in: the explanation is judged afresh.
+        self.counter[:n] = torch.where(refusing, torch.zeros_like(self.counter[:n]),
+                                       self.counter[:n])
+        self.phase[:n], self.pos[:n] = phase, pos
+        return forced, start_refusal | start_stop
+
+    @staticmethod
+    def _force(logits: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+        rows = forced >= 0
+        keep = logits.gather(1, forced.clamp(min=0).unsqueeze(1))
+        masked = torch.where(rows.unsqueeze(1), torch.full_like(logits, float("-inf")), logits)
+        # The forced token gets a finite logit, everything else -inf: any sampler picks it.
+        value = torch.where(rows.unsqueeze(1), torch.zeros_like(keep), keep)
+        return masked.scatter_(1, forced.clamp(min=0).unsqueeze(1), value)
+
+    def _report(self, n, scores, event, cats, forced, acted, seconds) -> None:
+        if self.telemetry.sock is None:
+            return
+        # One device->host copy per step for everything the HTTP side needs.
+        packed = torch.cat([scores, event.unsqueeze(1).float(), cats.unsqueeze(1).float(),
+                            self.phase[:n].unsqueeze(1).float(), forced.unsqueeze(1).float(),
+                            acted.unsqueeze(1).float()],
+                           dim=1).cpu().tolist()
+        k = scores.shape[1]
+        records = []
+        for i in range(n):
+            rid = self.rids[i]
+            if rid is None or self.outputs[i] is None:
+                continue
+            row = packed[i]
+            records.append(W.StepRecord(rid, len(self.outputs[i]), row[:k], int(row[k]),
+                                        int(row[k + 1]), int(row[k + 2]), int(row[k + 3]),
+                                        int(row[k + 4])))
+        self.telemetry.send(records, seconds)
+
+    # -- persistent-batch bookkeeping ------------------------------------------------------
+
+    def _add(self, i: int, args: "W.RowSafetyArgs | None", output_ids: list[int]) -> None:
+        self._clear(i)
+        if args is None:
+            return
+        self.rids[i], self.outputs[i] = args.rid, output_ids
+        self.thresholds[i] = torch.tensor(args.thresholds, dtype=torch.float32)
+        self.masked[i] = torch.tensor(args.masked, dtype=torch.int8)
+        self.tau[i], self.action[i], self.active[i] = args.tau, args.action, 1
+        self.refusal_len[i] = len(args.refusal_ids)
+        if args.refusal_ids:
+            self.refusal[i, : len(args.refusal_ids)] = torch.tensor(args.refusal_ids)
+        self.eos[i] = args.eos_id
+
+    def _clear(self, i: int) -> None:
+        self.rids[i], self.outputs[i] = None, None
+        self.active[i] = 0
+        self.counter[i] = 0
+        self.phase[i] = W.PHASE_WATCH
+        self.pos[i] = 0
+
+    _TENSORS = ("thresholds", "masked", "counter", "tau", "active", "action", "phase", "pos",
+                "refusal", "refusal_len", "eos")
+
+    def _move(self, src: int, dst: int) -> None:
+        for name in self._TENSORS:
+            t = getattr(self, name)
+            t[dst] = t[src]
+        self.rids[dst], self.outputs[dst] = self.rids[src], self.outputs[src]
+        self._clear(src)
+
+    def _swap(self, a: int, b: int) -> None:
+        for name in self._TENSORS:
+            t = getattr(self, name)
+            t[[a, b]] = t[[b, a]]
+        self.rids[a], self.rids[b] = self.rids[b], self.rids[a]
+        self.outputs[a], self.outputs[b] = self.outputs[b], self.outputs[a]

@@ -1,0 +1,76 @@
+"""Per-request safety orchestration on the HTTP side: resolve the request's config, give each
+engine request its compiled row args and a tracker, and shape what the client receives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from safeserve.server import safety_wire as W
+from safeserve.server.protocol import SafetyReport
+from safeserve.server.safety_config import (
+    DEFAULT_REFUSAL,
+    DEFAULT_STOP_TEXT,
+    SafetyConfig,
+    SafetyPolicy,
+)
+from safeserve.server.safety_tracker import RequestTracker, TelemetryHub
+
+GUIDELINE_TEMPLATE = "Safety guideline for this conversation (follow it):\n{guideline}"
+
+
+@dataclass
+class RequestSafety:
+    """The resolved safety config of one HTTP request."""
+
+    preset: str | None
+    config: SafetyConfig
+
+    def echo(self) -> dict:
+        return {"preset": self.preset, **self.config.echo()}
+
+
+class SafetyService:
+    def __init__(self, policy: SafetyPolicy, hub: TelemetryHub, tokenizer_getter):
+        self.policy, self.hub = policy, hub
+        self._tokenizer = tokenizer_getter
+        self._refusal_ids: list[int] | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.policy.taxonomy.output_names
+
+    def resolve(self, header: str | None, body, trace: bool = False) -> RequestSafety:
+        preset, cfg = self.policy.resolve(header, body)
+        if trace and not cfg.trace:
+            cfg = cfg.model_copy(update={"trace": True})
+        return RequestSafety(preset, cfg)
+
+    def refusal_ids(self) -> list[int]:
+        if self._refusal_ids is None:
+            tok = self._tokenizer()
+            self._refusal_ids = tok(DEFAULT_REFUSAL + " ", add_special_tokens=False)["input_ids"]
+        return self._refusal_ids
+
+    def open(self, rid: str, req: RequestSafety, eos_id: int) -> tuple[dict, RequestTracker]:
+        args = self.policy.compile(req.config, rid, self.refusal_ids(), eos_id)
+        tracker = RequestTracker(rid, self.names, args, req.config.on_violation, req.echo(),
+                                 req.config.trace)
+        self.hub.register(tracker)
+        return args.to_extra_args(), tracker
+
+    def close(self, tracker: RequestTracker) -> None:
+        tracker.record_metrics()
+        self.hub.release(tracker.rid)
+
+    @staticmethod
+    def stop_text() -> str:
+        return DEFAULT_STOP_TEXT
+
+
+def disabled_report(has_head: bool) -> SafetyReport:
+    return SafetyReport(enabled=False, model_has_head=has_head, action="none",
+                        config={"unsafe_allowed": True})
+
+
+def guideline_message(cfg: SafetyConfig) -> str | None:
+    return GUIDELINE_TEMPLATE.format(guideline=cfg.guideline.strip()) if cfg.guideline else None

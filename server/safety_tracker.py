@@ -1,0 +1,194 @@
+"""HTTP side of the safety signal: receives the worker's per-step telemetry and turns it,
+per request, into what the client sees — which tokens may be released (holdback), which were
+flagged and cut, the verdicts, the action taken and the score trace."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pickle
+import tempfile
+import uuid
+
+from safeserve.kernels.safety_decision import EVENT_OK, EVENT_TRIGGER, EVENT_VIOLATION
+from safeserve.server import metrics
+from safeserve.server import safety_wire as W
+from safeserve.server.protocol import CategoryScores, ResponseVerdict, SafetyReport, TracePoint
+
+log = logging.getLogger(__name__)
+
+TELEMETRY_WAIT_S = 5.0
+
+
+class RequestTracker:
+    def __init__(self, rid: str, names: tuple[str, ...], args: W.RowSafetyArgs,
+                 action_name: str, config_echo: dict, trace: bool):
+        self.rid, self.names, self.args = rid, names, args
+        self.action_name, self.config_echo, self.want_trace = action_name, config_echo, trace
+        self.steps: dict[int, W.StepRecord] = {}
+        self.prompt: W.StepRecord | None = None
+        self.trigger_index: int | None = None  # step at which the strategy acted
+        self.flag_cats = 0
+        self.stop_forced = False
+        self.cut: list[tuple[int, int]] = []  # [start, end) output-token ranges withheld
+        self.max_scores = [0.0] * len(names)
+        self._seen = -1
+        self._changed = asyncio.Event()
+        self.incomplete = False
+
+    # -- telemetry in ----------------------------------------------------------------------
+
+    def add(self, rec: W.StepRecord) -> None:
+        if rec.index == 0:
+            self.prompt = rec  # a chunked prefill reports again; the last one is the verdict
+        else:
+            self.max_scores = [max(a, b) for a, b in zip(self.max_scores, rec.scores)]
+        if rec.event == EVENT_TRIGGER:
+            acted_now = bool(rec.acted) or self.args.action == W.ACTION_ANNOTATE
+            if self.trigger_index is None and acted_now:
+                self.trigger_index, self.flag_cats = rec.index, rec.cats
+            if rec.acted and rec.index > 0:  # the violating run that reached tau is withheld
+                self.cut.append((max(0, rec.index - self.args.tau), rec.index))
+        if rec.forced >= 0 and rec.forced == self.args.eos_id and rec.phase == W.PHASE_DONE:
+            self.stop_forced = True
+        self.steps[rec.index] = rec
+        self._seen = max(self._seen, rec.index)
+        self._changed.set()
+
+    async def wait_for(self, index: int) -> None:
+        """Wait until the step that sampled output token ``index`` has been reported."""
+        if self._seen >= index or self.incomplete:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TELEMETRY_WAIT_S
+        while self._seen < index:
+            self._changed.clear()
+            left = deadline - loop.time()
+            if left <= 0:
+                log.error("safety telemetry for %s missing at token %d", self.rid, index)
+                self.incomplete = True
+                return
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+
+    # -- decisions out ---------------------------------------------------------------------
+
+    def releasable(self, n_tokens: int, finished: bool) -> int:
+        """How many of the first ``n_tokens`` output tokens have a settled status (holdback).
+        A forced token is settled at once; a sampled token j once step j+1 has shown whether
+        it belongs to a violating run (open run: pending; run reached tau: withheld)."""
+        if finished:
+            return n_tokens
+        j = 0
+        while j < n_tokens:
+            own = self.steps.get(j)
+            if own is None or own.forced < 0:
+                nxt = self.steps.get(j + 1)
+                if nxt is None or (nxt.event == EVENT_VIOLATION and not nxt.acted):
+                    break
+            j += 1
+        return j
+
+    def withheld(self, j: int) -> bool:
+        return any(a <= j < b for a, b in self.cut)
+
+    @property
+    def acted(self) -> bool:
+        return self.trigger_index is not None
+
+    def _cats(self, bits: int) -> list[str]:
+        return [n for i, n in enumerate(self.names) if bits >> i & 1]
+
+    def report(self) -> SafetyReport:
+        prompt = None
+        if self.prompt is not None:
+            prompt = CategoryScores(
+                flagged=self.prompt.event == EVENT_TRIGGER,
+                scores={n: round(s, 5) for n, s in zip(self.names, self.prompt.scores)},
+                categories=self._cats(self.prompt.cats))
+        response = ResponseVerdict(max_scores={n: round(s, 5) for n, s in
+                                               zip(self.names, self.max_scores)})
+        action = "none"
+        if self.acted:
+            action = self.action_name
+            if self.trigger_index and self.trigger_index > 0:
+                response.flagged = True
+                response.token_index = max(0, self.trigger_index - self.args.tau)
+                response.categories = self._cats(self.flag_cats)
+            if self.stop_forced:
+                action = "stop"
+        later = [r for r in self.steps.values()
+                 if r.index > 0 and r.event == EVENT_TRIGGER and not response.flagged]
+        if later:  # annotate-only: flagged but nothing was forced
+            first = min(later, key=lambda r: r.index)
+            response.flagged, response.token_index = True, max(0, first.index - self.args.tau)
+            response.categories = self._cats(first.cats)
+        trace = None
+        if self.want_trace:
+            trace = [TracePoint(token_index=i, scores=[round(s, 5) for s in r.scores],
+                                event=r.event) for i, r in sorted(self.steps.items())]
+        return SafetyReport(enabled=True, model_has_head=True, action=action, prompt=prompt,
+                            response=response, config=self.config_echo,
+                            score_names=list(self.names), trace=trace,
+                            telemetry_complete=not self.incomplete)
+
+    def record_metrics(self) -> None:
+        rep = self.report()
+        for n, s in zip(self.names, self.prompt.scores if self.prompt else []):
+            metrics.SAFETY_PROMPT_SCORE.labels(n).observe(s)
+        for n, s in zip(self.names, self.max_scores):
+            metrics.SAFETY_RESPONSE_MAX_SCORE.labels(n).observe(s)
+        if rep.prompt and rep.prompt.flagged:
+            for c in rep.prompt.categories or ["unsafe"]:
+                metrics.SAFETY_PROMPTS_FLAGGED.labels(c, rep.action).inc()
+        if rep.response.flagged:
+            for c in rep.response.categories or ["unsafe"]:
+                metrics.SAFETY_RESPONSES_FLAGGED.labels(c, rep.action).inc()
+
+
+class TelemetryHub:
+    """Binds the PULL socket the workers push to, and routes records to trackers."""
+
+    def __init__(self):
+        self.addr = f"ipc://{tempfile.gettempdir()}/safeserve-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.trackers: dict[str, RequestTracker] = {}
+        self._task: asyncio.Task | None = None
+        self._sock = None
+
+    def export_address(self) -> None:
+        """Must run before the engine starts: spawned workers inherit the environment."""
+        os.environ[W.TELEMETRY_ENV] = self.addr
+
+    async def start(self) -> None:
+        import zmq
+        import zmq.asyncio
+
+        self._sock = zmq.asyncio.Context.instance().socket(zmq.PULL)
+        self._sock.setsockopt(zmq.RCVHWM, 0)
+        self._sock.bind(self.addr)
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            records, seconds = pickle.loads(await self._sock.recv())
+            metrics.SAFETY_STEPS.inc()
+            metrics.SAFETY_STEP_SECONDS.inc(seconds)
+            for rec in records:
+                tracker = self.trackers.get(rec.rid)
+                if tracker is not None:
+                    tracker.add(rec)
+
+    def register(self, tracker: RequestTracker) -> None:
+        self.trackers[tracker.rid] = tracker
+
+    def release(self, rid: str) -> None:
+        self.trackers.pop(rid, None)
+
+    def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+        if self._sock is not None:
+            self._sock.close(linger=0)

@@ -1,0 +1,61 @@
+"""What crosses the process boundary between the HTTP process and vLLM's worker:
+the per-request safety state (in ``SamplingParams.extra_args``) and the per-step telemetry
+(over a ZMQ PUSH/PULL pair). Plain data only, so both sides import this without vLLM."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+EXTRA_ARGS_KEY = "safeserve"
+TELEMETRY_ENV = "SAFESERVE_TELEMETRY_ADDR"
+
+ACTION_ANNOTATE = 0
+ACTION_REFUSE = 1
+ACTION_STOP = 2
+ACTION_NAMES = {ACTION_ANNOTATE: "annotate", ACTION_REFUSE: "refuse", ACTION_STOP: "stop"}
+ACTION_CODES = {v: k for k, v in ACTION_NAMES.items()}
+
+# Per-row phase of the decoding strategy (worker side, reported in telemetry).
+PHASE_WATCH = 0  # generating freely, watching the signal
+PHASE_REFUSING = 1  # forcing the refusal prefix, one token per step
+PHASE_REFUSED = 2  # prefix spliced in; the model explains; a new trigger stops
+PHASE_STOPPING = 3  # forcing end-of-sequence
+PHASE_DONE = 4  # EOS forced; nothing more to do
+
+
+@dataclass
+class RowSafetyArgs:
+    """Everything the worker needs to enforce one request's config (validated upstream)."""
+
+    rid: str
+    thresholds: list[float]  # one per head output (categories + overall)
+    masked: list[int]  # 1 = allowed: this output can never cause a violation
+    tau: int
+    action: int
+    refusal_ids: list[int] = field(default_factory=list)
+    eos_id: int = 0
+
+    def to_extra_args(self) -> dict:
+        return {EXTRA_ARGS_KEY: asdict(self)}
+
+    @classmethod
+    def from_extra_args(cls, extra: dict | None) -> "RowSafetyArgs | None":
+        raw = (extra or {}).get(EXTRA_ARGS_KEY)
+        return None if raw is None else cls(**raw)
+
+
+@dataclass
+class StepRecord:
+    """One engine step of one request: the head's scores and the decision taken.
+
+    ``index`` is the output token being sampled in that step; the scores read the text
+    through output token ``index - 1`` (index 0: the end of the prompt, i.e. the verdict)."""
+
+    rid: str
+    index: int
+    scores: list[float]
+    event: int
+    cats: int
+    phase: int  # phase after this step's decision
+    forced: int  # token forced at this step, -1 if none
+    acted: int  # 1 if the strategy started an action (refusal or stop) at this step

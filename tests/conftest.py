@@ -1,0 +1,113 @@
+"""One real SafeServe server per test session: the real vLLM CPU engine on the embedded
+SmolLM2 model, with a hand-built safety head (tests/heads.py), over real HTTP on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+REPO = Path(__file__).resolve().parents[1]
+SAFESERVE = Path(sys.executable).with_name("safeserve")
+START_TIMEOUT_S = float(os.environ.get("SAFESERVE_TEST_START_TIMEOUT", "900"))
+
+TEST_PRESETS = """
+default:
+  allow: [violence]
+  on_violation: refuse
+strict:
+  allow: []
+  on_violation: refuse
+stopper:
+  allow: []
+  on_violation: stop
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, url: str, model: str, proc: subprocess.Popen, log: Path, model_dir: Path):
+        self.url, self.model, self.proc, self.log, self.model_dir = url, model, proc, log, model_dir
+
+    def client(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=120, **kw)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"server not ready after {timeout}s:\n{log.read_text()[-4000:]}")
+
+
+def start_server(tmp: Path, *args: str, env: dict | None = None) -> tuple[str, subprocess.Popen, Path]:
+    port = free_port()
+    log = tmp / f"server-{port}.log"
+    proc = subprocess.Popen(
+        [str(SAFESERVE), "serve", "--port", str(port), *args],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=tmp,
+        env={**os.environ, **(env or {})},
+    )
+    url = f"http://127.0.0.1:{port}"
+    return url, proc, log
+
+
+@pytest.fixture(scope="session")
+def base_model_dir() -> Path:
+    from safeserve.models.model_store import ensure_default_model
+
+    return ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, base_model_dir) -> Server:
+    from heads import build_test_head
+
+    tmp = tmp_path_factory.mktemp("server")
+    model_dir = build_test_head(base_model_dir, tmp)
+    presets = tmp / "presets.yaml"
+    presets.write_text(TEST_PRESETS)
+    url, proc, log = start_server(tmp, "--model", str(model_dir), "--presets", str(presets),
+                                  "--served-model-name", "smol", "--max-num-seqs", "64")
+    try:
+        wait_ready(url, proc, log, START_TIMEOUT_S)
+        yield Server(url, "smol", proc, log, model_dir)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture()
+def http(server) -> httpx.Client:
+    with server.client() as c:
+        yield c
+
+
+@pytest.fixture()
+def oai(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)

@@ -1,0 +1,200 @@
+"""The safety signal in the decoding loop, end to end on the real engine, with the
+deterministic test head of tests/heads.py (violence: always high; weapons: fires when the
+model is about to say " Paris")."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+import torch
+
+from safeserve.server.safety_config import DEFAULT_REFUSAL, DEFAULT_STOP_TEXT
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+COLORS = [{"role": "user", "content": "List three colors of the rainbow."}]
+
+
+def chat(http, server, messages, headers=None, **body):
+    r = http.post("/v1/chat/completions", headers=headers or {},
+                  json={"model": server.model, "messages": messages, "temperature": 0,
+                        "max_tokens": 24, **body})
+    assert r.status_code == 200, r.text
+    return r
+
+
+def test_prompt_verdict_refuses_then_stops_if_still_unsafe(http, server):
+    # The test head scores violence high everywhere: the prompt verdict splices the refusal in
+    # at token 0, and since the continuation still violates for tau tokens, the strategy stops.
+    r = chat(http, server, COLORS, headers={"X-Safety-Config": "strict"})
+    data = r.json()
+    choice, s = data["choices"][0], data["safety"]
+    assert choice["message"]["content"].startswith(DEFAULT_REFUSAL)
+    assert choice["message"]["content"].endswith(DEFAULT_STOP_TEXT)
+    assert choice["finish_reason"] == "content_filter"
+    assert s["prompt"]["flagged"] is True and "violence" in s["prompt"]["categories"]
+    assert s["action"] == "stop" and s["config"]["preset"] == "strict"
+    assert s["response"]["flagged"] is True
+    assert r.headers["X-Safety-Action"] == "stop"
+    assert "violence" in r.headers["X-Safety-Categories"]
+
+
+def test_allowed_category_is_not_enforced(http, server):
+    r = chat(http, server, COLORS, safety_config={"allow": ["violence"]})
+    s = r.json()["safety"]
+    assert s["prompt"]["flagged"] is False and s["action"] == "none"
+    assert s["prompt"]["scores"]["violence"] > 0.99  # scored, but allowed
+    assert r.headers["X-Safety-Action"] == "none"
+
+
+def test_mid_generation_trigger_refuses_at_the_flagged_token(http, server):
+    base = chat(http, server, FRANCE, safety_config={"allow": ["violence", "weapons"]})
+    assert "Paris" in base.json()["choices"][0]["message"]["content"]
+    r = chat(http, server, FRANCE, safety_config={"allow": ["violence"], "tau": 1})
+    data = r.json()
+    text, s = data["choices"][0]["message"]["content"], data["safety"]
+    assert "Paris" not in text and DEFAULT_REFUSAL in text
+    assert s["response"]["flagged"] is True and s["response"]["categories"] == ["weapons"]
+    assert s["response"]["token_index"] >= 1 and s["action"] == "refuse"
+
+
+def test_tau_needs_consecutive_violations(http, server):
+    # " Paris" is one token: a single violating step never reaches tau=3
+    r = chat(http, server, FRANCE, safety_config={"allow": ["violence"], "tau": 3})
+    assert "Paris" in r.json()["choices"][0]["message"]["content"]
+    assert r.json()["safety"]["action"] == "none"
+
+
+def test_stop_action_ends_with_content_filter(http, server):
+    r = chat(http, server, FRANCE,
+             safety_config={"allow": ["violence"], "tau": 1, "on_violation": "stop"})
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "content_filter"
+    assert choice["message"]["content"].endswith(DEFAULT_STOP_TEXT)
+    assert "Paris" not in choice["message"]["content"]
+    assert r.json()["safety"]["action"] == "stop"
+
+
+def test_annotate_leaves_the_text(http, server):
+    r = chat(http, server, FRANCE,
+             safety_config={"allow": ["violence"], "tau": 1, "on_violation": "annotate"})
+    data = r.json()
+    assert "Paris" in data["choices"][0]["message"]["content"]
+    assert data["safety"]["action"] == "annotate" and data["safety"]["response"]["flagged"]
+
+
+def _stream_text(http, server, cfg):
+    body = {"model": server.model, "messages": FRANCE, "temperature": 0, "max_tokens": 24,
+            "stream": True, "safety_config": cfg}
+    pieces, final = [], None
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            for c in chunk["choices"]:
+                pieces.append(c["delta"].get("content") or "")
+                if c.get("finish_reason"):
+                    final = chunk
+    return pieces, final
+
+
+def test_holdback_never_streams_a_flagged_token(http, server):
+    cfg = {"allow": ["violence"], "tau": 1, "on_violation": "stop"}
+    unary = chat(http, server, FRANCE, safety_config=cfg).json()
+    flagged_at = unary["safety"]["response"]["token_index"]
+    pieces, final = _stream_text(http, server, {**cfg, "holdback": True})
+    assert final["choices"][0]["finish_reason"] == "content_filter"
+    assert final["safety"]["response"]["token_index"] == flagged_at
+    # without holdback the flagged token reached the client; with it, never
+    loose, _ = _stream_text(http, server, cfg)
+    assert "".join(pieces).strip() == unary["choices"][0]["message"]["content"]
+    assert len("".join(loose)) > len("".join(pieces))
+
+
+def test_trace_header_returns_per_token_scores(http, server):
+    r = chat(http, server, COLORS, headers={"X-Safety-Trace": "1"})
+    data = r.json()
+    trace = data["safety"]["trace"]
+    assert [p["token_index"] for p in trace] == list(range(data["usage"]["completion_tokens"]))
+    assert len(trace[0]["scores"]) == len(data["safety"]["score_names"])
+    assert data["safety"]["score_names"][-1] == "unsafe"
+
+
+def test_mixed_config_batch_never_leaks(server):
+    """Concurrent requests, same prompt, alternating configs: the outcome follows each
+    request's own config every time."""
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as c:
+            async def one(i):
+                cfg = "strict" if i % 2 else {"allow": ["violence"]}
+                r = await c.post("/v1/chat/completions", json={
+                    "model": server.model, "messages": COLORS, "max_tokens": 12,
+                    "temperature": 0, "safety_config": cfg})
+                return i, r.json()
+            return await asyncio.gather(*(one(i) for i in range(40)))
+
+    for i, data in asyncio.run(run()):
+        refused = data["choices"][0]["message"]["content"].startswith(DEFAULT_REFUSAL)
+        assert refused == bool(i % 2), (i, data["choices"][0]["message"]["content"])
+        assert data["safety"]["prompt"]["flagged"] == bool(i % 2)
+
+
+@pytest.mark.parametrize("cfg,param", [
+    ({"allow": ["dragons"]}, "safety_config.allow"),
+    ({"threshold": 1.5}, "safety_config.threshold"),
+    ({"threshold": {"dragons": 0.3}}, "safety_config.threshold"),
+    ({"on_violation": "explode"}, "safety_config.on_violation"),
+    ({"colour": "red"}, "safety_config.colour"),
+    ({"guideline": "x" * 5000}, "safety_config.guideline"),
+    ("no-such-preset", "safety_config"),
+    ("Bad Name!", "safety_config"),
+])
+def test_bad_safety_configs_are_400s_naming_the_field(http, server, cfg, param):
+    r = http.post("/v1/chat/completions", json={"model": server.model, "messages": COLORS,
+                                                "safety_config": cfg})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_header_and_body_configs_must_agree(http, server):
+    body = {"model": server.model, "messages": COLORS, "max_tokens": 2,
+            "safety_config": {"allow": []}}
+    r = http.post("/v1/chat/completions", json=body, headers={"X-Safety-Config": "strict"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "conflicting_safety_config"
+    r = http.post("/v1/chat/completions", json=body,
+                  headers={"X-Safety-Config": '{"allow": []}'})
+    assert r.status_code == 200
+    r = http.post("/v1/chat/completions", json={**body, "safety_config": None},
+                  headers={"X-Safety-Config": "{not json"})
+    assert r.status_code == 400
+
+
+def test_server_scores_match_the_training_forward(http, server):
+    """Parity: the per-token scores the server reports equal transformers' forward through
+    the same head math (kernels/safety_head.py) within 1e-3."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from safeserve.kernels.safety_head import safety_scores_reference
+    from safeserve.models.checkpoint import load_safety_head
+
+    r = chat(http, server, FRANCE, headers={"X-Safety-Trace": "1"},
+             safety_config={"allow": ["violence", "weapons"]}, max_tokens=12)
+    data = r.json()
+    tok = AutoTokenizer.from_pretrained(str(server.model_dir))
+    prompt = tok.apply_chat_template(FRANCE, tokenize=False, add_generation_prompt=True)
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    out_ids = tok(data["choices"][0]["message"]["content"], add_special_tokens=False)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(str(server.model_dir), dtype=torch.float32)
+    head = load_safety_head(server.model_dir)
+    with torch.no_grad():
+        hidden = model.model(torch.tensor([prompt_ids + out_ids])).last_hidden_state[0]
+    scores = safety_scores_reference(hidden, head.weight, head.bias)
+    trace = data["safety"]["trace"]
+    n = min(len(trace), len(out_ids))
+    for point in trace[:n]:
+        pos = len(prompt_ids) - 1 + point["token_index"]
+        assert torch.allclose(torch.tensor(point["scores"]), scores[pos], atol=1e-3), point

@@ -1,0 +1,205 @@
+"""Serving core against the real server: OpenAI client compatibility, streaming, prefill,
+usage, errors, disconnect-abort and Prometheus metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+BENIGN = [{"role": "user", "content": "List three colors of the rainbow."}]
+
+
+def metric(http: httpx.Client, name: str, **labels) -> float:
+    total = 0.0
+    for fam in text_string_to_metric_families(http.get("/metrics").text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def test_health_ready_models(http, server):
+    assert http.get("/health").json() == {"status": "ok"}
+    assert http.get("/ready").json()["status"] == "ready"
+    models = http.get("/v1/models").json()
+    assert models["object"] == "list"
+    card = models["data"][0]
+    assert card["id"] == server.model
+    assert card["safety"]["enabled"] is True and card["safety"]["model_has_head"] is True
+    assert "violence" in card["safety"]["categories"]
+
+
+def test_openai_client_non_streaming(oai, server):
+    r = oai.chat.completions.create(model=server.model, messages=BENIGN, max_tokens=20,
+                                    temperature=0)
+    assert r.object == "chat.completion"
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    safety = r.model_extra["safety"]
+    assert safety["enabled"] is True and safety["action"] == "none"
+    assert safety["prompt"]["flagged"] is False  # violence is allowed by the test default
+
+
+def test_streaming_reassembles_to_non_streaming(oai, server):
+    kw = dict(model=server.model, messages=BENIGN, max_tokens=32, temperature=0)
+    full = oai.chat.completions.create(**kw)
+    chunks = list(oai.chat.completions.create(stream=True,
+                                              stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == full.choices[0].finish_reason
+    assert finals[0].model_extra["safety"]["enabled"] is True
+    assert chunks[-1].usage is not None and chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_sse_wire_format(http, server):
+    body = {"model": server.model, "messages": BENIGN, "max_tokens": 5, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert all(ln.startswith("data: ") for ln in lines)
+    assert lines[-1] == "data: [DONE]"
+    first = json.loads(lines[0][6:])
+    assert first["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_prefill_continues_the_assistant_message(oai, server):
+    messages = [{"role": "user", "content": "Count from one to ten in words."},
+                {"role": "assistant", "content": "one, two, three, four,"}]
+    r = oai.chat.completions.create(
+        model=server.model, messages=messages, max_tokens=12, temperature=0,
+        extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    assert "five" in r.choices[0].message.content.lower()
+    plain = oai.chat.completions.create(model=server.model, messages=messages[:1], max_tokens=1)
+    assert r.usage.prompt_tokens > plain.usage.prompt_tokens
+
+
+def test_n_choices_and_seed(oai, server):
+    r = oai.chat.completions.create(model=server.model, messages=BENIGN, max_tokens=8, n=2,
+                                    temperature=1.0, seed=7)
+    assert [c.index for c in r.choices] == [0, 1]
+    again = oai.chat.completions.create(model=server.model, messages=BENIGN, max_tokens=8, n=2,
+                                        temperature=1.0, seed=7)
+    assert [c.message.content for c in r.choices] == [c.message.content for c in again.choices]
+
+
+def test_stop_sequence(oai, server):
+    r = oai.chat.completions.create(model=server.model, temperature=0, max_tokens=40,
+                                    messages=[{"role": "user", "content": "Count from 1 to 20."}],
+                                    stop=["7"])
+    assert "7" not in r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop"
+
+
+def _error(r: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    return err
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"model": "nope", "messages": BENIGN}, 404, "model"),
+    ({"model": "{m}", "messages": []}, 400, "messages"),
+    ({"model": "{m}", "messages": BENIGN, "temperature": 5}, 400, "temperature"),
+    ({"model": "{m}", "messages": BENIGN, "tools": [{"type": "function"}]}, 400, "tools"),
+    ({"model": "{m}", "messages": BENIGN, "logprobs": True}, 400, "logprobs"),
+    ({"model": "{m}", "messages": BENIGN, "n": 0}, 400, "n"),
+    ({"model": "{m}", "messages": BENIGN, "n": 99}, 400, "n"),
+    ({"model": "{m}", "messages": BENIGN, "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "{m}", "messages": BENIGN, "max_tokens": 100000}, 400, "max_tokens"),
+    ({"model": "{m}", "messages": [{"role": "robot", "content": "x"}]}, 400, None),
+    ({"model": "{m}", "messages": BENIGN, "continue_final_message": True}, 400, None),
+    ({"model": "{m}", "messages": BENIGN, "stream_options": {"include_usage": True}}, 400, None),
+    ({"messages": BENIGN}, 400, "model"),
+])
+def test_bad_requests_get_openai_errors(http, server, body, status, param):
+    if body.get("model") == "{m}":
+        body = {**body, "model": server.model}
+    _error(http.post("/v1/chat/completions", json=body), status, param)
+
+
+def test_malformed_json_and_long_prompt(http, server):
+    r = http.post("/v1/chat/completions", content=b'{"model": "x", "messages": [',
+                  headers={"content-type": "application/json"})
+    assert _error(r, 400)["code"] == "invalid_json"
+    r = http.post("/v1/chat/completions", content=b"[1, 2]",
+                  headers={"content-type": "application/json"})
+    _error(r, 400)
+    long = [{"role": "user", "content": "word " * 5000}]
+    err = _error(http.post("/v1/chat/completions", json={"model": server.model,
+                                                         "messages": long}), 400, "messages")
+    assert err["code"] == "context_length_exceeded"
+    # the server is still fine afterwards
+    ok = http.post("/v1/chat/completions", json={"model": server.model, "messages": BENIGN,
+                                                 "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_openai_client_raises_typed_errors(oai, server):
+    with pytest.raises(openai.NotFoundError):
+        oai.chat.completions.create(model="nope", messages=BENIGN)
+    with pytest.raises(openai.BadRequestError):
+        oai.chat.completions.create(model=server.model, messages=BENIGN, temperature=9)
+
+
+def test_client_disconnect_aborts_the_request(http, server):
+    aborted_before = metric(http, "safeserve_aborted_requests_total")
+    body = {"model": server.model, "max_tokens": 1500, "stream": True, "temperature": 1.0,
+            "messages": [{"role": "user", "content": "Write a very long story about a ship."}]}
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            seen = 0
+            for line in r.iter_lines():
+                if line.startswith("data: ") and '"content"' in line:
+                    seen += 1
+                if seen >= 5:
+                    break
+        assert seen >= 5
+    assert metric(http, "safeserve_running_requests") >= 0
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        if (metric(http, "safeserve_aborted_requests_total") > aborted_before
+                and metric(http, "safeserve_in_flight_requests") == 0):
+            break
+        time.sleep(0.2)
+    assert metric(http, "safeserve_aborted_requests_total") > aborted_before
+    assert metric(http, "safeserve_in_flight_requests") == 0
+    # the engine freed the slot: a following request runs and the engine reports idle after
+    http.post("/v1/chat/completions", json={"model": server.model, "messages": BENIGN,
+                                            "max_tokens": 2})
+    deadline = time.time() + 20
+    while time.time() < deadline and metric(http, "safeserve_running_requests") != 0:
+        time.sleep(0.2)
+    assert metric(http, "safeserve_running_requests") == 0
+
+
+def test_metrics_exposition_counts_requests(http, server):
+    before = metric(http, "safeserve_requests_total", status="200")
+    errors_before = metric(http, "safeserve_requests_total", status="404")
+    http.post("/v1/chat/completions", json={"model": server.model, "messages": BENIGN,
+                                            "max_tokens": 3})
+    http.post("/v1/chat/completions", json={"model": "nope", "messages": BENIGN})
+    assert metric(http, "safeserve_requests_total", status="200") == before + 1
+    assert metric(http, "safeserve_requests_total", status="404") == errors_before + 1
+    assert metric(http, "safeserve_time_to_first_token_seconds_count") > 0
+    assert metric(http, "safeserve_inter_token_latency_seconds_count") > 0
+    assert metric(http, "safeserve_e2e_request_latency_seconds_count") > 0
+    assert metric(http, "safeserve_generation_tokens_total") > 0
+    assert metric(http, "safeserve_prompt_tokens_total") > 0
+    assert metric(http, "safeserve_safety_steps_total") > 0
+    names = {f.name for f in text_string_to_metric_families(http.get("/metrics").text)}
+    assert {"safeserve_waiting_requests", "safeserve_running_requests"} <= names
