@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from contextlib import asynccontextmanager
 
@@ -14,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from safeserve.server import completions, metrics
 from safeserve.server.engine import Engine
+from safeserve.server.auth import KeyRing, Principal
 from safeserve.server.errors import APIError, install_handlers
 from safeserve.server.protocol import ChatCompletionRequest, ModelCard, ModelList
 from safeserve.server.safety_service import SafetyService
@@ -47,16 +47,10 @@ def create_app(engine: Engine, safety=None) -> FastAPI:
 
     app = FastAPI(title="SafeServe", version="0.1.0", lifespan=lifespan)
     install_handlers(app)
-    keys = list(engine.settings.api_keys)
+    keyring = KeyRing(list(engine.settings.api_keys), engine.settings.grants)
 
-    async def authorize(request: Request) -> None:
-        if not keys:
-            return
-        header = request.headers.get("authorization", "")
-        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-        if not any(secrets.compare_digest(token, k) for k in keys):
-            raise APIError(401, "invalid or missing API key", type="authentication_error",
-                           code="invalid_api_key")
+    async def authorize(request: Request) -> Principal:
+        return keyring.authenticate(request.headers.get("authorization"))
 
     def require_ready() -> None:
         if not engine.is_ready:
@@ -90,8 +84,9 @@ def create_app(engine: Engine, safety=None) -> FastAPI:
                          safety=engine.spec.safety_summary())
         return ModelList(data=[card])
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request,
+                               principal: Principal = Depends(authorize)):
         mode = "stream" if body.stream else "unary"
         try:
             check_model(body.model)
@@ -101,6 +96,7 @@ def create_app(engine: Engine, safety=None) -> FastAPI:
                                          body.safety_config,
                                          trace=request.headers.get("x-safety-trace", "").lower()
                                          in ("1", "true", "yes"))
+                svc.authorize(principal, req_safety)
             elif body.safety_config is not None or request.headers.get("x-safety-config"):
                 raise APIError(400, "this server runs without a safety head (--allow-unsafe); "
                                "safety configs cannot be enforced", param="safety_config",

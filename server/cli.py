@@ -37,6 +37,7 @@ def serve(
     enforce_eager: Optional[bool] = typer.Option(None, help="skip torch.compile (faster start)"),
     allow_unsafe: Optional[bool] = typer.Option(None, "--allow-unsafe", help="serve a model without a safety head"),
     presets: Optional[Path] = typer.Option(None, help="safety presets YAML [SAFESERVE_PRESETS]"),
+    grants: Optional[Path] = typer.Option(None, help="API keys and their safety grants YAML [SAFESERVE_GRANTS]"),
     default_preset: Optional[str] = typer.Option(None, help="preset for requests without a config"),
     log_level: Optional[str] = typer.Option(None),
 ):
@@ -48,7 +49,7 @@ def serve(
         model=model, host=host, port=port, served_model_name=served_model_name, dtype=dtype,
         max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, max_num_seqs=max_num_seqs,
         api_keys=api_key or None, enforce_eager=enforce_eager, allow_unsafe=allow_unsafe,
-        presets=presets, default_preset=default_preset,
+        presets=presets, default_preset=default_preset, grants=grants,
         log_level=log_level).items() if v is not None}
     run_server(Settings(**overrides))
 
@@ -71,6 +72,8 @@ def _register_plugins() -> None:
         ("safeserve.models.safety_train", train_app),
         ("safeserve.models.evaluation.cli", eval_app),
         ("safeserve.models.seal.cli", train_app),
+        ("safeserve.models.cosalign.cli", train_app),
+        ("safeserve.models.evaluation.cosa_cli", eval_app),
         ("safeserve.server.bench", bench_app),
         ("safeserve.kernels.bench_cli", bench_app),
     ):

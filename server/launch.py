@@ -108,7 +108,10 @@ def run_server(settings: Settings) -> None:
     from safeserve.server.app import create_app
 
     engine = Engine(settings, spec)
-    app = create_app(engine, build_safety(spec, settings))
+    try:
+        app = create_app(engine, build_safety(spec, settings))
+    except (ValueError, OSError) as e:  # unreadable grants file and the like
+        raise StartupError(str(e)) from None
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=5)
     if engine.error is not None:

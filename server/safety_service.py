@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from safeserve.server import safety_wire as W
+from safeserve.server.auth import Principal, authorize_config
 from safeserve.server.protocol import SafetyReport
 from safeserve.server.safety_config import (
     DEFAULT_REFUSAL,
@@ -44,6 +45,12 @@ class SafetyService:
         if trace and not cfg.trace:
             cfg = cfg.model_copy(update={"trace": True})
         return RequestSafety(preset, cfg)
+
+    def authorize(self, principal: Principal, req: RequestSafety) -> None:
+        thresholds = {c.id: c.threshold for c in self.policy.taxonomy.categories}
+        thresholds["unsafe"] = self.policy.overall_threshold
+        authorize_config(principal, req.preset, req.config, thresholds,
+                         self.policy.default_preset)
 
     def refusal_ids(self) -> list[int]:
         if self._refusal_ids is None:

@@ -22,6 +22,7 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(64, ge=1)
     enforce_eager: bool = False
     api_keys: list[str] = Field(default_factory=list, description="bearer tokens; empty = no auth")
+    grants: Path | None = Field(None, description="YAML: API keys and what each may ask for")
     allow_unsafe: bool = Field(False, description="serve a model that has no safety head")
     presets: Path | None = Field(None, description="safety presets YAML (default: built-in)")
     default_preset: str = Field("default", description="preset for requests with no config")

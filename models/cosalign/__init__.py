@@ -1,0 +1,1 @@
+"""CoSAlign: config-conditioned safety alignment (SFT + DPO on synthesized configs)."""

@@ -1,0 +1,129 @@
+"""The HTTP layer on its own (no engine started): authentication, safety-config
+authorization (403 before anything is generated), and fail-closed startup."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from safeserve.models.checkpoint import SafetyHead
+from safeserve.models.taxonomy import Taxonomy
+from safeserve.server.app import create_app
+from safeserve.server.engine import Engine, EngineSpec
+from safeserve.server.safety_config import SafetyPolicy
+from safeserve.server.safety_tracker import TelemetryHub
+from safeserve.server.settings import Settings
+
+SAFESERVE = str(Path(sys.executable).with_name("safeserve"))
+MSG = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture()
+def client(tmp_path):
+    grants = tmp_path / "grants.yaml"
+    hashed = hashlib.sha256(b"hashed-key").hexdigest()
+    grants.write_text(f"""
+keys:
+  studio-key:
+    name: studio
+    presets: [default, game_development]
+    allow: [violence, weapons]
+  sha256:{hashed}:
+    name: hashed
+    annotate: true
+""")
+    settings = Settings(api_keys=["plain-key"], grants=grants)
+    spec = EngineSpec(model_dir=tmp_path, served_name="m", has_head=True, safety_enabled=True)
+    app = create_app(Engine(settings, spec), (SafetyPolicy(Taxonomy.load()), TelemetryHub()))
+    return TestClient(app)  # no context manager: the lifespan (engine start) does not run
+
+
+def post(client, key, cfg=None, **extra):
+    body = {"model": "m", "messages": MSG, **extra}
+    if cfg is not None:
+        body["safety_config"] = cfg
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return client.post("/v1/chat/completions", json=body, headers=headers)
+
+
+def test_missing_or_wrong_key_is_401(client):
+    for key in (None, "wrong"):
+        r = post(client, key)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert client.get("/v1/models").status_code == 401
+    assert client.get("/v1/models", headers={"Authorization": "Bearer plain-key"}).status_code == 200
+    assert client.get("/health").status_code == 200  # probes need no key
+
+
+def test_key_without_grant_cannot_loosen_safety(client):
+    for cfg, what in [({"allow": ["violence"]}, "allow ['violence']"),
+                      ({"on_violation": "annotate"}, "annotate"),
+                      ({"threshold": 0.9}, "threshold"),
+                      ({"tau": 8}, "tau 8"),
+                      ("game_development", "preset 'game_development'")]:
+        r = post(client, "plain-key", cfg)
+        assert r.status_code == 403, (cfg, r.text)
+        err = r.json()["error"]
+        assert err["code"] == "safety_config_not_permitted" and what in err["message"]
+
+
+def test_stricter_configs_and_granted_ones_pass_authorization(client):
+    # 503 = authorized and validated, stopped only because the engine is not started
+    assert post(client, "plain-key").status_code == 503
+    assert post(client, "plain-key", {"threshold": 0.2, "on_violation": "stop"}).status_code == 503
+    assert post(client, "plain-key", "strict").status_code == 503
+    assert post(client, "studio-key", {"allow": ["violence", "weapons"]}).status_code == 503
+    assert post(client, "studio-key", "game_development").status_code == 503
+    assert post(client, "hashed-key", {"on_violation": "annotate"}).status_code == 503
+    r = post(client, "studio-key", {"allow": ["drugs"]})
+    assert r.status_code == 403 and "drugs" in r.json()["error"]["message"]
+
+
+def test_validation_precedes_authorization(client):
+    r = post(client, "plain-key", {"allow": ["dragons"]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "safety_config.allow"
+
+
+def run_serve(*args, timeout=120):
+    return subprocess.run([SAFESERVE, "serve", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_fail_closed_without_a_head(base_model_dir):
+    r = run_serve("--model", str(base_model_dir), "--port", "1")
+    assert r.returncode != 0
+    assert "--allow-unsafe" in r.stderr and "no safety head" in r.stderr
+
+
+def test_head_that_does_not_fit_is_a_startup_error(tmp_path, base_model_dir):
+    from safeserve.models.model_store import compose_checkpoint
+
+    tax = Taxonomy.load()
+    bad_hidden = SafetyHead(torch.zeros(tax.num_outputs, 100), torch.zeros(tax.num_outputs), tax)
+    bad_hidden.save(tmp_path / "h1")
+    model = compose_checkpoint(base_model_dir, tmp_path / "h1", root=tmp_path / "m1")
+    r = run_serve("--model", str(model), "--port", "1")
+    assert r.returncode != 0 and "hidden size 100" in r.stderr
+
+    bad_rows = SafetyHead(torch.zeros(4, 576), torch.zeros(4), tax)
+    with pytest.raises(ValueError):
+        bad_rows.validate()
+    (tmp_path / "h2" / "safety_head").mkdir(parents=True)
+    bad_hidden.save(tmp_path / "h2")
+    from safetensors.torch import save_file
+    save_file({"weight": torch.zeros(4, 576), "bias": torch.zeros(4)},
+              str(tmp_path / "h2" / "safety_head" / "head.safetensors"))
+    model = compose_checkpoint(base_model_dir, tmp_path / "h2", root=tmp_path / "m2")
+    r = run_serve("--model", str(model), "--port", "1")
+    assert r.returncode != 0 and "taxonomy needs" in r.stderr
+
+
+def test_unknown_model_dir_is_a_startup_error(tmp_path):
+    r = run_serve("--model", str(tmp_path), "--port", "1")
+    assert r.returncode != 0 and "config.json" in r.stderr
