@@ -79,7 +79,7 @@ def _convert(gguf: Path, out: Path) -> None:
         raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
     if config.tie_word_embeddings:
         fresh.tie_weights()
-    fresh.config.torch_dtype = torch.float32
+    fresh.config.dtype = torch.float32
     fresh.generation_config = loaded.generation_config
     fresh.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)

@@ -20,7 +20,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -215,5 +214,37 @@ def bench_serve(
     (out / "results.md").write_text(table + "\n")
 
 
+def bench_config(iterations: int = typer.Option(20000, help="requests to time per case")):
+    """Per-request cost of safety-config parsing, authorization and compilation."""
+    from safeserve.models.taxonomy import Taxonomy
+    from safeserve.server.auth import Grant, Principal
+    from safeserve.server.safety_config import SafetyPolicy
+    from safeserve.server.safety_service import SafetyService
+    from safeserve.server.safety_tracker import TelemetryHub
+
+    svc = SafetyService(SafetyPolicy(Taxonomy.load()), TelemetryHub(), lambda: None)
+    svc._refusal_ids = list(range(12))  # tokenization happens once per server, not per request
+    who = Principal("studio", Grant(presets=["default", "game_development"],
+                                    allow=["violence", "weapons"]))
+    cases = {
+        "no config (default preset)": (None, None),
+        "preset in header": ("game_development", None),
+        "JSON object in header": ('{"allow": ["violence"], "threshold": {"weapons": 0.3}, '
+                                  '"on_violation": "stop", "holdback": true}', None),
+        "object in body": (None, {"allow": ["weapons"], "threshold": 0.4, "tau": 2,
+                                  "guideline": "Fictional battles are fine."}),
+    }
+    typer.echo("| case | us / request |\n|---|---|")
+    for name, (header, body) in cases.items():
+        t0 = time.perf_counter()
+        for i in range(iterations):
+            req = svc.resolve(header, body)
+            svc.authorize(who, req)
+            svc.policy.compile(req.config, f"r{i}", svc._refusal_ids, 2)
+        us = (time.perf_counter() - t0) / iterations * 1e6
+        typer.echo(f"| {name} | {us:.1f} |")
+
+
 def register(app: typer.Typer) -> None:
     app.command("serve")(bench_serve)
+    app.command("config")(bench_config)

@@ -276,9 +276,7 @@ async def complete(engine: Engine, svc: SafetyService | None,
         created=prep.created,
         model=prep.body.model,
         choices=[Choice(index=c.index,
-                        message=AssistantMessage(
-                            content=(c.visible(c.pieces) + _stop_suffix(svc, c)).strip()
-                            if c.tracker and c.tracker.acted else c.visible(c.pieces)),
+                        message=AssistantMessage(content=c.visible(c.pieces) + _stop_suffix(svc, c)),
                         finish_reason=_finish_reason(c)) for c in choices],
         usage=_usage(prep, choices),
         safety=reports[0] if len(reports) == 1 else reports,

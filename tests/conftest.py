@@ -12,8 +12,21 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# On a CPU-only machine the kernel tests run Triton in interpreter mode, which must be chosen
+# before anything imports triton (the server modules do, through kernels/): set it for this
+# pytest process only. Servers started by the tests get an environment without it.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def server_env(extra: dict | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "SAFESERVE_FORCE_TRITON")}
+    return {**env, **(extra or {})}
 
 REPO = Path(__file__).resolve().parents[1]
 SAFESERVE = Path(sys.executable).with_name("safeserve")
@@ -66,7 +79,7 @@ def start_server(tmp: Path, *args: str, env: dict | None = None) -> tuple[str, s
     proc = subprocess.Popen(
         [str(SAFESERVE), "serve", "--port", str(port), *args],
         stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=tmp,
-        env={**os.environ, **(env or {})},
+        env=server_env(env),
     )
     url = f"http://127.0.0.1:{port}"
     return url, proc, log

@@ -91,8 +91,10 @@ def test_validation_precedes_authorization(client):
 
 
 def run_serve(*args, timeout=120):
+    from conftest import server_env
+
     return subprocess.run([SAFESERVE, "serve", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=server_env())
 
 
 def test_fail_closed_without_a_head(base_model_dir):
