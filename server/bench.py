@@ -145,7 +145,7 @@ def _servers(base: Path, safe: Path | None, port: int, common: list[str]) -> lis
     plain = [py, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
              "--served-model-name", "bench", "--port", str(port), "--dtype", "float32",
              "--max-model-len", "2048", "--kv-cache-memory-bytes", str(1 << 30),
-             "--max-num-seqs", "64", "--disable-log-requests"]
+             "--max-num-seqs", "64"]
     ours = [safeserve, "serve", "--port", str(port), "--served-model-name", "bench",
             "--max-num-seqs", "64", *common]
     out = [("plain", plain, "/health", {}),
@@ -174,40 +174,66 @@ def _table(results: list[LoadResult]) -> str:
     return "\n".join(lines)
 
 
+def _mean(results: list[LoadResult]) -> LoadResult:
+    """Two passes of one server at one level, combined (tokens and time summed)."""
+    a = results[0]
+    return LoadResult(a.server, a.concurrency, sum(r.requests for r in results),
+                      sum(r.seconds for r in results), sum(r.output_tokens for r in results),
+                      *(statistics.mean(getattr(r, f) for r in results)
+                        for f in ("ttft_p50", "ttft_p99", "itl_p50", "itl_p99")))
+
+
 def bench_serve(
     concurrency: str = typer.Option("1,8,32", help="comma-separated concurrency levels"),
-    requests_per_level: int = typer.Option(0, help="requests per level (0: 4 x concurrency, min 8)"),
+    requests_per_level: int = typer.Option(0, help="requests per level and pass (0: 2 x concurrency, min 6)"),
     max_tokens: int = typer.Option(64, help="output tokens per request (ignore_eos)"),
     model: Path = typer.Option(None, help="base model dir (default: embedded SmolLM2)"),
     safe_model: Path = typer.Option(None, help="model dir with a safety head (default: base + default head)"),
     skip_safety: bool = typer.Option(False, help="only plain vs ours-off"),
-    port: int = typer.Option(8790),
+    port: int = typer.Option(8790, help="first port; servers use port, port+1, port+2"),
     out: Path = typer.Option(Path("runs/bench_serve"), help="results folder"),
 ):
-    """Ours vs plain vLLM, and safety on vs off, measured side by side in one run."""
-    from safeserve.models.model_store import DEFAULT_HEAD_DIR, compose_checkpoint, ensure_default_model
+    """Ours vs plain vLLM, and safety on vs off, measured side by side in one run.
+
+    All servers run at once (idle ones cost little) and are loaded one at a time, level by
+    level, in two passes (A B C, then C B A), so slow drifts of the machine's load hit every
+    server alike. Each server's two passes are combined."""
     from safeserve.models.checkpoint import has_safety_head
+    from safeserve.models.model_store import (
+        DEFAULT_HEAD_DIR,
+        compose_checkpoint,
+        ensure_default_model,
+    )
 
     base = model or ensure_default_model()
     safe = safe_model
     if safe is None and not skip_safety and has_safety_head(DEFAULT_HEAD_DIR):
         safe = compose_checkpoint(base, DEFAULT_HEAD_DIR)
+    if safe is None and not skip_safety:
+        raise typer.BadParameter("no safety head: pass --safe-model or --skip-safety")
     levels = [int(c) for c in concurrency.split(",")]
     out.mkdir(parents=True, exist_ok=True)
-    results: list[LoadResult] = []
-    for name, cmd, ready, extra in _servers(base, None if skip_safety else safe, port, []):
-        typer.echo(f"starting {name} ...")
-        proc = _Proc(cmd, port, out / f"{name}.log")
-        try:
+    procs: list[tuple[str, _Proc, dict]] = []
+    try:
+        for i, (name, cmd, ready, extra) in enumerate(_servers(base, safe, port, [])):
+            cmd = [c if c != str(port) else str(port + i) for c in cmd]
+            typer.echo(f"starting {name} on port {port + i} ...")
+            proc = _Proc(cmd, port + i, out / f"{name}.log")
             proc.wait(ready)
-            for c in levels:
-                n = requests_per_level or max(8, 4 * c)
-                r = asyncio.run(run_load(proc.url, "bench", name, c, n, max_tokens, extra))
-                typer.echo(f"  {name} c={c}: {r.tok_per_s:.1f} tok/s, TTFT p50 "
-                           f"{r.ttft_p50*1e3:.0f} ms")
-                results.append(r)
-        finally:
+            procs.append((name, proc, extra))
+        raw: dict[tuple[str, int], list[LoadResult]] = {}
+        for c in levels:
+            n = requests_per_level or max(6, 2 * c)
+            for order in (procs, procs[::-1]):
+                for name, proc, extra in order:
+                    r = asyncio.run(run_load(proc.url, "bench", name, c, n, max_tokens, extra))
+                    typer.echo(f"  {name} c={c}: {r.tok_per_s:.1f} tok/s, TTFT p50 "
+                               f"{r.ttft_p50*1e3:.0f} ms, ITL p50 {r.itl_p50*1e3:.1f} ms")
+                    raw.setdefault((name, c), []).append(r)
+    finally:
+        for _, proc, _ in procs:
             proc.stop()
+    results = [_mean(raw[(name, c)]) for c in levels for name, _, _ in procs]
     table = _table(results)
     typer.echo(table)
     (out / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=2))

@@ -13,6 +13,7 @@ import logging
 import os
 import pickle
 import time
+from collections import OrderedDict
 
 import torch
 
@@ -29,6 +30,7 @@ except ImportError:  # pragma: no cover
     LogitsProcessor = object  # type: ignore[assignment,misc]
 
 MAX_REFUSAL_TOKENS = 48
+MAX_PARKED = 4096
 
 
 class _Telemetry:
@@ -66,6 +68,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.refusal_len = torch.zeros(r, dtype=torch.int32, device=device)
         self.eos = torch.zeros(r, dtype=torch.int64, device=device)
         self.rids: list[str | None] = [None] * r
+        self.parked: OrderedDict[str, tuple] = OrderedDict()
         self.outputs: list[list[int] | None] = [None] * r  # live refs to output token lists
         self.telemetry = _Telemetry()
 
@@ -84,6 +87,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         if batch_update is None:
             return
         for i in batch_update.removed:
+            self._park(i)
             self._clear(i)
         for i, params, _prompt, output_ids in batch_update.added:
             self._add(i, W.RowSafetyArgs.from_extra_args(params.extra_args), output_ids)
@@ -178,9 +182,26 @@ class SafetyLogitsProcessor(LogitsProcessor):
 
     # -- persistent-batch bookkeeping ------------------------------------------------------
 
+    def _park(self, i: int) -> None:
+        """Keep a removed row's strategy state: a preempted request comes back later (as an
+        'added' row) and must resume mid-refusal, not start over."""
+        rid = self.rids[i]
+        if rid is None:
+            return
+        self.parked[rid] = tuple(getattr(self, n)[i].clone() for n in self._TENSORS)
+        self.parked.move_to_end(rid)
+        while len(self.parked) > MAX_PARKED:  # finished requests are parked too: bound it
+            self.parked.popitem(last=False)
+
     def _add(self, i: int, args: "W.RowSafetyArgs | None", output_ids: list[int]) -> None:
         self._clear(i)
         if args is None:
+            return
+        snapshot = self.parked.pop(args.rid, None)
+        if snapshot is not None:
+            for name, value in zip(self._TENSORS, snapshot):
+                getattr(self, name)[i] = value
+            self.rids[i], self.outputs[i] = args.rid, output_ids
             return
         self.rids[i], self.outputs[i] = args.rid, output_ids
         self.thresholds[i] = torch.tensor(args.thresholds, dtype=torch.float32)
