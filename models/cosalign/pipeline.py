@@ -1,0 +1,237 @@
+"""The CoSAlign job end to end: configs -> candidates -> labels -> error scores -> pairs ->
+SFT -> DPO -> a servable model directory.
+
+Output layout (``out``):
+    config.json, model.safetensors, tokenizer files     the DPO-trained model (full weights)
+    safety_head/                                        copied from the base, when it has one
+    cosalign/  recipe.json, configs_seen.json, candidates.jsonl, pairs.jsonl, sft.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from safeserve.models.cosalign.configs import (
+    MODES, SynthConfig, config_key, render_config, synthesize, system_prompt)
+from safeserve.models.cosalign.preferences import (
+    Candidate, Weights, error_score, preference_pairs, sft_target)
+from safeserve.models.cosalign.prompts import LabelledPrompt, load_prompts
+from safeserve.models.cosalign.trainer import (
+    TrainOptions, copy_chat_template, copy_head, is_main_process, run_dpo, run_sft)
+from safeserve.models.evaluation.judge import FULL_REFUSAL, judge
+from safeserve.models.taxonomy import Taxonomy
+
+log = logging.getLogger("safeserve.cosalign")
+DATA_DIR = "cosalign"
+
+# Written refusals added to every prompt-config's sampled candidates. A small base model
+# rarely refuses on its own, and without a refusal among the candidates a disallowed
+# request has nothing better to prefer than its (equally bad) sampled answers.
+REFUSALS = (
+    "I'm sorry, but I can't help with that request.",
+    "I can't help with this, as it falls outside what I'm allowed to assist with here.",
+    "Sorry, I won't be able to provide that. Is there something else I can help you with?",
+    "I cannot assist with that request under this conversation's safety guideline.",
+)
+
+
+@dataclass
+class JobOptions:
+    limit: int = 0
+    seed: int = 0
+    modes: tuple[str, ...] = MODES
+    holdout: tuple[str, ...] = ()
+    num_candidates: int = 4
+    max_tokens: int = 256
+    temperature: float = 1.0
+    kv_cache_gib: float = 1.0
+    weights: Weights = field(default_factory=Weights)
+    max_pairs: int = 4
+    refusal_candidates: int = 1
+    head_checkpoint: str | None = None
+    judge_url: str | None = None
+    judge_model: str | None = None
+    judge_api_key: str = "EMPTY"
+
+
+@dataclass
+class Job:
+    prompt: LabelledPrompt
+    config: SynthConfig
+    config_text: str
+
+    def messages(self) -> list[dict]:
+        return [{"role": "system", "content": system_prompt(self.config_text)},
+                {"role": "user", "content": self.prompt.prompt}]
+
+
+def plan_jobs(prompts: list[LabelledPrompt], taxonomy: Taxonomy, opts: JobOptions) -> list[Job]:
+    rng = random.Random(opts.seed)
+    holdout = set(opts.holdout)
+    jobs = []
+    for p in prompts:
+        for cfg in synthesize(p.categories, taxonomy, rng, opts.modes, holdout):
+            jobs.append(Job(p, cfg, render_config(cfg.allow, taxonomy, cfg.template)))
+    return jobs
+
+
+def _write_jsonl(rows, path: Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(x) for x in f if x.strip()]
+
+
+def label_candidates(jobs: list[Job], candidates: list[list[str]], taxonomy: Taxonomy,
+                     opts: JobOptions) -> tuple[list[dict], str]:
+    """Per candidate: addressed (refusal judge, or the LLM judge when given) and the risk
+    categories present (head and/or LLM judge; with neither, the prompt's own labels stand
+    in for an answered candidate). Returns rows and the name of the category source."""
+    flat = [(j, text) for j, texts in zip(jobs, candidates) for text in texts]
+    pairs = [(j.prompt.prompt, text) for j, text in flat]
+    head_cats = judge_labels = None
+    if opts.head_checkpoint:
+        from safeserve.models.cosalign.head_labeller import HeadLabeller
+
+        head_cats = HeadLabeller(opts.head_checkpoint).categories(pairs)
+    if opts.judge_url:
+        from safeserve.models.cosalign.llm_judge import LLMJudge
+
+        judge_labels = LLMJudge(opts.judge_url, opts.judge_model, opts.judge_api_key,
+                                taxonomy).label_many(pairs)
+    source = "+".join(s for s, on in (("head", head_cats), ("judge", judge_labels)) if on) \
+        or "prompt_labels"
+    rows = []
+    for i, (job, text) in enumerate(flat):
+        verdict = judge(text)
+        addressed = verdict.label != FULL_REFUSAL
+        present: set[str] = set()
+        jl = judge_labels[i] if judge_labels else None
+        if jl is not None:
+            addressed = jl.addressed != "none"
+            present |= set(jl.categories)
+        if head_cats is not None:
+            present |= set(head_cats[i])
+        if source == "prompt_labels" and addressed:
+            present = set(job.prompt.categories)
+        rows.append({"prompt": job.prompt.prompt, "prompt_categories": job.prompt.categories,
+                     "mode": job.config.mode, "allow": list(job.config.allow),
+                     "config_text": job.config_text, "response": text,
+                     "refusal_judge": verdict.label, "addressed": addressed,
+                     "present": sorted(present),
+                     "error": error_score(present, job.config.allow, addressed, opts.weights)})
+    return rows, source
+
+
+def build_pairs(labelled: list[dict], weights: Weights, max_pairs: int) -> tuple[list[dict], list[dict]]:
+    """Group candidates by (prompt, config text); DPO pair rows and SFT rows."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in labelled:
+        groups.setdefault((r["prompt"], r["config_text"]), []).append(r)
+    dpo_rows, sft_rows = [], []
+    for (prompt, text), rows in groups.items():
+        cands = [Candidate(r["response"], r["error"]) for r in rows]
+        pairs = preference_pairs(cands, weights.beta, max_pairs)
+        msgs = [{"role": "system", "content": system_prompt(text)}, {"role": "user", "content": prompt}]
+        meta = {"mode": rows[0]["mode"], "allow": rows[0]["allow"]}
+        for chosen, rejected in pairs:
+            dpo_rows.append({"prompt": msgs, "chosen": [{"role": "assistant", "content": chosen.text}],
+                             "rejected": [{"role": "assistant", "content": rejected.text}],
+                             "chosen_error": chosen.score, "rejected_error": rejected.score, **meta})
+        best = sft_target(pairs)
+        if best is not None:
+            sft_rows.append({"prompt": msgs, "completion": [{"role": "assistant", "content": best.text}],
+                             "error": best.score, **meta})
+    return dpo_rows, sft_rows
+
+
+def make_data(prompts_path: Path, model_dir: Path, out: Path, opts: JobOptions,
+              taxonomy: Taxonomy) -> dict:
+    from safeserve.models.cosalign.generate import generate_candidates
+
+    data = out / DATA_DIR
+    data.mkdir(parents=True, exist_ok=True)
+    prompts = load_prompts(prompts_path, taxonomy)
+    if opts.limit and len(prompts) > opts.limit:
+        prompts = random.Random(opts.seed).sample(prompts, opts.limit)
+    jobs = plan_jobs(prompts, taxonomy, opts)
+    log.info("%d prompts -> %d prompt-config jobs x %d candidates", len(prompts), len(jobs),
+             opts.num_candidates)
+    t0 = time.perf_counter()
+    candidates = generate_candidates(model_dir, [j.messages() for j in jobs],
+                                     num_candidates=opts.num_candidates, max_tokens=opts.max_tokens,
+                                     temperature=opts.temperature, seed=opts.seed,
+                                     kv_cache_gib=opts.kv_cache_gib)
+    gen_s = time.perf_counter() - t0
+    rng = random.Random(opts.seed + 1)
+    if opts.refusal_candidates > 0:
+        candidates = [texts + rng.sample(REFUSALS, min(opts.refusal_candidates, len(REFUSALS)))
+                      for texts in candidates]
+    labelled, source = label_candidates(jobs, candidates, taxonomy, opts)
+    _write_jsonl(labelled, data / "candidates.jsonl")
+    dpo_rows, sft_rows = build_pairs(labelled, opts.weights, opts.max_pairs)
+    _write_jsonl(dpo_rows, data / "pairs.jsonl")
+    _write_jsonl(sft_rows, data / "sft.jsonl")
+    seen = sorted({config_key(j.config.allow) for j in jobs})
+    (data / "configs_seen.json").write_text(json.dumps(seen, indent=1))
+    stats = {"prompts": len(prompts), "jobs": len(jobs), "candidates": len(labelled),
+             "category_source": source, "generation_s": round(gen_s, 1),
+             "pairs": len(dpo_rows), "sft_rows": len(sft_rows),
+             "jobs_by_mode": {m: sum(j.config.mode == m for j in jobs) for m in MODES},
+             "addressed_rate": round(sum(r["addressed"] for r in labelled) / max(1, len(labelled)), 4),
+             "seen_configs": len(seen)}
+    return stats
+
+
+def train_from_data(model_dir: Path, out: Path, topts: TrainOptions, keep_sft: bool = False) -> dict:
+    data = out / DATA_DIR
+    sft_rows = [{"prompt": r["prompt"], "completion": r["completion"]}
+                for r in _read_jsonl(data / "sft.jsonl")]
+    dpo_rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")}
+                for r in _read_jsonl(data / "pairs.jsonl")]
+    if not dpo_rows:
+        raise ValueError("no preference pairs: every prompt-config's candidates tied or were all "
+                         "unsafe; sample more candidates or use more prompts")
+    stats = {}
+    start = Path(model_dir)
+    sft_dir = data / "sft_model"
+    if sft_rows and topts.sft_epochs > 0:
+        stats["sft"] = run_sft(start, sft_rows, sft_dir, topts)
+        copy_chat_template(model_dir, sft_dir)
+        start = sft_dir
+    stats["dpo"] = run_dpo(start, dpo_rows, out, topts)
+    copy_chat_template(model_dir, out)
+    stats["head_copied"] = copy_head(model_dir, out)
+    if not keep_sft and is_main_process():
+        shutil.rmtree(sft_dir, ignore_errors=True)
+    return stats
+
+
+def run(prompts_path: Path | None, model_dir: Path, out: Path, opts: JobOptions,
+        topts: TrainOptions, stage: str = "all", keep_sft: bool = False) -> dict:
+    taxonomy = Taxonomy.load()
+    out.mkdir(parents=True, exist_ok=True)
+    recipe_path = out / DATA_DIR / "recipe.json"
+    recipe = json.loads(recipe_path.read_text()) if recipe_path.is_file() else {}
+    if stage in ("all", "data"):
+        if prompts_path is None:
+            raise ValueError("--prompts is required to build the data")
+        recipe = {"base_model": str(model_dir), "prompts": str(prompts_path),
+                  "job": {**asdict(opts), "judge_api_key": None}, "data": make_data(
+                      prompts_path, model_dir, out, opts, taxonomy)}
+    if stage in ("all", "train"):
+        recipe["train_options"] = asdict(topts)
+        recipe["train"] = train_from_data(model_dir, out, topts, keep_sft)
+    recipe_path.parent.mkdir(parents=True, exist_ok=True)
+    recipe_path.write_text(json.dumps(recipe, indent=2))
+    return recipe

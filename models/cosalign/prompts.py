@@ -1,0 +1,216 @@
+"""Training prompts for CoSAlign: JSONL rows ``{"prompt": str, "categories": [taxonomy ids]}``
+(an empty list is a benign prompt), and converters from public sources into that form.
+
+Sources read (paths come from the CLI; nothing here knows where datasets live):
+
+* BeaverTails / CoSAlign JSONL: ``prompt`` + ``category`` (BeaverTails' name -> bool map) or
+  ``categories`` (CoSAlign names or our ids). BeaverTails rows judged safe become benign.
+* HarmBench behaviours CSV: ``SemanticCategory`` mapped; copyright behaviours skipped.
+* Harmful instruction JSON (refusal-direction splits: ``instruction`` + optional
+  ``category``): categories from a keyword pass over the text when the source has none.
+* Benign instruction JSON/JSONL (Alpaca style ``instruction``): ``categories: []``.
+
+Prompts that also occur in an evaluation file (``exclude``) are dropped, compared after
+lower-casing and collapsing whitespace.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from safeserve.models.cosalign.categories import beavertails_categories, cosa_category
+from safeserve.models.taxonomy import Taxonomy
+
+
+@dataclass
+class LabelledPrompt:
+    prompt: str
+    categories: list[str] = field(default_factory=list)
+    source: str = ""
+
+    def to_dict(self) -> dict:
+        return {"prompt": self.prompt, "categories": self.categories, "source": self.source}
+
+
+def normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().lower())
+
+
+def load_prompts(path: str | Path, taxonomy: Taxonomy | None = None) -> list[LabelledPrompt]:
+    ids = set((taxonomy or Taxonomy.load()).ids)
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            prompt = str(obj.get("prompt") or "").strip()
+            cats = obj.get("categories", [])
+            if not prompt or not isinstance(cats, list):
+                raise ValueError(f"{path}:{n}: want {{prompt: str, categories: [ids]}}")
+            unknown = [c for c in cats if c not in ids]
+            if unknown:
+                raise ValueError(f"{path}:{n}: unknown categories {unknown} (known: {sorted(ids)})")
+            rows.append(LabelledPrompt(prompt, sorted(set(cats)), str(obj.get("source", ""))))
+    return rows
+
+
+def write_prompts(rows: list[LabelledPrompt], path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+
+
+# ----------------------------------------------------------------------------- keyword labels
+
+# A coarse first pass for harmful prompts whose source has no usable category. Only the
+# training data is labelled this way; a prompt no rule matches gets "other".
+_KEYWORDS: dict[str, str] = {
+    "weapons": r"\b(?:bomb|explosive|gun|firearm|rifle|weapon|grenade|ammunition|arson|napalm|"
+               r"chemical weapon|bioweapon|nerve agent|sarin|anthrax|ricin|detonat)",
+    "drugs": r"\b(?:drug|cocaine|heroin|meth|fentanyl|opioid|narcotic|marijuana|cannabis|lsd|mdma|"
+             r"inhalant|get high|overdose on)",
+    "financial_crime": r"\b(?:fraud|scam|launder|steal|theft|embezzl|counterfeit|insider trading|"
+                       r"tax evasion|phishing|hack|malware|ransomware|virus|exploit|credit card|"
+                       r"password|ponzi|invoice|shoplift|bank account|identity theft|offshore)",
+    "privacy": r"\b(?:personal information|private information|dox|track someone|stalk|spy on|"
+               r"surveil|home address|residential address|location of|social security number|"
+               r"without (?:their|his|her) (?:consent|knowledge))",
+    "discrimination": r"\b(?:racist|racism|hate speech|slur|sexist|homophob|transphob|inferior|"
+                      r"discriminat|harass|bully|insult|ethnic|religio|immigrant|minorit)",
+    "sexual": r"\b(?:sex|porn|explicit|nude|erotic|prostitut|seduc|affair|cheat on)",
+    "self_harm": r"\b(?:suicide|kill myself|self-harm|self harm|cut myself|anorexi|bulimi|starve)",
+    "violence": r"\b(?:kill|murder|assault|attack|hurt|torture|kidnap|terror|shoot|stab|poison|"
+                r"violen|beat up|abuse|massacre|assassinat)",
+}
+_KEYWORD_RES = {k: re.compile(v, re.IGNORECASE) for k, v in _KEYWORDS.items()}
+
+# HarmBench SemanticCategory -> ids (None: decide by keywords).
+HARMBENCH_CATEGORIES: dict[str, list[str] | None] = {
+    "chemical_biological": ["weapons"],
+    "cybercrime_intrusion": ["financial_crime"],
+    "harassment_bullying": ["discrimination"],
+    "misinformation_disinformation": ["other"],
+    "illegal": None,
+    "harmful": None,
+}
+
+
+def keyword_categories(text: str, limit: int = 2) -> list[str]:
+    hits = [cat for cat, rx in _KEYWORD_RES.items() if rx.search(text)]
+    return sorted(hits[:limit]) or ["other"]
+
+
+# ----------------------------------------------------------------------------- converters
+
+def read_beavertails(path: str | Path, taxonomy: Taxonomy) -> list[LabelledPrompt]:
+    ids = set(taxonomy.ids)
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            prompt = str(obj.get("prompt") or "").strip()
+            if not prompt:
+                continue
+            if "category" in obj:  # BeaverTails: labels of the QA pair
+                cats = [] if obj.get("is_safe") else beavertails_categories(obj["category"])
+            else:
+                cats = sorted({c if c in ids else cosa_category(c) for c in obj.get("categories", [])})
+            out.append(LabelledPrompt(prompt, cats, "beavertails"))
+    # BeaverTails has several answers per prompt: keep one row, with the union of labels.
+    merged: dict[str, LabelledPrompt] = {}
+    for r in out:
+        key = normalise(r.prompt)
+        if key in merged:
+            merged[key].categories = sorted(set(merged[key].categories) | set(r.categories))
+        else:
+            merged[key] = r
+    return list(merged.values())
+
+
+def read_harmbench(path: str | Path) -> list[LabelledPrompt]:
+    out = []
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        for row in csv.DictReader(f):
+            sem = (row.get("SemanticCategory") or "").strip()
+            if sem == "copyright" or (row.get("FunctionalCategory") or "").strip() == "contextual":
+                continue  # lyrics/passages and context-dependent behaviours: not config material
+            text = (row.get("Behavior") or "").strip()
+            mapped = HARMBENCH_CATEGORIES.get(sem)
+            out.append(LabelledPrompt(text, mapped or keyword_categories(text), f"harmbench:{sem}"))
+    return out
+
+
+def _read_json_rows(path: str | Path) -> list[dict]:
+    text = Path(path).read_text(encoding="utf-8")
+    if str(path).endswith(".jsonl"):
+        return [json.loads(x) for x in text.splitlines() if x.strip()]
+    data = json.loads(text)
+    return [x if isinstance(x, dict) else {"instruction": x} for x in data]
+
+
+def read_harmful_instructions(path: str | Path) -> list[LabelledPrompt]:
+    out = []
+    for row in _read_json_rows(path):
+        text = str(row.get("instruction") or row.get("prompt") or "").strip()
+        if not text:
+            continue
+        mapped = HARMBENCH_CATEGORIES.get(str(row.get("category") or ""))
+        out.append(LabelledPrompt(text, mapped or keyword_categories(text), "harmful_instructions"))
+    return out
+
+
+def read_benign(path: str | Path, limit: int, rng: random.Random) -> list[LabelledPrompt]:
+    rows = [r for r in _read_json_rows(path) if not (r.get("input") or "").strip()]
+    texts = [str(r.get("instruction") or r.get("prompt") or "").strip() for r in rows]
+    texts = [t for t in texts if t]
+    if limit and len(texts) > limit:
+        texts = rng.sample(texts, limit)
+    return [LabelledPrompt(t, [], "benign") for t in texts]
+
+
+def exclusion_keys(path: str | Path) -> set[str]:
+    """Normalised prompts of an evaluation file (CoSAlign-Test TSV or any JSONL with prompt)."""
+    p = Path(path)
+    if p.suffix == ".tsv":
+        with open(p, newline="", encoding="utf-8") as f:
+            return {normalise(r["prompt"]) for r in csv.DictReader(f, delimiter="\t") if r.get("prompt")}
+    return {normalise(r.get("prompt") or r.get("instruction") or "") for r in _read_json_rows(p)}
+
+
+def build_prompt_set(*, beavertails=(), harmbench=(), harmful=(), benign=(), benign_limit=0,
+                     exclude=(), seed: int = 0, taxonomy: Taxonomy | None = None
+                     ) -> tuple[list[LabelledPrompt], dict]:
+    taxonomy = taxonomy or Taxonomy.load()
+    rng = random.Random(seed)
+    rows: list[LabelledPrompt] = []
+    for p in beavertails:
+        rows += read_beavertails(p, taxonomy)
+    for p in harmbench:
+        rows += read_harmbench(p)
+    for p in harmful:
+        rows += read_harmful_instructions(p)
+    for p in benign:
+        rows += read_benign(p, benign_limit, rng)
+    banned = set().union(*(exclusion_keys(p) for p in exclude)) if exclude else set()
+    seen, kept, dropped_eval = set(), [], 0
+    for r in rows:
+        key = normalise(r.prompt)
+        if key in banned:
+            dropped_eval += 1
+        elif key not in seen:
+            seen.add(key)
+            kept.append(r)
+    rng.shuffle(kept)
+    stats = {"rows": len(kept), "dropped_as_eval": dropped_eval,
+             "benign": sum(not r.categories for r in kept),
+             "by_category": {c: sum(c in r.categories for r in kept) for c in taxonomy.ids}}
+    return kept, stats

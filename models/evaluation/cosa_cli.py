@@ -1,0 +1,85 @@
+"""``safeserve eval cosa``: CoSA-Score of a running server. The lead's CLI calls
+``register(eval_app)``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+console = Console()
+
+
+def _base_config(value: Optional[str]):
+    if value is None:
+        return None
+    value = value.strip()
+    return json.loads(value) if value.startswith("{") else value
+
+
+def cosa(
+    base_url: str = typer.Option(..., "--base-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1"),
+    model: str = typer.Option(..., "--model", help="Model name the server serves."),
+    data: Path = typer.Option(..., "--data", exists=True, dir_okay=False, help="CoSAlign-Test TSV or JSONL {prompt, allow, expect}."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="tsv | jsonl (default: from the file name)."),
+    mode: str = typer.Option("enforce", "--mode", help="enforce (safety_config allow) | prompt-only (config text in the system prompt) | both | none."),
+    base_config: Optional[str] = typer.Option(None, "--base-config", help="Preset name or JSON object sent as safety_config in every mode (enforce/both add allow to it), e.g. annotate_only."),
+    out: Path = typer.Option(..., "--out", help="Output folder: results.jsonl, summary.json, summary.md."),
+    limit: int = typer.Option(0, "--limit", help="Seeded sample of N items per config (0 = all)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the --limit sample."),
+    concurrency: int = typer.Option(8, "--concurrency", help="Requests in flight at once."),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="Generation length per request."),
+    head_checkpoint: Optional[Path] = typer.Option(None, "--head-checkpoint", help="Safety checkpoint whose head labels response risks when the server reports none."),
+    judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible LLM judge: adds its categories and its helpfulness replaces the refusal judge's."),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="Model at --judge-url (default: first listed)."),
+    seen_configs: Optional[Path] = typer.Option(None, "--seen-configs", help="configs_seen.json of a CoSAlign training run: splits results into seen/unseen configs."),
+    api_key: str = typer.Option(os.environ.get("OPENAI_API_KEY", "EMPTY"), "--api-key", help="API key if the server wants one.", show_default=False),
+    retries: int = typer.Option(3, "--retries", help="Retries per request."),
+    timeout: float = typer.Option(300.0, "--timeout", help="Seconds per request attempt."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """CoSA-Score, helpful+safe and helpful+unsafe rates per safety config."""
+    from safeserve.models.evaluation import cosa_eval as ce
+
+    if mode not in ce.MODES:
+        raise typer.BadParameter(f"--mode must be one of {', '.join(ce.MODES)}")
+    items = ce.sample_per_config(ce.load_items(data, fmt), limit, seed)
+    if not items:
+        raise typer.BadParameter(f"no items in {data}")
+    console.print(f"{len(items)} items over {len({i.config for i in items})} configs, mode {mode}")
+    head = judge = None
+    if head_checkpoint is not None:
+        from safeserve.models.cosalign.head_labeller import HeadLabeller
+
+        head = HeadLabeller(head_checkpoint)
+    if judge_url:
+        from safeserve.models.cosalign.llm_judge import LLMJudge
+
+        judge = LLMJudge(judge_url, judge_model, api_key, concurrency=concurrency)
+    started = time.perf_counter()
+    rows = asyncio.run(ce.query(items, base_url=base_url, model=model, mode=mode,
+                                base_config=_base_config(base_config), concurrency=concurrency,
+                                max_tokens=max_tokens, api_key=api_key, timeout=timeout,
+                                retries=retries, progress=progress))
+    duration = time.perf_counter() - started
+    ce.score_rows(rows, head=head, llm_judge=judge)
+    seen = set(json.loads(seen_configs.read_text())) if seen_configs else None
+    meta = {"model": model, "base_url": base_url, "data": str(data), "mode": mode,
+            "base_config": _base_config(base_config), "limit_per_config": limit, "seed": seed,
+            "max_tokens": max_tokens, "temperature": 0.0, "duration_s": round(duration, 1),
+            "head_checkpoint": str(head_checkpoint) if head_checkpoint else None,
+            "judge_url": judge_url}
+    summary = ce.summarise(rows, seen, meta)
+    ce.write_outputs(rows, summary, out)
+    console.print(ce.render_markdown(summary))
+    console.print(f"[green]wrote {out}[/green]")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("cosa")(cosa)
