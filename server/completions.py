@@ -152,6 +152,10 @@ class _Step:
 async def _merged_steps(engine: Engine, prep: PreparedRequest,
                         choices: list[ChoiceState]) -> AsyncIterator[_Step]:
     """Run one engine request per choice and yield their outputs as they come."""
+    if len(choices) == 1:  # the common case: no queue hop per token
+        async for step in _single_steps(engine, prep, choices[0]):
+            yield step
+        return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
@@ -193,6 +197,25 @@ async def _merged_steps(engine: Engine, prep: PreparedRequest,
             for rid in unfinished:
                 await engine.abort(rid)
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _single_steps(engine: Engine, prep: PreparedRequest,
+                        choice: ChoiceState) -> AsyncIterator[_Step]:
+    params = sampling_params(prep, choice.index, choice.extra_args)
+    try:
+        async for out in engine.llm.generate(
+            {"prompt_token_ids": prep.prompt_ids}, params, choice.request_id
+        ):
+            c = out.outputs[0]
+            if out.finished:
+                choice.finish_reason = c.finish_reason
+            yield _Step(choice, c.text, len(c.token_ids), out.finished)
+    except ValueError as e:  # engine-side validation of our params
+        raise bad_request(str(e)) from None
+    finally:
+        if choice.finish_reason is None:
+            metrics.ABORTED.inc()
+            await engine.abort(choice.request_id)
 
 
 def _observe_timing(prep: PreparedRequest, step: _Step) -> None:
