@@ -1,0 +1,122 @@
+"""``safeserve train seal-select | seal-finetune | seal-experiment`` (typer commands)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _default_model(model: Optional[Path]) -> Path:
+    if model is not None:
+        return model
+    from safeserve.models.model_store import ensure_default_model
+
+    return ensure_default_model()
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("seal-select")
+    def seal_select(
+        ft_data: Path = typer.Option(..., "--ft-data", exists=True, dir_okay=False,
+                                     help="fine-tuning data (JSONL/JSON/CSV: prompt+response or messages; optional id, source)"),
+        safe_data: Path = typer.Option(..., "--safe-data", exists=True, dir_okay=False,
+                                       help="safe data set for the upper level (same formats)"),
+        model: Optional[Path] = typer.Option(None, help="HF model directory (default: the embedded default model)"),
+        out: Path = typer.Option(..., help="output directory (selector.json, selector.safetensors, histogram)"),
+        algorithm: int = typer.Option(2, min=1, max=2, help="2 = memory-efficient (paper's experiments), 1 = with auxiliary model"),
+        gamma_step: float = typer.Option(0.025, help="penalty weight gamma added per epoch"),
+        gamma_init: float = typer.Option(0.0, help="gamma in the first epoch"),
+        epochs: int = typer.Option(3, min=1, help="selector epochs"),
+        lr: float = typer.Option(1e-5, help="model (LoRA) learning rate, Adam"),
+        selector_lr: float = typer.Option(5e-3, help="selector learning rate"),
+        selector_optim: str = typer.Option("adam", help="adam (paper) | sgd"),
+        batch_size: int = typer.Option(64, min=1, help="global batch size (fine-tuning rows per step; same for safe rows)"),
+        micro_batch_size: int = typer.Option(0, min=0, help="rows per forward pass on each rank (0 = whole local batch)"),
+        lora_r: int = typer.Option(16, help="LoRA rank (q/v projections)"),
+        lora_alpha: int = typer.Option(16, help="LoRA alpha"),
+        max_length: int = typer.Option(512, help="rows longer than this many tokens are dropped"),
+        fresh_losses: bool = typer.Option(False, help="re-evaluate the batch losses after the model step for the selector step (+1 forward per step)"),
+        seed: int = typer.Option(0),
+        dtype: str = typer.Option("float32", help="model weight dtype: float32 | bfloat16 | float16 (LoRA and the losses stay float32)"),
+        resume: Optional[Path] = typer.Option(None, help="selector.json of an earlier run to continue (exactly, when its train_state.pt is beside it)"),
+    ):
+        """Learn a SEAL data selector (one logit per fine-tuning row) by penalty-based bilevel optimisation."""
+        from safeserve.models.seal.select_train import SelectConfig, run_select
+
+        cfg = SelectConfig(ft_data=str(ft_data), safe_data=str(safe_data),
+                           model=str(_default_model(model)), out=str(out), algorithm=algorithm,
+                           epochs=epochs, gamma_init=gamma_init, gamma_step=gamma_step, lr=lr,
+                           selector_lr=selector_lr, selector_optim=selector_optim,
+                           batch_size=batch_size, micro_batch_size=micro_batch_size,
+                           lora_r=lora_r, lora_alpha=lora_alpha, max_length=max_length,
+                           seed=seed, fresh_losses=fresh_losses, dtype=dtype,
+                           resume=str(resume) if resume else None)
+        run_select(cfg, log=typer.echo)
+
+    @app.command("seal-finetune")
+    def seal_finetune(
+        ft_data: Path = typer.Option(..., "--ft-data", exists=True, dir_okay=False, help="fine-tuning data (the file the selector was trained on)"),
+        selector: Optional[Path] = typer.Option(None, help="selector.json from seal-select"),
+        keep: float = typer.Option(0.8, help="fraction of rows to keep (top by score)"),
+        random_baseline: bool = typer.Option(False, "--random-baseline", help="keep a random fraction instead (baseline)"),
+        seed: int = typer.Option(0, help="seed for the random baseline and training"),
+        model: Optional[Path] = typer.Option(None, help="base HF model directory (default: the embedded default model)"),
+        out: Path = typer.Option(..., help="output checkpoint directory"),
+        lora: bool = typer.Option(True, "--lora/--full", help="LoRA (merged into the saved model) or full fine-tuning"),
+        lora_r: int = typer.Option(16), lora_alpha: int = typer.Option(16),
+        lr: Optional[float] = typer.Option(None, help="learning rate (default 1e-4 LoRA, 1e-5 full)"),
+        epochs: float = typer.Option(1.0, help="SFT epochs"),
+        batch_size: int = typer.Option(8, help="per-device batch size"),
+        grad_accum: int = typer.Option(1, help="gradient accumulation steps"),
+        max_length: int = typer.Option(512, help="rows longer than this are dropped (as in seal-select)"),
+        probe_data: Optional[Path] = typer.Option(None, help="probe prompts for the safety-head check (prompt, harmful)"),
+    ):
+        """Fine-tune on the top-scored (or a random) fraction of the data; save a servable checkpoint."""
+        from safeserve.models.seal.finetune import FinetuneConfig, run_finetune
+
+        if selector is None and not random_baseline and keep < 1.0:
+            raise typer.BadParameter("--selector is required unless --random-baseline or --keep 1.0")
+        cfg = FinetuneConfig(ft_data=str(ft_data), selector=str(selector) if selector else None,
+                             keep=keep, random_baseline=random_baseline, seed=seed,
+                             model=str(_default_model(model)), out=str(out), lora=lora,
+                             lora_r=lora_r, lora_alpha=lora_alpha, lr=lr, epochs=epochs,
+                             batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
+                             probe_data=str(probe_data) if probe_data else None)
+        run_finetune(cfg, log=typer.echo)
+
+    @app.command("seal-experiment")
+    def seal_experiment(
+        data_root: Path = typer.Option(..., exists=True, file_okay=False, help="folder of the public data sets (e.g. ../shared/data)"),
+        out: Path = typer.Option(Path("runs/seal/exp"), help="experiment directory (report.md, plots, checkpoints)"),
+        n_benign: int = typer.Option(120, help="benign fine-tuning rows"),
+        n_harmful: int = typer.Option(30, help="harmful (compliant-answer) fine-tuning rows"),
+        n_safe_refusals: int = typer.Option(36, help="safe set: harmful prompts with refusals"),
+        n_safe_benign: int = typer.Option(12, help="safe set: benign pairs"),
+        n_eval_harmful: int = typer.Option(64, help="held-out HarmBench prompts for ASR"),
+        n_eval_benign: int = typer.Option(40, help="held-out benign prompts for the utility NLL"),
+        answer_tokens: int = typer.Option(32, help="max tokens of generated answers"),
+        keep: float = typer.Option(0.8, help="fraction kept by SEAL and random selection"),
+        algorithm: int = typer.Option(2, min=1, max=2),
+        selector_epochs: int = typer.Option(3), sft_epochs: float = typer.Option(1.0),
+        batch_size: int = typer.Option(8, help="selector and SFT batch size"),
+        select_lr: float = typer.Option(2e-4, help="model lr in the selector loop (paper: 1e-5 at 8B scale, many more steps)"),
+        sft_lr: float = typer.Option(3e-4, help="LoRA SFT learning rate"),
+        selector_lr: float = typer.Option(5e-3), gamma_step: float = typer.Option(0.025),
+        seed: int = typer.Option(0),
+        threads: int = typer.Option(1, help="torch intra-op threads for training (0 = torch default); 1 is fastest on a busy 2-core machine"),
+        model: Optional[Path] = typer.Option(None, help="base model (default: the embedded default model)"),
+    ):
+        """Small-scale reproduction of SEAL's comparison (all data vs random vs SEAL) on CPU."""
+        from safeserve.models.seal.experiment import ExperimentConfig, run_experiment
+
+        cfg = ExperimentConfig(data_root=str(data_root), out=str(out), n_benign=n_benign,
+                               n_harmful=n_harmful, n_safe_refusals=n_safe_refusals,
+                               n_safe_benign=n_safe_benign, n_eval_harmful=n_eval_harmful,
+                               n_eval_benign=n_eval_benign, answer_tokens=answer_tokens,
+                               keep=keep, algorithm=algorithm, selector_epochs=selector_epochs,
+                               sft_epochs=sft_epochs, batch_size=batch_size, select_lr=select_lr,
+                               sft_lr=sft_lr, selector_lr=selector_lr, gamma_step=gamma_step,
+                               seed=seed, threads=threads, model=str(model) if model else None)
+        run_experiment(cfg, log=typer.echo)

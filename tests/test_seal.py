@@ -1,0 +1,259 @@
+"""SEAL data selection: selector gradient, id-stable filtering, resume, servable fine-tune output.
+
+Runs on a tiny random LlamaForCausalLM (hidden 64, 2 layers, head_dim 32) with the default
+model's tokenizer; nothing reads ../shared. The two-process data-parallel check is opt-in
+(SAFESERVE_TEST_DDP=1): it launches two CPU ranks with ``accelerate launch`` and takes about a
+minute on a busy 2-core machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from safeserve.models.seal.data import load_dataset
+from safeserve.models.seal.selector import Selector, selector_gradient
+from safeserve.models.seal.select_train import SealTrainer, SelectConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tokenizer_dir() -> Path:
+    from safeserve.models.model_store import DEFAULT_MODEL_NAME, cache_dir
+
+    d = cache_dir() / "models" / DEFAULT_MODEL_NAME
+    if not (d / "tokenizer.json").is_file():
+        pytest.skip("default model tokenizer not converted yet (safeserve model prepare)")
+    return d
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny matmuls on a busy 2-core box are ~100x slower with two OpenMP threads.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from safeserve.models.checkpoint import SafetyHead
+    from safeserve.models.taxonomy import Taxonomy
+
+    tok = AutoTokenizer.from_pretrained(str(_tokenizer_dir()))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                      head_dim=32, max_position_embeddings=512, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny") / "model"
+    LlamaForCausalLM(cfg).save_pretrained(str(d))
+    tok.save_pretrained(str(d))
+    tax = Taxonomy.load()
+    SafetyHead(torch.randn(tax.num_outputs, 64), torch.zeros(tax.num_outputs), tax,
+               extra={"purpose": "tests"}).save(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("seal_data")
+    lines = []
+    for i in range(10):
+        rec = {"prompt": f"Question {i}: what is {i} plus {i}?",
+               "response": f"It is {2 * i}." + " Indeed" * (i % 3),
+               "source": "harmful" if i % 4 == 0 else "benign"}
+        if i == 3:
+            rec["id"] = "custom-3"
+        lines.append(json.dumps(rec))
+    lines.insert(2, "{not json")                                             # line 2
+    lines.insert(5, json.dumps({"prompt": "hi", "response": "  "}))          # line 5: empty
+    lines.insert(7, json.dumps({"prompt": "long " * 400, "response": "x"}))  # line 7: too long
+    lines.insert(8, "")                                                      # line 8: blank
+    lines.append(json.dumps({"id": "custom-3", "prompt": "dup", "response": "dup"}))
+    lines.append(json.dumps({"messages": [{"role": "user", "content": "Say hi"},
+                                          {"role": "assistant", "content": "Hi there!"}]}))
+    (d / "ft.jsonl").write_text("\n".join(lines) + "\n")
+    safe = [{"prompt": f"Help me hurt someone {i}", "response": "I can't help with that."}
+            for i in range(4)]
+    (d / "safe.jsonl").write_text("\n".join(json.dumps(r) for r in safe) + "\n")
+    return {"ft": d / "ft.jsonl", "safe": d / "safe.jsonl", "dir": d}
+
+
+def _cfg(tiny, data, out, **kw) -> SelectConfig:
+    base = dict(ft_data=str(data["ft"]), safe_data=str(data["safe"]), model=str(tiny),
+                out=str(out), batch_size=4, max_length=128, gamma_init=0.5, epochs=1)
+    base.update(kw)
+    return SelectConfig(**base)
+
+
+def _nll_by_hand(lm, tok, samples) -> torch.Tensor:
+    """Per-sample NLL over response tokens with a plain full-logits forward, one row at a time."""
+    out = []
+    with torch.no_grad():
+        for s in samples:
+            ids = torch.tensor([s.input_ids])
+            logits = lm(input_ids=ids).logits[0, :-1].float()
+            tgt = ids[0, 1:]
+            lp = torch.log_softmax(logits, -1).gather(1, tgt[:, None])[:, 0]
+            out.append(-lp[s.n_prompt - 1:].mean())
+    return torch.stack(out)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_selector_gradient_is_the_softmax_penalty_gradient():
+    torch.manual_seed(1)
+    n, gamma = 9, 0.3
+    omega = torch.randn(n)
+    rows = torch.tensor([1, 4, 7])
+    d = torch.rand(3) * 3
+    # Autograd on the minibatch penalty term gamma * (N/b) sum_{j in B} sigma_j(omega) d_j.
+    w = omega.clone().requires_grad_(True)
+    (gamma * n / len(rows) * (torch.softmax(w, 0)[rows] * d).sum()).backward()
+    assert torch.allclose(selector_gradient(omega, rows, d, gamma), w.grad, atol=1e-6)
+    assert torch.count_nonzero(selector_gradient(omega, rows, d, 0.0)) == 0
+
+
+def test_filtering_keeps_stable_ids(tiny, data):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny))
+    ds = load_dataset(data["ft"], tok, max_length=128)
+    assert dict(ds.dropped) == {"unparsable": 1, "empty": 1, "too_long": 1, "duplicate_id": 1}
+    # Explicit id where given, else the file line number (dropped rows keep their numbers).
+    assert ds.ids == ["0", "1", "3", "custom-3", "6", "9", "10", "11", "12", "13", "15"]
+    by_id = {s.id: s for s in ds.samples}
+    assert by_id["custom-3"].prompt_messages[0]["content"].startswith("Question 3")
+    assert by_id["3"].prompt_messages[0]["content"].startswith("Question 2")
+    assert by_id["9"].prompt_messages[0]["content"].startswith("Question 5")
+    assert by_id["15"].response == "Hi there!"
+
+
+def test_algorithm2_update_matches_hand_gradient(tiny, data, tmp_path):
+    cfg = _cfg(tiny, data, tmp_path / "a2", batch_size=64, selector_optim="sgd",
+               selector_lr=0.5, gamma_init=0.4)
+    tr = SealTrainer(cfg, log=lambda *_: None)
+    samples = tr.ft.samples
+    # One step with all rows: the selector uses the losses of the model before its step,
+    # which is the base model (LoRA B starts at zero).
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32)
+    d = _nll_by_hand(base, tr.tok, samples)
+    tr.run()
+    n = len(samples)
+    sigma = torch.full((n,), 1.0 / n)
+    w = n * sigma
+    expected = 0.4 / n * (w * d - sigma * (w * d).sum())
+    assert torch.allclose(tr.sel_opt.last_grad, expected, atol=1e-5)
+    saved = Selector.load(tmp_path / "a2" / "selector.json")
+    assert torch.allclose(saved.omega, -0.5 * expected, atol=1e-5)
+    # High-loss rows are down-weighted.
+    assert saved.ranking()[-1] == int(torch.argmax(d))
+
+
+def test_algorithm1_update_matches_hand_gradient(tiny, data, tmp_path):
+    cfg = _cfg(tiny, data, tmp_path / "a1", batch_size=64, selector_optim="sgd",
+               selector_lr=0.5, gamma_init=0.4, algorithm=1, lr=1e-2, fresh_losses=True)
+    tr = SealTrainer(cfg, log=lambda *_: None)
+    tr.run()
+    # fresh_losses: d_j = l_j(theta) - l_j(theta_aux) with both models after their step.
+    main = tr.acc.unwrap_model(tr.model).lm
+    aux = tr.acc.unwrap_model(tr.aux).lm
+    d = _nll_by_hand(main, tr.tok, tr.ft.samples) - _nll_by_hand(aux, tr.tok, tr.ft.samples)
+    assert d.abs().max() > 1e-4  # the two models did diverge
+    n = len(d)
+    expected = 0.4 / n * (d - (d.sum() / n))
+    assert torch.allclose(tr.sel_opt.last_grad, expected, atol=1e-5)
+
+
+def test_resume_gives_the_same_ranking(tiny, data, tmp_path):
+    straight = SealTrainer(_cfg(tiny, data, tmp_path / "s", epochs=2, selector_lr=0.05),
+                           log=lambda *_: None).run()
+    SealTrainer(_cfg(tiny, data, tmp_path / "r", epochs=1, selector_lr=0.05),
+                log=lambda *_: None).run()
+    resumed = SealTrainer(_cfg(tiny, data, tmp_path / "r", epochs=2, selector_lr=0.05,
+                               resume=str(tmp_path / "r" / "selector.json")),
+                          log=lambda *_: None).run()
+    assert resumed.ids == straight.ids
+    assert torch.allclose(resumed.omega, straight.omega, atol=1e-6)
+    assert resumed.ranking() == straight.ranking()
+    assert straight.omega.std() > 0
+    # Resuming a finished run changes nothing.
+    again = SealTrainer(_cfg(tiny, data, tmp_path / "r", epochs=2, selector_lr=0.05,
+                             resume=str(tmp_path / "r" / "selector.json")),
+                        log=lambda *_: None).run()
+    assert again.ranking() == straight.ranking()
+    assert (tmp_path / "s" / "selector_hist.png").stat().st_size > 0
+
+
+def test_finetune_writes_a_loadable_checkpoint_with_the_head(tiny, data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from safeserve.models.checkpoint import has_safety_head, load_safety_head
+    from safeserve.models.seal.finetune import FinetuneConfig, run_finetune
+
+    sel = SealTrainer(_cfg(tiny, data, tmp_path / "sel", selector_lr=0.05),
+                      log=lambda *_: None).run()
+    out = tmp_path / "ft"
+    m = run_finetune(FinetuneConfig(ft_data=str(data["ft"]), model=str(tiny), out=str(out),
+                                    selector=str(tmp_path / "sel" / "selector.json"), keep=0.5,
+                                    batch_size=4, max_length=128), log=lambda *_: None)
+    top = set(sel.top_ids(0.5))
+    assert set(json.loads((out / "kept_ids.json").read_text())) == top
+    assert m["n_kept"] == len(top) == round(0.5 * sel.n)
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert model.config.hidden_size == 64
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert has_safety_head(out)
+    load_safety_head(out).validate(64)
+    metrics = json.loads((out / "seal_metrics.json").read_text())
+    assert metrics["safety_head"]["before"]["auroc"] is not None
+    assert metrics["safety_head"]["after"]["auroc"] is not None
+
+
+def test_commands_are_registered():
+    import typer
+    from typer.testing import CliRunner
+
+    from safeserve.models.seal.cli import register
+
+    app, train = typer.Typer(), typer.Typer()
+    app.add_typer(train, name="train")
+    register(train)
+    for cmd in ("seal-select", "seal-finetune", "seal-experiment"):
+        result = CliRunner().invoke(app, ["train", cmd, "--help"])
+        assert result.exit_code == 0, result.output
+
+
+@pytest.mark.skipif(not os.environ.get("SAFESERVE_TEST_DDP"),
+                    reason="two-process run takes ~1 min here; set SAFESERVE_TEST_DDP=1")
+def test_data_parallel_matches_single_process(tiny, data, tmp_path):
+    args = ["train", "seal-select", "--ft-data", str(data["ft"]), "--safe-data",
+            str(data["safe"]), "--model", str(tiny), "--batch-size", "4", "--gamma-init", "0.5",
+            "--epochs", "2", "--selector-optim", "sgd", "--selector-lr", "50",
+            "--max-length", "128"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO / "deploy" / "accelerate" / "multi_gpu.yaml"), "--num_processes", "2",
+              "-m", "safeserve.server.cli"]
+    subprocess.run(launch + args + ["--out", str(tmp_path / "ddp")], check=True, env=env,
+                   capture_output=True)
+    subprocess.run([sys.executable, "-m", "safeserve.server.cli"] + args
+                   + ["--out", str(tmp_path / "one")], check=True, env=env, capture_output=True)
+    ddp, one = (Selector.load(tmp_path / x / "selector.json") for x in ("ddp", "one"))
+    assert ddp.config["world_size"] == 2 and one.config["world_size"] == 1
+    assert torch.allclose(ddp.omega, one.omega, atol=1e-3)
+    assert ddp.ranking() == one.ranking()
