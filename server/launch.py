@@ -31,15 +31,14 @@ def resolve_spec(settings: Settings) -> EngineSpec:
     from safeserve.models.model_store import DEFAULT_MODEL_NAME, ensure_default_model
 
     if settings.model is None:
-        model_dir, name = ensure_default_model(), DEFAULT_MODEL_NAME
+        model_dir = compose_default(ensure_default_model(), settings)
+        name = DEFAULT_MODEL_NAME
     else:
         model_dir = settings.model.expanduser().resolve()
         if not (model_dir / "config.json").is_file():
             raise StartupError(f"--model {model_dir} is not a Hugging Face model directory "
                                "(no config.json)")
         name = model_dir.name
-        if settings.model is None:
-            model_dir = compose_default(model_dir, settings)
     name = settings.served_model_name or name
     if not has_safety_head(model_dir):
         if not settings.allow_unsafe:
