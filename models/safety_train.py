@@ -184,11 +184,14 @@ def cached_features(cache: Path | None, key: dict, compute) -> Features:
     if cache is not None and cache.is_file():
         blob = torch.load(cache, weights_only=False)
         if blob.get("key") == key:
-            return blob["features"]
+            f = blob["features"]
+            return f if isinstance(f, Features) else Features(**f)
     feats = compute()
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": key, "features": feats}, cache)
+        # Plain containers only: a pickled class would be tied to the module that ran it
+        # (``__main__`` under ``python -m``).
+        torch.save({"key": key, "features": dict(vars(feats))}, cache)
     return feats
 
 

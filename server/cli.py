@@ -68,7 +68,6 @@ def _register_plugins() -> None:
     import importlib
 
     for module, group in (
-        ("safeserve.models.safety_data", train_app),
         ("safeserve.models.safety_train", train_app),
         ("safeserve.models.evaluation.cli", eval_app),
         ("safeserve.models.seal.cli", train_app),
