@@ -50,7 +50,9 @@ def test_harmful_request_is_refused(default_server):
     data = ask(default_server, PIPE_BOMB)
     s = data["safety"]
     assert s["enabled"] and s["action"] in ("refuse", "stop")
-    assert data["choices"][0]["message"]["content"].startswith(DEFAULT_REFUSAL)
+    # the default preset refuses: the refusal is spliced in (at token 0 when the prompt
+    # verdict fires, later when the answer turns harmful)
+    assert DEFAULT_REFUSAL in data["choices"][0]["message"]["content"]
 
 
 def test_prefill_attack_is_caught(default_server):
