@@ -17,8 +17,9 @@ held-out harmful prompts whose greedy answer the project's refusal judge labels
 full_compliance. Utility = mean per-token NLL of the base model's answers to held-out benign
 instructions: the fine-tuning task here is "answer instructions the way the base model's
 answer data does", so the NLL of held-out answers of that distribution measures how well each
-run learned the task (lower is better), with no second model needed as a judge. Evaluation
-uses one vLLM engine with each run's LoRA adapter (mathematically the merged checkpoint).
+run learned the task (lower is better), with no second model needed as a judge. Generation
+uses one vLLM engine with each run's LoRA adapter (mathematically the merged checkpoint); the
+NLL is computed with transformers on the merged checkpoint directories themselves.
 
 Steps are cached in the output directory (rerun to resume); ``report.md``, ``results.json``
 and ``comparison.png`` are the results.
@@ -189,8 +190,31 @@ def build_data(cfg: ExperimentConfig, model: Path, work: Path, log) -> dict:
     return meta
 
 
+def heldout_nll(model_dir: Path, records: list[dict], batch_size: int = 8) -> list[float]:
+    """Per-row mean NLL of the reference answers under a (merged, servable) checkpoint."""
+    import torch
+
+    from safeserve.models.seal.data import Sample, collate, encode
+    from safeserve.models.seal.select_train import PerSampleNLL, load_lm
+
+    lm, tok = load_lm(model_dir)
+    model = PerSampleNLL(lm).eval()
+    samples = []
+    for i, r in enumerate(records):
+        ids, n_prompt = encode(tok, _user(r["prompt"]), r["response"])
+        samples.append(Sample(str(i), i, [], r["response"], None, ids, n_prompt))
+    out: list[float] = []
+    with torch.no_grad():
+        for i in range(0, len(samples), batch_size):
+            out += model(**collate(samples[i:i + batch_size], tok.pad_token_id)).tolist()
+    return out
+
+
 def evaluate(cfg: ExperimentConfig, model: Path, runs: dict[str, Path | None], meta: dict,
              work: Path, log) -> dict:
+    """ASR from greedy vLLM generations (each run's LoRA adapter on one engine); utility NLL
+    with transformers on the merged checkpoints (vLLM 0.32's CPU LoRA path fails on prompt
+    log-probabilities, so they are not taken from the engine)."""
     from collections import Counter
 
     from safeserve.models.evaluation.judge import FULL_COMPLIANCE, judge
@@ -200,14 +224,17 @@ def evaluate(cfg: ExperimentConfig, model: Path, runs: dict[str, Path | None], m
         lora = str((ckpt / "adapter").resolve()) if ckpt is not None else None
         tasks.append({"name": f"{name}:asr", "kind": "chat", "max_tokens": cfg.answer_tokens,
                       "lora": lora, "items": [{"messages": _user(t)} for t in meta["harmful_eval"]]})
-        tasks.append({"name": f"{name}:nll", "kind": "nll", "lora": lora,
-                      "items": [{"messages": _user(r["prompt"]), "response": r["response"]}
-                                for r in meta["benign_eval"]]})
     res = _run_vllm({"model": str(model), "seed": cfg.seed, "tasks": tasks}, work, "eval", log)
+    nll_file = work / "eval_nll.json"
+    nlls = json.loads(nll_file.read_text()) if nll_file.is_file() else {}
+    for name, ckpt in runs.items():
+        if name not in nlls:
+            nlls[name] = heldout_nll(ckpt or model, meta["benign_eval"])
+            nll_file.write_text(json.dumps(nlls))
     out = {}
     for name in runs:
         labels = Counter(judge(t).label for t in res[f"{name}:asr"])
-        nll = res[f"{name}:nll"]
+        nll = nlls[name]
         n = sum(labels.values())
         out[name] = {"asr": labels[FULL_COMPLIANCE] / max(1, n), "judge": dict(labels),
                      "n_eval_harmful": n, "utility_nll": sum(nll) / len(nll),
@@ -312,7 +339,8 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
             epochs=cfg.sft_epochs, batch_size=cfg.batch_size, max_length=cfg.max_length, **kw),
             log))
     evals = stage("eval", lambda: evaluate(cfg, model, {"base": None, **ckpts}, meta, work, log),
-                  cached=(work / "eval_result.json").is_file())
+                  cached=(work / "eval_result.json").is_file()
+                  and (work / "eval_nll.json").is_file())
 
     results: dict[str, dict] = {"base": {"n_kept": 0, "harmful_kept": None,
                                          "harmful_kept_fraction": None, **evals["base"]}}

@@ -11,6 +11,8 @@ JOB: {"model": dir, "max_model_len": int, "seed": int, "tasks": [task, ...]} wit
   continuation only)
 * {"name", "kind": "nll", "lora": ..., "items": [{"messages": [...], "response": str}]}
   -> mean NLL per response token (end-of-turn included), from prompt log-probabilities.
+  Only on an engine without LoRA: vLLM 0.32's CPU LoRA logits path fails on prompt
+  log-probabilities (einsum shape error), so the experiment computes NLL with transformers.
 
 RESULT: {task name: [text or nll, ...]} in item order.
 """
