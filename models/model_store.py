@@ -112,15 +112,33 @@ def ensure_default_model(root: Path | None = None) -> Path:
 DEFAULT_HEAD_DIR = Path(__file__).with_name("default_checkpoint")
 
 
+def _merge_adapter(base_dir: Path, adapter_dir: Path, out: Path) -> None:
+    """Write base + LoRA adapter merged into plain weights (vLLM then serves it unchanged)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
+
+
 def compose_checkpoint(base_dir: Path, head_dir: Path, root: Path | None = None) -> Path:
-    """A servable safety checkpoint: the base model's files (symlinked, not copied) plus a copy
-    of ``head_dir``'s ``safety_head/``. Rebuilt atomically when the head changes."""
+    """A servable safety checkpoint: the base model plus a copy of ``head_dir``'s
+    ``safety_head/``. The base's files are symlinked, not copied, unless ``head_dir`` also holds
+    the LoRA ``adapter/`` the head was trained with: then the LM is the base with that adapter
+    merged in (the head reads the adapted model's hidden states). Rebuilt atomically when the
+    head or adapter changes."""
     from safeserve.models.checkpoint import HEAD_DIR
 
     src_head = Path(head_dir) / HEAD_DIR
-    digest = hashlib.sha256(b"".join(
-        p.name.encode() + p.read_bytes() for p in sorted(src_head.iterdir()) if p.is_file()
-    )).hexdigest()[:12]
+    adapter = Path(head_dir) / "adapter"
+    parts = [p for p in sorted(src_head.iterdir()) if p.is_file()]
+    if adapter.is_dir():
+        parts += [p for p in sorted(adapter.iterdir()) if p.is_file()]
+    digest = hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in parts)
+                            ).hexdigest()[:12]
     root = root or cache_dir() / "models"
     final = root / f"{Path(base_dir).name}-safeserve-{digest}"
     if (final / _DONE_MARKER).is_file():
@@ -128,11 +146,15 @@ def compose_checkpoint(base_dir: Path, head_dir: Path, root: Path | None = None)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
-        for f in Path(base_dir).iterdir():
-            if f.is_file() and f.name != _DONE_MARKER:
-                (tmp / f.name).symlink_to(f.resolve())
+        if adapter.is_dir():
+            _merge_adapter(Path(base_dir), adapter, tmp)
+        else:
+            for f in Path(base_dir).iterdir():
+                if f.is_file() and f.name != _DONE_MARKER:
+                    (tmp / f.name).symlink_to(f.resolve())
         shutil.copytree(src_head, tmp / HEAD_DIR)
-        (tmp / _DONE_MARKER).write_text(json.dumps({"base": str(base_dir), "head": digest}))
+        (tmp / _DONE_MARKER).write_text(json.dumps({"base": str(base_dir), "head": digest,
+                                                    "adapter_merged": adapter.is_dir()}))
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -61,6 +61,7 @@ from typing import Iterable
 
 import torch
 
+from safeserve.models.categories import categorise_text, map_categories
 from safeserve.models.taxonomy import Taxonomy
 
 PROMPT_LABELS = ("safe", "unsafe")
@@ -306,94 +307,6 @@ def encode_trajectory(traj: Trajectory, tokenizer, taxonomy: Taxonomy,
 def normalise(text: str) -> str:
     """Leakage key: lowercase, letters and digits only."""
     return re.sub(r"[^a-z0-9]", "", text.lower())
-
-
-# Source category -> taxonomy ids. None means "decide by keywords" (categorise_text), which also
-# runs for sources without categories. HarmBench's chemical_biological is mostly chemical and
-# biological weapons (weapons), but its drug-synthesis behaviours get 'drugs' from keywords;
-# cybercrime_intrusion is intrusion and malware, which our taxonomy files under financial_crime;
-# harassment_bullying is targeted abuse (discrimination); misinformation falls under 'other'.
-# Copyright behaviours (song lyrics, book passages) are no harm category here: skipped.
-SOURCE_CATEGORY_MAP: dict[str, list[str] | None] = {
-    "chemical_biological": ["weapons"],
-    "cybercrime_intrusion": ["financial_crime"],
-    "harassment_bullying": ["discrimination"],
-    "misinformation_disinformation": ["other"],
-    "illegal": None,
-    "harmful": None,
-    # CoSAlign (BeaverTails) config names, used for the external evaluation prompts.
-    "Financial_Crime_and_Theft": ["financial_crime"],
-    "Discrimination_and_Verbal_Abuse": ["discrimination"],
-    "Violence": ["violence"],
-    "Illegal_Drug.Related_Activities_and_Substance_Abuse": ["drugs"],
-    "Privacy_Violations": ["privacy"],
-    "Sexual_Misconduct_Exploitation_and_Infidelity": ["sexual"],
-    "Weapons_Explosives_Arson_and_Illegal_Firearm_Transactions": ["weapons"],
-}
-SKIPPED_SOURCE_CATEGORIES = {"copyright"}
-# Copyright-style requests in uncategorised sources (HarmBench's adversarial-training set has
-# some): skipped like HarmBench's copyright category.
-_COPYRIGHT_RE = re.compile(r"\b(lyrics|long passage from|full script of|entire contents of|"
-                           r"final chapter of|chapter \d+ of)\b", re.I)
-
-# Keyword cues per category (word-start regexes over the lowercased prompt). A heuristic for
-# sources without categories; a prompt matching none gets 'other'.
-_KEYWORDS: dict[str, str] = {
-    "violence": r"kill|murder|assault|attack|tortur|kidnap|terror|shoot|stab|hurt|beat (up|some)|"
-                r"massacre|genocid|violen|assassin|hostage|lynch|poison(ing)? (a |some|my|her|his)|"
-                r"corpse|flay|beats? (their|his|her)|fight club|booby|fall down the stairs|"
-                r"child soldier|children in military|caus(e|ing) (an )?accident|strangl",
-    "weapons": r"weapon|gun|firearm|rifle|pistol|ammunition|explosive|bomb|grenade|detonat|napalm|"
-               r"nerve agent|sarin|anthrax|bioweapon|chemical warfare|nuclear|uranium|ricin|"
-               r"pathogen|mustard gas|molotov|arson|incendiar|glock|full auto|booby trap|"
-               r"military hardware|dna sequences",
-    "drugs": r"drug|cocaine|heroin|meth|fentanyl|mdma|lsd|opioid|narcotic|marijuana|cannabis|crack "
-             r"cocaine|controlled substance|dmt|ketamine|safrole|precursor|steroid|inhalant|"
-             r"hallucinogen|get high|psychoactive|underage drinking",
-    "financial_crime": r"fraud|scam|phish|launder|counterfeit|steal|stole|theft|embezzl|tax evasion|"
-                       r"evade tax|insider trading|ponzi|credit card|identity theft|hack|malware|"
-                       r"ransomware|virus|exploit|ddos|botnet|keylogger|password|extort|blackmail|"
-                       r"bribe|shoplift|rob |robbing|forg|sql injection|cheat (the|on (a|an|the) "
-                       r"(test|exam))|tax|defraud|siphon|burglar|hijack|torrent|pirat|"
-                       r"stock prices|offshore accounts|black market|invoic|donations|trojan|skimm|"
-                       r"atm ",
-    "privacy": r"personal (information|data|details)|private information|dox|stalk|spy on|"
-               r"surveil|home address|social security|track (someone|a person|their|my)|"
-               r"location of|without (their |his |her )?(consent|knowledge)|hidden camera|"
-               r"facial recognition|de-?anonym|phone number|email address|wiretap|"
-               r"medical records|intercept|impersonat|confidential information",
-    "discrimination": r"racis|sexis|hate|slur|discriminat|inferior|harass|bully|insult|demean|"
-                      r"homophob|transphob|antisemit|islamophob|xenophob|ethnic|minorit|"
-                      r"immigrant|derogatory|offensive (joke|message)|bull(y|ies|ied|ying)|"
-                      r"harrass|queer|lgbt|disabilit|racial|smear|defam|rumou?rs|women being|"
-                      r"men being|inherently less",
-    "sexual": r"sex|porn|explicit|nude|erotic|prostitut|escort|rape|molest|grooming|"
-              r"affair|cheat on (my|your|his|her)",
-    "self_harm": r"suicid|self-harm|self harm|cut myself|kill myself|eating disorder|anorexi|"
-                 r"bulimi|starv|overdose|hurt myself",
-}
-_KEYWORD_RES = {c: re.compile(r"\b(" + p + ")") for c, p in _KEYWORDS.items()}
-
-
-def categorise_text(text: str, max_categories: int = 2) -> list[str]:
-    """Keyword categories, most matches first; ['other'] when none match."""
-    low = text.lower()
-    hits = [(len(rx.findall(low)), c) for c, rx in _KEYWORD_RES.items()]
-    hits = sorted([h for h in hits if h[0] > 0], key=lambda h: -h[0])
-    return [c for _, c in hits[:max_categories]] or ["other"]
-
-
-def map_categories(source_category: str | None, text: str) -> list[str] | None:
-    """Taxonomy ids for a source category (None = skip this prompt)."""
-    if source_category in SKIPPED_SOURCE_CATEGORIES or _COPYRIGHT_RE.search(text):
-        return None
-    mapped = SOURCE_CATEGORY_MAP.get(source_category or "")
-    if mapped is None:
-        return categorise_text(text)
-    kw = categorise_text(text)
-    if mapped == ["weapons"] and "drugs" in kw:
-        return ["drugs"]  # chemical_biological drug-synthesis behaviours
-    return list(mapped)
 
 
 # Written for this project: openings that an attacker prefills as the assistant's first words.

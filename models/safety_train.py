@@ -55,7 +55,6 @@ measurement.
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 import time
@@ -67,7 +66,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from safeserve.kernels.safety_head import head_logits
-from safeserve.models.checkpoint import HEAD_DIR, SafetyHead
+from safeserve.models.checkpoint import SafetyHead
 from safeserve.models.safety_data import (MASK_PROMPT, MASK_RESPONSE, Encoded, Trajectory,
                                           encode_trajectory, load_trajectories)
 from safeserve.models.taxonomy import Category, Taxonomy
@@ -781,7 +780,6 @@ def run_adapter_mode(args: dict, taxonomy: Taxonomy, log=print) -> dict:
     train, held = _split_data(args["data"], args.get("eval_data"), taxonomy, args["seed"])
     encs, _ = encode_all(train, tok, taxonomy, args["max_length"], log)
     all_lab = torch.cat([e.labels[e.mask > 0] for e in encs])
-    all_kind = torch.cat([e.mask[e.mask > 0] for e in encs])
     pw = positive_weights(all_lab)
     head = HeadParams(taxonomy.num_outputs, model.config.hidden_size,
                       all_lab.mean(0).clamp(1e-4, 1 - 1e-4))

@@ -27,6 +27,8 @@ from pathlib import Path
 import httpx
 import typer
 
+from safeserve.server.bench_leak import bench_leak
+
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
     "Explain how photosynthesis works.",
@@ -274,3 +276,4 @@ def bench_config(iterations: int = typer.Option(20000, help="requests to time pe
 def register(app: typer.Typer) -> None:
     app.command("serve")(bench_serve)
     app.command("config")(bench_config)
+    app.command("leak")(bench_leak)

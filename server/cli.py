@@ -74,15 +74,8 @@ def _register_plugins() -> None:
         ("safeserve.models.cosalign.cli", train_app),
         ("safeserve.models.evaluation.cosa_cli", eval_app),
         ("safeserve.server.bench", bench_app),
-        ("safeserve.kernels.bench_cli", bench_app),
     ):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("safeserve"):
-                continue  # that part is not built yet
-            raise
-        mod.register(group)
+        importlib.import_module(module).register(group)
 
 
 def main() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from safeserve.server import safety_wire as W
 from safeserve.server.auth import Principal, authorize_config
 from safeserve.server.protocol import SafetyReport
 from safeserve.server.safety_config import (

@@ -11,7 +11,7 @@ import pickle
 import tempfile
 import uuid
 
-from safeserve.kernels.safety_decision import EVENT_OK, EVENT_TRIGGER, EVENT_VIOLATION
+from safeserve.kernels.safety_decision import EVENT_TRIGGER, EVENT_VIOLATION
 from safeserve.server import metrics
 from safeserve.server import safety_wire as W
 from safeserve.server.protocol import CategoryScores, ResponseVerdict, SafetyReport, TracePoint

@@ -3,6 +3,7 @@ SmolLM2 model, with a hand-built safety head (tests/heads.py), over real HTTP on
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -85,6 +86,22 @@ def start_server(tmp: Path, *args: str, env: dict | None = None) -> tuple[str, s
     return url, proc, log
 
 
+@contextlib.contextmanager
+def running_server(tmp: Path, *args: str, env: dict | None = None):
+    """Start ``safeserve serve`` with ``args``, wait until it is ready, yield (url, proc, log),
+    and stop it on exit (terminate, then kill if it does not exit in 30 s)."""
+    url, proc, log = start_server(tmp, *args, env=env)
+    try:
+        wait_ready(url, proc, log, START_TIMEOUT_S)
+        yield url, proc, log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 @pytest.fixture(scope="session")
 def base_model_dir() -> Path:
     from safeserve.models.model_store import ensure_default_model
@@ -100,17 +117,9 @@ def server(tmp_path_factory, base_model_dir) -> Server:
     model_dir = build_test_head(base_model_dir, tmp)
     presets = tmp / "presets.yaml"
     presets.write_text(TEST_PRESETS)
-    url, proc, log = start_server(tmp, "--model", str(model_dir), "--presets", str(presets),
-                                  "--served-model-name", "smol", "--max-num-seqs", "64")
-    try:
-        wait_ready(url, proc, log, START_TIMEOUT_S)
+    with running_server(tmp, "--model", str(model_dir), "--presets", str(presets),
+                        "--served-model-name", "smol", "--max-num-seqs", "64") as (url, proc, log):
         yield Server(url, "smol", proc, log, model_dir)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture()

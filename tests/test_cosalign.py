@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from safeserve.models.cosalign.categories import beavertails_categories, parse_spec
+from safeserve.models.categories import beavertails_categories, parse_spec
 from safeserve.models.cosalign.configs import MODES, config_key, render_config, synthesize
 from safeserve.models.cosalign.preferences import (
     Candidate, Weights, error_score, preference_pairs, sft_target)

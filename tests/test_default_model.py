@@ -3,12 +3,10 @@ safety head, safe out of the box (a real trained head on the real engine)."""
 
 from __future__ import annotations
 
-import subprocess
-
 import httpx
 import pytest
 
-from conftest import START_TIMEOUT_S, start_server, wait_ready
+from conftest import running_server
 from safeserve.server.launch import resolve_spec
 from safeserve.server.safety_config import DEFAULT_REFUSAL
 from safeserve.server.settings import Settings
@@ -26,17 +24,9 @@ def test_default_spec_is_safe():
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("default")
-    url, proc, log = start_server(tmp, "--served-model-name", "smol")
-    try:
-        wait_ready(url, proc, log, START_TIMEOUT_S)
+    with running_server(tmp, "--served-model-name", "smol") as (url, _, _):
         with httpx.Client(base_url=url, timeout=300) as c:
             yield c
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def ask(c, messages, **body):

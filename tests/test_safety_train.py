@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -260,6 +261,20 @@ def test_lora_mode_two_steps(tiny, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert merged.config.hidden_size == 64
     assert load_safety_head(out).weight.shape == (Taxonomy.load().num_outputs, 64)
+    # What the server composes from base + the small artifacts (head + adapter) is the same LM
+    # the job trained: the committed default checkpoint ships only those two.
+    from safeserve.models.model_store import compose_checkpoint
+
+    small = tmp_path / "small"
+    small.mkdir()
+    shutil.copytree(out / "safety_head", small / "safety_head")
+    shutil.copytree(out / "adapter", small / "adapter")
+    composed = compose_checkpoint(model_dir, small, root=tmp_path / "models")
+    assert compose_checkpoint(model_dir, small, root=tmp_path / "models") == composed
+    served = AutoModelForCausalLM.from_pretrained(composed).state_dict()
+    for name, w in merged.state_dict().items():
+        torch.testing.assert_close(served[name], w, rtol=1e-5, atol=1e-6, msg=name)
+    assert load_safety_head(composed).weight.shape == (Taxonomy.load().num_outputs, 64)
 
 
 def test_auroc():

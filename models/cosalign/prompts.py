@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safeserve.models.cosalign.categories import beavertails_categories, cosa_category
+from safeserve.models.categories import beavertails_categories, cosa_category, map_categories
 from safeserve.models.taxonomy import Taxonomy
 
 
@@ -67,46 +67,6 @@ def write_prompts(rows: list[LabelledPrompt], path: str | Path) -> None:
             f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
 
 
-# ----------------------------------------------------------------------------- keyword labels
-
-# A coarse first pass for harmful prompts whose source has no usable category. Only the
-# training data is labelled this way; a prompt no rule matches gets "other".
-_KEYWORDS: dict[str, str] = {
-    "weapons": r"\b(?:bomb|explosive|gun|firearm|rifle|weapon|grenade|ammunition|arson|napalm|"
-               r"chemical weapon|bioweapon|nerve agent|sarin|anthrax|ricin|detonat)",
-    "drugs": r"\b(?:drug|cocaine|heroin|meth|fentanyl|opioid|narcotic|marijuana|cannabis|lsd|mdma|"
-             r"inhalant|get high|overdose on)",
-    "financial_crime": r"\b(?:fraud|scam|launder|steal|theft|embezzl|counterfeit|insider trading|"
-                       r"tax evasion|phishing|hack|malware|ransomware|virus|exploit|credit card|"
-                       r"password|ponzi|invoice|shoplift|bank account|identity theft|offshore)",
-    "privacy": r"\b(?:personal information|private information|dox|track someone|stalk|spy on|"
-               r"surveil|home address|residential address|location of|social security number|"
-               r"without (?:their|his|her) (?:consent|knowledge))",
-    "discrimination": r"\b(?:racist|racism|hate speech|slur|sexist|homophob|transphob|inferior|"
-                      r"discriminat|harass|bully|insult|ethnic|religio|immigrant|minorit)",
-    "sexual": r"\b(?:sex|porn|explicit|nude|erotic|prostitut|seduc|affair|cheat on)",
-    "self_harm": r"\b(?:suicide|kill myself|self-harm|self harm|cut myself|anorexi|bulimi|starve)",
-    "violence": r"\b(?:kill|murder|assault|attack|hurt|torture|kidnap|terror|shoot|stab|poison|"
-                r"violen|beat up|abuse|massacre|assassinat)",
-}
-_KEYWORD_RES = {k: re.compile(v, re.IGNORECASE) for k, v in _KEYWORDS.items()}
-
-# HarmBench SemanticCategory -> ids (None: decide by keywords).
-HARMBENCH_CATEGORIES: dict[str, list[str] | None] = {
-    "chemical_biological": ["weapons"],
-    "cybercrime_intrusion": ["financial_crime"],
-    "harassment_bullying": ["discrimination"],
-    "misinformation_disinformation": ["other"],
-    "illegal": None,
-    "harmful": None,
-}
-
-
-def keyword_categories(text: str, limit: int = 2) -> list[str]:
-    hits = [cat for cat, rx in _KEYWORD_RES.items() if rx.search(text)]
-    return sorted(hits[:limit]) or ["other"]
-
-
 # ----------------------------------------------------------------------------- converters
 
 def read_beavertails(path: str | Path, taxonomy: Taxonomy) -> list[LabelledPrompt]:
@@ -144,8 +104,9 @@ def read_harmbench(path: str | Path) -> list[LabelledPrompt]:
             if sem == "copyright" or (row.get("FunctionalCategory") or "").strip() == "contextual":
                 continue  # lyrics/passages and context-dependent behaviours: not config material
             text = (row.get("Behavior") or "").strip()
-            mapped = HARMBENCH_CATEGORIES.get(sem)
-            out.append(LabelledPrompt(text, mapped or keyword_categories(text), f"harmbench:{sem}"))
+            cats = map_categories(sem, text)
+            if cats is not None:
+                out.append(LabelledPrompt(text, cats, f"harmbench:{sem}"))
     return out
 
 
@@ -163,8 +124,9 @@ def read_harmful_instructions(path: str | Path) -> list[LabelledPrompt]:
         text = str(row.get("instruction") or row.get("prompt") or "").strip()
         if not text:
             continue
-        mapped = HARMBENCH_CATEGORIES.get(str(row.get("category") or ""))
-        out.append(LabelledPrompt(text, mapped or keyword_categories(text), "harmful_instructions"))
+        cats = map_categories(str(row.get("category") or "") or None, text)
+        if cats is not None:
+            out.append(LabelledPrompt(text, cats, "harmful_instructions"))
     return out
 
 

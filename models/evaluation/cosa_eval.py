@@ -32,7 +32,7 @@ from pathlib import Path
 import openai
 from tqdm.auto import tqdm
 
-from safeserve.models.cosalign.categories import parse_spec
+from safeserve.models.categories import parse_spec
 from safeserve.models.cosalign.configs import config_key, render_config, system_prompt
 from safeserve.models.evaluation.judge import FULL_COMPLIANCE, PARTIAL_REFUSAL, judge
 from safeserve.models.taxonomy import OVERALL, Taxonomy

@@ -413,7 +413,7 @@ def render_report(s: dict) -> str:
         "", f"Selector ranking AUROC (low score = harmful row): "
         f"{_f(s['selector_auroc_low_score_is_harmful'])}.", "",
         "## Time", "",
-        f"Selector epochs (s): " + ", ".join(f"epoch {h['epoch']} (gamma {h['gamma']:.3f}): "
+        "Selector epochs (s): " + ", ".join(f"epoch {h['epoch']} (gamma {h['gamma']:.3f}): "
                                              f"{h['seconds']:.0f}" for h in t["selector_epochs"]),
         f"Selector epoch with gamma > 0: {_f(t['selector_epoch_seconds_gamma_pos'], '{:.0f}')} s; "
         f"plain SFT epoch on all rows: {_f(t['sft_epoch_seconds_all'], '{:.0f}')} s; ratio "
