@@ -20,6 +20,7 @@ from safeserve.server.safety_service import (
     guideline_message,
 )
 from safeserve.server.safety_tracker import RequestTracker
+from safeserve.server.safety_wire import StepRecord
 from safeserve.server.protocol import (
     AssistantMessage,
     ChatCompletionChunk,
@@ -42,17 +43,25 @@ class PreparedRequest:
     prompt_ids: list[int]
     max_tokens: int
     safety: RequestSafety | None  # None: served without a safety head (--allow-unsafe)
+    query_ids: list[int] | None = None  # prefilled requests: the prompt without the prefill
     completion_id: str = field(default_factory=new_completion_id)
     created: int = field(default_factory=lambda: int(time.time()))
     arrival: float = field(default_factory=time.perf_counter)
 
 
+def is_prefilled(body: ChatCompletionRequest) -> bool:
+    """The conversation ends with an assistant message the model is asked to continue."""
+    return bool(body.continue_final_message) and body.messages[-1].role == "assistant"
+
+
 def render_prompt(engine: Engine, body: ChatCompletionRequest,
-                  safety: RequestSafety | None = None) -> list[int]:
+                  safety: RequestSafety | None = None, without_prefill: bool = False) -> list[int]:
+    """Token ids of the conversation (``without_prefill``: minus the final assistant message,
+    ending where the assistant's answer would start)."""
     tok = engine.tokenizer
     messages = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-        for m in body.messages
+        for m in (body.messages[:-1] if without_prefill else body.messages)
     ]
     guideline = guideline_message(safety.config) if safety else None
     if guideline:  # CoSAlign places the config in the system prompt
@@ -64,8 +73,8 @@ def render_prompt(engine: Engine, body: ChatCompletionRequest,
         text = tok.apply_chat_template(
             messages,
             tokenize=False,
-            add_generation_prompt=body.add_generation_prompt,
-            continue_final_message=body.continue_final_message,
+            add_generation_prompt=True if without_prefill else body.add_generation_prompt,
+            continue_final_message=False if without_prefill else body.continue_final_message,
         )
     except Exception as e:  # template rejects the conversation shape (e.g. roles out of order)
         raise bad_request(f"messages cannot be rendered by the model's chat template: {e}",
@@ -89,7 +98,39 @@ def prepare(engine: Engine, body: ChatCompletionRequest,
             f"This model's maximum context length is {limit} tokens; the prompt has "
             f"{len(prompt_ids)} tokens, so at most {room} can be generated, but {wanted} were "
             f"requested.", param=param, code="context_length_exceeded")
-    return PreparedRequest(body, prompt_ids, wanted or room, safety)
+    query_ids = None
+    if safety is not None and is_prefilled(body):
+        query_ids = render_prompt(engine, body, safety, without_prefill=True)
+    return PreparedRequest(body, prompt_ids, wanted or room, safety, query_ids)
+
+
+async def query_verdict(engine: Engine, svc: SafetyService | None,
+                        prep: PreparedRequest) -> StepRecord | None:
+    """For a prefilled request, the safety verdict on the conversation without the prefill.
+
+    The head's prompt verdict is read where the answer starts; with an attacker's prefill
+    ("Sure, here is how ...") that point is inside the answer, where the head judges the
+    answer so far, not the request. So the query is scored on its own first: a one-token
+    request over the same prefix (which the engine's prefix cache can reuse)."""
+    if svc is None or prep.query_ids is None:
+        return None
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    rid = f"{prep.completion_id}-query-{uuid.uuid4().hex[:8]}"
+    extra, tracker = svc.open(rid, prep.safety, engine.eos_id)
+    params = SamplingParams(max_tokens=1, temperature=0.0, extra_args=extra,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
+    finished = False
+    try:
+        async for out in engine.llm.generate({"prompt_token_ids": prep.query_ids}, params, rid):
+            finished = out.finished
+        await tracker.wait_for(0)
+        return tracker.prompt
+    finally:
+        if not finished:
+            await engine.abort(rid)
+        svc.discard(tracker)
 
 
 def sampling_params(prep: PreparedRequest, index: int, extra_args: dict | None = None):
@@ -234,14 +275,15 @@ def _observe_timing(prep: PreparedRequest, step: _Step) -> None:
     c.last_token_at = now
 
 
-def _open_choices(engine: Engine, svc: SafetyService | None,
-                  prep: PreparedRequest) -> list[ChoiceState]:
+async def _open_choices(engine: Engine, svc: SafetyService | None,
+                        prep: PreparedRequest) -> list[ChoiceState]:
     base = prep.completion_id
+    query = await query_verdict(engine, svc, prep)
     choices = []
     for i in range(prep.body.n):
         c = ChoiceState(i, f"{base}-{i}-{uuid.uuid4().hex[:8]}")
         if svc is not None and prep.safety is not None:
-            c.extra_args, c.tracker = svc.open(c.request_id, prep.safety, engine.eos_id)
+            c.extra_args, c.tracker = svc.open(c.request_id, prep.safety, engine.eos_id, query)
         choices.append(c)
     return choices
 
@@ -285,7 +327,7 @@ def _stop_suffix(svc: SafetyService | None, c: ChoiceState) -> str:
 
 async def complete(engine: Engine, svc: SafetyService | None,
                    prep: PreparedRequest) -> tuple[ChatCompletionResponse, list[SafetyReport]]:
-    choices = _open_choices(engine, svc, prep)
+    choices = await _open_choices(engine, svc, prep)
     try:
         async for step in _merged_steps(engine, prep, choices):
             _observe_timing(prep, step)
@@ -327,7 +369,7 @@ def _releasable_pieces(c: ChoiceState, finished: bool, holdback: bool) -> list:
 
 async def stream(engine: Engine, svc: SafetyService | None,
                  prep: PreparedRequest) -> AsyncIterator[str]:
-    choices = _open_choices(engine, svc, prep)
+    choices = await _open_choices(engine, svc, prep)
     include_usage = bool(prep.body.stream_options and prep.body.stream_options.include_usage)
     holdback = bool(prep.safety and prep.safety.config.holdback)
 

@@ -125,6 +125,9 @@ class SafetyReport(BaseModel):
     model_has_head: bool
     action: Literal["none", "refuse", "stop", "annotate"] = "none"
     prompt: CategoryScores | None = None
+    # Prefilled requests (the conversation ends with an assistant message to continue): the
+    # verdict on the conversation without that prefill. Flagged -> acted on at token 0.
+    query: CategoryScores | None = None
     response: ResponseVerdict = Field(default_factory=ResponseVerdict)
     config: dict[str, Any] = Field(default_factory=dict)
     score_names: list[str] | None = None

@@ -67,6 +67,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.refusal = torch.zeros(r, MAX_REFUSAL_TOKENS, dtype=torch.int64, device=device)
         self.refusal_len = torch.zeros(r, dtype=torch.int32, device=device)
         self.eos = torch.zeros(r, dtype=torch.int64, device=device)
+        self.query_cats = torch.zeros(r, dtype=torch.int32, device=device)  # 0: not flagged
         self.rids: list[str | None] = [None] * r
         self.parked: OrderedDict[str, tuple] = OrderedDict()
         self.outputs: list[list[int] | None] = [None] * r  # live refs to output token lists
@@ -108,6 +109,11 @@ class SafetyLogitsProcessor(LogitsProcessor):
                                  dtype=torch.int8).to(self.device, non_blocking=True)
         event, cats = decide(scores, self.thresholds, self.masked, self.counter, self.tau,
                              is_prompt, self.active)
+        # A prefilled request whose query alone was flagged acts at its first sampled token,
+        # whatever the text after the prefill scores.
+        pre = is_prompt.bool() & (self.query_cats[:n] != 0)
+        event = torch.where(pre, torch.full_like(event, EVENT_TRIGGER), event)
+        cats = torch.where(pre, cats | self.query_cats[:n], cats)
         forced, acted = self._strategy(n, event, is_prompt.bool())
         logits = self._force(logits, forced)
         self._report(n, scores, event, cats, forced, acted, time.perf_counter() - t0)
@@ -211,6 +217,9 @@ class SafetyLogitsProcessor(LogitsProcessor):
         if args.refusal_ids:
             self.refusal[i, : len(args.refusal_ids)] = torch.tensor(args.refusal_ids)
         self.eos[i] = args.eos_id
+        if args.query_flagged:
+            # a flagged verdict always names an output; the overall one if it somehow did not
+            self.query_cats[i] = args.query_cats or 1 << (self.thresholds.shape[1] - 1)
 
     def _clear(self, i: int) -> None:
         self.rids[i], self.outputs[i] = None, None
@@ -218,9 +227,10 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.counter[i] = 0
         self.phase[i] = W.PHASE_WATCH
         self.pos[i] = 0
+        self.query_cats[i] = 0
 
     _TENSORS = ("thresholds", "masked", "counter", "tau", "active", "action", "phase", "pos",
-                "refusal", "refusal_len", "eos")
+                "refusal", "refusal_len", "eos", "query_cats")
 
     def _move(self, src: int, dst: int) -> None:
         for name in self._TENSORS:

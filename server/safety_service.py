@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from safeserve.kernels.safety_decision import EVENT_TRIGGER
 from safeserve.server.auth import Principal, authorize_config
 from safeserve.server.protocol import SafetyReport
 from safeserve.server.safety_config import (
@@ -14,6 +15,7 @@ from safeserve.server.safety_config import (
     SafetyPolicy,
 )
 from safeserve.server.safety_tracker import RequestTracker, TelemetryHub
+from safeserve.server.safety_wire import StepRecord
 
 GUIDELINE_TEMPLATE = "Safety guideline for this conversation (follow it):\n{guideline}"
 
@@ -57,12 +59,23 @@ class SafetyService:
             self._refusal_ids = tok(DEFAULT_REFUSAL + " ", add_special_tokens=False)["input_ids"]
         return self._refusal_ids
 
-    def open(self, rid: str, req: RequestSafety, eos_id: int) -> tuple[dict, RequestTracker]:
+    def open(self, rid: str, req: RequestSafety, eos_id: int,
+             query: StepRecord | None = None) -> tuple[dict, RequestTracker]:
+        """Compiled row args for one engine request, and the tracker that receives its
+        telemetry. ``query``: the verdict on a prefilled request's query (see
+        ``completions.query_verdict``), carried to the worker so it acts on it."""
         args = self.policy.compile(req.config, rid, self.refusal_ids(), eos_id)
+        if query is not None and query.event == EVENT_TRIGGER:
+            args.query_flagged, args.query_cats = True, query.cats
         tracker = RequestTracker(rid, self.names, args, req.config.on_violation, req.echo(),
                                  req.config.trace)
+        tracker.query = query
         self.hub.register(tracker)
         return args.to_extra_args(), tracker
+
+    def discard(self, tracker: RequestTracker) -> None:
+        """Stop routing telemetry to a helper request's tracker (no metrics recorded)."""
+        self.hub.release(tracker.rid)
 
     def close(self, tracker: RequestTracker) -> None:
         tracker.record_metrics()

@@ -28,6 +28,7 @@ class RequestTracker:
         self.action_name, self.config_echo, self.want_trace = action_name, config_echo, trace
         self.steps: dict[int, W.StepRecord] = {}
         self.prompt: W.StepRecord | None = None
+        self.query: W.StepRecord | None = None  # prefilled requests: the query's own verdict
         self.trigger_index: int | None = None  # step at which the strategy acted
         self.flag_cats = 0
         self.stop_forced = False
@@ -102,13 +103,15 @@ class RequestTracker:
     def _cats(self, bits: int) -> list[str]:
         return [n for i, n in enumerate(self.names) if bits >> i & 1]
 
+    def _verdict(self, rec: W.StepRecord | None) -> CategoryScores | None:
+        if rec is None:
+            return None
+        return CategoryScores(flagged=rec.event == EVENT_TRIGGER,
+                              scores={n: round(s, 5) for n, s in zip(self.names, rec.scores)},
+                              categories=self._cats(rec.cats))
+
     def report(self) -> SafetyReport:
-        prompt = None
-        if self.prompt is not None:
-            prompt = CategoryScores(
-                flagged=self.prompt.event == EVENT_TRIGGER,
-                scores={n: round(s, 5) for n, s in zip(self.names, self.prompt.scores)},
-                categories=self._cats(self.prompt.cats))
+        prompt = self._verdict(self.prompt)
         response = ResponseVerdict(max_scores={n: round(s, 5) for n, s in
                                                zip(self.names, self.max_scores)})
         action = "none"
@@ -131,7 +134,7 @@ class RequestTracker:
             trace = [TracePoint(token_index=i, scores=[round(s, 5) for s in r.scores],
                                 event=r.event) for i, r in sorted(self.steps.items())]
         return SafetyReport(enabled=True, model_has_head=True, action=action, prompt=prompt,
-                            response=response, config=self.config_echo,
+                            query=self._verdict(self.query), response=response, config=self.config_echo,
                             score_names=list(self.names), trace=trace,
                             telemetry_complete=not self.incomplete)
 

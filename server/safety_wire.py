@@ -34,6 +34,11 @@ class RowSafetyArgs:
     action: int
     refusal_ids: list[int] = field(default_factory=list)
     eos_id: int = 0
+    # Prefilled requests: the verdict on the user's query alone (measured by the HTTP side in
+    # a one-token request before this one), so an attacker's assistant prefill cannot hide
+    # the query. Flagged -> the strategy acts at the first sampled token.
+    query_flagged: bool = False
+    query_cats: int = 0
 
     def to_extra_args(self) -> dict:
         return {EXTRA_ARGS_KEY: asdict(self)}

@@ -49,6 +49,41 @@ def test_allowed_category_is_not_enforced(http, server):
     assert r.headers["X-Safety-Action"] == "none"
 
 
+def test_prefilled_request_gets_a_verdict_on_its_query_alone(http, server):
+    """The query (conversation minus the assistant prefill) is scored on its own; the prompt
+    verdict is read at the end of the prefill. With the test head, weapons fires where the
+    model is about to say " Paris": after the prefill, not after the bare question."""
+    prefill = FRANCE + [{"role": "assistant", "content": "The capital of France is"}]
+    r = chat(http, server, prefill, continue_final_message=True, add_generation_prompt=False,
+             safety_config={"allow": ["violence"]})
+    s = r.json()["safety"]
+    assert s["query"]["flagged"] is False and s["query"]["scores"]["weapons"] < 0.5
+    assert s["prompt"]["flagged"] is True and s["prompt"]["categories"] == ["weapons"]
+    assert s["action"] == "refuse"
+    plain = chat(http, server, FRANCE, safety_config={"allow": ["violence"]}).json()["safety"]
+    assert plain.get("query") is None  # only prefilled requests are scored twice
+
+
+def test_flagged_query_acts_at_the_first_token_after_the_prefill(http, server):
+    prefill = COLORS + [{"role": "assistant", "content": "Sure, here they are:"}]
+    r = chat(http, server, prefill, continue_final_message=True, add_generation_prompt=False,
+             safety_config={"on_violation": "refuse"})
+    data = r.json()
+    s = data["safety"]
+    assert s["query"]["flagged"] is True and "violence" in s["query"]["categories"]
+    assert s["prompt"]["flagged"] is True and s["action"] in ("refuse", "stop")
+    assert data["choices"][0]["message"]["content"].startswith(DEFAULT_REFUSAL)
+    # Streaming takes the same path; the verdict arrives on the final chunk.
+    with http.stream("POST", "/v1/chat/completions", json={
+            "model": server.model, "messages": prefill, "max_tokens": 8, "temperature": 0,
+            "stream": True, "continue_final_message": True, "add_generation_prompt": False,
+            "safety_config": {"on_violation": "refuse"}}) as resp:
+        events = [json.loads(line[6:]) for line in resp.iter_lines()
+                  if line.startswith("data: {")]
+    final = [e for e in events if e.get("safety")][-1]["safety"]
+    assert final["query"]["flagged"] is True and final["action"] in ("refuse", "stop")
+
+
 def test_mid_generation_trigger_refuses_at_the_flagged_token(http, server):
     base = chat(http, server, FRANCE, safety_config={"allow": ["violence", "weapons"]})
     assert "Paris" in base.json()["choices"][0]["message"]["content"]
