@@ -110,6 +110,20 @@ def ensure_default_model(root: Path | None = None) -> Path:
 
 
 DEFAULT_HEAD_DIR = Path(__file__).with_name("default_checkpoint")
+# Heads that ship with the package, for the embedded model (MODEL_CARD.md in each).
+BUNDLED_HEADS = {"default": DEFAULT_HEAD_DIR,
+                 "strict": Path(__file__).with_name("strict_checkpoint")}
+
+
+def resolve_head_dir(head: str | Path) -> Path:
+    """A bundled head by name, or a directory holding ``safety_head/``."""
+    path = BUNDLED_HEADS.get(str(head), Path(head).expanduser())
+    from safeserve.models.checkpoint import HEAD_DIR
+
+    if not (path / HEAD_DIR).is_dir():
+        raise FileNotFoundError(f"safety head {head!r}: no {HEAD_DIR}/ in {path} (bundled: "
+                                f"{', '.join(BUNDLED_HEADS)})")
+    return path
 
 
 def _merge_adapter(base_dir: Path, adapter_dir: Path, out: Path) -> None:

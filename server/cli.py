@@ -36,6 +36,7 @@ def serve(
     api_key: Optional[list[str]] = typer.Option(None, help="bearer token (repeatable) [SAFESERVE_API_KEYS, comma-separated]"),
     enforce_eager: Optional[bool] = typer.Option(None, help="skip torch.compile (faster start)"),
     allow_unsafe: Optional[bool] = typer.Option(None, "--allow-unsafe", help="serve a model without a safety head"),
+    safety_head: Optional[str] = typer.Option(None, help="compose the model with this safety head: bundled 'default' or 'strict', or a directory with safety_head/ (+ adapter/) [SAFESERVE_SAFETY_HEAD]"),
     presets: Optional[Path] = typer.Option(None, help="safety presets YAML [SAFESERVE_PRESETS]"),
     grants: Optional[Path] = typer.Option(None, help="API keys and their safety grants YAML [SAFESERVE_GRANTS]"),
     default_preset: Optional[str] = typer.Option(None, help="preset for requests without a config"),
@@ -49,6 +50,7 @@ def serve(
         model=model, host=host, port=port, served_model_name=served_model_name, dtype=dtype,
         max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, max_num_seqs=max_num_seqs,
         api_keys=api_key or None, enforce_eager=enforce_eager, allow_unsafe=allow_unsafe,
+        safety_head=safety_head,
         presets=presets, default_preset=default_preset, grants=grants,
         log_level=log_level).items() if v is not None}
     run_server(Settings(**overrides))

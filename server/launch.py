@@ -31,14 +31,16 @@ def resolve_spec(settings: Settings) -> EngineSpec:
     from safeserve.models.model_store import DEFAULT_MODEL_NAME, ensure_default_model
 
     if settings.model is None:
-        model_dir = compose_default(ensure_default_model(), settings)
-        name = DEFAULT_MODEL_NAME
+        base_dir, name = ensure_default_model(), DEFAULT_MODEL_NAME
+        model_dir = base_dir if settings.safety_head else compose_default(base_dir, settings)
     else:
         model_dir = settings.model.expanduser().resolve()
         if not (model_dir / "config.json").is_file():
             raise StartupError(f"--model {model_dir} is not a Hugging Face model directory "
                                "(no config.json)")
         name = model_dir.name
+    if settings.safety_head:
+        model_dir = compose_with_head(model_dir, settings.safety_head)
     name = settings.served_model_name or name
     if not has_safety_head(model_dir):
         if not settings.allow_unsafe:
@@ -58,6 +60,18 @@ def compose_default(base_dir: Path, settings: Settings) -> Path:
     if not has_safety_head(DEFAULT_HEAD_DIR):
         return base_dir
     return compose_checkpoint(base_dir, DEFAULT_HEAD_DIR)
+
+
+def compose_with_head(model_dir: Path, head: str) -> Path:
+    """``model_dir`` with the safety head ``head`` (a bundled name or a directory) in place of
+    any head it has; a LoRA adapter beside that head is merged into the LM."""
+    from safeserve.models.model_store import compose_checkpoint, resolve_head_dir
+
+    try:
+        head_dir = resolve_head_dir(head)
+    except FileNotFoundError as e:
+        raise StartupError(str(e)) from None
+    return compose_checkpoint(model_dir, head_dir)
 
 
 def _safe_spec(model_dir: Path, name: str) -> EngineSpec:

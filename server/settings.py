@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     api_keys: list[str] = Field(default_factory=list, description="bearer tokens; empty = no auth")
     grants: Path | None = Field(None, description="YAML: API keys and what each may ask for")
     allow_unsafe: bool = Field(False, description="serve a model that has no safety head")
+    safety_head: str | None = Field(
+        None, description="safety head to compose with the model: a bundled one by name "
+        "(default, strict) or a directory holding safety_head/ (and optionally adapter/)")
     presets: Path | None = Field(None, description="safety presets YAML (default: built-in)")
     default_preset: str = Field("default", description="preset for requests with no config")
     log_level: str = "info"

@@ -21,6 +21,22 @@ def test_default_spec_is_safe():
     assert (spec.model_dir / "safety_head" / "head.safetensors").is_file()
 
 
+def test_bundled_strict_head_composes_with_its_adapter_merged():
+    import json
+
+    from safeserve.models.checkpoint import load_safety_head
+    from safeserve.server.launch import StartupError
+
+    spec = resolve_spec(Settings(safety_head="strict"))
+    assert spec.safety_enabled and spec.has_head
+    marker = json.loads((spec.model_dir / "safeserve_converted.json").read_text())
+    assert marker["adapter_merged"] is True
+    assert not (spec.model_dir / "model.safetensors").is_symlink()  # adapted weights, not the base
+    assert load_safety_head(spec.model_dir).extra["mode"] == "lora"
+    with pytest.raises(StartupError, match="no safety_head"):
+        resolve_spec(Settings(safety_head="no-such-head"))
+
+
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("default")
