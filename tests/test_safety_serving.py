@@ -233,3 +233,14 @@ def test_server_scores_match_the_training_forward(http, server):
     for point in trace[:n]:
         pos = len(prompt_ids) - 1 + point["token_index"]
         assert torch.allclose(torch.tensor(point["scores"]), scores[pos], atol=1e-3), point
+
+
+def test_bench_leak_counts_no_leaks_in_a_mixed_batch(server):
+    """`safeserve bench leak` end to end (small): references differ, batched rows match them."""
+    from safeserve.server.bench_leak import _run
+
+    res = asyncio.run(_run(server.url, server.model, COLORS[0]["content"],
+                           [{"allow": ["violence"]}, {"allow": []}], 12, 6, None))
+    assert res["leaks"] == 0 and res["requests"] == 12
+    permissive, strict = res["references"]
+    assert permissive["action"] == "none" and strict["action"] in ("refuse", "stop")
