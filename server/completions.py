@@ -111,7 +111,8 @@ async def query_verdict(engine: Engine, svc: SafetyService | None,
     The head's prompt verdict is read where the answer starts; with an attacker's prefill
     ("Sure, here is how ...") that point is inside the answer, where the head judges the
     answer so far, not the request. So the query is scored on its own first: a one-token
-    request over the same prefix (which the engine's prefix cache can reuse)."""
+    request over the same prefix, before the
+    real one (cost: one extra prefill, for prefilled requests only)."""
     if svc is None or prep.query_ids is None:
         return None
     from vllm import SamplingParams
