@@ -54,6 +54,7 @@ measurement.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -71,7 +72,7 @@ from safeserve.models.safety_data import (MASK_PROMPT, MASK_RESPONSE, Encoded, T
                                           encode_trajectory, load_trajectories)
 from safeserve.models.taxonomy import Category, Taxonomy
 
-HARD_NEGATIVE_SOURCES = ("gpteacher_roleplay", "risky_benign", "alpaca_wrapped")
+HARD_NEGATIVE_SOURCES = ("gpteacher_roleplay", "risky_benign", "alpaca_wrapped", "hard_negative")
 
 
 # --------------------------------------------------------------------------------------
@@ -182,9 +183,15 @@ def cached_features(cache: Path | None, key: dict, compute) -> Features:
     """Load features from ``cache`` when its key matches, else compute and store them."""
     if cache is not None and cache.is_file():
         blob = torch.load(cache, weights_only=False)
-        if blob.get("key") == key:
+        have = dict(blob.get("key") or {})
+        # A cache that holds more layers than asked for serves the asked ones.
+        if ({k: v for k, v in have.items() if k != "layers"}
+                == {k: v for k, v in key.items() if k != "layers"}
+                and set(key.get("layers", [])) <= set(have.get("layers", []))):
             f = blob["features"]
-            return f if isinstance(f, Features) else Features(**f)
+            f = f if isinstance(f, Features) else Features(**f)
+            f.hidden = {l: h for l, h in f.hidden.items() if l in set(key["layers"])}
+            return f
     feats = compute()
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -561,8 +568,13 @@ def finish_head(weight: torch.Tensor, bias: torch.Tensor, eval_feats: Features,
 
 def _recipe(args: dict) -> dict:
     """The options that reproduce a run, JSON-safe (paths as text)."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in args.items()
-            if isinstance(v, (str, int, float, bool, Path, type(None)))}
+    def safe(v):
+        if isinstance(v, (list, tuple)):
+            return [safe(x) for x in v]
+        return str(v) if isinstance(v, Path) else v
+
+    return {k: safe(v) for k, v in args.items()
+            if isinstance(v, (str, int, float, bool, Path, type(None), list, tuple))}
 
 
 def write_checkpoint(head: SafetyHead, metrics: dict, out: Path, extra: dict) -> Path:
@@ -604,50 +616,87 @@ def _load_lm(model_dir: Path, dtype: str = "float32"):
     return model, tok
 
 
-def _split_data(data: Path, eval_data: Path | None, taxonomy: Taxonomy, seed: int):
-    train = load_trajectories(data, taxonomy)
-    if eval_data is not None:
-        return train, load_trajectories(eval_data, taxonomy)
-    groups = sorted({t.group or t.user_text for t in train})
-    random.Random(seed).shuffle(groups)
-    held = set(groups[: max(1, len(groups) // 5)])
+def _paths(value) -> list[Path]:
+    """One path or several (``--data a --data b``) as a list; None or empty -> []."""
+    if value is None:
+        return []
+    if isinstance(value, (str, Path)):
+        return [Path(value)]
+    return [Path(v) for v in value]
+
+
+def _held_groups(groups: set[str], seed: int, fraction: float = 0.2) -> set[str]:
+    order = sorted(groups)
+    random.Random(seed).shuffle(order)
+    return set(order[: max(1, int(len(order) * fraction))])
+
+
+def _split_data(data, eval_data, taxonomy: Taxonomy, seed: int):
+    """Train and held-out trajectories from one or more files each; without held-out files,
+    20% of the training prompt groups are held out."""
+    train = [t for p in _paths(data) for t in load_trajectories(p, taxonomy)]
+    if _paths(eval_data):
+        return train, [t for p in _paths(eval_data) for t in load_trajectories(p, taxonomy)]
+    held = _held_groups({t.group or t.user_text for t in train}, seed)
     return ([t for t in train if (t.group or t.user_text) not in held],
             [t for t in train if (t.group or t.user_text) in held])
 
 
-def _feature_key(path: Path | None, model: Path, layers: list[int], max_length: int) -> dict:
-    st = path.stat() if path else None
-    return {"data": str(path), "size": st.st_size if st else 0,
-            "mtime": st.st_mtime if st else 0, "model": str(model), "layers": sorted(layers),
-            "max_length": max_length}
+def _feature_key(path: Path, model: Path, layers: list[int], max_length: int) -> dict:
+    st = path.stat()
+    return {"data": str(path.resolve()), "size": st.st_size, "mtime": st.st_mtime,
+            "model": str(model), "layers": sorted(layers), "max_length": max_length}
 
 
-def head_features(data: Path, eval_data: Path | None, external: Path | None, model_dir: Path,
+def concat_features(parts: list[Features]) -> Features:
+    """Rows of several files as one set (trajectory indices renumbered)."""
+    if len(parts) == 1:
+        return parts[0]
+    offsets, n = [], 0
+    for f in parts:
+        offsets.append(n)
+        n += len(f.meta)
+    return Features({l: torch.cat([f.hidden[l] for f in parts]) for l in parts[0].hidden},
+                    torch.cat([f.labels for f in parts]), torch.cat([f.kind for f in parts]),
+                    torch.cat([f.traj + o for f, o in zip(parts, offsets)]),
+                    [m for f in parts for m in f.meta])
+
+
+def head_features(data, eval_data, external: Path | None, model_dir: Path,
                   taxonomy: Taxonomy, layers: list[int], max_length: int, batch_size: int,
                   cache_dir: Path | None, seed: int, log=print, dtype: str = "float32"):
-    """Features for train / held-out / external rows, cached per file under ``cache_dir``."""
+    """Features for train / held-out / external rows. ``data`` and ``eval_data`` are one path
+    or several; each file's features are cached on their own under ``cache_dir`` (adding a
+    file re-extracts only that file). Without held-out files, 20% of the training prompt
+    groups are held out (as in ``_split_data``)."""
     model, tok = _load_lm(model_dir, dtype)
     model.eval()
     if torch.cuda.is_available():
         model.to("cuda")
-    train, held = _split_data(data, eval_data, taxonomy, seed)
-    out = {}
-    for name, rows, path in (("train", train, data), ("heldout", held, eval_data),
-                             ("external", None, external)):
-        if name == "external":
-            if external is None:
-                continue
-            rows = load_trajectories(external, taxonomy)
-        cache = cache_dir / f"{name}_features.pt" if cache_dir else None
-        key = _feature_key(path, model_dir, layers, max_length)
-        if name == "heldout" and eval_data is None:
-            key["split_of"] = str(data)
+
+    def of_file(path: Path, name: str) -> Features:
+        rows = load_trajectories(path, taxonomy)
+        tag = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
+        cache = cache_dir / f"{path.stem}-{tag}_features.pt" if cache_dir else None
         t0 = time.time()
-        out[name] = cached_features(
-            cache, key, lambda rows=rows, name=name: extract_features(
-                model, tok, rows, taxonomy, layers, max_length, batch_size, log, name))
-        log(f"{name}: {len(out[name].meta)} conversations, {out[name].labels.shape[0]} "
-            f"labelled positions ({time.time() - t0:.0f}s)")
+        f = cached_features(cache, _feature_key(path, model_dir, layers, max_length),
+                            lambda: extract_features(model, tok, rows, taxonomy, layers,
+                                                     max_length, batch_size, log, name))
+        log(f"{name} {path}: {len(f.meta)} conversations, {f.labels.shape[0]} labelled "
+            f"positions ({time.time() - t0:.0f}s)")
+        return f
+
+    train = concat_features([of_file(p, "train") for p in _paths(data)])
+    out = {"train": train}
+    if _paths(eval_data):
+        out["heldout"] = concat_features([of_file(p, "heldout") for p in _paths(eval_data)])
+    else:
+        held = _held_groups({m["group"] for m in train.meta}, seed)
+        out["train"] = train.subset({i for i, m in enumerate(train.meta)
+                                     if m["group"] not in held})
+        out["heldout"] = train.subset({i for i, m in enumerate(train.meta) if m["group"] in held})
+    if external is not None:
+        out["external"] = of_file(Path(external), "external")
     return out, model
 
 
@@ -873,12 +922,14 @@ def train_safety(args: dict, log=print) -> dict:
 
 
 def register(app) -> None:
-    """Add ``safety``, ``probe-layers`` and ``build-safety-data`` to the ``train`` group."""
+    """Add ``safety``, ``probe-layers``, ``build-safety-data`` and ``build-hard-negatives`` to
+    the ``train`` group."""
     import typer
 
-    from safeserve.models import safety_data
+    from safeserve.models import hard_negatives, safety_data
 
     safety_data.register(app)
+    hard_negatives.register(app)
 
     def _model(model: Path | None) -> Path:
         if model is not None:
@@ -889,10 +940,13 @@ def register(app) -> None:
 
     @app.command("safety")
     def safety_cmd(
-        data: Path = typer.Option(..., help="Training trajectories (.jsonl or .csv)."),
+        data: list[Path] = typer.Option(..., help="Training trajectories (.jsonl or .csv); "
+                                        "repeat to add files (e.g. hard negatives)."),
         out: Path = typer.Option(..., help="Checkpoint directory to write."),
-        eval_data: Path = typer.Option(None, help="Held-out trajectories (default: 20% of the "
-                                       "prompt groups of --data)."),
+        eval_data: list[Path] = typer.Option(None, help="Held-out trajectories, repeatable; "
+                                             "half of their prompt groups calibrate the "
+                                             "thresholds (default: 20% of the prompt groups "
+                                             "of --data)."),
         external_eval: Path = typer.Option(None, help="Prompt-only rows scored for the report "
                                            "only (never used for any choice)."),
         model: Path = typer.Option(None, help="Base model directory (default: the embedded "
@@ -946,8 +1000,8 @@ def register(app) -> None:
 
     @app.command("probe-layers")
     def probe_cmd(
-        data: Path = typer.Option(..., help="Training trajectories."),
-        eval_data: Path = typer.Option(None, help="Held-out trajectories."),
+        data: list[Path] = typer.Option(..., help="Training trajectories (repeatable)."),
+        eval_data: list[Path] = typer.Option(None, help="Held-out trajectories (repeatable)."),
         external_eval: Path = typer.Option(None, help="Prompt-only rows (reported only)."),
         model: Path = typer.Option(None, help="Base model directory."),
         layers: str = typer.Option("10,15,20,25,30", help="Layers to probe (L = final)."),

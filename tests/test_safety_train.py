@@ -16,8 +16,9 @@ from safeserve.models.safety_data import (MASK_IGNORE, MASK_PROMPT, MASK_RESPONS
                                           TrajectoryError, build_safety_data, categorise_text,
                                           encode_trajectory, is_refusal, load_trajectories,
                                           normalise, parse_trajectory, prompt_ids, rephrase)
-from safeserve.models.safety_train import (auroc, extract_features, fit_head, scores_of,
-                                           train_safety)
+from safeserve.models.hard_negatives import build_hard_negative_data, hard_negative_prompts
+from safeserve.models.safety_train import (auroc, extract_features, fit_head, head_features,
+                                           scores_of, train_safety)
 from safeserve.models.taxonomy import Taxonomy
 
 CHATML = (
@@ -197,6 +198,55 @@ def test_build_drops_eval_leaks(tmp_path):
     tr = {r.group for r in load_trajectories(tmp_path / "out/train.jsonl")}
     he = {r.group for r in load_trajectories(tmp_path / "out/heldout.jsonl")}
     assert not tr & he
+
+
+def test_hard_negatives_split_by_group_and_drop_eval_matches(tmp_path):
+    prompts = hard_negative_prompts(seed=0)
+    assert len({p.prompt for p in prompts}) == len(prompts) > 300
+    assert {"homonyms", "figurative", "definitions", "history", "privacy_fictional"} <= {
+        p.kind for p in prompts}
+    # An evaluation set that happens to contain one composed prompt: it must be dropped.
+    root = tmp_path / "data"
+    (root / "xstest").mkdir(parents=True)
+    clash = prompts[5].prompt
+    (root / "xstest/xstest_prompts.csv").write_text(
+        f'id,prompt,type,label,focus,note\n1,"{clash}",homonyms,safe,,\n')
+    stats = build_hard_negative_data(root, tmp_path / "hn", tmp_path, dry_run=True,
+                                     log=lambda *a: None)
+    assert stats["kept"] == len(prompts) - 1
+    tr = load_trajectories(tmp_path / "hn/train.jsonl")
+    he = load_trajectories(tmp_path / "hn/heldout.jsonl")
+    assert len(tr) + len(he) == stats["kept"] and he
+    assert not {r.group for r in tr} & {r.group for r in he}
+    assert all(r.source.startswith("hard_negative/") and not r.prompt_unsafe
+               and not r.response_unsafe for r in tr + he)
+    assert normalise(clash) not in {normalise(r.user_text) for r in tr + he}
+
+
+def test_features_of_several_files_cached_per_file(tiny, tmp_path):
+    model_dir, _ = tiny
+    a = _write(tmp_path / "a.jsonl", _rows(10, 0))
+    b = _write(tmp_path / "b.jsonl", _rows(6, 1))
+    held = _write(tmp_path / "held.jsonl", _rows(6, 2))
+    cache = tmp_path / "cache"
+    args = (Taxonomy.load(), [-1], 128, 8, cache, 0, lambda *a: None)
+    only_a, _ = head_features(a, held, None, model_dir, *args)
+    both, _ = head_features([a, b], [held], None, model_dir, *args)
+    assert len(list(cache.glob("*_features.pt"))) == 3  # a, held, b: one cache file each
+    tr = both["train"]
+    assert len(tr.meta) == 16 and tr.traj.max() == 15
+    na = only_a["train"].labels.shape[0]
+    torch.testing.assert_close(tr.hidden[-1][:na], only_a["train"].hidden[-1])
+    # b's rows follow a's, renumbered, and equal b's features extracted alone.
+    only_b, _ = head_features(b, held, None, model_dir, *args)
+    torch.testing.assert_close(tr.hidden[-1][na:], only_b["train"].hidden[-1])
+    assert tr.traj[na:].min() == 10
+    # Without held-out files, whole prompt groups are held out of the concatenated rows.
+    split, _ = head_features([a, b], None, None, model_dir, *args)
+    tr_g = {m["group"] for m in split["train"].meta}
+    he_g = {m["group"] for m in split["heldout"].meta}
+    assert he_g and not tr_g & he_g
+    assert len(split["train"].meta) + len(split["heldout"].meta) == 16
 
 
 def test_head_mode_trains_saves_and_reproduces_scores(tiny, tmp_path):
