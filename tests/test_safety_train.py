@@ -213,14 +213,17 @@ def test_hard_negatives_split_by_group_and_drop_eval_matches(tmp_path):
         f'id,prompt,type,label,focus,note\n1,"{clash}",homonyms,safe,,\n')
     stats = build_hard_negative_data(root, tmp_path / "hn", tmp_path, dry_run=True,
                                      log=lambda *a: None)
-    assert stats["kept"] == len(prompts) - 1
+    same_group = [p for p in prompts if p.group == prompts[5].group]
+    assert len(same_group) == 2  # both wordings of the entry go
+    assert stats["kept"] == len(prompts) - 2 and stats["groups_dropped_for_leakage"] == 1
     tr = load_trajectories(tmp_path / "hn/train.jsonl")
     he = load_trajectories(tmp_path / "hn/heldout.jsonl")
     assert len(tr) + len(he) == stats["kept"] and he
     assert not {r.group for r in tr} & {r.group for r in he}
     assert all(r.source.startswith("hard_negative/") and not r.prompt_unsafe
                and not r.response_unsafe for r in tr + he)
-    assert normalise(clash) not in {normalise(r.user_text) for r in tr + he}
+    assert not {normalise(p.prompt) for p in same_group} & {normalise(r.user_text)
+                                                             for r in tr + he}
 
 
 def test_features_of_several_files_cached_per_file(tiny, tmp_path):

@@ -68,6 +68,14 @@ def _save_merged(trainer, tokenizer, out: Path) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
+def _train_and_save(trainer, tokenizer, out: Path) -> dict:
+    """Train, save the merged model to ``out``, drop the trainer's scratch directory."""
+    result = trainer.train()
+    _save_merged(trainer, tokenizer, out)
+    shutil.rmtree(out / "_trainer", ignore_errors=True)
+    return {"steps": result.global_step, "loss": result.training_loss}
+
+
 def run_sft(model_dir: Path, rows: list[dict], out: Path, opts: TrainOptions) -> dict:
     """rows: {prompt: [messages], completion: [assistant message]}."""
     from datasets import Dataset
@@ -79,10 +87,7 @@ def run_sft(model_dir: Path, rows: list[dict], out: Path, opts: TrainOptions) ->
                      completion_only_loss=True, model_init_kwargs={"dtype": "float32"})
     trainer = SFTTrainer(model=str(model_dir), args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tok, peft_config=_lora_config(opts) if opts.lora else None)
-    result = trainer.train()
-    _save_merged(trainer, tok, out)
-    shutil.rmtree(out / "_trainer", ignore_errors=True)
-    return {"steps": result.global_step, "loss": result.training_loss}
+    return _train_and_save(trainer, tok, out)
 
 
 def run_dpo(model_dir: Path, rows: list[dict], out: Path, opts: TrainOptions) -> dict:
@@ -97,10 +102,7 @@ def run_dpo(model_dir: Path, rows: list[dict], out: Path, opts: TrainOptions) ->
                      beta=opts.dpo_beta, model_init_kwargs={"dtype": "float32"})
     trainer = DPOTrainer(model=str(model_dir), args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tok, peft_config=_lora_config(opts) if opts.lora else None)
-    result = trainer.train()
-    _save_merged(trainer, tok, out)
-    shutil.rmtree(out / "_trainer", ignore_errors=True)
-    return {"steps": result.global_step, "loss": result.training_loss}
+    return _train_and_save(trainer, tok, out)
 
 
 def is_main_process() -> bool:
