@@ -388,7 +388,7 @@ def build_hard_negative_data(data_root: Path | None, out_dir: Path, model: Path,
     thresholds (so the benign budget covers risky-looking requests) and half is reported.
     """
     from safeserve.models.safety_data import (Trajectory, generate_answers, normalise,
-                                              read_eval_keys, write_jsonl)
+                                              read_eval_keys, split_by_group, write_jsonl)
 
     warnings: list[str] = []
     eval_keys = read_eval_keys(data_root, warnings.append) if data_root else {}
@@ -407,15 +407,13 @@ def build_hard_negative_data(data_root: Path | None, out_dir: Path, model: Path,
                else generate_answers(str(model), convs, [False] * len(convs), max_tokens, log))
     rows = [Trajectory(c, a, "safe", [], None, f"hard_negative/{p.kind}", p.group,
                        {"kind": p.kind}) for p, c, a in zip(kept, convs, answers)]
-    groups = sorted({r.group for r in rows})
-    random.Random(seed).shuffle(groups)
-    held = set(groups[: int(round(len(groups) * heldout_fraction))])
-    train = [r for r in rows if r.group not in held]
-    heldout = [r for r in rows if r.group in held]
+    train, heldout, held = split_by_group(rows, heldout_fraction, random.Random(seed))
+    groups = {r.group for r in rows}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(train, out_dir / "train.jsonl")
     write_jsonl(heldout, out_dir / "heldout.jsonl")
-    stats = {"prompts": len(prompts), "kept": len(kept), "groups_dropped_for_leakage": len(leaked), "rows_train": len(train),
+    stats = {"prompts": len(prompts), "kept": len(kept),
+             "groups_dropped_for_leakage": len(leaked), "rows_train": len(train),
              "rows_heldout": len(heldout), "groups": len(groups), "groups_heldout": len(held),
              "by_kind": dict(sorted(Counter(p.kind for p in kept).items())),
              "max_tokens": max_tokens, "seed": seed, "warnings": warnings}

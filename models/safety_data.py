@@ -304,6 +304,17 @@ def encode_trajectory(traj: Trajectory, tokenizer, taxonomy: Taxonomy,
 # Data build: sources, category mapping, texts written for this project
 # --------------------------------------------------------------------------------------
 
+def split_by_group(rows: list[Trajectory], fraction: float, rng: random.Random
+                   ) -> tuple[list[Trajectory], list[Trajectory], set[str]]:
+    """(train, held-out, held-out groups): a ``fraction`` of the groups, drawn with ``rng``,
+    is held out whole."""
+    groups = sorted({r.group for r in rows})
+    rng.shuffle(groups)
+    held = set(groups[: int(round(len(groups) * fraction))])
+    return ([r for r in rows if r.group not in held], [r for r in rows if r.group in held],
+            held)
+
+
 def normalise(text: str) -> str:
     """Leakage key: lowercase, letters and digits only."""
     return re.sub(r"[^a-z0-9]", "", text.lower())
@@ -809,11 +820,8 @@ def build_safety_data(data_root: Path, out_dir: Path, model: Path, *, variants: 
                                    {"phrasing": kind, "mode": "written_refusal"}))
 
     # Held-out split by group (a base prompt and all its phrasings and answers stay together).
-    groups = sorted({r.group for r in rows})
-    rng.shuffle(groups)
-    held = set(groups[: int(round(len(groups) * heldout_fraction))])
-    train_rows = [r for r in rows if r.group not in held]
-    held_rows = [r for r in rows if r.group in held]
+    train_rows, held_rows, held = split_by_group(rows, heldout_fraction, rng)
+    groups = {r.group for r in rows}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(train_rows, out_dir / "train.jsonl")
     write_jsonl(held_rows, out_dir / "heldout.jsonl")
