@@ -104,12 +104,23 @@ def register(app: typer.Typer) -> None:
         select_lr: float = typer.Option(2e-4, help="model lr in the selector loop (paper: 1e-5 at 8B scale, many more steps)"),
         sft_lr: float = typer.Option(3e-4, help="LoRA SFT learning rate"),
         selector_lr: float = typer.Option(5e-3), gamma_step: float = typer.Option(0.025),
+        selector_optim: str = typer.Option("adam", help="selector optimiser: adam (paper) | sgd"),
         seed: int = typer.Option(0),
         threads: int = typer.Option(1, help="torch intra-op threads for training (0 = torch default); 1 is fastest on a busy 2-core machine"),
         model: Optional[Path] = typer.Option(None, help="base model (default: the embedded default model)"),
+        align: bool = typer.Option(True, "--align/--no-align", help="first safety-align the base (LoRA SFT on refusals + benign self-answers); the selector and all runs start from it"),
+        n_align_harmful: int = typer.Option(96, help="alignment set: held-back harmful_train requests with refusals"),
+        n_align_benign: int = typer.Option(96, help="alignment set: Alpaca instructions with the base model's answers"),
+        align_epochs: float = typer.Option(2.0, help="alignment SFT epochs"),
+        align_lr: float = typer.Option(3e-4, help="alignment LoRA SFT learning rate"),
+        gen_backend: str = typer.Option("hf", help="greedy generation: hf (transformers, merged checkpoints) | vllm (offline engine, LoRA adapters)"),
+        stop_after: Optional[str] = typer.Option(None, help="end after this step: data | align | selector | sft"),
     ):
         """Small-scale reproduction of SEAL's comparison (all data vs random vs SEAL) on CPU."""
         from safeserve.models.seal.experiment import ExperimentConfig, run_experiment
+
+        if gen_backend not in ("hf", "vllm"):
+            raise typer.BadParameter("--gen-backend must be hf or vllm")
 
         cfg = ExperimentConfig(data_root=str(data_root), out=str(out), n_benign=n_benign,
                                n_harmful=n_harmful, n_safe_refusals=n_safe_refusals,
@@ -118,5 +129,9 @@ def register(app: typer.Typer) -> None:
                                keep=keep, algorithm=algorithm, selector_epochs=selector_epochs,
                                sft_epochs=sft_epochs, batch_size=batch_size, select_lr=select_lr,
                                sft_lr=sft_lr, selector_lr=selector_lr, gamma_step=gamma_step,
-                               seed=seed, threads=threads, model=str(model) if model else None)
+                               selector_optim=selector_optim,
+                               seed=seed, threads=threads, model=str(model) if model else None,
+                               align=align, n_align_harmful=n_align_harmful,
+                               n_align_benign=n_align_benign, align_epochs=align_epochs,
+                               align_lr=align_lr, gen_backend=gen_backend, stop_after=stop_after)
         run_experiment(cfg, log=typer.echo)

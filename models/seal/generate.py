@@ -89,3 +89,51 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def hf_chat(model_dir: str | Path, items: list[dict], max_tokens: int, batch_size: int = 16,
+            log=None) -> list[str]:
+    """Greedy completions with transformers (no vLLM engine): same item format as a "chat"
+    task (``messages`` and an optional ``prefill`` the model continues; the returned text is
+    the continuation only). Prompts are the chat template plus the generation prompt, left
+    padded; generation stops at end-of-turn. On a small shared CPU this avoids the vLLM CPU
+    engine's start-up and its slow first LoRA steps; it is the same model and greedy decoding,
+    so answers differ from the engine's only by floating-point ties."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from safeserve.models.seal.data import prompt_token_ids
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    encs = []
+    for it in items:
+        if it.get("prefill"):
+            text = tok.apply_chat_template(
+                it["messages"] + [{"role": "assistant", "content": it["prefill"]}],
+                tokenize=False, continue_final_message=True)
+            encs.append(list(tok(text, add_special_tokens=False)["input_ids"]))
+        else:
+            encs.append(prompt_token_ids(tok, it["messages"]))
+    # Batches of similar length waste less padding; results go back in item order.
+    order = sorted(range(len(encs)), key=lambda i: len(encs[i]))
+    out: list[str | None] = [None] * len(encs)
+    with torch.no_grad():
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            width = max(len(encs[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            att = torch.zeros((len(idx), width), dtype=torch.long)
+            for r, i in enumerate(idx):
+                ids[r, width - len(encs[i]):] = torch.tensor(encs[i])
+                att[r, width - len(encs[i]):] = 1
+            gen = model.generate(input_ids=ids, attention_mask=att, do_sample=False,
+                                 max_new_tokens=max_tokens, pad_token_id=pad,
+                                 eos_token_id=tok.eos_token_id, temperature=None, top_p=None,
+                                 top_k=None)
+            for r, i in enumerate(idx):
+                out[i] = tok.decode(gen[r, width:], skip_special_tokens=True)
+            if log is not None:
+                log(f"hf generate {model_dir}: {min(b + batch_size, len(order))}/{len(order)}")
+    return out  # type: ignore[return-value]
