@@ -862,7 +862,7 @@ def run_adapter_mode(args: dict, taxonomy: Taxonomy, log=print) -> dict:
             step += 1
             hist.append({"step": step, "loss": float(loss.detach()), "lm": float(l_lm.detach()),
                          "cls": float(l_cls.detach())})
-            bar.set_postfix(lm=f"{float(l_lm):.3f}", cls=f"{float(l_cls):.3f}")
+            bar.set_postfix(lm=f"{hist[-1]['lm']:.3f}", cls=f"{hist[-1]['cls']:.3f}")
             if max_steps and step >= max_steps:
                 break
         if max_steps and step >= max_steps:
