@@ -102,6 +102,37 @@ def running_server(tmp: Path, *args: str, env: dict | None = None):
             proc.kill()
 
 
+def tiny_llama_with_default_tokenizer(out: Path) -> Path:
+    """A 2-layer random Llama (hidden 64) with the embedded default model's real tokenizer,
+    saved to ``out``; skips the test when the default model has not been prepared."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from safeserve.models.model_store import DEFAULT_MODEL_NAME, cache_dir
+
+    tok_dir = cache_dir() / "models" / DEFAULT_MODEL_NAME
+    if not (tok_dir / "tokenizer.json").is_file():
+        pytest.skip("default model tokenizer not converted yet (safeserve model prepare)")
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                      head_dim=32, max_position_embeddings=512, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matmuls on a busy 2-core box are ~100x slower with two OpenMP threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def base_model_dir() -> Path:
     from safeserve.models.model_store import ensure_default_model

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_llama_with_default_tokenizer
 from safeserve.models.seal.data import load_dataset
 from safeserve.models.seal.selector import Selector, selector_gradient
 from safeserve.models.seal.select_train import SealTrainer, SelectConfig
@@ -24,41 +25,15 @@ from safeserve.models.seal.select_train import SealTrainer, SelectConfig
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _tokenizer_dir() -> Path:
-    from safeserve.models.model_store import DEFAULT_MODEL_NAME, cache_dir
-
-    d = cache_dir() / "models" / DEFAULT_MODEL_NAME
-    if not (d / "tokenizer.json").is_file():
-        pytest.skip("default model tokenizer not converted yet (safeserve model prepare)")
-    return d
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls on a busy 2-core box are ~100x slower with two OpenMP threads.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     from safeserve.models.checkpoint import SafetyHead
     from safeserve.models.taxonomy import Taxonomy
 
-    tok = AutoTokenizer.from_pretrained(str(_tokenizer_dir()))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                      head_dim=32, max_position_embeddings=512, tie_word_embeddings=True,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tiny") / "model"
-    LlamaForCausalLM(cfg).save_pretrained(str(d))
-    tok.save_pretrained(str(d))
+    d = tiny_llama_with_default_tokenizer(tmp_path_factory.mktemp("tiny") / "model")
     tax = Taxonomy.load()
     SafetyHead(torch.randn(tax.num_outputs, 64), torch.zeros(tax.num_outputs), tax,
                extra={"purpose": "tests"}).save(d)

@@ -10,40 +10,18 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
+from conftest import tiny_llama_with_default_tokenizer
 from safeserve.models.seal.experiment import (REFUSALS, ExperimentConfig, _norm, align_refusals,
                                               build_prompts, run_experiment)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from safeserve.models.model_store import DEFAULT_MODEL_NAME, cache_dir
-
-    tok_dir = cache_dir() / "models" / DEFAULT_MODEL_NAME
-    if not (tok_dir / "tokenizer.json").is_file():
-        pytest.skip("default model tokenizer not converted yet (safeserve model prepare)")
-    tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                      head_dim=32, max_position_embeddings=512, tie_word_embeddings=True,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tiny_align") / "model"
-    LlamaForCausalLM(cfg).save_pretrained(str(d))
-    tok.save_pretrained(str(d))
-    return d
+    return tiny_llama_with_default_tokenizer(tmp_path_factory.mktemp("tiny_align") / "model")
 
 
 @pytest.fixture
