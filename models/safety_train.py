@@ -21,7 +21,10 @@ Modes (``safeserve train safety --mode ...``):
 
 For ``lora`` and ``full``, L_lm is next-token cross-entropy on *safe* response tokens only
 (benign answers and refusals); unsafe response tokens are classification targets but never LM
-targets, so the model is never taught to produce the harmful text it learns to flag. The loop
+targets, so the model is never taught to produce the harmful text it learns to flag. With
+``--lm-targets benign`` L_lm covers only the answers to benign prompts (the base model's own
+answers, so L_lm is self-distillation): the written refusals then train the head but not the
+LM, which keeps answering as the base model did and leaves refusing to the strategy. The loop
 runs under ``accelerate.Accelerator``, so the same code trains 7-8B models on several GPUs:
 
     accelerate launch --num_processes 8 --mixed_precision bf16 \\
@@ -784,7 +787,14 @@ class HeadParams(torch.nn.Module):
         return head_logits(hidden, self.weight, self.bias)
 
 
-def _collate(encs: list[Encoded], pad: int):
+LM_TARGETS = ("safe", "benign")
+
+
+def _collate(encs: list[Encoded], pad: int, lm_targets: str = "safe"):
+    """Batch tensors. LM targets: ``safe`` = every safe response token (benign answers and
+    refusals to harmful prompts); ``benign`` = only the answers of fully benign conversations,
+    which are the base model's own: L_lm is then self-distillation that keeps the LM's behaviour,
+    and the LM never learns to refuse by itself (the head and the decoding strategy decide)."""
     width = max(len(e.input_ids) for e in encs)
     k = encs[0].labels.shape[1]
     x = torch.full((len(encs), width), pad, dtype=torch.long)
@@ -798,6 +808,8 @@ def _collate(encs: list[Encoded], pad: int):
         x[r, :n], att[r, :n], lab[r, :n], kind[r, :n] = ids, 1, e.labels, e.mask
         # LM targets: safe response tokens only (never the harmful text the head flags).
         safe_resp = (e.mask == MASK_RESPONSE) & (e.labels[:, -1] < 0.5)
+        if lm_targets == "benign" and bool((e.labels[e.mask > 0] > 0.5).any()):
+            safe_resp = torch.zeros_like(safe_resp)
         lm[r, :n] = torch.where(safe_resp, ids, torch.full_like(ids, -100))
     return {"input_ids": x, "attention_mask": att, "labels": lab, "kind": kind, "lm": lm}
 
@@ -836,7 +848,8 @@ def run_adapter_mode(args: dict, taxonomy: Taxonomy, log=print) -> dict:
     li = resolve_layer(args["layer"], n_layers)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     loader = torch.utils.data.DataLoader(encs, batch_size=args["batch_size"], shuffle=True,
-                                         collate_fn=lambda b: _collate(b, pad))
+                                         collate_fn=lambda b: _collate(b, pad,
+                                                                       args["lm_targets"]))
     params = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": args["lr"]},
               {"params": list(head.parameters()), "lr": args["head_lr"]}]
     opt = torch.optim.AdamW(params, weight_decay=0.0)
@@ -887,6 +900,15 @@ def run_adapter_mode(args: dict, taxonomy: Taxonomy, log=print) -> dict:
                                     h.bias.detach().float().cpu(), ev, taxonomy, args,
                                     args["layer"], log)
     metrics["train_history"] = hist[-50:]
+    if args.get("external_eval"):
+        ext = load_trajectories(args["external_eval"], taxonomy)
+        ex = extract_features(m, tok, ext, taxonomy, [args["layer"]], args["max_length"],
+                              args["batch_size"], log, "external")
+        metrics["external_prompt_only"] = external_prompt_metrics(
+            scores_of(ex.hidden[args["layer"]], head_obj.weight, head_obj.bias), ex,
+            torch.tensor([c.threshold for c in head_obj.taxonomy.categories] + [0.5]))
+    metrics["data"] = {"train_conversations": len(encs), "heldout_conversations": len(ev.meta),
+                       "steps": step, "lm_targets": args["lm_targets"]}
     extra = {"recipe": _recipe(args),
              "base_model": str(args["model"]), "mode": args["mode"],
              "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -901,7 +923,7 @@ def train_safety(args: dict, log=print) -> dict:
                 "head_batch_size": 4096, "max_length": 512, "layer": -1, "probe_layers": "",
                 "tau": 3, "target_fpr": 0.05, "prompt_offset": True, "seed": 0, "weight_decay": 1e-3,
                 "lora_r": 16, "lora_alpha": 32, "head_only": False, "cache_dir": None,
-                "max_steps": 0, "taxonomy": None, "dtype": "float32"}
+                "max_steps": 0, "taxonomy": None, "dtype": "float32", "lm_targets": "safe"}
     args = {**defaults, **{k: v for k, v in args.items() if v is not None}}
     if args["lr"] is None:
         args["lr"] = 2e-3 if args["mode"] == "head" else 2e-4
@@ -909,6 +931,8 @@ def train_safety(args: dict, log=print) -> dict:
     if args["layer"] != -1:
         log(f"warning: layer {args['layer']} is for probing; the server serves layer -1 only "
             "and refuses to load this head")
+    if args["lm_targets"] not in LM_TARGETS:
+        raise ValueError(f"lm_targets must be one of {LM_TARGETS}, not {args['lm_targets']!r}")
     if args["mode"] == "head":
         return run_head_mode(args, taxonomy, log)
     if args["mode"] in ("lora", "full"):
@@ -922,14 +946,15 @@ def train_safety(args: dict, log=print) -> dict:
 
 
 def register(app) -> None:
-    """Add ``safety``, ``probe-layers``, ``build-safety-data`` and ``build-hard-negatives`` to
-    the ``train`` group."""
+    """Add ``safety``, ``probe-layers`` and the data builds (``build-safety-data``,
+    ``build-hard-negatives``, ``build-question-data``) to the ``train`` group."""
     import typer
 
-    from safeserve.models import hard_negatives, safety_data
+    from safeserve.models import hard_negatives, question_data, safety_data
 
     safety_data.register(app)
     hard_negatives.register(app)
+    question_data.register(app)
 
     def _model(model: Path | None) -> Path:
         if model is not None:
@@ -979,6 +1004,10 @@ def register(app) -> None:
         lora_alpha: int = typer.Option(32, help="LoRA alpha."),
         max_steps: int = typer.Option(0, help="Stop lora/full training after this many "
                                       "steps (0 = all epochs)."),
+        lm_targets: str = typer.Option("safe", help="lora/full: tokens L_lm trains on. "
+                                       "safe = benign answers and refusals; benign = only "
+                                       "answers to benign prompts (self-distillation: the LM "
+                                       "does not learn to refuse by itself)."),
         dtype: str = typer.Option("float32", help="LM weight dtype: float32 | bfloat16 "
                                   "(bfloat16 for 7-8B LoRA on GPUs)."),
         seed: int = typer.Option(0, help="Random seed."),
