@@ -947,14 +947,16 @@ def train_safety(args: dict, log=print) -> dict:
 
 def register(app) -> None:
     """Add ``safety``, ``probe-layers`` and the data builds (``build-safety-data``,
-    ``build-hard-negatives``, ``build-question-data``) to the ``train`` group."""
+    ``build-hard-negatives``, ``build-question-data``, ``augment-split``) to the ``train``
+    group."""
     import typer
 
-    from safeserve.models import hard_negatives, question_data, safety_data
+    from safeserve.models import augment, hard_negatives, question_data, safety_data
 
     safety_data.register(app)
     hard_negatives.register(app)
     question_data.register(app)
+    augment.register(app)
 
     def _model(model: Path | None) -> Path:
         if model is not None:

@@ -419,3 +419,23 @@ def test_committed_question_labels_are_valid():
     labels = read_labels()
     assert len(labels) == 480
     assert sum(v[0] == "unsafe" for v in labels.values()) == 321
+
+
+def test_split_augmentation_keeps_labels_groups_and_every_word():
+    from safeserve.models.augment import WRAPPERS, augment_split
+
+    rows = [parse_trajectory(r, "t") for r in _rows(40, 5)]
+    wrapped, counts = augment_split(rows, fraction=1.0, seed=0)
+    # Every single-turn original row gets a copy: harmful and benign alike.
+    assert len(wrapped) == len(rows) and any(k.startswith("safe/") for k in counts)
+    assert {k.split("/")[1] for k in counts} == set(WRAPPERS)
+    for orig, w in zip(rows, wrapped):
+        assert w.group == orig.group and w.source == orig.source + "+split"
+        assert (w.prompt_label, w.categories, w.response, w.response_unsafe_from) == (
+            orig.prompt_label, orig.categories, orig.response, orig.response_unsafe_from)
+        assert w.user_text != orig.user_text
+        # The request survives the split: its words appear in order.
+        pos = 0
+        for word in orig.user_text.split():
+            pos = w.user_text.index(word, pos)
+    assert augment_split(rows, fraction=0.0)[0] == []
