@@ -916,6 +916,40 @@ def run_adapter_mode(args: dict, taxonomy: Taxonomy, log=print) -> dict:
     return metrics
 
 
+def recalibrate(model_dir: Path, head_dir: Path, eval_data, out: Path, *, target_fpr: float,
+                tau: int = 3, max_length: int = 512, batch_size: int = 16, seed: int = 0,
+                log=print) -> dict:
+    """New thresholds for a trained head at another benign budget, without retraining.
+
+    ``model_dir`` is the LM the head reads (the base model for a head-only checkpoint, the
+    merged model for LoRA). Held-out features are extracted once, then ``finish_head`` runs as
+    at the end of training: the head's logits are what they are, only the thresholds and the
+    prompt-verdict fold move (a second fold is one more shift along the prompt-end read-out,
+    re-estimated on these features), and the metrics are re-measured at the new operating point. Writes
+    ``<out>/safety_head/``; a LoRA ``adapter/`` beside ``head_dir``'s head is copied along.
+    """
+    from safeserve.models.checkpoint import load_safety_head
+
+    head = load_safety_head(head_dir)
+    taxonomy = head.taxonomy
+    model, tok = _load_lm(Path(model_dir))
+    model.eval()
+    held = [t for p in _paths(eval_data) for t in load_trajectories(p, taxonomy)]
+    ev = extract_features(model, tok, held, taxonomy, [head.layer], max_length, batch_size, log,
+                          "heldout")
+    args = {"tau": tau, "target_fpr": target_fpr, "seed": seed, "prompt_offset": True}
+    new_head, metrics = finish_head(head.weight.float(), head.bias.float(), ev, taxonomy, args,
+                                    head.layer, log)
+    metrics["recalibrated_from"] = {"head": str(head_dir), "target_fpr": target_fpr,
+                                    "previous_served_thresholds": {
+                                        c.id: c.threshold for c in taxonomy.categories}}
+    write_checkpoint(new_head, metrics, Path(out), {**head.extra, "recalibrated": args})
+    adapter = Path(head_dir) / "adapter"
+    if adapter.is_dir() and Path(out) != Path(head_dir):
+        shutil.copytree(adapter, Path(out) / "adapter", dirs_exist_ok=True)
+    return metrics
+
+
 def train_safety(args: dict, log=print) -> dict:
     """Entry point shared by the CLI and the tests (``args`` mirrors the CLI options)."""
     defaults = {"eval_data": None, "external_eval": None, "mode": "head", "lambda_cls": 0.1,
@@ -964,6 +998,26 @@ def register(app) -> None:
         from safeserve.models.model_store import ensure_default_model
 
         return ensure_default_model()
+
+    @app.command("calibrate")
+    def calibrate_cmd(
+        head: Path = typer.Option(..., help="Checkpoint directory holding safety_head/ "
+                                  "(and adapter/ for LoRA heads)."),
+        model: Path = typer.Option(None, help="The LM the head reads: the merged model of a "
+                                   "LoRA run, or the base model (default: embedded)."),
+        eval_data: list[Path] = typer.Option(..., help="Held-out trajectories (repeatable); "
+                                             "half calibrate, half are reported."),
+        out: Path = typer.Option(..., help="Output directory (safety_head/, adapter/)."),
+        target_fpr: float = typer.Option(..., help="Benign conversations flagged, at most."),
+        tau: int = typer.Option(3, help="Consecutive unsafe response positions."),
+        max_length: int = typer.Option(512, help="Tokens per conversation."),
+        seed: int = typer.Option(0, help="Seed of the calibration / report split."),
+    ) -> None:
+        """Re-threshold a trained head at another benign budget (no retraining)."""
+        metrics = recalibrate(_model(model), head, eval_data, out, target_fpr=target_fpr,
+                              tau=tau, max_length=max_length, seed=seed, log=typer.echo)
+        typer.echo(json.dumps(metrics["thresholded_on_test_half"]["conversation_level"],
+                              indent=2))
 
     @app.command("safety")
     def safety_cmd(

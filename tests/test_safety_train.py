@@ -439,3 +439,31 @@ def test_split_augmentation_keeps_labels_groups_and_every_word():
         for word in orig.user_text.split():
             pos = w.user_text.index(word, pos)
     assert augment_split(rows, fraction=0.0)[0] == []
+
+
+def test_recalibrate_rethresholds_without_retraining(tiny, tmp_path):
+    """``train calibrate``: the head's weights move only along the prompt-end read-out (a
+    rank-one fold), its response ranking stays, thresholds are re-measured, and a LoRA
+    adapter beside the head travels with it."""
+    from safeserve.models.safety_train import recalibrate
+
+    model_dir, _ = tiny
+    train = _write(tmp_path / "train.jsonl", _rows(40, 0))
+    held = _write(tmp_path / "held.jsonl", _rows(48, 1))
+    out = tmp_path / "ckpt"
+    first = train_safety({"data": train, "eval_data": held, "model": model_dir, "out": out,
+                          "mode": "head", "epochs": 25, "lr": 2e-2, "head_batch_size": 256,
+                          "max_length": 128, "head_only": True, "target_fpr": 0.5},
+                         log=lambda *a: None)
+    (out / "adapter").mkdir()
+    (out / "adapter/adapter_config.json").write_text("{}")
+    again = recalibrate(model_dir, out, [held], tmp_path / "re", target_fpr=0.2,
+                        max_length=128, log=lambda *a: None)
+    old, new = load_safety_head(out), load_safety_head(tmp_path / "re")
+    assert torch.linalg.matrix_rank(new.weight - old.weight, atol=1e-4) <= 1
+    assert again["recalibrated_from"]["target_fpr"] == 0.2
+    assert again["calibration"]["target_fpr"] == 0.2
+    assert new.extra["recalibrated"]["target_fpr"] == 0.2
+    auc = lambda m: m["auroc_all_heldout"]["token_level"]["unsafe"]["auroc"]  # noqa: E731
+    assert abs(auc(again) - auc(first)) < 0.05
+    assert (tmp_path / "re/adapter/adapter_config.json").is_file()
