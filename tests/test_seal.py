@@ -230,5 +230,7 @@ def test_data_parallel_matches_single_process(tiny, data, tmp_path):
                    + ["--out", str(tmp_path / "one")], check=True, env=env, capture_output=True)
     ddp, one = (Selector.load(tmp_path / x / "selector.json") for x in ("ddp", "one"))
     assert ddp.config["world_size"] == 2 and one.config["world_size"] == 1
-    assert torch.allclose(ddp.omega, one.omega, atol=1e-3)
+    # Same updates up to float summation order: two ranks add the per-row gradients in
+    # another order than one process, and the selector lr (50) scales that rounding.
+    assert torch.allclose(ddp.omega, one.omega, rtol=1e-3, atol=5e-3)
     assert ddp.ranking() == one.ranking()
