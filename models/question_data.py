@@ -76,8 +76,9 @@ def read_first_turns(path: Path) -> list[str]:
             if not line.strip():
                 continue
             text = first_turn(json.loads(line).get("chosen", ""))
-            if text and prompt_key(text) not in seen:
-                seen.add(prompt_key(text))
+            key = prompt_key(text) if text else None
+            if key and key not in seen:
+                seen.add(key)
                 out.append(text)
     return out
 
@@ -107,10 +108,10 @@ def leak_keys(data_root: Path, warn) -> tuple[set[str], list[frozenset[str]]]:
     """Evaluation prompts (normalised keys, word sets): every eval set of ``build-safety-data``
     plus the CoSAlign-Test sample, whose BeaverTails prompts come from the same red-team
     dialogues as HH harmless-base (97 of its 583 prompts are HH first turns verbatim)."""
-    from safeserve.models.safety_data import normalise, read_eval_keys
+    from safeserve.models.safety_data import EVAL_FILES, normalise
 
     texts: list[str] = []
-    for name, (rel, col) in _eval_texts_files().items():
+    for name, (rel, col) in {**EVAL_FILES, "cosa_test": (COSA_TEST, "prompt")}.items():
         p = data_root / rel
         if not p.is_file():
             warn(f"eval set {name} not found at {p}: not checked for near copies")
@@ -121,15 +122,7 @@ def leak_keys(data_root: Path, warn) -> tuple[set[str], list[frozenset[str]]]:
             with open(p, newline="", encoding="utf-8-sig") as f:
                 rows = list(csv.DictReader(f, delimiter="\t" if p.suffix == ".tsv" else ","))
         texts += [r[col] for r in rows if r.get(col)]
-    keys = {normalise(t) for t in texts}
-    keys |= set().union(*read_eval_keys(data_root, warn).values())
-    return keys, [_words(t) for t in texts]
-
-
-def _eval_texts_files() -> dict[str, tuple[str, str]]:
-    from safeserve.models.safety_data import EVAL_FILES
-
-    return {**EVAL_FILES, "cosa_test": (COSA_TEST, "prompt")}
+    return {normalise(t) for t in texts}, [_words(t) for t in texts]
 
 
 def is_near_copy(text: str, eval_words: list[frozenset[str]]) -> bool:

@@ -486,6 +486,13 @@ def external_prompt_metrics(scores: torch.Tensor, feats: Features,
     return out
 
 
+def head_external_metrics(head: SafetyHead, ex: Features) -> dict:
+    """``external_prompt_metrics`` of a finished head at its served thresholds."""
+    return external_prompt_metrics(
+        scores_of(ex.hidden[head.layer], head.weight, head.bias), ex,
+        torch.tensor([c.threshold for c in head.taxonomy.categories] + [0.5]))
+
+
 def split_groups(meta: list[dict], fraction: float, seed: int) -> tuple[set[int], set[int]]:
     groups = sorted({m["group"] for m in meta})
     random.Random(seed).shuffle(groups)
@@ -748,10 +755,7 @@ def run_head_mode(args: dict, taxonomy: Taxonomy, log=print) -> dict:
                                 log)
     metrics["train_loss"] = {"first_epoch": fit.losses[0], "last_epoch": fit.losses[-1]}
     if "external" in feats:
-        ex = feats["external"]
-        metrics["external_prompt_only"] = external_prompt_metrics(
-            scores_of(ex.hidden[layer], head.weight, head.bias), ex,
-            torch.tensor([c.threshold for c in head.taxonomy.categories] + [0.5]))
+        metrics["external_prompt_only"] = head_external_metrics(head, feats["external"])
     if probe:
         metrics["layer_probe"] = probe_layers(feats, layers, taxonomy, args["epochs"],
                                               args["lr"], args["seed"], log)
@@ -904,9 +908,7 @@ def run_adapter_mode(args: dict, taxonomy: Taxonomy, log=print) -> dict:
         ext = load_trajectories(args["external_eval"], taxonomy)
         ex = extract_features(m, tok, ext, taxonomy, [args["layer"]], args["max_length"],
                               args["batch_size"], log, "external")
-        metrics["external_prompt_only"] = external_prompt_metrics(
-            scores_of(ex.hidden[args["layer"]], head_obj.weight, head_obj.bias), ex,
-            torch.tensor([c.threshold for c in head_obj.taxonomy.categories] + [0.5]))
+        metrics["external_prompt_only"] = head_external_metrics(head_obj, ex)
     metrics["data"] = {"train_conversations": len(encs), "heldout_conversations": len(ev.meta),
                        "steps": step, "lm_targets": args["lm_targets"]}
     extra = {"recipe": _recipe(args),
@@ -923,10 +925,10 @@ def recalibrate(model_dir: Path, head_dir: Path, eval_data, out: Path, *, target
 
     ``model_dir`` is the LM the head reads (the base model for a head-only checkpoint, the
     merged model for LoRA). Held-out features are extracted once, then ``finish_head`` runs as
-    at the end of training: the head's logits are what they are, only the thresholds and the
-    prompt-verdict fold move (a second fold is one more shift along the prompt-end read-out,
-    re-estimated on these features), and the metrics are re-measured at the new operating point. Writes
-    ``<out>/safety_head/``; a LoRA ``adapter/`` beside ``head_dir``'s head is copied along.
+    at the end of training: only the thresholds and the prompt-verdict fold move (a second
+    fold is one more shift along the prompt-end read-out, re-estimated on these features), and
+    the metrics are re-measured at the new operating point. Writes ``<out>/safety_head/``; a
+    LoRA ``adapter/`` beside ``head_dir``'s head is copied along.
     """
     from safeserve.models.checkpoint import load_safety_head
 
