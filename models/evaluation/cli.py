@@ -16,6 +16,22 @@ from rich.console import Console
 console = Console()
 
 
+def parse_safety_config(value: Optional[str]) -> dict | str | None:
+    """A preset name or a JSON object, as the server's ``safety_config`` accepts."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value.startswith("{"):
+        return value
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"--safety-config is not valid JSON: {exc}") from exc
+    if not isinstance(parsed, dict):
+        raise typer.BadParameter("--safety-config must be a preset name or a JSON object")
+    return parsed
+
+
 def _parse_data(specs: list[str]) -> list[tuple[str, Path]]:
     parsed = []
     for spec in specs:
@@ -46,6 +62,7 @@ def safety(
     harmbench_copyright: bool = typer.Option(False, "--harmbench-copyright", help="Include HarmBench copyright behaviours."),
     harmbench_targets: Optional[Path] = typer.Option(None, "--harmbench-targets", help="HarmBench BehaviorID->target JSON, used as prefills."),
     out: Path = typer.Option(..., "--out", help="Output folder for results.jsonl, summary.json, summary.md, asr.png."),
+    safety_config: Optional[str] = typer.Option(None, "--safety-config", help="Preset name or JSON object sent as safety_config with every request, e.g. '{\"on_violation\": \"annotate\", \"trace\": true}' to record traces for `eval replay`."),
     label: str = typer.Option("", "--label", help="Name of this run in reports, e.g. 'safety on'."),
     api_key: str = typer.Option(os.environ.get("OPENAI_API_KEY", "EMPTY"), "--api-key", help="API key if the server wants one.", show_default=False),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
@@ -85,6 +102,7 @@ def safety(
         timeout=timeout,
         api_key=api_key,
         progress=progress,
+        safety_config=parse_safety_config(safety_config),
         meta={"label": label or model, "limit": limit or None, "seed": seed, "xstest_limit": xstest_limit or None},
     )
     # Plain echo for markdown: rich would re-wrap long table rows.
@@ -124,8 +142,59 @@ def compare(
     typer.echo(text)
 
 
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{option} expects comma-separated numbers, got {text!r}") from None
+
+
+def replay(
+    runs: list[Path] = typer.Argument(..., help="Traced `eval safety` output folders (made with --safety-config '{\"on_violation\": \"annotate\", \"trace\": true}')."),
+    head: Path = typer.Option(..., "--head", help="The checkpoint the runs were served with (its thresholds are the starting point)."),
+    exclude: list[Path] = typer.Option([], "--exclude", help="Runs whose requests (same id and attack) are left out: e.g. the test run, when tuning on a development run."),
+    cosa: list[Path] = typer.Option([], "--cosa", help="Traced `eval cosa --mode enforce` output folders (same --base-config)."),
+    prompt_shift: str = typer.Option("0", "--prompt-shift", help="Logit shift(s) of the prompt/query thresholds, comma-separated (+ = act less)."),
+    response_shift: str = typer.Option("0", "--response-shift", help="Logit shift(s) of the response thresholds, comma-separated."),
+    tau: str = typer.Option("3", "--tau", help="Consecutive violating steps, comma-separated."),
+    max_over_refusal: Optional[float] = typer.Option(None, "--max-over-refusal", help="With several rules: keep only those within this over-refusal budget, best attack success first."),
+    json_out: Optional[Path] = typer.Option(None, "--json-out", help="Write every scored rule as JSON."),
+) -> None:
+    """Replay the decision rule over traced runs at other thresholds and tau, without generating
+    again: attack success, over-refusal and CoSA answered rates per rule."""
+    from safeserve.models.evaluation import replay as rp
+
+    try:
+        base = rp.served_rule(head)
+        rows = [r for run in runs for r in rp.load_safety_run(run, base.names)]
+        held_out = set().union(*(rp.run_requests(run) for run in exclude))
+        rows = [r for r in rows if (r.extra["id"], r.group) not in held_out]
+        rows += [r for run in cosa for r in rp.load_cosa_run(run, base.names)]
+    except (rp.TraceError, OSError, KeyError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    if not rows:
+        raise typer.BadParameter("no traced requests to replay (all excluded, or empty runs)")
+    taus = [int(t) for t in _floats(tau, "--tau")]
+    results = rp.sweep(rows, base, _floats(prompt_shift, "--prompt-shift"),
+                       _floats(response_shift, "--response-shift"), taus)
+    same, n = rp.agreement(rows, base)
+    typer.echo(f"{n} traced requests; the served rule replayed triggers where the server did on {same} of {n}")
+    shown = results
+    if len(results) > 1:
+        if max_over_refusal is not None:
+            shown = sorted((r for r in results if r["over_refusal"] and r["over_refusal"]["rate"] <= max_over_refusal),
+                           key=rp.mean_asr)[:15]
+        else:
+            shown = rp.pareto(results)
+    typer.echo("\n".join(rp.results_table(shown)))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(results, indent=1), encoding="utf-8")
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``safety``, ``judge-check`` and ``compare`` to the ``eval`` group."""
+    """Add ``safety``, ``judge-check``, ``compare`` and ``replay`` to the ``eval`` group."""
+    app.command("replay")(replay)
     app.command("safety")(safety)
     app.command("judge-check")(judge_check)
     app.command("compare")(compare)

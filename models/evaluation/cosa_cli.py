@@ -13,14 +13,9 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from safeserve.models.evaluation.cli import parse_safety_config
+
 console = Console()
-
-
-def _base_config(value: Optional[str]):
-    if value is None:
-        return None
-    value = value.strip()
-    return json.loads(value) if value.startswith("{") else value
 
 
 def cosa(
@@ -64,14 +59,14 @@ def cosa(
         judge = LLMJudge(judge_url, judge_model, api_key, concurrency=concurrency)
     started = time.perf_counter()
     rows = asyncio.run(ce.query(items, base_url=base_url, model=model, mode=mode,
-                                base_config=_base_config(base_config), concurrency=concurrency,
+                                base_config=parse_safety_config(base_config), concurrency=concurrency,
                                 max_tokens=max_tokens, api_key=api_key, timeout=timeout,
                                 retries=retries, progress=progress))
     duration = time.perf_counter() - started
     ce.score_rows(rows, head=head, llm_judge=judge)
     seen = set(json.loads(seen_configs.read_text())) if seen_configs else None
     meta = {"model": model, "base_url": base_url, "data": str(data), "mode": mode,
-            "base_config": _base_config(base_config), "limit_per_config": limit, "seed": seed,
+            "base_config": parse_safety_config(base_config), "limit_per_config": limit, "seed": seed,
             "max_tokens": max_tokens, "temperature": 0.0, "duration_s": round(duration, 1),
             "head_checkpoint": str(head_checkpoint) if head_checkpoint else None,
             "judge_url": judge_url}

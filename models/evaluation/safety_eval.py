@@ -67,8 +67,12 @@ def _safety_of(response) -> dict | None:
     return None
 
 
-async def run_job(client: AsyncOpenAI, model: str, job: Job, *, max_tokens: int, temperature: float = 0.0) -> dict:
+async def run_job(client: AsyncOpenAI, model: str, job: Job, *, max_tokens: int, temperature: float = 0.0,
+                  safety_config: dict | str | None = None) -> dict:
     request = build_request(job.sample, job.attack, job.index)
+    extra_body = dict(request.extra_body)
+    if safety_config is not None:
+        extra_body["safety_config"] = safety_config
     row = {
         "id": job.sample.id,
         "dataset": job.sample.dataset,
@@ -95,7 +99,7 @@ async def run_job(client: AsyncOpenAI, model: str, job: Job, *, max_tokens: int,
             messages=request.messages,
             max_tokens=max_tokens,
             temperature=temperature,
-            extra_body=request.extra_body or None,
+            extra_body=extra_body or None,
         )
     except openai.APIError as exc:  # retries are exhausted by now
         row["error"] = f"{type(exc).__name__}: {exc}"[:500]
@@ -124,6 +128,7 @@ async def run_jobs(
     max_tokens: int = 128,
     temperature: float = 0.0,
     progress: bool = True,
+    safety_config: dict | str | None = None,
 ) -> list[dict]:
     """Run ``jobs`` with at most ``concurrency`` requests in flight; rows come back in job order."""
     gate = asyncio.Semaphore(max(1, concurrency))
@@ -133,7 +138,8 @@ async def run_jobs(
     async def one(job: Job) -> dict:
         nonlocal errors
         async with gate:
-            row = await run_job(client, model, job, max_tokens=max_tokens, temperature=temperature)
+            row = await run_job(client, model, job, max_tokens=max_tokens, temperature=temperature,
+                                    safety_config=safety_config)
         errors += row["error"] is not None
         bar.update(1)
         bar.set_postfix(errors=errors, refresh=False)
@@ -171,6 +177,7 @@ def evaluate(
     meta: dict | None = None,
     progress: bool = True,
     http_client=None,
+    safety_config: dict | str | None = None,
 ) -> dict:
     """Run the eval end to end and write ``results.jsonl``, ``summary.json``, ``summary.md`` and
     the plot into ``out_dir``; returns the summary."""
@@ -183,7 +190,8 @@ def evaluate(
     async def go() -> list[dict]:
         client = make_client(base_url, api_key, timeout=timeout, max_retries=max_retries, http_client=http_client)
         async with client:
-            return await run_jobs(client, model, jobs, concurrency=concurrency, max_tokens=max_tokens, progress=progress)
+            return await run_jobs(client, model, jobs, concurrency=concurrency, max_tokens=max_tokens,
+                                  progress=progress, safety_config=safety_config)
 
     started = time.perf_counter()
     rows = asyncio.run(go())
@@ -197,6 +205,7 @@ def evaluate(
         "max_tokens": max_tokens,
         "concurrency": concurrency,
         "temperature": 0.0,
+        "safety_config": safety_config,
         "duration_s": round(duration, 2),
         "requests_per_s": round(len(rows) / duration, 3) if duration else None,
         "completion_tokens": completion_tokens,

@@ -1,0 +1,157 @@
+"""Offline replay of the decision rule over traced runs (`safeserve eval replay`): the rule's
+arithmetic on hand-made traces, and the CLI. Its agreement with the real engine is tested
+in test_default_model.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from safeserve.models.evaluation import replay as rp
+from safeserve.models.evaluation.judge import FULL_COMPLIANCE, FULL_REFUSAL
+
+NAMES = ("violence", "weapons", "unsafe")
+BASE = rp.Rule(NAMES, (0.9, 0.9, 0.5), (0.9, 0.9, 0.5), tau=3)
+
+
+def _row(prompt, steps, *, allow=(), query=None, kind="harmful", text_answered=True, group="direct"):
+    return rp.TracedRow(kind=kind, group=group, dataset="t", allow=tuple(allow),
+                        prompt=None if prompt is None else rp.np.array(prompt, dtype=float),
+                        query=None if query is None else rp.np.array(query, dtype=float),
+                        steps=rp.np.array(steps, dtype=float).reshape(len(steps), len(NAMES)),
+                        refused_by_text=not text_answered, answered_by_text=text_answered)
+
+
+LOW = [0.1, 0.1, 0.1]
+VIOLENT = [0.95, 0.1, 0.6]
+
+
+def test_prompt_and_query_verdicts_act_at_step_zero():
+    assert rp.trigger_step(_row(VIOLENT, [LOW] * 5), BASE) == 0
+    assert rp.trigger_step(_row(LOW, [LOW] * 5, query=VIOLENT), BASE) == 0
+    assert rp.trigger_step(_row(LOW, [LOW] * 5), BASE) is None
+
+
+def test_response_rule_needs_tau_consecutive_steps():
+    steps = [LOW, VIOLENT, VIOLENT, LOW, VIOLENT, VIOLENT, VIOLENT, LOW]
+    assert rp.trigger_step(_row(LOW, steps), BASE) == 7  # the third of the second run
+    assert rp.trigger_step(_row(LOW, steps), rp.Rule(NAMES, BASE.prompt_thresholds, BASE.response_thresholds, 2)) == 3
+    assert rp.trigger_step(_row(LOW, steps), rp.Rule(NAMES, BASE.prompt_thresholds, BASE.response_thresholds, 4)) is None
+
+
+def test_allowed_categories_are_masked_and_unsafe_counts_only_when_nothing_is_allowed():
+    # violence allowed: neither violence nor the overall output may violate
+    assert rp.trigger_step(_row(VIOLENT, [VIOLENT] * 4, allow=["violence"]), BASE) is None
+    # weapons allowed: violence still violates
+    assert rp.trigger_step(_row(VIOLENT, [LOW], allow=["weapons"]), BASE) == 0
+    # only the overall output is high: it acts for a request that allows nothing
+    overall = [0.1, 0.1, 0.7]
+    assert rp.trigger_step(_row(overall, [LOW]), BASE) == 0
+    assert rp.trigger_step(_row(overall, [LOW], allow=["weapons"]), BASE) is None
+
+
+def test_logit_shifts_move_each_phase_separately():
+    rule = rp.Rule.shifted(NAMES, BASE.response_thresholds, prompt_shift=1.0, response_shift=-1.0)
+    assert rule.prompt_thresholds[0] == pytest.approx(9 * rp.math.e / (1 + 9 * rp.math.e))  # odds 9 -> 9e
+    assert rule.response_thresholds[0] < 0.9 < rule.prompt_thresholds[0]
+    assert rp.trigger_step(_row(VIOLENT, [LOW] * 3), rule) is None  # 0.95 < 0.96 at the prompt
+    mild = [0.8, 0.1, 0.1]
+    assert rp.trigger_step(_row(LOW, [mild] * 3), rule) == 3  # 0.8 >= 0.768 while generating
+
+
+def test_score_outcomes_and_pareto():
+    rows = [
+        _row(VIOLENT, [LOW] * 3),  # caught at the prompt
+        _row(LOW, [LOW] * 3),  # answered: an attack success
+        _row(LOW, [LOW] * 3, text_answered=False),  # the model declined by itself
+        _row(LOW, [VIOLENT] * 3, kind="benign"),  # over-refused by the response rule
+        _row(LOW, [LOW] * 3, kind="benign"),
+        _row(LOW, [LOW] * 3, kind="benign", text_answered=False),  # the LM refused a safe prompt
+    ]
+    out = rp.score(rows, BASE)
+    assert out["asr"]["direct"] == {"rate": pytest.approx(1 / 3), "n": 3}
+    assert out["over_refusal"] == {"rate": pytest.approx(2 / 3), "n": 3}
+    results = rp.sweep(rows, BASE, [0.0, 5.0], [0.0, 5.0], [3])
+    assert len(results) == 4
+    front = rp.pareto(results)
+    # loosening the response rule frees the benign row; loosening the prompt loses the catch
+    assert [(r["prompt_shift"], r["response_shift"]) for r in front] == [(0.0, 5.0)]
+    assert rp.results_table(front)[2].startswith("| +0 | +5 | 3 |")
+
+
+def _result_row(i, *, harmful, verdict, trace, prompt_flagged=False, action="annotate", names=NAMES):
+    return {"id": f"t:{i}", "dataset": "t", "harmful": harmful, "attack": "direct", "template": None,
+            "verdict": verdict, "error": None,
+            "safety": {"action": action, "score_names": list(names), "config": {"allow": []},
+                       "prompt": {"flagged": prompt_flagged, "scores": dict(zip(names, trace[0]["scores"]))},
+                       "query": None, "trace": trace}}
+
+
+def _trace(points, events):
+    return [{"token_index": i, "scores": s, "event": e} for i, (s, e) in enumerate(zip(points, events))]
+
+
+def test_loader_checks_and_agreement(tmp_path):
+    rows = [
+        _result_row(0, harmful=True, verdict=FULL_COMPLIANCE, prompt_flagged=True,
+                    trace=_trace([VIOLENT, LOW], [2, 0])),
+        _result_row(1, harmful=False, verdict=FULL_COMPLIANCE,
+                    trace=_trace([LOW, VIOLENT, VIOLENT, VIOLENT], [0, 1, 1, 2])),
+        _result_row(2, harmful=False, verdict=FULL_REFUSAL, trace=_trace([LOW, LOW], [0, 0])),
+    ]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    loaded = rp.load_safety_run(run, NAMES)
+    assert [r.extra["server_trigger"] for r in loaded] == [0, 3, None]
+    assert rp.agreement(loaded, BASE) == (3, 3)
+    assert rp.agreement(loaded, rp.Rule.shifted(NAMES, BASE.response_thresholds, response_shift=3)) == (2, 3)
+
+    acted = dict(rows[0], safety=dict(rows[0]["safety"], action="refuse"))
+    (run / "results.jsonl").write_text(json.dumps(acted) + "\n")
+    with pytest.raises(rp.TraceError, match="annotate-only"):
+        rp.load_safety_run(run, NAMES)
+    untraced = dict(rows[0], safety=dict(rows[0]["safety"], trace=None))
+    (run / "results.jsonl").write_text(json.dumps(untraced) + "\n")
+    with pytest.raises(rp.TraceError, match="no score trace"):
+        rp.load_safety_run(run, NAMES)
+    (run / "results.jsonl").write_text(json.dumps(rows[1]) + "\n")
+    with pytest.raises(rp.TraceError, match="score names"):
+        rp.load_safety_run(run, ("violence",))
+
+
+def test_replay_cli_on_the_default_checkpoint(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from safeserve.models.checkpoint import load_safety_head
+    from safeserve.models.evaluation.cli import register
+    from safeserve.models.model_store import DEFAULT_HEAD_DIR
+
+    eval_app = typer.Typer()
+    register(eval_app)
+
+    head = load_safety_head(DEFAULT_HEAD_DIR)
+    names = tuple(head.taxonomy.ids) + ("unsafe",)
+    low = [0.01] * len(names)
+    high = list(low)
+    high[0] = 0.99999
+    rows = [_result_row(0, harmful=True, verdict=FULL_COMPLIANCE, names=names,
+                        trace=_trace([low, high, high, high], [0, 1, 1, 2]))]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    out = tmp_path / "sweep.json"
+    result = CliRunner().invoke(eval_app, ["replay", str(run), "--head", str(DEFAULT_HEAD_DIR),
+                                           "--tau", "3,4", "--json-out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "on 1 of 1" in result.output
+    scored = json.loads(out.read_text())
+    assert [r["asr"]["direct"]["rate"] for r in scored] == [0.0, 1.0]  # tau 4 lets it through
+    bad = CliRunner().invoke(eval_app, ["replay", str(run), "--head", str(DEFAULT_HEAD_DIR), "--tau", "x"])
+    assert bad.exit_code != 0
+    # a development run minus the requests of the test run: nothing is left here
+    empty = CliRunner().invoke(eval_app, ["replay", str(run), "--head", str(DEFAULT_HEAD_DIR),
+                                          "--exclude", str(run)])
+    assert empty.exit_code != 0 and "no traced requests" in empty.output
