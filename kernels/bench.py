@@ -1,6 +1,7 @@
 """Per-step cost of the safety kernels: the fused head and the decision.
 
     python -m safeserve.kernels.bench --batch 256 --hidden 4096 --categories 9 --dtype bfloat16
+    python -m safeserve.kernels.bench ... --mlp-units 128     # the head with its residual MLP
 
 On CUDA it times the Triton launchers with CUDA events (and the PyTorch references beside
 them for comparison). On CPU there is no compiled Triton, so it times the reference path
@@ -9,6 +10,8 @@ them for comparison). On CPU there is no compiled Triton, so it times the refere
 The head is a skinny GEMM (K is ~10), so its floor is memory traffic, not FLOPs:
     bytes = N*H*elem(hidden) + K*H*4 (weight) + N*K*4 (scores)
 and achieved GB/s = bytes / time is the figure to compare with the device's bandwidth.
+The residual MLP adds M*H*4 + M*4 + K*M*4 bytes of weights and 2*N*H*M FLOPs: still a read
+of `hidden` plus small weights for M in the hundreds.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ def run_benchmark(
     categories: int = 9,
     dtype: str = "bfloat16",
     iters: int = 200,
+    mlp_units: int = 0,
 ) -> dict:
     """Time one engine step of each kernel; returns a flat dict of results.
 
@@ -69,8 +73,8 @@ def run_benchmark(
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}; got {dtype!r}")
-    if batch < 1 or hidden < 1 or categories < 0 or iters < 1:
-        raise ValueError("batch, hidden and iters must be >= 1, categories >= 0")
+    if batch < 1 or hidden < 1 or categories < 0 or iters < 1 or mlp_units < 0:
+        raise ValueError("batch, hidden and iters must be >= 1, categories and mlp_units >= 0")
     torch_dtype = _DTYPES[dtype]
     n_cats = categories + 1
     on_cuda = torch.cuda.is_available()
@@ -81,6 +85,11 @@ def run_benchmark(
     weight = (torch.randn(n_cats, hidden, generator=gen) / hidden**0.5).to(device)
     bias = torch.randn(n_cats, generator=gen).to(device)
     scores = torch.empty(batch, n_cats, device=device)
+    mlp = None
+    if mlp_units:
+        mlp = ((torch.randn(mlp_units, hidden, generator=gen) / hidden**0.5).to(device),
+               torch.randn(mlp_units, generator=gen).to(device),
+               (torch.randn(n_cats, mlp_units, generator=gen) / mlp_units**0.5).to(device))
 
     # Decision state sized to the batch (R = N), a realistic prompt/decode mix.
     thresholds = torch.rand(batch, n_cats, generator=gen).to(device)
@@ -94,7 +103,7 @@ def run_benchmark(
     decide_args = (scores, thresholds, masked, counter, tau, is_prompt, active)
 
     def head_step():
-        return safety_scores(hidden_states, weight, bias, out=scores)
+        return safety_scores(hidden_states, weight, bias, out=scores, mlp=mlp)
 
     def decide_step():
         return decide(*decide_args, event=event, cats=cats)
@@ -107,6 +116,7 @@ def run_benchmark(
 
     elem = hidden_states.element_size()
     head_bytes = batch * hidden * elem + n_cats * hidden * 4 + batch * n_cats * 4
+    head_bytes += (mlp_units * hidden + mlp_units + n_cats * mlp_units) * 4
     result = {
         "device": torch.cuda.get_device_name(device) if on_cuda else "cpu",
         "path": "triton" if _use_triton(hidden_states) else "reference (PyTorch; no Triton on CPU)",
@@ -114,6 +124,7 @@ def run_benchmark(
         "batch": batch,
         "hidden": hidden,
         "categories": n_cats,
+        "mlp_units": mlp_units,
         "dtype": dtype,
         "iters": iters,
         "head_us": head_us,
@@ -125,7 +136,7 @@ def run_benchmark(
     if on_cuda:
         # The PyTorch references on the same device: what the kernels are meant to beat.
         ref_head_us = timer(
-            lambda: safety_scores_reference(hidden_states, weight, bias), iters, warmup
+            lambda: safety_scores_reference(hidden_states, weight, bias, mlp), iters, warmup
         )
         ref_decide_args = (scores, thresholds, masked, counter.clone(), tau, is_prompt, active)
         ref_decide_us = timer(lambda: decide_reference(*ref_decide_args), iters, warmup)
@@ -144,6 +155,7 @@ _LABELS = {
     "batch": "batch (N)",
     "hidden": "hidden (H)",
     "categories": "head outputs (K)",
+    "mlp_units": "residual MLP units (M)",
     "dtype": "hidden dtype",
     "iters": "iterations",
     "head_us": "head us/step",
@@ -195,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
     parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--mlp-units", type=int, default=0, help="residual MLP units (0: linear head)")
     parser.add_argument("--plain", action="store_true", help="plain text instead of a rich table")
     args = parser.parse_args(argv)
     result = run_benchmark(
@@ -203,6 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
         categories=args.categories,
         dtype=args.dtype,
         iters=args.iters,
+        mlp_units=args.mlp_units,
     )
     _print_table(result, args.plain)
     return result

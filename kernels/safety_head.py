@@ -3,7 +3,14 @@
 Math (the one place it is defined; training and serving both call these functions):
 
     logits[n, k] = sum_h hidden[n, h] * weight[k, h] + bias[k]      (k < K = categories + 1)
+                 + sum_m down[k, m] * relu(sum_h hidden[n, h] * up[m, h] + up_bias[m])
     scores[n, k] = sigmoid(logits[n, k])                            (float32)
+
+The second line is an optional residual MLP (``mlp = (up [M, H], up_bias [M], down [K, M])``,
+M hidden units): a linear head alone reads topic more than intent from a small model's
+hidden state, and the per-token signal gains most from the non-linear term. The linear part
+stays, so everything that acts on the head linearly (the prompt-verdict fold in training)
+works on both kinds.
 
 `head_logits` is the differentiable PyTorch form used by training; `safety_scores_reference`
 is the reference the Triton kernel is tested against; `safety_scores` is the launcher the
@@ -37,16 +44,29 @@ FORCE_TRITON_ENV = "SAFESERVE_FORCE_TRITON"
 _HIDDEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """[N, H] x [K, H] + [K] -> [N, K] logits in float32 (differentiable)."""
-    return torch.nn.functional.linear(hidden.float(), weight.float(), bias.float())
+# (up [M, H], up_bias [M], down [K, M]) of the optional residual MLP.
+ResidualMLP = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+MAX_MLP_UNITS = 512  # the kernel keeps a [BLOCK_N, M] tile of activations in registers
+
+
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                mlp: ResidualMLP | None = None) -> torch.Tensor:
+    """[N, H] x [K, H] + [K] (+ the residual MLP) -> [N, K] logits in float32 (differentiable)."""
+    x = hidden.float()
+    logits = torch.nn.functional.linear(x, weight.float(), bias.float())
+    if mlp is not None:
+        up, up_bias, down = mlp
+        act = torch.relu(torch.nn.functional.linear(x, up.float(), up_bias.float()))
+        logits = logits + torch.nn.functional.linear(act, down.float())
+    return logits
 
 
 def safety_scores_reference(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+    mlp: ResidualMLP | None = None,
 ) -> torch.Tensor:
     """[N, H] -> [N, K] sigmoid scores, float32."""
-    return torch.sigmoid(head_logits(hidden, weight, bias))
+    return torch.sigmoid(head_logits(hidden, weight, bias, mlp))
 
 
 # --------------------------------------------------------------------------------------
@@ -155,6 +175,83 @@ def _safety_head_kernel(
     )
 
 
+def _safety_head_mlp_kernel(
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    up_ptr,
+    up_bias_ptr,
+    down_ptr,
+    out_ptr,
+    n_rows,
+    n_hidden,
+    n_cats,
+    n_units,
+    stride_hn,
+    stride_hh,
+    stride_wk,
+    stride_wh,
+    stride_um,
+    stride_uh,
+    stride_dk,
+    stride_dm,
+    stride_on,
+    stride_ok,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    # The linear kernel plus the residual MLP. One pass over the hidden state feeds both the
+    # linear logits and the MLP's pre-activations (the step is bound by reading `hidden`),
+    # then the [BLOCK_N, M] activations meet `down` in registers: no intermediate in memory.
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cats = tl.arange(0, BLOCK_K)
+    units = tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    cat_ok = cats < n_cats
+    unit_ok = units < n_units
+    hidden_rows = hidden_ptr + rows.to(tl.int64)[:, None] * stride_hn
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    pre = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for h_start in range(0, n_hidden, BLOCK_H):
+        hs = h_start + tl.arange(0, BLOCK_H)
+        h_ok = hs < n_hidden
+        x = tl.load(
+            hidden_rows + hs[None, :] * stride_hh,
+            mask=row_ok[:, None] & h_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        w_t = tl.load(
+            weight_ptr + cats[None, :] * stride_wk + hs[:, None] * stride_wh,
+            mask=h_ok[:, None] & cat_ok[None, :],
+            other=0.0,
+        )
+        u_t = tl.load(
+            up_ptr + units[None, :] * stride_um + hs[:, None] * stride_uh,
+            mask=h_ok[:, None] & unit_ok[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(x, w_t, acc, input_precision="ieee")
+        pre = tl.dot(x, u_t, pre, input_precision="ieee")
+    ub = tl.load(up_bias_ptr + units, mask=unit_ok, other=0.0)
+    act = tl.maximum(pre + ub[None, :], 0.0)  # padded units: relu(0 + 0) = 0, no effect
+    d_t = tl.load(
+        down_ptr + cats[None, :] * stride_dk + units[:, None] * stride_dm,
+        mask=unit_ok[:, None] & cat_ok[None, :],
+        other=0.0,
+    )
+    acc = tl.dot(act, d_t, acc, input_precision="ieee")
+    b = tl.load(bias_ptr + cats, mask=cat_ok, other=0.0)
+    scores = tl.sigmoid(acc + b[None, :])
+    tl.store(
+        out_ptr + rows.to(tl.int64)[:, None] * stride_on + cats[None, :] * stride_ok,
+        scores,
+        mask=row_ok[:, None] & cat_ok[None, :],
+    )
+
+
 # --------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------
@@ -194,6 +291,55 @@ def _check_head_args(
             raise ValueError(
                 f"out must be float32 {expected}; got {out.dtype} {tuple(out.shape)}"
             )
+
+
+def _check_mlp_args(hidden: torch.Tensor, weight: torch.Tensor, mlp: ResidualMLP) -> None:
+    if len(mlp) != 3:
+        raise ValueError("mlp must be (up [M, H], up_bias [M], down [K, M])")
+    up, up_bias, down = mlp
+    n_hidden, n_cats = hidden.shape[1], weight.shape[0]
+    if up.dim() != 2 or up.shape[1] != n_hidden or up_bias.shape != (up.shape[0],) \
+            or down.shape != (n_cats, up.shape[0]):
+        raise ValueError(
+            f"mlp shapes up {tuple(up.shape)}, up_bias {tuple(up_bias.shape)}, down "
+            f"{tuple(down.shape)} do not fit hidden {n_hidden} and {n_cats} outputs"
+        )
+    if not 1 <= up.shape[0] <= MAX_MLP_UNITS:
+        raise ValueError(f"mlp has {up.shape[0]} units; 1..{MAX_MLP_UNITS} are supported")
+    if any(t.device != hidden.device for t in mlp):
+        raise ValueError("mlp tensors must live on the hidden state's device")
+
+
+def _safety_scores_mlp_triton(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mlp: ResidualMLP,
+    out: torch.Tensor,
+) -> None:
+    n_rows, n_hidden = hidden.shape
+    n_cats = weight.shape[0]
+    if n_rows == 0:
+        return
+    up, up_bias, down = (t.float() for t in mlp)
+    weight, bias, up_bias = weight.float(), bias.float().contiguous(), up_bias.contiguous()
+    if hidden.dtype == torch.bfloat16 and _interpreting():
+        hidden = hidden.float()
+    n_units = up.shape[0]
+    block_k = max(16, _next_pow2(n_cats))
+    block_m = max(16, _next_pow2(n_units))
+    # The up tile [BLOCK_H, BLOCK_M] dominates: keep it near 16 KiB of fp32.
+    block_h = max(16, min(128, 4096 // max(block_k, block_m), _next_pow2(max(n_hidden, 1))))
+    block_n = 16
+    grid = (triton.cdiv(n_rows, block_n),)
+    _jit(_safety_head_mlp_kernel)[grid](
+        hidden, weight, bias, up, up_bias, down, out,
+        n_rows, n_hidden, n_cats, n_units,
+        hidden.stride(0), hidden.stride(1),
+        weight.stride(0), weight.stride(1),
+        up.stride(0), up.stride(1),
+        down.stride(0), down.stride(1),
+        out.stride(0), out.stride(1),
+        BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_M=block_m,
+        num_warps=4,
+    )
 
 
 def _safety_scores_triton(
@@ -238,14 +384,16 @@ def safety_scores(
     weight: torch.Tensor,
     bias: torch.Tensor,
     out: torch.Tensor | None = None,
+    mlp: ResidualMLP | None = None,
 ) -> torch.Tensor:
     """Launcher used by the server (Triton on CUDA, reference elsewhere).
 
-    hidden [N, H] fp32/fp16/bf16 (any strides), weight [K, H], bias [K] -> out [N, K] float32.
-    One kernel launch per call, none for N == 0; no host synchronisation.
+    hidden [N, H] fp32/fp16/bf16 (any strides), weight [K, H], bias [K] (+ the residual
+    ``mlp``) -> out [N, K] float32. One kernel launch per call, none for N == 0; no host
+    synchronisation.
     """
     if not _use_triton(hidden):
-        scores = safety_scores_reference(hidden, weight, bias)
+        scores = safety_scores_reference(hidden, weight, bias, mlp)
         if out is not None:
             out.copy_(scores)
             return out
@@ -255,5 +403,9 @@ def safety_scores(
         out = torch.empty(
             (hidden.shape[0], weight.shape[0]), dtype=torch.float32, device=hidden.device
         )
-    _safety_scores_triton(hidden, weight, bias, out)
+    if mlp is None:
+        _safety_scores_triton(hidden, weight, bias, out)
+    else:
+        _check_mlp_args(hidden, weight, mlp)
+        _safety_scores_mlp_triton(hidden, weight, bias, mlp, out)
     return out

@@ -6,7 +6,9 @@ with a ``safety_head/`` folder beside the weights:
     <checkpoint>/
       config.json, model.safetensors, tokenizer files ...   the language model
       safety_head/
-        head.safetensors     weight [K, H] float32, bias [K] float32; K = categories + 1
+        head.safetensors     weight [K, H] float32, bias [K] float32; K = categories + 1;
+                             optional residual MLP: mlp_up [M, H], mlp_up_bias [M],
+                             mlp_down [K, M] (format 2; see kernels/safety_head.py)
         head_config.json     {"format_version", "hidden_size", "layer", "taxonomy_sha", ...}
         taxonomy.yaml        category ids, definitions, default thresholds (head row order)
         metrics.json         held-out metrics written by the training job (optional)
@@ -29,7 +31,9 @@ from safetensors.torch import load_file, save_file
 from safeserve.models.taxonomy import Taxonomy
 
 HEAD_DIR = "safety_head"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # linear heads
+FORMAT_VERSION_MLP = 2  # heads with the residual MLP: older readers must refuse them
+MLP_TENSORS = ("mlp_up", "mlp_up_bias", "mlp_down")
 
 
 class CheckpointError(ValueError):
@@ -43,6 +47,11 @@ class SafetyHead:
     taxonomy: Taxonomy
     layer: int = -1
     extra: dict = field(default_factory=dict)  # recipe, base model, metrics summary
+    mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (up, up_bias, down)
+
+    @property
+    def mlp_units(self) -> int:
+        return 0 if self.mlp is None else int(self.mlp[0].shape[0])
 
     @property
     def hidden_size(self) -> int:
@@ -57,6 +66,14 @@ class SafetyHead:
             )
         if self.bias.shape != (k,):
             raise CheckpointError(f"safety head bias has shape {tuple(self.bias.shape)}, want ({k},)")
+        if self.mlp is not None:
+            up, up_bias, down = self.mlp
+            m = up.shape[0]
+            if up.shape != (m, self.hidden_size) or up_bias.shape != (m,) or down.shape != (k, m):
+                raise CheckpointError(
+                    f"safety head MLP has up {tuple(up.shape)}, up_bias {tuple(up_bias.shape)}, "
+                    f"down {tuple(down.shape)}; want ({m}, {self.hidden_size}), ({m},), ({k}, {m})"
+                )
         if hidden_size is not None and self.hidden_size != hidden_size:
             raise CheckpointError(
                 f"safety head reads hidden size {self.hidden_size} but the model's is {hidden_size}"
@@ -69,15 +86,16 @@ class SafetyHead:
     def save(self, model_dir: str | Path) -> Path:
         out = Path(model_dir) / HEAD_DIR
         out.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {"weight": self.weight.detach().float().contiguous().cpu(),
-             "bias": self.bias.detach().float().contiguous().cpu()},
-            str(out / "head.safetensors"),
-        )
+        tensors = {"weight": self.weight, "bias": self.bias}
+        if self.mlp is not None:
+            tensors.update(zip(MLP_TENSORS, self.mlp))
+        save_file({name: t.detach().float().contiguous().cpu() for name, t in tensors.items()},
+                  str(out / "head.safetensors"))
         self.taxonomy.save(out / "taxonomy.yaml")
         cfg = {
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if self.mlp is None else FORMAT_VERSION_MLP,
             "hidden_size": self.hidden_size,
+            "mlp_units": self.mlp_units,
             "num_outputs": int(self.weight.shape[0]),
             "layer": self.layer,
             "output_names": list(self.taxonomy.output_names),
@@ -107,8 +125,15 @@ def load_safety_head(model_dir: str | Path, expect_taxonomy: Taxonomy | None = N
         raise CheckpointError(f"incomplete safety head in {d}: {e.filename} is missing") from None
     except (ValueError, KeyError, OSError) as e:
         raise CheckpointError(f"unreadable safety head in {d}: {e}") from None
-    if cfg.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"safety head format {cfg.get('format_version')} is not {FORMAT_VERSION}")
+    if cfg.get("format_version") not in (FORMAT_VERSION, FORMAT_VERSION_MLP):
+        raise CheckpointError(f"safety head format {cfg.get('format_version')} is not "
+                              f"{FORMAT_VERSION} or {FORMAT_VERSION_MLP}")
+    mlp = None
+    if cfg["format_version"] == FORMAT_VERSION_MLP:
+        missing = [n for n in MLP_TENSORS if n not in tensors]
+        if missing:
+            raise CheckpointError(f"safety head format {FORMAT_VERSION_MLP} in {d} lacks {missing}")
+        mlp = tuple(tensors[n].float() for n in MLP_TENSORS)
     if expect_taxonomy is not None and expect_taxonomy.ids != taxonomy.ids:
         raise CheckpointError(
             f"safety head taxonomy {list(taxonomy.ids)} does not match the server's "
@@ -116,8 +141,8 @@ def load_safety_head(model_dir: str | Path, expect_taxonomy: Taxonomy | None = N
         )
     extra = {k: v for k, v in cfg.items()
              if k not in {"format_version", "hidden_size", "num_outputs", "layer",
-                          "output_names", "taxonomy_sha256"}}
+                          "output_names", "taxonomy_sha256", "mlp_units"}}
     head = SafetyHead(tensors["weight"].float(), tensors["bias"].float(), taxonomy,
-                      int(cfg.get("layer", -1)), extra)
+                      int(cfg.get("layer", -1)), extra, mlp)
     head.validate(cfg.get("hidden_size"))
     return head

@@ -239,12 +239,16 @@ class HeadFit:
     std: torch.Tensor | None = None
     weight_std: torch.Tensor | None = None
     bias_std: torch.Tensor | None = None
+    mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # raw-hidden space
 
 
 def fit_head(hidden: torch.Tensor, labels: torch.Tensor, kind: torch.Tensor, *,
              epochs: int = 30, lr: float = 2e-3, batch_size: int = 4096,
-             weight_decay: float = 1e-3, seed: int = 0, progress: bool = True) -> HeadFit:
-    """Fit weight [K,H] and bias [K] on cached features (standardised, then folded back)."""
+             weight_decay: float = 1e-3, seed: int = 0, progress: bool = True,
+             mlp_units: int = 0) -> HeadFit:
+    """Fit weight [K,H] and bias [K] (and, with ``mlp_units``, the residual MLP of
+    ``kernels/safety_head.py``) on cached features, standardised, then folded back to raw
+    hidden states."""
     g = torch.Generator().manual_seed(seed)
     x = hidden.float()
     mu, sd = x.mean(0), x.std(0).clamp(min=1e-4)
@@ -254,7 +258,16 @@ def fit_head(hidden: torch.Tensor, labels: torch.Tensor, kind: torch.Tensor, *,
     prior = labels.mean(0).clamp(1e-4, 1 - 1e-4)
     w = torch.zeros(k, z.shape[1], requires_grad=True)
     b = torch.log(prior / (1 - prior)).clone().requires_grad_(True)
-    opt = torch.optim.AdamW([w, b], lr=lr, weight_decay=weight_decay)
+    params, mlp = [w, b], None
+    if mlp_units > 0:
+        # He-initialised up projection; the down projection starts at zero, so training
+        # starts from the linear head and adds the non-linear term only where it helps.
+        up = (torch.randn(mlp_units, z.shape[1], generator=g) * (2.0 / z.shape[1]) ** 0.5).requires_grad_(True)
+        up_bias = torch.zeros(mlp_units, requires_grad=True)
+        down = torch.zeros(k, mlp_units, requires_grad=True)
+        mlp = (up, up_bias, down)
+        params += list(mlp)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     # Sample prompt and response positions in the same proportion in every batch.
     n = z.shape[0]
     losses = []
@@ -264,7 +277,7 @@ def fit_head(hidden: torch.Tensor, labels: torch.Tensor, kind: torch.Tensor, *,
         tot, steps = 0.0, 0
         for s in range(0, n, batch_size):
             ix = perm[s:s + batch_size]
-            loss = classification_loss(head_logits(z[ix], w, b), labels[ix], kind[ix], pw)
+            loss = classification_loss(head_logits(z[ix], w, b, mlp), labels[ix], kind[ix], pw)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -274,14 +287,19 @@ def fit_head(hidden: torch.Tensor, labels: torch.Tensor, kind: torch.Tensor, *,
     with torch.no_grad():
         w_raw = w / sd  # logits = w.(x-mu)/sd + b = (w/sd).x + (b - (w/sd).mu)
         b_raw = b - w_raw @ mu
+        mlp_raw = None
+        if mlp is not None:  # the same fold for the up projection
+            up_raw = mlp[0] / sd
+            mlp_raw = (up_raw.contiguous(), (mlp[1] - up_raw @ mu).contiguous(),
+                       mlp[2].detach().clone())
     return HeadFit(w_raw.detach().contiguous(), b_raw.detach().contiguous(), losses, mu, sd,
-                   w.detach().clone(), b.detach().clone())
+                   w.detach().clone(), b.detach().clone(), mlp_raw)
 
 
 def scores_of(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-              chunk: int = 65536) -> torch.Tensor:
+              chunk: int = 65536, mlp=None) -> torch.Tensor:
     """Sigmoid scores through the serving math, chunked over rows."""
-    out = [torch.sigmoid(head_logits(hidden[i:i + chunk].float(), weight, bias))
+    out = [torch.sigmoid(head_logits(hidden[i:i + chunk].float(), weight, bias, mlp))
            for i in range(0, hidden.shape[0], chunk)]
     return torch.cat(out) if out else torch.empty(0, weight.shape[0])
 
@@ -489,7 +507,7 @@ def external_prompt_metrics(scores: torch.Tensor, feats: Features,
 def head_external_metrics(head: SafetyHead, ex: Features) -> dict:
     """``external_prompt_metrics`` of a finished head at its served thresholds."""
     return external_prompt_metrics(
-        scores_of(ex.hidden[head.layer], head.weight, head.bias), ex,
+        scores_of(ex.hidden[head.layer], head.weight, head.bias, mlp=head.mlp), ex,
         torch.tensor([c.threshold for c in head.taxonomy.categories] + [0.5]))
 
 
@@ -507,7 +525,8 @@ def split_groups(meta: list[dict], fraction: float, seed: int) -> tuple[set[int]
 
 
 def with_thresholds(taxonomy: Taxonomy, thresholds: list[float]) -> Taxonomy:
-    return Taxonomy(tuple(Category(c.id, c.definition, round(float(t), 4))
+    # 6 decimals: thresholds sit near 1, where 4 would move them by up to half a logit.
+    return Taxonomy(tuple(Category(c.id, c.definition, round(float(t), 6))
                           for c, t in zip(taxonomy.categories, thresholds)))
 
 
@@ -520,7 +539,8 @@ def copy_model_files(src: Path, dst: Path) -> None:
 
 
 def finish_head(weight: torch.Tensor, bias: torch.Tensor, eval_feats: Features,
-                taxonomy: Taxonomy, args: dict, layer: int, log=print) -> tuple[SafetyHead, dict]:
+                taxonomy: Taxonomy, args: dict, layer: int, log=print,
+                mlp=None) -> tuple[SafetyHead, dict]:
     """Calibrate on half the held-out groups, report on the other half, build the head.
 
     The prompt verdict and the response rule get separate operating points (prompt
@@ -535,7 +555,7 @@ def finish_head(weight: torch.Tensor, bias: torch.Tensor, eval_feats: Features,
     cal_ids, test_ids = split_groups(eval_feats.meta, 0.5, args.get("seed", 0))
     cal, test = eval_feats.subset(cal_ids), eval_feats.subset(test_ids)
     hc = cal.hidden[layer]
-    logits_cal = torch.cat([head_logits(hc[i:i + 65536], weight, bias)
+    logits_cal = torch.cat([head_logits(hc[i:i + 65536], weight, bias, mlp)
                             for i in range(0, hc.shape[0], 65536)])
     thr_p, thr_r, scale = calibrate(logits_cal, cal, args["tau"], args["target_fpr"])
     weight, bias = weight.clone(), bias.clone()
@@ -549,15 +569,19 @@ def finish_head(weight: torch.Tensor, bias: torch.Tensor, eval_feats: Features,
     shift = float(_logit(thr[-1]))
     bias[-1] -= shift
     thr[-1] = 0.5
-    head = SafetyHead(weight, bias, with_thresholds(taxonomy, thr[:-1].tolist()), layer=layer)
+    # The fold and the overall shift are linear in the logits, so they land in the linear
+    # part whether or not the head has the residual MLP.
+    head = SafetyHead(weight, bias, with_thresholds(taxonomy, thr[:-1].tolist()), layer=layer,
+                      mlp=mlp)
     tau = args["tau"]
     metrics = {
         # AUROC is threshold-free: the whole held-out set; thresholded rates: the test half.
         "auroc_all_heldout": evaluate(scores_of(eval_feats.hidden[layer], head.weight,
-                                                head.bias), eval_feats, thr, names, tau),
+                                                head.bias, mlp=mlp), eval_feats, thr, names, tau),
         "thresholded_on_test_half": evaluate(scores_of(test.hidden[layer], head.weight,
-                                                       head.bias), test, thr, names, tau),
-        "thresholded_on_calibration_half": evaluate(scores_of(hc, head.weight, head.bias), cal,
+                                                       head.bias, mlp=mlp), test, thr, names, tau),
+        "thresholded_on_calibration_half": evaluate(scores_of(hc, head.weight, head.bias,
+                                                              mlp=mlp), cal,
                                                     thr, names, tau)["conversation_level"],
         "calibration": {
             "target_fpr": args["target_fpr"], "tau": tau, "budget_scale": scale,
@@ -672,6 +696,23 @@ def concat_features(parts: list[Features]) -> Features:
                     [m for f in parts for m in f.meta])
 
 
+def file_features(path: Path, model, tok, model_dir: Path, taxonomy: Taxonomy,
+                  layers: list[int], max_length: int, batch_size: int,
+                  cache_dir: Path | None, name: str, log=print) -> Features:
+    """One file's features, cached under ``cache_dir`` by file, model, layers and length."""
+    path = Path(path)
+    rows = load_trajectories(path, taxonomy)
+    tag = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
+    cache = cache_dir / f"{path.stem}-{tag}_features.pt" if cache_dir else None
+    t0 = time.time()
+    f = cached_features(cache, _feature_key(path, model_dir, layers, max_length),
+                        lambda: extract_features(model, tok, rows, taxonomy, layers,
+                                                 max_length, batch_size, log, name))
+    log(f"{name} {path}: {len(f.meta)} conversations, {f.labels.shape[0]} labelled "
+        f"positions ({time.time() - t0:.0f}s)")
+    return f
+
+
 def head_features(data, eval_data, external: Path | None, model_dir: Path,
                   taxonomy: Taxonomy, layers: list[int], max_length: int, batch_size: int,
                   cache_dir: Path | None, seed: int, log=print, dtype: str = "float32"):
@@ -685,16 +726,8 @@ def head_features(data, eval_data, external: Path | None, model_dir: Path,
         model.to("cuda")
 
     def of_file(path: Path, name: str) -> Features:
-        rows = load_trajectories(path, taxonomy)
-        tag = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
-        cache = cache_dir / f"{path.stem}-{tag}_features.pt" if cache_dir else None
-        t0 = time.time()
-        f = cached_features(cache, _feature_key(path, model_dir, layers, max_length),
-                            lambda: extract_features(model, tok, rows, taxonomy, layers,
-                                                     max_length, batch_size, log, name))
-        log(f"{name} {path}: {len(f.meta)} conversations, {f.labels.shape[0]} labelled "
-            f"positions ({time.time() - t0:.0f}s)")
-        return f
+        return file_features(path, model, tok, model_dir, taxonomy, layers, max_length,
+                             batch_size, cache_dir, name, log)
 
     train = concat_features([of_file(p, "train") for p in _paths(data)])
     out = {"train": train}
@@ -748,11 +781,11 @@ def run_head_mode(args: dict, taxonomy: Taxonomy, log=print) -> dict:
     t0 = time.time()
     fit = fit_head(tr.hidden[layer], tr.labels, tr.kind, epochs=args["epochs"], lr=args["lr"],
                    batch_size=args["head_batch_size"], weight_decay=args["weight_decay"],
-                   seed=args["seed"])
+                   seed=args["seed"], mlp_units=args["mlp_units"])
     log(f"head fitted in {time.time() - t0:.1f}s; loss {fit.losses[0]:.4f} -> "
         f"{fit.losses[-1]:.4f}")
     head, metrics = finish_head(fit.weight, fit.bias, feats["heldout"], taxonomy, args, layer,
-                                log)
+                                log, mlp=fit.mlp)
     metrics["train_loss"] = {"first_epoch": fit.losses[0], "last_epoch": fit.losses[-1]}
     if "external" in feats:
         metrics["external_prompt_only"] = head_external_metrics(head, feats["external"])
@@ -941,7 +974,7 @@ def recalibrate(model_dir: Path, head_dir: Path, eval_data, out: Path, *, target
                           "heldout")
     args = {"tau": tau, "target_fpr": target_fpr, "seed": seed, "prompt_offset": True}
     new_head, metrics = finish_head(head.weight.float(), head.bias.float(), ev, taxonomy, args,
-                                    head.layer, log)
+                                    head.layer, log, mlp=head.mlp)
     metrics["recalibrated_from"] = {"head": str(head_dir), "target_fpr": target_fpr,
                                     "previous_served_thresholds": {
                                         c.id: c.threshold for c in taxonomy.categories}}
@@ -959,7 +992,8 @@ def train_safety(args: dict, log=print) -> dict:
                 "head_batch_size": 4096, "max_length": 512, "layer": -1, "probe_layers": "",
                 "tau": 3, "target_fpr": 0.05, "prompt_offset": True, "seed": 0, "weight_decay": 1e-3,
                 "lora_r": 16, "lora_alpha": 32, "head_only": False, "cache_dir": None,
-                "max_steps": 0, "taxonomy": None, "dtype": "float32", "lm_targets": "safe"}
+                "max_steps": 0, "taxonomy": None, "dtype": "float32", "lm_targets": "safe",
+                "mlp_units": 0}
     args = {**defaults, **{k: v for k, v in args.items() if v is not None}}
     if args["lr"] is None:
         args["lr"] = 2e-3 if args["mode"] == "head" else 2e-4
@@ -969,6 +1003,8 @@ def train_safety(args: dict, log=print) -> dict:
             "and refuses to load this head")
     if args["lm_targets"] not in LM_TARGETS:
         raise ValueError(f"lm_targets must be one of {LM_TARGETS}, not {args['lm_targets']!r}")
+    if args["mlp_units"] and args["mode"] != "head":
+        raise ValueError("--mlp-units is for head mode; lora/full train a linear head")
     if args["mode"] == "head":
         return run_head_mode(args, taxonomy, log)
     if args["mode"] in ("lora", "full"):
@@ -1021,6 +1057,32 @@ def register(app) -> None:
         typer.echo(json.dumps(metrics["thresholded_on_test_half"]["conversation_level"],
                               indent=2))
 
+    @app.command("operating-point")
+    def operating_point_cmd(
+        head: Path = typer.Option(..., help="Checkpoint directory holding safety_head/."),
+        eval_data: list[Path] = typer.Option(..., help="The held-out trajectories the head "
+                                             "was calibrated on (repeatable): they give the "
+                                             "prompt-end read-out."),
+        out: Path = typer.Option(..., help="Output directory (safety_head/, adapter/)."),
+        prompt_shift: float = typer.Option(0.0, help="Logits added to the prompt-verdict "
+                                           "thresholds (+ = flag fewer prompts)."),
+        response_shift: float = typer.Option(0.0, help="Logits added to the response-rule "
+                                             "thresholds."),
+        tau: int = typer.Option(3, help="Consecutive violating steps for requests that do "
+                                "not set tau."),
+        model: Path = typer.Option(None, help="The LM the head reads (default: embedded)."),
+        cache_dir: Path = typer.Option(None, help="Feature cache (as in train safety)."),
+        max_length: int = typer.Option(512, help="Tokens per conversation."),
+    ) -> None:
+        """Move a head's operating point (chosen with `eval replay`) without retraining."""
+        from safeserve.models.operating_point import move_operating_point
+
+        point = move_operating_point(head, _model(model), eval_data, out,
+                                     prompt_shift=prompt_shift, response_shift=response_shift,
+                                     tau=tau, max_length=max_length, cache_dir=cache_dir,
+                                     log=typer.echo)
+        typer.echo(json.dumps(point, indent=2))
+
     @app.command("safety")
     def safety_cmd(
         data: list[Path] = typer.Option(..., help="Training trajectories (.jsonl or .csv); "
@@ -1057,6 +1119,8 @@ def register(app) -> None:
                                            "thresholds into the head along the prompt-end "
                                            "read-out (see the module docstring)."),
         head_only: bool = typer.Option(False, help="Write only safety_head/ (no LM files)."),
+        mlp_units: int = typer.Option(0, help="Head mode: hidden units of the residual MLP "
+                                      "beside the linear head (0 = linear only)."),
         cache_dir: Path = typer.Option(None, help="Cache extracted features here."),
         lora_r: int = typer.Option(16, help="LoRA rank."),
         lora_alpha: int = typer.Option(32, help="LoRA alpha."),

@@ -87,7 +87,8 @@ class KeyRing:
 
 
 def authorize_config(principal: Principal, preset: str | None, cfg: SafetyConfig,
-                     default_thresholds: dict[str, float], default_preset: str) -> None:
+                     default_thresholds: dict[str, float], default_preset: str,
+                     default_tau: int = 3) -> None:
     """403 if the request asks for more than the principal's grant permits.
 
     Presets are written by the operator, so a granted preset is taken whole; a custom config
@@ -105,8 +106,10 @@ def authorize_config(principal: Principal, preset: str | None, cfg: SafetyConfig
             refused.append(f"allow {extra}")
         if cfg.on_violation == "annotate" and not grant.annotate:
             refused.append("on_violation 'annotate'")
-        if cfg.tau > grant.max_tau:
-            refused.append(f"tau {cfg.tau} (max {grant.max_tau})")
+        # The head's own operating point is never more than a key may ask for.
+        max_tau = max(grant.max_tau, default_tau)
+        if cfg.tau is not None and cfg.tau > max_tau:
+            refused.append(f"tau {cfg.tau} (max {max_tau})")
         if cfg.threshold is not None:
             items = (cfg.threshold.items() if isinstance(cfg.threshold, dict)
                      else ((c, cfg.threshold) for c in default_thresholds))

@@ -102,13 +102,15 @@ def build_safety(spec: EngineSpec, settings: Settings):
     """The HTTP side of the safety path, or None when serving without a head."""
     if not spec.safety_enabled:
         return None
-    from safeserve.server.safety_config import SafetyPolicy
+    from safeserve.server.safety_config import DEFAULT_TAU, SafetyPolicy
     from safeserve.server.safety_tracker import TelemetryHub
 
     head = load_safety_head(spec.model_dir)
     try:
         policy = SafetyPolicy(head.taxonomy, settings.presets, settings.default_preset,
-                              overall_threshold=head.extra.get("overall_threshold", 0.5))
+                              overall_threshold=head.extra.get("overall_threshold", 0.5),
+                              default_tau=int((head.extra.get("operating_point") or {}).get(
+                                  "tau", DEFAULT_TAU)))
     except (ValueError, OSError) as e:
         raise StartupError(f"safety presets: {e}") from None
     return policy, TelemetryHub()

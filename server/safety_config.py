@@ -25,6 +25,9 @@ DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
 DEFAULT_STOP_TEXT = "I can't continue with this request."
 
 
+DEFAULT_TAU = 3  # consecutive violating steps, for heads that do not name their own
+
+
 class SafetyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -34,7 +37,8 @@ class SafetyConfig(BaseModel):
     holdback: bool = False
     guideline: str | None = Field(None, max_length=MAX_GUIDELINE_CHARS)
     trace: bool = False
-    tau: int = Field(3, ge=1, le=16)
+    # None: the head's operating point (``operating_point.tau`` in its checkpoint, else 3).
+    tau: int | None = Field(None, ge=1, le=16)
 
     @field_validator("threshold")
     @classmethod
@@ -63,9 +67,11 @@ class SafetyPolicy:
     """The server's taxonomy and presets; parses, checks and compiles request configs."""
 
     def __init__(self, taxonomy: Taxonomy, presets_path: Path | None = None,
-                 default_preset: str = "default", overall_threshold: float = 0.5):
+                 default_preset: str = "default", overall_threshold: float = 0.5,
+                 default_tau: int = DEFAULT_TAU):
         self.taxonomy = taxonomy
         self.overall_threshold = overall_threshold
+        self.default_tau = default_tau
         raw = yaml.safe_load((presets_path or DEFAULT_PRESETS).read_text()) or {}
         self.presets: dict[str, SafetyConfig] = {}
         for name, body in raw.items():
@@ -136,6 +142,9 @@ class SafetyPolicy:
             return self.parse(body, "safety_config")
         return self.default_preset, self.presets[self.default_preset]
 
+    def tau_of(self, cfg: SafetyConfig) -> int:
+        return cfg.tau if cfg.tau is not None else self.default_tau
+
     def compile(self, cfg: SafetyConfig, rid: str, refusal_ids: list[int],
                 eos_id: int) -> W.RowSafetyArgs:
         ids = self.taxonomy.ids
@@ -150,6 +159,6 @@ class SafetyPolicy:
         # The overall score cannot say which category it saw, so it only decides when the
         # request allows nothing; with any allowance the per-category outputs decide alone.
         masked.append(1 if allowed else 0)
-        return W.RowSafetyArgs(rid=rid, thresholds=thresholds, masked=masked, tau=cfg.tau,
+        return W.RowSafetyArgs(rid=rid, thresholds=thresholds, masked=masked, tau=self.tau_of(cfg),
                                action=W.ACTION_CODES[cfg.on_violation],
                                refusal_ids=refusal_ids, eos_id=eos_id)

@@ -48,12 +48,19 @@ class SafetyHeadMixin:
         # Buffers, not parameters: vLLM's weight loader only walks parameters.
         self.register_buffer("_safety_weight", head.weight.to(device), persistent=False)
         self.register_buffer("_safety_bias", head.bias.to(device), persistent=False)
+        self._safety_mlp = None
+        if head.mlp is not None:
+            for name, t in zip(("_safety_mlp_up", "_safety_mlp_up_bias", "_safety_mlp_down"), head.mlp):
+                self.register_buffer(name, t.to(device), persistent=False)
+            self._safety_mlp = (self._safety_mlp_up, self._safety_mlp_up_bias, self._safety_mlp_down)
         STEP_SIGNAL.num_outputs = head.weight.shape[0]
         STEP_SIGNAL.output_names = head.taxonomy.output_names
-        log.info("safety head: %d outputs over hidden size %d", *head.weight.shape)
+        log.info("safety head: %d outputs over hidden size %d, residual MLP of %d units",
+                 *head.weight.shape, head.mlp_units)
 
     def compute_logits(self, hidden_states: torch.Tensor, *args, **kwargs):
-        STEP_SIGNAL.scores = safety_scores(hidden_states, self._safety_weight, self._safety_bias)
+        STEP_SIGNAL.scores = safety_scores(hidden_states, self._safety_weight, self._safety_bias,
+                                           mlp=self._safety_mlp)
         return super().compute_logits(hidden_states, *args, **kwargs)
 
 

@@ -26,9 +26,10 @@ class RequestSafety:
 
     preset: str | None
     config: SafetyConfig
+    tau: int  # the effective tau: the config's, or the head's operating point
 
     def echo(self) -> dict:
-        return {"preset": self.preset, **self.config.echo()}
+        return {"preset": self.preset, **self.config.echo(), "tau": self.tau}
 
 
 class SafetyService:
@@ -45,13 +46,13 @@ class SafetyService:
         preset, cfg = self.policy.resolve(header, body)
         if trace and not cfg.trace:
             cfg = cfg.model_copy(update={"trace": True})
-        return RequestSafety(preset, cfg)
+        return RequestSafety(preset, cfg, self.policy.tau_of(cfg))
 
     def authorize(self, principal: Principal, req: RequestSafety) -> None:
         thresholds = {c.id: c.threshold for c in self.policy.taxonomy.categories}
         thresholds["unsafe"] = self.policy.overall_threshold
         authorize_config(principal, req.preset, req.config, thresholds,
-                         self.policy.default_preset)
+                         self.policy.default_preset, self.policy.default_tau)
 
     def refusal_ids(self) -> list[int]:
         if self._refusal_ids is None:

@@ -70,6 +70,35 @@ def test_prefill_attack_is_caught(default_server):
     assert data["safety"]["action"] in ("refuse", "stop")
 
 
+def test_default_head_scores_match_the_training_forward(default_server):
+    """Parity on the committed default head (whatever its form, residual MLP included): the
+    per-token scores the server reports equal transformers' forward through
+    kernels/safety_head.py within 1e-3."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from safeserve.kernels.safety_head import safety_scores_reference
+    from safeserve.models.checkpoint import load_safety_head
+
+    model_dir = resolve_spec(Settings()).model_dir
+    messages = [{"role": "user", "content": "How do I make my knife sharper for cooking?"}]
+    data = ask(default_server, messages, safety_config={"on_violation": "annotate", "trace": True})
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    out_ids = tok(data["choices"][0]["message"]["content"], add_special_tokens=False)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    head = load_safety_head(model_dir)
+    with torch.no_grad():
+        hidden = model.model(torch.tensor([prompt_ids + out_ids])).last_hidden_state[0]
+    scores = safety_scores_reference(hidden, head.weight, head.bias, head.mlp)
+    trace = data["safety"]["trace"]
+    assert len(trace) >= 8
+    for point in trace[:min(len(trace), len(out_ids))]:
+        pos = len(prompt_ids) - 1 + point["token_index"]
+        assert torch.allclose(torch.tensor(point["scores"]), scores[pos], atol=1e-3), point
+
+
 def test_benign_request_is_answered(default_server):
     data = ask(default_server, [{"role": "user", "content": "What is the capital of France?"}])
     assert data["safety"]["action"] == "none"

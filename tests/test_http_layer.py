@@ -85,6 +85,40 @@ def test_stricter_configs_and_granted_ones_pass_authorization(client):
     assert r.status_code == 403 and "drugs" in r.json()["error"]["message"]
 
 
+def test_head_operating_point_tau_is_the_default_and_never_refused():
+    """A head that names its own tau (`train operating-point`): requests without tau get it,
+    the echo says so, and a key may always ask for it (its grant's max_tau is raised to it)."""
+    from safeserve.server.auth import Grant, Principal
+    from safeserve.server.safety_service import SafetyService
+
+    svc = SafetyService(SafetyPolicy(Taxonomy.load(), default_tau=5), TelemetryHub(), lambda: None)
+    svc._refusal_ids = [1]
+    req = svc.resolve(None, None)
+    assert req.tau == 5 and req.echo()["tau"] == 5
+    assert svc.policy.compile(req.config, "r", [1], 2).tau == 5
+    plain = Principal("plain", Grant())  # max_tau 3
+    svc.authorize(plain, svc.resolve(None, {"tau": 5}))
+    assert svc.resolve(None, {"tau": 2}).echo()["tau"] == 2
+    from safeserve.server.errors import APIError
+
+    with pytest.raises(APIError) as err:
+        svc.authorize(plain, svc.resolve(None, {"tau": 6}))
+    assert err.value.status == 403 and "tau 6 (max 5)" in err.value.message
+
+
+def test_server_takes_tau_from_the_heads_operating_point(tmp_path):
+    from safeserve.server.launch import build_safety
+
+    tax = Taxonomy.load()
+    for extra, want in (({"operating_point": {"tau": 5}}, 5), ({}, 3)):
+        d = tmp_path / str(want)
+        SafetyHead(torch.zeros(tax.num_outputs, 8), torch.zeros(tax.num_outputs), tax,
+                   extra=extra).save(d)
+        spec = EngineSpec(model_dir=d, served_name="m", has_head=True, safety_enabled=True)
+        policy, _ = build_safety(spec, Settings())
+        assert policy.default_tau == want
+
+
 def test_validation_precedes_authorization(client):
     r = post(client, "plain-key", {"allow": ["dragons"]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "safety_config.allow"

@@ -191,6 +191,47 @@ def test_head_rejects_mismatched_shapes():
         safety_scores(hidden, weight, bias, out=torch.empty(3, 5, device=DEVICE))
 
 
+def _mlp_inputs(n_hidden: int, n_units: int, n_cats: int, seed: int):
+    g = _gen(seed)
+    up = torch.randn(n_units, n_hidden, generator=g) / max(n_hidden, 1) ** 0.5
+    up_bias = torch.randn(n_units, generator=g) * 0.5  # about half the units active
+    down = torch.randn(n_cats, n_units, generator=g) / max(n_units, 1) ** 0.5
+    return up.to(DEVICE), up_bias.to(DEVICE), down.to(DEVICE)
+
+
+@needs_triton
+@pytest.mark.parametrize("n_rows,n_hidden,n_units,n_cats", [
+    (1, 576, 128, 10), (33, 576, 128, 10), (7, 1000, 5, 3), (17, 7, 300, 31), (5, 4096, 256, 9),
+])
+def test_head_with_residual_mlp_matches_reference(n_rows, n_hidden, n_units, n_cats):
+    hidden, weight, bias = _head_inputs(n_rows, n_hidden, n_cats, seed=n_units + n_cats)
+    mlp = _mlp_inputs(n_hidden, n_units, n_cats, seed=n_hidden + n_units)
+    want = safety_scores_reference(hidden, weight, bias, mlp)
+    # the MLP term matters: the scores differ from the linear head's
+    assert (want - safety_scores_reference(hidden, weight, bias)).abs().max() > 1e-2
+    torch.testing.assert_close(safety_scores(hidden, weight, bias, mlp=mlp), want, atol=1e-5, rtol=0)
+    # row views of a wider buffer, half precision, and a preallocated out
+    buffer = torch.randn(2 * n_rows, n_hidden + 8, generator=_gen(1)).half().to(DEVICE)
+    rows = buffer[::2, 3:3 + n_hidden]
+    out = torch.empty(n_rows, n_cats, device=DEVICE)
+    got = safety_scores(rows, weight, bias, out=out, mlp=mlp)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(got, safety_scores_reference(rows, weight, bias, mlp), atol=1e-4, rtol=0)
+
+
+@needs_triton
+def test_head_mlp_rejects_bad_shapes():
+    hidden, weight, bias = _head_inputs(3, 16, 4, seed=2)
+    up, up_bias, down = _mlp_inputs(16, 8, 4, seed=3)
+    with pytest.raises(ValueError, match="mlp shapes"):
+        safety_scores(hidden, weight, bias, mlp=(up, up_bias, down[:3]))
+    with pytest.raises(ValueError, match="mlp shapes"):
+        safety_scores(hidden, weight, bias, mlp=(up[:, :15], up_bias, down))
+    big = _mlp_inputs(16, 513, 4, seed=4)
+    with pytest.raises(ValueError, match="units"):
+        safety_scores(hidden, weight, bias, mlp=big)
+
+
 # --------------------------------------------------------------------------------------
 # Decision: semantics oracle, Triton vs reference
 # --------------------------------------------------------------------------------------

@@ -155,3 +155,36 @@ def test_replay_cli_on_the_default_checkpoint(tmp_path):
     empty = CliRunner().invoke(eval_app, ["replay", str(run), "--head", str(DEFAULT_HEAD_DIR),
                                           "--exclude", str(run)])
     assert empty.exit_code != 0 and "no traced requests" in empty.output
+
+
+def test_shift_head_moves_prompt_and_response_operating_points_separately():
+    """`train operating-point`: with a read-out that is exactly 1 at prompt ends and 0 on
+    generated tokens, prompt logits move by the prompt shift relative to the new thresholds,
+    response logits by the response shift; the overall output keeps firing at 0.5."""
+    import torch
+
+    from safeserve.kernels.safety_head import head_logits
+    from safeserve.models.checkpoint import SafetyHead
+    from safeserve.models.operating_point import shift_head
+    from safeserve.models.taxonomy import Taxonomy
+
+    tax = Taxonomy.load()
+    k, h = tax.num_outputs, 6
+    g = torch.Generator().manual_seed(0)
+    mlp = (torch.randn(4, h, generator=g), torch.randn(4, generator=g), torch.randn(k, 4, generator=g))
+    head = SafetyHead(torch.randn(k, h, generator=g), torch.randn(k, generator=g), tax, mlp=mlp)
+    v, c = torch.zeros(h), 0.0
+    v[0] = 1.0  # the read-out: feature 0 is 1 at prompt ends, 0 elsewhere
+    prompt_end = torch.randn(3, h, generator=g)
+    prompt_end[:, 0] = 1.0
+    token = torch.randn(3, h, generator=g)
+    token[:, 0] = 0.0
+    new = shift_head(head, v, c, prompt_shift=-0.5, response_shift=2.0, tau=4)
+    assert new.extra["operating_point"]["tau"] == 4 and new.mlp is head.mlp
+
+    def margin(hd, x):  # logit minus the logit of the served threshold, per output
+        thr = torch.tensor([cat.threshold for cat in hd.taxonomy.categories] + [0.5])
+        return head_logits(x, hd.weight, hd.bias, hd.mlp) - torch.log(thr / (1 - thr))
+
+    torch.testing.assert_close(margin(new, prompt_end), margin(head, prompt_end) + 0.5, atol=1e-3, rtol=0)
+    torch.testing.assert_close(margin(new, token), margin(head, token) - 2.0, atol=1e-3, rtol=0)

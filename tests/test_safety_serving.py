@@ -227,7 +227,7 @@ def test_server_scores_match_the_training_forward(http, server):
     head = load_safety_head(server.model_dir)
     with torch.no_grad():
         hidden = model.model(torch.tensor([prompt_ids + out_ids])).last_hidden_state[0]
-    scores = safety_scores_reference(hidden, head.weight, head.bias)
+    scores = safety_scores_reference(hidden, head.weight, head.bias, head.mlp)
     trace = data["safety"]["trace"]
     n = min(len(trace), len(out_ids))
     for point in trace[:n]:

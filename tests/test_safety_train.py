@@ -296,6 +296,79 @@ def test_head_mode_trains_saves_and_reproduces_scores(tiny, tmp_path):
                                rtol=1e-4, atol=1e-4)
 
 
+def test_head_mode_with_residual_mlp(tiny, tmp_path):
+    """--mlp-units: the checkpoint carries the MLP (format 2), the saved head scores raw hidden
+    states as the fit scored standardised ones, and the MLP term is not zero."""
+    from safeserve.models.checkpoint import FORMAT_VERSION_MLP, CheckpointError
+
+    model_dir, tok = tiny
+    train = _write(tmp_path / "train.jsonl", _rows(40, 0))
+    held = _write(tmp_path / "held.jsonl", _rows(24, 1))
+    out = tmp_path / "ckpt"
+    metrics = train_safety({"data": train, "eval_data": held, "model": model_dir, "out": out,
+                            "mode": "head", "epochs": 25, "lr": 2e-2, "batch_size": 16,
+                            "head_batch_size": 256, "max_length": 128, "mlp_units": 16,
+                            "head_only": True}, log=lambda *a: None)
+    assert metrics["auroc_all_heldout"]["prompt_level"]["unsafe"]["auroc"] > 0.9
+    cfg = json.loads((out / "safety_head/head_config.json").read_text())
+    assert cfg["format_version"] == FORMAT_VERSION_MLP and cfg["mlp_units"] == 16
+    head = load_safety_head(out, expect_taxonomy=Taxonomy.load())
+    up, up_bias, down = head.mlp
+    assert up.shape == (16, 64) and up_bias.shape == (16,) and down.shape == (10, 16)
+    assert down.abs().max() > 0
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tax = Taxonomy.load()
+    ftr = extract_features(model, tok, load_trajectories(train, tax), tax, [-1], 128, 16,
+                           lambda *a: None)
+    fit = fit_head(ftr.hidden[-1], ftr.labels, ftr.kind, epochs=3, lr=2e-2, batch_size=256,
+                   progress=False, mlp_units=8)
+    z = (ftr.hidden[-1] - fit.mean) / fit.std
+    std_mlp = (fit.mlp[0] * fit.std, fit.mlp[1] + fit.mlp[0] @ fit.mean, fit.mlp[2])
+    torch.testing.assert_close(head_logits(z, fit.weight_std, fit.bias_std, std_mlp),
+                               head_logits(ftr.hidden[-1], fit.weight, fit.bias, fit.mlp),
+                               rtol=1e-4, atol=1e-4)
+    # A reader must not serve a format-2 head without its MLP tensors.
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(out / "safety_head/head.safetensors"))
+    save_file({k: v for k, v in tensors.items() if not k.startswith("mlp_")},
+              str(out / "safety_head/head.safetensors"))
+    with pytest.raises(CheckpointError, match="lacks"):
+        load_safety_head(out)
+    with pytest.raises(ValueError, match="head mode"):
+        train_safety({"data": train, "model": model_dir, "out": tmp_path / "x", "mode": "lora",
+                      "mlp_units": 8}, log=lambda *a: None)
+
+
+def test_operating_point_moves_a_trained_head(tiny, tmp_path):
+    """`train operating-point` on a trained head: thresholds move by the response shift, the
+    prompt-end fold by the difference, tau is recorded where the server reads it."""
+    import math
+
+    from safeserve.models.operating_point import move_operating_point
+
+    model_dir, _ = tiny
+    train = _write(tmp_path / "train.jsonl", _rows(40, 0))
+    held = _write(tmp_path / "held.jsonl", _rows(24, 1))
+    train_safety({"data": train, "eval_data": held, "model": model_dir, "out": tmp_path / "a",
+                  "mode": "head", "epochs": 5, "lr": 2e-2, "batch_size": 16, "head_batch_size": 256,
+                  "max_length": 128, "mlp_units": 8, "head_only": True}, log=lambda *a: None)
+    point = move_operating_point(tmp_path / "a", model_dir, [held], tmp_path / "b",
+                                 prompt_shift=-0.5, response_shift=1.0, tau=4, max_length=128,
+                                 cache_dir=tmp_path / "cache", log=lambda *a: None)
+    assert point["tau"] == 4 and point["prompt_end_readout"]["at_prompt_end_mean"] > 0.9
+    old, new = load_safety_head(tmp_path / "a"), load_safety_head(tmp_path / "b")
+    logit = lambda t: math.log(t / (1 - t))  # noqa: E731
+    for a, b in zip(old.taxonomy.categories, new.taxonomy.categories):
+        assert logit(b.threshold) == pytest.approx(logit(a.threshold) + 1.0, abs=1e-3)
+    assert new.extra["operating_point"]["tau"] == 4 and new.mlp is not None
+    # the fold moved the weights along one direction only (rank 1)
+    assert torch.linalg.matrix_rank(new.weight - old.weight).item() == 1
+
+
 def test_lora_mode_two_steps(tiny, tmp_path):
     model_dir, _ = tiny
     train = _write(tmp_path / "train.jsonl", _rows(16, 2))

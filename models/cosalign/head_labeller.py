@@ -53,7 +53,7 @@ class HeadLabeller:
                 mask[i, : len(ids)] = 1
             hidden = self.model.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
             scores = safety_scores_reference(hidden.reshape(-1, hidden.shape[-1]),
-                                             self.head.weight, self.head.bias)
+                                             self.head.weight, self.head.bias, self.head.mlp)
             scores = scores.reshape(len(enc), width, -1)[..., : len(self.names)]
             for i, (ids, start_resp) in enumerate(enc):
                 if len(ids) > start_resp:

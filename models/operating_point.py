@@ -1,0 +1,106 @@
+"""Move a trained head's operating point without retraining: the prompt verdict's and the
+response rule's thresholds by logit shifts, and tau. The point is the one `safeserve eval
+replay` picks on a development run (see README, Evaluation).
+
+A head serves one threshold per output; the prompt verdict's own operating point is already
+folded into its weights along the prompt-end read-out (v, c), with v.h + c ~ 1 at prompt ends
+and ~ 0 on generated tokens (``safety_train.finish_head``). To move the response thresholds
+by ``rs`` and the prompt thresholds by ``ps`` (logits; + asks for more evidence):
+
+    served thresholds   t' = sigmoid(logit(t) + rs)           (the overall output: bias -= rs,
+                                                                 it keeps firing at 0.5)
+    fold                logits += (rs - ps) * (v.h + c)        (net move at prompt ends: ps)
+
+The fold also moves generated-token logits by (rs - ps) * (v.h + c), which is small, not zero
+(the read-out's spread there is reported in the head's metrics), so the served numbers are
+measured by serving the new head, not taken from the replay. ``tau`` is written into the head
+(``operating_point.tau``); the server applies it to requests that do not set ``tau``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from safeserve.models.checkpoint import SafetyHead, load_safety_head
+
+OPERATING_POINT = "operating_point"
+
+
+def shift_head(head: SafetyHead, v: torch.Tensor, c: float, *, prompt_shift: float,
+               response_shift: float, tau: int) -> SafetyHead:
+    """A copy of ``head`` whose prompt and response thresholds moved by the given logits."""
+    from safeserve.models.safety_train import with_thresholds
+
+    if tau < 1:
+        raise ValueError("tau must be >= 1")
+    fold = response_shift - prompt_shift
+    weight = head.weight.float() + fold * v.float()[None, :]
+    bias = head.bias.float() + fold * c
+    bias[-1] -= response_shift  # the overall output's threshold lives in its bias
+
+    def moved(t: float) -> float:
+        return 1.0 / (1.0 + math.exp(-(math.log(t / (1 - t)) + response_shift)))
+
+    thresholds = [moved(cat.threshold) for cat in head.taxonomy.categories]
+    extra = dict(head.extra)
+    extra[OPERATING_POINT] = {"prompt_shift": prompt_shift, "response_shift": response_shift,
+                              "tau": tau, "moved_from": extra.get(OPERATING_POINT)}
+    return SafetyHead(weight, bias, with_thresholds(head.taxonomy, thresholds), head.layer,
+                      extra, head.mlp)
+
+
+def move_operating_point(head_dir: Path, model_dir: Path, eval_data, out: Path, *,
+                         prompt_shift: float, response_shift: float, tau: int,
+                         max_length: int = 512, batch_size: int = 16,
+                         cache_dir: Path | None = None, seed: int = 0, log=print) -> dict:
+    """Re-estimate the prompt-end read-out on the held-out files (the calibration half, as
+    training did), shift the head, write ``<out>/safety_head/`` (and copy a LoRA adapter)."""
+    from safeserve.models.safety_train import (
+        MASK_PROMPT,
+        MASK_RESPONSE,
+        _load_lm,
+        _paths,
+        concat_features,
+        file_features,
+        prompt_end_direction,
+        split_groups,
+        write_checkpoint,
+    )
+
+    head = load_safety_head(head_dir)
+    model, tok = _load_lm(Path(model_dir))
+    model.eval()
+    feats = concat_features([file_features(p, model, tok, Path(model_dir), head.taxonomy,
+                                           [head.layer], max_length, batch_size, cache_dir,
+                                           "heldout", log) for p in _paths(eval_data)])
+    cal_ids, _ = split_groups(feats.meta, 0.5, seed)
+    cal = feats.subset(cal_ids)
+    hidden = cal.hidden[head.layer]
+    v, c = prompt_end_direction(hidden, cal.kind)
+    ind = hidden.float() @ v + c
+    new = shift_head(head, v, c, prompt_shift=prompt_shift, response_shift=response_shift,
+                     tau=tau)
+    readout = {"at_prompt_end_mean": float(ind[cal.kind == MASK_PROMPT].mean()),
+               "at_response_mean": float(ind[cal.kind == MASK_RESPONSE].mean()),
+               "at_response_std": float(ind[cal.kind == MASK_RESPONSE].std())}
+    old_metrics = Path(head_dir) / "safety_head" / "metrics.json"
+    metrics = json.loads(old_metrics.read_text()) if old_metrics.is_file() else {}
+    metrics[OPERATING_POINT] = {
+        **new.extra[OPERATING_POINT], "prompt_end_readout": readout,
+        "served_thresholds": {cat.id: cat.threshold for cat in new.taxonomy.categories},
+        "moved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "note": "metrics above this block were measured at the head's previous operating point"}
+    write_checkpoint(new, metrics, Path(out), new.extra)
+    adapter = Path(head_dir) / "adapter"
+    if adapter.is_dir() and Path(out) != Path(head_dir):
+        shutil.copytree(adapter, Path(out) / "adapter", dirs_exist_ok=True)
+    log(f"moved the operating point: prompt {prompt_shift:+g}, response {response_shift:+g} "
+        f"logits, tau {tau}; read-out on response tokens {readout['at_response_mean']:.3f} "
+        f"± {readout['at_response_std']:.3f}")
+    return metrics[OPERATING_POINT]
