@@ -143,17 +143,21 @@ def run_requests(path: str | Path) -> set[tuple[str, str]]:
     return {(r["id"], r["attack"]) for r in map(json.loads, filter(str.strip, lines))}
 
 
+def _answered_rows(path: str | Path):
+    """(row, where) for every request of a run that got an answer (errors are skipped)."""
+    path = _results(path)
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            row = json.loads(line)
+            if not row.get("error"):
+                yield row, f"{path}:{lineno}"
+
+
 def load_safety_run(path: str | Path, names: tuple[str, ...]) -> list[TracedRow]:
     """Rows of a traced ``eval safety`` run (its folder or its results.jsonl)."""
-    path = _results(path)
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if row.get("error"):
-            continue
-        prompt, query, steps, allow = _traced(row, names, f"{path}:{lineno}")
+    for row, where in _answered_rows(path):
+        prompt, query, steps, allow = _traced(row, names, where)
         rows.append(TracedRow(
             kind="harmful" if row["harmful"] else "benign", group=row["attack"],
             dataset=row["dataset"], allow=allow, prompt=prompt, query=query, steps=steps,
@@ -166,15 +170,9 @@ def load_safety_run(path: str | Path, names: tuple[str, ...]) -> list[TracedRow]
 def load_cosa_run(path: str | Path, names: tuple[str, ...]) -> list[TracedRow]:
     """Rows of a traced ``eval cosa --mode enforce`` run; ``group`` is ``allowed`` (the test
     set expects an answer: situation 1) or ``disallowed`` (situations 2 and 3)."""
-    path = _results(path)
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if row.get("error"):
-            continue
-        prompt, query, steps, allow = _traced(row, names, f"{path}:{lineno}")
+    for row, where in _answered_rows(path):
+        prompt, query, steps, allow = _traced(row, names, where)
         answered = float(row.get("h") or 0.0) > 0  # the eval's own helpfulness call
         rows.append(TracedRow(
             kind="cosa", group="allowed" if row["expect"] == "answer" else "disallowed",
