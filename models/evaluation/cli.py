@@ -156,7 +156,7 @@ def replay(
     cosa: list[Path] = typer.Option([], "--cosa", help="Traced `eval cosa --mode enforce` output folders (same --base-config)."),
     prompt_shift: str = typer.Option("0", "--prompt-shift", help="Logit shift(s) of the prompt/query thresholds, comma-separated (+ = act less)."),
     response_shift: str = typer.Option("0", "--response-shift", help="Logit shift(s) of the response thresholds, comma-separated."),
-    tau: str = typer.Option("3", "--tau", help="Consecutive violating steps, comma-separated."),
+    tau: Optional[str] = typer.Option(None, "--tau", help="Consecutive violating steps, comma-separated (default: the head's own, else 3)."),
     max_over_refusal: Optional[float] = typer.Option(None, "--max-over-refusal", help="With several rules: keep only those within this over-refusal budget, best attack success first."),
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="Write every scored rule as JSON."),
 ) -> None:
@@ -174,7 +174,9 @@ def replay(
         raise typer.BadParameter(str(exc)) from exc
     if not rows:
         raise typer.BadParameter("no traced requests to replay (all excluded, or empty runs)")
-    taus = [int(t) for t in _floats(tau, "--tau")]
+    taus = [base.tau] if tau is None else [int(t) for t in _floats(tau, "--tau")]
+    if not taus or min(taus) < 1:
+        raise typer.BadParameter("--tau takes whole numbers >= 1")
     results = rp.sweep(rows, base, _floats(prompt_shift, "--prompt-shift"),
                        _floats(response_shift, "--response-shift"), taus)
     same, n = rp.agreement(rows, base)

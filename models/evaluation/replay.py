@@ -25,6 +25,7 @@ served and measured for real.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -61,13 +62,16 @@ def _shift(threshold: float, logit_shift: float) -> float:
     return 1.0 / (1.0 + math.exp(-(math.log(t / (1 - t)) + logit_shift)))
 
 
-def served_rule(head_dir: str | Path, *, tau: int = 3) -> Rule:
+def served_rule(head_dir: str | Path, *, tau: int | None = None) -> Rule:
     """The rule a server runs with ``head_dir`` and no per-request threshold: the taxonomy's
-    thresholds for both phases (the prompt operating point is folded into the head), and the
-    overall output at the server's default (or the checkpoint's ``overall_threshold``)."""
+    thresholds for both phases (the prompt operating point is folded into the head), the
+    overall output at the server's default (or the checkpoint's ``overall_threshold``), and
+    the head's own tau (``operating_point.tau``, else 3) unless ``tau`` is given."""
     from safeserve.models.checkpoint import load_safety_head
 
     head = load_safety_head(head_dir)
+    if tau is None:
+        tau = int((head.extra.get("operating_point") or {}).get("tau", 3))
     names = tuple(head.taxonomy.ids) + (OVERALL,)
     thresholds = [c.threshold for c in head.taxonomy.categories]
     thresholds.append(float(head.extra.get("overall_threshold", 0.5)))
@@ -163,7 +167,8 @@ def load_safety_run(path: str | Path, names: tuple[str, ...]) -> list[TracedRow]
             dataset=row["dataset"], allow=allow, prompt=prompt, query=query, steps=steps,
             refused_by_text=row["verdict"] == FULL_REFUSAL,
             answered_by_text=row["verdict"] == FULL_COMPLIANCE, template=row.get("template"),
-            extra={"id": row["id"], "server_trigger": _server_trigger(row)}))
+            extra={"id": row["id"], "server_trigger": _server_trigger(row),
+                   "tau": (row["safety"].get("config") or {}).get("tau")}))
     return rows
 
 
@@ -179,7 +184,8 @@ def load_cosa_run(path: str | Path, names: tuple[str, ...]) -> list[TracedRow]:
             dataset=str(row.get("config")), allow=allow, prompt=prompt, query=query, steps=steps,
             refused_by_text=not answered, answered_by_text=answered,
             extra={"id": row.get("id"), "situation": row.get("situation"),
-                   "server_trigger": _server_trigger(row)}))
+                   "server_trigger": _server_trigger(row),
+                   "tau": (row["safety"].get("config") or {}).get("tau")}))
     return rows
 
 
@@ -268,7 +274,10 @@ def pareto(results: list[dict]) -> list[dict]:
 def agreement(rows: list[TracedRow], rule: Rule) -> tuple[int, int]:
     """(rows where ``rule`` triggers where the server did, rows): run with the served rule,
     this checks the replay against the engine's own decisions."""
-    same = sum(trigger_step(r, rule) == r.extra.get("server_trigger") for r in rows)
+    def as_served(r: TracedRow) -> Rule:  # the tau the request ran with, as echoed
+        return dataclasses.replace(rule, tau=int(r.extra.get("tau") or rule.tau))
+
+    same = sum(trigger_step(r, as_served(r)) == r.extra.get("server_trigger") for r in rows)
     return same, len(rows)
 
 
