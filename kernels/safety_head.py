@@ -8,7 +8,11 @@ Math (the one place it is defined; training and serving both call these function
 
 The second line is an optional residual MLP (``mlp = (up [M, H], up_bias [M], down [K, M])``,
 M hidden units): a linear head alone reads topic more than intent from a small model's
-hidden state, and the per-token signal gains most from the non-linear term. The linear part
+hidden state, and the per-token signal gains most from the non-linear term. An optional
+fourth tensor ``gate [H + 1]`` (v, then c) scales the MLP term per row by
+clamp(1 - (v.h + c), 0, 1): with the prompt-end read-out as (v, c) the MLP is off where the
+prompt verdict is read and on for generated tokens, so the prompt verdict stays the linear
+head's. The linear part
 stays, so everything that acts on the head linearly (the prompt-verdict fold in training)
 works on both kinds.
 
@@ -44,8 +48,8 @@ FORCE_TRITON_ENV = "SAFESERVE_FORCE_TRITON"
 _HIDDEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-# (up [M, H], up_bias [M], down [K, M]) of the optional residual MLP.
-ResidualMLP = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# (up [M, H], up_bias [M], down [K, M][, gate [H + 1]]) of the optional residual MLP.
+ResidualMLP = tuple[torch.Tensor, ...]
 MAX_MLP_UNITS = 512  # the kernel keeps a [BLOCK_N, M] tile of activations in registers
 
 
@@ -55,10 +59,18 @@ def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     x = hidden.float()
     logits = torch.nn.functional.linear(x, weight.float(), bias.float())
     if mlp is not None:
-        up, up_bias, down = mlp
+        up, up_bias, down = mlp[:3]
         act = torch.relu(torch.nn.functional.linear(x, up.float(), up_bias.float()))
+        if len(mlp) == 4:
+            act = act * mlp_gate(x, mlp[3])[:, None]
         logits = logits + torch.nn.functional.linear(act, down.float())
     return logits
+
+
+def mlp_gate(hidden: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """[N, H], [H + 1] -> [N]: clamp(1 - (v.h + c), 0, 1)."""
+    gate = gate.float()
+    return (1.0 - (hidden.float() @ gate[:-1] + gate[-1])).clamp(0.0, 1.0)
 
 
 def safety_scores_reference(
@@ -182,6 +194,7 @@ def _safety_head_mlp_kernel(
     up_ptr,
     up_bias_ptr,
     down_ptr,
+    gate_ptr,
     out_ptr,
     n_rows,
     n_hidden,
@@ -201,6 +214,7 @@ def _safety_head_mlp_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    HAS_GATE: tl.constexpr,
 ):
     # The linear kernel plus the residual MLP. One pass over the hidden state feeds both the
     # linear logits and the MLP's pre-activations (the step is bound by reading `hidden`),
@@ -215,6 +229,7 @@ def _safety_head_mlp_kernel(
     hidden_rows = hidden_ptr + rows.to(tl.int64)[:, None] * stride_hn
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     pre = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    gate_dot = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for h_start in range(0, n_hidden, BLOCK_H):
         hs = h_start + tl.arange(0, BLOCK_H)
         h_ok = hs < n_hidden
@@ -235,8 +250,15 @@ def _safety_head_mlp_kernel(
         )
         acc = tl.dot(x, w_t, acc, input_precision="ieee")
         pre = tl.dot(x, u_t, pre, input_precision="ieee")
+        if HAS_GATE:
+            gv = tl.load(gate_ptr + hs, mask=h_ok, other=0.0)
+            gate_dot += tl.sum(x * gv[None, :], axis=1)
     ub = tl.load(up_bias_ptr + units, mask=unit_ok, other=0.0)
     act = tl.maximum(pre + ub[None, :], 0.0)  # padded units: relu(0 + 0) = 0, no effect
+    if HAS_GATE:
+        gate = 1.0 - (gate_dot + tl.load(gate_ptr + n_hidden))
+        gate = tl.minimum(tl.maximum(gate, 0.0), 1.0)
+        act = act * gate[:, None]
     d_t = tl.load(
         down_ptr + cats[None, :] * stride_dk + units[:, None] * stride_dm,
         mask=unit_ok[:, None] & cat_ok[None, :],
@@ -294,9 +316,11 @@ def _check_head_args(
 
 
 def _check_mlp_args(hidden: torch.Tensor, weight: torch.Tensor, mlp: ResidualMLP) -> None:
-    if len(mlp) != 3:
-        raise ValueError("mlp must be (up [M, H], up_bias [M], down [K, M])")
-    up, up_bias, down = mlp
+    if len(mlp) not in (3, 4):
+        raise ValueError("mlp must be (up [M, H], up_bias [M], down [K, M][, gate [H + 1]])")
+    up, up_bias, down = mlp[:3]
+    if len(mlp) == 4 and mlp[3].shape != (hidden.shape[1] + 1,):
+        raise ValueError(f"mlp gate has shape {tuple(mlp[3].shape)}, want ({hidden.shape[1] + 1},)")
     n_hidden, n_cats = hidden.shape[1], weight.shape[0]
     if up.dim() != 2 or up.shape[1] != n_hidden or up_bias.shape != (up.shape[0],) \
             or down.shape != (n_cats, up.shape[0]):
@@ -318,7 +342,8 @@ def _safety_scores_mlp_triton(
     n_cats = weight.shape[0]
     if n_rows == 0:
         return
-    up, up_bias, down = (t.float() for t in mlp)
+    up, up_bias, down = (t.float() for t in mlp[:3])
+    gate = mlp[3].float().contiguous() if len(mlp) == 4 else up_bias  # any pointer when unused
     weight, bias, up_bias = weight.float(), bias.float().contiguous(), up_bias.contiguous()
     if hidden.dtype == torch.bfloat16 and _interpreting():
         hidden = hidden.float()
@@ -330,7 +355,7 @@ def _safety_scores_mlp_triton(
     block_n = 16
     grid = (triton.cdiv(n_rows, block_n),)
     _jit(_safety_head_mlp_kernel)[grid](
-        hidden, weight, bias, up, up_bias, down, out,
+        hidden, weight, bias, up, up_bias, down, gate, out,
         n_rows, n_hidden, n_cats, n_units,
         hidden.stride(0), hidden.stride(1),
         weight.stride(0), weight.stride(1),
@@ -338,7 +363,7 @@ def _safety_scores_mlp_triton(
         down.stride(0), down.stride(1),
         out.stride(0), out.stride(1),
         BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_M=block_m,
-        num_warps=4,
+        HAS_GATE=len(mlp) == 4, num_warps=4,
     )
 
 

@@ -8,7 +8,8 @@ with a ``safety_head/`` folder beside the weights:
       safety_head/
         head.safetensors     weight [K, H] float32, bias [K] float32; K = categories + 1;
                              optional residual MLP: mlp_up [M, H], mlp_up_bias [M],
-                             mlp_down [K, M] (format 2; see kernels/safety_head.py)
+                             mlp_down [K, M] and, for a gated one, mlp_gate [H + 1]
+                             (format 2; see kernels/safety_head.py)
         head_config.json     {"format_version", "hidden_size", "layer", "taxonomy_sha", ...}
         taxonomy.yaml        category ids, definitions, default thresholds (head row order)
         metrics.json         held-out metrics written by the training job (optional)
@@ -34,6 +35,7 @@ HEAD_DIR = "safety_head"
 FORMAT_VERSION = 1  # linear heads
 FORMAT_VERSION_MLP = 2  # heads with the residual MLP: older readers must refuse them
 MLP_TENSORS = ("mlp_up", "mlp_up_bias", "mlp_down")
+MLP_GATE = "mlp_gate"  # optional fourth tensor: the MLP is scaled by clamp(1 - (v.h + c), 0, 1)
 
 
 class CheckpointError(ValueError):
@@ -47,7 +49,7 @@ class SafetyHead:
     taxonomy: Taxonomy
     layer: int = -1
     extra: dict = field(default_factory=dict)  # recipe, base model, metrics summary
-    mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (up, up_bias, down)
+    mlp: tuple[torch.Tensor, ...] | None = None  # (up, up_bias, down[, gate])
 
     @property
     def mlp_units(self) -> int:
@@ -67,8 +69,11 @@ class SafetyHead:
         if self.bias.shape != (k,):
             raise CheckpointError(f"safety head bias has shape {tuple(self.bias.shape)}, want ({k},)")
         if self.mlp is not None:
-            up, up_bias, down = self.mlp
+            up, up_bias, down = self.mlp[:3]
             m = up.shape[0]
+            if len(self.mlp) == 4 and self.mlp[3].shape != (self.hidden_size + 1,):
+                raise CheckpointError(f"safety head MLP gate has shape {tuple(self.mlp[3].shape)}, "
+                                      f"want ({self.hidden_size + 1},)")
             if up.shape != (m, self.hidden_size) or up_bias.shape != (m,) or down.shape != (k, m):
                 raise CheckpointError(
                     f"safety head MLP has up {tuple(up.shape)}, up_bias {tuple(up_bias.shape)}, "
@@ -88,7 +93,7 @@ class SafetyHead:
         out.mkdir(parents=True, exist_ok=True)
         tensors = {"weight": self.weight, "bias": self.bias}
         if self.mlp is not None:
-            tensors.update(zip(MLP_TENSORS, self.mlp))
+            tensors.update(zip(MLP_TENSORS + (MLP_GATE,), self.mlp))
         save_file({name: t.detach().float().contiguous().cpu() for name, t in tensors.items()},
                   str(out / "head.safetensors"))
         self.taxonomy.save(out / "taxonomy.yaml")
@@ -134,6 +139,8 @@ def load_safety_head(model_dir: str | Path, expect_taxonomy: Taxonomy | None = N
         if missing:
             raise CheckpointError(f"safety head format {FORMAT_VERSION_MLP} in {d} lacks {missing}")
         mlp = tuple(tensors[n].float() for n in MLP_TENSORS)
+        if MLP_GATE in tensors:
+            mlp += (tensors[MLP_GATE].float(),)
     if expect_taxonomy is not None and expect_taxonomy.ids != taxonomy.ids:
         raise CheckpointError(
             f"safety head taxonomy {list(taxonomy.ids)} does not match the server's "

@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from safeserve.kernels.safety_head import head_logits
-from safeserve.models.checkpoint import SafetyHead
+from safeserve.models.checkpoint import SafetyHead, load_safety_head
 from safeserve.models.safety_data import (MASK_PROMPT, MASK_RESPONSE, Encoded, Trajectory,
                                           encode_trajectory, load_trajectories)
 from safeserve.models.taxonomy import Category, Taxonomy
@@ -245,10 +245,12 @@ class HeadFit:
 def fit_head(hidden: torch.Tensor, labels: torch.Tensor, kind: torch.Tensor, *,
              epochs: int = 30, lr: float = 2e-3, batch_size: int = 4096,
              weight_decay: float = 1e-3, seed: int = 0, progress: bool = True,
-             mlp_units: int = 0) -> HeadFit:
+             mlp_units: int = 0, mlp_gate: tuple[torch.Tensor, float] | None = None,
+             frozen_linear: tuple[torch.Tensor, torch.Tensor] | None = None) -> HeadFit:
     """Fit weight [K,H] and bias [K] (and, with ``mlp_units``, the residual MLP of
     ``kernels/safety_head.py``) on cached features, standardised, then folded back to raw
-    hidden states."""
+    hidden states. ``mlp_gate`` = (v, c) gates the MLP by clamp(1 - (v.h + c), 0, 1);
+    ``frozen_linear`` = (weight, bias) of an existing head keeps its linear part as it is."""
     g = torch.Generator().manual_seed(seed)
     x = hidden.float()
     mu, sd = x.mean(0), x.std(0).clamp(min=1e-4)
@@ -256,9 +258,15 @@ def fit_head(hidden: torch.Tensor, labels: torch.Tensor, kind: torch.Tensor, *,
     k = labels.shape[1]
     pw = positive_weights(labels)
     prior = labels.mean(0).clamp(1e-4, 1 - 1e-4)
-    w = torch.zeros(k, z.shape[1], requires_grad=True)
-    b = torch.log(prior / (1 - prior)).clone().requires_grad_(True)
-    params, mlp = [w, b], None
+    if frozen_linear is not None:  # raw (W, b) -> standardised space, not trained
+        w = (frozen_linear[0].float() * sd).clone()
+        b = (frozen_linear[1].float() + frozen_linear[0].float() @ mu).clone()
+        params = []
+    else:
+        w = torch.zeros(k, z.shape[1], requires_grad=True)
+        b = torch.log(prior / (1 - prior)).clone().requires_grad_(True)
+        params = [w, b]
+    mlp = None
     if mlp_units > 0:
         # He-initialised up projection; the down projection starts at zero, so training
         # starts from the linear head and adds the non-linear term only where it helps.
@@ -267,6 +275,9 @@ def fit_head(hidden: torch.Tensor, labels: torch.Tensor, kind: torch.Tensor, *,
         down = torch.zeros(k, mlp_units, requires_grad=True)
         mlp = (up, up_bias, down)
         params += list(mlp)
+        if mlp_gate is not None:  # v.x + c = (v * sd).z + (v.mu + c)
+            v, c = mlp_gate
+            mlp += (torch.cat([v.float() * sd, (v.float() @ mu + c).reshape(1)]),)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     # Sample prompt and response positions in the same proportion in every batch.
     n = z.shape[0]
@@ -292,6 +303,8 @@ def fit_head(hidden: torch.Tensor, labels: torch.Tensor, kind: torch.Tensor, *,
             up_raw = mlp[0] / sd
             mlp_raw = (up_raw.contiguous(), (mlp[1] - up_raw @ mu).contiguous(),
                        mlp[2].detach().clone())
+            if mlp_gate is not None:
+                mlp_raw += (torch.cat([mlp_gate[0].float(), torch.tensor([float(mlp_gate[1])])]),)
     return HeadFit(w_raw.detach().contiguous(), b_raw.detach().contiguous(), losses, mu, sd,
                    w.detach().clone(), b.detach().clone(), mlp_raw)
 
@@ -768,6 +781,47 @@ def probe_layers(feats: dict, layers: list[int], taxonomy: Taxonomy, epochs: int
     return rows
 
 
+# The gate is clamp(1 - GATE_SHARPNESS * read-out, 0, 1): fully closed from a read-out of
+# 1 / GATE_SHARPNESS up. Prompt ends read ~0.95, not 1, and an MLP that never had to fit them
+# can be large there, so a gate of 1 - read-out would leak it into the prompt verdict.
+GATE_SHARPNESS = 2.0
+
+
+def _prompt_end_gate(feats: "Features", layer: int = -1) -> tuple[torch.Tensor, float]:
+    v, c = prompt_end_direction(feats.hidden[layer], feats.kind)
+    return v * GATE_SHARPNESS, c * GATE_SHARPNESS
+
+
+def _frozen_linear(init_head) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The linear part of an existing linear head, kept as it is (``--init-head``)."""
+    if not init_head:
+        return None
+    head = load_safety_head(init_head)
+    if head.mlp is not None:
+        raise ValueError(f"--init-head {init_head} has an MLP; give a linear head")
+    return head.weight, head.bias
+
+
+def keep_init_operating_point(init_head, fit: HeadFit, heldout: Features,
+                              args: dict) -> tuple[SafetyHead, dict]:
+    """``--keep-thresholds``: the init head's linear part, thresholds and fold as they were,
+    plus the fitted (gated) MLP. With the gate closed at prompt ends the prompt verdict is the
+    init head's; the response rule reads the new scores at the old thresholds (move them with
+    ``train operating-point``). Metrics are measured at that point, nothing is calibrated."""
+    init = load_safety_head(init_head)
+    head = SafetyHead(init.weight, init.bias, init.taxonomy, init.layer, mlp=fit.mlp)
+    thr = torch.tensor([c.threshold for c in init.taxonomy.categories] + [0.5])
+    names = list(init.taxonomy.output_names)
+    h = heldout.hidden[init.layer]
+    measured = evaluate(scores_of(h, head.weight, head.bias, mlp=head.mlp), heldout, thr, names,
+                        args["tau"])
+    # All held-out conversations are "test" here: nothing was calibrated on them.
+    metrics = {"auroc_all_heldout": measured, "thresholded_on_test_half": measured,
+               "calibration": {"kept_operating_point_of": str(init_head), "tau": args["tau"],
+                               "served_thresholds": dict(zip(names, thr.tolist()))}}
+    return head, metrics
+
+
 def run_head_mode(args: dict, taxonomy: Taxonomy, log=print) -> dict:
     layer = args["layer"]
     probe = [int(x) for x in str(args.get("probe_layers") or "").split(",") if x.strip()]
@@ -781,11 +835,16 @@ def run_head_mode(args: dict, taxonomy: Taxonomy, log=print) -> dict:
     t0 = time.time()
     fit = fit_head(tr.hidden[layer], tr.labels, tr.kind, epochs=args["epochs"], lr=args["lr"],
                    batch_size=args["head_batch_size"], weight_decay=args["weight_decay"],
-                   seed=args["seed"], mlp_units=args["mlp_units"])
+                   seed=args["seed"], mlp_units=args["mlp_units"],
+                   mlp_gate=_prompt_end_gate(tr) if args["mlp_gate"] else None,
+                   frozen_linear=_frozen_linear(args.get("init_head")))
     log(f"head fitted in {time.time() - t0:.1f}s; loss {fit.losses[0]:.4f} -> "
         f"{fit.losses[-1]:.4f}")
-    head, metrics = finish_head(fit.weight, fit.bias, feats["heldout"], taxonomy, args, layer,
-                                log, mlp=fit.mlp)
+    if args["keep_thresholds"]:
+        head, metrics = keep_init_operating_point(args["init_head"], fit, feats["heldout"], args)
+    else:
+        head, metrics = finish_head(fit.weight, fit.bias, feats["heldout"], taxonomy, args,
+                                    layer, log, mlp=fit.mlp)
     metrics["train_loss"] = {"first_epoch": fit.losses[0], "last_epoch": fit.losses[-1]}
     if "external" in feats:
         metrics["external_prompt_only"] = head_external_metrics(head, feats["external"])
@@ -993,7 +1052,8 @@ def train_safety(args: dict, log=print) -> dict:
                 "tau": 3, "target_fpr": 0.05, "prompt_offset": True, "seed": 0, "weight_decay": 1e-3,
                 "lora_r": 16, "lora_alpha": 32, "head_only": False, "cache_dir": None,
                 "max_steps": 0, "taxonomy": None, "dtype": "float32", "lm_targets": "safe",
-                "mlp_units": 0}
+                "mlp_units": 0, "mlp_gate": False, "init_head": None,
+                "keep_thresholds": False}
     args = {**defaults, **{k: v for k, v in args.items() if v is not None}}
     if args["lr"] is None:
         args["lr"] = 2e-3 if args["mode"] == "head" else 2e-4
@@ -1003,8 +1063,13 @@ def train_safety(args: dict, log=print) -> dict:
             "and refuses to load this head")
     if args["lm_targets"] not in LM_TARGETS:
         raise ValueError(f"lm_targets must be one of {LM_TARGETS}, not {args['lm_targets']!r}")
-    if args["mlp_units"] and args["mode"] != "head":
-        raise ValueError("--mlp-units is for head mode; lora/full train a linear head")
+    if (args["mlp_units"] or args["mlp_gate"] or args["init_head"]) and args["mode"] != "head":
+        raise ValueError("--mlp-units, --mlp-gate and --init-head are for head mode; lora/full "
+                         "train a linear head")
+    if args["mlp_gate"] and not args["mlp_units"]:
+        raise ValueError("--mlp-gate gates the MLP: give --mlp-units too")
+    if args["keep_thresholds"] and not args["init_head"]:
+        raise ValueError("--keep-thresholds keeps --init-head's operating point: give it")
     if args["mode"] == "head":
         return run_head_mode(args, taxonomy, log)
     if args["mode"] in ("lora", "full"):
@@ -1121,6 +1186,12 @@ def register(app) -> None:
         head_only: bool = typer.Option(False, help="Write only safety_head/ (no LM files)."),
         mlp_units: int = typer.Option(0, help="Head mode: hidden units of the residual MLP "
                                       "beside the linear head (0 = linear only)."),
+        mlp_gate: bool = typer.Option(False, help="Gate the MLP off at prompt ends (by the "
+                                      "prompt-end read-out): the prompt verdict stays linear."),
+        init_head: Path = typer.Option(None, help="Keep this linear head's weights as the "
+                                       "linear part (frozen); fit only the MLP."),
+        keep_thresholds: bool = typer.Option(False, help="With --init-head: keep its "
+                                             "thresholds and fold (no calibration)."),
         cache_dir: Path = typer.Option(None, help="Cache extracted features here."),
         lora_r: int = typer.Option(16, help="LoRA rank."),
         lora_alpha: int = typer.Option(32, help="LoRA alpha."),

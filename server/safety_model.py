@@ -50,9 +50,10 @@ class SafetyHeadMixin:
         self.register_buffer("_safety_bias", head.bias.to(device), persistent=False)
         self._safety_mlp = None
         if head.mlp is not None:
-            for name, t in zip(("_safety_mlp_up", "_safety_mlp_up_bias", "_safety_mlp_down"), head.mlp):
+            names = ("_safety_mlp_up", "_safety_mlp_up_bias", "_safety_mlp_down", "_safety_mlp_gate")
+            for name, t in zip(names, head.mlp):
                 self.register_buffer(name, t.to(device), persistent=False)
-            self._safety_mlp = (self._safety_mlp_up, self._safety_mlp_up_bias, self._safety_mlp_down)
+            self._safety_mlp = tuple(getattr(self, n) for n in names[:len(head.mlp)])
         STEP_SIGNAL.num_outputs = head.weight.shape[0]
         STEP_SIGNAL.output_names = head.taxonomy.output_names
         log.info("safety head: %d outputs over hidden size %d, residual MLP of %d units",

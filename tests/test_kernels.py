@@ -220,6 +220,25 @@ def test_head_with_residual_mlp_matches_reference(n_rows, n_hidden, n_units, n_c
 
 
 @needs_triton
+@pytest.mark.parametrize("n_rows,n_hidden", [(33, 576), (40, 1000)])
+def test_head_with_gated_mlp_matches_reference(n_rows, n_hidden):
+    hidden, weight, bias = _head_inputs(n_rows, n_hidden, 10, seed=n_hidden)
+    up, up_bias, down = _mlp_inputs(n_hidden, 128, 10, seed=n_rows)
+    g = _gen(9)
+    # a gate that is 0 on some rows, 1 on others and in between elsewhere
+    gate = torch.cat([2 * torch.randn(n_hidden, generator=g) / n_hidden**0.5, torch.tensor([0.2])]).to(DEVICE)
+    mlp = (up, up_bias, down, gate)
+    want = safety_scores_reference(hidden, weight, bias, mlp)
+    gates = safety_head.mlp_gate(hidden, gate)
+    assert (gates == 0).any() and (gates == 1).any() and ((gates > 0) & (gates < 1)).any()
+    ungated = safety_scores_reference(hidden, weight, bias, mlp[:3])
+    linear = safety_scores_reference(hidden, weight, bias)
+    torch.testing.assert_close(want[gates == 0], linear[gates == 0])
+    torch.testing.assert_close(want[gates == 1], ungated[gates == 1])
+    torch.testing.assert_close(safety_scores(hidden, weight, bias, mlp=mlp), want, atol=1e-5, rtol=0)
+
+
+@needs_triton
 def test_head_mlp_rejects_bad_shapes():
     hidden, weight, bias = _head_inputs(3, 16, 4, seed=2)
     up, up_bias, down = _mlp_inputs(16, 8, 4, seed=3)
@@ -227,6 +246,8 @@ def test_head_mlp_rejects_bad_shapes():
         safety_scores(hidden, weight, bias, mlp=(up, up_bias, down[:3]))
     with pytest.raises(ValueError, match="mlp shapes"):
         safety_scores(hidden, weight, bias, mlp=(up[:, :15], up_bias, down))
+    with pytest.raises(ValueError, match="gate"):
+        safety_scores(hidden, weight, bias, mlp=(up, up_bias, down, torch.zeros(16, device=DEVICE)))
     big = _mlp_inputs(16, 513, 4, seed=4)
     with pytest.raises(ValueError, match="units"):
         safety_scores(hidden, weight, bias, mlp=big)

@@ -343,6 +343,46 @@ def test_head_mode_with_residual_mlp(tiny, tmp_path):
                       "mlp_units": 8}, log=lambda *a: None)
 
 
+def test_gated_mlp_over_a_frozen_linear_head(tiny, tmp_path):
+    """--mlp-gate --init-head: the linear part is the given head's (up to the prompt-end fold
+    and the overall shift of calibration), the gate rides in the checkpoint, and the MLP term
+    is ~0 at prompt ends."""
+    from safeserve.kernels.safety_head import mlp_gate
+
+    model_dir, tok = tiny
+    train = _write(tmp_path / "train.jsonl", _rows(40, 0))
+    held = _write(tmp_path / "held.jsonl", _rows(24, 1))
+    common = {"data": train, "eval_data": held, "model": model_dir, "mode": "head", "epochs": 5,
+              "lr": 2e-2, "batch_size": 16, "head_batch_size": 256, "max_length": 128,
+              "head_only": True, "prompt_offset": False}
+    train_safety({**common, "out": tmp_path / "lin"}, log=lambda *a: None)
+    train_safety({**common, "out": tmp_path / "gated", "mlp_units": 8, "mlp_gate": True,
+                  "init_head": tmp_path / "lin"}, log=lambda *a: None)
+    lin, gated = load_safety_head(tmp_path / "lin"), load_safety_head(tmp_path / "gated")
+    assert len(gated.mlp) == 4 and gated.mlp[3].shape == (65,)
+    torch.testing.assert_close(gated.weight, lin.weight)  # frozen (no fold: prompt_offset off)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tax = Taxonomy.load()
+    fev = extract_features(model, tok, load_trajectories(held, tax), tax, [-1], 128, 16,
+                           lambda *a: None)
+    gates = mlp_gate(fev.hidden[-1], gated.mlp[3])
+    assert gates[fev.kind == MASK_PROMPT].mean() < 0.2 < 0.8 < gates[fev.kind == MASK_RESPONSE].mean()
+    # --keep-thresholds: the linear head's weights and thresholds exactly, plus the MLP
+    train_safety({**common, "out": tmp_path / "keep", "mlp_units": 8, "mlp_gate": True,
+                  "init_head": tmp_path / "lin", "keep_thresholds": True}, log=lambda *a: None)
+    keep = load_safety_head(tmp_path / "keep")
+    assert torch.equal(keep.weight, lin.weight) and torch.equal(keep.bias, lin.bias)
+    assert [c.threshold for c in keep.taxonomy.categories] == [c.threshold for c in lin.taxonomy.categories]
+    assert len(keep.mlp) == 4
+    with pytest.raises(ValueError, match="has an MLP"):
+        train_safety({**common, "out": tmp_path / "x", "mlp_units": 8, "init_head": tmp_path / "gated"},
+                     log=lambda *a: None)
+    with pytest.raises(ValueError, match="--mlp-units too"):
+        train_safety({**common, "out": tmp_path / "y", "mlp_gate": True}, log=lambda *a: None)
+
+
 def test_operating_point_moves_a_trained_head(tiny, tmp_path):
     """`train operating-point` on a trained head: thresholds move by the response shift, the
     prompt-end fold by the difference, tau is recorded where the server reads it."""
