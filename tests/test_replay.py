@@ -83,7 +83,7 @@ def test_score_outcomes_and_pareto():
 def _result_row(i, *, harmful, verdict, trace, prompt_flagged=False, action="annotate", names=NAMES):
     return {"id": f"t:{i}", "dataset": "t", "harmful": harmful, "attack": "direct", "template": None,
             "verdict": verdict, "error": None,
-            "safety": {"action": action, "score_names": list(names), "config": {"allow": []},
+            "safety": {"action": action, "score_names": list(names), "config": {"allow": [], "tau": 3},
                        "prompt": {"flagged": prompt_flagged, "scores": dict(zip(names, trace[0]["scores"]))},
                        "query": None, "trace": trace}}
 
