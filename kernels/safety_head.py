@@ -23,7 +23,10 @@ server calls once per engine step.
 The Triton kernel is one launch per call: the grid runs over blocks of BLOCK_N rows, each
 program walks H in BLOCK_H tiles, accumulates [BLOCK_N, BLOCK_K] in float32 and applies
 bias + sigmoid before one masked store. K is padded to a power of two (at least 16, the
-smallest tile `tl.dot` accepts) and masked, so any K and H work.
+smallest tile `tl.dot` accepts) and masked, so any K and H work. The same kernel serves the
+linear head and the residual MLP: the constexprs HAS_MLP and HAS_GATE add the [BLOCK_N, M]
+pre-activations (and the gate's dot) to that one pass over H, so the linear head compiles
+without any of it.
 
 When the Triton path runs: CUDA tensors always (if triton is importable), CPU tensors only
 with SAFESERVE_FORCE_TRITON=1, which needs TRITON_INTERPRET=1 (the tests use this).
@@ -139,58 +142,6 @@ def _safety_head_kernel(
     hidden_ptr,
     weight_ptr,
     bias_ptr,
-    out_ptr,
-    n_rows,
-    n_hidden,
-    n_cats,
-    stride_hn,
-    stride_hh,
-    stride_wk,
-    stride_wh,
-    stride_on,
-    stride_ok,
-    BLOCK_N: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    cats = tl.arange(0, BLOCK_K)
-    row_ok = rows < n_rows
-    cat_ok = cats < n_cats
-    # 64-bit row offsets: a row view into a large activation buffer can pass 2**31 elements.
-    hidden_rows = hidden_ptr + rows.to(tl.int64)[:, None] * stride_hn
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for h_start in range(0, n_hidden, BLOCK_H):
-        hs = h_start + tl.arange(0, BLOCK_H)
-        h_ok = hs < n_hidden
-        x = tl.load(
-            hidden_rows + hs[None, :] * stride_hh,
-            mask=row_ok[:, None] & h_ok[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        # Load the weight tile already transposed ([BLOCK_H, BLOCK_K]) so no tl.trans is needed.
-        w_t = tl.load(
-            weight_ptr + cats[None, :] * stride_wk + hs[:, None] * stride_wh,
-            mask=h_ok[:, None] & cat_ok[None, :],
-            other=0.0,
-        )
-        # "ieee": the default fp32 dot on NVIDIA is TF32 (10-bit mantissa), which misses the
-        # 1e-5 agreement with the float32 reference at H in the thousands.
-        acc = tl.dot(x, w_t, acc, input_precision="ieee")
-    b = tl.load(bias_ptr + cats, mask=cat_ok, other=0.0)
-    scores = tl.sigmoid(acc + b[None, :])
-    tl.store(
-        out_ptr + rows.to(tl.int64)[:, None] * stride_on + cats[None, :] * stride_ok,
-        scores,
-        mask=row_ok[:, None] & cat_ok[None, :],
-    )
-
-
-def _safety_head_mlp_kernel(
-    hidden_ptr,
-    weight_ptr,
-    bias_ptr,
     up_ptr,
     up_bias_ptr,
     down_ptr,
@@ -214,22 +165,27 @@ def _safety_head_mlp_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    HAS_MLP: tl.constexpr,
     HAS_GATE: tl.constexpr,
 ):
-    # The linear kernel plus the residual MLP. One pass over the hidden state feeds both the
-    # linear logits and the MLP's pre-activations (the step is bound by reading `hidden`),
-    # then the [BLOCK_N, M] activations meet `down` in registers: no intermediate in memory.
+    # One pass over the hidden state feeds the linear logits and, with HAS_MLP, the MLP's
+    # pre-activations (the step is bound by reading `hidden`); the [BLOCK_N, M] activations
+    # then meet `down` in registers: no intermediate in memory. HAS_MLP and HAS_GATE are
+    # constexprs, so the linear head compiles with no MLP load, tile or loop-carried value.
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     cats = tl.arange(0, BLOCK_K)
-    units = tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     cat_ok = cats < n_cats
-    unit_ok = units < n_units
+    # 64-bit row offsets: a row view into a large activation buffer can pass 2**31 elements.
     hidden_rows = hidden_ptr + rows.to(tl.int64)[:, None] * stride_hn
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    pre = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    gate_dot = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if HAS_MLP:
+        units = tl.arange(0, BLOCK_M)
+        unit_ok = units < n_units
+        pre = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        if HAS_GATE:
+            gate_dot = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for h_start in range(0, n_hidden, BLOCK_H):
         hs = h_start + tl.arange(0, BLOCK_H)
         h_ok = hs < n_hidden
@@ -238,33 +194,38 @@ def _safety_head_mlp_kernel(
             mask=row_ok[:, None] & h_ok[None, :],
             other=0.0,
         ).to(tl.float32)
+        # Load the weight tile already transposed ([BLOCK_H, BLOCK_K]) so no tl.trans is needed.
         w_t = tl.load(
             weight_ptr + cats[None, :] * stride_wk + hs[:, None] * stride_wh,
             mask=h_ok[:, None] & cat_ok[None, :],
             other=0.0,
         )
-        u_t = tl.load(
-            up_ptr + units[None, :] * stride_um + hs[:, None] * stride_uh,
-            mask=h_ok[:, None] & unit_ok[None, :],
+        # "ieee": the default fp32 dot on NVIDIA is TF32 (10-bit mantissa), which misses the
+        # 1e-5 agreement with the float32 reference at H in the thousands.
+        acc = tl.dot(x, w_t, acc, input_precision="ieee")
+        if HAS_MLP:
+            u_t = tl.load(
+                up_ptr + units[None, :] * stride_um + hs[:, None] * stride_uh,
+                mask=h_ok[:, None] & unit_ok[None, :],
+                other=0.0,
+            )
+            pre = tl.dot(x, u_t, pre, input_precision="ieee")
+            if HAS_GATE:
+                gv = tl.load(gate_ptr + hs, mask=h_ok, other=0.0)
+                gate_dot += tl.sum(x * gv[None, :], axis=1)
+    if HAS_MLP:
+        ub = tl.load(up_bias_ptr + units, mask=unit_ok, other=0.0)
+        act = tl.maximum(pre + ub[None, :], 0.0)  # padded units: relu(0 + 0) = 0, no effect
+        if HAS_GATE:
+            gate = 1.0 - (gate_dot + tl.load(gate_ptr + n_hidden))
+            gate = tl.minimum(tl.maximum(gate, 0.0), 1.0)
+            act = act * gate[:, None]
+        d_t = tl.load(
+            down_ptr + cats[None, :] * stride_dk + units[:, None] * stride_dm,
+            mask=unit_ok[:, None] & cat_ok[None, :],
             other=0.0,
         )
-        acc = tl.dot(x, w_t, acc, input_precision="ieee")
-        pre = tl.dot(x, u_t, pre, input_precision="ieee")
-        if HAS_GATE:
-            gv = tl.load(gate_ptr + hs, mask=h_ok, other=0.0)
-            gate_dot += tl.sum(x * gv[None, :], axis=1)
-    ub = tl.load(up_bias_ptr + units, mask=unit_ok, other=0.0)
-    act = tl.maximum(pre + ub[None, :], 0.0)  # padded units: relu(0 + 0) = 0, no effect
-    if HAS_GATE:
-        gate = 1.0 - (gate_dot + tl.load(gate_ptr + n_hidden))
-        gate = tl.minimum(tl.maximum(gate, 0.0), 1.0)
-        act = act * gate[:, None]
-    d_t = tl.load(
-        down_ptr + cats[None, :] * stride_dk + units[:, None] * stride_dm,
-        mask=unit_ok[:, None] & cat_ok[None, :],
-        other=0.0,
-    )
-    acc = tl.dot(act, d_t, acc, input_precision="ieee")
+        acc = tl.dot(act, d_t, acc, input_precision="ieee")
     b = tl.load(bias_ptr + cats, mask=cat_ok, other=0.0)
     scores = tl.sigmoid(acc + b[None, :])
     tl.store(
@@ -279,12 +240,18 @@ def _safety_head_mlp_kernel(
 # --------------------------------------------------------------------------------------
 
 
-def _head_blocks(n_hidden: int, n_cats: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_H, BLOCK_K): 16 is the smallest tile `tl.dot` takes on every dim."""
+def _head_blocks(n_hidden: int, n_cats: int, n_units: int = 0) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_H, BLOCK_K, BLOCK_M): 16 is the smallest tile `tl.dot` takes on every dim.
+
+    BLOCK_M only matters with the residual MLP (n_units > 0); without it BLOCK_M is 16, which
+    never exceeds BLOCK_K and so leaves BLOCK_H as the linear head alone would pick it.
+    """
     block_k = max(16, _next_pow2(n_cats))
-    # Keep the fp32 weight tile near 16 KiB whatever K is, so K=64 does not spill registers.
-    block_h = max(16, min(128, 4096 // block_k, _next_pow2(max(n_hidden, 1))))
-    return 16, block_h, block_k
+    block_m = max(16, _next_pow2(n_units))
+    # Keep the widest fp32 weight tile ([BLOCK_H, BLOCK_K], or the MLP's [BLOCK_H, BLOCK_M])
+    # near 16 KiB, so K=64 or M in the hundreds does not spill registers.
+    block_h = max(16, min(128, 4096 // max(block_k, block_m), _next_pow2(max(n_hidden, 1))))
+    return 16, block_h, block_k, block_m
 
 
 def _check_head_args(
@@ -334,27 +301,32 @@ def _check_mlp_args(hidden: torch.Tensor, weight: torch.Tensor, mlp: ResidualMLP
         raise ValueError("mlp tensors must live on the hidden state's device")
 
 
-def _safety_scores_mlp_triton(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mlp: ResidualMLP,
-    out: torch.Tensor,
+def _safety_scores_triton(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor,
+    mlp: ResidualMLP | None = None,
 ) -> None:
     n_rows, n_hidden = hidden.shape
     n_cats = weight.shape[0]
     if n_rows == 0:
         return
-    up, up_bias, down = (t.float() for t in mlp[:3])
-    gate = mlp[3].float().contiguous() if len(mlp) == 4 else up_bias  # any pointer when unused
-    weight, bias, up_bias = weight.float(), bias.float().contiguous(), up_bias.contiguous()
+    weight = weight.float()
+    # The biases are read with unit stride; .contiguous() is a no-op for the usual parameter.
+    bias = bias.float().contiguous()
     if hidden.dtype == torch.bfloat16 and _interpreting():
+        # The numpy interpreter has no bfloat16; widening is exact (bf16 is a prefix of fp32).
         hidden = hidden.float()
-    n_units = up.shape[0]
-    block_k = max(16, _next_pow2(n_cats))
-    block_m = max(16, _next_pow2(n_units))
-    # The up tile [BLOCK_H, BLOCK_M] dominates: keep it near 16 KiB of fp32.
-    block_h = max(16, min(128, 4096 // max(block_k, block_m), _next_pow2(max(n_hidden, 1))))
-    block_n = 16
+    if mlp is None:
+        # Placeholders for the kernel's MLP arguments: with HAS_MLP=False none of them is read.
+        up, up_bias, down, gate = weight, bias, weight, bias
+        n_units = 0
+    else:
+        up, up_bias, down = (t.float() for t in mlp[:3])
+        up_bias = up_bias.contiguous()
+        gate = mlp[3].float().contiguous() if len(mlp) == 4 else up_bias  # any pointer when unused
+        n_units = up.shape[0]
+    block_n, block_h, block_k, block_m = _head_blocks(n_hidden, n_cats, n_units)
     grid = (triton.cdiv(n_rows, block_n),)
-    _jit(_safety_head_mlp_kernel)[grid](
+    _jit(_safety_head_kernel)[grid](
         hidden, weight, bias, up, up_bias, down, gate, out,
         n_rows, n_hidden, n_cats, n_units,
         hidden.stride(0), hidden.stride(1),
@@ -363,44 +335,7 @@ def _safety_scores_mlp_triton(
         down.stride(0), down.stride(1),
         out.stride(0), out.stride(1),
         BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_M=block_m,
-        HAS_GATE=len(mlp) == 4, num_warps=4,
-    )
-
-
-def _safety_scores_triton(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor
-) -> None:
-    n_rows, n_hidden = hidden.shape
-    n_cats = weight.shape[0]
-    if n_rows == 0:
-        return
-    if weight.dtype != torch.float32:
-        weight = weight.float()
-    # The bias is read with unit stride; .contiguous() is a no-op for the usual parameter.
-    bias = bias.float().contiguous()
-    if hidden.dtype == torch.bfloat16 and _interpreting():
-        # The numpy interpreter has no bfloat16; widening is exact (bf16 is a prefix of fp32).
-        hidden = hidden.float()
-    block_n, block_h, block_k = _head_blocks(n_hidden, n_cats)
-    grid = (triton.cdiv(n_rows, block_n),)
-    _jit(_safety_head_kernel)[grid](
-        hidden,
-        weight,
-        bias,
-        out,
-        n_rows,
-        n_hidden,
-        n_cats,
-        hidden.stride(0),
-        hidden.stride(1),
-        weight.stride(0),
-        weight.stride(1),
-        out.stride(0),
-        out.stride(1),
-        BLOCK_N=block_n,
-        BLOCK_H=block_h,
-        BLOCK_K=block_k,
-        num_warps=4,
+        HAS_MLP=mlp is not None, HAS_GATE=mlp is not None and len(mlp) == 4, num_warps=4,
     )
 
 
@@ -428,9 +363,7 @@ def safety_scores(
         out = torch.empty(
             (hidden.shape[0], weight.shape[0]), dtype=torch.float32, device=hidden.device
         )
-    if mlp is None:
-        _safety_scores_triton(hidden, weight, bias, out)
-    else:
+    if mlp is not None:
         _check_mlp_args(hidden, weight, mlp)
-        _safety_scores_mlp_triton(hidden, weight, bias, mlp, out)
+    _safety_scores_triton(hidden, weight, bias, out, mlp)
     return out
