@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-
 from safeserve.kernels.safety_decision import decide, decide_reference
 from safeserve.kernels.safety_head import (
     _use_triton,

@@ -25,7 +25,6 @@ interpreter) with no host synchronisation, or the reference elsewhere.
 from __future__ import annotations
 
 import torch
-
 from safeserve.kernels.safety_head import _jit, _next_pow2, _use_triton, tl, triton
 
 EVENT_OK = 0

@@ -35,7 +35,8 @@ with SAFESERVE_FORCE_TRITON=1, which needs TRITON_INTERPRET=1 (the tests use thi
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
