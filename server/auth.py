@@ -1,20 +1,30 @@
 """API keys and what each may ask for.
 
 With no keys configured the server is open (development): any valid config is accepted.
-With keys, every request must carry one, and its config must fit the key's grant; a config
-that asks for more is a 403 naming what was refused, before anything is generated. A key
-without a grant of its own gets the operator's default grant: the default preset or stricter.
+With keys, every request must carry one, and the config it runs with may be no looser than
+its key's ceiling; asking for more is a 403 naming what was refused, before anything is
+generated. A client can never loosen safety by itself:
+
+* The ceiling is the operator's default preset, as the server runs it (its allow-list,
+  action, holdback, thresholds and tau), widened only where the key's grant says so.
+* A preset the grant names is taken whole (the operator wrote it). Any other preset, and
+  every field a custom config sets, is checked against the ceiling: allow no more
+  categories, no weaker action (annotate < refuse < stop; `annotate` needs the grant's
+  `annotate`), no dropped holdback, no higher threshold, no larger tau.
+* Fields a custom config leaves out are filled from the ceiling where the config's own
+  default would be looser (e.g. a server whose default preset is `strict` gives a key's
+  `{"trace": true}` strict's thresholds, stop and holdback). The response echoes the result.
 
 Grants file (``--grants``), YAML::
 
     keys:
       studio-key-123:            # the key itself, or "sha256:<hex digest of the key>"
         name: game-studio
-        presets: [default, strict, game_development]
-        allow: [violence, weapons]   # the most a request may allow
+        presets: [game_development]  # taken whole, beside the default preset
+        allow: [violence, weapons]   # the most a custom config may allow
         annotate: false              # may it ask for on_violation: annotate
-        max_threshold: 0.7           # highest threshold it may set (default: taxonomy's)
-        max_tau: 5
+        max_threshold: 0.7           # ceiling of every threshold (default: the default preset's)
+        max_tau: 5                   # ceiling of tau (default: the default preset's)
 """
 
 from __future__ import annotations
@@ -28,18 +38,20 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from safeserve.server.errors import APIError
-from safeserve.server.safety_config import SafetyConfig
+from safeserve.server.safety_config import SafetyConfig, SafetyPolicy
+
+ACTION_RANK = {"annotate": 0, "refuse": 1, "stop": 2}
 
 
 class Grant(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = "default"
-    presets: list[str] = Field(default_factory=lambda: ["default", "strict"])
-    allow: list[str] = Field(default_factory=list)
+    presets: list[str] = Field(default_factory=list)
+    allow: list[str] | None = None  # None: the default preset's allow-list
     annotate: bool = False
-    max_threshold: float | None = None  # None: the taxonomy's default thresholds are the cap
-    max_tau: int = 3
+    max_threshold: float | None = Field(None, gt=0.0, lt=1.0)
+    max_tau: int | None = Field(None, ge=1)
 
 
 @dataclass(frozen=True)
@@ -86,39 +98,91 @@ class KeyRing:
                        code="invalid_api_key")
 
 
-def authorize_config(principal: Principal, preset: str | None, cfg: SafetyConfig,
-                     default_thresholds: dict[str, float], default_preset: str,
-                     default_tau: int = 3) -> None:
-    """403 if the request asks for more than the principal's grant permits.
+@dataclass(frozen=True)
+class Ceiling:
+    """The loosest effective config a key may run with."""
 
-    Presets are written by the operator, so a granted preset is taken whole; a custom config
-    is checked field by field. The operator's default preset is always permitted."""
+    allow: frozenset[str]
+    on_violation: str  # the weakest action (annotate only with the grant's `annotate`)
+    annotate: bool
+    holdback: bool
+    thresholds: dict[str, float]  # per head output
+    tau: int
+
+
+def ceiling_of(grant: Grant, policy: SafetyPolicy) -> Ceiling:
+    base = policy.presets[policy.default_preset]
+    thresholds = policy.thresholds_of(base)
+    if grant.max_threshold is not None:
+        thresholds = dict.fromkeys(thresholds, grant.max_threshold)
+    allow = base.allow if grant.allow is None else grant.allow
+    return Ceiling(frozenset(allow), base.on_violation, grant.annotate, base.holdback, thresholds,
+                   grant.max_tau if grant.max_tau is not None else policy.tau_of(base))
+
+
+def looser_fields(cfg: SafetyConfig, fields: set[str], ceiling: Ceiling,
+                  policy: SafetyPolicy) -> list[str]:
+    """What of ``cfg`` (only the ``fields`` it sets) is looser than ``ceiling``."""
+    refused = []
+    if "allow" in fields and (extra := sorted(set(cfg.allow) - ceiling.allow)):
+        refused.append(f"allow {extra}")
+    if "on_violation" in fields and ACTION_RANK[cfg.on_violation] < ACTION_RANK[ceiling.on_violation]:
+        if not (cfg.on_violation == "annotate" and ceiling.annotate):
+            refused.append(f"on_violation '{cfg.on_violation}' (at least '{ceiling.on_violation}')")
+    if "holdback" in fields and ceiling.holdback and not cfg.holdback:
+        refused.append("holdback false")
+    if "tau" in fields and cfg.tau is not None and cfg.tau > ceiling.tau:
+        refused.append(f"tau {cfg.tau} (max {ceiling.tau})")
+    if "threshold" in fields:
+        asked = policy.thresholds_of(cfg)
+        names = asked if not isinstance(cfg.threshold, dict) else cfg.threshold
+        for name in names:
+            if asked[name] > ceiling.thresholds[name] + 1e-9:
+                refused.append(f"threshold {name}={asked[name]:g} (max {ceiling.thresholds[name]:g})")
+    return refused
+
+
+def set_fields(cfg: SafetyConfig) -> set[str]:
+    """The fields a request set (an explicit null counts as left out)."""
+    return {f for f in cfg.model_fields_set if getattr(cfg, f) is not None}
+
+
+def fill_from_ceiling(cfg: SafetyConfig, ceiling: Ceiling, policy: SafetyPolicy) -> SafetyConfig:
+    """``cfg`` with the fields it leaves out tightened to the ceiling where needed."""
+    fields, update = set_fields(cfg), {}
+    if "on_violation" not in fields and ACTION_RANK[cfg.on_violation] < ACTION_RANK[ceiling.on_violation]:
+        update["on_violation"] = ceiling.on_violation
+    if "holdback" not in fields and ceiling.holdback:
+        update["holdback"] = True
+    if "tau" not in fields and policy.tau_of(cfg) > ceiling.tau:
+        update["tau"] = ceiling.tau
+    explicit = (set(cfg.threshold) if isinstance(cfg.threshold, dict)
+                else set(policy.thresholds_of(cfg)) if cfg.threshold is not None else set())
+    current = policy.thresholds_of(cfg)
+    tightened = {n: ceiling.thresholds[n] for n in current
+                 if n not in explicit and current[n] > ceiling.thresholds[n] + 1e-9}
+    if tightened:
+        update["threshold"] = {**{n: current[n] for n in explicit}, **tightened}
+    return cfg.model_copy(update=update) if update else cfg
+
+
+def authorize_config(principal: Principal, preset: str | None, cfg: SafetyConfig,
+                     policy: SafetyPolicy) -> SafetyConfig:
+    """The config the request runs with, or a 403 if it asks for more than its key permits."""
     grant = principal.grant
-    if grant is None or preset == default_preset:
-        return
-    refused: list[str] = []
-    if preset is not None:
-        if preset not in grant.presets:
-            refused.append(f"preset '{preset}'")
+    if grant is None or preset == policy.default_preset:
+        return cfg
+    if preset is not None and preset in grant.presets:
+        return cfg
+    ceiling = ceiling_of(grant, policy)
+    if preset is not None:  # judged as it stands: every field counts
+        refused = looser_fields(cfg, set(SafetyConfig.model_fields), ceiling, policy)
+        if refused:
+            refused = [f"preset '{preset}': " + "; ".join(refused)]
     else:
-        extra = sorted(set(cfg.allow) - set(grant.allow))
-        if extra:
-            refused.append(f"allow {extra}")
-        if cfg.on_violation == "annotate" and not grant.annotate:
-            refused.append("on_violation 'annotate'")
-        # The head's own operating point is never more than a key may ask for.
-        max_tau = max(grant.max_tau, default_tau)
-        if cfg.tau is not None and cfg.tau > max_tau:
-            refused.append(f"tau {cfg.tau} (max {max_tau})")
-        if cfg.threshold is not None:
-            items = (cfg.threshold.items() if isinstance(cfg.threshold, dict)
-                     else ((c, cfg.threshold) for c in default_thresholds))
-            for cat, value in items:
-                cap = grant.max_threshold if grant.max_threshold is not None \
-                    else default_thresholds.get(cat, 0.5)
-                if value > cap + 1e-9:
-                    refused.append(f"threshold {cat}={value} (max {cap})")
+        refused = looser_fields(cfg, set_fields(cfg), ceiling, policy)
     if refused:
         raise APIError(403, f"API key '{principal.name}' may not request: " + "; ".join(refused),
                        type="permission_error", param="safety_config",
                        code="safety_config_not_permitted")
+    return cfg if preset is not None else fill_from_ceiling(cfg, ceiling, policy)

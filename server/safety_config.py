@@ -145,15 +145,20 @@ class SafetyPolicy:
     def tau_of(self, cfg: SafetyConfig) -> int:
         return cfg.tau if cfg.tau is not None else self.default_tau
 
+    def thresholds_of(self, cfg: SafetyConfig) -> dict[str, float]:
+        """The threshold of every head output (categories, then the overall) ``cfg`` runs with."""
+        out = {c.id: c.threshold for c in self.taxonomy.categories}
+        out["unsafe"] = self.overall_threshold
+        if isinstance(cfg.threshold, dict):
+            out.update(cfg.threshold)
+        elif cfg.threshold is not None:
+            out = dict.fromkeys(out, float(cfg.threshold))
+        return out
+
     def compile(self, cfg: SafetyConfig, rid: str, refusal_ids: list[int],
                 eos_id: int) -> W.RowSafetyArgs:
         ids = self.taxonomy.ids
-        thresholds = [c.threshold for c in self.taxonomy.categories] + [self.overall_threshold]
-        if isinstance(cfg.threshold, float):
-            thresholds = [cfg.threshold] * len(thresholds)
-        elif isinstance(cfg.threshold, dict):
-            for name, value in cfg.threshold.items():
-                thresholds[len(ids) if name == "unsafe" else ids.index(name)] = value
+        thresholds = list(self.thresholds_of(cfg).values())  # categories in order, then overall
         allowed = set(cfg.allow)
         masked = [1 if c in allowed else 0 for c in ids]
         # The overall score cannot say which category it saw, so it only decides when the

@@ -49,10 +49,10 @@ class SafetyService:
         return RequestSafety(preset, cfg, self.policy.tau_of(cfg))
 
     def authorize(self, principal: Principal, req: RequestSafety) -> None:
-        thresholds = {c.id: c.threshold for c in self.policy.taxonomy.categories}
-        thresholds["unsafe"] = self.policy.overall_threshold
-        authorize_config(principal, req.preset, req.config, thresholds,
-                         self.policy.default_preset, self.policy.default_tau)
+        """403 if the key may not ask for ``req``; else ``req`` becomes the config it runs
+        with (fields it left out tightened to the key's ceiling)."""
+        req.config = authorize_config(principal, req.preset, req.config, self.policy)
+        req.tau = self.policy.tau_of(req.config)
 
     def refusal_ids(self) -> list[int]:
         if self._refusal_ids is None:

@@ -87,7 +87,7 @@ def test_stricter_configs_and_granted_ones_pass_authorization(client):
 
 def test_head_operating_point_tau_is_the_default_and_never_refused():
     """A head that names its own tau (`train operating-point`): requests without tau get it,
-    the echo says so, and a key may always ask for it (its grant's max_tau is raised to it)."""
+    the echo says so, and a key may always ask for it (it is the ceiling without a max_tau)."""
     from safeserve.server.auth import Grant, Principal
     from safeserve.server.safety_service import SafetyService
 
@@ -96,7 +96,7 @@ def test_head_operating_point_tau_is_the_default_and_never_refused():
     req = svc.resolve(None, None)
     assert req.tau == 5 and req.echo()["tau"] == 5
     assert svc.policy.compile(req.config, "r", [1], 2).tau == 5
-    plain = Principal("plain", Grant())  # max_tau 3
+    plain = Principal("plain", Grant())  # no max_tau: the head's tau is the ceiling
     svc.authorize(plain, svc.resolve(None, {"tau": 5}))
     assert svc.resolve(None, {"tau": 2}).echo()["tau"] == 2
     from safeserve.server.errors import APIError

@@ -1,0 +1,90 @@
+"""Authorization semantics: a key's ceiling is the operator's default preset (widened only by
+its grant); stricter asks pass, looser ones are 403s, and fields a request leaves out are
+tightened to the ceiling, so no key can loosen safety by what it omits."""
+
+from __future__ import annotations
+
+import pytest
+
+from safeserve.models.taxonomy import Taxonomy
+from safeserve.server.auth import Grant, Principal
+from safeserve.server.errors import APIError
+from safeserve.server.safety_config import SafetyPolicy
+from safeserve.server.safety_service import SafetyService
+from safeserve.server.safety_tracker import TelemetryHub
+
+PLAIN = Principal("plain", Grant())
+
+
+def service(default_preset: str = "default", default_tau: int = 3) -> SafetyService:
+    policy = SafetyPolicy(Taxonomy.load(), default_preset=default_preset, default_tau=default_tau)
+    return SafetyService(policy, TelemetryHub(), lambda: None)
+
+
+def run_with(svc: SafetyService, who: Principal, header=None, body=None):
+    req = svc.resolve(header, body)
+    svc.authorize(who, req)
+    return req
+
+
+def refused(svc, who, header=None, body=None) -> str:
+    with pytest.raises(APIError) as err:
+        run_with(svc, who, header, body)
+    assert err.value.status == 403
+    return err.value.message
+
+
+def test_strict_default_server_refuses_every_looser_ask():
+    svc = service("strict")
+    assert "preset 'default'" in refused(svc, PLAIN, "default")
+    assert "preset 'annotate_only'" in refused(svc, PLAIN, "annotate_only")
+    msg = refused(svc, PLAIN, body={"on_violation": "refuse"})
+    assert "on_violation 'refuse' (at least 'stop')" in msg
+    assert "holdback false" in refused(svc, PLAIN, body={"holdback": False})
+    assert "threshold violence=0.5 (max 0.35)" in refused(svc, PLAIN, body={"threshold": {"violence": 0.5}})
+    assert "tau 4 (max 3)" in refused(svc, PLAIN, body={"tau": 4})
+
+
+def test_omitted_fields_are_tightened_to_the_ceiling():
+    svc = service("strict")
+    for body in ({}, {"trace": True}, {"threshold": None}):
+        req = run_with(svc, PLAIN, body=body)
+        strict = svc.policy.presets["strict"]
+        assert req.config.on_violation == "stop" and req.config.holdback
+        assert svc.policy.thresholds_of(req.config) == svc.policy.thresholds_of(strict)
+        assert req.echo()["on_violation"] == "stop"
+    # an explicit stricter value stays, the rest is filled in
+    req = run_with(svc, PLAIN, body={"threshold": {"violence": 0.1}, "tau": 2})
+    th = svc.policy.thresholds_of(req.config)
+    assert th["violence"] == 0.1 and th["weapons"] == 0.35 and req.tau == 2
+    assert run_with(svc, PLAIN, "strict").config == svc.policy.presets["strict"]
+
+
+def test_stricter_presets_pass_on_a_default_server_and_open_servers_are_unchanged():
+    svc = service("default")
+    assert run_with(svc, PLAIN, "strict").preset == "strict"
+    assert "preset 'game_development'" in refused(svc, PLAIN, "game_development")
+    open_req = run_with(svc, Principal("anonymous", None), body={"on_violation": "annotate"})
+    assert open_req.config.on_violation == "annotate"
+
+
+def test_grant_caps_apply_to_the_effective_config():
+    svc = service("default", default_tau=6)
+    capped = Principal("capped", Grant(max_threshold=0.7, max_tau=5))
+    req = run_with(svc, capped, body={})  # defaults are tightened, not refused
+    assert max(svc.policy.thresholds_of(req.config).values()) <= 0.7 and req.tau == 5
+    assert "threshold violence=0.9 (max 0.7)" in refused(svc, capped, body={"threshold": {"violence": 0.9}})
+    assert "tau 6 (max 5)" in refused(svc, capped, body={"tau": 6})
+    # without max_tau the head's operating point is the ceiling, never refused
+    assert run_with(svc, PLAIN, body={"tau": 6}).tau == 6
+
+
+def test_granted_presets_are_taken_whole_and_annotate_needs_the_grant():
+    svc = service("default")
+    studio = Principal("studio", Grant(presets=["game_development"], allow=["violence", "weapons"]))
+    assert run_with(svc, studio, "game_development").config.allow == ("violence", "weapons")
+    assert run_with(svc, studio, body={"allow": ["violence"]}).config.allow == ("violence",)
+    assert "allow ['drugs']" in refused(svc, studio, body={"allow": ["drugs"]})
+    assert "annotate" in refused(svc, studio, body={"on_violation": "annotate"})
+    auditor = Principal("auditor", Grant(annotate=True))
+    assert run_with(svc, auditor, body={"on_violation": "annotate"}).config.on_violation == "annotate"
