@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 serve: setup
-	$(VENV)/bin/safeserve serve
+	$(VENV)/bin/safeserve serve --served-model-name smol
 
 test: setup
 	$(VENV)/bin/pytest -q
