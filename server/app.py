@@ -10,11 +10,11 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
 from safeserve.server import completions, metrics
-from safeserve.server.engine import Engine
 from safeserve.server.auth import KeyRing, Principal
-from safeserve.server.errors import APIError, install_handlers
+from safeserve.server.engine import Engine
+from safeserve.server.errors import APIError, bad_request, install_handlers
+from safeserve.server.middleware import BodyLimit, RequestAccounting
 from safeserve.server.protocol import ChatCompletionRequest, ModelCard, ModelList
 from safeserve.server.safety_service import SafetyService
 
@@ -47,6 +47,9 @@ def create_app(engine: Engine, safety=None) -> FastAPI:
 
     app = FastAPI(title="SafeServe", version="0.1.0", lifespan=lifespan)
     install_handlers(app)
+    # Outermost last: the accounting sees the body limit's 413s.
+    app.add_middleware(BodyLimit, limit=engine.settings.max_request_body_bytes)
+    app.add_middleware(RequestAccounting, path=CHAT_PATH)
     keyring = KeyRing(list(engine.settings.api_keys), engine.settings.grants)
 
     async def authorize(request: Request) -> Principal:
@@ -84,32 +87,39 @@ def create_app(engine: Engine, safety=None) -> FastAPI:
                          safety=engine.spec.safety_summary())
         return ModelList(data=[card])
 
-    @app.post("/v1/chat/completions")
+    @app.post(CHAT_PATH)
     async def chat_completions(body: ChatCompletionRequest, request: Request,
                                principal: Principal = Depends(authorize)):
-        mode = "stream" if body.stream else "unary"
+        request.state.safeserve_mode = "stream" if body.stream else "unary"
         try:
-            check_model(body.model)
-            req_safety = None
-            if svc is not None:
-                req_safety = svc.resolve(request.headers.get("x-safety-config"),
-                                         body.safety_config,
-                                         trace=request.headers.get("x-safety-trace", "").lower()
-                                         in ("1", "true", "yes"))
-                svc.authorize(principal, req_safety)
-            elif body.safety_config is not None or request.headers.get("x-safety-config"):
-                raise APIError(400, "this server runs without a safety head (--allow-unsafe); "
-                               "safety configs cannot be enforced", param="safety_config",
-                               code="safety_unavailable")
-            require_ready()
-            prep = completions.prepare(engine, body, req_safety)
-        except APIError as e:
-            metrics.REQUESTS.labels(str(e.status), mode).inc()
+            return await serve_chat(body, request, principal)
+        except APIError:
             raise
-        metrics.REQUESTS.labels("200", mode).inc()
+        except Exception:  # a clean JSON 500 (the connection stays usable), logged
+            log.exception("chat completion failed")
+            raise APIError(500, "internal server error", type="server_error") from None
+
+    async def serve_chat(body: ChatCompletionRequest, request: Request, principal: Principal):
+        check_model(body.model)
+        x_config = utf8_header(request, "X-Safety-Config")
+        req_safety = None
+        if svc is not None:
+            trace = (utf8_header(request, "X-Safety-Trace") or "").strip().lower()
+            req_safety = svc.resolve(x_config, body.safety_config,
+                                     trace=trace in ("1", "true", "yes"))
+            svc.authorize(principal, req_safety)
+        elif body.safety_config is not None or x_config:
+            raise APIError(400, "this server runs without a safety head (--allow-unsafe); "
+                           "safety configs cannot be enforced", param="safety_config",
+                           code="safety_unavailable")
+        require_ready()
+        prep = await completions.prepare(engine, body, req_safety)
         if body.stream:
-            return StreamingResponse(_counted(completions.stream(engine, svc, prep)),
-                                     media_type="text/event-stream",
+            events = _counted(completions.stream(engine, svc, prep))
+            # The first event is produced before the response starts: a failure up to there
+            # is still an HTTP error; after it, the stream ends with an error event.
+            first = await events.__anext__()
+            return StreamingResponse(_relay(first, events), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache",
                                               **_config_headers(req_safety)})
         metrics.IN_FLIGHT.inc()
@@ -124,6 +134,22 @@ def create_app(engine: Engine, safety=None) -> FastAPI:
                             headers={**_config_headers(req_safety), **_safety_headers(reports)})
 
     return app
+
+
+CHAT_PATH = "/v1/chat/completions"
+
+
+def utf8_header(request: Request, name: str) -> str | None:
+    """A header's value decoded as UTF-8 (Starlette decodes headers as latin-1, which garbles
+    non-ASCII text such as a guideline in ``X-Safety-Config``)."""
+    value = request.headers.get(name)
+    if value is None:
+        return None
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise bad_request(f"header {name} is not valid UTF-8", param=name,
+                          code="invalid_header") from None
 
 
 def _config_headers(req_safety) -> dict:
@@ -149,6 +175,17 @@ async def _counted(gen):
     finally:
         await gen.aclose()
         metrics.IN_FLIGHT.dec()
+
+
+async def _relay(first: str, events):
+    """``first``, then the rest of ``events`` (already started; closed here, or by the event
+    loop's async-generator finalizer should the response never iterate this)."""
+    try:
+        yield first
+        async for item in events:
+            yield item
+    finally:
+        await events.aclose()
 
 
 async def _unless_disconnected(request: Request, coro):

@@ -36,7 +36,6 @@ from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
-
 from safeserve.server.errors import APIError
 from safeserve.server.safety_config import SafetyConfig, SafetyPolicy
 

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import httpx
 import typer
-
 from safeserve.server.bench_leak import bench_leak
 
 PROMPTS = [

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -25,22 +24,23 @@ app.add_typer(model_app, name="model")
 
 @app.command()
 def serve(
-    model: Optional[Path] = typer.Option(None, help="HF model directory (default: embedded SmolLM2 + default safety head)"),
-    host: Optional[str] = typer.Option(None, help="bind address [SAFESERVE_HOST, 127.0.0.1]"),
-    port: Optional[int] = typer.Option(None, help="port [SAFESERVE_PORT, 8000]"),
-    served_model_name: Optional[str] = typer.Option(None, help="model id clients send"),
-    dtype: Optional[str] = typer.Option(None, help="float32 | bfloat16 | float16 | auto"),
-    max_model_len: Optional[int] = typer.Option(None, help="context length"),
-    kv_cache_gib: Optional[float] = typer.Option(None, help="KV-cache size in GiB"),
-    max_num_seqs: Optional[int] = typer.Option(None, help="max concurrent sequences in the engine"),
-    api_key: Optional[list[str]] = typer.Option(None, help="bearer token (repeatable) [SAFESERVE_API_KEYS, comma-separated]"),
-    enforce_eager: Optional[bool] = typer.Option(None, help="skip torch.compile (faster start)"),
-    allow_unsafe: Optional[bool] = typer.Option(None, "--allow-unsafe", help="serve a model without a safety head"),
-    safety_head: Optional[str] = typer.Option(None, help="compose the model with this safety head: bundled 'default' or 'strict', or a directory with safety_head/ (+ adapter/) [SAFESERVE_SAFETY_HEAD]"),
-    presets: Optional[Path] = typer.Option(None, help="safety presets YAML [SAFESERVE_PRESETS]"),
-    grants: Optional[Path] = typer.Option(None, help="API keys and their safety grants YAML [SAFESERVE_GRANTS]"),
-    default_preset: Optional[str] = typer.Option(None, help="preset for requests without a config"),
-    log_level: Optional[str] = typer.Option(None),
+    model: Path | None = typer.Option(None, help="HF model directory (default: embedded SmolLM2 + default safety head)"),
+    host: str | None = typer.Option(None, help="bind address [SAFESERVE_HOST, 127.0.0.1]"),
+    port: int | None = typer.Option(None, help="port [SAFESERVE_PORT, 8000]"),
+    served_model_name: str | None = typer.Option(None, help="model id clients send"),
+    dtype: str | None = typer.Option(None, help="float32 | bfloat16 | float16 | auto"),
+    max_model_len: int | None = typer.Option(None, help="context length"),
+    kv_cache_gib: float | None = typer.Option(None, help="KV-cache size in GiB"),
+    max_num_seqs: int | None = typer.Option(None, help="max concurrent sequences in the engine"),
+    api_key: list[str] | None = typer.Option(None, help="bearer token (repeatable) [SAFESERVE_API_KEYS, comma-separated]"),
+    enforce_eager: bool | None = typer.Option(None, help="skip torch.compile (faster start)"),
+    allow_unsafe: bool | None = typer.Option(None, "--allow-unsafe", help="serve a model without a safety head"),
+    safety_head: str | None = typer.Option(None, help="compose the model with this safety head: bundled 'default' or 'strict', or a directory with safety_head/ (+ adapter/) [SAFESERVE_SAFETY_HEAD]"),
+    presets: Path | None = typer.Option(None, help="safety presets YAML [SAFESERVE_PRESETS]"),
+    grants: Path | None = typer.Option(None, help="API keys and their safety grants YAML [SAFESERVE_GRANTS]"),
+    default_preset: str | None = typer.Option(None, help="preset for requests without a config"),
+    max_request_body_bytes: int | None = typer.Option(None, help="largest request body; larger ones get a 413 [SAFESERVE_MAX_REQUEST_BODY_BYTES, 8 MiB]"),
+    log_level: str | None = typer.Option(None),
 ):
     """Run the OpenAI-compatible server."""
     from safeserve.server.launch import run_server
@@ -52,7 +52,7 @@ def serve(
         api_keys=api_key or None, enforce_eager=enforce_eager, allow_unsafe=allow_unsafe,
         safety_head=safety_head,
         presets=presets, default_preset=default_preset, grants=grants,
-        log_level=log_level).items() if v is not None}
+        max_request_body_bytes=max_request_body_bytes, log_level=log_level).items() if v is not None}
     run_server(Settings(**overrides))
 
 

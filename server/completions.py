@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -13,14 +14,6 @@ from dataclasses import dataclass, field
 from safeserve.server import metrics
 from safeserve.server.engine import Engine
 from safeserve.server.errors import APIError, bad_request
-from safeserve.server.safety_service import (
-    RequestSafety,
-    SafetyService,
-    disabled_report,
-    guideline_message,
-)
-from safeserve.server.safety_tracker import RequestTracker
-from safeserve.server.safety_wire import StepRecord
 from safeserve.server.protocol import (
     AssistantMessage,
     ChatCompletionChunk,
@@ -33,6 +26,16 @@ from safeserve.server.protocol import (
     Usage,
     new_completion_id,
 )
+from safeserve.server.safety_service import (
+    RequestSafety,
+    SafetyService,
+    disabled_report,
+    guideline_message,
+)
+from safeserve.server.safety_tracker import RequestTracker
+from safeserve.server.safety_wire import StepRecord
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,8 +85,15 @@ def render_prompt(engine: Engine, body: ChatCompletionRequest,
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def prepare(engine: Engine, body: ChatCompletionRequest,
-            safety: RequestSafety | None) -> PreparedRequest:
+async def prepare(engine: Engine, body: ChatCompletionRequest,
+                  safety: RequestSafety | None) -> PreparedRequest:
+    """Render and tokenize in a worker thread: a long conversation takes seconds to tokenize,
+    which must not stall the event loop (other requests, /health) meanwhile."""
+    return await asyncio.to_thread(prepare_sync, engine, body, safety)
+
+
+def prepare_sync(engine: Engine, body: ChatCompletionRequest,
+                 safety: RequestSafety | None) -> PreparedRequest:
     prompt_ids = render_prompt(engine, body, safety)
     limit = engine.max_model_len
     if len(prompt_ids) >= limit:
@@ -101,7 +111,19 @@ def prepare(engine: Engine, body: ChatCompletionRequest,
     query_ids = None
     if safety is not None and is_prefilled(body):
         query_ids = render_prompt(engine, body, safety, without_prefill=True)
-    return PreparedRequest(body, prompt_ids, wanted or room, safety, query_ids)
+    prep = PreparedRequest(body, prompt_ids, wanted or room, safety, query_ids)
+    _check_sampling(prep)
+    return prep
+
+
+def _check_sampling(prep: PreparedRequest) -> None:
+    """vLLM's own checks of the sampling parameters, before anything is sent (a stream's 200
+    included), so that what it rejects is a 400 here."""
+    try:
+        for index in {0, prep.body.n - 1}:
+            sampling_params(prep, index)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise bad_request(f"invalid sampling parameters: {e}") from None
 
 
 async def query_verdict(engine: Engine, svc: SafetyService | None,
@@ -185,7 +207,7 @@ class ChoiceState:
 class _Step:
     """One engine output for one choice: the text and token count it added."""
 
-    __slots__ = ("choice", "text", "n_new", "finished")
+    __slots__ = ("choice", "finished", "n_new", "text")
 
     def __init__(self, choice: ChoiceState, text: str, n_new: int, finished: bool):
         self.choice, self.text, self.n_new, self.finished = choice, text, n_new, finished
@@ -351,8 +373,22 @@ async def complete(engine: Engine, svc: SafetyService | None,
 
 
 def _sse(obj) -> str:
-    data = obj if isinstance(obj, str) else obj.model_dump_json(exclude_none=True)
+    """One SSE event. Chunks omit unset fields as OpenAI's do, except inside the ``safety``
+    report, which keeps its nulls: the same keys as in a non-streamed response."""
+    if isinstance(obj, str):
+        data = obj
+    elif getattr(obj, "safety", None) is None:
+        data = obj.model_dump_json(exclude_none=True)
+    else:
+        d = obj.model_dump(mode="json", exclude_none=True)
+        d["safety"] = obj.safety.model_dump(mode="json")
+        data = json.dumps(d, separators=(",", ":"), ensure_ascii=False)
     return f"data: {data}\n\n"
+
+
+def _error_event(e: APIError) -> str:
+    metrics.STREAM_ERRORS.labels(e.type).inc()
+    return _sse(json.dumps(e.body()))
 
 
 def _releasable_pieces(c: ChoiceState, finished: bool, holdback: bool) -> list:
@@ -370,12 +406,19 @@ def _releasable_pieces(c: ChoiceState, finished: bool, holdback: bool) -> list:
 
 async def stream(engine: Engine, svc: SafetyService | None,
                  prep: PreparedRequest) -> AsyncIterator[str]:
+    """SSE events of a streamed completion. Whatever fails once the first event is out (the
+    200 is sent by then) ends the stream with an error event and ``[DONE]``, never a cut
+    connection."""
     choices = await _open_choices(engine, svc, prep)
-    include_usage = bool(prep.body.stream_options and prep.body.stream_options.include_usage)
+    opts = prep.body.stream_options
+    include_usage = bool(opts and opts.include_usage)
+    continuous_usage = bool(include_usage and opts.continuous_usage_stats)
     holdback = bool(prep.safety and prep.safety.config.holdback)
 
     def chunk(choice_list: list[ChunkChoice], usage: Usage | None = None,
               safety: SafetyReport | None = None) -> ChatCompletionChunk:
+        if usage is None and continuous_usage:
+            usage = _usage(prep, choices)
         return ChatCompletionChunk(id=prep.completion_id, created=prep.created,
                                    model=prep.body.model, choices=choice_list, usage=usage,
                                    safety=safety)
@@ -399,12 +442,13 @@ async def stream(engine: Engine, svc: SafetyService | None,
                                      delta=Delta(content=text) if text else Delta(),
                                      finish_reason=_finish_reason(c) if step.finished else None)],
                         safety=_report(engine, c) if step.finished else None))
+            if include_usage:
+                yield _sse(chunk([], usage=_usage(prep, choices)))
         except APIError as e:
-            yield _sse(json.dumps(e.body()))
-            yield _sse("[DONE]")
-            return
-        if include_usage:
-            yield _sse(chunk([], usage=_usage(prep, choices)))
+            yield _error_event(e)
+        except Exception:
+            log.exception("stream %s failed after it started", prep.completion_id)
+            yield _error_event(APIError(500, "internal server error", type="server_error"))
         yield _sse("[DONE]")
     finally:
         _close(svc, prep, choices)

@@ -8,16 +8,27 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from safeserve.server.protocol import scrub
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from safeserve.server import metrics
-
 log = logging.getLogger(__name__)
+
+# Validation error types raised by our own validators: their type is the error code.
+_OWN_CODES = {"invalid_string"}
+# Errors located at the body itself that mean "the body is not a JSON object".
+_NOT_AN_OBJECT = {"model_attributes_type", "model_type", "dict_type", "missing"}
+
+
+def _scrub(text) -> str | None:
+    """Errors echo what the client sent, which may hold lone surrogates (JSON ``"\\ud800"``):
+    those become U+FFFD instead of breaking the response."""
+    return None if text is None else scrub(str(text))
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None):
+        message, param, code = _scrub(message), _scrub(param), _scrub(code)
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -25,16 +36,36 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type,
                           "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+    def response(self, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
+def request_too_large(limit: int) -> APIError:
+    return APIError(413, f"request body is larger than the server's limit of {limit} bytes",
+                    code="request_too_large")
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """Raised from ``receive`` while the body is read: FastAPI re-raises HTTPExceptions from
+    body parsing as they are, so this reaches the handler below as a 413."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, str(limit))
+        self.limit = limit
+
+
+# Union members pydantic adds to a location ("stop.str", "safety_config.dict[str,any]").
+_TYPE_TAGS = {"str", "int", "float", "bool", "none"}
+
+
 def _loc_to_param(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body",)]
+    parts = [str(p) for p in loc[1:] if not (isinstance(p, str) and (
+        p in _TYPE_TAGS or "[" in p or "(" in p))] if loc[:1] == ("body",) else \
+        [str(p) for p in loc]
     return ".".join(parts) or None
 
 
@@ -45,25 +76,33 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        metrics.REQUESTS.labels("400", "invalid").inc()
         errs = exc.errors()
         first = errs[0] if errs else {}
         loc = tuple(first.get("loc", ()))
-        param = _loc_to_param(loc)
-        if first.get("type") == "json_invalid":
+        kind = first.get("type")
+        ctx = first.get("ctx") or {}
+        if isinstance(ctx.get("param"), str):  # named by a model-level validator of ours
+            param = ctx["param"] or None
+        else:
+            param = _loc_to_param(loc)
+        if kind == "json_invalid":
             return APIError(400, "request body is not valid JSON", code="invalid_json").response()
-        if loc == ("body",):
+        if loc == ("body",) and kind in _NOT_AN_OBJECT:
             return APIError(400, "request body must be a JSON object (Content-Type: "
                             "application/json)", code="invalid_json").response()
-        if first.get("type") == "extra_forbidden":
+        if kind == "extra_forbidden":
             return APIError(400, f"unsupported parameter: {param}", param=param,
                             code="unsupported_parameter").response()
         msg = first.get("msg", "invalid request")
-        return APIError(400, f"{param}: {msg}" if param else msg, param=param,
-                        code="invalid_value").response()
+        if param and not msg.startswith(param):
+            msg = f"{param}: {msg}"
+        return APIError(400, msg, param=param,
+                        code=kind if kind in _OWN_CODES else "invalid_value").response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
+        if isinstance(exc, BodyTooLarge):
+            return request_too_large(exc.limit).response()
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return APIError(exc.status_code, str(exc.detail), type=kind).response()
 

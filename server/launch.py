@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 
 import uvicorn
-
 from safeserve.models.checkpoint import (
     HEAD_DIR,
     CheckpointError,

@@ -8,8 +8,14 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
 _SCORE_BUCKETS = tuple(i / 10 for i in range(1, 11))
 
+# Counted once per request when its response is done, with the status it got. ``stream``:
+# "stream" / "unary", or "invalid" when the request was refused before its body was accepted
+# (validation, authentication, size). A stream that fails after its 200 was sent counts as
+# "200" here and in STREAM_ERRORS.
 REQUESTS = Counter("safeserve_requests", "Chat completion requests by HTTP status and mode",
                    ["status", "stream"])
+STREAM_ERRORS = Counter("safeserve_stream_errors",
+                        "Streams ended by an error event after their 200 was sent", ["type"])
 FINISHED = Counter("safeserve_finished_choices", "Finished choices by finish reason", ["reason"])
 TTFT = Histogram("safeserve_time_to_first_token_seconds", "Time to first token",
                  buckets=_LATENCY_BUCKETS)

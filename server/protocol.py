@@ -6,11 +6,100 @@ is a 400 that names it, never a silent no-op.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+# ----------------------------------------------------------------------------- input hygiene
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+LONE_SURROGATE_MSG = "contains invalid unicode (lone surrogate)"
+# vLLM's own OpenAI server bounds ``seed`` to int64 (its engine serialises and seeds with it).
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+
+
+def has_lone_surrogate(text: str) -> bool:
+    """JSON can carry ``"\\ud800"``: a str Python holds but cannot encode, tokenize or echo."""
+    return _LONE_SURROGATE.search(text) is not None
+
+
+def find_lone_surrogate(value: Any, path: tuple = ()) -> tuple | None:
+    """Path of the first string in ``value`` with a lone surrogate; for a key, the path of the
+    object holding it."""
+    if isinstance(value, str):
+        return path if has_lone_surrogate(value) else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if isinstance(k, str) and has_lone_surrogate(k):
+                return (*path, KEY)
+            found = find_lone_surrogate(v, (*path, k))
+            if found is not None:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            found = find_lone_surrogate(v, (*path, i))
+            if found is not None:
+                return found
+    return None
+
+
+def scrub(text: str) -> str:
+    """``text`` made encodable as UTF-8 (lone surrogates become U+FFFD): for echoing what a
+    client sent in an error message."""
+    if not has_lone_surrogate(text):
+        return text
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+class _Key:
+    """Marks, at the end of a path, that the bad string is a key of the object there."""
+
+
+KEY = _Key()
+
+
+def surrogate_error(path: tuple, prefix: str = "") -> tuple[str | None, str]:
+    """(param, message) for a lone surrogate found at ``path``."""
+    if path and path[-1] is KEY:
+        param = param_of(((prefix,) if prefix else ()) + path[:-1]) or None
+        where = f"a key of {param}" if param else "a key of the request"
+        return param, f"{where} {LONE_SURROGATE_MSG}"
+    param = param_of(((prefix,) if prefix else ()) + path)
+    return param, f"{param}: {LONE_SURROGATE_MSG}"
+
+
+def param_of(path: tuple) -> str:
+    return scrub(".".join(str(p) for p in path))
+
+
+def invalid(param: str, message: str, type: str = "invalid_value") -> PydanticCustomError:
+    """A validation error that names its field even when raised by a model-level validator
+    (the error handler reads ``ctx.param``)."""
+    return PydanticCustomError(type, scrub(message), {"param": scrub(param or "")})
+
+
+def _no_lone_surrogate(v: str) -> str:
+    if has_lone_surrogate(v):
+        raise PydanticCustomError("invalid_string", LONE_SURROGATE_MSG)
+    return v
+
+
+# A str that can be encoded as UTF-8 (used by types that are not checked as a whole).
+SafeStr = Annotated[str, AfterValidator(_no_lone_surrogate)]
 
 
 class _Strict(BaseModel):
@@ -36,32 +125,47 @@ class ChatMessage(_Strict):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
-    continuous_usage_stats: bool = False
+    include_usage: StrictBool = False
+    # vLLM extension: usage (so far) in every chunk; needs include_usage.
+    continuous_usage_stats: StrictBool = False
 
 
 class ChatCompletionRequest(_Strict):
+    """Numbers and booleans are strict: ``"2"`` is not an int, ``true`` is not a number."""
+
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: StrictFloat | None = Field(None, ge=0.0, le=2.0)
+    top_p: StrictFloat | None = Field(None, gt=0.0, le=1.0)
+    presence_penalty: StrictFloat | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: StrictFloat | None = Field(None, ge=-2.0, le=2.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = Field(1, ge=1, le=8)
+    seed: StrictInt | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    n: StrictInt = Field(1, ge=1, le=8)
     user: str | None = None
     # vLLM extension, for benchmarks: keep generating past end-of-sequence up to max_tokens.
-    ignore_eos: bool = False
+    ignore_eos: StrictBool = False
     # vLLM's prefill extensions: continue the last (assistant) message instead of opening a new one.
-    continue_final_message: bool = False
-    add_generation_prompt: bool = True
+    continue_final_message: StrictBool = False
+    add_generation_prompt: StrictBool = True
     # Per-request safety config (object, or a preset name); validated by the safety config module.
     safety_config: dict[str, Any] | str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _encodable(cls, data):
+        """Every string of the request (keys included) must be valid Unicode: checked once
+        here, so nothing downstream (tokenizer, engine, error echo) meets a lone surrogate."""
+        if isinstance(data, dict):
+            path = find_lone_surrogate(data)
+            if path is not None:
+                param, message = surrogate_error(path)
+                raise invalid(param, message, "invalid_string")
+        return data
 
     @field_validator("stop")
     @classmethod
@@ -76,16 +180,20 @@ class ChatCompletionRequest(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _prefill(self):
+    def _combinations(self):
         if self.continue_final_message:
             if self.add_generation_prompt:
-                raise ValueError(
-                    "continue_final_message requires add_generation_prompt=false"
-                )
+                raise invalid("continue_final_message",
+                              "continue_final_message requires add_generation_prompt=false")
             if self.messages[-1].role != "assistant":
-                raise ValueError("continue_final_message requires the last message to be 'assistant'")
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed with stream=true")
+                raise invalid("continue_final_message", "continue_final_message requires the "
+                              "last message to be 'assistant'")
+        if self.stream_options is not None:
+            if not self.stream:
+                raise invalid("stream_options", "stream_options is only allowed with stream=true")
+            if self.stream_options.continuous_usage_stats and not self.stream_options.include_usage:
+                raise invalid("stream_options.continuous_usage_stats",
+                              "continuous_usage_stats requires include_usage=true")
         return self
 
     @property

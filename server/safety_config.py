@@ -12,11 +12,20 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    field_validator,
+)
 from safeserve.models.taxonomy import Taxonomy
 from safeserve.server import safety_wire as W
 from safeserve.server.errors import APIError, bad_request
+from safeserve.server.protocol import SafeStr, find_lone_surrogate, surrogate_error
 
 PRESET_NAME = re.compile(r"^[a-z0-9_-]+$")
 DEFAULT_PRESETS = Path(__file__).with_name("presets") / "presets.yaml"
@@ -29,16 +38,18 @@ DEFAULT_TAU = 3  # consecutive violating steps, for heads that do not name their
 
 
 class SafetyConfig(BaseModel):
+    """Strict types: ``"0.5"`` is not a threshold, ``true`` / ``"3"`` are not a tau."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    allow: tuple[str, ...] = ()
-    threshold: float | dict[str, float] | None = None
+    allow: tuple[SafeStr, ...] = ()
+    threshold: StrictFloat | dict[SafeStr, StrictFloat] | None = None
     on_violation: Literal["refuse", "stop", "annotate"] = "refuse"
-    holdback: bool = False
-    guideline: str | None = Field(None, max_length=MAX_GUIDELINE_CHARS)
-    trace: bool = False
+    holdback: StrictBool = False
+    guideline: SafeStr | None = Field(None, max_length=MAX_GUIDELINE_CHARS)
+    trace: StrictBool = False
     # None: the head's operating point (``operating_point.tau`` in its checkpoint, else 3).
-    tau: int | None = Field(None, ge=1, le=16)
+    tau: StrictInt | None = Field(None, ge=1, le=16)
 
     @field_validator("threshold")
     @classmethod
@@ -53,9 +64,14 @@ class SafetyConfig(BaseModel):
         return self.model_dump(exclude_none=True, mode="json")
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool"}
+
+
 def _config_error(source: str, err: ValidationError) -> APIError:
     first = err.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or source
+    # drop the union members pydantic adds to a location ("threshold.float")
+    field = ".".join(str(p) for p in first["loc"]
+                     if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p))) or source
     if first["type"] == "extra_forbidden":
         msg = f"unknown safety config field '{field}'"
     else:
@@ -121,6 +137,10 @@ class SafetyPolicy:
         if not isinstance(value, dict):
             raise bad_request(f"{source} must be a preset name or an object", param=source,
                               code="invalid_safety_config")
+        path = find_lone_surrogate(value)  # JSON in a header may escape one: "\ud800"
+        if path is not None:
+            param, message = surrogate_error(path, source)
+            raise bad_request(message, param=param, code="invalid_string")
         try:
             cfg = SafetyConfig(**value)
         except ValidationError as e:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 
 import torch
-
 from safeserve.kernels.safety_head import safety_scores
 from safeserve.models.checkpoint import load_safety_head
 

@@ -16,7 +16,6 @@ import time
 from collections import OrderedDict
 
 import torch
-
 from safeserve.kernels.safety_decision import EVENT_TRIGGER, decide
 from safeserve.models.checkpoint import load_safety_head
 from safeserve.server import safety_wire as W
@@ -25,7 +24,11 @@ from safeserve.server.safety_model import STEP_SIGNAL
 log = logging.getLogger(__name__)
 
 try:  # vLLM is only importable where the engine runs
-    from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+    from vllm.v1.sample.logits_processor import (
+        BatchUpdate,
+        LogitsProcessor,
+        MoveDirectionality,
+    )
 except ImportError:  # pragma: no cover
     LogitsProcessor = object  # type: ignore[assignment,misc]
 
@@ -84,7 +87,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
     def is_argmax_invariant(self) -> bool:
         return False  # it forces tokens, greedy requests included
 
-    def update_state(self, batch_update: "BatchUpdate | None") -> None:
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
         if batch_update is None:
             return
         for i in batch_update.removed:
@@ -199,7 +202,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         while len(self.parked) > MAX_PARKED:  # finished requests are parked too: bound it
             self.parked.popitem(last=False)
 
-    def _add(self, i: int, args: "W.RowSafetyArgs | None", output_ids: list[int]) -> None:
+    def _add(self, i: int, args: W.RowSafetyArgs | None, output_ids: list[int]) -> None:
         self._clear(i)
         if args is None:
             return

@@ -14,7 +14,12 @@ import uuid
 from safeserve.kernels.safety_decision import EVENT_TRIGGER, EVENT_VIOLATION
 from safeserve.server import metrics
 from safeserve.server import safety_wire as W
-from safeserve.server.protocol import CategoryScores, ResponseVerdict, SafetyReport, TracePoint
+from safeserve.server.protocol import (
+    CategoryScores,
+    ResponseVerdict,
+    SafetyReport,
+    TracePoint,
+)
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ class RowSafetyArgs:
         return {EXTRA_ARGS_KEY: asdict(self)}
 
     @classmethod
-    def from_extra_args(cls, extra: dict | None) -> "RowSafetyArgs | None":
+    def from_extra_args(cls, extra: dict | None) -> RowSafetyArgs | None:
         raw = (extra or {}).get(EXTRA_ARGS_KEY)
         return None if raw is None else cls(**raw)
 

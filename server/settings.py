@@ -29,6 +29,9 @@ class Settings(BaseSettings):
         "(default, strict) or a directory holding safety_head/ (and optionally adapter/)")
     presets: Path | None = Field(None, description="safety presets YAML (default: built-in)")
     default_preset: str = Field("default", description="preset for requests with no config")
+    max_request_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024,
+        description="largest request body accepted; larger ones get a 413 before they are parsed")
     log_level: str = "info"
 
     @field_validator("api_keys", mode="before")

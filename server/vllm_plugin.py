@@ -5,9 +5,8 @@ from __future__ import annotations
 
 
 def register() -> None:
-    from vllm import ModelRegistry
-
     from safeserve.server.safety_model import SUPPORTED_ARCHITECTURES
+    from vllm import ModelRegistry
 
     for arch in SUPPORTED_ARCHITECTURES:
         name = f"SafeServe{arch}"

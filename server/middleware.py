@@ -1,0 +1,84 @@
+"""ASGI middleware of the HTTP layer: the request body limit and per-request accounting."""
+
+from __future__ import annotations
+
+import asyncio
+
+from safeserve.server import metrics
+from safeserve.server.errors import BodyTooLarge, request_too_large
+
+
+class BodyLimit:
+    """Refuses request bodies over ``limit`` bytes with a 413: at once when Content-Length
+    says so, else as soon as the body read so far passes it (so a huge body is never
+    buffered, parsed or tokenized)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    break
+                if declared > self.limit:
+                    # (the server reads and drops the rest of the body: the client sees the 413)
+                    return await request_too_large(self.limit).response()(scope, receive, send)
+                break
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BodyTooLarge(self.limit)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+class RequestAccounting:
+    """Counts each request to ``path`` once, with the status it got (401s, 413s and validation
+    errors included; a stream counts as its 200): as its last byte goes out, so the count is
+    there by the time the client has the response, or when it ends without one."""
+
+    def __init__(self, app, path: str):
+        self.app, self.path = app, path
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != self.path:
+            return await self.app(scope, receive, send)
+        status = None
+        counted = False
+
+        def count(final_status) -> None:
+            nonlocal counted
+            if not counted:
+                counted = True
+                mode = (scope.get("state") or {}).get("safeserve_mode", "invalid")
+                metrics.REQUESTS.labels(str(final_status), mode).inc()
+
+        async def watching_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                count(status)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watching_send)
+        except asyncio.CancelledError:
+            count(status or 499)
+            raise
+        except Exception:
+            count(status or 500)  # the server error middleware answers it with a 500
+            raise
+        finally:
+            count(status or 500)

@@ -1,0 +1,499 @@
+"""Hardening of the HTTP layer: bad input is a clear OpenAI-style 4xx naming the field (never a
+500, a dropped connection or lost state), large bodies are bounded and never stall the event
+loop, streams end cleanly on failure, and every request is counted once with its status.
+
+Most cases run in-process (no engine, or a scripted fake engine); the rest use the session's
+shared real server (conftest ``server``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
+from safeserve.models.taxonomy import Taxonomy
+from safeserve.server import completions
+from safeserve.server.app import create_app
+from safeserve.server.engine import Engine, EngineSpec
+from safeserve.server.errors import APIError
+from safeserve.server.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChunkChoice,
+    Delta,
+)
+from safeserve.server.safety_config import SafetyConfig, SafetyPolicy
+from safeserve.server.safety_service import disabled_report
+from safeserve.server.safety_tracker import TelemetryHub
+from safeserve.server.settings import Settings
+
+BENIGN = [{"role": "user", "content": "Say hi."}]
+LIMIT = 4096
+
+
+def requests_total(status: str, stream: str) -> float:
+    return REGISTRY.get_sample_value("safeserve_requests_total",
+                                     {"status": status, "stream": stream}) or 0.0
+
+
+def stream_errors(kind: str) -> float:
+    return REGISTRY.get_sample_value("safeserve_stream_errors_total", {"type": kind}) or 0.0
+
+
+def _error(r, status: int, param: str | None = None, code: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert param is None or err["param"] == param, err
+    assert code is None or err["code"] == code, err
+    return err
+
+
+# ----------------------------------------------------------------------------- in-process app
+
+@pytest.fixture()
+def client(tmp_path):
+    """The app with a safety policy and no started engine: a request that passes validation,
+    authentication and safety authorization stops at 503 (engine not ready)."""
+    settings = Settings(max_request_body_bytes=LIMIT)
+    spec = EngineSpec(model_dir=tmp_path, served_name="m", has_head=True, safety_enabled=True)
+    app = create_app(Engine(settings, spec), (SafetyPolicy(Taxonomy.load()), TelemetryHub()))
+    return TestClient(app)
+
+
+def post_raw(client, raw: bytes, **headers):
+    return client.post("/v1/chat/completions", content=raw,
+                       headers={"content-type": "application/json", **headers})
+
+
+def body(**extra) -> dict:
+    return {"model": "m", "messages": BENIGN, **extra}
+
+
+S = "\\ud800"  # a lone surrogate, as JSON escapes it
+
+
+@pytest.mark.parametrize("raw,param", [
+    ('{"model":"m","messages":[{"role":"user","content":"%s hi"}]}' % S, "messages.0.content"),
+    ('{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"%s"}]}]}' % S,
+     "messages.0.content.0.text"),
+    ('{"model":"m","stream":true,"messages":[{"role":"user","content":"%s"}]}' % S,
+     "messages.0.content"),
+    ('{"model":"%s","messages":[{"role":"user","content":"hi"}]}' % S, "model"),
+    ('{"model":"m","stop":["%s"],"messages":[{"role":"user","content":"hi"}]}' % S, "stop.0"),
+    ('{"model":"m","stop":"%s","messages":[{"role":"user","content":"hi"}]}' % S, "stop"),
+    ('{"model":"m","safety_config":{"allow":["%s"]},"messages":[{"role":"user","content":"hi"}]}'
+     % S, "safety_config.allow.0"),
+    ('{"model":"m","safety_config":{"%s":1},"messages":[{"role":"user","content":"hi"}]}' % S,
+     "safety_config"),
+    ('{"model":"m","%s":1,"messages":[{"role":"user","content":"hi"}]}' % S, None),
+])
+def test_lone_surrogates_are_a_400_naming_the_field(client, raw, param):
+    err = _error(post_raw(client, raw.encode()), 400, code="invalid_string")
+    assert err["param"] == param
+    assert "lone surrogate" in err["message"]
+
+
+def test_lone_surrogate_in_the_safety_header_is_a_400(client):
+    r = client.post("/v1/chat/completions", json=body(),
+                    headers={"X-Safety-Config": '{"allow": ["%s"]}' % S})
+    _error(r, 400, "X-Safety-Config.allow.0", "invalid_string")
+
+
+def test_error_responses_survive_unencodable_text():
+    e = APIError(404, "The model `\ud800` does not exist.", param="\udfff")
+    payload = json.loads(e.response().body)
+    assert payload["error"]["message"] == "The model `\ufffd` does not exist."
+    assert payload["error"]["param"] == "\ufffd"
+    ok = APIError(400, "emoji \U0001F3AE stays")  # a valid pair is untouched
+    assert json.loads(ok.response().body)["error"]["message"] == "emoji \U0001F3AE stays"
+
+
+@pytest.mark.parametrize("seed,ok", [(2 ** 64, False), (2 ** 80, False), (-2 ** 63 - 1, False),
+                                     (2 ** 63 - 1, True), (-2 ** 63, True), (7, True)])
+def test_seed_is_bounded_to_int64(client, seed, ok):
+    for stream in (False, True):
+        r = client.post("/v1/chat/completions", json=body(seed=seed, stream=stream))
+        if ok:
+            assert r.status_code == 503, r.text  # valid: stopped only by the missing engine
+        else:
+            _error(r, 400, "seed")
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"n": "2"}, "n"), ({"n": True}, "n"), ({"n": 2.0}, "n"),
+    ({"stream": "yes"}, "stream"), ({"stream": 1}, "stream"), ({"stream": "true"}, "stream"),
+    ({"max_tokens": "8"}, "max_tokens"), ({"max_tokens": True}, "max_tokens"),
+    ({"temperature": "0.5"}, "temperature"), ({"temperature": True}, "temperature"),
+    ({"top_p": "1"}, "top_p"), ({"seed": "7"}, "seed"), ({"seed": False}, "seed"),
+    ({"ignore_eos": "no"}, "ignore_eos"), ({"add_generation_prompt": 0}, "add_generation_prompt"),
+    ({"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+])
+def test_request_types_are_strict(client, extra, param):
+    _error(client.post("/v1/chat/completions", json=body(**extra)), 400, param)
+
+
+def test_json_numbers_still_pass(client):
+    # an int where a float is expected is a number, not a coercion
+    r = client.post("/v1/chat/completions", json=body(temperature=1, top_p=1, n=2, max_tokens=4))
+    assert r.status_code == 503, r.text
+
+
+@pytest.mark.parametrize("cfg,param", [
+    ({"tau": "3"}, "tau"), ({"tau": True}, "tau"), ({"tau": 2.0}, "tau"),
+    ({"threshold": "0.5"}, "threshold"), ({"threshold": True}, "threshold"),
+    ({"threshold": {"violence": "0.4"}}, "threshold"), ({"holdback": "yes"}, "holdback"),
+    ({"trace": 1}, "trace"),
+])
+def test_safety_config_types_are_strict(client, cfg, param):
+    r = client.post("/v1/chat/completions", json=body(safety_config=cfg))
+    _error(r, 400, f"safety_config.{param}", "invalid_safety_config")
+    r = client.post("/v1/chat/completions", json=body(),
+                    headers={"X-Safety-Config": json.dumps(cfg)})
+    _error(r, 400, f"X-Safety-Config.{param}", "invalid_safety_config")
+    with pytest.raises(ValueError):
+        SafetyConfig(**cfg)
+
+
+def test_safety_config_numbers_still_pass():
+    assert SafetyConfig(threshold=0.5, tau=3).tau == 3
+    assert SafetyConfig(threshold={"violence": 0.25, "unsafe": 0.5}).threshold["violence"] == 0.25
+
+
+@pytest.mark.parametrize("extra,param,words", [
+    ({"stream_options": {"include_usage": True}}, "stream_options", "stream=true"),
+    ({"continue_final_message": True}, "continue_final_message", "add_generation_prompt=false"),
+    ({"continue_final_message": True, "add_generation_prompt": False},
+     "continue_final_message", "'assistant'"),
+    ({"stream": True, "stream_options": {"continuous_usage_stats": True}},
+     "stream_options.continuous_usage_stats", "include_usage"),
+])
+def test_combination_errors_say_what_is_wrong(client, extra, param, words):
+    err = _error(client.post("/v1/chat/completions", json=body(**extra)), 400, param)
+    assert words in err["message"] and "JSON object" not in err["message"]
+
+
+def test_body_that_is_not_an_object_is_still_said_so(client):
+    for raw in (b"[1, 2]", b'"hi"', b""):
+        err = _error(post_raw(client, raw), 400, code="invalid_json")
+        assert "JSON object" in err["message"]
+
+
+def test_oversized_body_is_a_413(client):
+    big = json.dumps(body(messages=[{"role": "user", "content": "x" * (LIMIT + 10)}])).encode()
+    before = requests_total("413", "invalid")
+    err = _error(post_raw(client, big), 413, code="request_too_large")
+    assert str(LIMIT) in err["message"]
+
+    def chunked():  # no Content-Length: caught while the body is read
+        yield b'{"model": "m", "messages": [{"role": "user", "content": "'
+        for _ in range(10):
+            yield b"x" * 1000
+        yield b'"}]}'
+
+    _error(client.post("/v1/chat/completions", content=chunked(),
+                       headers={"content-type": "application/json"}), 413, code="request_too_large")
+    assert requests_total("413", "invalid") == before + 2
+    # a body under the limit is served as before
+    assert client.post("/v1/chat/completions", json=body()).status_code == 503
+
+
+def test_body_limit_setting_defaults_to_8_mib():
+    assert Settings().max_request_body_bytes == 8 * 1024 * 1024
+    assert Settings(max_request_body_bytes=1 << 20).max_request_body_bytes == 1 << 20
+
+
+def test_each_request_is_counted_once_with_its_final_status(tmp_path):
+    settings = Settings(api_keys=["k"])
+    spec = EngineSpec(model_dir=tmp_path, served_name="m", has_head=True, safety_enabled=True)
+    c = TestClient(create_app(Engine(settings, spec),
+                              (SafetyPolicy(Taxonomy.load()), TelemetryHub())))
+    auth = {"Authorization": "Bearer k"}
+    cases = [  # (request, status, stream label)
+        (dict(json=body()), "401", "invalid"),
+        (dict(json=body(n="2"), headers=auth), "400", "invalid"),
+        (dict(json=body(model="nope"), headers=auth), "404", "unary"),
+        (dict(json=body(safety_config={"allow": ["dragons"]}), headers=auth), "400", "unary"),
+        (dict(json=body(stream=True), headers=auth), "503", "stream"),
+    ]
+    for kw, status, mode in cases:
+        before = {s: requests_total(s, mode) for s in ("200", status)}
+        r = c.post("/v1/chat/completions", **kw)
+        assert str(r.status_code) == status, r.text
+        assert requests_total(status, mode) == before[status] + 1, (kw, status, mode)
+        if status != "200":
+            assert requests_total("200", mode) == before["200"]
+
+
+# ----------------------------------------------------------------------------- a fake engine
+
+class FakeLLM:
+    """An engine that produces ``tokens`` outputs, then fails with ``fail`` (if any)."""
+
+    errored = False
+
+    def __init__(self, tokens: int = 2, fail: BaseException | None = None):
+        self.tokens, self.fail = tokens, fail
+
+    async def generate(self, prompt, params, request_id):
+        from types import SimpleNamespace
+
+        for i in range(self.tokens):
+            await asyncio.sleep(0)
+            out = SimpleNamespace(text=f"t{i} ", token_ids=[i], finish_reason=None)
+            yield SimpleNamespace(outputs=[out], finished=False)
+        if self.fail is not None:
+            raise self.fail
+        out = SimpleNamespace(text="", token_ids=[], finish_reason="stop")
+        yield SimpleNamespace(outputs=[out], finished=True)
+
+    async def abort(self, request_id):
+        pass
+
+
+@pytest.fixture(scope="module")
+def tokenizer(base_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(base_model_dir))
+
+
+def fake_engine(tokenizer, tmp_path, llm: FakeLLM) -> Engine:
+    spec = EngineSpec(model_dir=tmp_path, served_name="m")  # served without a head
+    engine = Engine(Settings(), spec)
+    engine.llm, engine.tokenizer = llm, tokenizer
+    engine.ready.set()
+    return engine
+
+
+def sse_events(text: str) -> list[str]:
+    return [ln[6:] for ln in text.splitlines() if ln.startswith("data: ")]
+
+
+def test_a_stream_that_fails_after_its_start_ends_with_an_error_event(tokenizer, tmp_path):
+    engine = fake_engine(tokenizer, tmp_path, FakeLLM(fail=RuntimeError("engine died")))
+    c = TestClient(create_app(engine), raise_server_exceptions=False)
+    errors_before = stream_errors("server_error")
+    ok_before = requests_total("200", "stream")
+    r = c.post("/v1/chat/completions", json=body(stream=True, max_tokens=8))
+    assert r.status_code == 200
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    err = json.loads(events[-2])["error"]
+    assert err["type"] == "server_error" and set(err) == {"message", "type", "param", "code"}
+    assert json.loads(events[0])["choices"][0]["delta"]["role"] == "assistant"
+    assert stream_errors("server_error") == errors_before + 1
+    assert requests_total("200", "stream") == ok_before + 1
+    assert REGISTRY.get_sample_value("safeserve_in_flight_requests") == 0
+
+
+def test_an_input_error_from_the_engine_mid_stream_is_an_error_event(tokenizer, tmp_path):
+    engine = fake_engine(tokenizer, tmp_path, FakeLLM(tokens=0, fail=ValueError("bad params")))
+    c = TestClient(create_app(engine))
+    r = c.post("/v1/chat/completions", json=body(stream=True, max_tokens=8))
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    err = json.loads(events[-2])["error"]
+    assert err["type"] == "invalid_request_error" and "bad params" in err["message"]
+
+
+def test_unexpected_engine_failure_is_a_clean_json_500(tokenizer, tmp_path):
+    engine = fake_engine(tokenizer, tmp_path, FakeLLM(fail=RuntimeError("engine died")))
+    c = TestClient(create_app(engine), raise_server_exceptions=False)
+    before = requests_total("500", "unary")
+    r = c.post("/v1/chat/completions", json=body(max_tokens=8))
+    err = _error(r, 500)
+    assert err["type"] == "server_error" and "engine died" not in err["message"]
+    assert requests_total("500", "unary") == before + 1
+    # and an input error the engine finds is a 400
+    engine.llm = FakeLLM(tokens=0, fail=ValueError("bad params"))
+    _error(c.post("/v1/chat/completions", json=body(max_tokens=8)), 400)
+    # the app is still fine
+    engine.llm = FakeLLM()
+    r = c.post("/v1/chat/completions", json=body(max_tokens=8))
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "t0 t1 "
+
+
+def test_continuous_usage_stats_puts_usage_in_every_chunk(tokenizer, tmp_path):
+    engine = fake_engine(tokenizer, tmp_path, FakeLLM(tokens=3))
+    c = TestClient(create_app(engine))
+    opts = {"include_usage": True, "continuous_usage_stats": True}
+    r = c.post("/v1/chat/completions", json=body(stream=True, max_tokens=8, stream_options=opts))
+    chunks = [json.loads(e) for e in sse_events(r.text)[:-1]]
+    assert all("usage" in ch for ch in chunks)
+    counts = [ch["usage"]["completion_tokens"] for ch in chunks]
+    assert counts == sorted(counts) and counts[0] == 0 and counts[-1] == 3
+    assert chunks[-1]["choices"] == []
+    # without it, only the final chunk has usage
+    r = c.post("/v1/chat/completions", json=body(stream=True, max_tokens=8,
+                                                  stream_options={"include_usage": True}))
+    chunks = [json.loads(e) for e in sse_events(r.text)[:-1]]
+    assert [("usage" in ch) for ch in chunks] == [False] * (len(chunks) - 1) + [True]
+
+
+def test_streamed_safety_report_keeps_its_nulls_and_chunks_stay_lean():
+    report = disabled_report(True)
+    ch = ChatCompletionChunk(id="x", created=1, model="m",
+                             choices=[ChunkChoice(index=0, delta=Delta(content="a"),
+                                                  finish_reason="stop")], safety=report)
+    data = json.loads(completions._sse(ch)[6:])
+    assert data["safety"] == report.model_dump(mode="json")
+    assert "query" in data["safety"] and data["safety"]["query"] is None
+    assert "token_index" in data["safety"]["response"]
+    assert "usage" not in data and "role" not in data["choices"][0]["delta"]
+    lean = ChatCompletionChunk(id="x", created=1, model="m",
+                               choices=[ChunkChoice(index=0, delta=Delta(content="a"))])
+    plain = json.loads(completions._sse(lean)[6:])
+    assert set(plain) == {"id", "object", "created", "model", "choices"}
+
+
+def test_tokenization_runs_off_the_event_loop(tokenizer, tmp_path, monkeypatch):
+    engine = fake_engine(tokenizer, tmp_path, FakeLLM())
+    req = ChatCompletionRequest(model="m", messages=BENIGN)
+    seen = []
+    real = completions.render_prompt
+
+    def spy(*a, **kw):
+        seen.append(threading.get_ident())
+        return real(*a, **kw)
+
+    monkeypatch.setattr(completions, "render_prompt", spy)
+    prep = asyncio.run(completions.prepare(engine, req, None))
+    assert prep.prompt_ids and seen and threading.get_ident() not in seen
+
+
+# ----------------------------------------------------------------------------- the real server
+
+def test_surrogates_leave_the_connection_usable(http, server):
+    for raw in ('{"model":"%s","messages":[{"role":"user","content":"%s"}],"max_tokens":2}',
+                '{"model":"%s","stream":true,"messages":[{"role":"user","content":"%s"}]}',
+                '{"model":"%s","%s":1,"messages":[{"role":"user","content":"hi"}]}'):
+        r = http.post("/v1/chat/completions", content=(raw % (server.model, S)).encode(),
+                      headers={"content-type": "application/json"})
+        _error(r, 400, code="invalid_string")
+    # the same keep-alive connection serves the next request
+    ok = http.post("/v1/chat/completions", json={"model": server.model, "messages": BENIGN,
+                                                 "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_huge_seed_in_a_stream_is_a_400_not_a_cut_stream(http, server):
+    r = http.post("/v1/chat/completions", json={"model": server.model, "messages": BENIGN,
+                                                "stream": True, "seed": 2 ** 64, "max_tokens": 2})
+    _error(r, 400, "seed")
+    r = http.post("/v1/chat/completions", json={"model": server.model, "messages": BENIGN,
+                                                "seed": 2 ** 63 - 1, "n": 2, "temperature": 1.0,
+                                                "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
+def test_large_bodies_neither_stall_the_server_nor_get_parsed(http, server):
+    # ~6 MB: under the 8 MiB limit, far over the context: tokenized off the event loop
+    content = "hello " * 1_000_000
+    big = json.dumps({"model": server.model, "messages": [{"role": "user", "content": content}]})
+    result = {}
+
+    def send():
+        result["r"] = httpx.post(f"{server.url}/v1/chat/completions", content=big,
+                                 headers={"content-type": "application/json"}, timeout=300)
+
+    t = threading.Thread(target=send)
+    t.start()
+    worst = 0.0
+    probes = 0
+    while t.is_alive():
+        t0 = time.perf_counter()
+        assert http.get("/health").status_code == 200
+        worst = max(worst, time.perf_counter() - t0)
+        probes += 1
+        time.sleep(0.05)
+    t.join()
+    _error(result["r"], 400, "messages", "context_length_exceeded")
+    assert worst < 2.0, f"/health took {worst:.2f}s while a large prompt was tokenized"
+
+    # over the limit: refused from Content-Length, before anything is read or parsed
+    t0 = time.perf_counter()
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=b"x" * (50 << 20),
+                   headers={"content-type": "application/json"}, timeout=120)
+    _error(r, 413, code="request_too_large")
+    assert time.perf_counter() - t0 < 20
+
+
+def test_chunked_oversized_body_is_a_413(server):
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                  b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+        piece = b"x" * (1 << 20)
+        try:
+            for _ in range(12):
+                s.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+            s.sendall(b"0\r\n\r\n")
+        except OSError:
+            pass  # the server may answer before we are done
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            got = s.recv(65536)
+            if not got:
+                break
+            reply += got
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+
+
+def test_safety_header_is_decoded_as_utf8(http, server):
+    guideline = "Ünïcødé guideline 🎮 — keep it friendly"
+    cfg = json.dumps({"guideline": guideline}, ensure_ascii=False).encode()
+    r = http.post("/v1/chat/completions", json={"model": server.model, "messages": BENIGN,
+                                                "max_tokens": 2},
+                  headers={"X-Safety-Config": cfg})
+    assert r.status_code == 200, r.text
+    assert r.json()["safety"]["config"]["guideline"] == guideline
+    r = http.post("/v1/chat/completions", json={"model": server.model, "messages": BENIGN},
+                  headers={"X-Safety-Config": b'{"guideline": "\xff\xfe"}'})
+    _error(r, 400, "X-Safety-Config", "invalid_header")
+
+
+def _keys(report: dict) -> tuple:
+    return sorted(report), sorted(report["response"])
+
+
+@pytest.mark.parametrize("headers", [{}, {"X-Safety-Trace": "1"}])
+def test_streamed_and_unary_safety_objects_have_the_same_keys(http, server, headers):
+    req = {"model": server.model, "messages": BENIGN, "max_tokens": 4, "temperature": 0}
+    unary = http.post("/v1/chat/completions", json=req, headers=headers).json()["safety"]
+    final = None
+    with http.stream("POST", "/v1/chat/completions", json={**req, "stream": True},
+                     headers=headers) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                d = json.loads(line[6:])
+                if d.get("safety"):
+                    final = d
+                assert "usage" not in d  # nulls are kept in the safety object only
+                for ch in d["choices"]:
+                    assert "logprobs" not in ch
+    assert final is not None
+    assert _keys(final["safety"]) == _keys(unary)
+    assert "query" in final["safety"] and "token_index" in final["safety"]["response"]
+    assert ("trace" in final["safety"]) and (final["safety"]["trace"] is None) == (not headers)
+
+
+def test_streamed_request_is_counted_once_when_done(http, server):
+    from test_server import metric
+
+    before = metric(http, "safeserve_requests_total", status="200", stream="stream")
+    invalid = metric(http, "safeserve_requests_total", status="400", stream="invalid")
+    with http.stream("POST", "/v1/chat/completions",
+                     json={"model": server.model, "messages": BENIGN, "max_tokens": 3,
+                           "stream": True}) as r:
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]"
+    assert metric(http, "safeserve_requests_total", status="200", stream="stream") == before + 1
+    http.post("/v1/chat/completions", json={"model": server.model, "messages": BENIGN, "n": "2"})
+    assert metric(http, "safeserve_requests_total", status="400", stream="invalid") == invalid + 1
