@@ -7,11 +7,11 @@ generated. A client can never loosen safety by itself:
 
 * The ceiling is the operator's default preset, as the server runs it (its allow-list,
   action, holdback, thresholds and tau), widened only where the key's grant says so.
-* A preset the grant names is taken whole (the operator wrote it). Any other preset, and
-  every field a custom config sets, is checked against the ceiling: allow no more
-  categories, no weaker action (annotate < refuse < stop; `annotate` needs the grant's
-  `annotate`), no dropped holdback, no higher threshold, no larger tau.
-* Fields a custom config leaves out are filled from the ceiling where the config's own
+* A preset the grant names is taken whole (the operator wrote it). Every field any other
+  preset or a custom config sets is checked against the ceiling: allow no more categories,
+  no weaker action (annotate < refuse < stop; `annotate` needs the grant's `annotate`), no
+  dropped holdback, no higher threshold, no larger tau.
+* Fields such a config leaves out are filled from the ceiling where the config's own
   default would be looser (e.g. a server whose default preset is `strict` gives a key's
   `{"trace": true}` strict's thresholds, stop and holdback). The response echoes the result.
 
@@ -174,14 +174,11 @@ def authorize_config(principal: Principal, preset: str | None, cfg: SafetyConfig
     if preset is not None and preset in grant.presets:
         return cfg
     ceiling = ceiling_of(grant, policy)
-    if preset is not None:  # judged as it stands: every field counts
-        refused = looser_fields(cfg, set(SafetyConfig.model_fields), ceiling, policy)
-        if refused:
-            refused = [f"preset '{preset}': " + "; ".join(refused)]
-    else:
-        refused = looser_fields(cfg, set_fields(cfg), ceiling, policy)
+    refused = looser_fields(cfg, set_fields(cfg), ceiling, policy)
+    if refused and preset is not None:
+        refused = [f"preset '{preset}': " + "; ".join(refused)]
     if refused:
         raise APIError(403, f"API key '{principal.name}' may not request: " + "; ".join(refused),
                        type="permission_error", param="safety_config",
                        code="safety_config_not_permitted")
-    return cfg if preset is not None else fill_from_ceiling(cfg, ceiling, policy)
+    return fill_from_ceiling(cfg, ceiling, policy)

@@ -88,3 +88,10 @@ def test_granted_presets_are_taken_whole_and_annotate_needs_the_grant():
     assert "annotate" in refused(svc, studio, body={"on_violation": "annotate"})
     auditor = Principal("auditor", Grant(annotate=True))
     assert run_with(svc, auditor, body={"on_violation": "annotate"}).config.on_violation == "annotate"
+
+
+def test_a_preset_outside_the_grant_is_judged_by_what_it_sets_and_tightened_where_it_is_silent():
+    svc = service("default", default_tau=6)
+    capped = Principal("capped", Grant(max_tau=4))
+    req = run_with(svc, capped, "strict")  # strict sets no tau: the key's ceiling fills it
+    assert req.tau == 4 and req.config.on_violation == "stop"
