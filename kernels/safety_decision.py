@@ -3,8 +3,17 @@
 Row i of the step's scores belongs to the request parked in row i of the persistent state
 tables (capacity R >= N). For an active row:
 
+    masked[i, k] : 0 live, 1 allowed by the request, 2 attributed (see below)
     viol_bits[i] = OR over k < K of (masked[i, k] == 0 and scores[i, k] >= thresholds[i, k]) << k
+                   | (1 << top[i]) if some attributed column k has scores[i, k] >= thresholds[i, k]
+                                   and masked[i, top[i]] == 0
+    top[i]       = the highest-scoring column that is not attributed (lowest index on ties)
     violated     = viol_bits[i] != 0
+
+An attributed column is a detector that cannot say which category it saw (the head's overall
+`unsafe` output): with an allow-list it still acts, on behalf of the category the head scores
+highest, unless the request allows that one. So allowing one category never switches off the
+overall detector for the others.
 
     prompt row : event = TRIGGER if violated else OK;  counter[i] = 0
                  (the prompt verdict is the host's to act on; the counter never latches it)
@@ -15,7 +24,7 @@ tables (capacity R >= N). For an active row:
     cats[i]    = viol_bits[i]
 
 Inactive rows (no safety config) get event OK, cats 0, and their counter is not touched.
-A NaN score compares false, so it never violates.
+A NaN score compares false, so it never violates, and is never the top column.
 
 `decide_reference` is the vectorised PyTorch form; `decide` is the launcher the server calls
 once per engine step: a single Triton launch (CUDA, or SAFESERVE_FORCE_TRITON=1 under the
@@ -26,6 +35,8 @@ from __future__ import annotations
 
 import torch
 from safeserve.kernels.safety_head import _jit, _next_pow2, _use_triton, tl, triton
+
+MASK_LIVE, MASK_ALLOWED, MASK_ATTRIBUTED = 0, 1, 2
 
 EVENT_OK = 0
 EVENT_VIOLATION = 1
@@ -44,12 +55,20 @@ def _violation_bits_reference(
     scores: torch.Tensor, thresholds: torch.Tensor, masked: torch.Tensor
 ) -> torch.Tensor:
     n_rows, n_cats = scores.shape
-    hit = (masked[:n_rows] == 0) & (scores >= thresholds[:n_rows])
+    mask = masked[:n_rows]
+    over = scores >= thresholds[:n_rows]
+    hit = (mask == MASK_LIVE) & over
     bit_values = torch.ones(n_cats, dtype=torch.int32, device=scores.device) << torch.arange(
         n_cats, dtype=torch.int32, device=scores.device
     )
     # Bits are disjoint, so the sum is the OR.
-    return (hit.to(torch.int32) * bit_values).sum(dim=1, dtype=torch.int32)
+    bits = (hit.to(torch.int32) * bit_values).sum(dim=1, dtype=torch.int32)
+    plain = (mask != MASK_ATTRIBUTED) & ~torch.isnan(scores)
+    key = torch.where(plain, scores.float(), torch.full_like(scores, float("-inf"), dtype=torch.float32))
+    top = key.argmax(dim=1)  # first maximum on ties
+    top_live = mask.gather(1, top[:, None]).squeeze(1) == MASK_LIVE
+    attributed = ((mask == MASK_ATTRIBUTED) & over).any(dim=1) & plain.any(dim=1) & top_live
+    return bits | torch.where(attributed, bit_values[top], torch.zeros_like(bits))
 
 
 def decide_reference(
@@ -128,11 +147,25 @@ def _safety_decision_kernel(
     allowed = tl.load(
         masked_ptr + rows[:, None] * stride_mn + cats[None, :] * stride_mk, mask=tile_ok, other=1
     )
-    hit = tile_ok & (allowed == 0) & (score >= threshold)
+    over = score >= threshold
+    hit = tile_ok & (allowed == 0) & over
     # Padded columns are never hits; shift them by 0 so no lane computes 1 << 31.
     bit_values = tl.full((BLOCK_K,), 1, tl.int32) << tl.where(cat_ok, cats, 0)
     # Disjoint bits: the sum is the OR.
     viol_bits = tl.sum(tl.where(hit, bit_values[None, :], 0), axis=1).to(tl.int32)
+    # Attributed columns (2; literals: a jit body reads only constexpr globals) act for the
+    # top-scoring other column, if that one is live. NaN != NaN keeps NaN scores out of the top.
+    score_f = score.to(tl.float32)
+    plain = tile_ok & (allowed != 2) & (score_f == score_f)
+    key = tl.where(plain, score_f, float("-inf"))
+    top = tl.argmax(key, axis=1, tie_break_left=True)
+    is_top = cats[None, :] == top[:, None]
+    top_allowed = tl.sum(tl.where(is_top, allowed.to(tl.int32), 0), axis=1)
+    any_plain = tl.max(plain.to(tl.int32), axis=1) > 0
+    attributed_over = tl.max((tile_ok & (allowed == 2) & over).to(tl.int32), axis=1) > 0
+    attributed = attributed_over & any_plain & (top_allowed == 0)
+    top_bit = tl.full((BLOCK_N,), 1, tl.int32) << tl.where(attributed, top, 0)
+    viol_bits = viol_bits | tl.where(attributed, top_bit, 0)
     violated = viol_bits != 0
 
     row_active = tl.load(active_ptr + rows, mask=row_ok, other=0) != 0

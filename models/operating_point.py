@@ -28,8 +28,7 @@ from pathlib import Path
 import torch
 
 from safeserve.models.checkpoint import SafetyHead, load_safety_head
-
-OPERATING_POINT = "operating_point"
+from safeserve.models.decision_defaults import OPERATING_POINT
 
 
 def shift_head(head: SafetyHead, v: torch.Tensor, c: float, *, prompt_shift: float,

@@ -7,7 +7,9 @@ generated. A client can never loosen safety by itself:
 
 * The ceiling is the operator's default preset, as the server runs it (its allow-list,
   action, holdback, thresholds and tau), widened only where the key's grant says so.
-* A preset the grant names is taken whole (the operator wrote it). Every field any other
+* A preset the grant names, and the default preset, are taken whole (the operator wrote
+  them), tightened only where they are silent and the key's caps are stricter (`max_tau`).
+  Every field any other
   preset or a custom config sets is checked against the ceiling: allow no more categories,
   no weaker action (annotate < refuse < stop; `annotate` needs the grant's `annotate`), no
   dropped holdback, no higher threshold, no larger tau.
@@ -23,7 +25,7 @@ Grants file (``--grants``), YAML::
         presets: [game_development]  # taken whole, beside the default preset
         allow: [violence, weapons]   # the most a custom config may allow
         annotate: false              # may it ask for on_violation: annotate
-        max_threshold: 0.7           # ceiling of every threshold (default: the default preset's)
+        max_threshold: 0.7           # a request may set thresholds up to this (or the default's)
         max_tau: 5                   # ceiling of tau (default: the default preset's)
 """
 
@@ -112,8 +114,8 @@ class Ceiling:
 def ceiling_of(grant: Grant, policy: SafetyPolicy) -> Ceiling:
     base = policy.presets[policy.default_preset]
     thresholds = policy.thresholds_of(base)
-    if grant.max_threshold is not None:
-        thresholds = dict.fromkeys(thresholds, grant.max_threshold)
+    if grant.max_threshold is not None:  # widens only: one number cannot fit every output's scale
+        thresholds = {n: max(t, grant.max_threshold) for n, t in thresholds.items()}
     allow = base.allow if grant.allow is None else grant.allow
     return Ceiling(frozenset(allow), base.on_violation, grant.annotate, base.holdback, thresholds,
                    grant.max_tau if grant.max_tau is not None else policy.tau_of(base))
@@ -169,11 +171,11 @@ def authorize_config(principal: Principal, preset: str | None, cfg: SafetyConfig
                      policy: SafetyPolicy) -> SafetyConfig:
     """The config the request runs with, or a 403 if it asks for more than its key permits."""
     grant = principal.grant
-    if grant is None or preset == policy.default_preset:
-        return cfg
-    if preset is not None and preset in grant.presets:
+    if grant is None:
         return cfg
     ceiling = ceiling_of(grant, policy)
+    if preset is not None and (preset == policy.default_preset or preset in grant.presets):
+        return fill_from_ceiling(cfg, ceiling, policy)  # taken whole; the key's caps still apply
     refused = looser_fields(cfg, set_fields(cfg), ceiling, policy)
     if refused and preset is not None:
         refused = [f"preset '{preset}': " + "; ".join(refused)]

@@ -7,6 +7,7 @@ body's ``safety_config``; it is validated once here, into a typed ``SafetyConfig
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Literal
@@ -22,7 +23,9 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
-from safeserve.models.taxonomy import Taxonomy
+from safeserve.kernels.safety_decision import MASK_ATTRIBUTED, MASK_LIVE
+from safeserve.models.decision_defaults import DEFAULT_ALLOWLIST_OVERALL_SHIFT
+from safeserve.models.taxonomy import OVERALL, Taxonomy
 from safeserve.server import safety_wire as W
 from safeserve.server.errors import APIError, bad_request
 from safeserve.server.protocol import SafeStr, find_lone_surrogate, surrogate_error
@@ -84,10 +87,12 @@ class SafetyPolicy:
 
     def __init__(self, taxonomy: Taxonomy, presets_path: Path | None = None,
                  default_preset: str = "default", overall_threshold: float = 0.5,
-                 default_tau: int = DEFAULT_TAU):
+                 default_tau: int = DEFAULT_TAU,
+                 allowlist_overall_shift: float = DEFAULT_ALLOWLIST_OVERALL_SHIFT):
         self.taxonomy = taxonomy
         self.overall_threshold = overall_threshold
         self.default_tau = default_tau
+        self.allowlist_overall_shift = allowlist_overall_shift
         raw = yaml.safe_load((presets_path or DEFAULT_PRESETS).read_text()) or {}
         self.presets: dict[str, SafetyConfig] = {}
         for name, body in raw.items():
@@ -181,9 +186,17 @@ class SafetyPolicy:
         thresholds = list(self.thresholds_of(cfg).values())  # categories in order, then overall
         allowed = set(cfg.allow)
         masked = [1 if c in allowed else 0 for c in ids]
-        # The overall score cannot say which category it saw, so it only decides when the
-        # request allows nothing; with any allowance the per-category outputs decide alone.
-        masked.append(1 if allowed else 0)
+        # The overall score cannot say which category it saw: with an allow-list it acts for
+        # the category the head scores highest, unless that one is allowed (MASK_ATTRIBUTED),
+        # so allowing one category never switches the overall detector off for the others.
+        # Its threshold moves by the head's allow-list shift unless the request set it.
+        masked.append(MASK_ATTRIBUTED if allowed else MASK_LIVE)
+        unsafe_set = isinstance(cfg.threshold, float) or (
+            isinstance(cfg.threshold, dict) and OVERALL in cfg.threshold)
+        if allowed and not unsafe_set:
+            t = min(max(thresholds[-1], 1e-7), 1 - 1e-7)
+            thresholds[-1] = 1.0 / (1.0 + math.exp(-(math.log(t / (1 - t))
+                                                      + self.allowlist_overall_shift)))
         return W.RowSafetyArgs(rid=rid, thresholds=thresholds, masked=masked, tau=self.tau_of(cfg),
                                action=W.ACTION_CODES[cfg.on_violation],
                                refusal_ids=refusal_ids, eos_id=eos_id)

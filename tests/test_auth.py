@@ -71,10 +71,17 @@ def test_stricter_presets_pass_on_a_default_server_and_open_servers_are_unchange
 def test_grant_caps_apply_to_the_effective_config():
     svc = service("default", default_tau=6)
     capped = Principal("capped", Grant(max_threshold=0.7, max_tau=5))
-    req = run_with(svc, capped, body={})  # defaults are tightened, not refused
-    assert max(svc.policy.thresholds_of(req.config).values()) <= 0.7 and req.tau == 5
-    assert "threshold violence=0.9 (max 0.7)" in refused(svc, capped, body={"threshold": {"violence": 0.9}})
+    req = run_with(svc, capped, body={})  # tau is tightened, not refused
+    assert req.tau == 5
+    # max_threshold widens what a request may set; it never moves the defaults
+    assert svc.policy.thresholds_of(req.config) == svc.policy.thresholds_of(svc.policy.presets["default"])
+    assert run_with(svc, capped, body={"threshold": {"unsafe": 0.7}}).config.threshold == {"unsafe": 0.7}
+    assert "threshold unsafe=0.8 (max 0.7)" in refused(svc, capped, body={"threshold": {"unsafe": 0.8}})
     assert "tau 6 (max 5)" in refused(svc, capped, body={"tau": 6})
+    # the caps apply to the default preset and to granted presets too
+    assert run_with(svc, capped).tau == 5 and run_with(svc, capped, "default").tau == 5
+    gd = Principal("gd", Grant(presets=["game_development"], max_tau=4))
+    assert run_with(svc, gd, "game_development").tau == 4
     # without max_tau the head's operating point is the ceiling, never refused
     assert run_with(svc, PLAIN, body={"tau": 6}).tau == 6
 

@@ -271,6 +271,13 @@ def _decide_oracle(scores, thresholds, masked, counter, tau, is_prompt, active):
         for k, score in enumerate(row_scores):
             if masked[i][k] == 0 and score >= thresholds[i][k]:
                 bits |= 1 << k
+        plain = [k for k, score in enumerate(row_scores) if masked[i][k] != 2 and score == score]
+        fired = any(masked[i][k] == 2 and row_scores[k] >= thresholds[i][k]
+                    for k in range(len(row_scores)))
+        if plain and fired:
+            top = max(plain, key=lambda k: (row_scores[k], -k))  # first maximum on ties
+            if masked[i][top] == 0:
+                bits |= 1 << top
         if is_prompt[i]:
             counter[i] = 0
             events.append(EVENT_TRIGGER if bits else EVENT_OK)
@@ -287,6 +294,10 @@ def _decide_oracle(scores, thresholds, masked, counter, tau, is_prompt, active):
 def _decision_state(capacity: int, n_cats: int, g: torch.Generator):
     thresholds = torch.rand(capacity, n_cats, generator=g) * 0.8 + 0.1
     masked = (torch.rand(capacity, n_cats, generator=g) < 0.25).to(torch.int8)
+    # some rows' last column is an attributed detector (the server's overall output with an
+    # allow-list), a few other columns too
+    masked[torch.rand(capacity, generator=g) < 0.4, -1] = 2
+    masked[torch.rand(capacity, n_cats, generator=g) < 0.05] = 2
     counter = torch.randint(0, 4, (capacity,), generator=g, dtype=torch.int32)
     tau = torch.randint(1, 4, (capacity,), generator=g, dtype=torch.int32)
     active = (torch.rand(capacity, generator=g) < 0.85).to(torch.int8)

@@ -34,6 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
+from safeserve.models.decision_defaults import (
+    DEFAULT_ALLOWLIST_OVERALL_SHIFT,
+    allowlist_overall_shift,
+)
 from safeserve.models.evaluation.judge import FULL_COMPLIANCE, FULL_REFUSAL
 
 OVERALL = "unsafe"
@@ -48,13 +52,18 @@ class Rule:
     prompt_thresholds: tuple[float, ...]
     response_thresholds: tuple[float, ...]
     tau: int = 3
+    # With an allow-list the overall output acts for the top-scoring category at its
+    # threshold moved by this many logits (the server's rule); None: it does not act.
+    allowlist_overall_shift: float | None = DEFAULT_ALLOWLIST_OVERALL_SHIFT
 
     @classmethod
     def shifted(cls, names, thresholds, *, prompt_shift: float = 0.0, response_shift: float = 0.0,
-                tau: int = 3) -> "Rule":
+                tau: int = 3,
+                allowlist_overall_shift: float | None = DEFAULT_ALLOWLIST_OVERALL_SHIFT) -> "Rule":
         """``thresholds`` moved by logit shifts: +1 asks for e^1 more odds before acting."""
         return cls(tuple(names), tuple(_shift(t, prompt_shift) for t in thresholds),
-                   tuple(_shift(t, response_shift) for t in thresholds), tau)
+                   tuple(_shift(t, response_shift) for t in thresholds), tau,
+                   allowlist_overall_shift)
 
 
 def _shift(threshold: float, logit_shift: float) -> float:
@@ -75,7 +84,8 @@ def served_rule(head_dir: str | Path, *, tau: int | None = None) -> Rule:
     names = tuple(head.taxonomy.ids) + (OVERALL,)
     thresholds = [c.threshold for c in head.taxonomy.categories]
     thresholds.append(float(head.extra.get("overall_threshold", 0.5)))
-    return Rule(names, tuple(thresholds), tuple(thresholds), tau)
+    return Rule(names, tuple(thresholds), tuple(thresholds), tau,
+                allowlist_overall_shift(head.extra))
 
 
 @dataclass
@@ -196,17 +206,32 @@ def _mask(allow: tuple[str, ...], names: tuple[str, ...]) -> np.ndarray:
     return np.array([n not in allow and n != OVERALL for n in names], dtype=bool)
 
 
+def _violated(scores: np.ndarray, thresholds: np.ndarray, live: np.ndarray, row: TracedRow,
+              rule: Rule) -> np.ndarray:
+    """[T] whether each step of ``scores`` [T, K] violates (the decision kernel's rule)."""
+    out = ((scores >= thresholds) & live).any(axis=1)
+    if not row.allow or rule.allowlist_overall_shift is None or OVERALL not in rule.names:
+        return out
+    k = rule.names.index(OVERALL)
+    cats = np.delete(scores, k, axis=1)
+    cat_names = [n for n in rule.names if n != OVERALL]
+    top = np.argmax(np.where(np.isnan(cats), -np.inf, cats), axis=1)
+    top_live = np.array([cat_names[t] not in row.allow for t in top])
+    fired = scores[:, k] >= _shift(float(thresholds[k]), rule.allowlist_overall_shift)
+    return out | (fired & top_live)
+
+
 def trigger_step(row: TracedRow, rule: Rule) -> int | None:
     """The step at which ``rule`` acts on ``row``: 0 for the prompt or query verdict, i >= 1
     for the decode step that completes a run of ``tau`` violating steps, None if never."""
     live = _mask(row.allow, rule.names)
     prompt_t = np.asarray(rule.prompt_thresholds)
     for verdict in (row.prompt, row.query):
-        if verdict is not None and bool(((verdict >= prompt_t) & live).any()):
+        if verdict is not None and bool(_violated(verdict[None, :], prompt_t, live, row, rule)[0]):
             return 0
     if len(row.steps) == 0:
         return None
-    violated = ((row.steps >= np.asarray(rule.response_thresholds)) & live).any(axis=1)
+    violated = _violated(row.steps, np.asarray(rule.response_thresholds), live, row, rule)
     run = 0
     for i, v in enumerate(violated, start=1):
         run = run + 1 if v else 0
@@ -248,7 +273,8 @@ def sweep(rows: list[TracedRow], base: Rule, prompt_shifts, response_shifts, tau
     results = []
     for ps, rs, tau in itertools.product(prompt_shifts, response_shifts, taus):
         rule = Rule.shifted(base.names, base.response_thresholds, prompt_shift=ps,
-                            response_shift=rs, tau=tau)
+                            response_shift=rs, tau=tau,
+                            allowlist_overall_shift=base.allowlist_overall_shift)
         results.append({"prompt_shift": ps, "response_shift": rs, "tau": tau, **score(rows, rule)})
     return results
 
