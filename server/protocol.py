@@ -113,8 +113,16 @@ class TextPart(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    # Only an assistant turn may come without content (there are no tool calls to carry).
+    content: str | list[TextPart] | None = Field(None, validate_default=True)
     name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content_required(cls, v, info):
+        if v is None and info.data.get("role", "assistant") != "assistant":
+            raise ValueError(f"content is required for a {info.data['role']} message")
+        return v
 
     def text(self) -> str:
         if self.content is None:

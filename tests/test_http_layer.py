@@ -163,3 +163,13 @@ def test_head_that_does_not_fit_is_a_startup_error(tmp_path, base_model_dir):
 def test_unknown_model_dir_is_a_startup_error(tmp_path):
     r = run_serve("--model", str(tmp_path), "--port", "1")
     assert r.returncode != 0 and "config.json" in r.stderr
+
+
+def test_a_user_message_without_content_is_a_400(client):
+    r = post(client, "plain-key", messages=[{"role": "user"}])
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "messages.0.content" and "required" in err["message"]
+    # an assistant turn may be empty (e.g. a prefill placeholder)
+    ok = post(client, "plain-key", messages=[{"role": "user", "content": "hi"}, {"role": "assistant"}])
+    assert ok.status_code != 400, ok.text
