@@ -107,18 +107,20 @@ class Ceiling:
     on_violation: str  # the weakest action (annotate only with the grant's `annotate`)
     annotate: bool
     holdback: bool
-    thresholds: dict[str, float]  # per head output
+    thresholds: dict[str, float]  # per head output: the most a request may set
+    default_thresholds: dict[str, float]  # the default preset's: what omitted ones become at most
     tau: int
 
 
 def ceiling_of(grant: Grant, policy: SafetyPolicy) -> Ceiling:
     base = policy.presets[policy.default_preset]
-    thresholds = policy.thresholds_of(base)
+    defaults = policy.thresholds_of(base)
+    thresholds = defaults
     if grant.max_threshold is not None:  # widens only: one number cannot fit every output's scale
-        thresholds = {n: max(t, grant.max_threshold) for n, t in thresholds.items()}
+        thresholds = {n: max(t, grant.max_threshold) for n, t in defaults.items()}
     allow = base.allow if grant.allow is None else grant.allow
     return Ceiling(frozenset(allow), base.on_violation, grant.annotate, base.holdback, thresholds,
-                   grant.max_tau if grant.max_tau is not None else policy.tau_of(base))
+                   defaults, grant.max_tau if grant.max_tau is not None else policy.tau_of(base))
 
 
 def looser_fields(cfg: SafetyConfig, fields: set[str], ceiling: Ceiling,
@@ -157,11 +159,12 @@ def fill_from_ceiling(cfg: SafetyConfig, ceiling: Ceiling, policy: SafetyPolicy)
         update["holdback"] = True
     if "tau" not in fields and policy.tau_of(cfg) > ceiling.tau:
         update["tau"] = ceiling.tau
-    explicit = (set(cfg.threshold) if isinstance(cfg.threshold, dict)
-                else set(policy.thresholds_of(cfg)) if cfg.threshold is not None else set())
     current = policy.thresholds_of(cfg)
-    tightened = {n: ceiling.thresholds[n] for n in current
-                 if n not in explicit and current[n] > ceiling.thresholds[n] + 1e-9}
+    explicit = (set(cfg.threshold) if isinstance(cfg.threshold, dict)
+                else set(current) if cfg.threshold is not None else set())
+    limit = ceiling.default_thresholds
+    tightened = {n: limit[n] for n in current
+                 if n not in explicit and current[n] > limit[n] + 1e-9}
     if tightened:
         update["threshold"] = {**{n: current[n] for n in explicit}, **tightened}
     return cfg.model_copy(update=update) if update else cfg

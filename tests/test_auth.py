@@ -102,3 +102,12 @@ def test_a_preset_outside_the_grant_is_judged_by_what_it_sets_and_tightened_wher
     capped = Principal("capped", Grant(max_tau=4))
     req = run_with(svc, capped, "strict")  # strict sets no tau: the key's ceiling fills it
     assert req.tau == 4 and req.config.on_violation == "stop"
+
+
+def test_a_widening_max_threshold_never_loosens_what_a_request_omits():
+    svc = service("strict")
+    wide = Principal("wide", Grant(max_threshold=0.7))
+    req = run_with(svc, wide, body={"trace": True})
+    assert set(svc.policy.thresholds_of(req.config).values()) == {0.35}  # strict's, not 0.7
+    asked = run_with(svc, wide, body={"threshold": {"violence": 0.6}})
+    assert svc.policy.thresholds_of(asked.config)["violence"] == 0.6  # the grant lets it ask
