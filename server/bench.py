@@ -51,6 +51,10 @@ class LoadResult:
     ttft_p99: float
     itl_p50: float
     itl_p99: float
+    # CPU time the server spent on this load: its HTTP process, and its engine processes
+    # (engine core + workers). Steadier than wall time on a shared machine.
+    cpu_http_s: float = 0.0
+    cpu_engine_s: float = 0.0
 
     @property
     def req_per_s(self) -> float:
@@ -59,6 +63,10 @@ class LoadResult:
     @property
     def tok_per_s(self) -> float:
         return self.output_tokens / self.seconds
+
+    @property
+    def cpu_ms_per_tok(self) -> float:
+        return 1e3 * (self.cpu_http_s + self.cpu_engine_s) / max(1, self.output_tokens)
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -132,6 +140,20 @@ class _Proc:
             time.sleep(1)
         raise RuntimeError(f"server not ready:\n{self.log.read_text()[-3000:]}")
 
+    def cpu_seconds(self) -> tuple[float, float]:
+        """(HTTP process, engine processes) user + system CPU seconds so far."""
+        import psutil
+
+        def used(p: psutil.Process) -> float:
+            try:
+                t = p.cpu_times()
+                return t.user + t.system
+            except psutil.NoSuchProcess:
+                return 0.0
+
+        top = psutil.Process(self.proc.pid)
+        return used(top), sum(used(c) for c in top.children(recursive=True))
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -159,29 +181,36 @@ def _servers(base: Path, safe: Path | None, port: int, common: list[str]) -> lis
 
 def _table(results: list[LoadResult]) -> str:
     by = {(r.server, r.concurrency): r for r in results}
-    lines = ["| server | conc | req/s | out tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| server | conc | req/s | out tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | "
+             "ITL p99 ms | CPU ms/tok (HTTP + engine) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        per_tok = 1e3 / max(1, r.output_tokens)
         lines.append(f"| {r.server} | {r.concurrency} | {r.req_per_s:.2f} | {r.tok_per_s:.1f} | "
                      f"{r.ttft_p50*1e3:.0f} | {r.ttft_p99*1e3:.0f} | {r.itl_p50*1e3:.1f} | "
-                     f"{r.itl_p99*1e3:.1f} |")
-    lines += ["", "| ratio | conc | throughput | TTFT p50 | ITL p50 |", "|---|---|---|---|---|"]
+                     f"{r.itl_p99*1e3:.1f} | {r.cpu_ms_per_tok:.1f} "
+                     f"({r.cpu_http_s * per_tok:.1f} + {r.cpu_engine_s * per_tok:.1f}) |")
+    lines += ["", "| ratio | conc | throughput | TTFT p50 | ITL p50 | CPU per token |",
+              "|---|---|---|---|---|---|"]
     for a, b in (("ours-off", "plain"), ("ours-on", "ours-off"), ("ours-on", "plain")):
         for c in sorted({r.concurrency for r in results}):
             x, y = by.get((a, c)), by.get((b, c))
             if x and y:
+                cpu = x.cpu_ms_per_tok / y.cpu_ms_per_tok if y.cpu_ms_per_tok else float("nan")
                 lines.append(f"| {a} / {b} | {c} | {x.tok_per_s / y.tok_per_s:.3f} | "
-                             f"{x.ttft_p50 / y.ttft_p50:.3f} | {x.itl_p50 / y.itl_p50:.3f} |")
+                             f"{x.ttft_p50 / y.ttft_p50:.3f} | {x.itl_p50 / y.itl_p50:.3f} | "
+                             f"{cpu:.3f} |")
     return "\n".join(lines)
 
 
 def _mean(results: list[LoadResult]) -> LoadResult:
-    """Two passes of one server at one level, combined (tokens and time summed)."""
+    """The passes of one server at one level, combined (tokens and time summed)."""
     a = results[0]
     return LoadResult(a.server, a.concurrency, sum(r.requests for r in results),
                       sum(r.seconds for r in results), sum(r.output_tokens for r in results),
                       *(statistics.mean(getattr(r, f) for r in results)
-                        for f in ("ttft_p50", "ttft_p99", "itl_p50", "itl_p99")))
+                        for f in ("ttft_p50", "ttft_p99", "itl_p50", "itl_p99")),
+                      sum(r.cpu_http_s for r in results), sum(r.cpu_engine_s for r in results))
 
 
 def bench_serve(
@@ -193,12 +222,13 @@ def bench_serve(
     skip_safety: bool = typer.Option(False, help="only plain vs ours-off"),
     port: int = typer.Option(8790, help="first port; servers use port, port+1, port+2"),
     out: Path = typer.Option(Path("runs/bench_serve"), help="results folder"),
+    passes: int = typer.Option(2, min=1, help="passes per level, alternating server order"),
 ):
     """Ours vs plain vLLM, and safety on vs off, measured side by side in one run.
 
     All servers run at once (idle ones cost little) and are loaded one at a time, level by
-    level, in two passes (A B C, then C B A), so slow drifts of the machine's load hit every
-    server alike. Each server's two passes are combined."""
+    level, in passes of alternating order (A B C, then C B A, ...), so slow drifts of the
+    machine's load hit every server alike. Each server's passes are combined."""
     from safeserve.models.checkpoint import has_safety_head
     from safeserve.models.model_store import (
         DEFAULT_HEAD_DIR,
@@ -225,11 +255,16 @@ def bench_serve(
         raw: dict[tuple[str, int], list[LoadResult]] = {}
         for c in levels:
             n = requests_per_level or max(6, 2 * c)
-            for order in (procs, procs[::-1]):
+            for p in range(passes):
+                order = procs if p % 2 == 0 else procs[::-1]
                 for name, proc, extra in order:
+                    cpu0 = proc.cpu_seconds()
                     r = asyncio.run(run_load(proc.url, "bench", name, c, n, max_tokens, extra))
-                    typer.echo(f"  {name} c={c}: {r.tok_per_s:.1f} tok/s, TTFT p50 "
-                               f"{r.ttft_p50*1e3:.0f} ms, ITL p50 {r.itl_p50*1e3:.1f} ms")
+                    cpu1 = proc.cpu_seconds()
+                    r.cpu_http_s, r.cpu_engine_s = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+                    typer.echo(f"  pass {p + 1} {name} c={c}: {r.tok_per_s:.1f} tok/s, TTFT "
+                               f"p50 {r.ttft_p50*1e3:.0f} ms, ITL p50 {r.itl_p50*1e3:.1f} ms, "
+                               f"CPU {r.cpu_ms_per_tok:.1f} ms/tok")
                     raw.setdefault((name, c), []).append(r)
     finally:
         for _, proc, _ in procs:

@@ -247,6 +247,9 @@ class SafetyReport(BaseModel):
     response: ResponseVerdict = Field(default_factory=ResponseVerdict)
     config: dict[str, Any] = Field(default_factory=dict)
     score_names: list[str] | None = None
+    # What each output was compared against for this request: the config's thresholds or the
+    # head's calibrated ones, the overall output's allow-list shift included.
+    thresholds: dict[str, float] | None = None
     trace: list[TracePoint] | None = None
     telemetry_complete: bool = True
 

@@ -161,13 +161,24 @@ class SafetyLogitsProcessor(LogitsProcessor):
         return forced, start_refusal | start_stop
 
     @staticmethod
-    def _force(logits: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+    def _force(logits: torch.Tensor, forced: torch.Tensor,
+               sync_free: bool | None = None) -> torch.Tensor:
+        """Rows with a forced token get -inf everywhere but that token (finite): any sampler
+        picks it. In place: a full-vocabulary copy per step costs more than the head."""
         rows = forced >= 0
-        keep = logits.gather(1, forced.clamp(min=0).unsqueeze(1))
-        masked = torch.where(rows.unsqueeze(1), torch.full_like(logits, float("-inf")), logits)
-        # The forced token gets a finite logit, everything else -inf: any sampler picks it.
-        value = torch.where(rows.unsqueeze(1), torch.zeros_like(keep), keep)
-        return masked.scatter_(1, forced.clamp(min=0).unsqueeze(1), value)
+        if not (logits.device.type == "cuda" if sync_free is None else sync_free):
+            # A host sync is free off-GPU: touch only the forced rows (usually none).
+            idx = rows.nonzero().squeeze(1)
+            if idx.numel():
+                logits[idx] = float("-inf")
+                logits[idx, forced[idx]] = 0.0
+            return logits
+        # No host sync: one masked pass over the batch, then one scatter.
+        tok = forced.clamp(min=0).unsqueeze(1)
+        value = torch.where(rows.unsqueeze(1), torch.zeros_like(logits[:, :1]),
+                            logits.gather(1, tok))
+        logits.masked_fill_(rows.unsqueeze(1), float("-inf"))
+        return logits.scatter_(1, tok, value)
 
     def _report(self, n, scores, event, cats, forced, acted, seconds) -> None:
         if self.telemetry.sock is None:

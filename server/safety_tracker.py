@@ -140,7 +140,8 @@ class RequestTracker:
                                 event=r.event) for i, r in sorted(self.steps.items())]
         return SafetyReport(enabled=True, model_has_head=True, action=action, prompt=prompt,
                             query=self._verdict(self.query), response=response, config=self.config_echo,
-                            score_names=list(self.names), trace=trace,
+                            score_names=list(self.names),
+                            thresholds=dict(zip(self.names, self.args.thresholds)), trace=trace,
                             telemetry_complete=not self.incomplete)
 
     def record_metrics(self) -> None:

@@ -47,6 +47,13 @@ def test_allowed_category_is_not_enforced(http, server):
     assert s["prompt"]["flagged"] is False and s["action"] == "none"
     assert s["prompt"]["scores"]["violence"] > 0.99  # scored, but allowed
     assert r.headers["X-Safety-Action"] == "none"
+    # The thresholds it ran with are echoed: with an allow-list the overall output's moves up.
+    plain = chat(http, server, COLORS, safety_config={"allow": []}).json()["safety"]
+    assert list(s["thresholds"]) == s["score_names"] == list(plain["thresholds"])
+    assert s["thresholds"]["unsafe"] > plain["thresholds"]["unsafe"]
+    assert s["thresholds"]["violence"] == plain["thresholds"]["violence"]
+    custom = chat(http, server, COLORS, safety_config={"allow": ["violence"], "threshold": 0.8})
+    assert set(custom.json()["safety"]["thresholds"].values()) == {0.8}
 
 
 def test_prefilled_request_gets_a_verdict_on_its_query_alone(http, server):
