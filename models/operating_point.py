@@ -54,12 +54,58 @@ def shift_head(head: SafetyHead, v: torch.Tensor, c: float, *, prompt_shift: flo
                       extra, head.mlp)
 
 
+def _readout_of_gate(head: SafetyHead) -> tuple[torch.Tensor, float]:
+    """The prompt-end read-out a gated MLP carries: its gate is clamp(1 - s (v.h + c), 0, 1)
+    with (v, c) fitted the same way on the head's training data and sharpened by s."""
+    from safeserve.models.safety_train import GATE_SHARPNESS
+
+    if head.mlp is None or len(head.mlp) < 4:
+        raise ValueError("this head has no gated MLP to read the prompt-end read-out from: "
+                         "give --eval-data (the held-out trajectories it was calibrated on)")
+    gate = head.mlp[3].float() / GATE_SHARPNESS
+    return gate[:-1], float(gate[-1])
+
+
 def move_operating_point(head_dir: Path, model_dir: Path, eval_data, out: Path, *,
                          prompt_shift: float, response_shift: float, tau: int,
                          max_length: int = 512, batch_size: int = 16,
                          cache_dir: Path | None = None, seed: int = 0, log=print) -> dict:
     """Re-estimate the prompt-end read-out on the held-out files (the calibration half, as
-    training did), shift the head, write ``<out>/safety_head/`` (and copy a LoRA adapter)."""
+    training did), or take a gated head's own when no files are given; shift the head, write
+    ``<out>/safety_head/`` (and copy a LoRA adapter)."""
+    head = load_safety_head(head_dir)
+    if eval_data:
+        v, c, readout = _readout_of_data(head, model_dir, eval_data, max_length, batch_size,
+                                         cache_dir, seed, log)
+    else:
+        v, c = _readout_of_gate(head)
+        readout = {"source": "the head's gate (its training data's prompt-end read-out)"}
+    new = shift_head(head, v, c, prompt_shift=prompt_shift, response_shift=response_shift,
+                     tau=tau)
+    old_metrics = Path(head_dir) / "safety_head" / "metrics.json"
+    metrics = json.loads(old_metrics.read_text()) if old_metrics.is_file() else {}
+    metrics[OPERATING_POINT] = {
+        **new.extra[OPERATING_POINT], "prompt_end_readout": readout,
+        "served_thresholds": {cat.id: cat.threshold for cat in new.taxonomy.categories},
+        "moved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "note": "metrics above this block were measured at the head's previous operating point"}
+    from safeserve.models.safety_train import write_checkpoint
+
+    write_checkpoint(new, metrics, Path(out), new.extra)
+    adapter = Path(head_dir) / "adapter"
+    if adapter.is_dir() and Path(out) != Path(head_dir):
+        shutil.copytree(adapter, Path(out) / "adapter", dirs_exist_ok=True)
+    spread = (f"; read-out on response tokens {readout['at_response_mean']:.3f} "
+              f"± {readout['at_response_std']:.3f}" if "at_response_mean" in readout else "")
+    log(f"moved the operating point: prompt {prompt_shift:+g}, response {response_shift:+g} "
+        f"logits, tau {tau}{spread}")
+    return metrics[OPERATING_POINT]
+
+
+def _readout_of_data(head: SafetyHead, model_dir: Path, eval_data, max_length: int,
+                     batch_size: int, cache_dir: Path | None, seed: int,
+                     log) -> tuple[torch.Tensor, float, dict]:
+    """(v, c) fitted on the calibration half of the held-out files, and its spread."""
     from safeserve.models.safety_train import (
         MASK_PROMPT,
         MASK_RESPONSE,
@@ -69,10 +115,8 @@ def move_operating_point(head_dir: Path, model_dir: Path, eval_data, out: Path, 
         file_features,
         prompt_end_direction,
         split_groups,
-        write_checkpoint,
     )
 
-    head = load_safety_head(head_dir)
     model, tok = _load_lm(Path(model_dir))
     model.eval()
     feats = concat_features([file_features(p, model, tok, Path(model_dir), head.taxonomy,
@@ -83,23 +127,7 @@ def move_operating_point(head_dir: Path, model_dir: Path, eval_data, out: Path, 
     hidden = cal.hidden[head.layer]
     v, c = prompt_end_direction(hidden, cal.kind)
     ind = hidden.float() @ v + c
-    new = shift_head(head, v, c, prompt_shift=prompt_shift, response_shift=response_shift,
-                     tau=tau)
     readout = {"at_prompt_end_mean": float(ind[cal.kind == MASK_PROMPT].mean()),
                "at_response_mean": float(ind[cal.kind == MASK_RESPONSE].mean()),
                "at_response_std": float(ind[cal.kind == MASK_RESPONSE].std())}
-    old_metrics = Path(head_dir) / "safety_head" / "metrics.json"
-    metrics = json.loads(old_metrics.read_text()) if old_metrics.is_file() else {}
-    metrics[OPERATING_POINT] = {
-        **new.extra[OPERATING_POINT], "prompt_end_readout": readout,
-        "served_thresholds": {cat.id: cat.threshold for cat in new.taxonomy.categories},
-        "moved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "note": "metrics above this block were measured at the head's previous operating point"}
-    write_checkpoint(new, metrics, Path(out), new.extra)
-    adapter = Path(head_dir) / "adapter"
-    if adapter.is_dir() and Path(out) != Path(head_dir):
-        shutil.copytree(adapter, Path(out) / "adapter", dirs_exist_ok=True)
-    log(f"moved the operating point: prompt {prompt_shift:+g}, response {response_shift:+g} "
-        f"logits, tau {tau}; read-out on response tokens {readout['at_response_mean']:.3f} "
-        f"± {readout['at_response_std']:.3f}")
-    return metrics[OPERATING_POINT]
+    return v, c, readout

@@ -1125,10 +1125,11 @@ def register(app) -> None:
     @app.command("operating-point")
     def operating_point_cmd(
         head: Path = typer.Option(..., help="Checkpoint directory holding safety_head/."),
-        eval_data: list[Path] = typer.Option(..., help="The held-out trajectories the head "
-                                             "was calibrated on (repeatable): they give the "
-                                             "prompt-end read-out."),
         out: Path = typer.Option(..., help="Output directory (safety_head/, adapter/)."),
+        eval_data: list[Path] = typer.Option([], help="The held-out trajectories the head "
+                                             "was calibrated on (repeatable): they give the "
+                                             "prompt-end read-out. Optional for a head with "
+                                             "a gated MLP, whose gate is that read-out."),
         prompt_shift: float = typer.Option(0.0, help="Logits added to the prompt-verdict "
                                            "thresholds (+ = flag fewer prompts)."),
         response_shift: float = typer.Option(0.0, help="Logits added to the response-rule "

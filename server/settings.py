@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -21,7 +21,10 @@ class Settings(BaseSettings):
     kv_cache_gib: float = Field(1.0, gt=0, description="KV-cache memory (GiB)")
     max_num_seqs: int = Field(64, ge=1)
     enforce_eager: bool = False
-    api_keys: list[str] = Field(default_factory=list, description="bearer tokens; empty = no auth")
+    # NoDecode: the environment variable is comma-separated text, not JSON (an empty value is
+    # no keys), so it must reach the validator below as the raw string.
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="bearer tokens, comma-separated; empty = no auth")
     grants: Path | None = Field(None, description="YAML: API keys and what each may ask for")
     allow_unsafe: bool = Field(False, description="serve a model that has no safety head")
     safety_head: str | None = Field(

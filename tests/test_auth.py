@@ -111,3 +111,12 @@ def test_a_widening_max_threshold_never_loosens_what_a_request_omits():
     assert set(svc.policy.thresholds_of(req.config).values()) == {0.35}  # strict's, not 0.7
     asked = run_with(svc, wide, body={"threshold": {"violence": 0.6}})
     assert svc.policy.thresholds_of(asked.config)["violence"] == 0.6  # the grant lets it ask
+
+
+@pytest.mark.parametrize("env,keys", [("k1,k2", ["k1", "k2"]), (" solo ", ["solo"]), ("", [])])
+def test_api_keys_env_is_comma_separated_text(monkeypatch, env, keys):
+    # docker-compose passes SAFESERVE_API_KEYS through, empty when unset: no keys, not a crash
+    from safeserve.server.settings import Settings
+
+    monkeypatch.setenv("SAFESERVE_API_KEYS", env)
+    assert Settings().api_keys == keys

@@ -82,6 +82,7 @@ def test_score_outcomes_and_pareto():
 
 def _result_row(i, *, harmful, verdict, trace, prompt_flagged=False, action="annotate", names=NAMES):
     return {"id": f"t:{i}", "dataset": "t", "harmful": harmful, "attack": "direct", "template": None,
+            "prompt": f"prompt {i}",
             "verdict": verdict, "error": None,
             "safety": {"action": action, "score_names": list(names), "config": {"allow": [], "tau": 3},
                        "prompt": {"flagged": prompt_flagged, "scores": dict(zip(names, trace[0]["scores"]))},
@@ -155,6 +156,13 @@ def test_replay_cli_on_the_default_checkpoint(tmp_path):
     empty = CliRunner().invoke(eval_app, ["replay", str(run), "--head", str(DEFAULT_HEAD_DIR),
                                           "--exclude", str(run)])
     assert empty.exit_code != 0 and "no traced requests" in empty.output
+    # the same id and attack with another prompt (a second set loaded under the same name) stays
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "results.jsonl").write_text(json.dumps({**rows[0], "prompt": "another prompt"}) + "\n")
+    kept = CliRunner().invoke(eval_app, ["replay", str(other), "--head", str(DEFAULT_HEAD_DIR),
+                                         "--exclude", str(run)])
+    assert kept.exit_code == 0 and "on 1 of 1" in kept.output, kept.output
 
 
 def test_shift_head_moves_prompt_and_response_operating_points_separately():

@@ -376,6 +376,18 @@ def test_gated_mlp_over_a_frozen_linear_head(tiny, tmp_path):
     assert torch.equal(keep.weight, lin.weight) and torch.equal(keep.bias, lin.bias)
     assert [c.threshold for c in keep.taxonomy.categories] == [c.threshold for c in lin.taxonomy.categories]
     assert len(keep.mlp) == 4
+    # A gated head carries its prompt-end read-out: its operating point moves without data.
+    from safeserve.models.operating_point import move_operating_point
+
+    move_operating_point(tmp_path / "keep", model_dir, [], tmp_path / "moved", prompt_shift=-0.25,
+                         response_shift=1.5, tau=5, log=lambda *a: None)
+    moved = load_safety_head(tmp_path / "moved")
+    v_c = keep.mlp[3] / 2.0  # GATE_SHARPNESS
+    torch.testing.assert_close(moved.weight - keep.weight, 1.75 * v_c[None, :-1].expand_as(keep.weight))
+    assert moved.extra["operating_point"]["tau"] == 5 and torch.equal(moved.mlp[3], keep.mlp[3])
+    with pytest.raises(ValueError, match="no gated MLP"):
+        move_operating_point(tmp_path / "lin", model_dir, [], tmp_path / "z", prompt_shift=0.0,
+                             response_shift=1.0, tau=3, log=lambda *a: None)
     with pytest.raises(ValueError, match="has an MLP"):
         train_safety({**common, "out": tmp_path / "x", "mlp_units": 8, "init_head": tmp_path / "gated"},
                      log=lambda *a: None)

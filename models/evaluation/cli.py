@@ -152,7 +152,7 @@ def _floats(text: str, option: str) -> list[float]:
 def replay(
     runs: list[Path] = typer.Argument(..., help="Traced `eval safety` output folders (made with --safety-config '{\"on_violation\": \"annotate\", \"trace\": true}')."),
     head: Path = typer.Option(..., "--head", help="The checkpoint the runs were served with (its thresholds are the starting point)."),
-    exclude: list[Path] = typer.Option([], "--exclude", help="Runs whose requests (same id and attack) are left out: e.g. the test run, when tuning on a development run."),
+    exclude: list[Path] = typer.Option([], "--exclude", help="Runs whose requests (same id, attack and prompt) are left out: e.g. the test run, when tuning on a development run."),
     cosa: list[Path] = typer.Option([], "--cosa", help="Traced `eval cosa --mode enforce` output folders (same --base-config)."),
     prompt_shift: str = typer.Option("0", "--prompt-shift", help="Logit shift(s) of the prompt/query thresholds, comma-separated (+ = act less)."),
     response_shift: str = typer.Option("0", "--response-shift", help="Logit shift(s) of the response thresholds, comma-separated."),
@@ -168,7 +168,7 @@ def replay(
         base = rp.served_rule(head)
         rows = [r for run in runs for r in rp.load_safety_run(run, base.names)]
         held_out = set().union(*(rp.run_requests(run) for run in exclude))
-        rows = [r for r in rows if (r.extra["id"], r.group) not in held_out]
+        rows = [r for r in rows if r.extra["key"] not in held_out]
         rows += [r for run in cosa for r in rp.load_cosa_run(run, base.names)]
     except (rp.TraceError, OSError, KeyError) as exc:
         raise typer.BadParameter(str(exc)) from exc

@@ -151,10 +151,17 @@ def _results(path: str | Path) -> Path:
     return path / "results.jsonl" if path.is_dir() else path
 
 
-def run_requests(path: str | Path) -> set[tuple[str, str]]:
-    """(id, attack) of every request of an ``eval safety`` run, traced or not."""
+def request_key(row: dict) -> tuple[str, str, str | None]:
+    """What identifies a request across runs: id, attack and the prompt itself. Ids alone are
+    not enough: two prompt sets loaded under one name (say, a benign CSV in XSTest's format)
+    number their rows alike."""
+    return row["id"], row["attack"], row.get("prompt")
+
+
+def run_requests(path: str | Path) -> set[tuple[str, str, str | None]]:
+    """``request_key`` of every request of an ``eval safety`` run, traced or not."""
     lines = _results(path).read_text(encoding="utf-8").splitlines()
-    return {(r["id"], r["attack"]) for r in map(json.loads, filter(str.strip, lines))}
+    return {request_key(r) for r in map(json.loads, filter(str.strip, lines))}
 
 
 def _answered_rows(path: str | Path):
@@ -177,7 +184,8 @@ def load_safety_run(path: str | Path, names: tuple[str, ...]) -> list[TracedRow]
             dataset=row["dataset"], allow=allow, prompt=prompt, query=query, steps=steps,
             refused_by_text=row["verdict"] == FULL_REFUSAL,
             answered_by_text=row["verdict"] == FULL_COMPLIANCE, template=row.get("template"),
-            extra={"id": row["id"], "server_trigger": _server_trigger(row),
+            extra={"id": row["id"], "key": request_key(row),
+                   "server_trigger": _server_trigger(row),
                    "tau": (row["safety"].get("config") or {}).get("tau")}))
     return rows
 
