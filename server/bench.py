@@ -52,7 +52,8 @@ class LoadResult:
     itl_p50: float
     itl_p99: float
     # CPU time the server spent on this load: its HTTP process, and its engine processes
-    # (engine core + workers). Steadier than wall time on a shared machine.
+    # (engine core + workers). vLLM's engine processes poll while they wait, so their share
+    # follows wall time; the HTTP share is what our layer itself costs per token.
     cpu_http_s: float = 0.0
     cpu_engine_s: float = 0.0
 
