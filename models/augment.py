@@ -9,10 +9,20 @@ model's answer to a split request is rarely recognisable harm, so the prompt ver
 catch it. The wrappers here are this project's own wording of the family (fragments, named
 parts, a bullet list, a word list), none of them the evaluation's template.
 
-The augmentation needs no generation: a wrapped row keeps the original row's answer and labels
-(a model that joins the parts answers the joined request), its ``group`` (so a wrapped row
-stays on its original's side of any held-out split) and gets ``source`` ``<source>+split``.
-Benign rows are wrapped too, in the same share, so that the wrapper alone is no cue for harm.
+By default the augmentation needs no generation: a wrapped row keeps the original row's answer
+and labels (a model that joins the parts answers the joined request), its ``group`` (so a
+wrapped row stays on its original's side of any held-out split) and gets ``source``
+``<source>+split``. Benign rows are wrapped too, in the same share, so that the wrapper alone is
+no cue for harm.
+
+With ``own_answers`` each wrapped request gets the base model's own greedy answer instead. Why:
+a 135M model rarely answers a split request; it joins the pieces and writes the joined request
+back ("z = a + b ... The result is: Write a ransomware script ..."), which the served
+evaluation's refusal judge counts as compliance and which the per-token signal never saw in
+training (the kept answers are answers, not restatements). A harmful request's own answer is
+labelled unsafe from its first token (restating the harmful request is the step towards
+carrying it out), unless it is a refusal; a benign request's is safe, so restating alone is no
+cue for harm either.
 """
 
 from __future__ import annotations
@@ -77,18 +87,43 @@ def _eligible(row) -> bool:
             and row.extra.get("mode") != "prefill" and len(users[0]["content"].split()) >= 3)
 
 
-def augment_split(rows: list, fraction: float, seed: int = 0) -> tuple[list, dict]:
-    """Wrapped copies of a ``fraction`` of the eligible rows (harmful and benign alike)."""
+def augment_split(rows: list, fraction: float, seed: int = 0, *,
+                  one_per_prompt: bool = False) -> tuple[list, dict]:
+    """Wrapped copies of a ``fraction`` of the eligible rows (harmful and benign alike).
+    ``one_per_prompt``: at most one copy per distinct request (the build stores a model answer
+    and a written refusal for the same prompt; with new answers one copy is enough)."""
     rng = random.Random(seed)
-    out, counts = [], Counter()
+    out, counts, seen = [], Counter(), set()
     for row in rows:
         if not _eligible(row) or rng.random() >= fraction:
             continue
+        if one_per_prompt:
+            if row.user_text in seen:
+                continue
+            seen.add(row.user_text)
         wrapped, name = split_wrap(row.user_text, rng)
         msgs = [{"role": "user", "content": wrapped}]
         out.append(replace(row, prompt_messages=msgs, source=f"{row.source}+split",
                            extra={**row.extra, "wrapper": name}))
         counts[f"{'unsafe' if row.prompt_unsafe else 'safe'}/{name}"] += 1
+    return out, dict(sorted(counts.items()))
+
+
+def answer_wrapped(rows: list, answers: list[str]) -> tuple[list, dict]:
+    """The wrapped copies with ``answers`` (the model's own, one per row) and their labels: a
+    harmful request's answer is unsafe from the start unless it is a refusal; a benign
+    request's is safe."""
+    from safeserve.models.safety_data import is_refusal
+
+    out, counts = [], Counter()
+    for row, answer in zip(rows, answers, strict=True):
+        refused = is_refusal(answer)
+        unsafe_from = 0 if row.prompt_unsafe and not refused else None
+        out.append(replace(row, response=answer, response_unsafe_from=unsafe_from,
+                           extra={**row.extra, "mode": "own", "model_refused": refused,
+                                  "answer": "own"}))
+        label = "unsafe" if row.prompt_unsafe else "safe"
+        counts[f"{label}/{'refused' if refused else 'answered'}"] += 1
     return out, dict(sorted(counts.items()))
 
 
@@ -103,10 +138,28 @@ def register(app) -> None:
                                  "it beside --data)."),
         fraction: float = typer.Option(0.35, help="Share of eligible rows that get a copy."),
         seed: int = typer.Option(0, help="Random seed."),
+        own_answers: bool = typer.Option(False, "--own-answers", help="Answer each wrapped "
+                                         "request with the base model (vLLM, greedy) instead "
+                                         "of keeping the original answer; one copy per "
+                                         "request."),
+        model: Path = typer.Option(None, help="With --own-answers: the model directory "
+                                   "(default: the embedded SmolLM2-135M-Instruct)."),
+        max_tokens: int = typer.Option(80, help="With --own-answers: answer length."),
     ) -> None:
         """Payload-split copies of safety trajectories (request cut into pieces)."""
-        from safeserve.models.safety_data import load_trajectories, write_jsonl
+        from safeserve.models.safety_data import generate_answers, load_trajectories, write_jsonl
 
-        rows, counts = augment_split(load_trajectories(data), fraction, seed)
+        rows, counts = augment_split(load_trajectories(data), fraction, seed,
+                                     one_per_prompt=own_answers)
+        report = {"rows": len(rows), "by_label_and_wrapper": counts}
+        if own_answers and rows:
+            if model is None:
+                from safeserve.models.model_store import ensure_default_model
+
+                model = ensure_default_model()
+            answers = generate_answers(str(model), [r.prompt_messages for r in rows],
+                                       [False] * len(rows), max_tokens,
+                                       lambda m: typer.echo(m, err=True))
+            rows, report["answers"] = answer_wrapped(rows, answers)
         write_jsonl(rows, out)
-        typer.echo(json.dumps({"rows": len(rows), "by_label_and_wrapper": counts}, indent=2))
+        typer.echo(json.dumps(report, indent=2))

@@ -566,6 +566,30 @@ def test_split_augmentation_keeps_labels_groups_and_every_word():
     assert augment_split(rows, fraction=0.0)[0] == []
 
 
+def test_split_copies_with_the_models_own_answers_are_relabelled():
+    """``augment-split --own-answers``: one copy per request, and the new answer's labels follow
+    the request (harmful: unsafe from the first token unless it refuses; benign: safe)."""
+    from safeserve.models.augment import answer_wrapped, augment_split
+
+    rows = [parse_trajectory(r, "t") for r in _rows(40, 5)]
+    doubled = rows + rows  # the build stores a second row (written refusal) per prompt
+    once, _ = augment_split(doubled, fraction=1.0, seed=0, one_per_prompt=True)
+    assert len(once) == len({r.user_text for r in rows})
+    answers = ["z = a + b. The result is the joined request.",
+               "I'm sorry, but I can't help with that."] * (len(once) // 2) + ["ok"] * (len(once) % 2)
+    relabelled, counts = answer_wrapped(once, answers)
+    for row, answer, new in zip(once, answers, relabelled):
+        assert new.response == answer and new.prompt_label == row.prompt_label
+        assert new.categories == row.categories and new.group == row.group
+        refused = answer.startswith("I'm sorry")
+        assert new.response_unsafe_from == (0 if row.prompt_unsafe and not refused else None)
+        assert new.extra["model_refused"] is refused
+    assert sum(counts.values()) == len(once)
+    assert any(k.startswith("unsafe/refused") for k in counts)
+    with pytest.raises(ValueError):
+        answer_wrapped(once, answers[:-1])
+
+
 def test_recalibrate_rethresholds_without_retraining(tiny, tmp_path):
     """``train calibrate``: the head's weights move only along the prompt-end read-out (a
     rank-one fold), its response ranking stays, thresholds are re-measured, and a LoRA
