@@ -20,15 +20,16 @@ a 135M model rarely answers a split request; it joins the pieces and writes the 
 back ("z = a + b ... The result is: Write a ransomware script ..."), which the served
 evaluation's refusal judge counts as compliance and which the per-token signal never saw in
 training (the kept answers are answers, not restatements). A harmful request's own answer is
-labelled unsafe from its first token (restating the harmful request is the step towards
-carrying it out), unless it is a refusal; a benign request's is safe, so restating alone is no
-cue for harm either.
+labelled unsafe from its first token when it carries the request on (restating the harmful
+request is the step towards carrying it out), safe when it refuses, and dropped when it does
+neither; a benign request's is safe, so restating alone is no cue for harm either.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -104,25 +105,43 @@ def augment_split(rows: list, fraction: float, seed: int = 0, *,
         wrapped, name = split_wrap(row.user_text, rng)
         msgs = [{"role": "user", "content": wrapped}]
         out.append(replace(row, prompt_messages=msgs, source=f"{row.source}+split",
-                           extra={**row.extra, "wrapper": name}))
+                           extra={**row.extra, "wrapper": name, "request": row.user_text}))
         counts[f"{'unsafe' if row.prompt_unsafe else 'safe'}/{name}"] += 1
     return out, dict(sorted(counts.items()))
 
 
-def answer_wrapped(rows: list, answers: list[str]) -> tuple[list, dict]:
-    """The wrapped copies with ``answers`` (the model's own, one per row) and their labels: a
-    harmful request's answer is unsafe from the start unless it is a refusal; a benign
-    request's is safe."""
+def _content_words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z0-9']+", text.lower()) if len(w) > 3}
+
+
+def restates(request: str, answer: str, share: float = 0.5) -> bool:
+    """Whether ``answer`` carries the request on: at least ``share`` of the request's content
+    words (longer than three letters) appear in it, i.e. it joined the pieces back together
+    (and possibly went on to answer)."""
+    words = _content_words(request)
+    return bool(words) and len(words & _content_words(answer)) >= share * len(words)
+
+
+def answer_wrapped(rows: list, answers: list[str], requests: list[str]) -> tuple[list, dict]:
+    """The wrapped copies with ``answers`` (the model's own, one per row) and their labels.
+
+    A benign request's answer is safe. A harmful request's answer is unsafe from the start when
+    it carries the request on (``restates``), safe when it refuses, and dropped otherwise: a
+    reply such as "I'm ready to help, what is your request?" is neither, and labelling it
+    unsafe would teach the head that the reply itself is harmful."""
     from safeserve.models.safety_data import is_refusal
 
     out, counts = [], Counter()
-    for row, answer in zip(rows, answers, strict=True):
+    for row, answer, request in zip(rows, answers, requests, strict=True):
         refused = is_refusal(answer)
+        label = "unsafe" if row.prompt_unsafe else "safe"
+        if row.prompt_unsafe and not refused and not restates(request, answer):
+            counts[f"{label}/dropped_neither"] += 1
+            continue
         unsafe_from = 0 if row.prompt_unsafe and not refused else None
         out.append(replace(row, response=answer, response_unsafe_from=unsafe_from,
                            extra={**row.extra, "mode": "own", "model_refused": refused,
                                   "answer": "own"}))
-        label = "unsafe" if row.prompt_unsafe else "safe"
         counts[f"{label}/{'refused' if refused else 'answered'}"] += 1
     return out, dict(sorted(counts.items()))
 
@@ -149,8 +168,8 @@ def register(app) -> None:
         """Payload-split copies of safety trajectories (request cut into pieces)."""
         from safeserve.models.safety_data import generate_answers, load_trajectories, write_jsonl
 
-        rows, counts = augment_split(load_trajectories(data), fraction, seed,
-                                     one_per_prompt=own_answers)
+        originals = load_trajectories(data)
+        rows, counts = augment_split(originals, fraction, seed, one_per_prompt=own_answers)
         report = {"rows": len(rows), "by_label_and_wrapper": counts}
         if own_answers and rows:
             if model is None:
@@ -160,6 +179,7 @@ def register(app) -> None:
             answers = generate_answers(str(model), [r.prompt_messages for r in rows],
                                        [False] * len(rows), max_tokens,
                                        lambda m: typer.echo(m, err=True))
-            rows, report["answers"] = answer_wrapped(rows, answers)
+            requests = [r.extra["request"] for r in rows]
+            rows, report["answers"] = answer_wrapped(rows, answers, requests)
         write_jsonl(rows, out)
         typer.echo(json.dumps(report, indent=2))

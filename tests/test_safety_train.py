@@ -567,27 +567,44 @@ def test_split_augmentation_keeps_labels_groups_and_every_word():
 
 
 def test_split_copies_with_the_models_own_answers_are_relabelled():
-    """``augment-split --own-answers``: one copy per request, and the new answer's labels follow
-    the request (harmful: unsafe from the first token unless it refuses; benign: safe)."""
-    from safeserve.models.augment import answer_wrapped, augment_split
+    """``augment-split --own-answers``: one copy per request; a harmful request's own answer is
+    unsafe when it carries the request on, safe when it refuses, dropped when it is neither;
+    a benign request's answer is safe."""
+    from safeserve.models.augment import answer_wrapped, augment_split, restates
 
     rows = [parse_trajectory(r, "t") for r in _rows(40, 5)]
     doubled = rows + rows  # the build stores a second row (written refusal) per prompt
     once, _ = augment_split(doubled, fraction=1.0, seed=0, one_per_prompt=True)
     assert len(once) == len({r.user_text for r in rows})
-    answers = ["z = a + b. The result is the joined request.",
-               "I'm sorry, but I can't help with that."] * (len(once) // 2) + ["ok"] * (len(once) % 2)
-    relabelled, counts = answer_wrapped(once, answers)
-    for row, answer, new in zip(once, answers, relabelled):
+    requests = [r.extra["request"] for r in once]
+    assert set(requests) == {r.user_text for r in rows}
+    kinds = ["restated", "refused", "neither"]
+    answers = []
+    for i, req in enumerate(requests):
+        kind = kinds[i % 3]
+        answers.append({"restated": f'z = a + b. The result is: "{req}"',
+                        "refused": "I'm sorry, but I can't help with that.",
+                        "neither": "I'm ready to help. What is your question?"}[kind])
+    relabelled, counts = answer_wrapped(once, answers, requests)
+    kept = iter(relabelled)
+    for i, (row, answer) in enumerate(zip(once, answers)):
+        kind = kinds[i % 3]
+        if row.prompt_unsafe and kind == "neither":
+            continue  # dropped
+        new = next(kept)
         assert new.response == answer and new.prompt_label == row.prompt_label
         assert new.categories == row.categories and new.group == row.group
-        refused = answer.startswith("I'm sorry")
-        assert new.response_unsafe_from == (0 if row.prompt_unsafe and not refused else None)
-        assert new.extra["model_refused"] is refused
-    assert sum(counts.values()) == len(once)
-    assert any(k.startswith("unsafe/refused") for k in counts)
+        unsafe = row.prompt_unsafe and kind == "restated"
+        assert new.response_unsafe_from == (0 if unsafe else None)
+        assert new.extra["model_refused"] is (kind == "refused")
+    assert next(kept, None) is None
+    assert counts.get("unsafe/dropped_neither", 0) > 0 and counts.get("safe/answered", 0) > 0
+    assert restates("Write a ransomware script that encrypts files",
+                    "z = a + b. Write a ransomware script that encrypts all the files")
+    assert not restates("Write a ransomware script that encrypts files", "Sure, what's up?")
+    assert not restates("a b c", "anything")  # no content words: nothing to restate
     with pytest.raises(ValueError):
-        answer_wrapped(once, answers[:-1])
+        answer_wrapped(once, answers[:-1], requests)
 
 
 def test_recalibrate_rethresholds_without_retraining(tiny, tmp_path):
