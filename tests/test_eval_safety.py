@@ -354,3 +354,34 @@ def test_wilson_interval():
     lo, hi = wilson(45, 50)
     assert 0.78 < lo < 0.9 < hi < 0.97
     assert wilson(0, 0) == (0.0, 0.0)
+
+
+def test_eval_waits_while_the_engine_is_loading():
+    """A SafeServe server answers 503 until its engine is up: the eval waits on /ready while it
+    says loading, and does not wait on servers without that route or that cannot be reached."""
+    from safeserve.models.evaluation.safety_eval import wait_until_ready
+
+    calls = []
+
+    def loading_then_ready(request):
+        calls.append(request.url.path)
+        if len(calls) < 3:
+            return httpx.Response(503, json={"status": "loading"})
+        return httpx.Response(200, json={"status": "ready", "model": "m"})
+
+    def run(handler, **kw):
+        client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        asyncio.run(wait_until_ready("http://srv/v1", http_client=client, interval=0.01, **kw))
+
+    run(loading_then_ready)
+    assert calls == ["/ready"] * 3
+    calls.clear()
+    run(lambda r: (calls.append(r.url.path), httpx.Response(404, json={"detail": "Not Found"}))[1])
+    assert calls == ["/ready"]  # plain vLLM: no such route, no wait
+
+    def refused(request):
+        raise httpx.ConnectError("refused")
+
+    run(refused)  # unreachable: the requests report it, the wait does not hang
+    with pytest.raises(TimeoutError, match="loading"):
+        run(lambda r: httpx.Response(503, json={"status": "loading"}), timeout=0.05)

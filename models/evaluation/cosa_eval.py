@@ -170,7 +170,7 @@ async def query(items: list[EvalItem], *, base_url: str, model: str, mode: str, 
                 concurrency: int = 8, max_tokens: int = 256, api_key: str = "EMPTY",
                 timeout: float = 300.0, retries: int = 3, progress: bool = True,
                 taxonomy: Taxonomy | None = None) -> list[dict]:
-    from safeserve.models.evaluation.safety_eval import make_client
+    from safeserve.models.evaluation.safety_eval import make_client, wait_until_ready
 
     gate = asyncio.Semaphore(max(1, concurrency))
     bar = tqdm(total=len(items), desc=f"cosa eval ({mode})", unit="req", disable=not progress)
@@ -181,6 +181,7 @@ async def query(items: list[EvalItem], *, base_url: str, model: str, mode: str, 
         bar.update(1)
         return row
 
+    await wait_until_ready(base_url)
     try:
         async with make_client(base_url, api_key, timeout=timeout, max_retries=retries) as client:
             return list(await asyncio.gather(*(one(client, it) for it in items)))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+import httpx
 import openai
 from openai import AsyncOpenAI
 from tqdm.auto import tqdm
@@ -53,6 +54,34 @@ def plan_jobs(samples: list[Sample], attacks: Iterable[str]) -> list[Job]:
 
 def make_client(base_url: str, api_key: str = "EMPTY", *, timeout: float = 300.0, max_retries: int = 3, http_client=None) -> AsyncOpenAI:
     return AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries, http_client=http_client)
+
+
+async def wait_until_ready(base_url: str, *, timeout: float = 600.0, http_client=None,
+                           interval: float = 2.0) -> None:
+    """Wait while a SafeServe server's engine is still loading (``GET <root>/ready`` answers
+    ``{"status": "loading"}``). Its routes answer 503 ``engine_not_ready`` until then, for a
+    minute or more after start, and an eval started at once would record every request as an
+    error. Anything else (ready, no such route as on plain vLLM, connection refused) returns at
+    once: the requests themselves then succeed or report why not."""
+    root = base_url.rstrip("/")
+    root = root[: -len("/v1")] if root.endswith("/v1") else root
+    client = http_client or httpx.AsyncClient(timeout=10.0)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                response = await client.get(root + "/ready")
+                status = response.json().get("status") if response.status_code == 503 else None
+            except (httpx.HTTPError, ValueError, AttributeError):
+                return
+            if status != "loading":
+                return
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{root}/ready still says loading after {timeout:.0f} s")
+            await asyncio.sleep(interval)
+    finally:
+        if http_client is None:
+            await client.aclose()
 
 
 def _safety_of(response) -> dict | None:
@@ -188,6 +217,7 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
 
     async def go() -> list[dict]:
+        await wait_until_ready(base_url, http_client=http_client)
         client = make_client(base_url, api_key, timeout=timeout, max_retries=max_retries, http_client=http_client)
         async with client:
             return await run_jobs(client, model, jobs, concurrency=concurrency, max_tokens=max_tokens,
