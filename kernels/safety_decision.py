@@ -17,13 +17,20 @@ overall detector for the others.
 
     prompt row : event = TRIGGER if violated else OK;  counter[i] = 0
                  (the prompt verdict is the host's to act on; the counter never latches it)
+                 alert[i] = not violated and near, where near is the same test against
+                 thresholds moved alert_margin logits lower: t' = t / (t + (1 - t) e^margin)
     decode row : counter[i] = counter[i] + 1 if violated else 0
-                 event = TRIGGER if violated and counter[i] >= tau[i]
+                 event = TRIGGER if violated and counter[i] >= (alert_tau[i] if alert[i] else tau[i])
                          VIOLATION if violated (counting, not yet triggered)
                          OK otherwise
     cats[i]    = viol_bits[i]
 
-Inactive rows (no safety config) get event OK, cats 0, and their counter is not touched.
+The alert band is the paper's "strategic attention" in threshold form: a prompt that came
+within ``alert_margin`` logits of its verdict was not refused, but its answer is watched with
+the shorter run ``alert_tau``. Without the alert tables (None) there is no band.
+
+Inactive rows (no safety config) get event OK, cats 0, and their counter and alert are not
+touched.
 A NaN score compares false, so it never violates, and is never the top column.
 
 `decide_reference` is the vectorised PyTorch form; `decide` is the launcher the server calls
@@ -71,6 +78,13 @@ def _violation_bits_reference(
     return bits | torch.where(attributed, bit_values[top], torch.zeros_like(bits))
 
 
+def alert_thresholds(thresholds: torch.Tensor, alert_scale: torch.Tensor) -> torch.Tensor:
+    """Thresholds moved log(alert_scale) logits lower, per row: t / (t + (1 - t) * scale)."""
+    t = thresholds.float()
+    s = alert_scale.float()[: t.shape[0], None]
+    return t / (t + (1.0 - t) * s)
+
+
 def decide_reference(
     scores: torch.Tensor,
     thresholds: torch.Tensor,
@@ -79,12 +93,17 @@ def decide_reference(
     tau: torch.Tensor,
     is_prompt: torch.Tensor,
     active: torch.Tensor,
+    alert: torch.Tensor | None = None,
+    alert_tau: torch.Tensor | None = None,
+    alert_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Vectorised PyTorch decision.
 
-    Mutates counter[:N] in place; returns (event, cats), each int32 [N].
+    Mutates counter[:N] (and alert[:N], when given) in place; returns (event, cats), each
+    int32 [N].
     """
     _check_decide_args(scores, thresholds, masked, counter, tau, is_prompt, active)
+    _check_alert_args(scores, counter, alert, alert_tau, alert_scale)
     n_rows = scores.shape[0]
     row_active = active[:n_rows] != 0
     prompt = is_prompt[:n_rows] != 0
@@ -96,7 +115,15 @@ def decide_reference(
     new_count = torch.where(prompt, torch.zeros_like(old_count), decode_count)
     counter[:n_rows] = torch.where(row_active, new_count, old_count)
 
-    triggered = violated & (prompt | (new_count >= tau[:n_rows]))
+    row_tau = tau[:n_rows]
+    if alert is not None:
+        near_thresholds = alert_thresholds(thresholds[:n_rows], alert_scale[:n_rows])
+        near = _violation_bits_reference(scores, near_thresholds, masked) != 0
+        old_alert = alert[:n_rows]
+        set_alert = torch.where(prompt, (near & ~violated).to(old_alert.dtype), old_alert)
+        alert[:n_rows] = torch.where(row_active, set_alert, old_alert)
+        row_tau = torch.where(alert[:n_rows] != 0, alert_tau[:n_rows].to(row_tau.dtype), row_tau)
+    triggered = violated & (prompt | (new_count >= row_tau))
     # OK=0, VIOLATION=1, TRIGGER=2: violated rows count 1, triggered ones one more.
     event = (violated & row_active).to(torch.int32) + (triggered & row_active).to(torch.int32)
     cats = torch.where(row_active, viol_bits, torch.zeros_like(viol_bits))
@@ -116,6 +143,9 @@ def _safety_decision_kernel(
     tau_ptr,
     is_prompt_ptr,
     active_ptr,
+    alert_ptr,
+    alert_tau_ptr,
+    alert_scale_ptr,
     event_ptr,
     cats_ptr,
     n_rows,
@@ -128,6 +158,7 @@ def _safety_decision_kernel(
     stride_mk,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    HAS_ALERT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -176,6 +207,21 @@ def _safety_decision_kernel(
     tau = tl.load(tau_ptr + rows, mask=row_ok, other=1)
 
     new_count = tl.where(violated & decode, old_count + 1, 0)
+    if HAS_ALERT:
+        # The same test against thresholds moved log(scale) logits lower (see the docstring).
+        scale = tl.load(alert_scale_ptr + rows, mask=row_ok, other=1.0)
+        threshold_f = threshold.to(tl.float32)
+        near_t = threshold_f / (threshold_f + (1.0 - threshold_f) * scale[:, None])
+        near_over = score_f >= near_t
+        near_hit = tl.max((tile_ok & (allowed == 0) & near_over).to(tl.int32), axis=1) > 0
+        near_attr = (tl.max((tile_ok & (allowed == 2) & near_over).to(tl.int32), axis=1) > 0) \
+            & any_plain & (top_allowed == 0)
+        old_alert = tl.load(alert_ptr + rows, mask=row_ok, other=0)
+        new_alert = tl.where(prompt, ((near_hit | near_attr) & (viol_bits == 0)).to(tl.int32),
+                             old_alert)
+        tl.store(alert_ptr + rows, new_alert, mask=row_ok & row_active)
+        alert_tau = tl.load(alert_tau_ptr + rows, mask=row_ok, other=1)
+        tau = tl.where(new_alert != 0, alert_tau, tau)
     triggered = violated & (prompt | (new_count >= tau))
     # Literals rather than the module's EVENT_* names: a jit body may only read constexpr
     # globals. 2 = EVENT_TRIGGER, 1 = EVENT_VIOLATION, 0 = EVENT_OK.
@@ -241,6 +287,22 @@ def _check_decide_args(
             raise ValueError(f"{name} is on {t.device}, scores on {scores.device}")
 
 
+def _check_alert_args(scores, counter, alert, alert_tau, alert_scale) -> None:
+    given = [t is not None for t in (alert, alert_tau, alert_scale)]
+    if not any(given):
+        return
+    if not all(given):
+        raise ValueError("alert, alert_tau and alert_scale come together")
+    capacity = counter.shape[0]
+    for name, table in (("alert", alert), ("alert_tau", alert_tau), ("alert_scale", alert_scale)):
+        if table.dim() != 1 or table.shape[0] != capacity:
+            raise ValueError(f"{name} must be [R={capacity}]; got {tuple(table.shape)}")
+        if table.device != scores.device:
+            raise ValueError(f"{name} is on {table.device}, scores on {scores.device}")
+    if alert.dtype != torch.int32 or alert.stride(0) != 1:
+        raise ValueError("alert must be int32 with unit stride (updated in place)")
+
+
 def _as_flat(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Read-only 1-D input in the dtype the kernel loads, unit stride (no-op when already so)."""
     return t.to(dtype).contiguous()
@@ -256,17 +318,25 @@ def decide(
     active: torch.Tensor,
     event: torch.Tensor | None = None,
     cats: torch.Tensor | None = None,
+    *,
+    alert: torch.Tensor | None = None,
+    alert_tau: torch.Tensor | None = None,
+    alert_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decision launch for the step. Mutates counter[:N]; returns (event, cats) int32 [N].
+    """One decision launch for the step. Mutates counter[:N] (and alert[:N]); returns
+    (event, cats) int32 [N].
 
     `event` / `cats` may be preallocated int32 buffers of at least N elements (unit stride);
-    the first N are written and returned as views.
+    the first N are written and returned as views. `alert` (int32 [R], state), `alert_tau`
+    ([R]) and `alert_scale` (float [R], e^margin; 1 = no band) come together or not at all.
     """
     _check_decide_args(scores, thresholds, masked, counter, tau, is_prompt, active)
+    _check_alert_args(scores, counter, alert, alert_tau, alert_scale)
     n_rows, n_cats = scores.shape
     if not _use_triton(scores):
         ref_event, ref_cats = decide_reference(
-            scores, thresholds, masked, counter, tau, is_prompt, active
+            scores, thresholds, masked, counter, tau, is_prompt, active,
+            alert, alert_tau, alert_scale
         )
         if event is not None:
             event[:n_rows].copy_(ref_event)
@@ -292,6 +362,11 @@ def decide(
     # A few hundred rows per step at most: 64-row programs keep the tile small and the grid short.
     block_n = 64
     grid = (triton.cdiv(n_rows, block_n),)
+    has_alert = alert is not None
+    if has_alert:
+        alert_tau, alert_scale = _as_flat(alert_tau, torch.int32), _as_flat(alert_scale, torch.float32)
+    else:  # never read: HAS_ALERT=False compiles the band out
+        alert, alert_tau, alert_scale = counter, counter, counter
     _jit(_safety_decision_kernel)[grid](
         scores,
         thresholds,
@@ -300,6 +375,9 @@ def decide(
         _as_flat(tau, torch.int32),
         _as_flat(is_prompt, torch.int8),
         _as_flat(active, torch.int8),
+        alert,
+        alert_tau,
+        alert_scale,
         event,
         cats,
         n_rows,
@@ -312,6 +390,7 @@ def decide(
         masked.stride(1),
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        HAS_ALERT=has_alert,
         num_warps=4,
     )
     return event, cats

@@ -17,6 +17,7 @@ interpreter (test_kernels_in_fresh_process) instead of silently skipping.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -258,33 +259,45 @@ def test_head_mlp_rejects_bad_shapes():
 # --------------------------------------------------------------------------------------
 
 
-def _decide_oracle(scores, thresholds, masked, counter, tau, is_prompt, active):
+def _oracle_bits(row_scores, row_thresholds, row_masked):
+    bits = 0
+    for k, score in enumerate(row_scores):
+        if row_masked[k] == 0 and score >= row_thresholds[k]:
+            bits |= 1 << k
+    plain = [k for k, score in enumerate(row_scores) if row_masked[k] != 2 and score == score]
+    fired = any(row_masked[k] == 2 and row_scores[k] >= row_thresholds[k]
+                for k in range(len(row_scores)))
+    if plain and fired:
+        top = max(plain, key=lambda k: (row_scores[k], -k))  # first maximum on ties
+        if row_masked[top] == 0:
+            bits |= 1 << top
+    return bits
+
+
+def _decide_oracle(scores, thresholds, masked, counter, tau, is_prompt, active,
+                   alert=None, alert_tau=None, alert_margin=None):
     """Row-by-row statement of the decision rules on Python lists (independent of both
-    implementations); mutates the `counter` list like the kernels mutate theirs."""
+    implementations); mutates the `counter` (and `alert`) lists like the kernels mutate
+    theirs. The alert band is stated in logits here, as the README states it."""
     events, cats = [], []
     for i, row_scores in enumerate(scores):
         if not active[i]:
             events.append(EVENT_OK)
             cats.append(0)
             continue
-        bits = 0
-        for k, score in enumerate(row_scores):
-            if masked[i][k] == 0 and score >= thresholds[i][k]:
-                bits |= 1 << k
-        plain = [k for k, score in enumerate(row_scores) if masked[i][k] != 2 and score == score]
-        fired = any(masked[i][k] == 2 and row_scores[k] >= thresholds[i][k]
-                    for k in range(len(row_scores)))
-        if plain and fired:
-            top = max(plain, key=lambda k: (row_scores[k], -k))  # first maximum on ties
-            if masked[i][top] == 0:
-                bits |= 1 << top
+        bits = _oracle_bits(row_scores, thresholds[i], masked[i])
         if is_prompt[i]:
             counter[i] = 0
             events.append(EVENT_TRIGGER if bits else EVENT_OK)
+            if alert is not None:
+                lowered = [1 / (1 + math.exp(-(math.log(t / (1 - t)) - alert_margin[i])))
+                           for t in thresholds[i]]
+                alert[i] = int(not bits and _oracle_bits(row_scores, lowered, masked[i]) != 0)
         else:
             counter[i] = counter[i] + 1 if bits else 0
+            run = alert_tau[i] if alert is not None and alert[i] else tau[i]
             if bits:
-                events.append(EVENT_TRIGGER if counter[i] >= tau[i] else EVENT_VIOLATION)
+                events.append(EVENT_TRIGGER if counter[i] >= run else EVENT_VIOLATION)
             else:
                 events.append(EVENT_OK)
         cats.append(bits)
@@ -340,6 +353,65 @@ def test_decide_reference_matches_oracle(n_cats):
     assert event.tolist() == want_events
     assert cats.tolist() == want_cats
     assert counter.tolist() == oracle_counter
+
+
+def _alert_state(capacity: int, g: torch.Generator):
+    """Per-row alert tables: state (some rows already alerted), run length, margin in logits
+    (0: no band) and the kernel's scale e^margin."""
+    alert = (torch.rand(capacity, generator=g) < 0.3).to(torch.int32)
+    alert_tau = torch.randint(1, 3, (capacity,), generator=g, dtype=torch.int32)
+    margin = torch.rand(capacity, generator=g) * 3.0
+    margin[torch.rand(capacity, generator=g) < 0.2] = 0.0
+    return alert, alert_tau, margin, torch.exp(margin)
+
+
+@pytest.mark.parametrize("n_cats", [1, 3, 10, 31])
+def test_decide_reference_alert_band_matches_oracle(n_cats):
+    g = _gen(300 + n_cats)
+    capacity, n_rows = 40, 33
+    thresholds, masked, counter, tau, active = _decision_state(capacity, n_cats, g)
+    alert, alert_tau, margin, scale = _alert_state(capacity, g)
+    is_prompt = (torch.rand(n_rows, generator=g) < 0.5).to(torch.int8)
+    oracle_counter, oracle_alert = counter.tolist(), alert.tolist()
+    for step in range(6):
+        scores = torch.rand(n_rows, n_cats, generator=g)
+        if step:
+            is_prompt = (torch.rand(n_rows, generator=g) < 0.1).to(torch.int8)
+        want_events, want_cats = _decide_oracle(
+            scores.tolist(), thresholds.tolist(), masked.tolist(), oracle_counter, tau.tolist(),
+            is_prompt.tolist(), active.tolist(), oracle_alert, alert_tau.tolist(),
+            margin.tolist())
+        event, cats = decide_reference(scores, thresholds, masked, counter, tau, is_prompt,
+                                       active, alert, alert_tau, scale)
+        assert event.tolist() == want_events
+        assert cats.tolist() == want_cats
+        assert counter.tolist() == oracle_counter
+        assert alert.tolist() == oracle_alert
+    assert 0 < sum(oracle_alert) < capacity  # the band was exercised both ways
+
+
+@needs_triton
+@pytest.mark.parametrize("n_rows", [0, 1, 7, 33])
+@pytest.mark.parametrize("n_cats", [1, 3, 10, 31])
+def test_decide_alert_band_matches_reference(n_rows, n_cats):
+    g = _gen(n_rows * 37 + n_cats)
+    capacity = n_rows + 5
+    thresholds, masked, counter, tau, active = _decision_state(capacity, n_cats, g)
+    alert, alert_tau, _, scale = _alert_state(capacity, g)
+    counter_ref, alert_ref = counter.clone(), alert.clone()
+    for step in range(4):
+        scores = torch.rand(n_rows, n_cats, generator=g)
+        is_prompt = (torch.rand(n_rows, generator=g) < (0.6 if step == 0 else 0.1)).to(torch.int8)
+        args = _to_device(scores, thresholds, masked)
+        rest = _to_device(tau, is_prompt, active)
+        alert_d, counter_d = alert.to(DEVICE), counter.to(DEVICE)
+        event, cats = decide(*args, counter_d, *rest, alert=alert_d,
+                             alert_tau=alert_tau.to(DEVICE), alert_scale=scale.to(DEVICE))
+        event_ref, cats_ref = decide_reference(scores, thresholds, masked, counter_ref, tau,
+                                               is_prompt, active, alert_ref, alert_tau, scale)
+        _assert_same((event, cats, counter_d, alert_d),
+                     (event_ref, cats_ref, counter_ref, alert_ref))
+        counter, alert = counter_d.cpu(), alert_d.cpu()
 
 
 @needs_triton
@@ -546,3 +618,45 @@ def test_kernels_in_fresh_process():
 def test_launchers_take_the_triton_path_here():
     # Guards the comparisons above against silently comparing the reference with itself.
     assert safety_head._use_triton(torch.empty(0, device=DEVICE))
+
+
+@pytest.mark.parametrize("launcher", _launchers(), ids=lambda f: f.__name__)
+def test_alert_band_shortens_the_run_after_a_near_prompt(launcher):
+    # threshold 0.5 (logit 0); margin 1 logit: the band starts at sigmoid(-1) = 0.269
+    margin = torch.tensor([1.0])
+    alert = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    band = dict(alert=alert, alert_tau=torch.ones(1, dtype=torch.int32, device=DEVICE),
+                alert_scale=torch.exp(margin).to(DEVICE))
+    state = _single_row_state(2, tau=torch.tensor([3], dtype=torch.int32),
+                              is_prompt=torch.ones(1, dtype=torch.int8))
+    event, _ = launcher(torch.tensor([[0.3, 0.1]], device=DEVICE), **state, **band)
+    assert event.tolist() == [EVENT_OK] and alert.tolist() == [1]  # near, not flagged
+    state["is_prompt"].zero_()
+    event, cats = launcher(torch.tensor([[0.6, 0.1]], device=DEVICE), **state, **band)
+    assert event.tolist() == [EVENT_TRIGGER] and cats.tolist() == [0b01]  # run of 1 suffices
+    # a prompt below the band, or one already flagged, clears it; the full tau applies again
+    for prompt_scores, want_event in (([0.2, 0.1], EVENT_OK), ([0.7, 0.1], EVENT_TRIGGER)):
+        state["is_prompt"].fill_(1)
+        event, _ = launcher(torch.tensor([prompt_scores], device=DEVICE), **state, **band)
+        assert event.tolist() == [want_event] and alert.tolist() == [0]
+    state["is_prompt"].zero_()
+    event, _ = launcher(torch.tensor([[0.6, 0.1]], device=DEVICE), **state, **band)
+    assert event.tolist() == [EVENT_VIOLATION]
+
+
+@pytest.mark.parametrize("launcher", _launchers(), ids=lambda f: f.__name__)
+def test_alert_band_of_zero_width_never_alerts(launcher):
+    alert = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    band = dict(alert=alert, alert_tau=torch.ones(1, dtype=torch.int32, device=DEVICE),
+                alert_scale=torch.ones(1, device=DEVICE))
+    state = _single_row_state(2, is_prompt=torch.ones(1, dtype=torch.int8))
+    launcher(torch.tensor([[0.4999, 0.1]], device=DEVICE), **state, **band)
+    assert alert.tolist() == [0]
+
+
+@pytest.mark.parametrize("launcher", _launchers(), ids=lambda f: f.__name__)
+def test_alert_tables_come_together(launcher):
+    state = _single_row_state(2)
+    with pytest.raises(ValueError, match="together"):
+        launcher(torch.zeros(1, 2, device=DEVICE), **state,
+                 alert=torch.zeros(1, dtype=torch.int32, device=DEVICE))
