@@ -17,3 +17,18 @@ def allowlist_overall_shift(extra: dict) -> float:
     """The overall output's logit shift under an allow-list, for a head's ``extra``."""
     point = extra.get(OPERATING_POINT) or {}
     return float(point.get("allowlist_overall_shift", DEFAULT_ALLOWLIST_OVERALL_SHIFT))
+
+
+def alert_band(extra: dict) -> tuple[float, int | None]:
+    """A head's alert band: (margin in logits, tau inside it). A prompt whose verdict came
+    within ``margin`` logits of its thresholds without reaching them is answered, but its
+    response rule acts after ``alert_tau`` consecutive violating steps instead of tau (the
+    smaller of the two). (0, None): no band, the default."""
+    point = extra.get(OPERATING_POINT) or {}
+    margin = float(point.get("alert_margin", 0.0))
+    tau = point.get("alert_tau")
+    if margin < 0:
+        raise ValueError(f"operating_point.alert_margin must be >= 0; got {margin}")
+    if margin > 0 and (tau is None or int(tau) < 1):
+        raise ValueError("operating_point.alert_margin needs alert_tau >= 1")
+    return (margin, int(tau)) if margin > 0 else (0.0, None)

@@ -32,12 +32,17 @@ from safeserve.models.decision_defaults import OPERATING_POINT
 
 
 def shift_head(head: SafetyHead, v: torch.Tensor, c: float, *, prompt_shift: float,
-               response_shift: float, tau: int) -> SafetyHead:
-    """A copy of ``head`` whose prompt and response thresholds moved by the given logits."""
+               response_shift: float, tau: int, alert_margin: float = 0.0,
+               alert_tau: int | None = None) -> SafetyHead:
+    """A copy of ``head`` whose prompt and response thresholds moved by the given logits,
+    with the given alert band (``alert_margin`` logits below the prompt thresholds: the
+    response rule acts after ``alert_tau`` steps; 0: no band)."""
     from safeserve.models.safety_train import with_thresholds
 
     if tau < 1:
         raise ValueError("tau must be >= 1")
+    if alert_margin < 0 or (alert_margin > 0 and (alert_tau is None or alert_tau < 1)):
+        raise ValueError("an alert band needs alert_margin > 0 and alert_tau >= 1")
     fold = response_shift - prompt_shift
     weight = head.weight.float() + fold * v.float()[None, :]
     bias = head.bias.float() + fold * c
@@ -50,6 +55,8 @@ def shift_head(head: SafetyHead, v: torch.Tensor, c: float, *, prompt_shift: flo
     extra = dict(head.extra)
     extra[OPERATING_POINT] = {"prompt_shift": prompt_shift, "response_shift": response_shift,
                               "tau": tau, "moved_from": extra.get(OPERATING_POINT)}
+    if alert_margin > 0:
+        extra[OPERATING_POINT].update(alert_margin=alert_margin, alert_tau=alert_tau)
     return SafetyHead(weight, bias, with_thresholds(head.taxonomy, thresholds), head.layer,
                       extra, head.mlp)
 
@@ -68,6 +75,7 @@ def _readout_of_gate(head: SafetyHead) -> tuple[torch.Tensor, float]:
 
 def move_operating_point(head_dir: Path, model_dir: Path, eval_data, out: Path, *,
                          prompt_shift: float, response_shift: float, tau: int,
+                         alert_margin: float = 0.0, alert_tau: int | None = None,
                          max_length: int = 512, batch_size: int = 16,
                          cache_dir: Path | None = None, seed: int = 0, log=print) -> dict:
     """Re-estimate the prompt-end read-out on the held-out files (the calibration half, as
@@ -81,7 +89,7 @@ def move_operating_point(head_dir: Path, model_dir: Path, eval_data, out: Path, 
         v, c = _readout_of_gate(head)
         readout = {"source": "the head's gate (its training data's prompt-end read-out)"}
     new = shift_head(head, v, c, prompt_shift=prompt_shift, response_shift=response_shift,
-                     tau=tau)
+                     tau=tau, alert_margin=alert_margin, alert_tau=alert_tau)
     old_metrics = Path(head_dir) / "safety_head" / "metrics.json"
     metrics = json.loads(old_metrics.read_text()) if old_metrics.is_file() else {}
     metrics[OPERATING_POINT] = {
@@ -97,8 +105,9 @@ def move_operating_point(head_dir: Path, model_dir: Path, eval_data, out: Path, 
         shutil.copytree(adapter, Path(out) / "adapter", dirs_exist_ok=True)
     spread = (f"; read-out on response tokens {readout['at_response_mean']:.3f} "
               f"± {readout['at_response_std']:.3f}" if "at_response_mean" in readout else "")
+    band = f", alert band {alert_margin:g} logits (tau {alert_tau})" if alert_margin > 0 else ""
     log(f"moved the operating point: prompt {prompt_shift:+g}, response {response_shift:+g} "
-        f"logits, tau {tau}{spread}")
+        f"logits, tau {tau}{band}{spread}")
     return metrics[OPERATING_POINT]
 
 

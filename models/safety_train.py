@@ -1136,6 +1136,11 @@ def register(app) -> None:
                                              "thresholds."),
         tau: int = typer.Option(3, help="Consecutive violating steps for requests that do "
                                 "not set tau."),
+        alert_margin: float = typer.Option(0.0, help="Alert band: a prompt verdict within this "
+                                           "many logits below its thresholds gets the "
+                                           "shorter response run --alert-tau (0: no band)."),
+        alert_tau: int = typer.Option(None, help="Consecutive violating steps after a prompt "
+                                      "in the alert band."),
         model: Path = typer.Option(None, help="The LM the head reads (default: embedded)."),
         cache_dir: Path = typer.Option(None, help="Feature cache (as in train safety)."),
         max_length: int = typer.Option(512, help="Tokens per conversation."),
@@ -1145,7 +1150,8 @@ def register(app) -> None:
 
         point = move_operating_point(head, _model(model), eval_data, out,
                                      prompt_shift=prompt_shift, response_shift=response_shift,
-                                     tau=tau, max_length=max_length, cache_dir=cache_dir,
+                                     tau=tau, alert_margin=alert_margin, alert_tau=alert_tau,
+                                     max_length=max_length, cache_dir=cache_dir,
                                      log=typer.echo)
         typer.echo(json.dumps(point, indent=2))
 

@@ -101,17 +101,22 @@ def build_safety(spec: EngineSpec, settings: Settings):
     """The HTTP side of the safety path, or None when serving without a head."""
     if not spec.safety_enabled:
         return None
-    from safeserve.models.decision_defaults import allowlist_overall_shift
+    from safeserve.models.decision_defaults import alert_band, allowlist_overall_shift
     from safeserve.server.safety_config import DEFAULT_TAU, SafetyPolicy
     from safeserve.server.safety_tracker import TelemetryHub
 
     head = load_safety_head(spec.model_dir)
     try:
+        alert_margin, alert_tau = alert_band(head.extra)
+    except (TypeError, ValueError) as e:
+        raise StartupError(f"safety head {spec.model_dir}: {e}") from None
+    try:
         policy = SafetyPolicy(head.taxonomy, settings.presets, settings.default_preset,
                               overall_threshold=head.extra.get("overall_threshold", 0.5),
                               default_tau=int((head.extra.get("operating_point") or {}).get(
                                   "tau", DEFAULT_TAU)),
-                              allowlist_overall_shift=allowlist_overall_shift(head.extra))
+                              allowlist_overall_shift=allowlist_overall_shift(head.extra),
+                              alert_margin=alert_margin, alert_tau=alert_tau)
     except (ValueError, OSError) as e:
         raise StartupError(f"safety presets: {e}") from None
     return policy, TelemetryHub()

@@ -221,6 +221,8 @@ class CategoryScores(BaseModel):
     flagged: bool
     scores: dict[str, float]
     categories: list[str] = Field(default_factory=list)
+    # Not flagged, but within the head's alert band: the response rule watches more closely.
+    alert: bool = False
 
 
 class ResponseVerdict(BaseModel):

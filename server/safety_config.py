@@ -88,10 +88,15 @@ class SafetyPolicy:
     def __init__(self, taxonomy: Taxonomy, presets_path: Path | None = None,
                  default_preset: str = "default", overall_threshold: float = 0.5,
                  default_tau: int = DEFAULT_TAU,
-                 allowlist_overall_shift: float = DEFAULT_ALLOWLIST_OVERALL_SHIFT):
+                 allowlist_overall_shift: float = DEFAULT_ALLOWLIST_OVERALL_SHIFT,
+                 alert_margin: float = 0.0, alert_tau: int | None = None):
         self.taxonomy = taxonomy
         self.overall_threshold = overall_threshold
         self.default_tau = default_tau
+        # The head's alert band (models/decision_defaults.alert_band): margin in logits below
+        # the request's own prompt thresholds; inside it the response run is min(alert_tau, tau).
+        self.alert_margin = alert_margin if alert_tau else 0.0
+        self.alert_tau = alert_tau if self.alert_margin > 0 else None
         self.allowlist_overall_shift = allowlist_overall_shift
         raw = yaml.safe_load((presets_path or DEFAULT_PRESETS).read_text()) or {}
         self.presets: dict[str, SafetyConfig] = {}
@@ -170,6 +175,11 @@ class SafetyPolicy:
     def tau_of(self, cfg: SafetyConfig) -> int:
         return cfg.tau if cfg.tau is not None else self.default_tau
 
+    def alert_tau_of(self, cfg: SafetyConfig) -> int | None:
+        """The response run after a prompt in the alert band (never longer than tau), or
+        None when the head has no band."""
+        return min(self.alert_tau, self.tau_of(cfg)) if self.alert_tau else None
+
     def thresholds_of(self, cfg: SafetyConfig) -> dict[str, float]:
         """The threshold of every head output (categories, then the overall) ``cfg`` runs with."""
         out = {c.id: c.threshold for c in self.taxonomy.categories}
@@ -197,6 +207,9 @@ class SafetyPolicy:
             t = min(max(thresholds[-1], 1e-7), 1 - 1e-7)
             thresholds[-1] = 1.0 / (1.0 + math.exp(-(math.log(t / (1 - t))
                                                       + self.allowlist_overall_shift)))
+        alert_tau = self.alert_tau_of(cfg)
         return W.RowSafetyArgs(rid=rid, thresholds=thresholds, masked=masked, tau=self.tau_of(cfg),
                                action=W.ACTION_CODES[cfg.on_violation],
-                               refusal_ids=refusal_ids, eos_id=eos_id)
+                               refusal_ids=refusal_ids, eos_id=eos_id,
+                               alert_scale=math.exp(self.alert_margin) if alert_tau else 1.0,
+                               alert_tau=alert_tau or 0)

@@ -71,6 +71,11 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.refusal_len = torch.zeros(r, dtype=torch.int32, device=device)
         self.eos = torch.zeros(r, dtype=torch.int64, device=device)
         self.query_cats = torch.zeros(r, dtype=torch.int32, device=device)  # 0: not flagged
+        # Alert band: state (set by the decision at the prompt row), its run length and width.
+        self.alert = torch.zeros(r, dtype=torch.int32, device=device)
+        self.alert_tau = torch.ones(r, dtype=torch.int32, device=device)
+        self.alert_scale = torch.ones(r, dtype=torch.float32, device=device)
+        self.query_alert = torch.zeros(r, dtype=torch.int32, device=device)
         self.rids: list[str | None] = [None] * r
         self.parked: OrderedDict[str, tuple] = OrderedDict()
         self.outputs: list[list[int] | None] = [None] * r  # live refs to output token lists
@@ -111,9 +116,13 @@ class SafetyLogitsProcessor(LogitsProcessor):
         is_prompt = torch.tensor([o is not None and len(o) == 0 for o in outputs],
                                  dtype=torch.int8).to(self.device, non_blocking=True)
         event, cats = decide(scores, self.thresholds, self.masked, self.counter, self.tau,
-                             is_prompt, self.active)
-        # A prefilled request whose query alone was flagged acts at its first sampled token,
-        # whatever the text after the prefill scores.
+                             is_prompt, self.active, alert=self.alert, alert_tau=self.alert_tau,
+                             alert_scale=self.alert_scale)
+        # A prefilled request's query verdict counts as its prompt verdict: in the alert band,
+        # it alerts the row; flagged, the row acts at its first sampled token, whatever the
+        # text after the prefill scores.
+        self.alert[:n] = torch.where(is_prompt.bool() & (self.query_alert[:n] != 0),
+                                     torch.ones_like(self.alert[:n]), self.alert[:n])
         pre = is_prompt.bool() & (self.query_cats[:n] != 0)
         event = torch.where(pre, torch.full_like(event, EVENT_TRIGGER), event)
         cats = torch.where(pre, cats | self.query_cats[:n], cats)
@@ -186,7 +195,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         # One device->host copy per step for everything the HTTP side needs.
         packed = torch.cat([scores, event.unsqueeze(1).float(), cats.unsqueeze(1).float(),
                             self.phase[:n].unsqueeze(1).float(), forced.unsqueeze(1).float(),
-                            acted.unsqueeze(1).float()],
+                            acted.unsqueeze(1).float(), self.alert[:n].unsqueeze(1).float()],
                            dim=1).cpu().tolist()
         k = scores.shape[1]
         records = []
@@ -197,7 +206,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
             row = packed[i]
             records.append(W.StepRecord(rid, len(self.outputs[i]), row[:k], int(row[k]),
                                         int(row[k + 1]), int(row[k + 2]), int(row[k + 3]),
-                                        int(row[k + 4])))
+                                        int(row[k + 4]), int(row[k + 5])))
         self.telemetry.send(records, seconds)
 
     # -- persistent-batch bookkeeping ------------------------------------------------------
@@ -234,6 +243,9 @@ class SafetyLogitsProcessor(LogitsProcessor):
         if args.query_flagged:
             # a flagged verdict always names an output; the overall one if it somehow did not
             self.query_cats[i] = args.query_cats or 1 << (self.thresholds.shape[1] - 1)
+        self.alert_scale[i] = args.alert_scale
+        self.alert_tau[i] = args.alert_tau or args.tau
+        self.query_alert[i] = int(args.query_alert)
 
     def _clear(self, i: int) -> None:
         self.rids[i], self.outputs[i] = None, None
@@ -242,9 +254,12 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.phase[i] = W.PHASE_WATCH
         self.pos[i] = 0
         self.query_cats[i] = 0
+        self.alert[i] = 0
+        self.query_alert[i] = 0
 
     _TENSORS = ("thresholds", "masked", "counter", "tau", "active", "action", "phase", "pos",
-                "refusal", "refusal_len", "eos", "query_cats")
+                "refusal", "refusal_len", "eos", "query_cats", "alert", "alert_tau",
+                "alert_scale", "query_alert")
 
     def _move(self, src: int, dst: int) -> None:
         for name in self._TENSORS:

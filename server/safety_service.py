@@ -27,9 +27,13 @@ class RequestSafety:
     preset: str | None
     config: SafetyConfig
     tau: int  # the effective tau: the config's, or the head's operating point
+    alert_margin: float = 0.0  # the head's alert band, logits below the prompt thresholds
+    alert_tau: int | None = None  # the response run after a prompt in the band
 
     def echo(self) -> dict:
-        return {"preset": self.preset, **self.config.echo(), "tau": self.tau}
+        return {"preset": self.preset, **self.config.echo(), "tau": self.tau,
+                "alert_margin": self.alert_margin if self.alert_tau else None,
+                "alert_tau": self.alert_tau}
 
 
 class SafetyService:
@@ -46,13 +50,15 @@ class SafetyService:
         preset, cfg = self.policy.resolve(header, body)
         if trace and not cfg.trace:
             cfg = cfg.model_copy(update={"trace": True})
-        return RequestSafety(preset, cfg, self.policy.tau_of(cfg))
+        return RequestSafety(preset, cfg, self.policy.tau_of(cfg), self.policy.alert_margin,
+                             self.policy.alert_tau_of(cfg))
 
     def authorize(self, principal: Principal, req: RequestSafety) -> None:
         """403 if the key may not ask for ``req``; else ``req`` becomes the config it runs
         with (fields it left out tightened to the key's ceiling)."""
         req.config = authorize_config(principal, req.preset, req.config, self.policy)
         req.tau = self.policy.tau_of(req.config)
+        req.alert_tau = self.policy.alert_tau_of(req.config)
 
     def refusal_ids(self) -> list[int]:
         if self._refusal_ids is None:
@@ -68,6 +74,8 @@ class SafetyService:
         args = self.policy.compile(req.config, rid, self.refusal_ids(), eos_id)
         if query is not None and query.event == EVENT_TRIGGER:
             args.query_flagged, args.query_cats = True, query.cats
+        elif query is not None and query.alert:
+            args.query_alert = True
         tracker = RequestTracker(rid, self.names, args, req.config.on_violation, req.echo(),
                                  req.config.trace)
         tracker.query = query

@@ -55,7 +55,7 @@ class RequestTracker:
             if self.trigger_index is None and acted_now:
                 self.trigger_index, self.flag_cats = rec.index, rec.cats
             if rec.acted and rec.index > 0:  # the violating run that reached tau is withheld
-                self.cut.append((max(0, rec.index - self.args.tau), rec.index))
+                self.cut.append((max(0, rec.index - self.run_length), rec.index))
         if rec.forced >= 0 and rec.forced == self.args.eos_id and rec.phase == W.PHASE_DONE:
             self.stop_forced = True
         self.steps[rec.index] = rec
@@ -102,6 +102,16 @@ class RequestTracker:
         return any(a <= j < b for a, b in self.cut)
 
     @property
+    def alerted(self) -> bool:
+        """The prompt (or a prefilled request's query) verdict fell in the alert band."""
+        return bool((self.prompt and self.prompt.alert) or (self.query and self.query.alert))
+
+    @property
+    def run_length(self) -> int:
+        """Consecutive violating steps the response rule needs for this request."""
+        return self.args.tau_alerted if self.alerted else self.args.tau
+
+    @property
     def acted(self) -> bool:
         return self.trigger_index is not None
 
@@ -113,7 +123,7 @@ class RequestTracker:
             return None
         return CategoryScores(flagged=rec.event == EVENT_TRIGGER,
                               scores={n: round(s, 5) for n, s in zip(self.names, rec.scores)},
-                              categories=self._cats(rec.cats))
+                              categories=self._cats(rec.cats), alert=bool(rec.alert))
 
     def report(self) -> SafetyReport:
         prompt = self._verdict(self.prompt)
@@ -124,7 +134,7 @@ class RequestTracker:
             action = self.action_name
             if self.trigger_index and self.trigger_index > 0:
                 response.flagged = True
-                response.token_index = max(0, self.trigger_index - self.args.tau)
+                response.token_index = max(0, self.trigger_index - self.run_length)
                 response.categories = self._cats(self.flag_cats)
             if self.stop_forced:
                 action = "stop"
@@ -132,7 +142,7 @@ class RequestTracker:
                  if r.index > 0 and r.event == EVENT_TRIGGER and not response.flagged]
         if later:  # annotate-only: flagged but nothing was forced
             first = min(later, key=lambda r: r.index)
-            response.flagged, response.token_index = True, max(0, first.index - self.args.tau)
+            response.flagged, response.token_index = True, max(0, first.index - self.run_length)
             response.categories = self._cats(first.cats)
         trace = None
         if self.want_trace:

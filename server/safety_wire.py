@@ -39,6 +39,16 @@ class RowSafetyArgs:
     # the query. Flagged -> the strategy acts at the first sampled token.
     query_flagged: bool = False
     query_cats: int = 0
+    # Alert band (see kernels/safety_decision.py): a prompt verdict within log(alert_scale)
+    # logits below its thresholds makes the response rule act after alert_tau steps.
+    # alert_scale 1: no band. query_alert: the prefilled query's verdict was in the band.
+    alert_scale: float = 1.0
+    alert_tau: int = 0
+    query_alert: bool = False
+
+    @property
+    def tau_alerted(self) -> int:
+        return self.alert_tau if self.alert_scale > 1.0 and self.alert_tau else self.tau
 
     def to_extra_args(self) -> dict:
         return {EXTRA_ARGS_KEY: asdict(self)}
@@ -64,3 +74,4 @@ class StepRecord:
     phase: int  # phase after this step's decision
     forced: int  # token forced at this step, -1 if none
     acted: int  # 1 if the strategy started an action (refusal or stop) at this step
+    alert: int = 0  # 1 if the request's prompt verdict fell in the alert band

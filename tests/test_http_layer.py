@@ -119,6 +119,38 @@ def test_server_takes_tau_from_the_heads_operating_point(tmp_path):
         assert policy.default_tau == want
 
 
+def test_heads_alert_band_is_compiled_echoed_and_capped_by_the_requests_tau(tmp_path):
+    """A head with an alert band: every request's row args carry it (e^margin, the band's
+    tau, never above the request's own), the echo shows it; a bad band is a startup error."""
+    import math
+
+    from safeserve.server.launch import StartupError, build_safety
+    from safeserve.server.safety_service import SafetyService
+
+    tax = Taxonomy.load()
+    d = tmp_path / "band"
+    SafetyHead(torch.zeros(tax.num_outputs, 8), torch.zeros(tax.num_outputs), tax,
+               extra={"operating_point": {"tau": 4, "alert_margin": 0.5, "alert_tau": 2}}).save(d)
+    policy, _ = build_safety(EngineSpec(model_dir=d, served_name="m", has_head=True,
+                                        safety_enabled=True), Settings())
+    svc = SafetyService(policy, TelemetryHub(), lambda: None)
+    req = svc.resolve(None, None)
+    assert req.echo()["alert_margin"] == 0.5 and req.echo()["alert_tau"] == 2
+    args = policy.compile(req.config, "r", [1], 2)
+    assert args.tau == 4 and args.alert_tau == 2 and args.tau_alerted == 2
+    assert args.alert_scale == pytest.approx(math.exp(0.5))
+    one = svc.resolve(None, {"tau": 1})
+    assert policy.compile(one.config, "r", [1], 2).alert_tau == 1 and one.echo()["alert_tau"] == 1
+    plain = SafetyPolicy(tax).compile(req.config, "r", [1], 2)  # no band
+    assert plain.alert_scale == 1.0 and plain.tau_alerted == plain.tau
+    bad = tmp_path / "bad"
+    SafetyHead(torch.zeros(tax.num_outputs, 8), torch.zeros(tax.num_outputs), tax,
+               extra={"operating_point": {"alert_margin": 0.5}}).save(bad)
+    with pytest.raises(StartupError, match="alert_tau"):
+        build_safety(EngineSpec(model_dir=bad, served_name="m", has_head=True,
+                                safety_enabled=True), Settings())
+
+
 def test_validation_precedes_authorization(client):
     r = post(client, "plain-key", {"allow": ["dragons"]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "safety_config.allow"

@@ -51,6 +51,25 @@ def test_allowed_categories_are_masked_and_unsafe_counts_only_when_nothing_is_al
     assert rp.trigger_step(_row(overall, [LOW], allow=["weapons"]), BASE) is None
 
 
+def test_alert_band_shortens_the_run_after_a_near_prompt_or_query():
+    near = [0.85, 0.1, 0.1]  # below the 0.9 prompt threshold, within 1 logit (0.768)
+    steps = [LOW, VIOLENT, VIOLENT, LOW]
+    banded = rp.Rule(NAMES, BASE.prompt_thresholds, BASE.response_thresholds, 3,
+                     alert_margin=1.0, alert_tau=2)
+    assert rp.trigger_step(_row(near, steps), BASE) is None
+    assert rp.trigger_step(_row(near, steps), banded) == 3  # steps count from 1
+    assert rp.trigger_step(_row(LOW, steps, query=near), banded) == 3  # the prefill's query
+    assert rp.trigger_step(_row(LOW, steps), banded) is None  # far from the threshold
+    # a request's own tau below the band's: the smaller one
+    assert rp.trigger_step(_row(near, steps), rp.dataclasses.replace(banded, tau=1)) == 2
+    # the band follows the request's masking: an allowed category never alerts
+    assert rp.trigger_step(_row(near, [LOW, [0.1, 0.95, 0.1], [0.1, 0.95, 0.1]], allow=["violence"]),
+                           banded) is None
+    swept = rp.sweep([_row(near, steps)], BASE, [0.0], [0.0], [3], [0.0, 1.0], [2, 3])
+    assert [(r["alert_margin"], r["alert_tau"], r["asr"]["direct"]["rate"]) for r in swept] == \
+        [(0.0, None, 1.0), (1.0, 2, 0.0), (1.0, 3, 1.0)]
+
+
 def test_logit_shifts_move_each_phase_separately():
     rule = rp.Rule.shifted(NAMES, BASE.response_thresholds, prompt_shift=1.0, response_shift=-1.0)
     assert rule.prompt_thresholds[0] == pytest.approx(9 * rp.math.e / (1 + 9 * rp.math.e))  # odds 9 -> 9e
@@ -195,4 +214,11 @@ def test_shift_head_moves_prompt_and_response_operating_points_separately():
         return head_logits(x, hd.weight, hd.bias, hd.mlp) - torch.log(thr / (1 - thr))
 
     torch.testing.assert_close(margin(new, prompt_end), margin(head, prompt_end) + 0.5, atol=1e-3, rtol=0)
+    banded = shift_head(head, v, c, prompt_shift=0.0, response_shift=0.0, tau=4, alert_margin=0.5,
+                        alert_tau=2)
+    from safeserve.models.decision_defaults import alert_band
+
+    assert alert_band(banded.extra) == (0.5, 2) and alert_band(new.extra) == (0.0, None)
+    with pytest.raises(ValueError, match="alert"):
+        shift_head(head, v, c, prompt_shift=0.0, response_shift=0.0, tau=4, alert_margin=0.5)
     torch.testing.assert_close(margin(new, token), margin(head, token) - 2.0, atol=1e-3, rtol=0)

@@ -157,6 +157,8 @@ def replay(
     prompt_shift: str = typer.Option("0", "--prompt-shift", help="Logit shift(s) of the prompt/query thresholds, comma-separated (+ = act less)."),
     response_shift: str = typer.Option("0", "--response-shift", help="Logit shift(s) of the response thresholds, comma-separated."),
     tau: Optional[str] = typer.Option(None, "--tau", help="Consecutive violating steps, comma-separated (default: the head's own, else 3)."),
+    alert_margin: Optional[str] = typer.Option(None, "--alert-margin", help="Alert band width(s) in logits below the prompt thresholds, comma-separated; 0 = no band (default: the head's own)."),
+    alert_tau: Optional[str] = typer.Option(None, "--alert-tau", help="Consecutive violating steps after a prompt in the alert band, comma-separated (default: the head's own)."),
     max_over_refusal: Optional[float] = typer.Option(None, "--max-over-refusal", help="With several rules: keep only those within this over-refusal budget, best attack success first."),
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="Write every scored rule as JSON."),
 ) -> None:
@@ -177,8 +179,16 @@ def replay(
     taus = [base.tau] if tau is None else [int(t) for t in _floats(tau, "--tau")]
     if not taus or min(taus) < 1:
         raise typer.BadParameter("--tau takes whole numbers >= 1")
+    margins = None if alert_margin is None else _floats(alert_margin, "--alert-margin")
+    band_taus = None if alert_tau is None else [int(t) for t in _floats(alert_tau, "--alert-tau")]
+    if margins is not None and min(margins, default=0) < 0:
+        raise typer.BadParameter("--alert-margin takes numbers >= 0")
+    if band_taus is not None and min(band_taus, default=1) < 1:
+        raise typer.BadParameter("--alert-tau takes whole numbers >= 1")
+    if margins and max(margins) > 0 and (band_taus or [base.alert_tau])[0] is None:
+        raise typer.BadParameter("an alert band needs --alert-tau (the head has none)")
     results = rp.sweep(rows, base, _floats(prompt_shift, "--prompt-shift"),
-                       _floats(response_shift, "--response-shift"), taus)
+                       _floats(response_shift, "--response-shift"), taus, margins, band_taus)
     same, n = rp.agreement(rows, base)
     typer.echo(f"{n} traced requests; the served rule replayed triggers where the server did on {same} of {n}")
     shown = results

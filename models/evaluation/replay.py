@@ -36,6 +36,7 @@ import numpy as np
 
 from safeserve.models.decision_defaults import (
     DEFAULT_ALLOWLIST_OVERALL_SHIFT,
+    alert_band,
     allowlist_overall_shift,
 )
 from safeserve.models.evaluation.judge import FULL_COMPLIANCE, FULL_REFUSAL
@@ -55,15 +56,24 @@ class Rule:
     # With an allow-list the overall output acts for the top-scoring category at its
     # threshold moved by this many logits (the server's rule); None: it does not act.
     allowlist_overall_shift: float | None = DEFAULT_ALLOWLIST_OVERALL_SHIFT
+    # Alert band: a prompt/query verdict within this many logits below its thresholds makes
+    # the response rule act after min(alert_tau, tau) steps. 0: no band.
+    alert_margin: float = 0.0
+    alert_tau: int | None = None
+
+    @property
+    def response_tau_alerted(self) -> int:
+        return min(self.alert_tau, self.tau) if self.alert_margin > 0 and self.alert_tau else self.tau
 
     @classmethod
     def shifted(cls, names, thresholds, *, prompt_shift: float = 0.0, response_shift: float = 0.0,
                 tau: int = 3,
-                allowlist_overall_shift: float | None = DEFAULT_ALLOWLIST_OVERALL_SHIFT) -> "Rule":
+                allowlist_overall_shift: float | None = DEFAULT_ALLOWLIST_OVERALL_SHIFT,
+                alert_margin: float = 0.0, alert_tau: int | None = None) -> "Rule":
         """``thresholds`` moved by logit shifts: +1 asks for e^1 more odds before acting."""
         return cls(tuple(names), tuple(_shift(t, prompt_shift) for t in thresholds),
                    tuple(_shift(t, response_shift) for t in thresholds), tau,
-                   allowlist_overall_shift)
+                   allowlist_overall_shift, alert_margin, alert_tau)
 
 
 def _shift(threshold: float, logit_shift: float) -> float:
@@ -84,8 +94,9 @@ def served_rule(head_dir: str | Path, *, tau: int | None = None) -> Rule:
     names = tuple(head.taxonomy.ids) + (OVERALL,)
     thresholds = [c.threshold for c in head.taxonomy.categories]
     thresholds.append(float(head.extra.get("overall_threshold", 0.5)))
+    margin, alert_tau = alert_band(head.extra)
     return Rule(names, tuple(thresholds), tuple(thresholds), tau,
-                allowlist_overall_shift(head.extra))
+                allowlist_overall_shift(head.extra), margin, alert_tau)
 
 
 @dataclass
@@ -234,16 +245,22 @@ def trigger_step(row: TracedRow, rule: Rule) -> int | None:
     for the decode step that completes a run of ``tau`` violating steps, None if never."""
     live = _mask(row.allow, rule.names)
     prompt_t = np.asarray(rule.prompt_thresholds)
-    for verdict in (row.prompt, row.query):
-        if verdict is not None and bool(_violated(verdict[None, :], prompt_t, live, row, rule)[0]):
+    verdicts = [v for v in (row.prompt, row.query) if v is not None]
+    for verdict in verdicts:
+        if bool(_violated(verdict[None, :], prompt_t, live, row, rule)[0]):
             return 0
     if len(row.steps) == 0:
         return None
+    tau = rule.tau
+    if rule.alert_margin > 0 and rule.alert_tau:
+        near_t = np.array([_shift(t, -rule.alert_margin) for t in rule.prompt_thresholds])
+        if any(bool(_violated(v[None, :], near_t, live, row, rule)[0]) for v in verdicts):
+            tau = rule.response_tau_alerted
     violated = _violated(row.steps, np.asarray(rule.response_thresholds), live, row, rule)
     run = 0
     for i, v in enumerate(violated, start=1):
         run = run + 1 if v else 0
-        if run >= rule.tau:
+        if run >= tau:
             return i
     return None
 
@@ -276,14 +293,24 @@ def score(rows: list[TracedRow], rule: Rule) -> dict:
     return out
 
 
-def sweep(rows: list[TracedRow], base: Rule, prompt_shifts, response_shifts, taus) -> list[dict]:
-    """Score every (prompt shift, response shift, tau) on ``rows``."""
+def sweep(rows: list[TracedRow], base: Rule, prompt_shifts, response_shifts, taus,
+          alert_margins=None, alert_taus=None) -> list[dict]:
+    """Score every (prompt shift, response shift, tau, alert margin, alert tau) on ``rows``;
+    the alert grids default to the base rule's band."""
+    margins = [base.alert_margin] if alert_margins is None else list(alert_margins)
+    band_taus = [base.alert_tau] if alert_taus is None else list(alert_taus)
     results = []
-    for ps, rs, tau in itertools.product(prompt_shifts, response_shifts, taus):
+    for ps, rs, tau, margin, band_tau in itertools.product(prompt_shifts, response_shifts, taus,
+                                                            margins, band_taus):
+        if margin <= 0 and band_tau != band_taus[0]:
+            continue  # no band: its tau means nothing, score the rule once
         rule = Rule.shifted(base.names, base.response_thresholds, prompt_shift=ps,
                             response_shift=rs, tau=tau,
-                            allowlist_overall_shift=base.allowlist_overall_shift)
-        results.append({"prompt_shift": ps, "response_shift": rs, "tau": tau, **score(rows, rule)})
+                            allowlist_overall_shift=base.allowlist_overall_shift,
+                            alert_margin=margin, alert_tau=band_tau)
+        results.append({"prompt_shift": ps, "response_shift": rs, "tau": tau,
+                         "alert_margin": margin, "alert_tau": band_tau if margin > 0 else None,
+                         **score(rows, rule)})
     return results
 
 
@@ -321,12 +348,14 @@ def results_table(results: list[dict]) -> list[str]:
         return ["(no rule fits)"]
     attacks = sorted({a for r in results for a in r["asr"]})
     groups = sorted({g for r in results for g in r["cosa_answered"]})
-    head = ["prompt shift", "response shift", "tau", *[f"ASR {a}" for a in attacks], "over-refusal",
+    head = ["prompt shift", "response shift", "tau", "alert band", *[f"ASR {a}" for a in attacks], "over-refusal",
             *[f"CoSA {g} answered" for g in groups]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     pct = lambda c: f"{100 * c['rate']:.1f}% ({c['n']})" if c else "-"  # noqa: E731
     for r in results:
-        cells = [f"{r['prompt_shift']:+g}", f"{r['response_shift']:+g}", str(r["tau"]),
+        band = (f"{r['alert_margin']:g} logits, tau {r['alert_tau']}"
+                if r.get("alert_margin") else "-")
+        cells = [f"{r['prompt_shift']:+g}", f"{r['response_shift']:+g}", str(r["tau"]), band,
                  *[pct(r["asr"].get(a)) for a in attacks], pct(r["over_refusal"]),
                  *[pct(r["cosa_answered"].get(g)) for g in groups]]
         lines.append("| " + " | ".join(cells) + " |")
