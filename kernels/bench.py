@@ -17,6 +17,7 @@ of `hidden` plus small weights for M in the hundreds.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections.abc import Callable
 
@@ -100,12 +101,16 @@ def run_benchmark(
     event = torch.empty(batch, dtype=torch.int32, device=device)
     cats = torch.empty(batch, dtype=torch.int32, device=device)
     decide_args = (scores, thresholds, masked, counter, tau, is_prompt, active)
+    # The alert band as the server runs it (every row carries one; the default head's width)
+    band = dict(alert=torch.zeros(batch, dtype=torch.int32, device=device),
+                alert_tau=torch.full((batch,), 2, dtype=torch.int32, device=device),
+                alert_scale=torch.full((batch,), math.exp(0.5), device=device))
 
     def head_step():
         return safety_scores(hidden_states, weight, bias, out=scores, mlp=mlp)
 
     def decide_step():
-        return decide(*decide_args, event=event, cats=cats)
+        return decide(*decide_args, event=event, cats=cats, **band)
 
     warmup = max(3, min(20, iters // 10))
     timer = _time_cuda_us if on_cuda else _time_cpu_us
@@ -137,7 +142,8 @@ def run_benchmark(
         ref_head_us = timer(
             lambda: safety_scores_reference(hidden_states, weight, bias, mlp), iters, warmup
         )
-        ref_decide_args = (scores, thresholds, masked, counter.clone(), tau, is_prompt, active)
+        ref_decide_args = (scores, thresholds, masked, counter.clone(), tau, is_prompt, active,
+                           band["alert"].clone(), band["alert_tau"], band["alert_scale"])
         ref_decide_us = timer(lambda: decide_reference(*ref_decide_args), iters, warmup)
         result.update(
             ref_head_us=ref_head_us,

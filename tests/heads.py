@@ -6,6 +6,10 @@
   to the average token), so it fires exactly when the model is about to say that token — a
   mid-generation trigger at a known place (measured: 23.8 at that step, <= 15.5 elsewhere).
 * every other output: constant low (bias -8).
+
+Its operating point has an alert band of 2 logits with alert tau 1: a request whose own
+violence threshold sits just above 0.99966 puts the prompt in the band (nothing else comes
+near its thresholds at a prompt end), so the " Paris" step alone triggers.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ def build_test_head(base_dir: Path, out_dir: Path, trigger_word: str = TRIGGER_W
     bias[tax.index("violence")] = 8.0
     weight[tax.index("weapons")] = emb
     bias[tax.index("weapons")] = -trigger_logit
-    head = SafetyHead(weight, bias, tax, extra={"purpose": "tests"})
+    head = SafetyHead(weight, bias, tax, extra={
+        "purpose": "tests", "operating_point": {"alert_margin": 2.0, "alert_tau": 1}})
     head_src = out_dir / "head_src"
     head.save(head_src)
     return compose_checkpoint(base_dir, head_src, root=out_dir)

@@ -109,6 +109,23 @@ def test_tau_needs_consecutive_violations(http, server):
     assert r.json()["safety"]["action"] == "none"
 
 
+def test_alert_band_watches_a_near_prompt_more_closely(http, server):
+    # violence scores sigmoid(8) = 0.99966 at every position. A request threshold of 0.9999
+    # (logit 9.2) leaves the prompt 1.2 logits short of a verdict: inside the test head's
+    # 2-logit band, so the response rule needs one violating step (alert tau 1), not tau 3.
+    r = chat(http, server, FRANCE, safety_config={"tau": 3, "threshold": {"violence": 0.9999}})
+    text, s = r.json()["choices"][0]["message"]["content"], r.json()["safety"]
+    assert s["prompt"]["flagged"] is False and s["prompt"]["alert"] is True
+    assert s["config"]["alert_margin"] == 2.0 and s["config"]["alert_tau"] == 1
+    assert "Paris" not in text and DEFAULT_REFUSAL in text and s["action"] == "refuse"
+    assert s["response"]["categories"] == ["weapons"]
+    # 0.999999 (logit 13.8): 5.8 logits short, outside the band; one step is not a run of 3
+    far = chat(http, server, FRANCE, safety_config={"tau": 3, "threshold": {"violence": 0.999999}})
+    s = far.json()["safety"]
+    assert s["prompt"]["alert"] is False and s["action"] == "none"
+    assert "Paris" in far.json()["choices"][0]["message"]["content"]
+
+
 def test_stop_action_ends_with_content_filter(http, server):
     r = chat(http, server, FRANCE,
              safety_config={"allow": ["violence"], "tau": 1, "on_violation": "stop"})
