@@ -19,6 +19,7 @@ overall detector for the others.
                  (the prompt verdict is the host's to act on; the counter never latches it)
                  alert[i] = not violated and near, where near is the same test against
                  thresholds moved alert_margin logits lower: t' = t / (t + (1 - t) e^margin)
+                 (alert_scale = e^margin; 1: no band)
     decode row : counter[i] = counter[i] + 1 if violated else 0
                  event = TRIGGER if violated and counter[i] >= (alert_tau[i] if alert[i] else tau[i])
                          VIOLATION if violated (counting, not yet triggered)
@@ -59,11 +60,13 @@ MAX_DECISION_CATEGORIES = 31
 
 
 def _violation_bits_reference(
-    scores: torch.Tensor, thresholds: torch.Tensor, masked: torch.Tensor
+    scores: torch.Tensor, thresholds: torch.Tensor, masked: torch.Tensor,
+    over: torch.Tensor | None = None,
 ) -> torch.Tensor:
     n_rows, n_cats = scores.shape
     mask = masked[:n_rows]
-    over = scores >= thresholds[:n_rows]
+    if over is None:
+        over = scores >= thresholds[:n_rows]
     hit = (mask == MASK_LIVE) & over
     bit_values = torch.ones(n_cats, dtype=torch.int32, device=scores.device) << torch.arange(
         n_cats, dtype=torch.int32, device=scores.device
@@ -78,11 +81,15 @@ def _violation_bits_reference(
     return bits | torch.where(attributed, bit_values[top], torch.zeros_like(bits))
 
 
-def alert_thresholds(thresholds: torch.Tensor, alert_scale: torch.Tensor) -> torch.Tensor:
-    """Thresholds moved log(alert_scale) logits lower, per row: t / (t + (1 - t) * scale)."""
-    t = thresholds.float()
-    s = alert_scale.float()[: t.shape[0], None]
-    return t / (t + (1.0 - t) * s)
+def alert_over(scores: torch.Tensor, thresholds: torch.Tensor,
+               alert_scale: torch.Tensor) -> torch.Tensor:
+    """[N, K] score >= its threshold moved log(alert_scale) logits lower, i.e.
+    score >= t / (t + (1 - t) s), written without the division (the denominator is positive)
+    so the kernel and this reference round alike; a row whose scale is not above 1 has no band."""
+    n_rows = scores.shape[0]
+    t = thresholds[:n_rows].float()
+    s = alert_scale[:n_rows].float()[:, None]
+    return (scores.float() * (t + (1.0 - t) * s) >= t) & (s > 1.0)
 
 
 def decide_reference(
@@ -117,8 +124,8 @@ def decide_reference(
 
     row_tau = tau[:n_rows]
     if alert is not None:
-        near_thresholds = alert_thresholds(thresholds[:n_rows], alert_scale[:n_rows])
-        near = _violation_bits_reference(scores, near_thresholds, masked) != 0
+        near_over = alert_over(scores, thresholds, alert_scale)
+        near = _violation_bits_reference(scores, thresholds, masked, over=near_over) != 0
         old_alert = alert[:n_rows]
         set_alert = torch.where(prompt, (near & ~violated).to(old_alert.dtype), old_alert)
         alert[:n_rows] = torch.where(row_active, set_alert, old_alert)
@@ -211,8 +218,8 @@ def _safety_decision_kernel(
         # The same test against thresholds moved log(scale) logits lower (see the docstring).
         scale = tl.load(alert_scale_ptr + rows, mask=row_ok, other=1.0)
         threshold_f = threshold.to(tl.float32)
-        near_t = threshold_f / (threshold_f + (1.0 - threshold_f) * scale[:, None])
-        near_over = score_f >= near_t
+        near_over = (score_f * (threshold_f + (1.0 - threshold_f) * scale[:, None]) >= threshold_f) \
+            & (scale[:, None] > 1.0)
         near_hit = tl.max((tile_ok & (allowed == 0) & near_over).to(tl.int32), axis=1) > 0
         near_attr = (tl.max((tile_ok & (allowed == 2) & near_over).to(tl.int32), axis=1) > 0) \
             & any_plain & (top_allowed == 0)

@@ -32,13 +32,17 @@ from safeserve.models.decision_defaults import OPERATING_POINT
 
 
 def shift_head(head: SafetyHead, v: torch.Tensor, c: float, *, prompt_shift: float,
-               response_shift: float, tau: int, alert_margin: float = 0.0,
+               response_shift: float, tau: int, alert_margin: float | None = None,
                alert_tau: int | None = None) -> SafetyHead:
     """A copy of ``head`` whose prompt and response thresholds moved by the given logits,
     with the given alert band (``alert_margin`` logits below the prompt thresholds: the
-    response rule acts after ``alert_tau`` steps; 0: no band)."""
+    response rule acts after ``alert_tau`` steps; 0: no band; None: ``head``'s own band, kept)."""
+    from safeserve.models.decision_defaults import alert_band
     from safeserve.models.safety_train import with_thresholds
 
+    if alert_margin is None:
+        alert_margin, kept_tau = alert_band(head.extra)
+        alert_tau = alert_tau if alert_tau is not None else kept_tau
     if tau < 1:
         raise ValueError("tau must be >= 1")
     if alert_margin < 0 or (alert_margin > 0 and (alert_tau is None or alert_tau < 1)):
@@ -75,7 +79,7 @@ def _readout_of_gate(head: SafetyHead) -> tuple[torch.Tensor, float]:
 
 def move_operating_point(head_dir: Path, model_dir: Path, eval_data, out: Path, *,
                          prompt_shift: float, response_shift: float, tau: int,
-                         alert_margin: float = 0.0, alert_tau: int | None = None,
+                         alert_margin: float | None = None, alert_tau: int | None = None,
                          max_length: int = 512, batch_size: int = 16,
                          cache_dir: Path | None = None, seed: int = 0, log=print) -> dict:
     """Re-estimate the prompt-end read-out on the held-out files (the calibration half, as
@@ -105,7 +109,9 @@ def move_operating_point(head_dir: Path, model_dir: Path, eval_data, out: Path, 
         shutil.copytree(adapter, Path(out) / "adapter", dirs_exist_ok=True)
     spread = (f"; read-out on response tokens {readout['at_response_mean']:.3f} "
               f"± {readout['at_response_std']:.3f}" if "at_response_mean" in readout else "")
-    band = f", alert band {alert_margin:g} logits (tau {alert_tau})" if alert_margin > 0 else ""
+    point = new.extra[OPERATING_POINT]
+    band = (f", alert band {point['alert_margin']:g} logits (tau {point['alert_tau']})"
+            if point.get("alert_margin") else "")
     log(f"moved the operating point: prompt {prompt_shift:+g}, response {response_shift:+g} "
         f"logits, tau {tau}{band}{spread}")
     return metrics[OPERATING_POINT]

@@ -1136,9 +1136,10 @@ def register(app) -> None:
                                              "thresholds."),
         tau: int = typer.Option(3, help="Consecutive violating steps for requests that do "
                                 "not set tau."),
-        alert_margin: float = typer.Option(0.0, help="Alert band: a prompt verdict within this "
+        alert_margin: float = typer.Option(None, help="Alert band: a prompt verdict within this "
                                            "many logits below its thresholds gets the "
-                                           "shorter response run --alert-tau (0: no band)."),
+                                           "shorter response run --alert-tau (0: no band; "
+                                           "default: keep the head's own band)."),
         alert_tau: int = typer.Option(None, help="Consecutive violating steps after a prompt "
                                       "in the alert band."),
         model: Path = typer.Option(None, help="The LM the head reads (default: embedded)."),

@@ -126,6 +126,9 @@ class SafetyLogitsProcessor(LogitsProcessor):
         pre = is_prompt.bool() & (self.query_cats[:n] != 0)
         event = torch.where(pre, torch.full_like(event, EVENT_TRIGGER), event)
         cats = torch.where(pre, cats | self.query_cats[:n], cats)
+        # A flagged verdict is not an alert (the band is "near, not reached").
+        self.alert[:n] = torch.where(is_prompt.bool() & (event == EVENT_TRIGGER),
+                                     torch.zeros_like(self.alert[:n]), self.alert[:n])
         forced, acted = self._strategy(n, event, is_prompt.bool())
         logits = self._force(logits, forced)
         self._report(n, scores, event, cats, forced, acted, time.perf_counter() - t0)

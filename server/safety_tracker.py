@@ -24,6 +24,9 @@ from safeserve.server.protocol import (
 log = logging.getLogger(__name__)
 
 TELEMETRY_WAIT_S = 5.0
+# Scores are reported to 8 decimals (float32 resolution near 1 is 6e-8): the calibrated
+# thresholds sit at 0.9999x, where 5 decimals would move a replayed score by ~0.2 logits.
+SCORE_DIGITS = 8
 
 
 class RequestTracker:
@@ -122,12 +125,12 @@ class RequestTracker:
         if rec is None:
             return None
         return CategoryScores(flagged=rec.event == EVENT_TRIGGER,
-                              scores={n: round(s, 5) for n, s in zip(self.names, rec.scores)},
+                              scores={n: round(s, SCORE_DIGITS) for n, s in zip(self.names, rec.scores)},
                               categories=self._cats(rec.cats), alert=bool(rec.alert))
 
     def report(self) -> SafetyReport:
         prompt = self._verdict(self.prompt)
-        response = ResponseVerdict(max_scores={n: round(s, 5) for n, s in
+        response = ResponseVerdict(max_scores={n: round(s, SCORE_DIGITS) for n, s in
                                                zip(self.names, self.max_scores)})
         action = "none"
         if self.acted:
@@ -146,7 +149,7 @@ class RequestTracker:
             response.categories = self._cats(first.cats)
         trace = None
         if self.want_trace:
-            trace = [TracePoint(token_index=i, scores=[round(s, 5) for s in r.scores],
+            trace = [TracePoint(token_index=i, scores=[round(s, SCORE_DIGITS) for s in r.scores],
                                 event=r.event) for i, r in sorted(self.steps.items())]
         return SafetyReport(enabled=True, model_has_head=True, action=action, prompt=prompt,
                             query=self._verdict(self.query), response=response, config=self.config_echo,

@@ -221,4 +221,10 @@ def test_shift_head_moves_prompt_and_response_operating_points_separately():
     assert alert_band(banded.extra) == (0.5, 2) and alert_band(new.extra) == (0.0, None)
     with pytest.raises(ValueError, match="alert"):
         shift_head(head, v, c, prompt_shift=0.0, response_shift=0.0, tau=4, alert_margin=0.5)
+    # moving a banded head again keeps its band unless told otherwise
+    assert alert_band(shift_head(banded, v, c, prompt_shift=0.0, response_shift=1.0, tau=4).extra) == (0.5, 2)
+    assert alert_band(shift_head(banded, v, c, prompt_shift=0.0, response_shift=1.0, tau=4,
+                                 alert_tau=3).extra) == (0.5, 3)
+    assert alert_band(shift_head(banded, v, c, prompt_shift=0.0, response_shift=1.0, tau=4,
+                                 alert_margin=0.0).extra) == (0.0, None)
     torch.testing.assert_close(margin(new, token), margin(head, token) - 2.0, atol=1e-3, rtol=0)

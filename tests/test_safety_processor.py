@@ -28,3 +28,72 @@ def test_no_forced_row_leaves_the_logits_as_they_were():
     for sync_free in (False, True):
         out = SafetyLogitsProcessor._force(logits.clone(), torch.full((4,), -1), sync_free=sync_free)
         assert torch.equal(out, logits)
+
+
+def _processor(capacity: int = 4):
+    """The real processor over the default head's width (10 outputs), on CPU, with its
+    telemetry captured instead of sent."""
+    from types import SimpleNamespace
+
+    from safeserve.models.model_store import DEFAULT_HEAD_DIR
+
+    cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=capacity),
+                          model_config=SimpleNamespace(model=str(DEFAULT_HEAD_DIR)))
+    proc = SafetyLogitsProcessor(cfg, torch.device("cpu"), False)
+    sent = []
+    proc.telemetry = SimpleNamespace(sock=object(), send=lambda records, _s: sent.extend(records))
+    return proc, sent
+
+
+def _args(rid: str, **kw):
+    import math
+
+    from safeserve.server import safety_wire as W
+
+    base = dict(rid=rid, thresholds=[0.5] * 10, masked=[0] * 10, tau=3, action=W.ACTION_REFUSE,
+                refusal_ids=[5, 6], eos_id=0, alert_scale=math.e, alert_tau=1)
+    return W.RowSafetyArgs(**{**base, **kw})
+
+
+def _step(proc, rows_scores, vocab: int = 16):
+    from safeserve.server.safety_model import STEP_SIGNAL
+
+    STEP_SIGNAL.scores = torch.tensor(rows_scores, dtype=torch.float32)
+    return proc.apply(torch.zeros(len(rows_scores), vocab))
+
+
+def test_alert_band_state_follows_its_row_through_the_persistent_batch():
+    proc, sent = _processor()
+    outs = [[], [], []]
+    proc._add(0, _args("near"), outs[0])  # prompt 0.3: 0.85 logits short of 0.5, band 1 logit
+    proc._add(1, _args("far"), outs[1])  # prompt 0.1: 2.2 logits short
+    proc._add(2, _args("query", query_alert=True), outs[2])  # prefill's query was near
+    _step(proc, [[0.3] * 10, [0.1] * 10, [0.01] * 10])
+    assert proc.alert[:3].tolist() == [1, 0, 1]
+    assert [(r.rid, r.index, r.alert) for r in sent] == [("near", 0, 1), ("far", 0, 0), ("query", 0, 1)]
+    for o in outs:
+        o.append(7)
+    # one violating step: the alerted rows act (alert tau 1), the other only counts (tau 3)
+    logits = _step(proc, [[0.6] * 10] * 3)
+    assert [int(row.argmax()) for row in logits] == [5, 0, 5]
+    assert torch.isfinite(logits[1]).all() and proc.phase[:3].tolist() == [1, 0, 1]
+    # moves, swaps and a preemption carry the state with the request
+    proc._swap(0, 1)
+    assert proc.rids[:2] == ["far", "near"] and proc.alert[:2].tolist() == [0, 1]
+    proc._park(1)
+    proc._clear(1)
+    assert proc.alert[1] == 0
+    proc._add(3, _args("near"), outs[0])  # resumed: the parked snapshot, not a fresh row
+    assert proc.alert[3] == 1 and proc.alert_tau[3] == 1 and proc.phase[3] == 1
+    proc._move(3, 1)
+    assert proc.rids[1] == "near" and proc.alert[1] == 1 and proc.alert[3] == 0
+
+
+def test_a_flagged_prompt_is_not_an_alert():
+    proc, sent = _processor()
+    proc._add(0, _args("flagged", query_alert=True), [])  # own verdict fires; query was near
+    proc._add(1, _args("query-flagged", query_flagged=True, query_cats=1), [])  # row itself near
+    proc._add(2, _args("no-band", alert_scale=1.0, alert_tau=0), [])  # no band: never alerted
+    _step(proc, [[0.9] * 10, [0.3] * 10, [0.4999] * 10])
+    assert proc.alert[:3].tolist() == [0, 0, 0]
+    assert [r.alert for r in sent] == [0, 0, 0]

@@ -309,7 +309,7 @@ def sweep(rows: list[TracedRow], base: Rule, prompt_shifts, response_shifts, tau
                             allowlist_overall_shift=base.allowlist_overall_shift,
                             alert_margin=margin, alert_tau=band_tau)
         results.append({"prompt_shift": ps, "response_shift": rs, "tau": tau,
-                         "alert_margin": margin, "alert_tau": band_tau if margin > 0 else None,
+                         "alert_margin": margin, "alert_tau": rule.response_tau_alerted if margin > 0 else None,
                          **score(rows, rule)})
     return results
 
