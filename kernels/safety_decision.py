@@ -124,11 +124,14 @@ def decide_reference(
 
     row_tau = tau[:n_rows]
     if alert is not None:
-        near_over = alert_over(scores, thresholds, alert_scale)
-        near = _violation_bits_reference(scores, thresholds, masked, over=near_over) != 0
-        old_alert = alert[:n_rows]
-        set_alert = torch.where(prompt, (near & ~violated).to(old_alert.dtype), old_alert)
-        alert[:n_rows] = torch.where(row_active, set_alert, old_alert)
+        # Only prompt rows set the alert state. Off-GPU, where asking costs no sync, a step
+        # with none (nearly every decode step) skips the band's second threshold test.
+        if scores.device.type == "cuda" or bool(prompt.any()):
+            near_over = alert_over(scores, thresholds, alert_scale)
+            near = _violation_bits_reference(scores, thresholds, masked, over=near_over) != 0
+            old_alert = alert[:n_rows]
+            set_alert = torch.where(prompt, (near & ~violated).to(old_alert.dtype), old_alert)
+            alert[:n_rows] = torch.where(row_active, set_alert, old_alert)
         row_tau = torch.where(alert[:n_rows] != 0, alert_tau[:n_rows].to(row_tau.dtype), row_tau)
     triggered = violated & (prompt | (new_count >= row_tau))
     # OK=0, VIOLATION=1, TRIGGER=2: violated rows count 1, triggered ones one more.

@@ -375,8 +375,8 @@ def test_decide_reference_alert_band_matches_oracle(n_cats):
     oracle_counter, oracle_alert = counter.tolist(), alert.tolist()
     for step in range(6):
         scores = torch.rand(n_rows, n_cats, generator=g)
-        if step:
-            is_prompt = (torch.rand(n_rows, generator=g) < 0.1).to(torch.int8)
+        if step:  # step 3: decode rows only (the reference's shortcut off-GPU)
+            is_prompt = (torch.rand(n_rows, generator=g) < (0.0 if step == 3 else 0.1)).to(torch.int8)
         want_events, want_cats = _decide_oracle(
             scores.tolist(), thresholds.tolist(), masked.tolist(), oracle_counter, tau.tolist(),
             is_prompt.tolist(), active.tolist(), oracle_alert, alert_tau.tolist(),
