@@ -6,6 +6,15 @@ Math (the one place it is defined; training and serving both call these function
                  + sum_m down[k, m] * relu(sum_h hidden[n, h] * up[m, h] + up_bias[m])
     scores[n, k] = sigmoid(logits[n, k])                            (float32)
 
+At the rows that read a prompt end (the prompt verdict), every logit also moves by the
+head's prompt offset o (logits; a checkpoint's ``operating_point.prompt_logit_offset``):
+
+    logits[n, k] += o                  (n reads a prompt end; applied to the scores as
+    scores[n, k]  = s e^o / (1 - s + s e^o),   s the score above: ``offset_prompt_rows``)
+
+So the prompt verdict and the response rule run at their own operating points against one set
+of thresholds, exactly: only the rows the decision treats as prompt rows move.
+
 The second line is an optional residual MLP (``mlp = (up [M, H], up_bias [M], down [K, M])``,
 M hidden units): a linear head alone reads topic more than intent from a small model's
 hidden state, and the per-token signal gains most from the non-linear term. An optional
@@ -34,6 +43,7 @@ with SAFESERVE_FORCE_TRITON=1, which needs TRITON_INTERPRET=1 (the tests use thi
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -83,6 +93,19 @@ def safety_scores_reference(
 ) -> torch.Tensor:
     """[N, H] -> [N, K] sigmoid scores, float32."""
     return torch.sigmoid(head_logits(hidden, weight, bias, mlp))
+
+
+def offset_prompt_rows(scores: torch.Tensor, is_prompt: torch.Tensor,
+                       offset: float) -> torch.Tensor:
+    """[N, K] scores with the head's prompt offset applied at the rows where ``is_prompt``
+    ([N], nonzero = a prompt end): sigmoid(logit(s) + offset), computed without the logit so
+    a score of exactly 0 or 1 stays there. A new tensor; no host synchronisation."""
+    if offset == 0.0:
+        return scores
+    lift = math.exp(offset)
+    s = scores.float()
+    moved = s * lift / (1.0 - s + s * lift)
+    return torch.where(is_prompt.reshape(-1, 1).to(torch.bool), moved, s)
 
 
 # --------------------------------------------------------------------------------------

@@ -32,3 +32,19 @@ def alert_band(extra: dict) -> tuple[float, int | None]:
     if margin > 0 and (tau is None or int(tau) < 1):
         raise ValueError("operating_point.alert_margin needs alert_tau >= 1")
     return (margin, int(tau)) if margin > 0 else (0.0, None)
+
+
+PROMPT_LOGIT_OFFSET = "prompt_logit_offset"
+
+
+def prompt_logit_offset(extra: dict) -> float:
+    """A head's prompt offset (logits added at prompt ends, kernels/safety_head.py): how much
+    more sensitive the prompt verdict is than the response rule at the same thresholds. 0 for
+    heads without one (their prompt operating point, if any, is folded into the weights)."""
+    point = extra.get(OPERATING_POINT) or {}
+    value = point.get(PROMPT_LOGIT_OFFSET, 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+            or abs(value) > 50:
+        raise ValueError(f"operating_point.{PROMPT_LOGIT_OFFSET} must be a number of logits "
+                         f"in [-50, 50]; got {value!r}")
+    return float(value)

@@ -1126,10 +1126,6 @@ def register(app) -> None:
     def operating_point_cmd(
         head: Path = typer.Option(..., help="Checkpoint directory holding safety_head/."),
         out: Path = typer.Option(..., help="Output directory (safety_head/, adapter/)."),
-        eval_data: list[Path] = typer.Option([], help="The held-out trajectories the head "
-                                             "was calibrated on (repeatable): they give the "
-                                             "prompt-end read-out. Optional for a head with "
-                                             "a gated MLP, whose gate is that read-out."),
         prompt_shift: float = typer.Option(0.0, help="Logits added to the prompt-verdict "
                                            "thresholds (+ = flag fewer prompts)."),
         response_shift: float = typer.Option(0.0, help="Logits added to the response-rule "
@@ -1142,17 +1138,14 @@ def register(app) -> None:
                                            "default: keep the head's own band)."),
         alert_tau: int = typer.Option(None, help="Consecutive violating steps after a prompt "
                                       "in the alert band."),
-        model: Path = typer.Option(None, help="The LM the head reads (default: embedded)."),
-        cache_dir: Path = typer.Option(None, help="Feature cache (as in train safety)."),
-        max_length: int = typer.Option(512, help="Tokens per conversation."),
     ) -> None:
-        """Move a head's operating point (chosen with `eval replay`) without retraining."""
+        """Move a head's operating point (chosen with `eval replay`) without retraining or
+        data: exact logit shifts of the prompt verdict and the response rule."""
         from safeserve.models.operating_point import move_operating_point
 
-        point = move_operating_point(head, _model(model), eval_data, out,
-                                     prompt_shift=prompt_shift, response_shift=response_shift,
-                                     tau=tau, alert_margin=alert_margin, alert_tau=alert_tau,
-                                     max_length=max_length, cache_dir=cache_dir,
+        point = move_operating_point(head, out, prompt_shift=prompt_shift,
+                                     response_shift=response_shift, tau=tau,
+                                     alert_margin=alert_margin, alert_tau=alert_tau,
                                      log=typer.echo)
         typer.echo(json.dumps(point, indent=2))
 

@@ -101,13 +101,18 @@ def build_safety(spec: EngineSpec, settings: Settings):
     """The HTTP side of the safety path, or None when serving without a head."""
     if not spec.safety_enabled:
         return None
-    from safeserve.models.decision_defaults import alert_band, allowlist_overall_shift
+    from safeserve.models.decision_defaults import (
+        alert_band,
+        allowlist_overall_shift,
+        prompt_logit_offset,
+    )
     from safeserve.server.safety_config import DEFAULT_TAU, SafetyPolicy
     from safeserve.server.safety_tracker import TelemetryHub
 
     head = load_safety_head(spec.model_dir)
     try:
         alert_margin, alert_tau = alert_band(head.extra)
+        prompt_logit_offset(head.extra)  # the worker reads it; a bad one fails here, clearly
     except (TypeError, ValueError) as e:
         raise StartupError(f"safety head {spec.model_dir}: {e}") from None
     try:

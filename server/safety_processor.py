@@ -17,6 +17,8 @@ from collections import OrderedDict
 
 import torch
 from safeserve.kernels.safety_decision import EVENT_TRIGGER, decide
+from safeserve.kernels.safety_head import offset_prompt_rows
+from safeserve.models.decision_defaults import prompt_logit_offset
 from safeserve.models.checkpoint import load_safety_head
 from safeserve.server import safety_wire as W
 from safeserve.server.safety_model import STEP_SIGNAL
@@ -57,8 +59,12 @@ class SafetyLogitsProcessor(LogitsProcessor):
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         r = vllm_config.scheduler_config.max_num_seqs
         # Built before the model loads: read the head's width from the checkpoint itself.
-        k = load_safety_head(vllm_config.model_config.model).weight.shape[0]
+        head = load_safety_head(vllm_config.model_config.model)
+        k = head.weight.shape[0]
         self.device = device
+        # The prompt verdict's own operating point, applied to prompt rows' scores before the
+        # decision (and so also to what is reported): kernels/safety_head.offset_prompt_rows.
+        self.prompt_offset = prompt_logit_offset(head.extra)
         self.thresholds = torch.ones(r, k, dtype=torch.float32, device=device)
         self.masked = torch.ones(r, k, dtype=torch.int8, device=device)
         self.counter = torch.zeros(r, dtype=torch.int32, device=device)
@@ -112,9 +118,11 @@ class SafetyLogitsProcessor(LogitsProcessor):
             return logits
         t0 = time.perf_counter()
         scores = STEP_SIGNAL.take(n)
-        outputs = self.outputs[:n]
-        is_prompt = torch.tensor([o is not None and len(o) == 0 for o in outputs],
-                                 dtype=torch.int8).to(self.device, non_blocking=True)
+        prompt_rows = [o is not None and len(o) == 0 for o in self.outputs[:n]]
+        is_prompt = torch.tensor(prompt_rows, dtype=torch.int8).to(self.device, non_blocking=True)
+        # Off-GPU, skip the offset on the many steps without a prompt row.
+        if self.prompt_offset and (self.device.type == "cuda" or any(prompt_rows)):
+            scores = offset_prompt_rows(scores, is_prompt, self.prompt_offset)
         event, cats = decide(scores, self.thresholds, self.masked, self.counter, self.tau,
                              is_prompt, self.active, alert=self.alert, alert_tau=self.alert_tau,
                              alert_scale=self.alert_scale)

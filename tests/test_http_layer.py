@@ -149,6 +149,12 @@ def test_heads_alert_band_is_compiled_echoed_and_capped_by_the_requests_tau(tmp_
     with pytest.raises(StartupError, match="alert_tau"):
         build_safety(EngineSpec(model_dir=bad, served_name="m", has_head=True,
                                 safety_enabled=True), Settings())
+    for offset in ("2", float("nan"), 80.0):  # the prompt offset: a number of logits
+        SafetyHead(torch.zeros(tax.num_outputs, 8), torch.zeros(tax.num_outputs), tax,
+                   extra={"operating_point": {"prompt_logit_offset": offset}}).save(bad)
+        with pytest.raises(StartupError, match="prompt_logit_offset"):
+            build_safety(EngineSpec(model_dir=bad, served_name="m", has_head=True,
+                                    safety_enabled=True), Settings())
 
 
 def test_validation_precedes_authorization(client):

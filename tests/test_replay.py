@@ -185,13 +185,15 @@ def test_replay_cli_on_the_default_checkpoint(tmp_path):
 
 
 def test_shift_head_moves_prompt_and_response_operating_points_separately():
-    """`train operating-point`: with a read-out that is exactly 1 at prompt ends and 0 on
-    generated tokens, prompt logits move by the prompt shift relative to the new thresholds,
-    response logits by the response shift; the overall output keeps firing at 0.5."""
+    """`train operating-point`: the served thresholds move by the response shift, the prompt
+    offset by the difference, so prompt-row logits (offset applied, as the server does) move
+    by exactly the prompt shift and generated-token logits by exactly the response shift; the
+    weights are untouched, the overall output keeps firing at 0.5, moves add up."""
     import torch
 
-    from safeserve.kernels.safety_head import head_logits
+    from safeserve.kernels.safety_head import head_logits, offset_prompt_rows
     from safeserve.models.checkpoint import SafetyHead
+    from safeserve.models.decision_defaults import alert_band, prompt_logit_offset
     from safeserve.models.operating_point import shift_head
     from safeserve.models.taxonomy import Taxonomy
 
@@ -200,31 +202,32 @@ def test_shift_head_moves_prompt_and_response_operating_points_separately():
     g = torch.Generator().manual_seed(0)
     mlp = (torch.randn(4, h, generator=g), torch.randn(4, generator=g), torch.randn(k, 4, generator=g))
     head = SafetyHead(torch.randn(k, h, generator=g), torch.randn(k, generator=g), tax, mlp=mlp)
-    v, c = torch.zeros(h), 0.0
-    v[0] = 1.0  # the read-out: feature 0 is 1 at prompt ends, 0 elsewhere
-    prompt_end = torch.randn(3, h, generator=g)
-    prompt_end[:, 0] = 1.0
-    token = torch.randn(3, h, generator=g)
-    token[:, 0] = 0.0
-    new = shift_head(head, v, c, prompt_shift=-0.5, response_shift=2.0, tau=4)
+    x = 0.2 * torch.randn(5, h, generator=g)  # moderate logits: float32 sigmoids stay exact enough
+    new = shift_head(head, prompt_shift=-0.5, response_shift=2.0, tau=4)
     assert new.extra["operating_point"]["tau"] == 4 and new.mlp is head.mlp
+    assert torch.equal(new.weight, head.weight) and prompt_logit_offset(new.extra) == 2.5
 
-    def margin(hd, x):  # logit minus the logit of the served threshold, per output
+    def margin(hd, at_prompt: bool):  # served logit minus the served threshold's, per output
         thr = torch.tensor([cat.threshold for cat in hd.taxonomy.categories] + [0.5])
-        return head_logits(x, hd.weight, hd.bias, hd.mlp) - torch.log(thr / (1 - thr))
+        s = torch.sigmoid(head_logits(x, hd.weight, hd.bias, hd.mlp))
+        s = offset_prompt_rows(s, torch.full((5,), int(at_prompt)), prompt_logit_offset(hd.extra))
+        return torch.log(s / (1 - s)) - torch.log(thr / (1 - thr))
 
-    torch.testing.assert_close(margin(new, prompt_end), margin(head, prompt_end) + 0.5, atol=1e-3, rtol=0)
-    banded = shift_head(head, v, c, prompt_shift=0.0, response_shift=0.0, tau=4, alert_margin=0.5,
+    torch.testing.assert_close(margin(new, True), margin(head, True) + 0.5, atol=1e-3, rtol=0)
+    torch.testing.assert_close(margin(new, False), margin(head, False) - 2.0, atol=1e-3, rtol=0)
+    again = shift_head(new, prompt_shift=1.0, response_shift=-1.0, tau=3)
+    assert prompt_logit_offset(again.extra) == pytest.approx(0.5)
+    torch.testing.assert_close(margin(again, True), margin(head, True) - 0.5, atol=1e-3, rtol=0)
+    torch.testing.assert_close(margin(again, False), margin(head, False) - 1.0, atol=1e-3, rtol=0)
+    banded = shift_head(head, prompt_shift=0.0, response_shift=0.0, tau=4, alert_margin=0.5,
                         alert_tau=2)
-    from safeserve.models.decision_defaults import alert_band
 
     assert alert_band(banded.extra) == (0.5, 2) and alert_band(new.extra) == (0.0, None)
     with pytest.raises(ValueError, match="alert"):
-        shift_head(head, v, c, prompt_shift=0.0, response_shift=0.0, tau=4, alert_margin=0.5)
+        shift_head(head, prompt_shift=0.0, response_shift=0.0, tau=4, alert_margin=0.5)
     # moving a banded head again keeps its band unless told otherwise
-    assert alert_band(shift_head(banded, v, c, prompt_shift=0.0, response_shift=1.0, tau=4).extra) == (0.5, 2)
-    assert alert_band(shift_head(banded, v, c, prompt_shift=0.0, response_shift=1.0, tau=4,
+    assert alert_band(shift_head(banded, prompt_shift=0.0, response_shift=1.0, tau=4).extra) == (0.5, 2)
+    assert alert_band(shift_head(banded, prompt_shift=0.0, response_shift=1.0, tau=4,
                                  alert_tau=3).extra) == (0.5, 3)
-    assert alert_band(shift_head(banded, v, c, prompt_shift=0.0, response_shift=1.0, tau=4,
+    assert alert_band(shift_head(banded, prompt_shift=0.0, response_shift=1.0, tau=4,
                                  alert_margin=0.0).extra) == (0.0, None)
-    torch.testing.assert_close(margin(new, token), margin(head, token) - 2.0, atol=1e-3, rtol=0)

@@ -30,9 +30,9 @@ def test_no_forced_row_leaves_the_logits_as_they_were():
         assert torch.equal(out, logits)
 
 
-def _processor(capacity: int = 4):
+def _processor(capacity: int = 4, prompt_offset: float = 0.0):
     """The real processor over the default head's width (10 outputs), on CPU, with its
-    telemetry captured instead of sent."""
+    telemetry captured instead of sent, and the given prompt offset instead of the head's."""
     from types import SimpleNamespace
 
     from safeserve.models.model_store import DEFAULT_HEAD_DIR
@@ -40,6 +40,7 @@ def _processor(capacity: int = 4):
     cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=capacity),
                           model_config=SimpleNamespace(model=str(DEFAULT_HEAD_DIR)))
     proc = SafetyLogitsProcessor(cfg, torch.device("cpu"), False)
+    proc.prompt_offset = prompt_offset
     sent = []
     proc.telemetry = SimpleNamespace(sock=object(), send=lambda records, _s: sent.extend(records))
     return proc, sent
@@ -97,3 +98,33 @@ def test_a_flagged_prompt_is_not_an_alert():
     _step(proc, [[0.9] * 10, [0.3] * 10, [0.4999] * 10])
     assert proc.alert[:3].tolist() == [0, 0, 0]
     assert [r.alert for r in sent] == [0, 0, 0]
+
+
+def test_prompt_offset_moves_prompt_rows_only_and_is_what_is_reported():
+    """The head's prompt offset (logits) applies to the rows reading a prompt end, before the
+    decision and in the telemetry; generated-token rows in the same step are untouched."""
+    import math
+
+    proc, sent = _processor(prompt_offset=2.0)
+    outs = [[], [7]]
+    proc._add(0, _args("prompt", alert_scale=1.0, alert_tau=0), outs[0])
+    proc._add(1, _args("decoding", alert_scale=1.0, alert_tau=0), outs[1])
+    _step(proc, [[0.3] * 10, [0.3] * 10])  # logit(0.3) + 2 = 1.15: over 0.5 at the prompt only
+    lifted = 1 / (1 + math.exp(-(math.log(0.3 / 0.7) + 2.0)))
+    by_rid = {r.rid: r for r in sent}
+    assert by_rid["prompt"].scores == pytest.approx([lifted] * 10, abs=1e-6)
+    assert by_rid["decoding"].scores == pytest.approx([0.3] * 10, abs=1e-7)
+    assert by_rid["prompt"].event == 2 and by_rid["decoding"].event == 0
+    assert proc.phase[:2].tolist() == [1, 0]  # the prompt row starts its refusal
+
+
+def test_offset_prompt_rows_matches_the_logit_shift_and_keeps_saturated_scores():
+    from safeserve.kernels.safety_head import offset_prompt_rows
+
+    s = torch.tensor([[0.0, 1e-6, 0.3, 0.9999, 1.0], [0.0, 1e-6, 0.3, 0.9999, 1.0]])
+    for offset in (-3.0, 0.5, 4.0):
+        out = offset_prompt_rows(s, torch.tensor([1, 0]), offset)
+        assert torch.equal(out[1], s[1]) and out[0, 0] == 0.0 and out[0, 4] == 1.0
+        want = torch.sigmoid(torch.logit(s[0, 1:4].double()) + offset).float()
+        torch.testing.assert_close(out[0, 1:4], want, rtol=1e-5, atol=0)
+    assert offset_prompt_rows(s, torch.tensor([1, 1]), 0.0) is s

@@ -237,7 +237,8 @@ def test_server_scores_match_the_training_forward(http, server):
     the same head math (kernels/safety_head.py) within 1e-3."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from safeserve.kernels.safety_head import safety_scores_reference
+    from safeserve.kernels.safety_head import offset_prompt_rows, safety_scores_reference
+    from safeserve.models.decision_defaults import prompt_logit_offset
     from safeserve.models.checkpoint import load_safety_head
 
     r = chat(http, server, FRANCE, headers={"X-Safety-Trace": "1"},
@@ -252,6 +253,8 @@ def test_server_scores_match_the_training_forward(http, server):
     with torch.no_grad():
         hidden = model.model(torch.tensor([prompt_ids + out_ids])).last_hidden_state[0]
     scores = safety_scores_reference(hidden, head.weight, head.bias, head.mlp)
+    at_prompt_end = torch.arange(len(scores)) == len(prompt_ids) - 1  # the prompt verdict's row
+    scores = offset_prompt_rows(scores, at_prompt_end, prompt_logit_offset(head.extra))
     trace = data["safety"]["trace"]
     n = min(len(trace), len(out_ids))
     for point in trace[:n]:

@@ -376,18 +376,6 @@ def test_gated_mlp_over_a_frozen_linear_head(tiny, tmp_path):
     assert torch.equal(keep.weight, lin.weight) and torch.equal(keep.bias, lin.bias)
     assert [c.threshold for c in keep.taxonomy.categories] == [c.threshold for c in lin.taxonomy.categories]
     assert len(keep.mlp) == 4
-    # A gated head carries its prompt-end read-out: its operating point moves without data.
-    from safeserve.models.operating_point import move_operating_point
-
-    move_operating_point(tmp_path / "keep", model_dir, [], tmp_path / "moved", prompt_shift=-0.25,
-                         response_shift=1.5, tau=5, log=lambda *a: None)
-    moved = load_safety_head(tmp_path / "moved")
-    v_c = keep.mlp[3] / 2.0  # GATE_SHARPNESS
-    torch.testing.assert_close(moved.weight - keep.weight, 1.75 * v_c[None, :-1].expand_as(keep.weight))
-    assert moved.extra["operating_point"]["tau"] == 5 and torch.equal(moved.mlp[3], keep.mlp[3])
-    with pytest.raises(ValueError, match="no gated MLP"):
-        move_operating_point(tmp_path / "lin", model_dir, [], tmp_path / "z", prompt_shift=0.0,
-                             response_shift=1.0, tau=3, log=lambda *a: None)
     with pytest.raises(ValueError, match="has an MLP"):
         train_safety({**common, "out": tmp_path / "x", "mlp_units": 8, "init_head": tmp_path / "gated"},
                      log=lambda *a: None)
@@ -396,8 +384,9 @@ def test_gated_mlp_over_a_frozen_linear_head(tiny, tmp_path):
 
 
 def test_operating_point_moves_a_trained_head(tiny, tmp_path):
-    """`train operating-point` on a trained head: thresholds move by the response shift, the
-    prompt-end fold by the difference, tau is recorded where the server reads it."""
+    """`train operating-point` on a trained head (no data needed): thresholds move by the
+    response shift, the prompt offset by the difference, tau is recorded where the server
+    reads it, and the weights (MLP included) are the trained ones."""
     import math
 
     from safeserve.models.operating_point import move_operating_point
@@ -408,17 +397,16 @@ def test_operating_point_moves_a_trained_head(tiny, tmp_path):
     train_safety({"data": train, "eval_data": held, "model": model_dir, "out": tmp_path / "a",
                   "mode": "head", "epochs": 5, "lr": 2e-2, "batch_size": 16, "head_batch_size": 256,
                   "max_length": 128, "mlp_units": 8, "head_only": True}, log=lambda *a: None)
-    point = move_operating_point(tmp_path / "a", model_dir, [held], tmp_path / "b",
-                                 prompt_shift=-0.5, response_shift=1.0, tau=4, max_length=128,
-                                 cache_dir=tmp_path / "cache", log=lambda *a: None)
-    assert point["tau"] == 4 and point["prompt_end_readout"]["at_prompt_end_mean"] > 0.9
+    point = move_operating_point(tmp_path / "a", tmp_path / "b", prompt_shift=-0.5,
+                                 response_shift=1.0, tau=4, log=lambda *a: None)
+    assert point["tau"] == 4 and point["prompt_logit_offset"] == 1.5
     old, new = load_safety_head(tmp_path / "a"), load_safety_head(tmp_path / "b")
     logit = lambda t: math.log(t / (1 - t))  # noqa: E731
     for a, b in zip(old.taxonomy.categories, new.taxonomy.categories):
         assert logit(b.threshold) == pytest.approx(logit(a.threshold) + 1.0, abs=1e-3)
     assert new.extra["operating_point"]["tau"] == 4 and new.mlp is not None
-    # the fold moved the weights along one direction only (rank 1)
-    assert torch.linalg.matrix_rank(new.weight - old.weight).item() == 1
+    assert torch.equal(new.weight, old.weight) and torch.equal(new.bias[:-1], old.bias[:-1])
+    assert new.bias[-1].item() == pytest.approx(old.bias[-1].item() - 1.0)
 
 
 def test_lora_mode_two_steps(tiny, tmp_path):

@@ -83,7 +83,7 @@ def _shift(threshold: float, logit_shift: float) -> float:
 
 def served_rule(head_dir: str | Path, *, tau: int | None = None) -> Rule:
     """The rule a server runs with ``head_dir`` and no per-request threshold: the taxonomy's
-    thresholds for both phases (the prompt operating point is folded into the head), the
+    thresholds for both phases (traced prompt scores already carry the head's prompt offset), the
     overall output at the server's default (or the checkpoint's ``overall_threshold``), and
     the head's own tau (``operating_point.tau``, else 3) unless ``tau`` is given."""
     from safeserve.models.checkpoint import load_safety_head
