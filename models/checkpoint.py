@@ -10,7 +10,9 @@ with a ``safety_head/`` folder beside the weights:
                              optional residual MLP: mlp_up [M, H], mlp_up_bias [M],
                              mlp_down [K, M] and, for a gated one, mlp_gate [H + 1]
                              (format 2; see kernels/safety_head.py)
-        head_config.json     {"format_version", "hidden_size", "layer", "taxonomy_sha", ...}
+        head_config.json     {"format_version", "hidden_size", "layer", "taxonomy_sha", ...,
+                             "operating_point": {"tau", "prompt_logit_offset", ...}}
+                             (format 3: a nonzero prompt offset, with or without the MLP)
         taxonomy.yaml        category ids, definitions, default thresholds (head row order)
         metrics.json         held-out metrics written by the training job (optional)
       adapter/               optional PEFT LoRA adapter the LM was trained with
@@ -34,6 +36,10 @@ from safeserve.models.taxonomy import Taxonomy
 HEAD_DIR = "safety_head"
 FORMAT_VERSION = 1  # linear heads
 FORMAT_VERSION_MLP = 2  # heads with the residual MLP: older readers must refuse them
+# Heads with an exact prompt offset (operating_point.prompt_logit_offset, linear or MLP): a
+# reader that ignored it would serve the prompt verdict at the wrong operating point.
+FORMAT_VERSION_OFFSET = 3
+FORMAT_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_MLP, FORMAT_VERSION_OFFSET)
 MLP_TENSORS = ("mlp_up", "mlp_up_bias", "mlp_down")
 MLP_GATE = "mlp_gate"  # optional fourth tensor: the MLP is scaled by clamp(1 - (v.h + c), 0, 1)
 
@@ -54,6 +60,15 @@ class SafetyHead:
     @property
     def mlp_units(self) -> int:
         return 0 if self.mlp is None else int(self.mlp[0].shape[0])
+
+    @property
+    def format_version(self) -> int:
+        from safeserve.models.decision_defaults import OPERATING_POINT, PROMPT_LOGIT_OFFSET
+
+        # Any value but 0 needs a reader that knows the offset (which also validates it).
+        if (self.extra.get(OPERATING_POINT) or {}).get(PROMPT_LOGIT_OFFSET, 0) != 0:
+            return FORMAT_VERSION_OFFSET
+        return FORMAT_VERSION if self.mlp is None else FORMAT_VERSION_MLP
 
     @property
     def hidden_size(self) -> int:
@@ -98,7 +113,7 @@ class SafetyHead:
                   str(out / "head.safetensors"))
         self.taxonomy.save(out / "taxonomy.yaml")
         cfg = {
-            "format_version": FORMAT_VERSION if self.mlp is None else FORMAT_VERSION_MLP,
+            "format_version": self.format_version,
             "hidden_size": self.hidden_size,
             "mlp_units": self.mlp_units,
             "num_outputs": int(self.weight.shape[0]),
@@ -130,14 +145,16 @@ def load_safety_head(model_dir: str | Path, expect_taxonomy: Taxonomy | None = N
         raise CheckpointError(f"incomplete safety head in {d}: {e.filename} is missing") from None
     except (ValueError, KeyError, OSError) as e:
         raise CheckpointError(f"unreadable safety head in {d}: {e}") from None
-    if cfg.get("format_version") not in (FORMAT_VERSION, FORMAT_VERSION_MLP):
-        raise CheckpointError(f"safety head format {cfg.get('format_version')} is not "
-                              f"{FORMAT_VERSION} or {FORMAT_VERSION_MLP}")
+    if cfg.get("format_version") not in FORMAT_VERSIONS:
+        raise CheckpointError(f"safety head format {cfg.get('format_version')} is not one of "
+                              f"{', '.join(map(str, FORMAT_VERSIONS))}")
     mlp = None
-    if cfg["format_version"] == FORMAT_VERSION_MLP:
+    has_mlp = cfg["format_version"] == FORMAT_VERSION_MLP or (
+        cfg["format_version"] == FORMAT_VERSION_OFFSET and int(cfg.get("mlp_units") or 0) > 0)
+    if has_mlp:
         missing = [n for n in MLP_TENSORS if n not in tensors]
         if missing:
-            raise CheckpointError(f"safety head format {FORMAT_VERSION_MLP} in {d} lacks {missing}")
+            raise CheckpointError(f"safety head format {cfg['format_version']} in {d} lacks {missing}")
         mlp = tuple(tensors[n].float() for n in MLP_TENSORS)
         if MLP_GATE in tensors:
             mlp += (tensors[MLP_GATE].float(),)

@@ -64,6 +64,7 @@ def shift_head(head: SafetyHead, *, prompt_shift: float, response_shift: float, 
                               "moved_from": extra.get(OPERATING_POINT)}
     if alert_margin > 0:
         extra[OPERATING_POINT].update(alert_margin=alert_margin, alert_tau=alert_tau)
+    prompt_logit_offset(extra)  # in range, as the server will check
     return SafetyHead(head.weight.float().clone(), bias,
                       with_thresholds(head.taxonomy, thresholds), head.layer, extra, head.mlp)
 

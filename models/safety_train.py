@@ -69,8 +69,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from safeserve.kernels.safety_head import head_logits
+from safeserve.kernels.safety_head import head_logits, offset_prompt_rows
 from safeserve.models.checkpoint import SafetyHead, load_safety_head
+from safeserve.models.decision_defaults import OPERATING_POINT, prompt_logit_offset
 from safeserve.models.safety_data import (MASK_PROMPT, MASK_RESPONSE, Encoded, Trajectory,
                                           encode_trajectory, load_trajectories)
 from safeserve.models.taxonomy import Category, Taxonomy
@@ -804,17 +805,20 @@ def _frozen_linear(init_head) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 def keep_init_operating_point(init_head, fit: HeadFit, heldout: Features,
                               args: dict) -> tuple[SafetyHead, dict]:
-    """``--keep-thresholds``: the init head's linear part, thresholds and fold as they were,
-    plus the fitted (gated) MLP. With the gate closed at prompt ends the prompt verdict is the
+    """``--keep-thresholds``: the init head's linear part, thresholds, fold and operating point
+    (its exact prompt offset included) as they were, plus the fitted (gated) MLP. With the gate closed at prompt ends the prompt verdict is the
     init head's; the response rule reads the new scores at the old thresholds (move them with
     ``train operating-point``). Metrics are measured at that point, nothing is calibrated."""
     init = load_safety_head(init_head)
-    head = SafetyHead(init.weight, init.bias, init.taxonomy, init.layer, mlp=fit.mlp)
+    point = {k: v for k, v in init.extra.items() if k == OPERATING_POINT}
+    head = SafetyHead(init.weight, init.bias, init.taxonomy, init.layer, extra=point,
+                      mlp=fit.mlp)
     thr = torch.tensor([c.threshold for c in init.taxonomy.categories] + [0.5])
     names = list(init.taxonomy.output_names)
     h = heldout.hidden[init.layer]
-    measured = evaluate(scores_of(h, head.weight, head.bias, mlp=head.mlp), heldout, thr, names,
-                        args["tau"])
+    scores = offset_prompt_rows(scores_of(h, head.weight, head.bias, mlp=head.mlp),
+                                heldout.kind == MASK_PROMPT, prompt_logit_offset(init.extra))
+    measured = evaluate(scores, heldout, thr, names, args["tau"])
     # All held-out conversations are "test" here: nothing was calibrated on them.
     metrics = {"auroc_all_heldout": measured, "thresholded_on_test_half": measured,
                "calibration": {"kept_operating_point_of": str(init_head), "tau": args["tau"],
@@ -859,7 +863,7 @@ def run_head_mode(args: dict, taxonomy: Taxonomy, log=print) -> dict:
     extra = {"recipe": _recipe(args),
              "base_model": str(args["model"]), "mode": "head",
              "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    write_checkpoint(head, metrics, out, extra)
+    write_checkpoint(head, metrics, out, {**head.extra, **extra})
     return metrics
 
 
@@ -1017,9 +1021,11 @@ def recalibrate(model_dir: Path, head_dir: Path, eval_data, out: Path, *, target
 
     ``model_dir`` is the LM the head reads (the base model for a head-only checkpoint, the
     merged model for LoRA). Held-out features are extracted once, then ``finish_head`` runs as
-    at the end of training: only the thresholds and the prompt-verdict fold move (a second
-    fold is one more shift along the prompt-end read-out, re-estimated on these features), and
-    the metrics are re-measured at the new operating point. Writes ``<out>/safety_head/``; a
+    at the end of training: only the thresholds and the training fold of the prompt verdict
+    move (a second fold is one more shift along the prompt-end read-out, re-estimated on these
+    features), and the metrics are re-measured at the new operating point. The head's
+    ``operating_point`` (an exact prompt offset, tau, alert band from ``train
+    operating-point``) is dropped: it belonged to the old thresholds. Writes ``<out>/safety_head/``; a
     LoRA ``adapter/`` beside ``head_dir``'s head is copied along.
     """
     from safeserve.models.checkpoint import load_safety_head
@@ -1037,7 +1043,13 @@ def recalibrate(model_dir: Path, head_dir: Path, eval_data, out: Path, *, target
     metrics["recalibrated_from"] = {"head": str(head_dir), "target_fpr": target_fpr,
                                     "previous_served_thresholds": {
                                         c.id: c.threshold for c in taxonomy.categories}}
-    write_checkpoint(new_head, metrics, Path(out), {**head.extra, "recalibrated": args})
+    # A fresh operating point: the old one's exact prompt offset (if any) would count twice
+    # on top of the fold calibrated here from the raw logits, and its tau / band were chosen
+    # for the old thresholds.
+    extra = {k: v for k, v in head.extra.items() if k != OPERATING_POINT}
+    if OPERATING_POINT in head.extra:
+        metrics["recalibrated_from"]["dropped_operating_point"] = head.extra[OPERATING_POINT]
+    write_checkpoint(new_head, metrics, Path(out), {**extra, "recalibrated": args})
     adapter = Path(head_dir) / "adapter"
     if adapter.is_dir() and Path(out) != Path(head_dir):
         shutil.copytree(adapter, Path(out) / "adapter", dirs_exist_ok=True)
@@ -1183,7 +1195,9 @@ def register(app) -> None:
                                          "when calibrating thresholds."),
         prompt_offset: bool = typer.Option(True, help="Fold separate prompt-verdict "
                                            "thresholds into the head along the prompt-end "
-                                           "read-out (see the module docstring)."),
+                                           "read-out (see the module docstring). Not "
+                                           "the exact operating_point.prompt_logit_offset "
+                                           "that `train operating-point` writes."),
         head_only: bool = typer.Option(False, help="Write only safety_head/ (no LM files)."),
         mlp_units: int = typer.Option(0, help="Head mode: hidden units of the residual MLP "
                                       "beside the linear head (0 = linear only)."),

@@ -51,6 +51,10 @@ class RequestTracker:
     def add(self, rec: W.StepRecord) -> None:
         if rec.index == 0:
             self.prompt = rec  # a chunked prefill reports again; the last one is the verdict
+            if self.trigger_index == 0:
+                # An earlier chunk's row (a mid-prompt position) triggered; the worker
+                # re-decides every chunk and nothing was kept, so neither is anything here.
+                self.trigger_index, self.flag_cats = None, 0
         else:
             self.max_scores = [max(a, b) for a, b in zip(self.max_scores, rec.scores)]
         if rec.event == EVENT_TRIGGER:

@@ -128,3 +128,20 @@ def test_offset_prompt_rows_matches_the_logit_shift_and_keeps_saturated_scores()
         want = torch.sigmoid(torch.logit(s[0, 1:4].double()) + offset).float()
         torch.testing.assert_close(out[0, 1:4], want, rtol=1e-5, atol=0)
     assert offset_prompt_rows(s, torch.tensor([1, 1]), 0.0) is s
+
+
+def test_tracker_keeps_only_the_last_prefill_chunks_verdict():
+    """A chunked prefill reports the prompt row once per chunk; the worker re-decides each
+    time, so a trigger at an earlier chunk (a mid-prompt position) must not stick."""
+    from safeserve.server import safety_wire as W
+    from safeserve.server.safety_tracker import RequestTracker
+
+    names = tuple(f"c{i}" for i in range(10))
+    args = _args("r", alert_scale=1.0, alert_tau=0)
+    tracker = RequestTracker("r", names, args, "refuse", {}, trace=False)
+    tracker.add(W.StepRecord("r", 0, [0.9] * 10, 2, 1, W.PHASE_REFUSING, 5, 1))  # chunk 1
+    assert tracker.report().action == "refuse"
+    tracker.add(W.StepRecord("r", 0, [0.1] * 10, 0, 0, W.PHASE_WATCH, -1, 0))  # last chunk
+    tracker.add(W.StepRecord("r", 1, [0.1] * 10, 0, 0, W.PHASE_WATCH, -1, 0))
+    report = tracker.report()
+    assert report.action == "none" and not report.prompt.flagged

@@ -407,6 +407,23 @@ def test_operating_point_moves_a_trained_head(tiny, tmp_path):
     assert new.extra["operating_point"]["tau"] == 4 and new.mlp is not None
     assert torch.equal(new.weight, old.weight) and torch.equal(new.bias[:-1], old.bias[:-1])
     assert new.bias[-1].item() == pytest.approx(old.bias[-1].item() - 1.0)
+    # format 3: a reader that ignored the offset would serve the wrong prompt verdict
+    from safeserve.models.checkpoint import FORMAT_VERSION_OFFSET, SafetyHead
+
+    cfg = json.loads((tmp_path / "b/safety_head/head_config.json").read_text())
+    assert cfg["format_version"] == FORMAT_VERSION_OFFSET and len(new.mlp) == 3
+    linear = SafetyHead(old.weight, old.bias, old.taxonomy, extra=new.extra)
+    assert load_safety_head(linear.save(tmp_path / "lin").parent).mlp is None
+    with pytest.raises(ValueError, match="prompt_logit_offset"):
+        move_operating_point(tmp_path / "b", tmp_path / "c", prompt_shift=-60.0,
+                             response_shift=0.0, tau=4, log=lambda *a: None)
+    # train calibrate starts a fresh operating point: the old offset would count twice
+    from safeserve.models.safety_train import recalibrate
+
+    metrics = recalibrate(model_dir, tmp_path / "b", [held], tmp_path / "d", target_fpr=0.1,
+                          max_length=128, log=lambda *a: None)
+    assert "operating_point" not in load_safety_head(tmp_path / "d").extra
+    assert metrics["recalibrated_from"]["dropped_operating_point"]["prompt_logit_offset"] == 1.5
 
 
 def test_lora_mode_two_steps(tiny, tmp_path):
