@@ -91,7 +91,11 @@ def auroc(scores: list[float], labels: list[bool]) -> float | None:
 
 @torch.no_grad()
 def prompt_scores(model, tokenizer, head, prompts: list[str], batch_size: int = 8) -> list[float]:
-    """Overall-unsafe probability of each prompt at its last prompt position."""
+    """Overall-unsafe probability of each prompt at its last prompt position (the head's
+    prompt offset included, as the server reports it)."""
+    from safeserve.models.decision_defaults import prompt_logit_offset
+
+    offset = prompt_logit_offset(head.extra)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     dec = base.get_decoder()
     device = next(model.parameters()).device
@@ -111,7 +115,7 @@ def prompt_scores(model, tokenizer, head, prompts: list[str], batch_size: int = 
         hidden = dec(input_ids=ids.to(device), attention_mask=att.to(device)).last_hidden_state
         last = torch.tensor([len(e) - 1 for e in enc], device=device)
         h = hidden[torch.arange(len(enc), device=device), last].float()
-        logits = head_logits(h, weight.float(), bias.float(), mlp)
+        logits = head_logits(h, weight.float(), bias.float(), mlp) + offset  # as served
         out.extend(torch.sigmoid(logits[:, -1]).cpu().tolist())
     return out
 
