@@ -1,4 +1,4 @@
-"""Per-step cost of the safety kernels: the fused head and the decision.
+"""Per-step cost of the safety kernels: the fused head, the decision and the prompt offset.
 
     python -m safeserve.kernels.bench --batch 256 --hidden 4096 --categories 9 --dtype bfloat16
     python -m safeserve.kernels.bench ... --mlp-units 128     # the head with its residual MLP
@@ -25,6 +25,7 @@ import torch
 from safeserve.kernels.safety_decision import decide, decide_reference
 from safeserve.kernels.safety_head import (
     _use_triton,
+    offset_prompt_rows,
     safety_scores,
     safety_scores_reference,
 )
@@ -112,11 +113,15 @@ def run_benchmark(
     def decide_step():
         return decide(*decide_args, event=event, cats=cats, **band)
 
+    def offset_step():  # the head's prompt offset (the default head's +2), as the server runs it
+        return offset_prompt_rows(scores, is_prompt, 2.0)
+
     warmup = max(3, min(20, iters // 10))
     timer = _time_cuda_us if on_cuda else _time_cpu_us
     head_step()  # fills `scores` for the decision and compiles on first use
     head_us = timer(head_step, iters, warmup)
     decide_us = timer(decide_step, iters, warmup)
+    offset_us = timer(offset_step, iters, warmup)
 
     elem = hidden_states.element_size()
     head_bytes = batch * hidden * elem + n_cats * hidden * 4 + batch * n_cats * 4
@@ -135,7 +140,8 @@ def run_benchmark(
         "head_bytes": head_bytes,
         "head_gb_s": head_bytes / (head_us * 1e-6) / 1e9,
         "decide_us": decide_us,
-        "step_us": head_us + decide_us,
+        "offset_us": offset_us,
+        "step_us": head_us + decide_us + offset_us,
     }
     if on_cuda:
         # The PyTorch references on the same device: what the kernels are meant to beat.
@@ -167,7 +173,8 @@ _LABELS = {
     "head_bytes": "head bytes moved",
     "head_gb_s": "head achieved GB/s",
     "decide_us": "decision us/step",
-    "step_us": "head + decision us/step",
+    "offset_us": "prompt offset us/step (steps with a prompt row; CUDA: every step)",
+    "step_us": "head + decision + offset us/step",
     "ref_head_us": "reference head us/step",
     "ref_head_gb_s": "reference head GB/s",
     "ref_decide_us": "reference decision us/step",
