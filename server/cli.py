@@ -39,6 +39,7 @@ def serve(
     presets: Path | None = typer.Option(None, help="safety presets YAML [SAFESERVE_PRESETS]"),
     grants: Path | None = typer.Option(None, help="API keys and their safety grants YAML [SAFESERVE_GRANTS]"),
     default_preset: str | None = typer.Option(None, help="preset for requests without a config"),
+    refusal_explain_sentences: int | None = typer.Option(None, help="sentences the model may write after a spliced refusal before the response ends (0: none, -1: no limit) [SAFESERVE_REFUSAL_EXPLAIN_SENTENCES, 1]"),
     max_request_body_bytes: int | None = typer.Option(None, help="largest request body; larger ones get a 413 [SAFESERVE_MAX_REQUEST_BODY_BYTES, 8 MiB]"),
     log_level: str | None = typer.Option(None),
 ):
@@ -52,6 +53,7 @@ def serve(
         api_keys=api_key or None, enforce_eager=enforce_eager, allow_unsafe=allow_unsafe,
         safety_head=safety_head,
         presets=presets, default_preset=default_preset, grants=grants,
+        refusal_explain_sentences=refusal_explain_sentences,
         max_request_body_bytes=max_request_body_bytes, log_level=log_level).items() if v is not None}
     run_server(Settings(**overrides))
 

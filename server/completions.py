@@ -306,7 +306,8 @@ async def _open_choices(engine: Engine, svc: SafetyService | None,
     for i in range(prep.body.n):
         c = ChoiceState(i, f"{base}-{i}-{uuid.uuid4().hex[:8]}")
         if svc is not None and prep.safety is not None:
-            c.extra_args, c.tracker = svc.open(c.request_id, prep.safety, engine.eos_id, query)
+            c.extra_args, c.tracker = svc.open(c.request_id, prep.safety, engine.eos_id, query,
+                                               prefilled=prep.query_ids is not None)
         choices.append(c)
     return choices
 
@@ -373,15 +374,17 @@ async def complete(engine: Engine, svc: SafetyService | None,
 
 
 def _sse(obj) -> str:
-    """One SSE event. Chunks omit unset fields as OpenAI's do, except inside the ``safety``
-    report, which keeps its nulls: the same keys as in a non-streamed response."""
+    """One SSE event. Chunks omit unset fields, except those OpenAI's chunks always carry
+    (each choice's ``finish_reason``, null until the last) and the ``safety`` report, which
+    keeps its nulls: the same keys as in a non-streamed response."""
     if isinstance(obj, str):
         data = obj
-    elif getattr(obj, "safety", None) is None:
-        data = obj.model_dump_json(exclude_none=True)
     else:
         d = obj.model_dump(mode="json", exclude_none=True)
-        d["safety"] = obj.safety.model_dump(mode="json")
+        for choice in d.get("choices") or []:
+            choice.setdefault("finish_reason", None)
+        if getattr(obj, "safety", None) is not None:
+            d["safety"] = obj.safety.model_dump(mode="json")
         data = json.dumps(d, separators=(",", ":"), ensure_ascii=False)
     return f"data: {data}\n\n"
 

@@ -121,7 +121,8 @@ def build_safety(spec: EngineSpec, settings: Settings):
                               default_tau=int((head.extra.get("operating_point") or {}).get(
                                   "tau", DEFAULT_TAU)),
                               allowlist_overall_shift=allowlist_overall_shift(head.extra),
-                              alert_margin=alert_margin, alert_tau=alert_tau)
+                              alert_margin=alert_margin, alert_tau=alert_tau,
+                              explain_sentences=settings.refusal_explain_sentences)
     except (ValueError, OSError) as e:
         raise StartupError(f"safety presets: {e}") from None
     return policy, TelemetryHub()

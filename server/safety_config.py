@@ -38,6 +38,10 @@ DEFAULT_STOP_TEXT = "I can't continue with this request."
 
 
 DEFAULT_TAU = 3  # consecutive violating steps, for heads that do not name their own
+# After a refusal the model explains; small models soon loop ("I'm here to help with ..."
+# again and again), so by default one sentence, then the response ends.
+DEFAULT_EXPLAIN_SENTENCES = 1
+MAX_EXPLAIN_SENTENCES = 16
 
 
 class SafetyConfig(BaseModel):
@@ -53,6 +57,10 @@ class SafetyConfig(BaseModel):
     trace: StrictBool = False
     # None: the head's operating point (``operating_point.tau`` in its checkpoint, else 3).
     tau: StrictInt | None = Field(None, ge=1, le=16)
+    # Sentences the model may write after a spliced refusal (0: none). None: the operator's
+    # default (--refusal-explain-sentences). Not a loosening: the response rule watches the
+    # explanation as it watches any answer, and stops it if it turns unsafe.
+    explain_sentences: StrictInt | None = Field(None, ge=0, le=MAX_EXPLAIN_SENTENCES)
 
     @field_validator("threshold")
     @classmethod
@@ -89,8 +97,13 @@ class SafetyPolicy:
                  default_preset: str = "default", overall_threshold: float = 0.5,
                  default_tau: int = DEFAULT_TAU,
                  allowlist_overall_shift: float = DEFAULT_ALLOWLIST_OVERALL_SHIFT,
-                 alert_margin: float = 0.0, alert_tau: int | None = None):
+                 alert_margin: float = 0.0, alert_tau: int | None = None,
+                 explain_sentences: int = DEFAULT_EXPLAIN_SENTENCES):
         self.taxonomy = taxonomy
+        if not -1 <= explain_sentences <= MAX_EXPLAIN_SENTENCES:
+            raise ValueError(f"explain_sentences must be in [-1, {MAX_EXPLAIN_SENTENCES}] "
+                             "(-1: no limit)")
+        self.explain_sentences = explain_sentences
         self.overall_threshold = overall_threshold
         self.default_tau = default_tau
         # The head's alert band (models/decision_defaults.alert_band): margin in logits below
@@ -175,6 +188,10 @@ class SafetyPolicy:
     def tau_of(self, cfg: SafetyConfig) -> int:
         return cfg.tau if cfg.tau is not None else self.default_tau
 
+    def explain_sentences_of(self, cfg: SafetyConfig) -> int:
+        """Sentences of explanation after a refusal (-1: no limit)."""
+        return cfg.explain_sentences if cfg.explain_sentences is not None else self.explain_sentences
+
     def alert_tau_of(self, cfg: SafetyConfig) -> int | None:
         """The response run after a prompt in the alert band (never longer than tau), or
         None when the head has no band."""
@@ -191,7 +208,7 @@ class SafetyPolicy:
         return out
 
     def compile(self, cfg: SafetyConfig, rid: str, refusal_ids: list[int],
-                eos_id: int) -> W.RowSafetyArgs:
+                eos_id: int, refusal_sep: int = 0) -> W.RowSafetyArgs:
         ids = self.taxonomy.ids
         thresholds = list(self.thresholds_of(cfg).values())  # categories in order, then overall
         allowed = set(cfg.allow)
@@ -210,6 +227,7 @@ class SafetyPolicy:
         alert_tau = self.alert_tau_of(cfg)
         return W.RowSafetyArgs(rid=rid, thresholds=thresholds, masked=masked, tau=self.tau_of(cfg),
                                action=W.ACTION_CODES[cfg.on_violation],
-                               refusal_ids=refusal_ids, eos_id=eos_id,
+                               refusal_ids=refusal_ids, refusal_sep=refusal_sep, eos_id=eos_id,
                                alert_scale=math.exp(self.alert_margin) if alert_tau else 1.0,
-                               alert_tau=alert_tau or 0)
+                               alert_tau=alert_tau or 0,
+                               explain_sentences=self.explain_sentences_of(cfg))

@@ -38,6 +38,35 @@ MAX_REFUSAL_TOKENS = 48
 MAX_PARKED = 4096
 
 
+SENTENCE_END_CHARS = ".!?\u3002\uff01\uff1f"
+
+
+def _ends_sentence(text: str) -> bool:
+    text_end = text.rstrip(" ")
+    return "\n" in text or (text_end != "" and text_end[-1] in SENTENCE_END_CHARS)
+
+
+def vocab_masks(tokenizer_path, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Per vocabulary id: does the token end a sentence (its text, trailing spaces dropped,
+    ends in . ! ? or it holds a newline), and does it hold a letter. (None, None)
+    when the tokenizer cannot be loaded: the explanation after a refusal is then unbounded
+    unless its budget is 0."""
+    if not tokenizer_path:
+        return None, None
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_path))
+    except Exception as e:  # noqa: BLE001 - any failure leaves the explanation unbounded
+        log.warning("no tokenizer for sentence ends (%s): refusal explanations are unbounded", e)
+        return None, None
+    texts = tok.batch_decode([[i] for i in range(len(tok))])
+    ends = [_ends_sentence(t) for t in texts]
+    words = [any(ch.isalpha() for ch in t) for t in texts]  # "1." starts a list, ends nothing
+    return (torch.tensor(ends, dtype=torch.bool, device=device),
+            torch.tensor(words, dtype=torch.bool, device=device))
+
+
 class _Telemetry:
     def __init__(self):
         self.sock = None
@@ -75,6 +104,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.pos = torch.zeros(r, dtype=torch.int32, device=device)
         self.refusal = torch.zeros(r, MAX_REFUSAL_TOKENS, dtype=torch.int64, device=device)
         self.refusal_len = torch.zeros(r, dtype=torch.int32, device=device)
+        # Where the forced refusal starts at a prompt row: past its separator unless prefilled.
+        self.refusal_start = torch.zeros(r, dtype=torch.int32, device=device)
         self.eos = torch.zeros(r, dtype=torch.int64, device=device)
         self.query_cats = torch.zeros(r, dtype=torch.int32, device=device)  # 0: not flagged
         # Alert band: state (set by the decision at the prompt row), its run length and width.
@@ -82,6 +113,12 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.alert_tau = torch.ones(r, dtype=torch.int32, device=device)
         self.alert_scale = torch.ones(r, dtype=torch.float32, device=device)
         self.query_alert = torch.zeros(r, dtype=torch.int32, device=device)
+        # Bounded explanation after a refusal: sentences left (-1: no limit) and whether the
+        # current sentence has a word yet (a bare newline right after the refusal ends none).
+        self.explain_left = torch.full((r,), -1, dtype=torch.int32, device=device)
+        self.seen_word = torch.zeros(r, dtype=torch.int32, device=device)
+        self.sentence_end, self.has_word = vocab_masks(
+            getattr(vllm_config.model_config, "tokenizer", None), device)
         self.rids: list[str | None] = [None] * r
         self.parked: OrderedDict[str, tuple] = OrderedDict()
         self.outputs: list[list[int] | None] = [None] * r  # live refs to output token lists
@@ -137,17 +174,48 @@ class SafetyLogitsProcessor(LogitsProcessor):
         # A flagged verdict is not an alert (the band is "near, not reached").
         self.alert[:n] = torch.where(is_prompt.bool() & (event == EVENT_TRIGGER),
                                      torch.zeros_like(self.alert[:n]), self.alert[:n])
-        forced, acted = self._strategy(n, event, is_prompt.bool())
+        forced, acted = self._strategy(n, event, is_prompt.bool(), self._last_tokens(n))
         logits = self._force(logits, forced)
         self._report(n, scores, event, cats, forced, acted, time.perf_counter() - t0)
         return logits
 
     # -- strategy ----------------------------------------------------------------------
 
-    def _strategy(self, n: int, event: torch.Tensor,
-                  is_prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _last_tokens(self, n: int) -> torch.Tensor | None:
+        """Each row's last output token (-1: none yet), for rows explaining a refusal; None
+        when no row needs it (off-GPU, where asking costs no sync) or the vocabulary's
+        sentence ends are unknown."""
+        if self.sentence_end is None:
+            return None
+        if self.device.type != "cuda" and not bool((self.phase[:n] == W.PHASE_REFUSED).any()):
+            return None
+        last = [o[-1] if o else -1 for o in self.outputs[:n]]
+        return torch.tensor(last, dtype=torch.int64).to(self.device, non_blocking=True)
+
+    def _explanation_done(self, n: int, explaining: torch.Tensor,
+                          last: torch.Tensor | None) -> torch.Tensor:
+        """Rows explaining a refusal whose sentence budget is spent (this step's token is EOS).
+        Only tokens the model wrote count: the first step after the refusal sees the
+        refusal's own last token (pos == refusal_len)."""
+        left, seen = self.explain_left[:n], self.seen_word[:n]
+        if last is not None:
+            wrote = explaining & (self.pos[:n] > self.refusal_len[:n]) & (last >= 0)
+            vocab = self.sentence_end.shape[0]
+            tok = last.clamp(0, vocab - 1)
+            wrote = wrote & (last < vocab)
+            seen = torch.where(wrote & self.has_word[tok], torch.ones_like(seen), seen)
+            ends = wrote & self.sentence_end[tok] & (seen != 0)
+            left = torch.where(ends & (left > 0), left - 1, left)
+            seen = torch.where(ends, torch.zeros_like(seen), seen)
+            self.explain_left[:n], self.seen_word[:n] = left, seen
+        return explaining & (left == 0)
+
+    def _strategy(self, n: int, event: torch.Tensor, is_prompt: torch.Tensor,
+                  last: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Advance each row's phase from this step's event; return the token to force per row
-        (-1: none) and whether an action started this step. Vectorised on device: no sync."""
+        (-1: none) and whether an action started this step. Vectorised on device: no sync.
+        ``last``: each row's last output token (``_last_tokens``), for the explanation's
+        sentence budget."""
         active = self.active[:n].bool()
         phase, pos, action = self.phase[:n], self.pos[:n], self.action[:n]
         trigger = (event == EVENT_TRIGGER) & active & (action != W.ACTION_ANNOTATE)
@@ -155,11 +223,15 @@ class SafetyLogitsProcessor(LogitsProcessor):
         # it more than once); nothing from an earlier chunk is latched.
         phase = torch.where(is_prompt, torch.zeros_like(phase), phase)
         pos = torch.where(is_prompt, torch.zeros_like(pos), pos)
+        explaining = (phase == W.PHASE_REFUSED) & active
         start_refusal = trigger & (phase == W.PHASE_WATCH) & (action == W.ACTION_REFUSE)
         start_stop = trigger & (((phase == W.PHASE_WATCH) & (action == W.ACTION_STOP))
                                 | (phase == W.PHASE_REFUSED))
+        # The explanation ends after its sentence budget, unless it turned unsafe (then stop).
+        close = self._explanation_done(n, explaining, last) & ~start_stop
         phase = torch.where(start_refusal, torch.full_like(phase, W.PHASE_REFUSING), phase)
-        pos = torch.where(start_refusal, torch.zeros_like(pos), pos)
+        pos = torch.where(start_refusal, torch.where(is_prompt, self.refusal_start[:n],
+                                                     torch.zeros_like(pos)), pos)
         phase = torch.where(start_stop, torch.full_like(phase, W.PHASE_STOPPING), phase)
 
         refusing = phase == W.PHASE_REFUSING
@@ -168,12 +240,14 @@ class SafetyLogitsProcessor(LogitsProcessor):
         forced = torch.full((n,), -1, dtype=torch.int64, device=self.device)
         forced = torch.where(refusing, refusal_tok, forced)
         stopping = phase == W.PHASE_STOPPING
-        forced = torch.where(stopping, self.eos[:n], forced)
+        forced = torch.where(stopping | close, self.eos[:n], forced)
 
-        pos = torch.where(refusing, pos + 1, pos)
+        # pos counts forced refusal tokens, then the explanation's tokens after them.
+        pos = torch.where(refusing | explaining, pos + 1, pos)
         done_refusing = refusing & (pos >= self.refusal_len[:n])
         phase = torch.where(done_refusing, torch.full_like(phase, W.PHASE_REFUSED), phase)
         phase = torch.where(stopping, torch.full_like(phase, W.PHASE_DONE), phase)
+        phase = torch.where(close, torch.full_like(phase, W.PHASE_CLOSED), phase)
         # The counter restarts once the refusal is in: the explanation is judged afresh.
         self.counter[:n] = torch.where(refusing, torch.zeros_like(self.counter[:n]),
                                        self.counter[:n])
@@ -248,6 +322,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.masked[i] = torch.tensor(args.masked, dtype=torch.int8)
         self.tau[i], self.action[i], self.active[i] = args.tau, args.action, 1
         self.refusal_len[i] = len(args.refusal_ids)
+        self.refusal_start[i] = 0 if args.prefilled else args.refusal_sep
         if args.refusal_ids:
             self.refusal[i, : len(args.refusal_ids)] = torch.tensor(args.refusal_ids)
         self.eos[i] = args.eos_id
@@ -257,6 +332,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.alert_scale[i] = args.alert_scale
         self.alert_tau[i] = args.alert_tau or args.tau
         self.query_alert[i] = int(args.query_alert)
+        self.explain_left[i] = args.explain_sentences
 
     def _clear(self, i: int) -> None:
         self.rids[i], self.outputs[i] = None, None
@@ -267,10 +343,12 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.query_cats[i] = 0
         self.alert[i] = 0
         self.query_alert[i] = 0
+        self.explain_left[i] = -1
+        self.seen_word[i] = 0
 
     _TENSORS = ("thresholds", "masked", "counter", "tau", "active", "action", "phase", "pos",
-                "refusal", "refusal_len", "eos", "query_cats", "alert", "alert_tau",
-                "alert_scale", "query_alert")
+                "refusal", "refusal_len", "refusal_start", "eos", "query_cats", "alert", "alert_tau",
+                "alert_scale", "query_alert", "explain_left", "seen_word")
 
     def _move(self, src: int, dst: int) -> None:
         for name in self._TENSORS:

@@ -17,6 +17,7 @@ from safeserve.server.safety_config import (
 from safeserve.server.safety_tracker import RequestTracker, TelemetryHub
 from safeserve.server.safety_wire import StepRecord
 
+REFUSAL_SEPARATOR = "\n\n"
 GUIDELINE_TEMPLATE = "Safety guideline for this conversation (follow it):\n{guideline}"
 
 
@@ -29,11 +30,12 @@ class RequestSafety:
     tau: int  # the effective tau: the config's, or the head's operating point
     alert_margin: float = 0.0  # the head's alert band, logits below the prompt thresholds
     alert_tau: int | None = None  # the response run after a prompt in the band
+    explain_sentences: int = -1  # sentences after a refusal (-1: no limit)
 
     def echo(self) -> dict:
         return {"preset": self.preset, **self.config.echo(), "tau": self.tau,
                 "alert_margin": self.alert_margin if self.alert_tau else None,
-                "alert_tau": self.alert_tau}
+                "alert_tau": self.alert_tau, "explain_sentences": self.explain_sentences}
 
 
 class SafetyService:
@@ -41,6 +43,7 @@ class SafetyService:
         self.policy, self.hub = policy, hub
         self._tokenizer = tokenizer_getter
         self._refusal_ids: list[int] | None = None
+        self._refusal_sep = 0
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -51,7 +54,7 @@ class SafetyService:
         if trace and not cfg.trace:
             cfg = cfg.model_copy(update={"trace": True})
         return RequestSafety(preset, cfg, self.policy.tau_of(cfg), self.policy.alert_margin,
-                             self.policy.alert_tau_of(cfg))
+                             self.policy.alert_tau_of(cfg), self.policy.explain_sentences_of(cfg))
 
     def authorize(self, principal: Principal, req: RequestSafety) -> None:
         """403 if the key may not ask for ``req``; else ``req`` becomes the config it runs
@@ -59,19 +62,27 @@ class SafetyService:
         req.config = authorize_config(principal, req.preset, req.config, self.policy)
         req.tau = self.policy.tau_of(req.config)
         req.alert_tau = self.policy.alert_tau_of(req.config)
+        req.explain_sentences = self.policy.explain_sentences_of(req.config)
 
     def refusal_ids(self) -> list[int]:
+        """The separator's ids, then the refusal's (``_refusal_sep`` of them are the former);
+        each tokenized on its own so the refusal's tokens are the same with or without it."""
         if self._refusal_ids is None:
             tok = self._tokenizer()
-            self._refusal_ids = tok(DEFAULT_REFUSAL + " ", add_special_tokens=False)["input_ids"]
+            sep = tok(REFUSAL_SEPARATOR, add_special_tokens=False)["input_ids"]
+            refusal = tok(DEFAULT_REFUSAL + " ", add_special_tokens=False)["input_ids"]
+            self._refusal_ids, self._refusal_sep = sep + refusal, len(sep)
         return self._refusal_ids
 
     def open(self, rid: str, req: RequestSafety, eos_id: int,
-             query: StepRecord | None = None) -> tuple[dict, RequestTracker]:
+             query: StepRecord | None = None,
+             prefilled: bool = False) -> tuple[dict, RequestTracker]:
         """Compiled row args for one engine request, and the tracker that receives its
         telemetry. ``query``: the verdict on a prefilled request's query (see
         ``completions.query_verdict``), carried to the worker so it acts on it."""
-        args = self.policy.compile(req.config, rid, self.refusal_ids(), eos_id)
+        ids = self.refusal_ids()
+        args = self.policy.compile(req.config, rid, ids, eos_id, self._refusal_sep)
+        args.prefilled = prefilled
         if query is not None and query.event == EVENT_TRIGGER:
             args.query_flagged, args.query_cats = True, query.cats
         elif query is not None and query.alert:

@@ -21,6 +21,7 @@ PHASE_REFUSING = 1  # forcing the refusal prefix, one token per step
 PHASE_REFUSED = 2  # prefix spliced in; the model explains; a new trigger stops
 PHASE_STOPPING = 3  # forcing end-of-sequence
 PHASE_DONE = 4  # EOS forced; nothing more to do
+PHASE_CLOSED = 5  # the explanation after a refusal reached its sentence budget; EOS forced
 
 
 @dataclass
@@ -33,6 +34,11 @@ class RowSafetyArgs:
     tau: int
     action: int
     refusal_ids: list[int] = field(default_factory=list)
+    # The first refusal_sep ids of refusal_ids are a paragraph break that sets the refusal off
+    # from text before it (an answer cut mid-sentence, an attacker's prefill); skipped when the
+    # refusal is the whole answer (the prompt verdict of a request without a prefill).
+    refusal_sep: int = 0
+    prefilled: bool = False
     eos_id: int = 0
     # Prefilled requests: the verdict on the user's query alone (measured by the HTTP side in
     # a one-token request before this one), so an attacker's assistant prefill cannot hide
@@ -45,6 +51,9 @@ class RowSafetyArgs:
     alert_scale: float = 1.0
     alert_tau: int = 0
     query_alert: bool = False
+    # Sentences the model may write after a spliced refusal before the response ends
+    # (0: end right after the refusal; -1: no limit, the paper's open-ended explanation).
+    explain_sentences: int = -1
 
     @property
     def tau_alerted(self) -> int:

@@ -32,6 +32,9 @@ class Settings(BaseSettings):
         "(default, strict) or a directory holding safety_head/ (and optionally adapter/)")
     presets: Path | None = Field(None, description="safety presets YAML (default: built-in)")
     default_preset: str = Field("default", description="preset for requests with no config")
+    refusal_explain_sentences: int = Field(
+        1, ge=-1, le=16, description="sentences the model may write after a spliced refusal "
+        "before the response ends (0: none; -1: no limit); a request's explain_sentences overrides")
     max_request_body_bytes: int = Field(
         8 * 1024 * 1024, ge=1024,
         description="largest request body accepted; larger ones get a 413 before they are parsed")

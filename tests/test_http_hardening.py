@@ -149,7 +149,8 @@ def test_json_numbers_still_pass(client):
     ({"tau": "3"}, "tau"), ({"tau": True}, "tau"), ({"tau": 2.0}, "tau"),
     ({"threshold": "0.5"}, "threshold"), ({"threshold": True}, "threshold"),
     ({"threshold": {"violence": "0.4"}}, "threshold"), ({"holdback": "yes"}, "holdback"),
-    ({"trace": 1}, "trace"),
+    ({"trace": 1}, "trace"), ({"explain_sentences": "1"}, "explain_sentences"),
+    ({"explain_sentences": -1}, "explain_sentences"), ({"explain_sentences": 17}, "explain_sentences"),
 ])
 def test_safety_config_types_are_strict(client, cfg, param):
     r = client.post("/v1/chat/completions", json=body(safety_config=cfg))

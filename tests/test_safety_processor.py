@@ -145,3 +145,76 @@ def test_tracker_keeps_only_the_last_prefill_chunks_verdict():
     tracker.add(W.StepRecord("r", 1, [0.1] * 10, 0, 0, W.PHASE_WATCH, -1, 0))
     report = tracker.report()
     assert report.action == "none" and not report.prompt.flagged
+
+
+def _explaining_processor(capacity: int = 4):
+    """A processor over a 16-token toy vocabulary: 8 is '.', 9 is a bare newline, 10 a word;
+    the refusal is [5, 8] ('Sorry' '.'), so its own last token ends a sentence."""
+    proc, sent = _processor(capacity)
+    proc.sentence_end = torch.zeros(16, dtype=torch.bool)
+    proc.sentence_end[[8, 9]] = True
+    proc.has_word = torch.zeros(16, dtype=torch.bool)
+    proc.has_word[[5, 10]] = True
+    return proc, sent
+
+
+def test_the_explanation_after_a_refusal_ends_after_its_sentence_budget():
+    from safeserve.server import safety_wire as W
+
+    proc, sent = _explaining_processor()
+    budgets = {"none": 0, "one": 1, "open": -1, "turns-unsafe": 1}
+    outs = {rid: [] for rid in budgets}
+    for i, (rid, budget) in enumerate(budgets.items()):
+        proc._add(i, _args(rid, refusal_ids=[5, 8], alert_scale=1.0, alert_tau=0,
+                           tau=1 if rid == "turns-unsafe" else 3, explain_sentences=budget),
+                  outs[rid])
+    flagged, benign = [0.9] * 10, [0.1] * 10
+
+    def step(rows_scores, written=None):
+        """One engine step; each row's sampled (or forced) token is appended as vLLM does."""
+        logits = _step(proc, rows_scores)
+        for i, rid in enumerate(budgets):
+            forced = int(logits[i].argmax()) if not torch.isfinite(logits[i]).all() else None
+            outs[rid].append(forced if forced is not None else (written or {}).get(rid, 10))
+        return logits
+
+    step([flagged] * 4)  # prompt verdict: all refuse; '5' forced
+    step([benign] * 4)  # '8' forced: the refusal is in
+    assert outs["one"] == [5, 8] and proc.phase[:4].tolist() == [W.PHASE_REFUSED] * 4
+    # first step after the refusal: the refusal's own '.' ends nothing; budget 0 ends here
+    logits = step([benign] * 4, written={"one": 9, "turns-unsafe": 10})
+    assert int(logits[0].argmax()) == 0 and proc.phase[0] == W.PHASE_CLOSED
+    assert torch.isfinite(logits[1]).all() and proc.phase[1] == W.PHASE_REFUSED
+    # a bare newline with no word before it is not a sentence; a word then '.' is
+    step([benign] * 4, written={"one": 10, "open": 8, "turns-unsafe": 8})
+    assert proc.phase[1:4].tolist() == [W.PHASE_REFUSED] * 3
+    # "turns-unsafe" reads its '.' (budget spent) in the step its signal fires (tau 1): the
+    # response rule wins, so it stops (content filter), not a quiet close
+    logits = step([benign, benign, benign, flagged], written={"one": 8})
+    assert int(logits[3].argmax()) == 0 and proc.phase[3] == W.PHASE_DONE
+    assert proc.phase[1] == W.PHASE_REFUSED  # 'one' read 'word', wrote '.'
+    logits = step([benign] * 4)
+    assert int(logits[1].argmax()) == 0 and proc.phase[1] == W.PHASE_CLOSED
+    assert proc.phase[2] == W.PHASE_REFUSED and torch.isfinite(logits[2]).all()  # no limit
+    by_rid = {r.rid: r for r in sent if r.index == len(outs[r.rid]) - 1}
+    assert by_rid["one"].phase == W.PHASE_CLOSED and by_rid["one"].forced == 0
+    assert by_rid["one"].acted == 0  # closing is not a safety action
+
+
+def test_refusal_separator_is_skipped_only_when_the_refusal_is_the_whole_answer():
+    """refusal_ids = [sep, 5, 6] with refusal_sep 1: a prompt verdict on a plain request forces
+    5, 6; on a prefilled request (text before it: the prefill) and mid-answer, sep, 5, 6."""
+    proc, _ = _processor()
+    outs = {"plain": [], "prefilled": [], "mid": [3, 3]}
+    for i, rid in enumerate(outs):
+        proc._add(i, _args(rid, refusal_ids=[9, 5, 6], refusal_sep=1, tau=1,
+                           prefilled=rid == "prefilled", alert_scale=1.0, alert_tau=0), outs[rid])
+    forced = {rid: [] for rid in outs}
+    for _ in range(3):
+        logits = _step(proc, [[0.9] * 10] * 3)
+        for i, rid in enumerate(outs):
+            if not torch.isfinite(logits[i]).all():
+                forced[rid].append(int(logits[i].argmax()))
+            outs[rid].append(int(logits[i].argmax()))
+    assert forced["plain"][:2] == [5, 6]
+    assert forced["prefilled"] == [9, 5, 6] and forced["mid"] == [9, 5, 6]

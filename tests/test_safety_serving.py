@@ -79,7 +79,8 @@ def test_flagged_query_acts_at_the_first_token_after_the_prefill(http, server):
     s = data["safety"]
     assert s["query"]["flagged"] is True and "violence" in s["query"]["categories"]
     assert s["prompt"]["flagged"] is True and s["action"] in ("refuse", "stop")
-    assert data["choices"][0]["message"]["content"].startswith(DEFAULT_REFUSAL)
+    # set off from the attacker's prefill by a paragraph break
+    assert data["choices"][0]["message"]["content"].startswith("\n\n" + DEFAULT_REFUSAL)
     # Streaming takes the same path; the verdict arrives on the final chunk.
     with http.stream("POST", "/v1/chat/completions", json={
             "model": server.model, "messages": prefill, "max_tokens": 8, "temperature": 0,
@@ -98,8 +99,34 @@ def test_mid_generation_trigger_refuses_at_the_flagged_token(http, server):
     data = r.json()
     text, s = data["choices"][0]["message"]["content"], data["safety"]
     assert "Paris" not in text and DEFAULT_REFUSAL in text
+    # mid-answer, the refusal starts a paragraph of its own
+    assert text.index(DEFAULT_REFUSAL) == 0 or "\n\n" + DEFAULT_REFUSAL in text
     assert s["response"]["flagged"] is True and s["response"]["categories"] == ["weapons"]
     assert s["response"]["token_index"] >= 1 and s["action"] == "refuse"
+
+
+def test_refusal_explanation_budget_ends_the_response(http, server):
+    """explain_sentences 0: the response is the refusal and nothing more, ended by a normal
+    EOS (finish_reason stop, not content_filter), streamed or not; the echo shows the budget."""
+    cfg = {"allow": ["violence"], "tau": 1, "explain_sentences": 0}
+    data = chat(http, server, FRANCE, safety_config=cfg, max_tokens=48).json()
+    text, s = data["choices"][0]["message"]["content"], data["safety"]
+    assert "Paris" not in text and text.rstrip().endswith(DEFAULT_REFUSAL)
+    assert data["choices"][0]["finish_reason"] == "stop" and s["action"] == "refuse"
+    assert s["config"]["explain_sentences"] == 0
+    assert data["usage"]["completion_tokens"] < 48
+    with http.stream("POST", "/v1/chat/completions", json={
+            "model": server.model, "messages": FRANCE, "max_tokens": 48, "temperature": 0,
+            "stream": True, "safety_config": {**cfg, "holdback": True}}) as resp:
+        events = [json.loads(line[6:]) for line in resp.iter_lines()
+                  if line.startswith("data: {")]
+    streamed = "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
+    assert streamed == text  # holdback: the flagged run is withheld, as in the unary text
+    # every chunk's choice carries finish_reason (null until the last), as OpenAI's do
+    assert [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]] == ["stop"]
+    # the server's default budget (one sentence) is echoed when the request names none
+    s = chat(http, server, FRANCE, safety_config={"allow": ["violence"], "tau": 1}).json()["safety"]
+    assert s["config"]["explain_sentences"] == 1
 
 
 def test_tau_needs_consecutive_violations(http, server):
