@@ -58,8 +58,7 @@ class SafetyConfig(BaseModel):
     # None: the head's operating point (``operating_point.tau`` in its checkpoint, else 3).
     tau: StrictInt | None = Field(None, ge=1, le=16)
     # Sentences the model may write after a spliced refusal (0: none). None: the operator's
-    # default (--refusal-explain-sentences). Not a loosening: the response rule watches the
-    # explanation as it watches any answer, and stops it if it turns unsafe.
+    # default (--refusal-explain-sentences), which is also the most a request may ask for.
     explain_sentences: StrictInt | None = Field(None, ge=0, le=MAX_EXPLAIN_SENTENCES)
 
     @field_validator("threshold")
@@ -168,6 +167,11 @@ class SafetyPolicy:
             cfg = SafetyConfig(**value)
         except ValidationError as e:
             raise _config_error(source, e) from None
+        limit = self.explain_sentences
+        if cfg.explain_sentences is not None and 0 <= limit < cfg.explain_sentences:
+            raise bad_request(f"invalid safety config field 'explain_sentences': at most {limit} "
+                              "on this server", param=f"{source}.explain_sentences",
+                              code="invalid_safety_config")
         return None, self._checked(cfg, source)
 
     def resolve(self, header: str | None, body) -> tuple[str | None, SafetyConfig]:

@@ -39,27 +39,24 @@ MAX_PARKED = 4096
 
 
 SENTENCE_END_CHARS = ".!?\u3002\uff01\uff1f"
+CLOSERS = " \"')]}*\u201d\u2019\u00bb"  # may follow a sentence's end: ." .) .** .”
 
 
 def _ends_sentence(text: str) -> bool:
-    text_end = text.rstrip(" ")
+    text_end = text.rstrip(CLOSERS)
     return "\n" in text or (text_end != "" and text_end[-1] in SENTENCE_END_CHARS)
 
 
 def vocab_masks(tokenizer_path, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Per vocabulary id: does the token end a sentence (its text, trailing spaces dropped,
-    ends in . ! ? or it holds a newline), and does it hold a letter. (None, None)
-    when the tokenizer cannot be loaded: the explanation after a refusal is then unbounded
-    unless its budget is 0."""
+    """Per vocabulary id: does the token end a sentence (its text, closing quotes, brackets
+    and spaces dropped, ends in . ! ? or it holds a newline), and does it hold a letter.
+    (None, None) without a tokenizer path (unit tests); a tokenizer that cannot be loaded
+    fails the engine's start, rather than serve explanations the budget cannot end."""
     if not tokenizer_path:
         return None, None
-    try:
-        from transformers import AutoTokenizer
+    from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(tokenizer_path))
-    except Exception as e:  # noqa: BLE001 - any failure leaves the explanation unbounded
-        log.warning("no tokenizer for sentence ends (%s): refusal explanations are unbounded", e)
-        return None, None
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_path))
     texts = tok.batch_decode([[i] for i in range(len(tok))])
     ends = [_ends_sentence(t) for t in texts]
     words = [any(ch.isalpha() for ch in t) for t in texts]  # "1." starts a list, ends nothing
@@ -101,7 +98,10 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.active = torch.zeros(r, dtype=torch.int8, device=device)
         self.action = torch.zeros(r, dtype=torch.int32, device=device)
         self.phase = torch.zeros(r, dtype=torch.int32, device=device)
-        self.pos = torch.zeros(r, dtype=torch.int32, device=device)
+        # Output length at which the refusal's first token would be forced (see _strategy),
+        # and the output length whose last token the sentence count has read.
+        self.origin = torch.zeros(r, dtype=torch.int32, device=device)
+        self.read_len = torch.zeros(r, dtype=torch.int32, device=device)
         self.refusal = torch.zeros(r, MAX_REFUSAL_TOKENS, dtype=torch.int64, device=device)
         self.refusal_len = torch.zeros(r, dtype=torch.int32, device=device)
         # Where the forced refusal starts at a prompt row: past its separator unless prefilled.
@@ -155,27 +155,40 @@ class SafetyLogitsProcessor(LogitsProcessor):
             return logits
         t0 = time.perf_counter()
         scores = STEP_SIGNAL.take(n)
-        prompt_rows = [o is not None and len(o) == 0 for o in self.outputs[:n]]
-        is_prompt = torch.tensor(prompt_rows, dtype=torch.int8).to(self.device, non_blocking=True)
+        # Output length per row (-1: no request): 0 is a prompt row; the strategy derives its
+        # positions from it, so a step whose sampled token vLLM discards (a chunked prefill of
+        # a resumed request) is simply repeated, never counted twice.
+        lengths = [-1 if o is None else len(o) for o in self.outputs[:n]]
+        out_len = torch.tensor(lengths, dtype=torch.int32).to(self.device, non_blocking=True)
+        is_prompt = (out_len == 0).to(torch.int8)
         # Off-GPU, skip the offset on the many steps without a prompt row.
-        if self.prompt_offset and (self.device.type == "cuda" or any(prompt_rows)):
+        if self.prompt_offset and (self.device.type == "cuda" or 0 in lengths):
             scores = offset_prompt_rows(scores, is_prompt, self.prompt_offset)
         event, cats = decide(scores, self.thresholds, self.masked, self.counter, self.tau,
                              is_prompt, self.active, alert=self.alert, alert_tau=self.alert_tau,
                              alert_scale=self.alert_scale)
-        # A prefilled request's query verdict counts as its prompt verdict: in the alert band,
-        # it alerts the row; flagged, the row acts at its first sampled token, whatever the
-        # text after the prefill scores.
-        self.alert[:n] = torch.where(is_prompt.bool() & (self.query_alert[:n] != 0),
-                                     torch.ones_like(self.alert[:n]), self.alert[:n])
-        pre = is_prompt.bool() & (self.query_cats[:n] != 0)
-        event = torch.where(pre, torch.full_like(event, EVENT_TRIGGER), event)
-        cats = torch.where(pre, cats | self.query_cats[:n], cats)
-        # A flagged verdict is not an alert (the band is "near, not reached").
-        self.alert[:n] = torch.where(is_prompt.bool() & (event == EVENT_TRIGGER),
-                                     torch.zeros_like(self.alert[:n]), self.alert[:n])
-        forced, acted = self._strategy(n, event, is_prompt.bool(), self._last_tokens(n))
-        logits = self._force(logits, forced)
+        cuda = self.device.type == "cuda"
+        if cuda or 0 in lengths:  # prompt rows only (off-GPU, skipped on decode-only steps)
+            # A prefilled request's query verdict counts as its prompt verdict: in the alert
+            # band, it alerts the row; flagged, the row acts at its first sampled token,
+            # whatever the text after the prefill scores.
+            self.alert[:n] = torch.where(is_prompt.bool() & (self.query_alert[:n] != 0),
+                                         torch.ones_like(self.alert[:n]), self.alert[:n])
+            pre = is_prompt.bool() & (self.query_cats[:n] != 0)
+            event = torch.where(pre, torch.full_like(event, EVENT_TRIGGER), event)
+            cats = torch.where(pre, cats | self.query_cats[:n], cats)
+            # A flagged verdict is not an alert (the band is "near, not reached").
+            self.alert[:n] = torch.where(is_prompt.bool() & (event == EVENT_TRIGGER),
+                                         torch.zeros_like(self.alert[:n]), self.alert[:n])
+        if not cuda and not bool(((self.phase[:n] != W.PHASE_WATCH)
+                                  | (event == EVENT_TRIGGER)).any()):
+            # Off-GPU, a step where every row is watching and none triggers changes no state
+            # and forces nothing: the strategy would be a no-op (nearly every decode step).
+            forced = torch.full((n,), -1, dtype=torch.int64)
+            acted = torch.zeros(n, dtype=torch.bool)
+        else:
+            forced, acted, event = self._strategy(n, event, out_len, self._last_tokens(n))
+            logits = self._force(logits, forced)
         self._report(n, scores, event, cats, forced, acted, time.perf_counter() - t0)
         return logits
 
@@ -192,67 +205,89 @@ class SafetyLogitsProcessor(LogitsProcessor):
         last = [o[-1] if o else -1 for o in self.outputs[:n]]
         return torch.tensor(last, dtype=torch.int64).to(self.device, non_blocking=True)
 
-    def _explanation_done(self, n: int, explaining: torch.Tensor,
-                          last: torch.Tensor | None) -> torch.Tensor:
-        """Rows explaining a refusal whose sentence budget is spent (this step's token is EOS).
-        Only tokens the model wrote count: the first step after the refusal sees the
-        refusal's own last token (pos == refusal_len)."""
+    def _count_sentences(self, n: int, wrote: torch.Tensor, last: torch.Tensor | None) -> None:
+        """Spend the explanation's sentence budget on ``wrote`` rows (the model wrote their
+        last token and it was not counted yet) whose last token ends a sentence that has a
+        word (a bare newline right after the refusal ends none)."""
+        if last is None:
+            return
         left, seen = self.explain_left[:n], self.seen_word[:n]
-        if last is not None:
-            wrote = explaining & (self.pos[:n] > self.refusal_len[:n]) & (last >= 0)
-            vocab = self.sentence_end.shape[0]
-            tok = last.clamp(0, vocab - 1)
-            wrote = wrote & (last < vocab)
-            seen = torch.where(wrote & self.has_word[tok], torch.ones_like(seen), seen)
-            ends = wrote & self.sentence_end[tok] & (seen != 0)
-            left = torch.where(ends & (left > 0), left - 1, left)
-            seen = torch.where(ends, torch.zeros_like(seen), seen)
-            self.explain_left[:n], self.seen_word[:n] = left, seen
-        return explaining & (left == 0)
+        vocab = self.sentence_end.shape[0]
+        tok = last.clamp(0, vocab - 1)
+        wrote = wrote & (last >= 0) & (last < vocab)
+        seen = torch.where(wrote & self.has_word[tok], torch.ones_like(seen), seen)
+        ends = wrote & self.sentence_end[tok] & (seen != 0)
+        self.explain_left[:n] = torch.where(ends & (left > 0), left - 1, left)
+        self.seen_word[:n] = torch.where(ends, torch.zeros_like(seen), seen)
 
-    def _strategy(self, n: int, event: torch.Tensor, is_prompt: torch.Tensor,
-                  last: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _strategy(self, n: int, event: torch.Tensor, out_len: torch.Tensor,
+                  last: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Advance each row's phase from this step's event; return the token to force per row
-        (-1: none) and whether an action started this step. Vectorised on device: no sync.
-        ``last``: each row's last output token (``_last_tokens``), for the explanation's
-        sentence budget."""
+        (-1: none), whether an action started this step, and the event as acted on.
+        Vectorised on device: no sync. ``out_len``: each row's output length (0: a prompt
+        row); ``last``: each row's last output token (``_last_tokens``), for the
+        explanation's sentence budget.
+
+        Positions come from the output length, so a repeated step forces the same token:
+        the refusal token at a step is refusal[out_len - origin]. Terminal phases (DONE,
+        CLOSED) force end-of-sequence at every step, so a request that ignores EOS gets
+        nothing more."""
         active = self.active[:n].bool()
-        phase, pos, action = self.phase[:n], self.pos[:n], self.action[:n]
-        trigger = (event == EVENT_TRIGGER) & active & (action != W.ACTION_ANNOTATE)
+        is_prompt = out_len == 0
+        phase, origin, action = self.phase[:n], self.origin[:n], self.action[:n]
+        counter = self.counter[:n]
         # A prompt row is re-decided from its verdict every time (a chunked prefill may show
         # it more than once); nothing from an earlier chunk is latched.
         phase = torch.where(is_prompt, torch.zeros_like(phase), phase)
-        pos = torch.where(is_prompt, torch.zeros_like(pos), pos)
-        explaining = (phase == W.PHASE_REFUSED) & active
+        k = out_len - origin
+        in_refusal = ((phase == W.PHASE_REFUSING) | (phase == W.PHASE_REFUSED)) & active
+        refusal_len = self.refusal_len[:n]
+        refusing = in_refusal & (k < refusal_len)
+        explaining = in_refusal & (k >= refusal_len)
+        # The first explaining step reads the refusal's own last token: nothing to judge yet.
+        first = explaining & (k == refusal_len)
+        # Decisions are suspended while the refusal is forced and on that first step.
+        suspended = refusing | first
+        event = torch.where(suspended, torch.zeros_like(event), event)
+        trigger = (event == EVENT_TRIGGER) & active & (action != W.ACTION_ANNOTATE)
         start_refusal = trigger & (phase == W.PHASE_WATCH) & (action == W.ACTION_REFUSE)
         start_stop = trigger & (((phase == W.PHASE_WATCH) & (action == W.ACTION_STOP))
-                                | (phase == W.PHASE_REFUSED))
-        # The explanation ends after its sentence budget, unless it turned unsafe (then stop).
-        close = self._explanation_done(n, explaining, last) & ~start_stop
-        phase = torch.where(start_refusal, torch.full_like(phase, W.PHASE_REFUSING), phase)
-        pos = torch.where(start_refusal, torch.where(is_prompt, self.refusal_start[:n],
-                                                     torch.zeros_like(pos)), pos)
-        phase = torch.where(start_stop, torch.full_like(phase, W.PHASE_STOPPING), phase)
+                                | explaining)
+        # The refusal starts a paragraph of its own unless it is the whole answer: at a plain
+        # request's prompt row, or when the violating run it replaces is all there is.
+        whole = is_prompt | (out_len <= counter)
+        start = torch.where(whole, self.refusal_start[:n], torch.zeros_like(origin))
+        origin = torch.where(start_refusal, out_len - start, origin)
+        k = out_len - origin
+        refusing = refusing | start_refusal
+        # The explanation: count what the model wrote since the last step, then close it once
+        # its sentence budget is spent, unless it turned unsafe (then stop).
+        wrote = explaining & ~first & (out_len > self.read_len[:n])
+        self._count_sentences(n, wrote, last)
+        self.read_len[:n] = torch.where(explaining, out_len, self.read_len[:n])
+        close = explaining & (self.explain_left[:n] == 0) & ~start_stop
 
-        refusing = phase == W.PHASE_REFUSING
-        idx = pos.clamp(max=MAX_REFUSAL_TOKENS - 1).long().unsqueeze(1)
+        idx = k.clamp(0, MAX_REFUSAL_TOKENS - 1).long().unsqueeze(1)
         refusal_tok = self.refusal[:n].gather(1, idx).squeeze(1)
-        forced = torch.full((n,), -1, dtype=torch.int64, device=self.device)
-        forced = torch.where(refusing, refusal_tok, forced)
-        stopping = phase == W.PHASE_STOPPING
-        forced = torch.where(stopping | close, self.eos[:n], forced)
-
-        # pos counts forced refusal tokens, then the explanation's tokens after them.
-        pos = torch.where(refusing | explaining, pos + 1, pos)
-        done_refusing = refusing & (pos >= self.refusal_len[:n])
-        phase = torch.where(done_refusing, torch.full_like(phase, W.PHASE_REFUSED), phase)
-        phase = torch.where(stopping, torch.full_like(phase, W.PHASE_DONE), phase)
+        forced = torch.where(refusing, refusal_tok,
+                             torch.full((n,), -1, dtype=torch.int64, device=self.device))
+        phase = torch.where(refusing, torch.where(k + 1 >= refusal_len,
+                                                  torch.full_like(phase, W.PHASE_REFUSED),
+                                                  torch.full_like(phase, W.PHASE_REFUSING)),
+                            phase)
+        phase = torch.where(start_stop, torch.full_like(phase, W.PHASE_DONE), phase)
         phase = torch.where(close, torch.full_like(phase, W.PHASE_CLOSED), phase)
-        # The counter restarts once the refusal is in: the explanation is judged afresh.
-        self.counter[:n] = torch.where(refusing, torch.zeros_like(self.counter[:n]),
-                                       self.counter[:n])
-        self.phase[:n], self.pos[:n] = phase, pos
-        return forced, start_refusal | start_stop
+        ended = (phase == W.PHASE_DONE) | (phase == W.PHASE_CLOSED)
+        forced = torch.where(ended & active, self.eos[:n], forced)
+        # Once the refusal is in, the request has been judged harmful: the explanation's run
+        # is one step, counted afresh from the step after the first.
+        for run in (self.tau, self.alert_tau):
+            run[:n] = torch.where(first, torch.full_like(run[:n], W.TAU_AFTER_REFUSAL), run[:n])
+        self.counter[:n] = torch.where(suspended | start_refusal, torch.zeros_like(counter),
+                                       counter)
+        self.phase[:n], self.origin[:n] = phase, origin
+        return forced, start_refusal | start_stop, event
 
     @staticmethod
     def _force(logits: torch.Tensor, forced: torch.Tensor,
@@ -339,14 +374,16 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.active[i] = 0
         self.counter[i] = 0
         self.phase[i] = W.PHASE_WATCH
-        self.pos[i] = 0
+        self.origin[i] = 0
+        self.read_len[i] = 0
         self.query_cats[i] = 0
         self.alert[i] = 0
         self.query_alert[i] = 0
         self.explain_left[i] = -1
         self.seen_word[i] = 0
 
-    _TENSORS = ("thresholds", "masked", "counter", "tau", "active", "action", "phase", "pos",
+    _TENSORS = ("thresholds", "masked", "counter", "tau", "active", "action", "phase", "origin",
+                "read_len",
                 "refusal", "refusal_len", "refusal_start", "eos", "query_cats", "alert", "alert_tau",
                 "alert_scale", "query_alert", "explain_left", "seen_word")
 

@@ -107,9 +107,8 @@ def test_head_operating_point_tau_is_the_default_and_never_refused():
 
 
 def test_explanation_budget_comes_from_the_operator_unless_the_request_names_one(tmp_path):
-    """The operator's --refusal-explain-sentences is every request's default (-1: no limit),
-    a request may name its own (0-16, never refused: the response rule watches the
-    explanation like any answer); the effective value is echoed and compiled."""
+    """The operator's --refusal-explain-sentences is every request's default and ceiling
+    (-1: no limit); a request may ask for fewer; the effective value is echoed and compiled."""
     from safeserve.server.auth import Grant, Principal
     from safeserve.server.launch import build_safety
     from safeserve.server.safety_service import SafetyService
@@ -117,13 +116,20 @@ def test_explanation_budget_comes_from_the_operator_unless_the_request_names_one
     tax = Taxonomy.load()
     SafetyHead(torch.zeros(tax.num_outputs, 8), torch.zeros(tax.num_outputs), tax).save(tmp_path)
     spec = EngineSpec(model_dir=tmp_path, served_name="m", has_head=True, safety_enabled=True)
-    for operator, asked, want in ((1, None, 1), (-1, None, -1), (1, 4, 4), (2, 0, 0)):
+    for operator, asked, want in ((1, None, 1), (-1, None, -1), (-1, 4, 4), (2, 0, 0), (2, 2, 2)):
         policy, _ = build_safety(spec, Settings(refusal_explain_sentences=operator))
         svc = SafetyService(policy, TelemetryHub(), lambda: None)
         req = svc.resolve(None, None if asked is None else {"explain_sentences": asked})
         svc.authorize(Principal("plain", Grant()), req)
         assert req.echo()["explain_sentences"] == want
         assert policy.compile(req.config, "r", [1], 2).explain_sentences == want
+    from safeserve.server.errors import APIError
+
+    policy, _ = build_safety(spec, Settings(refusal_explain_sentences=1))
+    with pytest.raises(APIError) as err:  # the operator's value is also the ceiling
+        policy.resolve('{"explain_sentences": 2}', None)
+    assert err.value.status == 400 and "at most 1" in err.value.message
+    assert err.value.body()["error"]["param"] == "X-Safety-Config.explain_sentences"
     with pytest.raises(ValueError):
         Settings(refusal_explain_sentences=-2)
     with pytest.raises(ValueError):

@@ -428,6 +428,33 @@ def test_decide_matches_reference(n_rows, n_cats):
     _assert_same(got, want)
 
 
+def test_decide_quiet_step_shortcut_matches_reference():
+    """Off-GPU, decide() answers a step with no prompt row and nothing at or over a threshold
+    without the reference (the common decode step): same events, bits, counters, alerts."""
+    from safeserve.kernels import safety_decision as D
+
+    g = _gen(77)
+    for n_rows, n_cats in ((1, 10), (9, 3), (33, 31)):
+        capacity = n_rows + 3
+        thresholds, masked, counter, tau, active = _decision_state(capacity, n_cats, g)
+        alert, alert_tau, _, scale = _alert_state(capacity, g)
+        scores = torch.rand(n_rows, n_cats, generator=g) * thresholds[:n_rows] * 0.999
+        scores[0, 0] = float("nan")  # never over, never a violation
+        is_prompt = torch.zeros(n_rows, dtype=torch.int8)
+        assert D._quiet_step(scores, thresholds, is_prompt)
+        counter_ref, alert_ref = counter.clone(), alert.clone()
+        got = D.decide(scores, thresholds, masked, counter, tau, is_prompt, active, alert=alert,
+                       alert_tau=alert_tau, alert_scale=scale)
+        want = D.decide_reference(scores, thresholds, masked, counter_ref, tau, is_prompt,
+                                  active, alert_ref, alert_tau, scale)
+        _assert_same((*got, counter, alert), (*want, counter_ref, alert_ref))
+        # one score on its threshold, or one prompt row: not quiet
+        loud = scores.clone()
+        loud[-1, -1] = thresholds[n_rows - 1, -1]
+        assert not D._quiet_step(loud, thresholds, is_prompt)
+        assert not D._quiet_step(scores, thresholds, torch.ones(n_rows, dtype=torch.int8))
+
+
 @needs_triton
 def test_decide_twenty_step_sequence_carries_counters():
     g = _gen(2024)

@@ -183,7 +183,8 @@ def test_the_explanation_after_a_refusal_ends_after_its_sentence_budget():
     assert outs["one"] == [5, 8] and proc.phase[:4].tolist() == [W.PHASE_REFUSED] * 4
     # first step after the refusal: the refusal's own '.' ends nothing; budget 0 ends here
     logits = step([benign] * 4, written={"one": 9, "turns-unsafe": 10})
-    assert int(logits[0].argmax()) == 0 and proc.phase[0] == W.PHASE_CLOSED
+    assert not torch.isfinite(logits[0]).all() and int(logits[0].argmax()) == 0
+    assert proc.phase[0] == W.PHASE_CLOSED
     assert torch.isfinite(logits[1]).all() and proc.phase[1] == W.PHASE_REFUSED
     # a bare newline with no word before it is not a sentence; a word then '.' is
     step([benign] * 4, written={"one": 10, "open": 8, "turns-unsafe": 8})
@@ -191,10 +192,14 @@ def test_the_explanation_after_a_refusal_ends_after_its_sentence_budget():
     # "turns-unsafe" reads its '.' (budget spent) in the step its signal fires (tau 1): the
     # response rule wins, so it stops (content filter), not a quiet close
     logits = step([benign, benign, benign, flagged], written={"one": 8})
-    assert int(logits[3].argmax()) == 0 and proc.phase[3] == W.PHASE_DONE
+    assert not torch.isfinite(logits[3]).all() and int(logits[3].argmax()) == 0
+    assert proc.phase[3] == W.PHASE_DONE
     assert proc.phase[1] == W.PHASE_REFUSED  # 'one' read 'word', wrote '.'
     logits = step([benign] * 4)
-    assert int(logits[1].argmax()) == 0 and proc.phase[1] == W.PHASE_CLOSED
+    assert not torch.isfinite(logits[1]).all() and int(logits[1].argmax()) == 0
+    assert proc.phase[1] == W.PHASE_CLOSED
+    # ended rows go on forcing end-of-sequence (a request with ignore_eos gets nothing more)
+    assert not torch.isfinite(logits[0]).all() and not torch.isfinite(logits[3]).all()
     assert proc.phase[2] == W.PHASE_REFUSED and torch.isfinite(logits[2]).all()  # no limit
     by_rid = {r.rid: r for r in sent if r.index == len(outs[r.rid]) - 1}
     assert by_rid["one"].phase == W.PHASE_CLOSED and by_rid["one"].forced == 0
@@ -216,5 +221,95 @@ def test_refusal_separator_is_skipped_only_when_the_refusal_is_the_whole_answer(
             if not torch.isfinite(logits[i]).all():
                 forced[rid].append(int(logits[i].argmax()))
             outs[rid].append(int(logits[i].argmax()))
-    assert forced["plain"][:2] == [5, 6]
+    assert forced["plain"] == [5, 6]  # the step reading the refusal's end judges nothing
     assert forced["prefilled"] == [9, 5, 6] and forced["mid"] == [9, 5, 6]
+
+
+def test_vocab_masks_read_sentence_ends_and_letters_off_the_real_tokenizer(base_model_dir):
+    from transformers import AutoTokenizer
+
+    from safeserve.server.safety_processor import vocab_masks
+
+    ends, letters = vocab_masks(base_model_dir, torch.device("cpu"))
+    tok = AutoTokenizer.from_pretrained(str(base_model_dir))
+
+    def one(text):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1, (text, ids)
+        return ids[0]
+
+    for text in (".", "!", "?", "\n", ").", "\n\n"):
+        assert ends[one(text)], text
+    for text in (" the", ",", " and", "1"):
+        assert not ends[one(text)], text
+    assert letters[one(" the")] and not letters[one(".")] and not letters[one("1")]
+    assert vocab_masks(None, torch.device("cpu")) == (None, None)
+
+
+def test_one_violating_step_stops_a_refusals_explanation():
+    """Before the refusal the response rule needs tau (3) violating steps in a row; once the
+    refusal is in, one stops the explanation. The tracker withholds just that step's token."""
+    from safeserve.server import safety_wire as W
+    from safeserve.server.safety_tracker import RequestTracker
+
+    proc, sent = _explaining_processor()
+    args = _args("r", refusal_ids=[5, 8], alert_scale=1.0, alert_tau=0, tau=3)
+    outs: list[int] = []
+    proc._add(0, args, outs)
+    flagged, benign = [0.9] * 10, [0.1] * 10
+    # prompt verdict (refuse: '5'); '8' forced while the signal fires (suspended); the step
+    # reading the refusal's end fires too and is not judged either
+    for scores in (flagged, flagged, flagged):
+        logits = _step(proc, [scores])
+        outs.append(int(logits[0].argmax()) if not torch.isfinite(logits[0]).all() else 10)
+    assert outs == [5, 8, 10] and [r.event for r in sent[1:]] == [0, 0]
+    assert proc.tau[0] == W.TAU_AFTER_REFUSAL and proc.phase[0] == W.PHASE_REFUSED
+    logits = _step(proc, [flagged])
+    assert int(logits[0].argmax()) == 0 and proc.phase[0] == W.PHASE_DONE
+    tracker = RequestTracker("r", tuple(f"c{i}" for i in range(10)), args, "refuse", {}, False)
+    for rec in sent:
+        tracker.add(rec)
+    report = tracker.report()
+    assert report.action == "stop" and report.prompt.flagged
+    assert report.response.flagged and report.response.token_index == 2
+    assert tracker.cut == [(2, 3)] and tracker.stop_forced
+
+
+def test_a_repeated_step_forces_the_same_token_and_counts_nothing_twice():
+    """vLLM may run the processor on a step whose sampled token it then discards (a chunked
+    prefill of a resumed request): the output list does not grow, and the strategy must force
+    the same refusal token again and not count the same sentence end twice."""
+    from safeserve.server import safety_wire as W
+
+    proc, _ = _explaining_processor()
+    outs: list[int] = []
+    proc._add(0, _args("r", refusal_ids=[5, 6, 8], alert_scale=1.0, alert_tau=0,
+                       explain_sentences=2), outs)
+    flagged, benign = [0.9] * 10, [0.1] * 10
+
+    def forced_token(scores):
+        logits = _step(proc, [scores])
+        return int(logits[0].argmax()) if not torch.isfinite(logits[0]).all() else None
+
+    assert forced_token(flagged) == 5
+    outs.append(5)
+    assert forced_token(benign) == 6 and forced_token(benign) == 6  # discarded, repeated
+    outs.append(6)
+    assert forced_token(benign) == 8
+    outs.append(8)
+    assert forced_token(benign) is None  # reads the refusal's end
+    for token in (10, 8):  # one sentence, a token per step; the step reading '.' repeats
+        outs.append(token)
+        assert forced_token(benign) is None and forced_token(benign) is None
+    assert proc.explain_left[0] == 1  # counted once
+    outs.append(10)
+    assert forced_token(benign) is None
+    outs.append(8)  # the second
+    assert forced_token(benign) == 0 and proc.phase[0] == W.PHASE_CLOSED
+    # parked and resumed (preemption) the row stays closed and keeps forcing end-of-sequence
+    proc._park(0)
+    proc._clear(0)
+    proc._add(1, _args("r"), outs)
+    logits = _step(proc, [benign, benign])
+    assert proc.phase[1] == W.PHASE_CLOSED and int(logits[1].argmax()) == 0
+    assert not torch.isfinite(logits[1]).all()

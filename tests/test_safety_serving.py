@@ -100,7 +100,8 @@ def test_mid_generation_trigger_refuses_at_the_flagged_token(http, server):
     text, s = data["choices"][0]["message"]["content"], data["safety"]
     assert "Paris" not in text and DEFAULT_REFUSAL in text
     # mid-answer, the refusal starts a paragraph of its own
-    assert text.index(DEFAULT_REFUSAL) == 0 or "\n\n" + DEFAULT_REFUSAL in text
+    before = text[:text.index(DEFAULT_REFUSAL)]
+    assert before.strip() and before.endswith("\n\n"), text
     assert s["response"]["flagged"] is True and s["response"]["categories"] == ["weapons"]
     assert s["response"]["token_index"] >= 1 and s["action"] == "refuse"
 
