@@ -260,7 +260,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         start = torch.where(whole, self.refusal_start[:n], torch.zeros_like(origin))
         origin = torch.where(start_refusal, out_len - start, origin)
         k = out_len - origin
-        refusing = refusing | start_refusal
+        refusing = (refusing | start_refusal) & (k < refusal_len)
         # The explanation: count what the model wrote since the last step, then close it once
         # its sentence budget is spent, unless it turned unsafe (then stop).
         wrote = explaining & ~first & (out_len > self.read_len[:n])
@@ -272,6 +272,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         refusal_tok = self.refusal[:n].gather(1, idx).squeeze(1)
         forced = torch.where(refusing, refusal_tok,
                              torch.full((n,), -1, dtype=torch.int64, device=self.device))
+        phase = torch.where(start_refusal, torch.full_like(phase, W.PHASE_REFUSED), phase)
         phase = torch.where(refusing, torch.where(k + 1 >= refusal_len,
                                                   torch.full_like(phase, W.PHASE_REFUSED),
                                                   torch.full_like(phase, W.PHASE_REFUSING)),
@@ -280,10 +281,9 @@ class SafetyLogitsProcessor(LogitsProcessor):
         phase = torch.where(close, torch.full_like(phase, W.PHASE_CLOSED), phase)
         ended = (phase == W.PHASE_DONE) | (phase == W.PHASE_CLOSED)
         forced = torch.where(ended & active, self.eos[:n], forced)
-        # Once the refusal is in, the request has been judged harmful: the explanation's run
-        # is one step, counted afresh from the step after the first.
-        for run in (self.tau, self.alert_tau):
-            run[:n] = torch.where(first, torch.full_like(run[:n], W.TAU_AFTER_REFUSAL), run[:n])
+        # The explanation's run is counted afresh from the step after the first. (A run of one
+        # there was tried: the head, reading the harmful request still in context, then cut
+        # 194 of 437 explanations mid-sentence on the evaluation's test sample, against 34.)
         self.counter[:n] = torch.where(suspended | start_refusal, torch.zeros_like(counter),
                                        counter)
         self.phase[:n], self.origin[:n] = phase, origin

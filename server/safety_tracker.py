@@ -62,7 +62,7 @@ class RequestTracker:
             if self.trigger_index is None and acted_now:
                 self.trigger_index, self.flag_cats = rec.index, rec.cats
             if rec.acted and rec.index > 0:  # the violating run that reached tau is withheld
-                self.cut.append((max(0, rec.index - self._run_before(rec.index)), rec.index))
+                self.cut.append((max(0, rec.index - self.run_length), rec.index))
         if rec.forced >= 0 and rec.forced == self.args.eos_id and rec.phase == W.PHASE_DONE:
             self.stop_forced = True
         self.steps[rec.index] = rec
@@ -118,14 +118,6 @@ class RequestTracker:
         """Consecutive violating steps the response rule needs for this request."""
         return self.args.tau_alerted if self.alerted else self.args.tau
 
-    def _run_before(self, index: int) -> int:
-        """Length of the violating run that a trigger at step ``index`` ends: the request's
-        run, or one step inside a refusal's explanation (worker: TAU_AFTER_REFUSAL)."""
-        refused = self.args.action == W.ACTION_REFUSE and self.trigger_index is not None
-        if refused and index > self.trigger_index:
-            return W.TAU_AFTER_REFUSAL
-        return self.run_length
-
     @property
     def acted(self) -> bool:
         return self.trigger_index is not None
@@ -158,7 +150,7 @@ class RequestTracker:
         if later:  # annotate-only: flagged but nothing was forced
             first = min(later, key=lambda r: r.index)
             response.flagged = True
-            response.token_index = max(0, first.index - self._run_before(first.index))
+            response.token_index = max(0, first.index - self.run_length)
             response.categories = self._cats(first.cats)
         trace = None
         if self.want_trace:

@@ -21,9 +21,6 @@ PHASE_REFUSING = 1  # forcing the refusal prefix, one token per step
 PHASE_REFUSED = 2  # prefix spliced in; the model explains; a new trigger stops
 PHASE_STOPPING = 3  # forcing end-of-sequence
 PHASE_DONE = 4  # EOS forced; nothing more to do
-# Once a refusal is in, the request has been judged harmful: its explanation gets no benefit
-# of the doubt, and one violating step (not tau) stops it.
-TAU_AFTER_REFUSAL = 1
 PHASE_CLOSED = 5  # the explanation after a refusal reached its sentence budget; EOS forced
 
 

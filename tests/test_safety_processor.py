@@ -246,33 +246,39 @@ def test_vocab_masks_read_sentence_ends_and_letters_off_the_real_tokenizer(base_
     assert vocab_masks(None, torch.device("cpu")) == (None, None)
 
 
-def test_one_violating_step_stops_a_refusals_explanation():
-    """Before the refusal the response rule needs tau (3) violating steps in a row; once the
-    refusal is in, one stops the explanation. The tracker withholds just that step's token."""
+def test_a_refusals_explanation_is_judged_afresh_with_the_requests_run():
+    """The refusal's own steps (forcing it, and the step reading its end) are not judged; then
+    the explanation needs the request's tau (2) violating steps in a row to stop. The tracker
+    withholds that run and reports where it started."""
     from safeserve.server import safety_wire as W
     from safeserve.server.safety_tracker import RequestTracker
 
     proc, sent = _explaining_processor()
-    args = _args("r", refusal_ids=[5, 8], alert_scale=1.0, alert_tau=0, tau=3)
+    args = _args("r", refusal_ids=[5, 8], alert_scale=1.0, alert_tau=0, tau=2)
     outs: list[int] = []
     proc._add(0, args, outs)
-    flagged, benign = [0.9] * 10, [0.1] * 10
-    # prompt verdict (refuse: '5'); '8' forced while the signal fires (suspended); the step
-    # reading the refusal's end fires too and is not judged either
-    for scores in (flagged, flagged, flagged):
-        logits = _step(proc, [scores])
-        outs.append(int(logits[0].argmax()) if not torch.isfinite(logits[0]).all() else 10)
-    assert outs == [5, 8, 10] and [r.event for r in sent[1:]] == [0, 0]
-    assert proc.tau[0] == W.TAU_AFTER_REFUSAL and proc.phase[0] == W.PHASE_REFUSED
-    logits = _step(proc, [flagged])
-    assert int(logits[0].argmax()) == 0 and proc.phase[0] == W.PHASE_DONE
+    flagged = [0.9] * 10
+
+    def step():
+        logits = _step(proc, [flagged])
+        tok = int(logits[0].argmax()) if not torch.isfinite(logits[0]).all() else 10
+        outs.append(tok)
+        return tok
+
+    # prompt verdict (refuse: '5'); '8' forced; the step reading the refusal's end: all fire,
+    # none is judged
+    assert [step(), step(), step()] == [5, 8, 10] and [r.event for r in sent[1:]] == [0, 0]
+    assert proc.phase[0] == W.PHASE_REFUSED and proc.counter[0] == 0
+    assert step() == 10 and proc.phase[0] == W.PHASE_REFUSED  # one violating step: counting
+    assert step() == 0 and proc.phase[0] == W.PHASE_DONE  # two: stop
     tracker = RequestTracker("r", tuple(f"c{i}" for i in range(10)), args, "refuse", {}, False)
     for rec in sent:
         tracker.add(rec)
     report = tracker.report()
     assert report.action == "stop" and report.prompt.flagged
+    # steps 3 and 4 fired, reading output tokens 2 and 3: those are the run, withheld
     assert report.response.flagged and report.response.token_index == 2
-    assert tracker.cut == [(2, 3)] and tracker.stop_forced
+    assert tracker.cut == [(2, 4)] and tracker.stop_forced
 
 
 def test_a_repeated_step_forces_the_same_token_and_counts_nothing_twice():

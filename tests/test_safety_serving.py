@@ -164,6 +164,17 @@ def test_stop_action_ends_with_content_filter(http, server):
     assert r.json()["safety"]["action"] == "stop"
 
 
+def test_ignore_eos_gets_nothing_more_after_a_stop(http, server):
+    """The forced end-of-sequence is forced again at every later step: a request that ignores
+    EOS still ends where the strategy stopped it (it used to get unwatched text after it)."""
+    cfg = {"allow": ["violence"], "tau": 1, "on_violation": "stop"}
+    plain = chat(http, server, FRANCE, safety_config=cfg).json()["choices"][0]
+    data = chat(http, server, FRANCE, safety_config=cfg, ignore_eos=True, max_tokens=32).json()
+    assert data["choices"][0]["message"]["content"] == plain["message"]["content"]
+    assert data["choices"][0]["finish_reason"] == "content_filter"
+    assert data["safety"]["action"] == "stop"
+
+
 def test_annotate_leaves_the_text(http, server):
     r = chat(http, server, FRANCE,
              safety_config={"allow": ["violence"], "tau": 1, "on_violation": "annotate"})
