@@ -35,6 +35,9 @@ except ImportError:  # pragma: no cover
     LogitsProcessor = object  # type: ignore[assignment,misc]
 
 MAX_REFUSAL_TOKENS = 48
+# An explanation of n sentences also ends after n * this many tokens: a loop inside one
+# sentence ("I'm sorry, but I'm sorry, but ...") never reaches a sentence end.
+EXPLAIN_TOKENS_PER_SENTENCE = 40
 MAX_PARKED = 4096
 
 
@@ -116,6 +119,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         # Bounded explanation after a refusal: sentences left (-1: no limit) and whether the
         # current sentence has a word yet (a bare newline right after the refusal ends none).
         self.explain_left = torch.full((r,), -1, dtype=torch.int32, device=device)
+        self.explain_cap = torch.full((r,), -1, dtype=torch.int32, device=device)  # tokens
         self.seen_word = torch.zeros(r, dtype=torch.int32, device=device)
         self.sentence_end, self.has_word = vocab_masks(
             getattr(vllm_config.model_config, "tokenizer", None), device)
@@ -266,7 +270,9 @@ class SafetyLogitsProcessor(LogitsProcessor):
         wrote = explaining & ~first & (out_len > self.read_len[:n])
         self._count_sentences(n, wrote, last)
         self.read_len[:n] = torch.where(explaining, out_len, self.read_len[:n])
-        close = explaining & (self.explain_left[:n] == 0) & ~start_stop
+        cap = self.explain_cap[:n]
+        spent = (self.explain_left[:n] == 0) | ((cap >= 0) & (k - refusal_len >= cap))
+        close = explaining & spent & ~start_stop
 
         idx = k.clamp(0, MAX_REFUSAL_TOKENS - 1).long().unsqueeze(1)
         refusal_tok = self.refusal[:n].gather(1, idx).squeeze(1)
@@ -368,6 +374,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.alert_tau[i] = args.alert_tau or args.tau
         self.query_alert[i] = int(args.query_alert)
         self.explain_left[i] = args.explain_sentences
+        self.explain_cap[i] = (args.explain_sentences * EXPLAIN_TOKENS_PER_SENTENCE
+                               if args.explain_sentences >= 0 else -1)
 
     def _clear(self, i: int) -> None:
         self.rids[i], self.outputs[i] = None, None
@@ -380,12 +388,13 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.alert[i] = 0
         self.query_alert[i] = 0
         self.explain_left[i] = -1
+        self.explain_cap[i] = -1
         self.seen_word[i] = 0
 
     _TENSORS = ("thresholds", "masked", "counter", "tau", "active", "action", "phase", "origin",
                 "read_len",
                 "refusal", "refusal_len", "refusal_start", "eos", "query_cats", "alert", "alert_tau",
-                "alert_scale", "query_alert", "explain_left", "seen_word")
+                "alert_scale", "query_alert", "explain_left", "explain_cap", "seen_word")
 
     def _move(self, src: int, dst: int) -> None:
         for name in self._TENSORS:

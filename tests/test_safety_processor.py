@@ -319,3 +319,22 @@ def test_a_repeated_step_forces_the_same_token_and_counts_nothing_twice():
     logits = _step(proc, [benign, benign])
     assert proc.phase[1] == W.PHASE_CLOSED and int(logits[1].argmax()) == 0
     assert not torch.isfinite(logits[1]).all()
+
+
+def test_an_explanation_without_a_sentence_end_ends_at_its_token_cap():
+    from safeserve.server import safety_wire as W
+    from safeserve.server.safety_processor import EXPLAIN_TOKENS_PER_SENTENCE
+
+    proc, _ = _explaining_processor()
+    outs: list[int] = []
+    proc._add(0, _args("r", refusal_ids=[5, 8], alert_scale=1.0, alert_tau=0,
+                       explain_sentences=1), outs)
+    forced = []
+    for _ in range(2 + EXPLAIN_TOKENS_PER_SENTENCE + 3):
+        logits = _step(proc, [[0.9] * 10] if not outs else [[0.1] * 10])
+        tok = int(logits[0].argmax()) if not torch.isfinite(logits[0]).all() else None
+        forced.append(tok)
+        outs.append(tok if tok is not None else 10)  # words, never a sentence end
+    # the refusal, then exactly the cap's worth of model tokens, then end-of-sequence
+    assert forced[:2] == [5, 8] and forced[2:2 + EXPLAIN_TOKENS_PER_SENTENCE] == [None] * EXPLAIN_TOKENS_PER_SENTENCE
+    assert forced[2 + EXPLAIN_TOKENS_PER_SENTENCE] == 0 and proc.phase[0] == W.PHASE_CLOSED
