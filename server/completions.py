@@ -329,7 +329,7 @@ def _close(svc: SafetyService | None, prep: PreparedRequest, choices: list[Choic
     for c in choices:
         metrics.FINISHED.labels(_finish_reason(c) or "abort").inc()
         if svc is not None and c.tracker is not None:
-            svc.close(c.tracker)
+            svc.close(c.tracker, c.finish_reason)
 
 
 def _report(engine: Engine, c: ChoiceState) -> SafetyReport:

@@ -97,8 +97,8 @@ class SafetyService:
         """Stop routing telemetry to a helper request's tracker (no metrics recorded)."""
         self.hub.release(tracker.rid)
 
-    def close(self, tracker: RequestTracker) -> None:
-        tracker.record_metrics()
+    def close(self, tracker: RequestTracker, finish_reason: str | None = None) -> None:
+        tracker.record_metrics(finish_reason)
         self.hub.release(tracker.rid)
 
     @staticmethod

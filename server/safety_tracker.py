@@ -40,6 +40,7 @@ class RequestTracker:
         self.trigger_index: int | None = None  # step at which the strategy acted
         self.flag_cats = 0
         self.stop_forced = False
+        self.explanation_closed = False  # the refusal's explanation reached its budget
         self.cut: list[tuple[int, int]] = []  # [start, end) output-token ranges withheld
         self.max_scores = [0.0] * len(names)
         self._seen = -1
@@ -65,6 +66,8 @@ class RequestTracker:
                 self.cut.append((max(0, rec.index - self.run_length), rec.index))
         if rec.forced >= 0 and rec.forced == self.args.eos_id and rec.phase == W.PHASE_DONE:
             self.stop_forced = True
+        if rec.forced >= 0 and rec.phase == W.PHASE_CLOSED:
+            self.explanation_closed = True
         self.steps[rec.index] = rec
         self._seen = max(self._seen, rec.index)
         self._changed.set()
@@ -162,8 +165,21 @@ class RequestTracker:
                             thresholds=dict(zip(self.names, self.args.thresholds)), trace=trace,
                             telemetry_complete=not self.incomplete)
 
-    def record_metrics(self) -> None:
+    def refusal_ending(self, finish_reason: str | None) -> str | None:
+        """How a refused response ended (None: it was not refused)."""
+        if not self.acted or self.action_name != "refuse":
+            return None
+        if self.stop_forced:
+            return "stopped"
+        if self.explanation_closed:
+            return "explanation_limit"
+        return {"stop": "model_end", "length": "max_tokens"}.get(finish_reason or "", "abort")
+
+    def record_metrics(self, finish_reason: str | None = None) -> None:
         rep = self.report()
+        ending = self.refusal_ending(finish_reason)
+        if ending is not None:
+            metrics.SAFETY_REFUSAL_ENDINGS.labels(ending).inc()
         for n, s in zip(self.names, self.prompt.scores if self.prompt else []):
             metrics.SAFETY_PROMPT_SCORE.labels(n).observe(s)
         for n, s in zip(self.names, self.max_scores):

@@ -279,6 +279,7 @@ def test_a_refusals_explanation_is_judged_afresh_with_the_requests_run():
     # steps 3 and 4 fired, reading output tokens 2 and 3: those are the run, withheld
     assert report.response.flagged and report.response.token_index == 2
     assert tracker.cut == [(2, 4)] and tracker.stop_forced
+    assert tracker.refusal_ending("stop") == "stopped"
 
 
 def test_a_repeated_step_forces_the_same_token_and_counts_nothing_twice():

@@ -125,6 +125,12 @@ def test_refusal_explanation_budget_ends_the_response(http, server):
     assert streamed == text  # holdback: the flagged run is withheld, as in the unary text
     # every chunk's choice carries finish_reason (null until the last), as OpenAI's do
     assert [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]] == ["stop"]
+    from prometheus_client.parser import text_string_to_metric_families
+
+    endings = {s.labels["ending"]: s.value
+               for f in text_string_to_metric_families(http.get("/metrics").text)
+               for s in f.samples if s.name == "safeserve_safety_refusal_endings_total"}
+    assert endings.get("explanation_limit", 0) >= 2  # the unary and the streamed request
     # the server's default budget (one sentence) is echoed when the request names none
     s = chat(http, server, FRANCE, safety_config={"allow": ["violence"], "tau": 1}).json()["safety"]
     assert s["config"]["explain_sentences"] == 1
