@@ -4,6 +4,7 @@ loop so that /health answers while it loads, and a stat logger that feeds our ga
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -53,6 +54,15 @@ class EngineSpec:
                 "unsafe_allowed": not self.safety_enabled, **(self.head_info or {})}
 
 
+def freeze_startup_heap() -> None:
+    """Move everything allocated while starting (torch, transformers, vLLM's modules, the
+    tokenizer: millions of objects) out of the collector's reach. Otherwise each full
+    collection while serving walks all of them: measured 0.7 s with the event loop stalled,
+    every stream frozen, about once per 4,000 streamed tokens at 32 concurrent requests."""
+    gc.collect()
+    gc.freeze()
+
+
 class Engine:
     def __init__(self, settings: Settings, spec: EngineSpec):
         self.settings = settings
@@ -91,6 +101,7 @@ class Engine:
     async def start(self) -> None:
         try:
             self.llm = await asyncio.to_thread(self._build)
+            freeze_startup_heap()
             self.ready.set()
             log.info("engine ready: %s", self.spec.served_name)
         except Exception as e:

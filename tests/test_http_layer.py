@@ -241,3 +241,18 @@ def test_a_user_message_without_content_is_a_400(client):
     # an assistant turn may be empty (e.g. a prefill placeholder)
     ok = post(client, "plain-key", messages=[{"role": "user", "content": "hi"}, {"role": "assistant"}])
     assert ok.status_code != 400, ok.text
+
+
+def test_startup_heap_is_frozen_out_of_the_collectors_reach():
+    """Full collections while serving must not walk the startup heap (0.7 s stalls measured)."""
+    import gc
+
+    from safeserve.server.engine import freeze_startup_heap
+
+    before = gc.get_freeze_count()
+    kept = [{"startup": i} for i in range(1000)]
+    freeze_startup_heap()
+    try:
+        assert gc.get_freeze_count() >= before + len(kept)
+    finally:
+        gc.unfreeze()
