@@ -180,7 +180,19 @@ def _servers(base: Path, safe: Path | None, port: int, common: list[str]) -> lis
     return out
 
 
-def _table(results: list[LoadResult]) -> str:
+def _pass_ratios(raw: dict[tuple[str, int], list[LoadResult]] | None, a: str, b: str,
+                 c: int) -> str:
+    """Throughput ratio of each pass (a's and b's loads of one pass ran back to back), as
+    min-max: how much of the combined ratio is the machine's noise."""
+    xs, ys = (raw or {}).get((a, c), []), (raw or {}).get((b, c), [])
+    ratios = [x.tok_per_s / y.tok_per_s for x, y in zip(xs, ys) if y.tok_per_s]
+    if len(ratios) < 2:
+        return "-"
+    return f"{min(ratios):.3f}-{max(ratios):.3f}"
+
+
+def _table(results: list[LoadResult],
+           raw: dict[tuple[str, int], list[LoadResult]] | None = None) -> str:
     by = {(r.server, r.concurrency): r for r in results}
     lines = ["| server | conc | req/s | out tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | "
              "ITL p99 ms | CPU ms/tok (HTTP + engine) |",
@@ -191,15 +203,15 @@ def _table(results: list[LoadResult]) -> str:
                      f"{r.ttft_p50*1e3:.0f} | {r.ttft_p99*1e3:.0f} | {r.itl_p50*1e3:.1f} | "
                      f"{r.itl_p99*1e3:.1f} | {r.cpu_ms_per_tok:.1f} "
                      f"({r.cpu_http_s * per_tok:.1f} + {r.cpu_engine_s * per_tok:.1f}) |")
-    lines += ["", "| ratio | conc | throughput | TTFT p50 | ITL p50 | CPU per token |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| ratio | conc | throughput | per pass | TTFT p50 | ITL p50 | CPU per token |",
+              "|---|---|---|---|---|---|---|"]
     for a, b in (("ours-off", "plain"), ("ours-on", "ours-off"), ("ours-on", "plain")):
         for c in sorted({r.concurrency for r in results}):
             x, y = by.get((a, c)), by.get((b, c))
             if x and y:
                 cpu = x.cpu_ms_per_tok / y.cpu_ms_per_tok if y.cpu_ms_per_tok else float("nan")
                 lines.append(f"| {a} / {b} | {c} | {x.tok_per_s / y.tok_per_s:.3f} | "
-                             f"{x.ttft_p50 / y.ttft_p50:.3f} | {x.itl_p50 / y.itl_p50:.3f} | "
+                             f"{_pass_ratios(raw, a, b, c)} | {x.ttft_p50 / y.ttft_p50:.3f} | {x.itl_p50 / y.itl_p50:.3f} | "
                              f"{cpu:.3f} |")
     return "\n".join(lines)
 
@@ -271,7 +283,7 @@ def bench_serve(
         for _, proc, _ in procs:
             proc.stop()
     results = [_mean(raw[(name, c)]) for c in levels for name, _, _ in procs]
-    table = _table(results)
+    table = _table(results, raw)
     typer.echo(table)
     (out / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
     (out / "results.md").write_text(table + "\n")

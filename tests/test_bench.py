@@ -45,4 +45,11 @@ def test_table_reports_cpu_per_token_and_its_ratio():
     assert abs(on.cpu_ms_per_tok - 5.0) < 1e-9
     table = _table([off, on])
     assert "| ours-on | 8 | 0.64 | 40.0 | 1000 | 2000 | 100.0 | 200.0 | 5.0 (1.0 + 4.0) |" in table
-    assert "| ours-on / ours-off | 8 | 0.800 | 1.000 | 1.000 | 1.250 |" in table
+    assert "| ours-on / ours-off | 8 | 0.800 | - | 1.000 | 1.000 | 1.250 |" in table
+
+
+def test_table_shows_the_spread_of_per_pass_ratios():
+    raw = {("ours-off", 8): [_result("ours-off", 50, 4.0), _result("ours-off", 40, 4.0)],
+           ("ours-on", 8): [_result("ours-on", 45, 4.0), _result("ours-on", 42, 4.0)]}
+    table = _table([_mean(raw[("ours-off", 8)]), _mean(raw[("ours-on", 8)])], raw)
+    assert "| ours-on / ours-off | 8 | 0.978 | 0.900-1.050 |" in table
