@@ -190,9 +190,19 @@ class ChoiceState:
     first_token_at: float | None = None
     last_token_at: float | None = None
 
-    def add_piece(self, text: str, n_new: int) -> None:
-        if n_new or text:
-            self.pieces.append((self.n_tokens - n_new, self.n_tokens, text))
+    def add_piece(self, text: str, n_new: int, ids=(), decode=None) -> None:
+        if not (n_new or text):
+            return
+        start, end = self.n_tokens - n_new, self.n_tokens
+        cut = self.tracker.refusal_end if self.tracker is not None else None
+        if cut is not None and start < cut < end and decode is not None and len(ids) == n_new:
+            # The refusal's last token and the explanation's first came in one output: split
+            # them, so the explanation can be withheld without the refusal.
+            head = decode(list(ids[:cut - start]))
+            tail = text[len(head):] if text.startswith(head) else decode(list(ids[cut - start:]))
+            self.pieces += [(start, cut, head), (cut, end, tail)]
+            return
+        self.pieces.append((start, end, text))
 
     def visible(self, pieces) -> str:
         """Text of the pieces the safety strategy did not withhold."""
@@ -207,10 +217,11 @@ class ChoiceState:
 class _Step:
     """One engine output for one choice: the text and token count it added."""
 
-    __slots__ = ("choice", "finished", "n_new", "text")
+    __slots__ = ("choice", "finished", "ids", "n_new", "text")
 
-    def __init__(self, choice: ChoiceState, text: str, n_new: int, finished: bool):
-        self.choice, self.text, self.n_new, self.finished = choice, text, n_new, finished
+    def __init__(self, choice: ChoiceState, text: str, ids, finished: bool):
+        self.choice, self.text, self.ids, self.finished = choice, text, ids, finished
+        self.n_new = len(ids)
 
 
 async def _merged_steps(engine: Engine, prep: PreparedRequest,
@@ -232,7 +243,7 @@ async def _merged_steps(engine: Engine, prep: PreparedRequest,
                 c = out.outputs[0]
                 if out.finished:
                     choice.finish_reason = c.finish_reason
-                await queue.put(_Step(choice, c.text, len(c.token_ids), out.finished))
+                await queue.put(_Step(choice, c.text, c.token_ids, out.finished))
         except BaseException as e:
             await queue.put(e)
         finally:
@@ -273,7 +284,7 @@ async def _single_steps(engine: Engine, prep: PreparedRequest,
             c = out.outputs[0]
             if out.finished:
                 choice.finish_reason = c.finish_reason
-            yield _Step(choice, c.text, len(c.token_ids), out.finished)
+            yield _Step(choice, c.text, c.token_ids, out.finished)
     except ValueError as e:  # engine-side validation of our params
         raise bad_request(str(e)) from None
     finally:
@@ -356,7 +367,7 @@ async def complete(engine: Engine, svc: SafetyService | None,
         async for step in _merged_steps(engine, prep, choices):
             _observe_timing(prep, step)
             await _settle(step)
-            step.choice.add_piece(step.text, step.n_new)
+            step.choice.add_piece(step.text, step.n_new, step.ids, engine.tokenizer.decode)
     finally:
         _close(svc, prep, choices)
     reports = [_report(engine, c) for c in choices]
@@ -395,11 +406,13 @@ def _error_event(e: APIError) -> str:
 
 
 def _releasable_pieces(c: ChoiceState, finished: bool, holdback: bool) -> list:
-    """Pieces that may go to the client now (holdback: only tokens with a settled verdict)."""
-    if not holdback or c.tracker is None:
+    """Pieces that may go to the client now (holdback: only tokens with a settled verdict;
+    always: not a refusal's bounded explanation before it has ended)."""
+    if c.tracker is None:
         upto = len(c.pieces)
     else:
-        settled = c.tracker.releasable(c.n_tokens, finished)
+        settled = c.tracker.releasable(c.n_tokens, finished) if holdback else c.n_tokens
+        settled = min(settled, c.tracker.explanation_hold(c.n_tokens, finished))
         upto = c.sent
         while upto < len(c.pieces) and c.pieces[upto][1] <= settled:
             upto += 1
@@ -435,7 +448,7 @@ async def stream(engine: Engine, svc: SafetyService | None,
                 _observe_timing(prep, step)
                 await _settle(step)
                 c = step.choice
-                c.add_piece(step.text, step.n_new)
+                c.add_piece(step.text, step.n_new, step.ids, engine.tokenizer.decode)
                 text = c.visible(_releasable_pieces(c, step.finished, holdback))
                 if step.finished:
                     text += _stop_suffix(svc, c)

@@ -230,6 +230,9 @@ class ResponseVerdict(BaseModel):
     token_index: int | None = None  # first flagged output token (0-based)
     categories: list[str] = Field(default_factory=list)
     max_scores: dict[str, float] = Field(default_factory=dict)
+    # A refusal's bounded explanation read over a threshold somewhere: it was cut off and
+    # withheld, so the response is the refusal alone.
+    explanation_withheld: bool = False
 
 
 class TracePoint(BaseModel):

@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 
 import torch
-from safeserve.kernels.safety_decision import EVENT_TRIGGER, decide
+from safeserve.kernels.safety_decision import EVENT_OK, EVENT_TRIGGER, decide
 from safeserve.kernels.safety_head import offset_prompt_rows
 from safeserve.models.decision_defaults import prompt_logit_offset
 from safeserve.models.checkpoint import load_safety_head
@@ -235,7 +235,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
 
         Positions come from the output length, so a repeated step forces the same token:
         the refusal token at a step is refusal[out_len - origin]. Terminal phases (DONE,
-        CLOSED) force end-of-sequence at every step, so a request that ignores EOS gets
+        CLOSED, RETRACTED) force end-of-sequence at every step, so a request that ignores EOS gets
         nothing more."""
         active = self.active[:n].bool()
         is_prompt = out_len == 0
@@ -256,8 +256,13 @@ class SafetyLogitsProcessor(LogitsProcessor):
         event = torch.where(suspended, torch.zeros_like(event), event)
         trigger = (event == EVENT_TRIGGER) & active & (action != W.ACTION_ANNOTATE)
         start_refusal = trigger & (phase == W.PHASE_WATCH) & (action == W.ACTION_REFUSE)
+        # A bounded explanation must read clean from end to end: one step over a threshold
+        # ends it and the HTTP side withholds it (the refusal alone is the answer). A run
+        # that reaches tau, the paper's rule, stops only an unbounded explanation.
+        bounded = self.explain_cap[:n] >= 0
+        retract = explaining & bounded & (event != EVENT_OK)
         start_stop = trigger & (((phase == W.PHASE_WATCH) & (action == W.ACTION_STOP))
-                                | explaining)
+                                | (explaining & ~bounded))
         # The refusal starts a paragraph of its own unless it is the whole answer: at a plain
         # request's prompt row, or when the violating run it replaces is all there is.
         whole = is_prompt | (out_len <= counter)
@@ -272,7 +277,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.read_len[:n] = torch.where(explaining, out_len, self.read_len[:n])
         cap = self.explain_cap[:n]
         spent = (self.explain_left[:n] == 0) | ((cap >= 0) & (k - refusal_len >= cap))
-        close = explaining & spent & ~start_stop
+        close = explaining & spent & ~start_stop & ~retract
 
         idx = k.clamp(0, MAX_REFUSAL_TOKENS - 1).long().unsqueeze(1)
         refusal_tok = self.refusal[:n].gather(1, idx).squeeze(1)
@@ -285,7 +290,9 @@ class SafetyLogitsProcessor(LogitsProcessor):
                             phase)
         phase = torch.where(start_stop, torch.full_like(phase, W.PHASE_DONE), phase)
         phase = torch.where(close, torch.full_like(phase, W.PHASE_CLOSED), phase)
-        ended = (phase == W.PHASE_DONE) | (phase == W.PHASE_CLOSED)
+        phase = torch.where(retract, torch.full_like(phase, W.PHASE_RETRACTED), phase)
+        ended = ((phase == W.PHASE_DONE) | (phase == W.PHASE_CLOSED)
+                 | (phase == W.PHASE_RETRACTED))
         forced = torch.where(ended & active, self.eos[:n], forced)
         # The explanation's run is counted afresh from the step after the first. (A run of one
         # there was tried: the head, reading the harmful request still in context, then cut

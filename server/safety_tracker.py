@@ -27,6 +27,7 @@ TELEMETRY_WAIT_S = 5.0
 # Scores are reported to 8 decimals (float32 resolution near 1 is 6e-8): the calibrated
 # thresholds sit at 0.9999x, where 5 decimals would move a replayed score by ~0.2 logits.
 SCORE_DIGITS = 8
+TO_THE_END = 1 << 62  # end of a withheld range that runs to the end of the output
 
 
 class RequestTracker:
@@ -41,6 +42,8 @@ class RequestTracker:
         self.flag_cats = 0
         self.stop_forced = False
         self.explanation_closed = False  # the refusal's explanation reached its budget
+        self.explanation_retracted = False  # it read over a threshold: withheld whole
+        self.refusal_end: int | None = None  # output length once the refusal is forced
         self.cut: list[tuple[int, int]] = []  # [start, end) output-token ranges withheld
         self.max_scores = [0.0] * len(names)
         self._seen = -1
@@ -68,6 +71,12 @@ class RequestTracker:
             self.stop_forced = True
         if rec.forced >= 0 and rec.phase == W.PHASE_CLOSED:
             self.explanation_closed = True
+        if rec.forced >= 0 and rec.phase in (W.PHASE_REFUSING, W.PHASE_REFUSED):
+            self.refusal_end = rec.index + 1
+        if rec.phase == W.PHASE_RETRACTED and not self.explanation_retracted:
+            self.explanation_retracted = True
+            self.cut.append((self.refusal_end if self.refusal_end is not None else rec.index,
+                             TO_THE_END))
         self.steps[rec.index] = rec
         self._seen = max(self._seen, rec.index)
         self._changed.set()
@@ -107,6 +116,16 @@ class RequestTracker:
                     break
             j += 1
         return j
+
+    def explanation_hold(self, n_tokens: int, finished: bool) -> int:
+        """How many of the first ``n_tokens`` may be released as far as a refusal's bounded
+        explanation goes: none of it until it has ended, since it is withheld whole if it
+        turns unsafe (at most 40 tokens a sentence, so the wait is short)."""
+        bounded = self.args.explain_sentences >= 0
+        if (finished or not bounded or self.refusal_end is None or self.stop_forced
+                or self.explanation_closed or self.explanation_retracted):
+            return n_tokens
+        return min(n_tokens, self.refusal_end)
 
     def withheld(self, j: int) -> bool:
         return any(a <= j < b for a, b in self.cut)
@@ -148,6 +167,7 @@ class RequestTracker:
                 response.categories = self._cats(self.flag_cats)
             if self.stop_forced:
                 action = "stop"
+            response.explanation_withheld = self.explanation_retracted
         later = [r for r in self.steps.values()
                  if r.index > 0 and r.event == EVENT_TRIGGER and not response.flagged]
         if later:  # annotate-only: flagged but nothing was forced
@@ -171,6 +191,8 @@ class RequestTracker:
             return None
         if self.stop_forced:
             return "stopped"
+        if self.explanation_retracted:
+            return "withheld"
         if self.explanation_closed:
             return "explanation_limit"
         return {"stop": "model_end", "length": "max_tokens"}.get(finish_reason or "", "abort")

@@ -22,6 +22,9 @@ PHASE_REFUSED = 2  # prefix spliced in; the model explains; a new trigger stops
 # (3 was "stopping": a stop now forces end-of-sequence in the step that decides it)
 PHASE_DONE = 4  # stopped: end-of-sequence forced at every step from here
 PHASE_CLOSED = 5  # the explanation after a refusal spent its budget: end-of-sequence forced
+# A bounded explanation read over a threshold: ended at once (end-of-sequence forced) and
+# withheld by the HTTP side, so the refusal alone is the answer.
+PHASE_RETRACTED = 6
 
 
 @dataclass

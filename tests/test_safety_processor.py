@@ -189,11 +189,11 @@ def test_the_explanation_after_a_refusal_ends_after_its_sentence_budget():
     # a bare newline with no word before it is not a sentence; a word then '.' is
     step([benign] * 4, written={"one": 10, "open": 8, "turns-unsafe": 8})
     assert proc.phase[1:4].tolist() == [W.PHASE_REFUSED] * 3
-    # "turns-unsafe" reads its '.' (budget spent) in the step its signal fires (tau 1): the
-    # response rule wins, so it stops (content filter), not a quiet close
+    # "turns-unsafe" reads its '.' (budget spent) in the step its signal fires: a bounded
+    # explanation that reads over a threshold is retracted (withheld), not closed as spent
     logits = step([benign, benign, benign, flagged], written={"one": 8})
     assert not torch.isfinite(logits[3]).all() and int(logits[3].argmax()) == 0
-    assert proc.phase[3] == W.PHASE_DONE
+    assert proc.phase[3] == W.PHASE_RETRACTED
     assert proc.phase[1] == W.PHASE_REFUSED  # 'one' read 'word', wrote '.'
     logits = step([benign] * 4)
     assert not torch.isfinite(logits[1]).all() and int(logits[1].argmax()) == 0
@@ -339,3 +339,69 @@ def test_an_explanation_without_a_sentence_end_ends_at_its_token_cap():
     # the refusal, then exactly the cap's worth of model tokens, then end-of-sequence
     assert forced[:2] == [5, 8] and forced[2:2 + EXPLAIN_TOKENS_PER_SENTENCE] == [None] * EXPLAIN_TOKENS_PER_SENTENCE
     assert forced[2 + EXPLAIN_TOKENS_PER_SENTENCE] == 0 and proc.phase[0] == W.PHASE_CLOSED
+
+
+def test_a_bounded_explanation_is_retracted_at_its_first_step_over_a_threshold():
+    """Budget 1, tau 3: one violating step in the explanation ends it (end-of-sequence, then
+    forced at every later step) and the tracker withholds everything after the refusal; an
+    unbounded explanation only counts that step toward its run."""
+    from safeserve.server import safety_wire as W
+    from safeserve.server.safety_tracker import RequestTracker
+
+    proc, sent = _explaining_processor()
+    budgets = {"bounded": 1, "open": -1}
+    args = {rid: _args(rid, refusal_ids=[5, 8], alert_scale=1.0, alert_tau=0, tau=3,
+                       explain_sentences=b) for rid, b in budgets.items()}
+    outs = {rid: [] for rid in budgets}
+    for i, rid in enumerate(budgets):
+        proc._add(i, args[rid], outs[rid])
+    flagged, benign = [0.9] * 10, [0.1] * 10
+    for scores in (flagged, benign, benign, benign, flagged, benign):
+        logits = _step(proc, [scores] * 2)
+        for i, rid in enumerate(budgets):
+            ended = not torch.isfinite(logits[i]).all()
+            outs[rid].append(int(logits[i].argmax()) if ended else 10)
+    # prompt: refuse ('5', '8' forced); the step reading '8' judges nothing; two benign
+    # explanation tokens; the fifth step reads a violating one: the bounded row ends there
+    assert outs["bounded"] == [5, 8, 10, 10, 0, 0]
+    assert proc.phase[0] == W.PHASE_RETRACTED
+    assert outs["open"] == [5, 8, 10, 10, 10, 10] and proc.phase[1] == W.PHASE_REFUSED
+    assert proc.counter[1] == 0  # its run was one step, broken by the benign one
+    tracker = RequestTracker("bounded", tuple(f"c{i}" for i in range(10)), args["bounded"],
+                             "refuse", {}, False)
+    for rec in sent:
+        if rec.rid == "bounded" and rec.index < 5:
+            tracker.add(rec)
+            if rec.index == 3:  # explanation under way: nothing past the refusal released
+                assert tracker.explanation_hold(4, finished=False) == 2
+    assert tracker.explanation_retracted and tracker.refusal_end == 2
+    assert tracker.explanation_hold(5, finished=False) == 5  # ended: nothing left to judge
+    assert [tracker.withheld(j) for j in range(5)] == [False, False, True, True, True]
+    report = tracker.report()
+    assert report.action == "refuse" and report.response.explanation_withheld
+    assert not report.response.flagged  # no run reached tau: nothing was "flagged" in it
+    assert tracker.refusal_ending("stop") == "withheld"
+
+
+def test_a_piece_spanning_the_refusals_end_is_split_there():
+    """When the refusal's last token and the explanation's first arrive in one engine output,
+    the piece is split at the refusal's end, so a withheld explanation leaves the refusal
+    whole."""
+    from safeserve.server import safety_wire as W
+    from safeserve.server.completions import ChoiceState
+    from safeserve.server.safety_tracker import RequestTracker
+
+    args = _args("r", refusal_ids=[5, 8], explain_sentences=1)
+    tracker = RequestTracker("r", tuple(f"c{i}" for i in range(10)), args, "refuse", {}, False)
+    tracker.add(W.StepRecord("r", 0, [0.9] * 10, 2, 1, W.PHASE_REFUSED, 5, 1))
+    tracker.add(W.StepRecord("r", 1, [0.1] * 10, 0, 0, W.PHASE_REFUSED, 8, 0))
+    tracker.add(W.StepRecord("r", 2, [0.1] * 10, 0, 0, W.PHASE_REFUSED, -1, 0))
+    words = {5: "Sorry", 8: ".", 10: " Because"}
+    c = ChoiceState(0, "r", tracker=tracker)
+    c.n_tokens = 1
+    c.add_piece("Sorry", 1, [5])
+    c.n_tokens = 3
+    c.add_piece(". Because", 2, [8, 10], lambda ids: "".join(words[i] for i in ids))
+    assert c.pieces == [(0, 1, "Sorry"), (1, 2, "."), (2, 3, " Because")]
+    tracker.add(W.StepRecord("r", 3, [0.9] * 10, 1, 1, W.PHASE_RETRACTED, 0, 0))
+    assert c.visible(c.pieces) == "Sorry."

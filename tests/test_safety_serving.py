@@ -25,20 +25,38 @@ def chat(http, server, messages, headers=None, **body):
     return r
 
 
-def test_prompt_verdict_refuses_then_stops_if_still_unsafe(http, server):
+def test_prompt_verdict_refuses_and_withholds_an_explanation_that_reads_unsafe(http, server):
     # The test head scores violence high everywhere: the prompt verdict splices the refusal in
-    # at token 0, and since the continuation still violates for tau tokens, the strategy stops.
+    # at token 0, and the explanation's first judged token already reads over the threshold:
+    # it ends there and is withheld, so the answer is the refusal alone (a normal end).
     r = chat(http, server, COLORS, headers={"X-Safety-Config": "strict"})
     data = r.json()
     choice, s = data["choices"][0], data["safety"]
-    assert choice["message"]["content"].startswith(DEFAULT_REFUSAL)
-    assert choice["message"]["content"].endswith(DEFAULT_STOP_TEXT)
-    assert choice["finish_reason"] == "content_filter"
+    assert choice["message"]["content"].rstrip() == DEFAULT_REFUSAL
+    assert choice["finish_reason"] == "stop"
     assert s["prompt"]["flagged"] is True and "violence" in s["prompt"]["categories"]
-    assert s["action"] == "stop" and s["config"]["preset"] == "strict"
-    assert s["response"]["flagged"] is True
-    assert r.headers["X-Safety-Action"] == "stop"
+    assert s["action"] == "refuse" and s["config"]["preset"] == "strict"
+    assert s["response"]["explanation_withheld"] is True
+    assert data["usage"]["completion_tokens"] < 24  # ended, not run to max_tokens
+    assert r.headers["X-Safety-Action"] == "refuse"
     assert "violence" in r.headers["X-Safety-Categories"]
+    # Streamed, with or without holdback: not one token of the explanation reaches the client.
+    for holdback in (False, True):
+        with http.stream("POST", "/v1/chat/completions", json={
+                "model": server.model, "messages": COLORS, "max_tokens": 24, "temperature": 0,
+                "stream": True, "safety_config": {"allow": [], "holdback": holdback}}) as resp:
+            events = [json.loads(line[6:]) for line in resp.iter_lines()
+                      if line.startswith("data: {")]
+        streamed = "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
+        assert streamed == choice["message"]["content"], holdback
+        final = [e for e in events if e.get("safety")][-1]
+        assert final["safety"]["response"]["explanation_withheld"] is True
+    from prometheus_client.parser import text_string_to_metric_families
+
+    endings = {m.labels["ending"]: m.value
+               for f in text_string_to_metric_families(http.get("/metrics").text)
+               for m in f.samples if m.name == "safeserve_safety_refusal_endings_total"}
+    assert endings.get("withheld", 0) >= 3
 
 
 def test_allowed_category_is_not_enforced(http, server):
