@@ -197,9 +197,15 @@ class ChoiceState:
         cut = self.tracker.refusal_end if self.tracker is not None else None
         if cut is not None and start < cut < end and decode is not None and len(ids) == n_new:
             # The refusal's last token and the explanation's first came in one output: split
-            # them, so the explanation can be withheld without the refusal.
-            head = decode(list(ids[:cut - start]))
-            tail = text[len(head):] if text.startswith(head) else decode(list(ids[cut - start:]))
+            # them, so the explanation can be withheld without the refusal. The engine's own
+            # text is kept where the decoded tail matches its end (a tokenizer may decode a
+            # fragment differently, e.g. without its leading space); else the decoded parts.
+            tail = decode(list(ids[cut - start:]), skip_special_tokens=True)
+            if tail and text.endswith(tail):
+                head = text[:len(text) - len(tail)]
+            else:
+                head = decode(list(ids[:cut - start]), skip_special_tokens=True)
+                tail = text[len(head):] if text.startswith(head) else tail
             self.pieces += [(start, cut, head), (cut, end, tail)]
             return
         self.pieces.append((start, end, text))
@@ -356,6 +362,13 @@ async def _settle(step: _Step) -> None:
         await c.tracker.wait_for(c.n_tokens - 1)
 
 
+def _finish(step: _Step) -> None:
+    """Tell the tracker how its request ended, before the last text is released."""
+    c = step.choice
+    if step.finished and c.tracker is not None:
+        c.tracker.finish(c.finish_reason, c.n_tokens)
+
+
 def _stop_suffix(svc: SafetyService | None, c: ChoiceState) -> str:
     return (" " + svc.stop_text()) if (svc is not None and c.content_filtered) else ""
 
@@ -368,6 +381,7 @@ async def complete(engine: Engine, svc: SafetyService | None,
             _observe_timing(prep, step)
             await _settle(step)
             step.choice.add_piece(step.text, step.n_new, step.ids, engine.tokenizer.decode)
+            _finish(step)
     finally:
         _close(svc, prep, choices)
     reports = [_report(engine, c) for c in choices]
@@ -449,6 +463,7 @@ async def stream(engine: Engine, svc: SafetyService | None,
                 await _settle(step)
                 c = step.choice
                 c.add_piece(step.text, step.n_new, step.ids, engine.tokenizer.decode)
+                _finish(step)
                 text = c.visible(_releasable_pieces(c, step.finished, holdback))
                 if step.finished:
                     text += _stop_suffix(svc, c)

@@ -271,7 +271,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         k = out_len - origin
         refusing = (refusing | start_refusal) & (k < refusal_len)
         # The explanation: count what the model wrote since the last step, then close it once
-        # its sentence budget is spent, unless it turned unsafe (then stop).
+        # its sentence budget is spent, unless it read unsafe (retract; unbounded: stop).
         wrote = explaining & ~first & (out_len > self.read_len[:n])
         self._count_sentences(n, wrote, last)
         self.read_len[:n] = torch.where(explaining, out_len, self.read_len[:n])
@@ -294,9 +294,10 @@ class SafetyLogitsProcessor(LogitsProcessor):
         ended = ((phase == W.PHASE_DONE) | (phase == W.PHASE_CLOSED)
                  | (phase == W.PHASE_RETRACTED))
         forced = torch.where(ended & active, self.eos[:n], forced)
-        # The explanation's run is counted afresh from the step after the first. (A run of one
-        # there was tried: the head, reading the harmful request still in context, then cut
-        # 194 of 437 explanations mid-sentence on the evaluation's test sample, against 34.)
+        # An unbounded explanation's run is counted afresh from the step after the first. A
+        # bounded one acts on a single step (retract) because it withholds the explanation
+        # whole: stopping there instead, with the stop text after a sentence cut in two, read
+        # badly on 194 of the evaluation's 437 interventions.
         self.counter[:n] = torch.where(suspended | start_refusal, torch.zeros_like(counter),
                                        counter)
         self.phase[:n], self.origin[:n] = phase, origin

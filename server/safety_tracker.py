@@ -44,6 +44,7 @@ class RequestTracker:
         self.explanation_closed = False  # the refusal's explanation reached its budget
         self.explanation_retracted = False  # it read over a threshold: withheld whole
         self.refusal_end: int | None = None  # output length once the refusal is forced
+        self.retracted_at: tuple[int, int] | None = None  # (step index, categories)
         self.cut: list[tuple[int, int]] = []  # [start, end) output-token ranges withheld
         self.max_scores = [0.0] * len(names)
         self._seen = -1
@@ -59,6 +60,7 @@ class RequestTracker:
                 # An earlier chunk's row (a mid-prompt position) triggered; the worker
                 # re-decides every chunk and nothing was kept, so neither is anything here.
                 self.trigger_index, self.flag_cats = None, 0
+            self.refusal_end = None  # likewise a refusal token forced at that chunk
         else:
             self.max_scores = [max(a, b) for a, b in zip(self.max_scores, rec.scores)]
         if rec.event == EVENT_TRIGGER:
@@ -74,9 +76,7 @@ class RequestTracker:
         if rec.forced >= 0 and rec.phase in (W.PHASE_REFUSING, W.PHASE_REFUSED):
             self.refusal_end = rec.index + 1
         if rec.phase == W.PHASE_RETRACTED and not self.explanation_retracted:
-            self.explanation_retracted = True
-            self.cut.append((self.refusal_end if self.refusal_end is not None else rec.index,
-                             TO_THE_END))
+            self.retract(rec.index, rec.cats)
         self.steps[rec.index] = rec
         self._seen = max(self._seen, rec.index)
         self._changed.set()
@@ -117,13 +117,32 @@ class RequestTracker:
             j += 1
         return j
 
+    def retract(self, index: int, cats: int = 0) -> None:
+        """Withhold everything after the refusal (the explanation), judged unsafe at step
+        ``index`` (which read output token index - 1)."""
+        self.explanation_retracted = True
+        self.retracted_at = (index, cats)
+        start = self.refusal_end if self.refusal_end is not None else index
+        self.cut.append((start, TO_THE_END))
+
+    @property
+    def explanation_open(self) -> bool:
+        """A refusal's bounded explanation is under way: not closed, withheld or stopped."""
+        return (self.acted and self.args.explain_sentences >= 0 and self.refusal_end is not None
+                and not (self.stop_forced or self.explanation_closed
+                         or self.explanation_retracted))
+
+    def finish(self, finish_reason: str | None, n_tokens: int) -> None:
+        """The request ended. A bounded explanation still open that ran into ``max_tokens``
+        has a last token no step has read: unjudged, it is withheld like an unsafe one."""
+        if self.explanation_open and finish_reason == "length" and n_tokens > self.refusal_end:
+            self.retract(n_tokens)
+
     def explanation_hold(self, n_tokens: int, finished: bool) -> int:
         """How many of the first ``n_tokens`` may be released as far as a refusal's bounded
         explanation goes: none of it until it has ended, since it is withheld whole if it
-        turns unsafe (at most 40 tokens a sentence, so the wait is short)."""
-        bounded = self.args.explain_sentences >= 0
-        if (finished or not bounded or self.refusal_end is None or self.stop_forced
-                or self.explanation_closed or self.explanation_retracted):
+        turns unsafe (at most 40 tokens per sentence of its budget)."""
+        if finished or not self.explanation_open:
             return n_tokens
         return min(n_tokens, self.refusal_end)
 
@@ -168,6 +187,12 @@ class RequestTracker:
             if self.stop_forced:
                 action = "stop"
             response.explanation_withheld = self.explanation_retracted
+            if self.retracted_at is not None and not response.flagged:
+                # The explanation read over a threshold: flagged where it did, whatever tau.
+                index, cats = self.retracted_at
+                response.flagged = True
+                response.token_index = max(0, index - 1)
+                response.categories = self._cats(cats)
         later = [r for r in self.steps.values()
                  if r.index > 0 and r.event == EVENT_TRIGGER and not response.flagged]
         if later:  # annotate-only: flagged but nothing was forced

@@ -18,7 +18,7 @@ ACTION_CODES = {v: k for k, v in ACTION_NAMES.items()}
 # Per-row phase of the decoding strategy (worker side, reported in telemetry).
 PHASE_WATCH = 0  # generating freely, watching the signal
 PHASE_REFUSING = 1  # forcing the refusal prefix, one token per step
-PHASE_REFUSED = 2  # prefix spliced in; the model explains; a new trigger stops
+PHASE_REFUSED = 2  # prefix spliced in; the model explains (see PHASE_RETRACTED)
 # (3 was "stopping": a stop now forces end-of-sequence in the step that decides it)
 PHASE_DONE = 4  # stopped: end-of-sequence forced at every step from here
 PHASE_CLOSED = 5  # the explanation after a refusal spent its budget: end-of-sequence forced

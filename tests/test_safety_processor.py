@@ -379,8 +379,51 @@ def test_a_bounded_explanation_is_retracted_at_its_first_step_over_a_threshold()
     assert [tracker.withheld(j) for j in range(5)] == [False, False, True, True, True]
     report = tracker.report()
     assert report.action == "refuse" and report.response.explanation_withheld
-    assert not report.response.flagged  # no run reached tau: nothing was "flagged" in it
+    # flagged where it read over the threshold (step 4 read output token 3), whatever tau
+    assert report.response.flagged and report.response.token_index == 3
     assert tracker.refusal_ending("stop") == "withheld"
+
+
+def test_a_refusal_forced_at_an_earlier_prefill_chunk_holds_nothing():
+    """A chunked prefill re-reports index 0; a refusal token forced at an earlier chunk's
+    verdict was never kept, so the answer streams as usual."""
+    from safeserve.server import safety_wire as W
+    from safeserve.server.safety_tracker import RequestTracker
+
+    args = _args("r", refusal_ids=[5, 8], explain_sentences=1)
+    tracker = RequestTracker("r", tuple(f"c{i}" for i in range(10)), args, "refuse", {}, False)
+    tracker.add(W.StepRecord("r", 0, [0.9] * 10, 2, 1, W.PHASE_REFUSING, 5, 1))  # chunk 1
+    tracker.add(W.StepRecord("r", 0, [0.1] * 10, 0, 0, W.PHASE_WATCH, -1, 0))  # last chunk
+    for i in range(1, 6):
+        tracker.add(W.StepRecord("r", i, [0.1] * 10, 0, 0, W.PHASE_WATCH, -1, 0))
+    assert not tracker.acted and tracker.refusal_end is None
+    assert tracker.explanation_hold(6, finished=False) == 6
+
+
+def test_an_explanation_cut_by_max_tokens_is_withheld_as_unjudged():
+    """No step read the last token of an explanation that ran into max_tokens: withheld."""
+    from safeserve.server import safety_wire as W
+    from safeserve.server.safety_tracker import RequestTracker
+
+    def tracker_after(n_explained: int) -> RequestTracker:
+        args = _args("r", refusal_ids=[5, 8], explain_sentences=1)
+        t = RequestTracker("r", tuple(f"c{i}" for i in range(10)), args, "refuse", {}, False)
+        t.add(W.StepRecord("r", 0, [0.9] * 10, 2, 1, W.PHASE_REFUSING, 5, 1))
+        t.add(W.StepRecord("r", 1, [0.1] * 10, 0, 0, W.PHASE_REFUSED, 8, 0))
+        for i in range(2, 2 + n_explained):
+            t.add(W.StepRecord("r", i, [0.1] * 10, 0, 0, W.PHASE_REFUSED, -1, 0))
+        return t
+
+    cut = tracker_after(3)
+    cut.finish("length", 5)
+    assert cut.explanation_retracted and cut.withheld(2) and not cut.withheld(1)
+    assert cut.refusal_ending("length") == "withheld"
+    ended = tracker_after(3)
+    ended.finish("stop", 5)  # the model ended it: its last token was read
+    assert not ended.explanation_retracted and not ended.withheld(4)
+    bare = tracker_after(0)
+    bare.finish("length", 2)  # max_tokens right after the refusal: nothing to withhold
+    assert not bare.explanation_retracted
 
 
 def test_a_piece_spanning_the_refusals_end_is_split_there():
@@ -401,7 +444,16 @@ def test_a_piece_spanning_the_refusals_end_is_split_there():
     c.n_tokens = 1
     c.add_piece("Sorry", 1, [5])
     c.n_tokens = 3
-    c.add_piece(". Because", 2, [8, 10], lambda ids: "".join(words[i] for i in ids))
+    c.add_piece(". Because", 2, [8, 10], lambda ids, **kw: "".join(words[i] for i in ids))
     assert c.pieces == [(0, 1, "Sorry"), (1, 2, "."), (2, 3, " Because")]
     tracker.add(W.StepRecord("r", 3, [0.9] * 10, 1, 1, W.PHASE_RETRACTED, 0, 0))
     assert c.visible(c.pieces) == "Sorry."
+    # a tokenizer that decodes a fragment without its leading space (SentencePiece): the
+    # engine's text is split where the decoded tail matches its end
+    c2 = ChoiceState(0, "r", tracker=tracker)
+    c2.n_tokens = 1
+    c2.add_piece("Sorry", 1, [5])
+    c2.n_tokens = 3
+    c2.add_piece(". Because", 2, [8, 10], lambda ids, **kw: "".join(words[i] for i in ids).lstrip())
+    assert c2.pieces[1:] == [(1, 2, ". "), (2, 3, "Because")]
+    assert c2.visible(c2.pieces) == "Sorry. "
