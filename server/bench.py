@@ -211,7 +211,8 @@ def _table(results: list[LoadResult],
             if x and y:
                 cpu = x.cpu_ms_per_tok / y.cpu_ms_per_tok if y.cpu_ms_per_tok else float("nan")
                 lines.append(f"| {a} / {b} | {c} | {x.tok_per_s / y.tok_per_s:.3f} | "
-                             f"{_pass_ratios(raw, a, b, c)} | {x.ttft_p50 / y.ttft_p50:.3f} | {x.itl_p50 / y.itl_p50:.3f} | "
+                             f"{_pass_ratios(raw, a, b, c)} | {x.ttft_p50 / y.ttft_p50:.3f} | "
+                             f"{x.itl_p50 / y.itl_p50:.3f} | "
                              f"{cpu:.3f} |")
     return "\n".join(lines)
 

@@ -45,7 +45,8 @@ SAFETY_REFUSAL_ENDINGS = Counter(
     "safeserve_safety_refusal_endings",
     "How refused responses ended: explanation_limit (its sentence or token budget), withheld "
     "(the bounded explanation read over a threshold: cut and withheld), stopped (an unbounded "
-    "explanation violated for tau steps), model_end (the model ended it), max_tokens, abort", ["ending"])
+    "explanation violated for tau steps), model_end (the model ended it), max_tokens, abort",
+    ["ending"])
 SAFETY_STEP_SECONDS = Counter("safeserve_safety_step_seconds",
                               "Seconds the engine spent in the safety path (head + decision)")
 SAFETY_STEPS = Counter("safeserve_safety_steps", "Engine steps that ran the safety path")

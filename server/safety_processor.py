@@ -235,8 +235,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
 
         Positions come from the output length, so a repeated step forces the same token:
         the refusal token at a step is refusal[out_len - origin]. Terminal phases (DONE,
-        CLOSED, RETRACTED) force end-of-sequence at every step, so a request that ignores EOS gets
-        nothing more."""
+        CLOSED, RETRACTED) force end-of-sequence at every step, so a request that ignores
+        EOS gets nothing more."""
         active = self.active[:n].bool()
         is_prompt = out_len == 0
         phase, origin, action = self.phase[:n], self.origin[:n], self.action[:n]
@@ -275,8 +275,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
         wrote = explaining & ~first & (out_len > self.read_len[:n])
         self._count_sentences(n, wrote, last)
         self.read_len[:n] = torch.where(explaining, out_len, self.read_len[:n])
-        cap = self.explain_cap[:n]
-        spent = (self.explain_left[:n] == 0) | ((cap >= 0) & (k - refusal_len >= cap))
+        spent = ((self.explain_left[:n] == 0)
+                 | (bounded & (k - refusal_len >= self.explain_cap[:n])))
         close = explaining & spent & ~start_stop & ~retract
 
         idx = k.clamp(0, MAX_REFUSAL_TOKENS - 1).long().unsqueeze(1)
