@@ -66,11 +66,15 @@ class SafetyService:
 
     def refusal_ids(self) -> list[int]:
         """The separator's ids, then the refusal's (``_refusal_sep`` of them are the former);
-        each tokenized on its own so the refusal's tokens are the same with or without it."""
+        each tokenized on its own so the refusal's tokens are the same with or without it.
+        The refusal ends on its full stop, not a space: byte-level BPE vocabularies put a
+        word's space in front of it, so a lone trailing space token pushed the model's
+        explanation off its usual tokens (it mostly began on a new line) and stayed behind
+        as a trailing space when the explanation was withheld."""
         if self._refusal_ids is None:
             tok = self._tokenizer()
             sep = tok(REFUSAL_SEPARATOR, add_special_tokens=False)["input_ids"]
-            refusal = tok(DEFAULT_REFUSAL + " ", add_special_tokens=False)["input_ids"]
+            refusal = tok(DEFAULT_REFUSAL, add_special_tokens=False)["input_ids"]
             self._refusal_ids, self._refusal_sep = sep + refusal, len(sep)
         return self._refusal_ids
 

@@ -28,11 +28,13 @@ def chat(http, server, messages, headers=None, **body):
 def test_prompt_verdict_refuses_and_withholds_an_explanation_that_reads_unsafe(http, server):
     # The test head scores violence high everywhere: the prompt verdict splices the refusal in
     # at token 0, and the explanation's first judged token already reads over the threshold:
-    # it ends there and is withheld, so the answer is the refusal alone (a normal end).
-    r = chat(http, server, COLORS, headers={"X-Safety-Config": "strict"})
+    # it ends there and is withheld, so the answer is the refusal alone (a normal end), to
+    # the character. (After this prompt's refusal the model writes on; after some, e.g.
+    # COLORS, it ends the answer itself, and there is nothing to withhold.)
+    r = chat(http, server, FRANCE, headers={"X-Safety-Config": "strict"})
     data = r.json()
     choice, s = data["choices"][0], data["safety"]
-    assert choice["message"]["content"].rstrip() == DEFAULT_REFUSAL
+    assert choice["message"]["content"] == DEFAULT_REFUSAL
     assert choice["finish_reason"] == "stop"
     assert s["prompt"]["flagged"] is True and "violence" in s["prompt"]["categories"]
     assert s["action"] == "refuse" and s["config"]["preset"] == "strict"
@@ -43,7 +45,7 @@ def test_prompt_verdict_refuses_and_withholds_an_explanation_that_reads_unsafe(h
     # Streamed, with or without holdback: not one token of the explanation reaches the client.
     for holdback in (False, True):
         with http.stream("POST", "/v1/chat/completions", json={
-                "model": server.model, "messages": COLORS, "max_tokens": 24, "temperature": 0,
+                "model": server.model, "messages": FRANCE, "max_tokens": 24, "temperature": 0,
                 "stream": True, "safety_config": {"allow": [], "holdback": holdback}}) as resp:
             events = [json.loads(line[6:]) for line in resp.iter_lines()
                       if line.startswith("data: {")]
@@ -57,6 +59,10 @@ def test_prompt_verdict_refuses_and_withholds_an_explanation_that_reads_unsafe(h
                for f in text_string_to_metric_families(http.get("/metrics").text)
                for m in f.samples if m.name == "safeserve_safety_refusal_endings_total"}
     assert endings.get("withheld", 0) >= 3
+    # After COLORS' refusal the model ends the answer itself: the refusal alone, nothing withheld.
+    data = chat(http, server, COLORS, headers={"X-Safety-Config": "strict"}).json()
+    assert data["choices"][0]["message"]["content"] == DEFAULT_REFUSAL
+    assert data["safety"]["response"]["explanation_withheld"] is False
 
 
 def test_allowed_category_is_not_enforced(http, server):
