@@ -41,7 +41,7 @@ def shift_head(head: SafetyHead, *, prompt_shift: float, response_shift: float, 
     """A copy of ``head`` whose prompt and response thresholds moved by the given logits,
     with the given alert band (``alert_margin`` logits below the prompt thresholds: the
     response rule acts after ``alert_tau`` steps; 0: no band; None: ``head``'s own band, kept)."""
-    from safeserve.models.safety_train import with_thresholds
+    from safeserve.models.safety_calibration import with_thresholds
 
     if alert_margin is None:
         alert_margin, kept_tau = alert_band(head.extra)

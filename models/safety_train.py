@@ -50,6 +50,10 @@ prompt-end read-out (``finish_head``). Category thresholds go into the saved tax
 overall ``unsafe`` output has no taxonomy entry, so its threshold is folded into its bias
 instead: it fires at score >= 0.5.
 
+The parts live in their own modules: ``safety_features`` (hidden states at labelled positions,
+cached per file), ``safety_head_fit`` (loss and head-only fit), ``safety_calibration``
+(metrics, thresholds, the prompt-verdict fold); this module runs the modes and the CLI.
+
 ``safeserve train probe-layers`` fits a head-only probe on several layers (1..L; L or -1 = the
 final post-norm state the server reads) and reports held-out AUROC, to choose the layer by
 measurement.
@@ -57,491 +61,26 @@ measurement.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import random
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from safeserve.kernels.safety_head import head_logits, offset_prompt_rows
-from safeserve.models.checkpoint import SafetyHead, load_safety_head
-from safeserve.models.decision_defaults import OPERATING_POINT, prompt_logit_offset
-from safeserve.models.safety_data import (MASK_PROMPT, MASK_RESPONSE, Encoded, Trajectory,
-                                          encode_trajectory, load_trajectories)
-from safeserve.models.taxonomy import Category, Taxonomy
-
-HARD_NEGATIVE_SOURCES = ("gpteacher_roleplay", "risky_benign", "alpaca_wrapped", "hard_negative")
-
-
-# --------------------------------------------------------------------------------------
-# Features (hidden states at labelled positions)
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Features:
-    """Hidden states at labelled positions, one row per position, in trajectory order."""
-
-    hidden: dict[int, torch.Tensor]  # layer -> [N, H]
-    labels: torch.Tensor  # [N, K]
-    kind: torch.Tensor  # [N] MASK_PROMPT / MASK_RESPONSE
-    traj: torch.Tensor  # [N] trajectory index
-    meta: list[dict] = field(default_factory=list)  # per trajectory
-
-    def subset(self, traj_ids: set[int]) -> "Features":
-        keep = torch.tensor([int(t) in traj_ids for t in self.traj.tolist()], dtype=torch.bool)
-        order = sorted(traj_ids)
-        remap = {t: i for i, t in enumerate(order)}
-        return Features({k: v[keep] for k, v in self.hidden.items()}, self.labels[keep],
-                        self.kind[keep], torch.tensor([remap[int(t)] for t in self.traj[keep]]),
-                        [self.meta[t] for t in order])
-
-
-def _meta(t: Trajectory) -> dict:
-    benign = not t.prompt_unsafe and not t.response_unsafe
-    return {"source": t.source, "group": t.group or t.user_text, "prompt_unsafe": t.prompt_unsafe,
-            "response_unsafe": t.response_unsafe, "benign": benign,
-            "hard_negative": benign and t.source.startswith(HARD_NEGATIVE_SOURCES),
-            "has_response": bool(t.response)}
-
-
-def backbone(model):
-    """The decoder stack (no LM head) of a causal LM, PEFT-wrapped or not."""
-    m = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return m.get_decoder()
-
-
-def resolve_layer(layer: int, num_layers: int) -> int:
-    """Index into ``hidden_states``: -1 or L = the final post-norm state (index L)."""
-    if layer == -1 or layer == num_layers:
-        return num_layers
-    if not 1 <= layer < num_layers:
-        raise ValueError(f"layer {layer} out of range: use 1..{num_layers} or -1")
-    return layer
-
-
-def encode_all(trajs: list[Trajectory], tokenizer, taxonomy: Taxonomy, max_length: int,
-               log=print) -> tuple[list[Encoded], list[Trajectory]]:
-    encs, kept, skipped = [], [], 0
-    for t in trajs:
-        try:
-            encs.append(encode_trajectory(t, tokenizer, taxonomy, max_length))
-            kept.append(t)
-        except ValueError:
-            skipped += 1
-    if skipped:
-        log(f"skipped {skipped} rows whose prompt alone is longer than max_length {max_length}")
-    return encs, kept
-
-
-@torch.inference_mode()
-def extract_features(model, tokenizer, trajs: list[Trajectory], taxonomy: Taxonomy,
-                     layers: list[int], max_length: int = 512, batch_size: int = 16,
-                     log=print, desc: str = "features") -> Features:
-    """Run the (frozen) model once and keep hidden states at labelled positions."""
-    encs, trajs = encode_all(trajs, tokenizer, taxonomy, max_length, log)
-    dec = backbone(model)
-    device = next(model.parameters()).device
-    n_layers = model.config.num_hidden_layers
-    idx = {l: resolve_layer(l, n_layers) for l in layers}
-    need_all = any(i != n_layers for i in idx.values())
-    order = sorted(range(len(encs)), key=lambda i: len(encs[i].input_ids))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    chunks: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
-    labels, kinds, trajids = [], [], []
-    for b in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
-        ids_b = order[b:b + batch_size]
-        width = max(len(encs[i].input_ids) for i in ids_b)
-        x = torch.full((len(ids_b), width), pad, dtype=torch.long)
-        att = torch.zeros((len(ids_b), width), dtype=torch.long)
-        for r, i in enumerate(ids_b):
-            n = len(encs[i].input_ids)
-            x[r, :n] = torch.tensor(encs[i].input_ids)
-            att[r, :n] = 1
-        out = dec(input_ids=x.to(device), attention_mask=att.to(device),
-                  output_hidden_states=need_all)
-        for r, i in enumerate(ids_b):
-            pos = torch.nonzero(encs[i].mask).squeeze(1)
-            for l, hi in idx.items():
-                h = out.last_hidden_state if hi == n_layers else out.hidden_states[hi]
-                h = h[r, pos.to(device)].float().cpu()
-                # Probe layers other than the final one are kept in half precision (memory).
-                chunks[l].append(h if hi == n_layers else h.half())
-            labels.append(encs[i].labels[pos])
-            kinds.append(encs[i].mask[pos])
-            trajids.append(torch.full((len(pos),), i, dtype=torch.long))
-    # Restore trajectory order (rows of one trajectory stay contiguous and in position order).
-    perm = sorted(range(len(order)), key=lambda j: order[j])
-    cat = lambda xs: torch.cat([xs[j] for j in perm]) if xs else torch.empty(0)  # noqa: E731
-    return Features({l: cat(v) for l, v in chunks.items()}, cat(labels), cat(kinds),
-                    cat(trajids), [_meta(t) for t in trajs])
-
-
-def cached_features(cache: Path | None, key: dict, compute) -> Features:
-    """Load features from ``cache`` when its key matches, else compute and store them."""
-    if cache is not None and cache.is_file():
-        blob = torch.load(cache, weights_only=False)
-        have = dict(blob.get("key") or {})
-        # A cache that holds more layers than asked for serves the asked ones.
-        if ({k: v for k, v in have.items() if k != "layers"}
-                == {k: v for k, v in key.items() if k != "layers"}
-                and set(key.get("layers", [])) <= set(have.get("layers", []))):
-            f = blob["features"]
-            f = f if isinstance(f, Features) else Features(**f)
-            f.hidden = {l: h for l, h in f.hidden.items() if l in set(key["layers"])}
-            return f
-    feats = compute()
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        # Plain containers only: a pickled class would be tied to the module that ran it
-        # (``__main__`` under ``python -m``).
-        torch.save({"key": key, "features": dict(vars(feats))}, cache)
-    return feats
-
-
-# --------------------------------------------------------------------------------------
-# Loss and head fitting
-# --------------------------------------------------------------------------------------
-
-
-def positive_weights(labels: torch.Tensor, cap: float = 20.0) -> torch.Tensor:
-    """Class-balanced BCE positive weight per output: #neg / #pos, capped."""
-    pos = labels.sum(0)
-    neg = labels.shape[0] - pos
-    return (neg / pos.clamp(min=1.0)).clamp(1.0, cap)
-
-
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor, kind: torch.Tensor,
-                        pos_weight: torch.Tensor) -> torch.Tensor:
-    """Mean BCE over prompt positions + mean BCE over response positions (each if present)."""
-    bce = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=pos_weight,
-                                             reduction="none").mean(1)
-    total = logits.new_zeros(())
-    for k in (MASK_PROMPT, MASK_RESPONSE):
-        sel = kind == k
-        if sel.any():
-            total = total + bce[sel].mean()
-    return total
-
-
-@dataclass
-class HeadFit:
-    weight: torch.Tensor  # [K, H] raw-hidden space (what is saved)
-    bias: torch.Tensor  # [K]
-    losses: list[float]
-    # The fit in standardised space ((x - mean) / std): same logits as weight/bias on raw x.
-    mean: torch.Tensor | None = None
-    std: torch.Tensor | None = None
-    weight_std: torch.Tensor | None = None
-    bias_std: torch.Tensor | None = None
-    mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # raw-hidden space
-
-
-def fit_head(hidden: torch.Tensor, labels: torch.Tensor, kind: torch.Tensor, *,
-             epochs: int = 30, lr: float = 2e-3, batch_size: int = 4096,
-             weight_decay: float = 1e-3, seed: int = 0, progress: bool = True,
-             mlp_units: int = 0, mlp_gate: tuple[torch.Tensor, float] | None = None,
-             frozen_linear: tuple[torch.Tensor, torch.Tensor] | None = None) -> HeadFit:
-    """Fit weight [K,H] and bias [K] (and, with ``mlp_units``, the residual MLP of
-    ``kernels/safety_head.py``) on cached features, standardised, then folded back to raw
-    hidden states. ``mlp_gate`` = (v, c) gates the MLP by clamp(1 - (v.h + c), 0, 1);
-    ``frozen_linear`` = (weight, bias) of an existing head keeps its linear part as it is."""
-    g = torch.Generator().manual_seed(seed)
-    x = hidden.float()
-    mu, sd = x.mean(0), x.std(0).clamp(min=1e-4)
-    z = (x - mu) / sd
-    k = labels.shape[1]
-    pw = positive_weights(labels)
-    prior = labels.mean(0).clamp(1e-4, 1 - 1e-4)
-    if frozen_linear is not None:  # raw (W, b) -> standardised space, not trained
-        w = (frozen_linear[0].float() * sd).clone()
-        b = (frozen_linear[1].float() + frozen_linear[0].float() @ mu).clone()
-        params = []
-    else:
-        w = torch.zeros(k, z.shape[1], requires_grad=True)
-        b = torch.log(prior / (1 - prior)).clone().requires_grad_(True)
-        params = [w, b]
-    mlp = None
-    if mlp_units > 0:
-        # He-initialised up projection; the down projection starts at zero, so training
-        # starts from the linear head and adds the non-linear term only where it helps.
-        up = (torch.randn(mlp_units, z.shape[1], generator=g) * (2.0 / z.shape[1]) ** 0.5).requires_grad_(True)
-        up_bias = torch.zeros(mlp_units, requires_grad=True)
-        down = torch.zeros(k, mlp_units, requires_grad=True)
-        mlp = (up, up_bias, down)
-        params += list(mlp)
-        if mlp_gate is not None:  # v.x + c = (v * sd).z + (v.mu + c)
-            v, c = mlp_gate
-            mlp += (torch.cat([v.float() * sd, (v.float() @ mu + c).reshape(1)]),)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    # Sample prompt and response positions in the same proportion in every batch.
-    n = z.shape[0]
-    losses = []
-    bar = tqdm(range(epochs), desc="head", unit="epoch", disable=not progress)
-    for _ in bar:
-        perm = torch.randperm(n, generator=g)
-        tot, steps = 0.0, 0
-        for s in range(0, n, batch_size):
-            ix = perm[s:s + batch_size]
-            loss = classification_loss(head_logits(z[ix], w, b, mlp), labels[ix], kind[ix], pw)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            tot, steps = tot + float(loss.detach()), steps + 1
-        losses.append(tot / max(steps, 1))
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    with torch.no_grad():
-        w_raw = w / sd  # logits = w.(x-mu)/sd + b = (w/sd).x + (b - (w/sd).mu)
-        b_raw = b - w_raw @ mu
-        mlp_raw = None
-        if mlp is not None:  # the same fold for the up projection
-            up_raw = mlp[0] / sd
-            mlp_raw = (up_raw.contiguous(), (mlp[1] - up_raw @ mu).contiguous(),
-                       mlp[2].detach().clone())
-            if mlp_gate is not None:
-                mlp_raw += (torch.cat([mlp_gate[0].float(), torch.tensor([float(mlp_gate[1])])]),)
-    return HeadFit(w_raw.detach().contiguous(), b_raw.detach().contiguous(), losses, mu, sd,
-                   w.detach().clone(), b.detach().clone(), mlp_raw)
-
-
-def scores_of(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-              chunk: int = 65536, mlp=None) -> torch.Tensor:
-    """Sigmoid scores through the serving math, chunked over rows."""
-    out = [torch.sigmoid(head_logits(hidden[i:i + chunk].float(), weight, bias, mlp))
-           for i in range(0, hidden.shape[0], chunk)]
-    return torch.cat(out) if out else torch.empty(0, weight.shape[0])
-
-
-# --------------------------------------------------------------------------------------
-# Metrics and calibration
-# --------------------------------------------------------------------------------------
-
-
-def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float | None:
-    """Area under the ROC curve (Mann-Whitney, ties averaged); None without both classes."""
-    pos = labels > 0.5
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
-        return None
-    s, idx = scores.double().sort()
-    _, inv, counts = torch.unique_consecutive(s, return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).double()
-    avg = ends - (counts.double() - 1) / 2
-    ranks = torch.empty_like(s)
-    ranks[idx] = avg[inv]
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def flag_trajectories(scores: torch.Tensor, feats: Features, thresholds: torch.Tensor,
-                      tau: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Server rule per trajectory: (prompt verdict unsafe, tau consecutive unsafe responses)."""
-    viol = (scores >= thresholds).any(1)
-    n = len(feats.meta)
-    p_flag = torch.zeros(n, dtype=torch.bool)
-    r_flag = torch.zeros(n, dtype=torch.bool)
-    run = 0
-    last = -1
-    for v, k, t in zip(viol.tolist(), feats.kind.tolist(), feats.traj.tolist()):
-        if t != last:
-            run, last = 0, t
-        if k == MASK_PROMPT:
-            p_flag[t] = v
-        else:
-            run = run + 1 if v else 0
-            if run >= tau:
-                r_flag[t] = True
-    return p_flag, r_flag
-
-
-def _rate(mask: torch.Tensor, sel: torch.Tensor) -> dict:
-    n = int(sel.sum())
-    return {"rate": (float(mask[sel].float().mean()) if n else None), "n": n}
-
-
-def _logit(p: torch.Tensor) -> torch.Tensor:
-    p = p.clamp(1e-6, 1 - 1e-6)
-    return torch.log(p / (1 - p))
-
-
-def prompt_end_direction(hidden: torch.Tensor, kind: torch.Tensor,
-                         ridge: float = 1e-2) -> tuple[torch.Tensor, float]:
-    """Linear read-out (v, c) with v.h + c ~ 1 at prompt-end positions and ~ 0 at response
-    positions (ridge least squares; the two position types are linearly separable because the
-    prompt end always follows the assistant role marker)."""
-    x = hidden.float()
-    mu, sd = x.mean(0), x.std(0).clamp(min=1e-4)
-    z = torch.cat([(x - mu) / sd, torch.ones(x.shape[0], 1)], 1)
-    y = (kind == MASK_PROMPT).float()
-    # Balance the two position types so the few prompt ends are fitted as well as responses.
-    w = torch.where(y > 0, 0.5 / y.sum().clamp(min=1), 0.5 / (1 - y).sum().clamp(min=1))
-    a = z.T @ (z * w[:, None]) + ridge * torch.eye(z.shape[1])
-    coef = torch.linalg.solve(a, z.T @ (w * y))
-    v = coef[:-1] / sd
-    return v, float(coef[-1] - v @ mu)
-
-
-def _run_max(scores: torch.Tensor, feats: Features, tau: int) -> torch.Tensor:
-    """Per conversation and output: the largest score held by tau consecutive response
-    positions (0 without enough response tokens). Output k alone flags the response part of a
-    conversation at threshold t iff this value is >= t."""
-    out = torch.zeros(len(feats.meta), scores.shape[1])
-    resp = feats.kind == MASK_RESPONSE
-    for t in torch.unique(feats.traj).tolist():
-        r = scores[(feats.traj == t) & resp]
-        if r.shape[0] >= tau:
-            out[t] = r.unfold(0, tau, 1).min(dim=2).values.max(0).values
-    return out
-
-
-def _prompt_scores(scores: torch.Tensor, feats: Features) -> torch.Tensor:
-    out = torch.zeros(len(feats.meta), scores.shape[1])
-    sel = feats.kind == MASK_PROMPT
-    out[feats.traj[sel]] = scores[sel]
-    return out
-
-
-def calibrate(logits: torch.Tensor, feats: Features, tau: int, target_fpr: float,
-              overall_share: float = 0.5, prompt_share: float = 0.4
-              ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Separate prompt and response thresholds per output from benign conversations.
-
-    The benign false-positive budget ``target_fpr`` is split between the prompt verdict
-    (``prompt_share``) and the response rule, and between the overall output
-    (``overall_share``) and the categories (the rest, evenly). Each output's prompt threshold
-    is the matching upper quantile of benign prompt-end scores, its response threshold that of
-    the benign conversations' tau-run maxima. Budgets shrink until the combined rule (any
-    output) stays within ``target_fpr`` on these conversations.
-    Returns (prompt thresholds, response thresholds, budget scale used).
-    """
-    scores = torch.sigmoid(logits)
-    benign = torch.tensor([m["benign"] for m in feats.meta])
-    k = scores.shape[1]
-    ps, rm = _prompt_scores(scores, feats)[benign], _run_max(scores, feats, tau)[benign]
-    share = torch.full((k,), (1 - overall_share) / max(k - 1, 1))
-    share[-1] = overall_share
-
-    def thresholds(ref: torch.Tensor, budget: float) -> torch.Tensor:
-        """Just above the (m+1)-th largest benign value, m = floor(budget * share * n): at
-        most m benign conversations reach it (an interpolated quantile would let the top
-        one through at any budget)."""
-        if ref.shape[0] == 0:
-            return torch.full((k,), 0.5)
-        top = ref.sort(0, descending=True).values
-        m = [min(int(budget * float(share[j]) * ref.shape[0]), ref.shape[0] - 1)
-             for j in range(k)]
-        q = torch.stack([top[m[j], j] for j in range(k)])
-        return (q + 1e-6).clamp(0.01, 0.9999)
-
-    # Prompt and response budgets shrink separately, each until its own part of the rule
-    # stays within its share of the target on these conversations.
-    sp = sr = 1.0
-    for _ in range(20):
-        thr_p = thresholds(ps, target_fpr * prompt_share * sp)
-        thr_r = thresholds(rm, target_fpr * (1 - prompt_share) * sr)
-        p_flag, r_flag = flag_trajectories_split(scores, feats, thr_p, thr_r, tau)
-        p_rate = float(p_flag[benign].float().mean()) if ps.shape[0] else 0.0
-        r_rate = float(r_flag[benign].float().mean()) if ps.shape[0] else 0.0
-        ok_p = p_rate <= target_fpr * prompt_share + 1e-9
-        ok_r = r_rate <= target_fpr * (1 - prompt_share) + 1e-9
-        if ok_p and ok_r:
-            break
-        sp, sr = sp * (1 if ok_p else 0.7), sr * (1 if ok_r else 0.7)
-    return thr_p, thr_r, min(sp, sr)
-
-
-def flag_trajectories_split(scores: torch.Tensor, feats: Features, thr_p: torch.Tensor,
-                            thr_r: torch.Tensor, tau: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The server rule with separate prompt / response thresholds (before folding)."""
-    thr = torch.where((feats.kind == MASK_PROMPT)[:, None], thr_p[None, :], thr_r[None, :])
-    return flag_trajectories(scores, feats, thr, tau)
-
-
-def evaluate(scores: torch.Tensor, feats: Features, thresholds: torch.Tensor, names: list[str],
-             tau: int) -> dict:
-    """Held-out metrics: AUROC and accuracy per output at prompt and token level, and the
-    server-rule detection and false-positive rates per conversation."""
-    hit = scores >= thresholds
-    out: dict = {"prompt_level": {}, "token_level": {}}
-    for level, k in (("prompt_level", MASK_PROMPT), ("token_level", MASK_RESPONSE)):
-        sel = feats.kind == k
-        for j, name in enumerate(names):
-            y = feats.labels[sel, j]
-            out[level][name] = {
-                "auroc": auroc(scores[sel, j], y),
-                "accuracy": float((hit[sel, j] == (y > 0.5)).float().mean()) if sel.any() else None,
-                "positives": int(y.sum()), "n": int(sel.sum())}
-    p, r = flag_trajectories(scores, feats, thresholds, tau)
-    m = feats.meta
-    t = lambda key: torch.tensor([bool(x[key]) for x in m])  # noqa: E731
-    benign, hard = t("benign"), t("hard_negative")
-    prompt_unsafe, resp_unsafe = t("prompt_unsafe"), t("response_unsafe")
-    prefill = torch.tensor(["/prefill" in x["source"] for x in m])
-    out["conversation_level"] = {
-        "harmful_prompt_flagged_at_prompt": _rate(p, prompt_unsafe),
-        "harmful_prompt_flagged_any": _rate(p | r, prompt_unsafe),
-        "unsafe_response_flagged_by_response": _rate(r, resp_unsafe),
-        "prefill_attack_flagged_by_response": _rate(r, resp_unsafe & prefill),
-        "benign_flagged_any (false positive)": _rate(p | r, benign),
-        "benign_flagged_at_prompt": _rate(p, benign),
-        "hard_negative_flagged_any (false positive)": _rate(p | r, hard),
-        "hard_negative_flagged_at_prompt": _rate(p, hard),
-    }
-    by_src: dict[str, dict] = {}
-    for i, x in enumerate(m):
-        s = by_src.setdefault(x["source"].split("/")[0], {"n": 0, "flagged": 0})
-        s["n"] += 1
-        s["flagged"] += int(p[i] | r[i])
-    out["flag_rate_by_source"] = {k: round(v["flagged"] / v["n"], 4) for k, v in by_src.items()}
-    return out
-
-
-def external_prompt_metrics(scores: torch.Tensor, feats: Features,
-                            thresholds: torch.Tensor) -> dict:
-    """Prompt verdict on prompt-only rows, per source and label (never used for any choice)."""
-    sel = feats.kind == MASK_PROMPT
-    s, trajs = scores[sel], feats.traj[sel]
-    flag = (s >= thresholds).any(1)
-    keys = [f"{feats.meta[int(t)]['source']}/"
-            f"{'unsafe' if feats.meta[int(t)]['prompt_unsafe'] else 'safe'}" for t in trajs]
-    out = {}
-    for key in sorted(set(keys)):
-        m = torch.tensor([k == key for k in keys])
-        out[key] = {"n": int(m.sum()), "flagged_rate": float(flag[m].float().mean())}
-    y = torch.tensor([feats.meta[int(t)]["prompt_unsafe"] for t in trajs]).float()
-    out["all_auroc_overall"] = auroc(s[:, -1], y)
-    return out
-
-
-def head_external_metrics(head: SafetyHead, ex: Features) -> dict:
-    """``external_prompt_metrics`` of a finished head at its served thresholds."""
-    return external_prompt_metrics(
-        scores_of(ex.hidden[head.layer], head.weight, head.bias, mlp=head.mlp), ex,
-        torch.tensor([c.threshold for c in head.taxonomy.categories] + [0.5]))
-
-
-def split_groups(meta: list[dict], fraction: float, seed: int) -> tuple[set[int], set[int]]:
-    groups = sorted({m["group"] for m in meta})
-    random.Random(seed).shuffle(groups)
-    pick = set(groups[: int(round(len(groups) * fraction))])
-    a = {i for i, m in enumerate(meta) if m["group"] in pick}
-    return a, set(range(len(meta))) - a
-
-
-# --------------------------------------------------------------------------------------
-# Output
-# --------------------------------------------------------------------------------------
-
-
-def with_thresholds(taxonomy: Taxonomy, thresholds: list[float]) -> Taxonomy:
-    # 6 decimals: thresholds sit near 1, where 4 would move them by up to half a logit.
-    return Taxonomy(tuple(Category(c.id, c.definition, round(float(t), 6))
-                          for c, t in zip(taxonomy.categories, thresholds)))
+from safeserve.kernels.safety_head import head_logits
+from safeserve.models.checkpoint import SafetyHead
+from safeserve.models.decision_defaults import OPERATING_POINT
+from safeserve.models.safety_calibration import (auroc, finish_head, head_external_metrics,
+                                                 keep_init_operating_point)
+from safeserve.models.safety_data import MASK_PROMPT, MASK_RESPONSE, Encoded, load_trajectories
+from safeserve.models.safety_features import (encode_all, extract_features, head_features,
+                                              load_lm, paths_of, resolve_layer, split_data)
+from safeserve.models.safety_head_fit import (classification_loss, fit_head, frozen_linear,
+                                              positive_weights, prompt_end_gate, scores_of)
+from safeserve.models.taxonomy import Taxonomy
 
 
 def copy_model_files(src: Path, dst: Path) -> None:
@@ -550,68 +89,6 @@ def copy_model_files(src: Path, dst: Path) -> None:
     for f in Path(src).iterdir():
         if f.is_file():
             shutil.copy2(f, dst / f.name, follow_symlinks=True)
-
-
-def finish_head(weight: torch.Tensor, bias: torch.Tensor, eval_feats: Features,
-                taxonomy: Taxonomy, args: dict, layer: int, log=print,
-                mlp=None) -> tuple[SafetyHead, dict]:
-    """Calibrate on half the held-out groups, report on the other half, build the head.
-
-    The prompt verdict and the response rule get separate operating points (prompt
-    thresholds t_p, response thresholds t_r; see ``calibrate``). The server has one threshold
-    per output, so the difference is folded into the head along the prompt-end read-out
-    (v, c): logit' = logit + delta * (v.h + c) with delta = logit(t_r) - logit(t_p), which adds
-    delta at prompt ends and ~0 on response tokens; t_r is then the served threshold. The
-    overall output's threshold is folded into its bias (it fires at 0.5). All reported
-    thresholded rates come from the final head under the server rule.
-    """
-    names = list(taxonomy.output_names)
-    cal_ids, test_ids = split_groups(eval_feats.meta, 0.5, args.get("seed", 0))
-    cal, test = eval_feats.subset(cal_ids), eval_feats.subset(test_ids)
-    hc = cal.hidden[layer]
-    logits_cal = torch.cat([head_logits(hc[i:i + 65536], weight, bias, mlp)
-                            for i in range(0, hc.shape[0], 65536)])
-    thr_p, thr_r, scale = calibrate(logits_cal, cal, args["tau"], args["target_fpr"])
-    weight, bias = weight.clone(), bias.clone()
-    v, c = prompt_end_direction(hc, cal.kind)
-    ind = hc.float() @ v + c
-    delta = _logit(thr_r) - _logit(thr_p)
-    if args.get("prompt_offset", True):
-        weight += delta[:, None] * v[None, :]
-        bias += delta * c
-    thr = thr_r.clone()
-    shift = float(_logit(thr[-1]))
-    bias[-1] -= shift
-    thr[-1] = 0.5
-    # The fold and the overall shift are linear in the logits, so they land in the linear
-    # part whether or not the head has the residual MLP.
-    head = SafetyHead(weight, bias, with_thresholds(taxonomy, thr[:-1].tolist()), layer=layer,
-                      mlp=mlp)
-    tau = args["tau"]
-    metrics = {
-        # AUROC is threshold-free: the whole held-out set; thresholded rates: the test half.
-        "auroc_all_heldout": evaluate(scores_of(eval_feats.hidden[layer], head.weight,
-                                                head.bias, mlp=mlp), eval_feats, thr, names, tau),
-        "thresholded_on_test_half": evaluate(scores_of(test.hidden[layer], head.weight,
-                                                       head.bias, mlp=mlp), test, thr, names, tau),
-        "thresholded_on_calibration_half": evaluate(scores_of(hc, head.weight, head.bias,
-                                                              mlp=mlp), cal,
-                                                    thr, names, tau)["conversation_level"],
-        "calibration": {
-            "target_fpr": args["target_fpr"], "tau": tau, "budget_scale": scale,
-            "prompt_thresholds": dict(zip(names, thr_p.tolist())),
-            "response_thresholds": dict(zip(names, thr_r.tolist())),
-            "prompt_offset_logits": dict(zip(names, delta.tolist())),
-            "prompt_end_readout": {
-                "at_prompt_end_mean": float(ind[cal.kind == MASK_PROMPT].mean()),
-                "at_response_mean": float(ind[cal.kind == MASK_RESPONSE].mean()),
-                "at_response_std": float(ind[cal.kind == MASK_RESPONSE].std())},
-            "overall_bias_shift": shift,
-            "served_thresholds": dict(zip(names, thr.tolist())),
-            "calibration_conversations": len(cal.meta),
-            "test_conversations": len(test.meta)},
-    }
-    return head, metrics
 
 
 def _recipe(args: dict) -> dict:
@@ -648,115 +125,6 @@ def summary_table(metrics: dict, names: list[str]):
     return t
 
 
-# --------------------------------------------------------------------------------------
-# Head mode and the layer probe
-# --------------------------------------------------------------------------------------
-
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _load_lm(model_dir: Path, dtype: str = "float32"):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_DTYPES[dtype])
-    return model, tok
-
-
-def _paths(value) -> list[Path]:
-    """One path or several (``--data a --data b``) as a list; None or empty -> []."""
-    if value is None:
-        return []
-    if isinstance(value, (str, Path)):
-        return [Path(value)]
-    return [Path(v) for v in value]
-
-
-def _held_groups(groups: set[str], seed: int, fraction: float = 0.2) -> set[str]:
-    order = sorted(groups)
-    random.Random(seed).shuffle(order)
-    return set(order[: max(1, int(len(order) * fraction))])
-
-
-def _split_data(data, eval_data, taxonomy: Taxonomy, seed: int):
-    """Train and held-out trajectories from one or more files each; without held-out files,
-    20% of the training prompt groups are held out."""
-    train = [t for p in _paths(data) for t in load_trajectories(p, taxonomy)]
-    if _paths(eval_data):
-        return train, [t for p in _paths(eval_data) for t in load_trajectories(p, taxonomy)]
-    held = _held_groups({t.group or t.user_text for t in train}, seed)
-    return ([t for t in train if (t.group or t.user_text) not in held],
-            [t for t in train if (t.group or t.user_text) in held])
-
-
-def _feature_key(path: Path, model: Path, layers: list[int], max_length: int) -> dict:
-    st = path.stat()
-    return {"data": str(path.resolve()), "size": st.st_size, "mtime": st.st_mtime,
-            "model": str(model), "layers": sorted(layers), "max_length": max_length}
-
-
-def concat_features(parts: list[Features]) -> Features:
-    """Rows of several files as one set (trajectory indices renumbered)."""
-    if len(parts) == 1:
-        return parts[0]
-    offsets, n = [], 0
-    for f in parts:
-        offsets.append(n)
-        n += len(f.meta)
-    return Features({l: torch.cat([f.hidden[l] for f in parts]) for l in parts[0].hidden},
-                    torch.cat([f.labels for f in parts]), torch.cat([f.kind for f in parts]),
-                    torch.cat([f.traj + o for f, o in zip(parts, offsets)]),
-                    [m for f in parts for m in f.meta])
-
-
-def file_features(path: Path, model, tok, model_dir: Path, taxonomy: Taxonomy,
-                  layers: list[int], max_length: int, batch_size: int,
-                  cache_dir: Path | None, name: str, log=print) -> Features:
-    """One file's features, cached under ``cache_dir`` by file, model, layers and length."""
-    path = Path(path)
-    rows = load_trajectories(path, taxonomy)
-    tag = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
-    cache = cache_dir / f"{path.stem}-{tag}_features.pt" if cache_dir else None
-    t0 = time.time()
-    f = cached_features(cache, _feature_key(path, model_dir, layers, max_length),
-                        lambda: extract_features(model, tok, rows, taxonomy, layers,
-                                                 max_length, batch_size, log, name))
-    log(f"{name} {path}: {len(f.meta)} conversations, {f.labels.shape[0]} labelled "
-        f"positions ({time.time() - t0:.0f}s)")
-    return f
-
-
-def head_features(data, eval_data, external: Path | None, model_dir: Path,
-                  taxonomy: Taxonomy, layers: list[int], max_length: int, batch_size: int,
-                  cache_dir: Path | None, seed: int, log=print, dtype: str = "float32"):
-    """Features for train / held-out / external rows. ``data`` and ``eval_data`` are one path
-    or several; each file's features are cached on their own under ``cache_dir`` (adding a
-    file re-extracts only that file). Without held-out files, 20% of the training prompt
-    groups are held out (as in ``_split_data``)."""
-    model, tok = _load_lm(model_dir, dtype)
-    model.eval()
-    if torch.cuda.is_available():
-        model.to("cuda")
-
-    def of_file(path: Path, name: str) -> Features:
-        return file_features(path, model, tok, model_dir, taxonomy, layers, max_length,
-                             batch_size, cache_dir, name, log)
-
-    train = concat_features([of_file(p, "train") for p in _paths(data)])
-    out = {"train": train}
-    if _paths(eval_data):
-        out["heldout"] = concat_features([of_file(p, "heldout") for p in _paths(eval_data)])
-    else:
-        held = _held_groups({m["group"] for m in train.meta}, seed)
-        out["train"] = train.subset({i for i, m in enumerate(train.meta)
-                                     if m["group"] not in held})
-        out["heldout"] = train.subset({i for i, m in enumerate(train.meta) if m["group"] in held})
-    if external is not None:
-        out["external"] = of_file(Path(external), "external")
-    return out, model
-
-
 def probe_layers(feats: dict, layers: list[int], taxonomy: Taxonomy, epochs: int, lr: float,
                  seed: int, log=print) -> list[dict]:
     """Held-out AUROC of a head fitted on each layer (overall output and category mean)."""
@@ -782,50 +150,6 @@ def probe_layers(feats: dict, layers: list[int], taxonomy: Taxonomy, epochs: int
     return rows
 
 
-# The gate is clamp(1 - GATE_SHARPNESS * read-out, 0, 1): fully closed from a read-out of
-# 1 / GATE_SHARPNESS up. Prompt ends read ~0.95, not 1, and an MLP that never had to fit them
-# can be large there, so a gate of 1 - read-out would leak it into the prompt verdict.
-GATE_SHARPNESS = 2.0
-
-
-def _prompt_end_gate(feats: "Features", layer: int = -1) -> tuple[torch.Tensor, float]:
-    v, c = prompt_end_direction(feats.hidden[layer], feats.kind)
-    return v * GATE_SHARPNESS, c * GATE_SHARPNESS
-
-
-def _frozen_linear(init_head) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The linear part of an existing linear head, kept as it is (``--init-head``)."""
-    if not init_head:
-        return None
-    head = load_safety_head(init_head)
-    if head.mlp is not None:
-        raise ValueError(f"--init-head {init_head} has an MLP; give a linear head")
-    return head.weight, head.bias
-
-
-def keep_init_operating_point(init_head, fit: HeadFit, heldout: Features,
-                              args: dict) -> tuple[SafetyHead, dict]:
-    """``--keep-thresholds``: the init head's linear part, thresholds, fold and operating point
-    (its exact prompt offset included) as they were, plus the fitted (gated) MLP. With the gate closed at prompt ends the prompt verdict is the
-    init head's; the response rule reads the new scores at the old thresholds (move them with
-    ``train operating-point``). Metrics are measured at that point, nothing is calibrated."""
-    init = load_safety_head(init_head)
-    point = {k: v for k, v in init.extra.items() if k == OPERATING_POINT}
-    head = SafetyHead(init.weight, init.bias, init.taxonomy, init.layer, extra=point,
-                      mlp=fit.mlp)
-    thr = torch.tensor([c.threshold for c in init.taxonomy.categories] + [0.5])
-    names = list(init.taxonomy.output_names)
-    h = heldout.hidden[init.layer]
-    scores = offset_prompt_rows(scores_of(h, head.weight, head.bias, mlp=head.mlp),
-                                heldout.kind == MASK_PROMPT, prompt_logit_offset(init.extra))
-    measured = evaluate(scores, heldout, thr, names, args["tau"])
-    # All held-out conversations are "test" here: nothing was calibrated on them.
-    metrics = {"auroc_all_heldout": measured, "thresholded_on_test_half": measured,
-               "calibration": {"kept_operating_point_of": str(init_head), "tau": args["tau"],
-                               "served_thresholds": dict(zip(names, thr.tolist()))}}
-    return head, metrics
-
-
 def run_head_mode(args: dict, taxonomy: Taxonomy, log=print) -> dict:
     layer = args["layer"]
     probe = [int(x) for x in str(args.get("probe_layers") or "").split(",") if x.strip()]
@@ -840,8 +164,8 @@ def run_head_mode(args: dict, taxonomy: Taxonomy, log=print) -> dict:
     fit = fit_head(tr.hidden[layer], tr.labels, tr.kind, epochs=args["epochs"], lr=args["lr"],
                    batch_size=args["head_batch_size"], weight_decay=args["weight_decay"],
                    seed=args["seed"], mlp_units=args["mlp_units"],
-                   mlp_gate=_prompt_end_gate(tr) if args["mlp_gate"] else None,
-                   frozen_linear=_frozen_linear(args.get("init_head")))
+                   mlp_gate=prompt_end_gate(tr) if args["mlp_gate"] else None,
+                   frozen_linear=frozen_linear(args.get("init_head")))
     log(f"head fitted in {time.time() - t0:.1f}s; loss {fit.losses[0]:.4f} -> "
         f"{fit.losses[-1]:.4f}")
     if args["keep_thresholds"]:
@@ -866,10 +190,6 @@ def run_head_mode(args: dict, taxonomy: Taxonomy, log=print) -> dict:
     write_checkpoint(head, metrics, out, {**head.extra, **extra})
     return metrics
 
-
-# --------------------------------------------------------------------------------------
-# LoRA / full mode: L = L_lm + lambda * L_cls with accelerate
-# --------------------------------------------------------------------------------------
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -931,14 +251,14 @@ def run_adapter_mode(args: dict, taxonomy: Taxonomy, log=print) -> dict:
     acc = Accelerator()
     log = log if acc.is_main_process else (lambda *a, **k: None)
     torch.manual_seed(args["seed"])
-    model, tok = _load_lm(args["model"], args["dtype"])
+    model, tok = load_lm(args["model"], args["dtype"])
     if args["mode"] == "lora":
         from peft import LoraConfig, get_peft_model
 
         cfg = LoraConfig(r=args["lora_r"], lora_alpha=args["lora_alpha"], lora_dropout=0.05,
                          target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
         model = get_peft_model(model, cfg)
-    train, held = _split_data(args["data"], args.get("eval_data"), taxonomy, args["seed"])
+    train, held = split_data(args["data"], args.get("eval_data"), taxonomy, args["seed"])
     encs, _ = encode_all(train, tok, taxonomy, args["max_length"], log)
     all_lab = torch.cat([e.labels[e.mask > 0] for e in encs])
     pw = positive_weights(all_lab)
@@ -1032,9 +352,9 @@ def recalibrate(model_dir: Path, head_dir: Path, eval_data, out: Path, *, target
 
     head = load_safety_head(head_dir)
     taxonomy = head.taxonomy
-    model, tok = _load_lm(Path(model_dir))
+    model, tok = load_lm(Path(model_dir))
     model.eval()
-    held = [t for p in _paths(eval_data) for t in load_trajectories(p, taxonomy)]
+    held = [t for p in paths_of(eval_data) for t in load_trajectories(p, taxonomy)]
     ev = extract_features(model, tok, held, taxonomy, [head.layer], max_length, batch_size, log,
                           "heldout")
     args = {"tau": tau, "target_fpr": target_fpr, "seed": seed, "prompt_offset": True}
@@ -1087,11 +407,6 @@ def train_safety(args: dict, log=print) -> dict:
     if args["mode"] in ("lora", "full"):
         return run_adapter_mode(args, taxonomy, log)
     raise ValueError(f"mode must be head, lora or full, not {args['mode']!r}")
-
-
-# --------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------
 
 
 def register(app) -> None:

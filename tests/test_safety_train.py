@@ -17,8 +17,10 @@ from safeserve.models.safety_data import (MASK_IGNORE, MASK_PROMPT, MASK_RESPONS
                                           encode_trajectory, is_refusal, load_trajectories,
                                           normalise, parse_trajectory, prompt_ids, rephrase)
 from safeserve.models.hard_negatives import build_hard_negative_data, hard_negative_prompts
-from safeserve.models.safety_train import (auroc, extract_features, fit_head, head_features,
-                                           scores_of, train_safety)
+from safeserve.models.safety_calibration import auroc
+from safeserve.models.safety_features import extract_features, head_features
+from safeserve.models.safety_head_fit import fit_head, scores_of
+from safeserve.models.safety_train import train_safety
 from safeserve.models.taxonomy import Taxonomy
 
 CHATML = (
