@@ -129,7 +129,7 @@ def answer_wrapped(rows: list, answers: list[str], requests: list[str]) -> tuple
     it carries the request on (``restates``), safe when it refuses, and dropped otherwise: a
     reply such as "I'm ready to help, what is your request?" is neither, and labelling it
     unsafe would teach the head that the reply itself is harmful."""
-    from safeserve.models.safety_data import is_refusal
+    from safeserve.models.safety_data_build import is_refusal
 
     out, counts = [], Counter()
     for row, answer, request in zip(rows, answers, requests, strict=True):
@@ -166,7 +166,8 @@ def register(app) -> None:
         max_tokens: int = typer.Option(80, help="With --own-answers: answer length."),
     ) -> None:
         """Payload-split copies of safety trajectories (request cut into pieces)."""
-        from safeserve.models.safety_data import generate_answers, load_trajectories, write_jsonl
+        from safeserve.models.safety_data import load_trajectories, write_jsonl
+        from safeserve.models.safety_data_build import generate_answers
 
         originals = load_trajectories(data)
         rows, counts = augment_split(originals, fraction, seed, one_per_prompt=own_answers)

@@ -387,8 +387,9 @@ def build_hard_negative_data(data_root: Path | None, out_dir: Path, model: Path,
     The held-out part joins the safety job's held-out data, where half of it calibrates the
     thresholds (so the benign budget covers risky-looking requests) and half is reported.
     """
-    from safeserve.models.safety_data import (Trajectory, generate_answers, normalise,
-                                              read_eval_keys, split_by_group, write_jsonl)
+    from safeserve.models.safety_data import Trajectory, write_jsonl
+    from safeserve.models.safety_data_build import (generate_answers, normalise, read_eval_keys,
+                                                    split_by_group)
 
     warnings: list[str] = []
     eval_keys = read_eval_keys(data_root, warnings.append) if data_root else {}

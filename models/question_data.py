@@ -9,7 +9,7 @@ harmless-base dialogues (MIT) are questions of exactly that style, but they are 
 and harmless openers with no labels. We labelled a random sample of them ourselves.
 
 Labels (``labels/hh_harmless_first_turns.tsv``): one row per prompt, keyed by the first 16 hex
-digits of the SHA-1 of its normalised text (``safety_data.normalise``), so the repository holds
+digits of the SHA-1 of its normalised text (``safety_data_build.normalise``), so the repository holds
 our labels but none of the dataset's text; the build joins them with the data file at
 ``--data-root``. Columns: ``key``, ``label`` (``safe`` | ``unsafe``), ``categories``
 (comma-separated taxonomy ids, empty when safe). The labelling guide we followed:
@@ -54,7 +54,7 @@ NEAR_COPY_JACCARD = 0.6
 
 
 def prompt_key(text: str) -> str:
-    from safeserve.models.safety_data import normalise
+    from safeserve.models.safety_data_build import normalise
 
     return hashlib.sha1(normalise(text).encode()).hexdigest()[:16]
 
@@ -108,7 +108,7 @@ def leak_keys(data_root: Path, warn) -> tuple[set[str], list[frozenset[str]]]:
     """Evaluation prompts (normalised keys, word sets): every eval set of ``build-safety-data``
     plus the CoSAlign-Test sample, whose BeaverTails prompts come from the same red-team
     dialogues as HH harmless-base (97 of its 583 prompts are HH first turns verbatim)."""
-    from safeserve.models.safety_data import EVAL_FILES, normalise
+    from safeserve.models.safety_data_build import EVAL_FILES, normalise
 
     texts: list[str] = []
     for name, (rel, col) in {**EVAL_FILES, "cosa_test": (COSA_TEST, "prompt")}.items():
@@ -135,9 +135,9 @@ def build_question_data(data_root: Path, out_dir: Path, model: Path, *,
                         refusal_fraction: float = 0.3, max_tokens: int = 80, seed: int = 0,
                         dry_run: bool = False, log=print) -> dict:
     """Labelled first turns + the base model's answers -> ``train.jsonl`` / ``heldout.jsonl``."""
-    from safeserve.models.safety_data import (REFUSALS, Trajectory, generate_answers,
-                                              is_refusal, normalise, split_by_group,
-                                              write_jsonl)
+    from safeserve.models.safety_data import Trajectory, write_jsonl
+    from safeserve.models.safety_data_build import (REFUSALS, generate_answers, is_refusal,
+                                                    normalise, split_by_group)
 
     warnings: list[str] = []
     rng = random.Random(seed)

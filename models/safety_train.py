@@ -415,9 +415,9 @@ def register(app) -> None:
     group."""
     import typer
 
-    from safeserve.models import augment, hard_negatives, question_data, safety_data
+    from safeserve.models import augment, hard_negatives, question_data, safety_data_build
 
-    safety_data.register(app)
+    safety_data_build.register(app)
     hard_negatives.register(app)
     question_data.register(app)
     augment.register(app)

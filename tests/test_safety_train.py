@@ -12,10 +12,12 @@ import torch
 
 from safeserve.kernels.safety_head import head_logits, safety_scores_reference
 from safeserve.models.checkpoint import load_safety_head
+from safeserve.models.categories import categorise_text
 from safeserve.models.safety_data import (MASK_IGNORE, MASK_PROMPT, MASK_RESPONSE,
-                                          TrajectoryError, build_safety_data, categorise_text,
-                                          encode_trajectory, is_refusal, load_trajectories,
-                                          normalise, parse_trajectory, prompt_ids, rephrase)
+                                          TrajectoryError, encode_trajectory, load_trajectories,
+                                          parse_trajectory, prompt_ids)
+from safeserve.models.safety_data_build import (build_safety_data, is_refusal, normalise,
+                                                rephrase)
 from safeserve.models.hard_negatives import build_hard_negative_data, hard_negative_prompts
 from safeserve.models.safety_calibration import auroc
 from safeserve.models.safety_features import extract_features, head_features
