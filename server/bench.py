@@ -5,6 +5,9 @@ Servers (each started, loaded and stopped in turn, so they never share the CPU):
   ours-off  SafeServe without a safety head (--allow-unsafe): the cost of our HTTP layer
   ours-on   SafeServe with the safety head (annotate, so outputs keep their length): the
             cost of the safety signal in the decoding loop
+  ours-off-b  (``--control``) a second ours-off, started after the others: the ratio
+            ours-off-b / ours-off is the same server measured twice, the run's noise floor
+            that every other ratio is to be read against
 
 The load: streaming chat completions at each concurrency, ``ignore_eos`` with a fixed
 ``max_tokens`` so every server generates the same number of tokens. Reported per server and
@@ -163,7 +166,8 @@ class _Proc:
             self.proc.kill()
 
 
-def _servers(base: Path, safe: Path | None, port: int, common: list[str]) -> list[tuple]:
+def _servers(base: Path, safe: Path | None, port: int, common: list[str],
+             control: bool = False) -> list[tuple]:
     py = sys.executable
     safeserve = str(Path(py).with_name("safeserve"))
     plain = [py, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
@@ -177,6 +181,8 @@ def _servers(base: Path, safe: Path | None, port: int, common: list[str]) -> lis
     if safe is not None:
         out.append(("ours-on", ours + ["--model", str(safe)], "/ready",
                     {"safety_config": {"on_violation": "annotate"}}))
+    if control:
+        out.append(("ours-off-b", ours + ["--model", str(base), "--allow-unsafe"], "/ready", {}))
     return out
 
 
@@ -205,7 +211,8 @@ def _table(results: list[LoadResult],
                      f"({r.cpu_http_s * per_tok:.1f} + {r.cpu_engine_s * per_tok:.1f}) |")
     lines += ["", "| ratio | conc | throughput | per pass | TTFT p50 | ITL p50 | CPU per token |",
               "|---|---|---|---|---|---|---|"]
-    for a, b in (("ours-off", "plain"), ("ours-on", "ours-off"), ("ours-on", "plain")):
+    for a, b in (("ours-off", "plain"), ("ours-on", "ours-off"), ("ours-on", "plain"),
+                 ("ours-off-b", "ours-off")):
         for c in sorted({r.concurrency for r in results}):
             x, y = by.get((a, c)), by.get((b, c))
             if x and y:
@@ -234,9 +241,11 @@ def bench_serve(
     model: Path = typer.Option(None, help="base model dir (default: embedded SmolLM2)"),
     safe_model: Path = typer.Option(None, help="model dir with a safety head (default: base + default head)"),
     skip_safety: bool = typer.Option(False, help="only plain vs ours-off"),
-    port: int = typer.Option(8790, help="first port; servers use port, port+1, port+2"),
+    port: int = typer.Option(8790, help="first port; servers use port, port+1, ..."),
     out: Path = typer.Option(Path("runs/bench_serve"), help="results folder"),
     passes: int = typer.Option(2, min=1, help="passes per level, alternating server order"),
+    control: bool = typer.Option(False, help="add a second ours-off server: the ratio of two "
+                                 "identical servers, the run's noise floor"),
 ):
     """Ours vs plain vLLM, and safety on vs off, measured side by side in one run.
 
@@ -260,7 +269,7 @@ def bench_serve(
     out.mkdir(parents=True, exist_ok=True)
     procs: list[tuple[str, _Proc, dict]] = []
     try:
-        for i, (name, cmd, ready, extra) in enumerate(_servers(base, safe, port, [])):
+        for i, (name, cmd, ready, extra) in enumerate(_servers(base, safe, port, [], control)):
             cmd = [c if c != str(port) else str(port + i) for c in cmd]
             typer.echo(f"starting {name} on port {port + i} ...")
             proc = _Proc(cmd, port + i, out / f"{name}.log")

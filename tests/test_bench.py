@@ -53,3 +53,19 @@ def test_table_shows_the_spread_of_per_pass_ratios():
            ("ours-on", 8): [_result("ours-on", 45, 4.0), _result("ours-on", 42, 4.0)]}
     table = _table([_mean(raw[("ours-off", 8)]), _mean(raw[("ours-on", 8)])], raw)
     assert "| ours-on / ours-off | 8 | 0.978 | 0.900-1.050 |" in table
+
+
+def test_control_server_is_a_second_ours_off_and_its_ratio_is_reported():
+    from pathlib import Path
+
+    from safeserve.server.bench import _servers
+
+    plain = _servers(Path("/m"), Path("/s"), 9000, [])
+    both = _servers(Path("/m"), Path("/s"), 9000, [], control=True)
+    assert [s[0] for s in plain] == ["plain", "ours-off", "ours-on"]
+    assert [s[0] for s in both] == ["plain", "ours-off", "ours-on", "ours-off-b"]
+    assert both[3][1:] == both[1][1:]  # the same command, readiness path and request body
+    raw = {("ours-off", 8): [_result("ours-off", 50, 4.0), _result("ours-off", 40, 4.0)],
+           ("ours-off-b", 8): [_result("ours-off-b", 45, 4.0), _result("ours-off-b", 48, 4.0)]}
+    table = _table([_mean(raw[("ours-off", 8)]), _mean(raw[("ours-off-b", 8)])], raw)
+    assert "| ours-off-b / ours-off | 8 | 1.045 | 0.900-1.200 |" in table
