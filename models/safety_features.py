@@ -126,8 +126,13 @@ def extract_features(model, tokenizer, trajs: list[Trajectory], taxonomy: Taxono
 
 def cached_features(cache: Path | None, key: dict, compute) -> Features:
     """Load features from ``cache`` when its key matches, else compute and store them."""
+    blob = None
     if cache is not None and cache.is_file():
-        blob = torch.load(cache, weights_only=False)
+        try:
+            blob = torch.load(cache, weights_only=False)
+        except (AttributeError, ModuleNotFoundError, EOFError, RuntimeError):
+            blob = None  # unreadable or written by an older layout of this code: recompute
+    if blob is not None:
         have = dict(blob.get("key") or {})
         # A cache that holds more layers than asked for serves the asked ones.
         if ({k: v for k, v in have.items() if k != "layers"}

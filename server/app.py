@@ -10,12 +10,13 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from safeserve.server import completions, metrics
+from safeserve.server import completions, metrics, moderation
 from safeserve.server.auth import KeyRing, Principal
 from safeserve.server.engine import Engine
 from safeserve.server.errors import APIError, bad_request, install_handlers
 from safeserve.server.middleware import BodyLimit, RequestAccounting
-from safeserve.server.protocol import ChatCompletionRequest, ModelCard, ModelList
+from safeserve.server.protocol import (ChatCompletionRequest, ModelCard, ModelList,
+                                       ModerationRequest)
 from safeserve.server.safety_service import SafetyService
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,32 @@ def create_app(engine: Engine, safety=None) -> FastAPI:
         response, reports = result
         return JSONResponse(response.model_dump(mode="json"),
                             headers={**_config_headers(req_safety), **_safety_headers(reports)})
+
+    @app.post("/v1/moderations")
+    async def moderations(body: ModerationRequest, request: Request,
+                          principal: Principal = Depends(authorize)):
+        if body.model is not None and not moderation.OPENAI_MODERATION_MODEL.match(body.model):
+            check_model(body.model)
+        if svc is None:
+            raise APIError(400, "this server runs without a safety head (--allow-unsafe): it "
+                           "has nothing to moderate with", code="safety_unavailable")
+        req_safety = svc.resolve(utf8_header(request, "X-Safety-Config"), body.safety_config)
+        svc.authorize(principal, req_safety)
+        require_ready()
+        metrics.IN_FLIGHT.inc()
+        try:
+            result = await _unless_disconnected(
+                request, moderation.moderate(engine, svc, body, req_safety))
+        except APIError:
+            raise
+        except Exception:
+            log.exception("moderation failed")
+            raise APIError(500, "internal server error", type="server_error") from None
+        finally:
+            metrics.IN_FLIGHT.dec()
+        if isinstance(result, Response):
+            return result
+        return JSONResponse(result.model_dump(mode="json"), headers=_config_headers(req_safety))
 
     return app
 

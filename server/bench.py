@@ -1,13 +1,14 @@
 """``safeserve bench serve``: one run, several servers on the same model, the same load.
 
-Servers (each started, loaded and stopped in turn, so they never share the CPU):
+Servers (all started at once, then loaded one at a time, so a load never shares the CPU with
+another; idle engines cost little):
   plain     vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``)
   ours-off  SafeServe without a safety head (--allow-unsafe): the cost of our HTTP layer
   ours-on   SafeServe with the safety head (annotate, so outputs keep their length): the
             cost of the safety signal in the decoding loop
-  ours-off-b  (``--control``) a second ours-off, started after the others: the ratio
-            ours-off-b / ours-off is the same server measured twice, the run's noise floor
-            that every other ratio is to be read against
+  ours-off-b  (``--control``) a second ours-off, loaded right before ours-off (as ours-on
+            right after it): the ratio ours-off-b / ours-off is the same server measured
+            twice, the run's noise floor that every other ratio is to be read against
 
 The load: streaming chat completions at each concurrency, ``ignore_eos`` with a fixed
 ``max_tokens`` so every server generates the same number of tokens. Reported per server and
@@ -181,8 +182,9 @@ def _servers(base: Path, safe: Path | None, port: int, common: list[str],
     if safe is not None:
         out.append(("ours-on", ours + ["--model", str(safe)], "/ready",
                     {"safety_config": {"on_violation": "annotate"}}))
-    if control:
-        out.append(("ours-off-b", ours + ["--model", str(base), "--allow-unsafe"], "/ready", {}))
+    if control:  # next to ours-off in the load order, as ours-on is on its other side
+        out.insert(1, ("ours-off-b", ours + ["--model", str(base), "--allow-unsafe"], "/ready",
+                       {}))
     return out
 
 

@@ -41,6 +41,7 @@ def serve(
     default_preset: str | None = typer.Option(None, help="preset for requests without a config"),
     refusal_explain_sentences: int | None = typer.Option(None, help="sentences the model may write after a spliced refusal before the response ends (0: none, -1: no limit) [SAFESERVE_REFUSAL_EXPLAIN_SENTENCES, 1]"),
     max_request_body_bytes: int | None = typer.Option(None, help="largest request body; larger ones get a 413 [SAFESERVE_MAX_REQUEST_BODY_BYTES, 8 MiB]"),
+    max_moderation_tokens: int | None = typer.Option(None, help="most prompt tokens one /v1/moderations request may send, all inputs together [SAFESERVE_MAX_MODERATION_TOKENS, 16384]"),
     log_level: str | None = typer.Option(None),
 ):
     """Run the OpenAI-compatible server."""
@@ -54,7 +55,8 @@ def serve(
         safety_head=safety_head,
         presets=presets, default_preset=default_preset, grants=grants,
         refusal_explain_sentences=refusal_explain_sentences,
-        max_request_body_bytes=max_request_body_bytes, log_level=log_level).items() if v is not None}
+        max_request_body_bytes=max_request_body_bytes, max_moderation_tokens=max_moderation_tokens,
+        log_level=log_level).items() if v is not None}
     run_server(Settings(**overrides))
 
 

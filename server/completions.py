@@ -61,27 +61,36 @@ def render_prompt(engine: Engine, body: ChatCompletionRequest,
                   safety: RequestSafety | None = None, without_prefill: bool = False) -> list[int]:
     """Token ids of the conversation (``without_prefill``: minus the final assistant message,
     ending where the assistant's answer would start)."""
-    tok = engine.tokenizer
     messages = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
         for m in (body.messages[:-1] if without_prefill else body.messages)
     ]
+    return render_messages(
+        engine, messages, safety,
+        add_generation_prompt=True if without_prefill else body.add_generation_prompt,
+        continue_final_message=False if without_prefill else body.continue_final_message)
+
+
+def render_messages(engine: Engine, messages: list[dict], safety: RequestSafety | None, *,
+                    add_generation_prompt: bool = True, continue_final_message: bool = False,
+                    param: str = "messages") -> list[int]:
+    """Token ids of ``messages`` (role / content dicts) through the model's chat template,
+    with the config's guideline in the system prompt."""
+    tok = engine.tokenizer
+    messages = list(messages)
     guideline = guideline_message(safety.config) if safety else None
     if guideline:  # CoSAlign places the config in the system prompt
-        if messages[0]["role"] == "system":
+        if messages and messages[0]["role"] == "system":
             messages[0] = {"role": "system", "content": f"{guideline}\n\n{messages[0]['content']}"}
         else:
             messages.insert(0, {"role": "system", "content": guideline})
     try:
-        text = tok.apply_chat_template(
-            messages,
-            tokenize=False,
-            add_generation_prompt=True if without_prefill else body.add_generation_prompt,
-            continue_final_message=False if without_prefill else body.continue_final_message,
-        )
+        text = tok.apply_chat_template(messages, tokenize=False,
+                                       add_generation_prompt=add_generation_prompt,
+                                       continue_final_message=continue_final_message)
     except Exception as e:  # template rejects the conversation shape (e.g. roles out of order)
         raise bad_request(f"messages cannot be rendered by the model's chat template: {e}",
-                          param="messages") from None
+                          param=param) from None
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
@@ -137,19 +146,31 @@ async def query_verdict(engine: Engine, svc: SafetyService | None,
     real one (cost: one extra prefill, for prefilled requests only)."""
     if svc is None or prep.query_ids is None:
         return None
+    return await prompt_verdict(engine, svc, prep.query_ids, prep.safety,
+                                f"{prep.completion_id}-query-{uuid.uuid4().hex[:8]}")
+
+
+async def prompt_verdict(engine: Engine, svc: SafetyService, prompt_ids: list[int],
+                         safety: RequestSafety, rid: str) -> StepRecord | None:
+    """The head's verdict at the end of ``prompt_ids`` under ``safety``'s config (None if its
+    telemetry never came). Two tokens, end-of-sequence ignored: a chunked prefill reports a
+    step at index 0 per chunk, the last one being the verdict, and telemetry travels apart from
+    the engine's output; the worker sends its steps in order, so once the second token's step
+    is in, the last chunk's is too."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    rid = f"{prep.completion_id}-query-{uuid.uuid4().hex[:8]}"
-    extra, tracker = svc.open(rid, prep.safety, engine.eos_id)
-    params = SamplingParams(max_tokens=1, temperature=0.0, extra_args=extra,
+    extra, tracker = svc.open(rid, safety, engine.eos_id, verdict_only=True)
+    params = SamplingParams(max_tokens=2, ignore_eos=True, temperature=0.0, extra_args=extra,
                             output_kind=RequestOutputKind.FINAL_ONLY)
     finished = False
     try:
-        async for out in engine.llm.generate({"prompt_token_ids": prep.query_ids}, params, rid):
+        async for out in engine.llm.generate({"prompt_token_ids": prompt_ids}, params, rid):
             finished = out.finished
-        await tracker.wait_for(0)
+        await tracker.wait_for(1)
         return tracker.prompt
+    except ValueError as e:  # engine-side validation of the request
+        raise bad_request(str(e)) from None
     finally:
         if not finished:
             await engine.abort(rid)

@@ -47,6 +47,8 @@ SAFETY_REFUSAL_ENDINGS = Counter(
     "(the bounded explanation read over a threshold: cut and withheld), stopped (an unbounded "
     "explanation violated for tau steps), model_end (the model ended it), max_tokens, abort",
     ["ending"])
+MODERATION_INPUTS = Counter("safeserve_moderation_inputs",
+                            "Inputs judged by /v1/moderations, by verdict", ["flagged"])
 SAFETY_STEP_SECONDS = Counter("safeserve_safety_step_seconds",
                               "Seconds the engine spent in the safety path (head + decision)")
 SAFETY_STEPS = Counter("safeserve_safety_steps", "Engine steps that ran the safety path")

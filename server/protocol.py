@@ -106,6 +106,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class _Request(_Strict):
+    """A request body (the top-level model of a route)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _encodable(cls, data):
+        """Every string of the request (keys included) must be valid Unicode: checked once
+        here, so nothing downstream (tokenizer, engine, error echo) meets a lone surrogate."""
+        if isinstance(data, dict):
+            path = find_lone_surrogate(data)
+            if path is not None:
+                param, message = surrogate_error(path)
+                raise invalid(param, message, "invalid_string")
+        return data
+
+
 class TextPart(_Strict):
     type: Literal["text"]
     text: str
@@ -138,7 +154,7 @@ class StreamOptions(_Strict):
     continuous_usage_stats: StrictBool = False
 
 
-class ChatCompletionRequest(_Strict):
+class ChatCompletionRequest(_Request):
     """Numbers and booleans are strict: ``"2"`` is not an int, ``true`` is not a number."""
 
     model: str
@@ -162,18 +178,6 @@ class ChatCompletionRequest(_Strict):
     add_generation_prompt: StrictBool = True
     # Per-request safety config (object, or a preset name); validated by the safety config module.
     safety_config: dict[str, Any] | str | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _encodable(cls, data):
-        """Every string of the request (keys included) must be valid Unicode: checked once
-        here, so nothing downstream (tokenizer, engine, error echo) meets a lone surrogate."""
-        if isinstance(data, dict):
-            path = find_lone_surrogate(data)
-            if path is not None:
-                param, message = surrogate_error(path)
-                raise invalid(param, message, "invalid_string")
-        return data
 
     @field_validator("stop")
     @classmethod
@@ -213,6 +217,50 @@ class ChatCompletionRequest(_Strict):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+
+# ----------------------------------------------------------------------------- moderations
+
+MAX_MODERATION_INPUTS = 32
+
+
+class ModerationRequest(_Request):
+    """``POST /v1/moderations`` (OpenAI's shape): a text, a list of texts (one result each),
+    or a list of text parts (one input, the parts joined as a chat message's are), each judged
+    as a user turn by the safety head's prompt verdict under the request's safety config."""
+
+    input: str | list[str] | list[TextPart]
+    model: str | None = None
+    safety_config: dict[str, Any] | str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _count(cls, v):
+        if isinstance(v, list) and not 1 <= len(v) <= MAX_MODERATION_INPUTS:
+            raise ValueError(f"give 1 to {MAX_MODERATION_INPUTS} inputs, not {len(v)}")
+        return v
+
+    def texts(self) -> list[str]:
+        if isinstance(self.input, str):
+            return [self.input]
+        if all(isinstance(p, str) for p in self.input):
+            return list(self.input)
+        return ["".join(p.text for p in self.input)]
+
+
+class ModerationResult(BaseModel):
+    flagged: bool
+    categories: dict[str, bool]  # per head output (taxonomy ids, then "unsafe"): did it flag
+    category_scores: dict[str, float]
+    category_applied_input_types: dict[str, list[str]]  # always ["text"]
+    alert: bool = False  # the verdict fell in the head's alert band (not flagged)
+
+
+class ModerationResponse(BaseModel):
+    id: str
+    model: str
+    results: list[ModerationResult]
+    safety: dict[str, Any]  # the effective config and thresholds the verdicts ran with
 
 
 # ----------------------------------------------------------------------------- safety report

@@ -125,6 +125,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
             getattr(vllm_config.model_config, "tokenizer", None), device)
         self.rids: list[str | None] = [None] * r
         self.parked: OrderedDict[str, tuple] = OrderedDict()
+        self.verdict_only: set[str] = set()  # rows of helper requests, never parked
         self.outputs: list[list[int] | None] = [None] * r  # live refs to output token lists
         self.telemetry = _Telemetry()
 
@@ -351,6 +352,11 @@ class SafetyLogitsProcessor(LogitsProcessor):
         rid = self.rids[i]
         if rid is None:
             return
+        if rid in self.verdict_only:
+            # Its output is discarded: a resumed one starts over. Not parking these keeps a
+            # burst of moderations from pushing out the state of a preempted request.
+            self.verdict_only.discard(rid)
+            return
         self.parked[rid] = tuple(getattr(self, n)[i].clone() for n in self._TENSORS)
         self.parked.move_to_end(rid)
         while len(self.parked) > MAX_PARKED:  # finished requests are parked too: bound it
@@ -367,6 +373,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
             self.rids[i], self.outputs[i] = args.rid, output_ids
             return
         self.rids[i], self.outputs[i] = args.rid, output_ids
+        if args.verdict_only:
+            self.verdict_only.add(args.rid)
         self.thresholds[i] = torch.tensor(args.thresholds, dtype=torch.float32)
         self.masked[i] = torch.tensor(args.masked, dtype=torch.int8)
         self.tau[i], self.action[i], self.active[i] = args.tau, args.action, 1

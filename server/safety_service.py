@@ -64,6 +64,12 @@ class SafetyService:
         req.alert_tau = self.policy.alert_tau_of(req.config)
         req.explain_sentences = self.policy.explain_sentences_of(req.config)
 
+    def thresholds(self, req: RequestSafety) -> dict[str, float]:
+        """Each head output's threshold as ``req`` runs with it (the allow-list shift of the
+        overall output included), as the decision kernel sees it."""
+        args = self.policy.compile(req.config, "", [], 0)
+        return dict(zip(self.names, args.thresholds))
+
     def refusal_ids(self) -> list[int]:
         """The separator's ids, then the refusal's (``_refusal_sep`` of them are the former);
         each tokenized on its own so the refusal's tokens are the same with or without it.
@@ -79,14 +85,16 @@ class SafetyService:
         return self._refusal_ids
 
     def open(self, rid: str, req: RequestSafety, eos_id: int,
-             query: StepRecord | None = None,
-             prefilled: bool = False) -> tuple[dict, RequestTracker]:
+             query: StepRecord | None = None, prefilled: bool = False,
+             verdict_only: bool = False) -> tuple[dict, RequestTracker]:
         """Compiled row args for one engine request, and the tracker that receives its
         telemetry. ``query``: the verdict on a prefilled request's query (see
-        ``completions.query_verdict``), carried to the worker so it acts on it."""
+        ``completions.query_verdict``), carried to the worker so it acts on it.
+        ``verdict_only``: a helper request whose output is discarded (see
+        ``completions.prompt_verdict``)."""
         ids = self.refusal_ids()
         args = self.policy.compile(req.config, rid, ids, eos_id, self._refusal_sep)
-        args.prefilled = prefilled
+        args.prefilled, args.verdict_only = prefilled, verdict_only
         if query is not None and query.event == EVENT_TRIGGER:
             args.query_flagged, args.query_cats = True, query.cats
         elif query is not None and query.alert:

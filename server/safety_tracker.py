@@ -167,11 +167,7 @@ class RequestTracker:
         return [n for i, n in enumerate(self.names) if bits >> i & 1]
 
     def _verdict(self, rec: W.StepRecord | None) -> CategoryScores | None:
-        if rec is None:
-            return None
-        return CategoryScores(flagged=rec.event == EVENT_TRIGGER,
-                              scores={n: round(s, SCORE_DIGITS) for n, s in zip(self.names, rec.scores)},
-                              categories=self._cats(rec.cats), alert=bool(rec.alert))
+        return None if rec is None else verdict_scores(self.names, rec)
 
     def report(self) -> SafetyReport:
         prompt = self._verdict(self.prompt)
@@ -237,6 +233,15 @@ class RequestTracker:
         if rep.response.flagged:
             for c in rep.response.categories or ["unsafe"]:
                 metrics.SAFETY_RESPONSES_FLAGGED.labels(c, rep.action).inc()
+
+
+def verdict_scores(names, rec: W.StepRecord) -> CategoryScores:
+    """A prompt (or query) verdict as reported: flagged, the scores, the categories it
+    flagged, whether it fell in the alert band."""
+    return CategoryScores(flagged=rec.event == EVENT_TRIGGER,
+                          scores={n: round(s, SCORE_DIGITS) for n, s in zip(names, rec.scores)},
+                          categories=[n for i, n in enumerate(names) if rec.cats >> i & 1],
+                          alert=bool(rec.alert))
 
 
 class TelemetryHub:

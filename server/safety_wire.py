@@ -57,6 +57,9 @@ class RowSafetyArgs:
     # Sentences the model may write after a spliced refusal before the response ends
     # (0: end right after the refusal; -1: no limit, the paper's open-ended explanation).
     explain_sentences: int = -1
+    # A helper request read for its prompt verdict only (moderations, a prefilled request's
+    # query): its output is discarded, so its strategy state is never kept for a resume.
+    verdict_only: bool = False
 
     @property
     def tau_alerted(self) -> int:

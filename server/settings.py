@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     refusal_explain_sentences: int = Field(
         1, ge=-1, le=16, description="sentences the model may write after a spliced refusal "
         "before the response ends (0: none; -1: no limit); a request's explain_sentences overrides")
+    max_moderation_tokens: int = Field(
+        16384, ge=1, description="most prompt tokens one /v1/moderations request may send to "
+        "the engine, all its inputs together; more is a 400")
     max_request_body_bytes: int = Field(
         8 * 1024 * 1024, ge=1024,
         description="largest request body accepted; larger ones get a 413 before they are parsed")

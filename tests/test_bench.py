@@ -63,8 +63,8 @@ def test_control_server_is_a_second_ours_off_and_its_ratio_is_reported():
     plain = _servers(Path("/m"), Path("/s"), 9000, [])
     both = _servers(Path("/m"), Path("/s"), 9000, [], control=True)
     assert [s[0] for s in plain] == ["plain", "ours-off", "ours-on"]
-    assert [s[0] for s in both] == ["plain", "ours-off", "ours-on", "ours-off-b"]
-    assert both[3][1:] == both[1][1:]  # the same command, readiness path and request body
+    assert [s[0] for s in both] == ["plain", "ours-off-b", "ours-off", "ours-on"]
+    assert both[1][1:] == both[2][1:]  # the same command, readiness path and request body
     raw = {("ours-off", 8): [_result("ours-off", 50, 4.0), _result("ours-off", 40, 4.0)],
            ("ours-off-b", 8): [_result("ours-off-b", 45, 4.0), _result("ours-off-b", 48, 4.0)]}
     table = _table([_mean(raw[("ours-off", 8)]), _mean(raw[("ours-off-b", 8)])], raw)

@@ -256,3 +256,20 @@ def test_startup_heap_is_frozen_out_of_the_collectors_reach():
         assert gc.get_freeze_count() >= before + len(kept)
     finally:
         gc.unfreeze()
+
+
+def test_moderations_share_the_chat_authorization_and_need_a_head(client, tmp_path):
+    def moderate(key, cfg=None):
+        body = {"input": "hi", **({"safety_config": cfg} if cfg is not None else {})}
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return client.post("/v1/moderations", json=body, headers=headers)
+
+    assert moderate(None).status_code == 401
+    r = moderate("plain-key", {"allow": ["violence"]})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "safety_config_not_permitted"
+    assert moderate("studio-key", {"allow": ["violence"]}).status_code == 503  # authorized
+    assert moderate("plain-key").status_code == 503
+    no_head = TestClient(create_app(Engine(Settings(), EngineSpec(
+        model_dir=tmp_path, served_name="m", has_head=False, safety_enabled=False))))
+    r = no_head.post("/v1/moderations", json={"input": "hi"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "safety_unavailable"

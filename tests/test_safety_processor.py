@@ -3,6 +3,8 @@ forced rows) and the sync-free one (CUDA: a masked pass plus a scatter) must agr
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -457,3 +459,14 @@ def test_a_piece_spanning_the_refusals_end_is_split_there():
     c2.add_piece(". Because", 2, [8, 10], lambda ids, **kw: "".join(words[i] for i in ids).lstrip())
     assert c2.pieces[1:] == [(1, 2, ". "), (2, 3, "Because")]
     assert c2.visible(c2.pieces) == "Sorry. "
+
+
+def test_verdict_only_rows_are_never_parked():
+    """Helper requests read for their prompt verdict (moderations, a prefilled query) are
+    dropped on removal: a burst of them cannot push a preempted request's state out."""
+    proc, _ = _processor()
+    proc._add(0, _args("chat"), [])
+    proc._add(1, _args("modr-1", verdict_only=True), [])
+    proc.update_state(SimpleNamespace(removed=[0, 1], added=[], moved=[]))
+    assert "chat" in proc.parked and "modr-1" not in proc.parked
+    assert not proc.verdict_only  # nothing left behind either

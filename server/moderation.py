@@ -1,0 +1,76 @@
+"""Moderations (``POST /v1/moderations``, OpenAI's request and response shape): the safety
+head's prompt verdict as a service for other systems.
+
+Each input is judged as the user turn of a new conversation, exactly as a chat request with
+the same text and safety config would be judged before its first token: the same rendering
+(the config's guideline in the system prompt), the same head, prompt offset, thresholds, allowed
+categories and decision kernel, run through the engine as a helper request
+(``completions.prompt_verdict``). So a moderation result and the ``safety.prompt`` verdict of
+that chat request agree. Inputs run concurrently (the engine batches them); one request may send
+at most ``--max-moderation-tokens`` prompt tokens in all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+
+from safeserve.server import metrics
+from safeserve.server.completions import prompt_verdict, render_messages
+from safeserve.server.engine import Engine
+from safeserve.server.errors import APIError, bad_request
+from safeserve.server.protocol import ModerationRequest, ModerationResponse, ModerationResult
+from safeserve.server.safety_service import RequestSafety, SafetyService
+from safeserve.server.safety_tracker import verdict_scores
+
+
+# OpenAI's own moderation models: clients send these names by habit; they mean "moderate".
+OPENAI_MODERATION_MODEL = re.compile(r"^(omni|text)-moderation-[a-z0-9.-]+$")
+
+
+def _render_all(engine: Engine, body: ModerationRequest, safety: RequestSafety) -> list[list[int]]:
+    limit, budget = engine.max_model_len, engine.settings.max_moderation_tokens
+    texts = body.texts()
+    out, total = [], 0
+    for i, text in enumerate(texts):
+        param = f"input.{i}" if len(texts) > 1 else "input"
+        ids = render_messages(engine, [{"role": "user", "content": text}], safety, param=param)
+        if len(ids) >= limit:
+            raise bad_request(f"{param} renders to {len(ids)} tokens; this model's maximum "
+                              f"context length is {limit}", param=param,
+                              code="context_length_exceeded")
+        total += len(ids)
+        if total > budget:
+            raise bad_request(f"the inputs render to more than {budget} tokens in all (the "
+                              "server's --max-moderation-tokens): send fewer or shorter ones",
+                              param="input", code="moderation_too_large")
+        out.append(ids)
+    return out
+
+
+async def moderate(engine: Engine, svc: SafetyService, body: ModerationRequest,
+                   safety: RequestSafety) -> ModerationResponse:
+    prompts = await asyncio.to_thread(_render_all, engine, body, safety)
+    mid = f"modr-{uuid.uuid4().hex}"
+    records = await asyncio.gather(*(prompt_verdict(engine, svc, ids, safety, f"{mid}-{i}")
+                                     for i, ids in enumerate(prompts)))
+    if any(rec is None for rec in records):
+        raise APIError(503, "the safety signal of an input did not arrive; try again",
+                       type="server_error", code="safety_telemetry_missing")
+    results = []
+    for rec in records:
+        verdict = verdict_scores(svc.names, rec)
+        flagged_cats = set(verdict.categories)
+        if verdict.flagged and not flagged_cats:
+            flagged_cats = {svc.names[-1]}  # the overall output alone: "unsafe"
+        results.append(ModerationResult(
+            flagged=verdict.flagged,
+            categories={n: verdict.flagged and n in flagged_cats for n in svc.names},
+            category_scores=verdict.scores,
+            category_applied_input_types={n: ["text"] for n in svc.names},
+            alert=verdict.alert))
+        metrics.MODERATION_INPUTS.labels("true" if verdict.flagged else "false").inc()
+    return ModerationResponse(
+        id=mid, model=engine.spec.served_name, results=results,
+        safety={"config": safety.echo(), "thresholds": svc.thresholds(safety)})

@@ -1,0 +1,91 @@
+"""``POST /v1/moderations`` on the real engine with the deterministic test head of
+tests/heads.py (violence: always high; weapons: fires where the model is about to say
+" Paris"), through httpx and the official ``openai`` client."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+COLORS = "List three colors of the rainbow."
+FRANCE = "What is the capital of France?"
+
+
+def moderate(http, server, headers=None, **body):
+    return http.post("/v1/moderations", headers=headers or {},
+                     json={"model": server.model, **body})
+
+
+def test_verdict_per_input_with_the_openai_client(oai, server):
+    r = oai.moderations.create(model=server.model, input=[COLORS, FRANCE],
+                               extra_headers={"X-Safety-Config": "strict"})
+    assert r.model == server.model and r.id.startswith("modr-") and len(r.results) == 2
+    for res in r.results:
+        assert res.flagged is True  # strict: thresholds 0.35, and violence reads high
+        assert res.categories.violence is True
+        assert res.category_scores.violence > 0.99
+        assert res.categories.model_extra["weapons"] is False
+
+
+def test_moderation_equals_the_chat_prompt_verdict(http, server):
+    """The same rendering, head, thresholds and kernel as a chat request's prompt verdict."""
+    for config in ("strict", {"allow": []}, {"allow": ["violence"]}, "stopper"):
+        mod = moderate(http, server, input=COLORS, safety_config=config)
+        assert mod.status_code == 200, mod.text
+        chat = http.post("/v1/chat/completions", json={
+            "model": server.model, "messages": [{"role": "user", "content": COLORS}],
+            "max_tokens": 1, "temperature": 0, "safety_config": config}).json()["safety"]
+        res, data = mod.json()["results"][0], mod.json()
+        assert res["category_scores"] == chat["prompt"]["scores"], config
+        assert res["flagged"] == chat["prompt"]["flagged"], config
+        assert data["safety"]["thresholds"] == chat["thresholds"], config
+        assert data["safety"]["config"]["allow"] == chat["config"]["allow"], config
+
+
+def test_allowed_category_is_scored_but_not_flagged(http, server):
+    # Text parts are one input, joined as a chat message's parts are: one result.
+    r = moderate(http, server, input=[{"type": "text", "text": "List three colors "},
+                                      {"type": "text", "text": "of the rainbow."}],
+                 headers={"X-Safety-Config": json.dumps({"allow": ["violence"], "threshold": 0.35})})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["results"]) == 1
+    res = r.json()["results"][0]
+    whole = moderate(http, server, input=COLORS, safety_config={"allow": ["violence"],
+                                                                "threshold": 0.35}).json()
+    assert res["category_scores"] == whole["results"][0]["category_scores"]
+    assert set(res["category_applied_input_types"]["violence"]) == {"text"}
+    assert res["flagged"] is False and not any(res["categories"].values())
+    assert res["category_scores"]["violence"] > 0.99
+    assert r.headers["X-Safety-Preset"] == "custom"
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts = {m.labels["flagged"]: m.value
+              for f in text_string_to_metric_families(http.get("/metrics").text)
+              for m in f.samples if m.name == "safeserve_moderation_inputs_total"}
+    assert counts.get("false", 0) >= 1 and counts.get("true", 0) >= 1
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"input": []}, "input"),
+    ({"input": ["x"] * 33}, "input"),
+    ({"input": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}, "input"),
+    ({"input": "x", "threshold": 0.5}, "threshold"),
+    ({"input": "x", "safety_config": {"allow": ["nope"]}}, "safety_config.allow"),
+    ({"input": "x", "safety_config": {"tau": 0}}, "safety_config.tau"),
+    ({"input": ["ok", "a " * 5000]}, "input.1"),
+    ({"input": ["a " * 600] * 32}, "input"),  # over --max-moderation-tokens in all
+])
+def test_bad_input_is_a_400_naming_the_field(http, server, body, param):
+    r = moderate(http, server, **body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] is not None and err["param"].startswith(param), err
+
+
+def test_unknown_model_is_a_404_but_openai_moderation_names_are_accepted(oai):
+    with pytest.raises(openai.NotFoundError):
+        oai.moderations.create(model="nope", input="hello")
+    for name in ("omni-moderation-latest", "text-moderation-stable"):
+        assert len(oai.moderations.create(model=name, input="hello").results) == 1
