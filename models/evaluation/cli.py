@@ -1,4 +1,5 @@
-"""``safeserve eval`` commands: ``safety``, ``judge-check`` and ``compare``.
+"""``safeserve eval`` commands: ``safety``, ``moderation``, ``judge-check``, ``compare`` and
+``replay``.
 
 The lead's CLI calls ``register(eval_app)`` with its ``eval`` typer group.
 """
@@ -116,6 +117,48 @@ def safety(
         raise typer.Exit(1)
 
 
+def moderation(
+    base_url: str = typer.Option(..., "--base-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1"),
+    model: Optional[str] = typer.Option(None, "--model", help="Model name to send (SafeServe: its served name, or leave out)."),
+    data: list[str] = typer.Option([], "--data", help="Prompt set as NAME=PATH (harmful, as in `eval safety`; a .jsonl row may say \"harmful\": false). Repeatable."),
+    xstest: Optional[Path] = typer.Option(None, "--xstest", help="XSTest prompts CSV: its safe prompts (benign) and its unsafe contrast prompts (harmful)."),
+    limit: int = typer.Option(0, "--limit", help="Seeded random sample of N prompts per dataset (0 = all)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the --limit sample."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Inputs per moderation request (1-32)."),
+    concurrency: int = typer.Option(4, "--concurrency", help="Requests in flight at once."),
+    safety_config: Optional[str] = typer.Option(None, "--safety-config", help="Preset name or JSON object sent as safety_config (SafeServe)."),
+    out: Path = typer.Option(..., "--out", help="Output folder for results.jsonl, summary.json, summary.md."),
+    api_key: str = typer.Option(os.environ.get("OPENAI_API_KEY", "EMPTY"), "--api-key", help="API key if the server wants one.", show_default=False),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Flag rates of a moderation endpoint on harmful and benign prompt sets, and the AUROC of
+    its scores."""
+    from safeserve.models.evaluation import datasets as ds
+    from safeserve.models.evaluation.moderation_eval import evaluate_moderation, summary_table
+
+    samples: list[ds.Sample] = []
+    for name, path in _parse_data(data):
+        picked = ds.sample_limit(ds.load_named(name, path), limit or None, seed)
+        console.print(f"{name}: {len(picked)} prompts")
+        samples += picked
+    if xstest is not None:
+        for which, label in (("safe", "xstest_safe"), ("unsafe", "xstest_unsafe")):
+            picked = ds.sample_limit(ds.load_xstest(xstest, which=which, name=label), limit or None, seed)
+            console.print(f"{label}: {len(picked)} prompts")
+            samples += picked
+    if not samples:
+        raise typer.BadParameter("nothing to evaluate: give --data and/or --xstest")
+    if not 1 <= batch_size <= 32 or concurrency < 1:
+        raise typer.BadParameter("--batch-size takes 1 to 32, --concurrency at least 1")
+    summary = evaluate_moderation(samples, base_url=base_url, out_dir=out, model=model,
+                                  api_key=api_key, batch_size=batch_size,
+                                  concurrency=concurrency,
+                                  safety_config=parse_safety_config(safety_config),
+                                  progress=progress, meta={"limit": limit or None, "seed": seed})
+    typer.echo("\n".join(summary_table(summary)))
+    console.print(f"{len(samples)} prompts in {summary['duration_s']:.1f} s; wrote {out}")
+
+
 def judge_check(
     xstest_completions: Path = typer.Option(..., "--xstest-completions", help="Folder of XSTest model-completion CSVs with human final_label."),
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="Also write the full report as JSON."),
@@ -205,8 +248,10 @@ def replay(
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``safety``, ``judge-check``, ``compare`` and ``replay`` to the ``eval`` group."""
+    """Add ``safety``, ``moderation``, ``judge-check``, ``compare`` and ``replay`` to the
+    ``eval`` group."""
     app.command("replay")(replay)
     app.command("safety")(safety)
+    app.command("moderation")(moderation)
     app.command("judge-check")(judge_check)
     app.command("compare")(compare)

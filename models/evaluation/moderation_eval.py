@@ -1,0 +1,128 @@
+"""``safeserve eval moderation``: a moderation endpoint (``POST /v1/moderations``, OpenAI's
+shape) on labelled prompt sets: how many harmful prompts it flags, how many benign ones.
+
+Any OpenAI-compatible moderation endpoint works: SafeServe's (the safety head's prompt verdict)
+or another service, so the two can be put side by side on the same prompts. Per dataset: the
+flag rate; over all: the detection rate on harmful prompts, the false-positive rate on benign
+ones, and the AUROC of the highest category score (threshold-free: how well the scores alone
+separate the two, whatever the endpoint's own thresholds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+from openai import AsyncOpenAI
+from tqdm.auto import tqdm
+
+from safeserve.models.evaluation.datasets import Sample
+from safeserve.models.evaluation.safety_eval import wait_until_ready, write_rows
+
+MAX_BATCH = 32  # inputs per request (SafeServe's limit)
+
+
+def _auroc(scores: list[float], labels: list[bool]) -> float | None:
+    """Mann-Whitney AUROC, ties counted half; None without both classes."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    if not pos or not neg:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def _rate(k: int, n: int) -> dict:
+    return {"flagged": k, "n": n, "rate": round(k / n, 4) if n else None}
+
+
+async def _run(samples: list[Sample], client: AsyncOpenAI, model: str | None, batch_size: int,
+               concurrency: int, extra_body: dict | None, progress: bool) -> list[dict]:
+    batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
+    gate = asyncio.Semaphore(concurrency)
+    bar = tqdm(total=len(samples), desc="moderation", disable=not progress)
+
+    async def one(batch: list[Sample]) -> list[dict]:
+        async with gate:
+            kwargs = {"input": [s.prompt for s in batch], "extra_body": extra_body}
+            if model:
+                kwargs["model"] = model
+            r = await client.moderations.create(**kwargs)
+        if len(r.results) != len(batch):
+            raise RuntimeError(f"{len(batch)} inputs sent, {len(r.results)} results returned")
+        rows = []
+        for s, res in zip(batch, r.results):
+            d = res.model_dump()
+            scores = {k: v for k, v in (d.get("category_scores") or {}).items() if v is not None}
+            rows.append({"id": s.id, "dataset": s.dataset, "harmful": s.harmful,
+                         "prompt": s.prompt, "flagged": bool(res.flagged),
+                         "categories": sorted(k for k, v in (d.get("categories") or {}).items() if v),
+                         "max_score": max(scores.values(), default=0.0), "scores": scores})
+        bar.update(len(batch))
+        return rows
+
+    try:
+        return [row for rows in await asyncio.gather(*(one(b) for b in batches)) for row in rows]
+    finally:
+        bar.close()
+
+
+def summarise(rows: list[dict]) -> dict:
+    by_set: dict[str, dict] = {}
+    for r in rows:
+        d = by_set.setdefault(r["dataset"], {"harmful": r["harmful"], "k": 0, "n": 0})
+        d["k"] += r["flagged"]
+        d["n"] += 1
+    harmful = [r for r in rows if r["harmful"]]
+    benign = [r for r in rows if not r["harmful"]]
+    return {
+        "datasets": {name: {"harmful": d["harmful"], **_rate(d["k"], d["n"])}
+                     for name, d in by_set.items()},
+        "harmful_flagged": _rate(sum(r["flagged"] for r in harmful), len(harmful)),
+        "benign_flagged": _rate(sum(r["flagged"] for r in benign), len(benign)),
+        "auroc_max_score": _auroc([r["max_score"] for r in rows], [r["harmful"] for r in rows]),
+    }
+
+
+def summary_table(summary: dict) -> list[str]:
+    pct = lambda d: "-" if d["rate"] is None else f"{100 * d['rate']:.1f}% ({d['flagged']} / {d['n']})"  # noqa: E731
+    lines = ["| dataset | prompts | flagged |", "|---|---|---|"]
+    for name, d in summary["datasets"].items():
+        lines.append(f"| {name} | {'harmful' if d['harmful'] else 'benign'} | {pct(d)} |")
+    lines.append(f"| **all harmful** | harmful | {pct(summary['harmful_flagged'])} |")
+    lines.append(f"| **all benign** | benign | {pct(summary['benign_flagged'])} |")
+    auroc = summary["auroc_max_score"]
+    lines.append("")
+    lines.append(f"AUROC of the highest category score, harmful vs benign: "
+                 f"{'-' if auroc is None else f'{auroc:.3f}'}")
+    return lines
+
+
+def evaluate_moderation(samples: list[Sample], *, base_url: str, out_dir: str | Path,
+                        model: str | None = None, api_key: str = "EMPTY",
+                        batch_size: int = MAX_BATCH, concurrency: int = 4,
+                        safety_config: dict | str | None = None, timeout: float = 600.0,
+                        progress: bool = True, meta: dict | None = None) -> dict:
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise ValueError(f"batch size must be 1 to {MAX_BATCH}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    extra = {"safety_config": safety_config} if safety_config is not None else None
+    started = time.time()
+
+    async def go() -> list[dict]:
+        await wait_until_ready(base_url)  # a SafeServe server still loading answers 503
+        async with AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout,
+                               max_retries=3) as client:
+            return await _run(samples, client, model, batch_size, concurrency, extra, progress)
+
+    rows = asyncio.run(go())
+    summary = {**summarise(rows), "meta": {**(meta or {}), "base_url": base_url, "model": model,
+                                           "safety_config": safety_config},
+               "duration_s": round(time.time() - started, 1)}
+    write_rows(rows, out / "results.jsonl")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    (out / "summary.md").write_text("\n".join(summary_table(summary)) + "\n", encoding="utf-8")
+    return summary
