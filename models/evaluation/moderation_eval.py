@@ -25,13 +25,13 @@ MAX_BATCH = 32  # inputs per request (SafeServe's limit)
 
 
 def _auroc(scores: list[float], labels: list[bool]) -> float | None:
-    """Mann-Whitney AUROC, ties counted half; None without both classes."""
-    pos = [s for s, y in zip(scores, labels) if y]
-    neg = [s for s, y in zip(scores, labels) if not y]
-    if not pos or not neg:
-        return None
-    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
-    return wins / (len(pos) * len(neg))
+    """AUROC (ties counted half; None without both classes), by the one implementation the
+    training metrics use."""
+    import torch
+
+    from safeserve.models.safety_calibration import auroc
+
+    return auroc(torch.tensor(scores, dtype=torch.float64), torch.tensor(labels, dtype=torch.float64))
 
 
 def _rate(k: int, n: int) -> dict:

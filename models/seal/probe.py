@@ -81,12 +81,10 @@ def load_probe(path: str | Path | None) -> tuple[list[str], list[bool]]:
 
 def auroc(scores: list[float], labels: list[bool]) -> float | None:
     """Probability that a random harmful prompt scores above a random benign one (ties 1/2)."""
-    pos = [s for s, y in zip(scores, labels) if y]
-    neg = [s for s, y in zip(scores, labels) if not y]
-    if not pos or not neg:
-        return None
-    wins = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
-    return wins / (len(pos) * len(neg))
+    from safeserve.models.safety_calibration import auroc as tensor_auroc
+
+    return tensor_auroc(torch.tensor(scores, dtype=torch.float64),
+                        torch.tensor(labels, dtype=torch.float64))
 
 
 @torch.no_grad()
