@@ -20,9 +20,12 @@ from safeserve.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     Delta,
     SafetyReport,
+    TokenLogprob,
+    TopLogprob,
     Usage,
     new_completion_id,
 )
@@ -193,6 +196,7 @@ def sampling_params(prep: PreparedRequest, index: int, extra_args: dict | None =
         stop=b.stop_list or None,
         seed=seed,
         ignore_eos=b.ignore_eos,
+        logprobs=(b.top_logprobs or 0) if b.logprobs else None,
         output_kind=RequestOutputKind.DELTA,
         extra_args=extra_args,
     )
@@ -205,6 +209,9 @@ class ChoiceState:
     tracker: RequestTracker | None = None
     extra_args: dict | None = None
     pieces: list[tuple[int, int, str]] = field(default_factory=list)  # [start, end) tokens, text
+    # per output token, if asked; None for special tokens (end-of-sequence), which are not
+    # part of the text and get no entry, as in OpenAI's responses
+    logprobs: list[TokenLogprob | None] = field(default_factory=list)
     sent: int = 0  # pieces already streamed
     n_tokens: int = 0
     finish_reason: str | None = None
@@ -236,18 +243,48 @@ class ChoiceState:
         t = self.tracker
         return "".join(p[2] for p in pieces if t is None or not t.withheld(p[0]))
 
+    def add_logprobs(self, ids, step_logprobs, top: int, special: frozenset = frozenset()) -> None:
+        """One entry per new token from vLLM's per-position {token id: Logprob} maps."""
+        for tid, options in zip(ids, step_logprobs or ()):
+            self.logprobs.append(None if tid in special else token_logprob(tid, options, top))
+
+    def visible_logprobs(self, pieces) -> ChoiceLogprobs:
+        """The entries of the tokens in ``pieces`` the safety strategy did not withhold."""
+        t = self.tracker
+        return ChoiceLogprobs(content=[e for start, end, _ in pieces
+                                       if t is None or not t.withheld(start)
+                                       for e in self.logprobs[start:end] if e is not None])
+
     @property
     def content_filtered(self) -> bool:
         return self.tracker is not None and self.tracker.stop_forced
 
 
+def _top(token: str, logprob: float) -> TopLogprob:
+    return TopLogprob(token=token, logprob=max(logprob, -9999.0),
+                      bytes=list(token.encode("utf-8", errors="replace")))
+
+
+def token_logprob(token_id: int, options: dict, top: int) -> TokenLogprob:
+    """An OpenAI logprob entry from vLLM's {token id: Logprob(logprob, rank, decoded_token)}
+    for one position: the sampled token's, then the ``top`` most likely (by rank). -inf (a
+    token the model gave no mass) is clamped to -9999, as OpenAI does: JSON has no infinity."""
+    chosen = options.get(token_id)
+    ranked = sorted((lp for lp in options.values() if lp.rank is not None),
+                    key=lambda lp: lp.rank)[:top]
+    entry = _top(chosen.decoded_token or "", chosen.logprob) if chosen else _top("", -9999.0)
+    return TokenLogprob(**entry.model_dump(),
+                        top_logprobs=[_top(lp.decoded_token or "", lp.logprob) for lp in ranked])
+
+
 class _Step:
-    """One engine output for one choice: the text and token count it added."""
+    """One engine output for one choice: the text, token ids and logprobs it added."""
 
-    __slots__ = ("choice", "finished", "ids", "n_new", "text")
+    __slots__ = ("choice", "finished", "ids", "logprobs", "n_new", "text")
 
-    def __init__(self, choice: ChoiceState, text: str, ids, finished: bool):
+    def __init__(self, choice: ChoiceState, text: str, ids, finished: bool, logprobs=None):
         self.choice, self.text, self.ids, self.finished = choice, text, ids, finished
+        self.logprobs = logprobs
         self.n_new = len(ids)
 
 
@@ -270,7 +307,7 @@ async def _merged_steps(engine: Engine, prep: PreparedRequest,
                 c = out.outputs[0]
                 if out.finished:
                     choice.finish_reason = c.finish_reason
-                await queue.put(_Step(choice, c.text, c.token_ids, out.finished))
+                await queue.put(_Step(choice, c.text, c.token_ids, out.finished, c.logprobs))
         except BaseException as e:
             await queue.put(e)
         finally:
@@ -311,7 +348,7 @@ async def _single_steps(engine: Engine, prep: PreparedRequest,
             c = out.outputs[0]
             if out.finished:
                 choice.finish_reason = c.finish_reason
-            yield _Step(choice, c.text, c.token_ids, out.finished)
+            yield _Step(choice, c.text, c.token_ids, out.finished, c.logprobs)
     except ValueError as e:  # engine-side validation of our params
         raise bad_request(str(e)) from None
     finally:
@@ -383,6 +420,12 @@ async def _settle(step: _Step) -> None:
         await c.tracker.wait_for(c.n_tokens - 1)
 
 
+def _add_logprobs(engine: Engine, prep: PreparedRequest, step: _Step) -> None:
+    if prep.body.logprobs and step.n_new:
+        step.choice.add_logprobs(step.ids, step.logprobs, prep.body.top_logprobs or 0,
+                                 engine.special_ids)
+
+
 def _finish(step: _Step) -> None:
     """Tell the tracker how its request ended, before the last text is released."""
     c = step.choice
@@ -402,6 +445,7 @@ async def complete(engine: Engine, svc: SafetyService | None,
             _observe_timing(prep, step)
             await _settle(step)
             step.choice.add_piece(step.text, step.n_new, step.ids, engine.tokenizer.decode)
+            _add_logprobs(engine, prep, step)
             _finish(step)
     finally:
         _close(svc, prep, choices)
@@ -412,7 +456,9 @@ async def complete(engine: Engine, svc: SafetyService | None,
         model=prep.body.model,
         choices=[Choice(index=c.index,
                         message=AssistantMessage(content=c.visible(c.pieces) + _stop_suffix(svc, c)),
-                        finish_reason=_finish_reason(c)) for c in choices],
+                        finish_reason=_finish_reason(c),
+                        logprobs=c.visible_logprobs(c.pieces) if prep.body.logprobs else None)
+                 for c in choices],
         usage=_usage(prep, choices),
         safety=reports[0] if len(reports) == 1 else reports,
     )
@@ -484,15 +530,19 @@ async def stream(engine: Engine, svc: SafetyService | None,
                 await _settle(step)
                 c = step.choice
                 c.add_piece(step.text, step.n_new, step.ids, engine.tokenizer.decode)
+                _add_logprobs(engine, prep, step)
                 _finish(step)
-                text = c.visible(_releasable_pieces(c, step.finished, holdback))
+                released = _releasable_pieces(c, step.finished, holdback)
+                text = c.visible(released)
                 if step.finished:
                     text += _stop_suffix(svc, c)
-                if text or step.finished:
+                logprobs = c.visible_logprobs(released) if prep.body.logprobs else None
+                if text or step.finished or (logprobs and logprobs.content):
                     yield _sse(chunk(
                         [ChunkChoice(index=c.index,
                                      delta=Delta(content=text) if text else Delta(),
-                                     finish_reason=_finish_reason(c) if step.finished else None)],
+                                     finish_reason=_finish_reason(c) if step.finished else None,
+                                     logprobs=logprobs if logprobs and logprobs.content else None)],
                         safety=_report(engine, c) if step.finished else None))
             if include_usage:
                 yield _sse(chunk([], usage=_usage(prep, choices)))

@@ -4,6 +4,7 @@ loop so that /health answers while it loads, and a stat logger that feeds our ga
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import os
@@ -114,6 +115,11 @@ class Engine:
     @property
     def eos_id(self) -> int:
         return int(self.tokenizer.eos_token_id)
+
+    @functools.cached_property
+    def special_ids(self) -> frozenset[int]:
+        """Token ids that are never text (end-of-sequence, chat markers)."""
+        return frozenset(int(i) for i in self.tokenizer.all_special_ids)
 
     @property
     def is_ready(self) -> bool:

@@ -1,6 +1,6 @@
 """Wire types of the OpenAI-compatible API (requests, responses, stream chunks, the safety report).
 
-Requests forbid unknown fields: a parameter we do not implement (``tools``, ``logprobs``, ...)
+Requests forbid unknown fields: a parameter we do not implement (``tools``, ``response_format``, ...)
 is a 400 that names it, never a silent no-op.
 """
 
@@ -102,6 +102,9 @@ def _no_lone_surrogate(v: str) -> str:
 SafeStr = Annotated[str, AfterValidator(_no_lone_surrogate)]
 
 
+MAX_TOP_LOGPROBS = 20  # as OpenAI; the engine is started with at least this many
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -170,6 +173,8 @@ class ChatCompletionRequest(_Request):
     stop: str | list[str] | None = None
     seed: StrictInt | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     n: StrictInt = Field(1, ge=1, le=8)
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     user: str | None = None
     # vLLM extension, for benchmarks: keep generating past end-of-sequence up to max_tokens.
     ignore_eos: StrictBool = False
@@ -200,6 +205,8 @@ class ChatCompletionRequest(_Request):
             if self.messages[-1].role != "assistant":
                 raise invalid("continue_final_message", "continue_final_message requires the "
                               "last message to be 'assistant'")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise invalid("top_logprobs", "top_logprobs requires logprobs=true")
         if self.stream_options is not None:
             if not self.stream:
                 raise invalid("stream_options", "stream_options is only allowed with stream=true")
@@ -324,11 +331,28 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """Per output token the client receives (tokens the safety strategy withheld have none):
+    the model's own log-probability, before any token was forced (vLLM's raw logprobs)."""
+
+    content: list[TokenLogprob]
+
+
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -350,7 +374,7 @@ class ChunkChoice(BaseModel):
     index: int
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -247,11 +247,12 @@ class FakeLLM:
 
         for i in range(self.tokens):
             await asyncio.sleep(0)
-            out = SimpleNamespace(text=f"t{i} ", token_ids=[i], finish_reason=None)
+            out = SimpleNamespace(text=f"t{i} ", token_ids=[i], finish_reason=None,
+                                  logprobs=None)
             yield SimpleNamespace(outputs=[out], finished=False)
         if self.fail is not None:
             raise self.fail
-        out = SimpleNamespace(text="", token_ids=[], finish_reason="stop")
+        out = SimpleNamespace(text="", token_ids=[], finish_reason="stop", logprobs=None)
         yield SimpleNamespace(outputs=[out], finished=True)
 
     async def abort(self, request_id):
