@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from safeserve.server import metrics
@@ -212,6 +213,8 @@ class ChoiceState:
     # per output token, if asked; None for special tokens (end-of-sequence), which are not
     # part of the text and get no entry, as in OpenAI's responses
     logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    token_ids: list[int | None] = field(default_factory=list)  # per output token (None: unknown)
+    decode: Callable | None = None  # the tokenizer's, for a piece the strategy cut into
     sent: int = 0  # pieces already streamed
     n_tokens: int = 0
     finish_reason: str | None = None
@@ -221,6 +224,8 @@ class ChoiceState:
     def add_piece(self, text: str, n_new: int, ids=(), decode=None) -> None:
         if not (n_new or text):
             return
+        self.token_ids += list(ids) if len(ids) == n_new else [None] * n_new
+        self.decode = decode or self.decode
         start, end = self.n_tokens - n_new, self.n_tokens
         cut = self.tracker.refusal_end if self.tracker is not None else None
         if cut is not None and start < cut < end and decode is not None and len(ids) == n_new:
@@ -240,20 +245,57 @@ class ChoiceState:
 
     def visible(self, pieces) -> str:
         """Text of the pieces the safety strategy did not withhold."""
-        t = self.tracker
-        return "".join(p[2] for p in pieces if t is None or not t.withheld(p[0]))
+        return "".join(self._text_of(p) for p in pieces)
 
-    def add_logprobs(self, ids, step_logprobs, top: int, special: frozenset = frozenset()) -> None:
-        """One entry per new token from vLLM's per-position {token id: Logprob} maps."""
-        for tid, options in zip(ids, step_logprobs or ()):
-            self.logprobs.append(None if tid in special else token_logprob(tid, options, top))
+    def _text_of(self, piece: tuple[int, int, str]) -> str:
+        start, end, text = piece
+        t = self.tracker
+        if t is None:
+            return text
+        if start == end:  # text without tokens (a final flush): where it stands decides
+            return "" if t.withheld(start) else text
+        kept = [j for j in range(start, end) if not t.withheld(j)]
+        if len(kept) == end - start:
+            return text
+        # A piece the engine merged from several steps, with a withheld run starting or ending
+        # inside it: decode the kept tokens (a prefix and/or a suffix), or, without the ids to
+        # do so, withhold the piece whole.
+        ids = [self.token_ids[j] if j < len(self.token_ids) else None for j in kept]
+        if not kept or self.decode is None or None in ids:
+            return ""
+        runs: list[list[int]] = []
+        for j, tid in zip(kept, ids):
+            if runs and j == runs[-1][0] + len(runs[-1]) - 1:
+                runs[-1].append(tid)
+            else:
+                runs.append([j, tid])
+        return "".join(self.decode(run[1:], skip_special_tokens=True) for run in runs)
+
+    def add_logprobs(self, ids, step_logprobs, top: int, special: frozenset = frozenset(),
+                     decode=None) -> None:
+        """One entry per new token from vLLM's per-position {token id: Logprob} maps; a token
+        without its map gets none (never the next token's)."""
+        maps = list(step_logprobs or ())
+        for k, tid in enumerate(ids):
+            options = maps[k] if k < len(maps) else None
+            self.logprobs.append(None if tid in special or options is None
+                                 else token_logprob(tid, options, top, decode))
 
     def visible_logprobs(self, pieces) -> ChoiceLogprobs:
-        """The entries of the tokens in ``pieces`` the safety strategy did not withhold."""
+        """The entries of the tokens in ``pieces`` the safety strategy did not withhold, token
+        by token. A forced token (the refusal, end-of-sequence) keeps its own logprob but not
+        its alternatives: those would be the model's likely continuation of a withheld run."""
         t = self.tracker
-        return ChoiceLogprobs(content=[e for start, end, _ in pieces
-                                       if t is None or not t.withheld(start)
-                                       for e in self.logprobs[start:end] if e is not None])
+        out = []
+        for start, end, _ in pieces:
+            for j in range(start, min(end, len(self.logprobs))):
+                e = self.logprobs[j]
+                if e is None or (t is not None and t.withheld(j)):
+                    continue
+                if t is not None and t.forced_at(j) and e.top_logprobs:
+                    e = e.model_copy(update={"top_logprobs": []})
+                out.append(e)
+        return ChoiceLogprobs(content=out)
 
     @property
     def content_filtered(self) -> bool:
@@ -261,20 +303,26 @@ class ChoiceState:
 
 
 def _top(token: str, logprob: float) -> TopLogprob:
-    return TopLogprob(token=token, logprob=max(logprob, -9999.0),
+    value = -9999.0 if math.isnan(logprob) else max(logprob, -9999.0)
+    return TopLogprob(token=token, logprob=value,
                       bytes=list(token.encode("utf-8", errors="replace")))
 
 
-def token_logprob(token_id: int, options: dict, top: int) -> TokenLogprob:
+def token_logprob(token_id: int, options: dict, top: int, decode=None) -> TokenLogprob:
     """An OpenAI logprob entry from vLLM's {token id: Logprob(logprob, rank, decoded_token)}
     for one position: the sampled token's, then the ``top`` most likely (by rank). -inf (a
     token the model gave no mass) is clamped to -9999, as OpenAI does: JSON has no infinity."""
+    def text(tid: int, lp) -> str:
+        if lp is not None and lp.decoded_token is not None:
+            return lp.decoded_token
+        return decode([tid]) if decode is not None else ""
+
     chosen = options.get(token_id)
-    ranked = sorted((lp for lp in options.values() if lp.rank is not None),
-                    key=lambda lp: lp.rank)[:top]
-    entry = _top(chosen.decoded_token or "", chosen.logprob) if chosen else _top("", -9999.0)
+    ranked = sorted(((tid, lp) for tid, lp in options.items() if lp.rank is not None),
+                    key=lambda item: item[1].rank)[:top]
+    entry = _top(text(token_id, chosen), chosen.logprob if chosen else -9999.0)
     return TokenLogprob(**entry.model_dump(),
-                        top_logprobs=[_top(lp.decoded_token or "", lp.logprob) for lp in ranked])
+                        top_logprobs=[_top(text(tid, lp), lp.logprob) for tid, lp in ranked])
 
 
 class _Step:
@@ -423,7 +471,7 @@ async def _settle(step: _Step) -> None:
 def _add_logprobs(engine: Engine, prep: PreparedRequest, step: _Step) -> None:
     if prep.body.logprobs and step.n_new:
         step.choice.add_logprobs(step.ids, step.logprobs, prep.body.top_logprobs or 0,
-                                 engine.special_ids)
+                                 engine.special_ids, engine.tokenizer.decode)
 
 
 def _finish(step: _Step) -> None:

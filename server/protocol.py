@@ -173,7 +173,7 @@ class ChatCompletionRequest(_Request):
     stop: str | list[str] | None = None
     seed: StrictInt | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     n: StrictInt = Field(1, ge=1, le=8)
-    logprobs: StrictBool = False
+    logprobs: StrictBool | None = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     user: str | None = None
     # vLLM extension, for benchmarks: keep generating past end-of-sequence up to max_tokens.

@@ -149,6 +149,11 @@ class RequestTracker:
     def withheld(self, j: int) -> bool:
         return any(a <= j < b for a, b in self.cut)
 
+    def forced_at(self, j: int) -> bool:
+        """Output token ``j`` was forced by the strategy (a refusal or end-of-sequence token)."""
+        rec = self.steps.get(j)
+        return rec is not None and rec.forced >= 0
+
     @property
     def alerted(self) -> bool:
         """The prompt (or a prefilled request's query) verdict fell in the alert band."""

@@ -115,7 +115,8 @@ def test_eval_moderation_command_against_the_server(server, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["harmful_flagged"] == {"flagged": 2, "n": 2, "rate": 1.0}
     assert summary["benign_flagged"] == {"flagged": 3, "n": 3, "rate": 1.0}
-    assert summary["datasets"]["good"]["harmful"] is False
+    assert {d["dataset"]: d["harmful"] for d in summary["datasets"]} == {"bad": True, "good": False}
+    assert summary["errors"] == 0
     assert "| **all benign** | benign | 100.0% (3 / 3) |" in (out / "summary.md").read_text()
 
 
@@ -125,3 +126,16 @@ def test_auroc_of_max_scores_counts_ties_half():
     assert _auroc([0.9, 0.8, 0.1, 0.2], [True, True, False, False]) == 1.0
     assert _auroc([0.5, 0.5], [True, False]) == 0.5
     assert _auroc([0.3], [True]) is None
+
+
+def test_summary_counts_failed_prompts_apart_and_keeps_mixed_labels_apart():
+    from safeserve.models.evaluation.moderation_eval import summarise, summary_table
+
+    rows = [{"dataset": "mine", "harmful": True, "flagged": True, "max_score": 0.9},
+            {"dataset": "mine", "harmful": False, "flagged": False, "max_score": 0.1},
+            {"dataset": "mine", "harmful": True, "error": "APIError: boom"}]
+    s = summarise(rows)
+    assert s["errors"] == 1 and s["auroc_max_score"] == 1.0
+    assert s["datasets"] == [{"dataset": "mine", "harmful": True, "flagged": 1, "n": 1, "rate": 1.0},
+                             {"dataset": "mine", "harmful": False, "flagged": 0, "n": 1, "rate": 0.0}]
+    assert "1 prompts got no result" in "\n".join(summary_table(s))

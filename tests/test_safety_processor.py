@@ -470,3 +470,50 @@ def test_verdict_only_rows_are_never_parked():
     proc.update_state(SimpleNamespace(removed=[0, 1], added=[], moved=[]))
     assert "chat" in proc.parked and "modr-1" not in proc.parked
     assert not proc.verdict_only  # nothing left behind either
+
+
+def _tracker_with_cut(cut: tuple[int, int], forced: dict[int, int] | None = None):
+    from safeserve.server import safety_wire as W
+    from safeserve.server.safety_tracker import RequestTracker
+
+    tracker = RequestTracker("r", tuple(f"c{i}" for i in range(10)), _args("r"), "refuse", {},
+                             False)
+    for j in range(6):
+        tracker.add(W.StepRecord("r", j, [0.1] * 10, 0, 0, 0, (forced or {}).get(j, -1), 0))
+    tracker.cut.append(cut)
+    return tracker
+
+
+def test_a_piece_merged_across_a_withheld_run_keeps_only_its_clean_tokens():
+    """vLLM merges outputs while the HTTP side waits: one piece may hold tokens on both sides
+    of a withheld run's edge. Only its clean tokens are shown, text and logprobs alike."""
+    from safeserve.server.completions import ChoiceState, token_logprob
+
+    words = {1: "A", 2: " b", 3: " c", 4: " d", 5: " e"}
+    decode = lambda ids, **kw: "".join(words[i] for i in ids)  # noqa: E731
+    c = ChoiceState(0, "r", tracker=_tracker_with_cut((2, 4)))
+    c.n_tokens = 5
+    c.add_piece("A b c d e", 5, [1, 2, 3, 4, 5], decode)
+    lp = SimpleNamespace
+    maps = [{t: lp(logprob=-0.1 * t, rank=1, decoded_token=words[t])} for t in (1, 2, 3, 4)]
+    c.add_logprobs([1, 2, 3, 4, 5], maps, top=1)  # the fifth map is missing: no entry for it
+    assert c.visible(c.pieces) == "A b e"
+    assert [e.token for e in c.visible_logprobs(c.pieces).content] == ["A", " b"]
+    # without the ids to decode the kept part, the piece is withheld whole (fail closed)
+    c2 = ChoiceState(0, "r", tracker=_tracker_with_cut((2, 4)))
+    c2.n_tokens = 5
+    c2.add_piece("A b c d e", 5, [], None)
+    assert c2.visible(c2.pieces) == ""
+    # a forced token keeps its own logprob, not the alternatives the model would have taken
+    c3 = ChoiceState(0, "r", tracker=_tracker_with_cut((9, 9), forced={0: 1}))
+    c3.n_tokens = 2
+    c3.add_piece("A b", 2, [1, 2], decode)
+    c3.add_logprobs([1, 2], [{1: lp(logprob=-5.0, rank=3, decoded_token="A"),
+                              7: lp(logprob=-0.1, rank=1, decoded_token="Sure")},
+                             {2: lp(logprob=-0.2, rank=1, decoded_token=" b")}], top=2)
+    first, second = c3.visible_logprobs(c3.pieces).content
+    assert first.token == "A" and first.logprob == -5.0 and first.top_logprobs == []
+    assert [t.token for t in second.top_logprobs] == [" b"]
+    # -inf and NaN become -9999 (JSON has neither); a missing decoded token is decoded
+    e = token_logprob(4, {4: lp(logprob=float("nan"), rank=1, decoded_token=None)}, 1, decode)
+    assert e.token == " d" and e.logprob == -9999.0 and e.top_logprobs[0].token == " d"

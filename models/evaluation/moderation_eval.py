@@ -45,13 +45,18 @@ async def _run(samples: list[Sample], client: AsyncOpenAI, model: str | None, ba
     bar = tqdm(total=len(samples), desc="moderation", disable=not progress)
 
     async def one(batch: list[Sample]) -> list[dict]:
-        async with gate:
-            kwargs = {"input": [s.prompt for s in batch], "extra_body": extra_body}
-            if model:
-                kwargs["model"] = model
-            r = await client.moderations.create(**kwargs)
-        if len(r.results) != len(batch):
-            raise RuntimeError(f"{len(batch)} inputs sent, {len(r.results)} results returned")
+        try:
+            async with gate:
+                kwargs = {"input": [s.prompt for s in batch], "extra_body": extra_body}
+                if model:
+                    kwargs["model"] = model
+                r = await client.moderations.create(**kwargs)
+            if len(r.results) != len(batch):
+                raise RuntimeError(f"{len(batch)} inputs sent, {len(r.results)} results returned")
+        except Exception as exc:  # retries are spent: record the batch as failed, go on
+            bar.update(len(batch))
+            return [{"id": s.id, "dataset": s.dataset, "harmful": s.harmful, "prompt": s.prompt,
+                     "error": f"{type(exc).__name__}: {exc}"[:300]} for s in batch]
         rows = []
         for s, res in zip(batch, r.results):
             d = res.model_dump()
@@ -70,16 +75,20 @@ async def _run(samples: list[Sample], client: AsyncOpenAI, model: str | None, ba
 
 
 def summarise(rows: list[dict]) -> dict:
-    by_set: dict[str, dict] = {}
-    for r in rows:
-        d = by_set.setdefault(r["dataset"], {"harmful": r["harmful"], "k": 0, "n": 0})
+    """Rates over the rows that got a result; failed ones are counted apart."""
+    errors = sum(1 for r in rows if r.get("error"))
+    rows = [r for r in rows if not r.get("error")]
+    by_set: dict[tuple[str, bool], dict] = {}
+    for r in rows:  # a .jsonl set may mix labels: one line per (set, label)
+        d = by_set.setdefault((r["dataset"], r["harmful"]), {"k": 0, "n": 0})
         d["k"] += r["flagged"]
         d["n"] += 1
     harmful = [r for r in rows if r["harmful"]]
     benign = [r for r in rows if not r["harmful"]]
     return {
-        "datasets": {name: {"harmful": d["harmful"], **_rate(d["k"], d["n"])}
-                     for name, d in by_set.items()},
+        "datasets": [{"dataset": name, "harmful": label, **_rate(d["k"], d["n"])}
+                     for (name, label), d in by_set.items()],
+        "errors": errors,
         "harmful_flagged": _rate(sum(r["flagged"] for r in harmful), len(harmful)),
         "benign_flagged": _rate(sum(r["flagged"] for r in benign), len(benign)),
         "auroc_max_score": _auroc([r["max_score"] for r in rows], [r["harmful"] for r in rows]),
@@ -89,14 +98,17 @@ def summarise(rows: list[dict]) -> dict:
 def summary_table(summary: dict) -> list[str]:
     pct = lambda d: "-" if d["rate"] is None else f"{100 * d['rate']:.1f}% ({d['flagged']} / {d['n']})"  # noqa: E731
     lines = ["| dataset | prompts | flagged |", "|---|---|---|"]
-    for name, d in summary["datasets"].items():
-        lines.append(f"| {name} | {'harmful' if d['harmful'] else 'benign'} | {pct(d)} |")
+    for d in summary["datasets"]:
+        lines.append(f"| {d['dataset']} | {'harmful' if d['harmful'] else 'benign'} | {pct(d)} |")
     lines.append(f"| **all harmful** | harmful | {pct(summary['harmful_flagged'])} |")
     lines.append(f"| **all benign** | benign | {pct(summary['benign_flagged'])} |")
     auroc = summary["auroc_max_score"]
     lines.append("")
     lines.append(f"AUROC of the highest category score, harmful vs benign: "
                  f"{'-' if auroc is None else f'{auroc:.3f}'}")
+    if summary.get("errors"):
+        lines.append(f"{summary['errors']} prompts got no result (see the error field in "
+                     "results.jsonl); the rates leave them out")
     return lines
 
 
