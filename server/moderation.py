@@ -60,13 +60,10 @@ async def moderate(engine: Engine, svc: SafetyService, body: ModerationRequest,
                        type="server_error", code="safety_telemetry_missing")
     results = []
     for rec in records:
-        verdict = verdict_scores(svc.names, rec)
-        flagged_cats = set(verdict.categories)
-        if verdict.flagged and not flagged_cats:
-            flagged_cats = {svc.names[-1]}  # the overall output alone: "unsafe"
+        verdict = verdict_scores(svc.names, rec)  # a flagged verdict names its outputs
         results.append(ModerationResult(
             flagged=verdict.flagged,
-            categories={n: verdict.flagged and n in flagged_cats for n in svc.names},
+            categories={n: verdict.flagged and n in verdict.categories for n in svc.names},
             category_scores=verdict.scores,
             category_applied_input_types={n: ["text"] for n in svc.names},
             alert=verdict.alert))
