@@ -52,6 +52,8 @@ def create_app(engine: Engine, safety=None) -> FastAPI:
     app.add_middleware(BodyLimit, limit=engine.settings.max_request_body_bytes)
     app.add_middleware(RequestAccounting, path=CHAT_PATH)
     keyring = KeyRing(list(engine.settings.api_keys), engine.settings.grants)
+    if svc is not None:
+        keyring.check(svc.policy)
 
     async def authorize(request: Request) -> Principal:
         return keyring.authenticate(request.headers.get("authorization"))
@@ -109,7 +111,7 @@ def create_app(engine: Engine, safety=None) -> FastAPI:
             req_safety = svc.resolve(x_config, body.safety_config,
                                      trace=trace in ("1", "true", "yes"))
             svc.authorize(principal, req_safety)
-        elif body.safety_config is not None or x_config:
+        elif body.safety_config is not None or (x_config or "").strip():
             raise APIError(400, "this server runs without a safety head (--allow-unsafe); "
                            "safety configs cannot be enforced", param="safety_config",
                            code="safety_unavailable")
@@ -169,9 +171,13 @@ CHAT_PATH = "/v1/chat/completions"
 def utf8_header(request: Request, name: str) -> str | None:
     """A header's value decoded as UTF-8 (Starlette decodes headers as latin-1, which garbles
     non-ASCII text such as a guideline in ``X-Safety-Config``)."""
-    value = request.headers.get(name)
-    if value is None:
+    values = request.headers.getlist(name)
+    if not values:
         return None
+    if len(values) > 1:  # which one would win is the proxy's choice, not the client's
+        raise bad_request(f"header {name} sent {len(values)} times; send it once", param=name,
+                          code="invalid_header")
+    value = values[0]
     try:
         return value.encode("latin-1").decode("utf-8")
     except UnicodeError:

@@ -6,16 +6,20 @@ its key's ceiling; asking for more is a 403 naming what was refused, before anyt
 generated. A client can never loosen safety by itself:
 
 * The ceiling is the operator's default preset, as the server runs it (its allow-list,
-  action, holdback, thresholds and tau), widened only where the key's grant says so.
+  action, holdback, thresholds, tau, guideline and the sentences of explanation after a
+  refusal), widened only where the key's grant says so.
 * A preset the grant names, and the default preset, are taken whole (the operator wrote
   them), tightened only where they are silent and the key's caps are stricter (`max_tau`).
   Every field any other
   preset or a custom config sets is checked against the ceiling: allow no more categories,
-  no weaker action (annotate < refuse < stop; `annotate` needs the grant's `annotate`), no
-  dropped holdback, no higher threshold, no larger tau.
+  no weaker action (annotate < refuse < stop; a grant with `annotate` may ask for any), no
+  dropped holdback, no higher threshold, no larger tau, no more sentences of explanation, and
+  no guideline of its own (the guideline sits in the system prompt, where a config-conditioned
+  model reads it as permission) unless the grant's `guideline` says so.
 * Fields such a config leaves out are filled from the ceiling where the config's own
   default would be looser (e.g. a server whose default preset is `strict` gives a key's
-  `{"trace": true}` strict's thresholds, stop and holdback). The response echoes the result.
+  `{"trace": true}` strict's thresholds, stop and holdback; a custom config without a
+  guideline runs with the default preset's). The response echoes the result.
 
 Grants file (``--grants``), YAML::
 
@@ -25,6 +29,7 @@ Grants file (``--grants``), YAML::
         presets: [game_development]  # taken whole, beside the default preset
         allow: [violence, weapons]   # the most a custom config may allow
         annotate: false              # may it ask for on_violation: annotate
+        guideline: false             # may a custom config bring its own guideline
         max_threshold: 0.7           # a request may set thresholds up to this (or the default's)
         max_tau: 5                   # ceiling of tau (default: the default preset's)
 """
@@ -51,6 +56,7 @@ class Grant(BaseModel):
     presets: list[str] = Field(default_factory=list)
     allow: list[str] | None = None  # None: the default preset's allow-list
     annotate: bool = False
+    guideline: bool = False  # may a custom config bring its own guideline text
     max_threshold: float | None = Field(None, gt=0.0, lt=1.0)
     max_tau: int | None = Field(None, ge=1)
 
@@ -71,12 +77,30 @@ class KeyRing:
         self._hashed: dict[str, Grant] = {}
         if grants_path is not None:
             data = yaml.safe_load(Path(grants_path).read_text()) or {}
-            for key, raw in (data.get("keys") or {}).items():
+            keys = data.get("keys") if isinstance(data, dict) else None
+            if not isinstance(keys, dict | None):
+                raise ValueError(f"grants file {grants_path}: want 'keys:' mapping each key to "
+                                 "its grant")
+            for key, raw in (keys or {}).items():
+                if not isinstance(raw, dict | None):
+                    raise ValueError(f"grants file {grants_path}: the grant of a key must be a "
+                                     f"mapping, got {type(raw).__name__}")
                 grant = Grant(**(raw or {}))
                 if str(key).startswith("sha256:"):
                     self._hashed[str(key)[7:].lower()] = grant
                 else:
                     self._plain[str(key)] = grant
+
+    def check(self, policy: SafetyPolicy) -> None:
+        """A startup error (ValueError) for a grant naming a preset or category the server
+        does not have: such a grant would silently give less (or more) than its author meant."""
+        known = set(policy.taxonomy.ids)
+        for grant in {id(g): g for g in (*self._plain.values(), *self._hashed.values())}.values():
+            if missing := sorted(set(grant.presets) - set(policy.presets)):
+                raise ValueError(f"grant '{grant.name}': unknown presets {missing} (known: "
+                                 f"{', '.join(sorted(policy.presets))})")
+            if missing := sorted(set(grant.allow or ()) - known):
+                raise ValueError(f"grant '{grant.name}': unknown categories {missing} in allow")
 
     @property
     def enabled(self) -> bool:
@@ -89,7 +113,10 @@ class KeyRing:
         token = header[7:].strip() if header.lower().startswith("bearer ") else ""
         if token:
             for key, grant in self._plain.items():
-                if secrets.compare_digest(token, key):
+                # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError,
+                # i.e. a 500 for any client that sends one).
+                if secrets.compare_digest(token.encode("utf-8", "surrogatepass"),
+                                          key.encode("utf-8", "surrogatepass")):
                     return Principal(grant.name, grant)
             digest = hashlib.sha256(token.encode()).hexdigest()
             for key, grant in self._hashed.items():
@@ -110,6 +137,14 @@ class Ceiling:
     thresholds: dict[str, float]  # per head output: the most a request may set
     default_thresholds: dict[str, float]  # the default preset's: what omitted ones become at most
     tau: int
+    explain_sentences: int  # the most sentences after a refusal (-1: no limit)
+    guideline: str | None  # the default preset's: what a custom config without one runs with
+    own_guideline: bool  # may a custom config set a different one
+
+
+def _more_explanation(asked: int, limit: int) -> bool:
+    """Is ``asked`` more sentences than ``limit`` (-1 on either side: no limit)?"""
+    return limit >= 0 and (asked < 0 or asked > limit)
 
 
 def ceiling_of(grant: Grant, policy: SafetyPolicy) -> Ceiling:
@@ -120,7 +155,8 @@ def ceiling_of(grant: Grant, policy: SafetyPolicy) -> Ceiling:
         thresholds = {n: max(t, grant.max_threshold) for n, t in defaults.items()}
     allow = base.allow if grant.allow is None else grant.allow
     return Ceiling(frozenset(allow), base.on_violation, grant.annotate, base.holdback, thresholds,
-                   defaults, grant.max_tau if grant.max_tau is not None else policy.tau_of(base))
+                   defaults, grant.max_tau if grant.max_tau is not None else policy.tau_of(base),
+                   policy.explain_sentences_of(base), base.guideline, grant.guideline)
 
 
 def looser_fields(cfg: SafetyConfig, fields: set[str], ceiling: Ceiling,
@@ -129,13 +165,19 @@ def looser_fields(cfg: SafetyConfig, fields: set[str], ceiling: Ceiling,
     refused = []
     if "allow" in fields and (extra := sorted(set(cfg.allow) - ceiling.allow)):
         refused.append(f"allow {extra}")
-    if "on_violation" in fields and ACTION_RANK[cfg.on_violation] < ACTION_RANK[ceiling.on_violation]:
-        if not (cfg.on_violation == "annotate" and ceiling.annotate):
-            refused.append(f"on_violation '{cfg.on_violation}' (at least '{ceiling.on_violation}')")
+    if ("on_violation" in fields and not ceiling.annotate  # annotate, the weakest, admits all
+            and ACTION_RANK[cfg.on_violation] < ACTION_RANK[ceiling.on_violation]):
+        refused.append(f"on_violation '{cfg.on_violation}' (at least '{ceiling.on_violation}')")
     if "holdback" in fields and ceiling.holdback and not cfg.holdback:
         refused.append("holdback false")
     if "tau" in fields and cfg.tau is not None and cfg.tau > ceiling.tau:
         refused.append(f"tau {cfg.tau} (max {ceiling.tau})")
+    if ("explain_sentences" in fields
+            and _more_explanation(cfg.explain_sentences, ceiling.explain_sentences)):
+        refused.append(f"explain_sentences {cfg.explain_sentences} "
+                       f"(max {ceiling.explain_sentences})")
+    if "guideline" in fields and not ceiling.own_guideline and cfg.guideline != ceiling.guideline:
+        refused.append("guideline (this key may not set its own)")
     if "threshold" in fields:
         asked = policy.thresholds_of(cfg)
         names = asked if not isinstance(cfg.threshold, dict) else cfg.threshold
@@ -150,9 +192,16 @@ def set_fields(cfg: SafetyConfig) -> set[str]:
     return {f for f in cfg.model_fields_set if getattr(cfg, f) is not None}
 
 
-def fill_from_ceiling(cfg: SafetyConfig, ceiling: Ceiling, policy: SafetyPolicy) -> SafetyConfig:
-    """``cfg`` with the fields it leaves out tightened to the ceiling where needed."""
+def fill_from_ceiling(cfg: SafetyConfig, ceiling: Ceiling, policy: SafetyPolicy, *,
+                      preset: bool = False) -> SafetyConfig:
+    """``cfg`` with the fields it leaves out tightened to the ceiling where needed. A preset
+    keeps its own (absent) guideline: the default's could contradict its allow-list."""
     fields, update = set_fields(cfg), {}
+    if not preset and "guideline" not in fields and ceiling.guideline is not None:
+        update["guideline"] = ceiling.guideline
+    if ("explain_sentences" not in fields and _more_explanation(
+            policy.explain_sentences_of(cfg), ceiling.explain_sentences)):
+        update["explain_sentences"] = ceiling.explain_sentences
     if "on_violation" not in fields and ACTION_RANK[cfg.on_violation] < ACTION_RANK[ceiling.on_violation]:
         update["on_violation"] = ceiling.on_violation
     if "holdback" not in fields and ceiling.holdback:
@@ -178,7 +227,8 @@ def authorize_config(principal: Principal, preset: str | None, cfg: SafetyConfig
         return cfg
     ceiling = ceiling_of(grant, policy)
     if preset is not None and (preset == policy.default_preset or preset in grant.presets):
-        return fill_from_ceiling(cfg, ceiling, policy)  # taken whole; the key's caps still apply
+        # taken whole; the key's caps still apply
+        return fill_from_ceiling(cfg, ceiling, policy, preset=True)
     refused = looser_fields(cfg, set_fields(cfg), ceiling, policy)
     if refused and preset is not None:
         refused = [f"preset '{preset}': " + "; ".join(refused)]

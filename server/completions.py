@@ -66,7 +66,9 @@ def render_prompt(engine: Engine, body: ChatCompletionRequest,
     """Token ids of the conversation (``without_prefill``: minus the final assistant message,
     ending where the assistant's answer would start)."""
     messages = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        # `name` goes to the template as vLLM passes it (SmolLM2's ignores it; others use it)
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text(),
+         **({"name": m.name} if m.name else {})}
         for m in (body.messages[:-1] if without_prefill else body.messages)
     ]
     return render_messages(
@@ -85,7 +87,7 @@ def render_messages(engine: Engine, messages: list[dict], safety: RequestSafety 
     guideline = guideline_message(safety.config) if safety else None
     if guideline:  # CoSAlign places the config in the system prompt
         if messages and messages[0]["role"] == "system":
-            messages[0] = {"role": "system", "content": f"{guideline}\n\n{messages[0]['content']}"}
+            messages[0] = {**messages[0], "content": f"{guideline}\n\n{messages[0]['content']}"}
         else:
             messages.insert(0, {"role": "system", "content": guideline})
     try:
@@ -150,8 +152,12 @@ async def query_verdict(engine: Engine, svc: SafetyService | None,
     real one (cost: one extra prefill, for prefilled requests only)."""
     if svc is None or prep.query_ids is None:
         return None
-    return await prompt_verdict(engine, svc, prep.query_ids, prep.safety,
-                                f"{prep.completion_id}-query-{uuid.uuid4().hex[:8]}")
+    verdict = await prompt_verdict(engine, svc, prep.query_ids, prep.safety,
+                                   f"{prep.completion_id}-query-{uuid.uuid4().hex[:8]}")
+    if verdict is None:  # fail closed: a prefilled request is not served unjudged
+        raise APIError(503, "the safety signal of the request did not arrive; try again",
+                       type="server_error", code="safety_telemetry_missing")
+    return verdict
 
 
 async def prompt_verdict(engine: Engine, svc: SafetyService, prompt_ids: list[int],
@@ -195,6 +201,11 @@ def sampling_params(prep: PreparedRequest, index: int, extra_args: dict | None =
         presence_penalty=b.presence_penalty or 0.0,
         frequency_penalty=b.frequency_penalty or 0.0,
         stop=b.stop_list or None,
+        # With safety on, each output's text must be its own tokens' text, for withholding
+        # token by token. Excluding stop strings makes vLLM hold back the text's last
+        # characters and release them with a later output (a withheld run's text could ride
+        # out with the next clean piece): so keep them, and cut them here (ChoiceState).
+        include_stop_str_in_output=bool(b.stop_list) and extra_args is not None,
         seed=seed,
         ignore_eos=b.ignore_eos,
         logprobs=(b.top_logprobs or 0) if b.logprobs else None,
@@ -218,6 +229,12 @@ class ChoiceState:
     sent: int = 0  # pieces already streamed
     n_tokens: int = 0
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # the stop string that ended it (or a stop token)
+    # Safety on, with stop strings: vLLM keeps the stop string in the text; the characters
+    # that could begin one are held back here, as vLLM would, and the string is cut at the end.
+    own_stops: bool = False
+    stop_hold: int = 0
+    held_text: str = ""
     first_token_at: float | None = None
     last_token_at: float | None = None
 
@@ -246,6 +263,20 @@ class ChoiceState:
     def visible(self, pieces) -> str:
         """Text of the pieces the safety strategy did not withhold."""
         return "".join(self._text_of(p) for p in pieces)
+
+    def outgoing(self, text: str, finished: bool) -> str:
+        """``text`` (visible, in order) as the client may see it now: minus the characters
+        that could still begin a stop string, and at the end minus the stop string."""
+        if not self.own_stops:
+            return text
+        text = self.held_text + text
+        if finished:
+            self.held_text = ""
+            stop = self.stop_reason
+            return text[:-len(stop)] if isinstance(stop, str) and stop and text.endswith(stop) else text
+        cut = max(0, len(text) - self.stop_hold)
+        self.held_text = text[cut:]
+        return text[:cut]
 
     def _text_of(self, piece: tuple[int, int, str]) -> str:
         start, end, text = piece
@@ -354,7 +385,7 @@ async def _merged_steps(engine: Engine, prep: PreparedRequest,
             ):
                 c = out.outputs[0]
                 if out.finished:
-                    choice.finish_reason = c.finish_reason
+                    choice.finish_reason, choice.stop_reason = c.finish_reason, c.stop_reason
                 await queue.put(_Step(choice, c.text, c.token_ids, out.finished, c.logprobs))
         except BaseException as e:
             await queue.put(e)
@@ -395,7 +426,7 @@ async def _single_steps(engine: Engine, prep: PreparedRequest,
         ):
             c = out.outputs[0]
             if out.finished:
-                choice.finish_reason = c.finish_reason
+                choice.finish_reason, choice.stop_reason = c.finish_reason, c.stop_reason
             yield _Step(choice, c.text, c.token_ids, out.finished, c.logprobs)
     except ValueError as e:  # engine-side validation of our params
         raise bad_request(str(e)) from None
@@ -431,6 +462,9 @@ async def _open_choices(engine: Engine, svc: SafetyService | None,
         if svc is not None and prep.safety is not None:
             c.extra_args, c.tracker = svc.open(c.request_id, prep.safety, engine.eos_id, query,
                                                prefilled=prep.query_ids is not None)
+            stops = prep.body.stop_list
+            if stops:
+                c.own_stops, c.stop_hold = True, max(map(len, stops)) - 1
         choices.append(c)
     return choices
 
@@ -478,7 +512,7 @@ def _finish(step: _Step) -> None:
     """Tell the tracker how its request ended, before the last text is released."""
     c = step.choice
     if step.finished and c.tracker is not None:
-        c.tracker.finish(c.finish_reason, c.n_tokens)
+        c.tracker.finish(c.finish_reason, c.n_tokens, stop_string=isinstance(c.stop_reason, str))
 
 
 def _stop_suffix(svc: SafetyService | None, c: ChoiceState) -> str:
@@ -488,22 +522,27 @@ def _stop_suffix(svc: SafetyService | None, c: ChoiceState) -> str:
 async def complete(engine: Engine, svc: SafetyService | None,
                    prep: PreparedRequest) -> tuple[ChatCompletionResponse, list[SafetyReport]]:
     choices = await _open_choices(engine, svc, prep)
+    steps = _merged_steps(engine, prep, choices)
     try:
-        async for step in _merged_steps(engine, prep, choices):
+        async for step in steps:
             _observe_timing(prep, step)
             await _settle(step)
             step.choice.add_piece(step.text, step.n_new, step.ids, engine.tokenizer.decode)
             _add_logprobs(engine, prep, step)
             _finish(step)
     finally:
-        _close(svc, prep, choices)
+        try:
+            await steps.aclose()  # aborts unfinished engine requests now, not at collection
+        finally:
+            _close(svc, prep, choices)
     reports = [_report(engine, c) for c in choices]
     response = ChatCompletionResponse(
         id=prep.completion_id,
         created=prep.created,
         model=prep.body.model,
         choices=[Choice(index=c.index,
-                        message=AssistantMessage(content=c.visible(c.pieces) + _stop_suffix(svc, c)),
+                        message=AssistantMessage(content=c.outgoing(c.visible(c.pieces), True)
+                                                 + _stop_suffix(svc, c)),
                         finish_reason=_finish_reason(c),
                         logprobs=c.visible_logprobs(c.pieces) if prep.body.logprobs else None)
                  for c in choices],
@@ -559,6 +598,7 @@ async def stream(engine: Engine, svc: SafetyService | None,
     include_usage = bool(opts and opts.include_usage)
     continuous_usage = bool(include_usage and opts.continuous_usage_stats)
     holdback = bool(prep.safety and prep.safety.config.holdback)
+    steps = _merged_steps(engine, prep, choices)
 
     def chunk(choice_list: list[ChunkChoice], usage: Usage | None = None,
               safety: SafetyReport | None = None) -> ChatCompletionChunk:
@@ -573,7 +613,7 @@ async def stream(engine: Engine, svc: SafetyService | None,
             yield _sse(chunk([ChunkChoice(index=c.index,
                                           delta=Delta(role="assistant", content=""))]))
         try:
-            async for step in _merged_steps(engine, prep, choices):
+            async for step in steps:
                 _observe_timing(prep, step)
                 await _settle(step)
                 c = step.choice
@@ -581,7 +621,7 @@ async def stream(engine: Engine, svc: SafetyService | None,
                 _add_logprobs(engine, prep, step)
                 _finish(step)
                 released = _releasable_pieces(c, step.finished, holdback)
-                text = c.visible(released)
+                text = c.outgoing(c.visible(released), step.finished)
                 if step.finished:
                     text += _stop_suffix(svc, c)
                 logprobs = c.visible_logprobs(released) if prep.body.logprobs else None
@@ -601,4 +641,7 @@ async def stream(engine: Engine, svc: SafetyService | None,
             yield _error_event(APIError(500, "internal server error", type="server_error"))
         yield _sse("[DONE]")
     finally:
-        _close(svc, prep, choices)
+        try:
+            await steps.aclose()  # aborts unfinished engine requests now, not at collection
+        finally:
+            _close(svc, prep, choices)

@@ -62,11 +62,14 @@ class BodyTooLarge(StarletteHTTPException):
 _TYPE_TAGS = {"str", "int", "float", "bool", "none"}
 
 
-def _loc_to_param(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc[1:] if not (isinstance(p, str) and (
-        p in _TYPE_TAGS or "[" in p or "(" in p))] if loc[:1] == ("body",) else \
-        [str(p) for p in loc]
-    return ".".join(parts) or None
+def _loc_to_param(loc: tuple, field_last: bool = False) -> str | None:
+    """``field_last``: the last element is a key the client sent (an unknown field), kept
+    verbatim even when it reads like a union tag ("str", "a[b]")."""
+    head, last = (loc[:-1], [str(loc[-1])]) if field_last and loc else (loc, [])
+    parts = [str(p) for p in head[1:] if not (isinstance(p, str) and (
+        p in _TYPE_TAGS or "[" in p or "(" in p))] if head[:1] == ("body",) else \
+        [str(p) for p in head]
+    return ".".join(parts + last) or None
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -84,7 +87,7 @@ def install_handlers(app: FastAPI) -> None:
         if isinstance(ctx.get("param"), str):  # named by a model-level validator of ours
             param = ctx["param"] or None
         else:
-            param = _loc_to_param(loc)
+            param = _loc_to_param(loc, field_last=kind == "extra_forbidden")
         if kind == "json_invalid":
             return APIError(400, "request body is not valid JSON", code="invalid_json").response()
         if loc == ("body",) and kind in _NOT_AN_OBJECT:

@@ -184,6 +184,12 @@ class ChatCompletionRequest(_Request):
     # Per-request safety config (object, or a preset name); validated by the safety config module.
     safety_config: dict[str, Any] | str | None = None
 
+    @field_validator("stream", "n", mode="before")
+    @classmethod
+    def _null_is_default(cls, v, info):
+        # OpenAI's schema marks these nullable, and some clients send an explicit null.
+        return cls.model_fields[info.field_name].default if v is None else v
+
     @field_validator("stop")
     @classmethod
     def _stop(cls, v):

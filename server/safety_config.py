@@ -115,10 +115,15 @@ class SafetyPolicy:
         for name, body in raw.items():
             if not PRESET_NAME.match(name):
                 raise ValueError(f"preset name {name!r} must match {PRESET_NAME.pattern}")
+            if not isinstance(body, dict | None):
+                raise ValueError(f"preset {name}: want a mapping of config fields, got "
+                                 f"{type(body).__name__}")
             try:
                 self.presets[name] = self._checked(SafetyConfig(**(body or {})), f"preset {name}")
-            except ValidationError as e:
+            except (ValidationError, TypeError) as e:  # TypeError: a key that is no name
                 raise ValueError(f"preset {name}: {e}") from None
+            except APIError as e:  # an unknown category, worded for a request
+                raise ValueError(e.message) from None
         if default_preset not in self.presets:
             raise ValueError(f"default preset {default_preset!r} is not defined")
         self.default_preset = default_preset
@@ -144,7 +149,7 @@ class SafetyPolicy:
             if text.startswith("{"):
                 try:
                     value = json.loads(text)
-                except json.JSONDecodeError:
+                except (ValueError, RecursionError):  # JSONDecodeError, or nesting too deep
                     raise bad_request(f"{source} is not valid JSON", param=source,
                                       code="invalid_safety_config") from None
             else:
@@ -179,10 +184,10 @@ class SafetyPolicy:
         got_body = body is not None
         if got_header and got_body:
             h, b = self.parse(header, "X-Safety-Config"), self.parse(body, "safety_config")
-            if h != b:
+            if h[1] != b[1]:  # a preset's name and its fields written out agree
                 raise bad_request("X-Safety-Config and safety_config disagree; send one",
                                   param="safety_config", code="conflicting_safety_config")
-            return h
+            return h if h[0] is not None else b
         if got_header:
             return self.parse(header, "X-Safety-Config")
         if got_body:

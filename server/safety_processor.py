@@ -363,6 +363,9 @@ class SafetyLogitsProcessor(LogitsProcessor):
             self.parked.popitem(last=False)
 
     def _add(self, i: int, args: W.RowSafetyArgs | None, output_ids: list[int]) -> None:
+        # vLLM lists a removed row in `removed` only if nothing refills it in the same step:
+        # an added (or moved) row may land on a request it removed, which must be parked too.
+        self._park(i)
         self._clear(i)
         if args is None:
             return
@@ -413,6 +416,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
                 "alert_scale", "query_alert", "explain_left", "explain_cap", "seen_word")
 
     def _move(self, src: int, dst: int) -> None:
+        self._park(dst)  # a removed row the move fills (see _add)
         for name in self._TENSORS:
             t = getattr(self, name)
             t[dst] = t[src]

@@ -8,8 +8,8 @@ import asyncio
 import logging
 import os
 import pickle
+import shutil
 import tempfile
-import uuid
 
 from safeserve.kernels.safety_decision import EVENT_TRIGGER, EVENT_VIOLATION
 from safeserve.server import metrics
@@ -61,6 +61,7 @@ class RequestTracker:
                 # re-decides every chunk and nothing was kept, so neither is anything here.
                 self.trigger_index, self.flag_cats = None, 0
             self.refusal_end = None  # likewise a refusal token forced at that chunk
+            self.stop_forced = False  # or an end-of-sequence token (a stop) forced there
         else:
             self.max_scores = [max(a, b) for a, b in zip(self.max_scores, rec.scores)]
         if rec.event == EVENT_TRIGGER:
@@ -112,10 +113,20 @@ class RequestTracker:
             own = self.steps.get(j)
             if own is None or own.forced < 0:
                 nxt = self.steps.get(j + 1)
-                if nxt is None or (nxt.event == EVENT_VIOLATION and not nxt.acted):
+                if nxt is None or (nxt.event == EVENT_VIOLATION and not nxt.acted
+                                   and not self._run_closed(j + 2)):
                     break
             j += 1
         return j
+
+    def _run_closed(self, k: int) -> bool:
+        """Has the violating run going on at step k - 1 ended by step k or later: a clean
+        step (it stopped short of tau: its tokens go out) or the step that acted (withheld)?"""
+        while (rec := self.steps.get(k)) is not None:
+            if rec.event != EVENT_VIOLATION or rec.acted:
+                return True
+            k += 1
+        return False
 
     def retract(self, index: int, cats: int = 0) -> None:
         """Withhold everything after the refusal (the explanation), judged unsafe at step
@@ -132,10 +143,13 @@ class RequestTracker:
                 and not (self.stop_forced or self.explanation_closed
                          or self.explanation_retracted))
 
-    def finish(self, finish_reason: str | None, n_tokens: int) -> None:
+    def finish(self, finish_reason: str | None, n_tokens: int,
+               stop_string: bool = False) -> None:
         """The request ended. A bounded explanation still open that ran into ``max_tokens``
-        has a last token no step has read: unjudged, it is withheld like an unsafe one."""
-        if self.explanation_open and finish_reason == "length" and n_tokens > self.refusal_end:
+        or a stop string has a last token no step has read: unjudged, it is withheld like an
+        unsafe one. (End-of-sequence is no text.)"""
+        if (self.explanation_open and (finish_reason == "length" or stop_string)
+                and n_tokens > self.refusal_end):
             self.retract(n_tokens)
 
     def explanation_hold(self, n_tokens: int, finished: bool) -> int:
@@ -147,7 +161,11 @@ class RequestTracker:
         return min(n_tokens, self.refusal_end)
 
     def withheld(self, j: int) -> bool:
-        return any(a <= j < b for a, b in self.cut)
+        if any(a <= j < b for a, b in self.cut):
+            return True
+        # Fail closed: with telemetry missing, a token no step has judged (nor forced) is
+        # not released.
+        return self.incomplete and (j + 1) not in self.steps and not self.forced_at(j)
 
     def forced_at(self, j: int) -> bool:
         """Output token ``j`` was forced by the strategy (a refusal or end-of-sequence token)."""
@@ -157,6 +175,8 @@ class RequestTracker:
     @property
     def alerted(self) -> bool:
         """The prompt (or a prefilled request's query) verdict fell in the alert band."""
+        if self.prompt is not None and self.prompt.event == EVENT_TRIGGER:
+            return False  # a flagged verdict is not an alert (the worker clears it too)
         return bool((self.prompt and self.prompt.alert) or (self.query and self.query.alert))
 
     @property
@@ -253,19 +273,25 @@ class TelemetryHub:
     """Binds the PULL socket the workers push to, and routes records to trackers."""
 
     def __init__(self):
-        self.addr = f"ipc://{tempfile.gettempdir()}/safeserve-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.addr: str | None = None
+        self._dir: str | None = None
         self.trackers: dict[str, RequestTracker] = {}
         self._task: asyncio.Task | None = None
         self._sock = None
 
     def export_address(self) -> None:
         """Must run before the engine starts: spawned workers inherit the environment."""
+        if self._dir is None:
+            # A directory only this user may enter (mkdtemp: 0700): the records are pickles.
+            self._dir = tempfile.mkdtemp(prefix="safeserve-")
+            self.addr = f"ipc://{self._dir}/telemetry"
         os.environ[W.TELEMETRY_ENV] = self.addr
 
     async def start(self) -> None:
         import zmq
         import zmq.asyncio
 
+        self.export_address()  # (a no-op if the app already did)
         self._sock = zmq.asyncio.Context.instance().socket(zmq.PULL)
         self._sock.setsockopt(zmq.RCVHWM, 0)
         self._sock.bind(self.addr)
@@ -273,7 +299,12 @@ class TelemetryHub:
 
     async def _run(self) -> None:
         while True:
-            records, seconds = pickle.loads(await self._sock.recv())
+            message = await self._sock.recv()
+            try:
+                records, seconds = pickle.loads(message)
+            except Exception:  # one bad message must not end the routing of every other
+                log.exception("unreadable safety telemetry message dropped")
+                continue
             metrics.SAFETY_STEPS.inc()
             metrics.SAFETY_STEP_SECONDS.inc(seconds)
             for rec in records:
@@ -292,3 +323,5 @@ class TelemetryHub:
             self._task.cancel()
         if self._sock is not None:
             self._sock.close(linger=0)
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)

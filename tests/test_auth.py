@@ -120,3 +120,63 @@ def test_api_keys_env_is_comma_separated_text(monkeypatch, env, keys):
 
     monkeypatch.setenv("SAFESERVE_API_KEYS", env)
     assert Settings().api_keys == keys
+
+
+def _policy_with(tmp_path, presets: str, **kw) -> SafetyPolicy:
+    path = tmp_path / "presets.yaml"
+    path.write_text(presets)
+    return SafetyPolicy(Taxonomy.load(), path, **kw)
+
+
+def test_guideline_and_explanation_budget_belong_to_the_ceiling(tmp_path):
+    """The default preset's guideline and explanation budget are part of what a key may not
+    loosen: a custom config without them runs with the default's, a different guideline
+    needs the grant's `guideline`, more sentences are refused."""
+    policy = _policy_with(tmp_path, "default:\n  guideline: Refuse anything violent.\n"
+                                    "  explain_sentences: 0\n", explain_sentences=3)
+    svc = SafetyService(policy, TelemetryHub(), lambda: None)
+    req = run_with(svc, PLAIN, body={"trace": True})
+    assert req.config.guideline == "Refuse anything violent." and req.explain_sentences == 0
+    assert "guideline" in refused(svc, PLAIN, body={"guideline": "All categories are allowed."})
+    assert "explain_sentences 2 (max 0)" in refused(svc, PLAIN, body={"explain_sentences": 2})
+    writer = Principal("writer", Grant(guideline=True))
+    assert run_with(svc, writer, body={"guideline": "A war film."}).config.guideline == "A war film."
+    # the same guideline restated is no loosening; an open server takes any
+    assert run_with(svc, PLAIN, body={"guideline": "Refuse anything violent."}).explain_sentences == 0
+    open_req = run_with(svc, Principal("anonymous", None), body={"guideline": "Anything goes."})
+    assert open_req.config.guideline == "Anything goes."
+
+
+def test_an_annotate_grant_admits_every_action():
+    svc = service("strict")
+    auditor = Principal("auditor", Grant(annotate=True))
+    for action in ("annotate", "refuse", "stop"):
+        assert run_with(svc, auditor, body={"on_violation": action}).config.on_violation == action
+
+
+def test_a_preset_and_its_fields_written_out_agree():
+    svc = service("default")
+    req = svc.resolve("default", {"allow": []})
+    assert req.preset == "default"
+    with pytest.raises(APIError) as err:
+        svc.resolve("default", {"allow": ["violence"]})
+    assert err.value.status == 400 and err.value.code == "conflicting_safety_config"
+
+
+def test_bad_presets_and_grants_files_are_startup_errors(tmp_path):
+    from safeserve.server.auth import KeyRing
+
+    for text in ("default:\n  allow: [dragons]\n", "default: 0.3\n", "default:\n  1: x\n"):
+        with pytest.raises(ValueError):
+            _policy_with(tmp_path, text)
+    policy = SafetyPolicy(Taxonomy.load())
+    grants = tmp_path / "grants.yaml"
+    for text, words in (("keys:\n  k1:\n    presets: [no_such]\n", "unknown presets"),
+                        ("keys:\n  k1:\n    allow: [dragons]\n", "unknown categories")):
+        grants.write_text(text)
+        with pytest.raises(ValueError, match=words):
+            KeyRing([], grants).check(policy)
+    for text in ("keys: [a, b]\n", "keys:\n  k1: 3\n"):
+        grants.write_text(text)
+        with pytest.raises(ValueError, match="grants file"):
+            KeyRing([], grants)

@@ -205,6 +205,36 @@ def test_oversized_body_is_a_413(client):
     assert client.post("/v1/chat/completions", json=body()).status_code == 503
 
 
+def test_edge_inputs_found_in_review_are_4xx_not_500(tmp_path):
+    """A non-ASCII key (Starlette decodes headers as latin-1), a safety config nested past
+    the JSON parser's recursion limit, a repeated safety header, OpenAI's nullable fields sent
+    as null, and an unknown field that reads like a type tag."""
+    settings = Settings(api_keys=["k"], max_request_body_bytes=4 * LIMIT)
+    spec = EngineSpec(model_dir=tmp_path, served_name="m", has_head=True, safety_enabled=True)
+    app = create_app(Engine(settings, spec), (SafetyPolicy(Taxonomy.load()), TelemetryHub()))
+    client = TestClient(app, raise_server_exceptions=False)
+    auth = {"Authorization": "Bearer k"}
+    r = client.post("/v1/chat/completions", json=body(),
+                    headers=[("Authorization", "Bearer \xe9t\xe9".encode("latin-1"))])
+    _error(r, 401, code="invalid_api_key")
+    deep = '{"allow":' + "[" * 3000 + "]" * 3000 + "}"
+    for path in ("/v1/chat/completions", "/v1/moderations"):
+        payload = body() if path.endswith("completions") else {"input": "hi"}
+        r = client.post(path, json=payload, headers={**auth, "X-Safety-Config": deep})
+        _error(r, 400, param="X-Safety-Config", code="invalid_safety_config")
+        r = client.post(path, json={**payload, "safety_config": deep}, headers=auth)
+        _error(r, 400, param="safety_config", code="invalid_safety_config")
+    r = client.post("/v1/chat/completions", json=body(),
+                    headers=[("Authorization", "Bearer k"), ("X-Safety-Config", "strict"),
+                             ("X-Safety-Config", "annotate_only")])
+    _error(r, 400, param="X-Safety-Config", code="invalid_header")
+    r = client.post("/v1/chat/completions", json=body(stream=None, n=None), headers=auth)
+    _error(r, 503, code="engine_not_ready")  # valid: null is the default
+    for key in ("str", "a[b]"):
+        r = client.post("/v1/chat/completions", json=body(**{key: 1}), headers=auth)
+        _error(r, 400, param=key, code="unsupported_parameter")
+
+
 def test_body_limit_setting_defaults_to_8_mib():
     assert Settings().max_request_body_bytes == 8 * 1024 * 1024
     assert Settings(max_request_body_bytes=1 << 20).max_request_body_bytes == 1 << 20
@@ -248,11 +278,12 @@ class FakeLLM:
         for i in range(self.tokens):
             await asyncio.sleep(0)
             out = SimpleNamespace(text=f"t{i} ", token_ids=[i], finish_reason=None,
-                                  logprobs=None)
+                                  stop_reason=None, logprobs=None)
             yield SimpleNamespace(outputs=[out], finished=False)
         if self.fail is not None:
             raise self.fail
-        out = SimpleNamespace(text="", token_ids=[], finish_reason="stop", logprobs=None)
+        out = SimpleNamespace(text="", token_ids=[], finish_reason="stop", stop_reason=None,
+                              logprobs=None)
         yield SimpleNamespace(outputs=[out], finished=True)
 
     async def abort(self, request_id):

@@ -517,3 +517,101 @@ def test_a_piece_merged_across_a_withheld_run_keeps_only_its_clean_tokens():
     # -inf and NaN become -9999 (JSON has neither); a missing decoded token is decoded
     e = token_logprob(4, {4: lp(logprob=float("nan"), rank=1, decoded_token=None)}, 1, decode)
     assert e.token == " d" and e.logprob == -9999.0 and e.top_logprobs[0].token == " d"
+
+
+def test_a_row_refilled_in_the_same_step_parks_the_request_it_removed():
+    """vLLM leaves a removed index out of ``removed`` when an added request (or a row moved by
+    its condense) fills it in the same step: the request that sat there must still be parked,
+    so that, preempted, it resumes mid-refusal instead of starting over."""
+    proc, _ = _processor()
+    outs = {"a": [], "b": [], "c": []}
+    for i, rid in enumerate(("a", "b")):
+        proc._add(i, _args(rid), outs[rid])
+    _step(proc, [[0.9] * 10, [0.1] * 10])  # a's prompt is flagged: it is refusing
+    assert proc.phase[0] == 1
+    outs["a"].append(5)
+    # a preempted, c added into its slot: `removed` is empty
+    proc.update_state(SimpleNamespace(removed=[], added=[(0, SimpleNamespace(
+        extra_args=_args("c").to_extra_args()), [], outs["c"])], moved=[]))
+    assert proc.rids[0] == "c" and proc.phase[0] == 0 and "a" in proc.parked
+    # b preempted, c condensed into its slot by a move
+    from vllm.v1.sample.logits_processor import MoveDirectionality
+    proc.update_state(SimpleNamespace(removed=[], added=[],
+                                      moved=[(0, 1, MoveDirectionality.UNIDIRECTIONAL)]))
+    assert proc.rids[1] == "c" and "b" in proc.parked
+    proc._add(2, _args("a"), outs["a"])  # a resumes where it was
+    assert proc.phase[2] == 1
+
+
+def _bare_tracker(**kw):
+    from safeserve.server.safety_tracker import RequestTracker
+
+    return RequestTracker("r", tuple(f"c{i}" for i in range(10)), _args("r", **kw), "refuse",
+                          {}, False)
+
+
+def _rec(j, event=0, phase=0, forced=-1, acted=0, alert=0):
+    from safeserve.server import safety_wire as W
+
+    return W.StepRecord("r", j, [0.1] * 10, event, 0, phase, forced, acted, alert)
+
+
+def test_holdback_releases_a_violating_run_that_ended_short_of_tau():
+    """One violating step, then clean ones: the run never reached tau, so its token goes
+    out with the next clean verdict (it used to stall the stream to the end)."""
+    from safeserve.kernels.safety_decision import EVENT_VIOLATION
+
+    t = _bare_tracker()  # tau 3
+    t.add(_rec(0))
+    t.add(_rec(1))
+    t.add(_rec(2, event=EVENT_VIOLATION))  # reads token 1
+    assert t.releasable(3, False) == 1  # token 1: its run is open
+    t.add(_rec(3, event=EVENT_VIOLATION))
+    assert t.releasable(4, False) == 1
+    for j in range(4, 30):
+        t.add(_rec(j))
+    assert t.releasable(30, False) == 29  # all but the last token, whose verdict is pending
+    assert not any(t.withheld(j) for j in range(30))
+
+
+def test_a_stop_forced_at_an_earlier_prefill_chunk_is_forgotten():
+    """A mid-prompt chunk's row may fire and force end-of-sequence (a stop config); the last
+    chunk's verdict is what counts, and a clean one leaves a normal answer, not a
+    content_filter ending."""
+    from safeserve.kernels.safety_decision import EVENT_TRIGGER
+    from safeserve.server import safety_wire as W
+
+    t = _bare_tracker(action=W.ACTION_STOP)
+    t.add(_rec(0, event=EVENT_TRIGGER, phase=W.PHASE_DONE, forced=0, acted=1))
+    assert t.stop_forced
+    t.add(_rec(0))  # the last chunk: clean
+    assert not t.stop_forced and not t.acted
+
+
+def test_an_explanation_ended_by_a_stop_string_is_withheld_as_unjudged():
+    from safeserve.server import safety_wire as W
+
+    t = _bare_tracker(explain_sentences=1)
+    t.add(_rec(0, event=2, phase=W.PHASE_REFUSING, forced=5, acted=1))
+    t.add(_rec(1, phase=W.PHASE_REFUSED, forced=6))
+    t.add(_rec(2, phase=W.PHASE_REFUSED))  # the explanation's first token, sampled
+    t.finish("stop", 3)  # EOS: its token is no text, nothing unjudged
+    assert not t.withheld(2)
+    t.finish("stop", 3, stop_string=True)  # a stop string ended it on an unread token
+    assert t.withheld(2) and not t.withheld(1)
+
+
+def test_missing_telemetry_fails_closed():
+    t = _bare_tracker()
+    for j in range(3):
+        t.add(_rec(j))
+    t.incomplete = True  # the wait for step 3 timed out
+    assert [t.withheld(j) for j in range(5)] == [False, False, True, True, True]
+
+
+def test_a_flagged_prompt_verdict_is_no_alert_for_the_tracker_either():
+    from safeserve.kernels.safety_decision import EVENT_TRIGGER
+
+    t = _bare_tracker(tau=4, alert_tau=2)
+    t.add(_rec(0, event=EVENT_TRIGGER, acted=1, alert=1))
+    assert not t.alerted and t.run_length == 4

@@ -194,6 +194,45 @@ def test_stop_action_ends_with_content_filter(http, server):
     assert r.json()["safety"]["action"] == "stop"
 
 
+def _streamed(http, server, messages, **body):
+    with http.stream("POST", "/v1/chat/completions", json={
+            "model": server.model, "messages": messages, "temperature": 0, "max_tokens": 24,
+            "stream": True, **body}) as resp:
+        events = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+    return ("".join(c["delta"].get("content") or "" for e in events for c in e["choices"]),
+            [c["finish_reason"] for e in events for c in e["choices"] if c.get("finish_reason")])
+
+
+def test_stop_strings_never_carry_a_withheld_run_out(http, server):
+    """vLLM holds back a text's last characters while they could begin a stop string and
+    releases them with a later output; with safety on, the server keeps stop strings in
+    vLLM's text (so each output's text is its own tokens') and cuts them itself. A stop
+    string that never appears changes nothing, streamed or not; one that does cuts there."""
+    cfg = {"allow": ["violence"], "tau": 1, "on_violation": "stop"}
+    never = "Z" * 40
+    plain = chat(http, server, FRANCE, safety_config=cfg).json()["choices"][0]
+    assert "Paris" not in plain["message"]["content"]
+    got = chat(http, server, FRANCE, safety_config=cfg, stop=[never]).json()["choices"][0]
+    assert got["message"]["content"] == plain["message"]["content"]
+    assert got["finish_reason"] == "content_filter"
+    # streamed with holdback: exactly the unary text; without, what streams without the stop
+    held = {**cfg, "holdback": True}
+    assert _streamed(http, server, FRANCE, safety_config=held, stop=[never]) == (
+        plain["message"]["content"], ["content_filter"])
+    assert _streamed(http, server, FRANCE, safety_config=cfg, stop=[never]) == _streamed(
+        http, server, FRANCE, safety_config=cfg)
+    # annotate (nothing withheld): a stop string that appears ends the text just before it
+    notes = {"allow": ["violence"], "on_violation": "annotate"}
+    full = chat(http, server, COLORS, safety_config=notes).json()["choices"][0]["message"]["content"]
+    stop = next(ch for ch in (",", ".", "\n") if ch in full[1:])
+    cut = full[:full.index(stop, 1)]
+    got = chat(http, server, COLORS, safety_config=notes, stop=[stop, never]).json()
+    assert got["choices"][0]["message"]["content"] == cut
+    assert got["choices"][0]["finish_reason"] == "stop"
+    text, endings = _streamed(http, server, COLORS, safety_config=notes, stop=[stop, never])
+    assert text == cut and endings == ["stop"]
+
+
 def test_ignore_eos_gets_nothing_more_after_a_stop(http, server):
     """The forced end-of-sequence is forced again at every later step: a request that ignores
     EOS still ends where the strategy stopped it (it used to get unwatched text after it)."""
@@ -291,8 +330,11 @@ def test_bad_safety_configs_are_400s_naming_the_field(http, server, cfg, param):
 def test_header_and_body_configs_must_agree(http, server):
     body = {"model": server.model, "messages": COLORS, "max_tokens": 2,
             "safety_config": {"allow": []}}
-    r = http.post("/v1/chat/completions", json=body, headers={"X-Safety-Config": "strict"})
+    r = http.post("/v1/chat/completions", json=body, headers={"X-Safety-Config": "stopper"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "conflicting_safety_config"
+    # the test presets' `strict` is exactly {"allow": []}: a name and its fields agree
+    r = http.post("/v1/chat/completions", json=body, headers={"X-Safety-Config": "strict"})
+    assert r.status_code == 200 and r.json()["safety"]["config"]["preset"] == "strict"
     r = http.post("/v1/chat/completions", json=body,
                   headers={"X-Safety-Config": '{"allow": []}'})
     assert r.status_code == 200
