@@ -76,12 +76,13 @@ class KeyRing:
         self._plain: dict[str, Grant] = {k: self.default_grant for k in keys}
         self._hashed: dict[str, Grant] = {}
         if grants_path is not None:
-            data = yaml.safe_load(Path(grants_path).read_text()) or {}
+            data = yaml.safe_load(Path(grants_path).read_text())
             keys = data.get("keys") if isinstance(data, dict) else None
-            if not isinstance(keys, dict | None):
-                raise ValueError(f"grants file {grants_path}: want 'keys:' mapping each key to "
-                                 "its grant")
-            for key, raw in (keys or {}).items():
+            if not isinstance(keys, dict) or not keys or set(data) != {"keys"}:
+                # never an open server by accident: a typo here must not switch auth off
+                raise ValueError(f"grants file {grants_path}: want a top-level 'keys:' mapping "
+                                 "each key to its grant, and nothing else")
+            for key, raw in keys.items():
                 if not isinstance(raw, dict | None):
                     raise ValueError(f"grants file {grants_path}: the grant of a key must be a "
                                      f"mapping, got {type(raw).__name__}")
@@ -176,7 +177,8 @@ def looser_fields(cfg: SafetyConfig, fields: set[str], ceiling: Ceiling,
             and _more_explanation(cfg.explain_sentences, ceiling.explain_sentences)):
         refused.append(f"explain_sentences {cfg.explain_sentences} "
                        f"(max {ceiling.explain_sentences})")
-    if "guideline" in fields and not ceiling.own_guideline and cfg.guideline != ceiling.guideline:
+    if ("guideline" in fields and not ceiling.own_guideline
+            and (cfg.guideline or None) != (ceiling.guideline or None)):  # "": none
         refused.append("guideline (this key may not set its own)")
     if "threshold" in fields:
         asked = policy.thresholds_of(cfg)
@@ -236,4 +238,4 @@ def authorize_config(principal: Principal, preset: str | None, cfg: SafetyConfig
         raise APIError(403, f"API key '{principal.name}' may not request: " + "; ".join(refused),
                        type="permission_error", param="safety_config",
                        code="safety_config_not_permitted")
-    return fill_from_ceiling(cfg, ceiling, policy)
+    return fill_from_ceiling(cfg, ceiling, policy, preset=preset is not None)

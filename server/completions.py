@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -273,7 +274,10 @@ class ChoiceState:
         if finished:
             self.held_text = ""
             stop = self.stop_reason
-            return text[:-len(stop)] if isinstance(stop, str) and stop and text.endswith(stop) else text
+            # vLLM stops at the string's first occurrence; a piece rebuilt from its token ids
+            # (around a withheld run) may run past it to the end of its last token
+            at = text.rfind(stop) if isinstance(stop, str) and stop else -1
+            return text[:at] if at >= 0 else text
         cut = max(0, len(text) - self.stop_hold)
         self.held_text = text[cut:]
         return text[:cut]
@@ -371,8 +375,10 @@ async def _merged_steps(engine: Engine, prep: PreparedRequest,
                         choices: list[ChoiceState]) -> AsyncIterator[_Step]:
     """Run one engine request per choice and yield their outputs as they come."""
     if len(choices) == 1:  # the common case: no queue hop per token
-        async for step in _single_steps(engine, prep, choices[0]):
-            yield step
+        # aclosing: closing this generator closes the inner one now (its abort included)
+        async with contextlib.aclosing(_single_steps(engine, prep, choices[0])) as steps:
+            async for step in steps:
+                yield step
         return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()

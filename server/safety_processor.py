@@ -146,6 +146,12 @@ class SafetyLogitsProcessor(LogitsProcessor):
         for i in batch_update.removed:
             self._park(i)
             self._clear(i)
+        # Rows refilled in this step held removed requests too (vLLM omits those indices
+        # from `removed`): park them all first, so a request removed and re-added in the same
+        # step finds its snapshot wherever it lands.
+        for i, *_ in batch_update.added:
+            self._park(i)
+            self._clear(i)
         for i, params, _prompt, output_ids in batch_update.added:
             self._add(i, W.RowSafetyArgs.from_extra_args(params.extra_args), output_ids)
         for a, b, direction in batch_update.moved:

@@ -301,16 +301,17 @@ class TelemetryHub:
         while True:
             message = await self._sock.recv()
             try:
-                records, seconds = pickle.loads(message)
+                self._route(*pickle.loads(message))
             except Exception:  # one bad message must not end the routing of every other
                 log.exception("unreadable safety telemetry message dropped")
-                continue
-            metrics.SAFETY_STEPS.inc()
-            metrics.SAFETY_STEP_SECONDS.inc(seconds)
-            for rec in records:
-                tracker = self.trackers.get(rec.rid)
-                if tracker is not None:
-                    tracker.add(rec)
+
+    def _route(self, records: list[W.StepRecord], seconds: float) -> None:
+        metrics.SAFETY_STEPS.inc()
+        metrics.SAFETY_STEP_SECONDS.inc(seconds)
+        for rec in records:
+            tracker = self.trackers.get(rec.rid)
+            if tracker is not None:
+                tracker.add(rec)
 
     def register(self, tracker: RequestTracker) -> None:
         self.trackers[tracker.rid] = tracker

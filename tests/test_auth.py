@@ -133,7 +133,8 @@ def test_guideline_and_explanation_budget_belong_to_the_ceiling(tmp_path):
     loosen: a custom config without them runs with the default's, a different guideline
     needs the grant's `guideline`, more sentences are refused."""
     policy = _policy_with(tmp_path, "default:\n  guideline: Refuse anything violent.\n"
-                                    "  explain_sentences: 0\n", explain_sentences=3)
+                                    "  explain_sentences: 0\nstrict:\n  on_violation: stop\n",
+                          explain_sentences=3)
     svc = SafetyService(policy, TelemetryHub(), lambda: None)
     req = run_with(svc, PLAIN, body={"trace": True})
     assert req.config.guideline == "Refuse anything violent." and req.explain_sentences == 0
@@ -145,6 +146,8 @@ def test_guideline_and_explanation_budget_belong_to_the_ceiling(tmp_path):
     assert run_with(svc, PLAIN, body={"guideline": "Refuse anything violent."}).explain_sentences == 0
     open_req = run_with(svc, Principal("anonymous", None), body={"guideline": "Anything goes."})
     assert open_req.config.guideline == "Anything goes."
+    # a preset outside the grant keeps its own (absent) guideline; it is operator-written
+    assert run_with(svc, PLAIN, "strict").config.guideline is None
 
 
 def test_an_annotate_grant_admits_every_action():
@@ -176,7 +179,9 @@ def test_bad_presets_and_grants_files_are_startup_errors(tmp_path):
         grants.write_text(text)
         with pytest.raises(ValueError, match=words):
             KeyRing([], grants).check(policy)
-    for text in ("keys: [a, b]\n", "keys:\n  k1: 3\n"):
+    # never an open server by a typo: a grants file without a 'keys:' mapping is an error
+    for text in ("keys: [a, b]\n", "keys:\n  k1: 3\n", "- a\n- b\n", "key: {k1: {}}\n", "",
+                 "keys: {}\n"):
         grants.write_text(text)
         with pytest.raises(ValueError, match="grants file"):
             KeyRing([], grants)

@@ -615,3 +615,35 @@ def test_a_flagged_prompt_verdict_is_no_alert_for_the_tracker_either():
     t = _bare_tracker(tau=4, alert_tau=2)
     t.add(_rec(0, event=EVENT_TRIGGER, acted=1, alert=1))
     assert not t.alerted and t.run_length == 4
+
+
+def test_a_request_removed_and_re_added_in_one_step_keeps_its_state():
+    """Every refilled row is parked before any add: a request that lands on another freed
+    row in the same step finds its snapshot, not a fresh state."""
+    proc, _ = _processor()
+    outs = {"a": [], "b": [], "c": []}
+    proc._add(0, _args("a"), outs["a"])
+    proc._add(1, _args("b"), outs["b"])
+    _step(proc, [[0.9] * 10, [0.1] * 10])  # a refuses
+    outs["a"].append(5)
+    add = lambda i, rid: (i, SimpleNamespace(extra_args=_args(rid).to_extra_args()), [], outs[rid])  # noqa: E731
+    proc.update_state(SimpleNamespace(removed=[], added=[add(1, "a"), add(0, "c")], moved=[]))
+    assert proc.rids[:2] == ["c", "a"] and proc.phase[1] == 1 and proc.phase[0] == 0
+    assert "b" in proc.parked
+
+
+def test_stop_strings_are_held_back_and_cut_by_the_server():
+    """With safety on, vLLM keeps stop strings in its text; the choice holds back what could
+    begin one (as vLLM would) and cuts the matched one at the end, also when a piece rebuilt
+    from its token ids runs past it."""
+    from safeserve.server.completions import ChoiceState
+
+    c = ChoiceState(0, "r", own_stops=True, stop_hold=2)
+    assert c.outgoing("abcE", False) == "ab"
+    c.stop_reason = "END"
+    assert c.outgoing("ND", True) == "c"
+    c = ChoiceState(0, "r", own_stops=True, stop_hold=2, stop_reason="END")
+    assert c.outgoing("xENDyz", True) == "x"
+    c = ChoiceState(0, "r", own_stops=True, stop_hold=2)  # ended by EOS: all of it
+    assert c.outgoing("ab", False) == "" and c.outgoing("c", True) == "abc"
+    assert ChoiceState(0, "r").outgoing("abc", False) == "abc"  # not ours: untouched
