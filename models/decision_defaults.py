@@ -5,6 +5,9 @@ from __future__ import annotations
 
 OPERATING_POINT = "operating_point"
 
+# Consecutive violating steps for a head whose operating point names no tau.
+HEAD_DEFAULT_TAU = 3
+
 # With an allow-list, the overall output acts for the category the head scores highest (see
 # kernels/safety_decision.py) at its threshold moved by this many logits (+ = act less): the
 # overall output fires on allowed content too, and its top category is often a wrong guess.

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from safeserve.models.checkpoint import SafetyHead, load_safety_head
 from safeserve.models.decision_defaults import (
+    HEAD_DEFAULT_TAU,
     OPERATING_POINT,
     PROMPT_LOGIT_OFFSET,
     alert_band,
@@ -36,13 +37,17 @@ from safeserve.models.decision_defaults import (
 )
 
 
-def shift_head(head: SafetyHead, *, prompt_shift: float, response_shift: float, tau: int,
-               alert_margin: float | None = None, alert_tau: int | None = None) -> SafetyHead:
+def shift_head(head: SafetyHead, *, prompt_shift: float, response_shift: float,
+               tau: int | None = None, alert_margin: float | None = None,
+               alert_tau: int | None = None) -> SafetyHead:
     """A copy of ``head`` whose prompt and response thresholds moved by the given logits,
-    with the given alert band (``alert_margin`` logits below the prompt thresholds: the
-    response rule acts after ``alert_tau`` steps; 0: no band; None: ``head``'s own band, kept)."""
+    with the given tau (None: ``head``'s own, else 3, as `eval replay` scores it) and alert
+    band (``alert_margin`` logits below the prompt thresholds: the response rule acts after
+    ``alert_tau`` steps; 0: no band; None: ``head``'s own band, kept)."""
     from safeserve.models.safety_calibration import with_thresholds
 
+    if tau is None:
+        tau = int((head.extra.get(OPERATING_POINT) or {}).get("tau", HEAD_DEFAULT_TAU))
     if alert_margin is None:
         alert_margin, kept_tau = alert_band(head.extra)
         alert_tau = alert_tau if alert_tau is not None else kept_tau
@@ -70,7 +75,8 @@ def shift_head(head: SafetyHead, *, prompt_shift: float, response_shift: float, 
 
 
 def move_operating_point(head_dir: Path, out: Path, *, prompt_shift: float,
-                         response_shift: float, tau: int, alert_margin: float | None = None,
+                         response_shift: float, tau: int | None = None,
+                         alert_margin: float | None = None,
                          alert_tau: int | None = None, log=print) -> dict:
     """Shift the head in ``head_dir``, write ``<out>/safety_head/`` (and copy a LoRA adapter)."""
     head = load_safety_head(head_dir)

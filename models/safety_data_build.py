@@ -449,6 +449,10 @@ def build_safety_data(data_root: Path, out_dir: Path, model: Path, *, variants: 
         seen.add(key)
         if not leaks(sp.text, sp.source):
             harmful.append(sp)
+    if not harmful:  # a mistyped --data-root: warnings alone would let it build benign-only data
+        raise FileNotFoundError(f"no harmful prompts under {data_root} (see the warnings above)")
+    if not eval_keys:  # nor may it build data whose leakage into the eval sets went unchecked
+        raise FileNotFoundError(f"no evaluation set under {data_root} to check leakage against")
     rng.shuffle(harmful)
     if max_harmful:
         harmful = harmful[:max_harmful]
@@ -608,13 +612,16 @@ def register(app) -> None:
 
         con = Console()
         t0 = time.time()
-        stats = build_safety_data(data_root, out, model or ensure_default_model(),
-                                  variants=variants, prefill_fraction=prefill_fraction,
-                                  refusal_fraction=refusal_fraction, n_alpaca=n_alpaca,
-                                  n_roleplay=n_roleplay, n_wrapped_benign=n_wrapped_benign,
-                                  max_harmful=max_harmful, max_tokens=max_tokens,
-                                  heldout_fraction=heldout_fraction, seed=seed,
-                                  dry_run=dry_run, log=con.print)
+        try:
+            stats = build_safety_data(data_root, out, model or ensure_default_model(),
+                                      variants=variants, prefill_fraction=prefill_fraction,
+                                      refusal_fraction=refusal_fraction, n_alpaca=n_alpaca,
+                                      n_roleplay=n_roleplay, n_wrapped_benign=n_wrapped_benign,
+                                      max_harmful=max_harmful, max_tokens=max_tokens,
+                                      heldout_fraction=heldout_fraction, seed=seed,
+                                      dry_run=dry_run, log=con.print)
+        except FileNotFoundError as e:
+            raise typer.BadParameter(str(e), param_hint="--data-root") from None
         con.print_json(data={k: v for k, v in stats.items() if "by_source_" not in k})
         con.print(f"wrote {out} in {time.time() - t0:.0f}s")
 

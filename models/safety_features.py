@@ -188,10 +188,15 @@ def split_data(data, eval_data, taxonomy: Taxonomy, seed: int):
             [t for t in train if (t.group or t.user_text) in held])
 
 
-def _feature_key(path: Path, model: Path, layers: list[int], max_length: int) -> dict:
+def _feature_key(path: Path, model: Path, layers: list[int], max_length: int,
+                 dtype: str = "float32", taxonomy: Taxonomy | None = None) -> dict:
     st = path.stat()
+    weights = sorted(Path(model).glob("*.safetensors")) if Path(model).is_dir() else []
     return {"data": str(path.resolve()), "size": st.st_size, "mtime": st.st_mtime,
-            "model": str(model), "layers": sorted(layers), "max_length": max_length}
+            "model": str(model), "layers": sorted(layers), "max_length": max_length,
+            # a model rewritten in place, another dtype or taxonomy: other features
+            "weights": [(w.name, w.stat().st_size, w.stat().st_mtime) for w in weights],
+            "dtype": dtype, "labels": list(taxonomy.output_names) if taxonomy else None}
 
 
 def concat_features(parts: list[Features]) -> Features:
@@ -210,14 +215,15 @@ def concat_features(parts: list[Features]) -> Features:
 
 def file_features(path: Path, model, tok, model_dir: Path, taxonomy: Taxonomy,
                   layers: list[int], max_length: int, batch_size: int,
-                  cache_dir: Path | None, name: str, log=print) -> Features:
+                  cache_dir: Path | None, name: str, log=print,
+                  dtype: str = "float32") -> Features:
     """One file's features, cached under ``cache_dir`` by file, model, layers and length."""
     path = Path(path)
     rows = load_trajectories(path, taxonomy)
     tag = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
     cache = cache_dir / f"{path.stem}-{tag}_features.pt" if cache_dir else None
     t0 = time.time()
-    f = cached_features(cache, _feature_key(path, model_dir, layers, max_length),
+    f = cached_features(cache, _feature_key(path, model_dir, layers, max_length, dtype, taxonomy),
                         lambda: extract_features(model, tok, rows, taxonomy, layers,
                                                  max_length, batch_size, log, name))
     log(f"{name} {path}: {len(f.meta)} conversations, {f.labels.shape[0]} labelled "
@@ -239,7 +245,7 @@ def head_features(data, eval_data, external: Path | None, model_dir: Path,
 
     def of_file(path: Path, name: str) -> Features:
         return file_features(path, model, tok, model_dir, taxonomy, layers, max_length,
-                             batch_size, cache_dir, name, log)
+                             batch_size, cache_dir, name, log, dtype)
 
     train = concat_features([of_file(p, "train") for p in paths_of(data)])
     out = {"train": train}

@@ -434,7 +434,8 @@ def register(app) -> None:
         head: Path = typer.Option(..., help="Checkpoint directory holding safety_head/ "
                                   "(and adapter/ for LoRA heads)."),
         model: Path = typer.Option(None, help="The LM the head reads: the merged model of a "
-                                   "LoRA run, or the base model (default: embedded)."),
+                                   "LoRA run, or the base model (default: --head itself when it "
+                                   "holds a model, else the embedded one)."),
         eval_data: list[Path] = typer.Option(..., help="Held-out trajectories (repeatable); "
                                              "half calibrate, half are reported."),
         out: Path = typer.Option(..., help="Output directory (safety_head/, adapter/)."),
@@ -444,6 +445,8 @@ def register(app) -> None:
         seed: int = typer.Option(0, help="Seed of the calibration / report split."),
     ) -> None:
         """Re-threshold a trained head at another benign budget (no retraining)."""
+        if model is None and (head / "config.json").is_file():
+            model = head  # a LoRA / full run's checkpoint: its own LM, not the embedded base
         metrics = recalibrate(_model(model), head, eval_data, out, target_fpr=target_fpr,
                               tau=tau, max_length=max_length, seed=seed, log=typer.echo)
         typer.echo(json.dumps(metrics["thresholded_on_test_half"]["conversation_level"],
@@ -457,8 +460,8 @@ def register(app) -> None:
                                            "thresholds (+ = flag fewer prompts)."),
         response_shift: float = typer.Option(0.0, help="Logits added to the response-rule "
                                              "thresholds."),
-        tau: int = typer.Option(3, help="Consecutive violating steps for requests that do "
-                                "not set tau."),
+        tau: int = typer.Option(None, help="Consecutive violating steps for requests that "
+                                "do not set tau (default: keep the head's own, else 3)."),
         alert_margin: float = typer.Option(None, help="Alert band: a prompt verdict within this "
                                            "many logits below its thresholds gets the "
                                            "shorter response run --alert-tau (0: no band; "

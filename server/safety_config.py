@@ -24,7 +24,7 @@ from pydantic import (
     field_validator,
 )
 from safeserve.kernels.safety_decision import MASK_ATTRIBUTED, MASK_LIVE
-from safeserve.models.decision_defaults import DEFAULT_ALLOWLIST_OVERALL_SHIFT
+from safeserve.models.decision_defaults import DEFAULT_ALLOWLIST_OVERALL_SHIFT, HEAD_DEFAULT_TAU
 from safeserve.models.taxonomy import OVERALL, Taxonomy
 from safeserve.server import safety_wire as W
 from safeserve.server.errors import APIError, bad_request
@@ -37,7 +37,7 @@ DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
 DEFAULT_STOP_TEXT = "I can't continue with this request."
 
 
-DEFAULT_TAU = 3  # consecutive violating steps, for heads that do not name their own
+DEFAULT_TAU = HEAD_DEFAULT_TAU  # consecutive violating steps, for heads that name none
 # After a refusal the model explains; small models soon loop ("I'm here to help with ..."
 # again and again), so by default one sentence, then the response ends.
 DEFAULT_EXPLAIN_SENTENCES = 1

@@ -50,6 +50,7 @@ class RequestTracker:
         self._seen = -1
         self._changed = asyncio.Event()
         self.incomplete = False
+        self._settled = 0  # releasable()'s last answer: what it has released stays released
 
     # -- telemetry in ----------------------------------------------------------------------
 
@@ -108,7 +109,7 @@ class RequestTracker:
         it belongs to a violating run (open run: pending; run reached tau: withheld)."""
         if finished:
             return n_tokens
-        j = 0
+        j = min(self._settled, n_tokens)  # resume: a scan from 0 per step is quadratic
         while j < n_tokens:
             own = self.steps.get(j)
             if own is None or own.forced < 0:
@@ -117,6 +118,7 @@ class RequestTracker:
                                    and not self._run_closed(j + 2)):
                     break
             j += 1
+        self._settled = j
         return j
 
     def _run_closed(self, k: int) -> bool:

@@ -43,6 +43,22 @@ def test_synthesis_benign_prompt_and_holdout():
     assert [c.key for c in held] == ["safe"]
 
 
+def test_holdout_configs_are_canonical_and_checked():
+    from safeserve.models.cosalign.pipeline import holdout_keys
+    from safeserve.models.evaluation.cosa_eval import EvalItem, build_request
+
+    tax = Taxonomy.load()
+    assert holdout_keys(["weapons+violence", "safe"], tax) == {"violence+weapons", "safe"}
+    with pytest.raises(ValueError, match="wepons"):
+        holdout_keys(["wepons"], tax)
+    # enforce adds allow to the base config: a preset's name cannot take it (it used to be dropped)
+    item = EvalItem(id="1", prompt="p", allow=("violence",), expect="answer", config="violence")
+    with pytest.raises(ValueError, match="annotate_only"):
+        build_request(item, "enforce", "annotate_only", tax)
+    _, extra = build_request(item, "enforce", {"on_violation": "annotate"}, tax)
+    assert extra["safety_config"] == {"on_violation": "annotate", "allow": ["violence"]}
+
+
 def test_render_config_names_allowed_and_disallowed():
     text = render_config(("violence",), TAX, template=0)
     assert "violence" in text and "weapons" in text

@@ -55,6 +55,28 @@ def test_advbench_jbb_strongreject(tmp_path):
     assert sr[0].prompt == "How to hurt?" and sr[0].target is None and sr[0].category == "Violence"
 
 
+def test_a_file_of_the_wrong_kind_is_a_clear_error(tmp_path):
+    """JailbreakBench's CSV also has a Behavior column (short labels): as HarmBench it used to
+    load 'Defamation', 'Body shaming', ... as prompts."""
+    jbb = _write(tmp_path / "j.csv", ",Goal,Target,Behavior,Category,Source\n0,Write X,T,Defamation,H,S\n")
+    with pytest.raises(ValueError, match="BehaviorID"):
+        ds.load_harmbench(jbb)
+    with pytest.raises(ValueError, match="no column goal"):
+        ds.load_advbench(jbb)
+    bad = _write(tmp_path / "b.jsonl", '{"prompt": "hi"}\nnot json\n')
+    with pytest.raises(ValueError, match="b.jsonl:2"):
+        ds.load_jsonl(bad)
+
+
+def test_over_refusal_only_runs_plot(tmp_path):
+    from safeserve.models.evaluation.report import plot_summary
+
+    summary = {"asr": [], "asr_overall": [], "label": "x",
+               "over_refusal": [{"dataset": "xstest", "refusal_rate": 0.1, "partial_rate": 0.0}]}
+    plot_summary(summary, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
 def test_xstest_safe_and_unsafe(tmp_path):
     path = _write(
         tmp_path / "x.csv",

@@ -231,3 +231,6 @@ def test_shift_head_moves_prompt_and_response_operating_points_separately():
                                  alert_tau=3).extra) == (0.5, 3)
     assert alert_band(shift_head(banded, prompt_shift=0.0, response_shift=1.0, tau=4,
                                  alert_margin=0.0).extra) == (0.0, None)
+    # without --tau the head's own tau is kept (what `eval replay` scored), else 3
+    assert shift_head(new, prompt_shift=0.0, response_shift=0.0).extra["operating_point"]["tau"] == 4
+    assert shift_head(head, prompt_shift=0.0, response_shift=0.0).extra["operating_point"]["tau"] == 3

@@ -71,9 +71,22 @@ class Job:
                 {"role": "user", "content": self.prompt.prompt}]
 
 
+def holdout_keys(specs, taxonomy: Taxonomy) -> set[str]:
+    """Held-out configs as canonical keys: 'weapons+violence' is 'violence+weapons', and a
+    misspelt category is an error, not a config that silently stays in training."""
+    keys = set()
+    for spec in specs:
+        ids = [] if spec.strip() == "safe" else [x.strip() for x in spec.split("+") if x.strip()]
+        if unknown := sorted(set(ids) - set(taxonomy.ids)):
+            raise ValueError(f"holdout config {spec!r}: unknown categories {unknown} (known: "
+                             f"{', '.join(taxonomy.ids)}, or 'safe')")
+        keys.add(config_key(ids))
+    return keys
+
+
 def plan_jobs(prompts: list[LabelledPrompt], taxonomy: Taxonomy, opts: JobOptions) -> list[Job]:
     rng = random.Random(opts.seed)
-    holdout = set(opts.holdout)
+    holdout = holdout_keys(opts.holdout, taxonomy)
     jobs = []
     for p in prompts:
         for cfg in synthesize(p.categories, taxonomy, rng, opts.modes, holdout):

@@ -6,6 +6,7 @@ The lead's CLI calls ``register(eval_app)`` with its ``eval`` typer group.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -45,6 +46,19 @@ def _parse_data(specs: list[str]) -> list[tuple[str, Path]]:
     return parsed
 
 
+def load_checked(option: str, loader, *args, **kwargs) -> list:
+    """A dataset loader's samples, or one clear line (not a traceback) naming the option when
+    the file is missing, malformed, of the wrong kind for its loader, or holds no prompts."""
+    try:
+        samples = loader(*args, **kwargs)
+    except (OSError, ValueError, KeyError, csv.Error) as e:
+        raise typer.BadParameter(str(e), param_hint=option) from None
+    if not samples:
+        raise typer.BadParameter("no prompts in that file (the wrong file for this dataset?)",
+                                 param_hint=option)
+    return samples
+
+
 def safety(
     base_url: str = typer.Option(..., "--base-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1"),
     model: str = typer.Option(..., "--model", help="Model name the server serves."),
@@ -73,18 +87,24 @@ def safety(
     from safeserve.models.evaluation.report import asr_table, over_refusal_table
     from safeserve.models.evaluation.safety_eval import evaluate
 
+    from safeserve.models.evaluation.safety_eval import ATTACKS
+
     attack_list = [a.strip() for a in attacks.split(",") if a.strip()]
+    if unknown := sorted(set(attack_list) - set(ATTACKS)) or (None if attack_list else ["(none)"]):
+        raise typer.BadParameter(f"unknown attacks {unknown}; known: {', '.join(ATTACKS)}",
+                                 param_hint="--attacks")
     samples: list[ds.Sample] = []
     for name, path in _parse_data(data):
         options = {}
         if name.lower() == "harmbench":
             options = {"include_contextual": harmbench_contextual, "include_copyright": harmbench_copyright, "targets_path": harmbench_targets}
-        loaded = ds.load_named(name, path, **options)
+        loaded = load_checked(f"--data {name}", ds.load_named, name, path, **options)
         picked = ds.sample_limit(loaded, limit or None, seed)
         console.print(f"{name}: {len(picked)} of {len(loaded)} prompts")
         samples += picked
     if xstest is not None:
-        loaded = ds.load_xstest(xstest, which="all" if xstest_unsafe else "safe")
+        loaded = load_checked("--xstest", ds.load_xstest, xstest,
+                              which="all" if xstest_unsafe else "safe")
         picked = ds.sample_limit(loaded, xstest_limit or None, seed)
         console.print(f"xstest: {len(picked)} of {len(loaded)} prompts")
         samples += picked
@@ -138,12 +158,14 @@ def moderation(
 
     samples: list[ds.Sample] = []
     for name, path in _parse_data(data):
-        picked = ds.sample_limit(ds.load_named(name, path), limit or None, seed)
+        picked = ds.sample_limit(load_checked(f"--data {name}", ds.load_named, name, path),
+                                 limit or None, seed)
         console.print(f"{name}: {len(picked)} prompts")
         samples += picked
     if xstest is not None:
         for which, label in (("safe", "xstest_safe"), ("unsafe", "xstest_unsafe")):
-            picked = ds.sample_limit(ds.load_xstest(xstest, which=which, name=label), limit or None, seed)
+            picked = ds.sample_limit(load_checked("--xstest", ds.load_xstest, xstest, which=which,
+                                                  name=label), limit or None, seed)
             console.print(f"{label}: {len(picked)} prompts")
             samples += picked
     if not samples:
@@ -157,6 +179,9 @@ def moderation(
                                   progress=progress, meta={"limit": limit or None, "seed": seed})
     typer.echo("\n".join(summary_table(summary)))
     console.print(f"{len(samples)} prompts in {summary['duration_s']:.1f} s; wrote {out}")
+    if summary.get("errors") == len(samples):
+        console.print(f"[red]every request failed; see the error field in {out / 'results.jsonl'}[/red]")
+        raise typer.Exit(1)
 
 
 def judge_check(

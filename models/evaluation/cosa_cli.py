@@ -24,7 +24,7 @@ def cosa(
     data: Path = typer.Option(..., "--data", exists=True, dir_okay=False, help="CoSAlign-Test TSV or JSONL {prompt, allow, expect}."),
     fmt: Optional[str] = typer.Option(None, "--format", help="tsv | jsonl (default: from the file name)."),
     mode: str = typer.Option("enforce", "--mode", help="enforce (safety_config allow) | prompt-only (config text in the system prompt) | both | none."),
-    base_config: Optional[str] = typer.Option(None, "--base-config", help="Preset name or JSON object sent as safety_config in every mode (enforce/both add allow to it), e.g. annotate_only."),
+    base_config: Optional[str] = typer.Option(None, "--base-config", help="Preset name or JSON object sent as safety_config in every mode (enforce/both add allow to it, so there only a JSON object: a preset's fields live on the server), e.g. annotate_only or '{\"on_violation\": \"annotate\"}'."),
     out: Path = typer.Option(..., "--out", help="Output folder: results.jsonl, summary.json, summary.md."),
     limit: int = typer.Option(0, "--limit", help="Seeded sample of N items per config (0 = all)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the --limit sample."),
@@ -44,6 +44,12 @@ def cosa(
 
     if mode not in ce.MODES:
         raise typer.BadParameter(f"--mode must be one of {', '.join(ce.MODES)}")
+    base = parse_safety_config(base_config)
+    if isinstance(base, str) and mode in ("enforce", "both"):
+        # enforce/both send {base..., allow}: a preset's name cannot be merged with an allow
+        # list (its fields are the server's), and dropping it would change what runs
+        raise typer.BadParameter(f"--mode {mode} adds allow to --base-config, which must then "
+                                 f"be a JSON object; write out the fields of preset {base!r}")
     items = ce.sample_per_config(ce.load_items(data, fmt), limit, seed)
     if not items:
         raise typer.BadParameter(f"no items in {data}")
@@ -59,14 +65,14 @@ def cosa(
         judge = LLMJudge(judge_url, judge_model, api_key, concurrency=concurrency)
     started = time.perf_counter()
     rows = asyncio.run(ce.query(items, base_url=base_url, model=model, mode=mode,
-                                base_config=parse_safety_config(base_config), concurrency=concurrency,
+                                base_config=base, concurrency=concurrency,
                                 max_tokens=max_tokens, api_key=api_key, timeout=timeout,
                                 retries=retries, progress=progress))
     duration = time.perf_counter() - started
     ce.score_rows(rows, head=head, llm_judge=judge)
     seen = set(json.loads(seen_configs.read_text())) if seen_configs else None
     meta = {"model": model, "base_url": base_url, "data": str(data), "mode": mode,
-            "base_config": parse_safety_config(base_config), "limit_per_config": limit, "seed": seed,
+            "base_config": base, "limit_per_config": limit, "seed": seed,
             "max_tokens": max_tokens, "temperature": 0.0, "duration_s": round(duration, 1),
             "head_checkpoint": str(head_checkpoint) if head_checkpoint else None,
             "judge_url": judge_url}
@@ -74,6 +80,9 @@ def cosa(
     ce.write_outputs(rows, summary, out)
     console.print(ce.render_markdown(summary))
     console.print(f"[green]wrote {out}[/green]")
+    if rows and all(r["error"] is not None for r in rows):
+        console.print(f"[red]every request failed (first: {rows[0]['error']})[/red]")
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:

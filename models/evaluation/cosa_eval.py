@@ -119,7 +119,10 @@ def build_request(item: EvalItem, mode: str, base_config: dict | str | None = No
         messages.insert(0, {"role": "system", "content": system_prompt(text)})
     config = base_config
     if mode in ("enforce", "both"):
-        config = dict(base_config) if isinstance(base_config, dict) else {}
+        if isinstance(base_config, str):
+            raise ValueError(f"mode {mode} adds allow to the base config: it must be an object, "
+                             f"not the preset name {base_config!r}")
+        config = dict(base_config or {})
         config["allow"] = list(item.allow)
         if mode == "both":
             config["guideline"] = text

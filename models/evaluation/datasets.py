@@ -32,10 +32,18 @@ class Sample:
         return asdict(self)
 
 
-def _read_csv(path: str | Path) -> list[dict[str, str]]:
+def _read_csv(path: str | Path, required: tuple[str, ...] = ()) -> list[dict[str, str]]:
+    """Rows of a CSV; ``required``: columns whose absence means the wrong file for a loader
+    (e.g. JailbreakBench's CSV also has a ``Behavior`` column: short labels, not requests)."""
     # utf-8-sig: some of the public CSVs start with a byte-order mark.
     with open(path, newline="", encoding="utf-8-sig") as f:
-        return list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path} has no column {', '.join(missing)} (columns: "
+                             f"{', '.join(reader.fieldnames or []) or 'none'}): the wrong file "
+                             "for this dataset?")
+        return list(reader)
 
 
 def _clean(value: str | None) -> str | None:
@@ -63,7 +71,7 @@ def load_harmbench(
     if targets_path is not None:
         targets = json.loads(Path(targets_path).read_text(encoding="utf-8"))
     samples = []
-    for i, row in enumerate(_read_csv(path)):
+    for i, row in enumerate(_read_csv(path, ("Behavior", "BehaviorID"))):
         behavior = _clean(row.get("Behavior"))
         if behavior is None:
             continue
@@ -91,7 +99,7 @@ def load_advbench(path: str | Path, *, name: str = "advbench") -> list[Sample]:
     """AdvBench harmful_behaviors.csv (``goal, target``); the target is the natural prefill."""
     return [
         Sample(id=f"{name}:{i}", dataset=name, prompt=goal, target=_clean(row.get("target")))
-        for i, row in enumerate(_read_csv(path))
+        for i, row in enumerate(_read_csv(path, ("goal",)))
         if (goal := _clean(row.get("goal")))
     ]
 
@@ -106,7 +114,7 @@ def load_jailbreakbench(path: str | Path, *, name: str = "jbb") -> list[Sample]:
             category=_clean(row.get("Category")),
             target=_clean(row.get("Target")),
         )
-        for i, row in enumerate(_read_csv(path))
+        for i, row in enumerate(_read_csv(path, ("Goal",)))
         if (goal := _clean(row.get("Goal")))
     ]
 
@@ -115,7 +123,7 @@ def load_strongreject(path: str | Path, *, name: str = "strongreject") -> list[S
     """StrongREJECT CSV (``category, source, forbidden_prompt``); it has no targets."""
     return [
         Sample(id=f"{name}:{i}", dataset=name, prompt=prompt, category=_clean(row.get("category")))
-        for i, row in enumerate(_read_csv(path))
+        for i, row in enumerate(_read_csv(path, ("forbidden_prompt",)))
         if (prompt := _clean(row.get("forbidden_prompt")))
     ]
 
@@ -132,7 +140,7 @@ def load_xstest(
     if which not in {"safe", "unsafe", "all"}:
         raise ValueError(f"which must be safe, unsafe or all, not {which!r}")
     samples = []
-    for i, row in enumerate(_read_csv(path)):
+    for i, row in enumerate(_read_csv(path, ("prompt", "label"))):
         prompt = _clean(row.get("prompt"))
         if prompt is None:
             continue
@@ -161,7 +169,12 @@ def load_jsonl(path: str | Path, *, name: str | None = None, harmful: bool = Tru
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{lineno}: want a JSON object per line")
             prompt = _clean(record.get("prompt"))
             if prompt is None:
                 raise ValueError(f"{path}:{lineno}: a record without a 'prompt'")

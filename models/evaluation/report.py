@@ -186,7 +186,8 @@ def plot_summary(summary: dict, path: str | Path) -> None:
     ax.set_ylim(0, 118)  # headroom so the legend row sits above bars near 100%
     ax.set_yticks(range(0, 101, 20))
     ax.set_title(f"ASR - {summary.get('label') or summary.get('model') or ''}")
-    ax.legend(fontsize=8, ncol=len(attacks), loc="upper center")
+    if attacks:  # an over-refusal-only run has no attack bars
+        ax.legend(fontsize=8, ncol=len(attacks), loc="upper center")
     if has_or:
         ax2 = axes[0][1]
         names = [c["dataset"] for c in summary["over_refusal"]]

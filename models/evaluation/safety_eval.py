@@ -158,8 +158,10 @@ async def run_jobs(
     temperature: float = 0.0,
     progress: bool = True,
     safety_config: dict | str | None = None,
+    on_row=None,
 ) -> list[dict]:
-    """Run ``jobs`` with at most ``concurrency`` requests in flight; rows come back in job order."""
+    """Run ``jobs`` with at most ``concurrency`` requests in flight; rows come back in job order
+    (``on_row`` also gets each as it completes)."""
     gate = asyncio.Semaphore(max(1, concurrency))
     bar = tqdm(total=len(jobs), desc="safety eval", unit="req", disable=not progress)
     errors = 0
@@ -170,6 +172,8 @@ async def run_jobs(
             row = await run_job(client, model, job, max_tokens=max_tokens, temperature=temperature,
                                     safety_config=safety_config)
         errors += row["error"] is not None
+        if on_row is not None:
+            on_row(row)
         bar.update(1)
         bar.set_postfix(errors=errors, refresh=False)
         return row
@@ -216,17 +220,28 @@ def evaluate(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
+    # Rows are appended here as they complete, so an interrupted run keeps what it measured;
+    # the finished run rewrites them in job order as results.jsonl and drops this file.
+    partial = out / "results.partial.jsonl"
+
     async def go() -> list[dict]:
         await wait_until_ready(base_url, http_client=http_client)
         client = make_client(base_url, api_key, timeout=timeout, max_retries=max_retries, http_client=http_client)
-        async with client:
-            return await run_jobs(client, model, jobs, concurrency=concurrency, max_tokens=max_tokens,
-                                  progress=progress, safety_config=safety_config)
+        with open(partial, "w", encoding="utf-8") as sink:
+            def keep(row: dict) -> None:
+                sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+                sink.flush()
+
+            async with client:
+                return await run_jobs(client, model, jobs, concurrency=concurrency,
+                                      max_tokens=max_tokens, progress=progress,
+                                      safety_config=safety_config, on_row=keep)
 
     started = time.perf_counter()
     rows = asyncio.run(go())
     duration = time.perf_counter() - started
     write_rows(rows, out / RESULTS_JSONL)
+    partial.unlink(missing_ok=True)
     completion_tokens = sum((r["usage"] or {}).get("completion_tokens", 0) for r in rows)
     info = {
         "model": model,
