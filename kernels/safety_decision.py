@@ -417,6 +417,9 @@ def decide(
         BLOCK_K=block_k,
         HAS_ALERT=has_alert,
         num_warps=4,
+        # No fused multiply-add: the alert band's t + (1 - t) * s must round as the reference's
+        # two roundings do, or a score one ulp from the moved threshold splits the two paths.
+        enable_fp_fusion=False,
     )
     return event, cats
 

@@ -75,7 +75,12 @@ class SafetyHead:
         return int(self.weight.shape[1])
 
     def validate(self, hidden_size: int | None = None) -> None:
+        from safeserve.kernels.safety_decision import MAX_DECISION_CATEGORIES
+
         k = self.taxonomy.num_outputs
+        if k > MAX_DECISION_CATEGORIES:  # the decision keeps one bit per output in an int32
+            raise CheckpointError(f"safety head has {k} outputs; the decision takes at most "
+                                  f"{MAX_DECISION_CATEGORIES}")
         if self.weight.ndim != 2 or self.weight.shape[0] != k:
             raise CheckpointError(
                 f"safety head has {tuple(self.weight.shape)} weights but the taxonomy needs "

@@ -417,7 +417,7 @@ async def _merged_steps(engine: Engine, prep: PreparedRequest,
                 t.cancel()
         unfinished = [c.request_id for c in choices if c.finish_reason is None]
         if unfinished:
-            metrics.ABORTED.inc(len(unfinished))
+            metrics.ABORTED.inc()  # once per request, however many choices it had
             for rid in unfinished:
                 await engine.abort(rid)
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -447,6 +447,7 @@ def _observe_timing(prep: PreparedRequest, step: _Step) -> None:
     c.n_tokens += step.n_new
     if step.n_new <= 0:
         return
+    metrics.GENERATION_TOKENS.inc(step.n_new)  # as they come: a rate panel shows live streams
     now = time.perf_counter()
     if c.first_token_at is None:
         c.first_token_at = now
@@ -487,12 +488,12 @@ def _finish_reason(c: ChoiceState) -> str | None:
 
 def _close(svc: SafetyService | None, prep: PreparedRequest, choices: list[ChoiceState]) -> None:
     metrics.PROMPT_TOKENS.inc(len(prep.prompt_ids))
-    metrics.GENERATION_TOKENS.inc(sum(c.n_tokens for c in choices))
     metrics.E2E.observe(time.perf_counter() - prep.arrival)
     for c in choices:
         metrics.FINISHED.labels(_finish_reason(c) or "abort").inc()
         if svc is not None and c.tracker is not None:
-            svc.close(c.tracker, c.finish_reason)
+            # the prompt is one per request: its verdict is counted with the first choice
+            svc.close(c.tracker, c.finish_reason, prompt_metrics=c.index == 0)
 
 
 def _report(engine: Engine, c: ChoiceState) -> SafetyReport:

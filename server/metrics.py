@@ -28,7 +28,9 @@ GENERATION_TOKENS = Counter("safeserve_generation_tokens", "Tokens generated")
 RUNNING = Gauge("safeserve_running_requests", "Requests running in the engine")
 WAITING = Gauge("safeserve_waiting_requests", "Requests waiting in the engine's queue")
 IN_FLIGHT = Gauge("safeserve_in_flight_requests", "Requests the HTTP layer is serving")
-ABORTED = Counter("safeserve_aborted_requests", "Requests aborted because the client went away")
+ABORTED = Counter("safeserve_aborted_requests",
+                  "Requests stopped before the engine finished them: the client went away, or "
+                  "the request failed (each request once)")
 
 # Safety signal
 SAFETY_PROMPTS_FLAGGED = Counter("safeserve_safety_prompts_flagged",

@@ -121,6 +121,13 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.explain_left = torch.full((r,), -1, dtype=torch.int32, device=device)
         self.explain_cap = torch.full((r,), -1, dtype=torch.int32, device=device)  # tokens
         self.seen_word = torch.zeros(r, dtype=torch.int32, device=device)
+        # A resumed (preempted) request is re-prefilled in chunks; vLLM samples a row for each
+        # chunk and discards the token, so the row comes back at the same output length. Its
+        # state as it was before the first step at that length is kept, and restored for a
+        # repeat: only the last chunk's decision stands (as for a prompt's chunks).
+        self.step_len = torch.full((r,), -1, dtype=torch.int32, device=device)
+        for name in self._PER_STEP:
+            setattr(self, "_before_" + name, getattr(self, name).clone())
         self.sentence_end, self.has_word = vocab_masks(
             getattr(vllm_config.model_config, "tokenizer", None), device)
         self.rids: list[str | None] = [None] * r
@@ -171,6 +178,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         # a resumed request) is simply repeated, never counted twice.
         lengths = [-1 if o is None else len(o) for o in self.outputs[:n]]
         out_len = torch.tensor(lengths, dtype=torch.int32).to(self.device, non_blocking=True)
+        self._undo_repeated_steps(n, out_len)
         is_prompt = (out_len == 0).to(torch.int8)
         # Off-GPU, skip the offset on the many steps without a prompt row.
         if self.prompt_offset and (self.device.type == "cuda" or 0 in lengths):
@@ -202,6 +210,16 @@ class SafetyLogitsProcessor(LogitsProcessor):
             logits = self._force(logits, forced)
         self._report(n, scores, event, cats, forced, acted, time.perf_counter() - t0)
         return logits
+
+    def _undo_repeated_steps(self, n: int, out_len: torch.Tensor) -> None:
+        """Rows back at the output length of their last step (a discarded chunk's token)
+        start again from the state before that length's first step. No sync."""
+        repeat = (out_len == self.step_len[:n]) & (out_len > 0)
+        for name in self._PER_STEP:
+            now, before = getattr(self, name), getattr(self, "_before_" + name)
+            now[:n] = torch.where(repeat, before[:n], now[:n])
+            before[:n] = now[:n]
+        self.step_len[:n] = out_len
 
     # -- strategy ----------------------------------------------------------------------
 
@@ -333,11 +351,12 @@ class SafetyLogitsProcessor(LogitsProcessor):
     def _report(self, n, scores, event, cats, forced, acted, seconds) -> None:
         if self.telemetry.sock is None:
             return
-        # One device->host copy per step for everything the HTTP side needs.
-        packed = torch.cat([scores, event.unsqueeze(1).float(), cats.unsqueeze(1).float(),
-                            self.phase[:n].unsqueeze(1).float(), forced.unsqueeze(1).float(),
-                            acted.unsqueeze(1).float(), self.alert[:n].unsqueeze(1).float()],
-                           dim=1).cpu().tolist()
+        # One device->host copy per step for everything the HTTP side needs; in float64,
+        # which holds every category bit (up to 1 << 30) and token id exactly (float32: 2^24).
+        packed = torch.cat([scores.double(), event.unsqueeze(1).double(),
+                            cats.unsqueeze(1).double(), self.phase[:n].unsqueeze(1).double(),
+                            forced.unsqueeze(1).double(), acted.unsqueeze(1).double(),
+                            self.alert[:n].unsqueeze(1).double()], dim=1).cpu().tolist()
         k = scores.shape[1]
         records = []
         for i in range(n):
@@ -415,11 +434,15 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.explain_left[i] = -1
         self.explain_cap[i] = -1
         self.seen_word[i] = 0
+        self.step_len[i] = -1
 
+    # The state a step changes (see _undo_repeated_steps).
+    _PER_STEP = ("counter", "phase", "origin", "alert", "read_len", "explain_left", "seen_word")
     _TENSORS = ("thresholds", "masked", "counter", "tau", "active", "action", "phase", "origin",
                 "read_len",
                 "refusal", "refusal_len", "refusal_start", "eos", "query_cats", "alert", "alert_tau",
-                "alert_scale", "query_alert", "explain_left", "explain_cap", "seen_word")
+                "alert_scale", "query_alert", "explain_left", "explain_cap", "seen_word",
+                "step_len", *("_before_" + name for name in _PER_STEP))
 
     def _move(self, src: int, dst: int) -> None:
         self._park(dst)  # a removed row the move fills (see _add)

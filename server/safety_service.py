@@ -109,8 +109,9 @@ class SafetyService:
         """Stop routing telemetry to a helper request's tracker (no metrics recorded)."""
         self.hub.release(tracker.rid)
 
-    def close(self, tracker: RequestTracker, finish_reason: str | None = None) -> None:
-        tracker.record_metrics(finish_reason)
+    def close(self, tracker: RequestTracker, finish_reason: str | None = None,
+              prompt_metrics: bool = True) -> None:
+        tracker.record_metrics(finish_reason, prompt_metrics)
         self.hub.release(tracker.rid)
 
     @staticmethod

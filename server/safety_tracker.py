@@ -51,10 +51,29 @@ class RequestTracker:
         self._changed = asyncio.Event()
         self.incomplete = False
         self._settled = 0  # releasable()'s last answer: what it has released stays released
+        self._before: tuple | None = None  # (index, state before its first record): _undo_repeat
 
     # -- telemetry in ----------------------------------------------------------------------
 
+    _DERIVED = ("trigger_index", "flag_cats", "stop_forced", "explanation_closed",
+                "explanation_retracted", "refusal_end", "retracted_at")
+
+    def _undo_repeat(self, rec: W.StepRecord) -> None:
+        """A record for the step index of the previous one: a chunk of a resumed request's
+        re-prefill whose token vLLM discarded (the worker restored its state; so does this).
+        What earlier records of this index decided is undone; the last one's stands."""
+        if self._before is not None and self._before[0] == rec.index:
+            state, n_cut, max_scores = self._before[1:]
+            for name, value in zip(self._DERIVED, state):
+                setattr(self, name, value)
+            del self.cut[n_cut:]
+            self.max_scores = list(max_scores)
+        else:
+            self._before = (rec.index, tuple(getattr(self, n) for n in self._DERIVED),
+                            len(self.cut), list(self.max_scores))
+
     def add(self, rec: W.StepRecord) -> None:
+        self._undo_repeat(rec)
         if rec.index == 0:
             self.prompt = rec  # a chunked prefill reports again; the last one is the verdict
             if self.trigger_index == 0:
@@ -245,16 +264,18 @@ class RequestTracker:
             return "explanation_limit"
         return {"stop": "model_end", "length": "max_tokens"}.get(finish_reason or "", "abort")
 
-    def record_metrics(self, finish_reason: str | None = None) -> None:
+    def record_metrics(self, finish_reason: str | None = None, prompt: bool = True) -> None:
+        """This response's metrics, and (``prompt``) its prompt verdict's: once per request,
+        not per choice."""
         rep = self.report()
         ending = self.refusal_ending(finish_reason)
         if ending is not None:
             metrics.SAFETY_REFUSAL_ENDINGS.labels(ending).inc()
-        for n, s in zip(self.names, self.prompt.scores if self.prompt else []):
+        for n, s in zip(self.names, self.prompt.scores if self.prompt and prompt else []):
             metrics.SAFETY_PROMPT_SCORE.labels(n).observe(s)
         for n, s in zip(self.names, self.max_scores):
             metrics.SAFETY_RESPONSE_MAX_SCORE.labels(n).observe(s)
-        if rep.prompt and rep.prompt.flagged:
+        if prompt and rep.prompt and rep.prompt.flagged:
             for c in rep.prompt.categories or ["unsafe"]:
                 metrics.SAFETY_PROMPTS_FLAGGED.labels(c, rep.action).inc()
         if rep.response.flagged:

@@ -647,3 +647,37 @@ def test_stop_strings_are_held_back_and_cut_by_the_server():
     c = ChoiceState(0, "r", own_stops=True, stop_hold=2)  # ended by EOS: all of it
     assert c.outgoing("ab", False) == "" and c.outgoing("c", True) == "abc"
     assert ChoiceState(0, "r").outgoing("abc", False) == "abc"  # not ours: untouched
+
+
+def test_a_resumed_requests_discarded_prefill_chunks_decide_nothing():
+    """A preempted request is re-prefilled in chunks; vLLM samples a row per chunk and discards
+    its token, so the row comes back at the same output length. Those rows (hidden states
+    inside the prompt) must not add up to a run: only the last chunk's decision stands, in the
+    worker and in the tracker."""
+    from safeserve.kernels.safety_decision import EVENT_TRIGGER, EVENT_VIOLATION
+
+    proc, sent = _processor()
+    out = [7, 7, 7]
+    proc._add(0, _args("r"), out)  # tau 3, thresholds 0.5
+    _step(proc, [[0.1] * 10])  # out_len 3: a clean step (the state before the preemption)
+    out.append(7)  # out_len 4, then preempted and re-prefilled in four chunks
+    for _ in range(3):
+        logits = _step(proc, [[0.6] * 10])
+    assert proc.counter[0] == 1  # each chunk started again from the same state
+    logits = _step(proc, [[0.1] * 10])  # the last chunk: clean, its token is kept
+    assert proc.counter[0] == 0 and proc.phase[0] == 0 and torch.isfinite(logits[0]).all()
+    # a run that really spans steps still counts
+    for k in range(3):
+        out.append(7)
+        logits = _step(proc, [[0.6] * 10])
+    assert int(logits[0].argmax()) == 5 and proc.phase[0] == 1
+    # the tracker undoes the records of the discarded steps likewise
+    t = _bare_tracker()
+    for j in range(4):
+        t.add(_rec(j))
+    t.add(_rec(4, event=EVENT_VIOLATION))
+    t.add(_rec(4, event=EVENT_TRIGGER, acted=1, phase=1, forced=5))
+    assert t.acted and t.cut
+    t.add(_rec(4))  # the last chunk: clean
+    assert not t.acted and not t.cut and t.refusal_end is None
+    assert [r.index for r in sent].count(4) == 4
