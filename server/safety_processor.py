@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import queue
+import threading
 import time
 from collections import OrderedDict
 
@@ -67,9 +69,31 @@ def vocab_masks(tokenizer_path, device: torch.device) -> tuple[torch.Tensor | No
             torch.tensor(words, dtype=torch.bool, device=device))
 
 
+def step_records(packed: list[list[float]], rows: list[tuple[int, str, int]],
+                 k: int) -> list[W.StepRecord]:
+    """Records of one step from its packed host copy; ``rows``: (row, request id, output
+    length) of the rows that belong to a request, taken when the step ran."""
+    out = []
+    for i, rid, length in rows:
+        row = packed[i]
+        out.append(W.StepRecord(rid, length, row[:k], int(row[k]), int(row[k + 1]),
+                                int(row[k + 2]), int(row[k + 3]), int(row[k + 4]),
+                                int(row[k + 5])))
+    return out
+
+
 class _Telemetry:
+    """Pushes each step's records to the HTTP side, in step order.
+
+    Off-GPU a step's records are built and sent at once (the copy is free). On CUDA the step
+    only queues an asynchronous copy into pinned memory and an event; a sender thread waits
+    for the event and sends, so the engine's step never waits for the GPU (vLLM overlaps the
+    next step's scheduling with this one). One thread, one FIFO: records leave in step order,
+    and the ZMQ socket is used by that thread alone once it exists."""
+
     def __init__(self):
         self.sock = None
+        self._queue: queue.SimpleQueue | None = None
         addr = os.environ.get(W.TELEMETRY_ENV)
         if addr:
             import zmq
@@ -80,8 +104,34 @@ class _Telemetry:
             self.sock.connect(addr)
 
     def send(self, records: list[W.StepRecord], seconds: float) -> None:
-        if self.sock is not None and records:
+        if self._queue is not None:  # keep the order of the steps already queued
+            self._queue.put((None, records, None, 0, seconds))
+        elif self.sock is not None and records:
+            self._push(records, seconds)
+
+    def send_later(self, ready, host: torch.Tensor, rows: list[tuple[int, str, int]], k: int,
+                   seconds: float) -> None:
+        """Send the records in ``host`` once ``ready`` (a CUDA event) has completed."""
+        if self._queue is None:
+            self._queue = queue.SimpleQueue()
+            threading.Thread(target=self._drain, name="safeserve-telemetry", daemon=True).start()
+        self._queue.put((ready, host, rows, k, seconds))
+
+    def _push(self, records: list[W.StepRecord], seconds: float) -> None:
+        if records:
             self.sock.send(pickle.dumps((records, seconds), protocol=pickle.HIGHEST_PROTOCOL))
+
+    def _drain(self) -> None:
+        while True:
+            ready, payload, rows, k, seconds = self._queue.get()
+            try:
+                if ready is None:  # records built already (send())
+                    self._push(payload, seconds)
+                    continue
+                ready.synchronize()
+                self._push(step_records(payload.tolist(), rows, k), seconds)
+            except Exception:  # one bad step must not end the telemetry of every later one
+                log.exception("safety telemetry step not sent")
 
 
 class SafetyLogitsProcessor(LogitsProcessor):
@@ -356,18 +406,20 @@ class SafetyLogitsProcessor(LogitsProcessor):
         packed = torch.cat([scores.double(), event.unsqueeze(1).double(),
                             cats.unsqueeze(1).double(), self.phase[:n].unsqueeze(1).double(),
                             forced.unsqueeze(1).double(), acted.unsqueeze(1).double(),
-                            self.alert[:n].unsqueeze(1).double()], dim=1).cpu().tolist()
+                            self.alert[:n].unsqueeze(1).double()], dim=1)
+        # Who each row is, now: the batch and the output lists change before a copy lands.
+        rows = [(i, rid, len(out)) for i, (rid, out) in enumerate(zip(self.rids[:n],
+                                                                        self.outputs[:n]))
+                if rid is not None and out is not None]
         k = scores.shape[1]
-        records = []
-        for i in range(n):
-            rid = self.rids[i]
-            if rid is None or self.outputs[i] is None:
-                continue
-            row = packed[i]
-            records.append(W.StepRecord(rid, len(self.outputs[i]), row[:k], int(row[k]),
-                                        int(row[k + 1]), int(row[k + 2]), int(row[k + 3]),
-                                        int(row[k + 4]), int(row[k + 5])))
-        self.telemetry.send(records, seconds)
+        if packed.device.type == "cuda":
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            self.telemetry.send_later(ready, host, rows, k, seconds)
+        else:
+            self.telemetry.send(step_records(packed.tolist(), rows, k), seconds)
 
     # -- persistent-batch bookkeeping ------------------------------------------------------
 

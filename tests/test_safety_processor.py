@@ -681,3 +681,39 @@ def test_a_resumed_requests_discarded_prefill_chunks_decide_nothing():
     t.add(_rec(4))  # the last chunk: clean
     assert not t.acted and not t.cut and t.refusal_end is None
     assert [r.index for r in sent].count(4) == 4
+
+
+def test_gpu_telemetry_is_sent_after_its_copy_lands_and_in_step_order():
+    """On CUDA a step queues its copy and an event instead of waiting for the GPU; the sender
+    thread waits for the event, and records still leave in step order (a later step's
+    records, even ready ones, wait behind it)."""
+    import threading
+    import time
+
+    from safeserve.server import safety_wire as W
+    from safeserve.server.safety_processor import _Telemetry
+
+    tel = _Telemetry()
+    sent = []
+    tel.sock = object()
+    tel._push = lambda records, _s: sent.append([(r.rid, r.index, r.forced) for r in records])
+
+    class Ready:  # stands in for torch.cuda.Event
+        def __init__(self):
+            self.landed = threading.Event()
+
+        def synchronize(self):
+            self.landed.wait(10)
+
+    first = Ready()
+    host = torch.tensor([[0.1] * 10 + [0, 0, 0, 5, 1, 0], [0.2] * 10 + [0, 0, 0, -1, 0, 0]],
+                        dtype=torch.float64)
+    tel.send_later(first, host, [(1, "a", 3)], 10, 0.0)  # row 0 belongs to no request
+    tel.send([W.StepRecord("b", 1, [0.1] * 10, 0, 0, 0, -1, 0)], 0.0)
+    time.sleep(0.2)
+    assert sent == []  # both wait for the first step's copy
+    first.landed.set()
+    deadline = time.time() + 10
+    while len(sent) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    assert sent == [[("a", 3, -1)], [("b", 1, -1)]]
