@@ -94,6 +94,7 @@ class _Telemetry:
     def __init__(self):
         self.sock = None
         self._queue: queue.SimpleQueue | None = None
+        self._thread: threading.Thread | None = None
         addr = os.environ.get(W.TELEMETRY_ENV)
         if addr:
             import zmq
@@ -110,18 +111,23 @@ class _Telemetry:
             self._push(records, seconds)
 
     def send_later(self, ready, host: torch.Tensor, rows: list[tuple[int, str, int]], k: int,
-                   seconds: float) -> None:
+                   seconds: float, device: torch.device | None = None) -> None:
         """Send the records in ``host`` once ``ready`` (a CUDA event) has completed."""
         if self._queue is None:
             self._queue = queue.SimpleQueue()
-            threading.Thread(target=self._drain, name="safeserve-telemetry", daemon=True).start()
+        if self._thread is None or not self._thread.is_alive():  # (re)started: never stalls
+            self._thread = threading.Thread(target=self._drain, args=(device,), daemon=True,
+                                            name="safeserve-telemetry")
+            self._thread.start()
         self._queue.put((ready, host, rows, k, seconds))
 
     def _push(self, records: list[W.StepRecord], seconds: float) -> None:
         if records:
             self.sock.send(pickle.dumps((records, seconds), protocol=pickle.HIGHEST_PROTOCOL))
 
-    def _drain(self) -> None:
+    def _drain(self, device: torch.device | None = None) -> None:
+        if device is not None and device.type == "cuda":
+            torch.cuda.set_device(device)  # a new thread starts on GPU 0: stay on the worker's
         while True:
             ready, payload, rows, k, seconds = self._queue.get()
             try:
@@ -141,6 +147,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         head = load_safety_head(vllm_config.model_config.model)
         k = head.weight.shape[0]
         self.device = device
+        self.pin_memory = is_pin_memory
         # The prompt verdict's own operating point, applied to prompt rows' scores before the
         # decision (and so also to what is reported): kernels/safety_head.offset_prompt_rows.
         self.prompt_offset = prompt_logit_offset(head.extra)
@@ -413,11 +420,11 @@ class SafetyLogitsProcessor(LogitsProcessor):
                 if rid is not None and out is not None]
         k = scores.shape[1]
         if packed.device.type == "cuda":
-            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-            host.copy_(packed, non_blocking=True)
-            ready = torch.cuda.Event()
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=self.pin_memory)
+            host.copy_(packed, non_blocking=self.pin_memory)
+            ready = torch.cuda.Event(blocking=True)  # the sender sleeps on it, not spins
             ready.record()
-            self.telemetry.send_later(ready, host, rows, k, seconds)
+            self.telemetry.send_later(ready, host, rows, k, seconds, self.device)
         else:
             self.telemetry.send(step_records(packed.tolist(), rows, k), seconds)
 

@@ -172,6 +172,7 @@ class RequestTracker:
         if (self.explanation_open and (finish_reason == "length" or stop_string)
                 and n_tokens > self.refusal_end):
             self.retract(n_tokens)
+        self._before = None  # a record still in flight must not undo what was decided here
 
     def explanation_hold(self, n_tokens: int, finished: bool) -> int:
         """How many of the first ``n_tokens`` may be released as far as a refusal's bounded

@@ -717,3 +717,18 @@ def test_gpu_telemetry_is_sent_after_its_copy_lands_and_in_step_order():
     while len(sent) < 2 and time.time() < deadline:
         time.sleep(0.01)
     assert sent == [[("a", 3, -1)], [("b", 1, -1)]]
+
+
+def test_a_record_arriving_after_finish_does_not_undo_its_decision():
+    """A repeated index's record still in flight when the request ends (a resumed request's
+    kept chunk after a discarded one) must not restore the state from before finish()."""
+    from safeserve.server import safety_wire as W
+
+    t = _bare_tracker(explain_sentences=1)
+    t.add(_rec(0, event=2, phase=W.PHASE_REFUSING, forced=5, acted=1))
+    t.add(_rec(1, phase=W.PHASE_REFUSED, forced=6))
+    t.add(_rec(2, phase=W.PHASE_REFUSED))
+    t.finish("length", 3)
+    assert t.withheld(2)
+    t.add(_rec(2, phase=W.PHASE_REFUSED))  # the same index again, late
+    assert t.withheld(2) and t.explanation_retracted
