@@ -232,9 +232,9 @@ class ChoiceState:
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # the stop string that ended it (or a stop token)
     # Safety on, with stop strings: vLLM keeps the stop string in the text; the characters
-    # that could begin one are held back here, as vLLM would, and the string is cut at the end.
-    own_stops: bool = False
-    stop_hold: int = 0
+    # that could begin one (stop_hold: the longest minus one; None: not ours) are held back
+    # here, as vLLM would, and the string is cut at the end.
+    stop_hold: int | None = None
     held_text: str = ""
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -268,7 +268,7 @@ class ChoiceState:
     def outgoing(self, text: str, finished: bool) -> str:
         """``text`` (visible, in order) as the client may see it now: minus the characters
         that could still begin a stop string, and at the end minus the stop string."""
-        if not self.own_stops:
+        if self.stop_hold is None:
             return text
         text = self.held_text + text
         if finished:
@@ -471,7 +471,7 @@ async def _open_choices(engine: Engine, svc: SafetyService | None,
                                                prefilled=prep.query_ids is not None)
             stops = prep.body.stop_list
             if stops:
-                c.own_stops, c.stop_hold = True, max(map(len, stops)) - 1
+                c.stop_hold = max(map(len, stops)) - 1
         choices.append(c)
     return choices
 

@@ -447,10 +447,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
             self.parked.popitem(last=False)
 
     def _add(self, i: int, args: W.RowSafetyArgs | None, output_ids: list[int]) -> None:
-        # vLLM lists a removed row in `removed` only if nothing refills it in the same step:
-        # an added (or moved) row may land on a request it removed, which must be parked too.
-        self._park(i)
-        self._clear(i)
+        self._clear(i)  # its previous occupant was parked by update_state
         if args is None:
             return
         snapshot = self.parked.pop(args.rid, None)
@@ -504,7 +501,9 @@ class SafetyLogitsProcessor(LogitsProcessor):
                 "step_len", *("_before_" + name for name in _PER_STEP))
 
     def _move(self, src: int, dst: int) -> None:
-        self._park(dst)  # a removed row the move fills (see _add)
+        # vLLM lists a removed row in `removed` only if nothing refills it in the same step:
+        # the row a move fills may hold a request it removed, which must be parked too.
+        self._park(dst)
         for name in self._TENSORS:
             t = getattr(self, name)
             t[dst] = t[src]

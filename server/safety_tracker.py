@@ -59,9 +59,10 @@ class RequestTracker:
                 "explanation_retracted", "refusal_end", "retracted_at")
 
     def _undo_repeat(self, rec: W.StepRecord) -> None:
-        """A record for the step index of the previous one: a chunk of a resumed request's
-        re-prefill whose token vLLM discarded (the worker restored its state; so does this).
-        What earlier records of this index decided is undone; the last one's stands."""
+        """A record for the step index of the previous one: a prompt's chunk, or a chunk of a
+        resumed request's re-prefill, whose token vLLM discarded (the worker re-decides; so
+        does this). What earlier records of this index decided is undone; the last one's
+        stands."""
         if self._before is not None and self._before[0] == rec.index:
             state, n_cut, max_scores = self._before[1:]
             for name, value in zip(self._DERIVED, state):
@@ -75,13 +76,9 @@ class RequestTracker:
     def add(self, rec: W.StepRecord) -> None:
         self._undo_repeat(rec)
         if rec.index == 0:
-            self.prompt = rec  # a chunked prefill reports again; the last one is the verdict
-            if self.trigger_index == 0:
-                # An earlier chunk's row (a mid-prompt position) triggered; the worker
-                # re-decides every chunk and nothing was kept, so neither is anything here.
-                self.trigger_index, self.flag_cats = None, 0
-            self.refusal_end = None  # likewise a refusal token forced at that chunk
-            self.stop_forced = False  # or an end-of-sequence token (a stop) forced there
+            # A chunked prefill reports index 0 per chunk: the last one is the verdict, and
+            # what earlier chunks' rows (mid-prompt positions) decided was undone above.
+            self.prompt = rec
         else:
             self.max_scores = [max(a, b) for a, b in zip(self.max_scores, rec.scores)]
         if rec.event == EVENT_TRIGGER:

@@ -638,13 +638,13 @@ def test_stop_strings_are_held_back_and_cut_by_the_server():
     from its token ids runs past it."""
     from safeserve.server.completions import ChoiceState
 
-    c = ChoiceState(0, "r", own_stops=True, stop_hold=2)
+    c = ChoiceState(0, "r", stop_hold=2)
     assert c.outgoing("abcE", False) == "ab"
     c.stop_reason = "END"
     assert c.outgoing("ND", True) == "c"
-    c = ChoiceState(0, "r", own_stops=True, stop_hold=2, stop_reason="END")
+    c = ChoiceState(0, "r", stop_hold=2, stop_reason="END")
     assert c.outgoing("xENDyz", True) == "x"
-    c = ChoiceState(0, "r", own_stops=True, stop_hold=2)  # ended by EOS: all of it
+    c = ChoiceState(0, "r", stop_hold=2)  # ended by EOS: all of it
     assert c.outgoing("ab", False) == "" and c.outgoing("c", True) == "abc"
     assert ChoiceState(0, "r").outgoing("abc", False) == "abc"  # not ours: untouched
 
