@@ -467,6 +467,12 @@ class SafetyLogitsProcessor(LogitsProcessor):
         if args.refusal_ids:
             self.refusal[i, : len(args.refusal_ids)] = torch.tensor(args.refusal_ids)
         self.eos[i] = args.eos_id
+        if output_ids and not args.verdict_only:
+            # A resumed request (it has output) whose parked state was evicted: whether it was
+            # mid-refusal is lost. Fail closed: it ends here rather than going on unwatched.
+            log.error("safety state of resumed request %s was evicted (more than %d parked); "
+                      "ending it", args.rid, MAX_PARKED)
+            self.phase[i] = W.PHASE_DONE
         if args.query_flagged:
             # a flagged verdict always names an output; the overall one if it somehow did not
             self.query_cats[i] = args.query_cats or 1 << (self.thresholds.shape[1] - 1)

@@ -240,7 +240,9 @@ def test_a_user_message_without_content_is_a_400(client):
     assert err["param"] == "messages.0.content" and "required" in err["message"]
     # an assistant turn may be empty (e.g. a prefill placeholder)
     ok = post(client, "plain-key", messages=[{"role": "user", "content": "hi"}, {"role": "assistant"}])
-    assert ok.status_code != 400, ok.text
+    # validated and authorized; stopped only because this app's engine is not started
+    assert ok.status_code == 503, ok.text
+    assert ok.json()["error"]["code"] == "engine_not_ready"
 
 
 def test_startup_heap_is_frozen_out_of_the_collectors_reach():
@@ -273,3 +275,14 @@ def test_moderations_share_the_chat_authorization_and_need_a_head(client, tmp_pa
         model_dir=tmp_path, served_name="m", has_head=False, safety_enabled=False))))
     r = no_head.post("/v1/moderations", json={"input": "hi"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "safety_unavailable"
+    # Chat on that server: a request that asks for a safety config, in the body or the
+    # header, is refused rather than served without it; one that asks for none is served.
+    for body, headers in (({"safety_config": {"allow": []}}, {}),
+                          ({}, {"X-Safety-Config": "strict"})):
+        r = no_head.post("/v1/chat/completions", json={"model": "m", "messages": MSG, **body},
+                         headers=headers)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "safety_unavailable"
+        assert r.json()["error"]["param"] == "safety_config"
+    r = no_head.post("/v1/chat/completions", json={"model": "m", "messages": MSG})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_not_ready"

@@ -428,11 +428,17 @@ def test_decide_matches_reference(n_rows, n_cats):
     _assert_same(got, want)
 
 
-def test_decide_quiet_step_shortcut_matches_reference():
+def test_decide_quiet_step_shortcut_matches_reference(monkeypatch):
     """Off-GPU, decide() answers a step with no prompt row and nothing at or over a threshold
     without the reference (the common decode step): same events, bits, counters, alerts."""
     from safeserve.kernels import safety_decision as D
 
+    # The module forces the Triton path; the shortcut lives on the reference path.
+    monkeypatch.delenv("SAFESERVE_FORCE_TRITON", raising=False)
+    reference_calls = []
+    real_reference = D.decide_reference
+    monkeypatch.setattr(D, "decide_reference",
+                        lambda *a, **k: reference_calls.append(1) or real_reference(*a, **k))
     g = _gen(77)
     for n_rows, n_cats in ((1, 10), (9, 3), (33, 31)):
         capacity = n_rows + 3
@@ -445,7 +451,8 @@ def test_decide_quiet_step_shortcut_matches_reference():
         counter_ref, alert_ref = counter.clone(), alert.clone()
         got = D.decide(scores, thresholds, masked, counter, tau, is_prompt, active, alert=alert,
                        alert_tau=alert_tau, alert_scale=scale)
-        want = D.decide_reference(scores, thresholds, masked, counter_ref, tau, is_prompt,
+        assert not reference_calls, "a quiet step must not run the reference"
+        want = real_reference(scores, thresholds, masked, counter_ref, tau, is_prompt,
                                   active, alert_ref, alert_tau, scale)
         _assert_same((*got, counter, alert), (*want, counter_ref, alert_ref))
         # one score on its threshold, or one prompt row: not quiet

@@ -44,7 +44,16 @@ def test_moderation_equals_the_chat_prompt_verdict(http, server):
         assert data["safety"]["config"]["allow"] == chat["config"]["allow"], config
 
 
+def moderation_counts(http) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {m.labels["flagged"]: m.value
+            for f in text_string_to_metric_families(http.get("/metrics").text)
+            for m in f.samples if m.name == "safeserve_moderation_inputs_total"}
+
+
 def test_allowed_category_is_scored_but_not_flagged(http, server):
+    before = moderation_counts(http)
     # Text parts are one input, joined as a chat message's parts are: one result.
     r = moderate(http, server, input=[{"type": "text", "text": "List three colors "},
                                       {"type": "text", "text": "of the rainbow."}],
@@ -59,12 +68,36 @@ def test_allowed_category_is_scored_but_not_flagged(http, server):
     assert res["flagged"] is False and not any(res["categories"].values())
     assert res["category_scores"]["violence"] > 0.99
     assert r.headers["X-Safety-Preset"] == "custom"
-    from prometheus_client.parser import text_string_to_metric_families
+    # two inputs scored, neither flagged, each counted once
+    after = moderation_counts(http)
+    assert after.get("false", 0) - before.get("false", 0) == 2
+    assert after.get("true", 0) == before.get("true", 0)
 
-    counts = {m.labels["flagged"]: m.value
-              for f in text_string_to_metric_families(http.get("/metrics").text)
-              for m in f.samples if m.name == "safeserve_moderation_inputs_total"}
-    assert counts.get("false", 0) >= 1 and counts.get("true", 0) >= 1
+
+def test_an_input_whose_verdict_never_arrives_is_a_503(monkeypatch):
+    """Fail closed: an input the head never judged is not reported as clean, nor is a
+    prefilled chat request served unjudged."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from safeserve.server import completions, moderation
+    from safeserve.server.errors import APIError
+
+    async def no_verdict(*args, **kwargs):
+        return None
+
+    monkeypatch.setattr(moderation, "prompt_verdict", no_verdict)
+    monkeypatch.setattr(moderation, "_render_all", lambda *a: [[1, 2], [3]])
+    with pytest.raises(APIError) as err:
+        asyncio.run(moderation.moderate(SimpleNamespace(), SimpleNamespace(), None, None))
+    assert err.value.status == 503 and err.value.code == "safety_telemetry_missing"
+
+    monkeypatch.setattr(completions, "prompt_verdict", no_verdict)
+    prep = SimpleNamespace(query_ids=[1, 2, 3], safety=None, completion_id="chatcmpl-x")
+    with pytest.raises(APIError) as err:
+        asyncio.run(completions.query_verdict(SimpleNamespace(), SimpleNamespace(), prep))
+    assert err.value.status == 503 and err.value.code == "safety_telemetry_missing"
+    assert err.value.body()["error"]["type"] == "server_error"
 
 
 @pytest.mark.parametrize("body, param", [

@@ -543,6 +543,32 @@ def test_a_row_refilled_in_the_same_step_parks_the_request_it_removed():
     assert proc.phase[2] == 1
 
 
+def test_a_resumed_request_whose_parked_state_was_evicted_ends_fail_closed(monkeypatch):
+    """A preempted request's state is parked (bounded, oldest out). Resumed after its state
+    was pushed out, it cannot know whether it was mid-refusal: it is ended, not left to
+    generate unwatched. A new request (no output yet) starts normally."""
+    from safeserve.server import safety_processor as P
+    from safeserve.server import safety_wire as W
+
+    monkeypatch.setattr(P, "MAX_PARKED", 2)
+    proc, _ = _processor()
+    outs = {"a": [], "new": []}
+    proc._add(0, _args("a"), outs["a"])
+    _step(proc, [[0.9] * 10])  # a's prompt is flagged: it is refusing
+    outs["a"].append(5)
+    proc.update_state(SimpleNamespace(removed=[0], added=[], moved=[]))  # a preempted
+    for rid in ("x", "y"):  # two more parked requests push a's state out
+        proc._add(1, _args(rid), [])
+        proc.update_state(SimpleNamespace(removed=[1], added=[], moved=[]))
+    assert "a" not in proc.parked
+    proc._add(0, _args("a"), outs["a"])
+    proc._add(1, _args("new"), outs["new"])
+    assert proc.phase[0] == W.PHASE_DONE and proc.phase[1] == W.PHASE_WATCH
+    logits = _step(proc, [[0.1] * 10, [0.1] * 10])
+    assert logits[0].argmax().item() == 0  # end-of-sequence (eos_id 0) forced
+    assert torch.isfinite(logits[1]).all()  # the new one samples freely
+
+
 def _bare_tracker(**kw):
     from safeserve.server.safety_tracker import RequestTracker
 
@@ -574,6 +600,56 @@ def test_holdback_releases_a_violating_run_that_ended_short_of_tau():
     assert not any(t.withheld(j) for j in range(30))
 
 
+def test_holdback_never_releases_a_violating_run_that_reaches_tau():
+    """tau 3: tokens read as violating at steps 3 and 4 stay back while their run is open;
+    step 5 completes the run and acts, and those three tokens are withheld for good. What
+    a client sees after each step is a prefix of the clean tokens, never a flagged one."""
+    from safeserve.kernels.safety_decision import EVENT_TRIGGER, EVENT_VIOLATION
+    from safeserve.server import safety_wire as W
+
+    t = _bare_tracker()  # tau 3
+    released = []
+
+    def visible(n_tokens):
+        upto = t.releasable(n_tokens, False)
+        return [j for j in range(upto) if not t.withheld(j)]
+
+    for j in range(3):
+        t.add(_rec(j))
+    released.append(visible(3))
+    t.add(_rec(3, event=EVENT_VIOLATION))  # reads token 2
+    released.append(visible(4))
+    t.add(_rec(4, event=EVENT_VIOLATION))  # reads token 3
+    released.append(visible(5))
+    # reads token 4: the run reaches tau; the refusal is forced from token 5 on
+    t.add(_rec(5, event=EVENT_TRIGGER, acted=1, phase=W.PHASE_REFUSING, forced=7))
+    released.append(visible(6))
+    t.add(_rec(6, phase=W.PHASE_REFUSING, forced=8))
+    released.append(visible(7))
+    assert released == [[0, 1], [0, 1], [0, 1], [0, 1, 5], [0, 1, 5, 6]]
+    assert [t.withheld(j) for j in range(7)] == [False, False, True, True, True, False, False]
+    report = t.report()
+    assert report.response.flagged and report.response.token_index == 2
+    # Several tokens settled by one step (a piece of many tokens): the same answer.
+    assert t.releasable(7, True) == 7 and [j for j in range(7) if not t.withheld(j)] == [0, 1, 5, 6]
+
+
+def test_holdback_in_the_alert_band_withholds_the_shorter_run():
+    """A prompt in the alert band: the run that acts is alert_tau long, and exactly its
+    tokens are withheld."""
+    from safeserve.kernels.safety_decision import EVENT_TRIGGER, EVENT_VIOLATION
+    from safeserve.server import safety_wire as W
+
+    t = _bare_tracker(tau=4, alert_tau=2)
+    t.add(_rec(0, alert=1))
+    t.add(_rec(1))
+    t.add(_rec(2, event=EVENT_VIOLATION))  # reads token 1
+    assert t.releasable(3, False) == 1
+    t.add(_rec(3, event=EVENT_TRIGGER, acted=1, phase=W.PHASE_REFUSING, forced=7))
+    assert t.releasable(4, False) == 4
+    assert [t.withheld(j) for j in range(4)] == [False, True, True, False]
+
+
 def test_a_stop_forced_at_an_earlier_prefill_chunk_is_forgotten():
     """A mid-prompt chunk's row may fire and force end-of-sequence (a stop config); the last
     chunk's verdict is what counts, and a clean one leaves a normal answer, not a
@@ -601,12 +677,26 @@ def test_an_explanation_ended_by_a_stop_string_is_withheld_as_unjudged():
     assert t.withheld(2) and not t.withheld(1)
 
 
-def test_missing_telemetry_fails_closed():
+def test_missing_telemetry_fails_closed(monkeypatch):
+    """The wait for a step that never reports times out: the tracker marks itself
+    incomplete, withholds every token no step has judged, and says so in its report."""
+    import asyncio
+
+    from safeserve.server import safety_tracker
+
+    monkeypatch.setattr(safety_tracker, "TELEMETRY_WAIT_S", 0.05)
     t = _bare_tracker()
-    for j in range(3):
-        t.add(_rec(j))
-    t.incomplete = True  # the wait for step 3 timed out
+
+    async def run():
+        for j in range(3):
+            t.add(_rec(j))
+        await t.wait_for(2)  # reported: no wait
+        assert not t.incomplete
+        await t.wait_for(3)  # never reported: times out
+    asyncio.run(run())
+    assert t.incomplete
     assert [t.withheld(j) for j in range(5)] == [False, False, True, True, True]
+    assert t.report().telemetry_complete is False
 
 
 def test_a_flagged_prompt_verdict_is_no_alert_for_the_tracker_either():

@@ -25,7 +25,17 @@ def chat(http, server, messages, headers=None, **body):
     return r
 
 
+def refusal_endings(http) -> dict[str, float]:
+    """The server's refusal-ending counters, by ending."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {m.labels["ending"]: m.value
+            for f in text_string_to_metric_families(http.get("/metrics").text)
+            for m in f.samples if m.name == "safeserve_safety_refusal_endings_total"}
+
+
 def test_prompt_verdict_refuses_and_withholds_an_explanation_that_reads_unsafe(http, server):
+    endings_before = refusal_endings(http)
     # The test head scores violence high everywhere: the prompt verdict splices the refusal in
     # at token 0, and the explanation's first judged token already reads over the threshold:
     # it ends there and is withheld, so the answer is the refusal alone (a normal end), to
@@ -53,12 +63,9 @@ def test_prompt_verdict_refuses_and_withholds_an_explanation_that_reads_unsafe(h
         assert streamed == choice["message"]["content"], holdback
         final = [e for e in events if e.get("safety")][-1]
         assert final["safety"]["response"]["explanation_withheld"] is True
-    from prometheus_client.parser import text_string_to_metric_families
-
-    endings = {m.labels["ending"]: m.value
-               for f in text_string_to_metric_families(http.get("/metrics").text)
-               for m in f.samples if m.name == "safeserve_safety_refusal_endings_total"}
-    assert endings.get("withheld", 0) >= 3
+    # the unary request and the two streamed ones, each counted once
+    endings = refusal_endings(http)
+    assert endings.get("withheld", 0) - endings_before.get("withheld", 0) == 3
     # After COLORS' refusal the model ends the answer itself: the refusal alone, nothing withheld.
     data = chat(http, server, COLORS, headers={"X-Safety-Config": "strict"}).json()
     assert data["choices"][0]["message"]["content"] == DEFAULT_REFUSAL
@@ -102,7 +109,7 @@ def test_flagged_query_acts_at_the_first_token_after_the_prefill(http, server):
     data = r.json()
     s = data["safety"]
     assert s["query"]["flagged"] is True and "violence" in s["query"]["categories"]
-    assert s["prompt"]["flagged"] is True and s["action"] in ("refuse", "stop")
+    assert s["prompt"]["flagged"] is True and s["action"] == "refuse"
     # set off from the attacker's prefill by a paragraph break
     assert data["choices"][0]["message"]["content"].startswith("\n\n" + DEFAULT_REFUSAL)
     # Streaming takes the same path; the verdict arrives on the final chunk.
@@ -113,7 +120,7 @@ def test_flagged_query_acts_at_the_first_token_after_the_prefill(http, server):
         events = [json.loads(line[6:]) for line in resp.iter_lines()
                   if line.startswith("data: {")]
     final = [e for e in events if e.get("safety")][-1]["safety"]
-    assert final["query"]["flagged"] is True and final["action"] in ("refuse", "stop")
+    assert final["query"]["flagged"] is True and final["action"] == "refuse"
 
 
 def test_mid_generation_trigger_refuses_at_the_flagged_token(http, server):
@@ -134,6 +141,7 @@ def test_refusal_explanation_budget_ends_the_response(http, server):
     """explain_sentences 0: the response is the refusal and nothing more, ended by a normal
     EOS (finish_reason stop, not content_filter), streamed or not; the echo shows the budget."""
     cfg = {"allow": ["violence"], "tau": 1, "explain_sentences": 0}
+    endings_before = refusal_endings(http)
     data = chat(http, server, FRANCE, safety_config=cfg, max_tokens=48).json()
     text, s = data["choices"][0]["message"]["content"], data["safety"]
     assert "Paris" not in text and text.rstrip().endswith(DEFAULT_REFUSAL)
@@ -149,12 +157,9 @@ def test_refusal_explanation_budget_ends_the_response(http, server):
     assert streamed == text  # holdback: the flagged run is withheld, as in the unary text
     # every chunk's choice carries finish_reason (null until the last), as OpenAI's do
     assert [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]] == ["stop"]
-    from prometheus_client.parser import text_string_to_metric_families
-
-    endings = {s.labels["ending"]: s.value
-               for f in text_string_to_metric_families(http.get("/metrics").text)
-               for s in f.samples if s.name == "safeserve_safety_refusal_endings_total"}
-    assert endings.get("explanation_limit", 0) >= 2  # the unary and the streamed request
+    endings = refusal_endings(http)
+    limit = endings.get("explanation_limit", 0) - endings_before.get("explanation_limit", 0)
+    assert limit == 2  # the unary and the streamed request
     # the server's default budget (one sentence) is echoed when the request names none
     s = chat(http, server, FRANCE, safety_config={"allow": ["violence"], "tau": 1}).json()["safety"]
     assert s["config"]["explain_sentences"] == 1
@@ -290,24 +295,66 @@ def test_trace_header_returns_per_token_scores(http, server):
     assert data["safety"]["score_names"][-1] == "unsafe"
 
 
+# Configs that differ in allow-list, tau, action and preset; on FRANCE with the test head
+# (violence always high, weapons at " Paris") each has its own outcome.
+MIXED_CONFIGS = [
+    {"allow": ["violence", "weapons"]},                          # answered, nothing flagged
+    {"allow": ["violence"], "tau": 1},                           # refused at " Paris"
+    {"allow": ["violence"], "tau": 1, "on_violation": "stop"},   # content_filter at " Paris"
+    {"allow": ["violence"], "tau": 3},                           # one violating step: answered
+    {"allow": ["violence"], "tau": 1, "on_violation": "annotate"},  # answered, flagged
+    "strict",                                                    # refused at the prompt
+]
+
+
+def _outcome(data: dict) -> dict:
+    """What a request's config decides, as the client sees it."""
+    choice, s = data["choices"][0], data["safety"]
+    return {"text": choice["message"]["content"], "finish_reason": choice["finish_reason"],
+            "action": s["action"], "prompt": (s["prompt"]["flagged"], s["prompt"]["categories"]),
+            "response": (s["response"]["flagged"], s["response"]["token_index"],
+                         s["response"]["categories"]),
+            "config": s["config"], "thresholds": s["thresholds"]}
+
+
 def test_mixed_config_batch_never_leaks(server):
-    """Concurrent requests, same prompt, alternating configs: the outcome follows each
-    request's own config every time."""
+    """Concurrent requests, same prompt, six configs in a seeded shuffle with different
+    lengths (rows finish at different steps and are reused): every request's outcome is
+    its config's solo reference, to the character and the flagged token."""
+    import random
+
+    lengths = (12, 24)
+    plan = [(k, n) for k in range(len(MIXED_CONFIGS)) for n in lengths] * 4
+    random.Random(7).shuffle(plan)
 
     async def run():
-        async with httpx.AsyncClient(base_url=server.url, timeout=300) as c:
-            async def one(i):
-                cfg = "strict" if i % 2 else {"allow": ["violence"]}
+        async with httpx.AsyncClient(base_url=server.url, timeout=300,
+                                     limits=httpx.Limits(max_connections=len(plan))) as c:
+            async def one(k, n):
                 r = await c.post("/v1/chat/completions", json={
-                    "model": server.model, "messages": COLORS, "max_tokens": 12,
-                    "temperature": 0, "safety_config": cfg})
-                return i, r.json()
-            return await asyncio.gather(*(one(i) for i in range(40)))
+                    "model": server.model, "messages": FRANCE, "max_tokens": n,
+                    "temperature": 0, "safety_config": MIXED_CONFIGS[k]})
+                assert r.status_code == 200, r.text
+                return _outcome(r.json())
 
-    for i, data in asyncio.run(run()):
-        refused = data["choices"][0]["message"]["content"].startswith(DEFAULT_REFUSAL)
-        assert refused == bool(i % 2), (i, data["choices"][0]["message"]["content"])
-        assert data["safety"]["prompt"]["flagged"] == bool(i % 2)
+            references = {}
+            for k in range(len(MIXED_CONFIGS)):
+                for n in lengths:
+                    references[k, n] = await one(k, n)
+            batched = await asyncio.gather(*(one(k, n) for k, n in plan))
+            return references, batched
+
+    references, batched = asyncio.run(run())
+    # the references really differ: a leak of any config into another would show
+    ref = {k: references[k, 24] for k in range(len(MIXED_CONFIGS))}
+    assert "Paris" in ref[0]["text"] and ref[0]["action"] == "none" and not ref[0]["response"][0]
+    assert ref[1]["action"] == "refuse" and "Paris" not in ref[1]["text"]
+    assert ref[2]["finish_reason"] == "content_filter" and ref[2]["action"] == "stop"
+    assert ref[3]["action"] == "none" and "Paris" in ref[3]["text"]
+    assert ref[4]["action"] == "annotate" and ref[4]["response"][0] and "Paris" in ref[4]["text"]
+    assert ref[5]["prompt"][0] and ref[5]["text"].startswith(DEFAULT_REFUSAL)
+    for (k, n), got in zip(plan, batched):
+        assert got == references[k, n], (MIXED_CONFIGS[k], n, got, references[k, n])
 
 
 @pytest.mark.parametrize("cfg,param", [
@@ -367,8 +414,12 @@ def test_server_scores_match_the_training_forward(http, server):
     at_prompt_end = torch.arange(len(scores)) == len(prompt_ids) - 1  # the prompt verdict's row
     scores = offset_prompt_rows(scores, at_prompt_end, prompt_logit_offset(head.extra))
     trace = data["safety"]["trace"]
-    n = min(len(trace), len(out_ids))
-    for point in trace[:n]:
+    # one point per generated token (point j reads token j - 1, so an end-of-sequence token,
+    # which has no text, is read too), and the text re-tokenizes to as many tokens as the
+    # engine sampled (as far as the client can see the ids)
+    eos = int(data["choices"][0]["finish_reason"] == "stop")
+    assert len(trace) == data["usage"]["completion_tokens"] == len(out_ids) + eos >= 8
+    for point in trace:
         pos = len(prompt_ids) - 1 + point["token_index"]
         assert torch.allclose(torch.tensor(point["scores"]), scores[pos], atol=1e-3), point
 
@@ -382,3 +433,38 @@ def test_bench_leak_counts_no_leaks_in_a_mixed_batch(server):
     assert res["leaks"] == 0 and res["requests"] == 12
     permissive, strict = res["references"]
     assert permissive["action"] == "none" and strict["action"] in ("refuse", "stop")
+
+
+def _counter(http, name: str, **labels) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(m.value for f in text_string_to_metric_families(http.get("/metrics").text)
+               for m in f.samples
+               if m.name == name and all(m.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_n_choices_each_carry_their_own_safety_report(http, server):
+    """n = 2 with safety on: one report per choice (a list), each choice refused at its own
+    flagged token, the headers summarising them, and the prompt verdict counted once."""
+    prompts_before = _counter(http, "safeserve_safety_prompts_flagged_total",
+                              category="violence")
+    responses_before = _counter(http, "safeserve_safety_responses_flagged_total",
+                                category="weapons")
+    r = chat(http, server, FRANCE, n=2, safety_config={"tau": 1, "allow": ["violence"]})
+    data = r.json()
+    assert [c["index"] for c in data["choices"]] == [0, 1]
+    assert isinstance(data["safety"], list) and len(data["safety"]) == 2
+    for choice, report in zip(data["choices"], data["safety"]):
+        assert report["action"] == "refuse" and report["response"]["flagged"] is True
+        assert report["response"]["categories"] == ["weapons"]
+        assert "Paris" not in choice["message"]["content"]
+        assert DEFAULT_REFUSAL in choice["message"]["content"]
+    assert r.headers["X-Safety-Action"] == "refuse"
+    assert r.headers["X-Safety-Categories"] == "weapons"
+    # the prompt (violence allowed: not flagged) is one; each response was flagged
+    assert _counter(http, "safeserve_safety_responses_flagged_total",
+                    category="weapons") - responses_before == 2
+    strict = chat(http, server, COLORS, n=2, headers={"X-Safety-Config": "strict"}).json()
+    assert [s["prompt"]["flagged"] for s in strict["safety"]] == [True, True]
+    assert _counter(http, "safeserve_safety_prompts_flagged_total",
+                    category="violence") - prompts_before == 1  # once per request, not per choice
