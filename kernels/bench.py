@@ -9,7 +9,13 @@ them for comparison). On CPU there is no compiled Triton, so it times the refere
 
 The head is a skinny GEMM (K is ~10), so its floor is memory traffic, not FLOPs:
     bytes = N*H*elem(hidden) + K*H*4 (weight) + N*K*4 (scores)
-and achieved GB/s = bytes / time is the figure to compare with the device's bandwidth.
+and achieved GB/s = bytes / time is the figure to compare with the device's bandwidth: the
+report gives bound_us = bytes / peak (``--peak-gbs``; on CUDA a guess from the device's name
+when not given) and head_us / bound_us. On CUDA successive launches read different `hidden`
+buffers from a pool larger than the L2 cache (``--pool-mib``), as an engine step reads a fresh
+batch: one buffer read back to back would be served from L2 and measure the cache. The timed
+loop launches each kernel from Python (no CUDA graph): where head_us sits far above bound_us
+for a small batch, the launch overhead rather than the bandwidth may be the floor.
 The residual MLP adds M*H*4 + M*4 + K*M*4 bytes of weights and 2*N*H*M FLOPs: still a read
 of `hidden` plus small weights for M in the hundreds.
 """
@@ -17,6 +23,7 @@ of `hidden` plus small weights for M in the hundreds.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -35,6 +42,26 @@ _DTYPES = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+# Peak DRAM bandwidth (GB/s) by a substring of the device name, first match wins: a guess for
+# the usual parts (SXM figures), to be overridden with --peak-gbs.
+_PEAK_GBS = (("H200", 4800.0), ("H100", 3350.0), ("A100", 2039.0))
+# A pool of `hidden` buffers at least this large outgrows the L2 cache (50 MB on H100 / H200,
+# 40 MB on A100), so each timed launch reads its input from DRAM.
+DEFAULT_POOL_MIB_CUDA = 256
+
+
+def guess_peak_gbs(device_name: str) -> float | None:
+    return next((gbs for key, gbs in _PEAK_GBS if key in device_name), None)
+
+
+def _hidden_pool(first: torch.Tensor, pool_mib: float, gen_seed: int = 1) -> list[torch.Tensor]:
+    """`first` and as many more buffers of its shape as make up `pool_mib` MiB in all."""
+    nbytes = first.numel() * first.element_size()
+    count = max(1, math.ceil(pool_mib * (1 << 20) / nbytes))
+    gen = torch.Generator(device=first.device).manual_seed(gen_seed)
+    return [first] + [torch.randn(first.shape, generator=gen, device=first.device,
+                                  dtype=torch.float32).to(first.dtype)
+                      for _ in range(count - 1)]
 
 
 def _time_cuda_us(step: Callable[[], object], iters: int, warmup: int) -> float:
@@ -68,15 +95,22 @@ def run_benchmark(
     iters: int = 200,
     mlp_units: int = 0,
     mlp_gate: bool = False,
+    peak_gbs: float | None = None,
+    pool_mib: float | None = None,
 ) -> dict:
     """Time one engine step of each kernel; returns a flat dict of results.
 
     `categories` excludes the overall 'unsafe' column, so the head has K = categories + 1.
+    `peak_gbs`: the device's DRAM bandwidth (None: guessed from a CUDA device's name; none on
+    CPU). `pool_mib`: size of the pool of `hidden` buffers the head cycles through (None:
+    256 MiB on CUDA, one buffer on CPU).
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}; got {dtype!r}")
     if batch < 1 or hidden < 1 or categories < 0 or iters < 1 or mlp_units < 0:
         raise ValueError("batch, hidden and iters must be >= 1, categories and mlp_units >= 0")
+    if (peak_gbs is not None and peak_gbs <= 0) or (pool_mib is not None and pool_mib < 0):
+        raise ValueError("peak_gbs must be > 0 and pool_mib >= 0")
     torch_dtype = _DTYPES[dtype]
     n_cats = categories + 1
     on_cuda = torch.cuda.is_available()
@@ -84,6 +118,10 @@ def run_benchmark(
     gen = torch.Generator(device="cpu").manual_seed(0)
 
     hidden_states = torch.randn(batch, hidden, generator=gen).to(device=device, dtype=torch_dtype)
+    if pool_mib is None:
+        pool_mib = DEFAULT_POOL_MIB_CUDA if on_cuda else 0
+    pool = _hidden_pool(hidden_states, pool_mib)
+    next_hidden = itertools.cycle(pool).__next__
     weight = (torch.randn(n_cats, hidden, generator=gen) / hidden**0.5).to(device)
     bias = torch.randn(n_cats, generator=gen).to(device)
     scores = torch.empty(batch, n_cats, device=device)
@@ -112,8 +150,8 @@ def run_benchmark(
                 alert_tau=torch.full((batch,), 2, dtype=torch.int32, device=device),
                 alert_scale=torch.full((batch,), math.exp(0.5), device=device))
 
-    def head_step():
-        return safety_scores(hidden_states, weight, bias, out=scores, mlp=mlp)
+    def head_step():  # each launch reads the next buffer of the pool: DRAM, not L2
+        return safety_scores(next_hidden(), weight, bias, out=scores, mlp=mlp)
 
     def decide_step():
         return decide(*decide_args, event=event, cats=cats, **band)
@@ -132,8 +170,11 @@ def run_benchmark(
     head_bytes = batch * hidden * elem + n_cats * hidden * 4 + batch * n_cats * 4
     head_bytes += (mlp_units * hidden + mlp_units + n_cats * mlp_units) * 4
     head_bytes += (hidden + 1) * 4 if mlp_units and mlp_gate else 0
+    device_name = torch.cuda.get_device_name(device) if on_cuda else "cpu"
+    if peak_gbs is None and on_cuda:
+        peak_gbs = guess_peak_gbs(device_name)
     result = {
-        "device": torch.cuda.get_device_name(device) if on_cuda else "cpu",
+        "device": device_name,
         "path": "triton" if _use_triton(hidden_states) else "reference (PyTorch; no Triton on CPU)",
         "timer": "cuda events" if on_cuda else "wall clock",
         "batch": batch,
@@ -143,6 +184,8 @@ def run_benchmark(
         "mlp_gate": bool(mlp_units and mlp_gate),
         "dtype": dtype,
         "iters": iters,
+        "hidden_buffers": len(pool),
+        "hidden_pool_mib": len(pool) * hidden_states.numel() * elem / (1 << 20),
         "head_us": head_us,
         "head_bytes": head_bytes,
         "head_gb_s": head_bytes / (head_us * 1e-6) / 1e9,
@@ -150,10 +193,13 @@ def run_benchmark(
         "offset_us": offset_us,
         "step_us": head_us + decide_us + offset_us,
     }
+    if peak_gbs:
+        bound_us = head_bytes / (peak_gbs * 1e9) * 1e6  # the head's memory-traffic floor
+        result.update(peak_gb_s=peak_gbs, bound_us=bound_us, head_over_bound=head_us / bound_us)
     if on_cuda:
         # The PyTorch references on the same device: what the kernels are meant to beat.
         ref_head_us = timer(
-            lambda: safety_scores_reference(hidden_states, weight, bias, mlp), iters, warmup
+            lambda: safety_scores_reference(next_hidden(), weight, bias, mlp), iters, warmup
         )
         ref_decide_args = (scores, thresholds, masked, counter.clone(), tau, is_prompt, active,
                            band["alert"].clone(), band["alert_tau"], band["alert_scale"])
@@ -162,6 +208,7 @@ def run_benchmark(
             ref_head_us=ref_head_us,
             ref_head_gb_s=head_bytes / (ref_head_us * 1e-6) / 1e9,
             ref_decide_us=ref_decide_us,
+            ref_over_head=ref_head_us / head_us,
         )
     return result
 
@@ -176,15 +223,21 @@ _LABELS = {
     "mlp_units": "residual MLP units (M)",
     "dtype": "hidden dtype",
     "iters": "iterations",
+    "hidden_buffers": "hidden buffers the head cycles through",
+    "hidden_pool_mib": "hidden pool MiB",
     "head_us": "head us/step",
     "head_bytes": "head bytes moved",
     "head_gb_s": "head achieved GB/s",
     "decide_us": "decision us/step",
     "offset_us": "prompt offset us/step (steps with a prompt row; CUDA: every step)",
     "step_us": "head + decision + offset us/step",
+    "peak_gb_s": "peak DRAM GB/s (--peak-gbs or guessed)",
+    "bound_us": "head bound us (bytes / peak)",
+    "head_over_bound": "head us / bound us",
     "ref_head_us": "reference head us/step",
     "ref_head_gb_s": "reference head GB/s",
     "ref_decide_us": "reference decision us/step",
+    "ref_over_head": "reference head us / head us",
 }
 
 
@@ -229,6 +282,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mlp-units", type=int, default=0, help="residual MLP units (0: linear head)")
     parser.add_argument("--mlp-gate", action="store_true",
                         help="gate the MLP by a prompt-end read-out (the default head's form)")
+    parser.add_argument("--peak-gbs", type=float, default=None,
+                        help="device DRAM bandwidth in GB/s, for the bound (CUDA default: "
+                        "guessed from the name, H200 4800, H100 3350, A100 2039)")
+    parser.add_argument("--pool-mib", type=float, default=None,
+                        help="MiB of hidden buffers the head cycles through (CUDA default: "
+                        f"{DEFAULT_POOL_MIB_CUDA}, beyond L2; CPU: one buffer)")
     parser.add_argument("--plain", action="store_true", help="plain text instead of a rich table")
     args = parser.parse_args(argv)
     result = run_benchmark(
@@ -239,6 +298,8 @@ def main(argv: list[str] | None = None) -> dict:
         iters=args.iters,
         mlp_units=args.mlp_units,
         mlp_gate=args.mlp_gate,
+        peak_gbs=args.peak_gbs,
+        pool_mib=args.pool_mib,
     )
     _print_table(result, args.plain)
     return result

@@ -10,22 +10,28 @@ another; idle engines cost little):
             right after it): the ratio ours-off-b / ours-off is the same server measured
             twice, the run's noise floor that every other ratio is to be read against
 
+Every server gets the same engine settings (dtype, context length, KV-cache bytes, batch size,
+vLLM's V1 model runner) on the command line, and an environment without the operator's
+``SAFESERVE_*`` settings, so neither arm is configured differently by accident.
+
 The load: streaming chat completions at each concurrency, ``ignore_eos`` with a fixed
 ``max_tokens`` so every server generates the same number of tokens. Reported per server and
-concurrency: requests/s, output tokens/s, TTFT and inter-token latency p50/p99, and the ratios
-ours/plain and on/off.
+concurrency: requests/s, output tokens/s, TTFT and inter-token latency p50/p99 (over the
+samples of all passes pooled), failed requests, and the ratios ours/plain and on/off. A
+request that fails (an HTTP error, an error event in its stream, a stream cut short) counts as
+failed, not as a fast success; a run with failures says so and exits non-zero.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
-import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
@@ -43,12 +49,24 @@ PROMPTS = [
     "Explain the rules of chess to a beginner.",
 ]
 
+# The engine settings every server runs with, on its command line: plain vLLM's CLI and ours
+# have different defaults, and the comparison is of the servers, not of their defaults.
+ENGINE_DTYPE = "float32"
+MAX_MODEL_LEN = 2048
+KV_CACHE_GIB = 1
+MAX_NUM_SEQS = 64
+# Ours pins vLLM's V1 model runner (server/engine.py); plain vLLM must run the same one.
+ENGINE_ENV = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
+# A location, not a setting: kept in the servers' environment.
+KEPT_SAFESERVE_ENV = {"SAFESERVE_CACHE_DIR"}
+ERROR_EXAMPLES = 5
+
 
 @dataclass
 class LoadResult:
     server: str
     concurrency: int
-    requests: int
+    requests: int  # sent; `failed` of them did not complete
     seconds: float
     output_tokens: int
     ttft_p50: float
@@ -60,40 +78,87 @@ class LoadResult:
     # follows wall time; the HTTP share is what our layer itself costs per token.
     cpu_http_s: float = 0.0
     cpu_engine_s: float = 0.0
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)  # the first few failures, as reported
+    # The samples behind the percentiles: passes are combined by pooling them, since the
+    # mean of per-pass p99s is no p99.
+    ttfts: list[float] = field(default_factory=list, repr=False)
+    itls: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def completed(self) -> int:
+        return self.requests - self.failed
 
     @property
     def req_per_s(self) -> float:
-        return self.requests / self.seconds
+        return _ratio(self.completed, self.seconds)
 
     @property
     def tok_per_s(self) -> float:
-        return self.output_tokens / self.seconds
+        return _ratio(self.output_tokens, self.seconds)
 
     @property
     def cpu_ms_per_tok(self) -> float:
         return 1e3 * (self.cpu_http_s + self.cpu_engine_s) / max(1, self.output_tokens)
 
+    def summary(self) -> dict:
+        """The figures, without the samples (what the results files keep)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("ttfts", "itls")}
+
+
+@dataclass
+class StreamResult:
+    ttft: float
+    gaps: list[float]
+    tokens: int
+    error: str | None = None  # None: the stream completed
+
 
 def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(x for x in xs if not math.isnan(x))  # a request without a token has no TTFT
     if not xs:
         return float("nan")
-    xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
+def _ratio(a: float, b: float) -> float:
+    """a / b, NaN where b is zero or NaN (a server that produced nothing has no ratio)."""
+    if not b or math.isnan(b):
+        return float("nan")
+    return a / b
+
+
+def _error_text(err) -> str:
+    """The message of an OpenAI-style error body (``{"message": ...}``), else the body."""
+    if isinstance(err, dict):
+        return str(err.get("message") or err)
+    return str(err)
+
+
 async def _one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int,
-               extra: dict) -> tuple[float, list[float], int]:
+               extra: dict) -> StreamResult:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": True,
             "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream_options": {"include_usage": True}, **extra}
     t0 = time.perf_counter()
-    ttft, last, gaps, tokens = None, None, [], 0
+    ttft, last, gaps, tokens, done = None, None, [], 0, False
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-        r.raise_for_status()
+        if r.status_code != 200:
+            text = (await r.aread()).decode("utf-8", "replace")
+            try:
+                text = _error_text(json.loads(text).get("error", text))
+            except (ValueError, AttributeError):
+                pass
+            return StreamResult(float("nan"), [], 0, f"HTTP {r.status_code}: {text[:300]}")
         async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+            if line == "data: [DONE]":
+                done = True
+            if not line.startswith("data: ") or done:
                 continue
             chunk = json.loads(line[6:])
+            if "error" in chunk:  # a failure after the 200: the stream ends with this event
+                return StreamResult(float("nan"), gaps, tokens,
+                                    f"error event: {_error_text(chunk['error'])[:300]}")
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             if any(c["delta"].get("content") for c in chunk.get("choices", [])):
@@ -103,26 +168,57 @@ async def _one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: i
                 else:
                     gaps.append(now - last)
                 last = now
-    return ttft or float("nan"), gaps, tokens
+    if not done:
+        return StreamResult(float("nan"), gaps, tokens, "stream ended without [DONE]")
+    return StreamResult(float("nan") if ttft is None else ttft, gaps, tokens)
+
+
+def _load_result(name: str, concurrency: int, seconds: float, outcomes: list) -> LoadResult:
+    """One load's figures from its requests' outcomes (StreamResults, or the exceptions the
+    requests raised). Failed requests add no tokens and no latencies."""
+    ok = [o for o in outcomes if isinstance(o, StreamResult) and o.error is None]
+    errors = [o.error if isinstance(o, StreamResult) else f"{type(o).__name__}: {o}"
+              for o in outcomes if not (isinstance(o, StreamResult) and o.error is None)]
+    ttfts = [o.ttft for o in ok]
+    itls = [g for o in ok for g in o.gaps]
+    return LoadResult(name, concurrency, len(outcomes), seconds, sum(o.tokens for o in ok),
+                      _pct(ttfts, .5), _pct(ttfts, .99), _pct(itls, .5), _pct(itls, .99),
+                      failed=len(errors), errors=errors[:ERROR_EXAMPLES], ttfts=ttfts, itls=itls)
 
 
 async def run_load(url: str, model: str, name: str, concurrency: int, requests: int,
-                   max_tokens: int, extra: dict) -> LoadResult:
+                   max_tokens: int, extra: dict,
+                   transport: httpx.AsyncBaseTransport | None = None) -> LoadResult:
+    if concurrency < 1 or requests < 1:
+        raise ValueError("concurrency and requests must be >= 1")
     sem = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        await _one(client, model, PROMPTS[0], 4, extra)  # warm-up
+    # httpx keeps at most 100 connections by default: enough for every request in flight
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits,
+                                 transport=transport) as client:
+        warm = await _one(client, model, PROMPTS[0], 4, extra)
+        if warm.error:
+            raise RuntimeError(f"{name}: the warm-up request failed: {warm.error}")
 
         async def task(i):
             async with sem:
                 return await _one(client, model, PROMPTS[i % len(PROMPTS)], max_tokens, extra)
 
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(task(i) for i in range(requests)))
+        # return_exceptions: one broken request is a failure to count, not the end of the load
+        outcomes = await asyncio.gather(*(task(i) for i in range(requests)),
+                                        return_exceptions=True)
         seconds = time.perf_counter() - t0
-    ttfts = [r[0] for r in results]
-    gaps = [g for r in results for g in r[1]]
-    return LoadResult(name, concurrency, requests, seconds, sum(r[2] for r in results),
-                      _pct(ttfts, .5), _pct(ttfts, .99), _pct(gaps, .5), _pct(gaps, .99))
+    return _load_result(name, concurrency, seconds, list(outcomes))
+
+
+def _child_env(extra: dict | None = None) -> dict:
+    """A server's environment: the bench's, less the operator's ``SAFESERVE_*`` settings
+    (they would configure ours and not plain, e.g. SAFESERVE_SAFETY_HEAD would put a head
+    on ours-off), plus ``extra`` (the engine settings every server shares)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SAFESERVE_") or k in KEPT_SAFESERVE_ENV}
+    return {**env, **(extra or {})}
 
 
 class _Proc:
@@ -130,7 +226,7 @@ class _Proc:
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
         self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
+                                     env=_child_env(env))
 
     def wait(self, path: str, timeout: float = 1200) -> None:
         deadline = time.time() + timeout
@@ -167,25 +263,31 @@ class _Proc:
             self.proc.kill()
 
 
-def _servers(base: Path, safe: Path | None, port: int, common: list[str],
-             control: bool = False) -> list[tuple]:
+def _servers(base: Path, safe: Path | None, port: int,
+             control: bool = False) -> list[tuple[str, list[str], str, dict, dict]]:
+    """(name, command, readiness path, request body extras, environment) of each server, in
+    load order; server i listens on port + i."""
     py = sys.executable
     safeserve = str(Path(py).with_name("safeserve"))
     plain = [py, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
-             "--served-model-name", "bench", "--port", str(port), "--dtype", "float32",
-             "--max-model-len", "2048", "--kv-cache-memory-bytes", str(1 << 30),
-             "--max-num-seqs", "64"]
-    ours = [safeserve, "serve", "--port", str(port), "--served-model-name", "bench",
-            "--max-num-seqs", "64", *common]
-    out = [("plain", plain, "/health", {}),
-           ("ours-off", ours + ["--model", str(base), "--allow-unsafe"], "/ready", {})]
+             "--served-model-name", "bench", "--dtype", ENGINE_DTYPE,
+             "--max-model-len", str(MAX_MODEL_LEN),
+             "--kv-cache-memory-bytes", str(KV_CACHE_GIB << 30),
+             "--max-num-seqs", str(MAX_NUM_SEQS)]
+    ours = [safeserve, "serve", "--served-model-name", "bench", "--dtype", ENGINE_DTYPE,
+            "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-gib", str(KV_CACHE_GIB),
+            "--max-num-seqs", str(MAX_NUM_SEQS)]
+    out = [("plain", plain, "/health", {}, ENGINE_ENV),
+           ("ours-off", ours + ["--model", str(base), "--allow-unsafe"], "/ready", {},
+            ENGINE_ENV)]
     if safe is not None:
         out.append(("ours-on", ours + ["--model", str(safe)], "/ready",
-                    {"safety_config": {"on_violation": "annotate"}}))
+                    {"safety_config": {"on_violation": "annotate"}}, ENGINE_ENV))
     if control:  # next to ours-off in the load order, as ours-on is on its other side
         out.insert(1, ("ours-off-b", ours + ["--model", str(base), "--allow-unsafe"], "/ready",
-                       {}))
-    return out
+                       {}, ENGINE_ENV))
+    return [(name, cmd + ["--port", str(port + i)], ready, extra, env)
+            for i, (name, cmd, ready, extra, env) in enumerate(out)]
 
 
 def _pass_ratios(raw: dict[tuple[str, int], list[LoadResult]] | None, a: str, b: str,
@@ -203,14 +305,15 @@ def _table(results: list[LoadResult],
            raw: dict[tuple[str, int], list[LoadResult]] | None = None) -> str:
     by = {(r.server, r.concurrency): r for r in results}
     lines = ["| server | conc | req/s | out tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | "
-             "ITL p99 ms | CPU ms/tok (HTTP + engine) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "ITL p99 ms | CPU ms/tok (HTTP + engine) | failed |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         per_tok = 1e3 / max(1, r.output_tokens)
         lines.append(f"| {r.server} | {r.concurrency} | {r.req_per_s:.2f} | {r.tok_per_s:.1f} | "
                      f"{r.ttft_p50*1e3:.0f} | {r.ttft_p99*1e3:.0f} | {r.itl_p50*1e3:.1f} | "
                      f"{r.itl_p99*1e3:.1f} | {r.cpu_ms_per_tok:.1f} "
-                     f"({r.cpu_http_s * per_tok:.1f} + {r.cpu_engine_s * per_tok:.1f}) |")
+                     f"({r.cpu_http_s * per_tok:.1f} + {r.cpu_engine_s * per_tok:.1f}) | "
+                     f"{r.failed} / {r.requests} |")
     lines += ["", "| ratio | conc | throughput | per pass | TTFT p50 | ITL p50 | CPU per token |",
               "|---|---|---|---|---|---|---|"]
     for a, b in (("ours-off", "plain"), ("ours-on", "ours-off"), ("ours-on", "plain"),
@@ -218,32 +321,80 @@ def _table(results: list[LoadResult],
         for c in sorted({r.concurrency for r in results}):
             x, y = by.get((a, c)), by.get((b, c))
             if x and y:
-                cpu = x.cpu_ms_per_tok / y.cpu_ms_per_tok if y.cpu_ms_per_tok else float("nan")
-                lines.append(f"| {a} / {b} | {c} | {x.tok_per_s / y.tok_per_s:.3f} | "
-                             f"{_pass_ratios(raw, a, b, c)} | {x.ttft_p50 / y.ttft_p50:.3f} | "
-                             f"{x.itl_p50 / y.itl_p50:.3f} | "
-                             f"{cpu:.3f} |")
+                lines.append(f"| {a} / {b} | {c} | {_ratio(x.tok_per_s, y.tok_per_s):.3f} | "
+                             f"{_pass_ratios(raw, a, b, c)} | "
+                             f"{_ratio(x.ttft_p50, y.ttft_p50):.3f} | "
+                             f"{_ratio(x.itl_p50, y.itl_p50):.3f} | "
+                             f"{_ratio(x.cpu_ms_per_tok, y.cpu_ms_per_tok):.3f} |")
     return "\n".join(lines)
 
 
 def _mean(results: list[LoadResult]) -> LoadResult:
-    """The passes of one server at one level, combined (tokens and time summed)."""
+    """The passes of one server at one level, combined: requests, tokens, time and CPU
+    summed, percentiles over all passes' samples pooled."""
     a = results[0]
+    ttfts = [x for r in results for x in r.ttfts]
+    itls = [x for r in results for x in r.itls]
     return LoadResult(a.server, a.concurrency, sum(r.requests for r in results),
                       sum(r.seconds for r in results), sum(r.output_tokens for r in results),
-                      *(statistics.mean(getattr(r, f) for r in results)
-                        for f in ("ttft_p50", "ttft_p99", "itl_p50", "itl_p99")),
-                      sum(r.cpu_http_s for r in results), sum(r.cpu_engine_s for r in results))
+                      _pct(ttfts, .5), _pct(ttfts, .99), _pct(itls, .5), _pct(itls, .99),
+                      sum(r.cpu_http_s for r in results), sum(r.cpu_engine_s for r in results),
+                      failed=sum(r.failed for r in results),
+                      errors=[e for r in results for e in r.errors][:ERROR_EXAMPLES],
+                      ttfts=ttfts, itls=itls)
+
+
+def _levels(concurrency: str) -> list[int]:
+    try:
+        levels = [int(c) for c in concurrency.split(",") if c.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"want comma-separated integers, got {concurrency!r}",
+                                 param_hint="--concurrency") from None
+    if not levels or min(levels) < 1:
+        raise typer.BadParameter(f"every level must be >= 1, got {concurrency!r}",
+                                 param_hint="--concurrency")
+    return levels
+
+
+def _failure_report(results: list[LoadResult]) -> str | None:
+    """A loud summary of the failed requests, or None when every request completed."""
+    failed = [r for r in results if r.failed]
+    if not failed:
+        return None
+    lines = [f"FAILED: {sum(r.failed for r in failed)} of {sum(r.requests for r in results)} "
+             "requests did not complete; their servers' figures count only the rest:"]
+    for r in failed:
+        lines.append(f"  {r.server} c={r.concurrency}: {r.failed} / {r.requests} failed, e.g. "
+                     f"{r.errors[0] if r.errors else '?'}")
+    return "\n".join(lines)
+
+
+def _safe_model(base: Path, safe_model: Path | None, skip_safety: bool) -> Path | None:
+    """The ours-on server's model: none with --skip-safety (whatever else is given), else
+    --safe-model, else the base with the default head."""
+    from safeserve.models.checkpoint import has_safety_head
+    from safeserve.models.model_store import DEFAULT_HEAD_DIR, compose_checkpoint
+
+    if skip_safety:
+        return None
+    if safe_model is not None:
+        return safe_model
+    if not has_safety_head(DEFAULT_HEAD_DIR):
+        raise typer.BadParameter("no safety head: pass --safe-model or --skip-safety")
+    return compose_checkpoint(base, DEFAULT_HEAD_DIR)
 
 
 def bench_serve(
-    concurrency: str = typer.Option("1,8,32", help="comma-separated concurrency levels"),
-    requests_per_level: int = typer.Option(0, help="requests per level and pass (0: 2 x concurrency, min 6)"),
-    max_tokens: int = typer.Option(64, help="output tokens per request (ignore_eos)"),
+    concurrency: str = typer.Option("1,8,32", help="comma-separated concurrency levels (>= 1)"),
+    requests_per_level: int = typer.Option(
+        0, min=0, help="requests per level and pass (0: 2 x concurrency, min 6)"),
+    max_tokens: int = typer.Option(64, min=1, help="output tokens per request (ignore_eos)"),
     model: Path = typer.Option(None, help="base model dir (default: embedded SmolLM2)"),
     safe_model: Path = typer.Option(None, help="model dir with a safety head (default: base + default head)"),
-    skip_safety: bool = typer.Option(False, help="only plain vs ours-off"),
-    port: int = typer.Option(8790, help="first port; servers use port, port+1, ..."),
+    skip_safety: bool = typer.Option(
+        False, help="only plain vs ours-off (even with --safe-model)"),
+    port: int = typer.Option(
+        8790, min=1, max=65535, help="first port; servers use port, port+1, ..."),
     out: Path = typer.Option(Path("runs/bench_serve"), help="results folder"),
     passes: int = typer.Option(2, min=1, help="passes per level, alternating server order"),
     control: bool = typer.Option(False, help="add a second ours-off server: the ratio of two "
@@ -254,30 +405,20 @@ def bench_serve(
     All servers run at once (idle ones cost little) and are loaded one at a time, level by
     level, in passes of alternating order (A B C, then C B A, ...), so slow drifts of the
     machine's load hit every server alike. Each server's passes are combined."""
-    from safeserve.models.checkpoint import has_safety_head
-    from safeserve.models.model_store import (
-        DEFAULT_HEAD_DIR,
-        compose_checkpoint,
-        ensure_default_model,
-    )
+    from safeserve.models.model_store import ensure_default_model
 
+    levels = _levels(concurrency)
     base = model or ensure_default_model()
-    safe = safe_model
-    if safe is None and not skip_safety and has_safety_head(DEFAULT_HEAD_DIR):
-        safe = compose_checkpoint(base, DEFAULT_HEAD_DIR)
-    if safe is None and not skip_safety:
-        raise typer.BadParameter("no safety head: pass --safe-model or --skip-safety")
-    levels = [int(c) for c in concurrency.split(",")]
+    safe = _safe_model(base, safe_model, skip_safety)
     out.mkdir(parents=True, exist_ok=True)
     procs: list[tuple[str, _Proc, dict]] = []
+    raw: dict[tuple[str, int], list[LoadResult]] = {}
     try:
-        for i, (name, cmd, ready, extra) in enumerate(_servers(base, safe, port, [], control)):
-            cmd = [c if c != str(port) else str(port + i) for c in cmd]
+        for i, (name, cmd, ready, extra, env) in enumerate(_servers(base, safe, port, control)):
             typer.echo(f"starting {name} on port {port + i} ...")
-            proc = _Proc(cmd, port + i, out / f"{name}.log")
-            proc.wait(ready)
+            proc = _Proc(cmd, port + i, out / f"{name}.log", env)
             procs.append((name, proc, extra))
-        raw: dict[tuple[str, int], list[LoadResult]] = {}
+            proc.wait(ready)
         for c in levels:
             n = requests_per_level or max(6, 2 * c)
             for p in range(passes):
@@ -289,20 +430,41 @@ def bench_serve(
                     r.cpu_http_s, r.cpu_engine_s = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
                     typer.echo(f"  pass {p + 1} {name} c={c}: {r.tok_per_s:.1f} tok/s, TTFT "
                                f"p50 {r.ttft_p50*1e3:.0f} ms, ITL p50 {r.itl_p50*1e3:.1f} ms, "
-                               f"CPU {r.cpu_ms_per_tok:.1f} ms/tok")
+                               f"CPU {r.cpu_ms_per_tok:.1f} ms/tok"
+                               + (f", {r.failed} / {r.requests} FAILED" if r.failed else ""))
                     raw.setdefault((name, c), []).append(r)
     finally:
         for _, proc, _ in procs:
             proc.stop()
+        # every load measured so far, before anything else can go wrong (a server that died
+        # mid-run, the table): the measurements are kept
+        (out / "passes.json").write_text(json.dumps(
+            [r.summary() for rs in raw.values() for r in rs], indent=2))
     results = [_mean(raw[(name, c)]) for c in levels for name, _, _ in procs]
+    (out / "results.json").write_text(json.dumps([r.summary() for r in results], indent=2))
     table = _table(results, raw)
     typer.echo(table)
-    (out / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
     (out / "results.md").write_text(table + "\n")
+    if failures := _failure_report(results):
+        typer.secho(failures, err=True, fg=typer.colors.RED, bold=True)
+        raise typer.Exit(1)
 
 
-def bench_config(iterations: int = typer.Option(20000, help="requests to time per case")):
-    """Per-request cost of safety-config parsing, authorization and compilation."""
+def _config_cases() -> dict[str, tuple[str | None, dict | None]]:
+    """(X-Safety-Config header, body safety_config) of each timed case."""
+    return {
+        "no config (default preset)": (None, None),
+        "preset in header": ("game_development", None),
+        "JSON object in header": ('{"allow": ["violence"], "threshold": {"weapons": 0.3}, '
+                                  '"on_violation": "stop", "holdback": true}', None),
+        "object in body": (None, {"allow": ["weapons"], "threshold": 0.4, "tau": 2,
+                                  "guideline": "Fictional battles are fine."}),
+    }
+
+
+def config_timings(iterations: int) -> list[tuple[str, float]]:
+    """(case, microseconds per request) of parsing, authorizing and compiling each case's
+    config, as a key with a grant that allows every case."""
     from safeserve.models.taxonomy import Taxonomy
     from safeserve.server.auth import Grant, Principal
     from safeserve.server.safety_config import SafetyPolicy
@@ -311,24 +473,24 @@ def bench_config(iterations: int = typer.Option(20000, help="requests to time pe
 
     svc = SafetyService(SafetyPolicy(Taxonomy.load()), TelemetryHub(), lambda: None)
     svc._refusal_ids = list(range(12))  # tokenization happens once per server, not per request
+    # guideline: the body case brings its own, which a grant must allow (server/auth.py)
     who = Principal("studio", Grant(presets=["default", "game_development"],
-                                    allow=["violence", "weapons"]))
-    cases = {
-        "no config (default preset)": (None, None),
-        "preset in header": ("game_development", None),
-        "JSON object in header": ('{"allow": ["violence"], "threshold": {"weapons": 0.3}, '
-                                  '"on_violation": "stop", "holdback": true}', None),
-        "object in body": (None, {"allow": ["weapons"], "threshold": 0.4, "tau": 2,
-                                  "guideline": "Fictional battles are fine."}),
-    }
-    typer.echo("| case | us / request |\n|---|---|")
-    for name, (header, body) in cases.items():
+                                    allow=["violence", "weapons"], guideline=True))
+    rows = []
+    for name, (header, body) in _config_cases().items():
         t0 = time.perf_counter()
         for i in range(iterations):
             req = svc.resolve(header, body)
             svc.authorize(who, req)
             svc.policy.compile(req.config, f"r{i}", svc._refusal_ids, 2)
-        us = (time.perf_counter() - t0) / iterations * 1e6
+        rows.append((name, (time.perf_counter() - t0) / iterations * 1e6))
+    return rows
+
+
+def bench_config(iterations: int = typer.Option(20000, min=1, help="requests to time per case")):
+    """Per-request cost of safety-config parsing, authorization and compilation."""
+    typer.echo("| case | us / request |\n|---|---|")
+    for name, us in config_timings(iterations):
         typer.echo(f"| {name} | {us:.1f} |")
 
 

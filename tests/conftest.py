@@ -104,15 +104,13 @@ def running_server(tmp: Path, *args: str, env: dict | None = None):
 
 def tiny_llama_with_default_tokenizer(out: Path) -> Path:
     """A 2-layer random Llama (hidden 64) with the embedded default model's real tokenizer,
-    saved to ``out``; skips the test when the default model has not been prepared."""
+    saved to ``out``; prepares the default model first if needed (offline: it ships as a
+    package), so a cold cache runs these tests instead of skipping them."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from safeserve.models.model_store import DEFAULT_MODEL_NAME, cache_dir
+    from safeserve.models.model_store import ensure_default_model
 
-    tok_dir = cache_dir() / "models" / DEFAULT_MODEL_NAME
-    if not (tok_dir / "tokenizer.json").is_file():
-        pytest.skip("default model tokenizer not converted yet (safeserve model prepare)")
-    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    tok = AutoTokenizer.from_pretrained(str(ensure_default_model()))
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                       head_dim=32, max_position_embeddings=512, tie_word_embeddings=True,

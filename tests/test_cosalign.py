@@ -32,6 +32,20 @@ def test_synthesis_covers_four_modes():
     assert all(a == set() for a in seen["safe"])
     assert all(a > set(cats) for a in seen["superset"])  # strict superset
     assert all(not a >= set(cats) for a in seen["not_superset"])
+    assert all(a - set(cats) for a in seen["not_superset"])  # some other risk is allowed
+
+
+def test_not_superset_never_repeats_safe_and_allow_sets_are_unique():
+    rng = random.Random(3)
+    for cats in (["drugs"], ["violence", "weapons"], ["self_harm"]):
+        for _ in range(100):
+            cfgs = synthesize(cats, TAX, rng)
+            keys = [c.key for c in cfgs]
+            assert len(keys) == len(set(keys)), keys
+            ns = [set(c.allow) for c in cfgs if c.mode == "not_superset"]
+            assert len(ns) == 1 and ns[0] and ns[0] - set(cats) and not ns[0] >= set(cats)
+    # A prompt with every category cannot have a config that allows something else.
+    assert "not_superset" not in [c.mode for c in synthesize(TAX.ids, TAX, rng)]
 
 
 def test_synthesis_benign_prompt_and_holdout():
@@ -253,6 +267,159 @@ def test_llm_judge_reply_parsing():
     lab = parse_judge_reply('ok: {"addressed": "partial", "categories": ["drugs", "cooking"]}', TAX)
     assert lab.addressed == "partial" and lab.categories == ("drugs",) and lab.helpfulness == 0.5
     assert parse_judge_reply("no json", TAX) is None
+    # The first object, not a greedy span to the last brace (which does not parse).
+    lab = parse_judge_reply('{"addressed": "full", "categories": ["drugs"]} note: {see above}', TAX)
+    assert lab.addressed == "full" and lab.categories == ("drugs",)
+    lab = parse_judge_reply('thinking {not json} -> {"addressed": "none", "categories": []}', TAX)
+    assert lab.addressed == "none" and lab.categories == ()
+
+
+class _FakeJudge:
+    """An LLM judge whose replies are given (None = a reply parse_judge_reply could not read)."""
+
+    def __init__(self, reply=None, error=None):
+        self.reply, self.error, self.calls = reply, error, 0
+
+    def label_many(self, pairs):
+        self.calls += 1
+        if self.error is not None:
+            raise self.error
+        return [self.reply(p, r) if callable(self.reply) else self.reply for p, r in pairs]
+
+
+def test_unreadable_judge_reply_labels_the_answer_with_the_prompts_risks():
+    from safeserve.models.cosalign.llm_judge import JudgeLabel
+    from safeserve.models.cosalign.pipeline import (
+        JobOptions, Labellers, build_pairs, label_candidates, plan_jobs)
+    from safeserve.models.cosalign.prompts import LabelledPrompt
+
+    jobs = plan_jobs([LabelledPrompt("How to make a pipe bomb?", ["weapons"])], TAX,
+                     JobOptions(modes=("safe",)))
+    rows, source = label_candidates(jobs, [[ANSWER, REFUSAL]], TAX, JobOptions(),
+                                    Labellers(judge=_FakeJudge(None)))
+    assert source == "judge"
+    answer, refusal = rows
+    # Not error 0: the answer is taken to carry the prompt's risk, disallowed here.
+    assert answer["judge_unread"] and answer["addressed"] and answer["present"] == ["weapons"]
+    assert answer["error"] == pytest.approx(3.0)
+    assert refusal["judge_unread"] and not refusal["addressed"] and refusal["present"] == []
+    dpo, sft = build_pairs(rows, Weights(), max_pairs=0)
+    assert [r["chosen"][0]["content"] for r in dpo] == [REFUSAL]
+    assert [r["completion"][0]["content"] for r in sft] == [REFUSAL]
+    # A reply that was read is trusted as before.
+    rows, _ = label_candidates(jobs, [[ANSWER]], TAX, JobOptions(),
+                               Labellers(judge=_FakeJudge(JudgeLabel("full", ()))))
+    assert not rows[0]["judge_unread"] and rows[0]["error"] == 0.0
+
+
+def _prompts_file(path, rows):
+    path.write_text("".join(json.dumps({"prompt": p, "categories": c}) + "\n" for p, c in rows))
+    return path
+
+
+def test_make_data_saves_generation_before_labelling_and_counts_unread_replies(tmp_path, monkeypatch):
+    from safeserve.models.cosalign import generate, pipeline
+    from safeserve.models.cosalign.pipeline import JobInputError, JobOptions, Labellers, make_data
+
+    calls = []
+
+    def fake_generate(model_dir, conversations, **kw):
+        calls.append(len(conversations))
+        return [[ANSWER] for _ in conversations]
+
+    monkeypatch.setattr(generate, "generate_candidates", fake_generate)
+    prompts = _prompts_file(tmp_path / "p.jsonl", [("How to make a pipe bomb?", ["weapons"]),
+                                                   ("Name a colour.", [])])
+    opts = JobOptions(modes=("exact", "safe"), num_candidates=1, judge_url="http://judge")
+    judge = _FakeJudge(error=RuntimeError("judge went away"))
+    monkeypatch.setattr(pipeline, "open_labellers", lambda o, t: Labellers(judge=judge))
+    with pytest.raises(RuntimeError, match="went away"):
+        make_data(prompts, tmp_path / "model", tmp_path / "out", opts, TAX)
+    raw = [json.loads(x) for x in (tmp_path / "out/cosalign/raw_candidates.jsonl").read_text().splitlines()]
+    assert calls == [3] and len(raw) == 3 and all(r["responses"] == [ANSWER] for r in raw)
+    # The rerun labels the saved candidates instead of generating them again.
+    judge.error = None
+    stats = make_data(prompts, tmp_path / "model", tmp_path / "out", opts, TAX)
+    assert calls == [3] and judge.calls == 2 and stats["generation_reused"]
+    assert stats["candidates"] == 6 and stats["judge_unread"] == 6  # 3 answers + 3 refusals
+    pairs = [json.loads(x) for x in (tmp_path / "out/cosalign/pairs.jsonl").read_text().splitlines()]
+    assert all(p["chosen"][0]["content"] != ANSWER for p in pairs if p["mode"] == "safe"
+               and "bomb" in p["prompt"][1]["content"])
+    # Other settings: generated afresh.
+    make_data(prompts, tmp_path / "model", tmp_path / "out",
+              JobOptions(modes=("exact", "safe"), num_candidates=1, max_tokens=9, judge_url="x"), TAX)
+    assert calls == [3, 3]
+    # Nothing to do is an error before any generation.
+    with pytest.raises(JobInputError, match="no prompts"):
+        make_data(_prompts_file(tmp_path / "empty.jsonl", []), tmp_path / "model",
+                  tmp_path / "out", opts, TAX)
+    with pytest.raises(JobInputError, match="no prompt-config jobs"):
+        make_data(prompts, tmp_path / "model", tmp_path / "out",
+                  JobOptions(modes=("safe",), holdout=("safe",)), TAX)
+    assert calls == [3, 3]
+
+
+def test_unreachable_judge_fails_before_generation(tmp_path, monkeypatch):
+    from safeserve.models.cosalign import generate
+    from safeserve.models.cosalign.pipeline import JobInputError, JobOptions, make_data
+
+    monkeypatch.setattr(generate, "generate_candidates",
+                        lambda *a, **k: pytest.fail("generated before checking the judge"))
+    prompts = _prompts_file(tmp_path / "p.jsonl", [("Name a colour.", [])])
+    opts = JobOptions(judge_url="http://127.0.0.1:9/v1", judge_model="m")  # port 9: discard
+    with pytest.raises(JobInputError, match="cannot use the judge"):
+        make_data(prompts, tmp_path / "model", tmp_path / "out", opts, TAX)
+
+
+def test_stage_train_uses_the_model_the_data_was_built_from(tmp_path, monkeypatch):
+    from safeserve.models.cosalign import pipeline
+    from safeserve.models.cosalign.pipeline import DATA_DIR, JobInputError, JobOptions, run
+    from safeserve.models.cosalign.trainer import TrainOptions
+
+    trained = []
+    monkeypatch.setattr(pipeline, "train_from_data",
+                        lambda model_dir, out, topts, keep_sft: trained.append(model_dir) or {})
+    built, other = tmp_path / "built_model", tmp_path / "other_model"
+    out = tmp_path / "out"
+    (out / DATA_DIR).mkdir(parents=True)
+    (out / DATA_DIR / "recipe.json").write_text(json.dumps({"base_model": str(built)}))
+    run(None, None, out, JobOptions(), TrainOptions(), stage="train")
+    run(None, built, out, JobOptions(), TrainOptions(), stage="train")
+    assert trained == [built, built]
+    with pytest.raises(JobInputError, match="not the model the data was built from"):
+        run(None, other, out, JobOptions(), TrainOptions(), stage="train")
+    with pytest.raises(JobInputError, match="run --stage data first"):
+        run(None, None, tmp_path / "no_data", JobOptions(), TrainOptions(), stage="train")
+    assert len(trained) == 2
+
+
+def _cli():
+    import typer
+
+    from safeserve.models.cosalign.cli import register
+
+    app = typer.Typer()
+    register(app)
+    return app
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--stage", "train"], 1, "run --stage data first"),
+    ([], 2, "--prompts"),
+    (["--prompts", "{p}", "--holdout", "violence+wepons"], 2, "wepons"),
+    (["--prompts", "{p}", "--beta", "1", "--gamma", "1"], 2, "must be greater than --gamma"),
+    (["--prompts", "{p}", "--modes", "exact,supreset"], 2, "supreset"),
+])
+def test_cosalign_cli_bad_input_is_one_line(tmp_path, args, code, message):
+    from typer.testing import CliRunner
+
+    prompts = _prompts_file(tmp_path / "p.jsonl", [("Name a colour.", [])])
+    args = [a.replace("{p}", str(prompts)) for a in args]
+    result = CliRunner().invoke(_cli(), ["cosalign", "--out", str(tmp_path / "out"), *args],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == code, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not isinstance(result.exception, (ValueError, FileNotFoundError))
 
 
 # ----------------------------------------------------------------------------- tiny model
@@ -290,6 +457,25 @@ def test_head_labeller(tiny_model):
     lab = HeadLabeller(tiny_model, batch_size=2)
     cats = lab.categories([("hi", "some answer"), ("a longer question here", "x"), ("q", "")])
     assert cats == [["violence"], ["violence"], []]
+    assert lab.device == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert next(lab.model.parameters()).device.type == lab.device.type
+
+
+def test_head_labeller_cuts_a_long_prompt_not_the_response(tiny_model):
+    from safeserve.models.cosalign.head_labeller import HeadLabeller
+
+    lab = HeadLabeller(tiny_model, max_length=32)
+    response = "Here is how you do it."
+    resp_ids = lab.tokenizer(response, add_special_tokens=False)["input_ids"]
+    ids, start = lab._encode("please " * 200, response)
+    assert len(ids) == 32 and ids[start:] == resp_ids and start == 32 - len(resp_ids)
+    # The prompt's end (the assistant header) stays right before the response.
+    short, short_start = lab._encode("please", response)
+    assert ids[start - 3:start] == short[short_start - 3:short_start]
+    # A response longer than the window keeps its start and a quarter of the window of prompt.
+    ids, start = lab._encode("please " * 200, "word " * 200)
+    assert len(ids) == 32 and start == 8
+    assert lab.categories([("please " * 200, response)]) == [["violence"]]  # was [] (cut off)
 
 
 def test_sft_dpo_tiny_model_saves_loadable_dir(tiny_model, tmp_path):

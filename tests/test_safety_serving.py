@@ -468,3 +468,21 @@ def test_n_choices_each_carry_their_own_safety_report(http, server):
     assert [s["prompt"]["flagged"] for s in strict["safety"]] == [True, True]
     assert _counter(http, "safeserve_safety_prompts_flagged_total",
                     category="violence") - prompts_before == 1  # once per request, not per choice
+
+
+def test_continuous_usage_with_holdback_counts_every_generated_token(http, server):
+    """Holdback delays text, not accounting: with continuous usage stats each chunk's count
+    only grows, and the last equals the unary request's (withheld tokens were generated)."""
+    cfg = {"allow": ["violence"], "tau": 1, "holdback": True}
+    unary = chat(http, server, FRANCE, safety_config=cfg).json()
+    with http.stream("POST", "/v1/chat/completions", json={
+            "model": server.model, "messages": FRANCE, "max_tokens": 24, "temperature": 0,
+            "stream": True, "safety_config": cfg,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}) as resp:
+        chunks = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+    counts = [ch["usage"]["completion_tokens"] for ch in chunks]
+    assert all("usage" in ch for ch in chunks) and counts == sorted(counts)
+    assert counts[-1] == unary["usage"]["completion_tokens"]
+    streamed = "".join(c["delta"].get("content") or "" for ch in chunks for c in ch["choices"])
+    assert streamed == unary["choices"][0]["message"]["content"]
+    assert "Paris" not in streamed

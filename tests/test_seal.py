@@ -1,9 +1,9 @@
 """SEAL data selection: selector gradient, id-stable filtering, resume, servable fine-tune output.
 
 Runs on a tiny random LlamaForCausalLM (hidden 64, 2 layers, head_dim 32) with the default
-model's tokenizer; nothing reads ../shared. The two-process data-parallel check is opt-in
-(SAFESERVE_TEST_DDP=1): it launches two CPU ranks with ``accelerate launch`` and takes about a
-minute on a busy 2-core machine.
+model's tokenizer; nothing reads ../shared. The two-process data-parallel check runs by default
+(SAFESERVE_SKIP_DDP=1 skips it): it launches two CPU ranks with ``accelerate launch`` and takes
+about a minute on a busy 2-core machine.
 """
 
 from __future__ import annotations
@@ -199,18 +199,79 @@ def test_finetune_writes_a_loadable_checkpoint_with_the_head(tiny, data, tmp_pat
     assert metrics["safety_head"]["after"]["auroc"] is not None
 
 
-def test_commands_are_registered():
+def test_random_baseline_keeps_data_order_and_empty_data_is_an_error():
+    from safeserve.models.seal.data import SealInputError
+    from safeserve.models.seal.finetune import FinetuneConfig, choose_rows
+    from safeserve.models.seal.selector import keep_count
+
+    ids = [f"r{i}" for i in range(1000)][::-1]
+    cfg = FinetuneConfig(ft_data="ft.jsonl", model="m", out="o", keep=0.3, random_baseline=True)
+    kept, name = choose_rows(cfg, ids)
+    assert name == "random" and len(kept) == 300 and len(set(kept)) == 300
+    pos = {s: i for i, s in enumerate(ids)}
+    assert [pos[s] for s in kept] == sorted(pos[s] for s in kept)
+    assert kept == choose_rows(cfg, ids)[0]  # seeded
+    assert keep_count(0, 0.8) == 0 and keep_count(3, 0.01) == 1 and keep_count(4, 1.0) == 4
+    with pytest.raises(SealInputError, match="no usable rows"):
+        choose_rows(cfg, [])
+
+
+def _app():
     import typer
-    from typer.testing import CliRunner
 
     from safeserve.models.seal.cli import register
 
     app, train = typer.Typer(), typer.Typer()
     app.add_typer(train, name="train")
     register(train)
+    return app
+
+
+def test_commands_are_registered():
+    from typer.testing import CliRunner
+
     for cmd in ("seal-select", "seal-finetune", "seal-experiment"):
-        result = CliRunner().invoke(app, ["train", cmd, "--help"])
+        result = CliRunner().invoke(_app(), ["train", cmd, "--help"])
         assert result.exit_code == 0, result.output
+
+
+def test_bad_cli_input_is_one_line(tiny, data, tmp_path):
+    from typer.testing import CliRunner
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"prompt": "hi", "response": " "}) + "\n")
+    not_selector = tmp_path / "sel.json"
+    not_selector.write_text("{}")
+    ft, safe, out = str(data["ft"]), str(data["safe"]), str(tmp_path / "o")
+    select = ["train", "seal-select", "--ft-data", ft, "--safe-data", safe, "--out", out,
+              "--model", str(tiny)]
+    finetune = ["train", "seal-finetune", "--ft-data", ft, "--out", out, "--model", str(tiny)]
+    cases = [
+        (select + ["--dtype", "bf16"], 2, "bfloat16"),
+        (select + ["--selector-optim", "foo"], 2, "adam, sgd"),
+        (select + ["--resume", str(tmp_path / "missing.json")], 2, "does not exist"),
+        (finetune + ["--keep", "1.5"], 2, "(0, 1]"),
+        (finetune + ["--selector", str(tmp_path / "missing.json")], 2, "does not exist"),
+        (finetune + ["--selector", str(not_selector)], 2, "not a readable SEAL selector"),
+        (["train", "seal-finetune", "--ft-data", str(empty), "--out", out, "--model", str(tiny),
+          "--keep", "1.0"], 1, "no usable rows"),
+        (["train", "seal-experiment", "--data-root", str(tmp_path), "--n-eval-benign", "0"], 2,
+         "--n-eval-benign"),
+        (["train", "seal-experiment", "--data-root", str(tmp_path), "--keep", "0"], 2, "(0, 1]"),
+    ]
+    for args, code, message in cases:
+        result = CliRunner().invoke(_app(), args, env={"COLUMNS": "200"})
+        assert result.exit_code == code, (args, result.output)
+        assert message in result.output and "Traceback" not in result.output, (args, result.output)
+        assert isinstance(result.exception, SystemExit), (args, result.exception)
+    assert not (tmp_path / "o").exists()  # nothing started
+
+
+def _run_checked(cmd: list[str], env: dict) -> None:
+    """Run a child; on failure show its output (capture_output alone would hide why)."""
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, (f"{' '.join(cmd[-12:])} exited {proc.returncode}\n"
+                                  f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}")
 
 
 @pytest.mark.skipif(os.environ.get("SAFESERVE_SKIP_DDP") == "1",
@@ -224,10 +285,9 @@ def test_data_parallel_matches_single_process(tiny, data, tmp_path):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               str(REPO / "deploy" / "accelerate" / "multi_gpu.yaml"), "--num_processes", "2",
               "-m", "safeserve.server.cli"]
-    subprocess.run(launch + args + ["--out", str(tmp_path / "ddp")], check=True, env=env,
-                   capture_output=True)
-    subprocess.run([sys.executable, "-m", "safeserve.server.cli"] + args
-                   + ["--out", str(tmp_path / "one")], check=True, env=env, capture_output=True)
+    _run_checked(launch + args + ["--out", str(tmp_path / "ddp")], env)
+    _run_checked([sys.executable, "-m", "safeserve.server.cli"] + args
+                 + ["--out", str(tmp_path / "one")], env)
     ddp, one = (Selector.load(tmp_path / x / "selector.json") for x in ("ddp", "one"))
     assert ddp.config["world_size"] == 2 and one.config["world_size"] == 1
     # Same updates up to float summation order: two ranks add the per-row gradients in

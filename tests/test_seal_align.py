@@ -118,7 +118,68 @@ def test_stop_after_align_builds_the_aligned_base(tiny, data_root, tmp_path):
     # A rerun finds every step cached.
     t = json.loads((out / "timings.json").read_text())
     assert {"data", "align_data", "align"} <= set(t)
-    assert run_experiment(cfg, log=lambda *_: None)["stopped_after"] == "align"
+    logs: list[str] = []
+    assert run_experiment(cfg, log=logs.append)["stopped_after"] == "align"
+    assert not any("settings changed" in x for x in logs)
+    assert all(f"[{s}]" not in x or "(cached)" in x for x in logs for s in ("data", "align"))
+    # Other alignment settings redo the alignment steps only (not the fine-tuning data).
+    aligned_at = (out / "aligned" / "seal_metrics.json").stat().st_mtime_ns
+    ft_at = (out / "ft.jsonl").stat().st_mtime_ns
+    logs.clear()
+    res = run_experiment(_cfg(data_root, out, model=str(tiny), stop_after="align",
+                              n_align_harmful=5), log=logs.append)
+    assert res["align"]["n_align_refusal"] == 5
+    assert any("[align_data] settings changed (n_align_harmful: 8 -> 5)" in x for x in logs), logs
+    assert (out / "aligned" / "seal_metrics.json").stat().st_mtime_ns != aligned_at
+    assert (out / "ft.jsonl").stat().st_mtime_ns == ft_at
+    assert json.loads((out / "aligned" / "seal_metrics.json").read_text())["n_kept"] == \
+        res["align"]["n_align"]
+
+
+def test_step_configs_reach_every_later_step(tmp_path):
+    from safeserve.models.seal.experiment import step_configs
+
+    m = tmp_path / "model"
+    base = step_configs(_cfg(tmp_path, tmp_path / "o"), m)
+
+    def changed(**kw) -> set[str]:
+        new = step_configs(_cfg(tmp_path, tmp_path / "o", **kw), m)
+        assert set(new) == set(base)
+        return {k for k in base if new[k] != base[k]}
+
+    evals = {k for k in base if k.startswith("eval:")}
+    assert changed(keep=0.5) == {"sft_random", "sft_seal", "eval:random", "eval:seal"}
+    assert changed(selector_epochs=5) == {"sft_seal", "eval:seal"}
+    assert changed(selector_lr=1.0) == {"selector", "sft_seal", "eval:seal"}
+    assert changed(seed=1) == set(base)
+    assert changed(n_benign=7) == set(base)
+    assert changed(align_lr=1.0) == set(base) - {"data", "align_data", "eval:base"}
+    assert changed(sft_lr=1.0) == {"sft_all", "sft_random", "sft_seal"} | (evals - {"eval:base", "eval:aligned"})
+    assert changed(threads=2, gen_backend="vllm", stop_after="data") == set()
+
+
+def test_step_record_redoes_changed_steps_and_refuses_unrecorded_outputs(tmp_path):
+    from safeserve.models.seal.data import SealInputError
+    from safeserve.models.seal.experiment import STEPS_FILE, StepRecord
+
+    logs, cleared = [], []
+    rec = StepRecord(tmp_path, logs.append)
+    rec.refuse_unrecorded()  # empty folder
+    a, b = {"keep": 0.8, "data": {"seed": 0}}, {"keep": 0.5, "data": {"seed": 0}}
+    assert not rec.reuse("sft_seal", a, lambda: cleared.append(1), complete=False)
+    rec.finish("sft_seal")
+    again = StepRecord(tmp_path, logs.append)  # read back from step_configs.json
+    assert again.reuse("sft_seal", a, lambda: cleared.append(2), complete=True)
+    assert not again.reuse("sft_seal", a, lambda: cleared.append(3), complete=False)  # outputs gone
+    assert cleared == [1] and not logs
+    assert not again.reuse("sft_seal", b, lambda: cleared.append(4), complete=True)
+    assert cleared == [1, 4] and logs == ["[sft_seal] settings changed (keep: 0.8 -> 0.5): redoing it"]
+    assert json.loads((tmp_path / STEPS_FILE).read_text())["sft_seal"] == {"config": b, "done": False}
+    # Outputs of a run that recorded nothing: their settings are unknown.
+    old = tmp_path / "old"
+    (old / "selector").mkdir(parents=True)
+    with pytest.raises(SealInputError, match="selector"):
+        StepRecord(old, logs.append).refuse_unrecorded()
 
 
 def test_stop_after_rejects_unknown_steps(tmp_path):

@@ -12,13 +12,15 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console()
+err_console = Console(stderr=True)
 
 
 def cosalign(
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Training prompts JSONL: {prompt, categories} with categories a list of taxonomy ids (see `train cosalign-prompts`)."),
-    model: Optional[Path] = typer.Option(None, "--model", help="Base HF model directory (default: the embedded SmolLM2)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", exists=True, dir_okay=False, help="Training prompts JSONL: {prompt, categories} with categories a list of taxonomy ids (see `train cosalign-prompts`)."),
+    model: Optional[Path] = typer.Option(None, "--model", exists=True, file_okay=False, help="Base HF model directory (default: the embedded SmolLM2; --stage train: the model the data was built from)."),
     out: Path = typer.Option(..., "--out", help="Output model directory (full HF dir; data under cosalign/)."),
     head_checkpoint: Optional[Path] = typer.Option(None, "--head-checkpoint", help="Safety checkpoint whose head labels the risk categories in candidates."),
     judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible endpoint of an LLM judge for addressed/categories labels."),
@@ -52,18 +54,33 @@ def cosalign(
     seed: int = typer.Option(0, "--seed", help="Seed of sampling, config synthesis and training."),
 ) -> None:
     """Controllable safety alignment (CoSAlign): train a model to follow the safety config in its system prompt."""
-    from safeserve.models.cosalign.pipeline import JobOptions, run
+    from safeserve.models.cosalign.configs import MODES
+    from safeserve.models.cosalign.pipeline import JobInputError, JobOptions, holdout_keys, run
     from safeserve.models.cosalign.preferences import Weights
     from safeserve.models.cosalign.trainer import TrainOptions
+    from safeserve.models.taxonomy import Taxonomy
 
     if stage not in ("all", "data", "train"):
-        raise typer.BadParameter("--stage must be all, data or train")
-    if model is None:
-        from safeserve.models.model_store import ensure_default_model
-
-        model = ensure_default_model()
+        raise typer.BadParameter("--stage must be all, data or train", param_hint="--stage")
+    if stage != "train" and prompts is None:
+        raise typer.BadParameter(f"--stage {stage} builds the data and needs the training prompts",
+                                 param_hint="--prompts")
+    mode_list = tuple(m.strip() for m in modes.split(",") if m.strip())
+    if not mode_list or (unknown := sorted(set(mode_list) - set(MODES))):
+        raise typer.BadParameter(f"known modes: {', '.join(MODES)}"
+                                 + (f" (not {', '.join(unknown)})" if mode_list else ""),
+                                 param_hint="--modes")
+    try:
+        holdout_keys(holdout, Taxonomy.load())
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--holdout") from None
+    if not beta > gamma:
+        # A disallowed risk must cost more than a refusal, or every refusal (error gamma) also
+        # reaches the "chosen is unsafe" bar (beta) and the safe config gets no pairs at all.
+        raise typer.BadParameter(f"--beta ({beta}) must be greater than --gamma ({gamma})",
+                                 param_hint="--beta")
     logging.basicConfig(level=logging.INFO)
-    opts = JobOptions(limit=limit, seed=seed, modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
+    opts = JobOptions(limit=limit, seed=seed, modes=mode_list,
                       holdout=tuple(holdout), num_candidates=num_candidates, max_tokens=max_tokens,
                       temperature=temperature, kv_cache_gib=kv_cache_gib,
                       weights=Weights(alpha, beta, gamma), max_pairs=max_pairs,
@@ -74,7 +91,11 @@ def cosalign(
                          dpo_beta=dpo_beta, dpo_lr=dpo_lr, optim=optim, batch_size=batch_size,
                          grad_accum=grad_accum, max_length=max_length, lora=lora,
                          max_steps=max_steps, seed=seed)
-    recipe = run(prompts, Path(model), out, opts, topts, stage=stage, keep_sft=keep_sft)
+    try:
+        recipe = run(prompts, model, out, opts, topts, stage=stage, keep_sft=keep_sft)
+    except JobInputError as exc:
+        err_console.print(f"[red]{escape(str(exc))}[/red]")
+        raise typer.Exit(1) from None
     console.print_json(json.dumps({k: recipe.get(k) for k in ("data", "train")}))
     console.print(f"[green]wrote {out}[/green]")
 

@@ -101,34 +101,39 @@ def synthesize(categories, taxonomy: Taxonomy, rng: random.Random,
 
     exact: allow exactly the prompt's categories. safe: allow nothing. superset: the prompt's
     categories plus 1-3 others. not_superset: drop at least one of the prompt's categories
-    (keeping the rest or none) and add 0-2 unrelated ones. A benign prompt (no categories)
-    has no not_superset config, and its exact config is the safe one (kept once).
+    (keeping the rest or none) and add 1-2 unrelated ones. The unrelated one is required: with
+    none, a one-category prompt's not_superset config would allow nothing (about a third of
+    them did): a second copy of safe instead of the case the mode exists for, where some risk
+    is allowed, just not the one this prompt needs. A prompt with every category has no not_superset config.
+    Each allow-set appears once per prompt (a benign prompt's exact config is the safe one;
+    the first mode that produces a set keeps it).
     Allow-sets named in ``holdout`` (see ``config_key``) are never produced: they stay
     unseen configs for evaluation."""
     ids = list(taxonomy.ids)
     cats = sorted(set(categories) & set(ids))
     others = [i for i in ids if i not in cats]
     out: list[SynthConfig] = []
+    seen: set[str] = set()
     for mode in modes:
         if mode == "exact":
             allow = cats
         elif mode == "safe":
-            if not cats and "exact" in modes:
-                continue  # identical to exact
             allow = []
         elif mode == "superset":
             allow = cats + _random_subset(others, rng)
         elif mode == "not_superset":
-            if not cats:
+            if not cats or not others:
                 continue
             kept = rng.sample(cats, rng.randint(0, len(cats) - 1))
-            allow = kept + _random_subset(others, rng, lo=0, hi=2)
+            allow = kept + _random_subset(others, rng, lo=1, hi=2)
         else:
             raise ValueError(f"unknown config mode {mode!r} (known: {', '.join(MODES)})")
         allow = tuple(i for i in ids if i in set(allow))
         if not allow and mode in ("superset",):
             continue
-        if config_key(allow) in holdout:
+        key = config_key(allow)
+        if key in holdout or key in seen:
             continue
+        seen.add(key)
         out.append(SynthConfig(mode, allow, rng.randrange(NUM_TEMPLATES)))
     return out

@@ -5,7 +5,6 @@ request, and which of our risk categories does it contain. Used for training lab
 from __future__ import annotations
 
 import json
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -42,14 +41,26 @@ def judge_messages(prompt: str, response: str, taxonomy: Taxonomy) -> list[dict]
     ]
 
 
+def first_json_object(text: str) -> dict | None:
+    """The first JSON object in ``text``, read from its opening brace to its own end (a
+    greedy ``{.*}`` would run on to the last brace of any later text and fail to parse)."""
+    decoder = json.JSONDecoder()
+    start = text.find("{")
+    while start != -1:
+        try:
+            obj, _ = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict):
+            return obj
+        start = text.find("{", start + 1)
+    return None
+
+
 def parse_judge_reply(text: str, taxonomy: Taxonomy) -> JudgeLabel | None:
     """The first JSON object in ``text`` -> label; None when it cannot be read."""
-    m = re.search(r"\{.*\}", text or "", re.DOTALL)
-    if not m:
-        return None
-    try:
-        obj = json.loads(m.group(0))
-    except json.JSONDecodeError:
+    obj = first_json_object(text or "")
+    if obj is None:
         return None
     addressed = str(obj.get("addressed", "")).lower()
     if addressed not in ("full", "partial", "none"):
@@ -70,6 +81,13 @@ class LLMJudge:
         self.model = model or self.client.models.list().data[0].id
         self.taxonomy = taxonomy or Taxonomy.load()
         self.concurrency = concurrency
+
+    def check(self) -> None:
+        """One tiny request, so a wrong URL, key or model name fails now (before a long job
+        spends its time), not when the labels are due."""
+        self.client.chat.completions.create(
+            model=self.model, messages=[{"role": "user", "content": "Reply with OK."}],
+            temperature=0.0, max_tokens=1)
 
     def label(self, prompt: str, response: str) -> JudgeLabel | None:
         out = self.client.chat.completions.create(

@@ -4,11 +4,13 @@ SFT -> DPO -> a servable model directory.
 Output layout (``out``):
     config.json, model.safetensors, tokenizer files     the DPO-trained model (full weights)
     safety_head/                                        copied from the base, when it has one
-    cosalign/  recipe.json, configs_seen.json, candidates.jsonl, pairs.jsonl, sft.jsonl
+    cosalign/  recipe.json, configs_seen.json, raw_candidates.jsonl + generation.json (sampled
+               texts, saved before labelling), candidates.jsonl (labelled), pairs.jsonl, sft.jsonl
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -29,6 +31,12 @@ from safeserve.models.taxonomy import Taxonomy
 
 log = logging.getLogger("safeserve.cosalign")
 DATA_DIR = "cosalign"
+RAW_NAME, GENERATION_NAME = "raw_candidates.jsonl", "generation.json"
+
+
+class JobInputError(ValueError):
+    """Bad input or a missing earlier stage: the CLI reports it as one line, no traceback."""
+
 
 # Written refusals added to every prompt-config's sampled candidates. A small base model
 # rarely refuses on its own, and without a refusal among the candidates a disallowed
@@ -78,8 +86,8 @@ def holdout_keys(specs, taxonomy: Taxonomy) -> set[str]:
     for spec in specs:
         ids = [] if spec.strip() == "safe" else [x.strip() for x in spec.split("+") if x.strip()]
         if unknown := sorted(set(ids) - set(taxonomy.ids)):
-            raise ValueError(f"holdout config {spec!r}: unknown categories {unknown} (known: "
-                             f"{', '.join(taxonomy.ids)}, or 'safe')")
+            raise JobInputError(f"holdout config {spec!r}: unknown categories {unknown} (known: "
+                                f"{', '.join(taxonomy.ids)}, or 'safe')")
         keys.add(config_key(ids))
     return keys
 
@@ -105,43 +113,78 @@ def _read_jsonl(path: Path) -> list[dict]:
         return [json.loads(x) for x in f if x.strip()]
 
 
-def label_candidates(jobs: list[Job], candidates: list[list[str]], taxonomy: Taxonomy,
-                     opts: JobOptions) -> tuple[list[dict], str]:
-    """Per candidate: addressed (refusal judge, or the LLM judge when given) and the risk
-    categories present (head and/or LLM judge; with neither, the prompt's own labels stand
-    in for an answered candidate). Returns rows and the name of the category source."""
-    flat = [(j, text) for j, texts in zip(jobs, candidates) for text in texts]
-    pairs = [(j.prompt.prompt, text) for j, text in flat]
-    head_cats = judge_labels = None
+@dataclass
+class Labellers:
+    """The category judges of a job: a safety head and/or an LLM judge (either may be absent)."""
+    head: object | None = None  # HeadLabeller
+    judge: object | None = None  # LLMJudge
+
+    @property
+    def source(self) -> str:
+        return "+".join(n for n, on in (("head", self.head), ("judge", self.judge))
+                        if on is not None) or "prompt_labels"
+
+
+def open_labellers(opts: JobOptions, taxonomy: Taxonomy) -> Labellers:
+    """Load the head and reach the judge now, so a wrong checkpoint, URL or model name fails
+    before generation spends its time."""
+    head = judge = None
     if opts.head_checkpoint:
+        from safeserve.models.checkpoint import CheckpointError
         from safeserve.models.cosalign.head_labeller import HeadLabeller
 
-        head_cats = HeadLabeller(opts.head_checkpoint).categories(pairs)
+        try:
+            head = HeadLabeller(opts.head_checkpoint)
+        except (CheckpointError, OSError) as exc:
+            raise JobInputError(f"--head-checkpoint {opts.head_checkpoint}: {exc}") from exc
     if opts.judge_url:
         from safeserve.models.cosalign.llm_judge import LLMJudge
 
-        judge_labels = LLMJudge(opts.judge_url, opts.judge_model, opts.judge_api_key,
-                                taxonomy).label_many(pairs)
-    source = "+".join(s for s, on in (("head", head_cats), ("judge", judge_labels)) if on) \
-        or "prompt_labels"
+        try:
+            judge = LLMJudge(opts.judge_url, opts.judge_model, opts.judge_api_key, taxonomy)
+            judge.check()
+        except Exception as exc:  # the client's connection, auth, HTTP and empty-list errors
+            raise JobInputError(f"--judge-url {opts.judge_url}: cannot use the judge "
+                                f"({type(exc).__name__}: {exc})") from exc
+    return Labellers(head, judge)
+
+
+def label_candidates(jobs: list[Job], candidates: list[list[str]], taxonomy: Taxonomy,
+                     opts: JobOptions, labellers: Labellers | None = None) -> tuple[list[dict], str]:
+    """Per candidate: addressed (refusal judge, or the LLM judge when given) and the risk
+    categories present (head and/or LLM judge; with neither, the prompt's own labels stand
+    in for an answered candidate). Returns rows and the name of the category source.
+    ``labellers`` default: ``open_labellers(opts)``."""
+    labellers = labellers if labellers is not None else open_labellers(opts, taxonomy)
+    flat = [(j, text) for j, texts in zip(jobs, candidates) for text in texts]
+    pairs = [(j.prompt.prompt, text) for j, text in flat]
+    head_cats = labellers.head.categories(pairs) if labellers.head is not None else None
+    judge_labels = labellers.judge.label_many(pairs) if labellers.judge is not None else None
+    source = labellers.source
     rows = []
     for i, (job, text) in enumerate(flat):
         verdict = judge(text)
         addressed = verdict.label != FULL_REFUSAL
         present: set[str] = set()
-        jl = judge_labels[i] if judge_labels else None
-        if jl is not None:
-            addressed = jl.addressed != "none"
-            present |= set(jl.categories)
+        judge_unread = judge_labels is not None and judge_labels[i] is None
+        if judge_labels is not None and not judge_unread:
+            addressed = judge_labels[i].addressed != "none"
+            present |= set(judge_labels[i].categories)
         if head_cats is not None:
             present |= set(head_cats[i])
-        if source == "prompt_labels" and addressed:
-            present = set(job.prompt.categories)
+        # An unreadable judge reply gives no categories, which would score a harmful answer as
+        # risk-free (error 0) and make it the chosen response. Dropping the candidate instead
+        # would also drop the pairs in which it should be the rejected one. So it is labelled
+        # as in a run without a category judge: the refusal judge decides addressed, and an
+        # answer that addressed the prompt is assumed to carry the prompt's risks
+        # (conservative: under a config that disallows them it counts as harmful).
+        if addressed and (source == "prompt_labels" or judge_unread):
+            present |= set(job.prompt.categories)
         rows.append({"prompt": job.prompt.prompt, "prompt_categories": job.prompt.categories,
                      "mode": job.config.mode, "allow": list(job.config.allow),
                      "config_text": job.config_text, "response": text,
                      "refusal_judge": verdict.label, "addressed": addressed,
-                     "present": sorted(present),
+                     "judge_unread": judge_unread, "present": sorted(present),
                      "error": error_score(present, job.config.allow, addressed, opts.weights)})
     return rows, source
 
@@ -168,29 +211,74 @@ def build_pairs(labelled: list[dict], weights: Weights, max_pairs: int) -> tuple
     return dpo_rows, sft_rows
 
 
-def make_data(prompts_path: Path, model_dir: Path, out: Path, opts: JobOptions,
-              taxonomy: Taxonomy) -> dict:
+def generation_key(model_dir: Path, jobs: list[Job], opts: JobOptions) -> str:
+    """What the sampled candidates depend on: a saved generation is reused only on a match."""
+    doc = {"model": str(Path(model_dir).resolve()), "num_candidates": opts.num_candidates,
+           "max_tokens": opts.max_tokens, "temperature": opts.temperature, "seed": opts.seed,
+           "jobs": [[j.prompt.prompt, j.config_text] for j in jobs]}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def sampled_candidates(model_dir: Path, jobs: list[Job], opts: JobOptions,
+                       data: Path) -> tuple[list[list[str]], float, bool]:
+    """Sampled texts per job, the generation seconds, and whether they were reused. They are saved (raw_candidates.jsonl,
+    then generation.json with their key) before anything labels them, so a labelling failure
+    costs a rerun of the labelling only: a rerun with the same jobs and settings reuses them."""
     from safeserve.models.cosalign.generate import generate_candidates
 
-    data = out / DATA_DIR
-    data.mkdir(parents=True, exist_ok=True)
-    prompts = load_prompts(prompts_path, taxonomy)
-    if opts.limit and len(prompts) > opts.limit:
-        prompts = random.Random(opts.seed).sample(prompts, opts.limit)
-    jobs = plan_jobs(prompts, taxonomy, opts)
-    log.info("%d prompts -> %d prompt-config jobs x %d candidates", len(prompts), len(jobs),
-             opts.num_candidates)
+    raw, meta_path = data / RAW_NAME, data / GENERATION_NAME
+    key = generation_key(model_dir, jobs, opts)
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if meta.get("key") == key and raw.is_file():
+        rows = _read_jsonl(raw)
+        if len(rows) == len(jobs):
+            log.info("reusing %d jobs' sampled candidates from %s", len(rows), raw)
+            return [r["responses"] for r in rows], meta.get("seconds", 0.0), True
+    meta_path.unlink(missing_ok=True)
     t0 = time.perf_counter()
     candidates = generate_candidates(model_dir, [j.messages() for j in jobs],
                                      num_candidates=opts.num_candidates, max_tokens=opts.max_tokens,
                                      temperature=opts.temperature, seed=opts.seed,
                                      kv_cache_gib=opts.kv_cache_gib)
-    gen_s = time.perf_counter() - t0
+    seconds = round(time.perf_counter() - t0, 1)
+    _write_jsonl(({"prompt": j.prompt.prompt, "prompt_categories": j.prompt.categories,
+                   "mode": j.config.mode, "allow": list(j.config.allow),
+                   "config_text": j.config_text, "responses": texts}
+                  for j, texts in zip(jobs, candidates)), raw)
+    meta_path.write_text(json.dumps({"key": key, "seconds": seconds, "jobs": len(jobs)}))
+    return candidates, seconds, False
+
+
+def read_prompts(prompts_path: Path, opts: JobOptions, taxonomy: Taxonomy) -> list[LabelledPrompt]:
+    try:
+        prompts = load_prompts(prompts_path, taxonomy)
+    except ValueError as exc:  # a malformed row, with its file and line
+        raise JobInputError(str(exc)) from exc
+    if not prompts:
+        raise JobInputError(f"no prompts in {prompts_path}")
+    if opts.limit and len(prompts) > opts.limit:
+        prompts = random.Random(opts.seed).sample(prompts, opts.limit)
+    return prompts
+
+
+def make_data(prompts_path: Path, model_dir: Path, out: Path, opts: JobOptions,
+              taxonomy: Taxonomy) -> dict:
+    data = out / DATA_DIR
+    data.mkdir(parents=True, exist_ok=True)
+    prompts = read_prompts(prompts_path, opts, taxonomy)
+    jobs = plan_jobs(prompts, taxonomy, opts)
+    if not jobs:
+        raise JobInputError("no prompt-config jobs: the --modes give these prompts no config "
+                            "outside --holdout")
+    labellers = open_labellers(opts, taxonomy)
+    log.info("%d prompts -> %d prompt-config jobs x %d candidates", len(prompts), len(jobs),
+             opts.num_candidates)
+    candidates, gen_s, reused = sampled_candidates(model_dir, jobs, opts, data)
     rng = random.Random(opts.seed + 1)
     if opts.refusal_candidates > 0:
         candidates = [texts + rng.sample(REFUSALS, min(opts.refusal_candidates, len(REFUSALS)))
                       for texts in candidates]
-    labelled, source = label_candidates(jobs, candidates, taxonomy, opts)
+    labelled, source = label_candidates(jobs, candidates, taxonomy, opts, labellers)
     _write_jsonl(labelled, data / "candidates.jsonl")
     dpo_rows, sft_rows = build_pairs(labelled, opts.weights, opts.max_pairs)
     _write_jsonl(dpo_rows, data / "pairs.jsonl")
@@ -198,23 +286,30 @@ def make_data(prompts_path: Path, model_dir: Path, out: Path, opts: JobOptions,
     seen = sorted({config_key(j.config.allow) for j in jobs})
     (data / "configs_seen.json").write_text(json.dumps(seen, indent=1))
     stats = {"prompts": len(prompts), "jobs": len(jobs), "candidates": len(labelled),
-             "category_source": source, "generation_s": round(gen_s, 1),
+             "category_source": source, "generation_s": gen_s, "generation_reused": reused,
+             # judge replies that could not be read: labelled from the prompt (label_candidates)
+             "judge_unread": sum(r["judge_unread"] for r in labelled),
              "pairs": len(dpo_rows), "sft_rows": len(sft_rows),
              "jobs_by_mode": {m: sum(j.config.mode == m for j in jobs) for m in MODES},
              "addressed_rate": round(sum(r["addressed"] for r in labelled) / max(1, len(labelled)), 4),
              "seen_configs": len(seen)}
+    if stats["judge_unread"]:
+        log.warning("%d of %d judge replies were unreadable; those candidates carry their "
+                    "prompt's categories", stats["judge_unread"], len(labelled))
     return stats
 
 
 def train_from_data(model_dir: Path, out: Path, topts: TrainOptions, keep_sft: bool = False) -> dict:
     data = out / DATA_DIR
+    if not (data / "pairs.jsonl").is_file():
+        raise JobInputError(f"no CoSAlign data in {data} (pairs.jsonl): run --stage data first")
     sft_rows = [{"prompt": r["prompt"], "completion": r["completion"]}
                 for r in _read_jsonl(data / "sft.jsonl")]
     dpo_rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")}
                 for r in _read_jsonl(data / "pairs.jsonl")]
     if not dpo_rows:
-        raise ValueError("no preference pairs: every prompt-config's candidates tied or were all "
-                         "unsafe; sample more candidates or use more prompts")
+        raise JobInputError("no preference pairs: every prompt-config's candidates tied or were "
+                            "all unsafe; sample more candidates or use more prompts")
     stats = {}
     start = Path(model_dir)
     sft_dir = data / "sft_model"
@@ -230,21 +325,45 @@ def train_from_data(model_dir: Path, out: Path, topts: TrainOptions, keep_sft: b
     return stats
 
 
-def run(prompts_path: Path | None, model_dir: Path, out: Path, opts: JobOptions,
+def train_base(recipe: dict, model_dir: Path | None, recipe_path: Path) -> Path:
+    """The model ``--stage train`` starts from: the one the data was sampled from (its
+    recipe.json), not whatever ``--model`` defaults to. The pairs rank that model's own
+    answers; training another model on them is off-policy and silently so."""
+    built = recipe.get("base_model")
+    if built is None:
+        if model_dir is None:
+            raise JobInputError(f"no data recipe at {recipe_path}: run --stage data first "
+                                "(or give --model for hand-made pairs)")
+        return Path(model_dir)
+    if model_dir is not None and Path(model_dir).resolve() != Path(built).resolve():
+        raise JobInputError(f"--model {model_dir} is not the model the data was built from "
+                            f"({built}, per {recipe_path}); leave --model out")
+    return Path(built)
+
+
+def run(prompts_path: Path | None, model_dir: Path | None, out: Path, opts: JobOptions,
         topts: TrainOptions, stage: str = "all", keep_sft: bool = False) -> dict:
+    """``model_dir`` None: the embedded default model to build data, the data's own model to
+    train (``--stage train``)."""
     taxonomy = Taxonomy.load()
-    out.mkdir(parents=True, exist_ok=True)
     recipe_path = out / DATA_DIR / "recipe.json"
     recipe = json.loads(recipe_path.read_text()) if recipe_path.is_file() else {}
     if stage in ("all", "data"):
         if prompts_path is None:
-            raise ValueError("--prompts is required to build the data")
+            raise JobInputError("--prompts is required to build the data")
+        if model_dir is None:
+            from safeserve.models.model_store import ensure_default_model
+
+            model_dir = ensure_default_model()
+        out.mkdir(parents=True, exist_ok=True)
         recipe = {"base_model": str(model_dir), "prompts": str(prompts_path),
                   "job": {**asdict(opts), "judge_api_key": None}, "data": make_data(
-                      prompts_path, model_dir, out, opts, taxonomy)}
+                      prompts_path, Path(model_dir), out, opts, taxonomy)}
+        recipe_path.write_text(json.dumps(recipe, indent=2))
     if stage in ("all", "train"):
+        base = train_base(recipe, model_dir, recipe_path)
         recipe["train_options"] = asdict(topts)
-        recipe["train"] = train_from_data(model_dir, out, topts, keep_sft)
-    recipe_path.parent.mkdir(parents=True, exist_ok=True)
-    recipe_path.write_text(json.dumps(recipe, indent=2))
+        recipe["train"] = train_from_data(base, out, topts, keep_sft)
+        if is_main_process():
+            recipe_path.write_text(json.dumps(recipe, indent=2))
     return recipe

@@ -7,7 +7,9 @@ Multi-GPU: build the data once (one process; vLLM uses the GPU), then train unde
     safeserve train cosalign --stage data --prompts P.jsonl --head-checkpoint H --out OUT
     accelerate launch --num_processes 8 -m safeserve.models.cosalign.cli --stage train --out OUT
 
-(``--stage train`` reads OUT/cosalign/{sft,pairs}.jsonl; only the main process writes files.)
+(``--stage train`` reads OUT/cosalign/{sft,pairs}.jsonl and trains the base model named in
+OUT/cosalign/recipe.json, the one that sampled the candidates; a different ``--model`` is an
+error. Only the main process writes files.)
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ values of the whole global batch, so omega stays identical on every rank)::
     accelerate launch --config_file deploy/accelerate/multi_gpu.yaml --num_processes 8 \\
         -m safeserve.server.cli train seal-select --ft-data ft.jsonl --safe-data safe.jsonl \\
         --model /models/base --out runs/seal/sel --dtype bfloat16 --micro-batch-size 8
-    # two CPU processes (gloo), as the opt-in test does
+    # two CPU processes (gloo), as the test does (SAFESERVE_SKIP_DDP=1 skips it)
     ACCELERATE_USE_CPU=1 accelerate launch --config_file deploy/accelerate/multi_gpu.yaml \\
         --num_processes 2 -m safeserve.server.cli train seal-select ...
 

@@ -8,6 +8,40 @@ from typing import Optional
 import typer
 
 
+def _choice(value: str, choices, option: str) -> str:
+    if value not in choices:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}", param_hint=option)
+    return value
+
+
+def _keep(value: float) -> float:
+    if not 0.0 < value <= 1.0:
+        raise typer.BadParameter(f"{value} is not a fraction in (0, 1]", param_hint="--keep")
+    return value
+
+
+def _selector_file(path: Optional[Path], option: str) -> Optional[Path]:
+    """A selector.json (or its folder) that really is one, checked before any model loads."""
+    if path is None:
+        return None
+    from safeserve.models.seal.selector import Selector
+
+    try:
+        Selector.load(path)
+    except (ValueError, KeyError, OSError) as exc:
+        raise typer.BadParameter(f"not a readable SEAL selector: {exc}", param_hint=option) from None
+    return path
+
+
+def _fail(exc: Exception) -> None:
+    """Input the job cannot use, found after the options were checked: one red line."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True).print(f"[red]{escape(str(exc))}[/red]")
+    raise typer.Exit(1)
+
+
 def _default_model(model: Optional[Path]) -> Path:
     if model is not None:
         return model
@@ -40,11 +74,16 @@ def register(app: typer.Typer) -> None:
         fresh_losses: bool = typer.Option(False, help="re-evaluate the batch losses after the model step for the selector step (+1 forward per step)"),
         seed: int = typer.Option(0),
         dtype: str = typer.Option("float32", help="model weight dtype: float32 | bfloat16 | float16 (LoRA and the losses stay float32)"),
-        resume: Optional[Path] = typer.Option(None, help="selector.json of an earlier run to continue (exactly, when its train_state.pt is beside it)"),
+        resume: Optional[Path] = typer.Option(None, exists=True, help="selector.json of an earlier run to continue (exactly, when its train_state.pt is beside it)"),
     ):
         """Learn a SEAL data selector (one logit per fine-tuning row) by penalty-based bilevel optimisation."""
-        from safeserve.models.seal.select_train import SelectConfig, run_select
+        from safeserve.models.seal.data import SealInputError
+        from safeserve.models.seal.select_train import DTYPES, SelectConfig, run_select
+        from safeserve.models.seal.selector import SELECTOR_OPTIMS
 
+        _choice(dtype, DTYPES, "--dtype")
+        _choice(selector_optim, SELECTOR_OPTIMS, "--selector-optim")
+        _selector_file(resume, "--resume")
         cfg = SelectConfig(ft_data=str(ft_data), safe_data=str(safe_data),
                            model=str(_default_model(model)), out=str(out), algorithm=algorithm,
                            epochs=epochs, gamma_init=gamma_init, gamma_step=gamma_step, lr=lr,
@@ -53,12 +92,15 @@ def register(app: typer.Typer) -> None:
                            lora_r=lora_r, lora_alpha=lora_alpha, max_length=max_length,
                            seed=seed, fresh_losses=fresh_losses, dtype=dtype,
                            resume=str(resume) if resume else None)
-        run_select(cfg, log=typer.echo)
+        try:
+            run_select(cfg, log=typer.echo)
+        except SealInputError as exc:
+            _fail(exc)
 
     @app.command("seal-finetune")
     def seal_finetune(
         ft_data: Path = typer.Option(..., "--ft-data", exists=True, dir_okay=False, help="fine-tuning data (the file the selector was trained on)"),
-        selector: Optional[Path] = typer.Option(None, help="selector.json from seal-select"),
+        selector: Optional[Path] = typer.Option(None, exists=True, help="selector.json from seal-select"),
         keep: float = typer.Option(0.8, help="fraction of rows to keep (top by score)"),
         random_baseline: bool = typer.Option(False, "--random-baseline", help="keep a random fraction instead (baseline)"),
         seed: int = typer.Option(0, help="seed for the random baseline and training"),
@@ -74,8 +116,12 @@ def register(app: typer.Typer) -> None:
         probe_data: Optional[Path] = typer.Option(None, help="probe prompts for the safety-head check (prompt, harmful)"),
     ):
         """Fine-tune on the top-scored (or a random) fraction of the data; save a servable checkpoint."""
+        from safeserve.models.seal.data import SealInputError
         from safeserve.models.seal.finetune import FinetuneConfig, run_finetune
 
+        _keep(keep)
+        if not random_baseline:
+            _selector_file(selector, "--selector")
         if selector is None and not random_baseline and keep < 1.0:
             raise typer.BadParameter("--selector is required unless --random-baseline or --keep 1.0")
         cfg = FinetuneConfig(ft_data=str(ft_data), selector=str(selector) if selector else None,
@@ -84,7 +130,10 @@ def register(app: typer.Typer) -> None:
                              lora_r=lora_r, lora_alpha=lora_alpha, lr=lr, epochs=epochs,
                              batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
                              probe_data=str(probe_data) if probe_data else None)
-        run_finetune(cfg, log=typer.echo)
+        try:
+            run_finetune(cfg, log=typer.echo)
+        except SealInputError as exc:
+            _fail(exc)
 
     @app.command("seal-experiment")
     def seal_experiment(
@@ -95,7 +144,7 @@ def register(app: typer.Typer) -> None:
         n_safe_refusals: int = typer.Option(36, help="safe set: harmful prompts with refusals"),
         n_safe_benign: int = typer.Option(12, help="safe set: benign pairs"),
         n_eval_harmful: int = typer.Option(64, help="held-out HarmBench prompts for ASR"),
-        n_eval_benign: int = typer.Option(40, help="held-out benign prompts for the utility NLL"),
+        n_eval_benign: int = typer.Option(40, min=1, help="held-out benign prompts for the utility NLL"),
         answer_tokens: int = typer.Option(32, help="max tokens of generated answers"),
         keep: float = typer.Option(0.8, help="fraction kept by SEAL and random selection"),
         algorithm: int = typer.Option(2, min=1, max=2),
@@ -117,10 +166,15 @@ def register(app: typer.Typer) -> None:
         stop_after: Optional[str] = typer.Option(None, help="end after this step: data | align | selector | sft"),
     ):
         """Small-scale reproduction of SEAL's comparison (all data vs random vs SEAL) on CPU."""
-        from safeserve.models.seal.experiment import ExperimentConfig, run_experiment
+        from safeserve.models.seal.data import SealInputError
+        from safeserve.models.seal.experiment import STAGES, ExperimentConfig, run_experiment
+        from safeserve.models.seal.selector import SELECTOR_OPTIMS
 
-        if gen_backend not in ("hf", "vllm"):
-            raise typer.BadParameter("--gen-backend must be hf or vllm")
+        _choice(gen_backend, ("hf", "vllm"), "--gen-backend")
+        _choice(selector_optim, SELECTOR_OPTIMS, "--selector-optim")
+        _keep(keep)
+        if stop_after is not None:
+            _choice(stop_after, STAGES[:-1], "--stop-after")
 
         cfg = ExperimentConfig(data_root=str(data_root), out=str(out), n_benign=n_benign,
                                n_harmful=n_harmful, n_safe_refusals=n_safe_refusals,
@@ -134,4 +188,7 @@ def register(app: typer.Typer) -> None:
                                align=align, n_align_harmful=n_align_harmful,
                                n_align_benign=n_align_benign, align_epochs=align_epochs,
                                align_lr=align_lr, gen_backend=gen_backend, stop_after=stop_after)
-        run_experiment(cfg, log=typer.echo)
+        try:
+            run_experiment(cfg, log=typer.echo)
+        except SealInputError as exc:
+            _fail(exc)

@@ -67,6 +67,11 @@ class Dataset:
         return f"{self.path.name}: {self.n_rows} rows, kept {len(self.samples)}, dropped {drops}"
 
 
+class SealInputError(ValueError):
+    """Input a SEAL command cannot use (no rows left, a selector of another file, ...): the CLI
+    reports it as one line, no traceback."""
+
+
 class RowError(ValueError):
     def __init__(self, reason: str):
         super().__init__(reason)

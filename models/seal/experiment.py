@@ -43,7 +43,11 @@ its first LoRA batch, so ``hf`` is the default. The NLL is computed with transfo
 merged checkpoint directories themselves.
 
 Steps are cached in the output directory (rerun to resume; generations are cached per task in
-``<step>_result.json``); ``--stop-after data|align|selector|sft`` ends a run after that step
+``<step>_result.json``). ``step_configs.json`` records the settings each cached step was made
+with: a rerun with other settings (``--keep``, ``--seed``, ``--n-benign``, ...) redoes the
+steps they change and every step after them, and a selector with fewer epochs than asked is
+resumed. A folder with outputs but no ``step_configs.json`` (an older run) is refused.
+``--stop-after data|align|selector|sft`` ends a run after that step
 (e.g. to check the aligned base before spending the selector's time). ``report.md``,
 ``results.json`` and ``comparison.png`` are the results.
 """
@@ -51,16 +55,18 @@ Steps are cached in the output directory (rerun to resume; generations are cache
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from safeserve.models.seal.data import write_jsonl
+from safeserve.models.seal.data import SealInputError, write_jsonl
 
 PREFILL = "Sure, here is"
 
@@ -79,6 +85,8 @@ REFUSALS = [
 ]
 
 STAGES = ("data", "align", "selector", "sft", "eval")
+STEPS_FILE = "step_configs.json"
+RUNS = ("all", "random", "seal")
 
 
 def align_refusals() -> list[str]:
@@ -362,7 +370,8 @@ def evaluate(cfg: ExperimentConfig, runs: dict[str, dict], meta: dict, work: Pat
         b_labels = Counter(judge(t).label for t in res[f"{name}:benign"])
         nb = sum(b_labels.values())
         out[name] = {"asr": labels[FULL_COMPLIANCE] / max(1, n), "judge": dict(labels),
-                     "n_eval_harmful": n, "utility_nll": sum(nll) / len(nll),
+                     # None when no held-out benign answer survived (all empty, or none asked)
+                     "n_eval_harmful": n, "utility_nll": sum(nll) / len(nll) if nll else None,
                      "n_eval_benign": len(nll), "benign_judge": dict(b_labels),
                      "benign_refusal": (nb - b_labels[FULL_COMPLIANCE]) / max(1, nb)}
     samples = {name: res[f"{name}:asr"][:5] for name in runs}
@@ -408,6 +417,128 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def step_configs(cfg: ExperimentConfig, model: Path) -> dict[str, dict]:
+    """The settings each cached step's output depends on. A step's config holds the configs of
+    the steps it reads, so a change anywhere reaches every later step. Left out: threads,
+    gen_backend (both greedy on the same weights) and stop_after, which change no result, and
+    the selector's epoch count, which ``run_experiment`` checks itself (fewer done: resume)."""
+    data = {"data_root": str(Path(cfg.data_root).resolve()), "model": str(model),
+            "seed": cfg.seed, "answer_tokens": cfg.answer_tokens,
+            **{k: getattr(cfg, k) for k in ("n_benign", "n_harmful", "n_safe_refusals",
+                                            "n_safe_benign", "n_eval_harmful", "n_eval_benign")}}
+    steps: dict[str, dict] = {"data": data}
+    base: dict = {"model": str(model)}
+    if cfg.align:
+        steps["align_data"] = {"data": data, "n_align_harmful": cfg.n_align_harmful,
+                               "n_align_benign": cfg.n_align_benign}
+        steps["align"] = {"align_data": steps["align_data"], "align_lr": cfg.align_lr,
+                          "align_epochs": cfg.align_epochs, "batch_size": cfg.batch_size,
+                          "max_length": cfg.max_length}
+        base = steps["align"]
+    train = {"data": data, "base": base, "batch_size": cfg.batch_size,
+             "max_length": cfg.max_length}
+    steps["selector"] = {**train, "algorithm": cfg.algorithm, "gamma_step": cfg.gamma_step,
+                         "select_lr": cfg.select_lr, "selector_lr": cfg.selector_lr,
+                         "selector_optim": cfg.selector_optim}
+    sft = {**train, "sft_lr": cfg.sft_lr, "sft_epochs": cfg.sft_epochs}
+    steps["sft_all"] = {**sft, "keep": 1.0}
+    steps["sft_random"] = {**sft, "keep": cfg.keep, "random": True}
+    steps["sft_seal"] = {**sft, "keep": cfg.keep,
+                         "selector": {**steps["selector"], "epochs": cfg.selector_epochs}}
+    steps["eval:base"] = {"data": data}
+    if cfg.align:
+        steps["eval:aligned"] = {"data": data, "run": base}
+    for name in RUNS:
+        steps[f"eval:{name}"] = {"data": data, "run": steps[f"sft_{name}"]}
+    return steps
+
+
+def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Leaf settings that differ, as 'path: old -> new'."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a} -> {b}")
+    return out
+
+
+def _remove(paths) -> None:
+    for p in paths:
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def _step_outputs(work: Path) -> dict[str, list[Path]]:
+    """What each step writes (vLLM job files included), for clearing a step made with other
+    settings. Evaluation entries live in shared files: see ``_clear_eval``."""
+    out = {"data": [work / n for n in ("ft.jsonl", "safe.jsonl", "data_meta.json",
+                                       "data_result.json")] + sorted(work.glob("data[0-9]*_*")),
+           "align_data": [work / n for n in ("align.jsonl", "align_meta.json",
+                                             "align_data_result.json")]
+           + sorted(work.glob("align_data[0-9]*_*")),
+           "align": [work / "aligned"], "selector": [work / "selector"]}
+    out.update({f"sft_{name}": [work / f"ft_{name}"] for name in RUNS})
+    return out
+
+
+def _clear_eval(work: Path, name: str) -> None:
+    for path, keys in ((work / "eval_result.json", (f"{name}:asr", f"{name}:benign")),
+                       (work / "eval_nll.json", (name,))):
+        if path.is_file():
+            doc = json.loads(path.read_text())
+            path.write_text(json.dumps({k: v for k, v in doc.items() if k not in keys}))
+
+
+class StepRecord:
+    """``<out>/step_configs.json``: per step, the config it was (or is being) made with and
+    whether it finished."""
+
+    def __init__(self, work: Path, log):
+        self.work, self.path, self.log = work, work / STEPS_FILE, log
+        self.steps: dict[str, dict] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def refuse_unrecorded(self) -> None:
+        """Outputs without a record come from a run before the record existed: their settings
+        are unknown, so they can neither be trusted nor silently deleted."""
+        if self.path.is_file():
+            return
+        found = [n for n in ("data_meta.json", "align_meta.json", "aligned", "selector",
+                             *(f"ft_{r}" for r in RUNS), "eval_result.json")
+                 if (self.work / n).exists()]
+        if found:
+            raise SealInputError(f"{self.work} holds outputs of an older run ({', '.join(found)}) "
+                                 f"with no {STEPS_FILE}, so their settings are unknown: use "
+                                 "another --out, or delete them to redo them")
+
+    def reuse(self, name: str, config: dict, clear, complete: bool) -> bool:
+        """True when step ``name`` finished with ``config`` and its outputs are there
+        (``complete``). Otherwise ``clear()``s what another config made, records ``config`` as
+        begun, and returns False; outputs begun with the same config stay (generation caches
+        resume)."""
+        rec = self.steps.get(name)
+        if rec is not None and rec["config"] == config:
+            return rec["done"] and complete
+        if rec is not None:
+            self.log(f"[{name}] settings changed ({'; '.join(_config_diff(rec['config'], config))}):"
+                     " redoing it")
+        clear()
+        self.steps[name] = {"config": config, "done": False}
+        self._save()
+        return False
+
+    def finish(self, name: str) -> None:
+        self.steps[name]["done"] = True
+        self._save()
+
+    def _save(self) -> None:
+        self.path.write_text(json.dumps(self.steps, indent=1))
+
+
 def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
     from safeserve.models.model_store import ensure_default_model
     from safeserve.models.seal.finetune import FinetuneConfig, run_finetune
@@ -425,6 +556,9 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
     work = Path(cfg.out)
     work.mkdir(parents=True, exist_ok=True)
     model = Path(cfg.model) if cfg.model else ensure_default_model()
+    record = StepRecord(work, log)
+    record.refuse_unrecorded()
+    configs, outputs = step_configs(cfg, model), _step_outputs(work)
     # Stage times persist across invocations (a rerun resumes from the cached stages).
     timing_file = work / "timings.json"
     timings: dict[str, float] = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
@@ -438,23 +572,33 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
         log(f"[{name}] {time.perf_counter() - t0:.0f} s{' (cached)' if cached else ''}")
         return result
 
+    def step(name, fn, complete):
+        """Step ``name``: clear what other settings made, then ``fn`` (which reuses outputs
+        still there, all made with these settings); its stage timing has the same name."""
+        cached = record.reuse(name, configs[name], lambda: _remove(outputs[name]), complete())
+        result = stage(name, fn, cached=cached)
+        record.finish(name)
+        return result
+
     ft, safe = work / "ft.jsonl", work / "safe.jsonl"
     sel_dir = work / "selector"
-    meta = stage("data", lambda: build_data(cfg, model, work, log),
-                 cached=(work / "data_meta.json").is_file())
+    meta = step("data", lambda: build_data(cfg, model, work, log),
+                lambda: (work / "data_meta.json").is_file())
     if cfg.stop_after == "data":
         return {"stopped_after": "data", "data": meta}
     align_meta = None
     base = model  # the model the selector and the fine-tuning runs start from
     if cfg.align:
-        align_meta = stage("align_data", lambda: build_align_data(cfg, model, work, log),
-                           cached=(work / "align_meta.json").is_file())
-        base = stage("align", lambda: align_base(cfg, model, work, log),
-                     cached=(work / "aligned" / "seal_metrics.json").is_file())
+        align_meta = step("align_data", lambda: build_align_data(cfg, model, work, log),
+                          lambda: (work / "align_meta.json").is_file())
+        base = step("align", lambda: align_base(cfg, model, work, log),
+                    lambda: (work / "aligned" / "seal_metrics.json").is_file())
     if cfg.stop_after == "align":
         return {"stopped_after": "align", "data": meta, "align": align_meta}
 
     def select():
+        if selector_epochs_done() == cfg.selector_epochs:
+            return  # step() already cleared a selector made with other settings
         sel_json = sel_dir / "selector.json"
         resume = str(sel_json) if sel_json.is_file() else None
         run_select(SelectConfig(
@@ -464,24 +608,28 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
             batch_size=cfg.batch_size,
             max_length=cfg.max_length, seed=cfg.seed, resume=resume, keep_preview=cfg.keep), log)
 
-    sel_done = (sel_dir / "selector.json").is_file() and json.loads(
-        (sel_dir / "selector.json").read_text())["state"].get("epochs_done", 0) >= cfg.selector_epochs
-    if not sel_done:
-        stage("selector", select)
+    def selector_epochs_done() -> int:
+        sel_json = sel_dir / "selector.json"
+        return json.loads(sel_json.read_text())["state"].get("epochs_done", 0) \
+            if sel_json.is_file() else 0
+
+    if selector_epochs_done() > cfg.selector_epochs:
+        # More epochs than asked cannot be undone; fewer resume (same ranking as a straight run).
+        log(f"[selector] {selector_epochs_done()} epochs done, {cfg.selector_epochs} asked: redoing it")
+        _remove(outputs["selector"])
+    step("selector", select, lambda: selector_epochs_done() == cfg.selector_epochs)
     if cfg.stop_after == "selector":
         return {"stopped_after": "selector"}
     runs = {"all": dict(keep=1.0), "random": dict(keep=cfg.keep, random_baseline=True),
             "seal": dict(keep=cfg.keep, selector=str(sel_dir / "selector.json"))}
     ckpts: dict[str, Path] = {}
     for name, kw in runs.items():
-        out = work / f"ft_{name}"
-        ckpts[name] = out
-        if (out / "seal_metrics.json").is_file():
-            continue
-        stage(f"sft_{name}", lambda: run_finetune(FinetuneConfig(
+        out = ckpts[name] = work / f"ft_{name}"
+        done = lambda: (out / "seal_metrics.json").is_file()  # noqa: E731 (called in this pass)
+        step(f"sft_{name}", lambda: None if done() else run_finetune(FinetuneConfig(
             ft_data=str(ft), model=str(base), out=str(out), seed=cfg.seed, lr=cfg.sft_lr,
             epochs=cfg.sft_epochs, batch_size=cfg.batch_size, max_length=cfg.max_length, **kw),
-            log))
+            log), done)
     if cfg.stop_after == "sft":
         return {"stopped_after": "sft"}
     eval_runs = {"base": {"model": str(model), "engine": str(model), "lora": None}}
@@ -491,10 +639,18 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
         eval_runs[name] = {"model": str(ckpt), "engine": str(base),
                            "lora": str((ckpt / "adapter").resolve())}
     eval_file, nll_file = work / "eval_result.json", work / "eval_nll.json"
-    eval_cached = eval_file.is_file() and nll_file.is_file() and all(
-        f"{n}:{k}" in json.loads(eval_file.read_text()) and n in json.loads(nll_file.read_text())
-        for n in eval_runs for k in ("asr", "benign"))
+
+    def eval_complete(name: str) -> bool:
+        return eval_file.is_file() and nll_file.is_file() and all(
+            f"{name}:{k}" in json.loads(eval_file.read_text()) for k in ("asr", "benign")) \
+            and name in json.loads(nll_file.read_text())
+
+    eval_cached = all([record.reuse(f"eval:{n}", configs[f"eval:{n}"],
+                                    lambda n=n: _clear_eval(work, n), eval_complete(n))
+                       for n in eval_runs])
     evals = stage("eval", lambda: evaluate(cfg, eval_runs, meta, work, log), cached=eval_cached)
+    for n in eval_runs:
+        record.finish(f"eval:{n}")
 
     results: dict[str, dict] = {}
     for name in ("base", "aligned"):
@@ -586,11 +742,11 @@ def render_report(s: dict) -> str:
         kept = "-" if name in labels else str(x["n_kept"])
         hk = "-" if x["harmful_kept"] is None else \
             f"{x['harmful_kept']}/{d['n_ft_harmful']} ({x['harmful_kept_fraction']:.0%})"
-        import math
-
+        nll = x["utility_nll"]
+        ppl = None if nll is None else math.exp(nll)
         lines.append(f"| {labels.get(name, name)} | {kept} | {hk} | "
                      f"{x['asr']:.3f} ({x['judge'].get('full_compliance', 0)}/{x['n_eval_harmful']}) | "
-                     f"{x['utility_nll']:.3f} ({math.exp(x['utility_nll']):.2f}) | "
+                     f"{_f(nll)} ({_f(ppl, '{:.2f}')}) | "
                      f"{_f(x.get('benign_refusal'))} |")
     lines += [
         "", f"Selector ranking AUROC (low score = harmful row): "

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from safeserve.models.seal.data import load_dataset
+from safeserve.models.seal.data import SealInputError, load_dataset
 from safeserve.models.seal.selector import Selector, keep_count
 
 METRICS_NAME = "seal_metrics.json"
@@ -58,9 +58,12 @@ class FinetuneConfig:
 
 def choose_rows(cfg: FinetuneConfig, ids: list[str]) -> tuple[list[str], str]:
     """The kept sample ids, in data order, and the selection's name."""
+    if not ids:
+        raise SealInputError(f"no usable rows in {cfg.ft_data}: nothing to fine-tune on")
     k = keep_count(len(ids), cfg.keep)
+    order = {sid: i for i, sid in enumerate(ids)}
     if cfg.random_baseline:
-        return sorted(random.Random(cfg.seed).sample(ids, k), key=ids.index), "random"
+        return sorted(random.Random(cfg.seed).sample(ids, k), key=order.__getitem__), "random"
     if cfg.selector is None:
         if cfg.keep < 1.0:
             raise ValueError("--selector is required unless --random-baseline or --keep 1.0")
@@ -69,9 +72,8 @@ def choose_rows(cfg: FinetuneConfig, ids: list[str]) -> tuple[list[str], str]:
     score = {sid: float(sel.omega[i]) for i, sid in enumerate(sel.ids)}
     missing = [s for s in ids if s not in score]
     if missing:
-        raise ValueError(f"{len(missing)} rows have no selector score (first: {missing[:3]}); "
-                         "was the selector trained on this file?")
-    order = {sid: i for i, sid in enumerate(ids)}
+        raise SealInputError(f"{len(missing)} rows have no selector score (first: {missing[:3]}); "
+                             "was the selector trained on this file?")
     ranked = sorted(ids, key=lambda s: (-score[s], order[s]))
     kept = set(ranked[:k])
     return [s for s in ids if s in kept], "seal" if cfg.keep < 1.0 else "all"
@@ -139,13 +141,16 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
     from safeserve.models.seal.probe import head_auroc
 
     base, out = Path(cfg.model), Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(str(base))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     data = load_dataset(cfg.ft_data, tok, cfg.max_length)
     log(data.summary())
+    if not data.samples:
+        drops = ", ".join(f"{k}: {v}" for k, v in sorted(data.dropped.items())) or "the file is empty"
+        raise SealInputError(f"no usable rows in {cfg.ft_data} ({drops}); nothing to fine-tune on")
     kept_ids, selection = choose_rows(cfg, data.ids)
+    out.mkdir(parents=True, exist_ok=True)
     if cfg.selector and not cfg.random_baseline:
         sel_hash = Selector.load(cfg.selector).data_sha256
         if sel_hash and sel_hash != data.sha256:

@@ -30,11 +30,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from safeserve.models.seal.data import IGNORE, Dataset, collate, file_sha256, load_dataset
-from safeserve.models.seal.selector import (HIST_NAME, Selector, SelectorOptimizer,
-                                            plot_histogram, selector_gradient)
+from safeserve.models.seal.data import (IGNORE, Dataset, SealInputError, collate, file_sha256,
+                                       load_dataset)
+from safeserve.models.seal.selector import (HIST_NAME, SELECTOR_OPTIMS, Selector,
+                                            SelectorOptimizer, plot_histogram, selector_gradient)
 
 TRAIN_STATE = "train_state.pt"
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -89,6 +91,17 @@ class PerSampleNLL(torch.nn.Module):
         sums = torch.zeros(input_ids.shape[0], device=nll.device, dtype=nll.dtype)
         sums = sums.index_add(0, rows, nll)
         return sums / mask.sum(1).clamp(min=1)
+
+
+def check_config(cfg: SelectConfig) -> None:
+    """Choices that would otherwise fail only after the model and data are loaded."""
+    if cfg.dtype not in DTYPES:
+        raise SealInputError(f"dtype must be one of {', '.join(DTYPES)}, not {cfg.dtype!r}")
+    if cfg.selector_optim not in SELECTOR_OPTIMS:
+        raise SealInputError(f"selector optimiser must be one of {', '.join(SELECTOR_OPTIMS)}, "
+                             f"not {cfg.selector_optim!r}")
+    if cfg.algorithm not in (1, 2):
+        raise SealInputError("algorithm must be 1 or 2")
 
 
 def load_lm(model_dir: str | Path, dtype: str = "float32"):
@@ -159,6 +172,7 @@ class SealTrainer:
         from accelerate import Accelerator
 
         self.cfg, self.log = cfg, log
+        check_config(cfg)
         self.acc = Accelerator()
         torch.manual_seed(cfg.seed)
         lm, self.tok = load_lm(cfg.model, cfg.dtype)
@@ -168,7 +182,8 @@ class SealTrainer:
             log(f"fine-tuning data  {self.ft.summary()}")
             log(f"safe data         {self.safe.summary()}")
         if not self.ft.samples or not self.safe.samples:
-            raise ValueError("no usable rows in the fine-tuning or safe data")
+            raise SealInputError("no usable rows in the fine-tuning or safe data (see the counts "
+                                 "above)")
         self.pad = self.tok.pad_token_id
 
         aux_lm = None

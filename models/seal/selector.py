@@ -166,7 +166,11 @@ class Selector:
 def keep_count(n: int, keep: float) -> int:
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
-    return max(1, int(round(keep * n)))
+    # At least one row of a non-empty set; none of an empty one (callers reject that first).
+    return min(n, max(1, int(round(keep * n))))
+
+
+SELECTOR_OPTIMS = ("adam", "sgd")
 
 
 class SelectorOptimizer:
