@@ -58,10 +58,14 @@ def _hidden_pool(first: torch.Tensor, pool_mib: float, gen_seed: int = 1) -> lis
     """`first` and as many more buffers of its shape as make up `pool_mib` MiB in all."""
     nbytes = first.numel() * first.element_size()
     count = max(1, math.ceil(pool_mib * (1 << 20) / nbytes))
+    if count == 1:
+        return [first]
+    # One allocation, filled in one pass, cut into views: a small batch needs 10^5 buffers,
+    # which one randn each would take minutes to make.
     gen = torch.Generator(device=first.device).manual_seed(gen_seed)
-    return [first] + [torch.randn(first.shape, generator=gen, device=first.device,
-                                  dtype=torch.float32).to(first.dtype)
-                      for _ in range(count - 1)]
+    rest = torch.randn((count - 1, *first.shape), generator=gen, device=first.device,
+                       dtype=torch.float32).to(first.dtype)
+    return [first, *rest.unbind(0)]
 
 
 def _time_cuda_us(step: Callable[[], object], iters: int, warmup: int) -> float:

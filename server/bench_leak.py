@@ -37,6 +37,8 @@ EXAMPLES = 5
 COMPARED = ("action", "prompt_flagged", "prompt_categories", "response_flagged",
             "response_token_index", "response_categories", "finish_reason", "config",
             "thresholds")
+# What the config decides before the first token: independent of the generated text.
+BEFORE_GENERATION = ("prompt_flagged", "prompt_categories", "config", "thresholds")
 # What tells two configs' outcomes apart on this prompt (the echoed config always differs).
 BEHAVIOUR = ("action", "prompt_flagged", "prompt_categories", "response_flagged",
              "response_token_index", "finish_reason", "text")
@@ -117,7 +119,11 @@ def _alike(refs: list[dict]) -> list[list[int]]:
 
 
 def _mismatches(ref: dict, got: dict) -> list[str]:
-    return [f for f in COMPARED if got.get(f) != ref.get(f)]
+    """The compared fields that differ. When the text itself differs (counted apart: a
+    failure unless --text-may-differ), the response's verdicts follow the other text, so only
+    what the config decides before any token is compared."""
+    fields = COMPARED if got.get("text") == ref.get("text") else BEFORE_GENERATION
+    return [f for f in fields if got.get(f) != ref.get(f)]
 
 
 def _score_drift(ref: dict, got: dict) -> float:

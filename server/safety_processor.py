@@ -140,6 +140,17 @@ class _Telemetry:
                 log.exception("safety telemetry step not sent")
 
 
+def _ends(params) -> tuple[int | None, frozenset[int]] | None:
+    """What ends a request for certain, from its sampling parameters (None: unknown)."""
+    if params is None or not hasattr(params, "max_tokens"):
+        return None
+    stops = set(getattr(params, "stop_token_ids", None) or ())
+    eos = getattr(params, "eos_token_id", None)  # None with ignore_eos
+    if eos is not None:
+        stops.add(eos)
+    return params.max_tokens, frozenset(stops)
+
+
 class SafetyLogitsProcessor(LogitsProcessor):
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         r = vllm_config.scheduler_config.max_num_seqs
@@ -191,6 +202,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.parked: OrderedDict[str, tuple] = OrderedDict()
         self.verdict_only: set[str] = set()  # rows of helper requests, never parked
         self.outputs: list[list[int] | None] = [None] * r  # live refs to output token lists
+        # (max_tokens, stop token ids) per row: a row removed at one of its ends finished
+        self.ends: list[tuple[int | None, frozenset[int]] | None] = [None] * r
         self.telemetry = _Telemetry()
 
     # -- vLLM interface ----------------------------------------------------------------
@@ -217,7 +230,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
             self._park(i)
             self._clear(i)
         for i, params, _prompt, output_ids in batch_update.added:
-            self._add(i, W.RowSafetyArgs.from_extra_args(params.extra_args), output_ids)
+            self._add(i, W.RowSafetyArgs.from_extra_args(params.extra_args), output_ids, params)
         for a, b, direction in batch_update.moved:
             if direction == MoveDirectionality.SWAP:
                 self._swap(a, b)
@@ -441,17 +454,32 @@ class SafetyLogitsProcessor(LogitsProcessor):
             # burst of moderations from pushing out the state of a preempted request.
             self.verdict_only.discard(rid)
             return
+        if self._finished(i):
+            return  # it never comes back: parking it would only push out a preempted one
         self.parked[rid] = tuple(getattr(self, n)[i].clone() for n in self._TENSORS)
         self.parked.move_to_end(rid)
-        while len(self.parked) > MAX_PARKED:  # finished requests are parked too: bound it
+        # Requests that ended on a stop string or were aborted are parked too: bound it.
+        while len(self.parked) > MAX_PARKED:
             self.parked.popitem(last=False)
 
-    def _add(self, i: int, args: W.RowSafetyArgs | None, output_ids: list[int]) -> None:
+    def _finished(self, i: int) -> bool:
+        """Row i's request has certainly ended (vLLM's own stop test: its last token ends it,
+        or it has max_tokens); one that ended on a stop string cannot be told apart here."""
+        ends, out = self.ends[i], self.outputs[i]
+        if ends is None or not out:
+            return False
+        max_tokens, stop_ids = ends
+        return out[-1] in stop_ids or (max_tokens is not None and len(out) >= max_tokens)
+
+    def _add(self, i: int, args: W.RowSafetyArgs | None, output_ids: list[int],
+             params=None) -> None:
         self._clear(i)  # its previous occupant was parked by update_state
         if args is None:
             return
+        self.ends[i] = _ends(params)
         snapshot = self.parked.pop(args.rid, None)
         if snapshot is not None:
+            log.debug("resumed %s with its parked safety state", args.rid)
             for name, value in zip(self._TENSORS, snapshot):
                 getattr(self, name)[i] = value
             self.rids[i], self.outputs[i] = args.rid, output_ids
@@ -484,7 +512,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
                                if args.explain_sentences >= 0 else -1)
 
     def _clear(self, i: int) -> None:
-        self.rids[i], self.outputs[i] = None, None
+        self.rids[i], self.outputs[i], self.ends[i] = None, None, None
         self.active[i] = 0
         self.counter[i] = 0
         self.phase[i] = W.PHASE_WATCH
@@ -514,6 +542,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
             t = getattr(self, name)
             t[dst] = t[src]
         self.rids[dst], self.outputs[dst] = self.rids[src], self.outputs[src]
+        self.ends[dst] = self.ends[src]
         self._clear(src)
 
     def _swap(self, a: int, b: int) -> None:
@@ -522,3 +551,4 @@ class SafetyLogitsProcessor(LogitsProcessor):
             t[[a, b]] = t[[b, a]]
         self.rids[a], self.rids[b] = self.rids[b], self.rids[a]
         self.outputs[a], self.outputs[b] = self.outputs[b], self.outputs[a]
+        self.ends[a], self.ends[b] = self.ends[b], self.ends[a]

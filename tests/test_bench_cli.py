@@ -225,6 +225,24 @@ def test_a_slot_reuse_leak_two_rows_apart_is_caught():
     assert res["identical_text_rate"] == 1.0  # the text alone would not have shown it
 
 
+def test_with_text_allowed_to_differ_only_what_precedes_generation_is_a_leak():
+    """A batched text unlike its reference (tokens that batching changed) carries its own
+    response verdicts: that is a text mismatch, not a leak; a prompt verdict that differs
+    still is one."""
+    from safeserve.server.bench_leak import _mismatches, _problems
+
+    ref = {"text": "a b c", "action": "annotate", "prompt_flagged": False, "prompt_categories": [],
+           "response_flagged": True, "response_token_index": 2, "response_categories": ["x"],
+           "finish_reason": "length", "config": {"tau": 2}, "thresholds": {"x": 0.4}}
+    other_text = {**ref, "text": "a b d", "response_token_index": 3}
+    assert _mismatches(ref, other_text) == []
+    assert _mismatches(ref, {**other_text, "prompt_flagged": True}) == ["prompt_flagged"]
+    assert _mismatches(ref, {**ref, "response_token_index": 3}) == ["response_token_index"]
+    res = {"failed": 0, "requests": 1, "leaks": 0, "text_mismatches": 1}
+    assert _problems(res, text_may_differ=True) == []
+    assert "texts differ" in _problems(res, text_may_differ=False)[0]
+
+
 def test_one_failed_request_is_reported_and_the_rest_still_compared():
     calls = [0]
 

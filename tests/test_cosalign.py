@@ -272,6 +272,34 @@ def test_llm_judge_reply_parsing():
     assert lab.addressed == "full" and lab.categories == ("drugs",)
     lab = parse_judge_reply('thinking {not json} -> {"addressed": "none", "categories": []}', TAX)
     assert lab.addressed == "none" and lab.categories == ()
+    # a reasoning object first: the label is the first object that answers "addressed"
+    lab = parse_judge_reply('{"reasoning": "it explains"} {"addressed": "full", "categories": ["drugs"]}', TAX)
+    assert lab.addressed == "full" and lab.categories == ("drugs",)
+
+
+def test_a_failed_judge_request_labels_that_pair_as_unread():
+    """One pair the judge endpoint rejects (say, over its context) is an unread label, not
+    the end of the labelling job."""
+    import httpx
+    import openai
+
+    from safeserve.models.cosalign.llm_judge import LLMJudge
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        if "TOO LONG" in body["messages"][-1]["content"]:
+            return httpx.Response(400, json={"error": {"message": "context length exceeded"}})
+        return httpx.Response(200, json={
+            "id": "x", "object": "chat.completion", "created": 0, "model": "judge",
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                "role": "assistant", "content": '{"addressed": "full", "categories": []}'}}]})
+
+    judge = LLMJudge.__new__(LLMJudge)
+    judge.client = openai.OpenAI(base_url="http://judge/v1", api_key="k", max_retries=0,
+                                 http_client=httpx.Client(transport=httpx.MockTransport(handle)))
+    judge.model, judge.taxonomy, judge.concurrency = "judge", TAX, 2
+    labels = judge.label_many([("q", "fine answer"), ("q", "TOO LONG answer")])
+    assert labels[0].addressed == "full" and labels[1] is None
 
 
 class _FakeJudge:

@@ -108,9 +108,10 @@ def test_prompt_offset_moves_prompt_rows_only_and_is_what_is_reported():
     import math
 
     proc, sent = _processor(prompt_offset=2.0)
-    outs = [[], [7]]
+    outs = [[], []]
     proc._add(0, _args("prompt", alert_scale=1.0, alert_tau=0), outs[0])
     proc._add(1, _args("decoding", alert_scale=1.0, alert_tau=0), outs[1])
+    outs[1].append(7)  # added before, it has sampled a token since (the list is vLLM's, live)
     _step(proc, [[0.3] * 10, [0.3] * 10])  # logit(0.3) + 2 = 1.15: over 0.5 at the prompt only
     lifted = 1 / (1 + math.exp(-(math.log(0.3 / 0.7) + 2.0)))
     by_rid = {r.rid: r for r in sent}
@@ -212,10 +213,11 @@ def test_refusal_separator_is_skipped_only_when_the_refusal_is_the_whole_answer(
     """refusal_ids = [sep, 5, 6] with refusal_sep 1: a prompt verdict on a plain request forces
     5, 6; on a prefilled request (text before it: the prefill) and mid-answer, sep, 5, 6."""
     proc, _ = _processor()
-    outs = {"plain": [], "prefilled": [], "mid": [3, 3]}
+    outs = {"plain": [], "prefilled": [], "mid": []}
     for i, rid in enumerate(outs):
         proc._add(i, _args(rid, refusal_ids=[9, 5, 6], refusal_sep=1, tau=1,
                            prefilled=rid == "prefilled", alert_scale=1.0, alert_tau=0), outs[rid])
+    outs["mid"] += [3, 3]  # two tokens into its answer
     forced = {rid: [] for rid in outs}
     for _ in range(3):
         logits = _step(proc, [[0.9] * 10] * 3)
@@ -543,6 +545,24 @@ def test_a_row_refilled_in_the_same_step_parks_the_request_it_removed():
     assert proc.phase[2] == 1
 
 
+def test_a_request_removed_at_one_of_its_ends_is_not_parked():
+    """Finished requests never come back: removed at max_tokens or on a stop token they are
+    not parked, so the bounded store keeps room for preempted ones. A request removed
+    mid-answer is parked."""
+    proc, _ = _processor()
+    params = lambda: SimpleNamespace(extra_args=None, max_tokens=3, stop_token_ids=[11],  # noqa: E731
+                                     eos_token_id=0)
+    outs = {"length": [], "eos": [], "stop": [], "preempted": []}
+    for i, rid in enumerate(outs):
+        proc._add(i, _args(rid), outs[rid], params())
+    outs["length"] += [4, 4, 4]
+    outs["eos"] += [4, 0]
+    outs["stop"] += [11]
+    outs["preempted"] += [4, 4]
+    proc.update_state(SimpleNamespace(removed=[0, 1, 2, 3], added=[], moved=[]))
+    assert list(proc.parked) == ["preempted"]
+
+
 def test_a_resumed_request_whose_parked_state_was_evicted_ends_fail_closed(monkeypatch):
     """A preempted request's state is parked (bounded, oldest out). Resumed after its state
     was pushed out, it cannot know whether it was mid-refusal: it is ended, not left to
@@ -747,8 +767,9 @@ def test_a_resumed_requests_discarded_prefill_chunks_decide_nothing():
     from safeserve.kernels.safety_decision import EVENT_TRIGGER, EVENT_VIOLATION
 
     proc, sent = _processor()
-    out = [7, 7, 7]
+    out = []
     proc._add(0, _args("r"), out)  # tau 3, thresholds 0.5
+    out += [7, 7, 7]  # three tokens into its answer
     _step(proc, [[0.1] * 10])  # out_len 3: a clean step (the state before the preemption)
     out.append(7)  # out_len 4, then preempted and re-prefilled in four chunks
     for _ in range(3):

@@ -155,7 +155,9 @@ def test_step_configs_reach_every_later_step(tmp_path):
     assert changed(n_benign=7) == set(base)
     assert changed(align_lr=1.0) == set(base) - {"data", "align_data", "eval:base"}
     assert changed(sft_lr=1.0) == {"sft_all", "sft_random", "sft_seal"} | (evals - {"eval:base", "eval:aligned"})
-    assert changed(threads=2, gen_backend="vllm", stop_after="data") == set()
+    assert changed(threads=2, stop_after="data") == set()
+    # transformers' and vLLM's greedy answers can differ: every generated step is redone
+    assert changed(gen_backend="vllm") == set(base)
 
 
 def test_step_record_redoes_changed_steps_and_refuses_unrecorded_outputs(tmp_path):

@@ -5,10 +5,13 @@ request, and which of our risk categories does it contain. Used for training lab
 from __future__ import annotations
 
 import json
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from safeserve.models.taxonomy import Taxonomy
+
+log = logging.getLogger("safeserve.cosalign")
 
 _INSTRUCTIONS = """You grade one reply of an AI assistant. Read the user's request and the reply.
 
@@ -41,9 +44,10 @@ def judge_messages(prompt: str, response: str, taxonomy: Taxonomy) -> list[dict]
     ]
 
 
-def first_json_object(text: str) -> dict | None:
-    """The first JSON object in ``text``, read from its opening brace to its own end (a
-    greedy ``{.*}`` would run on to the last brace of any later text and fail to parse)."""
+def first_json_object(text: str, key: str | None = None) -> dict | None:
+    """The first JSON object in ``text`` (with ``key``, the first that has it), read from its
+    opening brace to its own end (a greedy ``{.*}`` would run on to the last brace of any later
+    text and fail to parse)."""
     decoder = json.JSONDecoder()
     start = text.find("{")
     while start != -1:
@@ -51,15 +55,16 @@ def first_json_object(text: str) -> dict | None:
             obj, _ = decoder.raw_decode(text, start)
         except json.JSONDecodeError:
             obj = None
-        if isinstance(obj, dict):
+        if isinstance(obj, dict) and (key is None or key in obj):
             return obj
         start = text.find("{", start + 1)
     return None
 
 
 def parse_judge_reply(text: str, taxonomy: Taxonomy) -> JudgeLabel | None:
-    """The first JSON object in ``text`` -> label; None when it cannot be read."""
-    obj = first_json_object(text or "")
+    """The first JSON object in ``text`` that answers ``addressed`` -> label (a judge may
+    write a reasoning object first); None when there is none."""
+    obj = first_json_object(text or "", key="addressed")
     if obj is None:
         return None
     addressed = str(obj.get("addressed", "")).lower()
@@ -90,9 +95,18 @@ class LLMJudge:
             temperature=0.0, max_tokens=1)
 
     def label(self, prompt: str, response: str) -> JudgeLabel | None:
-        out = self.client.chat.completions.create(
-            model=self.model, messages=judge_messages(prompt, response, self.taxonomy),
-            temperature=0.0, max_tokens=128)
+        """None when the reply cannot be read, or the request for this pair failed after the
+        client's retries (e.g. a 400 for a pair over the judge's context): one pair must not
+        end a long labelling job, and an unread label falls back conservatively."""
+        from openai import APIError
+
+        try:
+            out = self.client.chat.completions.create(
+                model=self.model, messages=judge_messages(prompt, response, self.taxonomy),
+                temperature=0.0, max_tokens=128)
+        except APIError as exc:
+            log.warning("judge request failed for one pair (%s): labelled as unread", exc)
+            return None
         return parse_judge_reply(out.choices[0].message.content or "", self.taxonomy)
 
     def label_many(self, pairs: list[tuple[str, str]]) -> list[JudgeLabel | None]:

@@ -356,6 +356,7 @@ def run(prompts_path: Path | None, model_dir: Path | None, out: Path, opts: JobO
 
             model_dir = ensure_default_model()
         out.mkdir(parents=True, exist_ok=True)
+        model_dir = Path(model_dir).resolve()  # stage train may run from another directory
         recipe = {"base_model": str(model_dir), "prompts": str(prompts_path),
                   "job": {**asdict(opts), "judge_api_key": None}, "data": make_data(
                       prompts_path, Path(model_dir), out, opts, taxonomy)}

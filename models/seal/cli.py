@@ -28,8 +28,10 @@ def _selector_file(path: Optional[Path], option: str) -> Optional[Path]:
 
     try:
         Selector.load(path)
-    except (ValueError, KeyError, OSError) as exc:
-        raise typer.BadParameter(f"not a readable SEAL selector: {exc}", param_hint=option) from None
+    except Exception as exc:  # noqa: BLE001 - any unreadable file (a JSON list, a corrupt
+        # safetensors) is the same bad option, not a traceback
+        raise typer.BadParameter(f"not a readable SEAL selector: {type(exc).__name__}: {exc}",
+                                 param_hint=option) from None
     return path
 
 

@@ -419,11 +419,13 @@ def plot(results: dict, path: Path) -> None:
 
 def step_configs(cfg: ExperimentConfig, model: Path) -> dict[str, dict]:
     """The settings each cached step's output depends on. A step's config holds the configs of
-    the steps it reads, so a change anywhere reaches every later step. Left out: threads,
-    gen_backend (both greedy on the same weights) and stop_after, which change no result, and
-    the selector's epoch count, which ``run_experiment`` checks itself (fewer done: resume)."""
+    the steps it reads, so a change anywhere reaches every later step. The generation backend
+    counts too: greedy decoding in transformers and in vLLM can part ways in float32. Left out:
+    threads and stop_after, which change no result, and the selector's epoch count, which
+    ``run_experiment`` checks itself (fewer done: resume)."""
+    model = Path(model).resolve()  # the same relative path run from elsewhere is another model
     data = {"data_root": str(Path(cfg.data_root).resolve()), "model": str(model),
-            "seed": cfg.seed, "answer_tokens": cfg.answer_tokens,
+            "gen_backend": cfg.gen_backend, "seed": cfg.seed, "answer_tokens": cfg.answer_tokens,
             **{k: getattr(cfg, k) for k in ("n_benign", "n_harmful", "n_safe_refusals",
                                             "n_safe_benign", "n_eval_harmful", "n_eval_benign")}}
     steps: dict[str, dict] = {"data": data}
