@@ -163,6 +163,17 @@ def load_safety_head(model_dir: str | Path, expect_taxonomy: Taxonomy | None = N
         mlp = tuple(tensors[n].float() for n in MLP_TENSORS)
         if MLP_GATE in tensors:
             mlp += (tensors[MLP_GATE].float(),)
+    # The weight rows follow the category order the head was trained with: a taxonomy file
+    # edited afterwards (reordered, renamed) would attach them to the wrong categories.
+    names = cfg.get("output_names")
+    if names is not None and list(names) != list(taxonomy.output_names):
+        raise CheckpointError(
+            f"safety head in {d} was trained for outputs {list(names)}, but its taxonomy.yaml "
+            f"lists {list(taxonomy.output_names)}")
+    digest = cfg.get("taxonomy_sha256")
+    if digest is not None and digest != taxonomy_digest(taxonomy):
+        raise CheckpointError(f"safety head in {d}: taxonomy.yaml's categories do not match "
+                              f"the head's ({digest})")
     if expect_taxonomy is not None and expect_taxonomy.ids != taxonomy.ids:
         raise CheckpointError(
             f"safety head taxonomy {list(taxonomy.ids)} does not match the server's "

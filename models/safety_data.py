@@ -108,6 +108,10 @@ class Trajectory:
 # --------------------------------------------------------------------------------------
 
 
+class UnsafeSpanCutError(TrajectoryError):
+    """Truncation to max_length removed every token of a response's unsafe part."""
+
+
 def _fail(where: str, fld: str, msg: str) -> TrajectoryError:
     return TrajectoryError(f"{where}: field '{fld}': {msg}")
 
@@ -275,6 +279,12 @@ def encode_trajectory(traj: Trajectory, tokenizer, taxonomy: Taxonomy,
     if max_length is not None and len(p_ids) + len(r_ids) > max_length:
         keep = max_length - len(p_ids)
         r_ids, offsets, truncated = r_ids[:keep], offsets[:keep], True
+        if (traj.response_unsafe_from is not None
+                and not any(end > traj.response_unsafe_from for _, end in offsets)):
+            # What is left would teach "harmful prompt, safe answer" (and make the harmless
+            # lead-in an LM target): the row cannot be used at this length.
+            raise UnsafeSpanCutError(f"the unsafe part of {traj.source!r}'s response starts "
+                                     f"after max_length {max_length}")
 
     ids = p_ids + r_ids
     k = taxonomy.num_outputs

@@ -9,6 +9,7 @@ per data file, plus the train / held-out split of trajectory files.
 from __future__ import annotations
 
 import hashlib
+import pickle
 import random
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from safeserve.models.safety_data import (Encoded, Trajectory, encode_trajectory,
+from safeserve.models.safety_data import (Encoded, Trajectory, TrajectoryError,
+                                          UnsafeSpanCutError, encode_trajectory,
                                           load_trajectories)
 from safeserve.models.taxonomy import Taxonomy
 
@@ -69,15 +71,20 @@ def resolve_layer(layer: int, num_layers: int) -> int:
 
 def encode_all(trajs: list[Trajectory], tokenizer, taxonomy: Taxonomy, max_length: int,
                log=print) -> tuple[list[Encoded], list[Trajectory]]:
-    encs, kept, skipped = [], [], 0
+    encs, kept, long_prompt, cut_span = [], [], 0, 0
     for t in trajs:
         try:
             encs.append(encode_trajectory(t, tokenizer, taxonomy, max_length))
             kept.append(t)
-        except ValueError:
-            skipped += 1
-    if skipped:
-        log(f"skipped {skipped} rows whose prompt alone is longer than max_length {max_length}")
+        except UnsafeSpanCutError:
+            cut_span += 1
+        except TrajectoryError:
+            long_prompt += 1
+    if long_prompt:
+        log(f"skipped {long_prompt} rows whose prompt alone is longer than max_length {max_length}")
+    if cut_span:
+        log(f"skipped {cut_span} rows whose response turns unsafe only after max_length "
+            f"{max_length}")
     return encs, kept
 
 
@@ -87,6 +94,8 @@ def extract_features(model, tokenizer, trajs: list[Trajectory], taxonomy: Taxono
                      log=print, desc: str = "features") -> Features:
     """Run the (frozen) model once and keep hidden states at labelled positions."""
     encs, trajs = encode_all(trajs, tokenizer, taxonomy, max_length, log)
+    if not encs:
+        raise TrajectoryError(f"no {desc} rows left to read at max_length {max_length}")
     dec = backbone(model)
     device = next(model.parameters()).device
     n_layers = model.config.num_hidden_layers
@@ -130,7 +139,8 @@ def cached_features(cache: Path | None, key: dict, compute) -> Features:
     if cache is not None and cache.is_file():
         try:
             blob = torch.load(cache, weights_only=False)
-        except (AttributeError, ModuleNotFoundError, EOFError, RuntimeError):
+        except (AttributeError, ModuleNotFoundError, EOFError, RuntimeError, ValueError,
+                pickle.UnpicklingError):
             blob = None  # unreadable or written by an older layout of this code: recompute
     if blob is not None:
         have = dict(blob.get("key") or {})
@@ -151,6 +161,8 @@ def cached_features(cache: Path | None, key: dict, compute) -> Features:
     return feats
 
 
+# Bump when the per-token labelling (models/safety_data.py) changes what a row encodes to.
+LABEL_RULES_VERSION = 2
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -191,12 +203,17 @@ def split_data(data, eval_data, taxonomy: Taxonomy, seed: int):
 def _feature_key(path: Path, model: Path, layers: list[int], max_length: int,
                  dtype: str = "float32", taxonomy: Taxonomy | None = None) -> dict:
     st = path.stat()
-    weights = sorted(Path(model).glob("*.safetensors")) if Path(model).is_dir() else []
+    model = Path(model)
+    # Weights (any format), tokenizer and chat template: what the hidden states and the
+    # labelled positions depend on. A model rewritten in place shows in size and mtime.
+    files = sorted(f for pattern in ("*.safetensors", "*.bin", "tokenizer*", "chat_template*",
+                                     "special_tokens_map.json")
+                   for f in model.glob(pattern)) if model.is_dir() else []
     return {"data": str(path.resolve()), "size": st.st_size, "mtime": st.st_mtime,
             "model": str(model), "layers": sorted(layers), "max_length": max_length,
-            # a model rewritten in place, another dtype or taxonomy: other features
-            "weights": [(w.name, w.stat().st_size, w.stat().st_mtime) for w in weights],
-            "dtype": dtype, "labels": list(taxonomy.output_names) if taxonomy else None}
+            "files": [(f.name, f.stat().st_size, f.stat().st_mtime) for f in files],
+            "dtype": dtype, "labels": list(taxonomy.output_names) if taxonomy else None,
+            "label_rules": LABEL_RULES_VERSION}
 
 
 def concat_features(parts: list[Features]) -> Features:

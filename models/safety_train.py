@@ -19,8 +19,9 @@ Modes (``safeserve train safety --mode ...``):
   write) trained jointly with the head.
 * ``full``: every LM weight plus the head.
 
-For ``lora`` and ``full``, L_lm is next-token cross-entropy on *safe* response tokens only
-(benign answers and refusals); unsafe response tokens are classification targets but never LM
+For ``lora`` and ``full``, L_lm is next-token cross-entropy on *safe* answers only (benign
+answers and refusals; an answer that turns harmful is no LM target at all, its harmless-looking
+lead-in included); unsafe response tokens are classification targets but never LM
 targets, so the model is never taught to produce the harmful text it learns to flag. With
 ``--lm-targets benign`` L_lm covers only the answers to benign prompts (the base model's own
 answers, so L_lm is self-distillation): the written refusals then train the head but not the
@@ -32,8 +33,11 @@ runs under ``accelerate.Accelerator``, so the same code trains 7-8B models on se
         --model /models/llama-3-8b-instruct --out ckpt --mode lora --lambda 0.1 \\
         --batch-size 4 --max-length 1024
 
-``full`` mode on 7-8B models needs sharded optimiser state: give ``accelerate launch`` an FSDP or
-DeepSpeed config (``accelerate config``); the training code is the same.
+Multi-GPU runs are data parallel (DDP; gradient accumulation from the accelerate config is
+honoured): LoRA fits a 7-8B model on each 80 GB GPU. FSDP and DeepSpeed (sharded weights, which
+``full`` mode on 7-8B would need) are refused at start: the head sits beside the LM as a second
+module and the end-of-run save and calibration run on one process, neither of which sharding
+supports here.
 
 LoRA mode writes the adapter to ``<out>/adapter/`` and the merged model to ``<out>`` (what the
 server loads). All modes write ``<out>/safety_head/`` (see models/checkpoint.py) with
@@ -76,8 +80,9 @@ from safeserve.models.decision_defaults import OPERATING_POINT
 from safeserve.models.safety_calibration import (auroc, finish_head, head_external_metrics,
                                                  keep_init_operating_point)
 from safeserve.models.safety_data import MASK_PROMPT, MASK_RESPONSE, Encoded, load_trajectories
-from safeserve.models.safety_features import (encode_all, extract_features, head_features,
-                                              load_lm, paths_of, resolve_layer, split_data)
+from safeserve.models.safety_features import (_DTYPES, encode_all, extract_features,
+                                              head_features, load_lm, paths_of, resolve_layer,
+                                              split_data)
 from safeserve.models.safety_head_fit import (classification_loss, fit_head, frozen_linear,
                                               positive_weights, prompt_end_gate, scores_of)
 from safeserve.models.taxonomy import Taxonomy
@@ -226,8 +231,12 @@ def _collate(encs: list[Encoded], pad: int, lm_targets: str = "safe"):
         n = len(e.input_ids)
         ids = torch.tensor(e.input_ids)
         x[r, :n], att[r, :n], lab[r, :n], kind[r, :n] = ids, 1, e.labels, e.mask
-        # LM targets: safe response tokens only (never the harmful text the head flags).
-        safe_resp = (e.mask == MASK_RESPONSE) & (e.labels[:, -1] < 0.5)
+        # LM targets: safe answers only. An answer that turns harmful is no target at all,
+        # its harmless-looking lead-in ("Sure, here is a guide.") included: the model must not
+        # learn to open a compliant answer to a harmful request.
+        response = e.mask == MASK_RESPONSE
+        turns_unsafe = bool((e.labels[response][:, -1] > 0.5).any())
+        safe_resp = response & (e.labels[:, -1] < 0.5) & (not turns_unsafe)
         if lm_targets == "benign" and bool((e.labels[e.mask > 0] > 0.5).any()):
             safe_resp = torch.zeros_like(safe_resp)
         lm[r, :n] = torch.where(safe_resp, ids, torch.full_like(ids, -100))
@@ -248,7 +257,12 @@ def lm_loss(logits: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
 def run_adapter_mode(args: dict, taxonomy: Taxonomy, log=print) -> dict:
     from accelerate import Accelerator
 
+    from accelerate.utils import DistributedType
+
     acc = Accelerator()
+    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError(f"{acc.distributed_type.value} is not supported by train safety: "
+                         "use data parallel (DDP) with --mode lora for 7-8B models")
     log = log if acc.is_main_process else (lambda *a, **k: None)
     torch.manual_seed(args["seed"])
     model, tok = load_lm(args["model"], args["dtype"])
@@ -281,20 +295,25 @@ def run_adapter_mode(args: dict, taxonomy: Taxonomy, log=print) -> dict:
     for epoch in range(args["epochs"]):
         bar = tqdm(loader, desc=f"epoch {epoch + 1}", disable=not acc.is_main_process)
         for batch in bar:
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        output_hidden_states=True)
-            hid = out.hidden_states[li]
-            sel = batch["kind"] > 0
-            l_cls = classification_loss(head(hid[sel]), batch["labels"][sel],
-                                        batch["kind"][sel], pw)
-            l_lm = lm_loss(out.logits, batch["lm"])
-            loss = l_lm + args["lambda_cls"] * l_cls
-            acc.backward(loss)
-            opt.step()
-            opt.zero_grad()
+            with acc.accumulate(model, head):
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            output_hidden_states=True)
+                hid = out.hidden_states[li]
+                sel = batch["kind"] > 0
+                l_cls = classification_loss(head(hid[sel]), batch["labels"][sel],
+                                            batch["kind"][sel], pw)
+                l_lm = lm_loss(out.logits, batch["lm"])
+                loss = l_lm + args["lambda_cls"] * l_cls
+                acc.backward(loss)
+                opt.step()  # accelerate's wrapper steps only at the accumulation boundary
+                opt.zero_grad()
+            if not acc.sync_gradients:
+                continue
             step += 1
-            hist.append({"step": step, "loss": float(loss.detach()), "lm": float(l_lm.detach()),
-                         "cls": float(l_cls.detach())})
+            # the run's losses, averaged over the processes (rank 0 alone is one shard's)
+            parts = acc.reduce(torch.stack([loss, l_lm, l_cls]).detach(), "mean")
+            hist.append({"step": step, "loss": float(parts[0]), "lm": float(parts[1]),
+                         "cls": float(parts[2])})
             bar.set_postfix(lm=f"{hist[-1]['lm']:.3f}", cls=f"{hist[-1]['cls']:.3f}")
             if max_steps and step >= max_steps:
                 break
@@ -376,6 +395,37 @@ def recalibrate(model_dir: Path, head_dir: Path, eval_data, out: Path, *, target
     return metrics
 
 
+def check_options(args: dict) -> None:
+    """Numbers and choices, before anything loads (a bad one would otherwise surface after the
+    whole fit, or as a KeyError)."""
+    if args["dtype"] not in _DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(_DTYPES)}, not {args['dtype']!r}")
+    if args["mode"] not in ("head", "lora", "full"):
+        raise ValueError(f"--mode must be head, lora or full, not {args['mode']!r}")
+    if int(args["tau"]) < 1:
+        raise ValueError("--tau must be at least 1")
+    if not 0.0 < float(args["target_fpr"]) < 1.0:
+        raise ValueError("--target-fpr must lie in (0, 1)")
+    for name in ("epochs", "batch_size", "head_batch_size", "max_length"):
+        if int(args[name]) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def check_data(args: dict, taxonomy: Taxonomy) -> None:
+    """Read the data once before the model loads: row errors, and a held-out set that cannot
+    be split into a calibration half and a report half (it needs two prompt groups), fail
+    now, not after the fit."""
+    train, held = split_data(args["data"], args.get("eval_data"), taxonomy, args["seed"])
+    if not train:
+        raise ValueError("no training rows")
+    groups = {t.group or t.user_text for t in held}
+    if len(groups) < 2:
+        where = ("--eval-data" if paths_of(args.get("eval_data"))
+                 else "the held-out 20% of --data's prompt groups")
+        raise ValueError(f"{where} has {len(groups)} prompt group(s): calibration and the "
+                         "report need at least two (more data, or an --eval-data file)")
+
+
 def train_safety(args: dict, log=print) -> dict:
     """Entry point shared by the CLI and the tests (``args`` mirrors the CLI options)."""
     defaults = {"eval_data": None, "external_eval": None, "mode": "head", "lambda_cls": 0.1,
@@ -402,6 +452,8 @@ def train_safety(args: dict, log=print) -> dict:
         raise ValueError("--mlp-gate gates the MLP: give --mlp-units too")
     if args["keep_thresholds"] and not args["init_head"]:
         raise ValueError("--keep-thresholds keeps --init-head's operating point: give it")
+    check_options(args)
+    check_data(args, taxonomy)
     if args["mode"] == "head":
         return run_head_mode(args, taxonomy, log)
     if args["mode"] in ("lora", "full"):
@@ -545,7 +597,11 @@ def register(app) -> None:
         con = Console()
         t0 = time.time()
         args["model"] = _model(model)
-        metrics = train_safety(args, log=con.print)
+        try:
+            metrics = train_safety(args, log=con.print)
+        except (ValueError, OSError) as exc:  # Trajectory- and CheckpointError are ValueErrors
+            con.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+            raise typer.Exit(2) from None
         if metrics:
             from safeserve.models.taxonomy import Taxonomy as _T
 

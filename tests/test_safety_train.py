@@ -642,3 +642,98 @@ def test_recalibrate_rethresholds_without_retraining(tiny, tmp_path):
     auc = lambda m: m["auroc_all_heldout"]["token_level"]["unsafe"]["auroc"]  # noqa: E731
     assert abs(auc(again) - auc(first)) < 0.05
     assert (tmp_path / "re/adapter/adapter_config.json").is_file()
+
+
+def test_an_answer_that_turns_harmful_is_no_lm_target_lead_in_included(tiny):
+    """kind 3 of ``_rows``: a benign prompt whose answer turns harmful half-way. Its harmless
+    lead-in is labelled safe for the head, but training the LM on it would teach it to start
+    an answer that goes on to harm."""
+    from safeserve.models.safety_train import _collate
+
+    _, tok = tiny
+    tax = Taxonomy.load()
+    turning = parse_trajectory(_rows(4, 0)[3], "t")
+    enc = encode_trajectory(turning, tok, tax, 128)
+    lead_in = (enc.mask == MASK_RESPONSE) & (enc.labels[:, -1] < 0.5)
+    assert lead_in.any()  # the head still sees safe tokens before the turn
+    assert int((_collate([enc], tok.pad_token_id, "safe")["lm"] != -100).sum()) == 0
+
+
+def test_a_response_cut_before_it_turns_unsafe_is_skipped_not_mislabelled(tiny):
+    from safeserve.models.safety_data import UnsafeSpanCutError
+    from safeserve.models.safety_features import encode_all
+
+    _, tok = tiny
+    tax = Taxonomy.load()
+    resp = "A cake is nice. " * 6 + "Now a bomb bomb."
+    t = parse_trajectory({"prompt": "tell me about a cake", "response": resp,
+                          "prompt_label": "safe", "categories": ["weapons"],
+                          "response_unsafe_from": resp.index("Now"), "source": "t"}, "row")
+    n_prompt = len(prompt_ids(tok, t.prompt_messages))
+    with pytest.raises(UnsafeSpanCutError):
+        encode_trajectory(t, tok, tax, n_prompt + 4)
+    logs = []
+    encs, kept = encode_all([t], tok, tax, n_prompt + 4, logs.append)
+    assert encs == [] and kept == [] and "turns unsafe only after max_length" in logs[0]
+    full = encode_trajectory(t, tok, tax, 512)  # long enough: labelled as before
+    assert full.labels[:, -1].sum() > 0
+
+
+def test_bad_options_and_unsplittable_data_fail_before_anything_loads(tiny, tmp_path):
+    """One-line errors (exit 2), before the model loads: a bad dtype, tau, FPR budget, and a
+    held-out set with a single prompt group (calibration and the report need two halves)."""
+    import typer
+    from typer.testing import CliRunner
+
+    from safeserve.models.safety_train import register
+
+    d, _ = tiny
+    data = _write(tmp_path / "train.jsonl", _rows(8, 0))
+    one_group = _write(tmp_path / "held.jsonl", [{**r, "group": "only"} for r in _rows(4, 1)])
+    app = typer.Typer()
+    register(app)
+    runner = CliRunner()
+    base = ["safety", "--data", str(data), "--out", str(tmp_path / "o"), "--model", str(d)]
+    for extra, message in ((["--dtype", "float64"], "--dtype must be one of"),
+                           (["--tau", "0"], "--tau must be at least 1"),
+                           (["--target-fpr", "1.5"], "--target-fpr must lie in (0, 1)"),
+                           (["--eval-data", str(one_group)], "1 prompt group(s)")):
+        r = runner.invoke(app, base + extra)
+        assert r.exit_code == 2, (extra, r.output)
+        assert message in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "o").exists()  # nothing written
+    r = runner.invoke(app, ["safety", "--data", str(tmp_path / "missing.jsonl"),
+                            "--out", str(tmp_path / "o"), "--model", str(d)])
+    assert r.exit_code == 2 and "missing.jsonl" in r.output and "Traceback" not in r.output
+
+
+def test_a_taxonomy_edited_after_training_is_refused_at_load(tmp_path):
+    """The weight rows follow the trained category order: reordering taxonomy.yaml would
+    attach them to other categories, so the head no longer loads."""
+    from safeserve.models.checkpoint import CheckpointError, SafetyHead
+
+    tax = Taxonomy.load()
+    SafetyHead(torch.randn(tax.num_outputs, 8), torch.zeros(tax.num_outputs), tax).save(tmp_path)
+    assert load_safety_head(tmp_path).taxonomy.ids == tax.ids
+    path = tmp_path / "safety_head" / "taxonomy.yaml"
+    text = path.read_text()
+    swapped = text.replace("id: violence", "id: TMP").replace("id: weapons", "id: violence") \
+        .replace("id: TMP", "id: weapons")
+    assert swapped != text
+    path.write_text(swapped)
+    with pytest.raises(CheckpointError, match="trained for outputs"):
+        load_safety_head(tmp_path)
+
+
+def test_feature_cache_key_follows_the_tokenizer_and_label_rules(tiny, tmp_path):
+    from safeserve.models import safety_features as SF
+
+    d, _ = tiny
+    data = _write(tmp_path / "t.jsonl", _rows(2, 0))
+    copy = tmp_path / "model"
+    shutil.copytree(d, copy)
+    key = SF._feature_key(data, copy, [-1], 64)
+    template = copy / "tokenizer_config.json"
+    template.write_text(template.read_text().replace("helpful assistant", "careful assistant"))
+    assert SF._feature_key(data, copy, [-1], 64) != key
+    assert key["label_rules"] == SF.LABEL_RULES_VERSION
