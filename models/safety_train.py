@@ -294,6 +294,8 @@ def run_adapter_mode(args: dict, taxonomy: Taxonomy, log=print) -> dict:
     model.train()
     for epoch in range(args["epochs"]):
         bar = tqdm(loader, desc=f"epoch {epoch + 1}", disable=not acc.is_main_process)
+        window = torch.zeros(3, device=acc.device)  # loss, lm, cls summed over the window
+        micro = 0
         for batch in bar:
             with acc.accumulate(model, head):
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -307,11 +309,15 @@ def run_adapter_mode(args: dict, taxonomy: Taxonomy, log=print) -> dict:
                 acc.backward(loss)
                 opt.step()  # accelerate's wrapper steps only at the accumulation boundary
                 opt.zero_grad()
+            window += torch.stack([loss, l_lm, l_cls]).detach().float()
+            micro += 1
             if not acc.sync_gradients:
                 continue
             step += 1
-            # the run's losses, averaged over the processes (rank 0 alone is one shard's)
-            parts = acc.reduce(torch.stack([loss, l_lm, l_cls]).detach(), "mean")
+            # the step's losses: its micro-batches, averaged over the processes too
+            parts = acc.reduce(window / micro, "mean")
+            window.zero_()
+            micro = 0
             hist.append({"step": step, "loss": float(parts[0]), "lm": float(parts[1]),
                          "cls": float(parts[2])})
             bar.set_postfix(lm=f"{hist[-1]['lm']:.3f}", cls=f"{hist[-1]['cls']:.3f}")
@@ -395,34 +401,48 @@ def recalibrate(model_dir: Path, head_dir: Path, eval_data, out: Path, *, target
     return metrics
 
 
+class TrainInputError(ValueError):
+    """Bad options or data, found before the model loads: one line for the user."""
+
+
 def check_options(args: dict) -> None:
     """Numbers and choices, before anything loads (a bad one would otherwise surface after the
     whole fit, or as a KeyError)."""
     if args["dtype"] not in _DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(_DTYPES)}, not {args['dtype']!r}")
+        raise TrainInputError(f"--dtype must be one of {', '.join(_DTYPES)}, not {args['dtype']!r}")
     if args["mode"] not in ("head", "lora", "full"):
-        raise ValueError(f"--mode must be head, lora or full, not {args['mode']!r}")
+        raise TrainInputError(f"--mode must be head, lora or full, not {args['mode']!r}")
     if int(args["tau"]) < 1:
-        raise ValueError("--tau must be at least 1")
+        raise TrainInputError("--tau must be at least 1")
     if not 0.0 < float(args["target_fpr"]) < 1.0:
-        raise ValueError("--target-fpr must lie in (0, 1)")
+        raise TrainInputError("--target-fpr must lie in (0, 1)")
     for name in ("epochs", "batch_size", "head_batch_size", "max_length"):
         if int(args[name]) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+            raise TrainInputError(f"--{name.replace('_', '-')} must be at least 1")
 
 
 def check_data(args: dict, taxonomy: Taxonomy) -> None:
     """Read the data once before the model loads: row errors, and a held-out set that cannot
     be split into a calibration half and a report half (it needs two prompt groups), fail
     now, not after the fit."""
-    train, held = split_data(args["data"], args.get("eval_data"), taxonomy, args["seed"])
+    from transformers import AutoTokenizer
+
+    try:
+        train, held = split_data(args["data"], args.get("eval_data"), taxonomy, args["seed"])
+        tok = AutoTokenizer.from_pretrained(str(args["model"]))
+    except (ValueError, OSError) as exc:  # a bad row or file; no tokenizer at --model
+        raise TrainInputError(str(exc)) from None
+    # What survives encoding at --max-length is what trains and calibrates.
+    quiet = lambda *a, **k: None  # noqa: E731 - the real run logs the skips
+    _, train = encode_all(train, tok, taxonomy, args["max_length"], quiet)
+    _, held = encode_all(held, tok, taxonomy, args["max_length"], quiet)
     if not train:
-        raise ValueError("no training rows")
+        raise TrainInputError(f"no training rows left at --max-length {args['max_length']}")
     groups = {t.group or t.user_text for t in held}
     if len(groups) < 2:
         where = ("--eval-data" if paths_of(args.get("eval_data"))
                  else "the held-out 20% of --data's prompt groups")
-        raise ValueError(f"{where} has {len(groups)} prompt group(s): calibration and the "
+        raise TrainInputError(f"{where} has {len(groups)} prompt group(s): calibration and the "
                          "report need at least two (more data, or an --eval-data file)")
 
 
@@ -439,19 +459,22 @@ def train_safety(args: dict, log=print) -> dict:
     args = {**defaults, **{k: v for k, v in args.items() if v is not None}}
     if args["lr"] is None:
         args["lr"] = 2e-3 if args["mode"] == "head" else 2e-4
-    taxonomy = Taxonomy.load(args["taxonomy"]) if args["taxonomy"] else Taxonomy.load()
+    try:
+        taxonomy = Taxonomy.load(args["taxonomy"]) if args["taxonomy"] else Taxonomy.load()
+    except (ValueError, OSError) as exc:
+        raise TrainInputError(f"--taxonomy: {exc}") from None
     if args["layer"] != -1:
         log(f"warning: layer {args['layer']} is for probing; the server serves layer -1 only "
             "and refuses to load this head")
     if args["lm_targets"] not in LM_TARGETS:
-        raise ValueError(f"lm_targets must be one of {LM_TARGETS}, not {args['lm_targets']!r}")
+        raise TrainInputError(f"lm_targets must be one of {LM_TARGETS}, not {args['lm_targets']!r}")
     if (args["mlp_units"] or args["mlp_gate"] or args["init_head"]) and args["mode"] != "head":
-        raise ValueError("--mlp-units, --mlp-gate and --init-head are for head mode; lora/full "
-                         "train a linear head")
+        raise TrainInputError("--mlp-units, --mlp-gate and --init-head are for head mode; "
+                              "lora/full train a linear head")
     if args["mlp_gate"] and not args["mlp_units"]:
-        raise ValueError("--mlp-gate gates the MLP: give --mlp-units too")
+        raise TrainInputError("--mlp-gate gates the MLP: give --mlp-units too")
     if args["keep_thresholds"] and not args["init_head"]:
-        raise ValueError("--keep-thresholds keeps --init-head's operating point: give it")
+        raise TrainInputError("--keep-thresholds keeps --init-head's operating point: give it")
     check_options(args)
     check_data(args, taxonomy)
     if args["mode"] == "head":
@@ -599,8 +622,10 @@ def register(app) -> None:
         args["model"] = _model(model)
         try:
             metrics = train_safety(args, log=con.print)
-        except (ValueError, OSError) as exc:  # Trajectory- and CheckpointError are ValueErrors
-            con.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        except TrainInputError as exc:
+            from rich.markup import escape
+
+            con.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
             raise typer.Exit(2) from None
         if metrics:
             from safeserve.models.taxonomy import Taxonomy as _T

@@ -468,8 +468,15 @@ class SafetyLogitsProcessor(LogitsProcessor):
         ends, out = self.ends[i], self.outputs[i]
         if ends is None or not out:
             return False
+        # Under async scheduling the list ends in -1 placeholders for tokens in flight; the
+        # request's own tokens are those before them.
+        n = len(out)
+        while n and out[n - 1] < 0:
+            n -= 1
+        if n == 0:
+            return False
         max_tokens, stop_ids = ends
-        return out[-1] in stop_ids or (max_tokens is not None and len(out) >= max_tokens)
+        return out[n - 1] in stop_ids or (max_tokens is not None and n >= max_tokens)
 
     def _add(self, i: int, args: W.RowSafetyArgs | None, output_ids: list[int],
              params=None) -> None:

@@ -549,18 +549,21 @@ def test_a_request_removed_at_one_of_its_ends_is_not_parked():
     """Finished requests never come back: removed at max_tokens or on a stop token they are
     not parked, so the bounded store keeps room for preempted ones. A request removed
     mid-answer is parked."""
-    proc, _ = _processor()
+    proc, _ = _processor(capacity=6)
     params = lambda: SimpleNamespace(extra_args=None, max_tokens=3, stop_token_ids=[11],  # noqa: E731
                                      eos_token_id=0)
-    outs = {"length": [], "eos": [], "stop": [], "preempted": []}
+    outs = {"length": [], "eos": [], "stop": [], "preempted": [], "eos_async": [],
+            "in_flight": []}
     for i, rid in enumerate(outs):
         proc._add(i, _args(rid), outs[rid], params())
     outs["length"] += [4, 4, 4]
     outs["eos"] += [4, 0]
     outs["stop"] += [11]
     outs["preempted"] += [4, 4]
-    proc.update_state(SimpleNamespace(removed=[0, 1, 2, 3], added=[], moved=[]))
-    assert list(proc.parked) == ["preempted"]
+    outs["eos_async"] += [4, 0, -1]  # async scheduling: a placeholder after the real end
+    outs["in_flight"] += [4, 4, -1]  # two real tokens of three: still live
+    proc.update_state(SimpleNamespace(removed=list(range(6)), added=[], moved=[]))
+    assert list(proc.parked) == ["preempted", "in_flight"]
 
 
 def test_a_resumed_request_whose_parked_state_was_evicted_ends_fail_closed(monkeypatch):

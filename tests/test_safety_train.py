@@ -702,6 +702,14 @@ def test_bad_options_and_unsplittable_data_fail_before_anything_loads(tiny, tmp_
         assert r.exit_code == 2, (extra, r.output)
         assert message in r.output and "Traceback" not in r.output, r.output
     assert not (tmp_path / "o").exists()  # nothing written
+    # an error text with brackets is printed as it is (no markup), still one line
+    bracketed = _write(tmp_path / "data[v2].jsonl", [{"prompt": "x"}])
+    r = runner.invoke(app, ["safety", "--data", str(bracketed), "--out", str(tmp_path / "o"),
+                            "--model", str(d)])
+    assert r.exit_code == 2 and "data[v2].jsonl" in r.output and "Traceback" not in r.output
+    # every training row too long for --max-length: found before the model loads
+    r = runner.invoke(app, base + ["--max-length", "4"])
+    assert r.exit_code == 2 and "no training rows left at --max-length 4" in r.output
     r = runner.invoke(app, ["safety", "--data", str(tmp_path / "missing.jsonl"),
                             "--out", str(tmp_path / "o"), "--model", str(d)])
     assert r.exit_code == 2 and "missing.jsonl" in r.output and "Traceback" not in r.output
