@@ -90,9 +90,19 @@ def start_server(tmp: Path, *args: str, env: dict | None = None) -> tuple[str, s
 def running_server(tmp: Path, *args: str, env: dict | None = None):
     """Start ``safeserve serve`` with ``args``, wait until it is ready, yield (url, proc, log),
     and stop it on exit (terminate, then kill if it does not exit in 30 s)."""
-    url, proc, log = start_server(tmp, *args, env=env)
+    for attempt in range(3):
+        url, proc, log = start_server(tmp, *args, env=env)
+        try:
+            wait_ready(url, proc, log, START_TIMEOUT_S)
+            break
+        except RuntimeError:
+            proc.kill()
+            proc.wait(30)
+            # free_port's port can be taken by another process before the server binds it:
+            # start again on a new one; any other failure is the test's to see.
+            if attempt == 2 or "address already in use" not in log.read_text(errors="replace"):
+                raise
     try:
-        wait_ready(url, proc, log, START_TIMEOUT_S)
         yield url, proc, log
     finally:
         proc.terminate()
