@@ -256,12 +256,11 @@ def lm_loss(logits: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
 
 def run_adapter_mode(args: dict, taxonomy: Taxonomy, log=print) -> dict:
     from accelerate import Accelerator
-
     from accelerate.utils import DistributedType
 
     acc = Accelerator()
     if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise ValueError(f"{acc.distributed_type.value} is not supported by train safety: "
+        raise TrainInputError(f"{acc.distributed_type.value} is not supported by train safety: "
                          "use data parallel (DDP) with --mode lora for 7-8B models")
     log = log if acc.is_main_process else (lambda *a, **k: None)
     torch.manual_seed(args["seed"])
@@ -479,9 +478,7 @@ def train_safety(args: dict, log=print) -> dict:
     check_data(args, taxonomy)
     if args["mode"] == "head":
         return run_head_mode(args, taxonomy, log)
-    if args["mode"] in ("lora", "full"):
-        return run_adapter_mode(args, taxonomy, log)
-    raise ValueError(f"mode must be head, lora or full, not {args['mode']!r}")
+    return run_adapter_mode(args, taxonomy, log)  # lora | full (check_options)
 
 
 def register(app) -> None:
