@@ -16,6 +16,8 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from functools import partial
 
 import torch
 from safeserve.kernels.safety_decision import EVENT_OK, EVENT_TRIGGER, decide
@@ -104,7 +106,7 @@ class _Telemetry:
             self.sock.setsockopt(zmq.LINGER, 1000)
             self.sock.connect(addr)
 
-    def send(self, records: list[W.StepRecord], seconds: float) -> None:
+    def send(self, records: list[W.StepRecord], seconds: float | None) -> None:
         if self._queue is not None:  # keep the order of the steps already queued
             self._queue.put((None, records, None, 0, seconds))
         elif self.sock is not None and records:
@@ -121,7 +123,7 @@ class _Telemetry:
             self._thread.start()
         self._queue.put((ready, host, rows, k, seconds))
 
-    def _push(self, records: list[W.StepRecord], seconds: float) -> None:
+    def _push(self, records: list[W.StepRecord], seconds: float | None) -> None:
         if records:
             self.sock.send(pickle.dumps((records, seconds), protocol=pickle.HIGHEST_PROTOCOL))
 
@@ -202,6 +204,15 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.parked: OrderedDict[str, tuple] = OrderedDict()
         self.verdict_only: set[str] = set()  # rows of helper requests, never parked
         self.outputs: list[list[int] | None] = [None] * r  # live refs to output token lists
+        # A resumed request's re-prefill chunks all show its output length at resume, and
+        # vLLM discards the token of each but the last. Their records wait here (the latest
+        # one per request) until the output grows past that length, which proves the last
+        # step was the kept chunk (its record is sent), or the request leaves the batch
+        # first (discarded: dropped). So the HTTP side never acts on a discarded chunk's
+        # verdict, which could otherwise reach it before the kept one, after the engine's
+        # token (holdback would release on it).
+        self.resuming: dict[str, tuple[int, list[int]]] = {}  # rid -> (length, output list)
+        self.deferred: dict[str, Callable[[], None]] = {}  # rid -> sends its latest record
         # (max_tokens, stop token ids) per row: a row removed at one of its ends finished
         self.ends: list[tuple[int | None, frozenset[int]] | None] = [None] * r
         self.telemetry = _Telemetry()
@@ -218,6 +229,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         return False  # it forces tokens, greedy requests included
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
+        self._send_kept_chunks()  # before this step's records, and before rows leave
         if batch_update is None:
             return
         for i in batch_update.removed:
@@ -432,16 +444,37 @@ class SafetyLogitsProcessor(LogitsProcessor):
                                                                         self.outputs[:n]))
                 if rid is not None and out is not None]
         k = scores.shape[1]
+        later = [row for row in rows if row[1] in self.resuming]  # see self.resuming
+        if later:
+            rows = [row for row in rows if row[1] not in self.resuming]
+        # A deferred record is sent with seconds=None: it is no step of its own (metrics).
         if packed.device.type == "cuda":
             host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=self.pin_memory)
             host.copy_(packed, non_blocking=self.pin_memory)
             ready = torch.cuda.Event(blocking=True)  # the sender sleeps on it, not spins
             ready.record()
             self.telemetry.send_later(ready, host, rows, k, seconds, self.device)
+            for row in later:
+                self.deferred[row[1]] = partial(self.telemetry.send_later, ready, host, [row],
+                                                k, None, self.device)
         else:
-            self.telemetry.send(step_records(packed.tolist(), rows, k), seconds)
+            host_rows = packed.tolist()
+            self.telemetry.send(step_records(host_rows, rows, k), seconds)
+            for row in later:
+                self.deferred[row[1]] = partial(self.telemetry.send,
+                                                step_records(host_rows, [row], k), None)
 
     # -- persistent-batch bookkeeping ------------------------------------------------------
+
+    def _send_kept_chunks(self) -> None:
+        """Resumed requests whose output grew since their resume: the last re-prefill step
+        was the kept chunk; its deferred record goes out now."""
+        for rid, (length, out) in list(self.resuming.items()):
+            if len(out) > length:
+                del self.resuming[rid]
+                send = self.deferred.pop(rid, None)
+                if send is not None:
+                    send()
 
     def _park(self, i: int) -> None:
         """Keep a removed row's strategy state: a preempted request comes back later (as an
@@ -449,6 +482,10 @@ class SafetyLogitsProcessor(LogitsProcessor):
         rid = self.rids[i]
         if rid is None:
             return
+        if self.resuming.pop(rid, None) is not None:
+            # It leaves before its output grew: its last re-prefill step was discarded too
+            # (preempted again, or aborted). A later resume sends its own records.
+            self.deferred.pop(rid, None)
         if rid in self.verdict_only:
             # Its output is discarded: a resumed one starts over. Not parking these keeps a
             # burst of moderations from pushing out the state of a preempted request.
@@ -490,6 +527,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
             for name, value in zip(self._TENSORS, snapshot):
                 getattr(self, name)[i] = value
             self.rids[i], self.outputs[i] = args.rid, output_ids
+            if output_ids:
+                self.resuming[args.rid] = (len(output_ids), output_ids)
             return
         self.rids[i], self.outputs[i] = args.rid, output_ids
         if args.verdict_only:
@@ -508,6 +547,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
             log.error("safety state of resumed request %s was evicted (more than %d parked); "
                       "ending it", args.rid, MAX_PARKED)
             self.phase[i] = W.PHASE_DONE
+            self.resuming[args.rid] = (len(output_ids), output_ids)
         if args.query_flagged:
             # a flagged verdict always names an output; the overall one if it somehow did not
             self.query_cats[i] = args.query_cats or 1 << (self.thresholds.shape[1] - 1)

@@ -326,9 +326,10 @@ class TelemetryHub:
             except Exception:  # one bad message must not end the routing of every other
                 log.exception("unreadable safety telemetry message dropped")
 
-    def _route(self, records: list[W.StepRecord], seconds: float) -> None:
-        metrics.SAFETY_STEPS.inc()
-        metrics.SAFETY_STEP_SECONDS.inc(seconds)
+    def _route(self, records: list[W.StepRecord], seconds: float | None) -> None:
+        if seconds is not None:  # None: a resumed request's deferred record, no step
+            metrics.SAFETY_STEPS.inc()
+            metrics.SAFETY_STEP_SECONDS.inc(seconds)
         for rec in records:
             tracker = self.trackers.get(rec.rid)
             if tracker is not None:

@@ -9,6 +9,7 @@ text after the refusal (or, fail-closed, as a content_filter ending)."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import pytest
@@ -50,9 +51,29 @@ def test_preempted_refusals_resume_where_they_were(small_cache_server):
                 assert r.status_code == 200, r.text
                 return r.json()
 
+            async def streamed():
+                # holdback: a resumed request's tokens are released on its kept chunk's record
+                req = {**body, "stream": True, "safety_config": {"holdback": True}}
+                text, last = "", None
+                async with c.stream("POST", "/v1/chat/completions", json=req) as r:
+                    assert r.status_code == 200
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        chunk = json.loads(line[6:])
+                        assert "error" not in chunk, chunk
+                        for ch in chunk["choices"]:
+                            text += ch["delta"].get("content") or ""
+                            if ch.get("finish_reason"):
+                                last = {"choices": [{"message": {"content": text},
+                                                     "finish_reason": ch["finish_reason"]}],
+                                        "safety": chunk["safety"]}
+                return last
+
             solo = await one()
             before = _preemptions(url)
-            batch = await asyncio.gather(*(one() for _ in range(IN_FLIGHT)))
+            batch = await asyncio.gather(*(one() for _ in range(IN_FLIGHT - 2)),
+                                         streamed(), streamed())
             return solo, batch, _preemptions(url) - before
 
     solo, batch, preempted = asyncio.run(run())
@@ -61,4 +82,5 @@ def test_preempted_refusals_resume_where_they_were(small_cache_server):
         assert data["choices"][0]["message"]["content"] == DEFAULT_REFUSAL
         assert data["choices"][0]["finish_reason"] == "length"  # EOS forced to max_tokens
         assert data["safety"]["action"] == "refuse"
+        assert data["safety"]["telemetry_complete"]  # every step's record arrived in time
     assert "was evicted" not in log.read_text(errors="replace")

@@ -846,3 +846,64 @@ def test_a_record_arriving_after_finish_does_not_undo_its_decision():
     assert t.withheld(2)
     t.add(_rec(2, phase=W.PHASE_REFUSED))  # the same index again, late
     assert t.withheld(2) and t.explanation_retracted
+
+
+def test_a_resumed_requests_chunk_records_wait_until_its_kept_chunk_is_known():
+    """A preempted request comes back with output and is re-prefilled in chunks; every chunk's
+    row shows the same output length and vLLM keeps only the last one's token. The HTTP side
+    must never see a discarded chunk's record (it could settle a held-back token on it before
+    the kept one arrives): records wait until the output grows (the last step was kept: sent,
+    before the next step's) or the request leaves the batch without growing (dropped)."""
+    from safeserve.kernels.safety_decision import EVENT_TRIGGER
+
+    proc, sent = _processor()
+    out = []
+    bu = lambda removed=(), added=(): SimpleNamespace(removed=list(removed), added=list(added), moved=[])  # noqa: E731
+    add = lambda i, rid, o: (i, SimpleNamespace(extra_args=_args(rid).to_extra_args()), [], o)  # noqa: E731
+    proc.update_state(bu(added=[add(0, "r", out)]))
+    _step(proc, [[0.1] * 10])  # prompt row
+    out += [7, 7]
+    _step(proc, [[0.1] * 10])  # index 2
+    proc.update_state(bu(removed=[0]))  # preempted with two tokens
+    assert "r" in proc.parked and [r.index for r in sent] == [0, 2]
+    out.append(7)  # the token of the step above
+    proc.update_state(bu(added=[add(1, "r", out)]))  # resumed at output length 3
+    _step(proc, [[0.0] * 10, [0.9] * 10])  # a chunk inside the prompt: would refuse
+    _step(proc, [[0.0] * 10, [0.1] * 10])  # the last chunk: clean
+    assert [r.index for r in sent] == [0, 2]  # neither is out yet
+    out.append(8)  # vLLM kept the last chunk's token
+    proc.update_state(None)
+    assert [r.index for r in sent] == [0, 2, 3] and sent[-1].event != EVENT_TRIGGER
+    _step(proc, [[0.0] * 10, [0.1] * 10])  # index 4: sent at once now
+    assert [r.index for r in sent] == [0, 2, 3, 4]
+    out.append(9)
+
+    # preempted again in the middle of its re-prefill: the pending chunk record is dropped
+    proc.update_state(bu(removed=[1]))
+    proc.update_state(bu(added=[add(0, "r", out)]))  # back at length 5
+    _step(proc, [[0.9] * 10])
+    proc.update_state(bu(removed=[0]))  # out of the batch again, the output did not grow
+    assert [r.index for r in sent] == [0, 2, 3, 4] and not proc.resuming and not proc.deferred
+
+    # a resumed request that ends at its kept chunk's token: sent by the step that clears it
+    proc.update_state(bu(added=[add(2, "r", out)]))
+    _step(proc, [[0.0] * 10, [0.0] * 10, [0.1] * 10])
+    out.append(0)
+    proc.update_state(bu(removed=[2]))
+    assert [r.index for r in sent] == [0, 2, 3, 4, 5]
+
+
+def test_a_deferred_record_counts_no_engine_step():
+    """The hub counts a step per message with its seconds; a deferred record carries None."""
+    from safeserve.server import metrics
+    from safeserve.server import safety_wire as W
+    from safeserve.server.safety_tracker import TelemetryHub
+
+    hub = TelemetryHub()
+    t = _bare_tracker()
+    hub.register(t)
+    before = metrics.SAFETY_STEPS._value.get()
+    hub._route([W.StepRecord("r", 0, [0.1] * 10, 0, 0, 0, -1, 0, 0)], None)
+    assert metrics.SAFETY_STEPS._value.get() == before and 0 in t.steps
+    hub._route([W.StepRecord("r", 1, [0.1] * 10, 0, 0, 0, -1, 0, 0)], 0.001)
+    assert metrics.SAFETY_STEPS._value.get() == before + 1
