@@ -122,13 +122,16 @@ class RequestTracker:
     def releasable(self, n_tokens: int, finished: bool) -> int:
         """How many of the first ``n_tokens`` output tokens have a settled status (holdback).
         A forced token is settled at once; a sampled token j once step j+1 has shown whether
-        it belongs to a violating run (open run: pending; run reached tau: withheld)."""
+        it belongs to a violating run (open run: pending; run reached tau: withheld). The
+        first token waits for step 1 even when forced: a chunked prompt reports index 0 once
+        per chunk, and the record saying "forced" may be an earlier chunk's, superseded by a
+        last one still in flight."""
         if finished:
             return n_tokens
         j = min(self._settled, n_tokens)  # resume: a scan from 0 per step is quadratic
         while j < n_tokens:
             own = self.steps.get(j)
-            if own is None or own.forced < 0:
+            if own is None or own.forced < 0 or j == 0:
                 nxt = self.steps.get(j + 1)
                 if nxt is None or (nxt.event == EVENT_VIOLATION and not nxt.acted
                                    and not self._run_closed(j + 2)):

@@ -907,3 +907,17 @@ def test_a_deferred_record_counts_no_engine_step():
     assert metrics.SAFETY_STEPS._value.get() == before and 0 in t.steps
     hub._route([W.StepRecord("r", 1, [0.1] * 10, 0, 0, 0, -1, 0, 0)], 0.001)
     assert metrics.SAFETY_STEPS._value.get() == before + 1
+
+
+def test_holdback_does_not_release_the_first_token_on_a_prompt_chunks_forced_record():
+    """An earlier prompt chunk's record may say token 0 was forced while the last chunk's
+    (still in flight) says it was sampled: the first token waits for step 1's verdict."""
+    from safeserve.server import safety_wire as W
+
+    t = _bare_tracker()
+    t.add(_rec(0, event=2, phase=W.PHASE_REFUSING, forced=5, acted=1))  # an earlier chunk
+    assert t.releasable(1, finished=False) == 0
+    t.add(_rec(0))  # the last chunk: clean, token 0 was sampled
+    assert t.releasable(1, finished=False) == 0
+    t.add(_rec(1))
+    assert t.releasable(2, finished=False) == 1
