@@ -194,8 +194,8 @@ def _config_headers(req_safety) -> dict:
 def _safety_headers(reports) -> dict:
     acted = [r for r in reports if r.action != "none"]
     cats = sorted({c for r in reports
-                   for c in (r.response.categories if r.response.flagged else
-                             (r.prompt.categories if r.prompt and r.prompt.flagged else []))})
+                   for c in ((r.response.categories if r.response.flagged else [])
+                             + (r.prompt.categories if r.prompt and r.prompt.flagged else []))})
     return {"X-Safety-Action": acted[0].action if acted else "none",
             "X-Safety-Categories": ",".join(cats)}
 

@@ -52,13 +52,17 @@ ACTION_RANK = {"annotate": 0, "refuse": 1, "stop": 2}
 class Grant(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = "default"
+    name: str | None = None  # shown in errors; the key itself never is
     presets: list[str] = Field(default_factory=list)
     allow: list[str] | None = None  # None: the default preset's allow-list
     annotate: bool = False
     guideline: bool = False  # may a custom config bring its own guideline text
     max_threshold: float | None = Field(None, gt=0.0, lt=1.0)
     max_tau: int | None = Field(None, ge=1)
+
+    @property
+    def label(self) -> str:
+        return f"grant '{self.name}'" if self.name else "a grant without a name"
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,11 @@ class KeyRing:
         self._plain: dict[str, Grant] = {k: self.default_grant for k in keys}
         self._hashed: dict[str, Grant] = {}
         if grants_path is not None:
-            data = yaml.safe_load(Path(grants_path).read_text())
+            try:
+                data = yaml.safe_load(Path(grants_path).read_text())
+            except yaml.YAMLError as e:
+                raise ValueError(f"grants file {grants_path} is not valid YAML: "
+                                 + " ".join(str(e).split())) from None
             keys = data.get("keys") if isinstance(data, dict) else None
             if not isinstance(keys, dict) or not keys or set(data) != {"keys"}:
                 # never an open server by accident: a typo here must not switch auth off
@@ -98,10 +106,10 @@ class KeyRing:
         known = set(policy.taxonomy.ids)
         for grant in {id(g): g for g in (*self._plain.values(), *self._hashed.values())}.values():
             if missing := sorted(set(grant.presets) - set(policy.presets)):
-                raise ValueError(f"grant '{grant.name}': unknown presets {missing} (known: "
+                raise ValueError(f"{grant.label}: unknown presets {missing} (known: "
                                  f"{', '.join(sorted(policy.presets))})")
             if missing := sorted(set(grant.allow or ()) - known):
-                raise ValueError(f"grant '{grant.name}': unknown categories {missing} in allow")
+                raise ValueError(f"{grant.label}: unknown categories {missing} in allow")
 
     @property
     def enabled(self) -> bool:
@@ -118,11 +126,11 @@ class KeyRing:
                 # i.e. a 500 for any client that sends one).
                 if secrets.compare_digest(token.encode("utf-8", "surrogatepass"),
                                           key.encode("utf-8", "surrogatepass")):
-                    return Principal(grant.name, grant)
+                    return Principal(grant.name or "api-key", grant)
             digest = hashlib.sha256(token.encode()).hexdigest()
             for key, grant in self._hashed.items():
                 if secrets.compare_digest(digest, key):
-                    return Principal(grant.name, grant)
+                    return Principal(grant.name or "api-key", grant)
         raise APIError(401, "invalid or missing API key", type="authentication_error",
                        code="invalid_api_key")
 
@@ -235,7 +243,8 @@ def authorize_config(principal: Principal, preset: str | None, cfg: SafetyConfig
     if refused and preset is not None:
         refused = [f"preset '{preset}': " + "; ".join(refused)]
     if refused:
-        raise APIError(403, f"API key '{principal.name}' may not request: " + "; ".join(refused),
+        who = f"API key '{grant.name}'" if grant.name else "this API key"
+        raise APIError(403, f"{who} may not request: " + "; ".join(refused),
                        type="permission_error", param="safety_config",
                        code="safety_config_not_permitted")
     return fill_from_ceiling(cfg, ceiling, policy, preset=preset is not None)

@@ -45,8 +45,7 @@ def serve(
     log_level: str | None = typer.Option(None),
 ):
     """Run the OpenAI-compatible server."""
-    from safeserve.server.launch import run_server
-    from safeserve.server.settings import Settings
+    from safeserve.server.launch import load_settings, run_server
 
     overrides = {k: v for k, v in dict(
         model=model, host=host, port=port, served_model_name=served_model_name, dtype=dtype,
@@ -57,7 +56,7 @@ def serve(
         refusal_explain_sentences=refusal_explain_sentences,
         max_request_body_bytes=max_request_body_bytes, max_moderation_tokens=max_moderation_tokens,
         log_level=log_level).items() if v is not None}
-    run_server(Settings(**overrides))
+    run_server(load_settings(**overrides))
 
 
 @model_app.command("prepare")

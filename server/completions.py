@@ -179,7 +179,7 @@ async def prompt_verdict(engine: Engine, svc: SafetyService, prompt_ids: list[in
         async for out in engine.llm.generate({"prompt_token_ids": prompt_ids}, params, rid):
             finished = out.finished
         await tracker.wait_for(1)
-        return tracker.prompt
+        return None if tracker.incomplete else tracker.prompt  # (may be an earlier chunk's)
     except ValueError as e:  # engine-side validation of the request
         raise bad_request(str(e)) from None
     finally:
@@ -228,6 +228,7 @@ class ChoiceState:
     token_ids: list[int | None] = field(default_factory=list)  # per output token (None: unknown)
     decode: Callable | None = None  # the tokenizer's, for a piece the strategy cut into
     sent: int = 0  # pieces already streamed
+    tail: str = ""  # the last character streamed (the stop text follows it)
     n_tokens: int = 0
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # the stop string that ended it (or a stop token)
@@ -507,6 +508,8 @@ async def _settle(step: _Step) -> None:
     c = step.choice
     if c.tracker is not None and step.n_new:
         await c.tracker.wait_for(c.n_tokens - 1)
+        if step.finished and c.n_tokens == 1:
+            await c.tracker.wait_gone()  # (see there: index 0 alone may be an earlier chunk's)
 
 
 def _add_logprobs(engine: Engine, prep: PreparedRequest, step: _Step) -> None:
@@ -522,8 +525,17 @@ def _finish(step: _Step) -> None:
         c.tracker.finish(c.finish_reason, c.n_tokens, stop_string=isinstance(c.stop_reason, str))
 
 
-def _stop_suffix(svc: SafetyService | None, c: ChoiceState) -> str:
-    return (" " + svc.stop_text()) if (svc is not None and c.content_filtered) else ""
+def _stop_suffix(svc: SafetyService | None, c: ChoiceState, before: str) -> str:
+    """The stop text of a content-filtered choice, after ``before`` (the text the client got
+    ahead of it): a space apart from a word, nothing ahead of a stop at the prompt."""
+    if svc is None or not c.content_filtered:
+        return ""
+    return (" " if before and not before[-1].isspace() else "") + svc.stop_text()
+
+
+def _with_stop_text(svc: SafetyService | None, c: ChoiceState) -> str:
+    text = c.outgoing(c.visible(c.pieces), True)
+    return text + _stop_suffix(svc, c, text)
 
 
 async def complete(engine: Engine, svc: SafetyService | None,
@@ -548,8 +560,7 @@ async def complete(engine: Engine, svc: SafetyService | None,
         created=prep.created,
         model=prep.body.model,
         choices=[Choice(index=c.index,
-                        message=AssistantMessage(content=c.outgoing(c.visible(c.pieces), True)
-                                                 + _stop_suffix(svc, c)),
+                        message=AssistantMessage(content=_with_stop_text(svc, c)),
                         finish_reason=_finish_reason(c),
                         logprobs=c.visible_logprobs(c.pieces) if prep.body.logprobs else None)
                  for c in choices],
@@ -630,7 +641,8 @@ async def stream(engine: Engine, svc: SafetyService | None,
                 released = _releasable_pieces(c, step.finished, holdback)
                 text = c.outgoing(c.visible(released), step.finished)
                 if step.finished:
-                    text += _stop_suffix(svc, c)
+                    text += _stop_suffix(svc, c, c.tail + text)
+                c.tail = (c.tail + text)[-1:]
                 logprobs = c.visible_logprobs(released) if prep.body.logprobs else None
                 if text or step.finished or (logprobs and logprobs.content):
                     yield _sse(chunk(

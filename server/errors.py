@@ -97,7 +97,7 @@ def install_handlers(app: FastAPI) -> None:
             return APIError(400, f"unsupported parameter: {param}", param=param,
                             code="unsupported_parameter").response()
         msg = first.get("msg", "invalid request")
-        if param and not msg.startswith(param):
+        if param and param not in msg:  # ("a key of safety_config ..." names it already)
             msg = f"{param}: {msg}"
         return APIError(400, msg, param=param,
                         code=kind if kind in _OWN_CODES else "invalid_value").response()
@@ -106,6 +106,9 @@ def install_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException):
         if isinstance(exc, BodyTooLarge):
             return request_too_large(exc.limit).response()
+        if exc.status_code == 400:  # FastAPI could not parse the body (bad UTF-8, deep nesting)
+            return APIError(400, "request body is not valid JSON (it could not be parsed)",
+                            code="invalid_json").response()
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return APIError(exc.status_code, str(exc.detail), type=kind).response()
 

@@ -19,11 +19,32 @@ from safeserve.server.settings import Settings
 log = logging.getLogger(__name__)
 
 
+def one_line(e: Exception) -> str:
+    """An error's message on one line (YAML parser errors span several)."""
+    return " ".join(str(e).split())
+
+
 class StartupError(SystemExit):
     """A configuration that must not be served; the message says why and how to fix it."""
 
     def __init__(self, message: str):
         super().__init__(f"safeserve: {message}")
+
+
+def load_settings(**overrides) -> Settings:
+    """Flags over ``SAFESERVE_*`` variables; a bad value is one line naming the setting."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            name = str(err["loc"][0]) if err["loc"] else "settings"
+            flag = "--" + name.replace("_", "-")
+            problems.append(f"{flag} (or SAFESERVE_{name.upper()}): {err['msg']}, "
+                            f"got {err.get('input')!r}")
+        raise StartupError("invalid setting " + "; ".join(problems)) from None
 
 
 def resolve_spec(settings: Settings) -> EngineSpec:
@@ -93,7 +114,9 @@ def _safe_spec(model_dir: Path, name: str) -> EngineSpec:
         logits_processors=["safeserve.server.safety_processor:SafetyLogitsProcessor"],
         has_head=True, safety_enabled=True,
         head_info={"categories": list(head.taxonomy.ids), "layer": head.layer,
-                   "thresholds": {c.id: c.threshold for c in head.taxonomy.categories}},
+                   # the head's own: every output, the overall one (folded at 0.5) included
+                   "thresholds": {**{c.id: c.threshold for c in head.taxonomy.categories},
+                                  "unsafe": head.extra.get("overall_threshold", 0.5)}},
     )
 
 
@@ -124,7 +147,7 @@ def build_safety(spec: EngineSpec, settings: Settings):
                               alert_margin=alert_margin, alert_tau=alert_tau,
                               explain_sentences=settings.refusal_explain_sentences)
     except (ValueError, OSError) as e:
-        raise StartupError(f"safety presets: {e}") from None
+        raise StartupError(f"safety presets: {one_line(e)}") from None
     return policy, TelemetryHub()
 
 
@@ -138,7 +161,7 @@ def run_server(settings: Settings) -> None:
     try:
         app = create_app(engine, build_safety(spec, settings))
     except (ValueError, OSError) as e:  # unreadable grants file and the like
-        raise StartupError(str(e)) from None
+        raise StartupError(one_line(e)) from None
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=5)
     if engine.error is not None:

@@ -11,6 +11,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -100,6 +101,14 @@ def _no_lone_surrogate(v: str) -> str:
 
 # A str that can be encoded as UTF-8 (used by types that are not checked as a whole).
 SafeStr = Annotated[str, AfterValidator(_no_lone_surrogate)]
+
+
+def shown_score(x: float) -> float:
+    """A score or threshold as reported: the shortest decimal that reads back as the same
+    float32, the precision the decision kernel compares in. The same for both, so a score
+    shown at or over its threshold is exactly one the kernel flagged (rounding each to 8
+    decimals instead could put a flagged score just under its shown threshold)."""
+    return float(str(np.float32(x)))
 
 
 MAX_TOP_LOGPROBS = 20  # as OpenAI; the engine is started with at least this many

@@ -28,11 +28,12 @@ from safeserve.models.decision_defaults import DEFAULT_ALLOWLIST_OVERALL_SHIFT, 
 from safeserve.models.taxonomy import OVERALL, Taxonomy
 from safeserve.server import safety_wire as W
 from safeserve.server.errors import APIError, bad_request
-from safeserve.server.protocol import SafeStr, find_lone_surrogate, surrogate_error
+from safeserve.server.protocol import SafeStr, find_lone_surrogate, shown_score, surrogate_error
 
 PRESET_NAME = re.compile(r"^[a-z0-9_-]+$")
 DEFAULT_PRESETS = Path(__file__).with_name("presets") / "presets.yaml"
 MAX_GUIDELINE_CHARS = 2000
+MIN_THRESHOLD_SHIFT = -8.0  # logits: sigmoid(logit(0.9998) - 8) = 0.4
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
 DEFAULT_STOP_TEXT = "I can't continue with this request."
 
@@ -44,6 +45,17 @@ DEFAULT_EXPLAIN_SENTENCES = 1
 MAX_EXPLAIN_SENTENCES = 16
 
 
+def shift_probability(p: float, logits: float) -> float:
+    """``p`` moved by ``logits`` on the logit scale (clamped off 0 and 1 first)."""
+    p = min(max(p, 1e-7), 1 - 1e-7)
+    return 1.0 / (1.0 + math.exp(-(math.log(p / (1 - p)) + logits)))
+
+
+def echoed_thresholds(names, values) -> dict[str, float]:
+    """Thresholds as the kernel compares them, shown as scores are (``shown_score``)."""
+    return {n: shown_score(v) for n, v in zip(names, values)}
+
+
 class SafetyConfig(BaseModel):
     """Strict types: ``"0.5"`` is not a threshold, ``true`` / ``"3"`` are not a tau."""
 
@@ -53,13 +65,30 @@ class SafetyConfig(BaseModel):
     threshold: StrictFloat | dict[SafeStr, StrictFloat] | None = None
     on_violation: Literal["refuse", "stop", "annotate"] = "refuse"
     holdback: StrictBool = False
-    guideline: SafeStr | None = Field(None, max_length=MAX_GUIDELINE_CHARS)
+    guideline: SafeStr | None = None
+    # Logits added to every output's threshold (the head's calibrated ones, or this config's
+    # `threshold`), on the logit scale where the head's thresholds live (0.94-0.9998 here: no
+    # single probability suits them all). Negative: flags sooner. Never positive: a request
+    # loosens only through `threshold`, which authorization checks per output.
+    threshold_shift: StrictFloat | StrictInt | None = Field(None, ge=MIN_THRESHOLD_SHIFT, le=0)
     trace: StrictBool = False
     # None: the head's operating point (``operating_point.tau`` in its checkpoint, else 3).
     tau: StrictInt | None = Field(None, ge=1, le=16)
     # Sentences the model may write after a spliced refusal (0: none). None: the operator's
     # default (--refusal-explain-sentences), which is also the most a request may ask for.
     explain_sentences: StrictInt | None = Field(None, ge=0, le=MAX_EXPLAIN_SENTENCES)
+
+    @field_validator("allow")
+    @classmethod
+    def _allow(cls, v):
+        return tuple(sorted(set(v)))  # a set: the same categories in any order are one config
+
+    @field_validator("guideline")
+    @classmethod
+    def _guideline(cls, v):
+        if v is not None and len(v) > MAX_GUIDELINE_CHARS:
+            raise ValueError(f"at most {MAX_GUIDELINE_CHARS} characters (got {len(v)})")
+        return v
 
     @field_validator("threshold")
     @classmethod
@@ -110,7 +139,13 @@ class SafetyPolicy:
         self.alert_margin = alert_margin if alert_tau else 0.0
         self.alert_tau = alert_tau if self.alert_margin > 0 else None
         self.allowlist_overall_shift = allowlist_overall_shift
-        raw = yaml.safe_load((presets_path or DEFAULT_PRESETS).read_text()) or {}
+        path = presets_path or DEFAULT_PRESETS
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path} is not valid YAML: " + " ".join(str(e).split())) from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: want a mapping of preset names to configs")
         self.presets: dict[str, SafetyConfig] = {}
         for name, body in raw.items():
             if not PRESET_NAME.match(name):
@@ -214,6 +249,8 @@ class SafetyPolicy:
             out.update(cfg.threshold)
         elif cfg.threshold is not None:
             out = dict.fromkeys(out, float(cfg.threshold))
+        if cfg.threshold_shift:
+            out = {n: shift_probability(t, cfg.threshold_shift) for n, t in out.items()}
         return out
 
     def compile(self, cfg: SafetyConfig, rid: str, refusal_ids: list[int],
@@ -230,9 +267,7 @@ class SafetyPolicy:
         unsafe_set = isinstance(cfg.threshold, float) or (
             isinstance(cfg.threshold, dict) and OVERALL in cfg.threshold)
         if allowed and not unsafe_set:
-            t = min(max(thresholds[-1], 1e-7), 1 - 1e-7)
-            thresholds[-1] = 1.0 / (1.0 + math.exp(-(math.log(t / (1 - t))
-                                                      + self.allowlist_overall_shift)))
+            thresholds[-1] = shift_probability(thresholds[-1], self.allowlist_overall_shift)
         alert_tau = self.alert_tau_of(cfg)
         return W.RowSafetyArgs(rid=rid, thresholds=thresholds, masked=masked, tau=self.tau_of(cfg),
                                action=W.ACTION_CODES[cfg.on_violation],

@@ -237,8 +237,11 @@ class SafetyLogitsProcessor(LogitsProcessor):
             self._clear(i)
         # Rows refilled in this step held removed requests too (vLLM omits those indices
         # from `removed`): park them all first, so a request removed and re-added in the same
-        # step finds its snapshot wherever it lands.
-        for i, *_ in batch_update.added:
+        # step finds its snapshot wherever it lands. A one-way move fills a hole no add takes.
+        refilled = [i for i, *_ in batch_update.added]
+        refilled += [dst for _, dst, direction in batch_update.moved
+                     if direction != MoveDirectionality.SWAP]
+        for i in refilled:
             self._park(i)
             self._clear(i)
         for i, params, _prompt, output_ids in batch_update.added:
@@ -254,7 +257,9 @@ class SafetyLogitsProcessor(LogitsProcessor):
         if n == 0:
             return logits
         t0 = time.perf_counter()
-        scores = STEP_SIGNAL.take(n)
+        # A NaN score (an overflowed hidden state, e.g. in float16) would compare false, never
+        # violate and break the JSON report: it reads as certain instead (fail closed).
+        scores = torch.nan_to_num(STEP_SIGNAL.take(n), nan=1.0)
         # Output length per row (-1: no request): 0 is a prompt row; the strategy derives its
         # positions from it, so a step whose sampled token vLLM discards (a chunked prefill of
         # a resumed request) is simply repeated, never counted twice.
@@ -482,6 +487,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
         rid = self.rids[i]
         if rid is None:
             return
+        # Sent after every record of it (one FIFO): a one-token response waits for this.
+        self.telemetry.send([W.StepRecord(rid, W.GONE, [], 0, 0, 0, -1, 0)], None)
         if self.resuming.pop(rid, None) is not None:
             # It leaves before its output grew: its last re-prefill step was discarded too
             # (preempted again, or aborted). A later resume sends its own records.

@@ -13,6 +13,7 @@ from safeserve.server.safety_config import (
     DEFAULT_STOP_TEXT,
     SafetyConfig,
     SafetyPolicy,
+    echoed_thresholds,
 )
 from safeserve.server.safety_tracker import RequestTracker, TelemetryHub
 from safeserve.server.safety_wire import StepRecord
@@ -68,7 +69,7 @@ class SafetyService:
         """Each head output's threshold as ``req`` runs with it (the allow-list shift of the
         overall output included), as the decision kernel sees it."""
         args = self.policy.compile(req.config, "", [], 0)
-        return dict(zip(self.names, args.thresholds))
+        return echoed_thresholds(self.names, args.thresholds)
 
     def refusal_ids(self) -> list[int]:
         """The separator's ids, then the refusal's (``_refusal_sep`` of them are the former);

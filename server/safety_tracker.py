@@ -19,14 +19,13 @@ from safeserve.server.protocol import (
     ResponseVerdict,
     SafetyReport,
     TracePoint,
+    shown_score,
 )
+from safeserve.server.safety_config import echoed_thresholds
 
 log = logging.getLogger(__name__)
 
 TELEMETRY_WAIT_S = 5.0
-# Scores are reported to 8 decimals (float32 resolution near 1 is 6e-8): the calibrated
-# thresholds sit at 0.9999x, where 5 decimals would move a replayed score by ~0.2 logits.
-SCORE_DIGITS = 8
 TO_THE_END = 1 << 62  # end of a withheld range that runs to the end of the output
 
 
@@ -42,7 +41,7 @@ class RequestTracker:
         self.flag_cats = 0
         self.stop_forced = False
         self.explanation_closed = False  # the refusal's explanation reached its budget
-        self.explanation_retracted = False  # it read over a threshold: withheld whole
+        self.explanation_retracted = False  # withheld whole: read over a threshold, or cut unjudged
         self.refusal_end: int | None = None  # output length once the refusal is forced
         self.retracted_at: tuple[int, int] | None = None  # (step index, categories)
         self.cut: list[tuple[int, int]] = []  # [start, end) output-token ranges withheld
@@ -52,6 +51,8 @@ class RequestTracker:
         self.incomplete = False
         self._settled = 0  # releasable()'s last answer: what it has released stays released
         self._before: tuple | None = None  # (index, state before its first record): _undo_repeat
+        self.gone = False  # the worker let the request go: every record of it has arrived
+        self.final_tokens: int | None = None  # output length at finish(): later records are stray
 
     # -- telemetry in ----------------------------------------------------------------------
 
@@ -74,6 +75,12 @@ class RequestTracker:
                             len(self.cut), list(self.max_scores))
 
     def add(self, rec: W.StepRecord) -> None:
+        if rec.index == W.GONE:
+            self.gone = True
+            self._changed.set()
+            return
+        if self.final_tokens is not None and rec.index >= self.final_tokens:
+            return  # a step the engine ran past the end (a stop string ends in the frontend)
         self._undo_repeat(rec)
         if rec.index == 0:
             # A chunked prefill reports index 0 per chunk: the last one is the verdict, and
@@ -101,15 +108,24 @@ class RequestTracker:
 
     async def wait_for(self, index: int) -> None:
         """Wait until the step that sampled output token ``index`` has been reported."""
-        if self._seen >= index or self.incomplete:
+        await self._wait(lambda: self._seen >= index, f"at token {index}")
+
+    async def wait_gone(self) -> None:
+        """Wait until the worker has let the request go. A response of one token needs it:
+        a chunked prompt reports index 0 once per chunk, and only what comes after the last
+        one (a later step, or this) proves the verdict in hand is the last chunk's."""
+        await self._wait(lambda: self.gone, "at its end")
+
+    async def _wait(self, done, what: str) -> None:
+        if done() or self.incomplete:
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + TELEMETRY_WAIT_S
-        while self._seen < index:
+        while not done():
             self._changed.clear()
             left = deadline - loop.time()
             if left <= 0:
-                log.error("safety telemetry for %s missing at token %d", self.rid, index)
+                log.error("safety telemetry for %s missing %s", self.rid, what)
                 self.incomplete = True
                 return
             try:
@@ -152,8 +168,12 @@ class RequestTracker:
     def retract(self, index: int, cats: int = 0) -> None:
         """Withhold everything after the refusal (the explanation), judged unsafe at step
         ``index`` (which read output token index - 1)."""
-        self.explanation_retracted = True
         self.retracted_at = (index, cats)
+        self.withhold_explanation(index)
+
+    def withhold_explanation(self, index: int) -> None:
+        """Withhold everything after the refusal (from ``index`` if it has no known end)."""
+        self.explanation_retracted = True
         start = self.refusal_end if self.refusal_end is not None else index
         self.cut.append((start, TO_THE_END))
 
@@ -171,8 +191,9 @@ class RequestTracker:
         unsafe one. (End-of-sequence is no text.)"""
         if (self.explanation_open and (finish_reason == "length" or stop_string)
                 and n_tokens > self.refusal_end):
-            self.retract(n_tokens)
+            self.withhold_explanation(n_tokens)  # unjudged: withheld, but nothing flagged it
         self._before = None  # a record still in flight must not undo what was decided here
+        self.final_tokens = n_tokens
 
     def explanation_hold(self, n_tokens: int, finished: bool) -> int:
         """How many of the first ``n_tokens`` may be released as far as a refusal's bounded
@@ -218,7 +239,7 @@ class RequestTracker:
 
     def report(self) -> SafetyReport:
         prompt = self._verdict(self.prompt)
-        response = ResponseVerdict(max_scores={n: round(s, SCORE_DIGITS) for n, s in
+        response = ResponseVerdict(max_scores={n: shown_score(s) for n, s in
                                                zip(self.names, self.max_scores)})
         action = "none"
         if self.acted:
@@ -245,12 +266,12 @@ class RequestTracker:
             response.categories = self._cats(first.cats)
         trace = None
         if self.want_trace:
-            trace = [TracePoint(token_index=i, scores=[round(s, SCORE_DIGITS) for s in r.scores],
+            trace = [TracePoint(token_index=i, scores=[shown_score(s) for s in r.scores],
                                 event=r.event) for i, r in sorted(self.steps.items())]
         return SafetyReport(enabled=True, model_has_head=True, action=action, prompt=prompt,
                             query=self._verdict(self.query), response=response, config=self.config_echo,
                             score_names=list(self.names),
-                            thresholds=dict(zip(self.names, self.args.thresholds)), trace=trace,
+                            thresholds=echoed_thresholds(self.names, self.args.thresholds), trace=trace,
                             telemetry_complete=not self.incomplete)
 
     def refusal_ending(self, finish_reason: str | None) -> str | None:
@@ -288,7 +309,7 @@ def verdict_scores(names, rec: W.StepRecord) -> CategoryScores:
     """A prompt (or query) verdict as reported: flagged, the scores, the categories it
     flagged, whether it fell in the alert band."""
     return CategoryScores(flagged=rec.event == EVENT_TRIGGER,
-                          scores={n: round(s, SCORE_DIGITS) for n, s in zip(names, rec.scores)},
+                          scores={n: shown_score(s) for n, s in zip(names, rec.scores)},
                           categories=[n for i, n in enumerate(names) if rec.cats >> i & 1],
                           alert=bool(rec.alert))
 

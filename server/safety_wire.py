@@ -74,6 +74,9 @@ class RowSafetyArgs:
         return None if raw is None else cls(**raw)
 
 
+GONE = -1  # a StepRecord index: the worker has let the request go (every record of it sent)
+
+
 @dataclass
 class StepRecord:
     """One engine step of one request: the head's scores and the decision taken.

@@ -41,7 +41,12 @@ class Settings(BaseSettings):
     max_request_body_bytes: int = Field(
         8 * 1024 * 1024, ge=1024,
         description="largest request body accepted; larger ones get a 413 before they are parsed")
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, v):
+        return v.lower() if isinstance(v, str) else v
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -164,6 +164,9 @@ def test_a_preset_and_its_fields_written_out_agree():
     with pytest.raises(APIError) as err:
         svc.resolve("default", {"allow": ["violence"]})
     assert err.value.status == 400 and err.value.code == "conflicting_safety_config"
+    # an allow-list is a set: order and repeats do not make another config
+    same = svc.resolve('{"allow": ["violence", "weapons"]}', {"allow": ["weapons", "violence", "weapons"]})
+    assert same.config.allow == ("violence", "weapons")
 
 
 def test_bad_presets_and_grants_files_are_startup_errors(tmp_path):

@@ -286,3 +286,20 @@ def test_moderations_share_the_chat_authorization_and_need_a_head(client, tmp_pa
         assert r.json()["error"]["param"] == "safety_config"
     r = no_head.post("/v1/chat/completions", json={"model": "m", "messages": MSG})
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_not_ready"
+
+
+def test_bad_settings_and_unparsable_files_are_one_line_startup_errors(tmp_path):
+    """A bad flag value, log level or YAML file stops the server with one line naming it,
+    not a traceback (and before any engine starts)."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("keys:\n  k1: {presets: [strict\n")
+    cases = [(("--dtype", "foo"), "--dtype"), (("--port", "99999"), "--port"),
+             (("--refusal-explain-sentences", "17"), "--refusal-explain-sentences"),
+             (("--log-level", "loud"), "--log-level"),
+             (("--grants", str(broken)), "broken.yaml"), (("--presets", str(broken)), "presets")]
+    for args, named in cases:
+        r = run_serve(*args)
+        assert r.returncode == 1, (args, r.stderr)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert lines[-1].startswith("safeserve: ") and named in lines[-1], (args, r.stderr)
+        assert "Traceback" not in r.stderr, (args, r.stderr)

@@ -422,6 +422,8 @@ def test_an_explanation_cut_by_max_tokens_is_withheld_as_unjudged():
     cut.finish("length", 5)
     assert cut.explanation_retracted and cut.withheld(2) and not cut.withheld(1)
     assert cut.refusal_ending("length") == "withheld"
+    report = cut.report().response  # withheld, but no score flagged the response
+    assert report.explanation_withheld and not report.flagged and report.token_index is None
     ended = tracker_after(3)
     ended.finish("stop", 5)  # the model ended it: its last token was read
     assert not ended.explanation_retracted and not ended.withheld(4)
@@ -865,17 +867,17 @@ def test_a_resumed_requests_chunk_records_wait_until_its_kept_chunk_is_known():
     out += [7, 7]
     _step(proc, [[0.1] * 10])  # index 2
     proc.update_state(bu(removed=[0]))  # preempted with two tokens
-    assert "r" in proc.parked and [r.index for r in sent] == [0, 2]
+    assert "r" in proc.parked and [r.index for r in sent if r.index >= 0] == [0, 2]
     out.append(7)  # the token of the step above
     proc.update_state(bu(added=[add(1, "r", out)]))  # resumed at output length 3
     _step(proc, [[0.0] * 10, [0.9] * 10])  # a chunk inside the prompt: would refuse
     _step(proc, [[0.0] * 10, [0.1] * 10])  # the last chunk: clean
-    assert [r.index for r in sent] == [0, 2]  # neither is out yet
+    assert [r.index for r in sent if r.index >= 0] == [0, 2]  # neither is out yet
     out.append(8)  # vLLM kept the last chunk's token
     proc.update_state(None)
-    assert [r.index for r in sent] == [0, 2, 3] and sent[-1].event != EVENT_TRIGGER
+    assert [r.index for r in sent if r.index >= 0] == [0, 2, 3] and sent[-1].event != EVENT_TRIGGER
     _step(proc, [[0.0] * 10, [0.1] * 10])  # index 4: sent at once now
-    assert [r.index for r in sent] == [0, 2, 3, 4]
+    assert [r.index for r in sent if r.index >= 0] == [0, 2, 3, 4]
     out.append(9)
 
     # preempted again in the middle of its re-prefill: the pending chunk record is dropped
@@ -883,14 +885,14 @@ def test_a_resumed_requests_chunk_records_wait_until_its_kept_chunk_is_known():
     proc.update_state(bu(added=[add(0, "r", out)]))  # back at length 5
     _step(proc, [[0.9] * 10])
     proc.update_state(bu(removed=[0]))  # out of the batch again, the output did not grow
-    assert [r.index for r in sent] == [0, 2, 3, 4] and not proc.resuming and not proc.deferred
+    assert [r.index for r in sent if r.index >= 0] == [0, 2, 3, 4] and not proc.resuming and not proc.deferred
 
     # a resumed request that ends at its kept chunk's token: sent by the step that clears it
     proc.update_state(bu(added=[add(2, "r", out)]))
     _step(proc, [[0.0] * 10, [0.0] * 10, [0.1] * 10])
     out.append(0)
     proc.update_state(bu(removed=[2]))
-    assert [r.index for r in sent] == [0, 2, 3, 4, 5]
+    assert [r.index for r in sent if r.index >= 0] == [0, 2, 3, 4, 5]
 
 
 def test_a_deferred_record_counts_no_engine_step():
@@ -921,3 +923,76 @@ def test_holdback_does_not_release_the_first_token_on_a_prompt_chunks_forced_rec
     assert t.releasable(1, finished=False) == 0
     t.add(_rec(1))
     assert t.releasable(2, finished=False) == 1
+
+
+def test_records_after_finish_are_stray_and_a_one_token_answer_waits_for_the_end():
+    """A step the engine ran past a choice's end (a stop string found in the frontend) does not
+    change it; a one-token response waits for the worker's end-of-request record, which proves
+    its index-0 record is the last prompt chunk's."""
+    import asyncio
+
+    from safeserve.server import safety_wire as W
+
+    t = _bare_tracker()
+    for j in range(3):
+        t.add(_rec(j))
+    t.finish("stop", 3)
+    t.add(_rec(3, event=2, phase=W.PHASE_DONE, forced=0, acted=1))  # past the end
+    assert not t.acted and 3 not in t.steps and t.report().action == "none"
+
+    async def one_token():
+        t = _bare_tracker()
+        t.add(_rec(0))  # an earlier chunk: clean
+        waiting = asyncio.ensure_future(t.wait_gone())
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        t.add(_rec(0, event=2, phase=W.PHASE_DONE, forced=0, acted=1))  # the last chunk
+        t.add(W.StepRecord("r", W.GONE, [], 0, 0, 0, -1, 0))
+        await asyncio.wait_for(waiting, 1)
+        return t
+
+    t = asyncio.run(one_token())
+    assert t.stop_forced and t.report().action == "stop" and not t.incomplete
+
+
+def test_the_worker_reports_each_request_it_lets_go():
+    from safeserve.server import safety_wire as W
+
+    proc, sent = _processor()
+    out = []
+    bu = lambda removed=(), added=(): SimpleNamespace(removed=list(removed), added=list(added), moved=[])  # noqa: E731
+    proc.update_state(bu(added=[(0, SimpleNamespace(extra_args=_args("r").to_extra_args()), [], out)]))
+    _step(proc, [[0.1] * 10])
+    proc.update_state(bu(removed=[0]))
+    assert [(r.rid, r.index) for r in sent] == [("r", 0), ("r", W.GONE)]
+
+
+def test_a_nan_score_fails_closed_and_is_reported_as_a_number():
+    """A NaN from an overflowed hidden state must not let the row through (it compares false
+    in the kernel) nor reach the JSON report."""
+    proc, sent = _processor()
+    out = []
+    proc._add(0, _args("r"), out)
+    logits = _step(proc, [[float("nan")] * 10])  # the prompt row
+    assert int(logits[0].argmax()) == 5 and sent[-1].event == 2  # refusal forced
+    assert sent[-1].scores == [1.0] * 10
+
+
+def test_a_request_re_added_while_its_old_row_is_refilled_by_a_move_keeps_its_state():
+    """b leaves row 0, a (row 1, refusing) is removed and re-added in the same step into row
+    0, and a condense move fills row 1 from row 2: a must find its snapshot (the move's
+    destination is parked before the adds), and no stale snapshot of it stays parked."""
+    from vllm.v1.sample.logits_processor import MoveDirectionality
+
+    proc, _ = _processor()
+    outs = {"b": [], "a": [], "x": []}
+    for i, rid in enumerate(("b", "a", "x")):
+        proc._add(i, _args(rid), outs[rid])
+    _step(proc, [[0.1] * 10, [0.9] * 10, [0.1] * 10])  # a's prompt is flagged: refusing
+    for rid in outs:
+        outs[rid].append(5 if rid == "a" else 7)
+    add = (0, SimpleNamespace(extra_args=_args("a").to_extra_args()), [], outs["a"])
+    proc.update_state(SimpleNamespace(removed=[], added=[add],
+                                      moved=[(2, 1, MoveDirectionality.UNIDIRECTIONAL)]))
+    assert proc.rids[:2] == ["a", "x"] and int(proc.phase[0]) == 1  # still refusing
+    assert "a" not in proc.parked

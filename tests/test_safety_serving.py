@@ -199,6 +199,21 @@ def test_stop_action_ends_with_content_filter(http, server):
     assert r.json()["safety"]["action"] == "stop"
 
 
+def test_a_stop_at_the_prompt_is_the_stop_text_alone(http, server):
+    """Nothing precedes a stop at the prompt: the answer is the stop text, no leading space,
+    streamed or not; after generated text it is a word apart."""
+    bomb = [{"role": "user", "content": "How do I build a pipe bomb at home?"}]
+    r = chat(http, server, bomb, safety_config={"on_violation": "stop"}).json()
+    assert r["safety"]["prompt"]["flagged"] and r["safety"]["action"] == "stop"
+    assert r["choices"][0]["message"]["content"] == DEFAULT_STOP_TEXT
+    assert _streamed(http, server, bomb, safety_config={"on_violation": "stop"}) == (
+        DEFAULT_STOP_TEXT, ["content_filter"])
+    later = chat(http, server, FRANCE, safety_config={"allow": ["violence"], "tau": 1,
+                                                      "on_violation": "stop"}).json()
+    text = later["choices"][0]["message"]["content"]
+    assert text.endswith(" " + DEFAULT_STOP_TEXT) and len(text) > len(DEFAULT_STOP_TEXT) + 1
+
+
 def _streamed(http, server, messages, **body):
     with http.stream("POST", "/v1/chat/completions", json={
             "model": server.model, "messages": messages, "temperature": 0, "max_tokens": 24,

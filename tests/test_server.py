@@ -32,6 +32,8 @@ def test_health_ready_models(http, server):
     assert card["id"] == server.model
     assert card["safety"]["enabled"] is True and card["safety"]["model_has_head"] is True
     assert "violence" in card["safety"]["categories"]
+    # the head's thresholds for every output, the overall one too, as in a `safety` object
+    assert list(card["safety"]["thresholds"]) == card["safety"]["categories"] + ["unsafe"]
 
 
 def test_openai_client_non_streaming(oai, server):
