@@ -41,7 +41,9 @@ def test_strict_default_server_refuses_every_looser_ask():
     msg = refused(svc, PLAIN, body={"on_violation": "refuse"})
     assert "on_violation 'refuse' (at least 'stop')" in msg
     assert "holdback false" in refused(svc, PLAIN, body={"holdback": False})
-    assert "threshold violence=0.5 (max 0.35)" in refused(svc, PLAIN, body={"threshold": {"violence": 0.5}})
+    cap = svc.policy.thresholds_of(svc.policy.presets["strict"])["violence"]
+    assert f"threshold violence=0.5 (max {cap:g})" in refused(
+        svc, PLAIN, body={"threshold": {"violence": 0.5}})
     assert "tau 4 (max 3)" in refused(svc, PLAIN, body={"tau": 4})
 
 
@@ -54,9 +56,10 @@ def test_omitted_fields_are_tightened_to_the_ceiling():
         assert svc.policy.thresholds_of(req.config) == svc.policy.thresholds_of(strict)
         assert req.echo()["on_violation"] == "stop"
     # an explicit stricter value stays, the rest is filled in
-    req = run_with(svc, PLAIN, body={"threshold": {"violence": 0.1}, "tau": 2})
+    req = run_with(svc, PLAIN, body={"threshold": {"violence": 0.01}, "tau": 2})
     th = svc.policy.thresholds_of(req.config)
-    assert th["violence"] == 0.1 and th["weapons"] == 0.35 and req.tau == 2
+    strict_th = svc.policy.thresholds_of(svc.policy.presets["strict"])
+    assert th["violence"] == 0.01 and th["weapons"] == strict_th["weapons"] and req.tau == 2
     assert run_with(svc, PLAIN, "strict").config == svc.policy.presets["strict"]
 
 
@@ -108,7 +111,8 @@ def test_a_widening_max_threshold_never_loosens_what_a_request_omits():
     svc = service("strict")
     wide = Principal("wide", Grant(max_threshold=0.7))
     req = run_with(svc, wide, body={"trace": True})
-    assert set(svc.policy.thresholds_of(req.config).values()) == {0.35}  # strict's, not 0.7
+    strict_th = svc.policy.thresholds_of(svc.policy.presets["strict"])
+    assert svc.policy.thresholds_of(req.config) == strict_th  # strict's, not 0.7
     asked = run_with(svc, wide, body={"threshold": {"violence": 0.6}})
     assert svc.policy.thresholds_of(asked.config)["violence"] == 0.6  # the grant lets it ask
 
@@ -188,3 +192,29 @@ def test_bad_presets_and_grants_files_are_startup_errors(tmp_path):
         grants.write_text(text)
         with pytest.raises(ValueError, match="grants file"):
             KeyRing([], grants)
+
+
+def test_threshold_shift_only_tightens_and_moves_every_output_on_the_logit_scale():
+    import math
+
+    svc = service("default")
+    policy = svc.policy
+    base = policy.thresholds_of(policy.presets["default"])
+    req = run_with(svc, PLAIN, body={"threshold_shift": -2})  # stricter: any key may ask
+    shifted = policy.thresholds_of(req.config)
+    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
+    for name, t in base.items():
+        assert shifted[name] < t and abs(logit(shifted[name]) - (logit(t) - 2)) < 1e-6
+    # on top of the request's own thresholds too
+    own = policy.thresholds_of(run_with(svc, PLAIN, body={"threshold": 0.3, "threshold_shift": -1}).config)
+    assert all(abs(logit(v) - (logit(0.3) - 1)) < 1e-6 for v in own.values())
+    # ... which authorization judges after the shift: 0.9 moved by -1 is still over 0.5
+    assert "threshold violence=0.768031 (max 0.5)" in refused(
+        svc, PLAIN, body={"threshold": 0.9, "threshold_shift": -1})
+    for bad in (1, 0.5, -9, "-1", True):
+        with pytest.raises(APIError) as err:
+            svc.resolve(None, {"threshold_shift": bad})
+        assert err.value.status == 400 and err.value.param == "safety_config.threshold_shift"
+    # the strict preset is the default head's thresholds, 3.5 logits lower
+    strict = policy.thresholds_of(policy.presets["strict"])
+    assert all(abs(logit(strict[n]) - (logit(t) - 3.5)) < 1e-6 for n, t in base.items())
