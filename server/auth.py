@@ -225,7 +225,9 @@ def fill_from_ceiling(cfg: SafetyConfig, ceiling: Ceiling, policy: SafetyPolicy,
     tightened = {n: limit[n] for n in current
                  if n not in explicit and current[n] > limit[n] + 1e-9}
     if tightened:
+        # the values written are the effective ones, the request's own shift included
         update["threshold"] = {**{n: current[n] for n in explicit}, **tightened}
+        update["threshold_shift"] = None
     return cfg.model_copy(update=update) if update else cfg
 
 

@@ -178,8 +178,8 @@ async def prompt_verdict(engine: Engine, svc: SafetyService, prompt_ids: list[in
     try:
         async for out in engine.llm.generate({"prompt_token_ids": prompt_ids}, params, rid):
             finished = out.finished
-        await tracker.wait_for(1)
-        return None if tracker.incomplete else tracker.prompt  # (may be an earlier chunk's)
+        await tracker.wait_verdict()  # (a prompt at max_model_len - 1 gets one token only)
+        return None if tracker.incomplete else tracker.prompt
     except ValueError as e:  # engine-side validation of the request
         raise bad_request(str(e)) from None
     finally:
@@ -509,7 +509,7 @@ async def _settle(step: _Step) -> None:
     if c.tracker is not None and step.n_new:
         await c.tracker.wait_for(c.n_tokens - 1)
         if step.finished and c.n_tokens == 1:
-            await c.tracker.wait_gone()  # (see there: index 0 alone may be an earlier chunk's)
+            await c.tracker.wait_verdict()  # (see there: index 0 may be an earlier chunk's)
 
 
 def _add_logprobs(engine: Engine, prep: PreparedRequest, step: _Step) -> None:

@@ -97,7 +97,7 @@ def install_handlers(app: FastAPI) -> None:
             return APIError(400, f"unsupported parameter: {param}", param=param,
                             code="unsupported_parameter").response()
         msg = first.get("msg", "invalid request")
-        if param and param not in msg:  # ("a key of safety_config ..." names it already)
+        if param and not (msg.startswith(param) or f" {param} " in f" {msg} "):
             msg = f"{param}: {msg}"
         return APIError(400, msg, param=param,
                         code=kind if kind in _OWN_CODES else "invalid_value").response()

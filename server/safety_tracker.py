@@ -79,6 +79,7 @@ class RequestTracker:
             self.gone = True
             self._changed.set()
             return
+        self.gone = False  # it left the batch (preempted, or unscheduled for a step) and is back
         if self.final_tokens is not None and rec.index >= self.final_tokens:
             return  # a step the engine ran past the end (a stop string ends in the frontend)
         self._undo_repeat(rec)
@@ -110,11 +111,12 @@ class RequestTracker:
         """Wait until the step that sampled output token ``index`` has been reported."""
         await self._wait(lambda: self._seen >= index, f"at token {index}")
 
-    async def wait_gone(self) -> None:
-        """Wait until the worker has let the request go. A response of one token needs it:
-        a chunked prompt reports index 0 once per chunk, and only what comes after the last
-        one (a later step, or this) proves the verdict in hand is the last chunk's."""
-        await self._wait(lambda: self.gone, "at its end")
+    async def wait_verdict(self) -> None:
+        """Wait until the prompt verdict in hand is final. A chunked prompt reports index 0
+        once per chunk; only a record after the last one proves it: a later step's, or the
+        end-of-request record the worker sends when it lets the request go (all a response
+        of one token has)."""
+        await self._wait(lambda: self._seen >= 1 or self.gone, "after its prompt")
 
     async def _wait(self, done, what: str) -> None:
         if done() or self.incomplete:

@@ -218,3 +218,11 @@ def test_threshold_shift_only_tightens_and_moves_every_output_on_the_logit_scale
     # the strict preset is the default head's thresholds, 3.5 logits lower
     strict = policy.thresholds_of(policy.presets["strict"])
     assert all(abs(logit(strict[n]) - (logit(t) - 3.5)) < 1e-6 for n, t in base.items())
+
+
+def test_a_shift_filled_in_from_the_ceiling_is_not_applied_twice():
+    """On a strict server, {"threshold_shift": -1} asks for less than strict's -3.5: it runs
+    at strict's thresholds exactly, not -1 on top of them."""
+    svc = service("strict")
+    req = run_with(svc, PLAIN, body={"threshold_shift": -1})
+    assert svc.policy.thresholds_of(req.config) == svc.policy.thresholds_of(svc.policy.presets["strict"])

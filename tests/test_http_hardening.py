@@ -136,7 +136,15 @@ def test_seed_is_bounded_to_int64(client, seed, ok):
     ({"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
 ])
 def test_request_types_are_strict(client, extra, param):
-    _error(client.post("/v1/chat/completions", json=body(**extra)), 400, param)
+    err = _error(client.post("/v1/chat/completions", json=body(**extra)), 400, param)
+    assert err["message"].startswith(f"{param}: "), err  # the message names it too
+
+
+def test_unparsable_bodies_are_invalid_json_errors(client):
+    for raw in (b'{"model": "\xff\xfe"}', b"[" * 1800 + b"]" * 1800):
+        r = client.post("/v1/chat/completions", content=raw,
+                        headers={"Content-Type": "application/json"})
+        _error(r, 400, code="invalid_json")
 
 
 def test_json_numbers_still_pass(client):
@@ -151,6 +159,8 @@ def test_json_numbers_still_pass(client):
     ({"threshold": {"violence": "0.4"}}, "threshold"), ({"holdback": "yes"}, "holdback"),
     ({"trace": 1}, "trace"), ({"explain_sentences": "1"}, "explain_sentences"),
     ({"explain_sentences": -1}, "explain_sentences"), ({"explain_sentences": 17}, "explain_sentences"),
+    ({"threshold_shift": 1}, "threshold_shift"), ({"threshold_shift": "-1"}, "threshold_shift"),
+    ({"threshold_shift": -8.5}, "threshold_shift"), ({"guideline": "x" * 2001}, "guideline"),
 ])
 def test_safety_config_types_are_strict(client, cfg, param):
     r = client.post("/v1/chat/completions", json=body(safety_config=cfg))

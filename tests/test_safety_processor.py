@@ -942,8 +942,9 @@ def test_records_after_finish_are_stray_and_a_one_token_answer_waits_for_the_end
 
     async def one_token():
         t = _bare_tracker()
-        t.add(_rec(0))  # an earlier chunk: clean
-        waiting = asyncio.ensure_future(t.wait_gone())
+        t.add(W.StepRecord("r", W.GONE, [], 0, 0, 0, -1, 0))  # unscheduled for a step mid-prompt
+        t.add(_rec(0))  # an earlier chunk, back in the batch: clean
+        waiting = asyncio.ensure_future(t.wait_verdict())
         await asyncio.sleep(0.05)
         assert not waiting.done()
         t.add(_rec(0, event=2, phase=W.PHASE_DONE, forced=0, acted=1))  # the last chunk
