@@ -146,6 +146,7 @@ class Ceiling:
     thresholds: dict[str, float]  # per head output: the most a request may set
     default_thresholds: dict[str, float]  # the default preset's: what omitted ones become at most
     tau: int
+    threshold_shift: float  # the default preset's response-rule shift: the loosest allowed
     explain_sentences: int  # the most sentences after a refusal (-1: no limit)
     guideline: str | None  # the default preset's: what a custom config without one runs with
     own_guideline: bool  # may a custom config set a different one
@@ -165,6 +166,7 @@ def ceiling_of(grant: Grant, policy: SafetyPolicy) -> Ceiling:
     allow = base.allow if grant.allow is None else grant.allow
     return Ceiling(frozenset(allow), base.on_violation, grant.annotate, base.holdback, thresholds,
                    defaults, grant.max_tau if grant.max_tau is not None else policy.tau_of(base),
+                   float(base.threshold_shift or 0.0),
                    policy.explain_sentences_of(base), base.guideline, grant.guideline)
 
 
@@ -181,6 +183,9 @@ def looser_fields(cfg: SafetyConfig, fields: set[str], ceiling: Ceiling,
         refused.append("holdback false")
     if "tau" in fields and cfg.tau is not None and cfg.tau > ceiling.tau:
         refused.append(f"tau {cfg.tau} (max {ceiling.tau})")
+    if "threshold_shift" in fields and cfg.threshold_shift > ceiling.threshold_shift + 1e-9:
+        refused.append(f"threshold_shift {cfg.threshold_shift:g} "
+                       f"(at most {ceiling.threshold_shift:g})")
     if ("explain_sentences" in fields
             and _more_explanation(cfg.explain_sentences, ceiling.explain_sentences)):
         refused.append(f"explain_sentences {cfg.explain_sentences} "
@@ -225,9 +230,9 @@ def fill_from_ceiling(cfg: SafetyConfig, ceiling: Ceiling, policy: SafetyPolicy,
     tightened = {n: limit[n] for n in current
                  if n not in explicit and current[n] > limit[n] + 1e-9}
     if tightened:
-        # the values written are the effective ones, the request's own shift included
         update["threshold"] = {**{n: current[n] for n in explicit}, **tightened}
-        update["threshold_shift"] = None
+    if "threshold_shift" not in fields and ceiling.threshold_shift < 0:
+        update["threshold_shift"] = ceiling.threshold_shift
     return cfg.model_copy(update=update) if update else cfg
 
 

@@ -70,4 +70,4 @@ async def moderate(engine: Engine, svc: SafetyService, body: ModerationRequest,
         metrics.MODERATION_INPUTS.labels("true" if verdict.flagged else "false").inc()
     return ModerationResponse(
         id=mid, model=engine.spec.served_name, results=results,
-        safety={"config": safety.echo(), "thresholds": svc.thresholds(safety)})
+        safety={"config": safety.echo(), "thresholds": svc.prompt_thresholds(safety)})

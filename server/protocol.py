@@ -323,8 +323,11 @@ class SafetyReport(BaseModel):
     config: dict[str, Any] = Field(default_factory=dict)
     score_names: list[str] | None = None
     # What each output was compared against for this request: the config's thresholds or the
-    # head's calibrated ones, the overall output's allow-list shift included.
+    # head's calibrated ones, the overall output's allow-list shift included; `thresholds`
+    # for generated tokens (the config's threshold_shift included), `prompt_thresholds` for
+    # the prompt (and query) verdict.
     thresholds: dict[str, float] | None = None
+    prompt_thresholds: dict[str, float] | None = None
     trace: list[TracePoint] | None = None
     telemetry_complete: bool = True
 

@@ -66,10 +66,11 @@ class SafetyConfig(BaseModel):
     on_violation: Literal["refuse", "stop", "annotate"] = "refuse"
     holdback: StrictBool = False
     guideline: SafeStr | None = None
-    # Logits added to every output's threshold (the head's calibrated ones, or this config's
-    # `threshold`), on the logit scale where the head's thresholds live (0.94-0.9998 here: no
-    # single probability suits them all). Negative: flags sooner. Never positive: a request
-    # loosens only through `threshold`, which authorization checks per output.
+    # Logits added to every output's threshold for generated tokens (the response rule), on
+    # the logit scale where the head's thresholds live (0.94-0.9998 here: no single
+    # probability suits them all); the prompt verdict keeps `threshold`'s (or the head's).
+    # Negative: the response rule acts sooner. Never positive: a request loosens only through
+    # `threshold`, which authorization checks per output.
     threshold_shift: StrictFloat | StrictInt | None = Field(None, ge=MIN_THRESHOLD_SHIFT, le=0)
     trace: StrictBool = False
     # None: the head's operating point (``operating_point.tau`` in its checkpoint, else 3).
@@ -242,13 +243,19 @@ class SafetyPolicy:
         return min(self.alert_tau, self.tau_of(cfg)) if self.alert_tau else None
 
     def thresholds_of(self, cfg: SafetyConfig) -> dict[str, float]:
-        """The threshold of every head output (categories, then the overall) ``cfg`` runs with."""
+        """The threshold of every head output (categories, then the overall) ``cfg`` runs
+        with at the prompt verdict; the response rule's are these moved by its
+        ``threshold_shift`` (``response_thresholds_of``)."""
         out = {c.id: c.threshold for c in self.taxonomy.categories}
         out["unsafe"] = self.overall_threshold
         if isinstance(cfg.threshold, dict):
             out.update(cfg.threshold)
         elif cfg.threshold is not None:
             out = dict.fromkeys(out, float(cfg.threshold))
+        return out
+
+    def response_thresholds_of(self, cfg: SafetyConfig) -> dict[str, float]:
+        out = self.thresholds_of(cfg)
         if cfg.threshold_shift:
             out = {n: shift_probability(t, cfg.threshold_shift) for n, t in out.items()}
         return out
@@ -256,7 +263,10 @@ class SafetyPolicy:
     def compile(self, cfg: SafetyConfig, rid: str, refusal_ids: list[int],
                 eos_id: int, refusal_sep: int = 0) -> W.RowSafetyArgs:
         ids = self.taxonomy.ids
-        thresholds = list(self.thresholds_of(cfg).values())  # categories in order, then overall
+        # The kernel holds one threshold vector per row: the response rule's. The prompt row
+        # is judged at the prompt thresholds by moving its scores the other way instead
+        # (prompt_offset, logits), which is the same comparison.
+        thresholds = list(self.response_thresholds_of(cfg).values())  # categories, then overall
         allowed = set(cfg.allow)
         masked = [1 if c in allowed else 0 for c in ids]
         # The overall score cannot say which category it saw: with an allow-list it acts for
@@ -274,4 +284,5 @@ class SafetyPolicy:
                                refusal_ids=refusal_ids, refusal_sep=refusal_sep, eos_id=eos_id,
                                alert_scale=math.exp(self.alert_margin) if alert_tau else 1.0,
                                alert_tau=alert_tau or 0,
-                               explain_sentences=self.explain_sentences_of(cfg))
+                               explain_sentences=self.explain_sentences_of(cfg),
+                               prompt_offset=-float(cfg.threshold_shift or 0.0))

@@ -14,6 +14,7 @@ from safeserve.server.safety_config import (
     SafetyConfig,
     SafetyPolicy,
     echoed_thresholds,
+    shift_probability,
 )
 from safeserve.server.safety_tracker import RequestTracker, TelemetryHub
 from safeserve.server.safety_wire import StepRecord
@@ -65,11 +66,12 @@ class SafetyService:
         req.alert_tau = self.policy.alert_tau_of(req.config)
         req.explain_sentences = self.policy.explain_sentences_of(req.config)
 
-    def thresholds(self, req: RequestSafety) -> dict[str, float]:
-        """Each head output's threshold as ``req`` runs with it (the allow-list shift of the
-        overall output included), as the decision kernel sees it."""
+    def prompt_thresholds(self, req: RequestSafety) -> dict[str, float]:
+        """Each head output's threshold for ``req``'s prompt verdict (the allow-list shift
+        of the overall output included), as the decision kernel compares it."""
         args = self.policy.compile(req.config, "", [], 0)
-        return echoed_thresholds(self.names, args.thresholds)
+        return echoed_thresholds(self.names, [shift_probability(t, args.prompt_offset)
+                                              for t in args.thresholds])
 
     def refusal_ids(self) -> list[int]:
         """The separator's ids, then the refusal's (``_refusal_sep`` of them are the former);

@@ -21,7 +21,7 @@ from safeserve.server.protocol import (
     TracePoint,
     shown_score,
 )
-from safeserve.server.safety_config import echoed_thresholds
+from safeserve.server.safety_config import echoed_thresholds, shift_probability
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,10 @@ class RequestTracker:
         return SafetyReport(enabled=True, model_has_head=True, action=action, prompt=prompt,
                             query=self._verdict(self.query), response=response, config=self.config_echo,
                             score_names=list(self.names),
-                            thresholds=echoed_thresholds(self.names, self.args.thresholds), trace=trace,
+                            thresholds=echoed_thresholds(self.names, self.args.thresholds),
+                            prompt_thresholds=echoed_thresholds(
+                                self.names, [shift_probability(t, self.args.prompt_offset)
+                                             for t in self.args.thresholds]), trace=trace,
                             telemetry_complete=not self.incomplete)
 
     def refusal_ending(self, finish_reason: str | None) -> str | None:

@@ -42,8 +42,9 @@ def test_strict_default_server_refuses_every_looser_ask():
     assert "on_violation 'refuse' (at least 'stop')" in msg
     assert "holdback false" in refused(svc, PLAIN, body={"holdback": False})
     cap = svc.policy.thresholds_of(svc.policy.presets["strict"])["violence"]
-    assert f"threshold violence=0.5 (max {cap:g})" in refused(
-        svc, PLAIN, body={"threshold": {"violence": 0.5}})
+    assert f"threshold violence=0.6 (max {cap:g})" in refused(
+        svc, PLAIN, body={"threshold": {"violence": 0.6}})
+    assert "threshold_shift -1 (at most -5)" in refused(svc, PLAIN, body={"threshold_shift": -1})
     assert "tau 4 (max 3)" in refused(svc, PLAIN, body={"tau": 4})
 
 
@@ -194,35 +195,39 @@ def test_bad_presets_and_grants_files_are_startup_errors(tmp_path):
             KeyRing([], grants)
 
 
-def test_threshold_shift_only_tightens_and_moves_every_output_on_the_logit_scale():
+def test_threshold_shift_moves_the_response_rule_only_and_only_tightens():
     import math
 
     svc = service("default")
     policy = svc.policy
     base = policy.thresholds_of(policy.presets["default"])
     req = run_with(svc, PLAIN, body={"threshold_shift": -2})  # stricter: any key may ask
-    shifted = policy.thresholds_of(req.config)
+    assert policy.thresholds_of(req.config) == base  # the prompt verdict's are unchanged
+    shifted = policy.response_thresholds_of(req.config)
     logit = lambda p: math.log(p / (1 - p))  # noqa: E731
     for name, t in base.items():
         assert shifted[name] < t and abs(logit(shifted[name]) - (logit(t) - 2)) < 1e-6
+    # compiled: one threshold vector (the response rule's), the prompt row's scores moved back
+    args = policy.compile(req.config, "r", [], 0)
+    assert args.prompt_offset == 2.0 and args.thresholds == list(shifted.values())
     # on top of the request's own thresholds too
-    own = policy.thresholds_of(run_with(svc, PLAIN, body={"threshold": 0.3, "threshold_shift": -1}).config)
+    own = policy.response_thresholds_of(
+        run_with(svc, PLAIN, body={"threshold": 0.3, "threshold_shift": -1}).config)
     assert all(abs(logit(v) - (logit(0.3) - 1)) < 1e-6 for v in own.values())
-    # ... which authorization judges after the shift: 0.9 moved by -1 is still over 0.5
-    assert "threshold violence=0.768031 (max 0.5)" in refused(
-        svc, PLAIN, body={"threshold": 0.9, "threshold_shift": -1})
     for bad in (1, 0.5, -9, "-1", True):
         with pytest.raises(APIError) as err:
             svc.resolve(None, {"threshold_shift": bad})
         assert err.value.status == 400 and err.value.param == "safety_config.threshold_shift"
-    # the strict preset is the default head's thresholds, 3.5 logits lower
-    strict = policy.thresholds_of(policy.presets["strict"])
-    assert all(abs(logit(strict[n]) - (logit(t) - 3.5)) < 1e-6 for n, t in base.items())
+    # the strict preset: the response rule 5 logits stricter than the head's
+    strict = policy.presets["strict"]
+    assert policy.thresholds_of(strict) == base and strict.threshold_shift == -5
 
 
-def test_a_shift_filled_in_from_the_ceiling_is_not_applied_twice():
-    """On a strict server, {"threshold_shift": -1} asks for less than strict's -3.5: it runs
-    at strict's thresholds exactly, not -1 on top of them."""
+def test_on_a_strict_server_a_key_cannot_ask_for_a_milder_response_rule():
     svc = service("strict")
-    req = run_with(svc, PLAIN, body={"threshold_shift": -1})
-    assert svc.policy.thresholds_of(req.config) == svc.policy.thresholds_of(svc.policy.presets["strict"])
+    assert "threshold_shift -1 (at most -5)" in refused(svc, PLAIN, body={"threshold_shift": -1})
+    assert run_with(svc, PLAIN, body={"threshold_shift": -6}).config.threshold_shift == -6
+    filled = run_with(svc, PLAIN, body={"trace": True}).config  # omitted: strict's
+    assert filled.threshold_shift == -5
+    assert svc.policy.response_thresholds_of(filled) == svc.policy.response_thresholds_of(
+        svc.policy.presets["strict"])

@@ -997,3 +997,21 @@ def test_a_request_re_added_while_its_old_row_is_refilled_by_a_move_keeps_its_st
                                       moved=[(2, 1, MoveDirectionality.UNIDIRECTIONAL)]))
     assert proc.rids[:2] == ["a", "x"] and int(proc.phase[0]) == 1  # still refusing
     assert "a" not in proc.parked
+
+
+def test_a_requests_prompt_offset_moves_its_prompt_decision_only_and_not_the_report():
+    """threshold_shift lowers the row's (response) thresholds; its prompt row is judged at the
+    unshifted ones by moving the scores the other way, for that row alone, and the scores
+    reported are the head's."""
+    proc, sent = _processor()
+    shifted = 1.0 / (1.0 + 2.718281828 ** 3)  # 0.5 moved by -3 logits: 0.047
+    outs = {"a": [], "b": []}
+    proc._add(0, _args("a", thresholds=[shifted] * 10, prompt_offset=3.0, tau=1), outs["a"])
+    proc._add(1, _args("b", thresholds=[shifted] * 10, tau=1), outs["b"])
+    _step(proc, [[0.2] * 10, [0.2] * 10])  # both prompts at 0.2
+    a, b = sent[-2], sent[-1]
+    assert a.event == 0 and b.event == 2  # a judged at 0.5, b at 0.047
+    assert a.scores == b.scores == [pytest.approx(0.2)] * 10  # reported as scored
+    outs["a"].append(7)
+    _step(proc, [[0.2] * 10, [0.0] * 10])  # a's first response step: judged at 0.047
+    assert sent[-2].event == 2

@@ -199,6 +199,21 @@ def test_stop_action_ends_with_content_filter(http, server):
     assert r.json()["safety"]["action"] == "stop"
 
 
+def test_threshold_shift_moves_the_response_rule_and_not_the_prompt_verdict(http, server):
+    cfg = {"allow": ["violence"], "on_violation": "annotate", "trace": True}
+    plain = chat(http, server, FRANCE, safety_config=cfg).json()
+    strict = chat(http, server, FRANCE, safety_config={**cfg, "threshold_shift": -8}).json()
+    sp, ss = plain["safety"], strict["safety"]
+    assert ss["prompt"] == sp["prompt"] and not ss["prompt"]["flagged"]
+    assert ss["prompt_thresholds"] == sp["prompt_thresholds"] == sp["thresholds"]
+    assert all(ss["thresholds"][n] < sp["thresholds"][n] for n in sp["thresholds"])
+    assert [p["scores"] for p in ss["trace"]] == [p["scores"] for p in sp["trace"]]
+    assert ss["response"]["flagged"]
+    if sp["response"]["flagged"]:
+        assert ss["response"]["token_index"] <= sp["response"]["token_index"]
+    assert strict["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+
+
 def test_a_stop_at_the_prompt_is_the_stop_text_alone(http, server):
     """Nothing precedes a stop at the prompt: the answer is the stop text, no leading space,
     streamed or not; after generated text it is a word apart."""
