@@ -131,6 +131,14 @@ def test_offset_prompt_rows_matches_the_logit_shift_and_keeps_saturated_scores()
         want = torch.sigmoid(torch.logit(s[0, 1:4].double()) + offset).float()
         torch.testing.assert_close(out[0, 1:4], want, rtol=1e-5, atol=0)
     assert offset_prompt_rows(s, torch.tensor([1, 1]), 0.0) is s
+    # one offset per row: each prompt row moved by its own, as the scalar form would
+    from safeserve.kernels.safety_head import offset_prompt_rows_by
+
+    rows = torch.cat([s, s])
+    out = offset_prompt_rows_by(rows, torch.tensor([1, 1, 0, 1]), torch.tensor([-3.0, 4.0, 2.0, 0.0]))
+    torch.testing.assert_close(out[0], offset_prompt_rows(s[:1], torch.tensor([1]), -3.0)[0])
+    torch.testing.assert_close(out[1], offset_prompt_rows(s[:1], torch.tensor([1]), 4.0)[0])
+    assert torch.equal(out[2], rows[2]) and torch.equal(out[3], rows[3])
 
 
 def test_tracker_keeps_only_the_last_prefill_chunks_verdict():
