@@ -108,16 +108,6 @@ def offset_prompt_rows(scores: torch.Tensor, is_prompt: torch.Tensor,
     return torch.where(is_prompt.reshape(-1, 1).to(torch.bool), moved, s)
 
 
-def offset_prompt_rows_by(scores: torch.Tensor, is_prompt: torch.Tensor,
-                          offsets: torch.Tensor) -> torch.Tensor:
-    """``offset_prompt_rows`` with one offset per row (``offsets`` [N], logits): a request's
-    own move of its prompt verdict. No host synchronisation."""
-    lift = torch.exp(offsets.float()).reshape(-1, 1)
-    s = scores.float()
-    moved = s * lift / (1.0 - s + s * lift)
-    return torch.where(is_prompt.reshape(-1, 1).to(torch.bool), moved, s)
-
-
 # --------------------------------------------------------------------------------------
 # Shared launch plumbing (also used by safety_decision.py)
 # --------------------------------------------------------------------------------------

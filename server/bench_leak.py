@@ -36,9 +36,10 @@ EXAMPLES = 5
 # What the engine decides for a row and the server reports: a leak shows in one of these.
 COMPARED = ("action", "prompt_flagged", "prompt_categories", "response_flagged",
             "response_token_index", "response_categories", "finish_reason", "config",
-            "thresholds")
+            "thresholds", "prompt_thresholds")
 # What the config decides before the first token: independent of the generated text.
-BEFORE_GENERATION = ("prompt_flagged", "prompt_categories", "config", "thresholds")
+BEFORE_GENERATION = ("prompt_flagged", "prompt_categories", "config", "thresholds",
+                     "prompt_thresholds")
 # What tells two configs' outcomes apart on this prompt (the echoed config always differs).
 BEHAVIOUR = ("action", "prompt_flagged", "prompt_categories", "response_flagged",
              "response_token_index", "finish_reason", "text")
@@ -58,7 +59,7 @@ def default_configs(allow: list[str]) -> list[dict]:
         {"allow": allow},
         {"allow": allow[:1], "threshold": 0.3, "tau": 1, "holdback": True,
          "on_violation": "refuse"},
-        {"allow": [], "tau": 1, "on_violation": "stop"},
+        {"allow": [], "tau": 1, "on_violation": "stop", "threshold_shift": -2},
         {"allow": [], "threshold": 0.4, "tau": 2, "on_violation": "annotate"},
     ]
 
@@ -77,6 +78,7 @@ def _outcome(data: dict) -> dict:
             "response_categories": sorted(resp.get("categories") or []),
             "finish_reason": choice.get("finish_reason"),
             "config": s.get("config"), "thresholds": s.get("thresholds"),
+            "prompt_thresholds": s.get("prompt_thresholds"),
             "scores": s["prompt"]["scores"],
             "text": choice["message"]["content"]}
 

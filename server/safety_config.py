@@ -263,10 +263,8 @@ class SafetyPolicy:
     def compile(self, cfg: SafetyConfig, rid: str, refusal_ids: list[int],
                 eos_id: int, refusal_sep: int = 0) -> W.RowSafetyArgs:
         ids = self.taxonomy.ids
-        # The kernel holds one threshold vector per row: the response rule's. The prompt row
-        # is judged at the prompt thresholds by moving its scores the other way instead
-        # (prompt_offset, logits), which is the same comparison.
         thresholds = list(self.response_thresholds_of(cfg).values())  # categories, then overall
+        prompt_thresholds = list(self.thresholds_of(cfg).values())
         allowed = set(cfg.allow)
         masked = [1 if c in allowed else 0 for c in ids]
         # The overall score cannot say which category it saw: with an allow-list it acts for
@@ -278,6 +276,8 @@ class SafetyPolicy:
             isinstance(cfg.threshold, dict) and OVERALL in cfg.threshold)
         if allowed and not unsafe_set:
             thresholds[-1] = shift_probability(thresholds[-1], self.allowlist_overall_shift)
+            prompt_thresholds[-1] = shift_probability(prompt_thresholds[-1],
+                                                      self.allowlist_overall_shift)
         alert_tau = self.alert_tau_of(cfg)
         return W.RowSafetyArgs(rid=rid, thresholds=thresholds, masked=masked, tau=self.tau_of(cfg),
                                action=W.ACTION_CODES[cfg.on_violation],
@@ -285,4 +285,5 @@ class SafetyPolicy:
                                alert_scale=math.exp(self.alert_margin) if alert_tau else 1.0,
                                alert_tau=alert_tau or 0,
                                explain_sentences=self.explain_sentences_of(cfg),
-                               prompt_offset=-float(cfg.threshold_shift or 0.0))
+                               prompt_thresholds=(prompt_thresholds if cfg.threshold_shift
+                                                  else None))

@@ -21,7 +21,7 @@ from functools import partial
 
 import torch
 from safeserve.kernels.safety_decision import EVENT_OK, EVENT_TRIGGER, decide
-from safeserve.kernels.safety_head import offset_prompt_rows, offset_prompt_rows_by
+from safeserve.kernels.safety_head import offset_prompt_rows
 from safeserve.models.decision_defaults import prompt_logit_offset
 from safeserve.models.checkpoint import load_safety_head
 from safeserve.server import safety_wire as W
@@ -186,9 +186,10 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.alert_tau = torch.ones(r, dtype=torch.int32, device=device)
         self.alert_scale = torch.ones(r, dtype=torch.float32, device=device)
         self.query_alert = torch.zeros(r, dtype=torch.int32, device=device)
-        # Logits added to a row's prompt-verdict scores before the decision: the request's own
-        # prompt thresholds (RowSafetyArgs.prompt_offset above its row thresholds), as scores.
-        self.row_prompt_offset = torch.zeros(r, dtype=torch.float32, device=device)
+        # The prompt verdict's thresholds (a threshold_shift moves only `thresholds`, the
+        # response rule's): the decision reads these at prompt rows.
+        self.prompt_thresholds = torch.ones(r, k, dtype=torch.float32, device=device)
+        self._step_thresholds = torch.ones(r, k, dtype=torch.float32, device=device)
         # Bounded explanation after a refusal: sentences left (-1: no limit) and whether the
         # current sentence has a word yet (a bare newline right after the refusal ends none).
         self.explain_left = torch.full((r,), -1, dtype=torch.int32, device=device)
@@ -273,10 +274,12 @@ class SafetyLogitsProcessor(LogitsProcessor):
         # Off-GPU, skip the offset on the many steps without a prompt row.
         if self.prompt_offset and (self.device.type == "cuda" or 0 in lengths):
             scores = offset_prompt_rows(scores, is_prompt, self.prompt_offset)
-        judged = scores  # what the decision reads; `scores` is what is reported
-        if self.device.type == "cuda" or (0 in lengths and bool(self.row_prompt_offset[:n].any())):
-            judged = offset_prompt_rows_by(scores, is_prompt, self.row_prompt_offset[:n])
-        event, cats = decide(judged, self.thresholds, self.masked, self.counter, self.tau,
+        thresholds = self.thresholds
+        if self.device.type == "cuda" or 0 in lengths:  # rows at their prompt: its thresholds
+            thresholds = self._step_thresholds  # (rows >= n are never read)
+            torch.where(is_prompt.bool().unsqueeze(1), self.prompt_thresholds[:n],
+                        self.thresholds[:n], out=thresholds[:n])
+        event, cats = decide(scores, thresholds, self.masked, self.counter, self.tau,
                              is_prompt, self.active, alert=self.alert, alert_tau=self.alert_tau,
                              alert_scale=self.alert_scale)
         cuda = self.device.type == "cuda"
@@ -565,8 +568,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
             # a flagged verdict always names an output; the overall one if it somehow did not
             self.query_cats[i] = args.query_cats or 1 << (self.thresholds.shape[1] - 1)
         self.alert_scale[i] = args.alert_scale
-        # thresholds `prompt_offset` higher at the prompt == scores that much lower there
-        self.row_prompt_offset[i] = -args.prompt_offset
+        self.prompt_thresholds[i] = torch.tensor(args.prompt_thresholds or args.thresholds,
+                                                 dtype=torch.float32)
         self.alert_tau[i] = args.alert_tau or args.tau
         self.query_alert[i] = int(args.query_alert)
         self.explain_left[i] = args.explain_sentences
@@ -587,7 +590,6 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.explain_cap[i] = -1
         self.seen_word[i] = 0
         self.step_len[i] = -1
-        self.row_prompt_offset[i] = 0.0
 
     # The state a step changes (see _undo_repeated_steps).
     _PER_STEP = ("counter", "phase", "origin", "alert", "read_len", "explain_left", "seen_word")
@@ -595,7 +597,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
                 "read_len",
                 "refusal", "refusal_len", "refusal_start", "eos", "query_cats", "alert", "alert_tau",
                 "alert_scale", "query_alert", "explain_left", "explain_cap", "seen_word",
-                "row_prompt_offset",
+                "prompt_thresholds",
                 "step_len", *("_before_" + name for name in _PER_STEP))
 
     def _move(self, src: int, dst: int) -> None:

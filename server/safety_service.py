@@ -14,7 +14,6 @@ from safeserve.server.safety_config import (
     SafetyConfig,
     SafetyPolicy,
     echoed_thresholds,
-    shift_probability,
 )
 from safeserve.server.safety_tracker import RequestTracker, TelemetryHub
 from safeserve.server.safety_wire import StepRecord
@@ -70,8 +69,7 @@ class SafetyService:
         """Each head output's threshold for ``req``'s prompt verdict (the allow-list shift
         of the overall output included), as the decision kernel compares it."""
         args = self.policy.compile(req.config, "", [], 0)
-        return echoed_thresholds(self.names, [shift_probability(t, args.prompt_offset)
-                                              for t in args.thresholds])
+        return echoed_thresholds(self.names, args.prompt_thresholds or args.thresholds)
 
     def refusal_ids(self) -> list[int]:
         """The separator's ids, then the refusal's (``_refusal_sep`` of them are the former);

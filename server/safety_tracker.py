@@ -21,7 +21,7 @@ from safeserve.server.protocol import (
     TracePoint,
     shown_score,
 )
-from safeserve.server.safety_config import echoed_thresholds, shift_probability
+from safeserve.server.safety_config import echoed_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -275,8 +275,8 @@ class RequestTracker:
                             score_names=list(self.names),
                             thresholds=echoed_thresholds(self.names, self.args.thresholds),
                             prompt_thresholds=echoed_thresholds(
-                                self.names, [shift_probability(t, self.args.prompt_offset)
-                                             for t in self.args.thresholds]), trace=trace,
+                                self.names, self.args.prompt_thresholds or self.args.thresholds),
+                            trace=trace,
                             telemetry_complete=not self.incomplete)
 
     def refusal_ending(self, finish_reason: str | None) -> str | None:

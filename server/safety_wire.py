@@ -57,11 +57,9 @@ class RowSafetyArgs:
     # Sentences the model may write after a spliced refusal before the response ends
     # (0: end right after the refusal; -1: no limit, the paper's open-ended explanation).
     explain_sentences: int = -1
-    # The prompt (and query) verdict's thresholds sit this many logits above the row's
-    # `thresholds` (the response rule's): the request's threshold_shift, negated; 0 without
-    # one. The worker lowers the prompt row's scores by as much before the decision instead
-    # (the kernel has one threshold vector per row); what is reported is not moved.
-    prompt_offset: float = 0.0
+    # The prompt (and query) verdict's thresholds, when they differ from `thresholds` (the
+    # response rule's, which a threshold_shift moves); None: the same.
+    prompt_thresholds: list[float] | None = None
     # A helper request read for its prompt verdict only (moderations, a prefilled request's
     # query): its output is discarded, so its strategy state is never kept for a resume.
     verdict_only: bool = False

@@ -207,9 +207,9 @@ def test_threshold_shift_moves_the_response_rule_only_and_only_tightens():
     logit = lambda p: math.log(p / (1 - p))  # noqa: E731
     for name, t in base.items():
         assert shifted[name] < t and abs(logit(shifted[name]) - (logit(t) - 2)) < 1e-6
-    # compiled: one threshold vector (the response rule's), the prompt row's scores moved back
+    # compiled: the response rule's thresholds, and the prompt verdict's beside them
     args = policy.compile(req.config, "r", [], 0)
-    assert args.prompt_offset == 2.0 and args.thresholds == list(shifted.values())
+    assert args.prompt_thresholds == list(base.values()) and args.thresholds == list(shifted.values())
     # on top of the request's own thresholds too
     own = policy.response_thresholds_of(
         run_with(svc, PLAIN, body={"threshold": 0.3, "threshold_shift": -1}).config)

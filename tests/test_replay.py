@@ -127,6 +127,13 @@ def test_loader_checks_and_agreement(tmp_path):
     assert [r.extra["server_trigger"] for r in loaded] == [0, 3, None]
     assert rp.agreement(loaded, BASE) == (3, 3)
     assert rp.agreement(loaded, rp.Rule.shifted(NAMES, BASE.response_thresholds, response_shift=3)) == (2, 3)
+    # a request that ran with a threshold_shift (echoed) is replayed with its response shift
+    mid = [0.5, 0.1, 0.2]  # under every threshold, over violence's moved by -3 logits (0.31)
+    shifted = _result_row(3, harmful=True, verdict=FULL_COMPLIANCE,
+                          trace=_trace([LOW, mid, mid, mid], [0, 1, 1, 2]))
+    shifted["safety"]["config"]["threshold_shift"] = -3
+    (run / "results.jsonl").write_text(json.dumps(shifted) + "\n")
+    assert rp.agreement(rp.load_safety_run(run, NAMES), BASE) == (1, 1)
 
     acted = dict(rows[0], safety=dict(rows[0]["safety"], action="refuse"))
     (run / "results.jsonl").write_text(json.dumps(acted) + "\n")

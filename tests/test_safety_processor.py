@@ -131,14 +131,6 @@ def test_offset_prompt_rows_matches_the_logit_shift_and_keeps_saturated_scores()
         want = torch.sigmoid(torch.logit(s[0, 1:4].double()) + offset).float()
         torch.testing.assert_close(out[0, 1:4], want, rtol=1e-5, atol=0)
     assert offset_prompt_rows(s, torch.tensor([1, 1]), 0.0) is s
-    # one offset per row: each prompt row moved by its own, as the scalar form would
-    from safeserve.kernels.safety_head import offset_prompt_rows_by
-
-    rows = torch.cat([s, s])
-    out = offset_prompt_rows_by(rows, torch.tensor([1, 1, 0, 1]), torch.tensor([-3.0, 4.0, 2.0, 0.0]))
-    torch.testing.assert_close(out[0], offset_prompt_rows(s[:1], torch.tensor([1]), -3.0)[0])
-    torch.testing.assert_close(out[1], offset_prompt_rows(s[:1], torch.tensor([1]), 4.0)[0])
-    assert torch.equal(out[2], rows[2]) and torch.equal(out[3], rows[3])
 
 
 def test_tracker_keeps_only_the_last_prefill_chunks_verdict():
@@ -1007,14 +999,17 @@ def test_a_request_re_added_while_its_old_row_is_refilled_by_a_move_keeps_its_st
     assert "a" not in proc.parked
 
 
-def test_a_requests_prompt_offset_moves_its_prompt_decision_only_and_not_the_report():
+def test_a_requests_prompt_thresholds_judge_its_prompt_row_only():
     """threshold_shift lowers the row's (response) thresholds; its prompt row is judged at the
-    unshifted ones by moving the scores the other way, for that row alone, and the scores
-    reported are the head's."""
+    prompt thresholds, exactly (a score equal to one is flagged), for that row alone."""
+    import numpy as np
+
     proc, sent = _processor()
     shifted = 1.0 / (1.0 + 2.718281828 ** 3)  # 0.5 moved by -3 logits: 0.047
+    at = float(np.float32(0.999753))  # a score exactly at its prompt threshold
     outs = {"a": [], "b": []}
-    proc._add(0, _args("a", thresholds=[shifted] * 10, prompt_offset=3.0, tau=1), outs["a"])
+    proc._add(0, _args("a", thresholds=[shifted] * 10, prompt_thresholds=[0.5] * 9 + [at],
+                       tau=1), outs["a"])
     proc._add(1, _args("b", thresholds=[shifted] * 10, tau=1), outs["b"])
     _step(proc, [[0.2] * 10, [0.2] * 10])  # both prompts at 0.2
     a, b = sent[-2], sent[-1]
@@ -1023,3 +1018,7 @@ def test_a_requests_prompt_offset_moves_its_prompt_decision_only_and_not_the_rep
     outs["a"].append(7)
     _step(proc, [[0.2] * 10, [0.0] * 10])  # a's first response step: judged at 0.047
     assert sent[-2].event == 2
+    proc._add(2, _args("c", thresholds=[shifted] * 10, prompt_thresholds=[0.5] * 9 + [at],
+                       tau=1), [])
+    _step(proc, [[0.0] * 10, [0.0] * 10, [0.0] * 9 + [at]])
+    assert sent[-1].rid == "c" and sent[-1].event == 2

@@ -197,7 +197,8 @@ def load_safety_run(path: str | Path, names: tuple[str, ...]) -> list[TracedRow]
             answered_by_text=row["verdict"] == FULL_COMPLIANCE, template=row.get("template"),
             extra={"id": row["id"], "key": request_key(row),
                    "server_trigger": _server_trigger(row),
-                   "tau": (row["safety"].get("config") or {}).get("tau")}))
+                   "tau": (row["safety"].get("config") or {}).get("tau"),
+                   "shift": (row["safety"].get("config") or {}).get("threshold_shift")}))
     return rows
 
 
@@ -214,7 +215,8 @@ def load_cosa_run(path: str | Path, names: tuple[str, ...]) -> list[TracedRow]:
             refused_by_text=not answered, answered_by_text=answered,
             extra={"id": row.get("id"), "situation": row.get("situation"),
                    "server_trigger": _server_trigger(row),
-                   "tau": (row["safety"].get("config") or {}).get("tau")}))
+                   "tau": (row["safety"].get("config") or {}).get("tau"),
+                   "shift": (row["safety"].get("config") or {}).get("threshold_shift")}))
     return rows
 
 
@@ -335,8 +337,13 @@ def pareto(results: list[dict]) -> list[dict]:
 def agreement(rows: list[TracedRow], rule: Rule) -> tuple[int, int]:
     """(rows where ``rule`` triggers where the server did, rows): run with the served rule,
     this checks the replay against the engine's own decisions."""
-    def as_served(r: TracedRow) -> Rule:  # the tau the request ran with, as echoed
-        return dataclasses.replace(rule, tau=int(r.extra.get("tau") or rule.tau))
+    def as_served(r: TracedRow) -> Rule:  # the tau and response shift it ran with, as echoed
+        served = dataclasses.replace(rule, tau=int(r.extra.get("tau") or rule.tau))
+        shift = float(r.extra.get("shift") or 0.0)
+        if shift:
+            served = dataclasses.replace(served, response_thresholds=tuple(
+                _shift(t, shift) for t in rule.response_thresholds))
+        return served
 
     same = sum(trigger_step(r, as_served(r)) == r.extra.get("server_trigger") for r in rows)
     return same, len(rows)
