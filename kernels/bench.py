@@ -26,7 +26,7 @@ import argparse
 import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from safeserve.kernels.safety_decision import MASK_ATTRIBUTED, decide, decide_reference
@@ -48,6 +48,8 @@ _PEAK_GBS = (("H200", 4800.0), ("H100", 3350.0), ("A100", 2039.0))
 # A pool of `hidden` buffers at least this large outgrows the L2 cache (50 MB on H100 / H200,
 # 40 MB on A100), so each timed launch reads its input from DRAM.
 DEFAULT_POOL_MIB_CUDA = 256
+# Launches captured in one CUDA graph for the overhead-free timing (each reads its own buffer).
+MAX_GRAPH_LAUNCHES = 512
 
 
 def guess_peak_gbs(device_name: str) -> float | None:
@@ -80,6 +82,32 @@ def _time_cuda_us(step: Callable[[], object], iters: int, warmup: int) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) * 1000.0 / iters
+
+
+def _time_cuda_graph_us(launches: list[Callable[[], object]], iters: int) -> float:
+    """Per-launch GPU time with no launch overhead: `launches` captured once into a CUDA graph
+    (each may read a different buffer), replayed `iters` times."""
+    for launch in launches[:2]:  # compile and warm outside the capture
+        launch()
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for launch in launches:
+                launch()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000.0 / (iters * len(launches))
 
 
 def _time_cpu_us(step: Callable[[], object], iters: int, warmup: int) -> float:
@@ -201,6 +229,22 @@ def run_benchmark(
         bound_us = head_bytes / (peak_gbs * 1e9) * 1e6  # the head's memory-traffic floor
         result.update(peak_gb_s=peak_gbs, bound_us=bound_us, head_over_bound=head_us / bound_us)
     if on_cuda:
+        # The kernels' own GPU time, launch overhead taken out (a CUDA graph of launches over
+        # distinct pool buffers): what the step costs where launches queue ahead of the GPU.
+        graph_pool = pool[:MAX_GRAPH_LAUNCHES]
+        head_graph_us = _time_cuda_graph_us(
+            [lambda h=h: safety_scores(h, weight, bias, out=scores, mlp=mlp) for h in graph_pool],
+            max(1, iters // 10),
+        )
+        decide_graph_us = _time_cuda_graph_us([decide_step] * 64, max(1, iters // 10))
+        result.update(
+            head_graph_us=head_graph_us,
+            head_graph_pool_mib=len(graph_pool) * hidden_states.numel() * elem / (1 << 20),
+            head_graph_gb_s=head_bytes / (head_graph_us * 1e-6) / 1e9,
+            decide_graph_us=decide_graph_us,
+        )
+        if peak_gbs:
+            result.update(head_graph_over_bound=head_graph_us / result["bound_us"])
         # The PyTorch references on the same device: what the kernels are meant to beat.
         ref_head_us = timer(
             lambda: safety_scores_reference(next_hidden(), weight, bias, mlp), iters, warmup
@@ -215,6 +259,71 @@ def run_benchmark(
             ref_over_head=ref_head_us / head_us,
         )
     return result
+
+
+def sweep_head(
+    batch: int = 256,
+    hidden: int = 4096,
+    categories: int = 9,
+    dtype: str = "bfloat16",
+    mlp_units: int = 0,
+    mlp_gate: bool = False,
+    replays: int = 5,
+) -> Iterator[dict]:
+    """CUDA only: the head kernel split over H or not, at each tile shape (BLOCK_N, BLOCK_H)
+    and warp count it can take at this shape, each checked against the reference (max abs error) and
+    timed in a CUDA graph over a pool beyond L2. Yields one row per configuration as measured."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("the sweep times compiled kernels: it needs a CUDA device")
+    from safeserve.kernels.safety_head import (
+        HEAD_DOT_PRECISION,
+        _head_blocks,
+        _next_pow2,
+        _safety_scores_triton,
+    )
+
+    device = torch.device("cuda")
+    n_cats = categories + 1
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    first = torch.randn(batch, hidden, generator=gen).to(device=device, dtype=_DTYPES[dtype])
+    pool = _hidden_pool(first, DEFAULT_POOL_MIB_CUDA)[:MAX_GRAPH_LAUNCHES]
+    weight = (torch.randn(n_cats, hidden, generator=gen) / hidden**0.5).to(device)
+    bias = torch.randn(n_cats, generator=gen).to(device)
+    mlp = None
+    if mlp_units:
+        mlp = ((torch.randn(mlp_units, hidden, generator=gen) / hidden**0.5).to(device),
+               torch.randn(mlp_units, generator=gen).to(device),
+               (torch.randn(n_cats, mlp_units, generator=gen) / mlp_units**0.5).to(device))
+        if mlp_gate:
+            mlp += ((torch.randn(hidden + 1, generator=gen) / hidden**0.5).to(device),)
+    expected = safety_scores_reference(first, weight, bias, mlp)
+    out = torch.empty(batch, n_cats, device=device)
+    _, default_h, block_k, block_m = _head_blocks(hidden, n_cats, mlp_units)
+    default = (True, HEAD_DOT_PRECISION, 16, default_h, 4)
+    # "ieee" (exact fp32 on the FMA units) ran 2-5x slower than "tf32x3" at every tile on an
+    # H200 (2026-12-04), and 64-row tiles with the MLP hit an illegal address in Triton 3.6's
+    # code: neither is swept.
+    shapes = itertools.product((True, False), (HEAD_DOT_PRECISION,), (16, 32), (32, 64, 128),
+                               (4, 8))
+    for split, precision, block_n, block_h, warps in shapes:
+        # Register budget: the hidden tile and the widest weight tile stay <= 64 KiB of fp32.
+        if block_n * block_h > 16384 or block_h * max(block_k, block_m) > 16384:
+            continue
+        if block_h > max(16, _next_pow2(hidden)):
+            continue
+
+        def launch(h, blocks=(block_n, block_h), warps=warps, precision=precision,
+                   split=split):
+            _safety_scores_triton(h, weight, bias, out, mlp, blocks=blocks, num_warps=warps,
+                                  precision=precision, split=split)
+
+        launch(first)
+        error = (out - expected).abs().max().item()
+        graph_us = _time_cuda_graph_us([lambda h=h: launch(h) for h in pool], replays)
+        yield dict(split=split, precision=precision, block_n=block_n, block_h=block_h,
+                   num_warps=warps,
+                   launcher_default=(split, precision, block_n, block_h, warps) == default,
+                   graph_us=graph_us, max_abs_err=error)
 
 
 _LABELS = {
@@ -238,6 +347,11 @@ _LABELS = {
     "peak_gb_s": "peak DRAM GB/s (--peak-gbs or guessed)",
     "bound_us": "head bound us (bytes / peak)",
     "head_over_bound": "head us / bound us",
+    "head_graph_us": "head us/step in a CUDA graph (no launch overhead)",
+    "head_graph_pool_mib": "hidden MiB the graph's launches read",
+    "head_graph_gb_s": "head achieved GB/s in a CUDA graph",
+    "decide_graph_us": "decision us/step in a CUDA graph",
+    "head_graph_over_bound": "head graph us / bound us",
     "ref_head_us": "reference head us/step",
     "ref_head_gb_s": "reference head GB/s",
     "ref_decide_us": "reference decision us/step",
@@ -293,7 +407,26 @@ def main(argv: list[str] | None = None) -> dict:
                         help="MiB of hidden buffers the head cycles through (CUDA default: "
                         f"{DEFAULT_POOL_MIB_CUDA}, beyond L2; CPU: one buffer)")
     parser.add_argument("--plain", action="store_true", help="plain text instead of a rich table")
+    parser.add_argument("--sweep", action="store_true",
+                        help="CUDA: time every head tile shape and warp count (graph-timed, "
+                        "checked against the reference) instead of the step report")
     args = parser.parse_args(argv)
+    if args.sweep:
+        print(f"head sweep: batch {args.batch}, hidden {args.hidden}, {args.categories + 1} "
+              f"outputs, mlp {args.mlp_units}{' gated' if args.mlp_gate else ''}, {args.dtype}; "
+              "graph-timed us per step, * = the launcher's choice")
+        print("split precision BLOCK_N BLOCK_H warps   graph_us  max_abs_err")
+        rows = []
+        for row in sweep_head(batch=args.batch, hidden=args.hidden, categories=args.categories,
+                              dtype=args.dtype, mlp_units=args.mlp_units, mlp_gate=args.mlp_gate):
+            rows.append(row)
+            print(f"{'yes' if row['split'] else 'no':>5} {row['precision']:>9} "
+                  f"{row['block_n']:>7} {row['block_h']:>7} "
+                  f"{row['num_warps']:>5} {row['graph_us']:>10.2f}  {row['max_abs_err']:.2e} "
+                  f"{'*' if row['launcher_default'] else ''}", flush=True)
+        best = min(rows, key=lambda row: row["graph_us"])
+        print(f"fastest: {best}")
+        return {"sweep": rows}
     result = run_benchmark(
         batch=args.batch,
         hidden=args.hidden,

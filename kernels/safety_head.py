@@ -29,9 +29,13 @@ works on both kinds.
 is the reference the Triton kernel is tested against; `safety_scores` is the launcher the
 server calls once per engine step.
 
-The Triton kernel is one launch per call: the grid runs over blocks of BLOCK_N rows, each
-program walks H in BLOCK_H tiles, accumulates [BLOCK_N, BLOCK_K] in float32 and applies
-bias + sigmoid before one masked store. K is padded to a power of two (at least 16, the
+The Triton kernel is one launch per call: the grid runs over blocks of BLOCK_N rows and,
+when those are too few to fill the device, slices of H (SPLIT); each program walks its H in
+BLOCK_H tiles and accumulates [BLOCK_N, BLOCK_K] in float32 (tensor-core tf32x3 dots:
+fp32-level error). Split programs store partial sums, and the last of a row block to take its
+ticket adds them in split order; that program (or the only one) applies the MLP, bias and
+sigmoid before one masked store. On an H200 at 256 rows x 4096 the split made the head 5x
+faster (README, Benchmarks). K is padded to a power of two (at least 16, the
 smallest tile `tl.dot` accepts) and masked, so any K and H work. The same kernel serves the
 linear head and the residual MLP: the constexprs HAS_MLP and HAS_GATE add the [BLOCK_N, M]
 pre-activations (and the gate's dot) to that one pass over H, so the linear head compiles
@@ -65,6 +69,12 @@ _HIDDEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (up [M, H], up_bias [M], down [K, M][, gate [H + 1]]) of the optional residual MLP.
 ResidualMLP = tuple[torch.Tensor, ...]
 MAX_MLP_UNITS = 512  # the kernel keeps a [BLOCK_N, M] tile of activations in registers
+# How the kernel's fp32 dots use the tensor cores. Plain "tf32" (10-bit mantissa) misses the
+# 1e-5 agreement with the float32 reference at H in the thousands; "ieee" is exact but runs on
+# the FMA units, where Triton's dot layouts hold a row of each operand per thread and spill
+# (H200: 85 us per step at any batch, 2026-12-04); "tf32x3" splits each operand into two
+# tf32 halves and sums three tensor-core products: fp32-level error at tensor-core speed.
+HEAD_DOT_PRECISION = "tf32x3"
 
 
 def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -171,10 +181,14 @@ def _safety_head_kernel(
     down_ptr,
     gate_ptr,
     out_ptr,
+    part_ptr,
+    ticket_ptr,
     n_rows,
     n_hidden,
     n_cats,
     n_units,
+    split_h,
+    n_splits,
     stride_hn,
     stride_hh,
     stride_wk,
@@ -185,18 +199,28 @@ def _safety_head_kernel(
     stride_dm,
     stride_on,
     stride_ok,
+    stride_ps,
+    stride_pn,
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     HAS_MLP: tl.constexpr,
     HAS_GATE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # One pass over the hidden state feeds the linear logits and, with HAS_MLP, the MLP's
     # pre-activations (the step is bound by reading `hidden`); the [BLOCK_N, M] activations
     # then meet `down` in registers: no intermediate in memory. HAS_MLP and HAS_GATE are
     # constexprs, so the linear head compiles with no MLP load, tile or loop-carried value.
+    # With SPLIT, program (i, j) covers rows block i over hidden slice j (split_h columns):
+    # a few hundred rows are only ~16 row blocks, too few programs to keep the memory system
+    # busy. Each writes its partial sums to `part` [n_splits, N, BLOCK_K + BLOCK_M + 1]; the
+    # last of a row block to finish (a ticket per row block) adds them up in split order (so
+    # the result does not depend on arrival order), runs the epilogue and resets its ticket.
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     cats = tl.arange(0, BLOCK_K)
     row_ok = rows < n_rows
@@ -204,15 +228,16 @@ def _safety_head_kernel(
     # 64-bit row offsets: a row view into a large activation buffer can pass 2**31 elements.
     hidden_rows = hidden_ptr + rows.to(tl.int64)[:, None] * stride_hn
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    units = tl.arange(0, BLOCK_M)
+    unit_ok = units < n_units
     if HAS_MLP:
-        units = tl.arange(0, BLOCK_M)
-        unit_ok = units < n_units
         pre = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         if HAS_GATE:
             gate_dot = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for h_start in range(0, n_hidden, BLOCK_H):
+    h_end = tl.minimum(split * split_h + split_h, n_hidden)
+    for h_start in range(split * split_h, h_end, BLOCK_H):
         hs = h_start + tl.arange(0, BLOCK_H)
-        h_ok = hs < n_hidden
+        h_ok = hs < h_end
         x = tl.load(
             hidden_rows + hs[None, :] * stride_hh,
             mask=row_ok[:, None] & h_ok[None, :],
@@ -224,19 +249,54 @@ def _safety_head_kernel(
             mask=h_ok[:, None] & cat_ok[None, :],
             other=0.0,
         )
-        # "ieee": the default fp32 dot on NVIDIA is TF32 (10-bit mantissa), which misses the
-        # 1e-5 agreement with the float32 reference at H in the thousands.
-        acc = tl.dot(x, w_t, acc, input_precision="ieee")
+        acc = tl.dot(x, w_t, acc, input_precision=DOT_PRECISION)
         if HAS_MLP:
             u_t = tl.load(
                 up_ptr + units[None, :] * stride_um + hs[:, None] * stride_uh,
                 mask=h_ok[:, None] & unit_ok[None, :],
                 other=0.0,
             )
-            pre = tl.dot(x, u_t, pre, input_precision="ieee")
+            pre = tl.dot(x, u_t, pre, input_precision=DOT_PRECISION)
             if HAS_GATE:
                 gv = tl.load(gate_ptr + hs, mask=h_ok, other=0.0)
                 gate_dot += tl.sum(x * gv[None, :], axis=1)
+    finish = row_ok
+    if SPLIT:
+        # Partials out; then every program of the row block takes a ticket, and only the
+        # last one's loads and stores below are unmasked (no data-dependent control flow).
+        part_rows = part_ptr + split * stride_ps + rows.to(tl.int64)[:, None] * stride_pn
+        tl.store(part_rows + cats[None, :], acc, mask=row_ok[:, None])
+        if HAS_MLP:
+            tl.store(part_rows + BLOCK_K + units[None, :], pre, mask=row_ok[:, None])
+            if HAS_GATE:
+                tl.store(part_ptr + split * stride_ps + rows.to(tl.int64) * stride_pn
+                         + BLOCK_K + BLOCK_M, gate_dot, mask=row_ok)
+        tl.debug_barrier()  # every thread's partial stored before the ticket releases them
+        ticket = tl.atomic_add(ticket_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        # As a [BLOCK_N] vector: a scalar mask is not accepted everywhere (the interpreter).
+        last = (tl.zeros((BLOCK_N,), dtype=tl.int32) + ticket) == n_splits - 1
+        finish = row_ok & last
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        if HAS_MLP:
+            pre = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            if HAS_GATE:
+                gate_dot = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for s in range(0, n_splits):
+            # .cg: read L2, where the other programs' stores are, not a stale L1 line.
+            part_rows = part_ptr + s * stride_ps + rows.to(tl.int64)[:, None] * stride_pn
+            acc += tl.load(part_rows + cats[None, :], mask=finish[:, None], other=0.0,
+                           cache_modifier=".cg")
+            if HAS_MLP:
+                pre += tl.load(part_rows + BLOCK_K + units[None, :], mask=finish[:, None],
+                               other=0.0, cache_modifier=".cg")
+                if HAS_GATE:
+                    gate_dot += tl.load(part_ptr + s * stride_ps + rows.to(tl.int64) * stride_pn
+                                        + BLOCK_K + BLOCK_M, mask=finish, other=0.0,
+                                        cache_modifier=".cg")
+        # The next launch starts from zero (ordered after this one on the stream).
+        first_lane = tl.arange(0, BLOCK_N) == 0
+        tl.store(ticket_ptr + pid + tl.zeros((BLOCK_N,), dtype=tl.int32), 0,
+                 mask=last & first_lane)
     if HAS_MLP:
         ub = tl.load(up_bias_ptr + units, mask=unit_ok, other=0.0)
         act = tl.maximum(pre + ub[None, :], 0.0)  # padded units: relu(0 + 0) = 0, no effect
@@ -249,13 +309,13 @@ def _safety_head_kernel(
             mask=unit_ok[:, None] & cat_ok[None, :],
             other=0.0,
         )
-        acc = tl.dot(act, d_t, acc, input_precision="ieee")
+        acc = tl.dot(act, d_t, acc, input_precision=DOT_PRECISION)
     b = tl.load(bias_ptr + cats, mask=cat_ok, other=0.0)
     scores = tl.sigmoid(acc + b[None, :])
     tl.store(
         out_ptr + rows.to(tl.int64)[:, None] * stride_on + cats[None, :] * stride_ok,
         scores,
-        mask=row_ok[:, None] & cat_ok[None, :],
+        mask=finish[:, None] & cat_ok[None, :],
     )
 
 
@@ -325,10 +385,64 @@ def _check_mlp_args(hidden: torch.Tensor, weight: torch.Tensor, mlp: ResidualMLP
         raise ValueError("mlp tensors must live on the hidden state's device")
 
 
+# Programs a split head launch aims for, per multiprocessor (CUDA) or in all (interpreter,
+# where it only makes the CPU tests walk the split path).
+_PROGRAMS_PER_SM = 2
+_INTERPRETER_PROGRAMS = 8
+
+
+def _split_plan(n_rows: int, n_hidden: int, block_n: int, block_h: int,
+                device: torch.device) -> tuple[int, int]:
+    """(n_splits, split_h): how many hidden slices each row block is cut into, and the slice
+    width (a multiple of BLOCK_H, so no tile straddles two slices; no slice is empty)."""
+    row_blocks = -(-n_rows // block_n)
+    tiles = -(-n_hidden // block_h)
+    if device.type == "cuda":
+        target = _PROGRAMS_PER_SM * _sm_count(device)
+    else:
+        target = _INTERPRETER_PROGRAMS
+    splits = max(1, min(tiles, -(-target // row_blocks)))
+    split_h = -(-tiles // splits) * block_h
+    return -(-n_hidden // split_h), split_h
+
+
+_sm_counts: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sm_counts[index]
+
+
+# Per-device scratch of the split launch: partial sums [n_splits, N, cols] and one int32
+# ticket per row block, grown on demand. The tickets are zero between launches (each launch's
+# last program resets its own), so launches must not overlap: one head launch at a time per
+# device, in stream order, which is how the engine's step runs it.
+_scratch: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _split_scratch(device: torch.device, n_splits: int, n_rows: int, cols: int,
+                   row_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    parts, tickets = _scratch.get(device, (None, None))
+    if parts is None or parts.numel() < n_splits * n_rows * cols:
+        parts = torch.empty(max(n_splits * n_rows * cols, 1 << 16), dtype=torch.float32,
+                            device=device)
+    if tickets is None or tickets.numel() < row_blocks:
+        tickets = torch.zeros(max(row_blocks, 256), dtype=torch.int32, device=device)
+    _scratch[device] = (parts, tickets)
+    return parts[: n_splits * n_rows * cols].view(n_splits, n_rows, cols), tickets
+
+
 def _safety_scores_triton(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor,
-    mlp: ResidualMLP | None = None,
+    mlp: ResidualMLP | None = None, *, blocks: tuple[int, int] | None = None,
+    num_warps: int = 4, precision: str = HEAD_DOT_PRECISION, split: bool = True,
 ) -> None:
+    """`blocks` = (BLOCK_N, BLOCK_H), `num_warps`, `precision` and `split` (cut H across
+    programs when the row blocks alone are too few) override the launcher's choices (the
+    bench's sweep)."""
     n_rows, n_hidden = hidden.shape
     n_cats = weight.shape[0]
     if n_rows == 0:
@@ -349,17 +463,30 @@ def _safety_scores_triton(
         gate = mlp[3].float().contiguous() if len(mlp) == 4 else up_bias  # any pointer when unused
         n_units = up.shape[0]
     block_n, block_h, block_k, block_m = _head_blocks(n_hidden, n_cats, n_units)
-    grid = (triton.cdiv(n_rows, block_n),)
-    _jit(_safety_head_kernel)[grid](
-        hidden, weight, bias, up, up_bias, down, gate, out,
-        n_rows, n_hidden, n_cats, n_units,
+    if blocks is not None:
+        block_n, block_h = blocks
+    row_blocks = triton.cdiv(n_rows, block_n)
+    n_splits, split_h = (
+        _split_plan(n_rows, n_hidden, block_n, block_h, hidden.device) if split
+        else (1, n_hidden)
+    )
+    if n_splits > 1:
+        parts, tickets = _split_scratch(hidden.device, n_splits, n_rows,
+                                        block_k + block_m + 1, row_blocks)
+    else:  # never read: SPLIT=False compiles the partials and tickets out
+        parts, tickets, split_h = out, out, n_hidden
+    _jit(_safety_head_kernel)[(row_blocks, n_splits)](
+        hidden, weight, bias, up, up_bias, down, gate, out, parts, tickets,
+        n_rows, n_hidden, n_cats, n_units, split_h, n_splits,
         hidden.stride(0), hidden.stride(1),
         weight.stride(0), weight.stride(1),
         up.stride(0), up.stride(1),
         down.stride(0), down.stride(1),
         out.stride(0), out.stride(1),
+        parts.stride(0), parts.stride(1),
         BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_M=block_m,
-        HAS_MLP=mlp is not None, HAS_GATE=mlp is not None and len(mlp) == 4, num_warps=4,
+        HAS_MLP=mlp is not None, HAS_GATE=mlp is not None and len(mlp) == 4,
+        SPLIT=n_splits > 1, DOT_PRECISION=precision, num_warps=num_warps,
     )
 
 

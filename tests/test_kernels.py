@@ -240,6 +240,33 @@ def test_head_with_gated_mlp_matches_reference(n_rows, n_hidden):
 
 
 @needs_triton
+@pytest.mark.parametrize("n_rows,n_hidden,n_units", [(3, 576, 0), (40, 1000, 24), (17, 4096, 128)])
+def test_head_split_over_hidden_matches_unsplit_and_leaves_tickets_at_zero(
+    n_rows, n_hidden, n_units
+):
+    # The launcher cuts H across programs when the row blocks are few (here, always): each
+    # writes partials and the last of a row block sums them. Same scores as one pass, the
+    # same on every launch (tickets reset), and exact on a gated MLP too.
+    hidden, weight, bias = _head_inputs(n_rows, n_hidden, 10, seed=n_units)
+    mlp = None
+    if n_units:
+        gate = torch.cat([torch.randn(n_hidden, generator=_gen(4)) / n_hidden, torch.tensor([0.3])])
+        mlp = (*_mlp_inputs(n_hidden, n_units, 10, seed=5), gate.to(DEVICE))
+    block_n, block_h, _, _ = safety_head._head_blocks(n_hidden, 10, n_units)
+    n_splits, split_h = safety_head._split_plan(n_rows, n_hidden, block_n, block_h, DEVICE)
+    assert n_splits > 1 and split_h % block_h == 0 and (n_splits - 1) * split_h < n_hidden
+    whole = torch.empty(n_rows, 10, device=DEVICE)
+    safety_head._safety_scores_triton(hidden, weight, bias, whole, mlp, split=False)
+    for _ in range(3):
+        got = safety_scores(hidden, weight, bias, mlp=mlp)
+        torch.testing.assert_close(got, whole, atol=1e-6, rtol=0)
+        _, tickets = safety_head._scratch[hidden.device]
+        assert int(tickets.abs().sum()) == 0
+    torch.testing.assert_close(got, safety_scores_reference(hidden, weight, bias, mlp),
+                               atol=1e-5, rtol=0)
+
+
+@needs_triton
 def test_head_mlp_rejects_bad_shapes():
     hidden, weight, bias = _head_inputs(3, 16, 4, seed=2)
     up, up_bias, down = _mlp_inputs(16, 8, 4, seed=3)
