@@ -48,8 +48,16 @@ _PEAK_GBS = (("H200", 4800.0), ("H100", 3350.0), ("A100", 2039.0))
 # A pool of `hidden` buffers at least this large outgrows the L2 cache (50 MB on H100 / H200,
 # 40 MB on A100), so each timed launch reads its input from DRAM.
 DEFAULT_POOL_MIB_CUDA = 256
-# Launches captured in one CUDA graph for the overhead-free timing (each reads its own buffer).
-MAX_GRAPH_LAUNCHES = 512
+# Launches captured in one CUDA graph for the overhead-free timing (each reads its own buffer):
+# at least this many, and enough that together they read twice the L2 cache.
+MIN_GRAPH_LAUNCHES = 128
+
+
+def _graph_buffers(pool: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The first buffers of `pool` that one graph's launches read: past the L2 cache."""
+    nbytes = pool[0].numel() * pool[0].element_size()
+    l2_bytes = torch.cuda.get_device_properties(pool[0].device).L2_cache_size
+    return pool[: max(MIN_GRAPH_LAUNCHES, math.ceil(2 * l2_bytes / max(nbytes, 1)))]
 
 
 def guess_peak_gbs(device_name: str) -> float | None:
@@ -231,7 +239,7 @@ def run_benchmark(
     if on_cuda:
         # The kernels' own GPU time, launch overhead taken out (a CUDA graph of launches over
         # distinct pool buffers): what the step costs where launches queue ahead of the GPU.
-        graph_pool = pool[:MAX_GRAPH_LAUNCHES]
+        graph_pool = _graph_buffers(pool)
         head_graph_us = _time_cuda_graph_us(
             [lambda h=h: safety_scores(h, weight, bias, out=scores, mlp=mlp) for h in graph_pool],
             max(1, iters // 10),
@@ -286,7 +294,7 @@ def sweep_head(
     n_cats = categories + 1
     gen = torch.Generator(device="cpu").manual_seed(0)
     first = torch.randn(batch, hidden, generator=gen).to(device=device, dtype=_DTYPES[dtype])
-    pool = _hidden_pool(first, DEFAULT_POOL_MIB_CUDA)[:MAX_GRAPH_LAUNCHES]
+    pool = _graph_buffers(_hidden_pool(first, DEFAULT_POOL_MIB_CUDA))
     weight = (torch.randn(n_cats, hidden, generator=gen) / hidden**0.5).to(device)
     bias = torch.randn(n_cats, generator=gen).to(device)
     mlp = None

@@ -217,7 +217,7 @@ def _safety_head_kernel(
     # With SPLIT, program (i, j) covers rows block i over hidden slice j (split_h columns):
     # a few hundred rows are only ~16 row blocks, too few programs to keep the memory system
     # busy. Each writes its partial sums to `part` [n_splits, N, BLOCK_K + BLOCK_M + 1]; the
-    # last of a row block to finish (a ticket per row block) adds them up in split order (so
+    # last of a row block to finish (a ticket per row block) adds them up in split order (so, for a given batch size and device,
     # the result does not depend on arrival order), runs the epilogue and resets its ticket.
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -397,6 +397,8 @@ def _split_plan(n_rows: int, n_hidden: int, block_n: int, block_h: int,
     width (a multiple of BLOCK_H, so no tile straddles two slices; no slice is empty)."""
     row_blocks = -(-n_rows // block_n)
     tiles = -(-n_hidden // block_h)
+    if tiles <= 1:  # one tile (or H = 0): nothing to split
+        return 1, max(n_hidden, 1)
     if device.type == "cuda":
         target = _PROGRAMS_PER_SM * _sm_count(device)
     else:
@@ -416,22 +418,45 @@ def _sm_count(device: torch.device) -> int:
     return _sm_counts[index]
 
 
-# Per-device scratch of the split launch: partial sums [n_splits, N, cols] and one int32
-# ticket per row block, grown on demand. The tickets are zero between launches (each launch's
-# last program resets its own), so launches must not overlap: one head launch at a time per
-# device, in stream order, which is how the engine's step runs it.
-_scratch: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+# Scratch of the split launch, per device and stream: partial sums [n_splits, N, cols] and
+# one int32 ticket per row block, grown on demand. The tickets are zero between launches (each
+# launch's last program resets its own), so launches on one stream never share them while
+# running. A CUDA graph bakes in the addresses it captured, so a buffer that was ever handed out
+# is kept alive when a larger one replaces it (`_retired`: the growth is rare and bounded by
+# the largest batch), and none is allocated during a capture: the launcher then runs unsplit.
+_scratch: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
+_retired: list[torch.Tensor] = []
+
+
+def _scratch_key(device: torch.device) -> tuple[torch.device, int]:
+    if device.type != "cuda":
+        return device, 0
+    return device, torch.cuda.current_stream(device).cuda_stream
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _split_scratch(device: torch.device, n_splits: int, n_rows: int, cols: int,
-                   row_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    parts, tickets = _scratch.get(device, (None, None))
-    if parts is None or parts.numel() < n_splits * n_rows * cols:
-        parts = torch.empty(max(n_splits * n_rows * cols, 1 << 16), dtype=torch.float32,
-                            device=device)
-    if tickets is None or tickets.numel() < row_blocks:
-        tickets = torch.zeros(max(row_blocks, 256), dtype=torch.int32, device=device)
-    _scratch[device] = (parts, tickets)
+                   row_blocks: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Views of this stream's scratch, or None when it would have to be allocated during a
+    CUDA graph capture (the caller then launches unsplit)."""
+    key = _scratch_key(device)
+    parts, tickets = _scratch.get(key, (None, None))
+    need_parts = parts is None or parts.numel() < n_splits * n_rows * cols
+    need_tickets = tickets is None or tickets.numel() < row_blocks
+    if need_parts or need_tickets:
+        if _capturing(device):
+            return None
+        if need_parts:
+            _retired.extend([parts] if parts is not None else [])
+            parts = torch.empty(max(n_splits * n_rows * cols, 1 << 16), dtype=torch.float32,
+                                device=device)
+        if need_tickets:
+            _retired.extend([tickets] if tickets is not None else [])
+            tickets = torch.zeros(max(row_blocks, 256), dtype=torch.int32, device=device)
+        _scratch[key] = (parts, tickets)
     return parts[: n_splits * n_rows * cols].view(n_splits, n_rows, cols), tickets
 
 
@@ -470,11 +495,16 @@ def _safety_scores_triton(
         _split_plan(n_rows, n_hidden, block_n, block_h, hidden.device) if split
         else (1, n_hidden)
     )
+    # Partial row: BLOCK_K logits, then (MLP) BLOCK_M pre-activations and the gate's dot,
+    # padded to a multiple of 16 floats so the stores and loads vectorise.
+    cols = block_k + (block_m + 16 if mlp is not None else 0)
+    scratch = None
     if n_splits > 1:
-        parts, tickets = _split_scratch(hidden.device, n_splits, n_rows,
-                                        block_k + block_m + 1, row_blocks)
+        scratch = _split_scratch(hidden.device, n_splits, n_rows, cols, row_blocks)
+    if scratch is not None:
+        parts, tickets = scratch
     else:  # never read: SPLIT=False compiles the partials and tickets out
-        parts, tickets, split_h = out, out, n_hidden
+        n_splits, parts, tickets, split_h = 1, out, out, n_hidden
     _jit(_safety_head_kernel)[(row_blocks, n_splits)](
         hidden, weight, bias, up, up_bias, down, gate, out, parts, tickets,
         n_rows, n_hidden, n_cats, n_units, split_h, n_splits,

@@ -260,10 +260,37 @@ def test_head_split_over_hidden_matches_unsplit_and_leaves_tickets_at_zero(
     for _ in range(3):
         got = safety_scores(hidden, weight, bias, mlp=mlp)
         torch.testing.assert_close(got, whole, atol=1e-6, rtol=0)
-        _, tickets = safety_head._scratch[hidden.device]
+        _, tickets = safety_head._scratch[safety_head._scratch_key(hidden.device)]
         assert int(tickets.abs().sum()) == 0
     torch.testing.assert_close(got, safety_scores_reference(hidden, weight, bias, mlp),
                                atol=1e-5, rtol=0)
+
+
+@needs_triton
+def test_head_split_scratch_grows_and_keeps_what_it_handed_out():
+    # A CUDA graph keeps the addresses it captured: a grown scratch must not free the old one.
+    key = safety_head._scratch_key(DEVICE)
+    safety_head._scratch.pop(key, None)  # start from the first, smallest scratch
+    small = safety_scores(*_head_inputs(2, 1000, 10, seed=1))
+    assert small.shape == (2, 10)
+    parts_before, _ = safety_head._scratch[key]
+    # 100 rows with a 512-unit MLP: 2 splits x 100 rows x 544 columns outgrow the first scratch
+    hidden, weight, bias = _head_inputs(100, 1000, 10, seed=2)
+    mlp = _mlp_inputs(1000, 512, 10, seed=3)
+    assert safety_head._split_plan(100, 1000, 16, 16, DEVICE)[0] > 1
+    got = safety_scores(hidden, weight, bias, mlp=mlp)
+    parts_after, _ = safety_head._scratch[key]
+    assert parts_after.numel() > parts_before.numel()
+    assert any(t is parts_before for t in safety_head._retired)
+    torch.testing.assert_close(got, safety_scores_reference(hidden, weight, bias, mlp),
+                               atol=1e-5, rtol=0)
+
+
+@needs_triton
+def test_head_with_zero_hidden_is_the_bias():
+    hidden, weight, bias = _head_inputs(3, 0, 10, seed=3)
+    torch.testing.assert_close(safety_scores(hidden, weight, bias),
+                               torch.sigmoid(bias).expand(3, 10), atol=1e-6, rtol=0)
 
 
 @needs_triton
