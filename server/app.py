@@ -50,7 +50,8 @@ def create_app(engine: Engine, safety=None) -> FastAPI:
     install_handlers(app)
     # Outermost last: the accounting sees the body limit's 413s.
     app.add_middleware(BodyLimit, limit=engine.settings.max_request_body_bytes)
-    app.add_middleware(RequestAccounting, path=CHAT_PATH)
+    app.add_middleware(RequestAccounting, path=CHAT_PATH,
+                       other_paths=(MODERATIONS_PATH, MODELS_PATH))
     keyring = KeyRing(list(engine.settings.api_keys), engine.settings.grants)
     if svc is not None:
         keyring.check(svc.policy)
@@ -83,7 +84,7 @@ def create_app(engine: Engine, safety=None) -> FastAPI:
     async def prometheus_metrics():
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    @app.get(MODELS_PATH, dependencies=[Depends(authorize)])
     async def list_models():
         card = ModelCard(id=engine.spec.served_name, created=started,
                          root=str(engine.spec.model_dir), max_model_len=engine.max_model_len,
@@ -136,7 +137,7 @@ def create_app(engine: Engine, safety=None) -> FastAPI:
         return JSONResponse(response.model_dump(mode="json"),
                             headers={**_config_headers(req_safety), **_safety_headers(reports)})
 
-    @app.post("/v1/moderations")
+    @app.post(MODERATIONS_PATH)
     async def moderations(body: ModerationRequest, request: Request,
                           principal: Principal = Depends(authorize)):
         if body.model is not None and not moderation.OPENAI_MODERATION_MODEL.match(body.model):
@@ -166,6 +167,8 @@ def create_app(engine: Engine, safety=None) -> FastAPI:
 
 
 CHAT_PATH = "/v1/chat/completions"
+MODERATIONS_PATH = "/v1/moderations"
+MODELS_PATH = "/v1/models"
 
 
 def utf8_header(request: Request, name: str) -> str | None:

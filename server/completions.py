@@ -55,6 +55,7 @@ class PreparedRequest:
     completion_id: str = field(default_factory=new_completion_id)
     created: int = field(default_factory=lambda: int(time.time()))
     arrival: float = field(default_factory=time.perf_counter)
+    first_token_seen: bool = False  # TTFT is observed once per request, at its first token
 
 
 def is_prefilled(body: ChatCompletionRequest) -> bool:
@@ -104,8 +105,12 @@ def render_messages(engine: Engine, messages: list[dict], safety: RequestSafety 
 async def prepare(engine: Engine, body: ChatCompletionRequest,
                   safety: RequestSafety | None) -> PreparedRequest:
     """Render and tokenize in a worker thread: a long conversation takes seconds to tokenize,
-    which must not stall the event loop (other requests, /health) meanwhile."""
-    return await asyncio.to_thread(prepare_sync, engine, body, safety)
+    which must not stall the event loop (other requests, /health) meanwhile. The request's
+    clock (TTFT, end-to-end latency) starts here, so that time and the wait for a thread count."""
+    arrival = time.perf_counter()
+    prep = await asyncio.to_thread(prepare_sync, engine, body, safety)
+    prep.arrival = arrival
+    return prep
 
 
 def prepare_sync(engine: Engine, body: ChatCompletionRequest,
@@ -452,7 +457,9 @@ def _observe_timing(prep: PreparedRequest, step: _Step) -> None:
     now = time.perf_counter()
     if c.first_token_at is None:
         c.first_token_at = now
-        metrics.TTFT.observe(now - prep.arrival)
+        if not prep.first_token_seen:  # n > 1: the request's first token, not each choice's
+            prep.first_token_seen = True
+            metrics.TTFT.observe(now - prep.arrival)
     else:
         gap = (now - c.last_token_at) / step.n_new
         for _ in range(step.n_new):
@@ -489,7 +496,9 @@ def _finish_reason(c: ChoiceState) -> str | None:
 
 def _close(svc: SafetyService | None, prep: PreparedRequest, choices: list[ChoiceState]) -> None:
     metrics.PROMPT_TOKENS.inc(len(prep.prompt_ids))
-    metrics.E2E.observe(time.perf_counter() - prep.arrival)
+    if all(c.finish_reason is not None for c in choices):
+        # Completed requests only: a client that went away, or a failure, is not a latency.
+        metrics.E2E.observe(time.perf_counter() - prep.arrival)
     for c in choices:
         metrics.FINISHED.labels(_finish_reason(c) or "abort").inc()
         if svc is not None and c.tracker is not None:

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# Up to 10 minutes: long generations on a CPU under load take minutes, and a top bucket below
+# them would cap every quantile there.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
+                    600)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
-_SCORE_BUCKETS = tuple(i / 10 for i in range(1, 11))
+# Scores are probabilities whose thresholds sit near 1 (the default head's: 0.94-0.99998), so
+# the buckets get finer toward 1: evenly spaced tenths would put a harmless 0.95 and a flagged
+# 0.9999 in one bucket.
+_SCORE_BUCKETS = (0.001, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9995,
+                  0.9999, 0.99999, 1.0)
 
 # Counted once per request when its response is done, with the status it got. ``stream``:
 # "stream" / "unary", or "invalid" when the request was refused before its body was accepted
@@ -14,6 +21,9 @@ _SCORE_BUCKETS = tuple(i / 10 for i in range(1, 11))
 # "200" here and in STREAM_ERRORS.
 REQUESTS = Counter("safeserve_requests", "Chat completion requests by HTTP status and mode",
                    ["status", "stream"])
+API_REQUESTS = Counter("safeserve_api_requests",
+                       "Requests to the other API routes (/v1/moderations, /v1/models) by path "
+                       "and HTTP status", ["path", "status"])
 STREAM_ERRORS = Counter("safeserve_stream_errors",
                         "Streams ended by an error event after their 200 was sent", ["type"])
 FINISHED = Counter("safeserve_finished_choices", "Finished choices by finish reason", ["reason"])
@@ -21,7 +31,8 @@ TTFT = Histogram("safeserve_time_to_first_token_seconds", "Time to first token",
                  buckets=_LATENCY_BUCKETS)
 ITL = Histogram("safeserve_inter_token_latency_seconds", "Time between output tokens",
                 buckets=_ITL_BUCKETS)
-E2E = Histogram("safeserve_e2e_request_latency_seconds", "End-to-end request latency",
+E2E = Histogram("safeserve_e2e_request_latency_seconds",
+                "End-to-end latency of completed requests (none aborted or failed)",
                 buckets=_LATENCY_BUCKETS)
 PROMPT_TOKENS = Counter("safeserve_prompt_tokens", "Prompt tokens processed")
 GENERATION_TOKENS = Counter("safeserve_generation_tokens", "Tokens generated")

@@ -46,21 +46,28 @@ class BodyLimit:
 class RequestAccounting:
     """Counts each request to ``path`` once, with the status it got (401s, 413s and validation
     errors included; a stream counts as its 200): as its last byte goes out, so the count is
-    there by the time the client has the response, or when it ends without one."""
+    there by the time the client has the response, or when it ends without one. Requests to
+    ``other_paths`` (a fixed set: the label stays bounded) count the same way in
+    ``safeserve_api_requests_total{path,status}``."""
 
-    def __init__(self, app, path: str):
-        self.app, self.path = app, path
+    def __init__(self, app, path: str, other_paths: tuple[str, ...] = ()):
+        self.app, self.path, self.other_paths = app, path, frozenset(other_paths)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] != self.path:
+        if scope["type"] != "http" or (scope["path"] != self.path
+                                       and scope["path"] not in self.other_paths):
             return await self.app(scope, receive, send)
         status = None
         counted = False
+        path = scope["path"]
 
         def count(final_status) -> None:
             nonlocal counted
             if not counted:
                 counted = True
+                if path != self.path:
+                    metrics.API_REQUESTS.labels(path, str(final_status)).inc()
+                    return
                 mode = (scope.get("state") or {}).get("safeserve_mode", "invalid")
                 metrics.REQUESTS.labels(str(final_status), mode).inc()
 

@@ -541,3 +541,20 @@ def test_streamed_request_is_counted_once_when_done(http, server):
     assert metric(http, "safeserve_requests_total", status="200", stream="stream") == before + 1
     http.post("/v1/chat/completions", json={"model": server.model, "messages": BENIGN, "n": "2"})
     assert metric(http, "safeserve_requests_total", status="400", stream="invalid") == invalid + 1
+
+
+def test_moderations_and_models_are_counted_by_path_and_status(client):
+    def api_total(path: str, status: int) -> float:
+        return REGISTRY.get_sample_value("safeserve_api_requests_total",
+                                         {"path": path, "status": str(status)}) or 0.0
+
+    for method, path, kwargs in (("get", "/v1/models", {}),
+                                 ("post", "/v1/moderations", {"content": b"{not json"}),
+                                 ("post", "/v1/moderations", {"json": {"input": "hi"}})):
+        before = {s: api_total(path, s) for s in (200, 400, 503)}
+        status = getattr(client, method)(path, **kwargs).status_code
+        assert status in before, status
+        assert api_total(path, status) == before[status] + 1, (path, status)
+    client.get("/health")
+    assert REGISTRY.get_sample_value("safeserve_api_requests_total",
+                                     {"path": "/health", "status": "200"}) is None

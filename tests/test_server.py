@@ -87,10 +87,15 @@ def test_prefill_continues_the_assistant_message(oai, server):
     assert r.usage.prompt_tokens > plain.usage.prompt_tokens
 
 
-def test_n_choices_and_seed(oai, server):
+def test_n_choices_and_seed(oai, http, server):
+    ttft = metric(http, "safeserve_time_to_first_token_seconds_count")
+    e2e = metric(http, "safeserve_e2e_request_latency_seconds_count")
     r = oai.chat.completions.create(model=server.model, messages=BENIGN, max_tokens=8, n=2,
                                     temperature=1.0, seed=7)
     assert [c.index for c in r.choices] == [0, 1]
+    # one request: one time to first token and one end-to-end latency, whatever its n
+    assert metric(http, "safeserve_time_to_first_token_seconds_count") == ttft + 1
+    assert metric(http, "safeserve_e2e_request_latency_seconds_count") == e2e + 1
     again = oai.chat.completions.create(model=server.model, messages=BENIGN, max_tokens=8, n=2,
                                         temperature=1.0, seed=7)
     assert [c.message.content for c in r.choices] == [c.message.content for c in again.choices]
