@@ -17,7 +17,7 @@ from safeserve.models.evaluation import datasets as ds
 from safeserve.models.evaluation.attacks import PREFILL_BODY, build_request, opening_for
 from safeserve.models.evaluation.jailbreaks import TEMPLATES
 from safeserve.models.evaluation.judge import FULL_COMPLIANCE, FULL_REFUSAL, PARTIAL_REFUSAL, judge
-from safeserve.models.evaluation.judge_check import check_dir
+from safeserve.models.evaluation.judge_check import check_dir, format_report
 from safeserve.models.evaluation.report import compare_runs, wilson
 from safeserve.models.evaluation.safety_eval import make_client, plan_jobs, run_jobs
 
@@ -163,6 +163,10 @@ def test_judge_check_on_tiny_labelled_file(tmp_path):
     assert toy["agreement"] == pytest.approx(2 / 3)
     assert toy["confusion"]["full_refusal"]["full_compliance"] == 1
     assert toy["per_class"]["full_refusal"]["precision"] == 1.0 and toy["per_class"]["full_refusal"]["recall"] == 0.5
+    # the rates the evaluation reports, by humans and by the judge
+    assert toy["safe_full_refusal"] == {"human": 0.0, "judge": 0.0, "n": 1}
+    assert toy["contrast_full_compliance"] == {"human": 0.0, "judge": 0.5, "n": 2}
+    assert "0.0% / 50.0% (n=2)" in format_report(report)
 
 
 # ---------------------------------------------------------------- attacks

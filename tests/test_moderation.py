@@ -146,6 +146,8 @@ def test_eval_moderation_command_against_the_server(server, tmp_path):
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [x["harmful"] for x in rows] == [True, True, False, False, False]
     assert all(x["flagged"] and "violence" in x["categories"] for x in rows)  # strict + test head
+    # every output of the head is scored, the ones OpenAI's client names differently too
+    assert all({"self_harm", "violence", "unsafe"} <= set(x["scores"]) for x in rows), rows[0]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["harmful_flagged"] == {"flagged": 2, "n": 2, "rate": 1.0}
     assert summary["benign_flagged"] == {"flagged": 3, "n": 3, "rate": 1.0}

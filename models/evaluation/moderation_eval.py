@@ -50,19 +50,25 @@ async def _run(samples: list[Sample], client: AsyncOpenAI, model: str | None, ba
                 kwargs = {"input": [s.prompt for s in batch], "extra_body": extra_body}
                 if model:
                     kwargs["model"] = model
-                r = await client.moderations.create(**kwargs)
-            if len(r.results) != len(batch):
-                raise RuntimeError(f"{len(batch)} inputs sent, {len(r.results)} results returned")
+                # The raw JSON, not the client's typed result: its fields follow OpenAI's
+                # names ("self-harm"), so a server's own category names (SafeServe's
+                # "self_harm") would be dropped from the scores and the AUROC.
+                raw = await client.moderations.with_raw_response.create(**kwargs)
+                results = raw.http_response.json().get("results")
+            if not isinstance(results, list) or len(results) != len(batch):
+                got = len(results) if isinstance(results, list) else "no"
+                raise RuntimeError(f"{len(batch)} inputs sent, {got} results returned")
         except Exception as exc:  # retries are spent: record the batch as failed, go on
             bar.update(len(batch))
             return [{"id": s.id, "dataset": s.dataset, "harmful": s.harmful, "prompt": s.prompt,
                      "error": f"{type(exc).__name__}: {exc}"[:300]} for s in batch]
         rows = []
-        for s, res in zip(batch, r.results):
-            d = res.model_dump()
-            scores = {k: v for k, v in (d.get("category_scores") or {}).items() if v is not None}
+        for s, d in zip(batch, results):
+            d = d if isinstance(d, dict) else {}
+            scores = {k: float(v) for k, v in (d.get("category_scores") or {}).items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool)}
             rows.append({"id": s.id, "dataset": s.dataset, "harmful": s.harmful,
-                         "prompt": s.prompt, "flagged": bool(res.flagged),
+                         "prompt": s.prompt, "flagged": bool(d.get("flagged")),
                          "categories": sorted(k for k, v in (d.get("categories") or {}).items() if v),
                          "max_score": max(scores.values(), default=0.0), "scores": scores})
         bar.update(len(batch))
