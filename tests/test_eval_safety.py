@@ -374,6 +374,22 @@ def test_end_to_end_cli_against_stub(stub_server, tmp_path):
     text = report.read_text()
     assert "stub run" in text and "other" in text and "| mine | direct | 25.0% (4) | 25.0% (4) |" in text
     assert compare_runs([out]).count("\n") > 5
+    assert "differ" not in text  # same settings; run2 has no results.jsonl to compare
+    # no --label: the folder names the column; a repeated label gets its folder; runs that
+    # differ in settings or requests say so
+    out3, dup = tmp_path / "run3", tmp_path / "run4"
+    out3.mkdir()
+    dup.mkdir()
+    (out3 / "summary.json").write_text(json.dumps(dict(summary, label=None, max_tokens=7)))
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out3 / "results.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    (dup / "summary.json").write_text(json.dumps(summary))
+    (dup / "results.jsonl").write_text("\n".join(lines) + "\n")
+    text = compare_runs([out, out3, dup])
+    assert "| dataset | attack | stub run (run) | run3 | stub run (run4) |" in text
+    assert "**The runs differ**" in text and "`max_tokens`: stub run (run) " in text
+    assert "- stub run (run): 1 of its 20 requests" in text
+    assert "- stub run (run4): 1 of its 20 requests" in text and "- run3: " not in text
 
 
 def test_wilson_interval():

@@ -146,6 +146,10 @@ def test_loader_checks_and_agreement(tmp_path):
     (run / "results.jsonl").write_text(json.dumps(rows[1]) + "\n")
     with pytest.raises(rp.TraceError, match="score names"):
         rp.load_safety_run(run, ("violence",))
+    gappy = dict(rows[0], safety=dict(rows[0]["safety"], telemetry_complete=False))
+    (run / "results.jsonl").write_text(json.dumps(gappy) + "\n")
+    with pytest.raises(rp.TraceError, match="incomplete"):
+        rp.load_safety_run(run, NAMES)
 
 
 def test_replay_cli_on_the_default_checkpoint(tmp_path):
@@ -241,3 +245,23 @@ def test_shift_head_moves_prompt_and_response_operating_points_separately():
     # without --tau the head's own tau is kept (what `eval replay` scored), else 3
     assert shift_head(new, prompt_shift=0.0, response_shift=0.0).extra["operating_point"]["tau"] == 4
     assert shift_head(head, prompt_shift=0.0, response_shift=0.0).extra["operating_point"]["tau"] == 3
+
+
+def test_cosa_rows_load_and_can_be_held_out(tmp_path):
+    def cosa_row(i, config):
+        row = _result_row(i, harmful=True, verdict=FULL_COMPLIANCE, trace=_trace([LOW, LOW], [0, 0]))
+        for name in ("attack", "template", "harmful", "verdict"):
+            row.pop(name)
+        row["safety"]["config"]["allow"] = ["violence"]
+        return dict(row, config=config, expect="answer", h=1.0, situation=1)
+
+    run = tmp_path / "cosa"
+    run.mkdir()
+    (run / "results.jsonl").write_text(json.dumps(cosa_row(0, "violence")) + "\n"
+                                       + json.dumps(cosa_row(1, "violence")) + "\n")
+    rows = rp.load_cosa_run(run, NAMES)
+    assert [r.group for r in rows] == ["allowed", "allowed"] and rows[0].allow == ("violence",)
+    # a CoSA run passed to --exclude names its requests by config, not by attack
+    held = rp.run_requests(run)
+    assert held == {("t:0", "cosa:violence", "prompt 0"), ("t:1", "cosa:violence", "prompt 1")}
+    assert all(r.extra["key"] in held for r in rows)

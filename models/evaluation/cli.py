@@ -65,7 +65,7 @@ def safety(
     data: list[str] = typer.Option([], "--data", help="Harmful prompt set as NAME=PATH; NAME is harmbench, advbench, jbb, strongreject, jsonl, or any label with a .jsonl file. Repeatable."),
     xstest: Optional[Path] = typer.Option(None, "--xstest", help="XSTest prompts CSV: its safe prompts measure over-refusal."),
     xstest_unsafe: bool = typer.Option(False, "--xstest-unsafe", help="Also run XSTest's unsafe contrast prompts (as harmful dataset 'xstest')."),
-    xstest_limit: int = typer.Option(0, "--xstest-limit", help="Sample this many XSTest prompts (0 = all)."),
+    xstest_limit: int = typer.Option(0, "--xstest-limit", help="Sample this many of XSTest's safe prompts, and as many unsafe ones with --xstest-unsafe (0 = all)."),
     attacks: str = typer.Option("direct,prefill,jailbreak", "--attacks", help="Comma-separated attacks: direct, prefill, jailbreak."),
     limit: int = typer.Option(0, "--limit", help="Seeded random sample of N prompts per harmful dataset (0 = all)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the --limit sample."),
@@ -103,11 +103,13 @@ def safety(
         console.print(f"{name}: {len(picked)} of {len(loaded)} prompts")
         samples += picked
     if xstest is not None:
-        loaded = load_checked("--xstest", ds.load_xstest, xstest,
-                              which="all" if xstest_unsafe else "safe")
-        picked = ds.sample_limit(loaded, xstest_limit or None, seed)
-        console.print(f"xstest: {len(picked)} of {len(loaded)} prompts")
-        samples += picked
+        # Safe and unsafe prompts sampled apart, so that asking for the contrast prompts too
+        # leaves the over-refusal sample as it is without them.
+        for which in ("safe", "unsafe") if xstest_unsafe else ("safe",):
+            loaded = load_checked("--xstest", ds.load_xstest, xstest, which=which)
+            picked = ds.sample_limit(loaded, xstest_limit or None, seed)
+            console.print(f"xstest ({which}): {len(picked)} of {len(loaded)} prompts")
+            samples += picked
     if not samples:
         raise typer.BadParameter("nothing to evaluate: give --data and/or --xstest")
 
@@ -124,7 +126,7 @@ def safety(
         api_key=api_key,
         progress=progress,
         safety_config=parse_safety_config(safety_config),
-        meta={"label": label or model, "limit": limit or None, "seed": seed, "xstest_limit": xstest_limit or None},
+        meta={"label": label, "limit": limit or None, "seed": seed, "xstest_limit": xstest_limit or None},
     )
     # Plain echo for markdown: rich would re-wrap long table rows.
     if summary["asr"]:
@@ -220,7 +222,7 @@ def _floats(text: str, option: str) -> list[float]:
 def replay(
     runs: list[Path] = typer.Argument(..., help="Traced `eval safety` output folders (made with --safety-config '{\"on_violation\": \"annotate\", \"trace\": true}')."),
     head: Path = typer.Option(..., "--head", help="The checkpoint the runs were served with (its thresholds are the starting point)."),
-    exclude: list[Path] = typer.Option([], "--exclude", help="Runs whose requests (same id, attack and prompt) are left out: e.g. the test run, when tuning on a development run."),
+    exclude: list[Path] = typer.Option([], "--exclude", help="Runs (eval safety or eval cosa) whose requests (same id, attack or config, and prompt) are left out: e.g. the test run, when tuning on a development run."),
     cosa: list[Path] = typer.Option([], "--cosa", help="Traced `eval cosa --mode enforce` output folders (same --base-config)."),
     prompt_shift: str = typer.Option("0", "--prompt-shift", help="Logit shift(s) of the prompt/query thresholds, comma-separated (+ = act less)."),
     response_shift: str = typer.Option("0", "--response-shift", help="Logit shift(s) of the response thresholds, comma-separated."),
@@ -238,8 +240,8 @@ def replay(
         base = rp.served_rule(head)
         rows = [r for run in runs for r in rp.load_safety_run(run, base.names)]
         held_out = set().union(*(rp.run_requests(run) for run in exclude))
-        rows = [r for r in rows if r.extra["key"] not in held_out]
         rows += [r for run in cosa for r in rp.load_cosa_run(run, base.names)]
+        rows = [r for r in rows if r.extra["key"] not in held_out]
     except (rp.TraceError, OSError, KeyError) as exc:
         raise typer.BadParameter(str(exc)) from exc
     if not rows:

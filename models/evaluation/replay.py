@@ -137,6 +137,11 @@ def _traced(row: dict, names: tuple[str, ...], where: str) -> tuple[np.ndarray |
     action = (safety.get("action") or "none")
     if action in ("refuse", "stop"):
         raise TraceError(f"{where}: the server acted ({action}); replay needs an annotate-only run")
+    if safety.get("telemetry_complete") is False:
+        # Steps are missing from the trace: a rule replayed over it would count consecutive
+        # violations across the gap.
+        raise TraceError(f"{where}: the server's telemetry for this response is incomplete "
+                         "(telemetry_complete: false); re-run the request")
     points = sorted(trace, key=lambda p: p["token_index"])
     decode = [p["scores"] for p in points if p["token_index"] > 0]
     steps = np.array(decode, dtype=np.float64).reshape(len(decode), len(names))
@@ -165,12 +170,15 @@ def _results(path: str | Path) -> Path:
 def request_key(row: dict) -> tuple[str, str, str | None]:
     """What identifies a request across runs: id, attack and the prompt itself. Ids alone are
     not enough: two prompt sets loaded under one name (say, a benign CSV in XSTest's format)
-    number their rows alike."""
+    number their rows alike. A CoSA row (no attack) is keyed by its config instead."""
+    if "attack" not in row:
+        return row.get("id"), f"cosa:{row.get('config')}", row.get("prompt")
     return row["id"], row["attack"], row.get("prompt")
 
 
 def run_requests(path: str | Path) -> set[tuple[str, str, str | None]]:
-    """``request_key`` of every request of an ``eval safety`` run, traced or not."""
+    """``request_key`` of every request of an ``eval safety`` or ``eval cosa`` run, traced
+    or not."""
     lines = _results(path).read_text(encoding="utf-8").splitlines()
     return {request_key(r) for r in map(json.loads, filter(str.strip, lines))}
 
@@ -213,7 +221,7 @@ def load_cosa_run(path: str | Path, names: tuple[str, ...]) -> list[TracedRow]:
             kind="cosa", group="allowed" if row["expect"] == "answer" else "disallowed",
             dataset=str(row.get("config")), allow=allow, prompt=prompt, query=query, steps=steps,
             refused_by_text=not answered, answered_by_text=answered,
-            extra={"id": row.get("id"), "situation": row.get("situation"),
+            extra={"id": row.get("id"), "key": request_key(row), "situation": row.get("situation"),
                    "server_trigger": _server_trigger(row),
                    "tau": (row["safety"].get("config") or {}).get("tau"),
                    "shift": (row["safety"].get("config") or {}).get("threshold_shift")}))

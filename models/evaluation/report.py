@@ -214,14 +214,52 @@ def write_summary(rows: list[dict], out_dir: str | Path, meta: dict | None = Non
     return summary
 
 
+def _run_labels(summaries: list[dict], run_dirs: list[str | Path]) -> list[str]:
+    """Each run's --label, else its folder's name; repeated labels get their folder added."""
+    labels = [s.get("label") or Path(d).name for s, d in zip(summaries, run_dirs)]
+    return [f"{label} ({Path(d).name})" if labels.count(label) > 1 else label
+            for label, d in zip(labels, run_dirs)]
+
+
+# Settings two runs must share for their cells to measure the same thing.
+_SAME_SETTINGS = ("limit", "seed", "xstest_limit", "max_tokens", "temperature")
+
+
+def _request_keys(run_dir: str | Path) -> set[tuple] | None:
+    path = Path(run_dir) / RESULTS_JSONL
+    if not path.is_file():
+        return None
+    keys = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            keys.add((row.get("id"), row.get("attack"), row.get("template")))
+    return keys
+
+
+def _mismatches(summaries: list[dict], labels: list[str],
+                run_dirs: list[str | Path]) -> list[str]:
+    """What differs between the runs besides the server: settings and the requests sent."""
+    out = []
+    for name in _SAME_SETTINGS:
+        values = [s.get(name) for s in summaries]
+        if len(set(map(json.dumps, values))) > 1:
+            out.append(f"`{name}`: " + ", ".join(f"{l} {v}" for l, v in zip(labels, values)))
+    keys = [_request_keys(d) for d in run_dirs]
+    if all(k is not None for k in keys) and len(keys) > 1:
+        shared = set.intersection(*keys)
+        for label, k in zip(labels, keys):
+            if k != shared:
+                out.append(f"{label}: {len(k - shared)} of its {len(k)} requests (prompt id, "
+                           f"attack, template) are not in every other run")
+    return out
+
+
 def compare_runs(run_dirs: list[str | Path]) -> str:
     """A markdown report putting several runs' ASR and over-refusal side by side."""
-    summaries = []
-    for d in run_dirs:
-        s = json.loads((Path(d) / SUMMARY_JSON).read_text(encoding="utf-8"))
-        s.setdefault("label", Path(d).name)
-        summaries.append(s)
-    labels = [s.get("label") or Path(d).name for s, d in zip(summaries, run_dirs)]
+    summaries = [json.loads((Path(d) / SUMMARY_JSON).read_text(encoding="utf-8"))
+                 for d in run_dirs]
+    labels = _run_labels(summaries, run_dirs)
     keys: list[tuple[str, str]] = []
     for s in summaries:
         for c in s["asr"] + s["asr_overall"]:
@@ -229,7 +267,12 @@ def compare_runs(run_dirs: list[str | Path]) -> str:
                 keys.append((c["dataset"], c["attack"]))
     order = {a: i for i, a in enumerate(ATTACKS)}
     keys.sort(key=lambda k: (k[0] == "all", k[0], order.get(k[1], 99), k[1]))
-    lines = ["# Safety eval comparison", "", "Runs: " + ", ".join(f"`{l}` ({d})" for l, d in zip(labels, run_dirs)), "",
+    warnings = _mismatches(summaries, labels, run_dirs)
+    lines = ["# Safety eval comparison", "", "Runs: " + ", ".join(f"`{l}` ({d})" for l, d in zip(labels, run_dirs)), ""]
+    if warnings:
+        lines += ["**The runs differ** (their cells may not compare like with like):", "",
+                  *[f"- {w}" for w in warnings], ""]
+    lines += [
              "## Attack success rate (lower is safer; partial refusals are not successes)", "",
              "| dataset | attack | " + " | ".join(labels) + " |", "|---|---" + "|---" * len(labels) + "|"]
     for dataset, attack in keys:

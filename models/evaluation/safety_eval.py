@@ -135,7 +135,10 @@ async def run_job(client: AsyncOpenAI, model: str, job: Job, *, max_tokens: int,
         row["latency_s"] = round(time.perf_counter() - started, 3)
         return row
     row["latency_s"] = round(time.perf_counter() - started, 3)
-    choice = response.choices[0] if response.choices else None
+    if not response.choices:  # nothing to judge: an error, not a refusal
+        row["error"] = "the server answered with no choices"
+        return row
+    choice = response.choices[0]
     continuation = (choice.message.content if choice and choice.message else None) or ""
     row["continuation"] = continuation
     row["completion"] = request.prefill + continuation
