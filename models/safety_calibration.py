@@ -7,12 +7,17 @@ own operating point into the head (``finish_head``).
 from __future__ import annotations
 
 import random
+import warnings
 
 import torch
 
 from safeserve.kernels.safety_head import head_logits, offset_prompt_rows
 from safeserve.models.checkpoint import SafetyHead, load_safety_head
-from safeserve.models.decision_defaults import OPERATING_POINT, prompt_logit_offset
+from safeserve.models.decision_defaults import (
+    HEAD_DEFAULT_TAU,
+    OPERATING_POINT,
+    prompt_logit_offset,
+)
 from safeserve.models.safety_data import MASK_PROMPT, MASK_RESPONSE
 from safeserve.models.safety_features import Features
 from safeserve.models.safety_head_fit import HeadFit, prompt_end_direction, scores_of
@@ -131,6 +136,12 @@ def calibrate(logits: torch.Tensor, feats: Features, tau: int, target_fpr: float
         if ok_p and ok_r:
             break
         sp, sr = sp * (1 if ok_p else 0.7), sr * (1 if ok_r else 0.7)
+    else:
+        # Thresholds capped at 0.9999 (or ties at the top) can keep the rule over budget:
+        # say so rather than return a head that silently misses its target.
+        warnings.warn(f"calibration missed its target: benign flagged {p_rate:.3f} at the "
+                      f"prompt, {r_rate:.3f} in responses, for a target of {target_fpr} "
+                      f"({prompt_share:.0%} / {1 - prompt_share:.0%})", stacklevel=2)
     return thr_p, thr_r, min(sp, sr)
 
 
@@ -251,9 +262,11 @@ def finish_head(weight: torch.Tensor, bias: torch.Tensor, eval_feats: Features,
     thr[-1] = 0.5
     # The fold and the overall shift are linear in the logits, so they land in the linear
     # part whether or not the head has the residual MLP.
-    head = SafetyHead(weight, bias, with_thresholds(taxonomy, thr[:-1].tolist()), layer=layer,
-                      mlp=mlp)
     tau = args["tau"]
+    # The tau these thresholds were calibrated for goes with them: the server reads it from
+    # the operating point (without one it would use its default, and the budget would not hold).
+    head = SafetyHead(weight, bias, with_thresholds(taxonomy, thr[:-1].tolist()), layer=layer,
+                      mlp=mlp, extra={OPERATING_POINT: {"tau": int(tau)}})
     metrics = {
         # AUROC is threshold-free: the whole held-out set; thresholded rates: the test half.
         "auroc_all_heldout": evaluate(scores_of(eval_feats.hidden[layer], head.weight,
@@ -295,9 +308,14 @@ def keep_init_operating_point(init_head, fit: HeadFit, heldout: Features,
     h = heldout.hidden[init.layer]
     scores = offset_prompt_rows(scores_of(h, head.weight, head.bias, mlp=head.mlp),
                                 heldout.kind == MASK_PROMPT, prompt_logit_offset(init.extra))
-    measured = evaluate(scores, heldout, thr, names, args["tau"])
-    # All held-out conversations are "test" here: nothing was calibrated on them.
-    metrics = {"auroc_all_heldout": measured, "thresholded_on_test_half": measured,
-               "calibration": {"kept_operating_point_of": str(init_head), "tau": args["tau"],
+    # Measured at the rule the init head is served with: its own tau (the alert band, which
+    # needs per-conversation prompt verdicts, is not replayed here).
+    tau = int((point.get(OPERATING_POINT) or {}).get("tau", HEAD_DEFAULT_TAU))
+    measured = evaluate(scores, heldout, thr, names, tau)
+    # Nothing is calibrated here, but the init head's thresholds may have been calibrated on
+    # these same held-out files: the rates are reported as "all held-out", not as a test half.
+    metrics = {"auroc_all_heldout": measured, "thresholded_on_all_heldout": measured,
+               "calibration": {"kept_operating_point_of": str(init_head), "tau": tau,
+                               "alert_band_applied": False,
                                "served_thresholds": dict(zip(names, thr.tolist()))}}
     return head, metrics

@@ -107,6 +107,12 @@ def _recipe(args: dict) -> dict:
             if isinstance(v, (str, int, float, bool, Path, type(None), list, tuple))}
 
 
+def _thresholded(metrics: dict) -> dict:
+    """The thresholded rates a run reports: on the test half, or (--keep-thresholds, nothing
+    calibrated) on all held-out conversations."""
+    return metrics.get("thresholded_on_test_half") or metrics["thresholded_on_all_heldout"]
+
+
 def write_checkpoint(head: SafetyHead, metrics: dict, out: Path, extra: dict) -> Path:
     head.extra = dict(extra)
     d = head.save(out)
@@ -354,7 +360,7 @@ def run_adapter_mode(args: dict, taxonomy: Taxonomy, log=print) -> dict:
     extra = {"recipe": _recipe(args),
              "base_model": str(args["model"]), "mode": args["mode"],
              "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    write_checkpoint(head_obj, metrics, out_dir, extra)
+    write_checkpoint(head_obj, metrics, out_dir, {**head_obj.extra, **extra})
     return metrics
 
 
@@ -369,7 +375,8 @@ def recalibrate(model_dir: Path, head_dir: Path, eval_data, out: Path, *, target
     move (a second fold is one more shift along the prompt-end read-out, re-estimated on these
     features), and the metrics are re-measured at the new operating point. The head's
     ``operating_point`` (an exact prompt offset, tau, alert band from ``train
-    operating-point``) is dropped: it belonged to the old thresholds. Writes ``<out>/safety_head/``; a
+    operating-point``) is dropped: it belonged to the old thresholds; the new one records the
+    tau calibrated here. Writes ``<out>/safety_head/``; a
     LoRA ``adapter/`` beside ``head_dir``'s head is copied along.
     """
     from safeserve.models.checkpoint import load_safety_head
@@ -393,7 +400,8 @@ def recalibrate(model_dir: Path, head_dir: Path, eval_data, out: Path, *, target
     extra = {k: v for k, v in head.extra.items() if k != OPERATING_POINT}
     if OPERATING_POINT in head.extra:
         metrics["recalibrated_from"]["dropped_operating_point"] = head.extra[OPERATING_POINT]
-    write_checkpoint(new_head, metrics, Path(out), {**extra, "recalibrated": args})
+    write_checkpoint(new_head, metrics, Path(out), {**extra, **new_head.extra,
+                                                     "recalibrated": args})
     adapter = Path(head_dir) / "adapter"
     if adapter.is_dir() and Path(out) != Path(head_dir):
         shutil.copytree(adapter, Path(out) / "adapter", dirs_exist_ok=True)
@@ -521,7 +529,7 @@ def register(app) -> None:
             model = head  # a LoRA / full run's checkpoint: its own LM, not the embedded base
         metrics = recalibrate(_model(model), head, eval_data, out, target_fpr=target_fpr,
                               tau=tau, max_length=max_length, seed=seed, log=typer.echo)
-        typer.echo(json.dumps(metrics["thresholded_on_test_half"]["conversation_level"],
+        typer.echo(json.dumps(_thresholded(metrics)["conversation_level"],
                               indent=2))
 
     @app.command("operating-point")
@@ -628,7 +636,7 @@ def register(app) -> None:
             from safeserve.models.taxonomy import Taxonomy as _T
 
             con.print(summary_table(metrics, list(_T.load().output_names)))
-            con.print_json(data=metrics["thresholded_on_test_half"]["conversation_level"])
+            con.print_json(data=_thresholded(metrics)["conversation_level"])
         con.print(f"wrote {out} in {time.time() - t0:.0f}s")
 
     @app.command("probe-layers")

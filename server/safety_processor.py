@@ -549,13 +549,14 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.rids[i], self.outputs[i] = args.rid, output_ids
         if args.verdict_only:
             self.verdict_only.add(args.rid)
-        self.thresholds[i] = torch.tensor(args.thresholds, dtype=torch.float32)
-        self.masked[i] = torch.tensor(args.masked, dtype=torch.int8)
+        self.thresholds[i] = self._host_row(args.thresholds, torch.float32)
+        self.masked[i] = self._host_row(args.masked, torch.int8)
         self.tau[i], self.action[i], self.active[i] = args.tau, args.action, 1
         self.refusal_len[i] = len(args.refusal_ids)
         self.refusal_start[i] = 0 if args.prefilled else args.refusal_sep
         if args.refusal_ids:
-            self.refusal[i, : len(args.refusal_ids)] = torch.tensor(args.refusal_ids)
+            self.refusal[i, : len(args.refusal_ids)] = self._host_row(args.refusal_ids,
+                                                                       self.refusal.dtype)
         self.eos[i] = args.eos_id
         if output_ids and not args.verdict_only:
             # A resumed request (it has output) whose parked state was evicted: whether it was
@@ -568,13 +569,25 @@ class SafetyLogitsProcessor(LogitsProcessor):
             # a flagged verdict always names an output; the overall one if it somehow did not
             self.query_cats[i] = args.query_cats or 1 << (self.thresholds.shape[1] - 1)
         self.alert_scale[i] = args.alert_scale
-        self.prompt_thresholds[i] = torch.tensor(args.prompt_thresholds or args.thresholds,
-                                                 dtype=torch.float32)
+        self.prompt_thresholds[i] = self._host_row(args.prompt_thresholds or args.thresholds,
+                                                   torch.float32)
         self.alert_tau[i] = args.alert_tau or args.tau
         self.query_alert[i] = int(args.query_alert)
         self.explain_left[i] = args.explain_sentences
         self.explain_cap[i] = (args.explain_sentences * EXPLAIN_TOKENS_PER_SENTENCE
                                if args.explain_sentences >= 0 else -1)
+
+    def _host_row(self, values, dtype: torch.dtype) -> torch.Tensor:
+        """A row of values built on the host, for one row of a device table. On CUDA it goes
+        through pinned memory with a non-blocking copy: a copy from pageable memory would
+        wait for the stream, and update_state runs while the previous step is still queued
+        (async scheduling). Scalars need none of this: ``t[i] = 3`` is a fill on the device."""
+        row = torch.tensor(values, dtype=dtype)
+        if self.device.type != "cuda":
+            return row
+        if self.pin_memory:
+            row = row.pin_memory()
+        return row.to(self.device, non_blocking=self.pin_memory)
 
     def _clear(self, i: int) -> None:
         self.rids[i], self.outputs[i], self.ends[i] = None, None, None
@@ -613,8 +626,12 @@ class SafetyLogitsProcessor(LogitsProcessor):
 
     def _swap(self, a: int, b: int) -> None:
         for name in self._TENSORS:
+            # Through a copy, not t[[a, b]] = t[[b, a]]: a list index becomes an index tensor
+            # copied from the host, which on CUDA waits for the stream (twice per table).
             t = getattr(self, name)
-            t[[a, b]] = t[[b, a]]
+            held = t[a].clone()
+            t[a] = t[b]
+            t[b] = held
         self.rids[a], self.rids[b] = self.rids[b], self.rids[a]
         self.outputs[a], self.outputs[b] = self.outputs[b], self.outputs[a]
         self.ends[a], self.ends[b] = self.ends[b], self.ends[a]

@@ -489,6 +489,22 @@ def test_head_labeller(tiny_model):
     assert next(lab.model.parameters()).device.type == lab.device.type
 
 
+def test_head_labeller_puts_an_overall_only_flag_on_the_top_category(tiny_model, tmp_path):
+    import shutil
+
+    from safeserve.models.checkpoint import SafetyHead
+    from safeserve.models.cosalign.head_labeller import HeadLabeller
+
+    d = tmp_path / "overall"
+    shutil.copytree(tiny_model, d)
+    bias = torch.full((TAX.num_outputs,), -8.0)
+    bias[TAX.index("weapons")] = -2.0  # the highest category, under its threshold
+    bias[-1] = 8.0  # the overall output fires
+    SafetyHead(torch.zeros(TAX.num_outputs, 64), bias, TAX).save(d)
+    lab = HeadLabeller(d, batch_size=2)
+    assert lab.categories([("q", "some answer"), ("q", "")]) == [["weapons"], []]
+
+
 def test_head_labeller_cuts_a_long_prompt_not_the_response(tiny_model):
     from safeserve.models.cosalign.head_labeller import HeadLabeller
 
@@ -530,3 +546,19 @@ def test_sft_dpo_tiny_model_saves_loadable_dir(tiny_model, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model))
     diff = sum((a - b).abs().sum().item() for a, b in zip(model.parameters(), base.parameters()))
     assert diff > 0
+
+
+def test_beavertails_prompts_whose_answers_were_all_safe_are_dropped(tmp_path):
+    from safeserve.models.cosalign.prompts import read_beavertails
+
+    rows = [
+        {"prompt": "How do I hurt him?", "is_safe": True, "category": {"violence,aiding_and_abetting,incitement": False}},
+        {"prompt": "How do I hurt him?", "is_safe": False, "category": {"violence,aiding_and_abetting,incitement": True}},
+        # a harmful question whose sampled answers all refused: unknown, not benign
+        {"prompt": "How do I make poison?", "is_safe": True, "category": {"drug_abuse,weapons,banned_substance": False}},
+        {"prompt": "What is the capital of France?", "categories": []},  # prompt-level label
+    ]
+    path = tmp_path / "bt.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = {r.prompt: r.categories for r in read_beavertails(path, TAX)}
+    assert got == {"How do I hurt him?": ["violence"], "What is the capital of France?": []}

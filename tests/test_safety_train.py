@@ -426,7 +426,8 @@ def test_operating_point_moves_a_trained_head(tiny, tmp_path):
 
     metrics = recalibrate(model_dir, tmp_path / "b", [held], tmp_path / "d", target_fpr=0.1,
                           max_length=128, log=lambda *a: None)
-    assert "operating_point" not in load_safety_head(tmp_path / "d").extra
+    # the old point is dropped; the new one records the tau calibrated here (the server's rule)
+    assert load_safety_head(tmp_path / "d").extra["operating_point"] == {"tau": 3}
     assert metrics["recalibrated_from"]["dropped_operating_point"]["prompt_logit_offset"] == 1.5
 
 
@@ -632,9 +633,11 @@ def test_recalibrate_rethresholds_without_retraining(tiny, tmp_path):
                          log=lambda *a: None)
     (out / "adapter").mkdir()
     (out / "adapter/adapter_config.json").write_text("{}")
-    again = recalibrate(model_dir, out, [held], tmp_path / "re", target_fpr=0.2,
+    assert load_safety_head(out).extra["operating_point"] == {"tau": 3}  # trained at tau 3
+    again = recalibrate(model_dir, out, [held], tmp_path / "re", target_fpr=0.2, tau=4,
                         max_length=128, log=lambda *a: None)
     old, new = load_safety_head(out), load_safety_head(tmp_path / "re")
+    assert new.extra["operating_point"] == {"tau": 4} and again["calibration"]["tau"] == 4
     assert torch.linalg.matrix_rank(new.weight - old.weight, atol=1e-4) <= 1
     assert again["recalibrated_from"]["target_fpr"] == 0.2
     assert again["calibration"]["target_fpr"] == 0.2

@@ -3,7 +3,7 @@
 The LM of the head's checkpoint reads the conversation (user prompt, then the response);
 the head scores every response position (the final post-norm hidden state, as the server
 does) and a category is present when its maximum over the response reaches the head's
-threshold for it."""
+threshold for it, or, when only the overall output fired, it is the top-scoring one."""
 
 from __future__ import annotations
 
@@ -66,10 +66,10 @@ class HeadLabeller:
 
     @torch.no_grad()
     def max_scores(self, pairs: list[tuple[str, str]]) -> torch.Tensor:
-        """[len(pairs), categories] maximum per-category score over response positions
-        (zeros for an empty response)."""
+        """[len(pairs), outputs] maximum score of each output (the categories, then the
+        overall one) over response positions (zeros for an empty response)."""
         weight, bias, mlp = self._place()
-        out = torch.zeros(len(pairs), len(self.names))
+        out = torch.zeros(len(pairs), len(self.names) + 1)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         for start in range(0, len(pairs), self.batch_size):
             enc = [self._encode(p, r) for p, r in pairs[start:start + self.batch_size]]
@@ -82,12 +82,23 @@ class HeadLabeller:
             hidden = self.model.model(input_ids=input_ids.to(self.device),
                                       attention_mask=mask.to(self.device)).last_hidden_state
             scores = safety_scores_reference(hidden.reshape(-1, hidden.shape[-1]), weight, bias, mlp)
-            scores = scores.reshape(len(enc), width, -1)[..., : len(self.names)].float().cpu()
+            scores = scores.reshape(len(enc), width, -1)[..., : len(self.names) + 1].float().cpu()
             for i, (ids, start_resp) in enumerate(enc):
                 if len(ids) > start_resp:
                     out[start + i] = scores[i, start_resp:len(ids)].max(0).values
         return out
 
     def categories(self, pairs: list[tuple[str, str]]) -> list[list[str]]:
-        hits = self.max_scores(pairs) >= self.thresholds
-        return [[n for n, h in zip(self.names, row) if h] for row in hits.tolist()]
+        """Categories whose score reached their threshold somewhere in the response. When
+        only the overall output fired (at 0.5, its served threshold), its harm is put on the
+        category the head scored highest, as the server attributes it: a response the server
+        would stop is never labelled harmless."""
+        scores = self.max_scores(pairs)
+        cats, overall = scores[:, :-1], scores[:, -1]
+        hits = cats >= self.thresholds
+        out = []
+        for row, fired, top in zip(hits.tolist(), (overall >= 0.5).tolist(),
+                                   cats.argmax(1).tolist()):
+            names = [n for n, h in zip(self.names, row) if h]
+            out.append(names or ([self.names[top]] if fired else []))
+        return out

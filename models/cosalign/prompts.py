@@ -70,8 +70,13 @@ def write_prompts(rows: list[LabelledPrompt], path: str | Path) -> None:
 # ----------------------------------------------------------------------------- converters
 
 def read_beavertails(path: str | Path, taxonomy: Taxonomy) -> list[LabelledPrompt]:
+    """BeaverTails rows (``category`` / ``is_safe``: labels of a question-answer pair) or
+    rows with prompt-level ``categories``. A QA-labelled prompt is kept only when one of its
+    answers was labelled harmful: a harmful question whose sampled answers all refused has
+    only safe pairs, and calling it benign would make compliance the preferred answer."""
     ids = set(taxonomy.ids)
     out = []
+    qa_labelled: set[str] = set()
     with open(path, encoding="utf-8") as f:
         for line in f:
             if not line.strip():
@@ -82,6 +87,7 @@ def read_beavertails(path: str | Path, taxonomy: Taxonomy) -> list[LabelledPromp
                 continue
             if "category" in obj:  # BeaverTails: labels of the QA pair
                 cats = [] if obj.get("is_safe") else beavertails_categories(obj["category"])
+                qa_labelled.add(normalise(prompt))
             else:
                 cats = sorted({c if c in ids else cosa_category(c) for c in obj.get("categories", [])})
             out.append(LabelledPrompt(prompt, cats, "beavertails"))
@@ -93,7 +99,7 @@ def read_beavertails(path: str | Path, taxonomy: Taxonomy) -> list[LabelledPromp
             merged[key].categories = sorted(set(merged[key].categories) | set(r.categories))
         else:
             merged[key] = r
-    return list(merged.values())
+    return [r for key, r in merged.items() if r.categories or key not in qa_labelled]
 
 
 def read_harmbench(path: str | Path) -> list[LabelledPrompt]:

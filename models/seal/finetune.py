@@ -202,6 +202,8 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
     (out / METRICS_NAME).write_text(json.dumps(metrics, indent=2))
     (out / "kept_ids.json").write_text(json.dumps(kept_ids))
     if head_before and head_after:
-        log(f"safety head AUROC before {head_before['auroc']:.3f} after {head_after['auroc']:.3f}")
+        fmt = lambda v: "n/a (one class in the probe)" if v is None else f"{v:.3f}"  # noqa: E731
+        log(f"safety head AUROC before {fmt(head_before['auroc'])} after "
+            f"{fmt(head_after['auroc'])}")
     log(f"checkpoint written to {out}")
     return metrics
