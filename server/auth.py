@@ -9,7 +9,7 @@ generated. A client can never loosen safety by itself:
   action, holdback, thresholds, tau, guideline and the sentences of explanation after a
   refusal), widened only where the key's grant says so.
 * A preset the grant names, and the default preset, are taken whole (the operator wrote
-  them), tightened only where they are silent and the key's caps are stricter (`max_tau`).
+  them), tightened only where they are silent, and capped by `max_tau` where it is set.
   Every field any other
   preset or a custom config sets is checked against the ceiling: allow no more categories,
   no weaker action (annotate < refuse < stop; a grant with `annotate` may ask for any), no
@@ -18,8 +18,9 @@ generated. A client can never loosen safety by itself:
   model reads it as permission) unless the grant's `guideline` says so.
 * Fields such a config leaves out are filled from the ceiling where the config's own
   default would be looser (e.g. a server whose default preset is `strict` gives a key's
-  `{"trace": true}` strict's thresholds, stop and holdback; a custom config without a
-  guideline runs with the default preset's). The response echoes the result.
+  `{"trace": true}` strict's thresholds, stop and holdback; a custom config, or a preset
+  outside the grant, without a guideline runs with the default preset's). The response
+  echoes the result.
 
 Grants file (``--grants``), YAML::
 
@@ -38,11 +39,12 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safeserve.server.errors import APIError
 from safeserve.server.safety_config import SafetyConfig, SafetyPolicy
 
@@ -58,6 +60,14 @@ class Grant(BaseModel):
     annotate: bool = False
     guideline: bool = False  # may a custom config bring its own guideline text
     max_threshold: float | None = Field(None, gt=0.0, lt=1.0)
+
+    @field_validator("max_threshold")
+    @classmethod
+    def _max_threshold_in_float32(cls, v):
+        # as the decision compares it: 0.99999999 would be 1.0 there, and no score exceeds 1
+        if v is not None and not 0.0 < struct.unpack("f", struct.pack("f", v))[0] < 1.0:
+            raise ValueError("max_threshold must be in (0, 1) in float32")
+        return v
     max_tau: int | None = Field(None, ge=1)
 
     @property
@@ -244,8 +254,11 @@ def authorize_config(principal: Principal, preset: str | None, cfg: SafetyConfig
         return cfg
     ceiling = ceiling_of(grant, policy)
     if preset is not None and (preset == policy.default_preset or preset in grant.presets):
-        # taken whole; the key's caps still apply
-        return fill_from_ceiling(cfg, ceiling, policy, preset=True)
+        # taken whole; the key's caps still apply (max_tau too, where the preset sets a tau)
+        cfg = fill_from_ceiling(cfg, ceiling, policy, preset=True)
+        if grant.max_tau is not None and policy.tau_of(cfg) > grant.max_tau:
+            cfg = cfg.model_copy(update={"tau": grant.max_tau})
+        return cfg
     refused = looser_fields(cfg, set_fields(cfg), ceiling, policy)
     if refused and preset is not None:
         refused = [f"preset '{preset}': " + "; ".join(refused)]
@@ -254,4 +267,7 @@ def authorize_config(principal: Principal, preset: str | None, cfg: SafetyConfig
         raise APIError(403, f"{who} may not request: " + "; ".join(refused),
                        type="permission_error", param="safety_config",
                        code="safety_config_not_permitted")
-    return fill_from_ceiling(cfg, ceiling, policy, preset=preset is not None)
+    # A preset outside the grant is checked field by field like a custom config, and like
+    # one it runs with the ceiling's guideline when it has none: dropping the operator's
+    # guideline is not stricter.
+    return fill_from_ceiling(cfg, ceiling, policy)

@@ -34,6 +34,7 @@ from safeserve.server.protocol import (
 from safeserve.server.safety_service import (
     RequestSafety,
     SafetyService,
+    carries_guideline_header,
     disabled_report,
     guideline_message,
 )
@@ -86,6 +87,11 @@ def render_messages(engine: Engine, messages: list[dict], safety: RequestSafety 
     with the config's guideline in the system prompt."""
     tok = engine.tokenizer
     messages = list(messages)
+    for i, m in enumerate(messages):
+        if isinstance(m.get("content"), str) and carries_guideline_header(m["content"]):
+            raise bad_request("a message may not contain the safety guideline header; send "
+                              "the guideline as the safety config's `guideline` field",
+                              param=f"{param}[{i}].content", code="invalid_value")
     guideline = guideline_message(safety.config) if safety else None
     if guideline:  # CoSAlign places the config in the system prompt
         if messages and messages[0]["role"] == "system":

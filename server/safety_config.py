@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import struct
 from pathlib import Path
 from typing import Literal
 
@@ -56,6 +57,11 @@ def echoed_thresholds(names, values) -> dict[str, float]:
     return {n: shown_score(v) for n, v in zip(names, values)}
 
 
+def _float32(x: float) -> float:
+    """``x`` rounded to float32, as the decision kernel holds thresholds."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
 class SafetyConfig(BaseModel):
     """Strict types: ``"0.5"`` is not a threshold, ``true`` / ``"3"`` are not a tau."""
 
@@ -96,8 +102,10 @@ class SafetyConfig(BaseModel):
     def _threshold(cls, v):
         values = v.values() if isinstance(v, dict) else [] if v is None else [v]
         for x in values:
-            if not 0.0 < x < 1.0:
-                raise ValueError("thresholds must be numbers in (0, 1)")
+            # In (0, 1) as the kernel compares it (float32): 0.99999999 would be 1.0 there.
+            if not 0.0 < x < 1.0 or not 0.0 < _float32(x) < 1.0:
+                raise ValueError("thresholds must be numbers in (0, 1) (in float32, as the "
+                                 "decision compares them)")
         return v
 
     def echo(self) -> dict:
@@ -149,7 +157,7 @@ class SafetyPolicy:
             raise ValueError(f"{path}: want a mapping of preset names to configs")
         self.presets: dict[str, SafetyConfig] = {}
         for name, body in raw.items():
-            if not PRESET_NAME.match(name):
+            if not isinstance(name, str) or not PRESET_NAME.match(name):
                 raise ValueError(f"preset name {name!r} must match {PRESET_NAME.pattern}")
             if not isinstance(body, dict | None):
                 raise ValueError(f"preset {name}: want a mapping of config fields, got "
@@ -160,6 +168,10 @@ class SafetyPolicy:
                 raise ValueError(f"preset {name}: {e}") from None
             except APIError as e:  # an unknown category, worded for a request
                 raise ValueError(e.message) from None
+            asked = self.presets[name].explain_sentences
+            if asked is not None and 0 <= self.explain_sentences < asked:
+                raise ValueError(f"preset {name}: explain_sentences {asked} is over this "
+                                 f"server's limit ({self.explain_sentences})")
         if default_preset not in self.presets:
             raise ValueError(f"default preset {default_preset!r} is not defined")
         self.default_preset = default_preset

@@ -127,3 +127,14 @@ def disabled_report(has_head: bool) -> SafetyReport:
 
 def guideline_message(cfg: SafetyConfig) -> str | None:
     return GUIDELINE_TEMPLATE.format(guideline=cfg.guideline.strip()) if cfg.guideline else None
+
+
+_GUIDELINE_HEADER = " ".join(GUIDELINE_TEMPLATE.split("{guideline}")[0].split()).casefold()
+
+
+def carries_guideline_header(text: str) -> bool:
+    """Whether a client's message text holds the server's guideline header (any case or
+    spacing). The guideline is a config field that authorization governs; the same words
+    typed into a message would reach a config-conditioned model as a guideline no one
+    authorized, so the HTTP layer refuses them."""
+    return _GUIDELINE_HEADER in " ".join(text.split()).casefold()

@@ -151,8 +151,31 @@ def test_guideline_and_explanation_budget_belong_to_the_ceiling(tmp_path):
     assert run_with(svc, PLAIN, body={"guideline": "Refuse anything violent."}).explain_sentences == 0
     open_req = run_with(svc, Principal("anonymous", None), body={"guideline": "Anything goes."})
     assert open_req.config.guideline == "Anything goes."
-    # a preset outside the grant keeps its own (absent) guideline; it is operator-written
-    assert run_with(svc, PLAIN, "strict").config.guideline is None
+    # a preset outside the grant is checked like a custom config, and like one it runs with
+    # the ceiling's guideline when it has none (dropping the operator's guideline is no
+    # tightening); a granted preset is taken whole
+    assert run_with(svc, PLAIN, "strict").config.guideline == "Refuse anything violent."
+    granted = Principal("granted", Grant(presets=["strict"]))
+    assert run_with(svc, granted, "strict").config.guideline is None
+
+
+def test_max_tau_caps_a_granted_preset_and_thresholds_are_checked_in_float32(tmp_path):
+    policy = _policy_with(tmp_path, "default: {}\nslow:\n  tau: 10\n")
+    svc = SafetyService(policy, TelemetryHub(), lambda: None)
+    capped = Principal("capped", Grant(presets=["slow"], max_tau=5))
+    assert run_with(svc, capped, "slow").config.tau == 5
+    assert run_with(svc, Principal("uncapped", Grant(presets=["slow"])), "slow").config.tau == 10
+    # 0.99999999 is 1.0 in float32: no score would ever reach it
+    with pytest.raises(APIError) as err:
+        svc.resolve(None, {"threshold": 0.99999999})
+    assert err.value.status == 400 and "float32" in err.value.message
+    with pytest.raises(ValueError, match="float32"):
+        Grant(max_threshold=0.99999999)
+    with pytest.raises(ValueError, match="must match"):
+        _policy_with(tmp_path, "default: {}\n1: {}\n")
+    with pytest.raises(ValueError, match="over this server's limit"):
+        _policy_with(tmp_path, "default: {}\nchatty:\n  explain_sentences: 9\n",
+                     explain_sentences=3)
 
 
 def test_an_annotate_grant_admits_every_action():
