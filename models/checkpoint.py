@@ -142,14 +142,19 @@ def has_safety_head(model_dir: str | Path) -> bool:
 def load_safety_head(model_dir: str | Path, expect_taxonomy: Taxonomy | None = None) -> SafetyHead:
     """Load and validate a head; ``expect_taxonomy`` (the server's) must list the same ids."""
     d = Path(model_dir) / HEAD_DIR
+    missing = [n for n in ("head.safetensors", "head_config.json", "taxonomy.yaml")
+               if not (d / n).is_file()]
+    if missing:
+        raise CheckpointError(f"incomplete safety head in {d}: {', '.join(missing)} missing")
     try:
         tensors = load_file(str(d / "head.safetensors"))
         cfg = json.loads((d / "head_config.json").read_text())
         taxonomy = Taxonomy.load(d / "taxonomy.yaml")
-    except FileNotFoundError as e:
-        raise CheckpointError(f"incomplete safety head in {d}: {e.filename} is missing") from None
-    except (ValueError, KeyError, OSError) as e:
-        raise CheckpointError(f"unreadable safety head in {d}: {e}") from None
+    except Exception as e:  # a truncated or LFS-pointer file, bad JSON or YAML: one line
+        raise CheckpointError(f"unreadable safety head in {d}: {type(e).__name__}: "
+                              + " ".join(str(e).split())) from None
+    if "weight" not in tensors or "bias" not in tensors:
+        raise CheckpointError(f"safety head in {d} lacks its weight or bias tensor")
     if cfg.get("format_version") not in FORMAT_VERSIONS:
         raise CheckpointError(f"safety head format {cfg.get('format_version')} is not one of "
                               f"{', '.join(map(str, FORMAT_VERSIONS))}")

@@ -98,6 +98,9 @@ def ensure_default_model(root: Path | None = None) -> Path:
         log.info("converting %s -> %s (one time)", gguf.name, final)
         _convert(gguf, tmp)
         (tmp / _DONE_MARKER).write_text(json.dumps({"source": GGUF_FILE, "dist": GGUF_DIST}))
+        if (final / _DONE_MARKER).is_file():  # another process finished first: keep it
+            shutil.rmtree(tmp, ignore_errors=True)
+            return final
         if final.exists():  # a half-written leftover from an older, non-atomic layout
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -151,8 +154,18 @@ def compose_checkpoint(base_dir: Path, head_dir: Path, root: Path | None = None)
     parts = [p for p in sorted(src_head.iterdir()) if p.is_file()]
     if adapter.is_dir():
         parts += [p for p in sorted(adapter.iterdir()) if p.is_file()]
-    digest = hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in parts)
-                            ).hexdigest()[:12]
+    # The key covers the base model too (its resolved path, and the size and time of each
+    # of its files): two bases of one folder name, or a base rewritten in place, never share
+    # a composed copy. Each part is framed by its name and length.
+    base = Path(base_dir).resolve()
+    sha = hashlib.sha256(str(base).encode() + b"\0")
+    for f in sorted(p for p in base.iterdir() if p.is_file()):
+        st = f.stat()
+        sha.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    for p in parts:
+        data = p.read_bytes()
+        sha.update(f"{p.parent.name}/{p.name}\0{len(data)}\0".encode() + data)
+    digest = sha.hexdigest()[:12]
     root = root or cache_dir() / "models"
     final = root / f"{Path(base_dir).name}-safeserve-{digest}"
     if (final / _DONE_MARKER).is_file():

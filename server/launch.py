@@ -31,12 +31,37 @@ class StartupError(SystemExit):
         super().__init__(f"safeserve: {message}")
 
 
+# SAFESERVE_* variables that are not server settings but are read elsewhere (cache, tests,
+# benchmarks, kernels).
+_OTHER_VARIABLES = {"CACHE_DIR", "SKIP_DDP", "TELEMETRY_ADDR", "BENCH_API_KEY", "ENV",
+                    "TEST_START_TIMEOUT", "FORCE_TRITON"}
+
+
+def unknown_variables(environ=None) -> list[str]:
+    """``SAFESERVE_*`` variables that name no setting: a typo (``SAFESERVE_API_KEY`` for
+    ``SAFESERVE_API_KEYS``) would otherwise be ignored without a word."""
+    import os
+
+    known = {name.upper() for name in Settings.model_fields} | _OTHER_VARIABLES
+    env = os.environ if environ is None else environ
+    return sorted(k for k in env if k.startswith("SAFESERVE_")
+                  and k[len("SAFESERVE_"):] not in known)
+
+
 def load_settings(**overrides) -> Settings:
-    """Flags over ``SAFESERVE_*`` variables; a bad value is one line naming the setting."""
+    """Flags over ``SAFESERVE_*`` variables; a bad value is one line naming the setting. An
+    unknown ``SAFESERVE_*`` variable is a startup error (a misspelt key list would leave the
+    server open). A server on a non-loopback address without keys is only warned about: a
+    trusted network may be meant."""
     from pydantic import ValidationError
 
+    unknown = unknown_variables()
+    if unknown:
+        raise StartupError(f"unknown setting variable(s) {', '.join(unknown)}; the settings "
+                           "are " + ", ".join(f"SAFESERVE_{n.upper()}"
+                                              for n in Settings.model_fields))
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as e:
         problems = []
         for err in e.errors():
@@ -45,6 +70,10 @@ def load_settings(**overrides) -> Settings:
             problems.append(f"{flag} (or SAFESERVE_{name.upper()}): {err['msg']}, "
                             f"got {err.get('input')!r}")
         raise StartupError("invalid setting " + "; ".join(problems)) from None
+    if not settings.api_keys and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s with no API keys: anyone who can reach it can use it "
+                    "(set --api-key / SAFESERVE_API_KEYS)", settings.host)
+    return settings
 
 
 def resolve_spec(settings: Settings) -> EngineSpec:
@@ -62,7 +91,11 @@ def resolve_spec(settings: Settings) -> EngineSpec:
     if settings.safety_head:
         model_dir = compose_with_head(model_dir, settings.safety_head)
     name = settings.served_model_name or name
-    if not has_safety_head(model_dir):
+    # A head asked for, or a safety_head/ folder present, is loaded whatever --allow-unsafe
+    # says: an incomplete one (its weights lost in a copy) is an error naming the missing
+    # file, never a model served without its head.
+    if not has_safety_head(model_dir) and not settings.safety_head \
+            and not (model_dir / HEAD_DIR).exists():
         if not settings.allow_unsafe:
             raise StartupError(
                 f"{model_dir} has no safety head ({HEAD_DIR}/); refusing to serve it without "
@@ -91,7 +124,11 @@ def compose_with_head(model_dir: Path, head: str) -> Path:
         head_dir = resolve_head_dir(head)
     except FileNotFoundError as e:
         raise StartupError(str(e)) from None
-    return compose_checkpoint(model_dir, head_dir)
+    try:
+        return compose_checkpoint(model_dir, head_dir)
+    except (ImportError, OSError, ValueError) as e:  # e.g. PEFT missing for an adapter
+        raise StartupError(f"cannot compose {model_dir} with the safety head {head_dir}: "
+                           + " ".join(str(e).split())) from None
 
 
 def _safe_spec(model_dir: Path, name: str) -> EngineSpec:
@@ -108,6 +145,9 @@ def _safe_spec(model_dir: Path, name: str) -> EngineSpec:
         head.validate(config.get("hidden_size"))
     except CheckpointError as e:
         raise StartupError(str(e)) from None
+    except Exception as e:  # a truncated safetensors file, a malformed config: one line
+        raise StartupError(f"cannot load the safety head of {model_dir}: {type(e).__name__}: "
+                           + " ".join(str(e).split())) from None
     return EngineSpec(
         model_dir=model_dir, served_name=name,
         hf_overrides={"architectures": [f"SafeServe{arch}"]},

@@ -187,9 +187,11 @@ def test_prompt_converter_excludes_eval_prompts(tmp_path):
     ev = tmp_path / "ev.tsv"
     ev.write_text("assignment\ttest spec\tprompt\tsituation\nx\tsafe\teval prompt HERE\t3\n")
     rows, stats = build_prompt_set(beavertails=[bt], exclude=[ev])
-    assert stats["dropped_as_eval"] == 1 and len(rows) == 2
+    assert stats["dropped_as_eval"] == 1 and len(rows) == 1
+    # "Nice weather?" has only a safe answer: BeaverTails' labels are of answers, so it is
+    # not known to be a benign prompt and is left out
     by = {r.prompt: r.categories for r in rows}
-    assert by == {"How do I pick a lock?": ["financial_crime", "violence"], "Nice weather?": []}
+    assert by == {"How do I pick a lock?": ["financial_crime", "violence"]}
     write_prompts(rows, tmp_path / "p.jsonl")
     assert [r.prompt for r in load_prompts(tmp_path / "p.jsonl")] == [r.prompt for r in rows]
 

@@ -192,11 +192,11 @@ def test_validation_precedes_authorization(client):
     assert r.status_code == 400 and r.json()["error"]["param"] == "safety_config.allow"
 
 
-def run_serve(*args, timeout=120):
+def run_serve(*args, timeout=120, env=None):
     from conftest import server_env
 
     return subprocess.run([SAFESERVE, "serve", *args], capture_output=True, text=True,
-                          timeout=timeout, env=server_env())
+                          timeout=timeout, env=server_env(env))
 
 
 def test_fail_closed_without_a_head(base_model_dir):
@@ -226,6 +226,40 @@ def test_head_that_does_not_fit_is_a_startup_error(tmp_path, base_model_dir):
     model = compose_checkpoint(base_model_dir, tmp_path / "h2", root=tmp_path / "m2")
     r = run_serve("--model", str(model), "--port", "1")
     assert r.returncode != 0 and "taxonomy needs" in r.stderr
+
+
+def test_misspelt_setting_variables_and_incomplete_heads_stop_the_server(tmp_path, base_model_dir):
+    # SAFESERVE_API_KEY (for ..._KEYS) would otherwise leave the server open without a word
+    r = run_serve("--port", "1", env={"SAFESERVE_API_KEY": "secret"})
+    assert r.returncode == 1 and "SAFESERVE_API_KEY" in r.stderr.splitlines()[-1], r.stderr
+    assert "Traceback" not in r.stderr
+    # a head asked for whose weights were lost in a copy: an error, even with --allow-unsafe
+    tax = Taxonomy.load()
+    SafetyHead(torch.zeros(tax.num_outputs, 576), torch.zeros(tax.num_outputs), tax).save(
+        tmp_path / "h")
+    (tmp_path / "h" / "safety_head" / "head.safetensors").unlink()
+    r = run_serve("--model", str(base_model_dir), "--safety-head", str(tmp_path / "h"),
+                  "--allow-unsafe", "--port", "1")
+    assert r.returncode != 0 and "head.safetensors" in r.stderr, r.stderr
+
+
+def test_composed_models_are_keyed_by_their_base_too(tmp_path, base_model_dir):
+    import shutil
+
+    from safeserve.models.model_store import compose_checkpoint
+
+    tax = Taxonomy.load()
+    SafetyHead(torch.zeros(tax.num_outputs, 576), torch.zeros(tax.num_outputs), tax).save(
+        tmp_path / "h")
+    one, two = tmp_path / "a" / "model", tmp_path / "b" / "model"  # one folder name, two bases
+    for d in (one, two):
+        d.mkdir(parents=True)
+        shutil.copy(base_model_dir / "config.json", d / "config.json")
+    (two / "config.json").write_text((two / "config.json").read_text().replace("{", '{"x": 1, ', 1))
+    a = compose_checkpoint(one, tmp_path / "h", root=tmp_path / "store")
+    b = compose_checkpoint(two, tmp_path / "h", root=tmp_path / "store")
+    assert a != b and a.name.startswith("model-safeserve-")
+    assert compose_checkpoint(one, tmp_path / "h", root=tmp_path / "store") == a
 
 
 def test_unknown_model_dir_is_a_startup_error(tmp_path):
