@@ -205,11 +205,13 @@ def sampling_params(prep: PreparedRequest, index: int, extra_args: dict | None =
 
     b = prep.body
     seed = None if b.seed is None else b.seed + index
+    # top_p 0 (OpenAI accepts it) keeps only the likeliest token: greedy. vLLM wants (0, 1].
+    greedy = b.top_p == 0.0
     return SamplingParams(
         n=1,
         max_tokens=prep.max_tokens,
-        temperature=1.0 if b.temperature is None else b.temperature,
-        top_p=1.0 if b.top_p is None else b.top_p,
+        temperature=0.0 if greedy else 1.0 if b.temperature is None else b.temperature,
+        top_p=1.0 if b.top_p is None or greedy else b.top_p,
         presence_penalty=b.presence_penalty or 0.0,
         frequency_penalty=b.frequency_penalty or 0.0,
         stop=b.stop_list or None,
@@ -404,6 +406,7 @@ async def _merged_steps(engine: Engine, prep: PreparedRequest,
                 c = out.outputs[0]
                 if out.finished:
                     choice.finish_reason, choice.stop_reason = c.finish_reason, c.stop_reason
+                    _raise_engine_failure(choice)
                 await queue.put(_Step(choice, c.text, c.token_ids, out.finished, c.logprobs))
         except BaseException as e:
             await queue.put(e)
@@ -435,6 +438,22 @@ async def _merged_steps(engine: Engine, prep: PreparedRequest,
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _raise_engine_failure(choice: ChoiceState) -> None:
+    """An engine-side ending that is no answer: ``error`` (the engine failed the request) is
+    a 500, ``abort`` that this server did not ask for (the engine shutting down) a 503;
+    neither is passed on as a finish reason an OpenAI client does not know. Other endings
+    outside OpenAI's set (``repetition``) read as ``stop``."""
+    reason = choice.finish_reason
+    if reason == "error":
+        raise APIError(500, "the engine failed while generating this response",
+                       type="server_error", code="engine_error")
+    if reason == "abort":
+        raise APIError(503, "the engine stopped this request (shutting down?); retry",
+                       type="server_error", code="engine_aborted")
+    if reason not in ("stop", "length"):
+        choice.finish_reason = "stop"
+
+
 async def _single_steps(engine: Engine, prep: PreparedRequest,
                         choice: ChoiceState) -> AsyncIterator[_Step]:
     params = sampling_params(prep, choice.index, choice.extra_args)
@@ -445,6 +464,7 @@ async def _single_steps(engine: Engine, prep: PreparedRequest,
             c = out.outputs[0]
             if out.finished:
                 choice.finish_reason, choice.stop_reason = c.finish_reason, c.stop_reason
+                _raise_engine_failure(choice)
             yield _Step(choice, c.text, c.token_ids, out.finished, c.logprobs)
     except ValueError as e:  # engine-side validation of our params
         raise bad_request(str(e)) from None

@@ -49,6 +49,32 @@ def _render_all(engine: Engine, body: ModerationRequest, safety: RequestSafety) 
     return out
 
 
+
+# OpenAI's moderation categories, each read from the taxonomy ids that fall under it (those the
+# server's taxonomy has): the official client exposes only these names as attributes (its
+# `self_harm` attribute reads the key "self-harm"), so a response carries them beside the
+# head's own outputs. A category with no counterpart here is never flagged, score 0.
+OPENAI_CATEGORIES = {
+    "harassment": (), "harassment/threatening": (),
+    "hate": ("discrimination",), "hate/threatening": (),
+    "illicit": ("weapons", "drugs", "financial_crime"), "illicit/violent": ("weapons",),
+    "self-harm": ("self_harm",), "self-harm/intent": (), "self-harm/instructions": (),
+    "sexual": ("sexual",), "sexual/minors": (),
+    "violence": ("violence",), "violence/graphic": (),
+}
+
+
+def openai_categories(flags: dict[str, bool], scores: dict[str, float]
+                      ) -> tuple[dict[str, bool], dict[str, float]]:
+    """OpenAI's category flags and scores from the head's (any of its mapped outputs; the
+    highest score among them)."""
+    out_flags, out_scores = {}, {}
+    for name, ids in OPENAI_CATEGORIES.items():
+        ids = [i for i in ids if i in scores]
+        out_flags[name] = any(flags.get(i, False) for i in ids)
+        out_scores[name] = max((scores[i] for i in ids), default=0.0)
+    return out_flags, out_scores
+
 async def moderate(engine: Engine, svc: SafetyService, body: ModerationRequest,
                    safety: RequestSafety) -> ModerationResponse:
     prompts = await asyncio.to_thread(_render_all, engine, body, safety)
@@ -61,11 +87,14 @@ async def moderate(engine: Engine, svc: SafetyService, body: ModerationRequest,
     results = []
     for rec in records:
         verdict = verdict_scores(svc.names, rec)  # a flagged verdict names its outputs
+        flags = {n: verdict.flagged and n in verdict.categories for n in svc.names}
+        scores = dict(verdict.scores)
+        openai_flags, openai_scores = openai_categories(flags, scores)
         results.append(ModerationResult(
             flagged=verdict.flagged,
-            categories={n: verdict.flagged and n in verdict.categories for n in svc.names},
-            category_scores=verdict.scores,
-            category_applied_input_types={n: ["text"] for n in svc.names},
+            categories={**openai_flags, **flags},
+            category_scores={**openai_scores, **scores},
+            category_applied_input_types={n: ["text"] for n in {**openai_flags, **flags}},
             alert=verdict.alert))
         metrics.MODERATION_INPUTS.labels("true" if verdict.flagged else "false").inc()
     return ModerationResponse(

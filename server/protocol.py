@@ -139,11 +139,37 @@ class TextPart(_Strict):
     text: str
 
 
+# OpenAI fields this server does not implement, dropped when a client sends them empty: the
+# official client's `message.model_dump()` writes `refusal: null`, `tool_calls: null`, ...
+# into a conversation it sends back, and SDKs fill request defaults. Any real value stays
+# unknown, so it is a 400 naming it.
+_NOOP_MESSAGE_FIELDS = {"refusal": (None,), "annotations": (None, []), "audio": (None,),
+                        "function_call": (None,), "tool_calls": (None, [])}
+_NOOP_REQUEST_FIELDS = {"tools": (None, []), "tool_choice": (None, "none"),
+                        "logit_bias": (None, {}), "response_format": (None, {"type": "text"}),
+                        "functions": (None, []), "function_call": (None, "none"),
+                        "parallel_tool_calls": (None,), "metadata": (None, {}),
+                        "store": (None, False), "modalities": (None, ["text"])}
+
+
+def _drop_noop(data, fields: dict) -> Any:
+    if not isinstance(data, dict):
+        return data
+    drop = {k for k, noops in fields.items() if k in data and any(
+        data[k] == v and type(data[k]) is type(v) for v in noops)}
+    return {k: v for k, v in data.items() if k not in drop} if drop else data
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     # Only an assistant turn may come without content (there are no tool calls to carry).
     content: str | list[TextPart] | None = Field(None, validate_default=True)
     name: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _noop_fields(cls, data):
+        return _drop_noop(data, _NOOP_MESSAGE_FIELDS)
 
     @field_validator("content")
     @classmethod
@@ -176,7 +202,7 @@ class ChatCompletionRequest(_Request):
     max_tokens: StrictInt | None = Field(None, ge=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     temperature: StrictFloat | None = Field(None, ge=0.0, le=2.0)
-    top_p: StrictFloat | None = Field(None, gt=0.0, le=1.0)
+    top_p: StrictFloat | None = Field(None, ge=0.0, le=1.0)  # 0: greedy, as OpenAI takes it
     presence_penalty: StrictFloat | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: StrictFloat | None = Field(None, ge=-2.0, le=2.0)
     stop: str | list[str] | None = None
@@ -192,6 +218,11 @@ class ChatCompletionRequest(_Request):
     add_generation_prompt: StrictBool = True
     # Per-request safety config (object, or a preset name); validated by the safety config module.
     safety_config: dict[str, Any] | str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _noop_fields(cls, data):
+        return _drop_noop(data, _NOOP_REQUEST_FIELDS)
 
     @field_validator("stream", "n", mode="before")
     @classmethod

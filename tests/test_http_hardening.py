@@ -558,3 +558,38 @@ def test_moderations_and_models_are_counted_by_path_and_status(client):
     client.get("/health")
     assert REGISTRY.get_sample_value("safeserve_api_requests_total",
                                      {"path": "/health", "status": "200"}) is None
+
+
+def test_empty_openai_fields_are_accepted_and_real_ones_named(client):
+    # the official client's `message.model_dump()` sends these back as null; SDKs fill defaults
+    echoed = {"role": "assistant", "content": "Hello.", "refusal": None, "annotations": None,
+              "audio": None, "function_call": None, "tool_calls": None}
+    ok = body(messages=[{"role": "user", "content": "hi"}, echoed,
+                        {"role": "user", "content": "more"}],
+              tools=None, logit_bias={}, response_format={"type": "text"}, tool_choice="none",
+              top_p=0)
+    r = client.post("/v1/chat/completions", json=ok)
+    _error(r, 503, code="engine_not_ready")  # validated: only the engine is missing
+    for extra, param in (({"response_format": {"type": "json_object"}}, "response_format"),
+                         ({"tools": [{"type": "function"}]}, "tools"),
+                         ({"logit_bias": {"50256": -100}}, "logit_bias")):
+        _error(client.post("/v1/chat/completions", json=body(**extra)), 400, param=param)
+    bad = dict(echoed, tool_calls=[{"id": "x"}])
+    r = client.post("/v1/chat/completions", json=body(messages=[{"role": "user", "content": "hi"}, bad]))
+    _error(r, 400)
+
+
+def test_engine_endings_outside_openai_are_errors_or_stop():
+    def ending(reason):
+        c = completions.ChoiceState(0, "r-0")
+        c.finish_reason = reason
+        try:
+            completions._raise_engine_failure(c)
+        except APIError as e:
+            return e.status, e.code
+        return c.finish_reason
+
+    assert ending("error") == (500, "engine_error")
+    assert ending("abort") == (503, "engine_aborted")
+    assert ending("repetition") == "stop"
+    assert ending("length") == "length" and ending("stop") == "stop"

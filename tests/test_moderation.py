@@ -27,6 +27,11 @@ def test_verdict_per_input_with_the_openai_client(oai, server):
         assert res.categories.violence is True
         assert res.category_scores.violence > 0.99
         assert res.categories.model_extra["weapons"] is False
+        # OpenAI's names, read from the head's outputs: self_harm is the client's "self-harm"
+        assert res.category_scores.self_harm is not None and 0.0 <= res.category_scores.self_harm <= 1.0
+        assert res.category_scores.illicit == max(res.category_scores.model_extra[n]
+                                                  for n in ("weapons", "drugs", "financial_crime"))
+        assert res.categories.harassment is False and res.category_scores.harassment == 0.0
 
 
 def test_moderation_equals_the_chat_prompt_verdict(http, server):
@@ -39,7 +44,9 @@ def test_moderation_equals_the_chat_prompt_verdict(http, server):
             "model": server.model, "messages": [{"role": "user", "content": COLORS}],
             "max_tokens": 1, "temperature": 0, "safety_config": config}).json()["safety"]
         res, data = mod.json()["results"][0], mod.json()
-        assert res["category_scores"] == chat["prompt"]["scores"], config
+        native = {n: res["category_scores"][n] for n in chat["prompt"]["scores"]}
+        assert native == chat["prompt"]["scores"], config
+        assert res["category_scores"]["self-harm"] == native["self_harm"], config
         assert res["flagged"] == chat["prompt"]["flagged"], config
         assert data["safety"]["thresholds"] == chat["prompt_thresholds"], config
         assert data["safety"]["config"]["allow"] == chat["config"]["allow"], config
