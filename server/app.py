@@ -84,12 +84,20 @@ def create_app(engine: Engine, safety=None) -> FastAPI:
     async def prometheus_metrics():
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get(MODELS_PATH, dependencies=[Depends(authorize)])
-    async def list_models():
-        card = ModelCard(id=engine.spec.served_name, created=started,
+    def model_card() -> ModelCard:
+        return ModelCard(id=engine.spec.served_name, created=started,
                          root=str(engine.spec.model_dir), max_model_len=engine.max_model_len,
                          safety=engine.spec.safety_summary())
-        return ModelList(data=[card])
+
+    @app.get(MODELS_PATH, dependencies=[Depends(authorize)])
+    async def list_models():
+        return ModelList(data=[model_card()])
+
+    # `client.models.retrieve(id)`; a model id may hold slashes (an HF-style name)
+    @app.get(MODELS_PATH + "/{model_id:path}", dependencies=[Depends(authorize)])
+    async def retrieve_model(model_id: str):
+        check_model(model_id)
+        return model_card()
 
     @app.post(CHAT_PATH)
     async def chat_completions(body: ChatCompletionRequest, request: Request,

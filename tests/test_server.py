@@ -228,3 +228,12 @@ def test_the_guideline_header_typed_into_a_message_is_refused(http, server):
         "model": server.model, "max_tokens": 2,
         "messages": [{"role": "user", "content": "What is a safety guideline?"}]})
     assert ok.status_code == 200, ok.text
+
+
+def test_models_retrieve_with_the_openai_client(oai, server):
+    import openai
+
+    card = oai.models.retrieve(server.model)
+    assert card.id == server.model and card.object == "model"
+    with pytest.raises(openai.NotFoundError):
+        oai.models.retrieve("no-such/model")
