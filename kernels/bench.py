@@ -127,6 +127,23 @@ def _time_cpu_us(step: Callable[[], object], iters: int, warmup: int) -> float:
     return (time.perf_counter() - started) * 1e6 / iters
 
 
+def _head_params(hidden: int, n_cats: int, mlp_units: int, mlp_gate: bool,
+                 gen: torch.Generator, device: torch.device) -> tuple:
+    """Random head weights at a served head's scale: (weight, bias, mlp or None); with
+    ``mlp_gate`` the MLP carries a gate (the default head's form, gated by a prompt-end
+    read-out)."""
+    weight = (torch.randn(n_cats, hidden, generator=gen) / hidden**0.5).to(device)
+    bias = torch.randn(n_cats, generator=gen).to(device)
+    if not mlp_units:
+        return weight, bias, None
+    mlp = ((torch.randn(mlp_units, hidden, generator=gen) / hidden**0.5).to(device),
+           torch.randn(mlp_units, generator=gen).to(device),
+           (torch.randn(n_cats, mlp_units, generator=gen) / mlp_units**0.5).to(device))
+    if mlp_gate:
+        mlp += ((torch.randn(hidden + 1, generator=gen) / hidden**0.5).to(device),)
+    return weight, bias, mlp
+
+
 def run_benchmark(
     batch: int = 256,
     hidden: int = 4096,
@@ -162,16 +179,8 @@ def run_benchmark(
         pool_mib = DEFAULT_POOL_MIB_CUDA if on_cuda else 0
     pool = _hidden_pool(hidden_states, pool_mib)
     next_hidden = itertools.cycle(pool).__next__
-    weight = (torch.randn(n_cats, hidden, generator=gen) / hidden**0.5).to(device)
-    bias = torch.randn(n_cats, generator=gen).to(device)
+    weight, bias, mlp = _head_params(hidden, n_cats, mlp_units, mlp_gate, gen, device)
     scores = torch.empty(batch, n_cats, device=device)
-    mlp = None
-    if mlp_units:
-        mlp = ((torch.randn(mlp_units, hidden, generator=gen) / hidden**0.5).to(device),
-               torch.randn(mlp_units, generator=gen).to(device),
-               (torch.randn(n_cats, mlp_units, generator=gen) / mlp_units**0.5).to(device))
-        if mlp_gate:  # the default head's form: the MLP gated by a prompt-end read-out
-            mlp += ((torch.randn(hidden + 1, generator=gen) / hidden**0.5).to(device),)
 
     # Decision state sized to the batch (R = N), a realistic prompt/decode mix.
     thresholds = torch.rand(batch, n_cats, generator=gen).to(device)
@@ -295,15 +304,7 @@ def sweep_head(
     gen = torch.Generator(device="cpu").manual_seed(0)
     first = torch.randn(batch, hidden, generator=gen).to(device=device, dtype=_DTYPES[dtype])
     pool = _graph_buffers(_hidden_pool(first, DEFAULT_POOL_MIB_CUDA))
-    weight = (torch.randn(n_cats, hidden, generator=gen) / hidden**0.5).to(device)
-    bias = torch.randn(n_cats, generator=gen).to(device)
-    mlp = None
-    if mlp_units:
-        mlp = ((torch.randn(mlp_units, hidden, generator=gen) / hidden**0.5).to(device),
-               torch.randn(mlp_units, generator=gen).to(device),
-               (torch.randn(n_cats, mlp_units, generator=gen) / mlp_units**0.5).to(device))
-        if mlp_gate:
-            mlp += ((torch.randn(hidden + 1, generator=gen) / hidden**0.5).to(device),)
+    weight, bias, mlp = _head_params(hidden, n_cats, mlp_units, mlp_gate, gen, device)
     expected = safety_scores_reference(first, weight, bias, mlp)
     out = torch.empty(batch, n_cats, device=device)
     _, default_h, block_k, block_m = _head_blocks(hidden, n_cats, mlp_units)
