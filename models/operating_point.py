@@ -77,8 +77,13 @@ def shift_head(head: SafetyHead, *, prompt_shift: float, response_shift: float,
 def move_operating_point(head_dir: Path, out: Path, *, prompt_shift: float,
                          response_shift: float, tau: int | None = None,
                          alert_margin: float | None = None,
-                         alert_tau: int | None = None, log=print) -> dict:
-    """Shift the head in ``head_dir``, write ``<out>/safety_head/`` (and copy a LoRA adapter)."""
+                         alert_tau: int | None = None, model: Path | None = None,
+                         log=print) -> dict:
+    """Shift the head in ``head_dir``, write ``<out>/safety_head/`` (and copy a LoRA adapter)
+    with a fresh self-check record computed on the LM the head reads (``model``: the base
+    model; default: the one the head records, else the embedded one)."""
+    from safeserve.models.head_check import served_model_for
+
     head = load_safety_head(head_dir)
     new = shift_head(head, prompt_shift=prompt_shift, response_shift=response_shift,
                      tau=tau, alert_margin=alert_margin, alert_tau=alert_tau)
@@ -91,7 +96,8 @@ def move_operating_point(head_dir: Path, out: Path, *, prompt_shift: float,
         "note": "metrics above this block were measured at the head's previous operating point"}
     from safeserve.models.safety_train import write_checkpoint
 
-    write_checkpoint(new, metrics, Path(out), new.extra)
+    write_checkpoint(new, metrics, Path(out), new.extra,
+                     self_check_model=served_model_for(Path(head_dir), model), log=log)
     adapter = Path(head_dir) / "adapter"
     if adapter.is_dir() and Path(out) != Path(head_dir):
         shutil.copytree(adapter, Path(out) / "adapter", dirs_exist_ok=True)

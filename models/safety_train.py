@@ -113,10 +113,19 @@ def _thresholded(metrics: dict) -> dict:
     return metrics.get("thresholded_on_test_half") or metrics["thresholded_on_all_heldout"]
 
 
-def write_checkpoint(head: SafetyHead, metrics: dict, out: Path, extra: dict) -> Path:
-    head.extra = dict(extra)
+def write_checkpoint(head: SafetyHead, metrics: dict, out: Path, extra: dict,
+                     self_check_model: Path | None = None, log=print,
+                     dtype: str = "float32") -> Path:
+    """Write ``out/safety_head/``; with ``self_check_model`` (the LM the head reads, exactly
+    as it will be served) also the head's self-check record (models/head_check.py). A record
+    copied in ``extra`` from an earlier head is dropped: its logits are the old head's."""
+    from safeserve.models.head_check import SELF_CHECK, record_self_check
+
+    head.extra = {k: v for k, v in extra.items() if k != SELF_CHECK}
     d = head.save(out)
     (d / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if self_check_model is not None:
+        record_self_check(out, self_check_model, log, dtype=dtype)
     return d
 
 
@@ -198,7 +207,8 @@ def run_head_mode(args: dict, taxonomy: Taxonomy, log=print) -> dict:
     extra = {"recipe": _recipe(args),
              "base_model": str(args["model"]), "mode": "head",
              "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    write_checkpoint(head, metrics, out, {**head.extra, **extra})
+    write_checkpoint(head, metrics, out, {**head.extra, **extra},
+                     self_check_model=Path(args["model"]), log=log)
     return metrics
 
 
@@ -360,7 +370,8 @@ def run_adapter_mode(args: dict, taxonomy: Taxonomy, log=print) -> dict:
     extra = {"recipe": _recipe(args),
              "base_model": str(args["model"]), "mode": args["mode"],
              "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    write_checkpoint(head_obj, metrics, out_dir, {**head_obj.extra, **extra})
+    write_checkpoint(head_obj, metrics, out_dir, {**head_obj.extra, **extra},
+                     self_check_model=out_dir, log=log, dtype=args["dtype"])
     return metrics
 
 
@@ -401,7 +412,8 @@ def recalibrate(model_dir: Path, head_dir: Path, eval_data, out: Path, *, target
     if OPERATING_POINT in head.extra:
         metrics["recalibrated_from"]["dropped_operating_point"] = head.extra[OPERATING_POINT]
     write_checkpoint(new_head, metrics, Path(out), {**extra, **new_head.extra,
-                                                     "recalibrated": args})
+                                                     "recalibrated": args},
+                     self_check_model=Path(model_dir), log=log)
     adapter = Path(head_dir) / "adapter"
     if adapter.is_dir() and Path(out) != Path(head_dir):
         shutil.copytree(adapter, Path(out) / "adapter", dirs_exist_ok=True)
@@ -548,6 +560,9 @@ def register(app) -> None:
                                            "default: keep the head's own band)."),
         alert_tau: int = typer.Option(None, help="Consecutive violating steps after a prompt "
                                       "in the alert band."),
+        model: Path = typer.Option(None, help="Base model the head reads, for its self-check "
+                                   "record (default: the one the head records, if present, "
+                                   "else the embedded one)."),
     ) -> None:
         """Move a head's operating point (chosen with `eval replay`) without retraining or
         data: exact logit shifts of the prompt verdict and the response rule."""
@@ -556,8 +571,34 @@ def register(app) -> None:
         point = move_operating_point(head, out, prompt_shift=prompt_shift,
                                      response_shift=response_shift, tau=tau,
                                      alert_margin=alert_margin, alert_tau=alert_tau,
-                                     log=typer.echo)
+                                     model=model, log=typer.echo)
         typer.echo(json.dumps(point, indent=2))
+
+    @app.command("self-check")
+    def self_check_cmd(
+        head: str = typer.Option(..., help="A bundled head (default, strict) or a directory "
+                                 "holding safety_head/ (and adapter/ for a LoRA head)."),
+        model: Path = typer.Option(None, help="Base model the head reads (default: the one "
+                                   "the head records, if present, else the embedded one)."),
+        dtype: str = typer.Option("float32", help="Dtype of the reference forward."),
+    ) -> None:
+        """(Re)write a head's self-check record: its prompt verdicts on fixed conversations,
+        computed by transformers on the model it is served with. The server reproduces them
+        at startup and refuses to serve a head over another model (--head-check)."""
+        from safeserve.models.head_check import record_self_check, served_model_for
+        from safeserve.models.model_store import resolve_head_dir
+
+        try:
+            head_dir = resolve_head_dir(head)
+        except FileNotFoundError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        record = record_self_check(head_dir, served_model_for(head_dir, model), log=typer.echo,
+                                   dtype=dtype)
+        for prompt, row in zip(record.prompts, record.logits):
+            top = max(range(len(row)), key=row.__getitem__)
+            typer.echo(f"  {prompt[:60]!r}: highest {record.output_names[top]} "
+                       f"{row[top]:+.2f} logits")
 
     @app.command("safety")
     def safety_cmd(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -22,8 +23,10 @@ from safeserve.server.safety_service import SafetyService
 log = logging.getLogger(__name__)
 
 
-def create_app(engine: Engine, safety=None) -> FastAPI:
-    """``safety``: (SafetyPolicy, TelemetryHub) when the model has a head, else None."""
+def create_app(engine: Engine, safety=None, head_check=None) -> FastAPI:
+    """``safety``: (SafetyPolicy, TelemetryHub) when the model has a head, else None;
+    ``head_check``: the head's startup self-check (a HeadCheckPlan), run before the engine
+    is ready."""
     started = int(time.time())
     svc = None
     if safety is not None:
@@ -35,7 +38,12 @@ def create_app(engine: Engine, safety=None) -> FastAPI:
         if svc is not None:
             svc.hub.export_address()  # before the engine spawns its workers
             await svc.hub.start()
-        task = asyncio.create_task(engine.start())
+        verify = None
+        if svc is not None and head_check is not None and head_check.runs:
+            from safeserve.server.head_check import run_head_check
+
+            verify = functools.partial(run_head_check, engine, svc, head_check)
+        task = asyncio.create_task(engine.start(verify))
         app.state.engine_task = task
         try:
             yield
@@ -87,7 +95,13 @@ def create_app(engine: Engine, safety=None) -> FastAPI:
     def model_card() -> ModelCard:
         return ModelCard(id=engine.spec.served_name, created=started,
                          root=str(engine.spec.model_dir), max_model_len=engine.max_model_len,
-                         safety=engine.spec.safety_summary())
+                         safety=safety_summary())
+
+    def safety_summary() -> dict:
+        summary = engine.spec.safety_summary()
+        if head_check is not None:
+            summary["head_check"] = head_check.result or {"status": "pending"}
+        return summary
 
     @app.get(MODELS_PATH, dependencies=[Depends(authorize)])
     async def list_models():

@@ -73,6 +73,9 @@ class Engine:
         self.max_model_len = settings.max_model_len
         self.ready = asyncio.Event()
         self.error: BaseException | None = None
+        # How a failed start stops the server: run_server points it at uvicorn's exit flag,
+        # so the process ends through its own exit path with the reason; without one, SIGTERM.
+        self.on_failure = None
 
     def _build(self):
         from transformers import AutoTokenizer
@@ -99,10 +102,14 @@ class Engine:
         )
         return AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory()])
 
-    async def start(self) -> None:
+    async def start(self, verify=None) -> None:
+        """``verify``: a coroutine function run once the engine is built and before it is
+        ready (the head's self-check); its exception fails the start like a build error."""
         try:
             self.llm = await asyncio.to_thread(self._build)
             freeze_startup_heap()
+            if verify is not None:
+                await verify()
             self.ready.set()
             log.info("engine ready: %s", self.spec.served_name)
         except Exception as e:
@@ -110,7 +117,10 @@ class Engine:
             # (run_server turns this into a non-zero exit) so a supervisor can see and restart.
             self.error = e
             log.exception("engine failed to start; shutting down")
-            os.kill(os.getpid(), signal.SIGTERM)
+            if self.on_failure is not None:
+                self.on_failure()
+            else:
+                os.kill(os.getpid(), signal.SIGTERM)
 
     @property
     def eos_id(self) -> int:

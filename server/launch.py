@@ -191,6 +191,22 @@ def build_safety(spec: EngineSpec, settings: Settings):
     return policy, TelemetryHub()
 
 
+def build_head_check(spec: EngineSpec, settings: Settings):
+    """The head's startup self-check (None when serving without a head); a malformed record
+    is a startup error."""
+    if not spec.safety_enabled:
+        return None
+    from safeserve.models.head_check import SelfCheck
+    from safeserve.server.head_check import HeadCheckPlan
+
+    try:
+        record = SelfCheck.from_extra(load_safety_head(spec.model_dir).extra)
+    except ValueError as e:
+        raise StartupError(f"safety head {spec.model_dir}: {e}") from None
+    return HeadCheckPlan.build(record, settings.head_check, settings.head_check_tolerance,
+                               settings.dtype)
+
+
 def run_server(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -199,10 +215,19 @@ def run_server(settings: Settings) -> None:
 
     engine = Engine(settings, spec)
     try:
-        app = create_app(engine, build_safety(spec, settings))
+        app = create_app(engine, build_safety(spec, settings), build_head_check(spec, settings))
     except (ValueError, OSError) as e:  # unreadable grants file and the like
         raise StartupError(one_line(e)) from None
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=5)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                           log_level=settings.log_level,
+                                           timeout_graceful_shutdown=5))
+    # A failed start asks uvicorn to exit rather than signalling the process: uvicorn re-raises
+    # a signal it caught once it is done, which would end the process before the reason below.
+    engine.on_failure = lambda: setattr(server, "should_exit", True)
+    server.run()
     if engine.error is not None:
+        from safeserve.server.head_check import HeadCheckFailed
+
+        if isinstance(engine.error, HeadCheckFailed):
+            raise StartupError(f"safety head self-check failed: {engine.error}")
         raise StartupError(f"engine failed to start: {engine.error}")

@@ -65,3 +65,6 @@ MODERATION_INPUTS = Counter("safeserve_moderation_inputs",
 SAFETY_STEP_SECONDS = Counter("safeserve_safety_step_seconds",
                               "Seconds the engine spent in the safety path (head + decision)")
 SAFETY_STEPS = Counter("safeserve_safety_steps", "Engine steps that ran the safety path")
+HEAD_CHECK_ERROR = Gauge("safeserve_head_check_max_logit_error",
+                         "Largest difference, in logits, between the head's recorded prompt "
+                         "verdicts and this server's at startup (the self-check)")

@@ -41,6 +41,13 @@ class Settings(BaseSettings):
     max_request_body_bytes: int = Field(
         8 * 1024 * 1024, ge=1024,
         description="largest request body accepted; larger ones get a 413 before they are parsed")
+    head_check: Literal["error", "warn", "off"] = Field(
+        "error", description="the head's startup self-check: its recorded prompt verdicts must "
+        "be reproduced by this server (error: refuse to serve when they are not; warn: log and "
+        "serve; off: skip)")
+    head_check_tolerance: float | None = Field(
+        None, gt=0, description="largest allowed self-check difference in logits (default: "
+        "0.1 for float32, 1.0 for half precision)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     @field_validator("log_level", mode="before")

@@ -169,3 +169,32 @@ def test_replay_predicts_the_served_outcomes(default_server, tmp_path):
             assert real["safety"]["action"] == "none", real["id"]
             assert row.answered_by_text == (real["verdict"] == "full_compliance"), real["id"]
     assert acted >= 3  # the harmful prompts are caught, so the comparison covers both paths
+
+
+def test_default_server_passed_the_head_self_check(default_server):
+    """Before taking traffic the server reproduced the head's recorded prompt verdicts."""
+    safety = default_server.get("/v1/models").json()["data"][0]["safety"]
+    check = safety["head_check"]
+    assert check["status"] == "passed" and check["prompts"] == 8, check
+    assert check["max_logit_error"] <= check["tolerance"] == 0.1
+    assert "safeserve_head_check_max_logit_error" in default_server.get("/metrics").text
+
+
+def test_a_head_served_over_another_model_is_refused(tmp_path):
+    """The default head composed over the strict checkpoint's adapted LM (same shape, a LoRA
+    of the same base: every shape check passes) must not be served: startup fails with the
+    reason."""
+    import subprocess
+
+    from conftest import START_TIMEOUT_S, start_server
+
+    adapted = resolve_spec(Settings(safety_head="strict")).model_dir
+    url, proc, log = start_server(tmp_path, "--model", str(adapted), "--safety-head", "default")
+    try:
+        proc.wait(START_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    text = log.read_text(errors="replace")
+    assert proc.returncode == 1, text[-3000:]
+    assert "safeserve: safety head self-check failed" in text and "logits" in text, text[-3000:]

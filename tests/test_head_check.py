@@ -1,0 +1,104 @@
+"""The head's self-check record (models/head_check.py) and the server's startup plan
+(server/head_check.py), without an engine; the served runs are in test_default_model.py."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from safeserve.models.checkpoint import SafetyHead, load_safety_head
+from safeserve.models.head_check import (LOGIT_CLIP, SELF_CHECK, SelfCheck, compare,
+                                         reference_logits)
+from safeserve.models.taxonomy import Taxonomy
+from safeserve.server.head_check import HeadCheckPlan
+
+NAMES = ("a", "b")
+
+
+def sig(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def test_record_round_trips_and_rejects_malformed_ones():
+    rec = SelfCheck(("p1", "p2"), ((1.0, -2.0), (3.0, 4.0)), NAMES)
+    extra = {SELF_CHECK: rec.to_extra({"dtype": "float32"})}
+    assert SelfCheck.from_extra(json.loads(json.dumps(extra))) == rec
+    assert SelfCheck.from_extra({}) is None
+    bad = [{"prompts": ["p"], "prompt_logits": [[1.0]], "output_names": ["a", "b"]},
+           {"prompts": [], "prompt_logits": [], "output_names": ["a"]},
+           {"prompts": ["p"], "prompt_logits": [["x"]], "output_names": ["a"]},
+           {"prompts": ["p"], "prompt_logits": [[float("nan")]], "output_names": ["a"]},
+           {"prompt_logits": [[1.0]], "output_names": ["a"]}]
+    for raw in bad:
+        with pytest.raises(ValueError, match=SELF_CHECK):
+            SelfCheck.from_extra({SELF_CHECK: raw})
+
+
+def test_compare_finds_the_worst_output_in_logits_and_clips_saturated_ones():
+    rec = SelfCheck(("p1", "p2"), ((1.0, -2.0), (3.0, 30.0)), NAMES)
+    same = [{"a": sig(1.0), "b": sig(-2.0)}, {"a": sig(3.0), "b": 1.0}]  # 30 logits: exactly 1
+    ok = compare(rec, same, tolerance=0.01)
+    assert ok.passed and ok.max_error < 1e-5 and ok.summary()["status"] == "passed"
+    off = [{"a": sig(1.0), "b": sig(-2.0)}, {"a": sig(0.5), "b": sig(LOGIT_CLIP + 3)}]
+    bad = compare(rec, off, tolerance=1.0)
+    assert not bad.passed and bad.max_error == pytest.approx(2.5, abs=1e-4)
+    assert (bad.worst_prompt, bad.worst_output) == ("p2", "a")
+    assert "2.5 logits" in bad.explain() and "'a' on 'p2'" in bad.explain()
+
+
+def test_plan_defaults_by_dtype_and_reports_heads_without_a_record():
+    rec = SelfCheck(("p",), ((0.0,),), ("a",))
+    assert HeadCheckPlan.build(rec, "error", None, "float32").tolerance == 0.1
+    assert HeadCheckPlan.build(rec, "error", None, "bfloat16").tolerance == 1.0
+    assert HeadCheckPlan.build(rec, "error", None, "auto").tolerance == 1.0
+    assert HeadCheckPlan.build(rec, "warn", 0.3, "float32").tolerance == 0.3
+    assert HeadCheckPlan.build(rec, "error", None, "float32").runs
+    off = HeadCheckPlan.build(rec, "off", None, "float32")
+    assert not off.runs and off.result == {"status": "off"}
+    none = HeadCheckPlan.build(None, "error", None, "float32")
+    assert not none.runs and none.result["status"] == "unverified"
+
+
+def test_bundled_heads_carry_records_for_their_own_outputs():
+    from safeserve.models.model_store import BUNDLED_HEADS
+
+    for name, path in BUNDLED_HEADS.items():
+        head = load_safety_head(path)
+        rec = SelfCheck.from_extra(head.extra)
+        assert rec is not None, name
+        assert rec.output_names == head.taxonomy.output_names
+        # both sides of the thresholds: benign prompts low, harmful ones high on some output
+        assert max(rec.logits[0]) < 3 and max(rec.logits[-1]) > 8, name
+
+
+def test_record_follows_the_head_through_training_and_operating_point(tmp_path,
+                                                                       base_model_dir):
+    """A record is the training forward's prompt logits on the served model; writing a head
+    again (a moved operating point) computes a fresh one, never copies the old."""
+    from safeserve.models.operating_point import move_operating_point
+
+    tax = Taxonomy.load()
+    g = torch.Generator().manual_seed(0)
+    h = 576
+    head = SafetyHead(0.05 * torch.randn(tax.num_outputs, h, generator=g),
+                      torch.zeros(tax.num_outputs), tax, extra={"base_model": str(base_model_dir)})
+    head.save(tmp_path / "a")
+    from safeserve.models.safety_train import write_checkpoint
+
+    stale = {SELF_CHECK: SelfCheck(("p",), ((0.0,) * tax.num_outputs,),
+                                   tax.output_names).to_extra({})}
+    write_checkpoint(head, {}, tmp_path / "a", {**head.extra, **stale}, log=lambda *a: None)
+    assert SELF_CHECK not in load_safety_head(tmp_path / "a").extra  # dropped, not copied
+    move_operating_point(tmp_path / "a", tmp_path / "b", prompt_shift=-0.5, response_shift=1.0,
+                         tau=4, log=lambda *a: None)
+    moved = load_safety_head(tmp_path / "b")
+    rec = SelfCheck.from_extra(moved.extra)
+    raw = reference_logits(base_model_dir, head, prompts=rec.prompts[:2])
+    for got, before in zip(rec.logits[:2], raw):
+        # categories: +1.5 prompt offset; the overall output: its bias moved -1 with the
+        # response shift (it fires at 0.5), then the same +1.5
+        assert got[:-1] == pytest.approx([v + 1.5 for v in before[:-1]], abs=1e-4)
+        assert got[-1] == pytest.approx(before[-1] + 0.5, abs=1e-4)
