@@ -5,15 +5,18 @@ A safety head is a read-out of one particular language model. Served over any ot
 of the same hidden size (the base model instead of the instruct one, another fine-tune, a
 checkpoint merged with the wrong adapter, a broken kernel or dtype path), it still loads and
 still emits numbers, but they mean nothing, and nothing downstream notices. So every head this
-project writes carries a record: a few fixed conversations and the prompt-verdict logits that
-the training code's transformers forward computes for them, on exactly the model the head will
-be served with (its adapter merged, if it has one). The server runs the same conversations
-through its own engine before it takes traffic and refuses to serve when its logits differ
-(``server/head_check.py``).
+project writes carries a record: a few fixed conversations, their token ids, and the head's
+logits at the last prompt position that the training code's transformers forward computes for
+them, on exactly the model the head will be served with (its adapter merged, if it has one).
+The server runs the same token ids through its own engine before it takes traffic and refuses
+to serve when its prompt verdicts differ (``server/head_check.py``).
 
-The logits compared are those of the prompt verdict as served: the head's outputs at the last
-prompt position plus the head's prompt offset. Logits, not scores: an error in the hidden state
-moves a logit by the same amount wherever it sits, while a sigmoid hides it near 0 and 1.
+The record holds raw head logits (before the head's prompt offset); the comparison turns them
+into what the server reports with the server's own float32 operations (sigmoid, then the
+offset of ``kernels/safety_head.offset_prompt_rows``), so the offset path is checked too and a
+moved operating point only moves the record by exact bias shifts. It compares logits, not
+scores: an error in the hidden state moves a logit by the same amount wherever it sits, while
+a sigmoid hides it near 0 and 1.
 """
 
 from __future__ import annotations
@@ -43,13 +46,20 @@ SELF_CHECK_PROMPTS = (
 # clipped ones still show it.
 LOGIT_CLIP = 10.0
 
-# Default tolerance in logits by the dtype the engine runs. float32: vLLM's CPU engine agreed
-# with the training forward to 0.015 logits before clipping (its own attention and matmul
-# kernels). Measured on the bundled heads (2026-12-04,
-# transformers): bfloat16 moves the recorded logits by at most 0.15 (default) and 0.20 (strict),
-# while the default head read over another model of the same shape (the strict checkpoint's
-# adapted LM: a LoRA of the same base) is off by up to 14.8 logits, 6.4 on average.
+# Default tolerance in logits by dtype (the larger of the engine's and the record's). float32:
+# vLLM's CPU engine agreed with the training forward to 0.015 logits (its own attention and
+# matmul kernels). Measured on the bundled heads (2026-12-04, transformers): bfloat16 moves the
+# recorded logits by at most 0.15 (default) and 0.20 (strict), while the default head read over
+# another model of the same shape (the strict checkpoint's adapted LM: a LoRA of the same base)
+# is off by up to 14.8 logits, 6.4 on average.
 DEFAULT_TOLERANCE = {"float32": 0.1, "float16": 1.0, "bfloat16": 1.0}
+
+
+def tolerance_for(*dtypes: str | None) -> float:
+    """The default tolerance when the engine and the record ran these dtypes (``auto`` or
+    unknown: half precision's)."""
+    half = max(DEFAULT_TOLERANCE.values())
+    return max(DEFAULT_TOLERANCE.get(d, half) for d in dtypes if d is not None)
 
 
 def logit(p: float) -> float:
@@ -57,17 +67,15 @@ def logit(p: float) -> float:
     return max(-LOGIT_CLIP, min(LOGIT_CLIP, math.log(p) - math.log1p(-p)))
 
 
-def clip(x: float) -> float:
-    return max(-LOGIT_CLIP, min(LOGIT_CLIP, float(x)))
-
-
 @dataclass(frozen=True)
 class SelfCheck:
-    """The record a head carries: conversations and their expected prompt-verdict logits."""
+    """The record a head carries: conversations and their raw prompt-end head logits."""
 
     prompts: tuple[str, ...]
-    logits: tuple[tuple[float, ...], ...]  # [prompt][output], offset included
+    prompt_ids: tuple[tuple[int, ...], ...]  # as the recording tokenizer rendered them
+    logits: tuple[tuple[float, ...], ...]  # [prompt][output], before the prompt offset
     output_names: tuple[str, ...]
+    dtype: str = "float32"  # of the recording forward
 
     @classmethod
     def from_extra(cls, extra: dict) -> "SelfCheck | None":
@@ -77,21 +85,42 @@ class SelfCheck:
             return None
         try:
             prompts = tuple(str(p) for p in raw["prompts"])
+            ids = tuple(tuple(int(t) for t in row) for row in raw["prompt_ids"])
             logits = tuple(tuple(float(v) for v in row) for row in raw["prompt_logits"])
             names = tuple(str(n) for n in raw["output_names"])
+            dtype = str((raw.get("computed_with") or {}).get("dtype", "float32"))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{SELF_CHECK} in head_config.json is malformed: {e!r}") from None
-        if not prompts or len(logits) != len(prompts) or any(len(r) != len(names) for r in logits):
-            raise ValueError(f"{SELF_CHECK} in head_config.json needs one row of "
-                             f"{len(names)} logits per prompt")
+        if not prompts or len(logits) != len(prompts) or len(ids) != len(prompts) \
+                or any(len(r) != len(names) for r in logits) or any(not r for r in ids):
+            raise ValueError(f"{SELF_CHECK} in head_config.json needs, per prompt, its token "
+                             f"ids and one row of {len(names)} logits")
         if any(v != v for row in logits for v in row):
             raise ValueError(f"{SELF_CHECK} in head_config.json holds NaN logits")
-        return cls(prompts, logits, names)
+        return cls(prompts, ids, logits, names, dtype)
 
     def to_extra(self, computed_with: dict) -> dict:
         return {"prompts": list(self.prompts), "output_names": list(self.output_names),
+                "prompt_ids": [list(r) for r in self.prompt_ids],
                 "prompt_logits": [[round(v, 6) for v in row] for row in self.logits],
-                "computed_with": computed_with}
+                "computed_with": {"dtype": self.dtype, **computed_with}}
+
+    def shifted(self, bias_delta: list[float]) -> "SelfCheck":
+        """The record of the same head with its biases moved by ``bias_delta`` (weights
+        unchanged): exact, no model needed."""
+        logits = tuple(tuple(v + d for v, d in zip(row, bias_delta)) for row in self.logits)
+        return SelfCheck(self.prompts, self.prompt_ids, logits, self.output_names, self.dtype)
+
+    def expected_scores(self, prompt_offset: float) -> list[list[float]]:
+        """What the server should report: float32 sigmoid of the recorded logits, then the
+        head's prompt offset, by the server's own functions."""
+        import torch
+
+        from safeserve.kernels.safety_head import offset_prompt_rows
+
+        scores = torch.sigmoid(torch.tensor(self.logits, dtype=torch.float32))
+        rows = torch.ones(scores.shape[0], dtype=torch.bool)
+        return offset_prompt_rows(scores, rows, prompt_offset).tolist()
 
 
 @dataclass(frozen=True)
@@ -120,85 +149,128 @@ class CheckResult:
                 "served, or the serving path computes it wrongly")
 
 
-def compare(record: SelfCheck, served_scores: list[dict[str, float]],
-            tolerance: float) -> CheckResult:
+def compare(record: SelfCheck, served_scores: list[dict[str, float]], tolerance: float,
+            prompt_offset: float = 0.0) -> CheckResult:
     """``served_scores``: per prompt, the server's reported scores (probabilities) by output
     name. The largest clipped logit difference over every prompt and output."""
     worst = (-1.0, "", "", 0.0, 0.0)
-    for prompt, row, served in zip(record.prompts, record.logits, served_scores):
+    expected_rows = record.expected_scores(prompt_offset)
+    for prompt, row, served in zip(record.prompts, expected_rows, served_scores):
         for name, expected in zip(record.output_names, row):
-            got = logit(served[name])
-            err = abs(got - clip(expected))
-            if err > worst[0]:
-                worst = (err, prompt, name, expected, got)
-    err, prompt, name, expected, got = worst
-    return CheckResult(err, tolerance, prompt, name, expected, got, len(record.prompts))
+            want, got = logit(expected), logit(served[name])
+            if abs(got - want) > worst[0]:
+                worst = (abs(got - want), prompt, name, want, got)
+    err, prompt, name, want, got = worst
+    return CheckResult(err, tolerance, prompt, name, want, got, len(record.prompts))
 
 
-def reference_logits(model_dir: Path, head, prompts=SELF_CHECK_PROMPTS,
-                     dtype: str = "float32") -> list[list[float]]:
-    """The prompt-verdict logits of ``prompts`` (each a single user turn) as the training
-    code computes them: transformers' forward of ``model_dir``, the head's math from
-    kernels/safety_head.py, the head's prompt offset."""
+def render_prompt(tok, text: str) -> list[int]:
+    """A lone user turn as the server renders it (chat template, generation prompt)."""
+    rendered = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                       add_generation_prompt=True)
+    return tok(rendered, add_special_tokens=False)["input_ids"]
+
+
+def compute_record(model, tok, head, prompts=SELF_CHECK_PROMPTS,
+                   dtype: str = "float32") -> SelfCheck:
+    """The record of ``head`` read over ``model`` (a loaded causal LM, any device): the
+    training code's forward and the head's math from kernels/safety_head.py."""
     import torch
 
     from safeserve.kernels.safety_head import head_logits
-    from safeserve.models.decision_defaults import prompt_logit_offset
-    from safeserve.models.safety_features import backbone, load_lm
+    from safeserve.models.safety_features import backbone
 
-    model, tok = load_lm(Path(model_dir), dtype)
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # an 8B LM on CPU takes minutes
-    model.to(device)
-    offset = prompt_logit_offset(head.extra)
-    rows = []
+    device = next(model.parameters()).device
+    ids_rows, rows = [], []
+    was_training = model.training
+    model.eval()
     with torch.no_grad():
         for text in prompts:
-            rendered = tok.apply_chat_template([{"role": "user", "content": text}],
-                                               tokenize=False, add_generation_prompt=True)
-            ids = tok(rendered, add_special_tokens=False)["input_ids"]
+            ids = render_prompt(tok, text)
             hidden = backbone(model)(torch.tensor([ids], device=device)).last_hidden_state
-            hidden = hidden[0, -1:].float().cpu()
-            out = head_logits(hidden, head.weight, head.bias, head.mlp)[0] + offset
-            rows.append([float(v) for v in out])
-    return rows
+            out = head_logits(hidden[0, -1:].float().cpu(), head.weight, head.bias, head.mlp)[0]
+            ids_rows.append(tuple(ids))
+            rows.append(tuple(float(v) for v in out))
+    model.train(was_training)
+    return SelfCheck(tuple(prompts), tuple(ids_rows), tuple(rows),
+                     tuple(head.taxonomy.output_names), dtype)
 
 
-def record_self_check(head_dir: Path, model_dir: Path, log=print,
-                      dtype: str = "float32") -> SelfCheck:
-    """Compute the record on ``model_dir`` (the LM exactly as it will be served: a LoRA
-    adapter already merged) and write it into ``head_dir``'s head_config.json."""
+def write_record(head_dir: Path, record: SelfCheck, log=print, note: str = "") -> None:
+    """Put ``record`` into ``head_dir``'s head_config.json."""
     import json
 
     import transformers
 
-    from safeserve.models.checkpoint import HEAD_DIR, load_safety_head
+    from safeserve.models.checkpoint import HEAD_DIR
 
-    head = load_safety_head(head_dir)
-    logits = reference_logits(model_dir, head, dtype=dtype)
-    record = SelfCheck(SELF_CHECK_PROMPTS, tuple(tuple(r) for r in logits),
-                       tuple(head.taxonomy.output_names))
     cfg_path = Path(head_dir) / HEAD_DIR / "head_config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg[SELF_CHECK] = record.to_extra({"dtype": dtype,
-                                       "transformers": transformers.__version__})
+    cfg[SELF_CHECK] = record.to_extra({"transformers": transformers.__version__})
     cfg_path.write_text(json.dumps(cfg, indent=2))
-    log(f"recorded the head's self-check: {len(record.prompts)} prompts on {model_dir}")
+    log(f"recorded the head's self-check: {len(record.prompts)} prompts{note}")
+
+
+def record_self_check(head_dir: Path, model_dir: Path, log=print, dtype: str = "float32",
+                      model=None, tok=None) -> SelfCheck | None:
+    """Compute the record on the LM exactly as it will be served (``model_dir``, or the
+    already loaded ``model`` / ``tok``: a LoRA adapter merged) and write it into
+    ``head_dir``'s head_config.json. A failure (memory, a missing model) is a warning: the
+    head is written, only unverified; ``train self-check`` can add the record later."""
+    import torch
+
+    from safeserve.models.checkpoint import load_safety_head
+    from safeserve.models.safety_features import load_lm
+
+    try:
+        head = load_safety_head(head_dir)
+        if model is None:
+            model, tok = load_lm(Path(model_dir), dtype)
+            if torch.cuda.is_available():  # an 8B LM's forward on CPU takes minutes
+                model.to("cuda")
+        record = compute_record(model, tok, head, dtype=dtype)
+    except Exception as e:  # noqa: BLE001 - the checkpoint is written; say how to finish it
+        log(f"warning: could not record the head's self-check ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:300]}); the server will serve this head unverified "
+            f"until `safeserve train self-check --head {head_dir}` adds it")
+        return None
+    write_record(head_dir, record, log, f" on {model_dir}")
     return record
+
+
+def drop_self_check(head_dir: Path) -> bool:
+    """Remove the record from a head copied onto another model (a fine-tune of its base): the
+    record describes the old model, so the head is unverified there until it is re-recorded
+    (or retrained). True if there was one."""
+    import json
+
+    from safeserve.models.checkpoint import HEAD_DIR
+
+    cfg_path = Path(head_dir) / HEAD_DIR / "head_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.pop(SELF_CHECK, None) is None:
+        return False
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return True
 
 
 def served_model_for(head_dir: Path, base_dir: Path | None = None) -> Path:
     """The LM a head in ``head_dir`` is served with: ``head_dir`` itself when it holds a model
     (a lora / full run's output), else the base model composed with the head, which merges an
     adapter beside it, as the server does. The base: ``base_dir``, else the one the head
-    records it was trained on if that exists here, else the embedded model."""
+    records it was trained on; a recorded base that is not here is an error, not a guess."""
     head_dir = Path(head_dir)
-    if (head_dir / "config.json").is_file():
+    if base_dir is None and (head_dir / "config.json").is_file():
         return head_dir
     from safeserve.models.checkpoint import load_safety_head
-    from safeserve.models.model_store import compose_checkpoint, ensure_default_model
+    from safeserve.models.model_store import (DEFAULT_MODEL_NAME, compose_checkpoint,
+                                              ensure_default_model)
 
     if base_dir is None:
         recorded = load_safety_head(head_dir).extra.get("base_model")
         if recorded and (Path(recorded) / "config.json").is_file():
             base_dir = Path(recorded)
+        elif recorded and Path(recorded).name != DEFAULT_MODEL_NAME:
+            raise FileNotFoundError(f"the head in {head_dir} was trained on {recorded}, which "
+                                    "is not here: give the base model with --model")
     return compose_checkpoint(Path(base_dir or ensure_default_model()), head_dir)

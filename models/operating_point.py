@@ -27,6 +27,8 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from safeserve.models.checkpoint import SafetyHead, load_safety_head
 from safeserve.models.decision_defaults import (
     HEAD_DEFAULT_TAU,
@@ -77,12 +79,10 @@ def shift_head(head: SafetyHead, *, prompt_shift: float, response_shift: float,
 def move_operating_point(head_dir: Path, out: Path, *, prompt_shift: float,
                          response_shift: float, tau: int | None = None,
                          alert_margin: float | None = None,
-                         alert_tau: int | None = None, model: Path | None = None,
-                         log=print) -> dict:
-    """Shift the head in ``head_dir``, write ``<out>/safety_head/`` (and copy a LoRA adapter)
-    with a fresh self-check record computed on the LM the head reads (``model``: the base
-    model; default: the one the head records, else the embedded one)."""
-    from safeserve.models.head_check import served_model_for
+                         alert_tau: int | None = None, log=print) -> dict:
+    """Shift the head in ``head_dir``, write ``<out>/safety_head/`` (and copy a LoRA adapter).
+    Its self-check record moves with the biases, exactly (no model needed)."""
+    from safeserve.models.head_check import SelfCheck, write_record
 
     head = load_safety_head(head_dir)
     new = shift_head(head, prompt_shift=prompt_shift, response_shift=response_shift,
@@ -96,8 +96,12 @@ def move_operating_point(head_dir: Path, out: Path, *, prompt_shift: float,
         "note": "metrics above this block were measured at the head's previous operating point"}
     from safeserve.models.safety_train import write_checkpoint
 
-    write_checkpoint(new, metrics, Path(out), new.extra,
-                     self_check_model=served_model_for(Path(head_dir), model), log=log)
+    write_checkpoint(new, metrics, Path(out), new.extra)
+    record = SelfCheck.from_extra(head.extra)
+    if record is not None:
+        assert torch.equal(new.weight, head.weight)  # only biases move: the record shifts
+        write_record(out, record.shifted((new.bias - head.bias).tolist()), log,
+                     " (the old record, moved with the biases)")
     adapter = Path(head_dir) / "adapter"
     if adapter.is_dir() and Path(out) != Path(head_dir):
         shutil.copytree(adapter, Path(out) / "adapter", dirs_exist_ok=True)

@@ -114,18 +114,19 @@ def _thresholded(metrics: dict) -> dict:
 
 
 def write_checkpoint(head: SafetyHead, metrics: dict, out: Path, extra: dict,
-                     self_check_model: Path | None = None, log=print,
-                     dtype: str = "float32") -> Path:
+                     self_check_model: Path | None = None, log=print, dtype: str = "float32",
+                     model=None, tok=None) -> Path:
     """Write ``out/safety_head/``; with ``self_check_model`` (the LM the head reads, exactly
-    as it will be served) also the head's self-check record (models/head_check.py). A record
-    copied in ``extra`` from an earlier head is dropped: its logits are the old head's."""
+    as it will be served; ``model`` / ``tok`` when it is already loaded) also the head's
+    self-check record (models/head_check.py). A record copied in ``extra`` from an earlier
+    head is dropped: its logits are the old head's."""
     from safeserve.models.head_check import SELF_CHECK, record_self_check
 
     head.extra = {k: v for k, v in extra.items() if k != SELF_CHECK}
     d = head.save(out)
     (d / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if self_check_model is not None:
-        record_self_check(out, self_check_model, log, dtype=dtype)
+        record_self_check(out, self_check_model, log, dtype=dtype, model=model, tok=tok)
     return d
 
 
@@ -208,7 +209,7 @@ def run_head_mode(args: dict, taxonomy: Taxonomy, log=print) -> dict:
              "base_model": str(args["model"]), "mode": "head",
              "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     write_checkpoint(head, metrics, out, {**head.extra, **extra},
-                     self_check_model=Path(args["model"]), log=log)
+                     self_check_model=Path(args["model"]), log=log, dtype=args["dtype"])
     return metrics
 
 
@@ -371,7 +372,7 @@ def run_adapter_mode(args: dict, taxonomy: Taxonomy, log=print) -> dict:
              "base_model": str(args["model"]), "mode": args["mode"],
              "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     write_checkpoint(head_obj, metrics, out_dir, {**head_obj.extra, **extra},
-                     self_check_model=out_dir, log=log, dtype=args["dtype"])
+                     self_check_model=out_dir, log=log, dtype=args["dtype"], model=m, tok=tok)
     return metrics
 
 
@@ -539,6 +540,10 @@ def register(app) -> None:
         """Re-threshold a trained head at another benign budget (no retraining)."""
         if model is None and (head / "config.json").is_file():
             model = head  # a LoRA / full run's checkpoint: its own LM, not the embedded base
+        elif model is None and (head / "adapter").is_dir():
+            from safeserve.models.head_check import served_model_for
+
+            model = served_model_for(head)  # the base with the adapter merged, as served
         metrics = recalibrate(_model(model), head, eval_data, out, target_fpr=target_fpr,
                               tau=tau, max_length=max_length, seed=seed, log=typer.echo)
         typer.echo(json.dumps(_thresholded(metrics)["conversation_level"],
@@ -560,9 +565,6 @@ def register(app) -> None:
                                            "default: keep the head's own band)."),
         alert_tau: int = typer.Option(None, help="Consecutive violating steps after a prompt "
                                       "in the alert band."),
-        model: Path = typer.Option(None, help="Base model the head reads, for its self-check "
-                                   "record (default: the one the head records, if present, "
-                                   "else the embedded one)."),
     ) -> None:
         """Move a head's operating point (chosen with `eval replay`) without retraining or
         data: exact logit shifts of the prompt verdict and the response rule."""
@@ -571,7 +573,7 @@ def register(app) -> None:
         point = move_operating_point(head, out, prompt_shift=prompt_shift,
                                      response_shift=response_shift, tau=tau,
                                      alert_margin=alert_margin, alert_tau=alert_tau,
-                                     model=model, log=typer.echo)
+                                     log=typer.echo)
         typer.echo(json.dumps(point, indent=2))
 
     @app.command("self-check")
@@ -590,15 +592,17 @@ def register(app) -> None:
 
         try:
             head_dir = resolve_head_dir(head)
+            lm = served_model_for(head_dir, model)
         except FileNotFoundError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
-        record = record_self_check(head_dir, served_model_for(head_dir, model), log=typer.echo,
-                                   dtype=dtype)
+        record = record_self_check(head_dir, lm, log=typer.echo, dtype=dtype)
+        if record is None:
+            raise typer.Exit(1)
         for prompt, row in zip(record.prompts, record.logits):
             top = max(range(len(row)), key=row.__getitem__)
             typer.echo(f"  {prompt[:60]!r}: highest {record.output_names[top]} "
-                       f"{row[top]:+.2f} logits")
+                       f"{row[top]:+.2f} logits (before the prompt offset)")
 
     @app.command("safety")
     def safety_cmd(

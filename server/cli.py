@@ -42,6 +42,8 @@ def serve(
     refusal_explain_sentences: int | None = typer.Option(None, help="sentences the model may write after a spliced refusal before the response ends (0: none, -1: no limit) [SAFESERVE_REFUSAL_EXPLAIN_SENTENCES, 1]"),
     max_request_body_bytes: int | None = typer.Option(None, help="largest request body; larger ones get a 413 [SAFESERVE_MAX_REQUEST_BODY_BYTES, 8 MiB]"),
     max_moderation_tokens: int | None = typer.Option(None, help="most prompt tokens one /v1/moderations request may send, all inputs together [SAFESERVE_MAX_MODERATION_TOKENS, 16384]"),
+    head_check: str | None = typer.Option(None, help="the head's startup self-check: error (refuse to serve on a mismatch) | warn (log it, serve) | off [SAFESERVE_HEAD_CHECK, error]"),
+    head_check_tolerance: float | None = typer.Option(None, help="largest allowed self-check difference in logits [SAFESERVE_HEAD_CHECK_TOLERANCE; 0.1 float32, 1.0 half precision]"),
     log_level: str | None = typer.Option(None),
 ):
     """Run the OpenAI-compatible server."""
@@ -55,6 +57,7 @@ def serve(
         presets=presets, default_preset=default_preset, grants=grants,
         refusal_explain_sentences=refusal_explain_sentences,
         max_request_body_bytes=max_request_body_bytes, max_moderation_tokens=max_moderation_tokens,
+        head_check=head_check, head_check_tolerance=head_check_tolerance,
         log_level=log_level).items() if v is not None}
     run_server(load_settings(**overrides))
 

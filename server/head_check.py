@@ -1,12 +1,14 @@
 """The head's self-check at startup: before the server takes traffic, its engine judges the
-conversations the head's record holds (``models/head_check.py``) and the logits it reports
-must equal the recorded ones within a tolerance. A head served over another model than the
-one it was trained on fails here, not silently in production.
+conversations the head's record holds (``models/head_check.py``) and the prompt verdicts it
+reports must equal the recorded ones within a tolerance. A head served over another model than
+the one it was trained on fails here, not silently in production.
 
-Runs through the whole served path (chat template, engine, the model class's head kernel, the
-prompt offset, the logits processor, telemetry), as one concurrent batch of helper requests
-like ``/v1/moderations``; the result is in ``/v1/models`` (``safety.head_check``) and
-``/metrics``.
+It runs the record's own token ids (a chat template that writes today's date would otherwise
+make every later day a mismatch) through the whole served path (engine, the model class's head
+kernel, the prompt offset, the logits processor, telemetry), as one concurrent batch of helper
+requests like ``/v1/moderations``. Whether the server's own rendering of the conversations gives
+the same ids is reported beside it. The result is in ``/v1/models`` (``safety.head_check``)
+and ``/metrics``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from safeserve.models.head_check import DEFAULT_TOLERANCE, CheckResult, SelfCheck, compare
+from safeserve.models.head_check import CheckResult, SelfCheck, compare, tolerance_for
 from safeserve.server import metrics
 
 log = logging.getLogger(__name__)
@@ -30,19 +32,23 @@ class HeadCheckPlan:
     record: SelfCheck | None  # None: the head carries no record (written before it existed)
     mode: str  # error | warn | off
     tolerance: float
+    prompt_offset: float = 0.0  # the head's, applied by the server at prompt rows
     result: dict | None = None  # what /v1/models shows once it ran
 
     @classmethod
     def build(cls, record: SelfCheck | None, mode: str, tolerance: float | None,
-              dtype: str) -> "HeadCheckPlan":
+              dtype: str, prompt_offset: float = 0.0) -> "HeadCheckPlan":
         if tolerance is None:
-            tolerance = DEFAULT_TOLERANCE.get(dtype, max(DEFAULT_TOLERANCE.values()))
-        plan = cls(record, mode, tolerance)
+            tolerance = tolerance_for(dtype, record.dtype if record else None)
+        plan = cls(record, mode, tolerance, prompt_offset)
         if mode == "off":
             plan.result = {"status": "off"}
         elif record is None:
             plan.result = {"status": "unverified",
                            "reason": "the head carries no self-check record"}
+            log.warning("safety head self-check: the head carries no record, so nothing "
+                        "verifies that it reads the model it was trained on "
+                        "(`safeserve train self-check` writes one)")
         return plan
 
     @property
@@ -50,42 +56,80 @@ class HeadCheckPlan:
         return self.mode != "off" and self.record is not None
 
 
-async def served_scores(engine, svc, prompts) -> list[dict[str, float]]:
-    """The prompt-verdict scores the server computes for each prompt as a lone user turn,
-    without any guideline (the record's conversations are rendered bare)."""
-    from safeserve.server.completions import prompt_verdict, render_messages
+async def served_scores(engine, svc, prompt_ids) -> list[dict[str, float]]:
+    """The prompt-verdict scores the server computes for each token sequence (the default
+    preset's config; a config changes the verdict's thresholds, not its scores)."""
+    from safeserve.server.completions import prompt_verdict
 
     safety = svc.resolve(None, None)
-    safety.config = safety.config.model_copy(update={"guideline": None})
-    ids = [render_messages(engine, [{"role": "user", "content": p}], None) for p in prompts]
-    records = await asyncio.gather(*(prompt_verdict(engine, svc, i, safety, f"head-check-{n}")
-                                     for n, i in enumerate(ids)))
+    records = await asyncio.gather(*(prompt_verdict(engine, svc, list(ids), safety,
+                                                    f"head-check-{n}")
+                                     for n, ids in enumerate(prompt_ids)))
     if any(r is None for r in records):
         raise HeadCheckFailed("the safety signal of a self-check prompt never arrived")
     return [dict(zip(svc.names, r.scores)) for r in records]
 
 
-async def run_head_check(engine, svc, plan: HeadCheckPlan) -> CheckResult | None:
-    """Run the plan; raises HeadCheckFailed in ``error`` mode when the check fails."""
-    if not plan.runs:
-        if plan.mode != "off":
-            log.warning("safety head self-check: the head carries no record, so nothing "
-                        "verifies that it reads the model it was trained on "
-                        "(`safeserve train self-check` writes one)")
-        return None
+def same_rendering(engine, record: SelfCheck) -> bool:
+    from safeserve.server.completions import render_messages
+
+    try:
+        return all(tuple(render_messages(engine, [{"role": "user", "content": p}], None)) == ids
+                   for p, ids in zip(record.prompts, record.prompt_ids))
+    except Exception:  # noqa: BLE001 - a template that rejects a lone user turn: not the same
+        return False
+
+
+async def check(engine, svc, plan: HeadCheckPlan) -> CheckResult | None:
+    """Compare; None (and an ``unverified`` result) when the record cannot run here."""
     record = plan.record
     if tuple(record.output_names) != tuple(svc.names):
         raise HeadCheckFailed(f"the head's self-check record is for outputs "
                               f"{list(record.output_names)}, the head has {list(svc.names)}")
-    result = compare(record, await served_scores(engine, svc, record.prompts), plan.tolerance)
-    plan.result = result.summary()
+    vocab = len(engine.tokenizer)
+    if any(t >= vocab for ids in record.prompt_ids for t in ids):
+        raise HeadCheckFailed(f"the head's self-check record holds token ids beyond this "
+                              f"model's vocabulary ({vocab}): another tokenizer, another model")
+    fits = [i for i, ids in enumerate(record.prompt_ids) if len(ids) < engine.max_model_len - 1]
+    if not fits:
+        plan.result = {"status": "unverified",
+                       "reason": "its prompts do not fit --max-model-len"}
+        log.warning("safety head self-check skipped: its prompts do not fit --max-model-len "
+                    "%d", engine.max_model_len)
+        return None
+    if len(fits) < len(record.prompts):
+        record = SelfCheck(*(tuple(getattr(record, f)[i] for i in fits)
+                             for f in ("prompts", "prompt_ids", "logits")),
+                           record.output_names, record.dtype)
+    served = await served_scores(engine, svc, record.prompt_ids)
+    result = compare(record, served, plan.tolerance, plan.prompt_offset)
+    plan.result = {**result.summary(), "same_rendering": same_rendering(engine, record)}
+    if not plan.result["same_rendering"]:
+        log.warning("safety head self-check: this server's chat template renders the check's "
+                    "conversations differently from the record (the record's ids were run)")
     metrics.HEAD_CHECK_ERROR.set(result.max_error)
-    if result.passed:
-        log.info("safety head self-check passed: %d prompts, max logit error %.2g "
-                 "(tolerance %g)", result.prompts, result.max_error, result.tolerance)
-    elif plan.mode == "error":
+    return result
+
+
+async def run_head_check(engine, svc, plan: HeadCheckPlan) -> CheckResult | None:
+    """Run the plan; in ``error`` mode a failed check raises HeadCheckFailed, in ``warn``
+    mode every failure is logged and the server serves."""
+    try:
+        result = await check(engine, svc, plan)
+    except Exception as e:  # noqa: BLE001 - warn mode serves whatever went wrong
+        if plan.mode == "error":
+            raise
+        plan.result = {"status": "error", "reason": " ".join(str(e).split())[:500]}
+        log.error("safety head self-check could not run, serving anyway (--head-check warn): "
+                  "%s", e)
+        return None
+    if result is None or result.passed:
+        if result is not None:
+            log.info("safety head self-check passed: %d prompts, max logit error %.2g "
+                     "(tolerance %g)", result.prompts, result.max_error, result.tolerance)
+        return result
+    if plan.mode == "error":
         raise HeadCheckFailed(result.explain() + " (--head-check warn serves it anyway)")
-    else:
-        log.error("safety head self-check FAILED, serving anyway (--head-check warn): %s",
-                  result.explain())
+    log.error("safety head self-check FAILED, serving anyway (--head-check warn): %s",
+              result.explain())
     return result

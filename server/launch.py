@@ -199,12 +199,15 @@ def build_head_check(spec: EngineSpec, settings: Settings):
     from safeserve.models.head_check import SelfCheck
     from safeserve.server.head_check import HeadCheckPlan
 
+    from safeserve.models.decision_defaults import prompt_logit_offset
+
+    head = load_safety_head(spec.model_dir)
     try:
-        record = SelfCheck.from_extra(load_safety_head(spec.model_dir).extra)
+        record = SelfCheck.from_extra(head.extra)
     except ValueError as e:
         raise StartupError(f"safety head {spec.model_dir}: {e}") from None
     return HeadCheckPlan.build(record, settings.head_check, settings.head_check_tolerance,
-                               settings.dtype)
+                               settings.dtype, prompt_logit_offset(head.extra))
 
 
 def run_server(settings: Settings) -> None:
@@ -224,7 +227,10 @@ def run_server(settings: Settings) -> None:
     # A failed start asks uvicorn to exit rather than signalling the process: uvicorn re-raises
     # a signal it caught once it is done, which would end the process before the reason below.
     engine.on_failure = lambda: setattr(server, "should_exit", True)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down; exit 0 as uvicorn.run does
+        pass
     if engine.error is not None:
         from safeserve.server.head_check import HeadCheckFailed
 

@@ -68,3 +68,4 @@ SAFETY_STEPS = Counter("safeserve_safety_steps", "Engine steps that ran the safe
 HEAD_CHECK_ERROR = Gauge("safeserve_head_check_max_logit_error",
                          "Largest difference, in logits, between the head's recorded prompt "
                          "verdicts and this server's at startup (the self-check)")
+HEAD_CHECK_ERROR.set(float("nan"))  # until a check has measured it (never: off or no record)

@@ -176,8 +176,10 @@ def test_default_server_passed_the_head_self_check(default_server):
     safety = default_server.get("/v1/models").json()["data"][0]["safety"]
     check = safety["head_check"]
     assert check["status"] == "passed" and check["prompts"] == 8, check
-    assert check["max_logit_error"] <= check["tolerance"] == 0.1
-    assert "safeserve_head_check_max_logit_error" in default_server.get("/metrics").text
+    assert check["max_logit_error"] <= check["tolerance"] == 0.1 and check["same_rendering"]
+    line = next(x for x in default_server.get("/metrics").text.splitlines()
+                if x.startswith("safeserve_head_check_max_logit_error "))
+    assert float(line.split()[1]) == pytest.approx(check["max_logit_error"], abs=1e-6)
 
 
 def test_a_head_served_over_another_model_is_refused(tmp_path):
@@ -198,3 +200,15 @@ def test_a_head_served_over_another_model_is_refused(tmp_path):
     text = log.read_text(errors="replace")
     assert proc.returncode == 1, text[-3000:]
     assert "safeserve: safety head self-check failed" in text and "logits" in text, text[-3000:]
+
+
+def test_head_check_warn_serves_the_mismatched_head_and_says_so(tmp_path):
+    """`--head-check warn`: the same mismatched server starts, and /v1/models reports the
+    failed check with its error."""
+    adapted = resolve_spec(Settings(safety_head="strict")).model_dir
+    with running_server(tmp_path, "--model", str(adapted), "--safety-head", "default",
+                        "--head-check", "warn", "--served-model-name", "smol") as (url, _, log):
+        card = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]
+        check = card["safety"]["head_check"]
+        assert check["status"] == "failed" and check["max_logit_error"] > 5, check
+        assert "self-check FAILED, serving anyway" in log.read_text(errors="replace")

@@ -11,7 +11,7 @@ import torch
 
 from safeserve.models.checkpoint import SafetyHead, load_safety_head
 from safeserve.models.head_check import (LOGIT_CLIP, SELF_CHECK, SelfCheck, compare,
-                                         reference_logits)
+                                         compute_record, tolerance_for)
 from safeserve.models.taxonomy import Taxonomy
 from safeserve.server.head_check import HeadCheckPlan
 
@@ -23,22 +23,23 @@ def sig(x: float) -> float:
 
 
 def test_record_round_trips_and_rejects_malformed_ones():
-    rec = SelfCheck(("p1", "p2"), ((1.0, -2.0), (3.0, 4.0)), NAMES)
-    extra = {SELF_CHECK: rec.to_extra({"dtype": "float32"})}
+    rec = SelfCheck(("p1", "p2"), ((1, 2), (3,)), ((1.0, -2.0), (3.0, 4.0)), NAMES, "bfloat16")
+    extra = {SELF_CHECK: rec.to_extra({"transformers": "x"})}
     assert SelfCheck.from_extra(json.loads(json.dumps(extra))) == rec
     assert SelfCheck.from_extra({}) is None
-    bad = [{"prompts": ["p"], "prompt_logits": [[1.0]], "output_names": ["a", "b"]},
-           {"prompts": [], "prompt_logits": [], "output_names": ["a"]},
-           {"prompts": ["p"], "prompt_logits": [["x"]], "output_names": ["a"]},
-           {"prompts": ["p"], "prompt_logits": [[float("nan")]], "output_names": ["a"]},
-           {"prompt_logits": [[1.0]], "output_names": ["a"]}]
+    ok = {"prompts": ["p"], "prompt_ids": [[1]], "prompt_logits": [[1.0]], "output_names": ["a"]}
+    assert SelfCheck.from_extra({SELF_CHECK: ok}).dtype == "float32"
+    bad = [{**ok, "output_names": ["a", "b"]}, {**ok, "prompt_ids": [[]]},
+           {**ok, "prompts": [], "prompt_logits": [], "prompt_ids": []},
+           {**ok, "prompt_logits": [["x"]]}, {**ok, "prompt_logits": [[float("nan")]]},
+           {k: v for k, v in ok.items() if k != "prompt_ids"}]
     for raw in bad:
         with pytest.raises(ValueError, match=SELF_CHECK):
             SelfCheck.from_extra({SELF_CHECK: raw})
 
 
 def test_compare_finds_the_worst_output_in_logits_and_clips_saturated_ones():
-    rec = SelfCheck(("p1", "p2"), ((1.0, -2.0), (3.0, 30.0)), NAMES)
+    rec = SelfCheck(("p1", "p2"), ((1,), (2,)), ((1.0, -2.0), (3.0, 30.0)), NAMES)
     same = [{"a": sig(1.0), "b": sig(-2.0)}, {"a": sig(3.0), "b": 1.0}]  # 30 logits: exactly 1
     ok = compare(rec, same, tolerance=0.01)
     assert ok.passed and ok.max_error < 1e-5 and ok.summary()["status"] == "passed"
@@ -47,11 +48,20 @@ def test_compare_finds_the_worst_output_in_logits_and_clips_saturated_ones():
     assert not bad.passed and bad.max_error == pytest.approx(2.5, abs=1e-4)
     assert (bad.worst_prompt, bad.worst_output) == ("p2", "a")
     assert "2.5 logits" in bad.explain() and "'a' on 'p2'" in bad.explain()
+    # the head's prompt offset is applied as the server does, after a float32 sigmoid: a raw
+    # logit of 30 is exactly 1 there and stays 1 whatever the offset
+    lifted = [{"a": sig(2.5), "b": sig(-0.5)}, {"a": sig(4.5), "b": 1.0}]
+    assert compare(rec, lifted, tolerance=0.01, prompt_offset=1.5).passed
+    assert compare(rec, same, tolerance=0.01, prompt_offset=-25.0).max_error > 1.0
 
 
 def test_plan_defaults_by_dtype_and_reports_heads_without_a_record():
-    rec = SelfCheck(("p",), ((0.0,),), ("a",))
+    rec = SelfCheck(("p",), ((1,),), ((0.0,),), ("a",))
     assert HeadCheckPlan.build(rec, "error", None, "float32").tolerance == 0.1
+    # a record taken in bfloat16 (a large LoRA run) gets half precision's tolerance
+    bf16 = SelfCheck(("p",), ((1,),), ((0.0,),), ("a",), "bfloat16")
+    assert HeadCheckPlan.build(bf16, "error", None, "float32").tolerance == 1.0
+    assert tolerance_for("float32", None) == 0.1
     assert HeadCheckPlan.build(rec, "error", None, "bfloat16").tolerance == 1.0
     assert HeadCheckPlan.build(rec, "error", None, "auto").tolerance == 1.0
     assert HeadCheckPlan.build(rec, "warn", 0.3, "float32").tolerance == 0.3
@@ -77,28 +87,33 @@ def test_bundled_heads_carry_records_for_their_own_outputs():
 def test_record_follows_the_head_through_training_and_operating_point(tmp_path,
                                                                        base_model_dir):
     """A record is the training forward's prompt logits on the served model; writing a head
-    again (a moved operating point) computes a fresh one, never copies the old."""
+    again drops a copied one; a moved operating point shifts it by the bias moves, which is
+    what the forward computes for the moved head."""
     from safeserve.models.operating_point import move_operating_point
+    from safeserve.models.safety_features import load_lm
+    from safeserve.models.safety_train import write_checkpoint
 
     tax = Taxonomy.load()
     g = torch.Generator().manual_seed(0)
-    h = 576
-    head = SafetyHead(0.05 * torch.randn(tax.num_outputs, h, generator=g),
+    head = SafetyHead(0.05 * torch.randn(tax.num_outputs, 576, generator=g),
                       torch.zeros(tax.num_outputs), tax, extra={"base_model": str(base_model_dir)})
-    head.save(tmp_path / "a")
-    from safeserve.models.safety_train import write_checkpoint
-
-    stale = {SELF_CHECK: SelfCheck(("p",), ((0.0,) * tax.num_outputs,),
+    stale = {SELF_CHECK: SelfCheck(("p",), ((1,),), ((0.0,) * tax.num_outputs,),
                                    tax.output_names).to_extra({})}
     write_checkpoint(head, {}, tmp_path / "a", {**head.extra, **stale}, log=lambda *a: None)
     assert SELF_CHECK not in load_safety_head(tmp_path / "a").extra  # dropped, not copied
+    model, tok = load_lm(base_model_dir)
+    write_checkpoint(head, {}, tmp_path / "a", head.extra, self_check_model=base_model_dir,
+                     log=lambda *a: None, model=model, tok=tok)
+    rec = SelfCheck.from_extra(load_safety_head(tmp_path / "a").extra)
+    assert rec.prompt_ids[0][-1] != rec.prompt_ids[0][0] and len(rec.prompts) == 8
     move_operating_point(tmp_path / "a", tmp_path / "b", prompt_shift=-0.5, response_shift=1.0,
                          tau=4, log=lambda *a: None)
     moved = load_safety_head(tmp_path / "b")
-    rec = SelfCheck.from_extra(moved.extra)
-    raw = reference_logits(base_model_dir, head, prompts=rec.prompts[:2])
-    for got, before in zip(rec.logits[:2], raw):
-        # categories: +1.5 prompt offset; the overall output: its bias moved -1 with the
-        # response shift (it fires at 0.5), then the same +1.5
-        assert got[:-1] == pytest.approx([v + 1.5 for v in before[:-1]], abs=1e-4)
-        assert got[-1] == pytest.approx(before[-1] + 0.5, abs=1e-4)
+    shifted = SelfCheck.from_extra(moved.extra)
+    fresh = compute_record(model, tok, moved, prompts=rec.prompts[:3])
+    for got, want, before in zip(shifted.logits, fresh.logits, rec.logits):
+        assert got == pytest.approx(want, abs=1e-4)
+        # raw logits: categories unchanged, the overall output's bias -1 (it fires at 0.5);
+        # the +1.5 prompt offset is the server's, applied in the comparison
+        assert got[:-1] == pytest.approx(before[:-1], abs=1e-5)
+        assert got[-1] == pytest.approx(before[-1] - 1.0, abs=1e-5)

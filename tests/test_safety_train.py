@@ -401,6 +401,20 @@ def test_operating_point_moves_a_trained_head(tiny, tmp_path):
     train_safety({"data": train, "eval_data": held, "model": model_dir, "out": tmp_path / "a",
                   "mode": "head", "epochs": 5, "lr": 2e-2, "batch_size": 16, "head_batch_size": 256,
                   "max_length": 128, "mlp_units": 8, "head_only": True}, log=lambda *a: None)
+    # training recorded the head's self-check on its model; `train self-check` rewrites it
+    import subprocess
+
+    from conftest import SAFESERVE
+    from safeserve.models.head_check import SelfCheck
+
+    trained = SelfCheck.from_extra(load_safety_head(tmp_path / "a").extra)
+    assert trained is not None and len(trained.logits[0]) == len(trained.output_names)
+    res = subprocess.run([str(SAFESERVE), "train", "self-check", "--head", str(tmp_path / "a")],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "recorded the head's self-check" in res.stdout, res.stderr
+    again = SelfCheck.from_extra(load_safety_head(tmp_path / "a").extra)
+    assert again.prompt_ids == trained.prompt_ids
+    assert again.logits[0] == pytest.approx(trained.logits[0], abs=1e-4)
     point = move_operating_point(tmp_path / "a", tmp_path / "b", prompt_shift=-0.5,
                                  response_shift=1.0, tau=4, log=lambda *a: None)
     assert point["tau"] == 4 and point["prompt_logit_offset"] == 1.5

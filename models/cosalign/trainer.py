@@ -123,6 +123,9 @@ def copy_head(base_dir: Path, out: Path) -> bool:
         return True
     shutil.rmtree(out / HEAD_DIR, ignore_errors=True)
     shutil.copytree(src, out / HEAD_DIR)
+    from safeserve.models.head_check import drop_self_check
+
+    drop_self_check(out)  # its record is the base model's: unverified on the fine-tune
     return True
 
 

@@ -186,6 +186,9 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
         if (out / HEAD_DIR).exists():
             shutil.rmtree(out / HEAD_DIR)
         shutil.copytree(Path(head_dir) / HEAD_DIR, out / HEAD_DIR)
+        from safeserve.models.head_check import drop_self_check
+
+        drop_self_check(out)  # its record is the base model's: unverified on the fine-tune
         head_after = head_auroc(final, tok, head, cfg.probe_data)
 
     by_source = Counter(s.source or "unlabelled" for s in samples)
