@@ -105,6 +105,15 @@ def safety_scores_reference(
     return torch.sigmoid(head_logits(hidden, weight, bias, mlp))
 
 
+def select_prompt_rows(scores: torch.Tensor, is_prompt: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, 2K] scores of a head with a separate prompt read-out (its K outputs after the
+    head's K; checkpoint format 4) -> [N, K]: the prompt read-out's at the rows where
+    ``is_prompt`` ([N], nonzero = a prompt end), the head's elsewhere. No host sync."""
+    if scores.shape[1] == k:
+        return scores
+    return torch.where(is_prompt.reshape(-1, 1).to(torch.bool), scores[:, k:], scores[:, :k])
+
+
 def offset_prompt_rows(scores: torch.Tensor, is_prompt: torch.Tensor,
                        offset: float) -> torch.Tensor:
     """[N, K] scores with the head's prompt offset applied at the rows where ``is_prompt``

@@ -39,7 +39,12 @@ FORMAT_VERSION_MLP = 2  # heads with the residual MLP: older readers must refuse
 # Heads with an exact prompt offset (operating_point.prompt_logit_offset, linear or MLP): a
 # reader that ignored it would serve the prompt verdict at the wrong operating point.
 FORMAT_VERSION_OFFSET = 3
-FORMAT_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_MLP, FORMAT_VERSION_OFFSET)
+# Heads with a separate prompt read-out (prompt_weight [K, H], prompt_bias [K]; models/
+# prompt_head.py): a reader that ignored it would judge prompts with the response head.
+FORMAT_VERSION_PROMPT = 4
+FORMAT_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_MLP, FORMAT_VERSION_OFFSET,
+                   FORMAT_VERSION_PROMPT)
+PROMPT_TENSORS = ("prompt_weight", "prompt_bias")
 MLP_TENSORS = ("mlp_up", "mlp_up_bias", "mlp_down")
 MLP_GATE = "mlp_gate"  # optional fourth tensor: the MLP is scaled by clamp(1 - (v.h + c), 0, 1)
 
@@ -56,6 +61,7 @@ class SafetyHead:
     layer: int = -1
     extra: dict = field(default_factory=dict)  # recipe, base model, metrics summary
     mlp: tuple[torch.Tensor, ...] | None = None  # (up, up_bias, down[, gate])
+    prompt: tuple[torch.Tensor, torch.Tensor] | None = None  # the prompt rows' (weight, bias)
 
     @property
     def mlp_units(self) -> int:
@@ -65,6 +71,8 @@ class SafetyHead:
     def format_version(self) -> int:
         from safeserve.models.decision_defaults import OPERATING_POINT, PROMPT_LOGIT_OFFSET
 
+        if self.prompt is not None:
+            return FORMAT_VERSION_PROMPT
         # Any value but 0 needs a reader that knows the offset (which also validates it).
         if (self.extra.get(OPERATING_POINT) or {}).get(PROMPT_LOGIT_OFFSET, 0) != 0:
             return FORMAT_VERSION_OFFSET
@@ -99,6 +107,11 @@ class SafetyHead:
                     f"safety head MLP has up {tuple(up.shape)}, up_bias {tuple(up_bias.shape)}, "
                     f"down {tuple(down.shape)}; want ({m}, {self.hidden_size}), ({m},), ({k}, {m})"
                 )
+        if self.prompt is not None and (self.prompt[0].shape != self.weight.shape
+                                        or self.prompt[1].shape != (k,)):
+            raise CheckpointError(
+                f"safety head prompt read-out has {tuple(self.prompt[0].shape)} weights and "
+                f"{tuple(self.prompt[1].shape)} biases; want {tuple(self.weight.shape)}, ({k},)")
         if hidden_size is not None and self.hidden_size != hidden_size:
             raise CheckpointError(
                 f"safety head reads hidden size {self.hidden_size} but the model's is {hidden_size}"
@@ -108,12 +121,36 @@ class SafetyHead:
                 f"safety head reads layer {self.layer}; the server serves heads on layer -1 only"
             )
 
+    def served_tensors(self) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+        """(weight, bias, mlp) as the serving kernel runs them: with a prompt read-out, its
+        K rows follow the head's K (the MLP adds nothing to them), and the worker keeps the
+        second half at prompt rows (kernels/safety_head.select_prompt_rows)."""
+        if self.prompt is None:
+            return self.weight, self.bias, self.mlp
+        weight = torch.cat([self.weight, self.prompt[0]])
+        bias = torch.cat([self.bias, self.prompt[1]])
+        mlp = self.mlp
+        if mlp is not None:
+            down = torch.cat([mlp[2], torch.zeros_like(mlp[2])])
+            mlp = (mlp[0], mlp[1], down, *mlp[3:])
+        return weight, bias, mlp
+
+    def prompt_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, H] -> [N, K]: the logits the prompt verdict reads (before the prompt offset)."""
+        from safeserve.kernels.safety_head import head_logits
+
+        if self.prompt is not None:
+            return head_logits(hidden, self.prompt[0], self.prompt[1])
+        return head_logits(hidden, self.weight, self.bias, self.mlp)
+
     def save(self, model_dir: str | Path) -> Path:
         out = Path(model_dir) / HEAD_DIR
         out.mkdir(parents=True, exist_ok=True)
         tensors = {"weight": self.weight, "bias": self.bias}
         if self.mlp is not None:
             tensors.update(zip(MLP_TENSORS + (MLP_GATE,), self.mlp))
+        if self.prompt is not None:
+            tensors.update(zip(PROMPT_TENSORS, self.prompt))
         save_file({name: t.detach().float().contiguous().cpu() for name, t in tensors.items()},
                   str(out / "head.safetensors"))
         self.taxonomy.save(out / "taxonomy.yaml")
@@ -160,7 +197,14 @@ def load_safety_head(model_dir: str | Path, expect_taxonomy: Taxonomy | None = N
                               f"{', '.join(map(str, FORMAT_VERSIONS))}")
     mlp = None
     has_mlp = cfg["format_version"] == FORMAT_VERSION_MLP or (
-        cfg["format_version"] == FORMAT_VERSION_OFFSET and int(cfg.get("mlp_units") or 0) > 0)
+        cfg["format_version"] in (FORMAT_VERSION_OFFSET, FORMAT_VERSION_PROMPT)
+        and int(cfg.get("mlp_units") or 0) > 0)
+    prompt = None
+    if cfg["format_version"] == FORMAT_VERSION_PROMPT:
+        missing = [n for n in PROMPT_TENSORS if n not in tensors]
+        if missing:
+            raise CheckpointError(f"safety head format 4 in {d} lacks {missing}")
+        prompt = tuple(tensors[n].float() for n in PROMPT_TENSORS)
     if has_mlp:
         missing = [n for n in MLP_TENSORS if n not in tensors]
         if missing:
@@ -188,6 +232,6 @@ def load_safety_head(model_dir: str | Path, expect_taxonomy: Taxonomy | None = N
              if k not in {"format_version", "hidden_size", "num_outputs", "layer",
                           "output_names", "taxonomy_sha256", "mlp_units"}}
     head = SafetyHead(tensors["weight"].float(), tensors["bias"].float(), taxonomy,
-                      int(cfg.get("layer", -1)), extra, mlp)
+                      int(cfg.get("layer", -1)), extra, mlp, prompt)
     head.validate(cfg.get("hidden_size"))
     return head

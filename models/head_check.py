@@ -177,7 +177,6 @@ def compute_record(model, tok, head, prompts=SELF_CHECK_PROMPTS,
     training code's forward and the head's math from kernels/safety_head.py."""
     import torch
 
-    from safeserve.kernels.safety_head import head_logits
     from safeserve.models.safety_features import backbone
 
     device = next(model.parameters()).device
@@ -188,7 +187,7 @@ def compute_record(model, tok, head, prompts=SELF_CHECK_PROMPTS,
         for text in prompts:
             ids = render_prompt(tok, text)
             hidden = backbone(model)(torch.tensor([ids], device=device)).last_hidden_state
-            out = head_logits(hidden[0, -1:].float().cpu(), head.weight, head.bias, head.mlp)[0]
+            out = head.prompt_logits(hidden[0, -1:].float().cpu())[0]
             ids_rows.append(tuple(ids))
             rows.append(tuple(float(v) for v in out))
     model.train(was_training)

@@ -72,8 +72,14 @@ def shift_head(head: SafetyHead, *, prompt_shift: float, response_shift: float,
     if alert_margin > 0:
         extra[OPERATING_POINT].update(alert_margin=alert_margin, alert_tau=alert_tau)
     prompt_logit_offset(extra)  # in range, as the server will check
+    prompt = None
+    if head.prompt is not None:  # its overall output's fold moves with the head's
+        prompt_bias = head.prompt[1].float().clone()
+        prompt_bias[-1] -= response_shift
+        prompt = (head.prompt[0], prompt_bias)
     return SafetyHead(head.weight.float().clone(), bias,
-                      with_thresholds(head.taxonomy, thresholds), head.layer, extra, head.mlp)
+                      with_thresholds(head.taxonomy, thresholds), head.layer, extra, head.mlp,
+                      prompt)
 
 
 def move_operating_point(head_dir: Path, out: Path, *, prompt_shift: float,
@@ -100,7 +106,9 @@ def move_operating_point(head_dir: Path, out: Path, *, prompt_shift: float,
     record = SelfCheck.from_extra(head.extra)
     if record is not None:
         assert torch.equal(new.weight, head.weight)  # only biases move: the record shifts
-        write_record(out, record.shifted((new.bias - head.bias).tolist()), log,
+        old_b, new_b = ((head.bias, new.bias) if head.prompt is None
+                        else (head.prompt[1], new.prompt[1]))
+        write_record(out, record.shifted((new_b - old_b).tolist()), log,
                      " (the old record, moved with the biases)")
     adapter = Path(head_dir) / "adapter"
     if adapter.is_dir() and Path(out) != Path(head_dir):

@@ -394,6 +394,10 @@ def recalibrate(model_dir: Path, head_dir: Path, eval_data, out: Path, *, target
     from safeserve.models.checkpoint import load_safety_head
 
     head = load_safety_head(head_dir)
+    if head.prompt is not None:
+        raise ValueError(f"the head in {head_dir} has a separate prompt read-out, calibrated "
+                         "against its thresholds: recalibrate the head it was fitted for, then "
+                         "run `train prompt-head` again")
     taxonomy = head.taxonomy
     model, tok = load_lm(Path(model_dir))
     model.eval()
@@ -575,6 +579,27 @@ def register(app) -> None:
                                      alert_margin=alert_margin, alert_tau=alert_tau,
                                      log=typer.echo)
         typer.echo(json.dumps(point, indent=2))
+
+    @app.command("prompt-head")
+    def prompt_head_cmd(
+        head: str = typer.Option(..., help="A bundled head (default, strict) or a directory "
+                                 "holding safety_head/."),
+        out: Path = typer.Option(..., help="Output directory (safety_head/, adapter/)."),
+        data_root: Path = typer.Option(..., help="Folder of the public datasets (training "
+                                       "sources; every evaluation set's prompts are removed)."),
+        model: Path = typer.Option(None, help="Base model the head reads (default: the one "
+                                   "the head records, if present, else the embedded one)."),
+        target_fpr: float = typer.Option(0.05, help="Held-out benign prompts flagged, at most "
+                                         "(any output)."),
+        seed: int = typer.Option(0, help="Seed of the wrappers and the held-out split."),
+    ) -> None:
+        """Fit a separate linear read-out for the prompt verdict on prompt ends alone
+        (checkpoint format 4); the response rule stays the head's."""
+        from safeserve.models.model_store import resolve_head_dir
+        from safeserve.models.prompt_head import train_prompt_head
+
+        train_prompt_head(resolve_head_dir(head), out, data_root, model, target_fpr=target_fpr,
+                          seed=seed, log=typer.echo)
 
     @app.command("self-check")
     def self_check_cmd(

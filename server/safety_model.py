@@ -26,6 +26,7 @@ class StepSignal:
         self.output_names: tuple[str, ...] = ()
 
     def take(self, num_rows: int) -> torch.Tensor:
+        """[N, K], or [N, 2K] for a head with a prompt read-out (select_prompt_rows)."""
         scores, self.scores = self.scores, None
         if scores is None or scores.shape[0] != num_rows:
             got = None if scores is None else tuple(scores.shape)
@@ -44,19 +45,23 @@ class SafetyHeadMixin:
         head = load_safety_head(vllm_config.model_config.model)
         head.validate(vllm_config.model_config.get_hidden_size())
         device = next(self.parameters()).device
+        # A head with a separate prompt read-out runs both in the one launch: [N, 2K] scores,
+        # the worker keeps the read-out's at prompt rows (kernels/safety_head.select_prompt_rows).
+        weight, bias, mlp = head.served_tensors()
         # Buffers, not parameters: vLLM's weight loader only walks parameters.
-        self.register_buffer("_safety_weight", head.weight.to(device), persistent=False)
-        self.register_buffer("_safety_bias", head.bias.to(device), persistent=False)
+        self.register_buffer("_safety_weight", weight.to(device), persistent=False)
+        self.register_buffer("_safety_bias", bias.to(device), persistent=False)
         self._safety_mlp = None
-        if head.mlp is not None:
+        if mlp is not None:
             names = ("_safety_mlp_up", "_safety_mlp_up_bias", "_safety_mlp_down", "_safety_mlp_gate")
-            for name, t in zip(names, head.mlp):
+            for name, t in zip(names, mlp):
                 self.register_buffer(name, t.to(device), persistent=False)
-            self._safety_mlp = tuple(getattr(self, n) for n in names[:len(head.mlp)])
+            self._safety_mlp = tuple(getattr(self, n) for n in names[:len(mlp)])
         STEP_SIGNAL.num_outputs = head.weight.shape[0]
         STEP_SIGNAL.output_names = head.taxonomy.output_names
-        log.info("safety head: %d outputs over hidden size %d, residual MLP of %d units",
-                 *head.weight.shape, head.mlp_units)
+        log.info("safety head: %d outputs over hidden size %d, residual MLP of %d units%s",
+                 *head.weight.shape, head.mlp_units,
+                 ", separate prompt read-out" if head.prompt is not None else "")
 
     def compute_logits(self, hidden_states: torch.Tensor, *args, **kwargs):
         STEP_SIGNAL.scores = safety_scores(hidden_states, self._safety_weight, self._safety_bias,

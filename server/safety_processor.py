@@ -21,7 +21,7 @@ from functools import partial
 
 import torch
 from safeserve.kernels.safety_decision import EVENT_OK, EVENT_TRIGGER, decide
-from safeserve.kernels.safety_head import offset_prompt_rows
+from safeserve.kernels.safety_head import offset_prompt_rows, select_prompt_rows
 from safeserve.models.decision_defaults import prompt_logit_offset
 from safeserve.models.checkpoint import load_safety_head
 from safeserve.server import safety_wire as W
@@ -159,6 +159,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         # Built before the model loads: read the head's width from the checkpoint itself.
         head = load_safety_head(vllm_config.model_config.model)
         k = head.weight.shape[0]
+        self.k = k
         self.device = device
         self.pin_memory = is_pin_memory
         # The prompt verdict's own operating point, applied to prompt rows' scores before the
@@ -271,6 +272,9 @@ class SafetyLogitsProcessor(LogitsProcessor):
         out_len = torch.tensor(lengths, dtype=torch.int32).to(self.device, non_blocking=True)
         self._undo_repeated_steps(n, out_len)
         is_prompt = (out_len == 0).to(torch.int8)
+        if scores.shape[1] != self.k:  # a separate prompt read-out: its scores at prompt rows
+            scores = (select_prompt_rows(scores, is_prompt, self.k)
+                      if self.device.type == "cuda" or 0 in lengths else scores[:, :self.k])
         # Off-GPU, skip the offset on the many steps without a prompt row.
         if self.prompt_offset and (self.device.type == "cuda" or 0 in lengths):
             scores = offset_prompt_rows(scores, is_prompt, self.prompt_offset)

@@ -98,11 +98,13 @@ def test_allowing_one_category_keeps_the_overall_detector_for_the_others(default
 def test_default_head_scores_match_the_training_forward(default_server):
     """Parity on the committed default head (whatever its form, residual MLP included): the
     per-token scores the server reports equal transformers' forward through
-    kernels/safety_head.py within 1e-3."""
+    kernels/safety_head.py within 1e-3 (the prompt row through the head's separate prompt
+    read-out, when it has one)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from safeserve.kernels.safety_head import offset_prompt_rows, safety_scores_reference
+    from safeserve.kernels.safety_head import (offset_prompt_rows, safety_scores_reference,
+                                               select_prompt_rows)
     from safeserve.models.decision_defaults import prompt_logit_offset
     from safeserve.models.checkpoint import load_safety_head
 
@@ -117,8 +119,9 @@ def test_default_head_scores_match_the_training_forward(default_server):
     head = load_safety_head(model_dir)
     with torch.no_grad():
         hidden = model.model(torch.tensor([prompt_ids + out_ids])).last_hidden_state[0]
-    scores = safety_scores_reference(hidden, head.weight, head.bias, head.mlp)
+    scores = safety_scores_reference(hidden, *head.served_tensors())  # as the worker's kernel
     at_prompt_end = torch.arange(len(scores)) == len(prompt_ids) - 1  # the prompt verdict's row
+    scores = select_prompt_rows(scores, at_prompt_end, head.taxonomy.num_outputs)
     scores = offset_prompt_rows(scores, at_prompt_end, prompt_logit_offset(head.extra))
     trace = data["safety"]["trace"]
     assert len(trace) >= 8

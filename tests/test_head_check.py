@@ -117,3 +117,46 @@ def test_record_follows_the_head_through_training_and_operating_point(tmp_path,
         # the +1.5 prompt offset is the server's, applied in the comparison
         assert got[:-1] == pytest.approx(before[:-1], abs=1e-5)
         assert got[-1] == pytest.approx(before[-1] - 1.0, abs=1e-5)
+
+
+def test_prompt_readout_serves_prompt_rows_and_moves_with_the_operating_point(tmp_path,
+                                                                               base_model_dir):
+    """Format 4: the stacked kernel weights give the read-out's logits at prompt rows and the
+    head's (MLP included) elsewhere; a moved operating point moves the read-out's overall
+    output with the head's, and its record stays what the forward computes."""
+    from safeserve.kernels.safety_head import (head_logits, safety_scores_reference,
+                                               select_prompt_rows)
+    from safeserve.models.checkpoint import FORMAT_VERSION_PROMPT
+    from safeserve.models.operating_point import move_operating_point
+    from safeserve.models.safety_features import load_lm
+    from safeserve.models.safety_train import write_checkpoint
+
+    tax = Taxonomy.load()
+    k, h = tax.num_outputs, 576
+    g = torch.Generator().manual_seed(1)
+    mlp = (0.05 * torch.randn(8, h, generator=g), torch.zeros(8),
+           0.1 * torch.randn(k, 8, generator=g))
+    head = SafetyHead(0.05 * torch.randn(k, h, generator=g), torch.zeros(k), tax,
+                      extra={"base_model": str(base_model_dir)}, mlp=mlp,
+                      prompt=(0.05 * torch.randn(k, h, generator=g), torch.randn(k, generator=g)))
+    x = torch.randn(5, h, generator=g)
+    is_prompt = torch.tensor([1, 0, 0, 1, 0])
+    got = select_prompt_rows(torch.logit(safety_scores_reference(x, *head.served_tensors())),
+                             is_prompt, k)
+    want = torch.where(is_prompt.bool().unsqueeze(1), head_logits(x, *head.prompt),
+                       head_logits(x, head.weight, head.bias, mlp))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    model, tok = load_lm(base_model_dir)
+    write_checkpoint(head, {}, tmp_path / "a", head.extra, self_check_model=base_model_dir,
+                     log=lambda *a: None, model=model, tok=tok)
+    saved = load_safety_head(tmp_path / "a")
+    assert saved.format_version == FORMAT_VERSION_PROMPT
+    assert torch.equal(saved.prompt[0], head.prompt[0])
+    move_operating_point(tmp_path / "a", tmp_path / "b", prompt_shift=0.0, response_shift=2.0,
+                         tau=4, log=lambda *a: None)
+    moved = load_safety_head(tmp_path / "b")
+    assert moved.prompt[1][-1].item() == pytest.approx(head.prompt[1][-1].item() - 2.0)
+    shifted = SelfCheck.from_extra(moved.extra)
+    fresh = compute_record(model, tok, moved, prompts=shifted.prompts[:2])
+    for a, b in zip(shifted.logits, fresh.logits):
+        assert a == pytest.approx(b, abs=1e-4)

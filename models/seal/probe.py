@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from safeserve.kernels.safety_head import head_logits
 from safeserve.models.seal.data import prompt_token_ids
 
 BUILTIN_HARMFUL = [
@@ -98,8 +97,6 @@ def prompt_scores(model, tokenizer, head, prompts: list[str], batch_size: int = 
     dec = base.get_decoder()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    weight, bias = head.weight.to(device), head.bias.to(device)
-    mlp = None if head.mlp is None else tuple(t.to(device) for t in head.mlp)
     out: list[float] = []
     for i in range(0, len(prompts), batch_size):
         enc = [prompt_token_ids(tokenizer, [{"role": "user", "content": p}])
@@ -113,7 +110,7 @@ def prompt_scores(model, tokenizer, head, prompts: list[str], batch_size: int = 
         hidden = dec(input_ids=ids.to(device), attention_mask=att.to(device)).last_hidden_state
         last = torch.tensor([len(e) - 1 for e in enc], device=device)
         h = hidden[torch.arange(len(enc), device=device), last].float()
-        logits = head_logits(h, weight.float(), bias.float(), mlp) + offset  # as served
+        logits = head.prompt_logits(h.cpu()) + offset  # as served (the prompt read-out, if any)
         out.extend(torch.sigmoid(logits[:, -1]).cpu().tolist())
     return out
 

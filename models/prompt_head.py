@@ -1,0 +1,188 @@
+"""A separate linear read-out for the prompt verdict (``safeserve train prompt-head``).
+
+The served head computes the prompt verdict and the per-token response rule from the same
+linear part (the response rule adds a gated MLP); its training mixes prompt ends with every
+response token, so the prompt verdict is a compromise. An offline comparison on the embedded
+model (2026-12-04; README, "a separate prompt read-out") found a read-out trained on prompt ends
+alone, class-balanced, with the harmful and benign requests also wrapped in this project's
+rephrasings and payload splits, flagging 95% of the direct evaluation requests and 43% of the
+split-variable jailbreaks at 4.4% of XSTest's safe prompts, where the served head flags no split
+request at all. This job fits that read-out for an existing head and stores it beside the
+head's own weights (checkpoint format 4): the server reads prompt rows through it and every
+generated token through the head as before, so the response rule is unchanged to the bit.
+Served over the default head it traded rather than improved (README, "a separate prompt
+read-out": fewer payload-split jailbreaks through, more direct ones and more over-refusal), so
+the default head does not carry one.
+
+Data: prompts only (no generation), from the data root's training sources with every
+evaluation set's prompts removed (``safety_data_build``): harmful requests (refusal-direction
+train/val, HarmBench val and adversarial-training behaviours, TDC 2023) each as written, in one
+rephrasing and in one payload split; Alpaca instructions as written, rephrased and split;
+GPTeacher role-play and the written hard negatives. A fifth of the prompt groups is held out:
+it sets the thresholds (``--target-fpr`` of held-out benign prompts flagged, any output) and is
+reported. The thresholds are folded into the read-out's biases relative to the head's served
+thresholds and prompt offset, so the server's rule is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class PromptRow:
+    text: str
+    harmful: bool
+    categories: list[str]
+    group: str
+
+
+def build_prompt_rows(root: Path, seed: int = 0, n_alpaca: int = 600, n_wrapped: int = 200,
+                      n_roleplay: int = 250, warn=print) -> list[PromptRow]:
+    from safeserve.models.augment import split_wrap
+    from safeserve.models.hard_negatives import hard_negative_prompts
+    from safeserve.models.safety_data_build import (PHRASINGS, normalise, read_benign_sources,
+                                                    read_eval_keys, read_harmful_sources,
+                                                    rephrase)
+
+    rng = random.Random(seed)
+    keys = set().union(*read_eval_keys(root, warn).values())
+    kinds = sorted(PHRASINGS)
+    rows: list[PromptRow] = []
+    for i, p in enumerate(x for x in read_harmful_sources(root, warn)
+                          if normalise(x.text) not in keys):
+        group = f"harm:{i}"
+        for text in (p.text, rephrase(p.text, rng.choice(kinds), rng), split_wrap(p.text, rng)[0]):
+            rows.append(PromptRow(text, True, list(p.categories), group))
+    benign = read_benign_sources(root, warn)
+    alpaca = [t for t in benign["alpaca"] if normalise(t) not in keys and 0 < len(t) < 300]
+    rng.shuffle(alpaca)
+    for i, t in enumerate(alpaca[:n_alpaca]):
+        rows.append(PromptRow(t, False, [], f"alpaca:{i}"))
+    for i, t in enumerate(alpaca[n_alpaca:n_alpaca + n_wrapped]):
+        group = f"alpaca_wrapped:{i}"
+        rows.append(PromptRow(rephrase(t, rng.choice(kinds), rng), False, [], group))
+        rows.append(PromptRow(split_wrap(t, rng)[0], False, [], group))
+    roleplay = [t for t in benign["gpteacher_roleplay"] if 0 < len(t) < 600]
+    rng.shuffle(roleplay)
+    for i, t in enumerate(roleplay[:n_roleplay]):
+        rows.append(PromptRow(t, False, [], f"roleplay:{i}"))
+    for h in hard_negative_prompts(seed):
+        if normalise(h.prompt) not in keys:
+            rows.append(PromptRow(h.prompt, False, [], f"hn:{h.group}"))
+    return rows
+
+
+def prompt_end_features(model, tok, texts: list[str], log=print) -> torch.Tensor:
+    """The final hidden state at the end of each prompt as the server renders it."""
+    from tqdm import tqdm
+
+    from safeserve.models.head_check import render_prompt
+    from safeserve.models.safety_features import backbone
+
+    out = []
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for text in tqdm(texts, desc="prompt ends", mininterval=10):
+            ids = render_prompt(tok, text)[-2048:]
+            h = backbone(model)(torch.tensor([ids], device=device)).last_hidden_state
+            out.append(h[0, -1].float().cpu())
+    return torch.stack(out)
+
+
+def fit_readout(x: torch.Tensor, y: torch.Tensor, weight_decay: float = 1e-3,
+                max_iter: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-label logistic read-out [K, H], [K]: standardised inputs, each output's classes
+    weighted equally, L-BFGS; the standardisation is folded into the returned weights."""
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    xn = (x - mu) / sd
+    k = y.shape[1]
+    w = torch.zeros(k, x.shape[1], requires_grad=True)
+    b = torch.zeros(k, requires_grad=True)
+    pos = y.float().mean(0).clamp(1e-3, 1 - 1e-3)
+    weight = torch.where(y == 1, 0.5 / pos, 0.5 / (1 - pos))
+    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            xn @ w.T + b, y.float(), weight=weight) + weight_decay * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    w, b = w.detach(), b.detach()
+    return w / sd, b - (w / sd) @ mu
+
+
+def union_thresholds(benign_logits: torch.Tensor, target_fpr: float) -> torch.Tensor:
+    """Per-output thresholds at one common benign quantile, chosen so that at most
+    ``target_fpr`` of the benign rows have any output over its threshold."""
+    lo, hi = 0.0, target_fpr
+    for _ in range(40):
+        q = (lo + hi) / 2
+        thr = torch.quantile(benign_logits, 1 - q, dim=0)
+        fpr = (benign_logits > thr).any(1).float().mean().item()
+        lo, hi = (q, hi) if fpr <= target_fpr else (lo, q)
+    return torch.quantile(benign_logits, 1 - lo, dim=0)
+
+
+def train_prompt_head(head_dir: Path, out: Path, data_root: Path, model_dir: Path | None = None,
+                      target_fpr: float = 0.05, seed: int = 0, log=print) -> dict:
+    from safeserve.models.checkpoint import load_safety_head
+    from safeserve.models.decision_defaults import prompt_logit_offset
+    from safeserve.models.head_check import served_model_for
+    from safeserve.models.safety_features import load_lm
+    from safeserve.models.safety_train import write_checkpoint
+
+    t0 = time.time()
+    head = load_safety_head(head_dir)
+    lm_dir = served_model_for(Path(head_dir), model_dir)
+    rows = build_prompt_rows(Path(data_root), seed, warn=log)
+    groups = sorted({r.group for r in rows})
+    held = set(random.Random(seed).sample(groups, len(groups) // 5))
+    tax = head.taxonomy
+    y = torch.zeros(len(rows), tax.num_outputs)
+    for i, r in enumerate(rows):
+        if r.harmful:
+            y[i, -1] = 1
+            for c in r.categories:
+                y[i, tax.index(c)] = 1
+    model, tok = load_lm(lm_dir)
+    model.eval()
+    x = prompt_end_features(model, tok, [r.text for r in rows], log)
+    is_held = torch.tensor([r.group in held for r in rows])
+    w, b = fit_readout(x[~is_held], y[~is_held])
+    z = x[is_held] @ w.T + b
+    yh = y[is_held]
+    benign = yh[:, -1] == 0
+    thr = union_thresholds(z[benign], target_fpr)
+    flagged = (z > thr).any(1)
+    served = torch.tensor([c.threshold for c in tax.categories] + [0.5])
+    offset = prompt_logit_offset(head.extra)
+    # fold: the server flags output k when sigmoid(z_k + offset) > t_k
+    b = b - thr + torch.log(served / (1 - served)) - offset
+    head.prompt = (w, b)
+    metrics = {"prompt_head": {
+        "train_prompts": int((~is_held).sum()), "heldout_prompts": int(is_held.sum()),
+        "target_fpr": target_fpr,
+        "heldout_benign_flagged": round(flagged[benign].float().mean().item(), 4),
+        "heldout_harmful_flagged": round(flagged[~benign].float().mean().item(), 4),
+        "data_root": str(data_root), "seed": seed, "seconds": round(time.time() - t0)}}
+    old = Path(head_dir) / "safety_head" / "metrics.json"
+    all_metrics = {**(json.loads(old.read_text()) if old.is_file() else {}), **metrics}
+    write_checkpoint(head, all_metrics, Path(out), {**head.extra, "prompt_head": metrics[
+        "prompt_head"]}, self_check_model=lm_dir, log=log, model=model, tok=tok)
+    adapter = Path(head_dir) / "adapter"
+    if adapter.is_dir() and Path(out) != Path(head_dir):
+        import shutil
+
+        shutil.copytree(adapter, Path(out) / "adapter", dirs_exist_ok=True)
+    log(json.dumps(metrics["prompt_head"]))
+    return metrics["prompt_head"]
