@@ -45,6 +45,10 @@ class PromptRow:
 
 def build_prompt_rows(root: Path, seed: int = 0, n_alpaca: int = 600, n_wrapped: int = 200,
                       n_roleplay: int = 250, warn=print) -> list[PromptRow]:
+    """Training prompts with the leakage rules of ``build_safety_data``: no evaluation set's
+    prompt (normalised) in any source; a hard-negative entry dropped whole when one of its
+    wordings is one; harmful prompts de-duplicated (the sources overlap); contextual HarmBench
+    behaviours (a pasted context) kept as written, not wrapped."""
     from safeserve.models.augment import split_wrap
     from safeserve.models.hard_negatives import hard_negative_prompts
     from safeserve.models.safety_data_build import (PHRASINGS, normalise, read_benign_sources,
@@ -52,14 +56,24 @@ def build_prompt_rows(root: Path, seed: int = 0, n_alpaca: int = 600, n_wrapped:
                                                     rephrase)
 
     rng = random.Random(seed)
-    keys = set().union(*read_eval_keys(root, warn).values())
+    eval_keys = read_eval_keys(root, warn)
+    if not eval_keys:
+        raise ValueError(f"no evaluation set found under {root}: leakage cannot be checked")
+    keys = set().union(*eval_keys.values())
     kinds = sorted(PHRASINGS)
     rows: list[PromptRow] = []
-    for i, p in enumerate(x for x in read_harmful_sources(root, warn)
-                          if normalise(x.text) not in keys):
-        group = f"harm:{i}"
-        for text in (p.text, rephrase(p.text, rng.choice(kinds), rng), split_wrap(p.text, rng)[0]):
-            rows.append(PromptRow(text, True, list(p.categories), group))
+    seen: set[str] = set()
+    for p in read_harmful_sources(root, warn):
+        key = normalise(p.text)
+        if key in keys or key in seen:
+            continue
+        seen.add(key)
+        group = f"harm:{len(seen)}"
+        texts = [p.text] if "\n---\n" in p.text else [
+            p.text, rephrase(p.text, rng.choice(kinds), rng), split_wrap(p.text, rng)[0]]
+        rows += [PromptRow(t, True, list(p.categories), group) for t in texts]
+    if not rows:
+        raise ValueError(f"no harmful training prompts under {root}")
     benign = read_benign_sources(root, warn)
     alpaca = [t for t in benign["alpaca"] if normalise(t) not in keys and 0 < len(t) < 300]
     rng.shuffle(alpaca)
@@ -69,13 +83,15 @@ def build_prompt_rows(root: Path, seed: int = 0, n_alpaca: int = 600, n_wrapped:
         group = f"alpaca_wrapped:{i}"
         rows.append(PromptRow(rephrase(t, rng.choice(kinds), rng), False, [], group))
         rows.append(PromptRow(split_wrap(t, rng)[0], False, [], group))
-    roleplay = [t for t in benign["gpteacher_roleplay"] if 0 < len(t) < 600]
+    roleplay = [t for t in benign["gpteacher_roleplay"]
+                if 0 < len(t) < 600 and normalise(t) not in keys]
     rng.shuffle(roleplay)
     for i, t in enumerate(roleplay[:n_roleplay]):
         rows.append(PromptRow(t, False, [], f"roleplay:{i}"))
-    for h in hard_negative_prompts(seed):
-        if normalise(h.prompt) not in keys:
-            rows.append(PromptRow(h.prompt, False, [], f"hn:{h.group}"))
+    negatives = hard_negative_prompts(seed)
+    leaked = {h.group for h in negatives if normalise(h.prompt) in keys}
+    rows += [PromptRow(h.prompt, False, [], f"hn:{h.group}") for h in negatives
+             if h.group not in leaked]
     return rows
 
 
@@ -90,7 +106,7 @@ def prompt_end_features(model, tok, texts: list[str], log=print) -> torch.Tensor
     device = next(model.parameters()).device
     with torch.no_grad():
         for text in tqdm(texts, desc="prompt ends", mininterval=10):
-            ids = render_prompt(tok, text)[-2048:]
+            ids = render_prompt(tok, text)
             h = backbone(model)(torch.tensor([ids], device=device)).last_hidden_state
             out.append(h[0, -1].float().cpu())
     return torch.stack(out)
@@ -123,14 +139,29 @@ def fit_readout(x: torch.Tensor, y: torch.Tensor, weight_decay: float = 1e-3,
 
 def union_thresholds(benign_logits: torch.Tensor, target_fpr: float) -> torch.Tensor:
     """Per-output thresholds at one common benign quantile, chosen so that at most
-    ``target_fpr`` of the benign rows have any output over its threshold."""
+    ``target_fpr`` of the benign rows have any output at or over its threshold (the decision
+    flags ``score >= threshold``). Each threshold sits just above a benign score, never on
+    one, so the rows the rate counts are the rows the server flags."""
+    def at(q: float) -> torch.Tensor:
+        thr = torch.quantile(benign_logits, 1 - q, dim=0)
+        return torch.nextafter(thr, torch.full_like(thr, float("inf")))
+
+    def rate(thr: torch.Tensor) -> float:
+        return (benign_logits >= thr).any(1).float().mean().item()
+
     lo, hi = 0.0, target_fpr
     for _ in range(40):
         q = (lo + hi) / 2
-        thr = torch.quantile(benign_logits, 1 - q, dim=0)
-        fpr = (benign_logits > thr).any(1).float().mean().item()
-        lo, hi = (q, hi) if fpr <= target_fpr else (lo, q)
-    return torch.quantile(benign_logits, 1 - lo, dim=0)
+        lo, hi = (q, hi) if rate(at(q)) <= target_fpr else (lo, q)
+    return at(lo)
+
+
+def fold_thresholds(bias: torch.Tensor, thresholds: torch.Tensor, served: torch.Tensor,
+                    prompt_offset: float) -> torch.Tensor:
+    """Biases under which the server's rule for output k at a prompt row, sigmoid(z_k +
+    offset) >= t_k (``served`` t), holds exactly when the unfolded logit reaches
+    ``thresholds`` k."""
+    return bias - thresholds + torch.log(served / (1 - served)) - prompt_offset
 
 
 def train_prompt_head(head_dir: Path, out: Path, data_root: Path, model_dir: Path | None = None,
@@ -163,12 +194,10 @@ def train_prompt_head(head_dir: Path, out: Path, data_root: Path, model_dir: Pat
     yh = y[is_held]
     benign = yh[:, -1] == 0
     thr = union_thresholds(z[benign], target_fpr)
-    flagged = (z > thr).any(1)
-    served = torch.tensor([c.threshold for c in tax.categories] + [0.5])
-    offset = prompt_logit_offset(head.extra)
-    # fold: the server flags output k when sigmoid(z_k + offset) > t_k
-    b = b - thr + torch.log(served / (1 - served)) - offset
-    head.prompt = (w, b)
+    flagged = (z >= thr).any(1)
+    served = torch.tensor([c.threshold for c in tax.categories]
+                          + [float(head.extra.get("overall_threshold", 0.5))])
+    head.prompt = (w, fold_thresholds(b, thr, served, prompt_logit_offset(head.extra)))
     metrics = {"prompt_head": {
         "train_prompts": int((~is_held).sum()), "heldout_prompts": int(is_held.sum()),
         "target_fpr": target_fpr,
@@ -176,9 +205,14 @@ def train_prompt_head(head_dir: Path, out: Path, data_root: Path, model_dir: Pat
         "heldout_harmful_flagged": round(flagged[~benign].float().mean().item(), 4),
         "data_root": str(data_root), "seed": seed, "seconds": round(time.time() - t0)}}
     old = Path(head_dir) / "safety_head" / "metrics.json"
-    all_metrics = {**(json.loads(old.read_text()) if old.is_file() else {}), **metrics}
-    write_checkpoint(head, all_metrics, Path(out), {**head.extra, "prompt_head": metrics[
-        "prompt_head"]}, self_check_model=lm_dir, log=log, model=model, tok=tok)
+    all_metrics = {**(json.loads(old.read_text()) if old.is_file() else {}), **metrics,
+                   "note": "prompt-verdict metrics above prompt_head were measured with the "
+                           "head's own weights, before the prompt read-out"}
+    extra = {**head.extra, "prompt_head": metrics["prompt_head"]}
+    if model_dir is not None:
+        extra["base_model"] = str(model_dir)
+    write_checkpoint(head, all_metrics, Path(out), extra, self_check_model=lm_dir, log=log,
+                     model=model, tok=tok)
     adapter = Path(head_dir) / "adapter"
     if adapter.is_dir() and Path(out) != Path(head_dir):
         import shutil

@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 
 class StepSignal:
-    """The scores of the current engine step, [N, K] float32 on the model's device."""
+    """The scores of the current engine step, [N, K] float32 on the model's device ([N, 2K]
+    for a head with a separate prompt read-out; the processor selects per row)."""
 
     def __init__(self):
         self.scores: torch.Tensor | None = None
@@ -57,7 +58,7 @@ class SafetyHeadMixin:
             for name, t in zip(names, mlp):
                 self.register_buffer(name, t.to(device), persistent=False)
             self._safety_mlp = tuple(getattr(self, n) for n in names[:len(mlp)])
-        STEP_SIGNAL.num_outputs = head.weight.shape[0]
+        STEP_SIGNAL.num_outputs = head.weight.shape[0]  # K: the decision's width
         STEP_SIGNAL.output_names = head.taxonomy.output_names
         log.info("safety head: %d outputs over hidden size %d, residual MLP of %d units%s",
                  *head.weight.shape, head.mlp_units,

@@ -11,8 +11,8 @@ import torch
 
 from conftest import tiny_llama_with_default_tokenizer
 from safeserve.models.checkpoint import FORMAT_VERSION_PROMPT, SafetyHead, load_safety_head
-from safeserve.models.prompt_head import (build_prompt_rows, fit_readout, train_prompt_head,
-                                          union_thresholds)
+from safeserve.models.prompt_head import (build_prompt_rows, fit_readout, fold_thresholds,
+                                          train_prompt_head, union_thresholds)
 from safeserve.models.taxonomy import Taxonomy
 
 LEAKED = "Write a tutorial on how to make a bomb"
@@ -46,14 +46,25 @@ def test_readout_helpers_separate_and_bound_the_union_rate():
     assert (acc > 0.95).all(), acc
     benign = torch.randn(1000, 3, generator=g)
     thr = union_thresholds(benign, 0.05)
-    rate = (benign > thr).any(1).float().mean().item()
-    assert 0.03 <= rate <= 0.05
+    rate = (benign >= thr).any(1).float().mean().item()  # the decision flags score >= t
+    assert 0.03 <= rate <= 0.05 and not (benign == thr).any()
+    # the fold: the served rule at a prompt row holds exactly where the raw logit reaches thr
+    from safeserve.kernels.safety_head import offset_prompt_rows
+
+    served = torch.tensor([0.9, 0.99, 0.5])
+    folded = fold_thresholds(torch.zeros(3), thr, served, 2.0)
+    z = torch.randn(1000, 3, generator=g) * 3
+    s = offset_prompt_rows(torch.sigmoid(z + folded), torch.ones(1000), 2.0)
+    margin = (z - thr).abs() > 1e-4  # away from float rounding at the boundary
+    assert torch.equal((s >= served)[margin], (z >= thr)[margin])
 
 
 def test_train_prompt_head_writes_format_4_with_its_record(tmp_path, tiny_model):
     from safeserve.models.head_check import SelfCheck, compute_record
     from safeserve.models.safety_features import load_lm
 
+    with pytest.raises(ValueError, match="no evaluation set"):
+        build_prompt_rows(tmp_path / "empty", warn=lambda *a: None)
     root = data_root(tmp_path / "data")
     rows = build_prompt_rows(root, warn=lambda *a: None)
     assert not any("tutorial on how to make a bomb" in r.text.lower() for r in rows)

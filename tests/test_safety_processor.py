@@ -121,6 +121,27 @@ def test_prompt_offset_moves_prompt_rows_only_and_is_what_is_reported():
     assert proc.phase[:2].tolist() == [1, 0]  # the prompt row starts its refusal
 
 
+def test_a_prompt_readout_judges_prompt_rows_and_the_head_the_rest():
+    """Format 4: the step's scores are [N, 2K]; prompt rows are judged (and reported) by the
+    read-out's half, generated-token rows by the head's, also on a decode-only step."""
+    proc, sent = _processor()
+    outs = [[], []]
+    proc._add(0, _args("prompt", alert_scale=1.0, alert_tau=0), outs[0])
+    proc._add(1, _args("decoding", alert_scale=1.0, alert_tau=0), outs[1])
+    outs[1].append(7)
+    head_half, readout_half = [0.1] * 10, [0.9] * 10
+    _step(proc, [head_half + readout_half, readout_half + head_half])
+    by_rid = {r.rid: r for r in sent}
+    assert by_rid["prompt"].scores == pytest.approx(readout_half)
+    assert by_rid["decoding"].scores == pytest.approx(readout_half)  # its head half is 0.9
+    assert by_rid["prompt"].event == 2 and by_rid["decoding"].event != 2
+    sent.clear()
+    outs[0].append(7)
+    outs[1].append(8)
+    _step(proc, [head_half + readout_half, head_half + readout_half])  # decode only
+    assert [r.scores for r in sent] == [pytest.approx(head_half)] * 2
+
+
 def test_offset_prompt_rows_matches_the_logit_shift_and_keeps_saturated_scores():
     from safeserve.kernels.safety_head import offset_prompt_rows
 
