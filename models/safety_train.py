@@ -598,8 +598,12 @@ def register(app) -> None:
         from safeserve.models.model_store import resolve_head_dir
         from safeserve.models.prompt_head import train_prompt_head
 
-        train_prompt_head(resolve_head_dir(head), out, data_root, model, target_fpr=target_fpr,
-                          seed=seed, log=typer.echo)
+        try:
+            train_prompt_head(resolve_head_dir(head), out, data_root, model,
+                              target_fpr=target_fpr, seed=seed, log=typer.echo)
+        except (FileNotFoundError, ValueError) as e:  # no such head, no data: one line
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
 
     @app.command("self-check")
     def self_check_cmd(
