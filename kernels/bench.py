@@ -1,4 +1,5 @@
-"""Per-step cost of the safety kernels: the fused head, the decision and the prompt offset.
+"""Per-step cost of the safety kernels: the fused head, the decision, the prompt offset and
+the decoding strategy.
 
     python -m safeserve.kernels.bench --batch 256 --hidden 4096 --categories 9 --dtype bfloat16
     python -m safeserve.kernels.bench ... --mlp-units 128     # the head with its residual MLP
@@ -35,6 +36,11 @@ from safeserve.kernels.safety_head import (
     offset_prompt_rows,
     safety_scores,
     safety_scores_reference,
+)
+from safeserve.kernels.safety_strategy import (
+    REPORT_COLUMNS,
+    advance_strategy,
+    advance_strategy_reference,
 )
 
 _DTYPES = {
@@ -144,6 +150,27 @@ def _head_params(hidden: int, n_cats: int, mlp_units: int, mlp_gate: bool,
     return weight, bias, mlp
 
 
+def _strategy_tables(batch: int, gen: torch.Generator, device: torch.device):
+    """Strategy state for ``batch`` rows, as a busy server holds it: most rows watching, some
+    forcing a refusal or explaining one (kernels/safety_strategy.StrategyTables)."""
+    from types import SimpleNamespace
+
+    def ints(low: int, high: int) -> torch.Tensor:
+        return torch.randint(low, high, (batch,), generator=gen, dtype=torch.int32).to(device)
+
+    phase = torch.where(torch.rand(batch, generator=gen) < 0.8, 0, 2).to(torch.int32)
+    return SimpleNamespace(
+        action=torch.ones(batch, dtype=torch.int32, device=device), phase=phase.to(device),
+        origin=ints(0, 40), counter=ints(0, 3), refusal_len=ints(8, 16),
+        refusal_start=ints(0, 2), query_cats=torch.zeros(batch, dtype=torch.int32, device=device),
+        query_alert=torch.zeros(batch, dtype=torch.int32, device=device), alert=ints(0, 2),
+        explain_left=ints(-1, 3), explain_cap=ints(-1, 120), seen_word=ints(0, 2),
+        read_len=ints(0, 40), active=torch.ones(batch, dtype=torch.int8, device=device),
+        eos=torch.full((batch,), 2, dtype=torch.int64, device=device),
+        refusal=torch.randint(3, 1000, (batch, 48), generator=gen).to(device),
+    )
+
+
 def run_benchmark(
     batch: int = 256,
     hidden: int = 4096,
@@ -208,12 +235,25 @@ def run_benchmark(
     def offset_step():  # the head's prompt offset (the default head's +2), as the server runs it
         return offset_prompt_rows(scores, is_prompt, 2.0)
 
+    tables = _strategy_tables(batch, gen, device)
+    out_len = torch.where(is_prompt.bool(), 0, torch.randint(1, 96, (batch,), generator=gen)
+                          .to(device)).to(torch.int32)
+    last = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+    vocab = tuple((torch.rand(1000, generator=gen) < p).to(device) for p in (0.1, 0.8))
+    report = torch.zeros(batch, n_cats + REPORT_COLUMNS, dtype=torch.float64, device=device)
+
+    def strategy_step(advance=advance_strategy):  # the worker's strategy after the decision
+        decide_step()
+        return advance(tables, event, cats, out_len, last, vocab, report)
+
     warmup = max(3, min(20, iters // 10))
     timer = _time_cuda_us if on_cuda else _time_cpu_us
     head_step()  # fills `scores` for the decision and compiles on first use
     head_us = timer(head_step, iters, warmup)
     decide_us = timer(decide_step, iters, warmup)
     offset_us = timer(offset_step, iters, warmup)
+    # decision + strategy, minus the decision alone: the strategy's own share of the step
+    strategy_us = max(0.0, timer(strategy_step, iters, warmup) - decide_us)
 
     elem = hidden_states.element_size()
     head_bytes = batch * hidden * elem + n_cats * hidden * 4 + batch * n_cats * 4
@@ -240,7 +280,8 @@ def run_benchmark(
         "head_gb_s": head_bytes / (head_us * 1e-6) / 1e9,
         "decide_us": decide_us,
         "offset_us": offset_us,
-        "step_us": head_us + decide_us + offset_us,
+        "strategy_us": strategy_us,
+        "step_us": head_us + decide_us + offset_us + strategy_us,
     }
     if peak_gbs:
         bound_us = head_bytes / (peak_gbs * 1e9) * 1e6  # the head's memory-traffic floor
@@ -254,11 +295,15 @@ def run_benchmark(
             max(1, iters // 10),
         )
         decide_graph_us = _time_cuda_graph_us([decide_step] * 64, max(1, iters // 10))
+        strategy_graph_us = _time_cuda_graph_us(
+            [lambda: advance_strategy(tables, event, cats, out_len, last, vocab, report)] * 64,
+            max(1, iters // 10))
         result.update(
             head_graph_us=head_graph_us,
             head_graph_pool_mib=len(graph_pool) * hidden_states.numel() * elem / (1 << 20),
             head_graph_gb_s=head_bytes / (head_graph_us * 1e-6) / 1e9,
             decide_graph_us=decide_graph_us,
+            strategy_graph_us=strategy_graph_us,
         )
         if peak_gbs:
             result.update(head_graph_over_bound=head_graph_us / result["bound_us"])
@@ -269,10 +314,14 @@ def run_benchmark(
         ref_decide_args = (scores, thresholds, masked, counter.clone(), tau, is_prompt, active,
                            band["alert"].clone(), band["alert_tau"], band["alert_scale"])
         ref_decide_us = timer(lambda: decide_reference(*ref_decide_args), iters, warmup)
+        # the strategy as the ~60 tensor ops it was before its kernel (each a launch)
+        ref_strategy_us = max(0.0, timer(lambda: strategy_step(advance_strategy_reference),
+                                         iters, warmup) - decide_us)
         result.update(
             ref_head_us=ref_head_us,
             ref_head_gb_s=head_bytes / (ref_head_us * 1e-6) / 1e9,
             ref_decide_us=ref_decide_us,
+            ref_strategy_us=ref_strategy_us,
             ref_over_head=ref_head_us / head_us,
         )
     return result
@@ -352,7 +401,8 @@ _LABELS = {
     "head_gb_s": "head achieved GB/s",
     "decide_us": "decision us/step",
     "offset_us": "prompt offset us/step (steps with a prompt row; CUDA: every step)",
-    "step_us": "head + decision + offset us/step",
+    "strategy_us": "strategy us/step (decision + strategy, less the decision)",
+    "step_us": "head + decision + offset + strategy us/step",
     "peak_gb_s": "peak DRAM GB/s (--peak-gbs or guessed)",
     "bound_us": "head bound us (bytes / peak)",
     "head_over_bound": "head us / bound us",
@@ -360,10 +410,12 @@ _LABELS = {
     "head_graph_pool_mib": "hidden MiB the graph's launches read",
     "head_graph_gb_s": "head achieved GB/s in a CUDA graph",
     "decide_graph_us": "decision us/step in a CUDA graph",
+    "strategy_graph_us": "strategy us/step in a CUDA graph",
     "head_graph_over_bound": "head graph us / bound us",
     "ref_head_us": "reference head us/step",
     "ref_head_gb_s": "reference head GB/s",
     "ref_decide_us": "reference decision us/step",
+    "ref_strategy_us": "reference strategy us/step (tensor ops)",
     "ref_over_head": "reference head us / head us",
 }
 

@@ -16,9 +16,13 @@ generated. A client can never loosen safety by itself:
   dropped holdback, no higher threshold, no larger tau, no more sentences of explanation, and
   no guideline of its own (the guideline sits in the system prompt, where a config-conditioned
   model reads it as permission) unless the grant's `guideline` says so.
+* The per-token score trace (``trace``: the body's field or ``X-Safety-Trace``) needs the
+  grant's ``trace``: every token's scores beside its text are the head's decision surface,
+  what an attacker tunes a jailbreak against. The prompt verdict's scores, which every
+  response carries, need no grant. A preset the operator wrote with ``trace: true`` is theirs.
 * Fields such a config leaves out are filled from the ceiling where the config's own
   default would be looser (e.g. a server whose default preset is `strict` gives a key's
-  `{"trace": true}` strict's thresholds, stop and holdback; a custom config, or a preset
+  `{"tau": 2}` strict's thresholds, stop and holdback; a custom config, or a preset
   outside the grant, without a guideline runs with the default preset's). The response
   echoes the result.
 
@@ -31,6 +35,7 @@ Grants file (``--grants``), YAML::
         allow: [violence, weapons]   # the most a custom config may allow
         annotate: false              # may it ask for on_violation: annotate
         guideline: false             # may a custom config bring its own guideline
+        trace: false                 # may it read the per-token score trace
         max_threshold: 0.7           # a request may set thresholds up to this (or the default's)
         max_tau: 5                   # ceiling of tau (default: the default preset's)
 """
@@ -59,6 +64,7 @@ class Grant(BaseModel):
     allow: list[str] | None = None  # None: the default preset's allow-list
     annotate: bool = False
     guideline: bool = False  # may a custom config bring its own guideline text
+    trace: bool = False  # may it read the per-token score trace
     max_threshold: float | None = Field(None, gt=0.0, lt=1.0)
 
     @field_validator("max_threshold")
@@ -252,6 +258,12 @@ def authorize_config(principal: Principal, preset: str | None, cfg: SafetyConfig
     grant = principal.grant
     if grant is None:
         return cfg
+    operators = policy.presets.get(preset) if preset is not None else None
+    if cfg.trace and not grant.trace and not (operators is not None and operators.trace):
+        who = f"API key '{grant.name}'" if grant.name else "this API key"
+        raise APIError(403, f"{who} may not request: trace (the per-token scores; the "
+                       "grant's 'trace' allows it)", type="permission_error",
+                       param="safety_config", code="safety_config_not_permitted")
     ceiling = ceiling_of(grant, policy)
     if preset is not None and (preset == policy.default_preset or preset in grant.presets):
         # taken whole; the key's caps still apply (max_tau too, where the preset sets a tau)

@@ -1,10 +1,12 @@
 """Worker side, part 2: the decoding strategy, as a vLLM v1 logits processor.
 
 Per persistent-batch row it keeps the request's compiled safety config and strategy state in
-device tensors, so that one engine step is: the decision kernel over all rows, a few
-vectorised tensor ops that force refusal / end-of-sequence tokens where the strategy says so,
-and one telemetry message to the HTTP process. Rows of other requests in the batch are never
-read or written with another request's state.
+device tensors, so that one engine step is: the decision kernel over all rows
+(kernels/safety_decision.py), the strategy kernel (kernels/safety_strategy.py: which refusal /
+end-of-sequence token each row must take, and its telemetry row), a masked pass that forces
+those tokens, and one telemetry message to the HTTP process. Rows of other requests in the
+batch are never read or written with another request's state. What stays here is the
+persistent batch's bookkeeping: rows added, moved, swapped, parked across preemption.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-from safeserve.kernels.safety_decision import EVENT_OK, EVENT_TRIGGER, decide
+from safeserve.kernels.safety_decision import EVENT_TRIGGER, decide
 from safeserve.kernels.safety_head import offset_prompt_rows, select_prompt_rows
+from safeserve.kernels.safety_strategy import REPORT_COLUMNS, advance_strategy, pack_report
 from safeserve.models.decision_defaults import prompt_logit_offset
 from safeserve.models.checkpoint import load_safety_head
 from safeserve.server import safety_wire as W
@@ -165,25 +168,35 @@ class SafetyLogitsProcessor(LogitsProcessor):
         # The prompt verdict's own operating point, applied to prompt rows' scores before the
         # decision (and so also to what is reported): kernels/safety_head.offset_prompt_rows.
         self.prompt_offset = prompt_logit_offset(head.extra)
+        # On a GPU every tensor op is a kernel launch and a host sync stalls the pipeline:
+        # the step then runs sync-free (fixed work, kernels for the decision and the
+        # strategy). Off-GPU a sync is free and most steps skip work they can prove idle.
+        # Tests set it on CPU to run the GPU path's logic.
+        self.sync_free = device.type == "cuda"
+        # The state a step changes lives in one [len(_PER_STEP), R] table (each a row view),
+        # so that rewinding a repeated step is a few ops for all of them (see
+        # _undo_repeated_steps), with a snapshot table of the same shape.
+        self._step_state = torch.zeros(len(self._PER_STEP), r, dtype=torch.int32, device=device)
+        self._step_before = torch.zeros_like(self._step_state)
+        for j, name in enumerate(self._PER_STEP):
+            setattr(self, name, self._step_state[j])
+            setattr(self, "_before_" + name, self._step_before[j])
         self.thresholds = torch.ones(r, k, dtype=torch.float32, device=device)
         self.masked = torch.ones(r, k, dtype=torch.int8, device=device)
-        self.counter = torch.zeros(r, dtype=torch.int32, device=device)
         self.tau = torch.ones(r, dtype=torch.int32, device=device)
         self.active = torch.zeros(r, dtype=torch.int8, device=device)
         self.action = torch.zeros(r, dtype=torch.int32, device=device)
-        self.phase = torch.zeros(r, dtype=torch.int32, device=device)
-        # Output length at which the refusal's first token would be forced (see _strategy),
-        # and the output length whose last token the sentence count has read.
-        self.origin = torch.zeros(r, dtype=torch.int32, device=device)
-        self.read_len = torch.zeros(r, dtype=torch.int32, device=device)
+        # (per step, above: origin, the output length at which the refusal's first token
+        # would be forced, and read_len, the output length whose last token the sentence
+        # count has read; kernels/safety_strategy.py)
         self.refusal = torch.zeros(r, MAX_REFUSAL_TOKENS, dtype=torch.int64, device=device)
         self.refusal_len = torch.zeros(r, dtype=torch.int32, device=device)
         # Where the forced refusal starts at a prompt row: past its separator unless prefilled.
         self.refusal_start = torch.zeros(r, dtype=torch.int32, device=device)
         self.eos = torch.zeros(r, dtype=torch.int64, device=device)
         self.query_cats = torch.zeros(r, dtype=torch.int32, device=device)  # 0: not flagged
-        # Alert band: state (set by the decision at the prompt row), its run length and width.
-        self.alert = torch.zeros(r, dtype=torch.int32, device=device)
+        # Alert band: state (per step, above: set by the decision at the prompt row), its run
+        # length and width.
         self.alert_tau = torch.ones(r, dtype=torch.int32, device=device)
         self.alert_scale = torch.ones(r, dtype=torch.float32, device=device)
         self.query_alert = torch.zeros(r, dtype=torch.int32, device=device)
@@ -193,16 +206,15 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self._step_thresholds = torch.ones(r, k, dtype=torch.float32, device=device)
         # Bounded explanation after a refusal: sentences left (-1: no limit) and whether the
         # current sentence has a word yet (a bare newline right after the refusal ends none).
-        self.explain_left = torch.full((r,), -1, dtype=torch.int32, device=device)
+        # (explain_left and seen_word are per step, above)
+        self.explain_left.fill_(-1)
         self.explain_cap = torch.full((r,), -1, dtype=torch.int32, device=device)  # tokens
-        self.seen_word = torch.zeros(r, dtype=torch.int32, device=device)
         # A resumed (preempted) request is re-prefilled in chunks; vLLM samples a row for each
         # chunk and discards the token, so the row comes back at the same output length. Its
         # state as it was before the first step at that length is kept, and restored for a
         # repeat: only the last chunk's decision stands (as for a prompt's chunks).
         self.step_len = torch.full((r,), -1, dtype=torch.int32, device=device)
-        for name in self._PER_STEP:
-            setattr(self, "_before_" + name, getattr(self, name).clone())
+        self._step_before.copy_(self._step_state)
         self.sentence_end, self.has_word = vocab_masks(
             getattr(vllm_config.model_config, "tokenizer", None), device)
         self.rids: list[str | None] = [None] * r
@@ -272,53 +284,52 @@ class SafetyLogitsProcessor(LogitsProcessor):
         out_len = torch.tensor(lengths, dtype=torch.int32).to(self.device, non_blocking=True)
         self._undo_repeated_steps(n, out_len)
         is_prompt = (out_len == 0).to(torch.int8)
+        # Off-GPU, the work only prompt rows need is skipped on the many steps without one.
+        prompt_work = self.sync_free or 0 in lengths
         if scores.shape[1] != self.k:  # a separate prompt read-out: its scores at prompt rows
-            scores = (select_prompt_rows(scores, is_prompt, self.k)
-                      if self.device.type == "cuda" or 0 in lengths else scores[:, :self.k])
-        # Off-GPU, skip the offset on the many steps without a prompt row.
-        if self.prompt_offset and (self.device.type == "cuda" or 0 in lengths):
+            scores = (select_prompt_rows(scores, is_prompt, self.k) if prompt_work
+                      else scores[:, :self.k])
+        if self.prompt_offset and prompt_work:
             scores = offset_prompt_rows(scores, is_prompt, self.prompt_offset)
         thresholds = self.thresholds
-        if self.device.type == "cuda" or 0 in lengths:  # rows at their prompt: its thresholds
+        if prompt_work:  # rows at their prompt: its thresholds
             thresholds = self._step_thresholds  # (rows >= n are never read)
             torch.where(is_prompt.bool().unsqueeze(1), self.prompt_thresholds[:n],
                         self.thresholds[:n], out=thresholds[:n])
         event, cats = decide(scores, thresholds, self.masked, self.counter, self.tau,
                              is_prompt, self.active, alert=self.alert, alert_tau=self.alert_tau,
                              alert_scale=self.alert_scale)
-        cuda = self.device.type == "cuda"
-        if cuda or 0 in lengths:  # prompt rows only (off-GPU, skipped on decode-only steps)
-            # A prefilled request's query verdict counts as its prompt verdict: in the alert
-            # band, it alerts the row; flagged, the row acts at its first sampled token,
-            # whatever the text after the prefill scores.
-            self.alert[:n] = torch.where(is_prompt.bool() & (self.query_alert[:n] != 0),
-                                         torch.ones_like(self.alert[:n]), self.alert[:n])
-            pre = is_prompt.bool() & (self.query_cats[:n] != 0)
-            event = torch.where(pre, torch.full_like(event, EVENT_TRIGGER), event)
-            cats = torch.where(pre, cats | self.query_cats[:n], cats)
-            # A flagged verdict is not an alert (the band is "near, not reached").
-            self.alert[:n] = torch.where(is_prompt.bool() & (event == EVENT_TRIGGER),
-                                         torch.zeros_like(self.alert[:n]), self.alert[:n])
-        if not cuda and not bool(((self.phase[:n] != W.PHASE_WATCH)
-                                  | (event == EVENT_TRIGGER)).any()):
-            # Off-GPU, a step where every row is watching and none triggers changes no state
-            # and forces nothing: the strategy would be a no-op (nearly every decode step).
+        report = None
+        if self.telemetry.sock is not None:  # the step's telemetry rows; the strategy fills
+            report = torch.empty(n, self.k + REPORT_COLUMNS, dtype=torch.float64,  # the rest
+                                 device=scores.device)
+            report[:, :self.k] = scores
+        if not prompt_work and not bool(((self.phase[:n] != W.PHASE_WATCH)
+                                         | (event == EVENT_TRIGGER)).any()):
+            # Off-GPU, a step with no prompt row where every row is watching and none
+            # triggers changes no state and forces nothing: the strategy would be a no-op
+            # (nearly every decode step).
             forced = torch.full((n,), -1, dtype=torch.int64)
             acted = torch.zeros(n, dtype=torch.bool)
+            if report is not None:
+                pack_report(report, self.k, event, cats, self.phase[:n], forced, acted,
+                            self.alert[:n])
         else:
-            forced, acted, event = self._strategy(n, event, out_len, self._last_tokens(n))
-            logits = self._force(logits, forced)
-        self._report(n, scores, event, cats, forced, acted, time.perf_counter() - t0)
+            vocab = None if self.sentence_end is None else (self.sentence_end, self.has_word)
+            forced, acted = advance_strategy(self, event, cats, out_len, self._last_tokens(n),
+                                             vocab, report)
+            logits = self._force(logits, forced, sync_free=self.sync_free)
+        if report is not None:
+            self._report(report, time.perf_counter() - t0)
         return logits
 
     def _undo_repeated_steps(self, n: int, out_len: torch.Tensor) -> None:
         """Rows back at the output length of their last step (a discarded chunk's token)
         start again from the state before that length's first step. No sync."""
         repeat = (out_len == self.step_len[:n]) & (out_len > 0)
-        for name in self._PER_STEP:
-            now, before = getattr(self, name), getattr(self, "_before_" + name)
-            now[:n] = torch.where(repeat, before[:n], now[:n])
-            before[:n] = now[:n]
+        now, before = self._step_state[:, :n], self._step_before[:, :n]
+        now.copy_(torch.where(repeat, before, now))
+        before.copy_(now)
         self.step_len[:n] = out_len
 
     # -- strategy ----------------------------------------------------------------------
@@ -329,104 +340,10 @@ class SafetyLogitsProcessor(LogitsProcessor):
         sentence ends are unknown."""
         if self.sentence_end is None:
             return None
-        if self.device.type != "cuda" and not bool((self.phase[:n] == W.PHASE_REFUSED).any()):
+        if not self.sync_free and not bool((self.phase[:n] == W.PHASE_REFUSED).any()):
             return None
         last = [o[-1] if o else -1 for o in self.outputs[:n]]
         return torch.tensor(last, dtype=torch.int64).to(self.device, non_blocking=True)
-
-    def _count_sentences(self, n: int, wrote: torch.Tensor, last: torch.Tensor | None) -> None:
-        """Spend the explanation's sentence budget on ``wrote`` rows (the model wrote their
-        last token and it was not counted yet) whose last token ends a sentence that has a
-        word (a bare newline right after the refusal ends none)."""
-        if last is None:
-            return
-        left, seen = self.explain_left[:n], self.seen_word[:n]
-        vocab = self.sentence_end.shape[0]
-        tok = last.clamp(0, vocab - 1)
-        wrote = wrote & (last >= 0) & (last < vocab)
-        seen = torch.where(wrote & self.has_word[tok], torch.ones_like(seen), seen)
-        ends = wrote & self.sentence_end[tok] & (seen != 0)
-        self.explain_left[:n] = torch.where(ends & (left > 0), left - 1, left)
-        self.seen_word[:n] = torch.where(ends, torch.zeros_like(seen), seen)
-
-    def _strategy(self, n: int, event: torch.Tensor, out_len: torch.Tensor,
-                  last: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Advance each row's phase from this step's event; return the token to force per row
-        (-1: none), whether an action started this step, and the event as acted on.
-        Vectorised on device: no sync. ``out_len``: each row's output length (0: a prompt
-        row); ``last``: each row's last output token (``_last_tokens``), for the
-        explanation's sentence budget.
-
-        Positions come from the output length, so a repeated step forces the same token:
-        the refusal token at a step is refusal[out_len - origin]. Terminal phases (DONE,
-        CLOSED, RETRACTED) force end-of-sequence at every step, so a request that ignores
-        EOS gets nothing more."""
-        active = self.active[:n].bool()
-        is_prompt = out_len == 0
-        phase, origin, action = self.phase[:n], self.origin[:n], self.action[:n]
-        counter = self.counter[:n]
-        # A prompt row is re-decided from its verdict every time (a chunked prefill may show
-        # it more than once); nothing from an earlier chunk is latched.
-        phase = torch.where(is_prompt, torch.zeros_like(phase), phase)
-        k = out_len - origin
-        in_refusal = ((phase == W.PHASE_REFUSING) | (phase == W.PHASE_REFUSED)) & active
-        refusal_len = self.refusal_len[:n]
-        refusing = in_refusal & (k < refusal_len)
-        explaining = in_refusal & (k >= refusal_len)
-        # The first explaining step reads the refusal's own last token: nothing to judge yet.
-        first = explaining & (k == refusal_len)
-        # Decisions are suspended while the refusal is forced and on that first step.
-        suspended = refusing | first
-        event = torch.where(suspended, torch.zeros_like(event), event)
-        trigger = (event == EVENT_TRIGGER) & active & (action != W.ACTION_ANNOTATE)
-        start_refusal = trigger & (phase == W.PHASE_WATCH) & (action == W.ACTION_REFUSE)
-        # A bounded explanation must read clean from end to end: one step over a threshold
-        # ends it and the HTTP side withholds it (the refusal alone is the answer). A run
-        # that reaches tau, the paper's rule, stops only an unbounded explanation.
-        bounded = self.explain_cap[:n] >= 0
-        retract = explaining & bounded & (event != EVENT_OK)
-        start_stop = trigger & (((phase == W.PHASE_WATCH) & (action == W.ACTION_STOP))
-                                | (explaining & ~bounded))
-        # The refusal starts a paragraph of its own unless it is the whole answer: at a plain
-        # request's prompt row, or when the violating run it replaces is all there is.
-        whole = is_prompt | (out_len <= counter)
-        start = torch.where(whole, self.refusal_start[:n], torch.zeros_like(origin))
-        origin = torch.where(start_refusal, out_len - start, origin)
-        k = out_len - origin
-        refusing = (refusing | start_refusal) & (k < refusal_len)
-        # The explanation: count what the model wrote since the last step, then close it once
-        # its sentence budget is spent, unless it read unsafe (retract; unbounded: stop).
-        wrote = explaining & ~first & (out_len > self.read_len[:n])
-        self._count_sentences(n, wrote, last)
-        self.read_len[:n] = torch.where(explaining, out_len, self.read_len[:n])
-        spent = ((self.explain_left[:n] == 0)
-                 | (bounded & (k - refusal_len >= self.explain_cap[:n])))
-        close = explaining & spent & ~start_stop & ~retract
-
-        idx = k.clamp(0, MAX_REFUSAL_TOKENS - 1).long().unsqueeze(1)
-        refusal_tok = self.refusal[:n].gather(1, idx).squeeze(1)
-        forced = torch.where(refusing, refusal_tok,
-                             torch.full((n,), -1, dtype=torch.int64, device=self.device))
-        phase = torch.where(start_refusal, torch.full_like(phase, W.PHASE_REFUSED), phase)
-        phase = torch.where(refusing, torch.where(k + 1 >= refusal_len,
-                                                  torch.full_like(phase, W.PHASE_REFUSED),
-                                                  torch.full_like(phase, W.PHASE_REFUSING)),
-                            phase)
-        phase = torch.where(start_stop, torch.full_like(phase, W.PHASE_DONE), phase)
-        phase = torch.where(close, torch.full_like(phase, W.PHASE_CLOSED), phase)
-        phase = torch.where(retract, torch.full_like(phase, W.PHASE_RETRACTED), phase)
-        ended = ((phase == W.PHASE_DONE) | (phase == W.PHASE_CLOSED)
-                 | (phase == W.PHASE_RETRACTED))
-        forced = torch.where(ended & active, self.eos[:n], forced)
-        # An unbounded explanation's run is counted afresh from the step after the first. A
-        # bounded one acts on a single step (retract) because it withholds the explanation
-        # whole: stopping there instead, with the stop text after a sentence cut in two, read
-        # badly on 194 of the evaluation's 437 interventions.
-        self.counter[:n] = torch.where(suspended | start_refusal, torch.zeros_like(counter),
-                                       counter)
-        self.phase[:n], self.origin[:n] = phase, origin
-        return forced, start_refusal | start_stop, event
 
     @staticmethod
     def _force(logits: torch.Tensor, forced: torch.Tensor,
@@ -448,20 +365,15 @@ class SafetyLogitsProcessor(LogitsProcessor):
         logits.masked_fill_(rows.unsqueeze(1), float("-inf"))
         return logits.scatter_(1, tok, value)
 
-    def _report(self, n, scores, event, cats, forced, acted, seconds) -> None:
-        if self.telemetry.sock is None:
-            return
-        # One device->host copy per step for everything the HTTP side needs; in float64,
-        # which holds every category bit (up to 1 << 30) and token id exactly (float32: 2^24).
-        packed = torch.cat([scores.double(), event.unsqueeze(1).double(),
-                            cats.unsqueeze(1).double(), self.phase[:n].unsqueeze(1).double(),
-                            forced.unsqueeze(1).double(), acted.unsqueeze(1).double(),
-                            self.alert[:n].unsqueeze(1).double()], dim=1)
+    def _report(self, packed: torch.Tensor, seconds: float) -> None:
+        """Send the step's telemetry rows (``packed``: float64 [N, K + 6], see
+        kernels/safety_strategy.py) for the rows that belong to a request."""
+        n = packed.shape[0]
         # Who each row is, now: the batch and the output lists change before a copy lands.
         rows = [(i, rid, len(out)) for i, (rid, out) in enumerate(zip(self.rids[:n],
                                                                         self.outputs[:n]))
                 if rid is not None and out is not None]
-        k = scores.shape[1]
+        k = self.k
         later = [row for row in rows if row[1] in self.resuming]  # see self.resuming
         if later:
             rows = [row for row in rows if row[1] not in self.resuming]

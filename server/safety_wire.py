@@ -6,25 +6,24 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from safeserve.kernels import strategy_codes as _codes
+
 EXTRA_ARGS_KEY = "safeserve"
 TELEMETRY_ENV = "SAFESERVE_TELEMETRY_ADDR"
 
-ACTION_ANNOTATE = 0
-ACTION_REFUSE = 1
-ACTION_STOP = 2
+# The strategy's codes (defined beside its kernel), re-exported for both sides.
+ACTION_ANNOTATE = _codes.ACTION_ANNOTATE
+ACTION_REFUSE = _codes.ACTION_REFUSE
+ACTION_STOP = _codes.ACTION_STOP
+PHASE_WATCH = _codes.PHASE_WATCH
+PHASE_REFUSING = _codes.PHASE_REFUSING
+PHASE_REFUSED = _codes.PHASE_REFUSED
+PHASE_DONE = _codes.PHASE_DONE
+PHASE_CLOSED = _codes.PHASE_CLOSED
+PHASE_RETRACTED = _codes.PHASE_RETRACTED
+
 ACTION_NAMES = {ACTION_ANNOTATE: "annotate", ACTION_REFUSE: "refuse", ACTION_STOP: "stop"}
 ACTION_CODES = {v: k for k, v in ACTION_NAMES.items()}
-
-# Per-row phase of the decoding strategy (worker side, reported in telemetry).
-PHASE_WATCH = 0  # generating freely, watching the signal
-PHASE_REFUSING = 1  # forcing the refusal prefix, one token per step
-PHASE_REFUSED = 2  # prefix spliced in; the model explains (see PHASE_RETRACTED)
-# (3 was "stopping": a stop now forces end-of-sequence in the step that decides it)
-PHASE_DONE = 4  # stopped: end-of-sequence forced at every step from here
-PHASE_CLOSED = 5  # the explanation after a refusal spent its budget: end-of-sequence forced
-# A bounded explanation read over a threshold: ended at once (end-of-sequence forced) and
-# withheld by the HTTP side, so the refusal alone is the answer.
-PHASE_RETRACTED = 6
 
 
 @dataclass

@@ -50,7 +50,7 @@ def test_strict_default_server_refuses_every_looser_ask():
 
 def test_omitted_fields_are_tightened_to_the_ceiling():
     svc = service("strict")
-    for body in ({}, {"trace": True}, {"threshold": None}):
+    for body in ({}, {"trace": False}, {"threshold": None}):
         req = run_with(svc, PLAIN, body=body)
         strict = svc.policy.presets["strict"]
         assert req.config.on_violation == "stop" and req.config.holdback
@@ -111,7 +111,7 @@ def test_a_preset_outside_the_grant_is_judged_by_what_it_sets_and_tightened_wher
 def test_a_widening_max_threshold_never_loosens_what_a_request_omits():
     svc = service("strict")
     wide = Principal("wide", Grant(max_threshold=0.7))
-    req = run_with(svc, wide, body={"trace": True})
+    req = run_with(svc, wide, body={"trace": False})
     strict_th = svc.policy.thresholds_of(svc.policy.presets["strict"])
     assert svc.policy.thresholds_of(req.config) == strict_th  # strict's, not 0.7
     asked = run_with(svc, wide, body={"threshold": {"violence": 0.6}})
@@ -141,7 +141,7 @@ def test_guideline_and_explanation_budget_belong_to_the_ceiling(tmp_path):
                                     "  explain_sentences: 0\nstrict:\n  on_violation: stop\n",
                           explain_sentences=3)
     svc = SafetyService(policy, TelemetryHub(), lambda: None)
-    req = run_with(svc, PLAIN, body={"trace": True})
+    req = run_with(svc, PLAIN, body={"trace": False})
     assert req.config.guideline == "Refuse anything violent." and req.explain_sentences == 0
     assert "guideline" in refused(svc, PLAIN, body={"guideline": "All categories are allowed."})
     assert "explain_sentences 2 (max 0)" in refused(svc, PLAIN, body={"explain_sentences": 2})
@@ -250,7 +250,31 @@ def test_on_a_strict_server_a_key_cannot_ask_for_a_milder_response_rule():
     svc = service("strict")
     assert "threshold_shift -1 (at most -5)" in refused(svc, PLAIN, body={"threshold_shift": -1})
     assert run_with(svc, PLAIN, body={"threshold_shift": -6}).config.threshold_shift == -6
-    filled = run_with(svc, PLAIN, body={"trace": True}).config  # omitted: strict's
+    filled = run_with(svc, PLAIN, body={"trace": False}).config  # omitted: strict's
     assert filled.threshold_shift == -5
     assert svc.policy.response_thresholds_of(filled) == svc.policy.response_thresholds_of(
         svc.policy.presets["strict"])
+
+
+def test_the_per_token_trace_needs_the_grants_trace(tmp_path):
+    """Per-token scores are what a jailbreak is tuned against: a key reads them only with its
+    grant's `trace`, asked in the body or the header; an operator's preset that sets it is
+    the operator's; an open server gives it to anyone."""
+    svc = service("default")
+    msg = refused(svc, PLAIN, body={"trace": True})
+    assert "trace" in msg and "'trace' allows it" in msg
+    with pytest.raises(APIError) as err:  # X-Safety-Trace: 1 on the default preset
+        req = svc.resolve(None, None, trace=True)
+        svc.authorize(PLAIN, req)
+    assert err.value.status == 403 and "trace" in err.value.message
+    tracer = Principal("tracer", Grant(trace=True))
+    assert run_with(svc, tracer, body={"trace": True}).config.trace
+    req = svc.resolve("strict", None, trace=True)
+    svc.authorize(tracer, req)
+    assert req.config.trace and req.config.on_violation == "stop"
+    open_req = svc.resolve(None, {"trace": True})
+    svc.authorize(Principal("anonymous", None), open_req)
+    assert open_req.config.trace
+    policy = _policy_with(tmp_path, "default:\n  trace: true\n")
+    own = SafetyService(policy, TelemetryHub(), lambda: None)
+    assert run_with(own, PLAIN).config.trace  # the operator's default preset traces

@@ -54,6 +54,11 @@ try:
         decide_reference,
     )
     from safeserve.kernels.safety_head import safety_scores, safety_scores_reference
+    from safeserve.kernels.safety_strategy import (
+        REPORT_COLUMNS,
+        advance_strategy,
+        advance_strategy_reference,
+    )
 finally:
     _restore_env()
 
@@ -654,6 +659,246 @@ def test_decide_writes_preallocated_outputs():
     assert event.data_ptr() == event_buf.data_ptr() and cats.data_ptr() == cats_buf.data_ptr()
     _assert_same((event, cats, counter), (event_ref, cats_ref, counter_ref))
     assert torch.all(event_buf[9:] == -1) and torch.all(cats_buf[9:] == -1)
+
+
+# --------------------------------------------------------------------------------------
+# Strategy: Triton vs reference
+# --------------------------------------------------------------------------------------
+
+_STRATEGY_INT32 = ("action", "phase", "origin", "counter", "refusal_len", "refusal_start",
+                   "query_cats", "query_alert", "alert", "explain_left", "explain_cap",
+                   "seen_word", "read_len")
+_STRATEGY_TABLES = (*_STRATEGY_INT32, "active", "eos", "refusal")
+
+
+def _strategy_tables(capacity: int, g: torch.Generator, width: int = 48):
+    """Random per-row state that reaches every branch: all phases (3 is unused), origins
+    around the refusal's end, bounded and unbounded explanations, flagged and near queries."""
+    from types import SimpleNamespace
+
+    def ints(low, high):
+        return torch.randint(low, high, (capacity,), generator=g, dtype=torch.int32)
+
+    phases = torch.tensor([0, 1, 2, 4, 5, 6], dtype=torch.int32)
+    t = SimpleNamespace(
+        action=ints(0, 3), phase=phases[torch.randint(0, 6, (capacity,), generator=g)],
+        origin=ints(0, 12), counter=ints(0, 6), refusal_len=ints(0, 6),
+        refusal_start=ints(0, 3),
+        query_cats=torch.where(torch.rand(capacity, generator=g) < 0.3, ints(1, 1 << 10),
+                               torch.zeros(capacity, dtype=torch.int32)),
+        query_alert=ints(0, 2), alert=ints(0, 2), explain_left=ints(-1, 3),
+        explain_cap=torch.where(torch.rand(capacity, generator=g) < 0.5, ints(0, 12),
+                                torch.full((capacity,), -1, dtype=torch.int32)),
+        seen_word=ints(0, 2), read_len=ints(0, 20),
+        active=(torch.rand(capacity, generator=g) < 0.85).to(torch.int8),
+        eos=torch.randint(0, 50, (capacity,), generator=g),
+        refusal=torch.randint(50, 100, (capacity, width), generator=g),
+    )
+    return t
+
+
+def _strategy_step_inputs(n_rows: int, vocab: int, g: torch.Generator, k: int = 10):
+    event = torch.randint(0, 3, (n_rows,), generator=g, dtype=torch.int32)
+    cats = torch.randint(0, 1 << k, (n_rows,), generator=g, dtype=torch.int32)
+    out_len = torch.randint(-1, 20, (n_rows,), generator=g, dtype=torch.int32)
+    out_len[torch.rand(n_rows, generator=g) < 0.2] = 0  # prompt rows
+    last = torch.randint(-1, vocab + 2, (n_rows,), generator=g)  # off-vocabulary ids too
+    masks = (torch.rand(vocab, generator=g) < 0.3, torch.rand(vocab, generator=g) < 0.7)
+    report = torch.zeros(n_rows, k + REPORT_COLUMNS, dtype=torch.float64)
+    report[:, :k] = torch.rand(n_rows, k, generator=g, dtype=torch.float64)
+    return event, cats, out_len, last, masks, report
+
+
+def _tables_to(t, device):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{name: getattr(t, name).clone().to(device)
+                              for name in _STRATEGY_TABLES})
+
+
+@needs_triton
+@pytest.mark.parametrize("n_rows", [0, 1, 7, 33, 300])
+@pytest.mark.parametrize("with_last", [True, False])
+def test_strategy_matches_reference(n_rows, with_last):
+    """Ten steps of random events over random state: every table, the forced tokens, the
+    acted flags, the rewritten events and bits and the telemetry columns agree exactly."""
+    g = _gen(n_rows * 13 + with_last)
+    capacity, vocab = n_rows + 3, 37
+    ref = _strategy_tables(capacity, g)
+    dev = _tables_to(ref, DEVICE)
+    phases_seen, forced_any = set(), False
+    for _ in range(10):
+        event, cats, out_len, last, masks, report = _strategy_step_inputs(n_rows, vocab, g)
+        extra = dict(last=last, vocab=masks) if with_last else {}
+        want_event, want_cats, want_report = event.clone(), cats.clone(), report.clone()
+        want = advance_strategy_reference(ref, want_event, want_cats, out_len,
+                                          report=want_report, **extra)
+        got_event, got_cats, got_report = _to_device(event, cats, report)
+        extra_d = ({"last": last.to(DEVICE), "vocab": tuple(_to_device(*masks))}
+                   if with_last else {})
+        got = advance_strategy(dev, got_event, got_cats, out_len.to(DEVICE),
+                               report=got_report, **extra_d)
+        assert torch.equal(got[0].cpu(), want[0]) and got[0].dtype == torch.int64
+        assert torch.equal(got[1].cpu(), want[1]) and got[1].dtype == torch.bool
+        assert torch.equal(got_event.cpu(), want_event)
+        assert torch.equal(got_cats.cpu(), want_cats)
+        assert torch.equal(got_report.cpu(), want_report)
+        for name in _STRATEGY_TABLES:
+            assert torch.equal(getattr(dev, name).cpu(), getattr(ref, name)), name
+        phases_seen |= set(ref.phase[:n_rows].tolist())
+        forced_any |= bool((want[0] >= 50).any())  # a refusal token (eos ids are < 50)
+    if n_rows >= 33:  # the random walk reached the branches it is meant to compare
+        assert phases_seen >= {0, 1, 2, 4, 5, 6} and forced_any
+
+
+def test_strategy_reference_walks_a_refusal_then_its_explanation():
+    """One row, refuse action, refusal [60, 61, 62] whose first token is a separator: a
+    trigger at output length 4 after a one-token violating run (so not the whole answer)
+    forces the refusal with its separator, one token per step, whatever the events say
+    meanwhile; the explanation's one-sentence budget ends at a sentence-ending token after a
+    word, and end-of-sequence is forced from then on."""
+    g = _gen(5)
+    t = _strategy_tables(1, g)
+    for name, value in dict(action=1, phase=0, origin=0, counter=1, refusal_len=3,
+                            refusal_start=1, query_cats=0, query_alert=0, alert=0,
+                            explain_left=1, explain_cap=80, seen_word=0, read_len=0,
+                            active=1, eos=2).items():
+        getattr(t, name)[0] = value
+    t.refusal[0, :3] = torch.tensor([60, 61, 62])
+    sentence_end = torch.zeros(8, dtype=torch.bool)
+    sentence_end[7] = True  # token 7 ends a sentence; tokens 5..7 hold words
+    has_word = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1], dtype=torch.bool)
+    forced_seen, phases = [], []
+    # output lengths 4..9; events: trigger at 4, then violations that must not act while
+    # the refusal is forced; the model writes 5 then 7 ("word." ends the one sentence)
+    for out_len, event, last in ((4, 2, 5), (5, 2, 61), (6, 2, 62), (7, 0, 5), (8, 0, 7),
+                                 (9, 0, 6)):
+        forced, acted = advance_strategy_reference(
+            t, torch.tensor([event], dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
+            torch.tensor([out_len], dtype=torch.int32), torch.tensor([last]),
+            (sentence_end, has_word))
+        forced_seen.append(int(forced[0]))
+        phases.append(int(t.phase[0]))
+    assert forced_seen == [60, 61, 62, -1, 2, 2]
+    assert phases == [1, 1, 2, 2, 5, 5]
+    # the same trigger as the whole answer (a prompt row) skips the separator
+    for name, value in dict(phase=0, origin=0, counter=0, read_len=0, explain_left=1).items():
+        getattr(t, name)[0] = value
+    forced, acted = advance_strategy_reference(
+        t, torch.tensor([2], dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
+        torch.tensor([0], dtype=torch.int32))
+    assert int(forced[0]) == 61 and bool(acted[0]) and int(t.origin[0]) == -1
+
+
+def _worker_processor(sync_free: bool, capacity: int = 8):
+    """The worker's logits processor (default head's width, 16-token toy vocabulary where 8
+    ends a sentence and 5 and 10 hold words) with its telemetry captured."""
+    import math
+    from types import SimpleNamespace
+
+    from safeserve.models.model_store import DEFAULT_HEAD_DIR
+    from safeserve.server import safety_wire as W
+    from safeserve.server.safety_processor import SafetyLogitsProcessor
+
+    cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=capacity),
+                          model_config=SimpleNamespace(model=str(DEFAULT_HEAD_DIR)))
+    proc = SafetyLogitsProcessor(cfg, DEVICE, False)
+    proc.sync_free = sync_free
+    proc.sentence_end = torch.zeros(16, dtype=torch.bool, device=DEVICE)
+    proc.sentence_end[8] = True
+    proc.has_word = torch.zeros(16, dtype=torch.bool, device=DEVICE)
+    proc.has_word[[5, 10]] = True
+    sent = []
+    proc.telemetry = SimpleNamespace(sock=object(), send=lambda records, _s: sent.extend(records))
+    outs = [[] for _ in range(capacity)]
+    actions = (W.ACTION_REFUSE, W.ACTION_STOP, W.ACTION_ANNOTATE, W.ACTION_REFUSE)
+    for i in range(capacity):
+        args = W.RowSafetyArgs(rid=f"r{i}", thresholds=[0.5] * 10, masked=[0] * 10, tau=2,
+                               action=actions[i % 4], refusal_ids=[9, 5, 8], refusal_sep=1,
+                               eos_id=0, alert_scale=math.e, alert_tau=1,
+                               explain_sentences=1 if i % 3 else -1,
+                               query_flagged=i == 5, query_cats=1 if i == 5 else 0)
+        proc._add(i, args, outs[i])
+    return proc, sent, outs
+
+
+@pytest.mark.skipif(_ON_CUDA, reason="on CPU: compares the GPU path's form with the CPU's")
+@needs_triton
+def test_the_workers_sync_free_step_runs_two_kernels_and_matches_the_host_path():
+    """The worker as a GPU runs it (sync-free, the decision and strategy kernels) against the
+    CPU's form (host syncs, the PyTorch references): twelve steps of a mixed batch (refuse,
+    stop, annotate; bounded and unbounded explanations; a flagged prefill query) give the same
+    forced tokens and telemetry; and a GPU step is two kernel launches plus a few dozen tensor
+    ops (there were ~190 before the strategy kernel: each a launch on a GPU)."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from safeserve.kernels import safety_decision, safety_strategy
+    from safeserve.server.safety_model import STEP_SIGNAL
+
+    fast, fast_sent, fast_outs = _worker_processor(sync_free=True)
+    host, host_sent, host_outs = _worker_processor(sync_free=False)
+    views = {"aten.view.default", "aten.slice.Tensor", "aten.select.int", "aten.view.dtype",
+             "aten.unsqueeze.default", "aten.squeeze.dim", "aten.alias.default",
+             "aten.expand.default", "aten.as_strided.default", "aten.detach.default",
+             "aten.reshape.default", "aten._unsafe_view.default", "aten.lift_fresh.default"}
+
+    class CountOps(TorchDispatchMode):  # tensor ops that would each launch a kernel
+        def __init__(self):
+            super().__init__()
+            self.ops, self.launches, self.paused = Counter(), 0, False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not self.paused and str(func) not in views:
+                self.ops[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    counter = None
+    real_jit = safety_head._jit
+
+    def counting_jit(body):  # a Triton launch counts once, whatever the interpreter does
+        kernel = real_jit(body)
+
+        class Launch:
+            def __getitem__(self, grid):
+                def run(*a, **kw):
+                    counter.launches += 1
+                    counter.paused = True
+                    try:
+                        return kernel[grid](*a, **kw)
+                    finally:
+                        counter.paused = False
+                return run
+        return Launch()
+
+    g = _gen(3)
+    forced_rows = 0
+    for step in range(12):
+        scores = torch.rand(8, 10, generator=g) * 0.55  # violations now and then
+        scores[1] = 0.9 if step >= 2 else 0.1  # row 1 (stop) violates from its third step
+        logits = torch.randn(8, 16, generator=g)
+        STEP_SIGNAL.scores = scores.to(DEVICE)
+        counter = CountOps()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(safety_decision, "_jit", counting_jit)
+            mp.setattr(safety_strategy, "_jit", counting_jit)
+            with counter:
+                got = fast.apply(logits.clone().to(DEVICE))
+        assert counter.launches == 2, "one decision and one strategy launch per step"
+        assert sum(counter.ops.values()) <= 40, counter.ops
+        STEP_SIGNAL.scores = scores.clone()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.delenv("SAFESERVE_FORCE_TRITON")  # the CPU's form: the references
+            want = host.apply(logits.clone())
+        assert torch.equal(got.cpu(), want)
+        assert fast_sent == host_sent
+        forced_rows += int((~torch.isfinite(want)).any(dim=1).sum())
+        tokens = want.argmax(dim=1).tolist()
+        for outs in (fast_outs, host_outs):
+            for o, tok in zip(outs, tokens):
+                o.append(tok)
+    assert forced_rows >= 12 and {r.phase for r in host_sent} >= {0, 1, 2, 4, 6}
 
 
 # --------------------------------------------------------------------------------------

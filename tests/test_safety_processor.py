@@ -1,5 +1,7 @@
-"""The logits processor's token forcing, both forms: the host-synced one (CPU: touches only
-forced rows) and the sync-free one (CUDA: a masked pass plus a scatter) must agree."""
+"""The worker's logits processor: token forcing, the strategy's state through the persistent
+batch, telemetry. Every test that builds a processor runs twice: in the host-synced form the
+CPU serves with (work skipped on steps it can prove idle) and in the sync-free form a GPU
+runs (fixed work every step, no host sync), here on CPU; both must behave alike."""
 
 from __future__ import annotations
 
@@ -32,6 +34,16 @@ def test_no_forced_row_leaves_the_logits_as_they_were():
         assert torch.equal(out, logits)
 
 
+_SYNC_FREE = [False]
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["host-synced", "sync-free"])
+def _processor_form(request):
+    _SYNC_FREE[0] = request.param
+    yield
+    _SYNC_FREE[0] = False
+
+
 def _processor(capacity: int = 4, prompt_offset: float = 0.0):
     """The real processor over the default head's width (10 outputs), on CPU, with its
     telemetry captured instead of sent, and the given prompt offset instead of the head's."""
@@ -42,6 +54,7 @@ def _processor(capacity: int = 4, prompt_offset: float = 0.0):
     cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=capacity),
                           model_config=SimpleNamespace(model=str(DEFAULT_HEAD_DIR)))
     proc = SafetyLogitsProcessor(cfg, torch.device("cpu"), False)
+    proc.sync_free = _SYNC_FREE[0]
     proc.prompt_offset = prompt_offset
     sent = []
     proc.telemetry = SimpleNamespace(sock=object(), send=lambda records, _s: sent.extend(records))
