@@ -41,6 +41,8 @@ from safeserve.kernels.safety_strategy import (
     REPORT_COLUMNS,
     advance_strategy,
     advance_strategy_reference,
+    force_tokens,
+    force_tokens_reference,
 )
 
 _DTYPES = {
@@ -238,9 +240,15 @@ def run_benchmark(
     tables = _strategy_tables(batch, gen, device)
     out_len = torch.where(is_prompt.bool(), 0, torch.randint(1, 96, (batch,), generator=gen)
                           .to(device)).to(torch.int32)
-    last = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+    last = torch.stack([torch.randint(0, 1000, (batch,), generator=gen).to(device),
+                        out_len.long()])  # (last token, known tokens)
     vocab = tuple((torch.rand(1000, generator=gen) < p).to(device) for p in (0.1, 0.8))
     report = torch.zeros(batch, n_cats + REPORT_COLUMNS, dtype=torch.float64, device=device)
+
+    # Forcing (GPU form) over a 32k vocabulary with 5% of the rows forced (a refusal or a stop).
+    logits = torch.randn(batch, 32000, generator=gen).to(device)
+    forced = torch.where(torch.rand(batch, generator=gen) < 0.05,
+                         torch.randint(0, 32000, (batch,), generator=gen), -1).to(device)
 
     def strategy_step(advance=advance_strategy):  # the worker's strategy after the decision
         decide_step()
@@ -254,6 +262,8 @@ def run_benchmark(
     offset_us = timer(offset_step, iters, warmup)
     # decision + strategy, minus the decision alone: the strategy's own share of the step
     strategy_us = max(0.0, timer(strategy_step, iters, warmup) - decide_us)
+    # (CUDA only: off-GPU the server forces through a host sync, touching forced rows only)
+    force_us = timer(lambda: force_tokens(logits, forced), iters, warmup) if on_cuda else 0.0
 
     elem = hidden_states.element_size()
     head_bytes = batch * hidden * elem + n_cats * hidden * 4 + batch * n_cats * 4
@@ -281,7 +291,8 @@ def run_benchmark(
         "decide_us": decide_us,
         "offset_us": offset_us,
         "strategy_us": strategy_us,
-        "step_us": head_us + decide_us + offset_us + strategy_us,
+        "force_us": force_us,
+        "step_us": head_us + decide_us + offset_us + strategy_us + force_us,
     }
     if peak_gbs:
         bound_us = head_bytes / (peak_gbs * 1e9) * 1e6  # the head's memory-traffic floor
@@ -322,6 +333,7 @@ def run_benchmark(
             ref_head_gb_s=head_bytes / (ref_head_us * 1e-6) / 1e9,
             ref_decide_us=ref_decide_us,
             ref_strategy_us=ref_strategy_us,
+            ref_force_us=timer(lambda: force_tokens_reference(logits, forced), iters, warmup),
             ref_over_head=ref_head_us / head_us,
         )
     return result
@@ -402,7 +414,8 @@ _LABELS = {
     "decide_us": "decision us/step",
     "offset_us": "prompt offset us/step (steps with a prompt row; CUDA: every step)",
     "strategy_us": "strategy us/step (decision + strategy, less the decision)",
-    "step_us": "head + decision + offset + strategy us/step",
+    "force_us": "forcing us/step (32k vocabulary, 5% of rows forced; CUDA only)",
+    "step_us": "head + decision + offset + strategy + forcing us/step",
     "peak_gb_s": "peak DRAM GB/s (--peak-gbs or guessed)",
     "bound_us": "head bound us (bytes / peak)",
     "head_over_bound": "head us / bound us",
@@ -416,6 +429,7 @@ _LABELS = {
     "ref_head_gb_s": "reference head GB/s",
     "ref_decide_us": "reference decision us/step",
     "ref_strategy_us": "reference strategy us/step (tensor ops)",
+    "ref_force_us": "reference forcing us/step (a pass over all the logits)",
     "ref_over_head": "reference head us / head us",
 }
 

@@ -31,11 +31,15 @@ decision kernel (kernels/safety_decision.py) has produced ``event`` and ``cats``
 3. The telemetry row: columns K.. of ``report`` (float64 [N, K + 6], scores in the first K,
    written by the caller) get event, cats, phase, forced, acted, alert.
 
-Rows without a safety config (active 0) never trigger and are never forced, except a row
-whose phase a terminal state left behind.
+Then ``force_tokens`` makes every sampler pick a row's forced token: the row's logits become
+-inf everywhere but that token, which gets 0 (finite). Rows with nothing forced are not
+touched; the kernel writes only the forced rows (the tensor-op form rewrites all of the
+[N, vocabulary] logits every step: at 256 rows and a 128k vocabulary, 256 MB of traffic).
 
-`advance_strategy_reference` is the vectorised PyTorch form; `advance_strategy` the launcher
-the worker calls once per step: one Triton launch (CUDA, or SAFESERVE_FORCE_TRITON=1 under
+Rows without a safety config (active 0) never trigger and are never forced.
+
+`advance_strategy_reference` / `force_tokens_reference` are the vectorised PyTorch forms;
+`advance_strategy` / `force_tokens` the launchers the worker calls once per step each: one Triton launch (CUDA, or SAFESERVE_FORCE_TRITON=1 under
 the interpreter) with no host synchronisation, the reference elsewhere. Before this kernel the
 strategy was some 60 small tensor ops per step: each a kernel launch on a GPU.
 """
@@ -71,7 +75,7 @@ class StrategyTables(Protocol):
     explain_left: torch.Tensor  # int32: sentences left in the explanation (-1: no limit)
     explain_cap: torch.Tensor  # int32: the explanation's token cap (-1: unbounded)
     seen_word: torch.Tensor  # int32: the current sentence holds a word
-    read_len: torch.Tensor  # int32: output length whose last token was counted
+    read_len: torch.Tensor  # int32: known output length whose last token was counted
 
 
 # --------------------------------------------------------------------------------------
@@ -148,10 +152,13 @@ def advance_strategy_reference(
     origin = torch.where(start_refusal, out_len - start, origin)
     k = out_len - origin
     refusing = (refusing | start_refusal) & (k < refusal_len)
-    wrote = explaining & ~first & (out_len > t.read_len[:n])
+    known = out_len
     if last is not None and vocab is not None:
-        _count_sentences_reference(t, n, wrote, last, *vocab)
-    t.read_len[:n] = torch.where(explaining, out_len, t.read_len[:n])
+        # The last known token is the model's (past the refusal) and new since the last count.
+        known = last[1].to(out_len.dtype)
+        wrote = explaining & (known - origin > refusal_len) & (known > t.read_len[:n])
+        _count_sentences_reference(t, n, wrote, last[0], *vocab)
+    t.read_len[:n] = torch.where(explaining, known, t.read_len[:n])
     spent = ((t.explain_left[:n] == 0)
              | (bounded & (k - refusal_len >= t.explain_cap[:n])))
     close = explaining & spent & ~start_stop & ~retract
@@ -241,11 +248,13 @@ def _safety_strategy_kernel(
     origin = tl.where(start_refusal, out_len - tl.where(whole, refusal_start, 0), origin)
     k = out_len - origin
     refusing = (refusing | start_refusal) & (k < refusal_len)
-    wrote = explaining & (first == 0) & (out_len > read_len)
     explain_left = tl.load(explain_left_ptr + rows, mask=ok, other=-1)
+    known = out_len
     if HAS_LAST:
         seen = tl.load(seen_word_ptr + rows, mask=ok, other=0)
         last = tl.load(last_ptr + rows, mask=ok, other=-1)
+        known = tl.load(last_ptr + n_rows + rows, mask=ok, other=0).to(tl.int32)
+        wrote = explaining & (known - origin > refusal_len) & (known > read_len)
         wrote = wrote & (last >= 0) & (last < vocab_size)
         tok = tl.minimum(tl.maximum(last, 0), vocab_size - 1)
         has_word = tl.load(has_word_ptr + tok, mask=ok, other=0) != 0
@@ -256,7 +265,7 @@ def _safety_strategy_kernel(
         seen = tl.where(ends, 0, seen)
         tl.store(explain_left_ptr + rows, explain_left, mask=ok)
         tl.store(seen_word_ptr + rows, seen, mask=ok)
-    read_len = tl.where(explaining, out_len, read_len)
+    read_len = tl.where(explaining, known, read_len)
     spent = (explain_left == 0) | (bounded & (k - refusal_len >= explain_cap))
     close = explaining & spent & (start_stop == 0) & (retract == 0)
 
@@ -326,18 +335,23 @@ def _check_args(t: StrategyTables, event, cats, out_len, last, vocab, report) ->
         if x.stride(0) != 1:
             raise ValueError(f"{name} must have unit stride (written in place)")
     r = t.refusal
-    if r.dim() != 2 or r.shape[0] != capacity or r.dtype != torch.int64 or r.stride(1) != 1:
-        raise ValueError(f"refusal must be int64 [R={capacity}, L] with unit column stride")
+    if (r.dim() != 2 or r.shape[0] != capacity or r.dtype != torch.int64 or r.stride(1) != 1
+            or r.device != device):
+        raise ValueError(f"refusal must be int64 [R={capacity}, L] with unit column stride "
+                         f"on {device}")
     if last is not None:
-        if last.shape != (n,) or last.dtype != torch.int64 or last.device != device:
-            raise ValueError(f"last must be int64 [{n}] on {device}")
+        if (last.shape != (2, n) or last.dtype != torch.int64 or last.device != device
+                or not last.is_contiguous()):
+            raise ValueError(f"last must be a contiguous int64 [2, {n}] on {device}")
         for name, mask in zip(("sentence_end", "has_word"), vocab):
-            if mask.dim() != 1 or mask.dtype != torch.bool or mask.device != device:
-                raise ValueError(f"{name} must be a bool [V] mask on {device}")
+            if (mask.dim() != 1 or mask.dtype != torch.bool or mask.device != device
+                    or mask.stride(0) != 1):
+                raise ValueError(f"{name} must be a bool [V] mask with unit stride on {device}")
     if report is not None and (report.dim() != 2 or report.shape[0] != n
                                or report.shape[1] < REPORT_COLUMNS
-                               or report.dtype != torch.float64 or report.stride(1) != 1):
-        raise ValueError(f"report must be float64 [{n}, K + {REPORT_COLUMNS}]")
+                               or report.dtype != torch.float64 or report.stride(1) != 1
+                               or report.device != device):
+        raise ValueError(f"report must be float64 [{n}, K + {REPORT_COLUMNS}] on {device}")
 
 
 def advance_strategy(
@@ -346,9 +360,11 @@ def advance_strategy(
     vocab: tuple[torch.Tensor, torch.Tensor] | None = None,
     report: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One strategy launch for the step (see the module docstring). ``last``: each row's last
-    output token (-1: none), with ``vocab`` = (sentence_end, has_word) masks over the
-    vocabulary, for the explanation's sentence budget (None: not counted this step).
+    """One strategy launch for the step (see the module docstring). ``last``: int64 [2, N],
+    each row's last known output token (-1: none) and the number of known tokens (under
+    async scheduling an output list ends in placeholders for tokens still in flight: a token
+    is counted the step after it lands), with ``vocab`` = (sentence_end, has_word) masks over
+    the vocabulary, for the explanation's sentence budget (None: not counted this step).
     Mutates the tables, ``event`` and ``cats``; returns (forced int64 [N], acted bool [N])."""
     if last is None or vocab is None:
         last, vocab = None, None
@@ -379,3 +395,49 @@ def advance_strategy(
         BLOCK_N=block_n, HAS_LAST=has_last, HAS_REPORT=report is not None, num_warps=4,
     )
     return forced, acted.view(torch.bool)
+
+
+# --------------------------------------------------------------------------------------
+# Forcing the chosen tokens
+# --------------------------------------------------------------------------------------
+
+
+def force_tokens_reference(logits: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+    """Rows with ``forced[i] >= 0``: -inf everywhere but that token, which gets 0. In place,
+    without a host sync: one masked pass over the batch and one scatter."""
+    rows = forced >= 0
+    tok = forced.clamp(min=0).unsqueeze(1)
+    value = torch.where(rows.unsqueeze(1), torch.zeros_like(logits[:, :1]),
+                        logits.gather(1, tok))
+    logits.masked_fill_(rows.unsqueeze(1), float("-inf"))
+    return logits.scatter_(1, tok, value)
+
+
+def _force_tokens_kernel(logits_ptr, forced_ptr, vocab_size, stride_row,
+                         BLOCK_V: tl.constexpr):
+    # One program per (row, vocabulary tile); a row with nothing forced stores nothing.
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    tok = tl.full((BLOCK_V,), 0, tl.int64) + tl.load(forced_ptr + row)  # the row's, per lane
+    value = tl.where(cols == tok, 0.0, float("-inf"))
+    tl.store(logits_ptr + row.to(tl.int64) * stride_row + cols,
+             value.to(logits_ptr.dtype.element_ty), mask=(cols < vocab_size) & (tok >= 0))
+
+
+def force_tokens(logits: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+    """One launch: rows with ``forced[i] >= 0`` ([N] int64) keep only that token (0 there,
+    -inf elsewhere); in place, no host sync. The reference off-GPU."""
+    if logits.dim() != 2 or forced.shape != (logits.shape[0],) or forced.dtype != torch.int64:
+        raise ValueError(f"logits must be [N, V] and forced int64 [N]; got "
+                         f"{tuple(logits.shape)} and {forced.dtype} {tuple(forced.shape)}")
+    if not _use_triton(logits):
+        return force_tokens_reference(logits, forced)
+    n, vocab = logits.shape
+    if n == 0 or vocab == 0:
+        return logits
+    if logits.stride(1) != 1:
+        raise ValueError("logits must have unit column stride (written in place)")
+    block_v = 2048
+    _jit(_force_tokens_kernel)[(n, triton.cdiv(vocab, block_v))](
+        logits, forced.contiguous(), vocab, logits.stride(0), BLOCK_V=block_v, num_warps=4)
+    return logits

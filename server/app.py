@@ -168,7 +168,7 @@ def create_app(engine: Engine, safety=None, head_check=None) -> FastAPI:
             raise APIError(400, "this server runs without a safety head (--allow-unsafe): it "
                            "has nothing to moderate with", code="safety_unavailable")
         req_safety = svc.resolve(utf8_header(request, "X-Safety-Config"), body.safety_config)
-        svc.authorize(principal, req_safety)
+        svc.authorize(principal, req_safety, trace_returned=False)  # verdicts only
         require_ready()
         metrics.IN_FLIGHT.inc()
         try:

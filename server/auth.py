@@ -253,19 +253,23 @@ def fill_from_ceiling(cfg: SafetyConfig, ceiling: Ceiling, policy: SafetyPolicy,
 
 
 def authorize_config(principal: Principal, preset: str | None, cfg: SafetyConfig,
-                     policy: SafetyPolicy) -> SafetyConfig:
-    """The config the request runs with, or a 403 if it asks for more than its key permits."""
+                     policy: SafetyPolicy, trace_returned: bool = True) -> SafetyConfig:
+    """The config the request runs with, or a 403 if it asks for more than its key permits.
+    ``trace_returned``: False where no trace is ever returned (moderation's verdicts), so
+    asking for one there reveals nothing and needs no grant."""
     grant = principal.grant
     if grant is None:
         return cfg
-    operators = policy.presets.get(preset) if preset is not None else None
-    if cfg.trace and not grant.trace and not (operators is not None and operators.trace):
+    whole = preset is not None and (preset == policy.default_preset or preset in grant.presets)
+    if (trace_returned and cfg.trace and not grant.trace
+            and not (whole and policy.presets[preset].trace)):
+        # (a preset taken whole that traces is the operator's word; any other is an ask)
         who = f"API key '{grant.name}'" if grant.name else "this API key"
         raise APIError(403, f"{who} may not request: trace (the per-token scores; the "
                        "grant's 'trace' allows it)", type="permission_error",
                        param="safety_config", code="safety_config_not_permitted")
     ceiling = ceiling_of(grant, policy)
-    if preset is not None and (preset == policy.default_preset or preset in grant.presets):
+    if whole:
         # taken whole; the key's caps still apply (max_tau too, where the preset sets a tau)
         cfg = fill_from_ceiling(cfg, ceiling, policy, preset=True)
         if grant.max_tau is not None and policy.tau_of(cfg) > grant.max_tau:

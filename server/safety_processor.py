@@ -23,14 +23,21 @@ from functools import partial
 
 import torch
 from safeserve.kernels.safety_decision import EVENT_TRIGGER, decide
-from safeserve.kernels.safety_head import offset_prompt_rows, select_prompt_rows
-from safeserve.kernels.safety_strategy import REPORT_COLUMNS, advance_strategy, pack_report
+from safeserve.kernels.safety_head import _use_triton, offset_prompt_rows, select_prompt_rows
+from safeserve.kernels.safety_strategy import (
+    REPORT_COLUMNS,
+    advance_strategy,
+    force_tokens,
+    pack_report,
+)
 from safeserve.models.decision_defaults import prompt_logit_offset
 from safeserve.models.checkpoint import load_safety_head
 from safeserve.server import safety_wire as W
 from safeserve.server.safety_model import STEP_SIGNAL
 
-log = logging.getLogger(__name__)
+# This runs in vLLM's engine process, where only vLLM's loggers are configured: a child of
+# its logger is what reaches the server's log there.
+log = logging.getLogger("vllm.safeserve.safety_processor")
 
 try:  # vLLM is only importable where the engine runs
     from vllm.v1.sample.logits_processor import (
@@ -46,6 +53,7 @@ MAX_REFUSAL_TOKENS = 48
 # sentence ("I'm sorry, but I'm sorry, but ...") never reaches a sentence end.
 EXPLAIN_TOKENS_PER_SENTENCE = 40
 MAX_PARKED = 4096
+SYNC_FREE_ENV = "SAFESERVE_SYNC_FREE"
 
 
 SENTENCE_END_CHARS = ".!?\u3002\uff01\uff1f"
@@ -171,8 +179,12 @@ class SafetyLogitsProcessor(LogitsProcessor):
         # On a GPU every tensor op is a kernel launch and a host sync stalls the pipeline:
         # the step then runs sync-free (fixed work, kernels for the decision and the
         # strategy). Off-GPU a sync is free and most steps skip work they can prove idle.
-        # Tests set it on CPU to run the GPU path's logic.
-        self.sync_free = device.type == "cuda"
+        # SYNC_FREE_ENV=1 runs the GPU's form on CPU (tests: with SAFESERVE_FORCE_TRITON=1 and
+        # TRITON_INTERPRET=1, its kernels too, in the real engine).
+        self.sync_free = device.type == "cuda" or os.environ.get(SYNC_FREE_ENV) == "1"
+        log.info("safety processor: %s form, %s", "sync-free" if self.sync_free else "host-synced",
+                 "Triton kernels" if _use_triton(torch.empty(0, device=device))
+                 else "PyTorch references")
         # The state a step changes lives in one [len(_PER_STEP), R] table (each a row view),
         # so that rewinding a repeated step is a few ops for all of them (see
         # _undo_repeated_steps), with a snapshot table of the same shape.
@@ -335,35 +347,37 @@ class SafetyLogitsProcessor(LogitsProcessor):
     # -- strategy ----------------------------------------------------------------------
 
     def _last_tokens(self, n: int) -> torch.Tensor | None:
-        """Each row's last output token (-1: none yet), for rows explaining a refusal; None
-        when no row needs it (off-GPU, where asking costs no sync) or the vocabulary's
-        sentence ends are unknown."""
+        """int64 [2, N]: each row's last known output token (-1: none yet) and how many of
+        its tokens are known, for rows explaining a refusal. Under async scheduling (GPU) an
+        output list ends in -1 placeholders for tokens still in flight, so the last known
+        token is the one before them. None when no row needs it (off-GPU, where asking costs
+        no sync) or the vocabulary's sentence ends are unknown."""
         if self.sentence_end is None:
             return None
         if not self.sync_free and not bool((self.phase[:n] == W.PHASE_REFUSED).any()):
             return None
-        last = [o[-1] if o else -1 for o in self.outputs[:n]]
-        return torch.tensor(last, dtype=torch.int64).to(self.device, non_blocking=True)
+        last, known = [], []
+        for out in self.outputs[:n]:
+            j = len(out) if out else 0
+            while j and out[j - 1] < 0:
+                j -= 1
+            last.append(out[j - 1] if j else -1)
+            known.append(j)
+        return torch.tensor([last, known], dtype=torch.int64).to(self.device, non_blocking=True)
 
     @staticmethod
     def _force(logits: torch.Tensor, forced: torch.Tensor,
                sync_free: bool | None = None) -> torch.Tensor:
         """Rows with a forced token get -inf everywhere but that token (finite): any sampler
         picks it. In place: a full-vocabulary copy per step costs more than the head."""
-        rows = forced >= 0
         if not (logits.device.type == "cuda" if sync_free is None else sync_free):
             # A host sync is free off-GPU: touch only the forced rows (usually none).
-            idx = rows.nonzero().squeeze(1)
+            idx = (forced >= 0).nonzero().squeeze(1)
             if idx.numel():
                 logits[idx] = float("-inf")
                 logits[idx, forced[idx]] = 0.0
             return logits
-        # No host sync: one masked pass over the batch, then one scatter.
-        tok = forced.clamp(min=0).unsqueeze(1)
-        value = torch.where(rows.unsqueeze(1), torch.zeros_like(logits[:, :1]),
-                            logits.gather(1, tok))
-        logits.masked_fill_(rows.unsqueeze(1), float("-inf"))
-        return logits.scatter_(1, tok, value)
+        return force_tokens(logits, forced)  # one launch; writes only the forced rows
 
     def _report(self, packed: torch.Tensor, seconds: float) -> None:
         """Send the step's telemetry rows (``packed``: float64 [N, K + 6], see

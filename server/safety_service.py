@@ -57,10 +57,13 @@ class SafetyService:
         return RequestSafety(preset, cfg, self.policy.tau_of(cfg), self.policy.alert_margin,
                              self.policy.alert_tau_of(cfg), self.policy.explain_sentences_of(cfg))
 
-    def authorize(self, principal: Principal, req: RequestSafety) -> None:
+    def authorize(self, principal: Principal, req: RequestSafety,
+                  trace_returned: bool = True) -> None:
         """403 if the key may not ask for ``req``; else ``req`` becomes the config it runs
-        with (fields it left out tightened to the key's ceiling)."""
-        req.config = authorize_config(principal, req.preset, req.config, self.policy)
+        with (fields it left out tightened to the key's ceiling). ``trace_returned``: False
+        for verdict-only requests, which never return a trace."""
+        req.config = authorize_config(principal, req.preset, req.config, self.policy,
+                                      trace_returned)
         req.tau = self.policy.tau_of(req.config)
         req.alert_tau = self.policy.alert_tau_of(req.config)
         req.explain_sentences = self.policy.explain_sentences_of(req.config)

@@ -278,3 +278,19 @@ def test_the_per_token_trace_needs_the_grants_trace(tmp_path):
     policy = _policy_with(tmp_path, "default:\n  trace: true\n")
     own = SafetyService(policy, TelemetryHub(), lambda: None)
     assert run_with(own, PLAIN).config.trace  # the operator's default preset traces
+
+
+def test_a_tracing_preset_outside_the_grant_is_an_ask_and_moderation_needs_no_grant(tmp_path):
+    """Only a preset the key takes whole (the default, or one its grant names) may bring the
+    trace with it; any other preset that traces is checked like a custom config. Moderation
+    returns verdicts only, so a trace asked there reveals nothing and is not refused."""
+    policy = _policy_with(tmp_path, "default:\n  on_violation: refuse\n"
+                                    "debug:\n  on_violation: stop\n  trace: true\n")
+    svc = SafetyService(policy, TelemetryHub(), lambda: None)
+    assert "trace" in refused(svc, PLAIN, "debug")
+    assert "trace" in refused(svc, PLAIN, body="debug")
+    named = Principal("debugger", Grant(presets=["debug"]))
+    assert run_with(svc, named, "debug").config.trace
+    req = svc.resolve(None, {"trace": True})
+    svc.authorize(PLAIN, req, trace_returned=False)
+    assert req.config.trace  # echoed as asked; moderation never returns a trace

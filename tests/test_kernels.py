@@ -58,6 +58,8 @@ try:
         REPORT_COLUMNS,
         advance_strategy,
         advance_strategy_reference,
+        force_tokens,
+        force_tokens_reference,
     )
 finally:
     _restore_env()
@@ -702,7 +704,10 @@ def _strategy_step_inputs(n_rows: int, vocab: int, g: torch.Generator, k: int = 
     cats = torch.randint(0, 1 << k, (n_rows,), generator=g, dtype=torch.int32)
     out_len = torch.randint(-1, 20, (n_rows,), generator=g, dtype=torch.int32)
     out_len[torch.rand(n_rows, generator=g) < 0.2] = 0  # prompt rows
-    last = torch.randint(-1, vocab + 2, (n_rows,), generator=g)  # off-vocabulary ids too
+    token = torch.randint(-1, vocab + 2, (n_rows,), generator=g)  # off-vocabulary ids too
+    # known tokens: the output length, or one less (a token in flight, async scheduling)
+    lag = (torch.rand(n_rows, generator=g) < 0.3).to(torch.int32)
+    last = torch.stack([token, (out_len - lag).clamp(min=0).long()])
     masks = (torch.rand(vocab, generator=g) < 0.3, torch.rand(vocab, generator=g) < 0.7)
     report = torch.zeros(n_rows, k + REPORT_COLUMNS, dtype=torch.float64)
     report[:, :k] = torch.rand(n_rows, k, generator=g, dtype=torch.float64)
@@ -724,7 +729,8 @@ def test_strategy_matches_reference(n_rows, with_last):
     acted flags, the rewritten events and bits and the telemetry columns agree exactly."""
     g = _gen(n_rows * 13 + with_last)
     capacity, vocab = n_rows + 3, 37
-    ref = _strategy_tables(capacity, g)
+    # 8 refusal tokens a row: positions past them reach the gather's clamp
+    ref = _strategy_tables(capacity, g, width=8)
     dev = _tables_to(ref, DEVICE)
     phases_seen, forced_any = set(), False
     for _ in range(10):
@@ -771,16 +777,19 @@ def test_strategy_reference_walks_a_refusal_then_its_explanation():
     forced_seen, phases = [], []
     # output lengths 4..9; events: trigger at 4, then violations that must not act while
     # the refusal is forced; the model writes 5 then 7 ("word." ends the one sentence)
-    for out_len, event, last in ((4, 2, 5), (5, 2, 61), (6, 2, 62), (7, 0, 5), (8, 0, 7),
-                                 (9, 0, 6)):
+    # (each step's last = (last token, known tokens); here nothing is in flight)
+    for out_len, event, last in ((4, 2, 5), (5, 2, 60), (6, 2, 61), (7, 0, 62), (8, 0, 5),
+                                 (9, 0, 7)):
         forced, acted = advance_strategy_reference(
             t, torch.tensor([event], dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
-            torch.tensor([out_len], dtype=torch.int32), torch.tensor([last]),
+            torch.tensor([out_len], dtype=torch.int32), torch.tensor([[last], [out_len]]),
             (sentence_end, has_word))
         forced_seen.append(int(forced[0]))
         phases.append(int(t.phase[0]))
-    assert forced_seen == [60, 61, 62, -1, 2, 2]
-    assert phases == [1, 1, 2, 2, 5, 5]
+    # (the last token at output length L is the one at position L - 1: the refusal sits at
+    # 4..6, the model writes 5 at 7 and 7 at 8, read at lengths 8 and 9)
+    assert forced_seen == [60, 61, 62, -1, -1, 2]
+    assert phases == [1, 1, 2, 2, 2, 5]
     # the same trigger as the whole answer (a prompt row) skips the separator
     for name, value in dict(phase=0, origin=0, counter=0, read_len=0, explain_left=1).items():
         getattr(t, name)[0] = value
@@ -790,7 +799,25 @@ def test_strategy_reference_walks_a_refusal_then_its_explanation():
     assert int(forced[0]) == 61 and bool(acted[0]) and int(t.origin[0]) == -1
 
 
-def _worker_processor(sync_free: bool, capacity: int = 8):
+@needs_triton
+@pytest.mark.parametrize("n_rows,vocab", [(0, 5), (1, 1), (3, 2048), (5, 2049), (9, 5000)])
+def test_force_tokens_matches_reference(n_rows, vocab):
+    """Forced rows keep only their token (0; -inf elsewhere, the last column included);
+    the other rows are left bit for bit as they were."""
+    g = _gen(n_rows * 7 + vocab)
+    logits = torch.randn(n_rows, vocab, generator=g)
+    forced = torch.randint(0, vocab, (n_rows,), generator=g)
+    forced[torch.rand(n_rows, generator=g) < 0.4] = -1
+    if n_rows >= 3:
+        forced[0], forced[1] = vocab - 1, -1
+    want = force_tokens_reference(logits.clone(), forced)
+    got = force_tokens(logits.clone().to(DEVICE), forced.to(DEVICE))
+    assert torch.equal(got.cpu(), want)
+    untouched = forced < 0
+    assert torch.equal(want[untouched], logits[untouched])
+
+
+def _worker_processor(sync_free: bool, device: torch.device, capacity: int = 8):
     """The worker's logits processor (default head's width, 16-token toy vocabulary where 8
     ends a sentence and 5 and 10 hold words) with its telemetry captured."""
     import math
@@ -798,18 +825,25 @@ def _worker_processor(sync_free: bool, capacity: int = 8):
 
     from safeserve.models.model_store import DEFAULT_HEAD_DIR
     from safeserve.server import safety_wire as W
-    from safeserve.server.safety_processor import SafetyLogitsProcessor
+    from safeserve.server.safety_processor import SafetyLogitsProcessor, step_records
 
     cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=capacity),
                           model_config=SimpleNamespace(model=str(DEFAULT_HEAD_DIR)))
-    proc = SafetyLogitsProcessor(cfg, DEVICE, False)
+    proc = SafetyLogitsProcessor(cfg, device, False)
     proc.sync_free = sync_free
-    proc.sentence_end = torch.zeros(16, dtype=torch.bool, device=DEVICE)
+    proc.prompt_offset = 1.0  # prompt rows' scores move before the decision, and are reported
+    proc.sentence_end = torch.zeros(16, dtype=torch.bool, device=device)
     proc.sentence_end[8] = True
-    proc.has_word = torch.zeros(16, dtype=torch.bool, device=DEVICE)
+    proc.has_word = torch.zeros(16, dtype=torch.bool, device=device)
     proc.has_word[[5, 10]] = True
     sent = []
-    proc.telemetry = SimpleNamespace(sock=object(), send=lambda records, _s: sent.extend(records))
+
+    def send_later(ready, host, rows, k, _seconds, _device=None):  # CUDA: once the copy lands
+        ready.synchronize()
+        sent.extend(step_records(host.tolist(), rows, k))
+
+    proc.telemetry = SimpleNamespace(sock=object(), send=lambda records, _s: sent.extend(records),
+                                     send_later=send_later)
     outs = [[] for _ in range(capacity)]
     actions = (W.ACTION_REFUSE, W.ACTION_STOP, W.ACTION_ANNOTATE, W.ACTION_REFUSE)
     for i in range(capacity):
@@ -822,14 +856,14 @@ def _worker_processor(sync_free: bool, capacity: int = 8):
     return proc, sent, outs
 
 
-@pytest.mark.skipif(_ON_CUDA, reason="on CPU: compares the GPU path's form with the CPU's")
 @needs_triton
 def test_the_workers_sync_free_step_runs_two_kernels_and_matches_the_host_path():
     """The worker as a GPU runs it (sync-free, the decision and strategy kernels) against the
     CPU's form (host syncs, the PyTorch references): twelve steps of a mixed batch (refuse,
-    stop, annotate; bounded and unbounded explanations; a flagged prefill query) give the same
-    forced tokens and telemetry; and a GPU step is two kernel launches plus a few dozen tensor
-    ops (there were ~190 before the strategy kernel: each a launch on a GPU)."""
+    stop, annotate; bounded and unbounded explanations; a flagged prefill query; the prompt
+    offset; two repeated steps, as a discarded prefill chunk's) give the same
+    forced tokens and telemetry; and a GPU step is three kernel launches plus a few dozen tensor
+    ops (there were ~190 before the strategy's kernels: each a launch on a GPU)."""
     from collections import Counter
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -837,8 +871,8 @@ def test_the_workers_sync_free_step_runs_two_kernels_and_matches_the_host_path()
     from safeserve.kernels import safety_decision, safety_strategy
     from safeserve.server.safety_model import STEP_SIGNAL
 
-    fast, fast_sent, fast_outs = _worker_processor(sync_free=True)
-    host, host_sent, host_outs = _worker_processor(sync_free=False)
+    fast, fast_sent, fast_outs = _worker_processor(True, DEVICE)  # on a GPU: compiled, there
+    host, host_sent, host_outs = _worker_processor(False, torch.device("cpu"))
     views = {"aten.view.default", "aten.slice.Tensor", "aten.select.int", "aten.view.dtype",
              "aten.unsqueeze.default", "aten.squeeze.dim", "aten.alias.default",
              "aten.expand.default", "aten.as_strided.default", "aten.detach.default",
@@ -885,8 +919,10 @@ def test_the_workers_sync_free_step_runs_two_kernels_and_matches_the_host_path()
             mp.setattr(safety_strategy, "_jit", counting_jit)
             with counter:
                 got = fast.apply(logits.clone().to(DEVICE))
-        assert counter.launches == 2, "one decision and one strategy launch per step"
-        assert sum(counter.ops.values()) <= 40, counter.ops
+        assert counter.launches == 3, "a decision, a strategy and a forcing launch per step"
+        # (on a GPU also the host-to-device copies of the lengths and last tokens, and the
+        # telemetry's copy to pinned memory)
+        assert sum(counter.ops.values()) <= (36 if _ON_CUDA else 30), counter.ops
         STEP_SIGNAL.scores = scores.clone()
         with pytest.MonkeyPatch.context() as mp:
             mp.delenv("SAFESERVE_FORCE_TRITON")  # the CPU's form: the references
@@ -895,6 +931,8 @@ def test_the_workers_sync_free_step_runs_two_kernels_and_matches_the_host_path()
         assert fast_sent == host_sent
         forced_rows += int((~torch.isfinite(want)).any(dim=1).sum())
         tokens = want.argmax(dim=1).tolist()
+        if step in (4, 8):  # the step's tokens are discarded: the next one repeats it
+            continue
         for outs in (fast_outs, host_outs):
             for o, tok in zip(outs, tokens):
                 o.append(tok)

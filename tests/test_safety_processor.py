@@ -243,6 +243,35 @@ def test_the_explanation_after_a_refusal_ends_after_its_sentence_budget():
     assert by_rid["one"].acted == 0  # closing is not a safety action
 
 
+def test_the_sentence_budget_counts_tokens_under_async_scheduling_placeholders():
+    """Under async scheduling (GPU builds) an output list ends in a -1 placeholder for the
+    token still in flight. The budget counts the last known token instead, one step late:
+    the refusal's own '.' is never counted, the model's 'word' '.' ends the one sentence."""
+    from safeserve.server import safety_wire as W
+
+    proc, _ = _explaining_processor()
+    out: list[int] = []
+    proc._add(0, _args("one", refusal_ids=[5, 8], alert_scale=1.0, alert_tau=0,
+                       explain_sentences=1), out)
+    model_writes = iter([10, 8, 10, 10, 10])
+    phases, pending = [], None
+    for step in range(7):
+        logits = _step(proc, [[0.9] * 10] if step == 0 else [[0.1] * 10])
+        forced = not torch.isfinite(logits[0]).all()
+        token = int(logits[0].argmax()) if forced else next(model_writes)
+        if pending is not None:
+            out[-1] = pending  # the previous step's token lands
+        pending = token
+        out.append(-1)  # this step's token is in flight
+        phases.append(int(proc.phase[0]))
+    # refusal 5, 8 forced at steps 0-1; the model writes 10 (step 2), 8 (step 3): the '.' is
+    # known at step 5, the budget is spent there and end-of-sequence forced
+    assert out[:4] == [5, 8, 10, 8]
+    assert phases[:5] == [W.PHASE_REFUSING, W.PHASE_REFUSED, W.PHASE_REFUSED,
+                          W.PHASE_REFUSED, W.PHASE_REFUSED]
+    assert phases[5] == W.PHASE_CLOSED and out[5] == 0
+
+
 def test_refusal_separator_is_skipped_only_when_the_refusal_is_the_whole_answer():
     """refusal_ids = [sep, 5, 6] with refusal_sep 1: a prompt verdict on a plain request forces
     5, 6; on a prefilled request (text before it: the prefill) and mid-answer, sep, 5, 6."""
