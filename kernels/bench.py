@@ -1,5 +1,5 @@
-"""Per-step cost of the safety kernels: the fused head, the decision, the prompt offset and
-the decoding strategy.
+"""Per-step cost of the safety kernels: the fused head, the decision (with the prompt offset
+and the prompt verdict's thresholds), the decoding strategy and the forcing.
 
     python -m safeserve.kernels.bench --batch 256 --hidden 4096 --categories 9 --dtype bfloat16
     python -m safeserve.kernels.bench ... --mlp-units 128     # the head with its residual MLP
@@ -33,7 +33,6 @@ import torch
 from safeserve.kernels.safety_decision import MASK_ATTRIBUTED, decide, decide_reference
 from safeserve.kernels.safety_head import (
     _use_triton,
-    offset_prompt_rows,
     safety_scores,
     safety_scores_reference,
 )
@@ -231,11 +230,11 @@ def run_benchmark(
     def head_step():  # each launch reads the next buffer of the pool: DRAM, not L2
         return safety_scores(next_hidden(), weight, bias, out=scores, mlp=mlp)
 
-    def decide_step():
-        return decide(*decide_args, event=event, cats=cats, **band)
+    prompt_thresholds = torch.rand(batch, n_cats, generator=gen).to(device)
 
-    def offset_step():  # the head's prompt offset (the default head's +2), as the server runs it
-        return offset_prompt_rows(scores, is_prompt, 2.0)
+    def decide_step():  # as the server runs it: the default head's prompt offset, +2 logits
+        return decide(*decide_args, event=event, cats=cats, **band,
+                      prompt_thresholds=prompt_thresholds, prompt_lift=math.exp(2.0))
 
     tables = _strategy_tables(batch, gen, device)
     out_len = torch.where(is_prompt.bool(), 0, torch.randint(1, 96, (batch,), generator=gen)
@@ -259,7 +258,6 @@ def run_benchmark(
     head_step()  # fills `scores` for the decision and compiles on first use
     head_us = timer(head_step, iters, warmup)
     decide_us = timer(decide_step, iters, warmup)
-    offset_us = timer(offset_step, iters, warmup)
     # decision + strategy, minus the decision alone: the strategy's own share of the step
     strategy_us = max(0.0, timer(strategy_step, iters, warmup) - decide_us)
     # (CUDA only: off-GPU the server forces through a host sync, touching forced rows only)
@@ -289,10 +287,9 @@ def run_benchmark(
         "head_bytes": head_bytes,
         "head_gb_s": head_bytes / (head_us * 1e-6) / 1e9,
         "decide_us": decide_us,
-        "offset_us": offset_us,
         "strategy_us": strategy_us,
         "force_us": force_us,
-        "step_us": head_us + decide_us + offset_us + strategy_us + force_us,
+        "step_us": head_us + decide_us + strategy_us + force_us,
     }
     if peak_gbs:
         bound_us = head_bytes / (peak_gbs * 1e9) * 1e6  # the head's memory-traffic floor
@@ -323,7 +320,8 @@ def run_benchmark(
             lambda: safety_scores_reference(next_hidden(), weight, bias, mlp), iters, warmup
         )
         ref_decide_args = (scores, thresholds, masked, counter.clone(), tau, is_prompt, active,
-                           band["alert"].clone(), band["alert_tau"], band["alert_scale"])
+                           band["alert"].clone(), band["alert_tau"], band["alert_scale"],
+                           prompt_thresholds, math.exp(2.0))
         ref_decide_us = timer(lambda: decide_reference(*ref_decide_args), iters, warmup)
         # the strategy as the ~60 tensor ops it was before its kernel (each a launch)
         ref_strategy_us = max(0.0, timer(lambda: strategy_step(advance_strategy_reference),
@@ -412,10 +410,9 @@ _LABELS = {
     "head_bytes": "head bytes moved",
     "head_gb_s": "head achieved GB/s",
     "decide_us": "decision us/step",
-    "offset_us": "prompt offset us/step (steps with a prompt row; CUDA: every step)",
     "strategy_us": "strategy us/step (decision + strategy, less the decision)",
     "force_us": "forcing us/step (32k vocabulary, 5% of rows forced; CUDA only)",
-    "step_us": "head + decision + offset + strategy + forcing us/step",
+    "step_us": "head + decision + strategy + forcing us/step",
     "peak_gb_s": "peak DRAM GB/s (--peak-gbs or guessed)",
     "bound_us": "head bound us (bytes / peak)",
     "head_over_bound": "head us / bound us",

@@ -30,8 +30,15 @@ The alert band is the paper's "strategic attention" in threshold form: a prompt 
 within ``alert_margin`` logits of its verdict was not refused, but its answer is watched with
 the shorter run ``alert_tau``. Without the alert tables (None) there is no band.
 
+At prompt rows two things may differ from decode rows, both optional: the request's prompt
+verdict has its own thresholds (``prompt_thresholds`` [R, K], e.g. a config whose
+``threshold_shift`` moves only the response rule), and the head's prompt offset o (logits)
+moves the scores first, in place so that what is reported is what was compared:
+
+    scores[i, k] = s l / (1 - s + s l),   s = scores[i, k], l = prompt_lift = e^o
+
 Inactive rows (no safety config) get event OK, cats 0, and their counter and alert are not
-touched.
+touched (their prompt scores are moved all the same).
 A NaN score compares false, so it never violates, and is never the top column.
 
 `decide_reference` is the vectorised PyTorch form; `decide` is the launcher the server calls
@@ -103,17 +110,27 @@ def decide_reference(
     alert: torch.Tensor | None = None,
     alert_tau: torch.Tensor | None = None,
     alert_scale: torch.Tensor | None = None,
+    prompt_thresholds: torch.Tensor | None = None,
+    prompt_lift: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Vectorised PyTorch decision.
 
-    Mutates counter[:N] (and alert[:N], when given) in place; returns (event, cats), each
-    int32 [N].
+    Mutates counter[:N] (and alert[:N], when given; and the prompt rows of ``scores``, when
+    ``prompt_lift`` != 1) in place; returns (event, cats), each int32 [N].
     """
     _check_decide_args(scores, thresholds, masked, counter, tau, is_prompt, active)
     _check_alert_args(scores, counter, alert, alert_tau, alert_scale)
+    _check_prompt_args(scores, thresholds, prompt_thresholds, prompt_lift)
     n_rows = scores.shape[0]
     row_active = active[:n_rows] != 0
     prompt = is_prompt[:n_rows] != 0
+    if prompt_lift != 1.0:
+        s = scores.float()
+        moved = s * prompt_lift / (1.0 - s + s * prompt_lift)
+        scores.copy_(torch.where(prompt[:, None], moved, s))
+    if prompt_thresholds is not None:
+        thresholds = torch.where(prompt[:, None], prompt_thresholds[:n_rows],
+                                 thresholds[:n_rows])
     viol_bits = _violation_bits_reference(scores, thresholds, masked)
     violated = viol_bits != 0
 
@@ -156,10 +173,12 @@ def _safety_decision_kernel(
     alert_ptr,
     alert_tau_ptr,
     alert_scale_ptr,
+    prompt_thresholds_ptr,
     event_ptr,
     cats_ptr,
     n_rows,
     n_cats,
+    prompt_lift,
     stride_sn,
     stride_sk,
     stride_tn,
@@ -169,6 +188,8 @@ def _safety_decision_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_ALERT: tl.constexpr,
+    HAS_PROMPT_THRESHOLDS: tl.constexpr,
+    HAS_PROMPT_LIFT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -176,15 +197,23 @@ def _safety_decision_kernel(
     row_ok = rows < n_rows
     cat_ok = cats < n_cats
     tile_ok = row_ok[:, None] & cat_ok[None, :]
+    at_prompt = tl.load(is_prompt_ptr + rows, mask=row_ok, other=0) != 0
 
-    score = tl.load(
-        scores_ptr + rows[:, None] * stride_sn + cats[None, :] * stride_sk, mask=tile_ok, other=0.0
-    )
-    threshold = tl.load(
-        thresholds_ptr + rows[:, None] * stride_tn + cats[None, :] * stride_tk,
-        mask=tile_ok,
-        other=1.0,
-    )
+    score_ptrs = scores_ptr + rows[:, None] * stride_sn + cats[None, :] * stride_sk
+    score = tl.load(score_ptrs, mask=tile_ok, other=0.0)
+    if HAS_PROMPT_LIFT:
+        # The head's prompt offset, in the reference's order of roundings; stored back so the
+        # report shows the scores that were compared.
+        lifted = score * prompt_lift
+        moved = lifted / ((1.0 - score) + lifted)
+        score = tl.where(at_prompt[:, None], moved, score)
+        tl.store(score_ptrs, score, mask=tile_ok & at_prompt[:, None])
+    threshold_offsets = rows[:, None] * stride_tn + cats[None, :] * stride_tk
+    threshold = tl.load(thresholds_ptr + threshold_offsets, mask=tile_ok, other=1.0)
+    if HAS_PROMPT_THRESHOLDS:  # the prompt verdict's own (same layout as `thresholds`)
+        prompt_threshold = tl.load(prompt_thresholds_ptr + threshold_offsets, mask=tile_ok,
+                                   other=1.0)
+        threshold = tl.where(at_prompt[:, None], prompt_threshold, threshold)
     allowed = tl.load(
         masked_ptr + rows[:, None] * stride_mn + cats[None, :] * stride_mk, mask=tile_ok, other=1
     )
@@ -210,9 +239,8 @@ def _safety_decision_kernel(
     violated = viol_bits != 0
 
     row_active = tl.load(active_ptr + rows, mask=row_ok, other=0) != 0
-    prompt_flag = tl.load(is_prompt_ptr + rows, mask=row_ok, other=0)
-    prompt = prompt_flag != 0
-    decode = prompt_flag == 0
+    prompt = at_prompt
+    decode = at_prompt == 0
     old_count = tl.load(counter_ptr + rows, mask=row_ok, other=0)
     tau = tl.load(tau_ptr + rows, mask=row_ok, other=1)
 
@@ -313,6 +341,17 @@ def _check_alert_args(scores, counter, alert, alert_tau, alert_scale) -> None:
         raise ValueError("alert must be int32 with unit stride (updated in place)")
 
 
+def _check_prompt_args(scores, thresholds, prompt_thresholds, prompt_lift) -> None:
+    if prompt_thresholds is not None and (prompt_thresholds.shape != thresholds.shape
+                                          or prompt_thresholds.device != scores.device):
+        raise ValueError(f"prompt_thresholds must be {tuple(thresholds.shape)} on "
+                         f"{scores.device}; got {tuple(prompt_thresholds.shape)}")
+    if not (prompt_lift > 0.0 and prompt_lift < float("inf")):
+        raise ValueError(f"prompt_lift must be a positive finite number; got {prompt_lift}")
+    if prompt_lift != 1.0 and scores.dtype != torch.float32:
+        raise ValueError("scores must be float32 to take the prompt lift in place")
+
+
 def _as_flat(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Read-only 1-D input in the dtype the kernel loads, unit stride (no-op when already so)."""
     return t.to(dtype).contiguous()
@@ -339,9 +378,13 @@ def decide(
     alert: torch.Tensor | None = None,
     alert_tau: torch.Tensor | None = None,
     alert_scale: torch.Tensor | None = None,
+    prompt_thresholds: torch.Tensor | None = None,
+    prompt_lift: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decision launch for the step. Mutates counter[:N] (and alert[:N]); returns
-    (event, cats) int32 [N].
+    """One decision launch for the step. Mutates counter[:N] (and alert[:N]; and the
+    prompt rows of ``scores`` when ``prompt_lift`` != 1, see the module docstring); returns
+    (event, cats) int32 [N]. ``prompt_thresholds`` ([R, K]) judge the prompt rows instead of
+    ``thresholds``.
 
     `event` / `cats` may be preallocated int32 buffers of at least N elements (unit stride);
     the first N are written and returned as views. `alert` (int32 [R], state), `alert_tau`
@@ -349,6 +392,7 @@ def decide(
     """
     _check_decide_args(scores, thresholds, masked, counter, tau, is_prompt, active)
     _check_alert_args(scores, counter, alert, alert_tau, alert_scale)
+    _check_prompt_args(scores, thresholds, prompt_thresholds, prompt_lift)
     n_rows, n_cats = scores.shape
     if not _use_triton(scores):
         if scores.device.type != "cuda" and _quiet_step(scores, thresholds, is_prompt):
@@ -361,7 +405,7 @@ def decide(
         else:
             ref_event, ref_cats = decide_reference(
                 scores, thresholds, masked, counter, tau, is_prompt, active,
-                alert, alert_tau, alert_scale
+                alert, alert_tau, alert_scale, prompt_thresholds, prompt_lift
             )
         if event is not None:
             event[:n_rows].copy_(ref_event)
@@ -377,8 +421,14 @@ def decide(
         return event, cats
     if counter.stride(0) != 1:
         raise ValueError("counter must have unit stride (the kernel writes it in place)")
-    scores = scores.float()
+    scores = scores.float()  # (a float32 copy only when not float32: no lift then)
     thresholds = thresholds.float()
+    has_prompt_thresholds = prompt_thresholds is not None
+    if has_prompt_thresholds:
+        prompt_thresholds = prompt_thresholds.float()
+        if prompt_thresholds.stride() != thresholds.stride():
+            prompt_thresholds = prompt_thresholds.contiguous()
+            thresholds = thresholds.contiguous()
     if masked.dtype != torch.int8:
         masked = masked.to(torch.int8)
     # Padded to at least 16 columns: keeps compiled layouts away from degenerate 1-wide tiles
@@ -403,10 +453,12 @@ def decide(
         alert,
         alert_tau,
         alert_scale,
+        prompt_thresholds if has_prompt_thresholds else thresholds,
         event,
         cats,
         n_rows,
         n_cats,
+        float(prompt_lift),
         scores.stride(0),
         scores.stride(1),
         thresholds.stride(0),
@@ -416,6 +468,8 @@ def decide(
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         HAS_ALERT=has_alert,
+        HAS_PROMPT_THRESHOLDS=has_prompt_thresholds,
+        HAS_PROMPT_LIFT=prompt_lift != 1.0,
         num_warps=4,
         # No fused multiply-add: the alert band's t + (1 - t) * s must round as the reference's
         # two roundings do, or a score one ulp from the moved threshold splits the two paths.

@@ -12,6 +12,7 @@ persistent batch's bookkeeping: rows added, moved, swapped, parked across preemp
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
 import queue
@@ -23,7 +24,7 @@ from functools import partial
 
 import torch
 from safeserve.kernels.safety_decision import EVENT_TRIGGER, decide
-from safeserve.kernels.safety_head import _use_triton, offset_prompt_rows, select_prompt_rows
+from safeserve.kernels.safety_head import _use_triton, select_prompt_rows
 from safeserve.kernels.safety_strategy import (
     REPORT_COLUMNS,
     advance_strategy,
@@ -173,8 +174,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.k = k
         self.device = device
         self.pin_memory = is_pin_memory
-        # The prompt verdict's own operating point, applied to prompt rows' scores before the
-        # decision (and so also to what is reported): kernels/safety_head.offset_prompt_rows.
+        # The prompt verdict's own operating point (logits), applied to prompt rows' scores
+        # before the decision (and so also to what is reported): kernels/safety_decision.py.
         self.prompt_offset = prompt_logit_offset(head.extra)
         # On a GPU every tensor op is a kernel launch and a host sync stalls the pipeline:
         # the step then runs sync-free (fixed work, kernels for the decision and the
@@ -215,7 +216,6 @@ class SafetyLogitsProcessor(LogitsProcessor):
         # The prompt verdict's thresholds (a threshold_shift moves only `thresholds`, the
         # response rule's): the decision reads these at prompt rows.
         self.prompt_thresholds = torch.ones(r, k, dtype=torch.float32, device=device)
-        self._step_thresholds = torch.ones(r, k, dtype=torch.float32, device=device)
         # Bounded explanation after a refusal: sentences left (-1: no limit) and whether the
         # current sentence has a word yet (a bare newline right after the refusal ends none).
         # (explain_left and seen_word are per step, above)
@@ -245,6 +245,11 @@ class SafetyLogitsProcessor(LogitsProcessor):
         # (max_tokens, stop token ids) per row: a row removed at one of its ends finished
         self.ends: list[tuple[int | None, frozenset[int]] | None] = [None] * r
         self.telemetry = _Telemetry()
+
+    @property
+    def prompt_lift(self) -> float:
+        """e^(prompt offset): the decision kernel's form of it (1.0: no offset)."""
+        return math.exp(self.prompt_offset)
 
     # -- vLLM interface ----------------------------------------------------------------
 
@@ -301,16 +306,13 @@ class SafetyLogitsProcessor(LogitsProcessor):
         if scores.shape[1] != self.k:  # a separate prompt read-out: its scores at prompt rows
             scores = (select_prompt_rows(scores, is_prompt, self.k) if prompt_work
                       else scores[:, :self.k])
-        if self.prompt_offset and prompt_work:
-            scores = offset_prompt_rows(scores, is_prompt, self.prompt_offset)
-        thresholds = self.thresholds
-        if prompt_work:  # rows at their prompt: its thresholds
-            thresholds = self._step_thresholds  # (rows >= n are never read)
-            torch.where(is_prompt.bool().unsqueeze(1), self.prompt_thresholds[:n],
-                        self.thresholds[:n], out=thresholds[:n])
-        event, cats = decide(scores, thresholds, self.masked, self.counter, self.tau,
+        # Rows at their prompt: the head's prompt offset moves their scores (in place: what
+        # is reported is what was compared) and the request's prompt thresholds judge them.
+        event, cats = decide(scores, self.thresholds, self.masked, self.counter, self.tau,
                              is_prompt, self.active, alert=self.alert, alert_tau=self.alert_tau,
-                             alert_scale=self.alert_scale)
+                             alert_scale=self.alert_scale,
+                             prompt_thresholds=self.prompt_thresholds if prompt_work else None,
+                             prompt_lift=self.prompt_lift if prompt_work else 1.0)
         report = None
         if self.telemetry.sock is not None:  # the step's telemetry rows; the strategy fills
             report = torch.empty(n, self.k + REPORT_COLUMNS, dtype=torch.float64,  # the rest
