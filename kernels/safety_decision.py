@@ -202,10 +202,11 @@ def _safety_decision_kernel(
     score_ptrs = scores_ptr + rows[:, None] * stride_sn + cats[None, :] * stride_sk
     score = tl.load(score_ptrs, mask=tile_ok, other=0.0)
     if HAS_PROMPT_LIFT:
-        # The head's prompt offset, in the reference's order of roundings; stored back so the
-        # report shows the scores that were compared.
+        # The head's prompt offset, in the reference's order of roundings (`/` compiles to an
+        # approximate division on NVIDIA GPUs; div_rn rounds as PyTorch does); stored back so
+        # the report shows the scores that were compared.
         lifted = score * prompt_lift
-        moved = lifted / ((1.0 - score) + lifted)
+        moved = tl.math.div_rn(lifted, (1.0 - score) + lifted)
         score = tl.where(at_prompt[:, None], moved, score)
         tl.store(score_ptrs, score, mask=tile_ok & at_prompt[:, None])
     threshold_offsets = rows[:, None] * stride_tn + cats[None, :] * stride_tk

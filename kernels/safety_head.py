@@ -12,6 +12,9 @@ head's prompt offset o (logits; a checkpoint's ``operating_point.prompt_logit_of
     logits[n, k] += o                  (n reads a prompt end; applied to the scores as
     scores[n, k]  = s e^o / (1 - s + s e^o),   s the score above: ``offset_prompt_rows``)
 
+(The server applies the offset inside the decision kernel, kernels/safety_decision.py, in
+the same order of float32 operations; a test holds the two to bit equality.)
+
 So the prompt verdict and the response rule run at their own operating points against one set
 of thresholds, exactly: only the rows the decision treats as prompt rows move.
 

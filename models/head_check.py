@@ -12,8 +12,9 @@ The server runs the same token ids through its own engine before it takes traffi
 to serve when its prompt verdicts differ (``server/head_check.py``).
 
 The record holds raw head logits (before the head's prompt offset); the comparison turns them
-into what the server reports with the server's own float32 operations (sigmoid, then the
-offset of ``kernels/safety_head.offset_prompt_rows``), so the offset path is checked too and a
+into what the server reports with the same float32 operations (sigmoid, then the offset of
+``kernels/safety_head.offset_prompt_rows``, which the decision kernel reproduces bit for bit
+in the server), so the offset path is checked too and a
 moved operating point only moves the record by exact bias shifts. It compares logits, not
 scores: an error in the hidden state moves a logit by the same amount wherever it sits, while
 a sigmoid hides it near 0 and 1.
@@ -113,7 +114,7 @@ class SelfCheck:
 
     def expected_scores(self, prompt_offset: float) -> list[list[float]]:
         """What the server should report: float32 sigmoid of the recorded logits, then the
-        head's prompt offset, by the server's own functions."""
+        head's prompt offset, by the same float32 operations as the server's."""
         import torch
 
         from safeserve.kernels.safety_head import offset_prompt_rows
