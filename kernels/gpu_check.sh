@@ -2,7 +2,8 @@
 # The kernels' GPU check in one command, for a CUDA machine with torch and triton but not
 # necessarily this project installed (run from the repository root):
 #     bash kernels/gpu_check.sh [OUT_DIR]
-# 1. the kernel tests, compiled (tests/test_kernels.py compares each kernel with its reference);
+# 1. the kernel tests, compiled (tests/test_kernels.py compares each kernel with its reference,
+#    and runs the worker's processor in its GPU form against the CPU form);
 # 2. the step report at the issue's shape (batch 256, hidden 4096, 10 outputs, bf16), linear
 #    and with the default head's gated 128-unit MLP, and at the default model's shape;
 # 3. the head's sweep over tile shapes, warp counts and the split over H;
@@ -14,9 +15,11 @@ out="${1:-${OUT:-kernel_check}}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 if ! python3 -c "import safeserve.kernels" 2>/dev/null; then
-    # Not installed: the kernels folder as the safeserve.kernels namespace package.
+    # Not installed: the folders as the safeserve namespace's sub-packages (the worker's
+    # processor test in tests/test_kernels.py also needs server/ and models/).
     pkg="$(mktemp -d)"
-    mkdir -p "$pkg/safeserve" && ln -sfn "$PWD/kernels" "$pkg/safeserve/kernels"
+    mkdir -p "$pkg/safeserve"
+    for part in kernels server models; do ln -sfn "$PWD/$part" "$pkg/safeserve/$part"; done
     export PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}"
 fi
 bench="python3 -m safeserve.kernels.bench --plain"

@@ -183,9 +183,14 @@ class SafetyLogitsProcessor(LogitsProcessor):
         # SYNC_FREE_ENV=1 runs the GPU's form on CPU (tests: with SAFESERVE_FORCE_TRITON=1 and
         # TRITON_INTERPRET=1, its kernels too, in the real engine).
         self.sync_free = device.type == "cuda" or os.environ.get(SYNC_FREE_ENV) == "1"
-        log.info("safety processor: %s form, %s", "sync-free" if self.sync_free else "host-synced",
-                 "Triton kernels" if _use_triton(torch.empty(0, device=device))
-                 else "PyTorch references")
+        path = ("Triton kernels" if _use_triton(torch.empty(0, device=device))
+                else "PyTorch references")
+        if self.sync_free and device.type != "cuda":  # a testing mode: say so wherever it runs
+            log.warning("safety processor: sync-free form on %s (the GPU's), %s", device.type,
+                        path)
+        else:
+            log.info("safety processor: %s form, %s",
+                     "sync-free" if self.sync_free else "host-synced", path)
         # The state a step changes lives in one [len(_PER_STEP), R] table (each a row view),
         # so that rewinding a repeated step is a few ops for all of them (see
         # _undo_repeated_steps), with a snapshot table of the same shape.

@@ -234,11 +234,13 @@ def test_the_gpu_form_of_the_worker_serves_what_the_cpu_form_does(default_server
     """The worker's GPU form (sync-free processor; the head, decision, strategy and forcing
     as Triton kernels, here under the interpreter) in the real engine answers every case as
     the CPU form (host syncs, PyTorch references) does: the same text, finish reason, action,
-    verdicts and categories, scores within float rounding. No GPU builds of vLLM run here;
-    this is the GPU path's logic through vLLM's own batch bookkeeping."""
+    verdicts and categories, scores within float rounding; and a concurrent mixed-config batch
+    leaks nothing. No GPU builds of vLLM run here; this is the GPU path's logic through vLLM's
+    own batch bookkeeping."""
     env = {"SAFESERVE_SYNC_FREE": "1", "SAFESERVE_FORCE_TRITON": "1", "TRITON_INTERPRET": "1"}
     with running_server(tmp_path, "--served-model-name", "smol", env=env) as (url, _, log):
-        assert "safety processor: sync-free form, Triton kernels" in log.read_text(errors="replace")
+        text = log.read_text(errors="replace")
+        assert "safety processor: sync-free form on cpu (the GPU's), Triton kernels" in text
         with httpx.Client(base_url=url, timeout=600) as gpu_form:
             for name, messages, body in GPU_FORM_CASES:
                 want, got = ask(default_server, messages, **body), ask(gpu_form, messages, **body)
@@ -256,3 +258,14 @@ def test_the_gpu_form_of_the_worker_serves_what_the_cpu_form_does(default_server
                     assert gs["query"]["flagged"] == ws["query"]["flagged"], name
         check = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["safety"]
         assert check["head_check"]["status"] == "passed", check
+        # and concurrently: vLLM's persistent batch adds, moves and swaps rows under the
+        # kernels; four configs shuffled over 24 requests in flight at once each match their
+        # config's solo reference (leak bench)
+        import asyncio
+
+        from safeserve.server.bench_leak import _run, default_configs
+
+        res = asyncio.run(_run(url, "smol", PIPE_BOMB[0]["content"],
+                               default_configs(["violence", "weapons"]), 24, 16, None, seed=5))
+        assert (res["failed"], res["leaks"], res["text_mismatches"]) == (0, 0, 0), res
+        assert res["max_prompt_score_drift"] < 1e-4
