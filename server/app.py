@@ -59,7 +59,7 @@ def create_app(engine: Engine, safety=None, head_check=None) -> FastAPI:
     # Outermost last: the accounting sees the body limit's 413s.
     app.add_middleware(BodyLimit, limit=engine.settings.max_request_body_bytes)
     app.add_middleware(RequestAccounting, path=CHAT_PATH,
-                       other_paths=(MODERATIONS_PATH, MODELS_PATH))
+                       other_paths=(MODERATIONS_PATH, MODELS_PATH, MODELS_PATH + "/{id}"))
     keyring = KeyRing(list(engine.settings.api_keys), engine.settings.grants)
     if svc is not None:
         keyring.check(svc.policy)

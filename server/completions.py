@@ -438,6 +438,10 @@ async def _merged_steps(engine: Engine, prep: PreparedRequest,
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+# Endings that are the engine's failure, not an answer (``_raise_engine_failure``).
+_ENGINE_FAILURES = ("error", "abort")
+
+
 def _raise_engine_failure(choice: ChoiceState) -> None:
     """An engine-side ending that is no answer: ``error`` (the engine failed the request) is
     a 500, ``abort`` that this server did not ask for (the engine shutting down) a 503;
@@ -522,9 +526,14 @@ def _finish_reason(c: ChoiceState) -> str | None:
 
 def _close(svc: SafetyService | None, prep: PreparedRequest, choices: list[ChoiceState]) -> None:
     metrics.PROMPT_TOKENS.inc(len(prep.prompt_ids))
-    if all(c.finish_reason is not None for c in choices):
+    ended = [c.finish_reason for c in choices]
+    if all(r is not None and r not in _ENGINE_FAILURES for r in ended):
         # Completed requests only: a client that went away, or a failure, is not a latency.
         metrics.E2E.observe(time.perf_counter() - prep.arrival)
+    elif None not in ended:
+        # Every choice ended, one by an engine failure: a failed request. (A request with an
+        # unfinished choice was counted where it was aborted.)
+        metrics.ABORTED.inc()
     for c in choices:
         metrics.FINISHED.labels(_finish_reason(c) or "abort").inc()
         if svc is not None and c.tracker is not None:

@@ -22,7 +22,8 @@ _SCORE_BUCKETS = (0.001, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.9
 REQUESTS = Counter("safeserve_requests", "Chat completion requests by HTTP status and mode",
                    ["status", "stream"])
 API_REQUESTS = Counter("safeserve_api_requests",
-                       "Requests to the other API routes (/v1/moderations, /v1/models) by path "
+                       "Requests to the other API routes (/v1/moderations, /v1/models, "
+                       "/v1/models/{id}) by path "
                        "and HTTP status", ["path", "status"])
 STREAM_ERRORS = Counter("safeserve_stream_errors",
                         "Streams ended by an error event after their 200 was sent", ["type"])

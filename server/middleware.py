@@ -48,18 +48,26 @@ class RequestAccounting:
     errors included; a stream counts as its 200): as its last byte goes out, so the count is
     there by the time the client has the response, or when it ends without one. Requests to
     ``other_paths`` (a fixed set: the label stays bounded) count the same way in
-    ``safeserve_api_requests_total{path,status}``."""
+    ``safeserve_api_requests_total{path,status}``; an entry ending in ``/{id}`` stands for
+    every path below its prefix and is the label they count under."""
 
     def __init__(self, app, path: str, other_paths: tuple[str, ...] = ()):
-        self.app, self.path, self.other_paths = app, path, frozenset(other_paths)
+        self.app, self.path = app, path
+        self.other_paths = frozenset(p for p in other_paths if not p.endswith("/{id}"))
+        self.templates = tuple((p[:-len("{id}")], p) for p in other_paths if p.endswith("/{id}"))
+
+    def _label(self, path: str) -> str | None:
+        if path == self.path or path in self.other_paths:
+            return path
+        return next((label for prefix, label in self.templates
+                     if path.startswith(prefix) and len(path) > len(prefix)), None)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or (scope["path"] != self.path
-                                       and scope["path"] not in self.other_paths):
+        path = self._label(scope["path"]) if scope["type"] == "http" else None
+        if path is None:
             return await self.app(scope, receive, send)
         status = None
         counted = False
-        path = scope["path"]
 
         def count(final_status) -> None:
             nonlocal counted

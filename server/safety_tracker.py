@@ -46,6 +46,7 @@ class RequestTracker:
         self.retracted_at: tuple[int, int] | None = None  # (step index, categories)
         self.cut: list[tuple[int, int]] = []  # [start, end) output-token ranges withheld
         self.max_scores = [0.0] * len(names)
+        self.response_scored = False  # a generated token was scored (max_scores means something)
         self._seen = -1
         self._changed = asyncio.Event()
         self.incomplete = False
@@ -89,6 +90,7 @@ class RequestTracker:
             self.prompt = rec
         else:
             self.max_scores = [max(a, b) for a, b in zip(self.max_scores, rec.scores)]
+            self.response_scored = True
         if rec.event == EVENT_TRIGGER:
             acted_now = bool(rec.acted) or self.args.action == W.ACTION_ANNOTATE
             if self.trigger_index is None and acted_now:
@@ -300,7 +302,9 @@ class RequestTracker:
             metrics.SAFETY_REFUSAL_ENDINGS.labels(ending).inc()
         for n, s in zip(self.names, self.prompt.scores if self.prompt and prompt else []):
             metrics.SAFETY_PROMPT_SCORE.labels(n).observe(s)
-        for n, s in zip(self.names, self.max_scores):
+        # A response with no scored token (cancelled first, or stopped at its prompt) has no
+        # maximum: its zeros would drag the histogram down.
+        for n, s in zip(self.names, self.max_scores if self.response_scored else []):
             metrics.SAFETY_RESPONSE_MAX_SCORE.labels(n).observe(s)
         if prompt and rep.prompt and rep.prompt.flagged:
             for c in rep.prompt.categories or ["unsafe"]:

@@ -548,13 +548,15 @@ def test_moderations_and_models_are_counted_by_path_and_status(client):
         return REGISTRY.get_sample_value("safeserve_api_requests_total",
                                          {"path": path, "status": str(status)}) or 0.0
 
-    for method, path, kwargs in (("get", "/v1/models", {}),
-                                 ("post", "/v1/moderations", {"content": b"{not json"}),
-                                 ("post", "/v1/moderations", {"json": {"input": "hi"}})):
-        before = {s: api_total(path, s) for s in (200, 400, 503)}
+    for method, path, label, kwargs in (
+            ("get", "/v1/models", "/v1/models", {}),
+            ("get", "/v1/models/no-such-model", "/v1/models/{id}", {}),
+            ("post", "/v1/moderations", "/v1/moderations", {"content": b"{not json"}),
+            ("post", "/v1/moderations", "/v1/moderations", {"json": {"input": "hi"}})):
+        before = {s: api_total(label, s) for s in (200, 400, 404, 503)}
         status = getattr(client, method)(path, **kwargs).status_code
         assert status in before, status
-        assert api_total(path, status) == before[status] + 1, (path, status)
+        assert api_total(label, status) == before[status] + 1, (path, status)
     client.get("/health")
     assert REGISTRY.get_sample_value("safeserve_api_requests_total",
                                      {"path": "/health", "status": "200"}) is None
@@ -593,3 +595,24 @@ def test_engine_endings_outside_openai_are_errors_or_stop():
     assert ending("abort") == (503, "engine_aborted")
     assert ending("repetition") == "stop"
     assert ending("length") == "length" and ending("stop") == "stop"
+
+
+def test_a_request_the_engine_failed_counts_as_aborted_not_as_a_latency():
+    """`error` / `abort` endings from the engine are failures: the aborted-requests counter
+    takes them (once per request) and the end-to-end latency histogram does not."""
+    from types import SimpleNamespace
+
+    def sample(name: str) -> float:
+        return REGISTRY.get_sample_value(name) or 0.0
+
+    prep = SimpleNamespace(prompt_ids=[1, 2, 3], arrival=time.perf_counter())
+    for reasons, aborted, latencies in ((["stop"], 0, 1), (["error"], 1, 0),
+                                        (["length", "abort"], 1, 0), (["stop", None], 0, 0)):
+        choices = [completions.ChoiceState(i, f"r{i}") for i in range(len(reasons))]
+        for c, r in zip(choices, reasons):
+            c.finish_reason = r
+        before = (sample("safeserve_aborted_requests_total"),
+                  sample("safeserve_e2e_request_latency_seconds_count"))
+        completions._close(None, prep, choices)
+        assert sample("safeserve_aborted_requests_total") == before[0] + aborted, reasons
+        assert sample("safeserve_e2e_request_latency_seconds_count") == before[1] + latencies
