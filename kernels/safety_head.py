@@ -108,13 +108,18 @@ def safety_scores_reference(
     return torch.sigmoid(head_logits(hidden, weight, bias, mlp))
 
 
-def select_prompt_rows(scores: torch.Tensor, is_prompt: torch.Tensor, k: int) -> torch.Tensor:
+def select_prompt_rows(scores: torch.Tensor, is_prompt: torch.Tensor, k: int,
+                       either: bool = False) -> torch.Tensor:
     """[N, 2K] scores of a head with a separate prompt read-out (its K outputs after the
-    head's K; checkpoint format 4) -> [N, K]: the prompt read-out's at the rows where
-    ``is_prompt`` ([N], nonzero = a prompt end), the head's elsewhere. No host sync."""
+    head's K; checkpoint formats 4 and 5) -> [N, K]: at the rows where ``is_prompt`` ([N],
+    nonzero = a prompt end) the read-out's scores (format 4) or, with ``either`` (format 5),
+    the larger of the read-out's and the head's own per output, so a prompt is flagged when
+    either verdict flags it (both are folded against the same thresholds); the head's
+    elsewhere. No host sync."""
     if scores.shape[1] == k:
         return scores
-    return torch.where(is_prompt.reshape(-1, 1).to(torch.bool), scores[:, k:], scores[:, :k])
+    prompt = torch.maximum(scores[:, k:], scores[:, :k]) if either else scores[:, k:]
+    return torch.where(is_prompt.reshape(-1, 1).to(torch.bool), prompt, scores[:, :k])
 
 
 def offset_prompt_rows(scores: torch.Tensor, is_prompt: torch.Tensor,

@@ -13,6 +13,9 @@ with a ``safety_head/`` folder beside the weights:
         head_config.json     {"format_version", "hidden_size", "layer", "taxonomy_sha", ...,
                              "operating_point": {"tau", "prompt_logit_offset", ...}}
                              (format 3: a nonzero prompt offset, with or without the MLP)
+                             optional prompt read-out: prompt_weight [K, H], prompt_bias [K]
+                             (format 4: it judges prompt ends; format 5: a prompt end is
+                             flagged when it or the head's own verdict flags it)
         taxonomy.yaml        category ids, definitions, default thresholds (head row order)
         metrics.json         held-out metrics written by the training job (optional)
       adapter/               optional PEFT LoRA adapter the LM was trained with
@@ -42,8 +45,12 @@ FORMAT_VERSION_OFFSET = 3
 # Heads with a separate prompt read-out (prompt_weight [K, H], prompt_bias [K]; models/
 # prompt_head.py): a reader that ignored it would judge prompts with the response head.
 FORMAT_VERSION_PROMPT = 4
+# The read-out added to the head's own prompt verdict (flag when either does): a format-4
+# reader would drop the head's verdict and pass prompts only the head flags.
+FORMAT_VERSION_PROMPT_EITHER = 5
 FORMAT_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_MLP, FORMAT_VERSION_OFFSET,
-                   FORMAT_VERSION_PROMPT)
+                   FORMAT_VERSION_PROMPT, FORMAT_VERSION_PROMPT_EITHER)
+PROMPT_FORMATS = (FORMAT_VERSION_PROMPT, FORMAT_VERSION_PROMPT_EITHER)
 PROMPT_TENSORS = ("prompt_weight", "prompt_bias")
 MLP_TENSORS = ("mlp_up", "mlp_up_bias", "mlp_down")
 MLP_GATE = "mlp_gate"  # optional fourth tensor: the MLP is scaled by clamp(1 - (v.h + c), 0, 1)
@@ -62,6 +69,9 @@ class SafetyHead:
     extra: dict = field(default_factory=dict)  # recipe, base model, metrics summary
     mlp: tuple[torch.Tensor, ...] | None = None  # (up, up_bias, down[, gate])
     prompt: tuple[torch.Tensor, torch.Tensor] | None = None  # the prompt rows' (weight, bias)
+    # With a read-out: False, it alone judges prompt ends; True, it is added to the head's own
+    # prompt verdict (per output, the larger logit; both folded against the same thresholds).
+    prompt_either: bool = False
 
     @property
     def mlp_units(self) -> int:
@@ -72,7 +82,7 @@ class SafetyHead:
         from safeserve.models.decision_defaults import OPERATING_POINT, PROMPT_LOGIT_OFFSET
 
         if self.prompt is not None:
-            return FORMAT_VERSION_PROMPT
+            return FORMAT_VERSION_PROMPT_EITHER if self.prompt_either else FORMAT_VERSION_PROMPT
         # Any value but 0 needs a reader that knows the offset (which also validates it).
         if (self.extra.get(OPERATING_POINT) or {}).get(PROMPT_LOGIT_OFFSET, 0) != 0:
             return FORMAT_VERSION_OFFSET
@@ -123,8 +133,9 @@ class SafetyHead:
 
     def served_tensors(self) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
         """(weight, bias, mlp) as the serving kernel runs them: with a prompt read-out, its
-        K rows follow the head's K (the MLP adds nothing to them), and the worker keeps the
-        second half at prompt rows (kernels/safety_head.select_prompt_rows)."""
+        K rows follow the head's K (the MLP adds nothing to them), and the worker judges
+        prompt rows by the second half, or by the larger of the two halves
+        (``prompt_either``; kernels/safety_head.select_prompt_rows)."""
         if self.prompt is None:
             return self.weight, self.bias, self.mlp
         weight = torch.cat([self.weight, self.prompt[0]])
@@ -139,9 +150,12 @@ class SafetyHead:
         """[N, H] -> [N, K]: the logits the prompt verdict reads (before the prompt offset)."""
         from safeserve.kernels.safety_head import head_logits
 
-        if self.prompt is not None:
-            return head_logits(hidden, self.prompt[0], self.prompt[1])
-        return head_logits(hidden, self.weight, self.bias, self.mlp)
+        own = None if self.prompt is not None and not self.prompt_either else head_logits(
+            hidden, self.weight, self.bias, self.mlp)
+        if self.prompt is None:
+            return own
+        readout = head_logits(hidden, self.prompt[0], self.prompt[1])
+        return readout if own is None else torch.maximum(readout, own)
 
     def save(self, model_dir: str | Path) -> Path:
         out = Path(model_dir) / HEAD_DIR
@@ -197,13 +211,13 @@ def load_safety_head(model_dir: str | Path, expect_taxonomy: Taxonomy | None = N
                               f"{', '.join(map(str, FORMAT_VERSIONS))}")
     mlp = None
     has_mlp = cfg["format_version"] == FORMAT_VERSION_MLP or (
-        cfg["format_version"] in (FORMAT_VERSION_OFFSET, FORMAT_VERSION_PROMPT)
+        cfg["format_version"] in (FORMAT_VERSION_OFFSET, *PROMPT_FORMATS)
         and int(cfg.get("mlp_units") or 0) > 0)
     prompt = None
-    if cfg["format_version"] == FORMAT_VERSION_PROMPT:
+    if cfg["format_version"] in PROMPT_FORMATS:
         missing = [n for n in PROMPT_TENSORS if n not in tensors]
         if missing:
-            raise CheckpointError(f"safety head format 4 in {d} lacks {missing}")
+            raise CheckpointError(f"safety head format {cfg['format_version']} in {d} lacks {missing}")
         prompt = tuple(tensors[n].float() for n in PROMPT_TENSORS)
     if has_mlp:
         missing = [n for n in MLP_TENSORS if n not in tensors]
@@ -232,6 +246,7 @@ def load_safety_head(model_dir: str | Path, expect_taxonomy: Taxonomy | None = N
              if k not in {"format_version", "hidden_size", "num_outputs", "layer",
                           "output_names", "taxonomy_sha256", "mlp_units"}}
     head = SafetyHead(tensors["weight"].float(), tensors["bias"].float(), taxonomy,
-                      int(cfg.get("layer", -1)), extra, mlp, prompt)
+                      int(cfg.get("layer", -1)), extra, mlp, prompt,
+                      cfg["format_version"] == FORMAT_VERSION_PROMPT_EITHER)
     head.validate(cfg.get("hidden_size"))
     return head

@@ -137,17 +137,21 @@ def fit_readout(x: torch.Tensor, y: torch.Tensor, weight_decay: float = 1e-3,
     return w / sd, b - (w / sd) @ mu
 
 
-def union_thresholds(benign_logits: torch.Tensor, target_fpr: float) -> torch.Tensor:
+def union_thresholds(benign_logits: torch.Tensor, target_fpr: float,
+                     already: torch.Tensor | None = None) -> torch.Tensor:
     """Per-output thresholds at one common benign quantile, chosen so that at most
     ``target_fpr`` of the benign rows have any output at or over its threshold (the decision
-    flags ``score >= threshold``). Each threshold sits just above a benign score, never on
-    one, so the rows the rate counts are the rows the server flags."""
+    flags ``score >= threshold``) or are ``already`` flagged ([N] bool: by the head's own
+    verdict, when the read-out is added to it). Each threshold sits just above a benign
+    score, never on one, so the rows the rate counts are the rows the server flags."""
+    base = (torch.zeros(benign_logits.shape[0], dtype=torch.bool) if already is None
+            else already.to(torch.bool))
     def at(q: float) -> torch.Tensor:
         thr = torch.quantile(benign_logits, 1 - q, dim=0)
         return torch.nextafter(thr, torch.full_like(thr, float("inf")))
 
     def rate(thr: torch.Tensor) -> float:
-        return (benign_logits >= thr).any(1).float().mean().item()
+        return ((benign_logits >= thr).any(1) | base).float().mean().item()
 
     lo, hi = 0.0, target_fpr
     for _ in range(40):
@@ -165,7 +169,12 @@ def fold_thresholds(bias: torch.Tensor, thresholds: torch.Tensor, served: torch.
 
 
 def train_prompt_head(head_dir: Path, out: Path, data_root: Path, model_dir: Path | None = None,
-                      target_fpr: float = 0.05, seed: int = 0, log=print) -> dict:
+                      target_fpr: float = 0.05, seed: int = 0, either: bool = False,
+                      log=print) -> dict:
+    """Fit the read-out for the head in ``head_dir`` and write ``<out>/safety_head/``.
+    ``either``: the read-out is added to the head's own prompt verdict (format 5) and
+    ``target_fpr`` bounds the held-out benign prompts that either of them flags."""
+    from safeserve.kernels.safety_head import head_logits
     from safeserve.models.checkpoint import load_safety_head
     from safeserve.models.decision_defaults import prompt_logit_offset
     from safeserve.models.head_check import served_model_for
@@ -193,16 +202,32 @@ def train_prompt_head(head_dir: Path, out: Path, data_root: Path, model_dir: Pat
     z = x[is_held] @ w.T + b
     yh = y[is_held]
     benign = yh[:, -1] == 0
-    thr = union_thresholds(z[benign], target_fpr)
-    flagged = (z >= thr).any(1)
     served = torch.tensor([c.threshold for c in tax.categories]
                           + [float(head.extra.get("overall_threshold", 0.5))])
-    head.prompt = (w, fold_thresholds(b, thr, served, prompt_logit_offset(head.extra)))
+    offset = prompt_logit_offset(head.extra)
+    # The head's own prompt verdict on the same prompts, as the server reads it.
+    own = (head_logits(x[is_held], head.weight, head.bias, head.mlp) + offset
+           >= torch.log(served / (1 - served))).any(1)
+    if either and own[benign].float().mean().item() > target_fpr:
+        log(f"warning: the head alone flags {own[benign].float().mean().item():.1%} of the "
+            f"held-out benign prompts, over --target-fpr {target_fpr}: the read-out adds none")
+    thr = union_thresholds(z[benign], target_fpr, own[benign] if either else None)
+    readout_flagged = (z >= thr).any(1)
+    flagged = readout_flagged | own if either else readout_flagged
+    head.prompt = (w, fold_thresholds(b, thr, served, offset))
+    head.prompt_either = either
     metrics = {"prompt_head": {
+        "combine": "either" if either else "replace",
         "train_prompts": int((~is_held).sum()), "heldout_prompts": int(is_held.sum()),
         "target_fpr": target_fpr,
         "heldout_benign_flagged": round(flagged[benign].float().mean().item(), 4),
         "heldout_harmful_flagged": round(flagged[~benign].float().mean().item(), 4),
+        "heldout_by_head_alone": {
+            "benign_flagged": round(own[benign].float().mean().item(), 4),
+            "harmful_flagged": round(own[~benign].float().mean().item(), 4)},
+        "heldout_by_readout_alone": {
+            "benign_flagged": round(readout_flagged[benign].float().mean().item(), 4),
+            "harmful_flagged": round(readout_flagged[~benign].float().mean().item(), 4)},
         "data_root": str(data_root), "seed": seed, "seconds": round(time.time() - t0)}}
     old = Path(head_dir) / "safety_head" / "metrics.json"
     all_metrics = {**(json.loads(old.read_text()) if old.is_file() else {}), **metrics,

@@ -592,15 +592,24 @@ def register(app) -> None:
         target_fpr: float = typer.Option(0.05, help="Held-out benign prompts flagged, at most "
                                          "(any output)."),
         seed: int = typer.Option(0, help="Seed of the wrappers and the held-out split."),
+        combine: str = typer.Option("replace", help="replace: the read-out alone judges "
+                                    "prompt ends (format 4); either: it is added to the "
+                                    "head's own prompt verdict, a prompt is flagged when either "
+                                    "flags it, and --target-fpr bounds the two together "
+                                    "(format 5)."),
     ) -> None:
         """Fit a separate linear read-out for the prompt verdict on prompt ends alone
-        (checkpoint format 4); the response rule stays the head's."""
+        (checkpoint format 4 or 5); the response rule stays the head's."""
         from safeserve.models.model_store import resolve_head_dir
         from safeserve.models.prompt_head import train_prompt_head
 
+        if combine not in ("replace", "either"):
+            typer.echo(f"error: --combine must be replace or either, not {combine!r}", err=True)
+            raise typer.Exit(2)
         try:
             train_prompt_head(resolve_head_dir(head), out, data_root, model,
-                              target_fpr=target_fpr, seed=seed, log=typer.echo)
+                              target_fpr=target_fpr, seed=seed, either=combine == "either",
+                              log=typer.echo)
         except (FileNotFoundError, ValueError) as e:  # no such head, no data: one line
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None

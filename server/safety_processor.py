@@ -172,6 +172,9 @@ class SafetyLogitsProcessor(LogitsProcessor):
         head = load_safety_head(vllm_config.model_config.model)
         k = head.weight.shape[0]
         self.k = k
+        # A separate prompt read-out judges prompt rows alone, or beside the head's own
+        # verdict (checkpoint format 5: flag when either does).
+        self.prompt_either = head.prompt_either
         self.device = device
         self.pin_memory = is_pin_memory
         # The prompt verdict's own operating point (logits), applied to prompt rows' scores
@@ -308,9 +311,9 @@ class SafetyLogitsProcessor(LogitsProcessor):
         is_prompt = (out_len == 0).to(torch.int8)
         # Off-GPU, the work only prompt rows need is skipped on the many steps without one.
         prompt_work = self.sync_free or 0 in lengths
-        if scores.shape[1] != self.k:  # a separate prompt read-out: its scores at prompt rows
-            scores = (select_prompt_rows(scores, is_prompt, self.k) if prompt_work
-                      else scores[:, :self.k])
+        if scores.shape[1] != self.k:  # a separate prompt read-out judges prompt rows
+            scores = (select_prompt_rows(scores, is_prompt, self.k, self.prompt_either)
+                      if prompt_work else scores[:, :self.k])
         # Rows at their prompt: the head's prompt offset moves their scores (in place: what
         # is reported is what was compared) and the request's prompt thresholds judge them.
         event, cats = decide(scores, self.thresholds, self.masked, self.counter, self.tau,

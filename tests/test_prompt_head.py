@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import tiny_llama_with_default_tokenizer
-from safeserve.models.checkpoint import FORMAT_VERSION_PROMPT, SafetyHead, load_safety_head
+from safeserve.models.checkpoint import (FORMAT_VERSION_PROMPT, FORMAT_VERSION_PROMPT_EITHER,
+                                         SafetyHead, load_safety_head)
 from safeserve.models.prompt_head import (build_prompt_rows, fit_readout, fold_thresholds,
                                           train_prompt_head, union_thresholds)
 from safeserve.models.taxonomy import Taxonomy
@@ -48,6 +49,11 @@ def test_readout_helpers_separate_and_bound_the_union_rate():
     thr = union_thresholds(benign, 0.05)
     rate = (benign >= thr).any(1).float().mean().item()  # the decision flags score >= t
     assert 0.03 <= rate <= 0.05 and not (benign == thr).any()
+    # beside a verdict that already flags 3% of the benign rows, the two together stay in budget
+    already = torch.arange(1000) < 30
+    thr_either = union_thresholds(benign, 0.05, already)
+    either = ((benign >= thr_either).any(1) | already).float().mean().item()
+    assert 0.04 <= either <= 0.05 and (thr_either > thr).all()
     # the fold: the served rule at a prompt row holds exactly where the raw logit reaches thr
     from safeserve.kernels.safety_head import offset_prompt_rows
 
@@ -87,4 +93,48 @@ def test_train_prompt_head_writes_format_4_with_its_record(tmp_path, tiny_model)
     model, tok = load_lm(tiny_model)
     rec = SelfCheck.from_extra(new.extra)
     fresh = compute_record(model, tok, new, prompts=rec.prompts[:2])
+    assert fresh.logits[0] == pytest.approx(rec.logits[0], abs=1e-4)
+
+
+def test_train_prompt_head_either_adds_the_readout_to_the_heads_verdict(tmp_path, tiny_model):
+    """``--combine either`` (format 5): the prompt verdict is the larger logit of the head's
+    own and the read-out's per output, the budget bounds the two together, and the checkpoint
+    round-trips (also through an operating-point move) with its self-check record."""
+    from safeserve.models.head_check import SelfCheck, compute_record
+    from safeserve.models.operating_point import move_operating_point
+    from safeserve.models.safety_features import load_lm
+
+    root = data_root(tmp_path / "data")
+    tax = Taxonomy.load()
+    g = torch.Generator().manual_seed(1)
+    # biased low, so that the head alone flags some of the held-out prompts, not all
+    head = SafetyHead(0.1 * torch.randn(tax.num_outputs, 64, generator=g),
+                      torch.full((tax.num_outputs,), -3.2), tax,
+                      extra={"base_model": str(tiny_model),
+                             "operating_point": {"tau": 4, "prompt_logit_offset": 2.0}})
+    head.save(tmp_path / "head")
+    stats = train_prompt_head(tmp_path / "head", tmp_path / "out", root, target_fpr=0.2,
+                              either=True, log=lambda *a: None)
+    assert stats["combine"] == "either" and stats["heldout_benign_flagged"] <= 0.2
+    alone = stats["heldout_by_head_alone"]
+    assert 0 < alone["benign_flagged"] < 0.2 and alone["harmful_flagged"] < 1, alone
+    assert stats["heldout_harmful_flagged"] >= alone["harmful_flagged"]
+    new = load_safety_head(tmp_path / "out")
+    assert new.format_version == FORMAT_VERSION_PROMPT_EITHER and new.prompt_either
+    h = torch.randn(5, 64, generator=g)
+    from safeserve.kernels.safety_head import head_logits
+
+    own = head_logits(h, new.weight, new.bias, new.mlp)
+    readout = head_logits(h, *new.prompt)
+    assert torch.equal(new.prompt_logits(h), torch.maximum(own, readout))
+    model, tok = load_lm(tiny_model)
+    rec = SelfCheck.from_extra(new.extra)
+    fresh = compute_record(model, tok, new, prompts=rec.prompts[:2])
+    assert fresh.logits[0] == pytest.approx(rec.logits[0], abs=1e-4)
+    move_operating_point(tmp_path / "out", tmp_path / "moved", prompt_shift=0.5,
+                         response_shift=1.0, log=lambda *a: None)
+    moved = load_safety_head(tmp_path / "moved")
+    assert moved.prompt_either and moved.format_version == FORMAT_VERSION_PROMPT_EITHER
+    rec = SelfCheck.from_extra(moved.extra)
+    fresh = compute_record(model, tok, moved, prompts=rec.prompts[:2])
     assert fresh.logits[0] == pytest.approx(rec.logits[0], abs=1e-4)

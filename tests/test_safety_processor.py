@@ -155,6 +155,26 @@ def test_a_prompt_readout_judges_prompt_rows_and_the_head_the_rest():
     assert [r.scores for r in sent] == [pytest.approx(head_half)] * 2
 
 
+def test_a_prompt_readout_beside_the_heads_verdict_flags_when_either_does():
+    """Format 5: prompt rows are judged by the larger of the two halves per output (either
+    verdict flags), generated-token rows by the head's half alone."""
+    proc, sent = _processor()
+    proc.prompt_either = True
+    outs = [[], [], []]
+    for i, rid in enumerate(("head_flags", "readout_flags", "decoding")):
+        proc._add(i, _args(rid, alert_scale=1.0, alert_tau=0), outs[i])
+    outs[2].append(7)
+    low, high = [0.1] * 10, [0.9] * 10
+    mixed = [0.1, 0.9] * 5
+    _step(proc, [high + low, low + mixed, low + high])
+    by_rid = {r.rid: r for r in sent}
+    assert by_rid["head_flags"].scores == pytest.approx(high)
+    assert by_rid["readout_flags"].scores == pytest.approx(mixed)
+    assert by_rid["decoding"].scores == pytest.approx(low)  # its read-out half is not read
+    assert [by_rid[r].event for r in ("head_flags", "readout_flags")] == [2, 2]
+    assert by_rid["decoding"].event != 2
+
+
 def test_offset_prompt_rows_matches_the_logit_shift_and_keeps_saturated_scores():
     from safeserve.kernels.safety_head import offset_prompt_rows
 
@@ -182,6 +202,33 @@ def test_tracker_keeps_only_the_last_prefill_chunks_verdict():
     tracker.add(W.StepRecord("r", 1, [0.1] * 10, 0, 0, W.PHASE_WATCH, -1, 0))
     report = tracker.report()
     assert report.action == "none" and not report.prompt.flagged
+
+
+def test_response_max_scores_are_observed_only_for_responses_with_a_scored_token():
+    """A response stopped at its prompt (or cancelled first) has no response maximum: the
+    histogram must not get its zeros."""
+    from prometheus_client import REGISTRY
+
+    from safeserve.server import safety_wire as W
+    from safeserve.server.safety_tracker import RequestTracker
+
+    names = ("violence",) + tuple(f"c{i}" for i in range(9))
+
+    def observed() -> float:
+        return REGISTRY.get_sample_value("safeserve_safety_response_max_score_count",
+                                         {"category": "violence"}) or 0.0
+
+    args = _args("r", alert_scale=1.0, alert_tau=0)
+    stopped = RequestTracker("r", names, args, "refuse", {}, trace=False)
+    stopped.add(W.StepRecord("r", 0, [0.9] * 10, 2, 1, W.PHASE_REFUSING, 5, 1))
+    before = observed()
+    stopped.record_metrics("stop")
+    assert observed() == before
+    answered = RequestTracker("r", names, args, "refuse", {}, trace=False)
+    answered.add(W.StepRecord("r", 0, [0.1] * 10, 0, 0, W.PHASE_WATCH, -1, 0))
+    answered.add(W.StepRecord("r", 1, [0.2] * 10, 0, 0, W.PHASE_WATCH, -1, 0))
+    answered.record_metrics("stop")
+    assert observed() == before + 1
 
 
 def _explaining_processor(capacity: int = 4):
