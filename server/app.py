@@ -15,7 +15,7 @@ from safeserve.server import completions, metrics, moderation
 from safeserve.server.auth import KeyRing, Principal
 from safeserve.server.engine import Engine
 from safeserve.server.errors import APIError, bad_request, install_handlers
-from safeserve.server.middleware import BodyLimit, RequestAccounting
+from safeserve.server.middleware import AuthenticateFirst, BodyLimit, RequestAccounting
 from safeserve.server.protocol import (ChatCompletionRequest, ModelCard, ModelList,
                                        ModerationRequest)
 from safeserve.server.safety_service import SafetyService
@@ -57,10 +57,13 @@ def create_app(engine: Engine, safety=None, head_check=None) -> FastAPI:
     app = FastAPI(title="SafeServe", version="0.1.0", lifespan=lifespan)
     install_handlers(app)
     # Outermost last: the accounting sees the body limit's 413s.
+    keyring = KeyRing(list(engine.settings.api_keys), engine.settings.grants)
     app.add_middleware(BodyLimit, limit=engine.settings.max_request_body_bytes)
+    if keyring.enabled:
+        app.add_middleware(AuthenticateFirst, authenticate=keyring.authenticate,
+                           paths=(CHAT_PATH, MODERATIONS_PATH))
     app.add_middleware(RequestAccounting, path=CHAT_PATH,
                        other_paths=(MODERATIONS_PATH, MODELS_PATH, MODELS_PATH + "/{id}"))
-    keyring = KeyRing(list(engine.settings.api_keys), engine.settings.grants)
     if svc is not None:
         keyring.check(svc.policy)
 

@@ -137,18 +137,28 @@ class KeyRing:
         header = authorization or ""
         token = header[7:].strip() if header.lower().startswith("bearer ") else ""
         if token:
+            sent = _header_bytes(token)
             for key, grant in self._plain.items():
                 # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError,
                 # i.e. a 500 for any client that sends one).
-                if secrets.compare_digest(token.encode("utf-8", "surrogatepass"),
-                                          key.encode("utf-8", "surrogatepass")):
+                if secrets.compare_digest(sent, key.encode("utf-8", "surrogatepass")):
                     return Principal(grant.name or "api-key", grant)
-            digest = hashlib.sha256(token.encode()).hexdigest()
+            digest = hashlib.sha256(sent).hexdigest()
             for key, grant in self._hashed.items():
                 if secrets.compare_digest(digest, key):
                     return Principal(grant.name or "api-key", grant)
         raise APIError(401, "invalid or missing API key", type="authentication_error",
                        code="invalid_api_key")
+
+
+def _header_bytes(value: str) -> bytes:
+    """The bytes a client sent in a header: ASGI servers decode header bytes as latin-1, so a
+    key typed in UTF-8 (``clé``) arrives as its bytes' latin-1 reading and matches only as
+    bytes. A str that latin-1 cannot hold did not come from a header (a direct call)."""
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogatepass")
 
 
 @dataclass(frozen=True)

@@ -82,16 +82,20 @@ def render_prompt(engine: Engine, body: ChatCompletionRequest,
 
 def render_messages(engine: Engine, messages: list[dict], safety: RequestSafety | None, *,
                     add_generation_prompt: bool = True, continue_final_message: bool = False,
-                    param: str = "messages") -> list[int]:
+                    param: str = "messages", message_params: list[str] | None = None
+                    ) -> list[int]:
     """Token ids of ``messages`` (role / content dicts) through the model's chat template,
-    with the config's guideline in the system prompt."""
+    with the config's guideline in the system prompt. Errors name ``param``, or a message's
+    field as ``<param>.<i>.<field>`` (``message_params[i]`` when given)."""
     tok = engine.tokenizer
     messages = list(messages)
     for i, m in enumerate(messages):
-        if isinstance(m.get("content"), str) and carries_guideline_header(m["content"]):
-            raise bad_request("a message may not contain the safety guideline header; send "
-                              "the guideline as the safety config's `guideline` field",
-                              param=f"{param}[{i}].content", code="invalid_value")
+        for key in ("content", "name"):  # a template may render `name` too
+            if isinstance(m.get(key), str) and carries_guideline_header(m[key]):
+                where = message_params[i] if message_params else f"{param}.{i}.{key}"
+                raise bad_request("a message may not contain the safety guideline header; "
+                                  "send the guideline as the safety config's `guideline` field",
+                                  param=where, code="invalid_value")
     guideline = guideline_message(safety.config) if safety else None
     if guideline:  # CoSAlign places the config in the system prompt
         if messages and messages[0]["role"] == "system":

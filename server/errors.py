@@ -110,7 +110,9 @@ def install_handlers(app: FastAPI) -> None:
             return APIError(400, "request body is not valid JSON (it could not be parsed)",
                             code="invalid_json").response()
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return APIError(exc.status_code, str(exc.detail), type=kind).response()
+        response = APIError(exc.status_code, str(exc.detail), type=kind).response()
+        response.headers.update(exc.headers or {})  # a 405's Allow
+        return response
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception):

@@ -1,11 +1,32 @@
-"""ASGI middleware of the HTTP layer: the request body limit and per-request accounting."""
+"""ASGI middleware of the HTTP layer: authentication before the body, the request body limit
+and per-request accounting."""
 
 from __future__ import annotations
 
 import asyncio
 
 from safeserve.server import metrics
-from safeserve.server.errors import BodyTooLarge, request_too_large
+from safeserve.server.errors import APIError, BodyTooLarge, request_too_large
+
+
+class AuthenticateFirst:
+    """With API keys, a POST to one of ``paths`` whose key does not authenticate gets its 401
+    before its body is read: an unauthenticated client cannot make the server buffer and
+    parse megabytes of JSON. (The route's own dependency authenticates again and knows the
+    key's grant.)"""
+
+    def __init__(self, app, authenticate, paths: tuple[str, ...]):
+        self.app, self.authenticate, self.paths = app, authenticate, frozenset(paths)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.paths:
+            header = next((v.decode("latin-1") for k, v in scope["headers"]
+                           if k == b"authorization"), None)
+            try:
+                self.authenticate(header)
+            except APIError as e:
+                return await e.response()(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 class BodyLimit:

@@ -35,7 +35,8 @@ def _render_all(engine: Engine, body: ModerationRequest, safety: RequestSafety) 
     out, total = [], 0
     for i, text in enumerate(texts):
         param = f"input.{i}" if len(texts) > 1 else "input"
-        ids = render_messages(engine, [{"role": "user", "content": text}], safety, param=param)
+        ids = render_messages(engine, [{"role": "user", "content": text}], safety, param=param,
+                              message_params=[param])
         if len(ids) >= limit:
             raise bad_request(f"{param} renders to {len(ids)} tokens; this model's maximum "
                               f"context length is {limit}", param=param,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import (
@@ -40,21 +40,21 @@ def has_lone_surrogate(text: str) -> bool:
 
 def find_lone_surrogate(value: Any, path: tuple = ()) -> tuple | None:
     """Path of the first string in ``value`` with a lone surrogate; for a key, the path of the
-    object holding it."""
-    if isinstance(value, str):
-        return path if has_lone_surrogate(value) else None
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if isinstance(k, str) and has_lone_surrogate(k):
-                return (*path, KEY)
-            found = find_lone_surrogate(v, (*path, k))
-            if found is not None:
-                return found
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            found = find_lone_surrogate(v, (*path, i))
-            if found is not None:
-                return found
+    object holding it. Iterative: a body nested as deep as the JSON parser allows must get
+    its 400, not a RecursionError."""
+    stack = [(value, path)]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if has_lone_surrogate(value):
+                return path
+        elif isinstance(value, dict):
+            for k in value:
+                if isinstance(k, str) and has_lone_surrogate(k):
+                    return (*path, KEY)
+            stack.extend(((v, (*path, k)) for k, v in reversed(value.items())))
+        elif isinstance(value, (list, tuple)):
+            stack.extend(((v, (*path, i)) for i, v in reversed(list(enumerate(value)))))
     return None
 
 
@@ -112,6 +112,9 @@ def shown_score(x: float) -> float:
 
 
 MAX_TOP_LOGPROBS = 20  # as OpenAI; the engine is started with at least this many
+# Messages per chat request: far beyond any real conversation, and a bound on the work a
+# body does on the event loop while it is validated (a million tiny messages fit in 8 MiB).
+MAX_MESSAGES = 4096
 
 
 class _Strict(BaseModel):
@@ -121,13 +124,26 @@ class _Strict(BaseModel):
 class _Request(_Strict):
     """A request body (the top-level model of a route)."""
 
+    # Top-level lists capped before anything walks them (field -> most items).
+    _MAX_ITEMS: ClassVar[dict[str, int]] = {}
+
     @model_validator(mode="before")
     @classmethod
     def _encodable(cls, data):
         """Every string of the request (keys included) must be valid Unicode: checked once
         here, so nothing downstream (tokenizer, engine, error echo) meets a lone surrogate."""
         if isinstance(data, dict):
-            path = find_lone_surrogate(data)
+            for name, cap in cls._MAX_ITEMS.items():
+                items = data.get(name)
+                if isinstance(items, list) and len(items) > cap:
+                    raise invalid(name, f"give at most {cap} {name}, not {len(items)}",
+                                  "too_long")
+            # Unknown fields are a 400 anyway (extra="forbid"), naming the field: their
+            # values are not walked, so a large one costs the event loop nothing here.
+            path = find_lone_surrogate(dict.fromkeys(data))  # the keys themselves
+            if path is None:
+                path = find_lone_surrogate({k: v for k, v in data.items()
+                                            if k in cls.model_fields})
             if path is not None:
                 param, message = surrogate_error(path)
                 raise invalid(param, message, "invalid_string")
@@ -149,7 +165,10 @@ _NOOP_REQUEST_FIELDS = {"tools": (None, []), "tool_choice": (None, "none"),
                         "logit_bias": (None, {}), "response_format": (None, {"type": "text"}),
                         "functions": (None, []), "function_call": (None, "none"),
                         "parallel_tool_calls": (None,), "metadata": (None, {}),
-                        "store": (None, False), "modalities": (None, ["text"])}
+                        "store": (None, False), "modalities": (None, ["text"]),
+                        "audio": (None,), "prediction": (None,), "reasoning_effort": (None,),
+                        "web_search_options": (None,),
+                        "service_tier": (None, "auto", "default")}
 
 
 def _drop_noop(data, fields: dict) -> Any:
@@ -197,6 +216,7 @@ class ChatCompletionRequest(_Request):
 
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
+    _MAX_ITEMS: ClassVar[dict[str, int]] = {"messages": MAX_MESSAGES}
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     max_tokens: StrictInt | None = Field(None, ge=1)
@@ -244,6 +264,12 @@ class ChatCompletionRequest(_Request):
 
     @model_validator(mode="after")
     def _combinations(self):
+        if not self.add_generation_prompt and not self.continue_final_message:
+            # The prompt verdict is read where the answer starts, and a prefilled answer gets
+            # its query verdict only through continue_final_message.
+            raise invalid("add_generation_prompt", "add_generation_prompt=false is only "
+                          "supported with continue_final_message=true (a prefilled assistant "
+                          "turn the model continues)")
         if self.continue_final_message:
             if self.add_generation_prompt:
                 raise invalid("continue_final_message",
@@ -289,6 +315,8 @@ class ModerationRequest(_Request):
     @field_validator("input")
     @classmethod
     def _count(cls, v):
+        if isinstance(v, list) and v and all(isinstance(p, TextPart) for p in v):
+            return v  # a list of text parts is one input
         if isinstance(v, list) and not 1 <= len(v) <= MAX_MODERATION_INPUTS:
             raise ValueError(f"give 1 to {MAX_MODERATION_INPUTS} inputs, not {len(v)}")
         return v

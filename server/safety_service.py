@@ -3,6 +3,7 @@ engine request its compiled row args and a tracker, and shape what the client re
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from safeserve.kernels.safety_decision import EVENT_TRIGGER
@@ -132,12 +133,20 @@ def guideline_message(cfg: SafetyConfig) -> str | None:
     return GUIDELINE_TEMPLATE.format(guideline=cfg.guideline.strip()) if cfg.guideline else None
 
 
-_GUIDELINE_HEADER = " ".join(GUIDELINE_TEMPLATE.split("{guideline}")[0].split()).casefold()
+
+
+def _letters_and_digits(text: str) -> str:
+    return re.sub(r"[\W_]+", "", text.casefold())
+
+
+# The header's words before its parenthesis, letters and digits only: punctuation, spacing,
+# case and invisible characters (zero-width spaces) do not hide it.
+_GUIDELINE_HEADER = _letters_and_digits(GUIDELINE_TEMPLATE.split("(")[0])
 
 
 def carries_guideline_header(text: str) -> bool:
-    """Whether a client's message text holds the server's guideline header (any case or
-    spacing). The guideline is a config field that authorization governs; the same words
+    """Whether a client's message text holds the server's guideline header (its words in
+    order, whatever stands between them). The guideline is a config field that authorization governs; the same words
     typed into a message would reach a config-conditioned model as a guideline no one
     authorized, so the HTTP layer refuses them."""
-    return _GUIDELINE_HEADER in " ".join(text.split()).casefold()
+    return _GUIDELINE_HEADER in _letters_and_digits(text)

@@ -180,6 +180,7 @@ def test_safety_config_numbers_still_pass():
 @pytest.mark.parametrize("extra,param,words", [
     ({"stream_options": {"include_usage": True}}, "stream_options", "stream=true"),
     ({"continue_final_message": True}, "continue_final_message", "add_generation_prompt=false"),
+    ({"add_generation_prompt": False}, "add_generation_prompt", "continue_final_message=true"),
     ({"continue_final_message": True, "add_generation_prompt": False},
      "continue_final_message", "'assistant'"),
     ({"stream": True, "stream_options": {"continuous_usage_stats": True}},
@@ -227,6 +228,12 @@ def test_edge_inputs_found_in_review_are_4xx_not_500(tmp_path):
     r = client.post("/v1/chat/completions", json=body(),
                     headers=[("Authorization", "Bearer \xe9t\xe9".encode("latin-1"))])
     _error(r, 401, code="invalid_api_key")
+    # a non-ASCII key, sent as its UTF-8 bytes, authenticates
+    utf8 = TestClient(create_app(Engine(Settings(api_keys=["cl\u00e9"]), spec),
+                                 (SafetyPolicy(Taxonomy.load()), TelemetryHub())))
+    r = utf8.post("/v1/chat/completions", json=body(),
+                  headers=[("Authorization", "Bearer cl\u00e9".encode("utf-8"))])
+    _error(r, 503, code="engine_not_ready")
     deep = '{"allow":' + "[" * 3000 + "]" * 3000 + "}"
     for path in ("/v1/chat/completions", "/v1/moderations"):
         payload = body() if path.endswith("completions") else {"input": "hi"}
@@ -569,12 +576,13 @@ def test_empty_openai_fields_are_accepted_and_real_ones_named(client):
     ok = body(messages=[{"role": "user", "content": "hi"}, echoed,
                         {"role": "user", "content": "more"}],
               tools=None, logit_bias={}, response_format={"type": "text"}, tool_choice="none",
-              top_p=0)
+              top_p=0, audio=None, service_tier="auto", reasoning_effort=None, prediction=None)
     r = client.post("/v1/chat/completions", json=ok)
     _error(r, 503, code="engine_not_ready")  # validated: only the engine is missing
     for extra, param in (({"response_format": {"type": "json_object"}}, "response_format"),
                          ({"tools": [{"type": "function"}]}, "tools"),
-                         ({"logit_bias": {"50256": -100}}, "logit_bias")):
+                         ({"logit_bias": {"50256": -100}}, "logit_bias"),
+                         ({"service_tier": "flex"}, "service_tier")):
         _error(client.post("/v1/chat/completions", json=body(**extra)), 400, param=param)
     bad = dict(echoed, tool_calls=[{"id": "x"}])
     r = client.post("/v1/chat/completions", json=body(messages=[{"role": "user", "content": "hi"}, bad]))
@@ -616,3 +624,55 @@ def test_a_request_the_engine_failed_counts_as_aborted_not_as_a_latency():
         completions._close(None, prep, choices)
         assert sample("safeserve_aborted_requests_total") == before[0] + aborted, reasons
         assert sample("safeserve_e2e_request_latency_seconds_count") == before[1] + latencies
+
+
+def test_bodies_that_would_cost_the_event_loop_are_refused_early(client):
+    """A body nested as deep as the JSON parser allows is a 400, not a RecursionError's 500;
+    a conversation of more than MAX_MESSAGES messages is refused before its messages are
+    validated one by one; text parts sent to moderation are one input, however many."""
+    from safeserve.server.protocol import MAX_MESSAGES
+
+    for depth in (200, 900, 960, 1000, 1900):
+        raw = ('{"model": "m", "messages": [{"role": "user", "content": "hi"}], '
+               '"safety_config": {"a": ' + "[" * depth + "]" * depth + "}}").encode()
+        r = post_raw(client, raw)
+        assert r.status_code == 400, (depth, r.status_code)
+    from pydantic import ValidationError
+
+    from safeserve.server.protocol import ChatCompletionRequest
+
+    many = [{"role": "user", "content": ""}] * (MAX_MESSAGES * 50)
+    t0 = time.perf_counter()
+    with pytest.raises(ValidationError) as e:
+        ChatCompletionRequest.model_validate(body(messages=many))
+    assert time.perf_counter() - t0 < 0.5  # checked before the messages are walked
+    (error,) = e.value.errors()
+    assert error["ctx"]["param"] == "messages" and str(MAX_MESSAGES) in error["msg"]
+    ChatCompletionRequest.model_validate(body(messages=many[:MAX_MESSAGES]))
+    parts = [{"type": "text", "text": "a"}] * 40
+    r = client.post("/v1/moderations", json={"input": parts})
+    assert r.status_code == 503, r.text  # past validation: the engine is not started here
+
+
+def test_a_wrong_method_is_a_405_that_says_which_are_allowed(client):
+    err = _error(client.put("/v1/chat/completions", json=body()), 405)
+    assert err["type"] == "invalid_request_error"
+    assert client.put("/v1/chat/completions", json=body()).headers["allow"] == "POST"
+
+
+def test_with_keys_a_request_without_one_is_refused_before_its_body_is_read(tmp_path):
+    """Invalid JSON, or an oversized body, from a client without a key is a 401 (counted),
+    not a 400 or 413 from parsing it."""
+    settings = Settings(api_keys=["k"], max_request_body_bytes=LIMIT)
+    spec = EngineSpec(model_dir=tmp_path, served_name="m", has_head=True, safety_enabled=True)
+    client = TestClient(create_app(Engine(settings, spec),
+                                   (SafetyPolicy(Taxonomy.load()), TelemetryHub())))
+    before = REGISTRY.get_sample_value("safeserve_requests_total",
+                                       {"status": "401", "stream": "invalid"}) or 0.0
+    for raw in (b"{bad", b"x" * (LIMIT + 10)):
+        _error(post_raw(client, raw), 401, code="invalid_api_key")
+    assert REGISTRY.get_sample_value("safeserve_requests_total",
+                                     {"status": "401", "stream": "invalid"}) == before + 2
+    _error(client.post("/v1/moderations", content=b"{bad",
+                       headers={"content-type": "application/json"}), 401)
+    _error(post_raw(client, b"{bad", Authorization="Bearer k"), 400, code="invalid_json")
