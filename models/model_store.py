@@ -115,6 +115,7 @@ def ensure_default_model(root: Path | None = None) -> Path:
 DEFAULT_HEAD_DIR = Path(__file__).with_name("default_checkpoint")
 # Heads that ship with the package, for the embedded model (MODEL_CARD.md in each).
 BUNDLED_HEADS = {"default": DEFAULT_HEAD_DIR,
+                 "guarded": Path(__file__).with_name("guarded_checkpoint"),
                  "strict": Path(__file__).with_name("strict_checkpoint")}
 
 

@@ -582,7 +582,7 @@ def register(app) -> None:
 
     @app.command("prompt-head")
     def prompt_head_cmd(
-        head: str = typer.Option(..., help="A bundled head (default, strict) or a directory "
+        head: str = typer.Option(..., help="A bundled head (default, guarded, strict) or a directory "
                                  "holding safety_head/."),
         out: Path = typer.Option(..., help="Output directory (safety_head/, adapter/)."),
         data_root: Path = typer.Option(..., help="Folder of the public datasets (training "
@@ -616,7 +616,7 @@ def register(app) -> None:
 
     @app.command("self-check")
     def self_check_cmd(
-        head: str = typer.Option(..., help="A bundled head (default, strict) or a directory "
+        head: str = typer.Option(..., help="A bundled head (default, guarded, strict) or a directory "
                                  "holding safety_head/ (and adapter/ for a LoRA head)."),
         model: Path = typer.Option(None, help="Base model the head reads (default: the one "
                                    "the head records, if present, else the embedded one)."),

@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     allow_unsafe: bool = Field(False, description="serve a model that has no safety head")
     safety_head: str | None = Field(
         None, description="safety head to compose with the model: a bundled one by name "
-        "(default, strict) or a directory holding safety_head/ (and optionally adapter/)")
+        "(default, guarded, strict) or a directory holding safety_head/ (and optionally adapter/)")
     presets: Path | None = Field(None, description="safety presets YAML (default: built-in)")
     default_preset: str = Field("default", description="preset for requests with no config")
     refusal_explain_sentences: int = Field(
