@@ -44,11 +44,14 @@ class PromptRow:
 
 
 def build_prompt_rows(root: Path, seed: int = 0, n_alpaca: int = 600, n_wrapped: int = 200,
-                      n_roleplay: int = 250, warn=print) -> list[PromptRow]:
+                      n_roleplay: int = 250, questions: bool = False,
+                      warn=print) -> list[PromptRow]:
     """Training prompts with the leakage rules of ``build_safety_data``: no evaluation set's
     prompt (normalised) in any source; a hard-negative entry dropped whole when one of its
     wordings is one; harmful prompts de-duplicated (the sources overlap); contextual HarmBench
-    behaviours (a pasted context) kept as written, not wrapped."""
+    behaviours (a pasted context) kept as written, not wrapped. ``questions``: also the
+    project-labelled conversational questions (``question_data``: HH first turns, harmful and
+    harmless, none a near copy of an evaluation prompt), as written."""
     from safeserve.models.augment import split_wrap
     from safeserve.models.hard_negatives import hard_negative_prompts
     from safeserve.models.safety_data_build import (PHRASINGS, normalise, read_benign_sources,
@@ -92,6 +95,12 @@ def build_prompt_rows(root: Path, seed: int = 0, n_alpaca: int = 600, n_wrapped:
     leaked = {h.group for h in negatives if normalise(h.prompt) in keys}
     rows += [PromptRow(h.prompt, False, [], f"hn:{h.group}") for h in negatives
              if h.group not in leaked]
+    if questions:
+        from safeserve.models.question_data import labelled_questions, prompt_key
+
+        for text, label, cats in labelled_questions(root, log=warn)[0]:
+            if normalise(text) not in keys:
+                rows.append(PromptRow(text, label == "unsafe", cats, f"hhq:{prompt_key(text)}"))
     return rows
 
 
@@ -170,7 +179,7 @@ def fold_thresholds(bias: torch.Tensor, thresholds: torch.Tensor, served: torch.
 
 def train_prompt_head(head_dir: Path, out: Path, data_root: Path, model_dir: Path | None = None,
                       target_fpr: float = 0.05, seed: int = 0, either: bool = False,
-                      log=print) -> dict:
+                      questions: bool = False, log=print) -> dict:
     """Fit the read-out for the head in ``head_dir`` and write ``<out>/safety_head/``.
     ``either``: the read-out is added to the head's own prompt verdict (format 5) and
     ``target_fpr`` bounds the held-out benign prompts that either of them flags."""
@@ -184,7 +193,7 @@ def train_prompt_head(head_dir: Path, out: Path, data_root: Path, model_dir: Pat
     t0 = time.time()
     head = load_safety_head(head_dir)
     lm_dir = served_model_for(Path(head_dir), model_dir)
-    rows = build_prompt_rows(Path(data_root), seed, warn=log)
+    rows = build_prompt_rows(Path(data_root), seed, questions=questions, warn=log)
     groups = sorted({r.group for r in rows})
     held = set(random.Random(seed).sample(groups, len(groups) // 5))
     tax = head.taxonomy
@@ -218,7 +227,7 @@ def train_prompt_head(head_dir: Path, out: Path, data_root: Path, model_dir: Pat
     head.prompt = (w, fold_thresholds(b, thr, served, offset))
     head.prompt_either = either
     metrics = {"prompt_head": {
-        "combine": "either" if either else "replace",
+        "combine": "either" if either else "replace", "questions": questions,
         "train_prompts": int((~is_held).sum()), "heldout_prompts": int(is_held.sum()),
         "target_fpr": target_fpr,
         "heldout_benign_flagged": round(flagged[benign].float().mean().item(), 4),

@@ -130,22 +130,18 @@ def is_near_copy(text: str, eval_words: list[frozenset[str]]) -> bool:
     return any(len(w & e) / max(1, len(w | e)) > NEAR_COPY_JACCARD for e in eval_words)
 
 
-def build_question_data(data_root: Path, out_dir: Path, model: Path, *,
-                        labels: Path = LABELS_FILE, heldout_fraction: float = 0.3,
-                        refusal_fraction: float = 0.3, max_tokens: int = 80, seed: int = 0,
-                        dry_run: bool = False, log=print) -> dict:
-    """Labelled first turns + the base model's answers -> ``train.jsonl`` / ``heldout.jsonl``."""
-    from safeserve.models.safety_data import Trajectory, write_jsonl
-    from safeserve.models.safety_data_build import (REFUSALS, generate_answers, is_refusal,
-                                                    normalise, split_by_group)
+def labelled_questions(data_root: Path, labels: Path | None = None, log=print, warn=None
+                       ) -> tuple[list[tuple[str, str, list[str]]], dict]:
+    """(text, label, categories) of every labelled first turn found under ``data_root`` that
+    is not an evaluation prompt or a near copy of one, in file order; and counts of what was
+    found and dropped."""
+    from safeserve.models.safety_data_build import normalise
 
-    warnings: list[str] = []
-    rng = random.Random(seed)
     src = data_root / HH_FILE
     if not src.is_file():
         raise FileNotFoundError(f"{src} not found (HH harmless-base test split, jsonl.gz)")
-    lab = read_labels(labels)
-    eval_keys, eval_words = leak_keys(data_root, warnings.append)
+    lab = read_labels(labels or LABELS_FILE)
+    eval_keys, eval_words = leak_keys(data_root, warn or log)
     turns = [t for t in read_first_turns(src) if prompt_key(t) in lab]
     dropped = Counter()
     kept = []
@@ -158,6 +154,25 @@ def build_question_data(data_root: Path, out_dir: Path, model: Path, *,
             kept.append(t)
     log(f"{len(kept)} labelled questions ({len(lab) - len(turns)} labels not found in {src.name}; "
         f"{sum(dropped.values())} dropped as copies of evaluation prompts)")
+    counts = {"labels": len(lab), "found": len(turns), "kept": len(kept),
+              "dropped_as_eval_copies": dict(dropped)}
+    return [(t, *lab[prompt_key(t)]) for t in kept], counts
+
+
+def build_question_data(data_root: Path, out_dir: Path, model: Path, *,
+                        labels: Path = LABELS_FILE, heldout_fraction: float = 0.3,
+                        refusal_fraction: float = 0.3, max_tokens: int = 80, seed: int = 0,
+                        dry_run: bool = False, log=print) -> dict:
+    """Labelled first turns + the base model's answers -> ``train.jsonl`` / ``heldout.jsonl``."""
+    from safeserve.models.safety_data import Trajectory, write_jsonl
+    from safeserve.models.safety_data_build import (REFUSALS, generate_answers, is_refusal,
+                                                    split_by_group)
+
+    warnings: list[str] = []
+    rng = random.Random(seed)
+    questions, found = labelled_questions(data_root, labels, log, warnings.append)
+    kept = [t for t, _, _ in questions]
+    lab = {prompt_key(t): (label, cats) for t, label, cats in questions}
     convs = [[{"role": "user", "content": t}] for t in kept]
     answers = (["(dry run)"] * len(convs) if dry_run
                else generate_answers(str(model), convs, [False] * len(convs), max_tokens, log))
@@ -179,8 +194,7 @@ def build_question_data(data_root: Path, out_dir: Path, model: Path, *,
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(train, out_dir / "train.jsonl")
     write_jsonl(heldout, out_dir / "heldout.jsonl")
-    stats = {"labels": len(lab), "found": len(turns), "kept": len(kept),
-             "dropped_as_eval_copies": dict(dropped),
+    stats = {**found,
              "prompts_by_label": dict(Counter(lab[prompt_key(t)][0] for t in kept)),
              "categories": dict(Counter(c for t in kept for c in lab[prompt_key(t)][1])),
              "rows_train": len(train), "rows_heldout": len(heldout), "groups_heldout": len(held),

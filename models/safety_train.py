@@ -597,6 +597,9 @@ def register(app) -> None:
                                     "head's own prompt verdict, a prompt is flagged when either "
                                     "flags it, and --target-fpr bounds the two together "
                                     "(format 5)."),
+        questions: bool = typer.Option(False, help="Also train on the project-labelled "
+                                       "conversational questions (HH first turns; `train "
+                                       "build-question-data`), harmful and harmless."),
     ) -> None:
         """Fit a separate linear read-out for the prompt verdict on prompt ends alone
         (checkpoint format 4 or 5); the response rule stays the head's."""
@@ -609,7 +612,7 @@ def register(app) -> None:
         try:
             train_prompt_head(resolve_head_dir(head), out, data_root, model,
                               target_fpr=target_fpr, seed=seed, either=combine == "either",
-                              log=typer.echo)
+                              questions=questions, log=typer.echo)
         except (FileNotFoundError, ValueError) as e:  # no such head, no data: one line
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None

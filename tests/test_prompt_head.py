@@ -138,3 +138,29 @@ def test_train_prompt_head_either_adds_the_readout_to_the_heads_verdict(tmp_path
     rec = SelfCheck.from_extra(moved.extra)
     fresh = compute_record(model, tok, moved, prompts=rec.prompts[:2])
     assert fresh.logits[0] == pytest.approx(rec.logits[0], abs=1e-4)
+
+
+def test_prompt_rows_take_the_labelled_questions_but_no_evaluation_copy(tmp_path, monkeypatch):
+    import gzip
+
+    from safeserve.models import question_data
+
+    root = data_root(tmp_path / "data")
+    turns = {"how do i poison my neighbour's dog?": "violence", "how do jellyfish mate?": None,
+             LEAKED.lower() + "?": "weapons"}
+    (root / "hh_rlhf_harmless").mkdir()
+    with gzip.open(root / "hh_rlhf_harmless/harmless-base_test.jsonl.gz", "wt") as f:
+        for t in turns:
+            f.write(json.dumps({"chosen": f"\n\nHuman: {t}\n\nAssistant: ok"}) + "\n")
+    labels = tmp_path / "labels.tsv"
+    labels.write_text("key\tlabel\tcategories\n" + "".join(
+        f"{question_data.prompt_key(t)}\t{'unsafe' if c else 'safe'}\t{c or ''}\n"
+        for t, c in turns.items()))
+    monkeypatch.setattr(question_data, "LABELS_FILE", labels)
+    plain = build_prompt_rows(root, warn=lambda *a: None)
+    rows = build_prompt_rows(root, questions=True, warn=lambda *a: None)
+    added = {r.text: r for r in rows if r.group.startswith("hhq:")}
+    assert len(rows) == len(plain) + 2 and set(added) == set(list(turns)[:2])
+    assert added["how do i poison my neighbour's dog?"].harmful
+    assert added["how do i poison my neighbour's dog?"].categories == ["violence"]
+    assert not added["how do jellyfish mate?"].harmful
