@@ -595,8 +595,9 @@ def register(app) -> None:
         combine: str = typer.Option("replace", help="replace: the read-out alone judges "
                                     "prompt ends (format 4); either: it is added to the "
                                     "head's own prompt verdict, a prompt is flagged when either "
-                                    "flags it, and --target-fpr bounds the two together "
-                                    "(format 5)."),
+                                    "flags it, and --target-fpr counts the two together; when "
+                                    "the head alone is over it, the read-out adds no held-out "
+                                    "false alarm (format 5)."),
         questions: bool = typer.Option(False, help="Also train on the project-labelled "
                                        "conversational questions (HH first turns; `train "
                                        "build-question-data`), harmful and harmless."),

@@ -135,7 +135,9 @@ class KeyRing:
         if not self.enabled:
             return OPEN
         header = authorization or ""
-        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        # Only ASCII blanks are stripped: str.strip() would also take \x85 and \xa0, the last
+        # byte of UTF-8's à, Å, ą, Š... as the header's latin-1 reading holds them.
+        token = header[7:].strip(" \t") if header.lower().startswith("bearer ") else ""
         if token:
             sent = _header_bytes(token)
             for key, grant in self._plain.items():

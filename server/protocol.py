@@ -112,9 +112,11 @@ def shown_score(x: float) -> float:
 
 
 MAX_TOP_LOGPROBS = 20  # as OpenAI; the engine is started with at least this many
-# Messages per chat request: far beyond any real conversation, and a bound on the work a
-# body does on the event loop while it is validated (a million tiny messages fit in 8 MiB).
+# Messages per chat request, and text parts per request (all messages, or one moderation
+# input): far beyond any real use, and a bound on the work a body does on the event loop
+# while it is validated (a million tiny items fit in 8 MiB). Checked before anything walks them.
 MAX_MESSAGES = 4096
+MAX_TEXT_PARTS = 4096
 
 
 class _Strict(BaseModel):
@@ -127,6 +129,10 @@ class _Request(_Strict):
     # Top-level lists capped before anything walks them (field -> most items).
     _MAX_ITEMS: ClassVar[dict[str, int]] = {}
 
+    @classmethod
+    def _check_sizes(cls, data: dict) -> None:
+        """Further size checks on the raw body, before anything walks it."""
+
     @model_validator(mode="before")
     @classmethod
     def _encodable(cls, data):
@@ -138,6 +144,7 @@ class _Request(_Strict):
                 if isinstance(items, list) and len(items) > cap:
                     raise invalid(name, f"give at most {cap} {name}, not {len(items)}",
                                   "too_long")
+            cls._check_sizes(data)
             # Unknown fields are a 400 anyway (extra="forbid"), naming the field: their
             # values are not walked, so a large one costs the event loop nothing here.
             path = find_lone_surrogate(dict.fromkeys(data))  # the keys themselves
@@ -217,6 +224,16 @@ class ChatCompletionRequest(_Request):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     _MAX_ITEMS: ClassVar[dict[str, int]] = {"messages": MAX_MESSAGES}
+
+    @classmethod
+    def _check_sizes(cls, data: dict) -> None:
+        messages = data.get("messages")
+        if isinstance(messages, list):
+            parts = sum(len(m["content"]) for m in messages
+                        if isinstance(m, dict) and isinstance(m.get("content"), list))
+            if parts > MAX_TEXT_PARTS:
+                raise invalid("messages", f"give at most {MAX_TEXT_PARTS} content parts over "
+                              f"all messages, not {parts}", "too_long")
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     max_tokens: StrictInt | None = Field(None, ge=1)
@@ -244,10 +261,12 @@ class ChatCompletionRequest(_Request):
     def _noop_fields(cls, data):
         return _drop_noop(data, _NOOP_REQUEST_FIELDS)
 
-    @field_validator("stream", "n", mode="before")
+    @field_validator("stream", "n", "ignore_eos", "continue_final_message",
+                     "add_generation_prompt", mode="before")
     @classmethod
     def _null_is_default(cls, v, info):
-        # OpenAI's schema marks these nullable, and some clients send an explicit null.
+        # OpenAI's schema marks stream and n nullable, and some clients send an explicit null
+        # (vLLM's switches likewise): null means the default everywhere.
         return cls.model_fields[info.field_name].default if v is None else v
 
     @field_validator("stop")
@@ -311,6 +330,17 @@ class ModerationRequest(_Request):
     input: str | list[str] | list[TextPart]
     model: str | None = None
     safety_config: dict[str, Any] | str | None = None
+
+    @classmethod
+    def _check_sizes(cls, data: dict) -> None:
+        items = data.get("input")
+        if not isinstance(items, list):
+            return
+        parts = bool(items) and all(isinstance(p, dict) for p in items)
+        cap = MAX_TEXT_PARTS if parts else MAX_MODERATION_INPUTS
+        if len(items) > cap:
+            raise invalid("input", f"give at most {cap} {'text parts' if parts else 'inputs'}, "
+                          f"not {len(items)}", "too_long")
 
     @field_validator("input")
     @classmethod

@@ -228,12 +228,15 @@ def test_edge_inputs_found_in_review_are_4xx_not_500(tmp_path):
     r = client.post("/v1/chat/completions", json=body(),
                     headers=[("Authorization", "Bearer \xe9t\xe9".encode("latin-1"))])
     _error(r, 401, code="invalid_api_key")
-    # a non-ASCII key, sent as its UTF-8 bytes, authenticates
-    utf8 = TestClient(create_app(Engine(Settings(api_keys=["cl\u00e9"]), spec),
+    # non-ASCII keys, sent as their UTF-8 bytes, authenticate (à ends in \xa0, Å in \x85:
+    # bytes str.strip() would take)
+    keys = ["cl\u00e9", "pass\u00e0", "\u00c5ngstr\u00f6m\u00c5"]
+    utf8 = TestClient(create_app(Engine(Settings(api_keys=keys), spec),
                                  (SafetyPolicy(Taxonomy.load()), TelemetryHub())))
-    r = utf8.post("/v1/chat/completions", json=body(),
-                  headers=[("Authorization", "Bearer cl\u00e9".encode("utf-8"))])
-    _error(r, 503, code="engine_not_ready")
+    for key in keys:
+        r = utf8.post("/v1/chat/completions", json=body(),
+                      headers=[("Authorization", f"Bearer {key}".encode("utf-8"))])
+        _error(r, 503, code="engine_not_ready")
     deep = '{"allow":' + "[" * 3000 + "]" * 3000 + "}"
     for path in ("/v1/chat/completions", "/v1/moderations"):
         payload = body() if path.endswith("completions") else {"input": "hi"}
@@ -576,7 +579,8 @@ def test_empty_openai_fields_are_accepted_and_real_ones_named(client):
     ok = body(messages=[{"role": "user", "content": "hi"}, echoed,
                         {"role": "user", "content": "more"}],
               tools=None, logit_bias={}, response_format={"type": "text"}, tool_choice="none",
-              top_p=0, audio=None, service_tier="auto", reasoning_effort=None, prediction=None)
+              top_p=0, audio=None, service_tier="auto", reasoning_effort=None, prediction=None,
+              ignore_eos=None, add_generation_prompt=None, continue_final_message=None)
     r = client.post("/v1/chat/completions", json=ok)
     _error(r, 503, code="engine_not_ready")  # validated: only the engine is missing
     for extra, param in (({"response_format": {"type": "json_object"}}, "response_format"),
@@ -652,6 +656,18 @@ def test_bodies_that_would_cost_the_event_loop_are_refused_early(client):
     parts = [{"type": "text", "text": "a"}] * 40
     r = client.post("/v1/moderations", json={"input": parts})
     assert r.status_code == 503, r.text  # past validation: the engine is not started here
+    # text parts over all messages, and moderation inputs, are capped before they are walked
+    from safeserve.server.protocol import MAX_TEXT_PARTS, ModerationRequest
+
+    one = {"role": "user", "content": [{"type": "text", "text": "a"}] * (MAX_TEXT_PARTS * 50)}
+    for model, data, param in ((ChatCompletionRequest, body(messages=[one]), "messages"),
+                               (ModerationRequest, {"input": [""] * 10**6}, "input"),
+                               (ModerationRequest, {"input": one["content"]}, "input")):
+        t0 = time.perf_counter()
+        with pytest.raises(ValidationError) as e:
+            model.model_validate(data)
+        assert time.perf_counter() - t0 < 0.5, param
+        assert e.value.errors()[0]["ctx"]["param"] == param
 
 
 def test_a_wrong_method_is_a_405_that_says_which_are_allowed(client):

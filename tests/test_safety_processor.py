@@ -44,15 +44,15 @@ def _processor_form(request):
     _SYNC_FREE[0] = False
 
 
-def _processor(capacity: int = 4, prompt_offset: float = 0.0):
-    """The real processor over the default head's width (10 outputs), on CPU, with its
+def _processor(capacity: int = 4, prompt_offset: float = 0.0, head: str = "default"):
+    """The real processor over a bundled head's width (10 outputs), on CPU, with its
     telemetry captured instead of sent, and the given prompt offset instead of the head's."""
     from types import SimpleNamespace
 
-    from safeserve.models.model_store import DEFAULT_HEAD_DIR
+    from safeserve.models.model_store import BUNDLED_HEADS
 
     cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=capacity),
-                          model_config=SimpleNamespace(model=str(DEFAULT_HEAD_DIR)))
+                          model_config=SimpleNamespace(model=str(BUNDLED_HEADS[head])))
     proc = SafetyLogitsProcessor(cfg, torch.device("cpu"), False)
     proc.sync_free = _SYNC_FREE[0]
     proc.prompt_offset = prompt_offset
@@ -156,10 +156,10 @@ def test_a_prompt_readout_judges_prompt_rows_and_the_head_the_rest():
 
 
 def test_a_prompt_readout_beside_the_heads_verdict_flags_when_either_does():
-    """Format 5: prompt rows are judged by the larger of the two halves per output (either
-    verdict flags), generated-token rows by the head's half alone."""
-    proc, sent = _processor()
-    proc.prompt_either = True
+    """Format 5 (the bundled `guarded` head): prompt rows are judged by the larger of the two
+    halves per output (either verdict flags), generated-token rows by the head's half alone."""
+    proc, sent = _processor(head="guarded")
+    assert proc.prompt_either and not _processor()[0].prompt_either
     outs = [[], [], []]
     for i, rid in enumerate(("head_flags", "readout_flags", "decoding")):
         proc._add(i, _args(rid, alert_scale=1.0, alert_tau=0), outs[i])
