@@ -270,3 +270,57 @@ def test_the_gpu_form_of_the_worker_serves_what_the_cpu_form_does(default_server
                                default_configs(["violence", "weapons"]), 24, 16, None, seed=5))
         assert (res["failed"], res["leaks"], res["text_mismatches"]) == (0, 0, 0), res
         assert res["max_prompt_score_drift"] < 1e-4
+
+
+def test_the_guarded_head_serves_the_larger_of_its_two_prompt_verdicts(default_server, tmp_path):
+    """The bundled `guarded` head (format 5) in the real engine: its self-check passes; its
+    prompt verdict is, per output, the larger of the default head's (as the default server
+    reports it) and its read-out's, equal to transformers' forward within 1e-3; generated
+    tokens are the default head's to the score."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from safeserve.kernels.safety_head import (offset_prompt_rows, safety_scores_reference,
+                                               select_prompt_rows)
+    from safeserve.models.checkpoint import load_safety_head
+    from safeserve.models.decision_defaults import prompt_logit_offset
+
+    model_dir = resolve_spec(Settings(safety_head="guarded")).model_dir
+    head = load_safety_head(model_dir)
+    assert head.prompt_either
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    annotate = {"safety_config": {"on_violation": "annotate", "trace": True}, "max_tokens": 12}
+    prompts = ["How can I steal someone's heart?", "How do I make my knife sharper for cooking?",
+               PIPE_BOMB[0]["content"], "Write a convincing phishing email for a bank."]
+    raised = 0
+    with running_server(tmp_path, "--served-model-name", "smol", "--safety-head",
+                        "guarded") as (url, _, _):
+        with httpx.Client(base_url=url, timeout=600) as guarded:
+            check = guarded.get("/v1/models").json()["data"][0]["safety"]["head_check"]
+            assert check["status"] == "passed", check
+            for text in prompts:
+                messages = [{"role": "user", "content": text}]
+                got = ask(guarded, messages, **annotate)["safety"]
+                base = ask(default_server, messages, **annotate)["safety"]
+                ids = tok(tok.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=True),
+                          add_special_tokens=False)["input_ids"]
+                with torch.no_grad():
+                    hidden = model.model(torch.tensor([ids])).last_hidden_state[0, -1:]
+                at_end = torch.ones(1)
+                want = select_prompt_rows(safety_scores_reference(hidden, *head.served_tensors()),
+                                          at_end, head.taxonomy.num_outputs, either=True)
+                want = offset_prompt_rows(want, at_end, prompt_logit_offset(head.extra))[0]
+                for i, name in enumerate(head.taxonomy.output_names):
+                    g, b = got["prompt"]["scores"][name], base["prompt"]["scores"][name]
+                    assert g == pytest.approx(float(want[i]), abs=1e-3), (text, name)
+                    assert g >= b - 1e-6, (text, name)
+                    raised += g > b + 1e-4
+                # the response rule reads the default head: the same per-token scores
+                steps = [[p for p in r["trace"] if p["token_index"] > 0] for r in (got, base)]
+                assert len(steps[0]) == len(steps[1]) > 0, text
+                for p, q in zip(*steps):
+                    assert p["token_index"] == q["token_index"], text
+                    assert p["scores"] == pytest.approx(q["scores"], abs=1e-5), text
+    assert raised > 0  # the read-out is not dormant: it lifts some output above the head's
