@@ -4,6 +4,7 @@ for anything the client got wrong, so bad input never surfaces as a 500."""
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -97,6 +98,16 @@ def install_handlers(app: FastAPI) -> None:
             return APIError(400, f"unsupported parameter: {param}", param=param,
                             code="unsupported_parameter").response()
         msg = first.get("msg", "invalid request")
+        value = first.get("input")
+        if isinstance(value, float) and not math.isfinite(value):
+            # NaN fails every bound check, so pydantic's message names the bound it tried
+            msg = f"must be a finite number, not {value}"
+        part = next((e for e in errs if e.get("type") == "literal_error"
+                     and tuple(e.get("loc", ()))[-1:] == ("type",) and "content" in e["loc"]),
+                    None)
+        if part is not None and "content" in loc:  # an image or audio part, say
+            msg = ("only text content parts are supported, not "
+                   f"{scrub(str(part.get('input'))[:40])!r}")
         if param and not (msg.startswith(param) or f" {param} " in f" {msg} "):
             msg = f"{param}: {msg}"
         return APIError(400, msg, param=param,

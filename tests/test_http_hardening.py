@@ -692,3 +692,15 @@ def test_with_keys_a_request_without_one_is_refused_before_its_body_is_read(tmp_
     _error(client.post("/v1/moderations", content=b"{bad",
                        headers={"content-type": "application/json"}), 401)
     _error(post_raw(client, b"{bad", Authorization="Bearer k"), 400, code="invalid_json")
+
+
+def test_errors_say_what_is_wrong_with_nan_and_non_text_parts(client):
+    raw = json.dumps(body(temperature=float("nan"))).encode()  # json.dumps writes NaN
+    err = _error(post_raw(client, raw), 400, "temperature")
+    assert "finite" in err["message"]
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+    err = _error(client.post("/v1/chat/completions", json=body(messages=[
+        {"role": "user", "content": "hi"},
+        {"role": "user", "content": [{"type": "text", "text": "see"}, image]}])),
+        400, "messages.1.content")
+    assert "only text content parts" in err["message"] and "image_url" in err["message"]
