@@ -155,7 +155,7 @@ def register(app) -> None:
         data: Path = typer.Option(..., help="Trajectories (.jsonl/.csv) to wrap."),
         out: Path = typer.Option(..., help="Output .jsonl: the wrapped copies only (train on "
                                  "it beside --data)."),
-        fraction: float = typer.Option(0.35, help="Share of eligible rows that get a copy."),
+        fraction: float = typer.Option(0.35, min=0.0, max=1.0, help="Share of eligible rows that get a copy."),
         seed: int = typer.Option(0, help="Random seed."),
         own_answers: bool = typer.Option(False, "--own-answers", help="Answer each wrapped "
                                          "request with the base model (vLLM, greedy) instead "
@@ -169,6 +169,9 @@ def register(app) -> None:
         from safeserve.models.safety_data import load_trajectories, write_jsonl
         from safeserve.models.safety_data_build import generate_answers
 
+        if out.resolve() == data.resolve():
+            raise typer.BadParameter("--out would overwrite --data with the wrapped copies "
+                                     "only; write them to another file")
         originals = load_trajectories(data)
         rows, counts = augment_split(originals, fraction, seed, one_per_prompt=own_answers)
         report = {"rows": len(rows), "by_label_and_wrapper": counts}

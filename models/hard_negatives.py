@@ -434,7 +434,7 @@ def register(app) -> None:
                                        "prompt that matches an evaluation set."),
         model: Path = typer.Option(None, help="Model whose own answers are generated "
                                    "(default: the embedded SmolLM2-135M-Instruct)."),
-        heldout_fraction: float = typer.Option(0.4, help="Share of groups held out "
+        heldout_fraction: float = typer.Option(0.4, min=0.0, max=1.0, help="Share of groups held out "
                                                "(calibration and report)."),
         per_entry: int = typer.Option(2, help="Phrasings per entry of the composed kinds."),
         max_tokens: int = typer.Option(80, help="Generated tokens per answer."),

@@ -90,6 +90,11 @@ def move_operating_point(head_dir: Path, out: Path, *, prompt_shift: float,
     Its self-check record moves with the biases, exactly (no model needed)."""
     from safeserve.models.head_check import SelfCheck, write_record
 
+    if Path(out).resolve() == Path(head_dir).resolve():
+        raise ValueError("--out is --head: write the moved head to another directory (the "
+                         "original is the one to move back from)")
+    if not all(math.isfinite(x) for x in (prompt_shift, response_shift)):
+        raise ValueError(f"shifts must be finite numbers, not {prompt_shift}, {response_shift}")
     head = load_safety_head(head_dir)
     new = shift_head(head, prompt_shift=prompt_shift, response_shift=response_shift,
                      tau=tau, alert_margin=alert_margin, alert_tau=alert_tau)

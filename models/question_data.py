@@ -217,8 +217,8 @@ def register(app) -> None:
         model: Path = typer.Option(None, help="Model whose own answers are generated "
                                    "(default: the embedded SmolLM2-135M-Instruct)."),
         labels: Path = typer.Option(LABELS_FILE, help="Labels TSV (key, label, categories)."),
-        heldout_fraction: float = typer.Option(0.3, help="Share of prompts held out."),
-        refusal_fraction: float = typer.Option(0.3, help="Share of unsafe prompts that also "
+        heldout_fraction: float = typer.Option(0.3, min=0.0, max=1.0, help="Share of prompts held out."),
+        refusal_fraction: float = typer.Option(0.3, min=0.0, max=1.0, help="Share of unsafe prompts that also "
                                                "get a written refusal."),
         max_tokens: int = typer.Option(80, help="Generated tokens per answer."),
         seed: int = typer.Option(0, help="Random seed."),

@@ -224,8 +224,18 @@ def split_groups(meta: list[dict], fraction: float, seed: int) -> tuple[set[int]
 
 
 def with_thresholds(taxonomy: Taxonomy, thresholds: list[float]) -> Taxonomy:
-    # 6 decimals: thresholds sit near 1, where 4 would move them by up to half a logit.
-    return Taxonomy(tuple(Category(c.id, c.definition, round(float(t), 6))
+    """The taxonomy with new thresholds, unrounded: they sit near 1, where 6 decimals would
+    move a moved operating point by a third of a logit (and 4 by half a logit). A threshold
+    that is not inside (0, 1) in float32, as the decision compares it, is an error naming the
+    category: it could never fire (1) or always would (0)."""
+    import numpy as np
+
+    for c, t in zip(taxonomy.categories, thresholds):
+        if not 0.0 < float(np.float32(t)) < 1.0:
+            raise ValueError(f"the threshold of {c.id} would be {float(t)!r}, which is "
+                             f"{float(np.float32(t))!r} in float32: outside (0, 1), so the "
+                             "decision could never (or would always) act on it")
+    return Taxonomy(tuple(Category(c.id, c.definition, float(t))
                           for c, t in zip(taxonomy.categories, thresholds)))
 
 

@@ -443,6 +443,23 @@ def check_options(args: dict) -> None:
     for name in ("epochs", "batch_size", "head_batch_size", "max_length"):
         if int(args[name]) < 1:
             raise TrainInputError(f"--{name.replace('_', '-')} must be at least 1")
+    probe = str(args.get("probe_layers") or "")
+    if probe and not all(p.strip().lstrip("-").isdigit() for p in probe.split(",")):
+        raise TrainInputError(f"--probe-layers takes comma-separated layer numbers, not {probe!r}")
+    if args.get("out") and args.get("model") and (
+            Path(args["out"]).resolve() == Path(args["model"]).resolve()):
+        raise TrainInputError("--out is --model: write the checkpoint to another directory "
+                              "(it would overwrite the model it reads)")
+    external = args.get("external_eval")
+    if external and not Path(external).is_file():
+        raise TrainInputError(f"--external-eval {external}: no such file")
+    if args.get("init_head"):
+        from safeserve.models.safety_head_fit import frozen_linear
+
+        try:
+            frozen_linear(args["init_head"])  # exists, linear, no prompt read-out
+        except (ValueError, OSError) as exc:
+            raise TrainInputError(f"--init-head: {exc}") from None
 
 
 def check_data(args: dict, taxonomy: Taxonomy) -> None:
@@ -536,8 +553,8 @@ def register(app) -> None:
         eval_data: list[Path] = typer.Option(..., help="Held-out trajectories (repeatable); "
                                              "half calibrate, half are reported."),
         out: Path = typer.Option(..., help="Output directory (safety_head/, adapter/)."),
-        target_fpr: float = typer.Option(..., help="Benign conversations flagged, at most."),
-        tau: int = typer.Option(3, help="Consecutive unsafe response positions."),
+        target_fpr: float = typer.Option(..., min=0.0, max=1.0, help="Benign conversations flagged, at most."),
+        tau: int = typer.Option(3, min=1, help="Consecutive unsafe response positions."),
         max_length: int = typer.Option(512, help="Tokens per conversation."),
         seed: int = typer.Option(0, help="Seed of the calibration / report split."),
     ) -> None:
@@ -561,13 +578,13 @@ def register(app) -> None:
                                            "thresholds (+ = flag fewer prompts)."),
         response_shift: float = typer.Option(0.0, help="Logits added to the response-rule "
                                              "thresholds."),
-        tau: int = typer.Option(None, help="Consecutive violating steps for requests that "
+        tau: int = typer.Option(None, min=1, help="Consecutive violating steps for requests that "
                                 "do not set tau (default: keep the head's own, else 3)."),
-        alert_margin: float = typer.Option(None, help="Alert band: a prompt verdict within this "
+        alert_margin: float = typer.Option(None, min=0.0, help="Alert band: a prompt verdict within this "
                                            "many logits below its thresholds gets the "
                                            "shorter response run --alert-tau (0: no band; "
                                            "default: keep the head's own band)."),
-        alert_tau: int = typer.Option(None, help="Consecutive violating steps after a prompt "
+        alert_tau: int = typer.Option(None, min=1, help="Consecutive violating steps after a prompt "
                                       "in the alert band."),
     ) -> None:
         """Move a head's operating point (chosen with `eval replay`) without retraining or
@@ -589,7 +606,7 @@ def register(app) -> None:
                                        "sources; every evaluation set's prompts are removed)."),
         model: Path = typer.Option(None, help="Base model the head reads (default: the one "
                                    "the head records, if present, else the embedded one)."),
-        target_fpr: float = typer.Option(0.05, help="Held-out benign prompts flagged, at most "
+        target_fpr: float = typer.Option(0.05, min=0.0, max=1.0, help="Held-out benign prompts flagged, at most "
                                          "(any output)."),
         seed: int = typer.Option(0, help="Seed of the wrappers and the held-out split."),
         combine: str = typer.Option("replace", help="replace: the read-out alone judges "
@@ -662,7 +679,7 @@ def register(app) -> None:
         mode: str = typer.Option("head", help="head | lora | full."),
         lambda_cls: float = typer.Option(0.1, "--lambda", help="Weight of L_cls in "
                                          "L_lm + lambda * L_cls (lora/full)."),
-        epochs: int = typer.Option(30, help="Epochs (head mode: over the cached positions)."),
+        epochs: int = typer.Option(30, min=1, help="Epochs (head mode: over the cached positions)."),
         lr: float = typer.Option(None, help="Learning rate (head mode: the head's, default "
                                  "2e-3; lora/full: the LM's, default 2e-4)."),
         head_lr: float = typer.Option(1e-3, help="Head learning rate in lora/full mode."),
@@ -674,9 +691,9 @@ def register(app) -> None:
                                   "the only one the server serves)."),
         probe_layers: str = typer.Option("", help="Head mode: also probe these layers, e.g. "
                                          "'10,15,20,25,30' (same forward pass)."),
-        tau: int = typer.Option(3, help="Consecutive unsafe response positions that trigger "
+        tau: int = typer.Option(3, min=1, help="Consecutive unsafe response positions that trigger "
                                 "(the server's rule, for calibration and metrics)."),
-        target_fpr: float = typer.Option(0.05, help="Benign conversations flagged, at most, "
+        target_fpr: float = typer.Option(0.05, min=0.0, max=1.0, help="Benign conversations flagged, at most, "
                                          "when calibrating thresholds."),
         prompt_offset: bool = typer.Option(True, help="Fold separate prompt-verdict "
                                            "thresholds into the head along the prompt-end "
@@ -733,7 +750,7 @@ def register(app) -> None:
         external_eval: Path = typer.Option(None, help="Prompt-only rows (reported only)."),
         model: Path = typer.Option(None, help="Base model directory."),
         layers: str = typer.Option("10,15,20,25,30", help="Layers to probe (L = final)."),
-        epochs: int = typer.Option(30, help="Head epochs per layer."),
+        epochs: int = typer.Option(30, min=1, help="Head epochs per layer."),
         lr: float = typer.Option(2e-3, help="Head learning rate."),
         batch_size: int = typer.Option(16, help="Conversations per forward batch."),
         max_length: int = typer.Option(512, help="Tokens per conversation."),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 
 import typer
@@ -86,9 +88,22 @@ def _register_plugins() -> None:
         importlib.import_module(module).register(group)
 
 
+# What bad input (a path, a file's content, an option's value) raises in the jobs: one line
+# that says what, exit 2, instead of a traceback. SAFESERVE_TRACEBACK=1 shows the traceback.
+_INPUT_ERRORS = (OSError, ValueError, KeyError, OverflowError)
+
+
 def main() -> None:
     _register_plugins()
-    app()
+    try:
+        app()
+    except _INPUT_ERRORS as e:
+        if os.environ.get("SAFESERVE_TRACEBACK"):
+            raise
+        what = f"missing field or key {e}" if isinstance(e, KeyError) else " ".join(str(e).split())
+        print(f"error: {type(e).__name__}: {what} (SAFESERVE_TRACEBACK=1 shows where)",
+              file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

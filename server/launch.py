@@ -34,7 +34,7 @@ class StartupError(SystemExit):
 # SAFESERVE_* variables that are not server settings but are read elsewhere (cache, tests,
 # benchmarks, kernels).
 _OTHER_VARIABLES = {"CACHE_DIR", "SKIP_DDP", "TELEMETRY_ADDR", "BENCH_API_KEY",
-                    "TEST_START_TIMEOUT", "FORCE_TRITON", "SYNC_FREE"}
+                    "TEST_START_TIMEOUT", "FORCE_TRITON", "SYNC_FREE", "TRACEBACK"}
 
 
 def unknown_variables(environ=None) -> list[str]:

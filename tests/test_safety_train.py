@@ -762,3 +762,75 @@ def test_feature_cache_key_follows_the_tokenizer_and_label_rules(tiny, tmp_path)
     template.write_text(template.read_text().replace("helpful assistant", "careful assistant"))
     assert SF._feature_key(data, copy, [-1], 64) != key
     assert key["label_rules"] == SF.LABEL_RULES_VERSION
+
+
+def test_operating_point_moves_are_exact_and_refuse_unservable_thresholds(tmp_path):
+    """The default head's thresholds sit near 1: a move is stored unrounded (exact to float
+    precision in logits), one that would put a threshold at 1 in float32 is refused, and the
+    output cannot be the input."""
+    import math
+
+    from safeserve.models.model_store import DEFAULT_HEAD_DIR
+    from safeserve.models.operating_point import move_operating_point
+
+    quiet = lambda *a: None  # noqa: E731
+    move_operating_point(DEFAULT_HEAD_DIR, tmp_path / "moved", prompt_shift=0.0,
+                         response_shift=2.75, log=quiet)
+    old, new = load_safety_head(DEFAULT_HEAD_DIR), load_safety_head(tmp_path / "moved")
+    for a, b in zip(old.taxonomy.categories, new.taxonomy.categories):
+        logit = lambda t: math.log(t / (1 - t))  # noqa: E731
+        assert logit(b.threshold) - logit(a.threshold) == pytest.approx(2.75, abs=1e-3), a.id
+    with pytest.raises(ValueError, match="float32"):
+        move_operating_point(DEFAULT_HEAD_DIR, tmp_path / "far", prompt_shift=0.0,
+                             response_shift=12.0, log=quiet)
+    with pytest.raises(ValueError, match="--out is --head"):
+        move_operating_point(tmp_path / "moved", tmp_path / "moved", prompt_shift=0.0,
+                             response_shift=1.0, log=quiet)
+    with pytest.raises(ValueError, match="finite"):
+        move_operating_point(DEFAULT_HEAD_DIR, tmp_path / "nan", prompt_shift=float("nan"),
+                             response_shift=0.0, log=quiet)
+
+
+def test_bad_job_input_is_one_line_and_exit_2(tmp_path):
+    """The `safeserve` command turns what bad input raises in a job (a missing checkpoint, a
+    bad file) into one line naming it, exit 2; option ranges are checked before anything runs."""
+    import subprocess
+    import sys
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "safeserve.server.cli", *args],
+                              capture_output=True, text=True, timeout=300)
+
+    r = run("train", "operating-point", "--head", str(tmp_path / "none"), "--out",
+            str(tmp_path / "x"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().startswith("error: CheckpointError") and len(r.stderr.splitlines()) == 1
+    r = run("train", "operating-point", "--head", str(tmp_path), "--out", str(tmp_path / "x"),
+            "--tau", "0")
+    assert r.returncode == 2 and "--tau" in r.stderr and "Traceback" not in r.stderr
+    data = tmp_path / "items.jsonl"
+    data.write_text('{"prompt": "hi", "allow": [], "expect": "answer"}\n')
+    r = run("eval", "cosa", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--data",
+            str(data), "--seen-configs", str(tmp_path / "none.json"), "--out",
+            str(tmp_path / "cosa"))
+    assert r.returncode == 2 and "none.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_train_safety_options_that_would_fail_late_fail_first(tmp_path):
+    """Checked before the model loads: a non-numeric --probe-layers, --out equal to --model,
+    a missing --external-eval file, an --init-head that is not a linear head."""
+    from safeserve.models.model_store import BUNDLED_HEADS
+    from safeserve.models.safety_train import TrainInputError, check_options
+
+    base = {"dtype": "float32", "mode": "head", "tau": 3, "target_fpr": 0.1, "epochs": 1,
+            "batch_size": 1, "head_batch_size": 1, "max_length": 8, "model": str(tmp_path),
+            "out": str(tmp_path / "out")}
+    check_options(base)
+    for extra, words in (({"probe_layers": "a,b"}, "--probe-layers"),
+                         ({"out": str(tmp_path)}, "--out is --model"),
+                         ({"external_eval": str(tmp_path / "none.jsonl")}, "--external-eval"),
+                         ({"init_head": str(tmp_path / "none")}, "--init-head"),
+                         ({"init_head": str(BUNDLED_HEADS["default"])}, "MLP")):
+        with pytest.raises(TrainInputError, match=words):
+            check_options({**base, **extra})
+    check_options({**base, "probe_layers": "10,-1"})

@@ -29,7 +29,7 @@ def cosalign(
     alpha: float = typer.Option(0.1, "--alpha", help="Error per allowed category present."),
     beta: float = typer.Option(3.0, "--beta", help="Error per disallowed category present."),
     gamma: float = typer.Option(1.0, "--gamma", help="Error when the response did not address the prompt."),
-    num_candidates: int = typer.Option(4, "--num-candidates", help="Sampled responses per prompt-config."),
+    num_candidates: int = typer.Option(4, "--num-candidates", min=1, help="Sampled responses per prompt-config."),
     max_tokens: int = typer.Option(256, "--max-tokens", help="Generation length of each candidate."),
     temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature of candidates."),
     modes: str = typer.Option("exact,safe,superset,not_superset", "--modes", help="Config synthesis modes, comma-separated."),

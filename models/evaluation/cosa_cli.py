@@ -26,10 +26,10 @@ def cosa(
     mode: str = typer.Option("enforce", "--mode", help="enforce (safety_config allow) | prompt-only (config text in the system prompt) | both | none."),
     base_config: Optional[str] = typer.Option(None, "--base-config", help="Preset name or JSON object sent as safety_config in every mode (enforce/both add allow to it, so there only a JSON object: a preset's fields live on the server), e.g. annotate_only or '{\"on_violation\": \"annotate\"}'."),
     out: Path = typer.Option(..., "--out", help="Output folder: results.jsonl, summary.json, summary.md."),
-    limit: int = typer.Option(0, "--limit", help="Seeded sample of N items per config (0 = all)."),
+    limit: int = typer.Option(0, "--limit", min=0, help="Seeded sample of N items per config (0 = all)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the --limit sample."),
-    concurrency: int = typer.Option(8, "--concurrency", help="Requests in flight at once."),
-    max_tokens: int = typer.Option(256, "--max-tokens", help="Generation length per request."),
+    concurrency: int = typer.Option(8, "--concurrency", min=1, help="Requests in flight at once."),
+    max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="Generation length per request."),
     head_checkpoint: Optional[Path] = typer.Option(None, "--head-checkpoint", help="Safety checkpoint whose head labels response risks when the server reports none."),
     judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible LLM judge: adds its categories and its helpfulness replaces the refusal judge's."),
     judge_model: Optional[str] = typer.Option(None, "--judge-model", help="Model at --judge-url (default: first listed)."),
@@ -50,6 +50,8 @@ def cosa(
         # list (its fields are the server's), and dropping it would change what runs
         raise typer.BadParameter(f"--mode {mode} adds allow to --base-config, which must then "
                                  f"be a JSON object; write out the fields of preset {base!r}")
+    # read before any request is sent: a bad file must not cost the run
+    seen = set(json.loads(seen_configs.read_text())) if seen_configs else None
     items = ce.sample_per_config(ce.load_items(data, fmt), limit, seed)
     if not items:
         raise typer.BadParameter(f"no items in {data}")
@@ -70,7 +72,6 @@ def cosa(
                                 retries=retries, progress=progress))
     duration = time.perf_counter() - started
     ce.score_rows(rows, head=head, llm_judge=judge)
-    seen = set(json.loads(seen_configs.read_text())) if seen_configs else None
     meta = {"model": model, "base_url": base_url, "data": str(data), "mode": mode,
             "base_config": base, "limit_per_config": limit, "seed": seed,
             "max_tokens": max_tokens, "temperature": 0.0, "duration_s": round(duration, 1),

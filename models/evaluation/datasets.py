@@ -70,6 +70,9 @@ def load_harmbench(
     targets: dict[str, str] = {}
     if targets_path is not None:
         targets = json.loads(Path(targets_path).read_text(encoding="utf-8"))
+        if not isinstance(targets, dict):
+            raise ValueError(f"{targets_path}: want a JSON object mapping BehaviorID to a "
+                             f"target prefix, not a {type(targets).__name__}")
     samples = []
     for i, row in enumerate(_read_csv(path, ("Behavior", "BehaviorID"))):
         behavior = _clean(row.get("Behavior"))
