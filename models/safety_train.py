@@ -663,7 +663,7 @@ def register(app) -> None:
             typer.echo(f"  {prompt[:60]!r}: highest {record.output_names[top]} "
                        f"{row[top]:+.2f} logits (before the prompt offset)")
 
-    @app.command("safety")
+    @app.command("safety")  # (its numbers are checked by check_options, with its own messages)
     def safety_cmd(
         data: list[Path] = typer.Option(..., help="Training trajectories (.jsonl or .csv); "
                                         "repeat to add files (e.g. hard negatives)."),
@@ -679,7 +679,7 @@ def register(app) -> None:
         mode: str = typer.Option("head", help="head | lora | full."),
         lambda_cls: float = typer.Option(0.1, "--lambda", help="Weight of L_cls in "
                                          "L_lm + lambda * L_cls (lora/full)."),
-        epochs: int = typer.Option(30, min=1, help="Epochs (head mode: over the cached positions)."),
+        epochs: int = typer.Option(30, help="Epochs (head mode: over the cached positions)."),
         lr: float = typer.Option(None, help="Learning rate (head mode: the head's, default "
                                  "2e-3; lora/full: the LM's, default 2e-4)."),
         head_lr: float = typer.Option(1e-3, help="Head learning rate in lora/full mode."),
@@ -691,9 +691,9 @@ def register(app) -> None:
                                   "the only one the server serves)."),
         probe_layers: str = typer.Option("", help="Head mode: also probe these layers, e.g. "
                                          "'10,15,20,25,30' (same forward pass)."),
-        tau: int = typer.Option(3, min=1, help="Consecutive unsafe response positions that trigger "
+        tau: int = typer.Option(3, help="Consecutive unsafe response positions that trigger "
                                 "(the server's rule, for calibration and metrics)."),
-        target_fpr: float = typer.Option(0.05, min=0.0, max=1.0, help="Benign conversations flagged, at most, "
+        target_fpr: float = typer.Option(0.05, help="Benign conversations flagged, at most, "
                                          "when calibrating thresholds."),
         prompt_offset: bool = typer.Option(True, help="Fold separate prompt-verdict "
                                            "thresholds into the head along the prompt-end "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from pathlib import Path
 from typing import Optional
@@ -214,9 +215,19 @@ def compare(
 
 def _floats(text: str, option: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise typer.BadParameter(f"{option} expects comma-separated numbers, got {text!r}") from None
+        values = None
+    if values is None or not all(math.isfinite(v) for v in values):
+        raise typer.BadParameter(f"{option} expects comma-separated numbers, got {text!r}")
+    return values
+
+
+def _whole(text: str, option: str) -> list[int]:
+    values = _floats(text, option)
+    if any(v != int(v) or v < 1 for v in values):
+        raise typer.BadParameter(f"{option} takes whole numbers >= 1, got {text!r}")
+    return [int(v) for v in values]
 
 
 def replay(
@@ -242,15 +253,15 @@ def replay(
         held_out = set().union(*(rp.run_requests(run) for run in exclude))
         rows += [r for run in cosa for r in rp.load_cosa_run(run, base.names)]
         rows = [r for r in rows if r.extra["key"] not in held_out]
-    except (rp.TraceError, OSError, KeyError) as exc:
+    except (rp.TraceError, OSError, KeyError, ValueError) as exc:  # incl. a bad checkpoint or JSON
         raise typer.BadParameter(str(exc)) from exc
     if not rows:
         raise typer.BadParameter("no traced requests to replay (all excluded, or empty runs)")
-    taus = [base.tau] if tau is None else [int(t) for t in _floats(tau, "--tau")]
+    taus = [base.tau] if tau is None else _whole(tau, "--tau")
     if not taus or min(taus) < 1:
         raise typer.BadParameter("--tau takes whole numbers >= 1")
     margins = None if alert_margin is None else _floats(alert_margin, "--alert-margin")
-    band_taus = None if alert_tau is None else [int(t) for t in _floats(alert_tau, "--alert-tau")]
+    band_taus = None if alert_tau is None else _whole(alert_tau, "--alert-tau")
     if margins is not None and min(margins, default=0) < 0:
         raise typer.BadParameter("--alert-margin takes numbers >= 0")
     if band_taus is not None and min(band_taus, default=1) < 1:

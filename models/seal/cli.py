@@ -103,7 +103,7 @@ def register(app: typer.Typer) -> None:
     def seal_finetune(
         ft_data: Path = typer.Option(..., "--ft-data", exists=True, dir_okay=False, help="fine-tuning data (the file the selector was trained on)"),
         selector: Optional[Path] = typer.Option(None, exists=True, help="selector.json from seal-select"),
-        keep: float = typer.Option(0.8, min=0.0, max=1.0, help="fraction of rows to keep (top by score)"),
+        keep: float = typer.Option(0.8, help="fraction of rows to keep (top by score)"),
         random_baseline: bool = typer.Option(False, "--random-baseline", help="keep a random fraction instead (baseline)"),
         seed: int = typer.Option(0, help="seed for the random baseline and training"),
         model: Optional[Path] = typer.Option(None, help="base HF model directory (default: the embedded default model)"),
@@ -148,7 +148,7 @@ def register(app: typer.Typer) -> None:
         n_eval_harmful: int = typer.Option(64, help="held-out HarmBench prompts for ASR"),
         n_eval_benign: int = typer.Option(40, min=1, help="held-out benign prompts for the utility NLL"),
         answer_tokens: int = typer.Option(32, help="max tokens of generated answers"),
-        keep: float = typer.Option(0.8, min=0.0, max=1.0, help="fraction kept by SEAL and random selection"),
+        keep: float = typer.Option(0.8, help="fraction kept by SEAL and random selection"),
         algorithm: int = typer.Option(2, min=1, max=2),
         selector_epochs: int = typer.Option(3), sft_epochs: float = typer.Option(1.0),
         batch_size: int = typer.Option(8, help="selector and SFT batch size"),
