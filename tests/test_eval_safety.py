@@ -390,6 +390,14 @@ def test_end_to_end_cli_against_stub(stub_server, tmp_path):
     assert "**The runs differ**" in text and "`max_tokens`: stub run (run) " in text
     assert "- stub run (run): 1 of its 20 requests" in text
     assert "- stub run (run4): 1 of its 20 requests" in text and "- run3: " not in text
+    # the measured run is not replaced by accident
+    args = ["safety", "--base-url", stub_server, "--model", "stub", "--data", f"mine={harm}",
+            "--attacks", "direct", "--max-tokens", "16", "--out", str(out), "--no-progress"]
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    assert len((out / "results.jsonl").read_text().splitlines()) == 6 * 3 + 2
+    assert CliRunner().invoke(app, args + ["--overwrite"]).exit_code == 0
+    assert len((out / "results.jsonl").read_text().splitlines()) == 4  # mine, direct only
 
 
 def test_wilson_interval():

@@ -82,6 +82,7 @@ def safety(
     label: str = typer.Option("", "--label", help="Name of this run in reports, e.g. 'safety on'."),
     api_key: str = typer.Option(os.environ.get("OPENAI_API_KEY", "EMPTY"), "--api-key", help="API key if the server wants one.", show_default=False),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results of an earlier run in --out."),
 ) -> None:
     """Measure attack success and over-refusal of a running OpenAI-compatible server."""
     from safeserve.models.evaluation import datasets as ds
@@ -90,6 +91,10 @@ def safety(
 
     from safeserve.models.evaluation.safety_eval import ATTACKS
 
+    earlier = [n for n in ("results.jsonl", "results.partial.jsonl") if (out / n).is_file()]
+    if earlier and not overwrite:  # a measured run, or what an interrupted one kept
+        raise typer.BadParameter(f"{out} holds an earlier run's {earlier[0]}: choose another "
+                                 "folder, or pass --overwrite to replace it", param_hint="--out")
     attack_list = [a.strip() for a in attacks.split(",") if a.strip()]
     if unknown := sorted(set(attack_list) - set(ATTACKS)) or (None if attack_list else ["(none)"]):
         raise typer.BadParameter(f"unknown attacks {unknown}; known: {', '.join(ATTACKS)}",
