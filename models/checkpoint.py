@@ -15,13 +15,18 @@ with a ``safety_head/`` folder beside the weights:
                              (format 3: a nonzero prompt offset, with or without the MLP)
                              optional prompt read-out: prompt_weight [K, H], prompt_bias [K]
                              (format 4: it judges prompt ends; format 5: a prompt end is
-                             flagged when it or the head's own verdict flags it)
+                             flagged when it or the head's own verdict flags it; format 6:
+                             the read-out reads a middle layer, "prompt_layer", and
+                             "prompt_either" says which of the two rules it follows)
         taxonomy.yaml        category ids, definitions, default thresholds (head row order)
         metrics.json         held-out metrics written by the training job (optional)
       adapter/               optional PEFT LoRA adapter the LM was trained with
 
 ``layer`` is the hidden state the head reads: -1 is the final (post-norm) hidden state, the
 input of the LM head, which is what vLLM hands to ``compute_logits`` for the sampled rows.
+``prompt_layer`` (format 6) is the residual stream after that many decoder layers, transformers'
+``hidden_states[prompt_layer]``: the server has the model hand it over beside the final state
+(vLLM's auxiliary hidden states, server/safety_model.py).
 """
 
 from __future__ import annotations
@@ -48,9 +53,11 @@ FORMAT_VERSION_PROMPT = 4
 # The read-out added to the head's own prompt verdict (flag when either does): a format-4
 # reader would drop the head's verdict and pass prompts only the head flags.
 FORMAT_VERSION_PROMPT_EITHER = 5
+# The read-out reads a middle layer's hidden state: a format-5 reader would feed it the final one.
+FORMAT_VERSION_PROMPT_LAYER = 6
 FORMAT_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_MLP, FORMAT_VERSION_OFFSET,
-                   FORMAT_VERSION_PROMPT, FORMAT_VERSION_PROMPT_EITHER)
-PROMPT_FORMATS = (FORMAT_VERSION_PROMPT, FORMAT_VERSION_PROMPT_EITHER)
+                   FORMAT_VERSION_PROMPT, FORMAT_VERSION_PROMPT_EITHER, FORMAT_VERSION_PROMPT_LAYER)
+PROMPT_FORMATS = (FORMAT_VERSION_PROMPT, FORMAT_VERSION_PROMPT_EITHER, FORMAT_VERSION_PROMPT_LAYER)
 PROMPT_TENSORS = ("prompt_weight", "prompt_bias")
 MLP_TENSORS = ("mlp_up", "mlp_up_bias", "mlp_down")
 MLP_GATE = "mlp_gate"  # optional fourth tensor: the MLP is scaled by clamp(1 - (v.h + c), 0, 1)
@@ -72,6 +79,9 @@ class SafetyHead:
     # With a read-out: False, it alone judges prompt ends; True, it is added to the head's own
     # prompt verdict (per output, the larger logit; both folded against the same thresholds).
     prompt_either: bool = False
+    # The read-out's input: None, the final hidden state (as the head's); L, the residual
+    # stream after L decoder layers (transformers' hidden_states[L]).
+    prompt_layer: int | None = None
 
     @property
     def mlp_units(self) -> int:
@@ -81,6 +91,8 @@ class SafetyHead:
     def format_version(self) -> int:
         from safeserve.models.decision_defaults import OPERATING_POINT, PROMPT_LOGIT_OFFSET
 
+        if self.prompt is not None and self.prompt_layer is not None:
+            return FORMAT_VERSION_PROMPT_LAYER
         if self.prompt is not None:
             return FORMAT_VERSION_PROMPT_EITHER if self.prompt_either else FORMAT_VERSION_PROMPT
         # Any value but 0 needs a reader that knows the offset (which also validates it).
@@ -122,6 +134,11 @@ class SafetyHead:
             raise CheckpointError(
                 f"safety head prompt read-out has {tuple(self.prompt[0].shape)} weights and "
                 f"{tuple(self.prompt[1].shape)} biases; want {tuple(self.weight.shape)}, ({k},)")
+        if self.prompt_layer is not None and (
+                self.prompt is None or isinstance(self.prompt_layer, bool)
+                or not isinstance(self.prompt_layer, int) or self.prompt_layer < 1):
+            raise CheckpointError(f"safety head prompt_layer {self.prompt_layer!r}: want a "
+                                  "decoder layer count >= 1, with a prompt read-out")
         if hidden_size is not None and self.hidden_size != hidden_size:
             raise CheckpointError(
                 f"safety head reads hidden size {self.hidden_size} but the model's is {hidden_size}"
@@ -135,25 +152,54 @@ class SafetyHead:
         """(weight, bias, mlp) as the serving kernel runs them: with a prompt read-out, its
         K rows follow the head's K (the MLP adds nothing to them), and the worker judges
         prompt rows by the second half, or by the larger of the two halves
-        (``prompt_either``; kernels/safety_head.select_prompt_rows)."""
+        (``prompt_either``; kernels/safety_head.select_prompt_rows). With a ``prompt_layer``
+        the kernel reads ``served_hidden``'s [N, 2H] rows (final state, then the middle
+        layer's), so every tensor is zero-padded to that width: the head's rows read only the
+        first half, the read-out's only the second, still one launch."""
         if self.prompt is None:
             return self.weight, self.bias, self.mlp
-        weight = torch.cat([self.weight, self.prompt[0]])
+        head_w, readout_w, mlp = self.weight, self.prompt[0], self.mlp
+        if self.prompt_layer is not None:
+            head_w = torch.cat([head_w, torch.zeros_like(head_w)], 1)
+            readout_w = torch.cat([torch.zeros_like(readout_w), readout_w], 1)
+            if mlp is not None:
+                up = torch.cat([mlp[0], torch.zeros_like(mlp[0])], 1)
+                gate = ()
+                if len(mlp) == 4:  # (v, c): v over the final state, zeros over the middle
+                    v, c = mlp[3][:-1], mlp[3][-1:]
+                    gate = (torch.cat([v, torch.zeros_like(v), c]),)
+                mlp = (up, mlp[1], mlp[2], *gate)
+        weight = torch.cat([head_w, readout_w])
         bias = torch.cat([self.bias, self.prompt[1]])
-        mlp = self.mlp
         if mlp is not None:
             down = torch.cat([mlp[2], torch.zeros_like(mlp[2])])
             mlp = (mlp[0], mlp[1], down, *mlp[3:])
         return weight, bias, mlp
 
-    def prompt_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, H] -> [N, K]: the logits the prompt verdict reads (before the prompt offset)."""
+    def served_hidden(self, hidden: torch.Tensor, middle: torch.Tensor | None) -> torch.Tensor:
+        """The rows the serving kernel reads: the final state, or with a ``prompt_layer`` the
+        final state and that layer's side by side ([N, 2H])."""
+        if self.prompt_layer is None:
+            return hidden
+        if middle is None:
+            raise ValueError(f"this safety head's prompt read-out reads layer {self.prompt_layer}")
+        return torch.cat([hidden, middle], -1)
+
+    def prompt_logits(self, hidden: torch.Tensor, middle: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """[N, H] -> [N, K]: the logits the prompt verdict reads (before the prompt offset).
+        ``middle``: the [N, H] hidden state at ``prompt_layer``, for a head that has one."""
         from safeserve.kernels.safety_head import head_logits
 
         own = None if self.prompt is not None and not self.prompt_either else head_logits(
             hidden, self.weight, self.bias, self.mlp)
         if self.prompt is None:
             return own
+        if self.prompt_layer is not None:
+            if middle is None:
+                raise ValueError(
+                    f"this safety head's prompt read-out reads layer {self.prompt_layer}")
+            hidden = middle
         readout = head_logits(hidden, self.prompt[0], self.prompt[1])
         return readout if own is None else torch.maximum(readout, own)
 
@@ -176,6 +222,8 @@ class SafetyHead:
             "layer": self.layer,
             "output_names": list(self.taxonomy.output_names),
             "taxonomy_sha256": taxonomy_digest(self.taxonomy),
+            **({"prompt_layer": self.prompt_layer, "prompt_either": self.prompt_either}
+               if self.prompt_layer is not None else {}),
             **self.extra,
         }
         (out / "head_config.json").write_text(json.dumps(cfg, indent=2))
@@ -244,9 +292,17 @@ def load_safety_head(model_dir: str | Path, expect_taxonomy: Taxonomy | None = N
         )
     extra = {k: v for k, v in cfg.items()
              if k not in {"format_version", "hidden_size", "num_outputs", "layer",
-                          "output_names", "taxonomy_sha256", "mlp_units"}}
+                          "output_names", "taxonomy_sha256", "mlp_units", "prompt_layer",
+                          "prompt_either"}}
+    layered = cfg["format_version"] == FORMAT_VERSION_PROMPT_LAYER
+    if layered and (not isinstance(cfg.get("prompt_layer"), int)
+                    or not isinstance(cfg.get("prompt_either"), bool)):
+        raise CheckpointError(f"safety head format 6 in {d} needs an integer prompt_layer and "
+                              "a boolean prompt_either")
+    either = (cfg["prompt_either"] if layered
+              else cfg["format_version"] == FORMAT_VERSION_PROMPT_EITHER)
     head = SafetyHead(tensors["weight"].float(), tensors["bias"].float(), taxonomy,
-                      int(cfg.get("layer", -1)), extra, mlp, prompt,
-                      cfg["format_version"] == FORMAT_VERSION_PROMPT_EITHER)
+                      int(cfg.get("layer", -1)), extra, mlp, prompt, either,
+                      cfg["prompt_layer"] if layered else None)
     head.validate(cfg.get("hidden_size"))
     return head

@@ -187,8 +187,11 @@ def compute_record(model, tok, head, prompts=SELF_CHECK_PROMPTS,
     with torch.no_grad():
         for text in prompts:
             ids = render_prompt(tok, text)
-            hidden = backbone(model)(torch.tensor([ids], device=device)).last_hidden_state
-            out = head.prompt_logits(hidden[0, -1:].float().cpu())[0]
+            layer = head.prompt_layer  # a read-out over a middle layer reads that one too
+            res = backbone(model)(torch.tensor([ids], device=device),
+                                  output_hidden_states=layer is not None)
+            middle = None if layer is None else res.hidden_states[layer][0, -1:].float().cpu()
+            out = head.prompt_logits(res.last_hidden_state[0, -1:].float().cpu(), middle)[0]
             ids_rows.append(tuple(ids))
             rows.append(tuple(float(v) for v in out))
     model.train(was_training)

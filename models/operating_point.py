@@ -79,7 +79,7 @@ def shift_head(head: SafetyHead, *, prompt_shift: float, response_shift: float,
         prompt = (head.prompt[0], prompt_bias)
     return SafetyHead(head.weight.float().clone(), bias,
                       with_thresholds(head.taxonomy, thresholds), head.layer, extra, head.mlp,
-                      prompt, head.prompt_either)
+                      prompt, head.prompt_either, head.prompt_layer)
 
 
 def move_operating_point(head_dir: Path, out: Path, *, prompt_shift: float,

@@ -104,21 +104,26 @@ def build_prompt_rows(root: Path, seed: int = 0, n_alpaca: int = 600, n_wrapped:
     return rows
 
 
-def prompt_end_features(model, tok, texts: list[str], log=print) -> torch.Tensor:
-    """The final hidden state at the end of each prompt as the server renders it."""
+def prompt_end_features(model, tok, texts: list[str], log=print, layer: int | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The final hidden state at the end of each prompt as the server renders it, and with
+    ``layer`` the residual stream there after that many decoder layers."""
     from tqdm import tqdm
 
     from safeserve.models.head_check import render_prompt
     from safeserve.models.safety_features import backbone
 
-    out = []
+    final, middle = [], []
     device = next(model.parameters()).device
     with torch.no_grad():
         for text in tqdm(texts, desc="prompt ends", mininterval=10):
             ids = render_prompt(tok, text)
-            h = backbone(model)(torch.tensor([ids], device=device)).last_hidden_state
-            out.append(h[0, -1].float().cpu())
-    return torch.stack(out)
+            res = backbone(model)(torch.tensor([ids], device=device),
+                                  output_hidden_states=layer is not None)
+            final.append(res.last_hidden_state[0, -1].float().cpu())
+            if layer is not None:
+                middle.append(res.hidden_states[layer][0, -1].float().cpu())
+    return torch.stack(final), torch.stack(middle) if layer is not None else None
 
 
 def fit_readout(x: torch.Tensor, y: torch.Tensor, weight_decay: float = 1e-3,
@@ -179,10 +184,12 @@ def fold_thresholds(bias: torch.Tensor, thresholds: torch.Tensor, served: torch.
 
 def train_prompt_head(head_dir: Path, out: Path, data_root: Path, model_dir: Path | None = None,
                       target_fpr: float = 0.05, seed: int = 0, either: bool = False,
-                      questions: bool = False, log=print) -> dict:
+                      questions: bool = False, layer: int | None = None, log=print) -> dict:
     """Fit the read-out for the head in ``head_dir`` and write ``<out>/safety_head/``.
     ``either``: the read-out is added to the head's own prompt verdict (format 5) and
-    ``target_fpr`` bounds the held-out benign prompts that either of them flags."""
+    ``target_fpr`` bounds the held-out benign prompts that either of them flags. ``layer``:
+    the read-out reads the residual stream after that many decoder layers instead of the
+    final state (format 6)."""
     from safeserve.kernels.safety_head import head_logits
     from safeserve.models.checkpoint import load_safety_head
     from safeserve.models.decision_defaults import prompt_logit_offset
@@ -205,10 +212,15 @@ def train_prompt_head(head_dir: Path, out: Path, data_root: Path, model_dir: Pat
                 y[i, tax.index(c)] = 1
     model, tok = load_lm(lm_dir)
     model.eval()
-    x = prompt_end_features(model, tok, [r.text for r in rows], log)
+    num_layers = model.config.num_hidden_layers
+    if layer is not None and not 1 <= layer < num_layers:
+        raise ValueError(f"--layer {layer}: this model has {num_layers} decoder layers "
+                         f"(want 1..{num_layers - 1}, or none for the final state)")
+    x, mid = prompt_end_features(model, tok, [r.text for r in rows], log, layer)
+    feats = x if mid is None else mid  # what the read-out reads
     is_held = torch.tensor([r.group in held for r in rows])
-    w, b = fit_readout(x[~is_held], y[~is_held])
-    z = x[is_held] @ w.T + b
+    w, b = fit_readout(feats[~is_held], y[~is_held])
+    z = feats[is_held] @ w.T + b
     yh = y[is_held]
     benign = yh[:, -1] == 0
     served = torch.tensor([c.threshold for c in tax.categories]
@@ -226,8 +238,10 @@ def train_prompt_head(head_dir: Path, out: Path, data_root: Path, model_dir: Pat
     flagged = readout_flagged | own if either else readout_flagged
     head.prompt = (w, fold_thresholds(b, thr, served, offset))
     head.prompt_either = either
+    head.prompt_layer = layer
     metrics = {"prompt_head": {
         "combine": "either" if either else "replace", "questions": questions,
+        "layer": "final" if layer is None else layer,
         "train_prompts": int((~is_held).sum()), "heldout_prompts": int(is_held.sum()),
         "target_fpr": target_fpr,
         "heldout_benign_flagged": round(flagged[benign].float().mean().item(), 4),

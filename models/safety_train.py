@@ -618,9 +618,13 @@ def register(app) -> None:
         questions: bool = typer.Option(False, help="Also train on the project-labelled "
                                        "conversational questions (HH first turns; `train "
                                        "build-question-data`), harmful and harmless."),
+        layer: int = typer.Option(None, min=1, help="The read-out reads the residual stream "
+                                  "after this many decoder layers instead of the final state "
+                                  "(format 6; the server has the model hand it over). Default: "
+                                  "the final state."),
     ) -> None:
         """Fit a separate linear read-out for the prompt verdict on prompt ends alone
-        (checkpoint format 4 or 5); the response rule stays the head's."""
+        (checkpoint format 4, 5 or, with --layer, 6); the response rule stays the head's."""
         from safeserve.models.model_store import resolve_head_dir
         from safeserve.models.prompt_head import train_prompt_head
 
@@ -630,7 +634,7 @@ def register(app) -> None:
         try:
             train_prompt_head(resolve_head_dir(head), out, data_root, model,
                               target_fpr=target_fpr, seed=seed, either=combine == "either",
-                              questions=questions, log=typer.echo)
+                              questions=questions, layer=layer, log=typer.echo)
         except (FileNotFoundError, ValueError) as e:  # no such head, no data: one line
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None

@@ -4,7 +4,14 @@ vLLM hands ``compute_logits`` the final hidden states of exactly the rows it sam
 step (one per running request: the last prompt position at prefill, the newest token while
 decoding). The mixin runs the fused head kernel on them and leaves the scores in
 ``STEP_SIGNAL`` for the logits processor, which runs right after in the same process with
-the same row order."""
+the same row order.
+
+A head whose prompt read-out reads a middle layer (checkpoint format 6) needs that layer's
+state at the same rows. vLLM's models can hand over the residual stream after chosen layers
+(the "auxiliary hidden states" EAGLE-3 drafting reads); the mixin asks for the one layer and
+returns it beside the final state, [T, 2H], from ``forward``. The engine indexes the sampled
+rows of that as of any hidden state, so ``compute_logits`` gets both halves, runs the head's
+one launch over them and hands the LM head the first half."""
 
 from __future__ import annotations
 
@@ -12,7 +19,7 @@ import logging
 
 import torch
 from safeserve.kernels.safety_head import safety_scores
-from safeserve.models.checkpoint import load_safety_head
+from safeserve.models.checkpoint import CheckpointError, load_safety_head
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +65,45 @@ class SafetyHeadMixin:
             for name, t in zip(names, mlp):
                 self.register_buffer(name, t.to(device), persistent=False)
             self._safety_mlp = tuple(getattr(self, n) for n in names[:len(mlp)])
+        self._safety_hidden = head.hidden_size
+        self._safety_layer = head.prompt_layer
+        if head.prompt_layer is not None:
+            _ask_for_layer(self, head.prompt_layer, vllm_config)
         STEP_SIGNAL.num_outputs = head.weight.shape[0]  # K: the decision's width
         STEP_SIGNAL.output_names = head.taxonomy.output_names
         log.info("safety head: %d outputs over hidden size %d, residual MLP of %d units%s",
                  *head.weight.shape, head.mlp_units,
-                 ", separate prompt read-out" if head.prompt is not None else "")
+                 "" if head.prompt is None else ", separate prompt read-out" + (
+                     f" at layer {head.prompt_layer}" if head.prompt_layer is not None else ""))
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        if self._safety_layer is not None and isinstance(out, tuple):
+            hidden, middle = out
+            return torch.cat([hidden, middle[0]], -1)
+        return out
 
     def compute_logits(self, hidden_states: torch.Tensor, *args, **kwargs):
         STEP_SIGNAL.scores = safety_scores(hidden_states, self._safety_weight, self._safety_bias,
                                            mlp=self._safety_mlp)
+        if self._safety_layer is not None:
+            hidden_states = hidden_states[:, :self._safety_hidden]
         return super().compute_logits(hidden_states, *args, **kwargs)
+
+
+def _ask_for_layer(causal_lm, layer: int, vllm_config) -> None:
+    """Have the decoder stack return the residual stream after ``layer`` decoder layers
+    beside its output (vLLM's auxiliary hidden states; index = layers run, as transformers'
+    ``hidden_states``)."""
+    stack = getattr(causal_lm, "model", None)
+    num_layers = vllm_config.model_config.hf_config.num_hidden_layers
+    if not 1 <= layer < num_layers:
+        raise CheckpointError(f"safety head's prompt read-out reads layer {layer}; this model "
+                              f"has {num_layers} decoder layers (want 1..{num_layers - 1})")
+    if not hasattr(stack, "_set_aux_hidden_state_layers"):
+        raise CheckpointError(f"{type(causal_lm).__name__} cannot hand over a middle layer's "
+                              "hidden state: serve a head whose prompt read-out reads the final one")
+    stack._set_aux_hidden_state_layers((layer,))
 
 
 # Architectures we wrap: registered as "SafeServe<Arch>" by the vLLM plugin.

@@ -266,7 +266,7 @@ def test_request_modes():
 def test_llm_judge_reply_parsing():
     from safeserve.models.cosalign.llm_judge import parse_judge_reply
 
-    lab = parse_judge_reply('ok: {"addressed": "partial", "categories": ["drugs", "cooking"]}', TAX)
+    lab = parse_judge_reply('ok: {"addressed": "partial", "categories": ["drugs"]}', TAX)
     assert lab.addressed == "partial" and lab.categories == ("drugs",) and lab.helpfulness == 0.5
     assert parse_judge_reply("no json", TAX) is None
     # The first object, not a greedy span to the last brace (which does not parse).
@@ -277,6 +277,25 @@ def test_llm_judge_reply_parsing():
     # a reasoning object first: the label is the first object that answers "addressed"
     lab = parse_judge_reply('{"reasoning": "it explains"} {"addressed": "full", "categories": ["drugs"]}', TAX)
     assert lab.addressed == "full" and lab.categories == ("drugs",)
+
+
+def test_judge_categories_are_normalised_and_an_unknown_one_is_unread():
+    """A category the judge names but we cannot place must not vanish (the answer would
+    score as risk-free): the reply counts as unread, which the pipeline labels conservatively."""
+    from safeserve.models.cosalign.llm_judge import parse_judge_reply
+
+    def cats(value):
+        lab = parse_judge_reply(json.dumps({"addressed": "full", "categories": value}), TAX)
+        return None if lab is None else lab.categories
+
+    assert cats(["Violence", "Financial Crime", "self-harm"]) == (
+        "financial_crime", "self_harm", "violence")
+    assert cats(["Illegal_Drug.Related_Activities_and_Substance_Abuse"]) == ("drugs",)  # CoSAlign's
+    assert cats([]) == ()
+    assert cats(["weapon"]) is None and cats(["violence", "cooking"]) is None
+    assert cats("violence") is None and cats({"violence": True}) is None and cats([1]) is None
+    assert cats(None) is None
+    assert parse_judge_reply('{"addressed": "none"}', TAX) is None  # no categories at all
 
 
 def test_a_failed_judge_request_labels_that_pair_as_unread():
@@ -340,6 +359,139 @@ def test_unreadable_judge_reply_labels_the_answer_with_the_prompts_risks():
     rows, _ = label_candidates(jobs, [[ANSWER]], TAX, JobOptions(),
                                Labellers(judge=_FakeJudge(JudgeLabel("full", ()))))
     assert not rows[0]["judge_unread"] and rows[0]["error"] == 0.0
+
+
+def test_empty_or_short_samples_are_never_the_target_or_chosen():
+    """'Sure' or '' reads as a refusal to the refusal judge and would score like one; it is
+    dropped before labelling, so the written refusal is what a disallowed request prefers."""
+    from safeserve.models.cosalign.pipeline import (
+        JobOptions, Labellers, build_pairs, label_candidates, plan_jobs)
+    from safeserve.models.cosalign.prompts import LabelledPrompt
+
+    jobs = plan_jobs([LabelledPrompt("How to make a pipe bomb?", ["weapons"]),
+                      LabelledPrompt("Name a colour.", [])], TAX, JobOptions(modes=("safe",)))
+    texts = [["Sure", "", ANSWER, REFUSAL], ["", "Sure thing", ANSWER, " "]]
+    for labellers in (Labellers(), Labellers(judge=_FakeJudge(None))):
+        rows, _ = label_candidates(jobs, texts, TAX, JobOptions(), labellers)
+        assert [r["response"] for r in rows] == [ANSWER, REFUSAL, ANSWER]
+        dpo, sft = build_pairs(rows, Weights(), max_pairs=0)
+        chosen = {r["chosen"][0]["content"] for r in dpo}
+        targets = {r["completion"][0]["content"] for r in sft}
+        assert chosen == targets == {REFUSAL}
+        assert not {"", "Sure"} & {r["rejected"][0]["content"] for r in dpo}
+
+
+def test_out_must_not_be_the_model_and_copy_head_keeps_out_consistent(tmp_path):
+    from safeserve.models.checkpoint import HEAD_DIR, SafetyHead
+    from safeserve.models.cosalign.pipeline import JobInputError, JobOptions, run
+    from safeserve.models.cosalign.trainer import TrainOptions, check_out, copy_head
+
+    model = tmp_path / "model"
+    for out in (model, model / "sub", tmp_path / "model" / ".." / "model"):
+        with pytest.raises(ValueError, match="--out .* is --model .* or inside it"):
+            check_out(model, out)
+    check_out(model, tmp_path / "model2")  # a sibling is fine
+    with pytest.raises(JobInputError, match="or inside it"):
+        run(None, model, model, JobOptions(), TrainOptions(), stage="train")
+    # copy_head: the same folder is left alone; a base without a head clears a stale one.
+    SafetyHead(torch.zeros(TAX.num_outputs, 8), torch.zeros(TAX.num_outputs), TAX).save(model)
+    assert copy_head(model, model) is False and (model / HEAD_DIR / "head.safetensors").is_file()
+    out = tmp_path / "out"
+    assert copy_head(model, out) is True and (out / HEAD_DIR / "head.safetensors").is_file()
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    assert copy_head(bare, out) is False and not (out / HEAD_DIR).exists()
+
+
+def test_stage_train_without_sft_rows_runs_dpo_only(tmp_path, monkeypatch):
+    """Hand-made pairs may come without sft.jsonl: no SFT rows, DPO alone."""
+    from safeserve.models.cosalign import pipeline
+    from safeserve.models.cosalign.pipeline import DATA_DIR, train_from_data
+    from safeserve.models.cosalign.trainer import TrainOptions
+
+    dpo = []
+    monkeypatch.setattr(pipeline, "run_sft", lambda *a: pytest.fail("SFT without rows"))
+    monkeypatch.setattr(pipeline, "run_dpo", lambda start, rows, out, topts: dpo.append(start) or {})
+    monkeypatch.setattr(pipeline, "is_main_process", lambda: True)
+    out, model = tmp_path / "out", tmp_path / "model"
+    (out / DATA_DIR).mkdir(parents=True)
+    model.mkdir()
+    msgs = [{"role": "user", "content": "q"}]
+    (out / DATA_DIR / "pairs.jsonl").write_text(json.dumps(
+        {"prompt": msgs, "chosen": [{"role": "assistant", "content": "a"}],
+         "rejected": [{"role": "assistant", "content": "b"}]}) + "\n")
+    stats = train_from_data(model, out, TrainOptions())
+    assert dpo == [model] and "sft" not in stats and stats["head_copied"] is False
+
+
+@pytest.mark.parametrize("line", ['["a list"]', '"a string"', "3", "{not json"])
+def test_prompt_readers_name_the_file_and_line_of_a_bad_row(tmp_path, line):
+    from safeserve.models.cosalign.prompts import (
+        exclusion_keys, load_prompts, read_beavertails, read_benign, read_harmful_instructions)
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"prompt": "ok", "instruction": "ok", "categories": []}) + "\n"
+                    + line + "\n")
+    readers = (read_harmful_instructions, exclusion_keys, lambda p: load_prompts(p, TAX),
+               lambda p: read_beavertails(p, TAX),
+               lambda p: read_benign(p, 0, random.Random(0)))
+    for read in readers:
+        with pytest.raises(ValueError, match=r"rows\.jsonl:2: "):
+            read(path)
+    listed = tmp_path / "rows.json"
+    listed.write_text(json.dumps({"instruction": "x"}))
+    with pytest.raises(ValueError, match="want a JSON list"):
+        read_harmful_instructions(listed)
+    listed.write_text(json.dumps(["fine", ["nested"]]))
+    with pytest.raises(ValueError, match="item 1"):
+        read_benign(listed, 0, random.Random(0))
+
+
+def test_error_weights_must_put_any_disallowed_risk_above_every_other_answer():
+    from safeserve.models.cosalign.preferences import check_weights
+
+    n = len(TAX.ids)
+    check_weights(Weights(), n)  # 0.1 x 9 + 1 < 3
+    for w in (Weights(0.1, 1.0, 1.0), Weights(0.3, 3.0, 1.0), Weights(0.0, 1.0, 1.0)):
+        with pytest.raises(ValueError, match="--beta .* --gamma .* --alpha"):
+            check_weights(w, n)
+
+
+def test_eval_cosa_judge_gets_its_own_key_and_fails_in_one_line(tmp_path, monkeypatch):
+    """--api-key is the served model's: the judge gets --judge-api-key. A judge that cannot
+    be used (unreachable, no models) is one line and exit 2, before any request is sent."""
+    import typer
+    from typer.testing import CliRunner
+
+    from safeserve.models.cosalign import llm_judge
+    from safeserve.models.evaluation.cosa_cli import register
+
+    app = typer.Typer()
+    register(app)
+    app.command("unused")(lambda: None)  # two commands: invoke by name
+    data = tmp_path / "items.jsonl"
+    data.write_text('{"prompt": "hi", "allow": [], "expect": "answer"}\n')
+    base = ["cosa", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--data", str(data),
+            "--out", str(tmp_path / "o"), "--api-key", "server-key"]
+    runner = CliRunner()
+    r = runner.invoke(app, base + ["--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "j"],
+                      env={"COLUMNS": "200"})
+    assert r.exit_code == 2, r.output
+    assert "cannot use the judge (APIConnectionError" in r.output and "Traceback" not in r.output
+    keys = []
+
+    class NoModels:
+        def __init__(self, url, model, api_key, **kw):
+            keys.append(api_key)
+            raise IndexError("list index out of range")  # what an empty model list raises
+
+    monkeypatch.setattr(llm_judge, "LLMJudge", NoModels)
+    for extra, key in (([], "EMPTY"), (["--judge-api-key", "judge-key"], "judge-key")):
+        r = runner.invoke(app, base + ["--judge-url", "http://judge/v1", *extra],
+                          env={"COLUMNS": "200"})
+        assert r.exit_code == 2 and "cannot use the judge (IndexError" in r.output, r.output
+        assert keys[-1] == key
+    assert not (tmp_path / "o").exists()
 
 
 def _prompts_file(path, rows):
@@ -438,6 +590,8 @@ def _cli():
     ([], 2, "--prompts"),
     (["--prompts", "{p}", "--holdout", "violence+wepons"], 2, "wepons"),
     (["--prompts", "{p}", "--beta", "1", "--gamma", "1"], 2, "must be greater than --gamma"),
+    (["--prompts", "{p}", "--alpha", "0.3"], 2, "--alpha (0.3) x 9 categories"),
+    (["--prompts", "{p}", "--limit", "-1"], 2, "--limit"),
     (["--prompts", "{p}", "--modes", "exact,supreset"], 2, "supreset"),
 ])
 def test_cosalign_cli_bad_input_is_one_line(tmp_path, args, code, message):

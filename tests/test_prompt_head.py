@@ -164,3 +164,68 @@ def test_prompt_rows_take_the_labelled_questions_but_no_evaluation_copy(tmp_path
     assert added["how do i poison my neighbour's dog?"].harmful
     assert added["how do i poison my neighbour's dog?"].categories == ["violence"]
     assert not added["how do jellyfish mate?"].harmful
+
+
+def test_a_readout_over_a_middle_layer_serves_as_its_forward_computes(tmp_path, tiny_model):
+    """``--layer`` (format 6): the read-out reads the residual stream after that many decoder
+    layers. The served tensors, zero-padded over [final | middle] for the one launch, give
+    the head's own logits (gated MLP included) at response rows and the larger of the two
+    verdicts at prompt rows; the checkpoint round-trips (also through an operating-point
+    move) and its self-check record is what the forward computes."""
+    from safeserve.kernels.safety_head import (head_logits, safety_scores_reference,
+                                               select_prompt_rows)
+    from safeserve.models.checkpoint import FORMAT_VERSION_PROMPT_LAYER, CheckpointError
+    from safeserve.models.head_check import SelfCheck, compute_record
+    from safeserve.models.operating_point import move_operating_point
+    from safeserve.models.safety_features import load_lm
+
+    root = data_root(tmp_path / "data")
+    tax = Taxonomy.load()
+    k = tax.num_outputs
+    g = torch.Generator().manual_seed(2)
+    mlp = (0.05 * torch.randn(8, 64, generator=g), torch.zeros(8),
+           0.01 * torch.randn(k, 8, generator=g), 0.05 * torch.randn(65, generator=g))
+    head = SafetyHead(0.1 * torch.randn(k, 64, generator=g), torch.full((k,), -3.2), tax,
+                      mlp=mlp, extra={"base_model": str(tiny_model),
+                                      "operating_point": {"tau": 4, "prompt_logit_offset": 2.0}})
+    head.save(tmp_path / "head")
+    with pytest.raises(ValueError, match="--layer 2: this model has 2 decoder layers"):
+        train_prompt_head(tmp_path / "head", tmp_path / "bad", root, either=True, layer=2,
+                          log=lambda *a: None)
+    stats = train_prompt_head(tmp_path / "head", tmp_path / "out", root, target_fpr=0.2,
+                              either=True, layer=1, log=lambda *a: None)
+    # (this random head alone may flag every prompt: the budget then adds no false alarm)
+    alone = stats["heldout_by_head_alone"]["benign_flagged"]
+    assert stats["layer"] == 1 and stats["heldout_benign_flagged"] <= max(0.2, alone)
+    new = load_safety_head(tmp_path / "out")
+    assert new.format_version == FORMAT_VERSION_PROMPT_LAYER
+    assert new.prompt_layer == 1 and new.prompt_either
+    final, middle = torch.randn(6, 64, generator=g), torch.randn(6, 64, generator=g)
+    with pytest.raises(ValueError, match="reads layer 1"):
+        new.prompt_logits(final)
+    own = head_logits(final, new.weight, new.bias, new.mlp)
+    readout = head_logits(middle, *new.prompt)
+    assert torch.equal(new.prompt_logits(final, middle), torch.maximum(own, readout))
+    is_prompt = torch.tensor([1, 0, 1, 0, 0, 1])
+    # (scores, not logits: a read-out fitted on the tiny model's small middle states saturates)
+    served = select_prompt_rows(safety_scores_reference(
+        new.served_hidden(final, middle), *new.served_tensors()), is_prompt, k, True)
+    want = torch.sigmoid(torch.where(is_prompt.bool().unsqueeze(1),
+                                     torch.maximum(own, readout), own))
+    torch.testing.assert_close(served, want, atol=1e-4, rtol=1e-4)
+    model, tok = load_lm(tiny_model)
+    rec = SelfCheck.from_extra(new.extra)
+    fresh = compute_record(model, tok, new, prompts=rec.prompts[:2])
+    assert fresh.logits[0] == pytest.approx(rec.logits[0], abs=1e-4)
+    move_operating_point(tmp_path / "out", tmp_path / "moved", prompt_shift=0.5,
+                         response_shift=1.0, log=lambda *a: None)
+    moved = load_safety_head(tmp_path / "moved")
+    assert moved.prompt_layer == 1 and moved.format_version == FORMAT_VERSION_PROMPT_LAYER
+    # a config that lost its layer (or names a bad one) is refused, not served on the final state
+    cfg_path = tmp_path / "moved" / "safety_head" / "head_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for bad in (None, "3", True, 0):
+        cfg["prompt_layer"] = bad
+        cfg_path.write_text(json.dumps(cfg))
+        with pytest.raises(CheckpointError, match="prompt_layer"):
+            load_safety_head(tmp_path / "moved")

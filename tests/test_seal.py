@@ -216,6 +216,19 @@ def test_random_baseline_keeps_data_order_and_empty_data_is_an_error():
         choose_rows(cfg, [])
 
 
+def test_finetune_refuses_an_out_that_is_or_is_inside_the_model(tmp_path):
+    """Refused before anything loads: saving there would overwrite the model being read."""
+    from safeserve.models.seal.data import SealInputError
+    from safeserve.models.seal.finetune import FinetuneConfig, check_out, run_finetune
+
+    model = tmp_path / "model"
+    for out in (model, model / "ft"):
+        with pytest.raises(SealInputError, match="--out .* is --model .* or inside it"):
+            run_finetune(FinetuneConfig(ft_data="missing.jsonl", model=str(model), out=str(out)))
+    check_out(FinetuneConfig(ft_data="x", model=str(model), out=str(tmp_path / "ft")))
+    assert not model.exists()
+
+
 def _app():
     import typer
 

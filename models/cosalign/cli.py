@@ -36,7 +36,7 @@ def cosalign(
     holdout: list[str] = typer.Option([], "--holdout", help="Allow-set never used in training (ids joined by '+', or 'safe'); stays an unseen config. Repeatable."),
     refusal_candidates: int = typer.Option(1, "--refusal-candidates", help="Written refusals added to each prompt-config's candidates (0 = only sampled ones)."),
     max_pairs: int = typer.Option(4, "--max-pairs", help="Preference pairs kept per prompt-config (0 = all)."),
-    limit: int = typer.Option(0, "--limit", help="Seeded sample of N prompts (0 = all)."),
+    limit: int = typer.Option(0, "--limit", min=0, help="Seeded sample of N prompts (0 = all)."),
     lora: bool = typer.Option(False, "--lora/--full", help="Train a LoRA adapter (merged into the saved weights) instead of all weights."),
     sft_epochs: float = typer.Option(1.0, "--sft-epochs", help="SFT epochs on the chosen responses (0 skips SFT)."),
     sft_lr: float = typer.Option(1e-5, "--sft-lr", help="SFT learning rate."),
@@ -56,7 +56,7 @@ def cosalign(
     """Controllable safety alignment (CoSAlign): train a model to follow the safety config in its system prompt."""
     from safeserve.models.cosalign.configs import MODES
     from safeserve.models.cosalign.pipeline import JobInputError, JobOptions, holdout_keys, run
-    from safeserve.models.cosalign.preferences import Weights
+    from safeserve.models.cosalign.preferences import Weights, check_weights
     from safeserve.models.cosalign.trainer import TrainOptions
     from safeserve.models.taxonomy import Taxonomy
 
@@ -74,11 +74,11 @@ def cosalign(
         holdout_keys(holdout, Taxonomy.load())
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--holdout") from None
-    if not beta > gamma:
-        # A disallowed risk must cost more than a refusal, or every refusal (error gamma) also
-        # reaches the "chosen is unsafe" bar (beta) and the safe config gets no pairs at all.
-        raise typer.BadParameter(f"--beta ({beta}) must be greater than --gamma ({gamma})",
-                                 param_hint="--beta")
+    try:
+        # A disallowed risk must cost more than any answer without one (see check_weights).
+        check_weights(Weights(alpha, beta, gamma), len(Taxonomy.load().ids))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--beta") from None
     logging.basicConfig(level=logging.INFO)
     opts = JobOptions(limit=limit, seed=seed, modes=mode_list,
                       holdout=tuple(holdout), num_candidates=num_candidates, max_tokens=max_tokens,

@@ -9,6 +9,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from safeserve.models.categories import cosa_category, name_key
 from safeserve.models.taxonomy import Taxonomy
 
 log = logging.getLogger("safeserve.cosalign")
@@ -61,9 +62,24 @@ def first_json_object(text: str, key: str | None = None) -> dict | None:
     return None
 
 
+def _category_id(name, by_key: dict[str, str]) -> str | None:
+    """A judge's category name -> taxonomy id: an id in any spelling ('Violence',
+    'financial crime') or a CoSAlign name; None when it is neither."""
+    if not isinstance(name, str):
+        return None
+    if name_key(name) in by_key:
+        return by_key[name_key(name)]
+    try:
+        cid = cosa_category(name)
+    except KeyError:
+        return None
+    return cid if cid in by_key.values() else None
+
+
 def parse_judge_reply(text: str, taxonomy: Taxonomy) -> JudgeLabel | None:
     """The first JSON object in ``text`` that answers ``addressed`` -> label (a judge may
-    write a reasoning object first); None when there is none."""
+    write a reasoning object first); None when there is none, or when its ``categories`` is
+    not a list or names a category we do not know."""
     obj = first_json_object(text or "", key="addressed")
     if obj is None:
         return None
@@ -72,9 +88,17 @@ def parse_judge_reply(text: str, taxonomy: Taxonomy) -> JudgeLabel | None:
         addressed = "full" if addressed in ("true", "yes") else "none" if addressed in ("false", "no") else ""
     if not addressed:
         return None
-    ids = set(taxonomy.ids)
-    cats = tuple(sorted({str(c) for c in obj.get("categories") or [] if str(c) in ids}))
-    return JudgeLabel(addressed, cats)
+    # An unknown name ('weapon', a misspelt id) or a lone string is a risk the judge saw but
+    # we cannot place: keeping the rest would score the answer as (nearly) risk-free, so the
+    # reply counts as unread and the caller falls back conservatively.
+    names = obj.get("categories")
+    if not isinstance(names, list):
+        return None
+    by_key = {name_key(i): i for i in taxonomy.ids}
+    cats = [_category_id(c, by_key) for c in names]
+    if None in cats:
+        return None
+    return JudgeLabel(addressed, tuple(sorted(set(cats))))
 
 
 class LLMJudge:

@@ -25,12 +25,13 @@ from safeserve.models.cosalign.preferences import (
     Candidate, Weights, error_score, preference_pairs, sft_target)
 from safeserve.models.cosalign.prompts import LabelledPrompt, load_prompts
 from safeserve.models.cosalign.trainer import (
-    TrainOptions, copy_chat_template, copy_head, is_main_process, run_dpo, run_sft)
+    TrainOptions, check_out, copy_chat_template, copy_head, is_main_process, run_dpo, run_sft)
 from safeserve.models.evaluation.judge import FULL_REFUSAL, judge
 from safeserve.models.taxonomy import Taxonomy
 
 log = logging.getLogger("safeserve.cosalign")
 DATA_DIR = "cosalign"
+SHORT_RULE = "empty_or_short"  # the refusal judge's rule for a reply of too few words
 RAW_NAME, GENERATION_NAME = "raw_candidates.jsonl", "generation.json"
 
 
@@ -153,17 +154,21 @@ def label_candidates(jobs: list[Job], candidates: list[list[str]], taxonomy: Tax
                      opts: JobOptions, labellers: Labellers | None = None) -> tuple[list[dict], str]:
     """Per candidate: addressed (refusal judge, or the LLM judge when given) and the risk
     categories present (head and/or LLM judge; with neither, the prompt's own labels stand
-    in for an answered candidate). Returns rows and the name of the category source.
-    ``labellers`` default: ``open_labellers(opts)``."""
+    in for an answered candidate). Empty or very short candidates get no row. Returns rows
+    and the name of the category source. ``labellers`` default: ``open_labellers(opts)``."""
     labellers = labellers if labellers is not None else open_labellers(opts, taxonomy)
-    flat = [(j, text) for j, texts in zip(jobs, candidates) for text in texts]
-    pairs = [(j.prompt.prompt, text) for j, text in flat]
+    # An empty or few-word sample ('', 'Sure') is no answer, yet the refusal judge calls it a
+    # refusal, so it would score like one and could become the SFT target or a chosen
+    # response. Such candidates are dropped here, before any labelling; the written refusals
+    # stay the refusals to prefer.
+    flat = [(j, text, v) for j, texts in zip(jobs, candidates) for text in texts
+            if (v := judge(text)).rule != SHORT_RULE]
+    pairs = [(j.prompt.prompt, text) for j, text, _ in flat]
     head_cats = labellers.head.categories(pairs) if labellers.head is not None else None
     judge_labels = labellers.judge.label_many(pairs) if labellers.judge is not None else None
     source = labellers.source
     rows = []
-    for i, (job, text) in enumerate(flat):
-        verdict = judge(text)
+    for i, (job, text, verdict) in enumerate(flat):
         addressed = verdict.label != FULL_REFUSAL
         present: set[str] = set()
         judge_unread = judge_labels is not None and judge_labels[i] is None
@@ -286,6 +291,7 @@ def make_data(prompts_path: Path, model_dir: Path, out: Path, opts: JobOptions,
     seen = sorted({config_key(j.config.allow) for j in jobs})
     (data / "configs_seen.json").write_text(json.dumps(seen, indent=1))
     stats = {"prompts": len(prompts), "jobs": len(jobs), "candidates": len(labelled),
+             "dropped_empty_or_short": sum(map(len, candidates)) - len(labelled),
              "category_source": source, "generation_s": gen_s, "generation_reused": reused,
              # judge replies that could not be read: labelled from the prompt (label_candidates)
              "judge_unread": sum(r["judge_unread"] for r in labelled),
@@ -303,8 +309,10 @@ def train_from_data(model_dir: Path, out: Path, topts: TrainOptions, keep_sft: b
     data = out / DATA_DIR
     if not (data / "pairs.jsonl").is_file():
         raise JobInputError(f"no CoSAlign data in {data} (pairs.jsonl): run --stage data first")
+    # SFT is optional (skipped when there are no rows): hand-made pairs may come without it.
+    sft_path = data / "sft.jsonl"
     sft_rows = [{"prompt": r["prompt"], "completion": r["completion"]}
-                for r in _read_jsonl(data / "sft.jsonl")]
+                for r in (_read_jsonl(sft_path) if sft_path.is_file() else [])]
     dpo_rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")}
                 for r in _read_jsonl(data / "pairs.jsonl")]
     if not dpo_rows:
@@ -341,6 +349,13 @@ def train_base(recipe: dict, model_dir: Path | None, recipe_path: Path) -> Path:
     return Path(built)
 
 
+def _check_out(model_dir: Path, out: Path) -> None:
+    try:
+        check_out(model_dir, out)
+    except ValueError as exc:
+        raise JobInputError(str(exc)) from None
+
+
 def run(prompts_path: Path | None, model_dir: Path | None, out: Path, opts: JobOptions,
         topts: TrainOptions, stage: str = "all", keep_sft: bool = False) -> dict:
     """``model_dir`` None: the embedded default model to build data, the data's own model to
@@ -355,6 +370,7 @@ def run(prompts_path: Path | None, model_dir: Path | None, out: Path, opts: JobO
             from safeserve.models.model_store import ensure_default_model
 
             model_dir = ensure_default_model()
+        _check_out(model_dir, out)
         out.mkdir(parents=True, exist_ok=True)
         model_dir = Path(model_dir).resolve()  # stage train may run from another directory
         recipe = {"base_model": str(model_dir), "prompts": str(prompts_path),
@@ -363,6 +379,7 @@ def run(prompts_path: Path | None, model_dir: Path | None, out: Path, opts: JobO
         recipe_path.write_text(json.dumps(recipe, indent=2))
     if stage in ("all", "train"):
         base = train_base(recipe, model_dir, recipe_path)
+        _check_out(base, out)
         recipe["train_options"] = asdict(topts)
         recipe["train"] = train_from_data(base, out, topts, keep_sft)
         if is_main_process():

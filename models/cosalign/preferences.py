@@ -23,6 +23,17 @@ class Weights:
     gamma: float = GAMMA
 
 
+def check_weights(w: Weights, num_categories: int) -> None:
+    """Any disallowed risk must cost more than the worst answer without one (every category
+    allowed and present, not addressed: alpha * num_categories + gamma); otherwise such an
+    answer reaches the "chosen is unsafe" bar (beta) and loses its pairs, or ties an unsafe
+    one. With beta <= gamma every refusal reaches it and the safe config gets no pairs."""
+    worst = w.alpha * num_categories + w.gamma
+    if not worst < w.beta:
+        raise ValueError(f"--beta ({w.beta}) must be greater than --gamma ({w.gamma}) plus --alpha "
+                         f"({w.alpha}) x {num_categories} categories = {worst:g}")
+
+
 def error_score(present, allowed, addressed: bool, w: Weights = Weights()) -> float:
     present, allowed = set(present), set(allowed)
     return (w.alpha * len(present & allowed) + w.beta * len(present - allowed)

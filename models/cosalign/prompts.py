@@ -48,7 +48,7 @@ def load_prompts(path: str | Path, taxonomy: Taxonomy | None = None) -> list[Lab
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            obj = json.loads(line)
+            obj = _json_line(path, n, line)
             prompt = str(obj.get("prompt") or "").strip()
             cats = obj.get("categories", [])
             if not prompt or not isinstance(cats, list):
@@ -78,10 +78,10 @@ def read_beavertails(path: str | Path, taxonomy: Taxonomy) -> list[LabelledPromp
     out = []
     qa_labelled: set[str] = set()
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            obj = json.loads(line)
+            obj = _json_line(path, n, line)
             prompt = str(obj.get("prompt") or "").strip()
             if not prompt:
                 continue
@@ -116,11 +116,28 @@ def read_harmbench(path: str | Path) -> list[LabelledPrompt]:
     return out
 
 
+def _json_line(path, n: int, line: str) -> dict:
+    """One JSONL row, which must be an object: a list or string row would fail later as an
+    AttributeError that names neither the file nor the line."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}:{n}: not JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}:{n}: want a JSON object, not {type(obj).__name__}")
+    return obj
+
+
 def _read_json_rows(path: str | Path) -> list[dict]:
     text = Path(path).read_text(encoding="utf-8")
     if str(path).endswith(".jsonl"):
-        return [json.loads(x) for x in text.splitlines() if x.strip()]
+        return [_json_line(path, n, x) for n, x in enumerate(text.splitlines(), 1) if x.strip()]
     data = json.loads(text)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: want a JSON list of objects or strings, not {type(data).__name__}")
+    for n, x in enumerate(data):
+        if not isinstance(x, (dict, str)):
+            raise ValueError(f"{path}: item {n}: want an object or a string, not {type(x).__name__}")
     return [x if isinstance(x, dict) else {"instruction": x} for x in data]
 
 
@@ -137,7 +154,7 @@ def read_harmful_instructions(path: str | Path) -> list[LabelledPrompt]:
 
 
 def read_benign(path: str | Path, limit: int, rng: random.Random) -> list[LabelledPrompt]:
-    rows = [r for r in _read_json_rows(path) if not (r.get("input") or "").strip()]
+    rows = [r for r in _read_json_rows(path) if not str(r.get("input") or "").strip()]
     texts = [str(r.get("instruction") or r.get("prompt") or "").strip() for r in rows]
     texts = [t for t in texts if t]
     if limit and len(texts) > limit:

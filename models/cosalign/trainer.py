@@ -113,16 +113,30 @@ def is_main_process() -> bool:
     return PartialState().is_main_process
 
 
+def check_out(model_dir: Path, out: Path) -> None:
+    """``out`` must be neither ``model_dir`` nor inside it: saving there overwrites the weights
+    still being read, and copy_head would delete the head it is about to copy."""
+    model, target = Path(model_dir).resolve(), Path(out).resolve()
+    if target == model or model in target.parents:
+        raise ValueError(f"--out {out} is --model {model_dir} or inside it: write the trained "
+                         "model to another directory (it would overwrite the model it reads)")
+
+
 def copy_head(base_dir: Path, out: Path) -> bool:
     """Carry the base checkpoint's safety head over (the head reads hidden states the fine-tune
-    moved, so re-check or retrain it on the new model before relying on it)."""
-    src = Path(base_dir) / HEAD_DIR
+    moved, so re-check or retrain it on the new model before relying on it). A base without a
+    head leaves ``out`` without one: a head of an earlier run there belongs to another model."""
+    src, dst = Path(base_dir) / HEAD_DIR, Path(out) / HEAD_DIR
+    if src.resolve() == dst.resolve():
+        return False  # the same folder: removing dst would remove the source
     if not (src / "head.safetensors").is_file():
+        if is_main_process():
+            shutil.rmtree(dst, ignore_errors=True)
         return False
     if not is_main_process():
         return True
-    shutil.rmtree(out / HEAD_DIR, ignore_errors=True)
-    shutil.copytree(src, out / HEAD_DIR)
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
     from safeserve.models.head_check import drop_self_check
 
     drop_self_check(out)  # its record is the base model's: unverified on the fine-tune

@@ -33,6 +33,7 @@ def cosa(
     head_checkpoint: Optional[Path] = typer.Option(None, "--head-checkpoint", help="Safety checkpoint whose head labels response risks when the server reports none."),
     judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible LLM judge: adds its categories and its helpfulness replaces the refusal judge's."),
     judge_model: Optional[str] = typer.Option(None, "--judge-model", help="Model at --judge-url (default: first listed)."),
+    judge_api_key: str = typer.Option("EMPTY", "--judge-api-key", help="API key of the judge endpoint.", show_default=False),
     seen_configs: Optional[Path] = typer.Option(None, "--seen-configs", help="configs_seen.json of a CoSAlign training run: splits results into seen/unseen configs."),
     api_key: str = typer.Option(os.environ.get("OPENAI_API_KEY", "EMPTY"), "--api-key", help="API key if the server wants one.", show_default=False),
     retries: int = typer.Option(3, "--retries", help="Retries per request."),
@@ -64,7 +65,14 @@ def cosa(
     if judge_url:
         from safeserve.models.cosalign.llm_judge import LLMJudge
 
-        judge = LLMJudge(judge_url, judge_model, api_key, concurrency=concurrency)
+        # Its own key: --api-key is the served model's and must not go to another endpoint.
+        # Reached now, so a wrong URL, key or model is one line before any request is sent.
+        try:
+            judge = LLMJudge(judge_url, judge_model, judge_api_key, concurrency=concurrency)
+            judge.check()
+        except Exception as exc:  # the client's connection, auth, HTTP and empty-list errors
+            raise typer.BadParameter(f"cannot use the judge ({type(exc).__name__}: "
+                                     f"{' '.join(str(exc).split())})", param_hint="--judge-url") from None
     started = time.perf_counter()
     rows = asyncio.run(ce.query(items, base_url=base_url, model=model, mode=mode,
                                 base_config=base, concurrency=concurrency,

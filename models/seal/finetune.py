@@ -134,12 +134,23 @@ def _sft(cfg: FinetuneConfig, model, tok, records: list[dict], out: Path, log):
     return trainer, train
 
 
+def check_out(cfg: FinetuneConfig) -> None:
+    """``out`` must be neither the base model's directory nor inside it: saving there
+    overwrites the weights being read, and replacing ``out/safety_head`` deletes the head
+    that is to be copied."""
+    model, target = Path(cfg.model).resolve(), Path(cfg.out).resolve()
+    if target == model or model in target.parents:
+        raise SealInputError(f"--out {cfg.out} is --model {cfg.model} or inside it: write the "
+                             "fine-tune to another directory (it would overwrite the model it reads)")
+
+
 def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from safeserve.models.checkpoint import HEAD_DIR, load_safety_head
     from safeserve.models.seal.probe import head_auroc
 
+    check_out(cfg)
     base, out = Path(cfg.model), Path(cfg.out)
     tok = AutoTokenizer.from_pretrained(str(base))
     if tok.pad_token_id is None:
@@ -182,10 +193,14 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
     shutil.rmtree(out / ".trainer", ignore_errors=True)
 
     head_after = None
+    # A head left in out by an earlier run belongs to another model: the server would load it
+    # with this one. Replaced by the copied head, or removed when none is copied (but never
+    # when out is the head's own folder: that would delete the source).
+    if head_dir is None or Path(head_dir).resolve() != out.resolve():
+        shutil.rmtree(out / HEAD_DIR, ignore_errors=True)
+        if head is not None:
+            shutil.copytree(Path(head_dir) / HEAD_DIR, out / HEAD_DIR)
     if head is not None:
-        if (out / HEAD_DIR).exists():
-            shutil.rmtree(out / HEAD_DIR)
-        shutil.copytree(Path(head_dir) / HEAD_DIR, out / HEAD_DIR)
         from safeserve.models.head_check import drop_self_check
 
         drop_self_check(out)  # its record is the base model's: unverified on the fine-tune

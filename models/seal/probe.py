@@ -107,10 +107,14 @@ def prompt_scores(model, tokenizer, head, prompts: list[str], batch_size: int = 
         for r, e in enumerate(enc):
             ids[r, :len(e)] = torch.tensor(e)
             att[r, :len(e)] = 1
-        hidden = dec(input_ids=ids.to(device), attention_mask=att.to(device)).last_hidden_state
-        last = torch.tensor([len(e) - 1 for e in enc], device=device)
-        h = hidden[torch.arange(len(enc), device=device), last].float()
-        logits = head.prompt_logits(h.cpu()) + offset  # as served (the prompt read-out, if any)
+        res = dec(input_ids=ids.to(device), attention_mask=att.to(device),
+                  output_hidden_states=head.prompt_layer is not None)
+        rows = (torch.arange(len(enc), device=device),
+                torch.tensor([len(e) - 1 for e in enc], device=device))
+        h = res.last_hidden_state[rows].float().cpu()
+        middle = (None if head.prompt_layer is None
+                  else res.hidden_states[head.prompt_layer][rows].float().cpu())
+        logits = head.prompt_logits(h, middle) + offset  # as served (the prompt read-out, if any)
         out.extend(torch.sigmoid(logits[:, -1]).cpu().tolist())
     return out
 
