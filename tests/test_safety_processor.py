@@ -138,28 +138,33 @@ def test_a_prompt_readout_judges_prompt_rows_and_the_head_the_rest():
     """Format 4: the step's scores are [N, 2K]; prompt rows are judged (and reported) by the
     read-out's half, generated-token rows by the head's, also on a decode-only step."""
     proc, sent = _processor()
-    outs = [[], []]
+    proc.prompt_either = False  # as a format-4 head's processor: the read-out alone
+    outs = [[], [], []]
     proc._add(0, _args("prompt", alert_scale=1.0, alert_tau=0), outs[0])
     proc._add(1, _args("decoding", alert_scale=1.0, alert_tau=0), outs[1])
+    proc._add(2, _args("head_only", alert_scale=1.0, alert_tau=0), outs[2])
     outs[1].append(7)
     head_half, readout_half = [0.1] * 10, [0.9] * 10
-    _step(proc, [head_half + readout_half, readout_half + head_half])
+    _step(proc, [head_half + readout_half, readout_half + head_half, readout_half + head_half])
     by_rid = {r.rid: r for r in sent}
     assert by_rid["prompt"].scores == pytest.approx(readout_half)
     assert by_rid["decoding"].scores == pytest.approx(readout_half)  # its head half is 0.9
+    assert by_rid["head_only"].scores == pytest.approx(head_half)  # the head's 0.9 is not read
     assert by_rid["prompt"].event == 2 and by_rid["decoding"].event != 2
+    assert by_rid["head_only"].event != 2
     sent.clear()
-    outs[0].append(7)
-    outs[1].append(8)
-    _step(proc, [head_half + readout_half, head_half + readout_half])  # decode only
-    assert [r.scores for r in sent] == [pytest.approx(head_half)] * 2
+    for i, out in enumerate(outs):
+        out.append(7 + i)
+    _step(proc, [head_half + readout_half] * 3)  # decode only
+    assert [r.scores for r in sent] == [pytest.approx(head_half)] * 3
 
 
 def test_a_prompt_readout_beside_the_heads_verdict_flags_when_either_does():
-    """Format 5 (the bundled `guarded` head): prompt rows are judged by the larger of the two
-    halves per output (either verdict flags), generated-token rows by the head's half alone."""
+    """Format 5 (the bundled `guarded` head; the default's format 6 too): prompt rows are
+    judged by the larger of the two halves per output (either verdict flags), generated-token
+    rows by the head's half alone."""
     proc, sent = _processor(head="guarded")
-    assert proc.prompt_either and not _processor()[0].prompt_either
+    assert proc.prompt_either and _processor()[0].prompt_either
     outs = [[], [], []]
     for i, rid in enumerate(("head_flags", "readout_flags", "decoding")):
         proc._add(i, _args(rid, alert_scale=1.0, alert_tau=0), outs[i])
