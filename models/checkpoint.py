@@ -104,7 +104,10 @@ class SafetyHead:
     def hidden_size(self) -> int:
         return int(self.weight.shape[1])
 
-    def validate(self, hidden_size: int | None = None) -> None:
+    def validate(self, hidden_size: int | None = None, num_layers: int | None = None) -> None:
+        """``num_layers``: the model's decoder layers, when known (a ``prompt_layer`` must be
+        below it: the last index of transformers' ``hidden_states`` is the normed final state,
+        which vLLM's auxiliary states never are)."""
         from safeserve.kernels.safety_decision import MAX_DECISION_CATEGORIES
 
         k = self.taxonomy.num_outputs
@@ -139,6 +142,11 @@ class SafetyHead:
                 or not isinstance(self.prompt_layer, int) or self.prompt_layer < 1):
             raise CheckpointError(f"safety head prompt_layer {self.prompt_layer!r}: want a "
                                   "decoder layer count >= 1, with a prompt read-out")
+        if (self.prompt_layer is not None and isinstance(num_layers, int)
+                and self.prompt_layer >= num_layers):
+            raise CheckpointError(f"safety head's prompt read-out reads layer "
+                                  f"{self.prompt_layer}; this model has {num_layers} decoder "
+                                  f"layers (want 1..{num_layers - 1})")
         if hidden_size is not None and self.hidden_size != hidden_size:
             raise CheckpointError(
                 f"safety head reads hidden size {self.hidden_size} but the model's is {hidden_size}"

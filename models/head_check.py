@@ -181,6 +181,7 @@ def compute_record(model, tok, head, prompts=SELF_CHECK_PROMPTS,
     from safeserve.models.safety_features import backbone
 
     device = next(model.parameters()).device
+    head.validate(None, model.config.num_hidden_layers)  # a prompt_layer this model has
     ids_rows, rows = [], []
     was_training = model.training
     model.eval()

@@ -49,6 +49,9 @@ class EngineSpec:
     has_head: bool = False
     safety_enabled: bool = False
     head_info: dict | None = None
+    # The middle layer a format-6 head's prompt read-out reads (None: none). It changes what
+    # the compiled model returns, so it goes into vLLM's config hash (see _build).
+    prompt_layer: int | None = None
 
     def safety_summary(self) -> dict:
         return {"enabled": self.safety_enabled, "model_has_head": self.has_head,
@@ -99,6 +102,11 @@ class Engine:
             **({"hf_overrides": self.spec.hf_overrides} if self.spec.hf_overrides else {}),
             **({"logits_processors": self.spec.logits_processors}
                if self.spec.logits_processors else {}),
+            # vLLM keys its compiled-graph caches by the config's hash, not by state a model
+            # class sets on itself: without this, a model directory served before with another
+            # head would replay a graph that returns no middle layer (or another one).
+            **({"additional_config": {"safeserve_prompt_layer": self.spec.prompt_layer}}
+               if self.spec.has_head else {}),
         )
         return AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory()])
 

@@ -142,7 +142,7 @@ def _safe_spec(model_dir: Path, name: str) -> EngineSpec:
                            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
     try:  # fail at startup, in this process, on a head that does not fit the model
         head = load_safety_head(model_dir)
-        head.validate(config.get("hidden_size"))
+        head.validate(config.get("hidden_size"), config.get("num_hidden_layers"))
     except CheckpointError as e:
         raise StartupError(str(e)) from None
     except Exception as e:  # a truncated safetensors file, a malformed config: one line
@@ -152,7 +152,7 @@ def _safe_spec(model_dir: Path, name: str) -> EngineSpec:
         model_dir=model_dir, served_name=name,
         hf_overrides={"architectures": [f"SafeServe{arch}"]},
         logits_processors=["safeserve.server.safety_processor:SafetyLogitsProcessor"],
-        has_head=True, safety_enabled=True,
+        has_head=True, safety_enabled=True, prompt_layer=head.prompt_layer,
         head_info={"categories": list(head.taxonomy.ids), "layer": head.layer,
                    # the head's own: every output, the overall one (folded at 0.5) included
                    "thresholds": {**{c.id: c.threshold for c in head.taxonomy.categories},

@@ -78,10 +78,18 @@ class SafetyHeadMixin:
 
     def forward(self, *args, **kwargs):
         out = super().forward(*args, **kwargs)
-        if self._safety_layer is not None and isinstance(out, tuple):
-            hidden, middle = out
-            return torch.cat([hidden, middle[0]], -1)
-        return out
+        if self._safety_layer is None:
+            return out
+        # Exactly (final, [the one layer asked for]); anything else would have the head read
+        # the wrong rows or fail later as a shape mismatch that names nothing.
+        if not (isinstance(out, tuple) and len(out) == 2 and len(out[1]) == 1
+                and tuple(self.model.aux_hidden_state_layers) == (self._safety_layer,)):
+            raise RuntimeError(
+                f"the model did not return layer {self._safety_layer}'s hidden state beside its "
+                f"output (auxiliary layers {getattr(self.model, 'aux_hidden_state_layers', None)}"
+                "): speculative decoding that reads auxiliary states is not supported with a "
+                "middle-layer prompt read-out")
+        return torch.cat([out[0], out[1][0]], -1)
 
     def compute_logits(self, hidden_states: torch.Tensor, *args, **kwargs):
         STEP_SIGNAL.scores = safety_scores(hidden_states, self._safety_weight, self._safety_bias,

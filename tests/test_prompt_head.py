@@ -229,3 +229,33 @@ def test_a_readout_over_a_middle_layer_serves_as_its_forward_computes(tmp_path, 
         cfg_path.write_text(json.dumps(cfg))
         with pytest.raises(CheckpointError, match="prompt_layer"):
             load_safety_head(tmp_path / "moved")
+
+
+def test_a_middle_layer_the_model_lacks_is_a_startup_error(tmp_path, tiny_model):
+    """A format-6 head whose layer is not below the model's layer count is refused where the
+    server resolves its spec (one line, before any engine starts) and by the offline tools;
+    a valid one is passed to vLLM's config, whose hash keys the compiled-graph caches."""
+    from safeserve.models.checkpoint import CheckpointError
+    from safeserve.models.head_check import compute_record
+    from safeserve.models.safety_features import load_lm
+    from safeserve.server.launch import StartupError, _safe_spec
+
+    tax = Taxonomy.load()
+    k = tax.num_outputs
+    head = SafetyHead(torch.zeros(k, 64), torch.zeros(k), tax, prompt=(torch.zeros(k, 64),
+                      torch.zeros(k)), prompt_either=True, prompt_layer=2)
+    with pytest.raises(CheckpointError, match="layer 2; this model has 2 decoder layers"):
+        head.validate(64, 2)
+    model_dir = tmp_path / "m"
+    import shutil
+
+    shutil.copytree(tiny_model, model_dir)
+    head.save(model_dir)
+    with pytest.raises(StartupError, match="layer 2; this model has 2 decoder layers"):
+        _safe_spec(model_dir, "m")
+    model, tok = load_lm(model_dir)
+    with pytest.raises(CheckpointError, match="decoder layers"):
+        compute_record(model, tok, head, prompts=["hi"])
+    head.prompt_layer = 1
+    head.save(model_dir)
+    assert _safe_spec(model_dir, "m").prompt_layer == 1

@@ -94,6 +94,7 @@ def prompt_scores(model, tokenizer, head, prompts: list[str], batch_size: int = 
 
     offset = prompt_logit_offset(head.extra)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head.validate(None, base.config.num_hidden_layers)  # a prompt_layer this model has
     dec = base.get_decoder()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
