@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from safeserve.models.categories import beavertails_categories, cosa_category, map_categories
+from safeserve.models.evaluation.datasets import json_object_line
 from safeserve.models.taxonomy import Taxonomy
 
 
@@ -48,7 +49,7 @@ def load_prompts(path: str | Path, taxonomy: Taxonomy | None = None) -> list[Lab
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            obj = _json_line(path, n, line)
+            obj = json_object_line(path, n, line)
             prompt = str(obj.get("prompt") or "").strip()
             cats = obj.get("categories", [])
             if not prompt or not isinstance(cats, list):
@@ -81,7 +82,7 @@ def read_beavertails(path: str | Path, taxonomy: Taxonomy) -> list[LabelledPromp
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            obj = _json_line(path, n, line)
+            obj = json_object_line(path, n, line)
             prompt = str(obj.get("prompt") or "").strip()
             if not prompt:
                 continue
@@ -116,22 +117,10 @@ def read_harmbench(path: str | Path) -> list[LabelledPrompt]:
     return out
 
 
-def _json_line(path, n: int, line: str) -> dict:
-    """One JSONL row, which must be an object: a list or string row would fail later as an
-    AttributeError that names neither the file nor the line."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}:{n}: not JSON ({exc})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}:{n}: want a JSON object, not {type(obj).__name__}")
-    return obj
-
-
 def _read_json_rows(path: str | Path) -> list[dict]:
     text = Path(path).read_text(encoding="utf-8")
     if str(path).endswith(".jsonl"):
-        return [_json_line(path, n, x) for n, x in enumerate(text.splitlines(), 1) if x.strip()]
+        return [json_object_line(path, n, x) for n, x in enumerate(text.splitlines(), 1) if x.strip()]
     data = json.loads(text)
     if not isinstance(data, list):
         raise ValueError(f"{path}: want a JSON list of objects or strings, not {type(data).__name__}")

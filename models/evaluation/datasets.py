@@ -164,6 +164,19 @@ def load_xstest(
     return samples
 
 
+def json_object_line(path, lineno: int, line: str) -> dict:
+    """One JSON-lines row, which must be an object: a list or string row would fail later as
+    an AttributeError that names neither the file nor the line."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}:{lineno}: want a JSON object per line, not "
+                         f"{type(record).__name__}")
+    return record
+
+
 def load_jsonl(path: str | Path, *, name: str | None = None, harmful: bool = True) -> list[Sample]:
     """Generic JSON lines: one ``{"prompt": ..., "category"?: ..., "target"?: ..., "id"?: ...}`` per line."""
     name = name or Path(path).stem
@@ -172,12 +185,7 @@ def load_jsonl(path: str | Path, *, name: str | None = None, harmful: bool = Tru
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{lineno}: want a JSON object per line")
+            record = json_object_line(path, lineno, line)
             prompt = _clean(record.get("prompt"))
             if prompt is None:
                 raise ValueError(f"{path}:{lineno}: a record without a 'prompt'")
