@@ -104,26 +104,40 @@ def build_prompt_rows(root: Path, seed: int = 0, n_alpaca: int = 600, n_wrapped:
     return rows
 
 
-def prompt_end_features(model, tok, texts: list[str], log=print, layer: int | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def prompt_end_features(model, tok, texts: list[str], log=print, layer: int | None = None,
+                        batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The final hidden state at the end of each prompt as the server renders it, and with
-    ``layer`` the residual stream there after that many decoder layers."""
+    ``layer`` the residual stream there after that many decoder layers. Prompts of similar
+    length go through together, right-padded (causal attention: a real position never sees
+    the padding after it)."""
     from tqdm import tqdm
 
     from safeserve.models.head_check import render_prompt
     from safeserve.models.safety_features import backbone
 
-    final, middle = [], []
+    rows = [render_prompt(tok, text) for text in texts]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    width = model.config.hidden_size
+    final = torch.zeros(len(rows), width)
+    middle = torch.zeros(len(rows), width) if layer is not None else None
     device = next(model.parameters()).device
-    with torch.no_grad():
-        for text in tqdm(texts, desc="prompt ends", mininterval=10):
-            ids = render_prompt(tok, text)
-            res = backbone(model)(torch.tensor([ids], device=device),
+    with torch.no_grad(), tqdm(total=len(rows), desc="prompt ends", mininterval=10) as bar:
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            longest = max(len(rows[i]) for i in batch)
+            ids = torch.zeros(len(batch), longest, dtype=torch.long)
+            mask = torch.zeros(len(batch), longest, dtype=torch.long)
+            for r, i in enumerate(batch):
+                ids[r, :len(rows[i])] = torch.tensor(rows[i])
+                mask[r, :len(rows[i])] = 1
+            res = backbone(model)(input_ids=ids.to(device), attention_mask=mask.to(device),
                                   output_hidden_states=layer is not None)
-            final.append(res.last_hidden_state[0, -1].float().cpu())
+            at = (torch.arange(len(batch)), torch.tensor([len(rows[i]) - 1 for i in batch]))
+            final[batch] = res.last_hidden_state.float().cpu()[at]
             if layer is not None:
-                middle.append(res.hidden_states[layer][0, -1].float().cpu())
-    return torch.stack(final), torch.stack(middle) if layer is not None else None
+                middle[batch] = res.hidden_states[layer].float().cpu()[at]
+            bar.update(len(batch))
+    return final, middle
 
 
 def fit_readout(x: torch.Tensor, y: torch.Tensor, weight_decay: float = 1e-3,

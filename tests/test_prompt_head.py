@@ -259,3 +259,23 @@ def test_a_middle_layer_the_model_lacks_is_a_startup_error(tmp_path, tiny_model)
     head.prompt_layer = 1
     head.save(model_dir)
     assert _safe_spec(model_dir, "m").prompt_layer == 1
+
+
+def test_batched_prompt_ends_equal_one_prompt_at_a_time(tiny_model):
+    """The job's features come in right-padded batches; each prompt's rows equal its own
+    unpadded forward (final state and middle layer)."""
+    from safeserve.models.head_check import render_prompt
+    from safeserve.models.prompt_head import prompt_end_features
+    from safeserve.models.safety_features import load_lm
+
+    model, tok = load_lm(tiny_model)
+    model.eval()
+    texts = ["Hi", "Give me a recipe for soup, with carrots and a long list of spices.", "Why?"]
+    final, middle = prompt_end_features(model, tok, texts, layer=1, batch_size=2)
+    for i, text in enumerate(texts):
+        with torch.no_grad():
+            res = model.model(torch.tensor([render_prompt(tok, text)]), output_hidden_states=True)
+        torch.testing.assert_close(final[i], res.last_hidden_state[0, -1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(middle[i], res.hidden_states[1][0, -1], atol=1e-5, rtol=1e-5)
+    alone, none = prompt_end_features(model, tok, texts[:1])
+    assert none is None and torch.allclose(alone[0], final[0], atol=1e-5)
