@@ -38,6 +38,24 @@ def data_root(root):
     return root
 
 
+def record_holds_then_move(tmp_path, tiny_model, head):
+    """The checkpoint at ``tmp_path/out`` (``head``): its self-check record is what the forward
+    computes, and still is after an operating-point move; returns the moved head."""
+    from safeserve.models.head_check import SelfCheck, compute_record
+    from safeserve.models.operating_point import move_operating_point
+    from safeserve.models.safety_features import load_lm
+
+    model, tok = load_lm(tiny_model)
+    move_operating_point(tmp_path / "out", tmp_path / "moved", prompt_shift=0.5,
+                         response_shift=1.0, log=lambda *a: None)
+    moved = load_safety_head(tmp_path / "moved")
+    for h in (head, moved):
+        rec = SelfCheck.from_extra(h.extra)
+        fresh = compute_record(model, tok, h, prompts=rec.prompts[:2])
+        assert fresh.logits[0] == pytest.approx(rec.logits[0], abs=1e-4)
+    return moved
+
+
 def test_readout_helpers_separate_and_bound_the_union_rate():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(400, 6, generator=g)
@@ -100,10 +118,6 @@ def test_train_prompt_head_either_adds_the_readout_to_the_heads_verdict(tmp_path
     """``--combine either`` (format 5): the prompt verdict is the larger logit of the head's
     own and the read-out's per output, the budget bounds the two together, and the checkpoint
     round-trips (also through an operating-point move) with its self-check record."""
-    from safeserve.models.head_check import SelfCheck, compute_record
-    from safeserve.models.operating_point import move_operating_point
-    from safeserve.models.safety_features import load_lm
-
     root = data_root(tmp_path / "data")
     tax = Taxonomy.load()
     g = torch.Generator().manual_seed(1)
@@ -127,17 +141,8 @@ def test_train_prompt_head_either_adds_the_readout_to_the_heads_verdict(tmp_path
     own = head_logits(h, new.weight, new.bias, new.mlp)
     readout = head_logits(h, *new.prompt)
     assert torch.equal(new.prompt_logits(h), torch.maximum(own, readout))
-    model, tok = load_lm(tiny_model)
-    rec = SelfCheck.from_extra(new.extra)
-    fresh = compute_record(model, tok, new, prompts=rec.prompts[:2])
-    assert fresh.logits[0] == pytest.approx(rec.logits[0], abs=1e-4)
-    move_operating_point(tmp_path / "out", tmp_path / "moved", prompt_shift=0.5,
-                         response_shift=1.0, log=lambda *a: None)
-    moved = load_safety_head(tmp_path / "moved")
+    moved = record_holds_then_move(tmp_path, tiny_model, new)
     assert moved.prompt_either and moved.format_version == FORMAT_VERSION_PROMPT_EITHER
-    rec = SelfCheck.from_extra(moved.extra)
-    fresh = compute_record(model, tok, moved, prompts=rec.prompts[:2])
-    assert fresh.logits[0] == pytest.approx(rec.logits[0], abs=1e-4)
 
 
 def test_prompt_rows_take_the_labelled_questions_but_no_evaluation_copy(tmp_path, monkeypatch):
@@ -175,10 +180,6 @@ def test_a_readout_over_a_middle_layer_serves_as_its_forward_computes(tmp_path, 
     from safeserve.kernels.safety_head import (head_logits, safety_scores_reference,
                                                select_prompt_rows)
     from safeserve.models.checkpoint import FORMAT_VERSION_PROMPT_LAYER, CheckpointError
-    from safeserve.models.head_check import SelfCheck, compute_record
-    from safeserve.models.operating_point import move_operating_point
-    from safeserve.models.safety_features import load_lm
-
     root = data_root(tmp_path / "data")
     tax = Taxonomy.load()
     k = tax.num_outputs
@@ -213,13 +214,7 @@ def test_a_readout_over_a_middle_layer_serves_as_its_forward_computes(tmp_path, 
     want = torch.sigmoid(torch.where(is_prompt.bool().unsqueeze(1),
                                      torch.maximum(own, readout), own))
     torch.testing.assert_close(served, want, atol=1e-4, rtol=1e-4)
-    model, tok = load_lm(tiny_model)
-    rec = SelfCheck.from_extra(new.extra)
-    fresh = compute_record(model, tok, new, prompts=rec.prompts[:2])
-    assert fresh.logits[0] == pytest.approx(rec.logits[0], abs=1e-4)
-    move_operating_point(tmp_path / "out", tmp_path / "moved", prompt_shift=0.5,
-                         response_shift=1.0, log=lambda *a: None)
-    moved = load_safety_head(tmp_path / "moved")
+    moved = record_holds_then_move(tmp_path, tiny_model, new)
     assert moved.prompt_layer == 1 and moved.format_version == FORMAT_VERSION_PROMPT_LAYER
     # a config that lost its layer (or names a bad one) is refused, not served on the final state
     cfg_path = tmp_path / "moved" / "safety_head" / "head_config.json"
