@@ -180,6 +180,7 @@ def test_a_readout_over_a_middle_layer_serves_as_its_forward_computes(tmp_path, 
     from safeserve.kernels.safety_head import (head_logits, safety_scores_reference,
                                                select_prompt_rows)
     from safeserve.models.checkpoint import FORMAT_VERSION_PROMPT_LAYER, CheckpointError
+
     root = data_root(tmp_path / "data")
     tax = Taxonomy.load()
     k = tax.num_outputs
