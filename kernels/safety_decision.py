@@ -61,6 +61,27 @@ EVENT_TRIGGER = 2
 MAX_DECISION_CATEGORIES = 31
 
 
+def attribute_overall(masked: torch.Tensor, attribution: torch.Tensor,
+                      is_prompt: torch.Tensor) -> None:
+    """Per-request attribution (checkpoint format 7), in place on ``masked`` [N, K] (int8).
+
+    At a prompt row whose overall column is attributed (the request has an allow-list), the
+    head's attribution read-out ([N, C] scores, C = K - 1 categories) names the category the
+    request is about, its highest score. The overall column then stops being attributed token
+    by token (to whichever category the per-token outputs score highest, which on
+    conversational requests is often not the request's): it becomes allowed for the whole
+    request if the named category is allowed, and live otherwise. Tensor ops only, so no host
+    synchronisation; only prompt rows change, so a repeated step changes nothing twice."""
+    n = masked.shape[0]
+    if n == 0:
+        return
+    named = torch.argmax(torch.nan_to_num(attribution.float(), nan=-1.0), dim=1, keepdim=True)
+    allowed = masked[:, :-1].gather(1, named).squeeze(1) == MASK_ALLOWED
+    pick = (is_prompt.reshape(-1) != 0) & (masked[:, -1] == MASK_ATTRIBUTED)
+    new = torch.where(allowed, MASK_ALLOWED, MASK_LIVE).to(masked.dtype)
+    masked[:, -1] = torch.where(pick, new, masked[:, -1])
+
+
 # --------------------------------------------------------------------------------------
 # PyTorch reference
 # --------------------------------------------------------------------------------------

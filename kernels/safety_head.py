@@ -118,6 +118,9 @@ def select_prompt_rows(scores: torch.Tensor, is_prompt: torch.Tensor, k: int,
     elsewhere. No host sync."""
     if scores.shape[1] == k:
         return scores
+    if scores.shape[1] != 2 * k:  # e.g. a format-7 head's attribution columns left on
+        raise ValueError(f"select_prompt_rows takes [N, {k}] or [N, {2 * k}] scores, "
+                         f"not {tuple(scores.shape)}")
     prompt = torch.maximum(scores[:, k:], scores[:, :k]) if either else scores[:, k:]
     return torch.where(is_prompt.reshape(-1, 1).to(torch.bool), prompt, scores[:, :k])
 

@@ -18,6 +18,11 @@ with a ``safety_head/`` folder beside the weights:
                              flagged when it or the head's own verdict flags it; format 6:
                              the read-out reads a middle layer, "prompt_layer", and
                              "prompt_either" says which of the two rules it follows)
+                             optional attribution read-out: attribution_weight [C, H],
+                             attribution_bias [C], C = categories (format 7, beside any of
+                             the above; "has_prompt_readout" says whether a prompt read-out
+                             is there): under an allow-list, the category the overall output
+                             acts for, named once per request at its prompt end
         taxonomy.yaml        category ids, definitions, default thresholds (head row order)
         metrics.json         held-out metrics written by the training job (optional)
       adapter/               optional PEFT LoRA adapter the LM was trained with
@@ -55,10 +60,15 @@ FORMAT_VERSION_PROMPT = 4
 FORMAT_VERSION_PROMPT_EITHER = 5
 # The read-out reads a middle layer's hidden state: a format-5 reader would feed it the final one.
 FORMAT_VERSION_PROMPT_LAYER = 6
+# A category read-out that names, per request, the category the overall output acts for under
+# an allow-list: a format-6 reader would leave the overall output attributed token by token.
+FORMAT_VERSION_ATTRIBUTION = 7
 FORMAT_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_MLP, FORMAT_VERSION_OFFSET,
-                   FORMAT_VERSION_PROMPT, FORMAT_VERSION_PROMPT_EITHER, FORMAT_VERSION_PROMPT_LAYER)
+                   FORMAT_VERSION_PROMPT, FORMAT_VERSION_PROMPT_EITHER, FORMAT_VERSION_PROMPT_LAYER,
+                   FORMAT_VERSION_ATTRIBUTION)
 PROMPT_FORMATS = (FORMAT_VERSION_PROMPT, FORMAT_VERSION_PROMPT_EITHER, FORMAT_VERSION_PROMPT_LAYER)
 PROMPT_TENSORS = ("prompt_weight", "prompt_bias")
+ATTRIBUTION_TENSORS = ("attribution_weight", "attribution_bias")
 MLP_TENSORS = ("mlp_up", "mlp_up_bias", "mlp_down")
 MLP_GATE = "mlp_gate"  # optional fourth tensor: the MLP is scaled by clamp(1 - (v.h + c), 0, 1)
 
@@ -82,6 +92,10 @@ class SafetyHead:
     # The read-out's input: None, the final hidden state (as the head's); L, the residual
     # stream after L decoder layers (transformers' hidden_states[L]).
     prompt_layer: int | None = None
+    # Format 7: (weight [C, H], bias [C]) over the final state at the prompt end, one row per
+    # category (no overall row). Under an allow-list the overall output acts for the category
+    # it scores highest, for the whole request (server/safety_processor.attribute_overall).
+    attribution: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def mlp_units(self) -> int:
@@ -91,6 +105,8 @@ class SafetyHead:
     def format_version(self) -> int:
         from safeserve.models.decision_defaults import OPERATING_POINT, PROMPT_LOGIT_OFFSET
 
+        if self.attribution is not None:
+            return FORMAT_VERSION_ATTRIBUTION
         if self.prompt is not None and self.prompt_layer is not None:
             return FORMAT_VERSION_PROMPT_LAYER
         if self.prompt is not None:
@@ -137,6 +153,13 @@ class SafetyHead:
             raise CheckpointError(
                 f"safety head prompt read-out has {tuple(self.prompt[0].shape)} weights and "
                 f"{tuple(self.prompt[1].shape)} biases; want {tuple(self.weight.shape)}, ({k},)")
+        c = len(self.taxonomy.categories)
+        if self.attribution is not None and (self.attribution[0].shape != (c, self.hidden_size)
+                                             or self.attribution[1].shape != (c,)):
+            raise CheckpointError(
+                f"safety head attribution read-out has {tuple(self.attribution[0].shape)} weights "
+                f"and {tuple(self.attribution[1].shape)} biases; want ({c}, {self.hidden_size}), "
+                f"({c},)")
         if self.prompt_layer is not None and (
                 self.prompt is None or isinstance(self.prompt_layer, bool)
                 or not isinstance(self.prompt_layer, int) or self.prompt_layer < 1):
@@ -164,6 +187,18 @@ class SafetyHead:
         the kernel reads ``served_hidden``'s [N, 2H] rows (final state, then the middle
         layer's), so every tensor is zero-padded to that width: the head's rows read only the
         first half, the read-out's only the second, still one launch."""
+        weight, bias, mlp = self._served_prompt_tensors()
+        if self.attribution is None:
+            return weight, bias, mlp
+        attr_w = self.attribution[0]
+        if self.prompt_layer is not None:  # it reads the final state: the first half
+            attr_w = torch.cat([attr_w, torch.zeros_like(attr_w)], 1)
+        if mlp is not None:
+            mlp = (mlp[0], mlp[1], torch.cat([mlp[2], torch.zeros(attr_w.shape[0], mlp[2].shape[1])]),
+                   *mlp[3:])
+        return torch.cat([weight, attr_w]), torch.cat([bias, self.attribution[1]]), mlp
+
+    def _served_prompt_tensors(self) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
         if self.prompt is None:
             return self.weight, self.bias, self.mlp
         head_w, readout_w, mlp = self.weight, self.prompt[0], self.mlp
@@ -183,6 +218,20 @@ class SafetyHead:
             down = torch.cat([mlp[2], torch.zeros_like(mlp[2])])
             mlp = (mlp[0], mlp[1], down, *mlp[3:])
         return weight, bias, mlp
+
+    @property
+    def served_outputs(self) -> tuple[int, int, int]:
+        """Columns of the serving kernel's scores: (head K, prompt read-out K or 0,
+        attribution C or 0), in that order."""
+        k = self.taxonomy.num_outputs
+        return (k, k if self.prompt is not None else 0,
+                0 if self.attribution is None else len(self.taxonomy.categories))
+
+    def attribution_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, H] final states at prompt ends -> [N, C] category logits (format 7)."""
+        if self.attribution is None:
+            raise ValueError("this safety head has no attribution read-out")
+        return hidden.float() @ self.attribution[0].T + self.attribution[1]
 
     def served_hidden(self, hidden: torch.Tensor, middle: torch.Tensor | None) -> torch.Tensor:
         """The rows the serving kernel reads: the final state, or with a ``prompt_layer`` the
@@ -219,6 +268,8 @@ class SafetyHead:
             tensors.update(zip(MLP_TENSORS + (MLP_GATE,), self.mlp))
         if self.prompt is not None:
             tensors.update(zip(PROMPT_TENSORS, self.prompt))
+        if self.attribution is not None:
+            tensors.update(zip(ATTRIBUTION_TENSORS, self.attribution))
         save_file({name: t.detach().float().contiguous().cpu() for name, t in tensors.items()},
                   str(out / "head.safetensors"))
         self.taxonomy.save(out / "taxonomy.yaml")
@@ -232,6 +283,8 @@ class SafetyHead:
             "taxonomy_sha256": taxonomy_digest(self.taxonomy),
             **({"prompt_layer": self.prompt_layer, "prompt_either": self.prompt_either}
                if self.prompt_layer is not None else {}),
+            **({"has_prompt_readout": self.prompt is not None, "prompt_either": self.prompt_either}
+               if self.attribution is not None else {}),
             **self.extra,
         }
         (out / "head_config.json").write_text(json.dumps(cfg, indent=2))
@@ -267,10 +320,22 @@ def load_safety_head(model_dir: str | Path, expect_taxonomy: Taxonomy | None = N
                               f"{', '.join(map(str, FORMAT_VERSIONS))}")
     mlp = None
     has_mlp = cfg["format_version"] == FORMAT_VERSION_MLP or (
-        cfg["format_version"] in (FORMAT_VERSION_OFFSET, *PROMPT_FORMATS)
+        cfg["format_version"] in (FORMAT_VERSION_OFFSET, *PROMPT_FORMATS, FORMAT_VERSION_ATTRIBUTION)
         and int(cfg.get("mlp_units") or 0) > 0)
-    prompt = None
-    if cfg["format_version"] in PROMPT_FORMATS:
+    prompt = attribution = None
+    version = cfg["format_version"]
+    if version == FORMAT_VERSION_ATTRIBUTION:
+        missing = [n for n in ATTRIBUTION_TENSORS if n not in tensors]
+        if missing or not isinstance(cfg.get("has_prompt_readout"), bool):
+            raise CheckpointError(f"safety head format 7 in {d} lacks "
+                                  f"{missing or 'a boolean has_prompt_readout'}")
+        attribution = tuple(tensors[n].float() for n in ATTRIBUTION_TENSORS)
+        # Format 7 carries any of the earlier forms beside it; which one is in its config.
+        version = (FORMAT_VERSION_PROMPT_LAYER if cfg["has_prompt_readout"]
+                   and cfg.get("prompt_layer") is not None else FORMAT_VERSION_PROMPT_EITHER
+                   if cfg["has_prompt_readout"] and cfg.get("prompt_either")
+                   else FORMAT_VERSION_PROMPT if cfg["has_prompt_readout"] else FORMAT_VERSION_OFFSET)
+    if version in PROMPT_FORMATS:
         missing = [n for n in PROMPT_TENSORS if n not in tensors]
         if missing:
             raise CheckpointError(f"safety head format {cfg['format_version']} in {d} lacks {missing}")
@@ -301,16 +366,16 @@ def load_safety_head(model_dir: str | Path, expect_taxonomy: Taxonomy | None = N
     extra = {k: v for k, v in cfg.items()
              if k not in {"format_version", "hidden_size", "num_outputs", "layer",
                           "output_names", "taxonomy_sha256", "mlp_units", "prompt_layer",
-                          "prompt_either"}}
-    layered = cfg["format_version"] == FORMAT_VERSION_PROMPT_LAYER
+                          "prompt_either", "has_prompt_readout"}}
+    layered = version == FORMAT_VERSION_PROMPT_LAYER
     if layered and (not isinstance(cfg.get("prompt_layer"), int)
                     or not isinstance(cfg.get("prompt_either"), bool)):
         raise CheckpointError(f"safety head format 6 in {d} needs an integer prompt_layer and "
                               "a boolean prompt_either")
     either = (cfg["prompt_either"] if layered
-              else cfg["format_version"] == FORMAT_VERSION_PROMPT_EITHER)
+              else version == FORMAT_VERSION_PROMPT_EITHER)
     head = SafetyHead(tensors["weight"].float(), tensors["bias"].float(), taxonomy,
                       int(cfg.get("layer", -1)), extra, mlp, prompt, either,
-                      cfg["prompt_layer"] if layered else None)
+                      cfg["prompt_layer"] if layered else None, attribution)
     head.validate(cfg.get("hidden_size"))
     return head

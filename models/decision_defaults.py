@@ -12,7 +12,8 @@ HEAD_DEFAULT_TAU = 3
 # kernels/safety_decision.py) at its threshold moved by this many logits (+ = act less): the
 # overall output fires on allowed content too, and its top category is often a wrong guess.
 # Chosen on a CoSAlign-Test development split (outside the reported sample) for the default
-# head; a checkpoint may name its own (``operating_point.allowlist_overall_shift``).
+# head; a checkpoint may name its own (``operating_point.allowlist_overall_shift``; the default
+# head v8 names +1: its attribution read-out names the category per request, see README).
 DEFAULT_ALLOWLIST_OVERALL_SHIFT = 2.0
 
 

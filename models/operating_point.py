@@ -41,11 +41,12 @@ from safeserve.models.decision_defaults import (
 
 def shift_head(head: SafetyHead, *, prompt_shift: float, response_shift: float,
                tau: int | None = None, alert_margin: float | None = None,
-               alert_tau: int | None = None) -> SafetyHead:
+               alert_tau: int | None = None, allowlist_shift: float | None = None) -> SafetyHead:
     """A copy of ``head`` whose prompt and response thresholds moved by the given logits,
     with the given tau (None: ``head``'s own, else 3, as `eval replay` scores it) and alert
     band (``alert_margin`` logits below the prompt thresholds: the response rule acts after
-    ``alert_tau`` steps; 0: no band; None: ``head``'s own band, kept)."""
+    ``alert_tau`` steps; 0: no band; None: ``head``'s own band, kept) and allow-list shift of
+    the overall output (None: ``head``'s own, kept if it names one)."""
     from safeserve.models.safety_calibration import with_thresholds
 
     if tau is None:
@@ -61,6 +62,8 @@ def shift_head(head: SafetyHead, *, prompt_shift: float, response_shift: float,
     bias[-1] -= response_shift  # the overall output's threshold lives in its bias
 
     def moved(t: float) -> float:
+        if response_shift == 0:  # exactly as they were (a move of tau or a band alone)
+            return t
         return 1.0 / (1.0 + math.exp(-(math.log(t / (1 - t)) + response_shift)))
 
     thresholds = [moved(cat.threshold) for cat in head.taxonomy.categories]
@@ -71,6 +74,13 @@ def shift_head(head: SafetyHead, *, prompt_shift: float, response_shift: float,
                               "moved_from": extra.get(OPERATING_POINT)}
     if alert_margin > 0:
         extra[OPERATING_POINT].update(alert_margin=alert_margin, alert_tau=alert_tau)
+    old_point = head.extra.get(OPERATING_POINT) or {}
+    if allowlist_shift is None and "allowlist_overall_shift" in old_point:
+        allowlist_shift = old_point["allowlist_overall_shift"]
+    if allowlist_shift is not None:
+        if not math.isfinite(allowlist_shift):
+            raise ValueError(f"the allow-list shift must be a finite number, not {allowlist_shift}")
+        extra[OPERATING_POINT]["allowlist_overall_shift"] = float(allowlist_shift)
     prompt_logit_offset(extra)  # in range, as the server will check
     prompt = None
     if head.prompt is not None:  # its overall output's fold moves with the head's
@@ -79,13 +89,15 @@ def shift_head(head: SafetyHead, *, prompt_shift: float, response_shift: float,
         prompt = (head.prompt[0], prompt_bias)
     return SafetyHead(head.weight.float().clone(), bias,
                       with_thresholds(head.taxonomy, thresholds), head.layer, extra, head.mlp,
-                      prompt, head.prompt_either, head.prompt_layer)
+                      prompt, head.prompt_either, head.prompt_layer,
+                      head.attribution)  # an argmax of raw logits: no threshold moves it
 
 
 def move_operating_point(head_dir: Path, out: Path, *, prompt_shift: float,
                          response_shift: float, tau: int | None = None,
                          alert_margin: float | None = None,
-                         alert_tau: int | None = None, log=print) -> dict:
+                         alert_tau: int | None = None, allowlist_shift: float | None = None,
+                         log=print) -> dict:
     """Shift the head in ``head_dir``, write ``<out>/safety_head/`` (and copy a LoRA adapter).
     Its self-check record moves with the biases, exactly (no model needed)."""
     from safeserve.models.head_check import SelfCheck, write_record
@@ -97,7 +109,8 @@ def move_operating_point(head_dir: Path, out: Path, *, prompt_shift: float,
         raise ValueError(f"shifts must be finite numbers, not {prompt_shift}, {response_shift}")
     head = load_safety_head(head_dir)
     new = shift_head(head, prompt_shift=prompt_shift, response_shift=response_shift,
-                     tau=tau, alert_margin=alert_margin, alert_tau=alert_tau)
+                     tau=tau, alert_margin=alert_margin, alert_tau=alert_tau,
+                     allowlist_shift=allowlist_shift)
     old_metrics = Path(head_dir) / "safety_head" / "metrics.json"
     metrics = json.loads(old_metrics.read_text()) if old_metrics.is_file() else {}
     metrics[OPERATING_POINT] = {

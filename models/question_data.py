@@ -26,8 +26,12 @@ our labels but none of the dataset's text; the build joins them with the data fi
 * categories: the harm the request is about, several when several apply; ``other`` for harm
   outside the eight named categories (vandalism, revenge pranks, evading police, cheating).
 
-480 prompts were sampled (seed 0) from the first turns that are not near copies of an
-evaluation prompt (see ``leak_keys``); 321 are labelled unsafe, 159 safe.
+Two rounds. First, 480 prompts sampled (seed 0) from the first turns that are not near copies
+of an evaluation prompt (see ``leak_keys``): 321 unsafe, 159 safe. Second (2026-12-05), 800 more
+from the first turns not yet labelled, not near copies, under 400 characters (shuffled with seed
+1), labelled by four labellers (200 each) working from the same guide: 504 unsafe, 296 safe. In
+all 1280: 825 unsafe, 455 safe; per category discrimination 198, violence 182, financial_crime
+173, other 128, privacy 69, drugs 62, sexual 52, weapons 36, self_harm 10.
 
 The build (``safeserve train build-question-data``) gives each labelled prompt the base model's
 own greedy answer: a safe prompt's answer is safe throughout; an unsafe prompt's answer is

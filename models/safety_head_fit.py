@@ -161,7 +161,7 @@ def frozen_linear(init_head) -> tuple[torch.Tensor, torch.Tensor] | None:
     head = load_safety_head(init_head)
     if head.mlp is not None:
         raise ValueError(f"--init-head {init_head} has an MLP; give a linear head")
-    if head.prompt is not None:  # the fit would keep its thresholds but drop the read-out
-        raise ValueError(f"--init-head {init_head} has a separate prompt read-out; give the "
-                         "head it was fitted for")
+    if head.prompt is not None or head.attribution is not None:  # the fit would drop them
+        raise ValueError(f"--init-head {init_head} has a separate prompt or attribution "
+                         "read-out; give the head it was fitted for")
     return head.weight, head.bias

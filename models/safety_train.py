@@ -394,6 +394,9 @@ def recalibrate(model_dir: Path, head_dir: Path, eval_data, out: Path, *, target
     from safeserve.models.checkpoint import load_safety_head
 
     head = load_safety_head(head_dir)
+    if head.attribution is not None:
+        raise ValueError(f"the head in {head_dir} has an attribution read-out: recalibrate the "
+                         "head without it, then run `train attribution` again")
     if head.prompt is not None:
         raise ValueError(f"the head in {head_dir} has a separate prompt read-out, calibrated "
                          "against its thresholds: recalibrate the head it was fitted for, then "
@@ -586,6 +589,10 @@ def register(app) -> None:
                                            "default: keep the head's own band)."),
         alert_tau: int = typer.Option(None, min=1, help="Consecutive violating steps after a prompt "
                                       "in the alert band."),
+        allowlist_shift: float = typer.Option(None, help="Logits the overall output's threshold "
+                                              "moves by under an allow-list (+ = act less; "
+                                              "default: keep the head's own, else the "
+                                              "server's +2)."),
     ) -> None:
         """Move a head's operating point (chosen with `eval replay`) without retraining or
         data: exact logit shifts of the prompt verdict and the response rule."""
@@ -594,7 +601,7 @@ def register(app) -> None:
         point = move_operating_point(head, out, prompt_shift=prompt_shift,
                                      response_shift=response_shift, tau=tau,
                                      alert_margin=alert_margin, alert_tau=alert_tau,
-                                     log=typer.echo)
+                                     allowlist_shift=allowlist_shift, log=typer.echo)
         typer.echo(json.dumps(point, indent=2))
 
     @app.command("prompt-head")
@@ -635,6 +642,30 @@ def register(app) -> None:
             train_prompt_head(resolve_head_dir(head), out, data_root, model,
                               target_fpr=target_fpr, seed=seed, either=combine == "either",
                               questions=questions, layer=layer, log=typer.echo)
+        except (FileNotFoundError, ValueError) as e:  # no such head, no data: one line
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+
+    @app.command("attribution")
+    def attribution_cmd(
+        head: str = typer.Option(..., help="A bundled head (default, guarded, strict) or a directory "
+                                 "holding safety_head/."),
+        out: Path = typer.Option(..., help="Output directory (safety_head/, adapter/)."),
+        data_root: Path = typer.Option(..., help="Folder of the public datasets (training "
+                                       "sources; every evaluation set's prompts are removed)."),
+        model: Path = typer.Option(None, help="Base model the head reads (default: the one "
+                                   "the head records, if present, else the embedded one)."),
+        seed: int = typer.Option(0, help="Seed of the wrappers and the held-out split."),
+    ) -> None:
+        """Fit the attribution read-out (checkpoint format 7): under an allow-list, the category
+        the overall output acts for, named once per request at its prompt end. Every other
+        decision of the head is unchanged."""
+        from safeserve.models.attribution import train_attribution
+        from safeserve.models.model_store import resolve_head_dir
+
+        try:
+            train_attribution(resolve_head_dir(head), out, data_root, model, seed=seed,
+                              log=typer.echo)
         except (FileNotFoundError, ValueError) as e:  # no such head, no data: one line
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None

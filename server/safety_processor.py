@@ -23,7 +23,7 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-from safeserve.kernels.safety_decision import EVENT_TRIGGER, decide
+from safeserve.kernels.safety_decision import EVENT_TRIGGER, attribute_overall, decide
 from safeserve.kernels.safety_head import _use_triton, select_prompt_rows
 from safeserve.kernels.safety_strategy import (
     REPORT_COLUMNS,
@@ -175,6 +175,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
         # A separate prompt read-out judges prompt rows alone, or beside the head's own
         # verdict (checkpoint format 5: flag when either does).
         self.prompt_either = head.prompt_either
+        # Format 7: the scores end with C attribution columns, read at prompt rows only.
+        self.n_attribution = head.served_outputs[2]
         self.device = device
         self.pin_memory = is_pin_memory
         # The prompt verdict's own operating point (logits), applied to prompt rows' scores
@@ -311,9 +313,15 @@ class SafetyLogitsProcessor(LogitsProcessor):
         is_prompt = (out_len == 0).to(torch.int8)
         # Off-GPU, the work only prompt rows need is skipped on the many steps without one.
         prompt_work = self.sync_free or 0 in lengths
+        attribution = None
+        if self.n_attribution:
+            attribution, scores = scores[:, -self.n_attribution:], scores[:, :-self.n_attribution]
         if scores.shape[1] != self.k:  # a separate prompt read-out judges prompt rows
             scores = (select_prompt_rows(scores, is_prompt, self.k, self.prompt_either)
                       if prompt_work else scores[:, :self.k])
+        if attribution is not None and prompt_work:
+            # Before the decision: the prompt verdict already acts for the named category.
+            attribute_overall(self.masked[:n], attribution, is_prompt)
         # Rows at their prompt: the head's prompt offset moves their scores (in place: what
         # is reported is what was compared) and the request's prompt thresholds judge them.
         event, cats = decide(scores, self.thresholds, self.masked, self.counter, self.tau,

@@ -56,6 +56,7 @@ def _processor(capacity: int = 4, prompt_offset: float = 0.0, head: str = "defau
     proc = SafetyLogitsProcessor(cfg, torch.device("cpu"), False)
     proc.sync_free = _SYNC_FREE[0]
     proc.prompt_offset = prompt_offset
+    proc.n_attribution = 0  # the steps below hand [N, K] or [N, 2K] scores (format 7: its own test)
     sent = []
     proc.telemetry = SimpleNamespace(sock=object(), send=lambda records, _s: sent.extend(records))
     return proc, sent
@@ -157,6 +158,34 @@ def test_a_prompt_readout_judges_prompt_rows_and_the_head_the_rest():
         out.append(7 + i)
     _step(proc, [head_half + readout_half] * 3)  # decode only
     assert [r.scores for r in sent] == [pytest.approx(head_half)] * 3
+
+
+def test_the_attribution_columns_name_the_category_the_overall_output_acts_for():
+    """Format 7: the step's scores end with C attribution columns. At the prompt row of a
+    request with an allow-list the named category decides, for the whole request, whether the
+    overall output may act: two requests allowing violence, the same over-threshold overall
+    score, one named violence (never refused by it, prompt or tokens), one named drugs
+    (refused at the prompt). Reported scores are the decision's K, never the extra columns."""
+    from safeserve.kernels.safety_decision import MASK_ATTRIBUTED
+
+    proc, sent = _processor()
+    proc.prompt_either, proc.n_attribution = True, 9
+    allow_violence = [1] + [0] * 8 + [MASK_ATTRIBUTED]
+    outs = [[], []]
+    for i, rid in enumerate(("named_violence", "named_drugs")):
+        proc._add(i, _args(rid, masked=allow_violence, alert_scale=1.0, alert_tau=0), outs[i])
+    quiet = [0.1] * 9 + [0.9]  # categories under threshold, overall over
+    named = {"named_violence": [0.9] + [0.1] * 8, "named_drugs": [0.1, 0.1, 0.9] + [0.1] * 6}
+    _step(proc, [quiet + quiet + named["named_violence"], quiet + quiet + named["named_drugs"]])
+    by_rid = {r.rid: r for r in sent}
+    assert by_rid["named_violence"].scores == pytest.approx(quiet)
+    assert by_rid["named_violence"].event == 0 and by_rid["named_drugs"].event == 2
+    sent.clear()
+    outs[0].append(7)
+    for _ in range(3):  # its tokens: the overall output stays allowed, whatever they name
+        _step(proc, [quiet + quiet + named["named_drugs"]])
+        outs[0].append(8)
+    assert [r.event for r in sent] == [0, 0, 0]
 
 
 def test_a_prompt_readout_beside_the_heads_verdict_flags_when_either_does():

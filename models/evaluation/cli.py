@@ -236,7 +236,7 @@ def _whole(text: str, option: str) -> list[int]:
 
 
 def replay(
-    runs: list[Path] = typer.Argument(..., help="Traced `eval safety` output folders (made with --safety-config '{\"on_violation\": \"annotate\", \"trace\": true}')."),
+    runs: list[Path] = typer.Argument(None, help="Traced `eval safety` output folders (made with --safety-config '{\"on_violation\": \"annotate\", \"trace\": true}')."),
     head: Path = typer.Option(..., "--head", help="The checkpoint the runs were served with (its thresholds are the starting point)."),
     exclude: list[Path] = typer.Option([], "--exclude", help="Runs (eval safety or eval cosa) whose requests (same id, attack or config, and prompt) are left out: e.g. the test run, when tuning on a development run."),
     cosa: list[Path] = typer.Option([], "--cosa", help="Traced `eval cosa --mode enforce` output folders (same --base-config)."),
@@ -254,10 +254,14 @@ def replay(
 
     try:
         base = rp.served_rule(head)
-        rows = [r for run in runs for r in rp.load_safety_run(run, base.names)]
+        rows = [r for run in runs or () for r in rp.load_safety_run(run, base.names)]
         held_out = set().union(*(rp.run_requests(run) for run in exclude))
         rows += [r for run in cosa for r in rp.load_cosa_run(run, base.names)]
         rows = [r for r in rows if r.extra["key"] not in held_out]
+        if base.per_request_attribution and any(r.allow for r in rows):
+            named = rp.name_categories(rows, head, log=lambda *a: None)
+            typer.echo(f"named the category of {named} allow-list requests with the head's "
+                       "attribution read-out (transformers forward)")
     except (rp.TraceError, OSError, KeyError, ValueError) as exc:  # incl. a bad checkpoint or JSON
         raise typer.BadParameter(str(exc)) from exc
     if not rows:

@@ -60,6 +60,9 @@ class Rule:
     # the response rule act after min(alert_tau, tau) steps. 0: no band.
     alert_margin: float = 0.0
     alert_tau: int | None = None
+    # A format-7 head names the overall output's category once per request, from hidden
+    # states a trace does not hold: its allow-list requests cannot be replayed.
+    per_request_attribution: bool = False
 
     @property
     def response_tau_alerted(self) -> int:
@@ -96,7 +99,8 @@ def served_rule(head_dir: str | Path, *, tau: int | None = None) -> Rule:
     thresholds.append(float(head.extra.get("overall_threshold", 0.5)))
     margin, alert_tau = alert_band(head.extra)
     return Rule(names, tuple(thresholds), tuple(thresholds), tau,
-                allowlist_overall_shift(head.extra), margin, alert_tau)
+                allowlist_overall_shift(head.extra), margin, alert_tau,
+                head.attribution is not None)
 
 
 @dataclass
@@ -114,6 +118,9 @@ class TracedRow:
     answered_by_text: bool  # the annotated text is judged full compliance
     template: str | None = None
     extra: dict = field(default_factory=dict)
+    # The category a format-7 head's attribution read-out names for this request
+    # (``name_categories``); None: not named.
+    named: str | None = None
 
 
 class TraceError(ValueError):
@@ -222,6 +229,7 @@ def load_cosa_run(path: str | Path, names: tuple[str, ...]) -> list[TracedRow]:
             dataset=str(row.get("config")), allow=allow, prompt=prompt, query=query, steps=steps,
             refused_by_text=not answered, answered_by_text=answered,
             extra={"id": row.get("id"), "key": request_key(row), "situation": row.get("situation"),
+                   "prompt": row.get("prompt"),
                    "server_trigger": _server_trigger(row),
                    "tau": (row["safety"].get("config") or {}).get("tau"),
                    "shift": (row["safety"].get("config") or {}).get("threshold_shift")}))
@@ -239,6 +247,16 @@ def _violated(scores: np.ndarray, thresholds: np.ndarray, live: np.ndarray, row:
               rule: Rule) -> np.ndarray:
     """[T] whether each step of ``scores`` [T, K] violates (the decision kernel's rule)."""
     out = ((scores >= thresholds) & live).any(axis=1)
+    if row.allow and rule.per_request_attribution:
+        if row.named is None:
+            raise TraceError("this head's attribution read-out (checkpoint format 7) names the "
+                             "category of each allow-list request from its hidden states, which "
+                             "a trace does not record: name them first (name_categories), or "
+                             "replay requests without an allow-list")
+        if rule.allowlist_overall_shift is None or row.named in row.allow:
+            return out
+        k = rule.names.index(OVERALL)
+        return out | (scores[:, k] >= _shift(float(thresholds[k]), rule.allowlist_overall_shift))
     if not row.allow or rule.allowlist_overall_shift is None or OVERALL not in rule.names:
         return out
     k = rule.names.index(OVERALL)
@@ -248,6 +266,33 @@ def _violated(scores: np.ndarray, thresholds: np.ndarray, live: np.ndarray, row:
     top_live = np.array([cat_names[t] not in row.allow for t in top])
     fired = scores[:, k] >= _shift(float(thresholds[k]), rule.allowlist_overall_shift)
     return out | (fired & top_live)
+
+
+def name_categories(rows: list[TracedRow], head_dir: str | Path,
+                    model_dir: str | Path | None = None, log=print) -> int:
+    """Set ``named`` on every allow-list row with a prompt text (``eval cosa`` runs): the
+    category the head's attribution read-out scores highest at the prompt end, from the
+    transformers forward of the model the head is served with (rendered as the server renders
+    a lone user message, which is what ``eval cosa --mode enforce`` sends). Returns how many."""
+    import torch
+
+    from safeserve.models.checkpoint import load_safety_head
+    from safeserve.models.head_check import served_model_for
+    from safeserve.models.prompt_head import prompt_end_features
+    from safeserve.models.safety_features import load_lm
+
+    head = load_safety_head(head_dir)
+    todo = [r for r in rows if r.allow and r.extra.get("prompt")]
+    if head.attribution is None or not todo:
+        return 0
+    model, tok = load_lm(served_model_for(Path(head_dir), model_dir))
+    model.eval()
+    final, _ = prompt_end_features(model, tok, [r.extra["prompt"] for r in todo], log)
+    top = torch.argmax(head.attribution_logits(final), dim=1).tolist()
+    ids = head.taxonomy.ids
+    for r, t in zip(todo, top):
+        r.named = ids[t]
+    return len(todo)
 
 
 def trigger_step(row: TracedRow, rule: Rule) -> int | None:
@@ -318,6 +363,7 @@ def sweep(rows: list[TracedRow], base: Rule, prompt_shifts, response_shifts, tau
                             response_shift=rs, tau=tau,
                             allowlist_overall_shift=base.allowlist_overall_shift,
                             alert_margin=margin, alert_tau=band_tau)
+        rule = dataclasses.replace(rule, per_request_attribution=base.per_request_attribution)
         results.append({"prompt_shift": ps, "response_shift": rs, "tau": tau,
                          "alert_margin": margin, "alert_tau": rule.response_tau_alerted if margin > 0 else None,
                          **score(rows, rule)})
