@@ -61,25 +61,40 @@ EVENT_TRIGGER = 2
 MAX_DECISION_CATEGORIES = 31
 
 
-def attribute_overall(masked: torch.Tensor, attribution: torch.Tensor,
-                      is_prompt: torch.Tensor) -> None:
-    """Per-request attribution (checkpoint format 7), in place on ``masked`` [N, K] (int8).
+def attribute_overall(masked: torch.Tensor, attributable: torch.Tensor, named: torch.Tensor,
+                      attribution: torch.Tensor, is_prompt: torch.Tensor) -> None:
+    """Per-request attribution (checkpoint format 7), in place on ``masked`` [N, K] (int8)
+    and ``named`` [N] (int32, -1 = none).
 
-    At a prompt row whose overall column is attributed (the request has an allow-list), the
-    head's attribution read-out ([N, C] scores, C = K - 1 categories) names the category the
-    request is about, its highest score. The overall column then stops being attributed token
-    by token (to whichever category the per-token outputs score highest, which on
-    conversational requests is often not the request's): it becomes allowed for the whole
-    request if the named category is allowed, and live otherwise. Tensor ops only, so no host
-    synchronisation; only prompt rows change, so a repeated step changes nothing twice."""
-    n = masked.shape[0]
-    if n == 0:
+    At a prompt row of a request whose overall column is attributable (``attributable`` [N],
+    nonzero: it has an allow-list and no assistant prefill), the head's attribution read-out
+    ([N, C] scores, C = K - 1 categories) names the category the request is about, its highest
+    score. The overall column then stops being attributed token by token (to whichever
+    category the per-token outputs score highest, which on conversational requests is often
+    not the request's): it becomes allowed for the whole request if the named category is
+    allowed, and live otherwise. Every prompt row rewrites it, so the last prefill chunk (the
+    prompt end) is the one that counts. A row with a NaN score (an overflowed hidden state)
+    fails closed: live. Tensor ops only: no host synchronisation."""
+    if masked.shape[0] == 0:
         return
-    named = torch.argmax(torch.nan_to_num(attribution.float(), nan=-1.0), dim=1, keepdim=True)
-    allowed = masked[:, :-1].gather(1, named).squeeze(1) == MASK_ALLOWED
-    pick = (is_prompt.reshape(-1) != 0) & (masked[:, -1] == MASK_ATTRIBUTED)
+    idx = torch.argmax(torch.nan_to_num(attribution.float(), nan=-1.0), dim=1)
+    allowed = (masked[:, :-1].gather(1, idx[:, None]).squeeze(1) == MASK_ALLOWED) \
+        & ~torch.isnan(attribution).any(dim=1)
+    pick = (is_prompt.reshape(-1) != 0) & (attributable != 0)
     new = torch.where(allowed, MASK_ALLOWED, MASK_LIVE).to(masked.dtype)
     masked[:, -1] = torch.where(pick, new, masked[:, -1])
+    named.copy_(torch.where(pick, idx.to(named.dtype), named))
+
+
+def name_overall_bits(cats: torch.Tensor, named: torch.Tensor, k: int) -> None:
+    """Rows whose overall output violated (bit k - 1 of ``cats`` [N], int32) and whose request
+    has a named category (``named`` [N] >= 0) also carry that category's bit, so a flag under
+    an allow-list says which category it acted for. In place; tensor ops only."""
+    if cats.shape[0] == 0:
+        return
+    overall = ((cats >> (k - 1)) & 1) != 0
+    bit = torch.bitwise_left_shift(torch.ones_like(cats), named.clamp(min=0).to(cats.dtype))
+    cats.copy_(torch.where(overall & (named >= 0), cats | bit, cats))
 
 
 # --------------------------------------------------------------------------------------

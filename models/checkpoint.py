@@ -69,6 +69,10 @@ FORMAT_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_MLP, FORMAT_VERSION_OFFSET,
 PROMPT_FORMATS = (FORMAT_VERSION_PROMPT, FORMAT_VERSION_PROMPT_EITHER, FORMAT_VERSION_PROMPT_LAYER)
 PROMPT_TENSORS = ("prompt_weight", "prompt_bias")
 ATTRIBUTION_TENSORS = ("attribution_weight", "attribution_bias")
+# The serving kernel writes sigmoid scores; the read-out's logits are served divided by this, so
+# that large logits stay apart in float32 (sigmoid(17) already rounds to 1.0) and the argmax the
+# worker takes over the scores is the argmax of the logits.
+ATTRIBUTION_SERVED_SCALE = 8.0
 MLP_TENSORS = ("mlp_up", "mlp_up_bias", "mlp_down")
 MLP_GATE = "mlp_gate"  # optional fourth tensor: the MLP is scaled by clamp(1 - (v.h + c), 0, 1)
 
@@ -190,13 +194,14 @@ class SafetyHead:
         weight, bias, mlp = self._served_prompt_tensors()
         if self.attribution is None:
             return weight, bias, mlp
-        attr_w = self.attribution[0]
+        attr_w = self.attribution[0] / ATTRIBUTION_SERVED_SCALE
+        attr_b = self.attribution[1] / ATTRIBUTION_SERVED_SCALE
         if self.prompt_layer is not None:  # it reads the final state: the first half
             attr_w = torch.cat([attr_w, torch.zeros_like(attr_w)], 1)
         if mlp is not None:
             mlp = (mlp[0], mlp[1], torch.cat([mlp[2], torch.zeros(attr_w.shape[0], mlp[2].shape[1])]),
                    *mlp[3:])
-        return torch.cat([weight, attr_w]), torch.cat([bias, self.attribution[1]]), mlp
+        return torch.cat([weight, attr_w]), torch.cat([bias, attr_b]), mlp
 
     def _served_prompt_tensors(self) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
         if self.prompt is None:

@@ -23,7 +23,8 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-from safeserve.kernels.safety_decision import EVENT_TRIGGER, attribute_overall, decide
+from safeserve.kernels.safety_decision import (EVENT_TRIGGER, MASK_ATTRIBUTED, attribute_overall,
+                                               decide, name_overall_bits)
 from safeserve.kernels.safety_head import _use_triton, select_prompt_rows
 from safeserve.kernels.safety_strategy import (
     REPORT_COLUMNS,
@@ -206,6 +207,10 @@ class SafetyLogitsProcessor(LogitsProcessor):
             setattr(self, "_before_" + name, self._step_before[j])
         self.thresholds = torch.ones(r, k, dtype=torch.float32, device=device)
         self.masked = torch.ones(r, k, dtype=torch.int8, device=device)
+        # Format 7: whether the row's overall column is named at its prompt (an allow-list and
+        # no assistant prefill, whose end is the attacker's text), and the category named.
+        self.attributable = torch.zeros(r, dtype=torch.int8, device=device)
+        self.named = torch.full((r,), -1, dtype=torch.int32, device=device)
         self.tau = torch.ones(r, dtype=torch.int32, device=device)
         self.active = torch.zeros(r, dtype=torch.int8, device=device)
         self.action = torch.zeros(r, dtype=torch.int32, device=device)
@@ -303,7 +308,11 @@ class SafetyLogitsProcessor(LogitsProcessor):
         t0 = time.perf_counter()
         # A NaN score (an overflowed hidden state, e.g. in float16) would compare false, never
         # violate and break the JSON report: it reads as certain instead (fail closed).
-        scores = torch.nan_to_num(STEP_SIGNAL.take(n), nan=1.0)
+        scores = STEP_SIGNAL.take(n)
+        attribution = None
+        if self.n_attribution:  # (split first: a NaN attribution score names nothing)
+            attribution, scores = scores[:, -self.n_attribution:], scores[:, :-self.n_attribution]
+        scores = torch.nan_to_num(scores, nan=1.0)
         # Output length per row (-1: no request): 0 is a prompt row; the strategy derives its
         # positions from it, so a step whose sampled token vLLM discards (a chunked prefill of
         # a resumed request) is simply repeated, never counted twice.
@@ -313,15 +322,13 @@ class SafetyLogitsProcessor(LogitsProcessor):
         is_prompt = (out_len == 0).to(torch.int8)
         # Off-GPU, the work only prompt rows need is skipped on the many steps without one.
         prompt_work = self.sync_free or 0 in lengths
-        attribution = None
-        if self.n_attribution:
-            attribution, scores = scores[:, -self.n_attribution:], scores[:, :-self.n_attribution]
         if scores.shape[1] != self.k:  # a separate prompt read-out judges prompt rows
             scores = (select_prompt_rows(scores, is_prompt, self.k, self.prompt_either)
                       if prompt_work else scores[:, :self.k])
         if attribution is not None and prompt_work:
             # Before the decision: the prompt verdict already acts for the named category.
-            attribute_overall(self.masked[:n], attribution, is_prompt)
+            attribute_overall(self.masked[:n], self.attributable[:n], self.named[:n],
+                              attribution, is_prompt)
         # Rows at their prompt: the head's prompt offset moves their scores (in place: what
         # is reported is what was compared) and the request's prompt thresholds judge them.
         event, cats = decide(scores, self.thresholds, self.masked, self.counter, self.tau,
@@ -329,6 +336,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
                              alert_scale=self.alert_scale,
                              prompt_thresholds=self.prompt_thresholds if prompt_work else None,
                              prompt_lift=self.prompt_lift if prompt_work else 1.0)
+        if self.n_attribution:
+            name_overall_bits(cats, self.named[:n], self.k)
         report = None
         if self.telemetry.sock is not None:  # the step's telemetry rows; the strategy fills
             report = torch.empty(n, self.k + REPORT_COLUMNS, dtype=torch.float64,  # the rest
@@ -499,6 +508,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
             self.verdict_only.add(args.rid)
         self.thresholds[i] = self._host_row(args.thresholds, torch.float32)
         self.masked[i] = self._host_row(args.masked, torch.int8)
+        self.attributable[i] = int(args.masked[-1] == MASK_ATTRIBUTED and not args.prefilled)
         self.tau[i], self.action[i], self.active[i] = args.tau, args.action, 1
         self.refusal_len[i] = len(args.refusal_ids)
         self.refusal_start[i] = 0 if args.prefilled else args.refusal_sep
@@ -550,6 +560,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.explain_left[i] = -1
         self.explain_cap[i] = -1
         self.seen_word[i] = 0
+        self.attributable[i] = 0
+        self.named[i] = -1
         self.step_len[i] = -1
 
     # The state a step changes (see _undo_repeated_steps).
@@ -558,7 +570,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
                 "read_len",
                 "refusal", "refusal_len", "refusal_start", "eos", "query_cats", "alert", "alert_tau",
                 "alert_scale", "query_alert", "explain_left", "explain_cap", "seen_word",
-                "prompt_thresholds",
+                "prompt_thresholds", "attributable", "named",
                 "step_len", *("_before_" + name for name in _PER_STEP))
 
     def _move(self, src: int, dst: int) -> None:

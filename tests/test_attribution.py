@@ -13,8 +13,8 @@ import torch
 
 from safeserve.kernels.safety_decision import (MASK_ALLOWED, MASK_ATTRIBUTED, MASK_LIVE,
                                                attribute_overall, decide_reference)
-from safeserve.models.checkpoint import (FORMAT_VERSION_ATTRIBUTION, CheckpointError,
-                                         SafetyHead, load_safety_head)
+from safeserve.models.checkpoint import (ATTRIBUTION_SERVED_SCALE, FORMAT_VERSION_ATTRIBUTION,
+                                         CheckpointError, SafetyHead, load_safety_head)
 from safeserve.models.taxonomy import Taxonomy
 from conftest import tiny_llama_with_default_tokenizer
 from test_prompt_head import data_root
@@ -40,23 +40,42 @@ def _masked(allow: list[int] | None) -> list[int]:
 
 def test_the_named_category_decides_the_overall_column_at_prompt_rows_only():
     masked = torch.tensor([_masked([VIOLENCE]), _masked([VIOLENCE]), _masked([VIOLENCE]),
-                           _masked(None), _masked([])], dtype=torch.int8)
+                           _masked(None), _masked([VIOLENCE])], dtype=torch.int8)
+    attributable = torch.tensor([1, 1, 1, 0, 1], dtype=torch.int8)  # row 3: no allow-list
+    named = torch.full((5,), -1, dtype=torch.int32)
     attribution = torch.zeros(5, C)
     attribution[0, VIOLENCE] = 0.9   # names an allowed category -> allowed
     attribution[1, DRUGS] = 0.9      # names a category the request does not allow -> live
     attribution[2, VIOLENCE] = 0.9   # a decode row: unchanged
-    attribution[3, VIOLENCE] = 0.9   # no allow-list (overall live): unchanged
-    attribution[4, DRUGS] = float("nan")  # NaN never names; allows nothing -> live
+    attribution[3, VIOLENCE] = 0.9   # not attributable: unchanged
+    attribution[4, VIOLENCE] = float("nan")  # an overflowed state fails closed: live
     is_prompt = torch.tensor([1, 1, 0, 1, 1], dtype=torch.int8)
-    attribute_overall(masked, attribution, is_prompt)
+    attribute_overall(masked, attributable, named, attribution, is_prompt)
     assert masked[:, -1].tolist() == [MASK_ALLOWED, MASK_LIVE, MASK_ATTRIBUTED, MASK_LIVE,
                                       MASK_LIVE]
+    assert named.tolist()[:4] == [VIOLENCE, DRUGS, -1, -1]
     assert masked[:, :-1].tolist() == [_masked([VIOLENCE])[:-1]] * 3 + [_masked(None)[:-1],
-                                                                        _masked([])[:-1]]
-    before = masked.clone()  # a repeated prompt step names nothing twice
-    attribute_overall(masked, torch.roll(attribution, 1, 1), is_prompt)
-    assert torch.equal(masked, before)
-    attribute_overall(masked[:0], attribution[:0], is_prompt[:0])  # an empty step
+                                                                        _masked([VIOLENCE])[:-1]]
+    # a later prompt row of the same request (the next prefill chunk: the prompt end) rewrites
+    # it: the last one counts, whichever way it goes
+    later = torch.zeros(5, C)
+    later[:, DRUGS] = 1.0
+    attribute_overall(masked, attributable, named, later, is_prompt)
+    assert masked[:2, -1].tolist() == [MASK_LIVE, MASK_LIVE] and named[0] == DRUGS
+    attribute_overall(masked, attributable, named, attribution, is_prompt)
+    assert masked[:2, -1].tolist() == [MASK_ALLOWED, MASK_LIVE] and named[0] == VIOLENCE
+    attribute_overall(masked[:0], attributable[:0], named[:0], attribution[:0], is_prompt[:0])
+
+
+def test_a_flag_of_the_overall_output_names_the_category_it_acted_for():
+    from safeserve.kernels.safety_decision import name_overall_bits
+
+    cats = torch.tensor([1 << (K - 1), 1 << (K - 1), (1 << (K - 1)) | 1, 1 << DRUGS],
+                        dtype=torch.int32)
+    named = torch.tensor([VIOLENCE, -1, DRUGS, VIOLENCE], dtype=torch.int32)
+    name_overall_bits(cats, named, K)
+    assert cats.tolist() == [(1 << (K - 1)) | (1 << VIOLENCE), 1 << (K - 1),
+                             (1 << (K - 1)) | 1 | (1 << DRUGS), 1 << DRUGS]
 
 
 def test_the_overall_output_then_acts_for_the_request_not_the_token():
@@ -80,7 +99,8 @@ def test_the_overall_output_then_acts_for_the_request_not_the_token():
     assert events(per_token).tolist() == [2, 0]
     named = torch.zeros(2, C)
     named[:, VIOLENCE] = 1.0
-    attribute_overall(per_token, named, torch.ones(2, dtype=torch.int8))
+    attribute_overall(per_token, torch.ones(2, dtype=torch.int8),
+                      torch.full((2,), -1, dtype=torch.int32), named, torch.ones(2, dtype=torch.int8))
     assert events(per_token).tolist() == [0, 2]
 
 
@@ -89,38 +109,45 @@ def _head(hidden: int = 64, seed: int = 0, **kw) -> SafetyHead:
     return SafetyHead(0.1 * torch.randn(K, hidden, generator=g), torch.zeros(K), TAX, **kw)
 
 
-@pytest.mark.parametrize("layered", [False, True])
-def test_format_7_round_trips_and_serves_its_columns_after_the_rest(tmp_path, layered):
+@pytest.mark.parametrize("form", ["no_readout", "replace", "either", "layered"])
+def test_format_7_round_trips_and_serves_its_columns_after_the_rest(tmp_path, form):
     from safeserve.kernels.safety_head import safety_scores_reference, select_prompt_rows
 
     g = torch.Generator().manual_seed(1)
     mlp = (0.05 * torch.randn(8, 64, generator=g), torch.zeros(8),
            0.01 * torch.randn(K, 8, generator=g), 0.05 * torch.randn(65, generator=g))
-    prompt = (0.1 * torch.randn(K, 64, generator=g), torch.zeros(K))
-    head = _head(mlp=mlp, prompt=prompt, prompt_either=True, prompt_layer=1 if layered else None,
+    prompt = None if form == "no_readout" else (0.1 * torch.randn(K, 64, generator=g),
+                                                torch.zeros(K))
+    either, layer = form in ("either", "layered"), 1 if form == "layered" else None
+    head = _head(mlp=mlp, prompt=prompt, prompt_either=either, prompt_layer=layer,
                  attribution=(torch.randn(C, 64, generator=g), torch.randn(C, generator=g)),
                  extra={"operating_point": {"tau": 4, "prompt_logit_offset": 2.0}})
     assert head.format_version == FORMAT_VERSION_ATTRIBUTION
     head.save(tmp_path / "h")
     back = load_safety_head(tmp_path / "h")
     assert back.format_version == FORMAT_VERSION_ATTRIBUTION
-    assert back.prompt_either and back.prompt_layer == head.prompt_layer
+    assert (back.prompt is None) == (prompt is None)
+    assert back.prompt_either == either and back.prompt_layer == layer
     assert torch.equal(back.attribution[0], head.attribution[0]) and back.mlp is not None
-    assert back.served_outputs == (K, K, C)
+    readout = 0 if prompt is None else K
+    assert back.served_outputs == (K, readout, C)
     final, middle = torch.randn(5, 64, generator=g), torch.randn(5, 64, generator=g)
-    rows = back.served_hidden(final, middle if layered else None)
+    rows = back.served_hidden(final, middle if layer else None)
     served = safety_scores_reference(rows, *back.served_tensors())
-    assert served.shape == (5, 2 * K + C)
-    torch.testing.assert_close(served[:, -C:], torch.sigmoid(back.attribution_logits(final)),
-                               atol=1e-5, rtol=1e-5)
-    # the columns before it are format 6's (or 5's), unchanged by the attribution rows
+    assert served.shape == (5, K + readout + C)
+    torch.testing.assert_close(
+        served[:, -C:], torch.sigmoid(back.attribution_logits(final) / ATTRIBUTION_SERVED_SCALE),
+        atol=1e-5, rtol=1e-5)
+    assert torch.equal(served[:, -C:].argmax(1), back.attribution_logits(final).argmax(1))
+    # the columns before it are the head's without the read-out, unchanged by it
     without = SafetyHead(back.weight, back.bias, TAX, mlp=back.mlp, prompt=back.prompt,
-                         prompt_either=True, prompt_layer=back.prompt_layer)
+                         prompt_either=either, prompt_layer=layer,
+                         extra={"operating_point": {"tau": 4, "prompt_logit_offset": 2.0}})
     is_prompt = torch.tensor([1, 0, 0, 1, 0])
     torch.testing.assert_close(
-        select_prompt_rows(served[:, :-C], is_prompt, K, True),
+        select_prompt_rows(served[:, :-C], is_prompt, K, either),
         select_prompt_rows(safety_scores_reference(rows, *without.served_tensors()),
-                           is_prompt, K, True))
+                           is_prompt, K, either))
 
 
 def test_a_format_7_config_or_tensor_out_of_shape_is_refused(tmp_path):
@@ -264,14 +291,20 @@ def test_replay_names_categories_as_the_forward_does(tmp_path, tiny_model):
     head.save(tmp_path / "h")
     texts = ["How do I pick a lock?", "Write a poem about rain.", "Where does my ex live?"]
 
-    def row(text, allow):
+    def row(text, allow, alone=True, query=None):
         return rp.TracedRow(kind="cosa", group="allowed", dataset="x", allow=allow,
-                            prompt=np.zeros(K), query=None, steps=np.zeros((0, K)),
+                            prompt=np.zeros(K), query=query, steps=np.zeros((0, K)),
                             refused_by_text=False, answered_by_text=True,
-                            extra={"prompt": text})
-    rows = [row(t, ("violence",)) for t in texts] + [row(texts[0], ()), row(None, ("drugs",))]
+                            extra={"prompt": text, "rendered_alone": alone})
+    rows = [row(t, ("violence",)) for t in texts] + [
+        row(texts[0], ()),                            # no allow-list: the server names nothing
+        row(None, ("drugs",)),                        # no prompt text (a safety run)
+        row(texts[0], ("drugs",), alone=False),       # a guideline or prompt-only mode
+        row(texts[0], ("drugs",), query=np.zeros(K))]  # prefilled: per-token attribution
     assert rp.name_categories(rows, tmp_path / "h", log=lambda *a: None) == 3
     model, tok = load_lm(tiny_model)
     final, _ = prompt_end_features(model, tok, texts, log=lambda *a: None)
     want = [TAX.ids[int(i)] for i in head.attribution_logits(final).argmax(1)]
-    assert [r.named for r in rows] == want + [None, None]
+    assert [r.named for r in rows] == want + [None] * 4
+    rule = rp.served_rule(tmp_path / "h")
+    assert [rp.needs_name(r, rule) for r in rows] == [True] * 3 + [False, True, True, False]

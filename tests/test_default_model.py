@@ -119,7 +119,8 @@ def test_allowing_one_category_keeps_the_overall_detector_for_the_others(default
     passport = [{"role": "user", "content": text}]
     guarded = ask(default_server, passport, safety_config={"allow": others})["safety"]
     assert guarded["action"] == "refuse"
-    assert set(guarded["response"]["categories"] + guarded["prompt"]["categories"]) == {"unsafe"}
+    flagged = set(guarded["response"]["categories"] + guarded["prompt"]["categories"])
+    assert named in flagged and flagged <= {"unsafe", named}  # it acted for the named one
     allowed = ask(default_server, passport, safety_config={"allow": [named]})["safety"]
     assert allowed["action"] == "none", named
 

@@ -163,29 +163,67 @@ def test_a_prompt_readout_judges_prompt_rows_and_the_head_the_rest():
 def test_the_attribution_columns_name_the_category_the_overall_output_acts_for():
     """Format 7: the step's scores end with C attribution columns. At the prompt row of a
     request with an allow-list the named category decides, for the whole request, whether the
-    overall output may act: two requests allowing violence, the same over-threshold overall
-    score, one named violence (never refused by it, prompt or tokens), one named drugs
-    (refused at the prompt). Reported scores are the decision's K, never the extra columns."""
+    overall output may act: requests allowing violence, the same over-threshold overall score,
+    one named violence (never refused by it, prompt or tokens), one named drugs (refused at the
+    prompt, the flag naming drugs). Reported scores are the decision's K, never the extra
+    columns. A prefilled request's prompt end is the attacker's text: it keeps per-token
+    attribution (here the top per-token category, drugs, is not allowed: refused)."""
     from safeserve.kernels.safety_decision import MASK_ATTRIBUTED
 
     proc, sent = _processor()
     proc.prompt_either, proc.n_attribution = True, 9
     allow_violence = [1] + [0] * 8 + [MASK_ATTRIBUTED]
-    outs = [[], []]
-    for i, rid in enumerate(("named_violence", "named_drugs")):
-        proc._add(i, _args(rid, masked=allow_violence, alert_scale=1.0, alert_tau=0), outs[i])
+    outs = [[], [], []]
+    proc._add(0, _args("named_violence", masked=allow_violence, alert_scale=1.0, alert_tau=0),
+              outs[0])
+    proc._add(1, _args("named_drugs", masked=allow_violence, alert_scale=1.0, alert_tau=0),
+              outs[1])
+    proc._add(2, _args("prefilled", masked=allow_violence, alert_scale=1.0, alert_tau=0,
+                       prefilled=True), outs[2])
     quiet = [0.1] * 9 + [0.9]  # categories under threshold, overall over
-    named = {"named_violence": [0.9] + [0.1] * 8, "named_drugs": [0.1, 0.1, 0.9] + [0.1] * 6}
-    _step(proc, [quiet + quiet + named["named_violence"], quiet + quiet + named["named_drugs"]])
+    top_drugs = [0.1, 0.1, 0.3] + [0.1] * 6 + [0.9]
+    named = {"violence": [0.9] + [0.1] * 8, "drugs": [0.1, 0.1, 0.9] + [0.1] * 6}
+    _step(proc, [quiet + quiet + named["violence"], quiet + quiet + named["drugs"],
+                 top_drugs + top_drugs + named["violence"]])
     by_rid = {r.rid: r for r in sent}
     assert by_rid["named_violence"].scores == pytest.approx(quiet)
     assert by_rid["named_violence"].event == 0 and by_rid["named_drugs"].event == 2
+    assert by_rid["named_drugs"].cats == (1 << 9) | (1 << 2)  # unsafe, for drugs
+    assert by_rid["prefilled"].event == 2
     sent.clear()
     outs[0].append(7)
     for _ in range(3):  # its tokens: the overall output stays allowed, whatever they name
-        _step(proc, [quiet + quiet + named["named_drugs"]])
+        _step(proc, [quiet + quiet + named["drugs"]])
         outs[0].append(8)
     assert [r.event for r in sent] == [0, 0, 0]
+
+
+def test_the_prompt_end_names_the_category_not_an_earlier_prefill_chunk():
+    """vLLM samples a row for every prefill chunk (output length 0): each is a prompt row, and
+    the last one, the prompt end, names the category, whichever way the earlier ones went."""
+    from safeserve.kernels.safety_decision import MASK_ATTRIBUTED
+
+    proc, sent = _processor()
+    proc.prompt_either, proc.n_attribution = True, 9
+    allow_violence = [1] + [0] * 8 + [MASK_ATTRIBUTED]
+    quiet = [0.1] * 9 + [0.1]
+    hot = [0.1] * 9 + [0.9]
+    named = {"violence": [0.9] + [0.1] * 8, "drugs": [0.1, 0.1, 0.9] + [0.1] * 6}
+    for first, last, want in (("violence", "drugs", 2), ("drugs", "violence", 0)):
+        sent.clear()
+        out = []
+        proc._add(0, _args(f"{first}-{last}", masked=allow_violence, alert_scale=1.0,
+                           alert_tau=0), out)
+        _step(proc, [quiet + quiet + named[first]])   # an earlier chunk, nothing over
+        _step(proc, [hot + hot + named[last]])        # the prompt end
+        assert [r.event for r in sent] == [0, want], (first, last)
+        assert int(proc.named[0]) == (2 if last == "drugs" else 0)
+        assert int(proc.masked[0, -1]) == (0 if last == "drugs" else 1)  # live / allowed
+        if not want:
+            out.append(7)
+            sent.clear()
+            _step(proc, [hot + hot + named[first]])   # a token: the prompt end's name holds
+            assert sent[0].event == 0
 
 
 def test_a_prompt_readout_beside_the_heads_verdict_flags_when_either_does():

@@ -262,6 +262,12 @@ def replay(
             named = rp.name_categories(rows, head, log=lambda *a: None)
             typer.echo(f"named the category of {named} allow-list requests with the head's "
                        "attribution read-out (transformers forward)")
+            unnamed = [r for r in rows if rp.needs_name(r, base) and r.named is None]
+            if unnamed:
+                raise rp.TraceError(
+                    f"{len(unnamed)} allow-list requests cannot be named (a safety run, "
+                    "another --mode than enforce, or a guideline), and this head names each "
+                    "request's category from the prompt the server rendered: leave them out")
     except (rp.TraceError, OSError, KeyError, ValueError) as exc:  # incl. a bad checkpoint or JSON
         raise typer.BadParameter(str(exc)) from exc
     if not rows:

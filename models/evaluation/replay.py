@@ -230,6 +230,10 @@ def load_cosa_run(path: str | Path, names: tuple[str, ...]) -> list[TracedRow]:
             refused_by_text=not answered, answered_by_text=answered,
             extra={"id": row.get("id"), "key": request_key(row), "situation": row.get("situation"),
                    "prompt": row.get("prompt"),
+                   # what name_categories renders is what the server saw only for a lone user
+                   # turn: enforce mode, no guideline (a guideline is a system message)
+                   "rendered_alone": row.get("mode") == "enforce"
+                   and not ((row["safety"].get("config") or {}).get("guideline")),
                    "server_trigger": _server_trigger(row),
                    "tau": (row["safety"].get("config") or {}).get("tau"),
                    "shift": (row["safety"].get("config") or {}).get("threshold_shift")}))
@@ -247,7 +251,7 @@ def _violated(scores: np.ndarray, thresholds: np.ndarray, live: np.ndarray, row:
               rule: Rule) -> np.ndarray:
     """[T] whether each step of ``scores`` [T, K] violates (the decision kernel's rule)."""
     out = ((scores >= thresholds) & live).any(axis=1)
-    if row.allow and rule.per_request_attribution:
+    if needs_name(row, rule):
         if row.named is None:
             raise TraceError("this head's attribution read-out (checkpoint format 7) names the "
                              "category of each allow-list request from its hidden states, which "
@@ -270,10 +274,10 @@ def _violated(scores: np.ndarray, thresholds: np.ndarray, live: np.ndarray, row:
 
 def name_categories(rows: list[TracedRow], head_dir: str | Path,
                     model_dir: str | Path | None = None, log=print) -> int:
-    """Set ``named`` on every allow-list row with a prompt text (``eval cosa`` runs): the
+    """Set ``named`` on every allow-list row of an ``eval cosa --mode enforce`` run without a
+    guideline (what the server rendered then is the prompt as a lone user message): the
     category the head's attribution read-out scores highest at the prompt end, from the
-    transformers forward of the model the head is served with (rendered as the server renders
-    a lone user message, which is what ``eval cosa --mode enforce`` sends). Returns how many."""
+    transformers forward of the model the head is served with. Returns how many."""
     import torch
 
     from safeserve.models.checkpoint import load_safety_head
@@ -282,7 +286,8 @@ def name_categories(rows: list[TracedRow], head_dir: str | Path,
     from safeserve.models.safety_features import load_lm
 
     head = load_safety_head(head_dir)
-    todo = [r for r in rows if r.allow and r.extra.get("prompt")]
+    todo = [r for r in rows if r.allow and r.query is None and r.extra.get("prompt")
+            and r.extra.get("rendered_alone")]
     if head.attribution is None or not todo:
         return 0
     model, tok = load_lm(served_model_for(Path(head_dir), model_dir))
@@ -293,6 +298,13 @@ def name_categories(rows: list[TracedRow], head_dir: str | Path,
     for r, t in zip(todo, top):
         r.named = ids[t]
     return len(todo)
+
+
+def needs_name(row: TracedRow, rule: Rule) -> bool:
+    """Whether the server names ``row``'s category (format 7): an allow-list and no assistant
+    prefill (a prefilled request's prompt end is the attacker's text, so the server keeps
+    per-token attribution there; such a row has a query verdict)."""
+    return bool(row.allow) and rule.per_request_attribution and row.query is None
 
 
 def trigger_step(row: TracedRow, rule: Rule) -> int | None:
