@@ -19,7 +19,6 @@ the prompt's labelled categories, against the head's own top category at the pro
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from pathlib import Path
@@ -42,9 +41,9 @@ def train_attribution(head_dir: Path, out: Path, data_root: Path, model_dir: Pat
     from safeserve.kernels.safety_head import head_logits
     from safeserve.models.checkpoint import load_safety_head
     from safeserve.models.head_check import served_model_for
-    from safeserve.models.prompt_head import build_prompt_rows, fit_readout, prompt_end_features
+    from safeserve.models.prompt_head import (build_prompt_rows, fit_readout,
+                                              prompt_end_features, write_readout_checkpoint)
     from safeserve.models.safety_features import load_lm
-    from safeserve.models.safety_train import write_checkpoint
 
     t0 = time.time()
     head = load_safety_head(head_dir)
@@ -81,17 +80,5 @@ def train_attribution(head_dir: Path, out: Path, data_root: Path, model_dir: Pat
             "top_category_labelled_by_head": top_hit_rate(own[conversational],
                                                           yh[conversational])},
         "data_root": str(data_root), "seed": seed, "seconds": round(time.time() - t0)}}
-    old = Path(head_dir) / "safety_head" / "metrics.json"
-    all_metrics = {**(json.loads(old.read_text()) if old.is_file() else {}), **metrics}
-    extra = {**head.extra, "attribution": metrics["attribution"]}
-    if model_dir is not None:
-        extra["base_model"] = str(model_dir)
-    write_checkpoint(head, all_metrics, Path(out), extra, self_check_model=lm_dir, log=log,
-                     model=model, tok=tok)
-    adapter = Path(head_dir) / "adapter"
-    if adapter.is_dir() and Path(out) != Path(head_dir):
-        import shutil
-
-        shutil.copytree(adapter, Path(out) / "adapter", dirs_exist_ok=True)
-    log(json.dumps(metrics["attribution"]))
-    return metrics["attribution"]
+    return write_readout_checkpoint(head, head_dir, out, model_dir, lm_dir, "attribution",
+                                    metrics["attribution"], model, tok, log)

@@ -209,7 +209,6 @@ def train_prompt_head(head_dir: Path, out: Path, data_root: Path, model_dir: Pat
     from safeserve.models.decision_defaults import prompt_logit_offset
     from safeserve.models.head_check import served_model_for
     from safeserve.models.safety_features import load_lm
-    from safeserve.models.safety_train import write_checkpoint
 
     t0 = time.time()
     head = load_safety_head(head_dir)
@@ -267,11 +266,25 @@ def train_prompt_head(head_dir: Path, out: Path, data_root: Path, model_dir: Pat
             "benign_flagged": round(readout_flagged[benign].float().mean().item(), 4),
             "harmful_flagged": round(readout_flagged[~benign].float().mean().item(), 4)},
         "data_root": str(data_root), "seed": seed, "seconds": round(time.time() - t0)}}
+    return write_readout_checkpoint(
+        head, head_dir, out, model_dir, lm_dir, "prompt_head", metrics["prompt_head"],
+        model, tok, log, note="prompt-verdict metrics above prompt_head were measured with the "
+                              "head's own weights, before the prompt read-out")
+
+
+def write_readout_checkpoint(head, head_dir: Path, out: Path, model_dir: Path | None,
+                             lm_dir: Path, key: str, stats: dict, model, tok, log=print,
+                             note: str | None = None) -> dict:
+    """Write ``head`` (the head of ``head_dir`` with a read-out added) to ``<out>/safety_head/``
+    with its self-check record on the served LM: the old metrics with ``stats`` under ``key``
+    (also in ``head_config.json``), and ``head_dir``'s LoRA adapter beside it. Returns
+    ``stats``."""
+    from safeserve.models.safety_train import write_checkpoint
+
     old = Path(head_dir) / "safety_head" / "metrics.json"
-    all_metrics = {**(json.loads(old.read_text()) if old.is_file() else {}), **metrics,
-                   "note": "prompt-verdict metrics above prompt_head were measured with the "
-                           "head's own weights, before the prompt read-out"}
-    extra = {**head.extra, "prompt_head": metrics["prompt_head"]}
+    all_metrics = {**(json.loads(old.read_text()) if old.is_file() else {}), key: stats,
+                   **({"note": note} if note else {})}
+    extra = {**head.extra, key: stats}
     if model_dir is not None:
         extra["base_model"] = str(model_dir)
     write_checkpoint(head, all_metrics, Path(out), extra, self_check_model=lm_dir, log=log,
@@ -281,5 +294,5 @@ def train_prompt_head(head_dir: Path, out: Path, data_root: Path, model_dir: Pat
         import shutil
 
         shutil.copytree(adapter, Path(out) / "adapter", dirs_exist_ok=True)
-    log(json.dumps(metrics["prompt_head"]))
-    return metrics["prompt_head"]
+    log(json.dumps(stats))
+    return stats

@@ -113,6 +113,15 @@ def _thresholded(metrics: dict) -> dict:
     return metrics.get("thresholded_on_test_half") or metrics["thresholded_on_all_heldout"]
 
 
+# The read-out jobs (`train prompt-head`, `train attribution`) take the same four options.
+_READOUT_HEAD_HELP = ("A bundled head (default, guarded, strict) or a directory holding "
+                      "safety_head/.")
+_READOUT_DATA_HELP = ("Folder of the public datasets (training sources; every evaluation set's "
+                      "prompts are removed).")
+_READOUT_MODEL_HELP = ("Base model the head reads (default: the one the head records, if "
+                       "present, else the embedded one).")
+
+
 def write_checkpoint(head: SafetyHead, metrics: dict, out: Path, extra: dict,
                      self_check_model: Path | None = None, log=print, dtype: str = "float32",
                      model=None, tok=None) -> Path:
@@ -606,13 +615,10 @@ def register(app) -> None:
 
     @app.command("prompt-head")
     def prompt_head_cmd(
-        head: str = typer.Option(..., help="A bundled head (default, guarded, strict) or a directory "
-                                 "holding safety_head/."),
+        head: str = typer.Option(..., help=_READOUT_HEAD_HELP),
         out: Path = typer.Option(..., help="Output directory (safety_head/, adapter/)."),
-        data_root: Path = typer.Option(..., help="Folder of the public datasets (training "
-                                       "sources; every evaluation set's prompts are removed)."),
-        model: Path = typer.Option(None, help="Base model the head reads (default: the one "
-                                   "the head records, if present, else the embedded one)."),
+        data_root: Path = typer.Option(..., help=_READOUT_DATA_HELP),
+        model: Path = typer.Option(None, help=_READOUT_MODEL_HELP),
         target_fpr: float = typer.Option(0.05, min=0.0, max=1.0, help="Held-out benign prompts flagged, at most "
                                          "(any output)."),
         seed: int = typer.Option(0, help="Seed of the wrappers and the held-out split."),
@@ -648,13 +654,10 @@ def register(app) -> None:
 
     @app.command("attribution")
     def attribution_cmd(
-        head: str = typer.Option(..., help="A bundled head (default, guarded, strict) or a directory "
-                                 "holding safety_head/."),
+        head: str = typer.Option(..., help=_READOUT_HEAD_HELP),
         out: Path = typer.Option(..., help="Output directory (safety_head/, adapter/)."),
-        data_root: Path = typer.Option(..., help="Folder of the public datasets (training "
-                                       "sources; every evaluation set's prompts are removed)."),
-        model: Path = typer.Option(None, help="Base model the head reads (default: the one "
-                                   "the head records, if present, else the embedded one)."),
+        data_root: Path = typer.Option(..., help=_READOUT_DATA_HELP),
+        model: Path = typer.Option(None, help=_READOUT_MODEL_HELP),
         seed: int = typer.Option(0, help="Seed of the wrappers and the held-out split."),
     ) -> None:
         """Fit the attribution read-out (checkpoint format 7): under an allow-list, the category

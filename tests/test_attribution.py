@@ -5,7 +5,6 @@ and `safeserve train attribution` on a tiny model."""
 
 from __future__ import annotations
 
-import gzip
 import json
 
 import pytest
@@ -17,7 +16,7 @@ from safeserve.models.checkpoint import (ATTRIBUTION_SERVED_SCALE, FORMAT_VERSIO
                                          CheckpointError, SafetyHead, load_safety_head)
 from safeserve.models.taxonomy import Taxonomy
 from conftest import tiny_llama_with_default_tokenizer
-from test_prompt_head import data_root
+from test_prompt_head import data_root, labelled_questions
 
 TAX = Taxonomy.load()
 C = len(TAX.categories)
@@ -196,22 +195,13 @@ def test_train_attribution_fits_the_labelled_categories(tmp_path, tiny_model, mo
     """On a tiny model and data root: the read-out is fitted on the categorised harmful
     prompts (labelled questions included), the head's own tensors are kept, and the held-out
     metrics and self-check record are written."""
-    from safeserve.models import question_data
     from safeserve.models.attribution import top_hit_rate, train_attribution
     from safeserve.models.head_check import SelfCheck
 
     root = data_root(tmp_path / "data")
     turns = {f"how do i poison my neighbour's dog number {i}?": "violence" for i in range(6)}
     turns["how do jellyfish mate?"] = None
-    (root / "hh_rlhf_harmless").mkdir()
-    with gzip.open(root / "hh_rlhf_harmless/harmless-base_test.jsonl.gz", "wt") as f:
-        for t in turns:
-            f.write(json.dumps({"chosen": f"\n\nHuman: {t}\n\nAssistant: ok"}) + "\n")
-    labels = tmp_path / "labels.tsv"
-    labels.write_text("key\tlabel\tcategories\n" + "".join(
-        f"{question_data.prompt_key(t)}\t{'unsafe' if c else 'safe'}\t{c or ''}\n"
-        for t, c in turns.items()))
-    monkeypatch.setattr(question_data, "LABELS_FILE", labels)
+    labelled_questions(root, tmp_path / "labels.tsv", turns, monkeypatch)
     head = _head(extra={"base_model": str(tiny_model), "operating_point": {"tau": 4}})
     head.save(tmp_path / "head")
     stats = train_attribution(tmp_path / "head", tmp_path / "out", root, log=lambda *a: None)

@@ -4,6 +4,7 @@ forward reproduces, and its thresholds are folded against the head's served ones
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -36,6 +37,21 @@ def data_root(root):
          for i in range(40)]))
     (root / "advbench/harmful_behaviors.csv").write_text(f"goal,target\n{LEAKED},Sure\n")
     return root
+
+
+def labelled_questions(root, labels, turns: dict, monkeypatch) -> None:
+    """HH first turns under ``root`` and this project's labels for them (``turns``: text ->
+    category, None = safe) in ``labels``, which ``question_data`` then reads."""
+    from safeserve.models import question_data
+
+    (root / "hh_rlhf_harmless").mkdir()
+    with gzip.open(root / "hh_rlhf_harmless/harmless-base_test.jsonl.gz", "wt") as f:
+        for t in turns:
+            f.write(json.dumps({"chosen": f"\n\nHuman: {t}\n\nAssistant: ok"}) + "\n")
+    labels.write_text("key\tlabel\tcategories\n" + "".join(
+        f"{question_data.prompt_key(t)}\t{'unsafe' if c else 'safe'}\t{c or ''}\n"
+        for t, c in turns.items()))
+    monkeypatch.setattr(question_data, "LABELS_FILE", labels)
 
 
 def record_holds_then_move(tmp_path, tiny_model, head):
@@ -146,22 +162,10 @@ def test_train_prompt_head_either_adds_the_readout_to_the_heads_verdict(tmp_path
 
 
 def test_prompt_rows_take_the_labelled_questions_but_no_evaluation_copy(tmp_path, monkeypatch):
-    import gzip
-
-    from safeserve.models import question_data
-
     root = data_root(tmp_path / "data")
     turns = {"how do i poison my neighbour's dog?": "violence", "how do jellyfish mate?": None,
              LEAKED.lower() + "?": "weapons"}
-    (root / "hh_rlhf_harmless").mkdir()
-    with gzip.open(root / "hh_rlhf_harmless/harmless-base_test.jsonl.gz", "wt") as f:
-        for t in turns:
-            f.write(json.dumps({"chosen": f"\n\nHuman: {t}\n\nAssistant: ok"}) + "\n")
-    labels = tmp_path / "labels.tsv"
-    labels.write_text("key\tlabel\tcategories\n" + "".join(
-        f"{question_data.prompt_key(t)}\t{'unsafe' if c else 'safe'}\t{c or ''}\n"
-        for t, c in turns.items()))
-    monkeypatch.setattr(question_data, "LABELS_FILE", labels)
+    labelled_questions(root, tmp_path / "labels.tsv", turns, monkeypatch)
     plain = build_prompt_rows(root, warn=lambda *a: None)
     rows = build_prompt_rows(root, questions=True, warn=lambda *a: None)
     added = {r.text: r for r in rows if r.group.startswith("hhq:")}
