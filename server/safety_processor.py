@@ -336,7 +336,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
                              alert_scale=self.alert_scale,
                              prompt_thresholds=self.prompt_thresholds if prompt_work else None,
                              prompt_lift=self.prompt_lift if prompt_work else 1.0)
-        if self.n_attribution:
+        # (off-GPU a step with no bit set, nearly every one, has nothing to name)
+        if self.n_attribution and (self.sync_free or bool(cats.any())):
             name_overall_bits(cats, self.named[:n], self.k)
         report = None
         if self.telemetry.sock is not None:  # the step's telemetry rows; the strategy fills
