@@ -61,7 +61,8 @@ class Rule:
     alert_margin: float = 0.0
     alert_tau: int | None = None
     # A format-7 head names the overall output's category once per request, from hidden
-    # states a trace does not hold: its allow-list requests cannot be replayed.
+    # states a trace does not hold: its allow-list requests replay once ``name_categories``
+    # has named them from the forward.
     per_request_attribution: bool = False
 
     @property
