@@ -13,10 +13,13 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -160,7 +163,8 @@ def compose_checkpoint(base_dir: Path, head_dir: Path, root: Path | None = None)
     # a composed copy. Each part is framed by its name and length.
     base = Path(base_dir).resolve()
     sha = hashlib.sha256(str(base).encode() + b"\0")
-    for f in sorted(p for p in base.iterdir() if p.is_file()):
+    # A composed base's marker is left out: its mtime records use, not content.
+    for f in sorted(p for p in base.iterdir() if p.is_file() and p.name != _DONE_MARKER):
         st = f.stat()
         sha.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
     for p in parts:
@@ -170,6 +174,7 @@ def compose_checkpoint(base_dir: Path, head_dir: Path, root: Path | None = None)
     root = root or cache_dir() / "models"
     final = root / f"{Path(base_dir).name}-safeserve-{digest}"
     if (final / _DONE_MARKER).is_file():
+        _mark_used(final)
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
@@ -190,3 +195,97 @@ def compose_checkpoint(base_dir: Path, head_dir: Path, root: Path | None = None)
             return final
         raise
     return final
+
+
+# Composed copies are named <base name>-safeserve-<12 hex digits of the key>.
+_COMPOSED_NAME = re.compile(r".+-safeserve-[0-9a-f]{12}$")
+# A temporary directory of a compose or conversion that crashed is left this long before a
+# prune removes it (one still being written is younger).
+_STALE_TMP_S = 24 * 3600
+
+
+def _mark_used(copy: Path) -> None:
+    """The marker's mtime is the copy's last use (what ``prune_composed --older-than`` reads)."""
+    try:
+        os.utime(copy / _DONE_MARKER)
+    except OSError:  # a read-only cache still serves
+        pass
+
+
+@dataclass(frozen=True)
+class ComposedCopy:
+    """One composed checkpoint in the cache."""
+
+    path: Path
+    base: str  # the base model directory it was composed from
+    adapter_merged: bool
+    last_used: float  # epoch seconds: the marker's mtime
+    bytes: int  # its own files (the base's symlinked files are not counted)
+
+    @property
+    def orphaned(self) -> bool:
+        """Its base model is gone: a symlinked copy no longer loads, a merged one is stale."""
+        return not (Path(self.base) / "config.json").is_file()
+
+
+def _own_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            p = Path(dirpath) / f
+            if not p.is_symlink():
+                total += p.stat().st_size
+    return total
+
+
+def composed_copies(root: Path | None = None) -> list[ComposedCopy]:
+    """Every finished composed copy under ``root`` (the cache's models folder), oldest use
+    first. The converted default model and anything not composed by SafeServe are not listed."""
+    root = root or cache_dir() / "models"
+    out = []
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        marker = d / _DONE_MARKER
+        if d.is_symlink() or not _COMPOSED_NAME.match(d.name) or not marker.is_file():
+            continue
+        try:
+            info = json.loads(marker.read_text())
+            base = str(info["base"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not one of ours after all: never delete what we cannot read
+        out.append(ComposedCopy(d, base, bool(info.get("adapter_merged")), marker.stat().st_mtime,
+                                _own_bytes(d)))
+    return sorted(out, key=lambda c: c.last_used)
+
+
+def prune_composed(older_than_days: float | None = None, *, root: Path | None = None,
+                   dry_run: bool = False, now: float | None = None) -> list[Path]:
+    """Remove composed copies whose base model is gone, and, with ``older_than_days``, those
+    not used for that long (a later serve composes them again: a symlink copy in a moment, a
+    merged adapter in about a minute). A copy another kept copy was composed from is kept.
+    Also removes temporary folders of composes that crashed more than a day ago. Returns what
+    was (or, with ``dry_run``, would be) removed."""
+    root = root or cache_dir() / "models"
+    now = time.time() if now is None else now
+    copies = composed_copies(root)
+    if older_than_days is not None and older_than_days < 0:
+        raise ValueError(f"--older-than must be >= 0 days; got {older_than_days}")
+    drop = {c.path.resolve() for c in copies if c.orphaned or (
+        older_than_days is not None and now - c.last_used > older_than_days * 86400)}
+    # Keep the bases of kept copies (a head composed over an adapted model's copy).
+    changed = True
+    while changed:
+        changed = False
+        for c in copies:
+            base = Path(c.base).resolve()
+            if c.path.resolve() not in drop and base in drop:
+                drop.discard(base)
+                changed = True
+    removed = [c.path for c in copies if c.path.resolve() in drop]
+    if root.is_dir():
+        removed += sorted(t for t in root.iterdir()
+                          if t.name.startswith(".") and t.is_dir() and not t.is_symlink()
+                          and now - t.stat().st_mtime > _STALE_TMP_S)
+    if not dry_run:
+        for path in removed:
+            shutil.rmtree(path, ignore_errors=True)
+    return removed

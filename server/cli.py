@@ -73,6 +73,40 @@ def model_prepare():
     typer.echo(ensure_default_model())
 
 
+@model_app.command("cache")
+def model_cache():
+    """List the composed checkpoints in the cache (a base model plus a safety head, one per
+    head and base): size, last use, and whether their base model is still there."""
+    import datetime
+
+    from safeserve.models.model_store import cache_dir, composed_copies
+
+    copies = composed_copies()
+    for c in copies:
+        used = datetime.datetime.fromtimestamp(c.last_used).strftime("%Y-%m-%d %H:%M")
+        state = "orphaned (base gone)" if c.orphaned else ("adapter merged" if c.adapter_merged
+                                                          else "ok")
+        typer.echo(f"{c.path.name}  {c.bytes / 2**20:8.1f} MiB  last used {used}  {state}")
+    total = sum(c.bytes for c in copies)
+    typer.echo(f"{len(copies)} composed copies, {total / 2**20:.1f} MiB, in {cache_dir() / 'models'}")
+
+
+@model_app.command("prune")
+def model_prune(
+    older_than: float = typer.Option(None, "--older-than", min=0,
+                                     help="Also remove copies not used for this many days."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would go; remove nothing."),
+):
+    """Remove composed checkpoints whose base model is gone (and, with --older-than, unused
+    ones). The converted default model is kept; a serve recomposes what it needs."""
+    from safeserve.models.model_store import prune_composed
+
+    removed = prune_composed(older_than, dry_run=dry_run)
+    for path in removed:
+        typer.echo(f"{'would remove' if dry_run else 'removed'} {path}")
+    typer.echo(f"{len(removed)} {'would be ' if dry_run else ''}removed")
+
+
 def _register_plugins() -> None:
     """Commands contributed by the training/evaluation modules (each owns its options)."""
     import importlib

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +24,27 @@ sys.path.insert(0, str(Path(__file__).parent))
 # pytest process only. Servers started by the tests get an environment without it.
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+def pytest_configure(config):
+    """Compose into a cache of this session's own: the tests compose checkpoints over
+    temporary base models, which must not pile up in the user's cache (~/.cache/safeserve)
+    once pytest deletes their bases. The converted default model is shared, by a symlink,
+    so it is converted at most once per machine, as in use."""
+    from safeserve.models.model_store import DEFAULT_MODEL_NAME, cache_dir, ensure_default_model
+
+    real = ensure_default_model(cache_dir() / "models")
+    session = Path(tempfile.mkdtemp(prefix="safeserve-test-cache-"))
+    (session / "models").mkdir()
+    (session / "models" / DEFAULT_MODEL_NAME).symlink_to(real, target_is_directory=True)
+    config._safeserve_cache = session
+    os.environ["SAFESERVE_CACHE_DIR"] = str(session)
+
+
+def pytest_unconfigure(config):
+    session = getattr(config, "_safeserve_cache", None)
+    if session is not None:
+        shutil.rmtree(session, ignore_errors=True)  # the shared model is a symlink: kept
 
 
 def server_env(extra: dict | None = None) -> dict:
