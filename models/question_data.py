@@ -26,12 +26,17 @@ our labels but none of the dataset's text; the build joins them with the data fi
 * categories: the harm the request is about, several when several apply; ``other`` for harm
   outside the eight named categories (vandalism, revenge pranks, evading police, cheating).
 
-Two rounds. First, 480 prompts sampled (seed 0) from the first turns that are not near copies
+Three rounds. First, 480 prompts sampled (seed 0) from the first turns that are not near copies
 of an evaluation prompt (see ``leak_keys``): 321 unsafe, 159 safe. Second (2026-12-05), 800 more
 from the first turns not yet labelled, not near copies, under 400 characters (shuffled with seed
-1), labelled by four labellers (200 each) working from the same guide: 504 unsafe, 296 safe. In
-all 1280: 825 unsafe, 455 safe; per category discrimination 198, violence 182, financial_crime
-173, other 128, privacy 69, drugs 62, sexual 52, weapons 36, self_harm 10.
+1), labelled by four labellers (200 each) working from the same guide: 504 unsafe, 296 safe.
+Third (2026-12-05, after the default head v8 was trained), the 683 such turns left (seed 2),
+three labellers, same guide: 384 unsafe, 299 safe. In all 1963: 1209 unsafe, 754 safe; per
+category discrimination 291, violence 261, financial_crime 251, other 183, privacy 108, drugs
+90, sexual 78, weapons 46, self_harm 16. Close calls the labellers settled the same way:
+profanity on request is safe, insults aimed at a person or group are not; a factual yes/no
+question ("can fertilizer be used to make a bomb?") is safe, a plan is not; a leading question
+that invites agreement with a hateful claim is unsafe.
 
 The build (``safeserve train build-question-data``) gives each labelled prompt the base model's
 own greedy answer: a safe prompt's answer is safe throughout; an unsafe prompt's answer is
