@@ -214,7 +214,7 @@ REFUSAL = "I'm sorry, but I can't help with that."
 
 
 def test_cosa_score_arithmetic():
-    from safeserve.models.evaluation.cosa_eval import score_rows, summarise
+    from safeserve.models.evaluation.cosa_eval import render_markdown, score_rows, summarise
 
     rows = [
         _row(["violence"], "answer", ANSWER, _server(True, ["violence"])),         # h1 s+1
@@ -240,6 +240,9 @@ def test_cosa_score_arithmetic():
     assert s["by_config"]["violence"]["seen"] and not s["by_config"]["safe"]["seen"]
     assert s["seen"]["n"] == 3 and s["unseen"]["n"] == 3
     assert not s["targets"]["answered_disallowed_ok"]
+    # the answered should-refuse rows, by what the server did (the label-proxy row had none)
+    assert o["answered_disallowed_by_action"] == {"no_safety_object": 1, "none": 2}
+    assert "none 2" in render_markdown(s)
 
 
 def test_server_intervention_is_not_helpful():
