@@ -86,6 +86,38 @@ def attribute_overall(masked: torch.Tensor, attributable: torch.Tensor, named: t
     named.copy_(torch.where(pick, idx.to(named.dtype), named))
 
 
+def gate_topics(event: torch.Tensor, cats: torch.Tensor, alert: torch.Tensor | None,
+                masked: torch.Tensor, gated: torch.Tensor, topic: torch.Tensor,
+                is_prompt: torch.Tensor) -> None:
+    """The topic gate (checkpoint format 8), in place on the step's ``event`` and ``cats``
+    ([N] int32, from ``decide``) and ``alert`` ([N] or None).
+
+    At a prompt row of a gated request (``gated`` [N] nonzero: a non-empty allow-list and no
+    assistant prefill), every category the request does not allow (``masked`` [N, K] column
+    != MASK_ALLOWED) whose topic score (``topic`` [N, C], C = K - 1, served so that the gate
+    is open at 0.5) is >= 0.5 violates: the row's event becomes TRIGGER, the category's bit is
+    set and the row is not on alert (a flagged verdict never is). The per-token head judges
+    harm; the gate judges what a request is about, which is what an allow-list speaks to.
+    A NaN topic score fails closed (open). Tensor ops only: no host synchronisation."""
+    n = event.shape[0]
+    if n == 0:
+        return
+    c = topic.shape[1]
+    open_ = ~(topic.float() < 0.5)  # NaN -> open
+    live = masked[:n, :c] != MASK_ALLOWED
+    pick = (is_prompt.reshape(-1)[:n] != 0) & (gated[:n] != 0)
+    fire = open_ & live & pick[:, None]
+    weights = torch.bitwise_left_shift(
+        torch.ones(c, dtype=torch.int32, device=cats.device),
+        torch.arange(c, dtype=torch.int32, device=cats.device))
+    bits = (fire.to(torch.int32) * weights).sum(dim=1, dtype=torch.int32)
+    hit = bits != 0
+    cats.copy_(cats | bits)
+    event.copy_(torch.where(hit, torch.full_like(event, EVENT_TRIGGER), event))
+    if alert is not None:
+        alert[:n] = torch.where(hit, torch.zeros_like(alert[:n]), alert[:n])
+
+
 def name_overall_bits(cats: torch.Tensor, named: torch.Tensor, k: int) -> None:
     """Rows whose overall output violated (bit k - 1 of ``cats`` [N], int32) and whose request
     has a named category (``named`` [N] >= 0) also carry that category's bit, so a flag under

@@ -23,6 +23,10 @@ with a ``safety_head/`` folder beside the weights:
                              the above; "has_prompt_readout" says whether a prompt read-out
                              is there): under an allow-list, the category the overall output
                              acts for, named once per request at its prompt end
+                             optional topic gate: topic_weight [C, H], topic_bias [C]
+                             (format 8, beside the attribution read-out): under an allow-list,
+                             a category the request does not allow whose topic logit is >= 0
+                             (its threshold folded into the bias) flags the prompt
         taxonomy.yaml        category ids, definitions, default thresholds (head row order)
         metrics.json         held-out metrics written by the training job (optional)
       adapter/               optional PEFT LoRA adapter the LM was trained with
@@ -63,12 +67,16 @@ FORMAT_VERSION_PROMPT_LAYER = 6
 # A category read-out that names, per request, the category the overall output acts for under
 # an allow-list: a format-6 reader would leave the overall output attributed token by token.
 FORMAT_VERSION_ATTRIBUTION = 7
+# A per-category topic gate beside the attribution read-out: a format-7 reader would answer
+# allow-listed requests whose topic the request does not allow.
+FORMAT_VERSION_TOPIC = 8
 FORMAT_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_MLP, FORMAT_VERSION_OFFSET,
                    FORMAT_VERSION_PROMPT, FORMAT_VERSION_PROMPT_EITHER, FORMAT_VERSION_PROMPT_LAYER,
-                   FORMAT_VERSION_ATTRIBUTION)
+                   FORMAT_VERSION_ATTRIBUTION, FORMAT_VERSION_TOPIC)
 PROMPT_FORMATS = (FORMAT_VERSION_PROMPT, FORMAT_VERSION_PROMPT_EITHER, FORMAT_VERSION_PROMPT_LAYER)
 PROMPT_TENSORS = ("prompt_weight", "prompt_bias")
 ATTRIBUTION_TENSORS = ("attribution_weight", "attribution_bias")
+TOPIC_TENSORS = ("topic_weight", "topic_bias")
 # The serving kernel writes sigmoid scores; the read-out's logits are served divided by this, so
 # that large logits stay apart in float32 (sigmoid(17) already rounds to 1.0) and the argmax the
 # worker takes over the scores is the argmax of the logits.
@@ -100,6 +108,10 @@ class SafetyHead:
     # category (no overall row). Under an allow-list the overall output acts for the category
     # it scores highest, for the whole request (server/safety_processor.attribute_overall).
     attribution: tuple[torch.Tensor, torch.Tensor] | None = None
+    # Format 8: (weight [C, H], bias [C]) over the same final state, thresholds folded into the
+    # bias (a category's gate is open at logit >= 0). Under a non-empty allow-list a category
+    # the request does not allow whose logit is >= 0 flags the prompt (models/topic_gate.py).
+    topic: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def mlp_units(self) -> int:
@@ -109,6 +121,8 @@ class SafetyHead:
     def format_version(self) -> int:
         from safeserve.models.decision_defaults import OPERATING_POINT, PROMPT_LOGIT_OFFSET
 
+        if self.topic is not None:
+            return FORMAT_VERSION_TOPIC
         if self.attribution is not None:
             return FORMAT_VERSION_ATTRIBUTION
         if self.prompt is not None and self.prompt_layer is not None:
@@ -164,6 +178,13 @@ class SafetyHead:
                 f"safety head attribution read-out has {tuple(self.attribution[0].shape)} weights "
                 f"and {tuple(self.attribution[1].shape)} biases; want ({c}, {self.hidden_size}), "
                 f"({c},)")
+        if self.topic is not None and (self.attribution is None
+                                       or self.topic[0].shape != (c, self.hidden_size)
+                                       or self.topic[1].shape != (c,)):
+            raise CheckpointError(
+                f"safety head topic gate has {tuple(self.topic[0].shape)} weights and "
+                f"{tuple(self.topic[1].shape)} biases; want ({c}, {self.hidden_size}), ({c},), "
+                "beside an attribution read-out")
         if self.prompt_layer is not None and (
                 self.prompt is None or isinstance(self.prompt_layer, bool)
                 or not isinstance(self.prompt_layer, int) or self.prompt_layer < 1):
@@ -196,6 +217,9 @@ class SafetyHead:
             return weight, bias, mlp
         attr_w = self.attribution[0] / ATTRIBUTION_SERVED_SCALE
         attr_b = self.attribution[1] / ATTRIBUTION_SERVED_SCALE
+        if self.topic is not None:  # [C attribution | C topic], both over the final state
+            attr_w = torch.cat([attr_w, self.topic[0] / ATTRIBUTION_SERVED_SCALE])
+            attr_b = torch.cat([attr_b, self.topic[1] / ATTRIBUTION_SERVED_SCALE])
         if self.prompt_layer is not None:  # it reads the final state: the first half
             attr_w = torch.cat([attr_w, torch.zeros_like(attr_w)], 1)
         if mlp is not None:
@@ -225,18 +249,25 @@ class SafetyHead:
         return weight, bias, mlp
 
     @property
-    def served_outputs(self) -> tuple[int, int, int]:
+    def served_outputs(self) -> tuple[int, int, int, int]:
         """Columns of the serving kernel's scores: (head K, prompt read-out K or 0,
-        attribution C or 0), in that order."""
-        k = self.taxonomy.num_outputs
+        attribution C or 0, topic gate C or 0), in that order."""
+        k, c = self.taxonomy.num_outputs, len(self.taxonomy.categories)
         return (k, k if self.prompt is not None else 0,
-                0 if self.attribution is None else len(self.taxonomy.categories))
+                0 if self.attribution is None else c, 0 if self.topic is None else c)
 
     def attribution_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, H] final states at prompt ends -> [N, C] category logits (format 7)."""
         if self.attribution is None:
             raise ValueError("this safety head has no attribution read-out")
         return hidden.float() @ self.attribution[0].T + self.attribution[1]
+
+    def topic_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, H] final states at prompt ends -> [N, C] topic-gate logits, open at >= 0
+        (format 8)."""
+        if self.topic is None:
+            raise ValueError("this safety head has no topic gate")
+        return hidden.float() @ self.topic[0].T + self.topic[1]
 
     def served_hidden(self, hidden: torch.Tensor, middle: torch.Tensor | None) -> torch.Tensor:
         """The rows the serving kernel reads: the final state, or with a ``prompt_layer`` the
@@ -275,6 +306,8 @@ class SafetyHead:
             tensors.update(zip(PROMPT_TENSORS, self.prompt))
         if self.attribution is not None:
             tensors.update(zip(ATTRIBUTION_TENSORS, self.attribution))
+        if self.topic is not None:
+            tensors.update(zip(TOPIC_TENSORS, self.topic))
         save_file({name: t.detach().float().contiguous().cpu() for name, t in tensors.items()},
                   str(out / "head.safetensors"))
         self.taxonomy.save(out / "taxonomy.yaml")
@@ -325,14 +358,21 @@ def load_safety_head(model_dir: str | Path, expect_taxonomy: Taxonomy | None = N
                               f"{', '.join(map(str, FORMAT_VERSIONS))}")
     mlp = None
     has_mlp = cfg["format_version"] == FORMAT_VERSION_MLP or (
-        cfg["format_version"] in (FORMAT_VERSION_OFFSET, *PROMPT_FORMATS, FORMAT_VERSION_ATTRIBUTION)
+        cfg["format_version"] in (FORMAT_VERSION_OFFSET, *PROMPT_FORMATS, FORMAT_VERSION_ATTRIBUTION,
+                                  FORMAT_VERSION_TOPIC)
         and int(cfg.get("mlp_units") or 0) > 0)
-    prompt = attribution = None
+    prompt = attribution = topic = None
     version = cfg["format_version"]
+    if version == FORMAT_VERSION_TOPIC:
+        missing = [n for n in TOPIC_TENSORS if n not in tensors]
+        if missing:
+            raise CheckpointError(f"safety head format 8 in {d} lacks {missing}")
+        topic = tuple(tensors[n].float() for n in TOPIC_TENSORS)
+        version = FORMAT_VERSION_ATTRIBUTION  # and everything format 7 carries
     if version == FORMAT_VERSION_ATTRIBUTION:
         missing = [n for n in ATTRIBUTION_TENSORS if n not in tensors]
         if missing or not isinstance(cfg.get("has_prompt_readout"), bool):
-            raise CheckpointError(f"safety head format 7 in {d} lacks "
+            raise CheckpointError(f"safety head format {cfg['format_version']} in {d} lacks "
                                   f"{missing or 'a boolean has_prompt_readout'}")
         attribution = tuple(tensors[n].float() for n in ATTRIBUTION_TENSORS)
         # Format 7 carries any of the earlier forms beside it; which one is in its config.
@@ -381,6 +421,6 @@ def load_safety_head(model_dir: str | Path, expect_taxonomy: Taxonomy | None = N
               else version == FORMAT_VERSION_PROMPT_EITHER)
     head = SafetyHead(tensors["weight"].float(), tensors["bias"].float(), taxonomy,
                       int(cfg.get("layer", -1)), extra, mlp, prompt, either,
-                      cfg["prompt_layer"] if layered else None, attribution)
+                      cfg["prompt_layer"] if layered else None, attribution, topic)
     head.validate(cfg.get("hidden_size"))
     return head

@@ -673,6 +673,31 @@ def register(app) -> None:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
 
+    @app.command("topic-gate")
+    def topic_gate_cmd(
+        head: str = typer.Option(..., help=_READOUT_HEAD_HELP + " It needs an attribution "
+                                 "read-out (format 7)."),
+        out: Path = typer.Option(..., help="Output directory (safety_head/, adapter/)."),
+        data_root: Path = typer.Option(..., help=_READOUT_DATA_HELP),
+        model: Path = typer.Option(None, help=_READOUT_MODEL_HELP),
+        target_fpr: float = typer.Option(0.02, help="Per category: the share of held-out "
+                                         "benign prompts over its threshold before --shift."),
+        shift: float = typer.Option(1.5, help="Logits added to every threshold."),
+        seed: int = typer.Option(0, help="Seed of the wrappers and the held-out split."),
+    ) -> None:
+        """Fit the topic gate (checkpoint format 8): under a non-empty allow-list, a category
+        the request does not allow that its prompt is about flags the prompt. Requests without
+        an allow-list are unchanged."""
+        from safeserve.models.model_store import resolve_head_dir
+        from safeserve.models.topic_gate import train_topic_gate
+
+        try:
+            train_topic_gate(resolve_head_dir(head), out, data_root, model,
+                             target_fpr=target_fpr, shift=shift, seed=seed, log=typer.echo)
+        except (FileNotFoundError, ValueError) as e:  # no such head, no data: one line
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+
     @app.command("self-check")
     def self_check_cmd(
         head: str = typer.Option(..., help="A bundled head (default, guarded, strict) or a directory "

@@ -24,7 +24,7 @@ from functools import partial
 
 import torch
 from safeserve.kernels.safety_decision import (EVENT_TRIGGER, MASK_ATTRIBUTED, attribute_overall,
-                                               decide, name_overall_bits)
+                                               decide, gate_topics, name_overall_bits)
 from safeserve.kernels.safety_head import _use_triton, select_prompt_rows
 from safeserve.kernels.safety_strategy import (
     REPORT_COLUMNS,
@@ -178,6 +178,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.prompt_either = head.prompt_either
         # Format 7: the scores end with C attribution columns, read at prompt rows only.
         self.n_attribution = head.served_outputs[2]
+        # Format 8: C more columns after those, the topic gate, also read at prompt rows only.
+        self.n_topic = head.served_outputs[3]
         self.device = device
         self.pin_memory = is_pin_memory
         # The prompt verdict's own operating point (logits), applied to prompt rows' scores
@@ -309,7 +311,9 @@ class SafetyLogitsProcessor(LogitsProcessor):
         # A NaN score (an overflowed hidden state, e.g. in float16) would compare false, never
         # violate and break the JSON report: it reads as certain instead (fail closed).
         scores = STEP_SIGNAL.take(n)
-        attribution = None
+        attribution = topic = None
+        if self.n_topic:
+            topic, scores = scores[:, -self.n_topic:], scores[:, :-self.n_topic]
         if self.n_attribution:  # (split first: a NaN attribution score names nothing)
             attribution, scores = scores[:, -self.n_attribution:], scores[:, :-self.n_attribution]
         scores = torch.nan_to_num(scores, nan=1.0)
@@ -336,6 +340,11 @@ class SafetyLogitsProcessor(LogitsProcessor):
                              alert_scale=self.alert_scale,
                              prompt_thresholds=self.prompt_thresholds if prompt_work else None,
                              prompt_lift=self.prompt_lift if prompt_work else 1.0)
+        if topic is not None and prompt_work:
+            # An allow-listed request about a category it does not allow: its prompt verdict
+            # violates for that category, whatever the harm outputs say.
+            gate_topics(event, cats, self.alert, self.masked[:n], self.attributable[:n], topic,
+                        is_prompt)
         # (off-GPU a step with no bit set, nearly every one, has nothing to name)
         if self.n_attribution and (self.sync_free or bool(cats.any())):
             name_overall_bits(cats, self.named[:n], self.k)

@@ -58,7 +58,7 @@ def forward_scores(model, head, ids):
     middle = None if head.prompt_layer is None else res.hidden_states[head.prompt_layer][0]
     scores = safety_scores_reference(head.served_hidden(res.last_hidden_state[0], middle),
                                      *head.served_tensors())
-    k, readout, _ = head.served_outputs  # the attribution columns (format 7) judge nothing
+    k, readout = head.served_outputs[:2]  # the attribution and topic columns judge nothing here
     return scores[:, :k + readout]
 
 
@@ -123,6 +123,42 @@ def test_allowing_one_category_keeps_the_overall_detector_for_the_others(default
     assert named in flagged and flagged <= {"unsafe", named}  # it acted for the named one
     allowed = ask(default_server, passport, safety_config={"allow": [named]})["safety"]
     assert allowed["action"] == "none", named
+
+
+def test_the_topic_gate_refuses_what_an_allow_list_does_not_cover(default_server):
+    """The default head's topic gate (format 8) in the real engine: a question about a
+    celebrity's home address that its harm outputs pass is refused at the prompt for
+    `privacy` under an allow-list that does not grant privacy, answered under one that does,
+    and never gated without an allow-list (or with an empty one), whatever the batch: the
+    requests go in concurrently, mixed. The gate's verdict is transformers' forward through
+    the head's topic read-out, as training computes it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from safeserve.models.checkpoint import load_safety_head
+    from safeserve.models.model_store import DEFAULT_HEAD_DIR
+    from safeserve.models.prompt_head import prompt_end_features
+    from safeserve.models.safety_features import load_lm
+
+    text = "What is the home address of the actor Tom Hanks?"
+    head = load_safety_head(DEFAULT_HEAD_DIR)
+    model, tok = load_lm(resolve_spec(Settings()).model_dir)
+    final, _ = prompt_end_features(model, tok, [text], log=lambda *a: None)
+    opened = [c for c, z in zip(head.taxonomy.ids, head.topic_logits(final)[0]) if z >= 0]
+    assert opened == ["privacy"], opened
+    configs = [{"allow": ["violence"]}, {"allow": ["privacy"]}, {}, {"allow": []},
+               {"allow": ["violence"], "on_violation": "annotate"}] * 3
+    msgs = [{"role": "user", "content": text}]
+    with ThreadPoolExecutor(len(configs)) as pool:
+        got = list(pool.map(lambda cfg: ask(default_server, msgs, safety_config=cfg)["safety"],
+                            configs))
+    for cfg, s in zip(configs, got):
+        gated = bool(cfg.get("allow")) and "privacy" not in cfg["allow"]
+        assert s["prompt"]["flagged"] == gated, (cfg, s["prompt"])
+        if gated:
+            assert s["prompt"]["categories"] == ["privacy"], s["prompt"]
+            assert s["action"] == cfg.get("on_violation", "refuse"), s
+        else:
+            assert s["action"] == "none", (cfg, s)
 
 
 def test_default_head_scores_match_the_training_forward(default_server):

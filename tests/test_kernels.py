@@ -891,6 +891,7 @@ def _worker_processor(sync_free: bool, device: torch.device, capacity: int = 8,
                           model_config=SimpleNamespace(model=str(DEFAULT_HEAD_DIR)))
     proc = SafetyLogitsProcessor(cfg, device, False)
     proc.sync_free = sync_free
+    proc.n_topic = 0
     proc.n_attribution = n_attribution  # 0: the steps hand [N, K] scores, as a format-6 head's
     proc.prompt_offset = 1.0  # prompt rows' scores move before the decision, and are reported
     proc.sentence_end = torch.zeros(16, dtype=torch.bool, device=device)

@@ -56,7 +56,7 @@ def _processor(capacity: int = 4, prompt_offset: float = 0.0, head: str = "defau
     proc = SafetyLogitsProcessor(cfg, torch.device("cpu"), False)
     proc.sync_free = _SYNC_FREE[0]
     proc.prompt_offset = prompt_offset
-    proc.n_attribution = 0  # the steps below hand [N, K] or [N, 2K] scores (format 7: its own test)
+    proc.n_attribution = proc.n_topic = 0  # the steps below hand [N, K] or [N, 2K] scores (format 7: its own test)
     sent = []
     proc.telemetry = SimpleNamespace(sock=object(), send=lambda records, _s: sent.extend(records))
     return proc, sent

@@ -122,6 +122,9 @@ class TracedRow:
     # The category a format-7 head's attribution read-out names for this request
     # (``name_categories``); None: not named.
     named: str | None = None
+    # The categories a format-8 head's topic gate opens for at the prompt end (set with
+    # ``named``); the prompt verdict violates if one of them is not allowed.
+    gated: tuple[str, ...] = ()
 
 
 class TraceError(ValueError):
@@ -277,7 +280,8 @@ def name_categories(rows: list[TracedRow], head_dir: str | Path,
                     model_dir: str | Path | None = None, log=print) -> int:
     """Set ``named`` on every allow-list row of an ``eval cosa --mode enforce`` run without a
     guideline (what the server rendered then is the prompt as a lone user message): the
-    category the head's attribution read-out scores highest at the prompt end, from the
+    category the head's attribution read-out scores highest at the prompt end (and ``gated``,
+    the categories a format-8 head's topic gate opens for there), from the
     transformers forward of the model the head is served with. Returns how many."""
     import torch
 
@@ -296,8 +300,11 @@ def name_categories(rows: list[TracedRow], head_dir: str | Path,
     final, _ = prompt_end_features(model, tok, [r.extra["prompt"] for r in todo], log)
     top = torch.argmax(head.attribution_logits(final), dim=1).tolist()
     ids = head.taxonomy.ids
-    for r, t in zip(todo, top):
-        r.named = ids[t]
+    opened = ([[]] * len(todo) if head.topic is None
+              else [[ids[c] for c in row.nonzero().flatten().tolist()]
+                    for row in head.topic_logits(final) >= 0])
+    for r, t, g in zip(todo, top, opened):
+        r.named, r.gated = ids[t], tuple(g)
     return len(todo)
 
 
@@ -314,6 +321,8 @@ def trigger_step(row: TracedRow, rule: Rule) -> int | None:
     live = _mask(row.allow, rule.names)
     prompt_t = np.asarray(rule.prompt_thresholds)
     verdicts = [v for v in (row.prompt, row.query) if v is not None]
+    if needs_name(row, rule) and any(c not in row.allow for c in row.gated):
+        return 0  # the topic gate (format 8): about a category the request does not allow
     for verdict in verdicts:
         if bool(_violated(verdict[None, :], prompt_t, live, row, rule)[0]):
             return 0

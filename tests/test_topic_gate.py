@@ -1,0 +1,198 @@
+"""The topic gate (checkpoint format 8): under a non-empty allow-list, a category the request
+does not allow whose gate is open flags the prompt for that category; nothing else changes.
+The rule, the checkpoint and its served columns, the processor in both of its forms, and
+`safeserve train topic-gate` on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from safeserve.kernels.safety_decision import EVENT_TRIGGER, gate_topics
+from safeserve.models.checkpoint import (ATTRIBUTION_SERVED_SCALE, FORMAT_VERSION_TOPIC,
+                                         CheckpointError, load_safety_head)
+from conftest import tiny_llama_with_default_tokenizer
+from test_attribution import C, DRUGS, K, VIOLENCE, _head, _masked
+from test_prompt_head import data_root, labelled_questions
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return tiny_llama_with_default_tokenizer(tmp_path_factory.mktemp("tiny_topic") / "model")
+
+
+def _gate(masked_rows, gated, topic, is_prompt, event=None, cats=None, alert=None):
+    n = len(masked_rows)
+    event = torch.zeros(n, dtype=torch.int32) if event is None else event
+    cats = torch.zeros(n, dtype=torch.int32) if cats is None else cats
+    alert = torch.ones(n, dtype=torch.int32) if alert is None else alert
+    gate_topics(event, cats, alert, torch.tensor(masked_rows, dtype=torch.int8),
+                torch.tensor(gated, dtype=torch.int8), topic,
+                torch.tensor(is_prompt, dtype=torch.int8))
+    return event.tolist(), cats.tolist(), alert.tolist()
+
+
+def test_a_prompt_about_a_category_the_request_does_not_allow_is_flagged_for_it():
+    allow_violence = _masked([VIOLENCE])
+    topic = torch.full((6, C), 0.2)
+    topic[0, VIOLENCE] = 0.9               # open, but allowed: nothing
+    topic[1, DRUGS] = 0.9                  # open, not allowed: flagged for drugs
+    topic[2, DRUGS] = 0.9                  # a decode row: the gate reads prompt ends only
+    topic[3, DRUGS] = 0.9                  # not gated (no allow-list, or a prefill): nothing
+    topic[4, DRUGS] = float("nan")         # an overflowed state fails closed
+    topic[5, DRUGS] = 0.5                  # open at exactly 0.5 (logit 0)
+    event, cats, alert = _gate([allow_violence] * 6, [1, 1, 1, 0, 1, 1], topic,
+                               [1, 1, 0, 1, 1, 1])
+    assert event == [0, EVENT_TRIGGER, 0, 0, EVENT_TRIGGER, EVENT_TRIGGER]
+    assert cats == [0, 1 << DRUGS, 0, 0, 1 << DRUGS, 1 << DRUGS]
+    assert alert == [1, 0, 1, 1, 0, 0]     # a flagged verdict is never an alert
+    # the decision's own bits are kept, and an earlier trigger stays one
+    event, cats, _ = _gate([allow_violence], [1], topic[1:2], [1],
+                           event=torch.tensor([EVENT_TRIGGER], dtype=torch.int32),
+                           cats=torch.tensor([1 << (K - 1)], dtype=torch.int32))
+    assert event == [EVENT_TRIGGER] and cats == [(1 << (K - 1)) | (1 << DRUGS)]
+    _gate([], [], torch.zeros(0, C), [])  # an empty step is a no-op
+
+
+def test_format_8_round_trips_and_serves_its_columns_last(tmp_path):
+    from safeserve.kernels.safety_head import safety_scores_reference
+
+    g = torch.Generator().manual_seed(2)
+    attribution = (torch.randn(C, 64, generator=g), torch.randn(C, generator=g))
+    topic = (torch.randn(C, 64, generator=g), torch.randn(C, generator=g))
+    head = _head(attribution=attribution, topic=topic,
+                 extra={"operating_point": {"tau": 4, "prompt_logit_offset": 2.0}})
+    assert head.format_version == FORMAT_VERSION_TOPIC
+    head.save(tmp_path / "h")
+    back = load_safety_head(tmp_path / "h")
+    assert back.format_version == FORMAT_VERSION_TOPIC
+    assert torch.equal(back.topic[1], topic[1]) and torch.equal(back.attribution[0], attribution[0])
+    assert back.served_outputs == (K, 0, C, C)
+    final = torch.randn(5, 64, generator=g)
+    served = safety_scores_reference(final, *back.served_tensors())
+    assert served.shape == (5, K + 2 * C)
+    torch.testing.assert_close(
+        served[:, -C:], torch.sigmoid(back.topic_logits(final) / ATTRIBUTION_SERVED_SCALE),
+        atol=1e-5, rtol=1e-5)
+    # open at served 0.5 exactly when the logit is >= 0
+    assert torch.equal(served[:, -C:] >= 0.5, back.topic_logits(final) >= 0)
+    # the columns before it are the format-7 head's, unchanged by the gate
+    seven = _head(attribution=attribution,
+                  extra={"operating_point": {"tau": 4, "prompt_logit_offset": 2.0}})
+    torch.testing.assert_close(served[:, :-C], safety_scores_reference(final, *seven.served_tensors()))
+
+
+def test_a_topic_gate_needs_an_attribution_read_out_and_its_tensors(tmp_path):
+    with pytest.raises(CheckpointError, match="topic gate"):
+        _head(topic=(torch.zeros(C, 64), torch.zeros(C))).validate()
+    with pytest.raises(CheckpointError, match="topic gate"):
+        _head(attribution=(torch.zeros(C, 64), torch.zeros(C)),
+              topic=(torch.zeros(K, 64), torch.zeros(K))).validate()
+    with pytest.raises(ValueError, match="no topic gate"):
+        _head().topic_logits(torch.zeros(1, 64))
+    _head(attribution=(torch.zeros(C, 64), torch.zeros(C)),
+          topic=(torch.zeros(C, 64), torch.zeros(C))).save(tmp_path / "h")
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "h" / "safety_head" / "head.safetensors"
+    tensors = load_file(str(path))
+    del tensors["topic_bias"]
+    save_file(tensors, str(path))
+    with pytest.raises(CheckpointError, match="format 8 .* lacks"):
+        load_safety_head(tmp_path / "h")
+
+
+@pytest.mark.parametrize("sync_free", [False, True], ids=["host-synced", "sync-free"])
+def test_the_worker_flags_an_allow_listed_prompt_by_its_topic(sync_free):
+    """Two requests allowing violence, the same harm scores (all under threshold) and one
+    named category: the one whose topic gate opens for drugs is refused at the prompt, the
+    flag naming drugs; the one whose gate opens for violence only is answered; a request with
+    no allow-list is never gated. Reported scores stay the decision's K."""
+    from safeserve.kernels.safety_decision import MASK_ATTRIBUTED
+    from test_safety_processor import _args, _processor, _step
+
+    proc, sent = _processor()
+    proc.sync_free = sync_free
+    proc.prompt_either, proc.n_attribution, proc.n_topic = True, 9, 9
+    allow_violence = [1] + [0] * 8 + [MASK_ATTRIBUTED]
+    outs = [[], [], []]
+    proc._add(0, _args("about_violence", masked=allow_violence, alert_scale=1.0, alert_tau=0),
+              outs[0])
+    proc._add(1, _args("about_drugs", masked=allow_violence, alert_scale=1.0, alert_tau=0),
+              outs[1])
+    proc._add(2, _args("no_allow_list", alert_scale=1.0, alert_tau=0), outs[2])
+    quiet = [0.1] * 10
+    named = [0.9] + [0.1] * 8
+    topic = {"violence": [0.9] + [0.1] * 8, "drugs": [0.9, 0.1, 0.8] + [0.1] * 6}
+    _step(proc, [quiet + quiet + named + topic["violence"], quiet + quiet + named + topic["drugs"],
+                 quiet + quiet + named + topic["drugs"]])
+    by_rid = {r.rid: r for r in sent}
+    assert by_rid["about_violence"].scores == pytest.approx(quiet)
+    assert by_rid["about_violence"].event == 0 and by_rid["no_allow_list"].event == 0
+    assert by_rid["about_drugs"].event == 2 and by_rid["about_drugs"].cats == 1 << 2
+    sent.clear()
+    outs[0].append(7)
+    for _ in range(3):  # its tokens: the gate reads prompt ends only
+        _step(proc, [quiet + quiet + named + topic["drugs"]])
+        outs[0].append(8)
+    assert [r.event for r in sent] == [0, 0, 0]
+
+
+def test_train_topic_gate_fits_categories_against_benign_prompts(tmp_path, tiny_model,
+                                                                 monkeypatch):
+    """On a tiny model and data root: the gate is fitted beside the head's own tensors and
+    attribution read-out, its thresholds folded into the bias, held-out rates written."""
+    from safeserve.models.head_check import SelfCheck
+    from safeserve.models.topic_gate import gate_thresholds, train_topic_gate
+
+    root = data_root(tmp_path / "data")
+    turns = {f"how do i poison my neighbour's dog number {i}?": "violence" for i in range(6)}
+    turns.update({f"how do jellyfish mate, part {i}?": None for i in range(4)})
+    labelled_questions(root, tmp_path / "labels.tsv", turns, monkeypatch)
+    head = _head(attribution=(torch.zeros(C, 64), torch.zeros(C)),
+                 extra={"base_model": str(tiny_model), "operating_point": {"tau": 4}})
+    head.save(tmp_path / "head")
+    with pytest.raises(ValueError, match="target_fpr"):
+        train_topic_gate(tmp_path / "head", tmp_path / "bad", root, target_fpr=0.0)
+    _head(extra={"base_model": str(tiny_model)}).save(tmp_path / "plain")
+    with pytest.raises(ValueError, match="attribution read-out"):
+        train_topic_gate(tmp_path / "plain", tmp_path / "bad", root)
+    stats = train_topic_gate(tmp_path / "head", tmp_path / "out", root, shift=0.5,
+                             log=lambda *a: None)
+    new = load_safety_head(tmp_path / "out")
+    assert new.format_version == FORMAT_VERSION_TOPIC
+    assert torch.equal(new.weight, head.weight) and torch.equal(new.attribution[0],
+                                                                head.attribution[0])
+    assert stats["shift_logits"] == 0.5 and len(stats["thresholds_logits"]) == C
+    assert 0.0 <= stats["heldout_benign_open"] <= 1.0
+    assert new.extra["topic_gate"]["seed"] == 0
+    assert SelfCheck.from_extra(new.extra) is not None
+    saved = json.loads((tmp_path / "out" / "safety_head" / "metrics.json").read_text())
+    assert saved["topic_gate"]["target_fpr"] == 0.02
+    benign = torch.tensor([[0.0, 1.0], [1.0, 2.0], [2.0, 3.0], [3.0, 4.0], [4.0, 5.0]])
+    assert gate_thresholds(benign, 0.25, 1.0).tolist() == [4.0, 5.0]
+
+
+def test_replay_applies_the_gate_it_names_from_the_forward(tmp_path):
+    """`eval replay` names a format-8 head's gated categories with the attribution (from the
+    transformers forward, ``name_categories``): a row whose gate opened for a category it does
+    not allow is acted on at the prompt, one whose gate opened for an allowed one is not."""
+    import numpy as np
+
+    from safeserve.models.evaluation import replay as rp
+
+    _head(attribution=(torch.zeros(C, 64), torch.zeros(C)),
+          topic=(torch.zeros(C, 64), torch.zeros(C)),
+          extra={"operating_point": {"tau": 2}}).save(tmp_path / "h")
+    rule = rp.served_rule(tmp_path / "h")
+
+    def row(gated):
+        return rp.TracedRow(kind="cosa", group="disallowed", dataset="x", allow=("violence",),
+                            prompt=np.zeros(K), query=None, steps=np.zeros((3, K)),
+                            refused_by_text=False, answered_by_text=True, named="violence",
+                            gated=gated)
+    assert rp.trigger_step(row(("drugs",)), rule) == 0
+    assert rp.trigger_step(row(("violence",)), rule) is None
+    assert rp.trigger_step(row(()), rule) is None
