@@ -34,25 +34,13 @@ def top_hit_rate(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return round(labels.gather(1, top).squeeze(1).float().mean().item(), 4)
 
 
-def train_attribution(head_dir: Path, out: Path, data_root: Path, model_dir: Path | None = None,
-                      seed: int = 0, log=print) -> dict:
-    """Fit the attribution read-out for the head in ``head_dir`` and write
-    ``<out>/safety_head/`` (the head's own tensors and operating point unchanged)."""
-    from safeserve.kernels.safety_head import head_logits
-    from safeserve.models.checkpoint import load_safety_head
-    from safeserve.models.head_check import served_model_for
-    from safeserve.models.prompt_head import (build_prompt_rows, fit_readout,
-                                              prompt_end_features, write_readout_checkpoint)
+def category_readout_data(rows, cats: list[str], lm_dir: Path, seed: int, log=print):
+    """What a category read-out over prompt ends is fitted on: the prompt end's final state
+    [N, H], the category labels [N, C], which rows are held out (a fifth of the prompt groups,
+    seeded) and the (model, tokenizer) they came from."""
+    from safeserve.models.prompt_head import prompt_end_features
     from safeserve.models.safety_features import load_lm
 
-    t0 = time.time()
-    head = load_safety_head(head_dir)
-    lm_dir = served_model_for(Path(head_dir), model_dir)
-    cats = [c.id for c in head.taxonomy.categories]
-    rows = [r for r in build_prompt_rows(Path(data_root), seed, questions=True, warn=log)
-            if r.harmful and r.categories]
-    if not rows:
-        raise ValueError(f"no categorised harmful prompts under {data_root}")
     groups = sorted({r.group for r in rows})
     held = set(random.Random(seed).sample(groups, len(groups) // 5))
     y = torch.zeros(len(rows), len(cats))
@@ -63,6 +51,28 @@ def train_attribution(head_dir: Path, out: Path, data_root: Path, model_dir: Pat
     model.eval()
     final, _ = prompt_end_features(model, tok, [r.text for r in rows], log)
     is_held = torch.tensor([r.group in held for r in rows])
+    return final, y, is_held, (model, tok)
+
+
+def train_attribution(head_dir: Path, out: Path, data_root: Path, model_dir: Path | None = None,
+                      seed: int = 0, log=print) -> dict:
+    """Fit the attribution read-out for the head in ``head_dir`` and write
+    ``<out>/safety_head/`` (the head's own tensors and operating point unchanged)."""
+    from safeserve.kernels.safety_head import head_logits
+    from safeserve.models.checkpoint import load_safety_head
+    from safeserve.models.head_check import served_model_for
+    from safeserve.models.prompt_head import (build_prompt_rows, fit_readout,
+                                              write_readout_checkpoint)
+
+    t0 = time.time()
+    head = load_safety_head(head_dir)
+    lm_dir = served_model_for(Path(head_dir), model_dir)
+    cats = [c.id for c in head.taxonomy.categories]
+    rows = [r for r in build_prompt_rows(Path(data_root), seed, questions=True, warn=log)
+            if r.harmful and r.categories]
+    if not rows:
+        raise ValueError(f"no categorised harmful prompts under {data_root}")
+    final, y, is_held, (model, tok) = category_readout_data(rows, cats, lm_dir, seed, log)
     w, b = fit_readout(final[~is_held], y[~is_held])
     head.attribution = (w, b)
     head.validate(model.config.hidden_size)

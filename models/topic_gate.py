@@ -21,7 +21,6 @@ request, one that named its risks, has opted out of.
 
 from __future__ import annotations
 
-import random
 import time
 from pathlib import Path
 
@@ -38,12 +37,11 @@ def train_topic_gate(head_dir: Path, out: Path, data_root: Path, model_dir: Path
                      log=print) -> dict:
     """Fit the topic gate for the format-7 head in ``head_dir`` and write ``<out>/safety_head/``
     (every other tensor and the operating point unchanged)."""
-    from safeserve.models.attribution import top_hit_rate
+    from safeserve.models.attribution import category_readout_data, top_hit_rate
     from safeserve.models.checkpoint import load_safety_head
     from safeserve.models.head_check import served_model_for
     from safeserve.models.prompt_head import (build_prompt_rows, fit_readout,
-                                              prompt_end_features, write_readout_checkpoint)
-    from safeserve.models.safety_features import load_lm
+                                              write_readout_checkpoint)
 
     if not 0 < target_fpr < 1:
         raise ValueError(f"target_fpr must be in (0, 1), not {target_fpr}")
@@ -58,16 +56,7 @@ def train_topic_gate(head_dir: Path, out: Path, data_root: Path, model_dir: Path
             if not r.harmful or r.categories]
     if not any(r.harmful for r in rows) or all(r.harmful for r in rows):
         raise ValueError(f"need categorised harmful and benign prompts under {data_root}")
-    groups = sorted({r.group for r in rows})
-    held = set(random.Random(seed).sample(groups, len(groups) // 5))
-    y = torch.zeros(len(rows), len(cats))
-    for i, r in enumerate(rows):
-        for c in r.categories:
-            y[i, cats.index(c)] = 1
-    model, tok = load_lm(lm_dir)
-    model.eval()
-    final, _ = prompt_end_features(model, tok, [r.text for r in rows], log)
-    is_held = torch.tensor([r.group in held for r in rows])
+    final, y, is_held, (model, tok) = category_readout_data(rows, cats, lm_dir, seed, log)
     benign = torch.tensor([not r.harmful for r in rows])
     w, b = fit_readout(final[~is_held], y[~is_held])
     held_benign = final[is_held & benign] @ w.T + b
