@@ -107,10 +107,7 @@ def gate_topics(event: torch.Tensor, cats: torch.Tensor, alert: torch.Tensor | N
     live = masked[:n, :c] != MASK_ALLOWED
     pick = (is_prompt.reshape(-1)[:n] != 0) & (gated[:n] != 0)
     fire = open_ & live & pick[:, None]
-    weights = torch.bitwise_left_shift(
-        torch.ones(c, dtype=torch.int32, device=cats.device),
-        torch.arange(c, dtype=torch.int32, device=cats.device))
-    bits = (fire.to(torch.int32) * weights).sum(dim=1, dtype=torch.int32)
+    bits = _pack_bits(fire, _bit_values(c, cats.device))
     hit = bits != 0
     cats.copy_(cats | bits)
     event.copy_(torch.where(hit, torch.full_like(event, EVENT_TRIGGER), event))
@@ -134,6 +131,18 @@ def name_overall_bits(cats: torch.Tensor, named: torch.Tensor, k: int) -> None:
 # --------------------------------------------------------------------------------------
 
 
+def _bit_values(n: int, device: torch.device) -> torch.Tensor:
+    """[n] int32: 1 << k for column k."""
+    return torch.ones(n, dtype=torch.int32, device=device) << torch.arange(
+        n, dtype=torch.int32, device=device)
+
+
+def _pack_bits(hit: torch.Tensor, bit_values: torch.Tensor) -> torch.Tensor:
+    """[N, n] bool -> [N] int32 with bit k set where column k is. Bits are disjoint, so the
+    sum is the OR."""
+    return (hit.to(torch.int32) * bit_values).sum(dim=1, dtype=torch.int32)
+
+
 def _violation_bits_reference(
     scores: torch.Tensor, thresholds: torch.Tensor, masked: torch.Tensor,
     over: torch.Tensor | None = None,
@@ -143,11 +152,8 @@ def _violation_bits_reference(
     if over is None:
         over = scores >= thresholds[:n_rows]
     hit = (mask == MASK_LIVE) & over
-    bit_values = torch.ones(n_cats, dtype=torch.int32, device=scores.device) << torch.arange(
-        n_cats, dtype=torch.int32, device=scores.device
-    )
-    # Bits are disjoint, so the sum is the OR.
-    bits = (hit.to(torch.int32) * bit_values).sum(dim=1, dtype=torch.int32)
+    bit_values = _bit_values(n_cats, scores.device)
+    bits = _pack_bits(hit, bit_values)
     plain = (mask != MASK_ATTRIBUTED) & ~torch.isnan(scores)
     key = torch.where(plain, scores.float(), torch.full_like(scores, float("-inf"), dtype=torch.float32))
     top = key.argmax(dim=1)  # first maximum on ties
