@@ -88,7 +88,7 @@ def attribute_overall(masked: torch.Tensor, attributable: torch.Tensor, named: t
 
 def gate_topics(event: torch.Tensor, cats: torch.Tensor, alert: torch.Tensor | None,
                 masked: torch.Tensor, gated: torch.Tensor, topic: torch.Tensor,
-                is_prompt: torch.Tensor) -> None:
+                is_prompt: torch.Tensor) -> torch.Tensor:
     """The topic gate (checkpoint format 8), in place on the step's ``event`` and ``cats``
     ([N] int32, from ``decide``) and ``alert`` ([N] or None).
 
@@ -98,10 +98,12 @@ def gate_topics(event: torch.Tensor, cats: torch.Tensor, alert: torch.Tensor | N
     is open at 0.5) is >= 0.5 violates: the row's event becomes TRIGGER, the category's bit is
     set and the row is not on alert (a flagged verdict never is). The per-token head judges
     harm; the gate judges what a request is about, which is what an allow-list speaks to.
-    A NaN topic score fails closed (open). Tensor ops only: no host synchronisation."""
+    A NaN topic score fails closed (open). Returns the gate's own bits ([N] int32), which the
+    report carries so that a flag says where it came from. Tensor ops only: no host
+    synchronisation."""
     n = event.shape[0]
     if n == 0:
-        return
+        return torch.zeros_like(cats)
     c = topic.shape[1]
     open_ = ~(topic.float() < 0.5)  # NaN -> open
     live = masked[:n, :c] != MASK_ALLOWED
@@ -113,6 +115,26 @@ def gate_topics(event: torch.Tensor, cats: torch.Tensor, alert: torch.Tensor | N
     event.copy_(torch.where(hit, torch.full_like(event, EVENT_TRIGGER), event))
     if alert is not None:
         alert[:n] = torch.where(hit, torch.zeros_like(alert[:n]), alert[:n])
+    return bits
+
+
+def mask_gated_prompt_categories(masked: torch.Tensor, gated: torch.Tensor,
+                                  is_prompt: torch.Tensor) -> torch.Tensor:
+    """A copy of ``masked`` ([R, K] int8) in which the category columns (all but the last, the
+    overall output) of the step's gated prompt rows (``gated`` and ``is_prompt``, [N], N <= R)
+    read as allowed: the decision's masks for a head whose topic gate replaces the per-category
+    outputs at gated prompts (``operating_point.gate_replaces_prompt_categories``). The overall
+    output keeps its mask (it acts for its named category), the request's own table is not
+    touched (its generated tokens are judged by every output), and ``gate_topics`` then judges
+    the categories. Tensor ops only: no host synchronisation."""
+    out = masked.clone()
+    n = is_prompt.reshape(-1).shape[0]
+    if n == 0:
+        return out
+    pick = ((is_prompt.reshape(-1) != 0) & (gated[:n] != 0))[:, None]
+    cats = out[:n, :-1]
+    cats.copy_(torch.where(pick, torch.full_like(cats, MASK_ALLOWED), cats))
+    return out
 
 
 def name_overall_bits(cats: torch.Tensor, named: torch.Tensor, k: int) -> None:

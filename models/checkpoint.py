@@ -70,9 +70,13 @@ FORMAT_VERSION_ATTRIBUTION = 7
 # A per-category topic gate beside the attribution read-out: a format-7 reader would answer
 # allow-listed requests whose topic the request does not allow.
 FORMAT_VERSION_TOPIC = 8
+# The gate's operating point (``operating_point.topic_gate_shift``, and
+# ``gate_replaces_prompt_categories``, models/decision_defaults.py): a format-8 reader would
+# serve the gate at its trained thresholds and keep the per-category outputs at gated prompts.
+FORMAT_VERSION_TOPIC_POINT = 9
 FORMAT_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_MLP, FORMAT_VERSION_OFFSET,
                    FORMAT_VERSION_PROMPT, FORMAT_VERSION_PROMPT_EITHER, FORMAT_VERSION_PROMPT_LAYER,
-                   FORMAT_VERSION_ATTRIBUTION, FORMAT_VERSION_TOPIC)
+                   FORMAT_VERSION_ATTRIBUTION, FORMAT_VERSION_TOPIC, FORMAT_VERSION_TOPIC_POINT)
 PROMPT_FORMATS = (FORMAT_VERSION_PROMPT, FORMAT_VERSION_PROMPT_EITHER, FORMAT_VERSION_PROMPT_LAYER)
 PROMPT_TENSORS = ("prompt_weight", "prompt_bias")
 ATTRIBUTION_TENSORS = ("attribution_weight", "attribution_bias")
@@ -122,7 +126,7 @@ class SafetyHead:
         from safeserve.models.decision_defaults import OPERATING_POINT, PROMPT_LOGIT_OFFSET
 
         if self.topic is not None:
-            return FORMAT_VERSION_TOPIC
+            return FORMAT_VERSION_TOPIC_POINT if self.has_gate_point else FORMAT_VERSION_TOPIC
         if self.attribution is not None:
             return FORMAT_VERSION_ATTRIBUTION
         if self.prompt is not None and self.prompt_layer is not None:
@@ -133,6 +137,26 @@ class SafetyHead:
         if (self.extra.get(OPERATING_POINT) or {}).get(PROMPT_LOGIT_OFFSET, 0) != 0:
             return FORMAT_VERSION_OFFSET
         return FORMAT_VERSION if self.mlp is None else FORMAT_VERSION_MLP
+
+    @property
+    def has_gate_point(self) -> bool:
+        """Whether the operating point moves the topic gate or what it replaces (format 9)."""
+        from safeserve.models.decision_defaults import (gate_replaces_prompt_categories,
+                                                        topic_gate_shift)
+
+        return topic_gate_shift(self.extra) != 0 or gate_replaces_prompt_categories(self.extra)
+
+    @property
+    def gate_replaces_prompt_categories(self) -> bool:
+        from safeserve.models.decision_defaults import gate_replaces_prompt_categories
+
+        return gate_replaces_prompt_categories(self.extra)
+
+    def _topic_bias(self) -> torch.Tensor:
+        """The gate's bias at its operating point: a shift of d logits closes it d further."""
+        from safeserve.models.decision_defaults import topic_gate_shift
+
+        return self.topic[1].float() - topic_gate_shift(self.extra)
 
     @property
     def hidden_size(self) -> int:
@@ -185,6 +209,13 @@ class SafetyHead:
                 f"safety head topic gate has {tuple(self.topic[0].shape)} weights and "
                 f"{tuple(self.topic[1].shape)} biases; want ({c}, {self.hidden_size}), ({c},), "
                 "beside an attribution read-out")
+        try:
+            gate_point = self.has_gate_point
+        except ValueError as e:
+            raise CheckpointError(f"safety head: {e}") from None
+        if gate_point and self.topic is None:
+            raise CheckpointError("safety head's operating point moves a topic gate it does not "
+                                  "have (topic_gate_shift, gate_replaces_prompt_categories)")
         if self.prompt_layer is not None and (
                 self.prompt is None or isinstance(self.prompt_layer, bool)
                 or not isinstance(self.prompt_layer, int) or self.prompt_layer < 1):
@@ -219,7 +250,7 @@ class SafetyHead:
         attr_b = self.attribution[1] / ATTRIBUTION_SERVED_SCALE
         if self.topic is not None:  # [C attribution | C topic], both over the final state
             attr_w = torch.cat([attr_w, self.topic[0] / ATTRIBUTION_SERVED_SCALE])
-            attr_b = torch.cat([attr_b, self.topic[1] / ATTRIBUTION_SERVED_SCALE])
+            attr_b = torch.cat([attr_b, self._topic_bias() / ATTRIBUTION_SERVED_SCALE])
         if self.prompt_layer is not None:  # it reads the final state: the first half
             attr_w = torch.cat([attr_w, torch.zeros_like(attr_w)], 1)
         if mlp is not None:
@@ -267,7 +298,7 @@ class SafetyHead:
         (format 8)."""
         if self.topic is None:
             raise ValueError("this safety head has no topic gate")
-        return hidden.float() @ self.topic[0].T + self.topic[1]
+        return hidden.float() @ self.topic[0].T + self._topic_bias()
 
     def served_hidden(self, hidden: torch.Tensor, middle: torch.Tensor | None) -> torch.Tensor:
         """The rows the serving kernel reads: the final state, or with a ``prompt_layer`` the
@@ -363,10 +394,10 @@ def load_safety_head(model_dir: str | Path, expect_taxonomy: Taxonomy | None = N
         and int(cfg.get("mlp_units") or 0) > 0)
     prompt = attribution = topic = None
     version = cfg["format_version"]
-    if version == FORMAT_VERSION_TOPIC:
+    if version in (FORMAT_VERSION_TOPIC, FORMAT_VERSION_TOPIC_POINT):
         missing = [n for n in TOPIC_TENSORS if n not in tensors]
         if missing:
-            raise CheckpointError(f"safety head format 8 in {d} lacks {missing}")
+            raise CheckpointError(f"safety head format {version} in {d} lacks {missing}")
         topic = tuple(tensors[n].float() for n in TOPIC_TENSORS)
         version = FORMAT_VERSION_ATTRIBUTION  # and everything format 7 carries
     if version == FORMAT_VERSION_ATTRIBUTION:

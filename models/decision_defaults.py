@@ -52,3 +52,33 @@ def prompt_logit_offset(extra: dict) -> float:
         raise ValueError(f"operating_point.{PROMPT_LOGIT_OFFSET} must be a number of logits "
                          f"in [-50, 50]; got {value!r}")
     return float(value)
+
+
+# Under a non-empty allow-list (no assistant prefill), a head with a topic gate (format 8) may
+# leave the prompt verdict to the overall output, with its named category, and to the gate:
+# the per-category harm outputs then judge generated tokens only. They do not tell a
+# conversational request's categories apart (on CoSAlign-Test's development split most of
+# v10's flags on requests whose risks were all allowed came from them), which is the gate's job.
+GATE_REPLACES_PROMPT_CATEGORIES = "gate_replaces_prompt_categories"
+# Logits the topic gate's thresholds move by (+ = open less often), on top of the fold in
+# its bias.
+TOPIC_GATE_SHIFT = "topic_gate_shift"
+
+
+def gate_replaces_prompt_categories(extra: dict) -> bool:
+    """Whether a gated request's prompt verdict skips the per-category harm outputs."""
+    value = (extra.get(OPERATING_POINT) or {}).get(GATE_REPLACES_PROMPT_CATEGORIES, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"operating_point.{GATE_REPLACES_PROMPT_CATEGORIES} must be true or "
+                         f"false; got {value!r}")
+    return value
+
+
+def topic_gate_shift(extra: dict) -> float:
+    """The topic gate's threshold shift in logits (0: as trained)."""
+    value = (extra.get(OPERATING_POINT) or {}).get(TOPIC_GATE_SHIFT, 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+            or abs(value) > 50:
+        raise ValueError(f"operating_point.{TOPIC_GATE_SHIFT} must be a number of logits in "
+                         f"[-50, 50]; got {value!r}")
+    return float(value)

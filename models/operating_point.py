@@ -31,22 +31,29 @@ import torch
 
 from safeserve.models.checkpoint import SafetyHead, load_safety_head
 from safeserve.models.decision_defaults import (
+    GATE_REPLACES_PROMPT_CATEGORIES,
     HEAD_DEFAULT_TAU,
     OPERATING_POINT,
     PROMPT_LOGIT_OFFSET,
+    TOPIC_GATE_SHIFT,
     alert_band,
+    gate_replaces_prompt_categories,
     prompt_logit_offset,
+    topic_gate_shift,
 )
 
 
 def shift_head(head: SafetyHead, *, prompt_shift: float, response_shift: float,
                tau: int | None = None, alert_margin: float | None = None,
-               alert_tau: int | None = None, allowlist_shift: float | None = None) -> SafetyHead:
+               alert_tau: int | None = None, allowlist_shift: float | None = None,
+               gate_shift: float = 0.0, gate_replaces: bool | None = None) -> SafetyHead:
     """A copy of ``head`` whose prompt and response thresholds moved by the given logits,
     with the given tau (None: ``head``'s own, else 3, as `eval replay` scores it) and alert
     band (``alert_margin`` logits below the prompt thresholds: the response rule acts after
     ``alert_tau`` steps; 0: no band; None: ``head``'s own band, kept) and allow-list shift of
-    the overall output (None: ``head``'s own, kept if it names one)."""
+    the overall output (None: ``head``'s own, kept if it names one). A format-8 head's topic
+    gate moves by ``gate_shift`` more logits (+ = opens less often), and ``gate_replaces``
+    sets whether gated prompts skip the per-category outputs (None: kept)."""
     from safeserve.models.safety_calibration import with_thresholds
 
     if tau is None:
@@ -81,6 +88,19 @@ def shift_head(head: SafetyHead, *, prompt_shift: float, response_shift: float,
         if not math.isfinite(allowlist_shift):
             raise ValueError(f"the allow-list shift must be a finite number, not {allowlist_shift}")
         extra[OPERATING_POINT]["allowlist_overall_shift"] = float(allowlist_shift)
+    if (gate_shift != 0 or gate_replaces is not None) and head.topic is None:
+        raise ValueError("this head has no topic gate (checkpoint format 8) to move")
+    if not math.isfinite(gate_shift):
+        raise ValueError(f"the gate shift must be a finite number, not {gate_shift}")
+    if head.topic is not None:  # the gate's point is kept unless moved
+        total = topic_gate_shift(head.extra) + gate_shift
+        replaces = (gate_replaces_prompt_categories(head.extra) if gate_replaces is None
+                    else bool(gate_replaces))
+        if total != 0:
+            extra[OPERATING_POINT][TOPIC_GATE_SHIFT] = total
+        if replaces:
+            extra[OPERATING_POINT][GATE_REPLACES_PROMPT_CATEGORIES] = True
+        topic_gate_shift(extra)  # in range, as the server will check
     prompt_logit_offset(extra)  # in range, as the server will check
     prompt = None
     if head.prompt is not None:  # its overall output's fold moves with the head's
@@ -90,13 +110,15 @@ def shift_head(head: SafetyHead, *, prompt_shift: float, response_shift: float,
     return SafetyHead(head.weight.float().clone(), bias,
                       with_thresholds(head.taxonomy, thresholds), head.layer, extra, head.mlp,
                       prompt, head.prompt_either, head.prompt_layer,
-                      head.attribution)  # an argmax of raw logits: no threshold moves it
+                      head.attribution,  # an argmax of raw logits: no threshold moves it
+                      head.topic)  # its thresholds are folded in its bias: its shift moves them
 
 
 def move_operating_point(head_dir: Path, out: Path, *, prompt_shift: float,
                          response_shift: float, tau: int | None = None,
                          alert_margin: float | None = None,
                          alert_tau: int | None = None, allowlist_shift: float | None = None,
+                         gate_shift: float = 0.0, gate_replaces: bool | None = None,
                          log=print) -> dict:
     """Shift the head in ``head_dir``, write ``<out>/safety_head/`` (and copy a LoRA adapter).
     Its self-check record moves with the biases, exactly (no model needed)."""
@@ -110,7 +132,8 @@ def move_operating_point(head_dir: Path, out: Path, *, prompt_shift: float,
     head = load_safety_head(head_dir)
     new = shift_head(head, prompt_shift=prompt_shift, response_shift=response_shift,
                      tau=tau, alert_margin=alert_margin, alert_tau=alert_tau,
-                     allowlist_shift=allowlist_shift)
+                     allowlist_shift=allowlist_shift, gate_shift=gate_shift,
+                     gate_replaces=gate_replaces)
     old_metrics = Path(head_dir) / "safety_head" / "metrics.json"
     metrics = json.loads(old_metrics.read_text()) if old_metrics.is_file() else {}
     metrics[OPERATING_POINT] = {
@@ -134,6 +157,12 @@ def move_operating_point(head_dir: Path, out: Path, *, prompt_shift: float,
     point = new.extra[OPERATING_POINT]
     band = (f", alert band {point['alert_margin']:g} logits (tau {point['alert_tau']})"
             if point.get("alert_margin") else "")
+    gate = ""
+    if new.topic is not None:
+        gate = (f"; topic gate {point.get(TOPIC_GATE_SHIFT, 0.0):+g} logits, "
+                + ("replaces" if point.get(GATE_REPLACES_PROMPT_CATEGORIES) else "beside")
+                + " the per-category outputs at gated prompts")
     log(f"moved the operating point: prompt {prompt_shift:+g}, response {response_shift:+g} "
-        f"logits, tau {tau}{band}; prompt offset now {point[PROMPT_LOGIT_OFFSET]:+g} logits")
+        f"logits, tau {tau}{band}; prompt offset now {point[PROMPT_LOGIT_OFFSET]:+g} logits"
+        f"{gate}")
     return metrics[OPERATING_POINT]

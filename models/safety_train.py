@@ -602,6 +602,13 @@ def register(app) -> None:
                                               "moves by under an allow-list (+ = act less; "
                                               "default: keep the head's own, else the "
                                               "server's +2)."),
+        gate_shift: float = typer.Option(0.0, help="Logits the topic gate's thresholds move by "
+                                         "(+ = opens less often; format-8 heads)."),
+        gate_replaces: bool = typer.Option(None, "--gate-replaces-prompt-categories/"
+                                           "--gate-beside-prompt-categories",
+                                           help="Under a non-empty allow-list, whether the "
+                                           "prompt verdict leaves the per-category outputs to "
+                                           "the topic gate (default: keep the head's own)."),
     ) -> None:
         """Move a head's operating point (chosen with `eval replay`) without retraining or
         data: exact logit shifts of the prompt verdict and the response rule."""
@@ -610,7 +617,8 @@ def register(app) -> None:
         point = move_operating_point(head, out, prompt_shift=prompt_shift,
                                      response_shift=response_shift, tau=tau,
                                      alert_margin=alert_margin, alert_tau=alert_tau,
-                                     allowlist_shift=allowlist_shift, log=typer.echo)
+                                     allowlist_shift=allowlist_shift, gate_shift=gate_shift,
+                                     gate_replaces=gate_replaces, log=typer.echo)
         typer.echo(json.dumps(point, indent=2))
 
     @app.command("prompt-head")

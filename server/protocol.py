@@ -382,6 +382,9 @@ class CategoryScores(BaseModel):
     categories: list[str] = Field(default_factory=list)
     # Not flagged, but within the head's alert band: the response rule watches more closely.
     alert: bool = False
+    # The categories the topic gate flagged (a request about a category its allow-list
+    # leaves out); ``scores`` are the harm head's, which may sit far below their thresholds.
+    gated: list[str] = Field(default_factory=list)
 
 
 class ResponseVerdict(BaseModel):

@@ -24,7 +24,8 @@ from functools import partial
 
 import torch
 from safeserve.kernels.safety_decision import (EVENT_TRIGGER, MASK_ATTRIBUTED, attribute_overall,
-                                               decide, gate_topics, name_overall_bits)
+                                               decide, gate_topics,
+                                               mask_gated_prompt_categories, name_overall_bits)
 from safeserve.kernels.safety_head import _use_triton, select_prompt_rows
 from safeserve.kernels.safety_strategy import (
     REPORT_COLUMNS,
@@ -93,7 +94,9 @@ def step_records(packed: list[list[float]], rows: list[tuple[int, str, int]],
         row = packed[i]
         out.append(W.StepRecord(rid, length, row[:k], int(row[k]), int(row[k + 1]),
                                 int(row[k + 2]), int(row[k + 3]), int(row[k + 4]),
-                                int(row[k + 5])))
+                                int(row[k + 5]),
+                                # a step that consulted the topic gate has its bits last
+                                int(row[k + 6]) if len(row) > k + 6 else 0))
     return out
 
 
@@ -180,6 +183,9 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.n_attribution = head.served_outputs[2]
         # Format 8: C more columns after those, the topic gate, also read at prompt rows only.
         self.n_topic = head.served_outputs[3]
+        # Format 9 may leave a gated prompt's categories to the gate alone (the per-category
+        # outputs then judge its generated tokens only).
+        self.gate_replaces = self.n_topic > 0 and head.gate_replaces_prompt_categories
         self.device = device
         self.pin_memory = is_pin_memory
         # The prompt verdict's own operating point (logits), applied to prompt rows' scores
@@ -333,17 +339,21 @@ class SafetyLogitsProcessor(LogitsProcessor):
             # Before the decision: the prompt verdict already acts for the named category.
             attribute_overall(self.masked[:n], self.attributable[:n], self.named[:n],
                               attribution, is_prompt)
+        masked = self.masked
+        if self.gate_replaces and prompt_work:
+            masked = mask_gated_prompt_categories(self.masked, self.attributable, is_prompt)
         # Rows at their prompt: the head's prompt offset moves their scores (in place: what
         # is reported is what was compared) and the request's prompt thresholds judge them.
-        event, cats = decide(scores, self.thresholds, self.masked, self.counter, self.tau,
+        event, cats = decide(scores, self.thresholds, masked, self.counter, self.tau,
                              is_prompt, self.active, alert=self.alert, alert_tau=self.alert_tau,
                              alert_scale=self.alert_scale,
                              prompt_thresholds=self.prompt_thresholds if prompt_work else None,
                              prompt_lift=self.prompt_lift if prompt_work else 1.0)
+        gate_bits = None
         if topic is not None and prompt_work:
             # An allow-listed request about a category it does not allow: its prompt verdict
             # violates for that category, whatever the harm outputs say.
-            gate_topics(event, cats, self.alert, self.masked[:n], self.attributable[:n], topic,
+            gate_bits = gate_topics(event, cats, self.alert, self.masked[:n], self.attributable[:n], topic,
                         is_prompt)
         # (off-GPU a step with no bit set, nearly every one, has nothing to name)
         if self.n_attribution and (self.sync_free or bool(cats.any())):
@@ -369,6 +379,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
                                              vocab, report)
             logits = self._force(logits, forced, sync_free=self.sync_free)
         if report is not None:
+            if gate_bits is not None:  # one column more: which bits were the gate's
+                report = torch.cat([report, gate_bits[:, None].to(report.dtype)], 1)
             self._report(report, time.perf_counter() - t0)
         return logits
 
@@ -418,7 +430,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
 
     def _report(self, packed: torch.Tensor, seconds: float) -> None:
         """Send the step's telemetry rows (``packed``: float64 [N, K + 6], see
-        kernels/safety_strategy.py) for the rows that belong to a request."""
+        kernels/safety_strategy.py, and at a step that consulted the topic gate its bits in
+        one column more) for the rows that belong to a request."""
         n = packed.shape[0]
         # Who each row is, now: the batch and the output lists change before a copy lands.
         rows = [(i, rid, len(out)) for i, (rid, out) in enumerate(zip(self.rids[:n],

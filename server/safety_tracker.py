@@ -316,11 +316,12 @@ class RequestTracker:
 
 def verdict_scores(names, rec: W.StepRecord) -> CategoryScores:
     """A prompt (or query) verdict as reported: flagged, the scores, the categories it
-    flagged, whether it fell in the alert band."""
+    flagged, whether it fell in the alert band, which categories the topic gate flagged."""
     return CategoryScores(flagged=rec.event == EVENT_TRIGGER,
                           scores={n: shown_score(s) for n, s in zip(names, rec.scores)},
                           categories=[n for i, n in enumerate(names) if rec.cats >> i & 1],
-                          alert=bool(rec.alert))
+                          alert=bool(rec.alert),
+                          gated=[n for i, n in enumerate(names) if rec.gate >> i & 1])
 
 
 class TelemetryHub:

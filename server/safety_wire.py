@@ -95,3 +95,4 @@ class StepRecord:
     forced: int  # token forced at this step, -1 if none
     acted: int  # 1 if the strategy started an action (refusal or stop) at this step
     alert: int = 0  # 1 if the request's prompt verdict fell in the alert band
+    gate: int = 0  # category bits the topic gate flagged at this prompt row (format 8)

@@ -165,6 +165,54 @@ def test_tsv_loader_and_sampling(tmp_path):
     assert [i.expect for i in items[:6:2]] == ["answer", "refuse", "refuse"]
     sample = sample_per_config(items, 2, seed=0)
     assert len(sample) == 4 and sample == sample_per_config(items, 2, seed=0)
+    from safeserve.models.evaluation.cosa_eval import development_split
+
+    dev = development_split(items, 2, seed=0)  # the rest, in file order
+    assert len(dev) == 8 and not {i.id for i in dev} & {i.id for i in sample}
+    assert [i.id for i in dev] == [i.id for i in items if i not in sample]
+    assert development_split(items, 0) == items
+
+
+def test_allow_benign_set_sends_held_out_prompts_under_cosas_allow_lists(tmp_path):
+    """`eval allow-benign`: validation instructions and held-out hard negatives, interleaved,
+    each with one of the CoSA file's non-empty allow-lists in turn; seeded; a missing file
+    is named."""
+    import json
+
+    from safeserve.models.evaluation.allow_benign import build_allow_benign
+    from safeserve.models.hard_negatives import hard_negative_prompts
+
+    root = tmp_path / "data"
+    (root / "refusal_direction_splits").mkdir(parents=True)
+    (root / "cosa_microsoft/notebooks").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="harmless_val"):
+        build_allow_benign(root)
+    (root / "refusal_direction_splits/harmless_val.json").write_text(json.dumps(
+        [{"instruction": f"Name a fruit that starts with letter {i}", "category": None}
+         for i in range(30)]))
+    (root / "cosa_microsoft/notebooks/test_set_verification_75.tsv").write_text(
+        "assignment\ttest spec\tprompt\tsituation\n"
+        "a\tIllegal_Drug.Related_Activities_and_Substance_Abuse\tq1\t1\n"
+        "a\tsafe\tq2\t3\n"
+        "a\tViolence\tq3\t2\n")
+    rows = build_allow_benign(root, n_alpaca=10, n_hard=12)
+    assert rows == build_allow_benign(root, n_alpaca=10, n_hard=12)
+    assert len(rows) == 22 and all(r["expect"] == "answer" for r in rows)
+    assert [r["source"] for r in rows].count("alpaca_val") == 10
+    assert [r["allow"] for r in rows[:4]] == [["drugs"], ["violence"], ["drugs"], ["violence"]]
+    written = {p.prompt for p in hard_negative_prompts(0)}
+    assert all(r["prompt"] in written for r in rows if r["source"] == "hard_negative")
+    items = load_cosa_rows(tmp_path / "b.jsonl", rows)
+    assert len(items) == 22 and {it.allow for it in items} == {("drugs",), ("violence",)}
+
+
+def load_cosa_rows(path, rows):
+    """The rows as `eval cosa --data` reads them."""
+    from safeserve.models.evaluation.allow_benign import write_allow_benign
+    from safeserve.models.evaluation.cosa_eval import load_items
+
+    write_allow_benign(rows, path)
+    return load_items(path)
 
 
 def test_beavertails_mapping():

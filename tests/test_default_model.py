@@ -129,7 +129,8 @@ def test_the_topic_gate_refuses_what_an_allow_list_does_not_cover(default_server
     """The default head's topic gate (format 8) in the real engine: a question about a
     celebrity's home address that its harm outputs pass is refused at the prompt for
     `privacy` under an allow-list that does not grant privacy, answered under one that does,
-    and never gated without an allow-list (or with an empty one), whatever the batch: the
+    and never gated without an allow-list (or with an empty one), whatever the batch (the
+    prompt verdict names the gate as the flag's source, `prompt.gated`): the
     requests go in concurrently, mixed. The gate's verdict is transformers' forward through
     the head's topic read-out, as training computes it."""
     from concurrent.futures import ThreadPoolExecutor
@@ -154,6 +155,8 @@ def test_the_topic_gate_refuses_what_an_allow_list_does_not_cover(default_server
     for cfg, s in zip(configs, got):
         gated = bool(cfg.get("allow")) and "privacy" not in cfg["allow"]
         assert s["prompt"]["flagged"] == gated, (cfg, s["prompt"])
+        # the verdict says the flag was the gate's
+        assert s["prompt"]["gated"] == (["privacy"] if gated else []), (cfg, s["prompt"])
         if gated:
             assert s["prompt"]["categories"] == ["privacy"], s["prompt"]
             assert s["action"] == cfg.get("on_violation", "refuse"), s

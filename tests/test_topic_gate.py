@@ -45,6 +45,11 @@ def test_a_prompt_about_a_category_the_request_does_not_allow_is_flagged_for_it(
     topic[5, DRUGS] = 0.5                  # open at exactly 0.5 (logit 0)
     event, cats, alert = _gate([allow_violence] * 6, [1, 1, 1, 0, 1, 1], topic,
                                [1, 1, 0, 1, 1, 1])
+    bits = gate_topics(torch.zeros(6, dtype=torch.int32), torch.zeros(6, dtype=torch.int32), None,
+                       torch.tensor([allow_violence] * 6, dtype=torch.int8),
+                       torch.tensor([1, 1, 1, 0, 1, 1], dtype=torch.int8), topic,
+                       torch.tensor([1, 1, 0, 1, 1, 1], dtype=torch.int8))
+    assert bits.tolist() == [0, 1 << DRUGS, 0, 0, 1 << DRUGS, 1 << DRUGS]  # the gate's own
     assert event == [0, EVENT_TRIGGER, 0, 0, EVENT_TRIGGER, EVENT_TRIGGER]
     assert cats == [0, 1 << DRUGS, 0, 0, 1 << DRUGS, 1 << DRUGS]
     assert alert == [1, 0, 1, 1, 0, 0]     # a flagged verdict is never an alert
@@ -132,6 +137,8 @@ def test_the_worker_flags_an_allow_listed_prompt_by_its_topic(sync_free):
     assert by_rid["about_violence"].scores == pytest.approx(quiet)
     assert by_rid["about_violence"].event == 0 and by_rid["no_allow_list"].event == 0
     assert by_rid["about_drugs"].event == 2 and by_rid["about_drugs"].cats == 1 << 2
+    # the report says the flag was the gate's (the tracker turns it into prompt.gated)
+    assert [by_rid[r].gate for r in ("about_violence", "about_drugs", "no_allow_list")] == [0, 1 << 2, 0]
     sent.clear()
     outs[0].append(7)
     for _ in range(3):  # its tokens: the gate reads prompt ends only
@@ -196,3 +203,146 @@ def test_replay_applies_the_gate_it_names_from_the_forward(tmp_path):
     assert rp.trigger_step(row(("drugs",)), rule) == 0
     assert rp.trigger_step(row(("violence",)), rule) is None
     assert rp.trigger_step(row(()), rule) is None
+
+
+# --------------------------------------------------------------------------------------
+# Format 9: the gate's operating point (its shift, and whether it replaces the per-category
+# outputs at gated prompts)
+# --------------------------------------------------------------------------------------
+
+
+def test_gated_prompt_rows_leave_their_categories_to_the_gate():
+    from safeserve.kernels.safety_decision import (MASK_ALLOWED, MASK_ATTRIBUTED, MASK_LIVE,
+                                                   mask_gated_prompt_categories)
+
+    table = torch.tensor([_masked([VIOLENCE])] * 4 + [[MASK_LIVE] * K], dtype=torch.int8)
+    before = table.clone()
+    # rows: gated prompt, gated decode, ungated prompt, gated prompt; row 4 is not in the step
+    out = mask_gated_prompt_categories(table, torch.tensor([1, 1, 0, 1, 1], dtype=torch.int8),
+                                       torch.tensor([1, 0, 1, 1], dtype=torch.int8))
+    assert torch.equal(table, before)  # the request's own masks are untouched
+    assert out[0, :-1].tolist() == [MASK_ALLOWED] * C and out[3, :-1].tolist() == [MASK_ALLOWED] * C
+    assert out[0, -1] == MASK_ATTRIBUTED  # the overall output still acts for its category
+    assert torch.equal(out[1:3], table[1:3]) and torch.equal(out[4], table[4])
+    empty = mask_gated_prompt_categories(table, torch.zeros(5, dtype=torch.int8),
+                                         torch.zeros(0, dtype=torch.int8))
+    assert torch.equal(empty, table)
+
+
+def _gate_head(point: dict):
+    g = torch.Generator().manual_seed(5)
+    return _head(attribution=(torch.randn(C, 64, generator=g), torch.randn(C, generator=g)),
+                 topic=(torch.randn(C, 64, generator=g), torch.randn(C, generator=g)),
+                 extra={"operating_point": {"tau": 4, **point}})
+
+
+def test_format_9_moves_the_gate_in_what_it_serves_and_what_replay_names(tmp_path):
+    from safeserve.kernels.safety_head import safety_scores_reference
+    from safeserve.models.checkpoint import FORMAT_VERSION_TOPIC_POINT
+
+    plain = _gate_head({})
+    moved = _gate_head({"topic_gate_shift": -0.5, "gate_replaces_prompt_categories": True})
+    assert plain.format_version == FORMAT_VERSION_TOPIC
+    assert moved.format_version == FORMAT_VERSION_TOPIC_POINT
+    moved.save(tmp_path / "h")
+    back = load_safety_head(tmp_path / "h")
+    assert back.format_version == FORMAT_VERSION_TOPIC_POINT and back.gate_replaces_prompt_categories
+    final = torch.randn(7, 64, generator=torch.Generator().manual_seed(6))
+    # 0.5 logits more sensitive: the tensors are the trained ones, the point moves the bias
+    assert torch.equal(back.topic[1], plain.topic[1])
+    torch.testing.assert_close(back.topic_logits(final), plain.topic_logits(final) + 0.5)
+    served = safety_scores_reference(final, *back.served_tensors())
+    assert torch.equal(served[:, -C:] >= 0.5, back.topic_logits(final) >= 0)
+    for bad in ({"topic_gate_shift": "far"}, {"gate_replaces_prompt_categories": 1},
+                {"topic_gate_shift": 99.0}):
+        with pytest.raises(CheckpointError, match="operating_point"):
+            _gate_head(bad).validate()
+    with pytest.raises(CheckpointError, match="does not have"):
+        _head(extra={"operating_point": {"topic_gate_shift": 1.0}}).validate()
+
+
+def test_moving_a_gated_heads_operating_point_keeps_and_moves_its_gate(tmp_path):
+    """`train operating-point` on a format-8 head: the gate survives a move of the other
+    thresholds, its shift adds up over moves, and the replacement flag is kept unless set."""
+    from safeserve.models.operating_point import move_operating_point
+
+    quiet = lambda *a: None  # noqa: E731
+    _gate_head({}).save(tmp_path / "a")
+    move_operating_point(tmp_path / "a", tmp_path / "b", prompt_shift=0.0, response_shift=0.5,
+                         log=quiet)
+    b = load_safety_head(tmp_path / "b")
+    assert b.topic is not None and b.format_version == FORMAT_VERSION_TOPIC
+    move_operating_point(tmp_path / "b", tmp_path / "c", prompt_shift=0.0, response_shift=0.0,
+                         gate_shift=-0.25, gate_replaces=True, log=quiet)
+    move_operating_point(tmp_path / "c", tmp_path / "d", prompt_shift=0.0, response_shift=0.0,
+                         gate_shift=-0.25, log=quiet)
+    d = load_safety_head(tmp_path / "d")
+    assert d.gate_replaces_prompt_categories
+    assert d.extra["operating_point"]["topic_gate_shift"] == pytest.approx(-0.5)
+    final = torch.randn(3, 64)
+    torch.testing.assert_close(d.topic_logits(final), b.topic_logits(final) + 0.5)
+    _head().save(tmp_path / "plain")
+    with pytest.raises(ValueError, match="no topic gate"):
+        move_operating_point(tmp_path / "plain", tmp_path / "e", prompt_shift=0.0,
+                             response_shift=0.0, gate_shift=1.0, log=quiet)
+
+
+@pytest.mark.parametrize("sync_free", [False, True], ids=["host-synced", "sync-free"])
+def test_a_gate_that_replaces_the_categories_judges_gated_prompts_alone(sync_free):
+    """The harm head's drugs output is over its threshold at three prompts, the gate closed.
+    With the gate replacing the per-category outputs, the request that allows violence is
+    answered (the gate judges its categories); the same scores flag a request without an
+    allow-list, and the allow-listed request's own tokens are still judged by every output.
+    The overall output still acts at a gated prompt."""
+    from safeserve.kernels.safety_decision import MASK_ATTRIBUTED
+    from test_safety_processor import _args, _processor, _step
+
+    proc, sent = _processor()
+    proc.sync_free = sync_free
+    proc.prompt_either, proc.n_attribution, proc.n_topic = True, 9, 9
+    proc.gate_replaces = True
+    allow_violence = [1] + [0] * 8 + [MASK_ATTRIBUTED]
+    outs = [[], [], []]
+    kw = dict(alert_scale=1.0, alert_tau=0)
+    proc._add(0, _args("allow_listed", masked=allow_violence, **kw), outs[0])
+    proc._add(1, _args("no_allow_list", **kw), outs[1])
+    proc._add(2, _args("overall", masked=allow_violence, **kw), outs[2])
+    drugs = [0.1, 0.1, 0.9] + [0.1] * 7
+    overall = [0.1] * 9 + [0.9]
+    named_drugs = [0.1, 0.1, 0.9] + [0.1] * 6
+    closed = [0.1] * 9
+    _step(proc, [drugs + drugs + named_drugs + closed, drugs + drugs + named_drugs + closed,
+                 overall + overall + named_drugs + closed])
+    by_rid = {r.rid: r for r in sent}
+    assert by_rid["allow_listed"].event == 0
+    assert by_rid["allow_listed"].scores == pytest.approx(drugs)  # reported: the head's
+    assert by_rid["no_allow_list"].event == 2 and by_rid["no_allow_list"].cats & (1 << 2)
+    assert by_rid["overall"].event == 2  # named drugs, not allowed: the overall output acts
+    sent.clear()
+    outs[0].append(7)
+    for _ in range(3):  # its tokens: drugs over threshold three times running triggers
+        _step(proc, [drugs + drugs + named_drugs + closed])
+        outs[0].append(8)
+    assert [r.event for r in sent] == [1, 1, 2]
+
+
+def test_replay_leaves_a_gated_prompts_categories_to_the_gate(tmp_path):
+    import numpy as np
+
+    from safeserve.models.evaluation import replay as rp
+
+    _gate_head({"gate_replaces_prompt_categories": True}).save(tmp_path / "h")
+    _gate_head({}).save(tmp_path / "h8")
+    rule, rule8 = rp.served_rule(tmp_path / "h"), rp.served_rule(tmp_path / "h8")
+    assert rule.gate_replaces_prompt_categories and not rule8.gate_replaces_prompt_categories
+    prompt = np.zeros(K)
+    prompt[DRUGS] = 1.0  # the drugs output at the prompt, over any threshold
+
+    def row(allow):
+        return rp.TracedRow(kind="cosa", group="allowed", dataset="x", allow=allow,
+                            prompt=prompt, query=None, steps=np.zeros((3, K)),
+                            refused_by_text=False, answered_by_text=True,
+                            named="violence" if allow else None)
+    assert rp.trigger_step(row(("violence",)), rule) is None
+    assert rp.trigger_step(row(("violence",)), rule8) == 0
+    assert rp.trigger_step(row(()), rule) == 0  # no allow-list: not gated, judged as before

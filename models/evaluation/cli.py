@@ -300,7 +300,26 @@ def replay(
         json_out.write_text(json.dumps(results, indent=1), encoding="utf-8")
 
 
+def allow_benign(
+    data_root: Path = typer.Option(..., "--data-root", exists=True, file_okay=False,
+                                   help="Shared data root (refusal_direction_splits/, "
+                                   "cosa_microsoft/)."),
+    out: Path = typer.Option(..., "--out", help="JSONL to write ({prompt, allow, expect, source})."),
+    n_alpaca: int = typer.Option(150, "--n-alpaca", min=0, help="Alpaca validation instructions."),
+    n_hard: int = typer.Option(150, "--n-hard", min=0, help="Held-out written hard negatives."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed (and the hard negatives' split seed)."),
+) -> None:
+    """Write the benign development set for allow-list requests: prompts to answer, each
+    sent with one of CoSAlign-Test's non-empty allow-lists (run it with `eval cosa --data`)."""
+    from safeserve.models.evaluation.allow_benign import build_allow_benign, write_allow_benign
+
+    rows = build_allow_benign(data_root, n_alpaca, n_hard, seed)
+    write_allow_benign(rows, out)
+    console.print(f"wrote {len(rows)} prompts to {out}")
+
+
 def register(app: typer.Typer) -> None:
+    app.command("allow-benign")(allow_benign)
     """Add ``safety``, ``moderation``, ``judge-check``, ``compare`` and ``replay`` to the
     ``eval`` group."""
     app.command("replay")(replay)

@@ -113,6 +113,15 @@ def sample_per_config(items: list[EvalItem], limit: int, seed: int = 0) -> list[
     return [it for i, it in enumerate(items) if i in keep]
 
 
+def development_split(items: list[EvalItem], reported: int, seed: int = 0) -> list[EvalItem]:
+    """The items outside ``sample_per_config(items, reported, seed)``: a split to choose on
+    beside a reported sample (0: every item)."""
+    if reported <= 0:
+        return items
+    held = {it.id for it in sample_per_config(items, reported, seed)}
+    return [it for it in items if it.id not in held]
+
+
 def build_request(item: EvalItem, mode: str, base_config: dict | str | None = None,
                   taxonomy: Taxonomy | None = None) -> tuple[list[dict], dict]:
     """Messages and extra body of one request. ``base_config`` (a preset name or an object)

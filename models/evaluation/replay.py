@@ -64,6 +64,9 @@ class Rule:
     # states a trace does not hold: its allow-list requests replay once ``name_categories``
     # has named them from the forward.
     per_request_attribution: bool = False
+    # A format-9 head's gate replaces the per-category outputs at the prompt verdict of a
+    # request it names (``operating_point.gate_replaces_prompt_categories``).
+    gate_replaces_prompt_categories: bool = False
 
     @property
     def response_tau_alerted(self) -> int:
@@ -101,7 +104,8 @@ def served_rule(head_dir: str | Path, *, tau: int | None = None) -> Rule:
     margin, alert_tau = alert_band(head.extra)
     return Rule(names, tuple(thresholds), tuple(thresholds), tau,
                 allowlist_overall_shift(head.extra), margin, alert_tau,
-                head.attribution is not None)
+                head.attribution is not None,
+                head.topic is not None and head.gate_replaces_prompt_categories)
 
 
 @dataclass
@@ -323,15 +327,18 @@ def trigger_step(row: TracedRow, rule: Rule) -> int | None:
     verdicts = [v for v in (row.prompt, row.query) if v is not None]
     if needs_name(row, rule) and any(c not in row.allow for c in row.gated):
         return 0  # the topic gate (format 8): about a category the request does not allow
+    prompt_live = live
+    if needs_name(row, rule) and rule.gate_replaces_prompt_categories:
+        prompt_live = live & (np.asarray(rule.names) == OVERALL)  # the gate judged those
     for verdict in verdicts:
-        if bool(_violated(verdict[None, :], prompt_t, live, row, rule)[0]):
+        if bool(_violated(verdict[None, :], prompt_t, prompt_live, row, rule)[0]):
             return 0
     if len(row.steps) == 0:
         return None
     tau = rule.tau
     if rule.alert_margin > 0 and rule.alert_tau:
         near_t = np.array([_shift(t, -rule.alert_margin) for t in rule.prompt_thresholds])
-        if any(bool(_violated(v[None, :], near_t, live, row, rule)[0]) for v in verdicts):
+        if any(bool(_violated(v[None, :], near_t, prompt_live, row, rule)[0]) for v in verdicts):
             tau = rule.response_tau_alerted
     violated = _violated(row.steps, np.asarray(rule.response_thresholds), live, row, rule)
     run = 0
@@ -385,7 +392,9 @@ def sweep(rows: list[TracedRow], base: Rule, prompt_shifts, response_shifts, tau
                             response_shift=rs, tau=tau,
                             allowlist_overall_shift=base.allowlist_overall_shift,
                             alert_margin=margin, alert_tau=band_tau)
-        rule = dataclasses.replace(rule, per_request_attribution=base.per_request_attribution)
+        rule = dataclasses.replace(
+            rule, per_request_attribution=base.per_request_attribution,
+            gate_replaces_prompt_categories=base.gate_replaces_prompt_categories)
         results.append({"prompt_shift": ps, "response_shift": rs, "tau": tau,
                          "alert_margin": margin, "alert_tau": rule.response_tau_alerted if margin > 0 else None,
                          **score(rows, rule)})

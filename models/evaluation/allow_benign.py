@@ -1,0 +1,68 @@
+"""A benign development set for allow-list requests (``safeserve eval allow-benign``).
+
+CoSAlign-Test measures what an allow-list lets through on risky prompts; it says nothing about
+what the same machinery costs on plain ones. This set sends prompts that should simply be
+answered (Alpaca validation instructions and held-out written hard negatives: risky-sounding
+but benign) each with one of CoSAlign-Test's non-empty allow-lists in turn, so that a
+change to the allow-list rules (the topic gate, the overall output's named category) can be
+scored on what it refuses that it should not. Nothing in it is a training prompt: the Alpaca
+instructions come from the validation split (the safety data reads the train split), the hard
+negatives from the groups `build-hard-negatives` holds out with the same seed.
+
+Written as ``eval cosa``'s JSONL: ``{prompt, allow, expect: "answer", source}``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+ALPACA_VALIDATION = "refusal_direction_splits/harmless_val.json"
+COSA_TEST = "cosa_microsoft/notebooks/test_set_verification_75.tsv"
+
+
+def cosa_allow_lists(tsv: Path) -> list[tuple[str, ...]]:
+    """CoSAlign-Test's distinct non-empty allow-lists, sorted."""
+    from safeserve.models.evaluation.cosa_eval import load_cosa_tsv
+
+    return sorted({it.allow for it in load_cosa_tsv(tsv) if it.allow})
+
+
+def build_allow_benign(data_root: Path, n_alpaca: int = 150, n_hard: int = 150,
+                       seed: int = 0, heldout_fraction: float = 0.4) -> list[dict]:
+    """``n_alpaca`` validation instructions and ``n_hard`` held-out hard negatives (seeded
+    samples), interleaved, the i-th given CoSAlign-Test's i-th allow-list modulo their count."""
+    from safeserve.models.hard_negatives import hard_negative_prompts
+    from safeserve.models.safety_data_build import normalise, read_eval_keys, split_by_group
+
+    data_root = Path(data_root)
+    for rel in (ALPACA_VALIDATION, COSA_TEST):
+        if not (data_root / rel).is_file():
+            raise FileNotFoundError(f"{data_root / rel} is missing (want the shared data root)")
+    allow_lists = cosa_allow_lists(data_root / COSA_TEST)
+    if not allow_lists:
+        raise ValueError(f"{data_root / COSA_TEST} has no non-empty allow-list")
+    rng = random.Random(seed)
+    alpaca = [r["instruction"].strip()
+              for r in json.loads((data_root / ALPACA_VALIDATION).read_text())
+              if 0 < len(r["instruction"].strip()) < 300]
+    alpaca = rng.sample(alpaca, min(n_alpaca, len(alpaca)))
+    # The same split as build-hard-negatives (groups with an evaluation prompt dropped
+    # first): only groups it holds out.
+    eval_keys = set().union(*read_eval_keys(data_root, lambda msg: None).values())
+    prompts = hard_negative_prompts(seed)
+    leaked = {p.group for p in prompts if normalise(p.prompt) in eval_keys}
+    _, held, _ = split_by_group([p for p in prompts if p.group not in leaked],
+                                heldout_fraction, random.Random(seed))
+    hard = [p.prompt for p in rng.sample(held, min(n_hard, len(held)))]
+    sources = [("alpaca_val", t) for t in alpaca] + [("hard_negative", t) for t in hard]
+    rng.shuffle(sources)
+    return [{"prompt": text, "allow": list(allow_lists[i % len(allow_lists)]),
+             "expect": "answer", "source": source, "id": f"{source}-{i}"}
+            for i, (source, text) in enumerate(sources)]
+
+
+def write_allow_benign(rows: list[dict], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
