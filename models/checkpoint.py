@@ -388,10 +388,10 @@ def load_safety_head(model_dir: str | Path, expect_taxonomy: Taxonomy | None = N
         raise CheckpointError(f"safety head format {cfg.get('format_version')} is not one of "
                               f"{', '.join(map(str, FORMAT_VERSIONS))}")
     mlp = None
+    # Every format after the MLP's carries one when its config counts units (format 9 was
+    # once left out of a list here, and its heads loaded without their MLP).
     has_mlp = cfg["format_version"] == FORMAT_VERSION_MLP or (
-        cfg["format_version"] in (FORMAT_VERSION_OFFSET, *PROMPT_FORMATS, FORMAT_VERSION_ATTRIBUTION,
-                                  FORMAT_VERSION_TOPIC)
-        and int(cfg.get("mlp_units") or 0) > 0)
+        cfg["format_version"] != FORMAT_VERSION and int(cfg.get("mlp_units") or 0) > 0)
     prompt = attribution = topic = None
     version = cfg["format_version"]
     if version in (FORMAT_VERSION_TOPIC, FORMAT_VERSION_TOPIC_POINT):
@@ -454,4 +454,7 @@ def load_safety_head(model_dir: str | Path, expect_taxonomy: Taxonomy | None = N
                       int(cfg.get("layer", -1)), extra, mlp, prompt, either,
                       cfg["prompt_layer"] if layered else None, attribution, topic)
     head.validate(cfg.get("hidden_size"))
+    if head.mlp_units != int(cfg.get("mlp_units") or head.mlp_units):
+        raise CheckpointError(f"safety head in {d} declares {cfg.get('mlp_units')} MLP units "
+                              f"but loaded {head.mlp_units}")
     return head

@@ -231,9 +231,11 @@ def test_gated_prompt_rows_leave_their_categories_to_the_gate():
 
 def _gate_head(point: dict):
     g = torch.Generator().manual_seed(5)
+    mlp = (0.05 * torch.randn(8, 64, generator=g), torch.zeros(8),
+           0.01 * torch.randn(K, 8, generator=g), 0.05 * torch.randn(65, generator=g))
     return _head(attribution=(torch.randn(C, 64, generator=g), torch.randn(C, generator=g)),
                  topic=(torch.randn(C, 64, generator=g), torch.randn(C, generator=g)),
-                 extra={"operating_point": {"tau": 4, **point}})
+                 mlp=mlp, extra={"operating_point": {"tau": 4, **point}})
 
 
 def test_format_9_moves_the_gate_in_what_it_serves_and_what_replay_names(tmp_path):
@@ -247,6 +249,9 @@ def test_format_9_moves_the_gate_in_what_it_serves_and_what_replay_names(tmp_pat
     moved.save(tmp_path / "h")
     back = load_safety_head(tmp_path / "h")
     assert back.format_version == FORMAT_VERSION_TOPIC_POINT and back.gate_replaces_prompt_categories
+    # everything else the head carries comes back (format 9 once loaded without its MLP)
+    assert back.mlp_units == 8 and all(torch.equal(a, b) for a, b in zip(back.mlp, moved.mlp))
+    assert torch.equal(back.attribution[0], moved.attribution[0])
     final = torch.randn(7, 64, generator=torch.Generator().manual_seed(6))
     # 0.5 logits more sensitive: the tensors are the trained ones, the point moves the bias
     assert torch.equal(back.topic[1], plain.topic[1])
@@ -277,7 +282,7 @@ def test_moving_a_gated_heads_operating_point_keeps_and_moves_its_gate(tmp_path)
     move_operating_point(tmp_path / "c", tmp_path / "d", prompt_shift=0.0, response_shift=0.0,
                          gate_shift=-0.25, log=quiet)
     d = load_safety_head(tmp_path / "d")
-    assert d.gate_replaces_prompt_categories
+    assert d.gate_replaces_prompt_categories and d.mlp_units == b.mlp_units == 8
     assert d.extra["operating_point"]["topic_gate_shift"] == pytest.approx(-0.5)
     final = torch.randn(3, 64)
     torch.testing.assert_close(d.topic_logits(final), b.topic_logits(final) + 0.5)
