@@ -340,7 +340,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
             attribute_overall(self.masked[:n], self.attributable[:n], self.named[:n],
                               attribution, is_prompt)
         masked = self.masked
-        if self.gate_replaces and prompt_work:
+        if self.gate_replaces and topic is not None and prompt_work:
             masked = mask_gated_prompt_categories(self.masked, self.attributable, is_prompt)
         # Rows at their prompt: the head's prompt offset moves their scores (in place: what
         # is reported is what was compared) and the request's prompt thresholds judge them.
