@@ -47,6 +47,10 @@ ABORTED = Counter("safeserve_aborted_requests",
 # Safety signal
 SAFETY_PROMPTS_FLAGGED = Counter("safeserve_safety_prompts_flagged",
                                  "Prompts whose verdict was unsafe", ["category", "action"])
+# The topic gate's share of them (a request about a category its allow-list leaves out):
+# how often allow-listed traffic is refused for what it is about rather than for harm.
+SAFETY_PROMPTS_GATED = Counter("safeserve_safety_prompts_gated",
+                               "Prompts the topic gate flagged, by category", ["category"])
 SAFETY_RESPONSES_FLAGGED = Counter("safeserve_safety_responses_flagged",
                                    "Responses flagged during generation", ["category", "action"])
 SAFETY_PROMPT_SCORE = Histogram("safeserve_safety_prompt_score",

@@ -309,6 +309,8 @@ class RequestTracker:
         if prompt and rep.prompt and rep.prompt.flagged:
             for c in rep.prompt.categories or ["unsafe"]:
                 metrics.SAFETY_PROMPTS_FLAGGED.labels(c, rep.action).inc()
+            for c in rep.prompt.gated:
+                metrics.SAFETY_PROMPTS_GATED.labels(c).inc()
         if rep.response.flagged:
             for c in rep.response.categories or ["unsafe"]:
                 metrics.SAFETY_RESPONSES_FLAGGED.labels(c, rep.action).inc()

@@ -149,6 +149,7 @@ def test_the_topic_gate_refuses_what_an_allow_list_does_not_cover(default_server
     configs = [{"allow": ["violence"]}, {"allow": ["privacy"]}, {}, {"allow": []},
                {"allow": ["violence"], "on_violation": "annotate"}] * 3
     msgs = [{"role": "user", "content": text}]
+    gated_before = _gated_count(default_server)  # (the default server: this test's own)
     with ThreadPoolExecutor(len(configs)) as pool:
         got = list(pool.map(lambda cfg: ask(default_server, msgs, safety_config=cfg)["safety"],
                             configs))
@@ -162,6 +163,14 @@ def test_the_topic_gate_refuses_what_an_allow_list_does_not_cover(default_server
             assert s["action"] == cfg.get("on_violation", "refuse"), s
         else:
             assert s["action"] == "none", (cfg, s)
+    # and /metrics counts each gated prompt once, by category
+    assert _gated_count(default_server) - gated_before == 6
+
+
+def _gated_count(c) -> float:
+    from test_safety_serving import _counter
+
+    return _counter(c, "safeserve_safety_prompts_gated_total", category="privacy")
 
 
 def test_default_head_scores_match_the_training_forward(default_server):
