@@ -11,6 +11,14 @@ them, on exactly the model the head will be served with (its adapter merged, if 
 The server runs the same token ids through its own engine before it takes traffic and refuses
 to serve when its prompt verdicts differ (``server/head_check.py``).
 
+The record also holds, per conversation, the first few tokens the model answers greedily and the
+head's logits at each of them (the per-token signal's rows: the head's own outputs with its
+residual MLP, no prompt read-out, no offset). Prompt verdicts alone can hide a broken decode
+path: on a head whose prompt read-out dominates them, a head served without its MLP passed the
+prompt comparison at 7e-05 logits. The server compares a generated row wherever its own greedy
+tokens up to that row equal the recorded ones (a near tie may pick another token; rows after a
+divergence read another sequence and are skipped, and counted).
+
 The record holds raw head logits (before the head's prompt offset); the comparison turns them
 into what the server reports with the same float32 operations (sigmoid, then the offset of
 ``kernels/safety_head.offset_prompt_rows``, which the decision kernel reproduces bit for bit
@@ -47,6 +55,10 @@ SELF_CHECK_PROMPTS = (
 # clipped ones still show it.
 LOGIT_CLIP = 10.0
 
+# Generated tokens recorded per conversation (greedy): enough rows for the MLP and any
+# per-token path to show, few enough to keep the startup check a single short batch.
+RESPONSE_TOKENS = 4
+
 # Default tolerance in logits by dtype (the larger of the engine's and the record's). float32:
 # vLLM's CPU engine agreed with the training forward to 0.015 logits (its own attention and
 # matmul kernels). Measured on the bundled heads (2026-12-04, transformers): bfloat16 moves the
@@ -70,13 +82,24 @@ def logit(p: float) -> float:
 
 @dataclass(frozen=True)
 class SelfCheck:
-    """The record a head carries: conversations and their raw prompt-end head logits."""
+    """The record a head carries: conversations, their raw prompt-end head logits, and
+    (records written since format 9's release) the greedy answer's first tokens with the
+    head's logits at each."""
 
     prompts: tuple[str, ...]
     prompt_ids: tuple[tuple[int, ...], ...]  # as the recording tokenizer rendered them
     logits: tuple[tuple[float, ...], ...]  # [prompt][output], before the prompt offset
     output_names: tuple[str, ...]
     dtype: str = "float32"  # of the recording forward
+    response_ids: tuple[tuple[int, ...], ...] = ()  # [prompt][token]: greedy; () = none
+    response_logits: tuple[tuple[tuple[float, ...], ...], ...] = ()  # [prompt][token][output]
+
+    def subset(self, keep: list[int]) -> "SelfCheck":
+        """The record of the conversations ``keep`` only."""
+        pick = lambda rows: tuple(rows[i] for i in keep) if rows else rows  # noqa: E731
+        return SelfCheck(pick(self.prompts), pick(self.prompt_ids), pick(self.logits),
+                         self.output_names, self.dtype, pick(self.response_ids),
+                         pick(self.response_logits))
 
     @classmethod
     def from_extra(cls, extra: dict) -> "SelfCheck | None":
@@ -90,6 +113,9 @@ class SelfCheck:
             logits = tuple(tuple(float(v) for v in row) for row in raw["prompt_logits"])
             names = tuple(str(n) for n in raw["output_names"])
             dtype = str((raw.get("computed_with") or {}).get("dtype", "float32"))
+            resp_ids = tuple(tuple(int(t) for t in row) for row in raw.get("response_ids", ()))
+            resp_logits = tuple(tuple(tuple(float(v) for v in tok) for tok in row)
+                                for row in raw.get("response_logits", ()))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{SELF_CHECK} in head_config.json is malformed: {e!r}") from None
         if not prompts or len(logits) != len(prompts) or len(ids) != len(prompts) \
@@ -98,19 +124,39 @@ class SelfCheck:
                              f"ids and one row of {len(names)} logits")
         if any(v != v for row in logits for v in row):
             raise ValueError(f"{SELF_CHECK} in head_config.json holds NaN logits")
-        return cls(prompts, ids, logits, names, dtype)
+        if resp_ids or resp_logits:
+            if len(resp_ids) != len(prompts) or len(resp_logits) != len(prompts) \
+                    or any(len(t) != len(r) for t, r in zip(resp_ids, resp_logits)) \
+                    or any(len(tok) != len(names) for r in resp_logits for tok in r) \
+                    or any(v != v for r in resp_logits for tok in r for v in tok):
+                raise ValueError(f"{SELF_CHECK} in head_config.json needs, per prompt, as many "
+                                 f"response logit rows of {len(names)} numbers as response "
+                                 "token ids")
+        return cls(prompts, ids, logits, names, dtype, resp_ids, resp_logits)
 
     def to_extra(self, computed_with: dict) -> dict:
-        return {"prompts": list(self.prompts), "output_names": list(self.output_names),
-                "prompt_ids": [list(r) for r in self.prompt_ids],
-                "prompt_logits": [[round(v, 6) for v in row] for row in self.logits],
-                "computed_with": {"dtype": self.dtype, **computed_with}}
+        out = {"prompts": list(self.prompts), "output_names": list(self.output_names),
+               "prompt_ids": [list(r) for r in self.prompt_ids],
+               "prompt_logits": [[round(v, 6) for v in row] for row in self.logits],
+               "computed_with": {"dtype": self.dtype, **computed_with}}
+        if self.response_ids:
+            out["response_ids"] = [list(r) for r in self.response_ids]
+            out["response_logits"] = [[[round(v, 6) for v in tok] for tok in r]
+                                      for r in self.response_logits]
+        return out
 
-    def shifted(self, bias_delta: list[float]) -> "SelfCheck":
-        """The record of the same head with its biases moved by ``bias_delta`` (weights
+    def shifted(self, bias_delta: list[float],
+                response_delta: list[float] | None = None) -> "SelfCheck":
+        """The record of the same head with its prompt verdict's biases moved by
+        ``bias_delta`` and its own (per-token) biases by ``response_delta`` (weights
         unchanged): exact, no model needed."""
-        logits = tuple(tuple(v + d for v, d in zip(row, bias_delta)) for row in self.logits)
-        return SelfCheck(self.prompts, self.prompt_ids, logits, self.output_names, self.dtype)
+        move = lambda row, d: tuple(v + x for v, x in zip(row, d))  # noqa: E731
+        logits = tuple(move(row, bias_delta) for row in self.logits)
+        response = self.response_logits
+        if response and response_delta is not None:
+            response = tuple(tuple(move(tok, response_delta) for tok in r) for r in response)
+        return SelfCheck(self.prompts, self.prompt_ids, logits, self.output_names, self.dtype,
+                         self.response_ids, response)
 
     def expected_scores(self, prompt_offset: float) -> list[list[float]]:
         """What the server should report: float32 sigmoid of the recorded logits, then the
@@ -125,6 +171,15 @@ class SelfCheck:
 
 
 @dataclass(frozen=True)
+class ServedResponse:
+    """What the server generated greedily for one conversation: its token ids and, per
+    generated token, the scores its per-token signal reported for that token's row."""
+
+    token_ids: tuple[int, ...]
+    scores: tuple[dict[str, float], ...]  # [j]: the row of token_ids[j]
+
+
+@dataclass(frozen=True)
 class CheckResult:
     max_error: float  # logits, after clipping both sides
     tolerance: float
@@ -133,6 +188,9 @@ class CheckResult:
     expected: float
     served: float
     prompts: int
+    worst_token: int | None = None  # None: a prompt verdict; j: generated token j's row
+    response_rows: int = 0  # generated-token rows compared
+    response_rows_skipped: int = 0  # recorded rows after the server's greedy answer diverged
 
     @property
     def passed(self) -> bool:
@@ -140,10 +198,14 @@ class CheckResult:
 
     def summary(self) -> dict:
         return {"status": "passed" if self.passed else "failed", "prompts": self.prompts,
+                "response_rows": self.response_rows,
+                "response_rows_skipped": self.response_rows_skipped,
                 "max_logit_error": round(self.max_error, 6), "tolerance": self.tolerance}
 
     def explain(self) -> str:
-        return (f"the served prompt verdict differs from the head's record by "
+        where = ("prompt verdict" if self.worst_token is None
+                 else f"per-token score at generated token {self.worst_token}")
+        return (f"the served {where} differs from the head's record by "
                 f"{self.max_error:.3g} logits (tolerance {self.tolerance:g}): output "
                 f"{self.worst_output!r} on {self.worst_prompt!r} is {self.served:.3f}, recorded "
                 f"{self.expected:.3f}. The head was trained on another model than the one "
@@ -151,18 +213,43 @@ class CheckResult:
 
 
 def compare(record: SelfCheck, served_scores: list[dict[str, float]], tolerance: float,
-            prompt_offset: float = 0.0) -> CheckResult:
-    """``served_scores``: per prompt, the server's reported scores (probabilities) by output
-    name. The largest clipped logit difference over every prompt and output."""
-    worst = (-1.0, "", "", 0.0, 0.0)
+            prompt_offset: float = 0.0,
+            served_responses: list[ServedResponse] | None = None) -> CheckResult:
+    """``served_scores``: per prompt, the server's reported prompt-verdict scores
+    (probabilities) by output name; ``served_responses``: per prompt, its greedy answer
+    (None: prompt verdicts only). The largest clipped logit difference over every prompt
+    verdict and every generated row whose tokens so far equal the record's."""
+    worst = (-1.0, "", "", 0.0, 0.0, None)
     expected_rows = record.expected_scores(prompt_offset)
     for prompt, row, served in zip(record.prompts, expected_rows, served_scores):
         for name, expected in zip(record.output_names, row):
             want, got = logit(expected), logit(served[name])
             if abs(got - want) > worst[0]:
-                worst = (abs(got - want), prompt, name, want, got)
-    err, prompt, name, want, got = worst
-    return CheckResult(err, tolerance, prompt, name, want, got, len(record.prompts))
+                worst = (abs(got - want), prompt, name, want, got, None)
+    compared = skipped = 0
+    if served_responses is not None and record.response_ids:
+        for prompt, ids, rows, served in zip(record.prompts, record.response_ids,
+                                             record.response_logits, served_responses):
+            for j, recorded in enumerate(rows):
+                if tuple(served.token_ids[: j + 1]) != ids[: j + 1] or j >= len(served.scores):
+                    skipped += len(rows) - j
+                    break
+                compared += 1
+                for name, raw in zip(record.output_names, recorded):
+                    want, got = logit(_sigmoid32(raw)), logit(served.scores[j][name])
+                    if abs(got - want) > worst[0]:
+                        worst = (abs(got - want), prompt, name, want, got, j)
+    err, prompt, name, want, got, token = worst
+    return CheckResult(err, tolerance, prompt, name, want, got, len(record.prompts), token,
+                       compared, skipped)
+
+
+def _sigmoid32(x: float) -> float:
+    """The float32 sigmoid the server's scores went through (a recorded logit of 30 is
+    exactly 1 there)."""
+    import torch
+
+    return float(torch.sigmoid(torch.tensor(x, dtype=torch.float32)))
 
 
 def render_prompt(tok, text: str) -> list[int]:
@@ -172,32 +259,57 @@ def render_prompt(tok, text: str) -> list[int]:
     return tok(rendered, add_special_tokens=False)["input_ids"]
 
 
+def greedy_answer(model, ids: list[int], n_tokens: int) -> list[int]:
+    """``model``'s first ``n_tokens`` greedy tokens after ``ids`` (end-of-sequence included,
+    as a server that ignores it samples it too), one full forward per token: exact, and
+    cheap at this length."""
+    import torch
+
+    device = next(model.parameters()).device
+    out: list[int] = []
+    for _ in range(n_tokens):
+        logits = model(torch.tensor([ids + out], device=device)).logits[0, -1]
+        out.append(int(logits.float().argmax()))
+    return out
+
+
 def compute_record(model, tok, head, prompts=SELF_CHECK_PROMPTS,
-                   dtype: str = "float32") -> SelfCheck:
+                   dtype: str = "float32", response_tokens: int = RESPONSE_TOKENS) -> SelfCheck:
     """The record of ``head`` read over ``model`` (a loaded causal LM, any device): the
     training code's forward and the head's math from kernels/safety_head.py."""
     import torch
 
+    from safeserve.kernels.safety_head import head_logits
     from safeserve.models.safety_features import backbone
 
     device = next(model.parameters()).device
     head.validate(None, model.config.num_hidden_layers)  # a prompt_layer this model has
-    ids_rows, rows = [], []
+    ids_rows, rows, answers, answer_rows = [], [], [], []
     was_training = model.training
     model.eval()
     with torch.no_grad():
         for text in prompts:
             ids = render_prompt(tok, text)
+            answer = greedy_answer(model, ids, response_tokens) if response_tokens else []
             layer = head.prompt_layer  # a read-out over a middle layer reads that one too
-            res = backbone(model)(torch.tensor([ids], device=device),
+            res = backbone(model)(torch.tensor([ids + answer], device=device),
                                   output_hidden_states=layer is not None)
-            middle = None if layer is None else res.hidden_states[layer][0, -1:].float().cpu()
-            out = head.prompt_logits(res.last_hidden_state[0, -1:].float().cpu(), middle)[0]
+            end = len(ids) - 1
+            final = res.last_hidden_state[0].float().cpu()
+            middle = None if layer is None else res.hidden_states[layer][0, end:end + 1].float().cpu()
+            out = head.prompt_logits(final[end:end + 1], middle)[0]
+            # each generated token's row: the head's own outputs (MLP included), as the
+            # serving kernel's first K columns give them at decode rows
+            per_token = head_logits(final[end + 1:], head.weight, head.bias, head.mlp)
             ids_rows.append(tuple(ids))
             rows.append(tuple(float(v) for v in out))
+            answers.append(tuple(answer))
+            answer_rows.append(tuple(tuple(float(v) for v in r) for r in per_token))
     model.train(was_training)
     return SelfCheck(tuple(prompts), tuple(ids_rows), tuple(rows),
-                     tuple(head.taxonomy.output_names), dtype)
+                     tuple(head.taxonomy.output_names), dtype,
+                     tuple(answers) if response_tokens else (),
+                     tuple(answer_rows) if response_tokens else ())
 
 
 def write_record(head_dir: Path, record: SelfCheck, log=print, note: str = "") -> None:

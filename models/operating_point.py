@@ -149,7 +149,8 @@ def move_operating_point(head_dir: Path, out: Path, *, prompt_shift: float,
         assert torch.equal(new.weight, head.weight)  # only biases move: the record shifts
         old_b, new_b = ((head.bias, new.bias) if head.prompt is None
                         else (head.prompt[1], new.prompt[1]))
-        write_record(out, record.shifted((new_b - old_b).tolist()), log,
+        write_record(out, record.shifted((new_b - old_b).tolist(),
+                                         (new.bias - head.bias).tolist()), log,
                      " (the old record, moved with the biases)")
     adapter = Path(head_dir) / "adapter"
     if adapter.is_dir() and Path(out) != Path(head_dir):

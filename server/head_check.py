@@ -7,8 +7,11 @@ It runs the record's own token ids (a chat template that writes today's date wou
 make every later day a mismatch) through the whole served path (engine, the model class's head
 kernel, the prompt offset, the logits processor, telemetry), as one concurrent batch of helper
 requests like ``/v1/moderations``. Whether the server's own rendering of the conversations gives
-the same ids is reported beside it. The result is in ``/v1/models`` (``safety.head_check``)
-and ``/metrics``.
+the same ids is reported beside it. A record that holds the greedy answers' first tokens is
+also checked at those generated tokens: the record's conversations are answered greedily,
+annotate-only, and each per-token score whose tokens so far equal the record's must match
+too (the decode path: the residual MLP, the per-token rows). The result is in ``/v1/models``
+(``safety.head_check``) and ``/metrics``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from safeserve.models.head_check import CheckResult, SelfCheck, compare, tolerance_for
+from safeserve.models.head_check import (CheckResult, SelfCheck, ServedResponse, compare,
+                                         tolerance_for)
 from safeserve.server import metrics
 
 log = logging.getLogger(__name__)
@@ -70,6 +74,47 @@ async def served_scores(engine, svc, prompt_ids) -> list[dict[str, float]]:
     return [dict(zip(svc.names, r.scores)) for r in records]
 
 
+async def served_responses(engine, svc, record: SelfCheck) -> list[ServedResponse]:
+    """Each recorded conversation answered greedily (end-of-sequence ignored, annotate-only,
+    so nothing is spliced in) for one token more than its recorded answer: the step that
+    samples token j + 1 reports the row of token j."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    safety = svc.resolve(None, {"on_violation": "annotate"})
+
+    async def answer(n: int, ids: tuple[int, ...], length: int) -> ServedResponse:
+        rid = f"head-check-answer-{n}"
+        extra, tracker = svc.open(rid, safety, engine.eos_id, verdict_only=True)
+        params = SamplingParams(max_tokens=length + 1, ignore_eos=True, temperature=0.0,
+                                extra_args=extra, output_kind=RequestOutputKind.FINAL_ONLY)
+        token_ids: tuple[int, ...] = ()
+        finished = False
+        try:
+            async for out in engine.llm.generate({"prompt_token_ids": list(ids)}, params, rid):
+                finished = out.finished
+                token_ids = tuple(out.outputs[0].token_ids)
+            await tracker.wait_for(len(token_ids) - 1)
+            if tracker.incomplete:
+                raise HeadCheckFailed("the per-token signal of a self-check answer never "
+                                      "arrived")
+            steps = [tracker.steps.get(j) for j in range(1, len(token_ids))]
+            scored = []
+            for step in steps:
+                if step is None:
+                    break
+                scored.append(dict(zip(svc.names, step.scores)))
+            return ServedResponse(token_ids[: len(scored)], tuple(scored))
+        finally:
+            if not finished:
+                await engine.abort(rid)
+            svc.discard(tracker)
+
+    return list(await asyncio.gather(*(
+        answer(n, ids, len(resp)) for n, (ids, resp)
+        in enumerate(zip(record.prompt_ids, record.response_ids)))))
+
+
 def same_rendering(engine, record: SelfCheck) -> bool:
     from safeserve.server.completions import render_messages
 
@@ -98,11 +143,13 @@ async def check(engine, svc, plan: HeadCheckPlan) -> CheckResult | None:
                     "%d", engine.max_model_len)
         return None
     if len(fits) < len(record.prompts):
-        record = SelfCheck(*(tuple(getattr(record, f)[i] for i in fits)
-                             for f in ("prompts", "prompt_ids", "logits")),
-                           record.output_names, record.dtype)
+        record = record.subset(fits)
     served = await served_scores(engine, svc, record.prompt_ids)
-    result = compare(record, served, plan.tolerance, plan.prompt_offset)
+    answers = None
+    if record.response_ids and all(len(ids) + len(resp) + 1 < engine.max_model_len for ids, resp
+                                   in zip(record.prompt_ids, record.response_ids)):
+        answers = await served_responses(engine, svc, record)
+    result = compare(record, served, plan.tolerance, plan.prompt_offset, answers)
     plan.result = {**result.summary(), "same_rendering": same_rendering(engine, record)}
     if not plan.result["same_rendering"]:
         log.warning("safety head self-check: this server's chat template renders the check's "
@@ -125,8 +172,10 @@ async def run_head_check(engine, svc, plan: HeadCheckPlan) -> CheckResult | None
         return None
     if result is None or result.passed:
         if result is not None:
-            log.info("safety head self-check passed: %d prompts, max logit error %.2g "
-                     "(tolerance %g)", result.prompts, result.max_error, result.tolerance)
+            log.info("safety head self-check passed: %d prompts and %d generated tokens "
+                     "(%d skipped: the greedy answer diverged), max logit error %.2g "
+                     "(tolerance %g)", result.prompts, result.response_rows,
+                     result.response_rows_skipped, result.max_error, result.tolerance)
         return result
     if plan.mode == "error":
         raise HeadCheckFailed(result.explain() + " (--head-check warn serves it anyway)")

@@ -251,10 +251,15 @@ def test_replay_predicts_the_served_outcomes(default_server, tmp_path):
 
 
 def test_default_server_passed_the_head_self_check(default_server):
-    """Before taking traffic the server reproduced the head's recorded prompt verdicts."""
+    """Before taking traffic the server reproduced the head's recorded prompt verdicts and
+    per-token scores."""
     safety = default_server.get("/v1/models").json()["data"][0]["safety"]
     check = safety["head_check"]
     assert check["status"] == "passed" and check["prompts"] == 8, check
+    # and the per-token signal at the greedy answers' first tokens (rows after a token that
+    # differs from the record's are skipped; this engine reproduces nearly all of them)
+    assert check["response_rows"] + check["response_rows_skipped"] == 8 * 4, check
+    assert check["response_rows"] >= 16, check
     assert check["max_logit_error"] <= check["tolerance"] == 0.1 and check["same_rendering"]
     line = next(x for x in default_server.get("/metrics").text.splitlines()
                 if x.startswith("safeserve_head_check_max_logit_error "))

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from safeserve.models.checkpoint import SafetyHead, load_safety_head
-from safeserve.models.head_check import (LOGIT_CLIP, SELF_CHECK, SelfCheck, compare,
-                                         compute_record, tolerance_for)
+from safeserve.models.head_check import (LOGIT_CLIP, RESPONSE_TOKENS, SELF_CHECK, SelfCheck,
+                                         ServedResponse, compare, compute_record,
+                                         tolerance_for)
 from safeserve.models.taxonomy import Taxonomy
 from safeserve.server.head_check import HeadCheckPlan
 
@@ -55,6 +56,54 @@ def test_compare_finds_the_worst_output_in_logits_and_clips_saturated_ones():
     assert compare(rec, same, tolerance=0.01, prompt_offset=-25.0).max_error > 1.0
 
 
+ANSWERED = SelfCheck(("p1", "p2"), ((1,), (2,)), ((1.0, -2.0), (3.0, 4.0)), NAMES, "float32",
+                     ((7, 8, 9), (5, 6, 4)),
+                     (((0.5, -1.0), (2.0, -3.0), (1.0, 1.0)), ((0.0, 0.0), (4.0, 30.0), (-1.0, 2.0))))
+ANSWERED_PROMPTS = [{"a": sig(1.0), "b": sig(-2.0)}, {"a": sig(3.0), "b": sig(4.0)}]
+
+
+def served(ids, rows):
+    return ServedResponse(tuple(ids), tuple({"a": sig(a), "b": 1.0 if b >= 30 else sig(b)}
+                                            for a, b in rows))
+
+
+def test_record_with_answers_round_trips_and_rejects_mismatched_rows():
+    extra = {SELF_CHECK: ANSWERED.to_extra({})}
+    assert SelfCheck.from_extra(json.loads(json.dumps(extra))) == ANSWERED
+    raw = ANSWERED.to_extra({})
+    for bad in ({**raw, "response_ids": raw["response_ids"][:1]},
+                {**raw, "response_logits": [r[:2] for r in raw["response_logits"]]},
+                {**raw, "response_logits": [[[1.0]] * 3] * 2},
+                {**raw, "response_logits": [[[float("nan"), 0.0]] * 3] * 2}):
+        with pytest.raises(ValueError, match="response"):
+            SelfCheck.from_extra({SELF_CHECK: bad})
+    assert ANSWERED.subset([1]).response_ids == ((5, 6, 4),)
+    moved = ANSWERED.shifted([0.5, 0.0], [-1.0, 2.0])
+    assert moved.logits[0] == (1.5, -2.0) and moved.response_logits[0][1] == (1.0, -1.0)
+    assert ANSWERED.shifted([0.5, 0.0]).response_logits == ANSWERED.response_logits
+
+
+def test_compare_checks_generated_rows_up_to_the_first_divergent_token():
+    same = [served(ids, rows) for ids, rows in zip(ANSWERED.response_ids,
+                                                   ANSWERED.response_logits)]
+    ok = compare(ANSWERED, ANSWERED_PROMPTS, 0.01, served_responses=same)
+    assert ok.passed and (ok.response_rows, ok.response_rows_skipped) == (6, 0)
+    assert ok.summary()["response_rows"] == 6
+    # the second answer picks another token at position 1: its rows 1 and 2 read another
+    # sequence and are skipped, even though row 2's scores are far off
+    diverged = [same[0], served((5, 3, 4), [(0.0, 0.0), (9.0, 9.0), (9.0, 9.0)])]
+    part = compare(ANSWERED, ANSWERED_PROMPTS, 0.01, served_responses=diverged)
+    assert part.passed and (part.response_rows, part.response_rows_skipped) == (4, 2)
+    # a wrong per-token row (the prompt verdicts all right) fails, and says where
+    wrong = [served((7, 8, 9), [(0.5, -1.0), (2.0, -3.0), (1.0, -1.5)]), same[1]]
+    bad = compare(ANSWERED, ANSWERED_PROMPTS, 0.1, served_responses=wrong)
+    assert not bad.passed and bad.max_error == pytest.approx(2.5, abs=1e-4)
+    assert (bad.worst_prompt, bad.worst_output, bad.worst_token) == ("p1", "b", 2)
+    assert "per-token score at generated token 2" in bad.explain()
+    # prompt verdicts only (no answers served, or none recorded): nothing else compared
+    assert compare(ANSWERED, ANSWERED_PROMPTS, 0.01).response_rows == 0
+
+
 def test_plan_defaults_by_dtype_and_reports_heads_without_a_record():
     rec = SelfCheck(("p",), ((1,),), ((0.0,),), ("a",))
     assert HeadCheckPlan.build(rec, "error", None, "float32").tolerance == 0.1
@@ -82,6 +131,8 @@ def test_bundled_heads_carry_records_for_their_own_outputs():
         assert rec.output_names == head.taxonomy.output_names
         # both sides of the thresholds: benign prompts low, harmful ones high on some output
         assert max(rec.logits[0]) < 3 and max(rec.logits[-1]) > 8, name
+        # and the greedy answers' first tokens with the per-token rows at each
+        assert [len(r) for r in rec.response_logits] == [RESPONSE_TOKENS] * len(rec.prompts)
 
 
 def test_record_follows_the_head_through_training_and_operating_point(tmp_path,
@@ -117,6 +168,13 @@ def test_record_follows_the_head_through_training_and_operating_point(tmp_path,
         # the +1.5 prompt offset is the server's, applied in the comparison
         assert got[:-1] == pytest.approx(before[:-1], abs=1e-5)
         assert got[-1] == pytest.approx(before[-1] - 1.0, abs=1e-5)
+    # the greedy answers' rows move with the head's own biases (the response shift: the
+    # overall output's bias -1); what the forward computes for the moved head
+    assert len(rec.response_ids[0]) == RESPONSE_TOKENS == len(rec.response_logits[0])
+    assert shifted.response_ids[:3] == fresh.response_ids
+    for got, want in zip(shifted.response_logits, fresh.response_logits):
+        for a, b in zip(got, want):
+            assert a == pytest.approx(b, abs=1e-4)
 
 
 def test_prompt_readout_serves_prompt_rows_and_moves_with_the_operating_point(tmp_path,
@@ -160,3 +218,19 @@ def test_prompt_readout_serves_prompt_rows_and_moves_with_the_operating_point(tm
     fresh = compute_record(model, tok, moved, prompts=shifted.prompts[:2])
     for a, b in zip(shifted.logits, fresh.logits):
         assert a == pytest.approx(b, abs=1e-4)
+    # the generated rows are the head's own outputs with its MLP: a record compared against
+    # the same head served without the MLP fails there, while its prompt verdicts (the
+    # read-out's) agree exactly
+    no_mlp = SafetyHead(moved.weight, moved.bias, moved.taxonomy, moved.layer, moved.extra,
+                        None, moved.prompt, moved.prompt_either, moved.prompt_layer)
+    bare = compute_record(model, tok, no_mlp, prompts=shifted.prompts[:2])
+    for a, b in zip(bare.logits, fresh.logits):
+        assert a == pytest.approx(b, abs=1e-5)
+    names = moved.taxonomy.output_names
+    prompts_seen = [dict(zip(names, r)) for r in bare.expected_scores(0.0)]
+    answers = [ServedResponse(ids, tuple(dict(zip(names, torch.sigmoid(torch.tensor(row)).tolist()))
+                                         for row in rows))
+               for ids, rows in zip(bare.response_ids, bare.response_logits)]
+    result = compare(fresh, prompts_seen, 0.1, 0.0, answers)
+    assert result.response_rows == 2 * RESPONSE_TOKENS and not result.passed, result
+    assert result.worst_token is not None
