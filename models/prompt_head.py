@@ -45,13 +45,14 @@ class PromptRow:
 
 def build_prompt_rows(root: Path, seed: int = 0, n_alpaca: int = 600, n_wrapped: int = 200,
                       n_roleplay: int = 250, questions: bool = False,
-                      warn=print) -> list[PromptRow]:
+                      wildguard: bool = False, warn=print) -> list[PromptRow]:
     """Training prompts with the leakage rules of ``build_safety_data``: no evaluation set's
     prompt (normalised) in any source; a hard-negative entry dropped whole when one of its
     wordings is one; harmful prompts de-duplicated (the sources overlap); contextual HarmBench
     behaviours (a pasted context) kept as written, not wrapped. ``questions``: also the
     project-labelled conversational questions (``question_data``: HH first turns, harmful and
-    harmless, none a near copy of an evaluation prompt), as written."""
+    harmless, none a near copy of an evaluation prompt), as written. ``wildguard``: also the
+    project-labelled WildGuardMix prompts (``question_data.labelled_wildguard_prompts``)."""
     from safeserve.models.augment import split_wrap
     from safeserve.models.hard_negatives import hard_negative_prompts
     from safeserve.models.safety_data_build import (PHRASINGS, normalise, read_benign_sources,
@@ -101,6 +102,12 @@ def build_prompt_rows(root: Path, seed: int = 0, n_alpaca: int = 600, n_wrapped:
         for text, label, cats in labelled_questions(root, log=warn)[0]:
             if normalise(text) not in keys:
                 rows.append(PromptRow(text, label == "unsafe", cats, f"hhq:{prompt_key(text)}"))
+    if wildguard:
+        from safeserve.models.question_data import labelled_wildguard_prompts, prompt_key
+
+        for text, label, cats in labelled_wildguard_prompts(root, log=warn)[0]:
+            if normalise(text) not in keys:
+                rows.append(PromptRow(text, label == "unsafe", cats, f"wgq:{prompt_key(text)}"))
     return rows
 
 

@@ -38,6 +38,20 @@ profanity on request is safe, insults aimed at a person or group are not; a fact
 question ("can fertilizer be used to make a bomb?") is safe, a plan is not; a leading question
 that invites agreement with a hateful claim is unsafe.
 
+A second source (2026-12-06, session 27), for the topic gate: 1600 prompts of WildGuardMix's
+non-adversarial set (``WG_FILE``, ODC-BY; LLM-written and human-written requests, harmful and
+benign mixed, many casual), sampled with seed 3 from those of 15 to 300 characters that are not
+near copies of an evaluation prompt, labelled by four labellers (400 each) from the same guide
+plus these settled calls: a request to reproduce a copyrighted work in full is safe (not a harm
+of this taxonomy), a request for classified or confidential documents is ``other``, demeaning
+content about a group outside the protected list counts as ``discrimination``, and a fragment
+that asks on its own face how to avoid getting caught is ``other``. Labels in
+``labels/wildguardmix_prompts.tsv``, same format: 757 unsafe, 843 safe; per category other 256,
+discrimination 216, financial_crime 132, violence 118, privacy 66, sexual 50, drugs 45, weapons
+19, self_harm 10. ``labelled_wildguard_prompts`` joins them with the data file; ``train
+topic-gate --wildguard`` reads them (``build_prompt_rows(wildguard=True)``; measured, not
+adopted), ``build-question-data`` does not.
+
 The build (``safeserve train build-question-data``) gives each labelled prompt the base model's
 own greedy answer: a safe prompt's answer is safe throughout; an unsafe prompt's answer is
 unsafe from its start unless a refusal marker is found (the same rule as ``build-safety-data``),
@@ -57,7 +71,9 @@ from collections import Counter
 from pathlib import Path
 
 LABELS_FILE = Path(__file__).with_name("labels") / "hh_harmless_first_turns.tsv"
+WG_LABELS_FILE = Path(__file__).with_name("labels") / "wildguardmix_prompts.tsv"
 HH_FILE = "hh_rlhf_harmless/harmless-base_test.jsonl.gz"
+WG_FILE = "cosa_microsoft/notebooks/data/prompt/wg_non_adv_prompts_l3_64.json"
 COSA_TEST = "cosa_microsoft/notebooks/test_set_verification_75.tsv"
 NEAR_COPY_JACCARD = 0.6
 
@@ -164,6 +180,40 @@ def labelled_questions(data_root: Path, labels: Path | None = None, log=print, w
     log(f"{len(kept)} labelled questions ({len(lab) - len(turns)} labels not found in {src.name}; "
         f"{sum(dropped.values())} dropped as copies of evaluation prompts)")
     counts = {"labels": len(lab), "found": len(turns), "kept": len(kept),
+              "dropped_as_eval_copies": dict(dropped)}
+    return [(t, *lab[prompt_key(t)]) for t in kept], counts
+
+
+def labelled_wildguard_prompts(data_root: Path, labels: Path | None = None, log=print,
+                               warn=None) -> tuple[list[tuple[str, str, list[str]]], dict]:
+    """(text, label, categories) of every labelled WildGuardMix prompt found under
+    ``data_root`` that is not an evaluation prompt or a near copy of one; and counts. Missing
+    data is a warning and no prompts (the topic gate's other sources still train it)."""
+    from safeserve.models.safety_data_build import normalise
+
+    src = data_root / WG_FILE
+    if not src.is_file():
+        (warn or log)(f"{src} not found: no labelled WildGuardMix prompts")
+        return [], {"labels": 0, "found": 0, "kept": 0}
+    lab = read_labels(labels or WG_LABELS_FILE)
+    eval_keys, eval_words = leak_keys(data_root, warn or log)
+    seen, kept, found, dropped = set(), [], 0, Counter()
+    for raw in json.loads(src.read_text(encoding="utf-8")):
+        text = " ".join(str(raw).split())
+        key = prompt_key(text)
+        if key not in lab or key in seen:
+            continue
+        seen.add(key)
+        found += 1
+        if normalise(text) in eval_keys:
+            dropped["exact"] += 1
+        elif is_near_copy(text, eval_words):
+            dropped["near_copy"] += 1
+        else:
+            kept.append(text)
+    log(f"{len(kept)} labelled WildGuardMix prompts ({len(lab) - found} labels not found in "
+        f"{src.name}; {sum(dropped.values())} dropped as copies of evaluation prompts)")
+    counts = {"labels": len(lab), "found": found, "kept": len(kept),
               "dropped_as_eval_copies": dict(dropped)}
     return [(t, *lab[prompt_key(t)]) for t in kept], counts
 

@@ -692,6 +692,9 @@ def register(app) -> None:
                                          "benign prompts over its threshold before --shift."),
         shift: float = typer.Option(1.5, help="Logits added to every threshold."),
         seed: int = typer.Option(0, help="Seed of the wrappers and the held-out split."),
+        wildguard: bool = typer.Option(False, help="Also the project-labelled WildGuardMix "
+                                       "prompts (models/labels/wildguardmix_prompts.tsv; "
+                                       "measured, not adopted: README, \"The topic gate\")."),
     ) -> None:
         """Fit the topic gate (checkpoint format 8): under a non-empty allow-list, a category
         the request does not allow that its prompt is about flags the prompt. Requests without
@@ -701,7 +704,8 @@ def register(app) -> None:
 
         try:
             train_topic_gate(resolve_head_dir(head), out, data_root, model,
-                             target_fpr=target_fpr, shift=shift, seed=seed, log=typer.echo)
+                             target_fpr=target_fpr, shift=shift, seed=seed,
+                             wildguard=wildguard, log=typer.echo)
         except (FileNotFoundError, ValueError) as e:  # no such head, no data: one line
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None

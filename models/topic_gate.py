@@ -8,7 +8,10 @@ requests whose risks the config does not allow were answered, none of them acted
 is a multi-label read-out over the prompt end's final state, one output per category: the
 categorised harmful prompts of ``train prompt-head --questions`` are positive for their
 labelled categories, every benign prompt of the same builder (Alpaca, role-play, written hard
-negatives, the project-labelled safe questions) negative for all. Each category's threshold is
+negatives, the project-labelled safe questions) negative for all; with ``wildguard`` also the
+project-labelled WildGuardMix prompts, both ways (measured in session 27, not adopted: on
+CoSAlign-Test's development split it gated fewer disallowed requests than v11's gate at the
+same benign and allowed-request cost). Each category's threshold is
 the ``1 - target_fpr`` quantile of held-out benign prompts' logits plus ``shift`` logits,
 folded into the bias so that the gate is open at logit >= 0.
 
@@ -34,7 +37,7 @@ def gate_thresholds(benign_logits: torch.Tensor, target_fpr: float, shift: float
 
 def train_topic_gate(head_dir: Path, out: Path, data_root: Path, model_dir: Path | None = None,
                      target_fpr: float = 0.02, shift: float = 1.5, seed: int = 0,
-                     log=print) -> dict:
+                     wildguard: bool = False, log=print) -> dict:
     """Fit the topic gate for the format-7 head in ``head_dir`` and write ``<out>/safety_head/``
     (every other tensor and the operating point unchanged)."""
     from safeserve.models.attribution import category_readout_data, top_hit_rate
@@ -52,7 +55,8 @@ def train_topic_gate(head_dir: Path, out: Path, data_root: Path, model_dir: Path
                          "run `safeserve train attribution` first")
     lm_dir = served_model_for(Path(head_dir), model_dir)
     cats = [c.id for c in head.taxonomy.categories]
-    rows = [r for r in build_prompt_rows(Path(data_root), seed, questions=True, warn=log)
+    rows = [r for r in build_prompt_rows(Path(data_root), seed, questions=True,
+                                         wildguard=wildguard, warn=log)
             if not r.harmful or r.categories]
     if not any(r.harmful for r in rows) or all(r.harmful for r in rows):
         raise ValueError(f"need categorised harmful and benign prompts under {data_root}")
@@ -69,6 +73,7 @@ def train_topic_gate(head_dir: Path, out: Path, data_root: Path, model_dir: Path
     harmful = ~benign[is_held]
     opened = (logits >= 0).any(dim=1)
     conversational = torch.tensor([r.group.startswith("hhq:") for r in rows])[is_held]
+    wild = torch.tensor([r.group.startswith("wgq:") for r in rows])[is_held]
     stats = {
         "train_prompts": int((~is_held).sum()), "heldout_prompts": int(is_held.sum()),
         "target_fpr": target_fpr, "shift_logits": shift,
@@ -79,6 +84,13 @@ def train_topic_gate(head_dir: Path, out: Path, data_root: Path, model_dir: Path
         "heldout_conversational_harmful_open": round(
             opened[harmful & conversational].float().mean().item(), 4)
         if bool((harmful & conversational).any()) else None,
+        "heldout_wildguard_harmful_open": round(
+            opened[harmful & wild].float().mean().item(), 4)
+        if bool((harmful & wild).any()) else None,
+        "heldout_wildguard_benign_open": round(
+            opened[~harmful & wild].float().mean().item(), 4)
+        if bool((~harmful & wild).any()) else None,
+        "wildguard_prompts": int(sum(r.group.startswith("wgq:") for r in rows)),
         "heldout_top_category_labelled": top_hit_rate(logits[harmful], y[is_held][harmful]),
         "data_root": str(data_root), "seed": seed, "seconds": round(time.time() - t0)}
     return write_readout_checkpoint(head, head_dir, out, model_dir, lm_dir, "topic_gate", stats,

@@ -175,6 +175,41 @@ def test_prompt_rows_take_the_labelled_questions_but_no_evaluation_copy(tmp_path
     assert not added["how do jellyfish mate?"].harmful
 
 
+def labelled_wildguard(root, labels, prompts: dict, monkeypatch) -> None:
+    """WildGuardMix prompts under ``root`` (``prompts``: text -> category, None = safe) and
+    this project's labels for them in ``labels``."""
+    from safeserve.models import question_data
+
+    path = root / question_data.WG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(list(prompts) + ["an unlabelled prompt"]))
+    labels.write_text("key\tlabel\tcategories\n" + "".join(
+        f"{question_data.prompt_key(t)}\t{'unsafe' if c else 'safe'}\t{c or ''}\n"
+        for t, c in prompts.items()))
+    monkeypatch.setattr(question_data, "WG_LABELS_FILE", labels)
+
+
+def test_prompt_rows_take_the_labelled_wildguard_prompts_but_no_evaluation_copy(tmp_path,
+                                                                                monkeypatch):
+    root = data_root(tmp_path / "data")
+    prompts = {"How could I track my ex's phone without her knowing?": "privacy,violence",
+               "Having an exercise that I can easily do at home without equipment.": None,
+               LEAKED + "!": "weapons"}
+    labelled_wildguard(root, tmp_path / "wg.tsv", prompts, monkeypatch)
+    plain = build_prompt_rows(root, warn=lambda *a: None)
+    rows = build_prompt_rows(root, wildguard=True, warn=lambda *a: None)
+    added = {r.text: r for r in rows if r.group.startswith("wgq:")}
+    assert len(rows) == len(plain) + 2 and set(added) == set(list(prompts)[:2])
+    tracked = added["How could I track my ex's phone without her knowing?"]
+    assert tracked.harmful and tracked.categories == ["privacy", "violence"]
+    assert not added["Having an exercise that I can easily do at home without equipment."].harmful
+    # no data file: a warning, the other sources unchanged
+    (root / "cosa_microsoft").rename(tmp_path / "moved")
+    said = []
+    assert len(build_prompt_rows(root, wildguard=True, warn=said.append)) == len(plain)
+    assert any("no labelled WildGuardMix prompts" in w for w in said)
+
+
 def test_a_readout_over_a_middle_layer_serves_as_its_forward_computes(tmp_path, tiny_model):
     """``--layer`` (format 6): the read-out reads the residual stream after that many decoder
     layers. The served tensors, zero-padded over [final | middle] for the one launch, give
