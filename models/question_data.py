@@ -155,28 +155,35 @@ def is_near_copy(text: str, eval_words: list[frozenset[str]]) -> bool:
     return any(len(w & e) / max(1, len(w | e)) > NEAR_COPY_JACCARD for e in eval_words)
 
 
-def labelled_questions(data_root: Path, labels: Path | None = None, log=print, warn=None
-                       ) -> tuple[list[tuple[str, str, list[str]]], dict]:
-    """(text, label, categories) of every labelled first turn found under ``data_root`` that
-    is not an evaluation prompt or a near copy of one, in file order; and counts of what was
-    found and dropped."""
+def drop_eval_copies(texts: list[str], eval_keys: set[str], eval_words: list[frozenset[str]]
+                     ) -> tuple[list[str], Counter]:
+    """``texts`` without evaluation prompts (normalised) and near copies of one, and how many
+    of each were dropped."""
     from safeserve.models.safety_data_build import normalise
 
-    src = data_root / HH_FILE
-    if not src.is_file():
-        raise FileNotFoundError(f"{src} not found (HH harmless-base test split, jsonl.gz)")
-    lab = read_labels(labels or LABELS_FILE)
-    eval_keys, eval_words = leak_keys(data_root, warn or log)
-    turns = [t for t in read_first_turns(src) if prompt_key(t) in lab]
-    dropped = Counter()
-    kept = []
-    for t in turns:
+    kept, dropped = [], Counter()
+    for t in texts:
         if normalise(t) in eval_keys:
             dropped["exact"] += 1
         elif is_near_copy(t, eval_words):
             dropped["near_copy"] += 1
         else:
             kept.append(t)
+    return kept, dropped
+
+
+def labelled_questions(data_root: Path, labels: Path | None = None, log=print, warn=None
+                       ) -> tuple[list[tuple[str, str, list[str]]], dict]:
+    """(text, label, categories) of every labelled first turn found under ``data_root`` that
+    is not an evaluation prompt or a near copy of one, in file order; and counts of what was
+    found and dropped."""
+    src = data_root / HH_FILE
+    if not src.is_file():
+        raise FileNotFoundError(f"{src} not found (HH harmless-base test split, jsonl.gz)")
+    lab = read_labels(labels or LABELS_FILE)
+    eval_keys, eval_words = leak_keys(data_root, warn or log)
+    turns = [t for t in read_first_turns(src) if prompt_key(t) in lab]
+    kept, dropped = drop_eval_copies(turns, eval_keys, eval_words)
     log(f"{len(kept)} labelled questions ({len(lab) - len(turns)} labels not found in {src.name}; "
         f"{sum(dropped.values())} dropped as copies of evaluation prompts)")
     counts = {"labels": len(lab), "found": len(turns), "kept": len(kept),
@@ -189,28 +196,21 @@ def labelled_wildguard_prompts(data_root: Path, labels: Path | None = None, log=
     """(text, label, categories) of every labelled WildGuardMix prompt found under
     ``data_root`` that is not an evaluation prompt or a near copy of one; and counts. Missing
     data is a warning and no prompts (the topic gate's other sources still train it)."""
-    from safeserve.models.safety_data_build import normalise
-
     src = data_root / WG_FILE
     if not src.is_file():
         (warn or log)(f"{src} not found: no labelled WildGuardMix prompts")
         return [], {"labels": 0, "found": 0, "kept": 0}
     lab = read_labels(labels or WG_LABELS_FILE)
     eval_keys, eval_words = leak_keys(data_root, warn or log)
-    seen, kept, found, dropped = set(), [], 0, Counter()
+    seen, labelled = set(), []
     for raw in json.loads(src.read_text(encoding="utf-8")):
         text = " ".join(str(raw).split())
         key = prompt_key(text)
-        if key not in lab or key in seen:
-            continue
-        seen.add(key)
-        found += 1
-        if normalise(text) in eval_keys:
-            dropped["exact"] += 1
-        elif is_near_copy(text, eval_words):
-            dropped["near_copy"] += 1
-        else:
-            kept.append(text)
+        if key in lab and key not in seen:
+            seen.add(key)
+            labelled.append(text)
+    found = len(labelled)
+    kept, dropped = drop_eval_copies(labelled, eval_keys, eval_words)
     log(f"{len(kept)} labelled WildGuardMix prompts ({len(lab) - found} labels not found in "
         f"{src.name}; {sum(dropped.values())} dropped as copies of evaluation prompts)")
     counts = {"labels": len(lab), "found": found, "kept": len(kept),
