@@ -83,8 +83,8 @@ def logit(p: float) -> float:
 @dataclass(frozen=True)
 class SelfCheck:
     """The record a head carries: conversations, their raw prompt-end head logits, and
-    (records written since format 9's release) the greedy answer's first tokens with the
-    head's logits at each."""
+    (records written since 2026-12-06; older ones have none) the greedy answer's first tokens
+    with the head's per-token logits at each."""
 
     prompts: tuple[str, ...]
     prompt_ids: tuple[tuple[int, ...], ...]  # as the recording tokenizer rendered them
