@@ -176,31 +176,45 @@ async def query_verdict(engine: Engine, svc: SafetyService | None,
     return verdict
 
 
-async def prompt_verdict(engine: Engine, svc: SafetyService, prompt_ids: list[int],
-                         safety: RequestSafety, rid: str) -> StepRecord | None:
-    """The head's verdict at the end of ``prompt_ids`` under ``safety``'s config (None if its
-    telemetry never came). Two tokens, end-of-sequence ignored: a chunked prefill reports a
-    step at index 0 per chunk, the last one being the verdict, and telemetry travels apart from
-    the engine's output; the worker sends its steps in order, so once the second token's step
-    is in, the last chunk's is too."""
+@contextlib.asynccontextmanager
+async def helper_request(engine: Engine, svc: SafetyService, prompt_ids: list[int],
+                         safety: RequestSafety, rid: str, max_tokens: int):
+    """A helper request whose output is only read, not returned to a client: greedy,
+    end-of-sequence ignored, ``max_tokens`` long, run to its end. Yields its tracker and the
+    token ids it generated; the tracker stops receiving telemetry when the block ends."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
     extra, tracker = svc.open(rid, safety, engine.eos_id, verdict_only=True)
-    params = SamplingParams(max_tokens=2, ignore_eos=True, temperature=0.0, extra_args=extra,
-                            output_kind=RequestOutputKind.FINAL_ONLY)
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0,
+                            extra_args=extra, output_kind=RequestOutputKind.FINAL_ONLY)
     finished = False
+    token_ids: tuple[int, ...] = ()
     try:
-        async for out in engine.llm.generate({"prompt_token_ids": prompt_ids}, params, rid):
-            finished = out.finished
-        await tracker.wait_verdict()  # (a prompt at max_model_len - 1 gets one token only)
-        return None if tracker.incomplete else tracker.prompt
-    except ValueError as e:  # engine-side validation of the request
-        raise bad_request(str(e)) from None
+        try:
+            async for out in engine.llm.generate({"prompt_token_ids": list(prompt_ids)},
+                                                 params, rid):
+                finished = out.finished
+                token_ids = tuple(out.outputs[0].token_ids)
+        except ValueError as e:  # engine-side validation of the request
+            raise bad_request(str(e)) from None
+        yield tracker, token_ids
     finally:
         if not finished:
             await engine.abort(rid)
         svc.discard(tracker)
+
+
+async def prompt_verdict(engine: Engine, svc: SafetyService, prompt_ids: list[int],
+                         safety: RequestSafety, rid: str) -> StepRecord | None:
+    """The head's verdict at the end of ``prompt_ids`` under ``safety``'s config (None if its
+    telemetry never came). Two tokens: a chunked prefill reports a step at index 0 per chunk,
+    the last one being the verdict, and telemetry travels apart from the engine's output; the
+    worker sends its steps in order, so once the second token's step is in, the last chunk's
+    is too."""
+    async with helper_request(engine, svc, prompt_ids, safety, rid, 2) as (tracker, _):
+        await tracker.wait_verdict()  # (a prompt at max_model_len - 1 gets one token only)
+        return None if tracker.incomplete else tracker.prompt
 
 
 def sampling_params(prep: PreparedRequest, index: int, extra_args: dict | None = None):

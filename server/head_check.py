@@ -78,37 +78,23 @@ async def served_responses(engine, svc, record: SelfCheck) -> list[ServedRespons
     """Each recorded conversation answered greedily (end-of-sequence ignored, annotate-only,
     so nothing is spliced in) for one token more than its recorded answer: the step that
     samples token j + 1 reports the row of token j."""
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
+    from safeserve.server.completions import helper_request
 
     safety = svc.resolve(None, {"on_violation": "annotate"})
 
     async def answer(n: int, ids: tuple[int, ...], length: int) -> ServedResponse:
-        rid = f"head-check-answer-{n}"
-        extra, tracker = svc.open(rid, safety, engine.eos_id, verdict_only=True)
-        params = SamplingParams(max_tokens=length + 1, ignore_eos=True, temperature=0.0,
-                                extra_args=extra, output_kind=RequestOutputKind.FINAL_ONLY)
-        token_ids: tuple[int, ...] = ()
-        finished = False
-        try:
-            async for out in engine.llm.generate({"prompt_token_ids": list(ids)}, params, rid):
-                finished = out.finished
-                token_ids = tuple(out.outputs[0].token_ids)
+        async with helper_request(engine, svc, ids, safety, f"head-check-answer-{n}",
+                                  length + 1) as (tracker, token_ids):
             await tracker.wait_for(len(token_ids) - 1)
             if tracker.incomplete:
                 raise HeadCheckFailed("the per-token signal of a self-check answer never "
                                       "arrived")
-            steps = [tracker.steps.get(j) for j in range(1, len(token_ids))]
-            scored = []
-            for step in steps:
-                if step is None:
+            scored = []  # up to the first step that did not report (none should be missing)
+            for j in range(1, len(token_ids)):
+                if j not in tracker.steps:
                     break
-                scored.append(dict(zip(svc.names, step.scores)))
+                scored.append(dict(zip(svc.names, tracker.steps[j].scores)))
             return ServedResponse(token_ids[: len(scored)], tuple(scored))
-        finally:
-            if not finished:
-                await engine.abort(rid)
-            svc.discard(tracker)
 
     return list(await asyncio.gather(*(
         answer(n, ids, len(resp)) for n, (ids, resp)
