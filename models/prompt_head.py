@@ -10,7 +10,7 @@ split-variable jailbreaks at 4.4% of XSTest's safe prompts, where the served hea
 request at all. This job fits that read-out for an existing head and stores it beside the
 head's own weights (checkpoint format 4): the server reads prompt rows through it and every
 generated token through the head as before, so the response rule is unchanged to the bit.
-Served over the default head it traded rather than improved (README, "a separate prompt
+Served over the default head it traded rather than improved (docs/history/safety-head.md, "a separate prompt
 read-out": fewer payload-split jailbreaks through, more direct ones and more over-refusal), so
 the default head does not carry one.
 

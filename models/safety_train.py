@@ -694,7 +694,7 @@ def register(app) -> None:
         seed: int = typer.Option(0, help="Seed of the wrappers and the held-out split."),
         wildguard: bool = typer.Option(False, help="Also the project-labelled WildGuardMix "
                                        "prompts (models/labels/wildguardmix_prompts.tsv; "
-                                       "measured, not adopted: README, \"The topic gate\")."),
+                                       "measured, not adopted: docs/history/cosa.md, \"The topic gate\")."),
     ) -> None:
         """Fit the topic gate (checkpoint format 8): under a non-empty allow-list, a category
         the request does not allow that its prompt is about flags the prompt. Requests without
