@@ -377,6 +377,22 @@ def hard_negative_prompts(seed: int = 0, per_entry: int = 2) -> list[HardNegativ
     return out
 
 
+
+def split_hard_negatives(prompts: list[HardNegative], eval_keys: set[str],
+                         heldout_fraction: float = 0.4, seed: int = 0
+                         ) -> tuple[list[HardNegative], list[HardNegative], set[str]]:
+    """(train, held-out, dropped groups): a group goes whole when one of its wordings is an
+    evaluation prompt (normalised; its other wordings paraphrase it), then a seeded
+    ``heldout_fraction`` of the remaining groups is held out whole. The one split that
+    ``build-hard-negatives``, the prompt read-outs' training rows (``build_prompt_rows``) and
+    ``eval allow-benign`` share, so that no held-out hard negative is ever a training prompt."""
+    from safeserve.models.safety_data_build import normalise, split_by_group
+
+    leaked = {p.group for p in prompts if normalise(p.prompt) in eval_keys}
+    train, held, _ = split_by_group([p for p in prompts if p.group not in leaked],
+                                    heldout_fraction, random.Random(seed))
+    return train, held, leaked
+
 def build_hard_negative_data(data_root: Path | None, out_dir: Path, model: Path, *,
                              heldout_fraction: float = 0.4, per_entry: int = 2,
                              max_tokens: int = 80, seed: int = 0, dry_run: bool = False,
@@ -388,8 +404,7 @@ def build_hard_negative_data(data_root: Path | None, out_dir: Path, model: Path,
     thresholds (so the benign budget covers risky-looking requests) and half is reported.
     """
     from safeserve.models.safety_data import Trajectory, write_jsonl
-    from safeserve.models.safety_data_build import (generate_answers, normalise, read_eval_keys,
-                                                    split_by_group)
+    from safeserve.models.safety_data_build import generate_answers, read_eval_keys
 
     warnings: list[str] = []
     eval_keys = read_eval_keys(data_root, warnings.append) if data_root else {}
@@ -397,9 +412,8 @@ def build_hard_negative_data(data_root: Path | None, out_dir: Path, model: Path,
         warnings.append("no --data-root: prompts not checked against evaluation sets")
     all_eval = set().union(*eval_keys.values()) if eval_keys else set()
     prompts = hard_negative_prompts(seed, per_entry)
-    # A whole group goes when one of its wordings is an evaluation prompt: its other wordings
-    # are paraphrases of that prompt.
-    leaked = {p.group for p in prompts if normalise(p.prompt) in all_eval}
+    train_prompts, held_prompts, leaked = split_hard_negatives(prompts, all_eval,
+                                                               heldout_fraction, seed)
     kept = [p for p in prompts if p.group not in leaked]
     convs = [[{"role": "user", "content": p.prompt}] for p in kept]
     log(f"{len(kept)} hard-negative prompts ({len(prompts) - len(kept)} dropped: their group "
@@ -408,7 +422,9 @@ def build_hard_negative_data(data_root: Path | None, out_dir: Path, model: Path,
                else generate_answers(str(model), convs, [False] * len(convs), max_tokens, log))
     rows = [Trajectory(c, a, "safe", [], None, f"hard_negative/{p.kind}", p.group,
                        {"kind": p.kind}) for p, c, a in zip(kept, convs, answers)]
-    train, heldout, held = split_by_group(rows, heldout_fraction, random.Random(seed))
+    held = {p.group for p in held_prompts}
+    train = [r for r in rows if r.group not in held]
+    heldout = [r for r in rows if r.group in held]
     groups = {r.group for r in rows}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(train, out_dir / "train.jsonl")

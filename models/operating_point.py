@@ -50,7 +50,8 @@ def shift_head(head: SafetyHead, *, prompt_shift: float, response_shift: float,
     """A copy of ``head`` whose prompt and response thresholds moved by the given logits,
     with the given tau (None: ``head``'s own, else 3, as `eval replay` scores it) and alert
     band (``alert_margin`` logits below the prompt thresholds: the response rule acts after
-    ``alert_tau`` steps; 0: no band; None: ``head``'s own band, kept) and allow-list shift of
+    ``alert_tau`` steps; 0: no band; None: ``head``'s own band, kept; ``alert_tau`` None: the
+    head's own band's) and allow-list shift of
     the overall output (None: ``head``'s own, kept if it names one). A format-8 head's topic
     gate moves by ``gate_shift`` more logits (+ = opens less often), and ``gate_replaces``
     sets whether gated prompts skip the per-category outputs (None: kept)."""
@@ -58,9 +59,16 @@ def shift_head(head: SafetyHead, *, prompt_shift: float, response_shift: float,
 
     if tau is None:
         tau = int((head.extra.get(OPERATING_POINT) or {}).get("tau", HEAD_DEFAULT_TAU))
+    kept_margin, kept_tau = alert_band(head.extra)
+    if alert_tau is not None and (alert_margin == 0 or (alert_margin is None
+                                                         and kept_margin == 0)):
+        raise ValueError("alert_tau without an alert band: give alert_margin > 0 too (this "
+                         "head has no band)" if alert_margin is None else
+                         "alert_tau with alert_margin 0: a band of 0 logits is no band")
     if alert_margin is None:
-        alert_margin, kept_tau = alert_band(head.extra)
-        alert_tau = alert_tau if alert_tau is not None else kept_tau
+        alert_margin = kept_margin
+    if alert_tau is None:
+        alert_tau = kept_tau  # a new margin keeps the head's own band's tau
     if tau < 1:
         raise ValueError("tau must be >= 1")
     if alert_margin < 0 or (alert_margin > 0 and (alert_tau is None or alert_tau < 1)):

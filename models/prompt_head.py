@@ -48,13 +48,14 @@ def build_prompt_rows(root: Path, seed: int = 0, n_alpaca: int = 600, n_wrapped:
                       wildguard: bool = False, warn=print) -> list[PromptRow]:
     """Training prompts with the leakage rules of ``build_safety_data``: no evaluation set's
     prompt (normalised) in any source; a hard-negative entry dropped whole when one of its
-    wordings is one; harmful prompts de-duplicated (the sources overlap); contextual HarmBench
+    wordings is one, and only the training groups of ``build-hard-negatives``' split; harmful
+    prompts de-duplicated (the sources overlap); contextual HarmBench
     behaviours (a pasted context) kept as written, not wrapped. ``questions``: also the
     project-labelled conversational questions (``question_data``: HH first turns, harmful and
     harmless, none a near copy of an evaluation prompt), as written. ``wildguard``: also the
     project-labelled WildGuardMix prompts (``question_data.labelled_wildguard_prompts``)."""
     from safeserve.models.augment import split_wrap
-    from safeserve.models.hard_negatives import hard_negative_prompts
+    from safeserve.models.hard_negatives import hard_negative_prompts, split_hard_negatives
     from safeserve.models.safety_data_build import (PHRASINGS, normalise, read_benign_sources,
                                                     read_eval_keys, read_harmful_sources,
                                                     rephrase)
@@ -92,21 +93,24 @@ def build_prompt_rows(root: Path, seed: int = 0, n_alpaca: int = 600, n_wrapped:
     rng.shuffle(roleplay)
     for i, t in enumerate(roleplay[:n_roleplay]):
         rows.append(PromptRow(t, False, [], f"roleplay:{i}"))
-    negatives = hard_negative_prompts(seed)
-    leaked = {h.group for h in negatives if normalise(h.prompt) in keys}
-    rows += [PromptRow(h.prompt, False, [], f"hn:{h.group}") for h in negatives
-             if h.group not in leaked]
+    # Only build-hard-negatives' training groups: its held-out groups are the safety job's
+    # calibration data and `eval allow-benign`'s hard negatives.
+    negatives, _, _ = split_hard_negatives(hard_negative_prompts(seed), keys, seed=seed)
+    rows += [PromptRow(h.prompt, False, [], f"hn:{h.group}") for h in negatives]
+    labelled: set[str] = set()
     if questions:
         from safeserve.models.question_data import labelled_questions, prompt_key
 
         for text, label, cats in labelled_questions(root, log=warn)[0]:
             if normalise(text) not in keys:
+                labelled.add(prompt_key(text))
                 rows.append(PromptRow(text, label == "unsafe", cats, f"hhq:{prompt_key(text)}"))
     if wildguard:
         from safeserve.models.question_data import labelled_wildguard_prompts, prompt_key
 
+        # A text in both label files keeps its HH label: one group, one side of the split.
         for text, label, cats in labelled_wildguard_prompts(root, log=warn)[0]:
-            if normalise(text) not in keys:
+            if normalise(text) not in keys and prompt_key(text) not in labelled:
                 rows.append(PromptRow(text, label == "unsafe", cats, f"wgq:{prompt_key(text)}"))
     return rows
 
@@ -221,8 +225,12 @@ def train_prompt_head(head_dir: Path, out: Path, data_root: Path, model_dir: Pat
     head = load_safety_head(head_dir)
     lm_dir = served_model_for(Path(head_dir), model_dir)
     rows = build_prompt_rows(Path(data_root), seed, questions=questions, warn=log)
-    groups = sorted({r.group for r in rows})
-    held = set(random.Random(seed).sample(groups, len(groups) // 5))
+    # a fifth of the harmful prompts' groups and a fifth of the others' held out, so that
+    # both kinds are always measured
+    harmful = sorted({r.group for r in rows if r.harmful})
+    others = sorted({r.group for r in rows} - set(harmful))
+    rng = random.Random(seed)
+    held = set(rng.sample(harmful, len(harmful) // 5)) | set(rng.sample(others, len(others) // 5))
     tax = head.taxonomy
     y = torch.zeros(len(rows), tax.num_outputs)
     for i, r in enumerate(rows):

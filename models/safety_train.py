@@ -597,7 +597,8 @@ def register(app) -> None:
                                            "shorter response run --alert-tau (0: no band; "
                                            "default: keep the head's own band)."),
         alert_tau: int = typer.Option(None, min=1, help="Consecutive violating steps after a prompt "
-                                      "in the alert band."),
+                                      "in the alert band (default: the head's own band's; "
+                                      "a head without a band needs --alert-margin too)."),
         allowlist_shift: float = typer.Option(None, help="Logits the overall output's threshold "
                                               "moves by under an allow-list (+ = act less; "
                                               "default: keep the head's own, else the "
@@ -614,11 +615,16 @@ def register(app) -> None:
         data: exact logit shifts of the prompt verdict and the response rule."""
         from safeserve.models.operating_point import move_operating_point
 
-        point = move_operating_point(head, out, prompt_shift=prompt_shift,
-                                     response_shift=response_shift, tau=tau,
-                                     alert_margin=alert_margin, alert_tau=alert_tau,
-                                     allowlist_shift=allowlist_shift, gate_shift=gate_shift,
-                                     gate_replaces=gate_replaces, log=typer.echo)
+        try:
+            point = move_operating_point(head, out, prompt_shift=prompt_shift,
+                                         response_shift=response_shift, tau=tau,
+                                         alert_margin=alert_margin, alert_tau=alert_tau,
+                                         allowlist_shift=allowlist_shift,
+                                         gate_shift=gate_shift, gate_replaces=gate_replaces,
+                                         log=typer.echo)
+        except (FileNotFoundError, ValueError) as e:  # no such head, a move it cannot take
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
         typer.echo(json.dumps(point, indent=2))
 
     @app.command("prompt-head")

@@ -39,9 +39,14 @@ def train_topic_gate(head_dir: Path, out: Path, data_root: Path, model_dir: Path
                      target_fpr: float = 0.02, shift: float = 1.5, seed: int = 0,
                      wildguard: bool = False, log=print) -> dict:
     """Fit the topic gate for the format-7 head in ``head_dir`` and write ``<out>/safety_head/``
-    (every other tensor and the operating point unchanged)."""
+    (every other tensor and the operating point unchanged, except that a gate operating point
+    the input head carries (``topic_gate_shift``, ``gate_replaces_prompt_categories``: it
+    already had a gate, moved by ``train operating-point``) is reset: it belonged to the old
+    gate, and the new one opens exactly at the thresholds it records)."""
     from safeserve.models.attribution import category_readout_data, top_hit_rate
     from safeserve.models.checkpoint import load_safety_head
+    from safeserve.models.decision_defaults import (GATE_REPLACES_PROMPT_CATEGORIES,
+                                                    OPERATING_POINT, TOPIC_GATE_SHIFT)
     from safeserve.models.head_check import served_model_for
     from safeserve.models.prompt_head import (build_prompt_rows, fit_readout,
                                               write_readout_checkpoint)
@@ -53,6 +58,13 @@ def train_topic_gate(head_dir: Path, out: Path, data_root: Path, model_dir: Path
     if head.attribution is None:
         raise ValueError(f"the head in {head_dir} has no attribution read-out (format 7): "
                          "run `safeserve train attribution` first")
+    point = dict(head.extra.get(OPERATING_POINT) or {})
+    reset = {k: point.pop(k) for k in (TOPIC_GATE_SHIFT, GATE_REPLACES_PROMPT_CATEGORIES)
+             if k in point}
+    if reset:
+        log(f"the input head's gate operating point {reset} belongs to its old gate: reset "
+            "(apply it to the new one with `train operating-point`)")
+        head.extra = {**head.extra, OPERATING_POINT: point}
     lm_dir = served_model_for(Path(head_dir), model_dir)
     cats = [c.id for c in head.taxonomy.categories]
     rows = [r for r in build_prompt_rows(Path(data_root), seed, questions=True,

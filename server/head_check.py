@@ -77,12 +77,15 @@ async def served_scores(engine, svc, prompt_ids) -> list[dict[str, float]]:
 async def served_responses(engine, svc, record: SelfCheck) -> list[ServedResponse]:
     """Each recorded conversation answered greedily (end-of-sequence ignored, annotate-only,
     so nothing is spliced in) for one token more than its recorded answer: the step that
-    samples token j + 1 reports the row of token j."""
+    samples token j + 1 reports the row of token j. One whose answer would not fit
+    ``--max-model-len`` is not run: an empty answer, so all its rows count as skipped."""
     from safeserve.server.completions import helper_request
 
     safety = svc.resolve(None, {"on_violation": "annotate"})
 
     async def answer(n: int, ids: tuple[int, ...], length: int) -> ServedResponse:
+        if len(ids) + length + 1 >= engine.max_model_len:
+            return ServedResponse((), ())
         async with helper_request(engine, svc, ids, safety, f"head-check-answer-{n}",
                                   length + 1) as (tracker, token_ids):
             await tracker.wait_for(len(token_ids) - 1)
@@ -132,8 +135,13 @@ async def check(engine, svc, plan: HeadCheckPlan) -> CheckResult | None:
         record = record.subset(fits)
     served = await served_scores(engine, svc, record.prompt_ids)
     answers = None
-    if record.response_ids and all(len(ids) + len(resp) + 1 < engine.max_model_len for ids, resp
-                                   in zip(record.prompt_ids, record.response_ids)):
+    if record.response_ids:
+        long = sum(len(ids) + len(resp) + 1 >= engine.max_model_len
+                   for ids, resp in zip(record.prompt_ids, record.response_ids))
+        if long:
+            log.warning("safety head self-check: %d of %d recorded answers do not fit "
+                        "--max-model-len %d; their rows are skipped", long,
+                        len(record.prompt_ids), engine.max_model_len)
         answers = await served_responses(engine, svc, record)
     result = compare(record, served, plan.tolerance, plan.prompt_offset, answers)
     plan.result = {**result.summary(), "same_rendering": same_rendering(engine, record)}

@@ -185,7 +185,9 @@ def build_safety(spec: EngineSpec, settings: Settings):
                                   "tau", DEFAULT_TAU)),
                               allowlist_overall_shift=allowlist_overall_shift(head.extra),
                               alert_margin=alert_margin, alert_tau=alert_tau,
-                              explain_sentences=settings.refusal_explain_sentences)
+                              explain_sentences=settings.refusal_explain_sentences,
+                              gate_replaces_prompt_categories=(
+                                  head.topic is not None and head.gate_replaces_prompt_categories))
     except (ValueError, OSError) as e:
         raise StartupError(f"safety presets: {one_line(e)}") from None
     return policy, TelemetryHub()

@@ -71,6 +71,7 @@ SAFETY_STEP_SECONDS = Counter("safeserve_safety_step_seconds",
                               "Seconds the engine spent in the safety path (head + decision)")
 SAFETY_STEPS = Counter("safeserve_safety_steps", "Engine steps that ran the safety path")
 HEAD_CHECK_ERROR = Gauge("safeserve_head_check_max_logit_error",
-                         "Largest difference, in logits, between the head's recorded prompt "
-                         "verdicts and this server's at startup (the self-check)")
+                         "Largest difference, in logits, between the head's recorded scores "
+                         "(prompt verdicts and greedy answers' tokens) and this server's at "
+                         "startup (the self-check)")
 HEAD_CHECK_ERROR.set(float("nan"))  # until a check has measured it (never: off or no record)

@@ -96,7 +96,7 @@ async def moderate(engine: Engine, svc: SafetyService, body: ModerationRequest,
             categories={**openai_flags, **flags},
             category_scores={**openai_scores, **scores},
             category_applied_input_types={n: ["text"] for n in {**openai_flags, **flags}},
-            alert=verdict.alert))
+            alert=verdict.alert, gated=list(verdict.gated)))
         metrics.MODERATION_INPUTS.labels("true" if verdict.flagged else "false").inc()
     return ModerationResponse(
         id=mid, model=engine.spec.served_name, results=results,

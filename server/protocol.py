@@ -365,6 +365,8 @@ class ModerationResult(BaseModel):
     category_scores: dict[str, float]
     category_applied_input_types: dict[str, list[str]]  # always ["text"]
     alert: bool = False  # the verdict fell in the head's alert band (not flagged)
+    # The categories the topic gate flagged (under an allow-list; see CategoryScores.gated).
+    gated: list[str] = Field(default_factory=list)
 
 
 class ModerationResponse(BaseModel):
@@ -418,8 +420,10 @@ class SafetyReport(BaseModel):
     # head's calibrated ones, the overall output's allow-list shift included; `thresholds`
     # for generated tokens (the config's threshold_shift included), `prompt_thresholds` for
     # the prompt (and query) verdict.
+    # (None for a per-category output the prompt verdict did not compare: an allow-listed
+    # prompt under a head whose topic gate judges the categories there, format 9.)
     thresholds: dict[str, float] | None = None
-    prompt_thresholds: dict[str, float] | None = None
+    prompt_thresholds: dict[str, float | None] | None = None
     trace: list[TracePoint] | None = None
     telemetry_complete: bool = True
 

@@ -135,8 +135,12 @@ class SafetyPolicy:
                  default_tau: int = DEFAULT_TAU,
                  allowlist_overall_shift: float = DEFAULT_ALLOWLIST_OVERALL_SHIFT,
                  alert_margin: float = 0.0, alert_tau: int | None = None,
-                 explain_sentences: int = DEFAULT_EXPLAIN_SENTENCES):
+                 explain_sentences: int = DEFAULT_EXPLAIN_SENTENCES,
+                 gate_replaces_prompt_categories: bool = False):
         self.taxonomy = taxonomy
+        # A head whose topic gate judges an allow-listed prompt's categories (format 9): its
+        # per-category outputs are not compared there (prompt_thresholds_echo).
+        self.gate_replaces_prompt_categories = gate_replaces_prompt_categories
         if not -1 <= explain_sentences <= MAX_EXPLAIN_SENTENCES:
             raise ValueError(f"explain_sentences must be in [-1, {MAX_EXPLAIN_SENTENCES}] "
                              "(-1: no limit)")
@@ -271,6 +275,19 @@ class SafetyPolicy:
         if cfg.threshold_shift:
             out = {n: shift_probability(t, cfg.threshold_shift) for n, t in out.items()}
         return out
+
+    def prompt_thresholds_echo(self, args) -> dict[str, float | None]:
+        """What the prompt (and query) verdict compared each output against for a request
+        compiled to ``args``. None for the per-category outputs where they were not compared:
+        an allow-listed, unprefilled prompt under a head whose topic gate judges the
+        categories there (format 9; the overall output still acts for its named category)."""
+        echo: dict[str, float | None] = dict(echoed_thresholds(
+            self.taxonomy.output_names, args.prompt_thresholds or args.thresholds))
+        if (self.gate_replaces_prompt_categories and args.masked[-1] == MASK_ATTRIBUTED
+                and not args.prefilled):
+            for name in self.taxonomy.output_names[:-1]:
+                echo[name] = None
+        return echo
 
     def compile(self, cfg: SafetyConfig, rid: str, refusal_ids: list[int],
                 eos_id: int, refusal_sep: int = 0) -> W.RowSafetyArgs:

@@ -539,13 +539,17 @@ class SafetyLogitsProcessor(LogitsProcessor):
             self.refusal[i, : len(args.refusal_ids)] = self._host_row(args.refusal_ids,
                                                                        self.refusal.dtype)
         self.eos[i] = args.eos_id
+        if output_ids:
+            # Its re-prefill chunks' records wait for the kept one (see self.resuming): a
+            # helper request that reads answer rows (the self-check) must not see a
+            # discarded chunk's row as its token's.
+            self.resuming[args.rid] = (len(output_ids), output_ids)
         if output_ids and not args.verdict_only:
             # A resumed request (it has output) whose parked state was evicted: whether it was
             # mid-refusal is lost. Fail closed: it ends here rather than going on unwatched.
             log.error("safety state of resumed request %s was evicted (more than %d parked); "
                       "ending it", args.rid, MAX_PARKED)
             self.phase[i] = W.PHASE_DONE
-            self.resuming[args.rid] = (len(output_ids), output_ids)
         if args.query_flagged:
             # a flagged verdict always names an output; the overall one if it somehow did not
             self.query_cats[i] = args.query_cats or 1 << (self.thresholds.shape[1] - 1)

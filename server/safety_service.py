@@ -14,7 +14,6 @@ from safeserve.server.safety_config import (
     DEFAULT_STOP_TEXT,
     SafetyConfig,
     SafetyPolicy,
-    echoed_thresholds,
 )
 from safeserve.server.safety_tracker import RequestTracker, TelemetryHub
 from safeserve.server.safety_wire import StepRecord
@@ -69,11 +68,11 @@ class SafetyService:
         req.alert_tau = self.policy.alert_tau_of(req.config)
         req.explain_sentences = self.policy.explain_sentences_of(req.config)
 
-    def prompt_thresholds(self, req: RequestSafety) -> dict[str, float]:
+    def prompt_thresholds(self, req: RequestSafety) -> dict[str, float | None]:
         """Each head output's threshold for ``req``'s prompt verdict (the allow-list shift
-        of the overall output included), as the decision kernel compares it."""
-        args = self.policy.compile(req.config, "", [], 0)
-        return echoed_thresholds(self.names, args.prompt_thresholds or args.thresholds)
+        of the overall output included), as the decision kernel compares it (None: not
+        compared, see ``SafetyPolicy.prompt_thresholds_echo``)."""
+        return self.policy.prompt_thresholds_echo(self.policy.compile(req.config, "", [], 0))
 
     def refusal_ids(self) -> list[int]:
         """The separator's ids, then the refusal's (``_refusal_sep`` of them are the former);
@@ -105,7 +104,7 @@ class SafetyService:
         elif query is not None and query.alert:
             args.query_alert = True
         tracker = RequestTracker(rid, self.names, args, req.config.on_violation, req.echo(),
-                                 req.config.trace)
+                                 req.config.trace, self.policy.prompt_thresholds_echo(args))
         tracker.query = query
         self.hub.register(tracker)
         return args.to_extra_args(), tracker

@@ -31,8 +31,12 @@ TO_THE_END = 1 << 62  # end of a withheld range that runs to the end of the outp
 
 class RequestTracker:
     def __init__(self, rid: str, names: tuple[str, ...], args: W.RowSafetyArgs,
-                 action_name: str, config_echo: dict, trace: bool):
+                 action_name: str, config_echo: dict, trace: bool,
+                 prompt_thresholds: dict[str, float | None] | None = None):
         self.rid, self.names, self.args = rid, names, args
+        # what the prompt verdict compared (SafetyPolicy.prompt_thresholds_echo)
+        self.prompt_thresholds = prompt_thresholds or echoed_thresholds(
+            names, args.prompt_thresholds or args.thresholds)
         self.action_name, self.config_echo, self.want_trace = action_name, config_echo, trace
         self.steps: dict[int, W.StepRecord] = {}
         self.prompt: W.StepRecord | None = None
@@ -276,8 +280,7 @@ class RequestTracker:
                             query=self._verdict(self.query), response=response, config=self.config_echo,
                             score_names=list(self.names),
                             thresholds=echoed_thresholds(self.names, self.args.thresholds),
-                            prompt_thresholds=echoed_thresholds(
-                                self.names, self.args.prompt_thresholds or self.args.thresholds),
+                            prompt_thresholds=self.prompt_thresholds,
                             trace=trace,
                             telemetry_complete=not self.incomplete)
 

@@ -59,8 +59,9 @@ class RowSafetyArgs:
     # The prompt (and query) verdict's thresholds, when they differ from `thresholds` (the
     # response rule's, which a threshold_shift moves); None: the same.
     prompt_thresholds: list[float] | None = None
-    # A helper request read for its prompt verdict only (moderations, a prefilled request's
-    # query): its output is discarded, so its strategy state is never kept for a resume.
+    # A helper request whose output is never returned to a client (moderations, a prefilled
+    # request's query, the self-check's answers, which also read its per-token rows): its
+    # strategy state is never kept for a resume; a resumed one starts over.
     verdict_only: bool = False
 
     @property

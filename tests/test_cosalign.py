@@ -180,7 +180,8 @@ def test_allow_benign_set_sends_held_out_prompts_under_cosas_allow_lists(tmp_pat
     import json
 
     from safeserve.models.evaluation.allow_benign import build_allow_benign
-    from safeserve.models.hard_negatives import hard_negative_prompts
+    from safeserve.models.hard_negatives import hard_negative_prompts, split_hard_negatives
+    from safeserve.models.safety_data_build import read_eval_keys
 
     root = tmp_path / "data"
     (root / "refusal_direction_splits").mkdir(parents=True)
@@ -200,8 +201,11 @@ def test_allow_benign_set_sends_held_out_prompts_under_cosas_allow_lists(tmp_pat
     assert len(rows) == 22 and all(r["expect"] == "answer" for r in rows)
     assert [r["source"] for r in rows].count("alpaca_val") == 10
     assert [r["allow"] for r in rows[:4]] == [["drugs"], ["violence"], ["drugs"], ["violence"]]
-    written = {p.prompt for p in hard_negative_prompts(0)}
-    assert all(r["prompt"] in written for r in rows if r["source"] == "hard_negative")
+    # only build-hard-negatives' held-out groups, which no training job reads
+    keys = set().union(*read_eval_keys(root, lambda *a: None).values())
+    _, held, _ = split_hard_negatives(hard_negative_prompts(0), keys)
+    assert all(r["prompt"] in {p.prompt for p in held} for r in rows
+               if r["source"] == "hard_negative")
     items = load_cosa_rows(tmp_path / "b.jsonl", rows)
     assert len(items) == 22 and {it.allow for it in items} == {("drugs",), ("violence",)}
 

@@ -163,8 +163,20 @@ def test_the_topic_gate_refuses_what_an_allow_list_does_not_cover(default_server
             assert s["action"] == cfg.get("on_violation", "refuse"), s
         else:
             assert s["action"] == "none", (cfg, s)
+        # under an allow-list the gate judged the categories (format 9): their prompt
+        # thresholds were not compared and say so; the overall output's was
+        skipped = [n for n, t in s["prompt_thresholds"].items() if t is None]
+        assert skipped == (list(head.taxonomy.ids) if cfg.get("allow") else []), (cfg, skipped)
+        assert s["prompt_thresholds"]["unsafe"] is not None
     # and /metrics counts each gated prompt once, by category
     assert _gated_count(default_server) - gated_before == 6
+    # a moderation with the same config says the same, the gate's categories included
+    mod = default_server.post("/v1/moderations", json={
+        "input": text, "safety_config": {"allow": ["violence"]}})
+    assert mod.status_code == 200, mod.text
+    res = mod.json()["results"][0]
+    assert res["flagged"] and res["gated"] == ["privacy"] and res["categories"]["privacy"], res
+    assert mod.json()["safety"]["thresholds"]["privacy"] is None
 
 
 def _gated_count(c) -> float:

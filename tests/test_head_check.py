@@ -102,6 +102,11 @@ def test_compare_checks_generated_rows_up_to_the_first_divergent_token():
     assert "per-token score at generated token 2" in bad.explain()
     # prompt verdicts only (no answers served, or none recorded): nothing else compared
     assert compare(ANSWERED, ANSWERED_PROMPTS, 0.01).response_rows == 0
+    # an answer the server could not run (it would not fit --max-model-len) is empty: its
+    # rows count as skipped, the other answers are still compared
+    unrun = compare(ANSWERED, ANSWERED_PROMPTS, 0.01,
+                    served_responses=[ServedResponse((), ()), same[1]])
+    assert unrun.passed and (unrun.response_rows, unrun.response_rows_skipped) == (3, 3)
 
 
 def test_plan_defaults_by_dtype_and_reports_heads_without_a_record():

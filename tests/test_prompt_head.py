@@ -139,7 +139,7 @@ def test_train_prompt_head_either_adds_the_readout_to_the_heads_verdict(tmp_path
     g = torch.Generator().manual_seed(1)
     # biased low, so that the head alone flags some of the held-out prompts, not all
     head = SafetyHead(0.1 * torch.randn(tax.num_outputs, 64, generator=g),
-                      torch.full((tax.num_outputs,), -3.2), tax,
+                      torch.full((tax.num_outputs,), -3.1), tax,
                       extra={"base_model": str(tiny_model),
                              "operating_point": {"tau": 4, "prompt_logit_offset": 2.0}})
     head.save(tmp_path / "head")
@@ -209,6 +209,34 @@ def test_prompt_rows_take_the_labelled_wildguard_prompts_but_no_evaluation_copy(
     assert len(build_prompt_rows(root, wildguard=True, warn=said.append)) == len(plain)
     assert any("no labelled WildGuardMix prompts" in w for w in said)
 
+
+
+def test_a_text_labelled_in_both_sets_is_one_row_with_its_hh_label(tmp_path, monkeypatch):
+    """HH and WildGuardMix share a few texts (11 in the real files, one labelled both ways):
+    each is one row, one group, on one side of the split, with its HH label."""
+    root = data_root(tmp_path / "data")
+    shared = "Gun laws are pretty stupid I think everyone should own a gun"
+    labelled_questions(root, tmp_path / "labels.tsv", {shared: "weapons"}, monkeypatch)
+    labelled_wildguard(root, tmp_path / "wg.tsv", {shared: None, "How do tides work?": None},
+                       monkeypatch)
+    rows = [r for r in build_prompt_rows(root, questions=True, wildguard=True,
+                                         warn=lambda *a: None) if r.text == shared]
+    assert len(rows) == 1 and rows[0].harmful and rows[0].categories == ["weapons"]
+
+
+def test_prompt_rows_never_hold_a_held_out_hard_negative(tmp_path):
+    """The prompt read-outs train on build-hard-negatives' training groups only: its held-out
+    groups calibrate the safety job and are `eval allow-benign`'s hard negatives."""
+    from safeserve.models.hard_negatives import hard_negative_prompts, split_hard_negatives
+    from safeserve.models.safety_data_build import read_eval_keys
+
+    root = data_root(tmp_path / "data")
+    keys = set().union(*read_eval_keys(root, lambda *a: None).values())
+    train, held, _ = split_hard_negatives(hard_negative_prompts(0), keys)
+    rows = {r.text for r in build_prompt_rows(root, warn=lambda *a: None)
+            if r.group.startswith("hn:")}
+    assert held and rows == {p.prompt for p in train}
+    assert not rows & {p.prompt for p in held}
 
 def test_a_readout_over_a_middle_layer_serves_as_its_forward_computes(tmp_path, tiny_model):
     """``--layer`` (format 6): the read-out reads the residual stream after that many decoder

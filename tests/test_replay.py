@@ -242,6 +242,13 @@ def test_shift_head_moves_prompt_and_response_operating_points_separately():
                                  alert_tau=3).extra) == (0.5, 3)
     assert alert_band(shift_head(banded, prompt_shift=0.0, response_shift=1.0, tau=4,
                                  alert_margin=0.0).extra) == (0.0, None)
+    # a new margin keeps the band's tau; a tau without any band is refused, not dropped
+    assert alert_band(shift_head(banded, prompt_shift=0.0, response_shift=0.0,
+                                 alert_margin=1.0).extra) == (1.0, 2)
+    with pytest.raises(ValueError, match="without an alert band"):
+        shift_head(head, prompt_shift=0.0, response_shift=0.0, alert_tau=2)
+    with pytest.raises(ValueError, match="alert_margin 0"):
+        shift_head(banded, prompt_shift=0.0, response_shift=0.0, alert_margin=0.0, alert_tau=2)
     # without --tau the head's own tau is kept (what `eval replay` scored), else 3
     assert shift_head(new, prompt_shift=0.0, response_shift=0.0).extra["operating_point"]["tau"] == 4
     assert shift_head(head, prompt_shift=0.0, response_shift=0.0).extra["operating_point"]["tau"] == 3

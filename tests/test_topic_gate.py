@@ -180,6 +180,18 @@ def test_train_topic_gate_fits_categories_against_benign_prompts(tmp_path, tiny_
     assert saved["topic_gate"]["target_fpr"] == 0.02
     benign = torch.tensor([[0.0, 1.0], [1.0, 2.0], [2.0, 3.0], [3.0, 4.0], [4.0, 5.0]])
     assert gate_thresholds(benign, 0.25, 1.0).tolist() == [4.0, 5.0]
+    # refitting a head whose gate was moved (format 9): the old gate's point does not carry
+    # over to the new gate, which opens exactly at the thresholds it records
+    new.extra = {**new.extra, "operating_point": {
+        "tau": 4, "topic_gate_shift": -0.5, "gate_replaces_prompt_categories": True}}
+    new.save(tmp_path / "moved")
+    said = []
+    train_topic_gate(tmp_path / "moved", tmp_path / "refit", root, shift=0.5, log=said.append)
+    refit = load_safety_head(tmp_path / "refit")
+    assert refit.format_version == FORMAT_VERSION_TOPIC
+    assert not refit.gate_replaces_prompt_categories and refit.extra["operating_point"]["tau"] == 4
+    assert torch.equal(refit._topic_bias(), refit.topic[1].float())
+    assert any("reset" in m for m in said)
 
 
 def test_replay_applies_the_gate_it_names_from_the_forward(tmp_path):
@@ -351,3 +363,30 @@ def test_replay_leaves_a_gated_prompts_categories_to_the_gate(tmp_path):
     assert rp.trigger_step(row(("violence",)), rule) is None
     assert rp.trigger_step(row(("violence",)), rule8) == 0
     assert rp.trigger_step(row(()), rule) == 0  # no allow-list: not gated, judged as before
+
+
+def test_prompt_thresholds_say_which_outputs_the_prompt_verdict_compared():
+    """Under a head whose gate judges an allow-listed prompt's categories (format 9), the
+    echoed prompt thresholds are None for the per-category outputs (not compared there) and
+    the overall output's stays; without an allow-list, for a prefilled request (its query
+    verdict reads every output) or under a head whose gate does not replace them, all are
+    numbers."""
+    from safeserve.models.taxonomy import Taxonomy
+    from safeserve.server.safety_config import SafetyPolicy
+
+    tax = Taxonomy.load()
+    replacing = SafetyPolicy(tax, gate_replaces_prompt_categories=True)
+    beside = SafetyPolicy(tax)
+
+    def echo(policy, body, prefilled=False):
+        args = policy.compile(policy.resolve(None, body)[1], "r", [], 0)
+        args.prefilled = prefilled
+        return policy.prompt_thresholds_echo(args)
+
+    allowed = echo(replacing, {"allow": ["violence"]})
+    assert [n for n, t in allowed.items() if t is None] == list(tax.ids)
+    assert 0 < allowed["unsafe"] < 1
+    for got in (echo(replacing, None), echo(replacing, {"allow": []}),
+                echo(replacing, {"allow": ["violence"]}, prefilled=True),
+                echo(beside, {"allow": ["violence"]})):
+        assert all(t is not None for t in got.values()), got

@@ -33,8 +33,8 @@ def build_allow_benign(data_root: Path, n_alpaca: int = 150, n_hard: int = 150,
                        seed: int = 0, heldout_fraction: float = 0.4) -> list[dict]:
     """``n_alpaca`` validation instructions and ``n_hard`` held-out hard negatives (seeded
     samples), interleaved, the i-th given CoSAlign-Test's i-th allow-list modulo their count."""
-    from safeserve.models.hard_negatives import hard_negative_prompts
-    from safeserve.models.safety_data_build import normalise, read_eval_keys, split_by_group
+    from safeserve.models.hard_negatives import hard_negative_prompts, split_hard_negatives
+    from safeserve.models.safety_data_build import read_eval_keys
 
     data_root = Path(data_root)
     for rel in (ALPACA_VALIDATION, COSA_TEST):
@@ -51,10 +51,8 @@ def build_allow_benign(data_root: Path, n_alpaca: int = 150, n_hard: int = 150,
     # The same split as build-hard-negatives (groups with an evaluation prompt dropped
     # first): only groups it holds out.
     eval_keys = set().union(*read_eval_keys(data_root, lambda msg: None).values())
-    prompts = hard_negative_prompts(seed)
-    leaked = {p.group for p in prompts if normalise(p.prompt) in eval_keys}
-    _, held, _ = split_by_group([p for p in prompts if p.group not in leaked],
-                                heldout_fraction, random.Random(seed))
+    _, held, _ = split_hard_negatives(hard_negative_prompts(seed), eval_keys,
+                                      heldout_fraction, seed)
     hard = [p.prompt for p in rng.sample(held, min(n_hard, len(held)))]
     sources = [("alpaca_val", t) for t in alpaca] + [("hard_negative", t) for t in hard]
     rng.shuffle(sources)
