@@ -615,16 +615,12 @@ def register(app) -> None:
         data: exact logit shifts of the prompt verdict and the response rule."""
         from safeserve.models.operating_point import move_operating_point
 
-        try:
-            point = move_operating_point(head, out, prompt_shift=prompt_shift,
-                                         response_shift=response_shift, tau=tau,
-                                         alert_margin=alert_margin, alert_tau=alert_tau,
-                                         allowlist_shift=allowlist_shift,
-                                         gate_shift=gate_shift, gate_replaces=gate_replaces,
-                                         log=typer.echo)
-        except (FileNotFoundError, ValueError) as e:  # no such head, a move it cannot take
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
+        # a head it cannot load or a move it cannot take: one line, exit 2 (server/cli.main)
+        point = move_operating_point(head, out, prompt_shift=prompt_shift,
+                                     response_shift=response_shift, tau=tau,
+                                     alert_margin=alert_margin, alert_tau=alert_tau,
+                                     allowlist_shift=allowlist_shift, gate_shift=gate_shift,
+                                     gate_replaces=gate_replaces, log=typer.echo)
         typer.echo(json.dumps(point, indent=2))
 
     @app.command("prompt-head")

@@ -809,6 +809,13 @@ def test_bad_job_input_is_one_line_and_exit_2(tmp_path):
     r = run("train", "operating-point", "--head", str(tmp_path), "--out", str(tmp_path / "x"),
             "--tau", "0")
     assert r.returncode == 2 and "--tau" in r.stderr and "Traceback" not in r.stderr
+    # an alert tau for a head with no alert band is refused, not dropped
+    from safeserve.models.model_store import BUNDLED_HEADS
+
+    r = run("train", "operating-point", "--head", str(BUNDLED_HEADS["strict"]), "--out",
+            str(tmp_path / "x"), "--alert-tau", "2")
+    assert r.returncode == 2 and "without an alert band" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
     data = tmp_path / "items.jsonl"
     data.write_text('{"prompt": "hi", "allow": [], "expect": "answer"}\n')
     r = run("eval", "cosa", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--data",
