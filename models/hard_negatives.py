@@ -377,7 +377,6 @@ def hard_negative_prompts(seed: int = 0, per_entry: int = 2) -> list[HardNegativ
     return out
 
 
-
 def split_hard_negatives(prompts: list[HardNegative], eval_keys: set[str],
                          heldout_fraction: float = 0.4, seed: int = 0
                          ) -> tuple[list[HardNegative], list[HardNegative], set[str]]:
@@ -392,6 +391,7 @@ def split_hard_negatives(prompts: list[HardNegative], eval_keys: set[str],
     train, held, _ = split_by_group([p for p in prompts if p.group not in leaked],
                                     heldout_fraction, random.Random(seed))
     return train, held, leaked
+
 
 def build_hard_negative_data(data_root: Path | None, out_dir: Path, model: Path, *,
                              heldout_fraction: float = 0.4, per_entry: int = 2,
@@ -412,8 +412,7 @@ def build_hard_negative_data(data_root: Path | None, out_dir: Path, model: Path,
         warnings.append("no --data-root: prompts not checked against evaluation sets")
     all_eval = set().union(*eval_keys.values()) if eval_keys else set()
     prompts = hard_negative_prompts(seed, per_entry)
-    train_prompts, held_prompts, leaked = split_hard_negatives(prompts, all_eval,
-                                                               heldout_fraction, seed)
+    _, held_prompts, leaked = split_hard_negatives(prompts, all_eval, heldout_fraction, seed)
     kept = [p for p in prompts if p.group not in leaked]
     convs = [[{"role": "user", "content": p.prompt}] for p in kept]
     log(f"{len(kept)} hard-negative prompts ({len(prompts) - len(kept)} dropped: their group "

@@ -1077,6 +1077,26 @@ def test_a_resumed_requests_chunk_records_wait_until_its_kept_chunk_is_known():
     assert [r.index for r in sent if r.index >= 0] == [0, 2, 3, 4, 5]
 
 
+
+def test_a_resumed_helper_request_defers_its_re_prefill_rows_too():
+    """A verdict-only helper request is never parked, so a resumed one starts over; its
+    re-prefill chunks' rows still wait for the kept one (the self-check reads its answer rows
+    by index: a discarded chunk's row must not stand for a token's), and it is not ended."""
+    from safeserve.server import safety_wire as W
+
+    proc, sent = _processor()
+    bu = lambda removed=(), added=(): SimpleNamespace(removed=list(removed), added=list(added), moved=[])  # noqa: E731
+    out = [7, 7]
+    args = _args("check", verdict_only=True).to_extra_args()
+    proc.update_state(bu(added=[(0, SimpleNamespace(extra_args=args), [], out)]))  # resumed at 2
+    assert proc.phase[0] != W.PHASE_DONE and "check" in proc.resuming
+    _step(proc, [[0.9] * 10])  # a chunk inside the prompt
+    _step(proc, [[0.1] * 10])  # the last chunk
+    assert not [r for r in sent if r.index >= 0]  # neither is out yet
+    out.append(8)  # vLLM kept the last chunk's token
+    proc.update_state(None)
+    assert [(r.index, r.scores[0]) for r in sent if r.index >= 0] == [(2, pytest.approx(0.1))]
+
 def test_a_deferred_record_counts_no_engine_step():
     """The hub counts a step per message with its seconds; a deferred record carries None."""
     from safeserve.server import metrics
