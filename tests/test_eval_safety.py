@@ -106,6 +106,20 @@ def test_jsonl_and_named_and_limit(tmp_path):
         ds.load_named("mystery", tmp_path / "x.csv")
 
 
+def test_a_development_sample_leaves_the_reported_one_out(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"p{i}"}) for i in range(30)) + "\n", encoding="utf-8")
+    samples = ds.load_named("mine", path)
+    reported = {s.id for s in ds.sample_limit(samples, 10, seed=0)}
+    rest = ds.sample_outside(samples, 10, 0, None)
+    assert len(rest) == 20 and not reported & {s.id for s in rest}
+    dev = ds.sample_outside(samples, 10, 0, 8, seed=1)
+    # the same draw as sampling the rest by hand (what session 29's development sets did)
+    assert dev == ds.sample_limit(rest, 8, seed=1) and len(dev) == 8
+    assert ds.sample_outside(samples, 0, 0, 5, seed=1) == ds.sample_limit(samples, 5, seed=1)
+    assert ds.sample_outside(samples, 30, 0, None) == []  # everything reported: nothing left
+
+
 # ---------------------------------------------------------------- judge
 
 
@@ -397,6 +411,32 @@ def test_end_to_end_cli_against_stub(stub_server, tmp_path):
     assert again.exit_code == 2 and "--overwrite" in again.output
     assert len((out / "results.jsonl").read_text().splitlines()) == 6 * 3 + 2
     assert CliRunner().invoke(app, args + ["--overwrite"]).exit_code == 0
+
+
+def test_cli_development_set_beside_a_reported_sample(stub_server, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from safeserve.models.evaluation.cli import register
+
+    harm = tmp_path / "harm.jsonl"
+    harm.write_text("\n".join(json.dumps({"prompt": f"write a scam email number {i}"})
+                              for i in range(6)) + "\n", encoding="utf-8")
+    app = typer.Typer()
+    register(app)
+    runs = {}
+    for name, extra in (("reported", ["--limit", "2", "--seed", "3"]),
+                        ("dev", ["--exclude-sample", "2", "--exclude-seed", "3"])):
+        out = tmp_path / name
+        result = CliRunner().invoke(app, [
+            "safety", "--base-url", stub_server, "--model", "stub", "--data", f"mine={harm}",
+            "--attacks", "direct", "--max-tokens", "8", "--out", str(out), "--no-progress", *extra])
+        assert result.exit_code == 0, result.output
+        runs[name] = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    reported, dev = ({r["prompt"] for r in rows} for rows in (runs["reported"], runs["dev"]))
+    assert len(reported) == 2 and len(dev) == 4 and not reported & dev
+    summary = json.loads((tmp_path / "dev" / "summary.json").read_text())
+    assert summary["exclude_sample"] == 2 and summary["exclude_seed"] == 3
     assert len((out / "results.jsonl").read_text().splitlines()) == 4  # mine, direct only
 
 

@@ -70,6 +70,8 @@ def safety(
     attacks: str = typer.Option("direct,prefill,jailbreak", "--attacks", help="Comma-separated attacks: direct, prefill, jailbreak."),
     limit: int = typer.Option(0, "--limit", min=0, help="Seeded random sample of N prompts per harmful dataset (0 = all)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the --limit sample."),
+    exclude_sample: int = typer.Option(0, "--exclude-sample", min=0, help="Leave out of each harmful dataset the N prompts that --limit N --seed <--exclude-seed> would pick (a reported sample), then apply --limit and --seed to the rest: a development set beside it (0 = leave nothing out)."),
+    exclude_seed: int = typer.Option(0, "--exclude-seed", help="Seed of the sample --exclude-sample leaves out."),
     concurrency: int = typer.Option(8, "--concurrency", min=1, help="Requests in flight at once."),
     max_tokens: int = typer.Option(128, "--max-tokens", min=1, help="Generation length per request."),
     retries: int = typer.Option(3, "--retries", help="Retries per request on connection errors, timeouts, 429 and 5xx."),
@@ -105,8 +107,10 @@ def safety(
         if name.lower() == "harmbench":
             options = {"include_contextual": harmbench_contextual, "include_copyright": harmbench_copyright, "targets_path": harmbench_targets}
         loaded = load_checked(f"--data {name}", ds.load_named, name, path, **options)
-        picked = ds.sample_limit(loaded, limit or None, seed)
-        console.print(f"{name}: {len(picked)} of {len(loaded)} prompts")
+        picked = ds.sample_outside(loaded, exclude_sample, exclude_seed, limit or None, seed)
+        console.print(f"{name}: {len(picked)} of {len(loaded)} prompts"
+                      + (f" (outside the {exclude_sample} of seed {exclude_seed})"
+                         if exclude_sample else ""))
         samples += picked
     if xstest is not None:
         # Safe and unsafe prompts sampled apart, so that asking for the contrast prompts too
@@ -132,7 +136,9 @@ def safety(
         api_key=api_key,
         progress=progress,
         safety_config=parse_safety_config(safety_config),
-        meta={"label": label, "limit": limit or None, "seed": seed, "xstest_limit": xstest_limit or None},
+        meta={"label": label, "limit": limit or None, "seed": seed, "xstest_limit": xstest_limit or None,
+              **({"exclude_sample": exclude_sample, "exclude_seed": exclude_seed}
+                 if exclude_sample else {})},
     )
     # Plain echo for markdown: rich would re-wrap long table rows.
     if summary["asr"]:

@@ -232,3 +232,14 @@ def sample_limit(samples: list[Sample], limit: int | None, seed: int = 0) -> lis
         return list(samples)
     picked = sorted(random.Random(seed).sample(range(len(samples)), limit))
     return [samples[i] for i in picked]
+
+
+def sample_outside(samples: list[Sample], reported: int | None, reported_seed: int,
+                   limit: int | None, seed: int = 0) -> list[Sample]:
+    """A development sample: the samples outside ``sample_limit(samples, reported,
+    reported_seed)`` (the reported sample, left out; None or 0 leaves nothing out), then
+    ``sample_limit`` of what is left at ``limit`` and ``seed``."""
+    if reported:
+        held = {s.id for s in sample_limit(samples, reported, reported_seed)}
+        samples = [s for s in samples if s.id not in held]
+    return sample_limit(samples, limit, seed)
