@@ -411,6 +411,7 @@ def test_end_to_end_cli_against_stub(stub_server, tmp_path):
     assert again.exit_code == 2 and "--overwrite" in again.output
     assert len((out / "results.jsonl").read_text().splitlines()) == 6 * 3 + 2
     assert CliRunner().invoke(app, args + ["--overwrite"]).exit_code == 0
+    assert len((out / "results.jsonl").read_text().splitlines()) == 4  # mine, direct only
 
 
 def test_cli_development_set_beside_a_reported_sample(stub_server, tmp_path):
@@ -437,7 +438,6 @@ def test_cli_development_set_beside_a_reported_sample(stub_server, tmp_path):
     assert len(reported) == 2 and len(dev) == 4 and not reported & dev
     summary = json.loads((tmp_path / "dev" / "summary.json").read_text())
     assert summary["exclude_sample"] == 2 and summary["exclude_seed"] == 3
-    assert len((out / "results.jsonl").read_text().splitlines()) == 4  # mine, direct only
 
 
 def test_wilson_interval():
