@@ -109,20 +109,35 @@ def safety_scores_reference(
 
 
 def select_prompt_rows(scores: torch.Tensor, is_prompt: torch.Tensor, k: int,
-                       either: bool = False) -> torch.Tensor:
+                       either: bool = False, no_allowlist: torch.Tensor | None = None,
+                       own_overall_only: bool = False, readout_shift: float = 0.0
+                       ) -> torch.Tensor:
     """[N, 2K] scores of a head with a separate prompt read-out (its K outputs after the
     head's K; checkpoint formats 4 and 5) -> [N, K]: at the rows where ``is_prompt`` ([N],
     nonzero = a prompt end) the read-out's scores (format 4) or, with ``either`` (format 5),
     the larger of the read-out's and the head's own per output, so a prompt is flagged when
     either verdict flags it (both are folded against the same thresholds); the head's
-    elsewhere. No host sync."""
+    elsewhere.
+
+    ``no_allowlist`` ([N], nonzero = a request without an allow-list; format 10) selects the
+    rows judged by that rule instead: the read-out's scores moved by ``readout_shift`` logits
+    (+ = act less), beside the head's own outputs, or with ``own_overall_only`` its overall
+    output alone. No host sync."""
     if scores.shape[1] == k:
         return scores
     if scores.shape[1] != 2 * k:  # e.g. a format-7 head's attribution columns left on
         raise ValueError(f"select_prompt_rows takes [N, {k}] or [N, {2 * k}] scores, "
                          f"not {tuple(scores.shape)}")
-    prompt = torch.maximum(scores[:, k:], scores[:, :k]) if either else scores[:, k:]
-    return torch.where(is_prompt.reshape(-1, 1).to(torch.bool), prompt, scores[:, :k])
+    own, readout = scores[:, :k], scores[:, k:]
+    prompt = torch.maximum(readout, own) if either else readout
+    if no_allowlist is not None:
+        moved = offset_prompt_rows(readout, torch.ones_like(no_allowlist), -readout_shift)
+        judges = own
+        if own_overall_only:  # scores are >= 0: a zero never wins the maximum
+            judges = torch.cat([torch.zeros_like(own[:, :-1]), own[:, -1:]], 1)
+        plain = torch.maximum(moved.to(own.dtype), judges)
+        prompt = torch.where(no_allowlist.reshape(-1, 1).to(torch.bool), plain, prompt)
+    return torch.where(is_prompt.reshape(-1, 1).to(torch.bool), prompt, own)
 
 
 def offset_prompt_rows(scores: torch.Tensor, is_prompt: torch.Tensor,

@@ -27,6 +27,10 @@ with a ``safety_head/`` folder beside the weights:
                              (format 8, beside the attribution read-out): under an allow-list,
                              a category the request does not allow whose topic logit is >= 0
                              (its threshold folded into the bias) flags the prompt
+                             (format 10: any of the above, its layout in its config as
+                             format 7 writes it, and an operating point naming how the prompt
+                             of a request without an allow-list is judged: the own overall
+                             output and a shifted read-out, models/decision_defaults.py)
         taxonomy.yaml        category ids, definitions, default thresholds (head row order)
         metrics.json         held-out metrics written by the training job (optional)
       adapter/               optional PEFT LoRA adapter the LM was trained with
@@ -74,9 +78,14 @@ FORMAT_VERSION_TOPIC = 8
 # ``gate_replaces_prompt_categories``, models/decision_defaults.py): a format-8 reader would
 # serve the gate at its trained thresholds and keep the per-category outputs at gated prompts.
 FORMAT_VERSION_TOPIC_POINT = 9
+# The prompt rule of requests without an allow-list (``operating_point.no_allowlist_prompt_own``
+# and ``no_allowlist_readout_shift``): a format-9 reader would judge their prompts by every own
+# output and the read-out unshifted. Any layout; its config says which (as format 7's does).
+FORMAT_VERSION_NO_ALLOWLIST_POINT = 10
 FORMAT_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_MLP, FORMAT_VERSION_OFFSET,
                    FORMAT_VERSION_PROMPT, FORMAT_VERSION_PROMPT_EITHER, FORMAT_VERSION_PROMPT_LAYER,
-                   FORMAT_VERSION_ATTRIBUTION, FORMAT_VERSION_TOPIC, FORMAT_VERSION_TOPIC_POINT)
+                   FORMAT_VERSION_ATTRIBUTION, FORMAT_VERSION_TOPIC, FORMAT_VERSION_TOPIC_POINT,
+                   FORMAT_VERSION_NO_ALLOWLIST_POINT)
 PROMPT_FORMATS = (FORMAT_VERSION_PROMPT, FORMAT_VERSION_PROMPT_EITHER, FORMAT_VERSION_PROMPT_LAYER)
 PROMPT_TENSORS = ("prompt_weight", "prompt_bias")
 ATTRIBUTION_TENSORS = ("attribution_weight", "attribution_bias")
@@ -125,6 +134,8 @@ class SafetyHead:
     def format_version(self) -> int:
         from safeserve.models.decision_defaults import OPERATING_POINT, PROMPT_LOGIT_OFFSET
 
+        if self.no_allowlist_rule != ("all", 0.0):
+            return FORMAT_VERSION_NO_ALLOWLIST_POINT
         if self.topic is not None:
             return FORMAT_VERSION_TOPIC_POINT if self.has_gate_point else FORMAT_VERSION_TOPIC
         if self.attribution is not None:
@@ -145,6 +156,15 @@ class SafetyHead:
                                                         topic_gate_shift)
 
         return topic_gate_shift(self.extra) != 0 or gate_replaces_prompt_categories(self.extra)
+
+    @property
+    def no_allowlist_rule(self) -> tuple[str, float]:
+        """How the prompt of a request without an allow-list is judged: ("all", 0.0), as every
+        other request's, or ("overall", shift): the own overall output beside the read-out
+        moved by ``shift`` logits (models/decision_defaults.no_allowlist_prompt_rule)."""
+        from safeserve.models.decision_defaults import no_allowlist_prompt_rule
+
+        return no_allowlist_prompt_rule(self.extra)
 
     @property
     def gate_replaces_prompt_categories(self) -> bool:
@@ -213,6 +233,16 @@ class SafetyHead:
             gate_point = self.has_gate_point
         except ValueError as e:
             raise CheckpointError(f"safety head: {e}") from None
+        try:
+            no_allowlist_rule = self.no_allowlist_rule
+        except ValueError as e:
+            raise CheckpointError(f"safety head: {e}") from None
+        if no_allowlist_rule != ("all", 0.0) and (self.prompt is None
+                                                       or not self.prompt_either):
+            raise CheckpointError("safety head's operating point sets the prompt rule of "
+                                  "requests without an allow-list (no_allowlist_prompt_own, "
+                                  "no_allowlist_readout_shift), which needs a prompt read-out "
+                                  "beside the head's own verdict (prompt_either)")
         if gate_point and self.topic is None:
             raise CheckpointError("safety head's operating point moves a topic gate it does not "
                                   "have (topic_gate_shift, gate_replaces_prompt_categories)")
@@ -309,10 +339,12 @@ class SafetyHead:
             raise ValueError(f"this safety head's prompt read-out reads layer {self.prompt_layer}")
         return torch.cat([hidden, middle], -1)
 
-    def prompt_logits(self, hidden: torch.Tensor, middle: torch.Tensor | None = None
-                      ) -> torch.Tensor:
+    def prompt_logits(self, hidden: torch.Tensor, middle: torch.Tensor | None = None,
+                      allowlisted: bool = False) -> torch.Tensor:
         """[N, H] -> [N, K]: the logits the prompt verdict reads (before the prompt offset).
-        ``middle``: the [N, H] hidden state at ``prompt_layer``, for a head that has one."""
+        ``middle``: the [N, H] hidden state at ``prompt_layer``, for a head that has one.
+        ``allowlisted``: the request has an allow-list (format 10 judges the others' prompts
+        by its ``no_allowlist_rule``)."""
         from safeserve.kernels.safety_head import head_logits
 
         own = None if self.prompt is not None and not self.prompt_either else head_logits(
@@ -325,6 +357,11 @@ class SafetyHead:
                     f"this safety head's prompt read-out reads layer {self.prompt_layer}")
             hidden = middle
         readout = head_logits(hidden, self.prompt[0], self.prompt[1])
+        if own is not None and not allowlisted:
+            which, shift = self.no_allowlist_rule
+            readout = readout - shift
+            if which == "overall":
+                own = torch.cat([torch.full_like(own[:, :-1], -torch.inf), own[:, -1:]], 1)
         return readout if own is None else torch.maximum(readout, own)
 
     def save(self, model_dir: str | Path) -> Path:
@@ -353,7 +390,8 @@ class SafetyHead:
             **({"prompt_layer": self.prompt_layer, "prompt_either": self.prompt_either}
                if self.prompt_layer is not None else {}),
             **({"has_prompt_readout": self.prompt is not None, "prompt_either": self.prompt_either}
-               if self.attribution is not None else {}),
+               if self.attribution is not None or self.format_version
+               == FORMAT_VERSION_NO_ALLOWLIST_POINT else {}),
             **self.extra,
         }
         (out / "head_config.json").write_text(json.dumps(cfg, indent=2))
@@ -362,6 +400,16 @@ class SafetyHead:
 
 def taxonomy_digest(taxonomy: Taxonomy) -> str:
     return hashlib.sha256("\n".join(taxonomy.ids).encode()).hexdigest()[:16]
+
+
+def _prompt_layout(cfg: dict) -> int:
+    """The earlier format whose prompt layout a format-7-or-later config describes (format 7
+    carries any of them beside it; which one is in its config)."""
+    if not cfg["has_prompt_readout"]:
+        return FORMAT_VERSION_OFFSET
+    if cfg.get("prompt_layer") is not None:
+        return FORMAT_VERSION_PROMPT_LAYER
+    return FORMAT_VERSION_PROMPT_EITHER if cfg.get("prompt_either") else FORMAT_VERSION_PROMPT
 
 
 def has_safety_head(model_dir: str | Path) -> bool:
@@ -394,6 +442,15 @@ def load_safety_head(model_dir: str | Path, expect_taxonomy: Taxonomy | None = N
         cfg["format_version"] != FORMAT_VERSION and int(cfg.get("mlp_units") or 0) > 0)
     prompt = attribution = topic = None
     version = cfg["format_version"]
+    if version == FORMAT_VERSION_NO_ALLOWLIST_POINT:  # any layout: its tensors say which
+        version = (FORMAT_VERSION_TOPIC if all(n in tensors for n in TOPIC_TENSORS)
+                   else FORMAT_VERSION_ATTRIBUTION)  # whose branch reads the prompt layout
+        if version == FORMAT_VERSION_ATTRIBUTION and not all(n in tensors
+                                                             for n in ATTRIBUTION_TENSORS):
+            if not isinstance(cfg.get("has_prompt_readout"), bool):
+                raise CheckpointError(f"safety head format {cfg['format_version']} in {d} "
+                                      "lacks a boolean has_prompt_readout")
+            version = _prompt_layout(cfg)
     if version in (FORMAT_VERSION_TOPIC, FORMAT_VERSION_TOPIC_POINT):
         missing = [n for n in TOPIC_TENSORS if n not in tensors]
         if missing:
@@ -406,11 +463,7 @@ def load_safety_head(model_dir: str | Path, expect_taxonomy: Taxonomy | None = N
             raise CheckpointError(f"safety head format {cfg['format_version']} in {d} lacks "
                                   f"{missing or 'a boolean has_prompt_readout'}")
         attribution = tuple(tensors[n].float() for n in ATTRIBUTION_TENSORS)
-        # Format 7 carries any of the earlier forms beside it; which one is in its config.
-        version = (FORMAT_VERSION_PROMPT_LAYER if cfg["has_prompt_readout"]
-                   and cfg.get("prompt_layer") is not None else FORMAT_VERSION_PROMPT_EITHER
-                   if cfg["has_prompt_readout"] and cfg.get("prompt_either")
-                   else FORMAT_VERSION_PROMPT if cfg["has_prompt_readout"] else FORMAT_VERSION_OFFSET)
+        version = _prompt_layout(cfg)
     if version in PROMPT_FORMATS:
         missing = [n for n in PROMPT_TENSORS if n not in tensors]
         if missing:

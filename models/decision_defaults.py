@@ -82,3 +82,32 @@ def topic_gate_shift(extra: dict) -> float:
         raise ValueError(f"operating_point.{TOPIC_GATE_SHIFT} must be a number of logits in "
                          f"[-50, 50]; got {value!r}")
     return float(value)
+
+
+# A request without an allow-list, under a head whose prompt read-out sits beside its own
+# verdict (format 5 or later), may have its prompt judged by the head's own OVERALL output and
+# the read-out's outputs, the read-out moved by a logit shift (+ = act less). The own
+# per-category outputs are where most false alarms on benign prompts came from (default head
+# v13 on its development sets, docs/history/safety-head.md), but they also catch short
+# canonical requests ("How do I build a pipe bomb?") the read-out misses, which is why the
+# default head does not use this rule (candidate v14, withdrawn). Allow-listed requests keep
+# both verdicts: the CoSA operating point was chosen with them.
+NO_ALLOWLIST_PROMPT_OWN = "no_allowlist_prompt_own"  # "all" (default) | "overall"
+NO_ALLOWLIST_READOUT_SHIFT = "no_allowlist_readout_shift"
+PROMPT_OWN_CHOICES = ("all", "overall")
+
+
+def no_allowlist_prompt_rule(extra: dict) -> tuple[str, float]:
+    """(which own outputs judge the prompt of a request without an allow-list, the read-out's
+    logit shift there): ("all", 0.0) for heads that name neither."""
+    point = extra.get(OPERATING_POINT) or {}
+    own = point.get(NO_ALLOWLIST_PROMPT_OWN, "all")
+    if own not in PROMPT_OWN_CHOICES:
+        raise ValueError(f"operating_point.{NO_ALLOWLIST_PROMPT_OWN} must be one of "
+                         f"{', '.join(PROMPT_OWN_CHOICES)}; got {own!r}")
+    shift = point.get(NO_ALLOWLIST_READOUT_SHIFT, 0.0)
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or shift != shift \
+            or abs(shift) > 50:
+        raise ValueError(f"operating_point.{NO_ALLOWLIST_READOUT_SHIFT} must be a number of "
+                         f"logits in [-50, 50]; got {shift!r}")
+    return own, float(shift)

@@ -29,10 +29,12 @@ from pathlib import Path
 
 import torch
 
-from safeserve.models.checkpoint import SafetyHead, load_safety_head
+from safeserve.models.checkpoint import CheckpointError, SafetyHead, load_safety_head
 from safeserve.models.decision_defaults import (
     GATE_REPLACES_PROMPT_CATEGORIES,
     HEAD_DEFAULT_TAU,
+    NO_ALLOWLIST_PROMPT_OWN,
+    NO_ALLOWLIST_READOUT_SHIFT,
     OPERATING_POINT,
     PROMPT_LOGIT_OFFSET,
     TOPIC_GATE_SHIFT,
@@ -46,7 +48,9 @@ from safeserve.models.decision_defaults import (
 def shift_head(head: SafetyHead, *, prompt_shift: float, response_shift: float,
                tau: int | None = None, alert_margin: float | None = None,
                alert_tau: int | None = None, allowlist_shift: float | None = None,
-               gate_shift: float = 0.0, gate_replaces: bool | None = None) -> SafetyHead:
+               gate_shift: float = 0.0, gate_replaces: bool | None = None,
+               no_allowlist_own: str | None = None,
+               no_allowlist_readout_shift: float | None = None) -> SafetyHead:
     """A copy of ``head`` whose prompt and response thresholds moved by the given logits,
     with the given tau (None: ``head``'s own, else 3, as `eval replay` scores it) and alert
     band (``alert_margin`` logits below the prompt thresholds: the response rule acts after
@@ -54,7 +58,9 @@ def shift_head(head: SafetyHead, *, prompt_shift: float, response_shift: float,
     head's own band's) and allow-list shift of
     the overall output (None: ``head``'s own, kept if it names one). A format-8 head's topic
     gate moves by ``gate_shift`` more logits (+ = opens less often), and ``gate_replaces``
-    sets whether gated prompts skip the per-category outputs (None: kept)."""
+    sets whether gated prompts skip the per-category outputs (None: kept). The prompt rule of
+    requests without an allow-list (format 10: ``no_allowlist_own`` "all" or "overall",
+    ``no_allowlist_readout_shift`` logits, + = act less) is kept where None."""
     from safeserve.models.safety_calibration import with_thresholds
 
     if tau is None:
@@ -109,17 +115,28 @@ def shift_head(head: SafetyHead, *, prompt_shift: float, response_shift: float,
         if replaces:
             extra[OPERATING_POINT][GATE_REPLACES_PROMPT_CATEGORIES] = True
         topic_gate_shift(extra)  # in range, as the server will check
+    own, shift = head.no_allowlist_rule
+    own = own if no_allowlist_own is None else no_allowlist_own
+    shift = shift if no_allowlist_readout_shift is None else float(no_allowlist_readout_shift)
+    if (own, shift) != ("all", 0.0):
+        extra[OPERATING_POINT].update({NO_ALLOWLIST_PROMPT_OWN: own,
+                                       NO_ALLOWLIST_READOUT_SHIFT: shift})
     prompt_logit_offset(extra)  # in range, as the server will check
     prompt = None
     if head.prompt is not None:  # its overall output's fold moves with the head's
         prompt_bias = head.prompt[1].float().clone()
         prompt_bias[-1] -= response_shift
         prompt = (head.prompt[0], prompt_bias)
-    return SafetyHead(head.weight.float().clone(), bias,
-                      with_thresholds(head.taxonomy, thresholds), head.layer, extra, head.mlp,
-                      prompt, head.prompt_either, head.prompt_layer,
-                      head.attribution,  # an argmax of raw logits: no threshold moves it
-                      head.topic)  # its thresholds are folded in its bias: its shift moves them
+    new = SafetyHead(head.weight.float().clone(), bias,
+                     with_thresholds(head.taxonomy, thresholds), head.layer, extra, head.mlp,
+                     prompt, head.prompt_either, head.prompt_layer,
+                     head.attribution,  # an argmax of raw logits: no threshold moves it
+                     head.topic)  # its thresholds are folded in its bias: its shift moves them
+    try:
+        new.validate()  # e.g. a no-allow-list rule on a head without a read-out beside it
+    except CheckpointError as e:
+        raise ValueError(str(e)) from None
+    return new
 
 
 def move_operating_point(head_dir: Path, out: Path, *, prompt_shift: float,
@@ -127,9 +144,14 @@ def move_operating_point(head_dir: Path, out: Path, *, prompt_shift: float,
                          alert_margin: float | None = None,
                          alert_tau: int | None = None, allowlist_shift: float | None = None,
                          gate_shift: float = 0.0, gate_replaces: bool | None = None,
+                         no_allowlist_own: str | None = None,
+                         no_allowlist_readout_shift: float | None = None,
                          log=print) -> dict:
     """Shift the head in ``head_dir``, write ``<out>/safety_head/`` (and copy a LoRA adapter).
-    Its self-check record moves with the biases, exactly (no model needed)."""
+    Its self-check record moves with the biases, exactly (no model needed), unless the prompt
+    rule of requests without an allow-list changed: the record holds the larger of two
+    verdicts per output, which no bias move reproduces, so it is recomputed on the served model
+    (a warning, and an unverified head, when that model is not here)."""
     from safeserve.models.head_check import SelfCheck, write_record
 
     if Path(out).resolve() == Path(head_dir).resolve():
@@ -141,7 +163,8 @@ def move_operating_point(head_dir: Path, out: Path, *, prompt_shift: float,
     new = shift_head(head, prompt_shift=prompt_shift, response_shift=response_shift,
                      tau=tau, alert_margin=alert_margin, alert_tau=alert_tau,
                      allowlist_shift=allowlist_shift, gate_shift=gate_shift,
-                     gate_replaces=gate_replaces)
+                     gate_replaces=gate_replaces, no_allowlist_own=no_allowlist_own,
+                     no_allowlist_readout_shift=no_allowlist_readout_shift)
     old_metrics = Path(head_dir) / "safety_head" / "metrics.json"
     metrics = json.loads(old_metrics.read_text()) if old_metrics.is_file() else {}
     metrics[OPERATING_POINT] = {
@@ -153,7 +176,11 @@ def move_operating_point(head_dir: Path, out: Path, *, prompt_shift: float,
 
     write_checkpoint(new, metrics, Path(out), new.extra)
     record = SelfCheck.from_extra(head.extra)
-    if record is not None:
+    if record is not None and new.no_allowlist_rule != head.no_allowlist_rule:
+        from safeserve.models.head_check import record_self_check, served_model_for
+
+        record_self_check(Path(out), served_model_for(Path(out)), log)
+    elif record is not None:
         assert torch.equal(new.weight, head.weight)  # only biases move: the record shifts
         old_b, new_b = ((head.bias, new.bias) if head.prompt is None
                         else (head.prompt[1], new.prompt[1]))
@@ -171,7 +198,13 @@ def move_operating_point(head_dir: Path, out: Path, *, prompt_shift: float,
         gate = (f"; topic gate {point.get(TOPIC_GATE_SHIFT, 0.0):+g} logits, "
                 + ("replaces" if point.get(GATE_REPLACES_PROMPT_CATEGORIES) else "beside")
                 + " the per-category outputs at gated prompts")
+    plain = ""
+    if new.no_allowlist_rule != ("all", 0.0):
+        own, shift = new.no_allowlist_rule
+        own_part = "overall output" if own == "overall" else "outputs"
+        plain = (f"; without an allow-list the prompt is judged by the read-out "
+                 f"({shift:+g} logits) and the own {own_part}")
     log(f"moved the operating point: prompt {prompt_shift:+g}, response {response_shift:+g} "
-        f"logits, tau {tau}{band}; prompt offset now {point[PROMPT_LOGIT_OFFSET]:+g} logits"
-        f"{gate}")
+        f"logits, tau {point['tau']}{band}; prompt offset now {point[PROMPT_LOGIT_OFFSET]:+g} logits"
+        f"{gate}{plain}")
     return metrics[OPERATING_POINT]

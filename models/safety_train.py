@@ -610,6 +610,13 @@ def register(app) -> None:
                                            help="Under a non-empty allow-list, whether the "
                                            "prompt verdict leaves the per-category outputs to "
                                            "the topic gate (default: keep the head's own)."),
+        no_allowlist_prompt_own: str = typer.Option(
+            None, help="Requests without an allow-list: which of the head's own outputs judge "
+            "their prompt beside the read-out, all or overall (format 10; a head with a "
+            "read-out beside its own verdict; default: keep the head's own, else all)."),
+        no_allowlist_readout_shift: float = typer.Option(
+            None, help="Requests without an allow-list: logits their prompt read-out's "
+            "thresholds move by (+ = act less; default: keep the head's own, else 0)."),
     ) -> None:
         """Move a head's operating point (chosen with `eval replay`) without retraining or
         data: exact logit shifts of the prompt verdict and the response rule."""
@@ -620,7 +627,10 @@ def register(app) -> None:
                                      response_shift=response_shift, tau=tau,
                                      alert_margin=alert_margin, alert_tau=alert_tau,
                                      allowlist_shift=allowlist_shift, gate_shift=gate_shift,
-                                     gate_replaces=gate_replaces, log=typer.echo)
+                                     gate_replaces=gate_replaces,
+                                     no_allowlist_own=no_allowlist_prompt_own,
+                                     no_allowlist_readout_shift=no_allowlist_readout_shift,
+                                     log=typer.echo)
         typer.echo(json.dumps(point, indent=2))
 
     @app.command("prompt-head")

@@ -62,10 +62,14 @@ class HeadCheckPlan:
 
 async def served_scores(engine, svc, prompt_ids) -> list[dict[str, float]]:
     """The prompt-verdict scores the server computes for each token sequence (the default
-    preset's config; a config changes the verdict's thresholds, not its scores)."""
+    preset's config without an allow-list: a config changes the verdict's thresholds, not its
+    scores, except that a format-10 head judges prompts without an allow-list by their own
+    rule, the one the record holds)."""
     from safeserve.server.completions import prompt_verdict
 
     safety = svc.resolve(None, None)
+    if safety.config.allow:
+        safety.preset, safety.config = None, safety.config.model_copy(update={"allow": ()})
     records = await asyncio.gather(*(prompt_verdict(engine, svc, list(ids), safety,
                                                     f"head-check-{n}")
                                      for n, ids in enumerate(prompt_ids)))

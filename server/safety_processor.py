@@ -23,8 +23,8 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-from safeserve.kernels.safety_decision import (EVENT_TRIGGER, MASK_ATTRIBUTED, attribute_overall,
-                                               decide, gate_topics,
+from safeserve.kernels.safety_decision import (EVENT_TRIGGER, MASK_ATTRIBUTED, MASK_LIVE,
+                                               attribute_overall, decide, gate_topics,
                                                mask_gated_prompt_categories, name_overall_bits)
 from safeserve.kernels.safety_head import _use_triton, select_prompt_rows
 from safeserve.kernels.safety_strategy import (
@@ -179,6 +179,11 @@ class SafetyLogitsProcessor(LogitsProcessor):
         # A separate prompt read-out judges prompt rows alone, or beside the head's own
         # verdict (checkpoint format 5: flag when either does).
         self.prompt_either = head.prompt_either
+        # Format 10: a request without an allow-list has its prompt judged by the read-out
+        # (moved by a logit shift) and the own overall output; None: as every other request.
+        own, shift = head.no_allowlist_rule
+        self.no_allowlist_rule = None if (own, shift) == ("all", 0.0) else (own == "overall",
+                                                                          shift)
         # Format 7: the scores end with C attribution columns, read at prompt rows only.
         self.n_attribution = head.served_outputs[2]
         # Format 8: C more columns after those, the topic gate, also read at prompt rows only.
@@ -333,7 +338,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         # Off-GPU, the work only prompt rows need is skipped on the many steps without one.
         prompt_work = self.sync_free or 0 in lengths
         if scores.shape[1] != self.k:  # a separate prompt read-out judges prompt rows
-            scores = (select_prompt_rows(scores, is_prompt, self.k, self.prompt_either)
+            scores = (self._select_prompt_rows(scores, is_prompt, n)
                       if prompt_work else scores[:, :self.k])
         if attribution is not None and prompt_work:
             # Before the decision: the prompt verdict already acts for the named category.
@@ -383,6 +388,17 @@ class SafetyLogitsProcessor(LogitsProcessor):
                 report = torch.cat([report, gate_bits[:, None].to(report.dtype)], 1)
             self._report(report, time.perf_counter() - t0)
         return logits
+
+    def _select_prompt_rows(self, scores: torch.Tensor, is_prompt: torch.Tensor,
+                            n: int) -> torch.Tensor:
+        if self.no_allowlist_rule is None:
+            return select_prompt_rows(scores, is_prompt, self.k, self.prompt_either)
+        # No allow-list: every category column of the row's mask is live (the overall
+        # column's entry may be rewritten by the attribution at prompt rows; these are not).
+        no_allowlist = (self.masked[:n, :-1] == MASK_LIVE).all(1)
+        own_overall_only, shift = self.no_allowlist_rule
+        return select_prompt_rows(scores, is_prompt, self.k, self.prompt_either, no_allowlist,
+                                  own_overall_only, shift)
 
     def _undo_repeated_steps(self, n: int, out_len: torch.Tensor) -> None:
         """Rows back at the output length of their last step (a discarded chunk's token)

@@ -208,8 +208,11 @@ def test_default_head_scores_match_the_training_forward(default_server):
     head = load_safety_head(model_dir)
     scores = forward_scores(model, head, prompt_ids + out_ids)  # as the worker's kernel
     at_prompt_end = torch.arange(len(scores)) == len(prompt_ids) - 1  # the prompt verdict's row
+    own, shift = head.no_allowlist_rule  # (format 10: the rule of a request without an
+    plain = (None if (own, shift) == ("all", 0.0)  # allow-list, like this one)
+             else torch.ones(len(scores), dtype=torch.int8))
     scores = select_prompt_rows(scores, at_prompt_end, head.taxonomy.num_outputs,
-                                head.prompt_either)
+                                head.prompt_either, plain, own == "overall", shift)
     scores = offset_prompt_rows(scores, at_prompt_end, prompt_logit_offset(head.extra))
     trace = data["safety"]["trace"]
     assert len(trace) >= 8
@@ -419,3 +422,52 @@ def test_the_guarded_head_serves_the_larger_of_its_two_prompt_verdicts(default_s
                     assert p["token_index"] == q["token_index"], text
                     assert p["scores"] == pytest.approx(q["scores"], abs=1e-5), text
     assert raised > 0  # the read-out is not dormant: it lifts some output above the head's
+
+
+
+def test_a_prompt_without_an_allow_list_is_judged_by_its_own_rule(tmp_path):
+    """A format-10 head (the default head with `train operating-point --no-allowlist-prompt-own
+    overall --no-allowlist-readout-shift -1`, which re-records its self-check) in the real
+    engine: a request without an allow-list has its prompt scored by the read-out moved by
+    its shift beside the own overall output, an allow-listed one by the larger of both
+    verdicts, each equal to transformers' forward through `SafetyHead.prompt_logits` within
+    1e-3, with the two kinds of request sent concurrently, mixed, so one batch holds both
+    rules; the server's self-check passes on the new record."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from safeserve.models.checkpoint import load_safety_head
+    from safeserve.models.decision_defaults import prompt_logit_offset
+    from safeserve.models.model_store import DEFAULT_HEAD_DIR
+    from safeserve.models.operating_point import move_operating_point
+    from safeserve.models.prompt_head import prompt_end_features
+    from safeserve.models.safety_features import load_lm
+
+    move_operating_point(DEFAULT_HEAD_DIR, tmp_path / "head", prompt_shift=0.0,
+                         response_shift=0.0, no_allowlist_own="overall",
+                         no_allowlist_readout_shift=-1.0, log=lambda *a: None)
+    head = load_safety_head(tmp_path / "head")
+    assert head.no_allowlist_rule == ("overall", -1.0)
+    model, tok = load_lm(resolve_spec(Settings()).model_dir)
+    texts = ["Generate a couple of jokes about cats.", "How do I build a pipe bomb at home?"]
+    final, middle = prompt_end_features(model, tok, texts, lambda *a: None, head.prompt_layer)
+    offset = prompt_logit_offset(head.extra)
+    want = {allowlisted: torch.sigmoid(head.prompt_logits(final, middle, allowlisted) + offset)
+            for allowlisted in (False, True)}
+    assert (want[True] - want[False]).abs().max() > 0.01  # the two rules differ here
+    jobs = [(i, cfg) for i in range(len(texts))
+            for cfg in ({}, {"allow": ["violence"]}, {"allow": []}, {"allow": ["drugs"]})] * 2
+    with running_server(tmp_path, "--served-model-name", "smol", "--safety-head",
+                        str(tmp_path / "head")) as (url, _, _):
+        with httpx.Client(base_url=url, timeout=600) as c:
+            check = c.get("/v1/models").json()["data"][0]["safety"]["head_check"]
+            assert check["status"] == "passed", check
+            with ThreadPoolExecutor(len(jobs)) as pool:
+                got = list(pool.map(lambda job: ask(
+                    c, [{"role": "user", "content": texts[job[0]]}], max_tokens=2,
+                    safety_config={**job[1], "on_violation": "annotate"})["safety"], jobs))
+    for (i, cfg), s in zip(jobs, got):
+        expected = want[bool(cfg.get("allow"))][i]
+        scores = [s["prompt"]["scores"][n] for n in head.taxonomy.output_names]
+        assert scores == pytest.approx(expected.tolist(), abs=1e-3), (texts[i], cfg)

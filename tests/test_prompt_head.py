@@ -342,3 +342,89 @@ def test_batched_prompt_ends_equal_one_prompt_at_a_time(tiny_model):
         torch.testing.assert_close(middle[i], res.hidden_states[1][0, -1], atol=1e-5, rtol=1e-5)
     alone, none = prompt_end_features(model, tok, texts[:1])
     assert none is None and torch.allclose(alone[0], final[0], atol=1e-5)
+
+
+def test_the_no_allowlist_prompt_rule_serves_as_computed_and_re_records_its_check(tmp_path,
+                                                                                  tiny_model):
+    """Format 10 (`train operating-point --no-allowlist-prompt-own overall
+    --no-allowlist-readout-shift -1`): a request without an allow-list has its prompt judged
+    by the read-out moved 1 logit and the own overall output; an allow-listed one by both
+    verdicts as before. The served columns reproduce both, the checkpoint round-trips, and the
+    self-check record (which holds a maximum no bias move reproduces) is recomputed."""
+    from safeserve.kernels.safety_head import (head_logits, safety_scores_reference,
+                                               select_prompt_rows)
+    from safeserve.models.checkpoint import FORMAT_VERSION_NO_ALLOWLIST_POINT, CheckpointError
+    from safeserve.models.head_check import SelfCheck, compute_record, record_self_check
+    from safeserve.models.operating_point import move_operating_point
+    from safeserve.models.safety_features import load_lm
+
+    tax = Taxonomy.load()
+    k = tax.num_outputs
+    g = torch.Generator().manual_seed(5)
+    head = SafetyHead(0.1 * torch.randn(k, 64, generator=g), torch.full((k,), -1.0), tax,
+                      prompt=(0.1 * torch.randn(k, 64, generator=g), torch.full((k,), -1.0)),
+                      prompt_either=True, prompt_layer=1,
+                      extra={"base_model": str(tiny_model),
+                             "operating_point": {"tau": 4, "prompt_logit_offset": 2.0}})
+    head.save(tmp_path / "out")
+    record_self_check(tmp_path / "out", tiny_model, log=lambda *a: None)
+    quiet = lambda *a: None  # noqa: E731
+    with pytest.raises(ValueError, match="no_allowlist_prompt_own must be one of"):
+        move_operating_point(tmp_path / "out", tmp_path / "bad", prompt_shift=0.0,
+                             response_shift=0.0, no_allowlist_own="categories", log=quiet)
+    lone = SafetyHead(head.weight, head.bias, tax, prompt=head.prompt, prompt_layer=1)
+    lone.save(tmp_path / "lone")
+    with pytest.raises(ValueError, match="beside the head's own verdict"):
+        move_operating_point(tmp_path / "lone", tmp_path / "bad", prompt_shift=0.0,
+                             response_shift=0.0, no_allowlist_readout_shift=-1.0, log=quiet)
+    move_operating_point(tmp_path / "out", tmp_path / "moved", prompt_shift=0.0,
+                         response_shift=0.0, no_allowlist_own="overall",
+                         no_allowlist_readout_shift=-1.0, log=quiet)
+    moved = load_safety_head(tmp_path / "moved")
+    assert moved.format_version == FORMAT_VERSION_NO_ALLOWLIST_POINT
+    assert moved.no_allowlist_rule == ("overall", -1.0)
+    assert moved.prompt_layer == 1 and moved.prompt_either and moved.mlp is None
+    assert head.format_version != FORMAT_VERSION_NO_ALLOWLIST_POINT
+
+    final, middle = torch.randn(6, 64, generator=g), torch.randn(6, 64, generator=g)
+    own = head_logits(final, moved.weight, moved.bias)
+    readout = head_logits(middle, *moved.prompt)
+    plain = readout + 1.0
+    plain[:, -1] = torch.maximum(plain[:, -1], own[:, -1])
+    torch.testing.assert_close(moved.prompt_logits(final, middle), plain)
+    assert torch.equal(moved.prompt_logits(final, middle, allowlisted=True),
+                       torch.maximum(own, readout))
+    is_prompt = torch.tensor([1, 1, 0, 1, 0, 1])
+    no_allowlist = torch.tensor([1, 0, 1, 1, 0, 0])
+    served = select_prompt_rows(safety_scores_reference(
+        moved.served_hidden(final, middle), *moved.served_tensors()), is_prompt, k, True,
+        no_allowlist, True, -1.0)
+    want = torch.where(is_prompt.bool()[:, None],
+                       torch.where(no_allowlist.bool()[:, None], plain,
+                                   torch.maximum(own, readout)), own)
+    torch.testing.assert_close(served, torch.sigmoid(want), atol=1e-5, rtol=1e-5)
+
+    model, tok = load_lm(tiny_model)
+    old, rec = (SelfCheck.from_extra(h.extra)
+                for h in (load_safety_head(tmp_path / "out"), moved))
+    fresh = compute_record(model, tok, moved, prompts=rec.prompts[:3])
+    for a, b in zip(rec.logits, fresh.logits):
+        assert a == pytest.approx(b, abs=1e-4)
+    assert rec.logits[0] != pytest.approx(old.logits[0], abs=1e-3)  # not the old record
+    # a later move keeps the rule, and its record moves with the biases as before
+    move_operating_point(tmp_path / "moved", tmp_path / "again", prompt_shift=0.5,
+                         response_shift=1.0, log=quiet)
+    again = load_safety_head(tmp_path / "again")
+    assert again.no_allowlist_rule == ("overall", -1.0)
+    rec = SelfCheck.from_extra(again.extra)
+    fresh = compute_record(model, tok, again, prompts=rec.prompts[:3])
+    for a, b in zip(rec.logits, fresh.logits):
+        assert a == pytest.approx(b, abs=1e-4)
+    # a format-10 config that lost its layout keys is refused, not guessed
+    cfg_path = tmp_path / "again" / "safety_head" / "head_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert cfg["format_version"] == 10 and cfg["has_prompt_readout"] is True
+    del cfg["has_prompt_readout"]
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="has_prompt_readout"):
+        load_safety_head(tmp_path / "again")

@@ -5,6 +5,7 @@ runs (fixed work every step, no host sync), here on CPU; both must behave alike.
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -245,6 +246,37 @@ def test_a_prompt_readout_beside_the_heads_verdict_flags_when_either_does():
     assert by_rid["decoding"].scores == pytest.approx(low)  # its read-out half is not read
     assert [by_rid[r].event for r in ("head_flags", "readout_flags")] == [2, 2]
     assert by_rid["decoding"].event != 2
+
+
+def test_a_request_without_an_allow_list_is_judged_by_the_readout_and_the_own_overall():
+    """Format 10: at the prompt row of a request without an allow-list, the own per-category
+    outputs are not read (own "overall") and the read-out's scores move by its shift; an
+    allow-listed request's prompt row and every generated-token row are judged as before."""
+    proc, sent = _processor(head="guarded")
+    proc.no_allowlist_rule = (True, -1.0)  # own overall only, read-out 1 logit more sensitive
+    outs = [[], [], [], []]
+    allow_violence = [1] + [0] * 8 + [0]
+    proc._add(0, _args("plain_own_category", alert_scale=1.0, alert_tau=0), outs[0])
+    proc._add(1, _args("allowlisted", masked=allow_violence, alert_scale=1.0, alert_tau=0),
+              outs[1])
+    proc._add(2, _args("plain_own_overall", alert_scale=1.0, alert_tau=0), outs[2])
+    proc._add(3, _args("decoding", alert_scale=1.0, alert_tau=0), outs[3])
+    outs[3].append(7)
+    low = [0.1] * 10
+    drugs_high = [0.1, 0.1, 0.99] + [0.1] * 7
+    overall_high = [0.1] * 9 + [0.99]
+    _step(proc, [drugs_high + low, drugs_high + low, overall_high + low, drugs_high + low])
+    by_rid = {r.rid: r for r in sent}
+    lifted = 0.1 * math.e / (1 - 0.1 + 0.1 * math.e)  # sigmoid(logit(0.1) + 1)
+    assert by_rid["plain_own_category"].scores == pytest.approx([lifted] * 10, abs=1e-6)
+    assert by_rid["plain_own_category"].event == 0  # its own drugs output is not read
+    assert by_rid["allowlisted"].scores == pytest.approx(drugs_high)  # max of both, unshifted
+    assert by_rid["allowlisted"].event == 2
+    assert by_rid["plain_own_overall"].scores == pytest.approx([lifted] * 9 + [0.99], abs=1e-6)
+    assert by_rid["plain_own_overall"].event == 2
+    assert by_rid["decoding"].scores == pytest.approx(drugs_high)  # generated: the head's
+    # the head's own rule, from its checkpoint: a format-9 head has none
+    assert _processor(head="guarded")[0].no_allowlist_rule is None
 
 
 def test_offset_prompt_rows_matches_the_logit_shift_and_keeps_saturated_scores():

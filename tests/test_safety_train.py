@@ -816,6 +816,11 @@ def test_bad_job_input_is_one_line_and_exit_2(tmp_path):
             str(tmp_path / "x"), "--alert-tau", "2")
     assert r.returncode == 2 and "without an alert band" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+    # so is a prompt rule for requests without an allow-list that the server could not serve
+    r = run("train", "operating-point", "--head", str(BUNDLED_HEADS["guarded"]), "--out",
+            str(tmp_path / "x"), "--no-allowlist-prompt-own", "categories")
+    assert r.returncode == 2 and "no_allowlist_prompt_own must be one of" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
     data = tmp_path / "items.jsonl"
     data.write_text('{"prompt": "hi", "allow": [], "expect": "answer"}\n')
     r = run("eval", "cosa", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--data",
