@@ -175,11 +175,12 @@ def move_operating_point(head_dir: Path, out: Path, *, prompt_shift: float,
     from safeserve.models.safety_train import write_checkpoint
 
     write_checkpoint(new, metrics, Path(out), new.extra)
+    adapter = Path(head_dir) / "adapter"
+    if adapter.is_dir():  # before a re-recording: the served LM merges it
+        shutil.copytree(adapter, Path(out) / "adapter", dirs_exist_ok=True)
     record = SelfCheck.from_extra(head.extra)
     if record is not None and new.no_allowlist_rule != head.no_allowlist_rule:
-        from safeserve.models.head_check import record_self_check, served_model_for
-
-        record_self_check(Path(out), served_model_for(Path(out)), log)
+        _record_again(Path(out), record.dtype, log)
     elif record is not None:
         assert torch.equal(new.weight, head.weight)  # only biases move: the record shifts
         old_b, new_b = ((head.bias, new.bias) if head.prompt is None
@@ -187,9 +188,6 @@ def move_operating_point(head_dir: Path, out: Path, *, prompt_shift: float,
         write_record(out, record.shifted((new_b - old_b).tolist(),
                                          (new.bias - head.bias).tolist()), log,
                      " (the old record, moved with the biases)")
-    adapter = Path(head_dir) / "adapter"
-    if adapter.is_dir() and Path(out) != Path(head_dir):
-        shutil.copytree(adapter, Path(out) / "adapter", dirs_exist_ok=True)
     point = new.extra[OPERATING_POINT]
     band = (f", alert band {point['alert_margin']:g} logits (tau {point['alert_tau']})"
             if point.get("alert_margin") else "")
@@ -208,3 +206,19 @@ def move_operating_point(head_dir: Path, out: Path, *, prompt_shift: float,
         f"logits, tau {point['tau']}{band}; prompt offset now {point[PROMPT_LOGIT_OFFSET]:+g} logits"
         f"{gate}{plain}")
     return metrics[OPERATING_POINT]
+
+
+def _record_again(out: Path, dtype: str, log) -> None:
+    """Recompute the self-check record of the head written to ``out`` on the LM it is served
+    with (its adapter merged). Where that LM is not here, the head stays unverified (the
+    record written with it was dropped) and a warning says how to add one later."""
+    from safeserve.models.head_check import record_self_check, served_model_for
+
+    try:
+        model_dir = served_model_for(out)
+    except (OSError, ValueError) as e:
+        log(f"warning: could not record the head's self-check ({type(e).__name__}: {e}); the "
+            f"server will serve this head unverified until `safeserve train self-check --head "
+            f"{out}` adds it")
+        return
+    record_self_check(out, model_dir, log, dtype=dtype)

@@ -428,3 +428,17 @@ def test_the_no_allowlist_prompt_rule_serves_as_computed_and_re_records_its_chec
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="has_prompt_readout"):
         load_safety_head(tmp_path / "again")
+    # where the served LM is not here, the moved head is written unverified, with a warning
+    import shutil
+
+    shutil.copytree(tmp_path / "out", tmp_path / "gone")
+    cfg_path = tmp_path / "gone" / "safety_head" / "head_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model"] = str(tmp_path / "elsewhere" / "another-model")
+    cfg_path.write_text(json.dumps(cfg))
+    said = []
+    move_operating_point(tmp_path / "gone", tmp_path / "gone_moved", prompt_shift=0.0,
+                         response_shift=0.0, no_allowlist_own="overall",
+                         no_allowlist_readout_shift=-1.0, log=said.append)
+    assert any("could not record the head's self-check" in line for line in said), said
+    assert SelfCheck.from_extra(load_safety_head(tmp_path / "gone_moved").extra) is None
