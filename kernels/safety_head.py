@@ -131,7 +131,7 @@ def select_prompt_rows(scores: torch.Tensor, is_prompt: torch.Tensor, k: int,
     own, readout = scores[:, :k], scores[:, k:]
     prompt = torch.maximum(readout, own) if either else readout
     if no_allowlist is not None:
-        moved = offset_prompt_rows(readout, torch.ones_like(no_allowlist), -readout_shift)
+        moved = shift_scores(readout, -readout_shift)
         judges = own
         if own_overall_only:  # scores are >= 0: a zero never wins the maximum
             judges = torch.cat([torch.zeros_like(own[:, :-1]), own[:, -1:]], 1)
@@ -147,10 +147,18 @@ def offset_prompt_rows(scores: torch.Tensor, is_prompt: torch.Tensor,
     a score of exactly 0 or 1 stays there. A new tensor; no host synchronisation."""
     if offset == 0.0:
         return scores
+    return torch.where(is_prompt.reshape(-1, 1).to(torch.bool), shift_scores(scores, offset),
+                       scores.float())
+
+
+def shift_scores(scores: torch.Tensor, offset: float) -> torch.Tensor:
+    """sigmoid(logit(s) + offset) for every score, computed without the logit so a score of
+    exactly 0 or 1 stays there (float32; ``scores`` itself when the offset is 0)."""
+    if offset == 0.0:
+        return scores
     lift = math.exp(offset)
     s = scores.float()
-    moved = s * lift / (1.0 - s + s * lift)
-    return torch.where(is_prompt.reshape(-1, 1).to(torch.bool), moved, s)
+    return s * lift / (1.0 - s + s * lift)
 
 
 # --------------------------------------------------------------------------------------
