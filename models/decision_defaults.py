@@ -97,6 +97,21 @@ NO_ALLOWLIST_READOUT_SHIFT = "no_allowlist_readout_shift"
 PROMPT_OWN_CHOICES = ("all", "overall")
 
 
+def point_without(extra: dict, *, readout: bool = False,
+                  gate: bool = False) -> tuple[dict, list[str]]:
+    """``extra`` with operating-point keys removed that move a part a new head no longer has,
+    or has refit: ``readout``, the prompt rule of requests without an allow-list (its shift was
+    chosen for the read-out it moves); ``gate``, the topic gate's shift and what it replaces.
+    Returns the new extra and the keys removed (commands that rebuild a head say so)."""
+    point = extra.get(OPERATING_POINT) or {}
+    keys = ((NO_ALLOWLIST_PROMPT_OWN, NO_ALLOWLIST_READOUT_SHIFT) if readout else ()) \
+        + ((TOPIC_GATE_SHIFT, GATE_REPLACES_PROMPT_CATEGORIES) if gate else ())
+    removed = [k for k in keys if k in point]
+    if not removed:
+        return extra, []
+    return {**extra, OPERATING_POINT: {k: v for k, v in point.items() if k not in keys}}, removed
+
+
 def no_allowlist_prompt_rule(extra: dict) -> tuple[str, float]:
     """(which own outputs judge the prompt of a request without an allow-list, the read-out's
     logit shift there): ("all", 0.0) for heads that name neither."""

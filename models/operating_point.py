@@ -176,11 +176,11 @@ def move_operating_point(head_dir: Path, out: Path, *, prompt_shift: float,
 
     write_checkpoint(new, metrics, Path(out), new.extra)
     adapter = Path(head_dir) / "adapter"
-    if adapter.is_dir():  # before a re-recording: the served LM merges it
+    if adapter.is_dir():  # the served LM merges it
         shutil.copytree(adapter, Path(out) / "adapter", dirs_exist_ok=True)
     record = SelfCheck.from_extra(head.extra)
     if record is not None and new.no_allowlist_rule != head.no_allowlist_rule:
-        _record_again(Path(out), record.dtype, log)
+        _record_again(Path(out), Path(head_dir), record.dtype, log)
     elif record is not None:
         assert torch.equal(new.weight, head.weight)  # only biases move: the record shifts
         old_b, new_b = ((head.bias, new.bias) if head.prompt is None
@@ -208,14 +208,16 @@ def move_operating_point(head_dir: Path, out: Path, *, prompt_shift: float,
     return metrics[OPERATING_POINT]
 
 
-def _record_again(out: Path, dtype: str, log) -> None:
+def _record_again(out: Path, head_dir: Path, dtype: str, log) -> None:
     """Recompute the self-check record of the head written to ``out`` on the LM it is served
-    with (its adapter merged). Where that LM is not here, the head stays unverified (the
-    record written with it was dropped) and a warning says how to add one later."""
+    with: the one ``head_dir``'s head reads (moving the operating point changes no model), so
+    a head inside a fine-tuned model's directory is recorded on that model, not on the base
+    it names. Where that LM is not here, the head stays unverified (the record written with
+    it was dropped) and a warning says how to add one later."""
     from safeserve.models.head_check import record_self_check, served_model_for
 
     try:
-        model_dir = served_model_for(out)
+        model_dir = served_model_for(head_dir)
     except (OSError, ValueError) as e:
         log(f"warning: could not record the head's self-check ({type(e).__name__}: {e}); the "
             f"server will serve this head unverified until `safeserve train self-check --head "

@@ -132,6 +132,7 @@ def write_checkpoint(head: SafetyHead, metrics: dict, out: Path, extra: dict,
     from safeserve.models.head_check import SELF_CHECK, record_self_check
 
     head.extra = {k: v for k, v in extra.items() if k != SELF_CHECK}
+    head.validate()  # a head the loader would refuse is an error here, before it is written
     d = head.save(out)
     (d / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if self_check_model is not None:

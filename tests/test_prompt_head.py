@@ -442,3 +442,74 @@ def test_the_no_allowlist_prompt_rule_serves_as_computed_and_re_records_its_chec
                          no_allowlist_readout_shift=-1.0, log=said.append)
     assert any("could not record the head's self-check" in line for line in said), said
     assert SelfCheck.from_extra(load_safety_head(tmp_path / "gone_moved").extra) is None
+
+
+def test_a_refit_read_out_drops_the_no_allowlist_rule_and_a_fine_tune_records_on_itself(
+        tmp_path, tiny_model):
+    """The format-10 rule moves the read-out it was chosen for: `train prompt-head` over such a
+    head refits the read-out and drops the rule (saying so), a head that could not carry the
+    rule is refused before it is written, and re-recording the self-check of a head inside a
+    fine-tuned model's directory runs on that model, not on the base it names."""
+    from safeserve.models.checkpoint import CheckpointError
+    from safeserve.models.decision_defaults import point_without
+    from safeserve.models.head_check import SelfCheck, compute_record, record_self_check
+    from safeserve.models.operating_point import move_operating_point
+    from safeserve.models.safety_features import load_lm
+    from safeserve.models.safety_train import write_checkpoint
+
+    rule = {"no_allowlist_prompt_own": "overall", "no_allowlist_readout_shift": -1.0}
+    gate = {"topic_gate_shift": -0.5, "gate_replaces_prompt_categories": True}
+    extra = {"base_model": "b", "operating_point": {"tau": 4, **rule, **gate}}
+    kept, dropped = point_without(extra, readout=True)
+    assert dropped == list(rule) and kept["operating_point"] == {"tau": 4, **gate}
+    kept, dropped = point_without(extra, readout=True, gate=True)
+    assert kept == {"base_model": "b", "operating_point": {"tau": 4}} and len(dropped) == 4
+    assert point_without(kept, readout=True, gate=True) == (kept, [])
+    assert extra["operating_point"]["tau"] == 4 and len(extra["operating_point"]) == 5
+
+    tax = Taxonomy.load()
+    k = tax.num_outputs
+    g = torch.Generator().manual_seed(11)
+    bare = SafetyHead(0.1 * torch.randn(k, 64, generator=g), torch.full((k,), -3.1), tax)
+    with pytest.raises(CheckpointError, match="beside the head's own verdict"):
+        write_checkpoint(bare, {}, tmp_path / "invalid",
+                         {"operating_point": {"tau": 4, **rule}})
+    assert not (tmp_path / "invalid" / "safety_head").exists()
+
+    head = SafetyHead(bare.weight, bare.bias, tax,
+                      prompt=(0.1 * torch.randn(k, 64, generator=g), torch.full((k,), -1.0)),
+                      prompt_either=True,
+                      extra={"base_model": str(tiny_model),
+                             "operating_point": {"tau": 4, "prompt_logit_offset": 2.0, **rule}})
+    head.save(tmp_path / "ten")
+    said = []
+    train_prompt_head(tmp_path / "ten", tmp_path / "refit", data_root(tmp_path / "data"),
+                      target_fpr=0.2, either=True, log=said.append)
+    refit = load_safety_head(tmp_path / "refit")
+    assert refit.no_allowlist_rule == ("all", 0.0)
+    assert refit.format_version == FORMAT_VERSION_PROMPT_EITHER
+    assert refit.extra["operating_point"]["prompt_logit_offset"] == 2.0
+    assert any("is dropped" in line for line in said), said
+
+    # a fine-tune of the tiny model, with the format-5 head inside its directory
+    model, tok = load_lm(tiny_model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    model.save_pretrained(tmp_path / "ft")
+    tok.save_pretrained(tmp_path / "ft")
+    head.extra = {"base_model": str(tiny_model),
+                  "operating_point": {"tau": 4, "prompt_logit_offset": 2.0}}
+    head.save(tmp_path / "ft")
+    record_self_check(tmp_path / "ft", tmp_path / "ft", log=lambda *a: None)
+    move_operating_point(tmp_path / "ft", tmp_path / "ft_moved", prompt_shift=0.0,
+                         response_shift=0.0, no_allowlist_own="overall",
+                         no_allowlist_readout_shift=-1.0, log=lambda *a: None)
+    moved = load_safety_head(tmp_path / "ft_moved")
+    rec = SelfCheck.from_extra(moved.extra)
+    ft, ft_tok = load_lm(tmp_path / "ft")
+    on_ft = compute_record(ft, ft_tok, moved, prompts=rec.prompts[:2])
+    on_base = compute_record(*load_lm(tiny_model), moved, prompts=rec.prompts[:2])
+    for a, b in zip(rec.logits[:2], on_ft.logits):
+        assert a == pytest.approx(b, abs=1e-4)
+    assert on_base.logits[0] != pytest.approx(on_ft.logits[0], abs=1e-3)
