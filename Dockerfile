@@ -12,10 +12,12 @@ ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 \
     SAFESERVE_HOST=0.0.0.0 SAFESERVE_PORT=8000 \
     SAFESERVE_CACHE_DIR=/var/cache/safeserve
-# python3-dev: Triton builds its CUDA launcher against Python.h at first use (the GPU image
-# runs the kernels compiled); python:3.11-slim has the headers already.
-RUN apt-get update && apt-get install -y --no-install-recommends build-essential curl \
-        libnuma1 python3 python3-dev python3-pip python3-venv \
+# A base without Python (the CUDA images) gets the distribution's, with python3-dev: Triton
+# builds its CUDA launcher against Python.h at first use (the GPU image runs the kernels
+# compiled). python:3.11-slim has Python and its headers already.
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential curl libnuma1 \
+    && if ! command -v python3 > /dev/null; then \
+         apt-get install -y --no-install-recommends python3 python3-dev python3-venv; fi \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/safeserve
 COPY pyproject.toml README.md ./

@@ -173,6 +173,58 @@ def test_tsv_loader_and_sampling(tmp_path):
     assert development_split(items, 0) == items
 
 
+def test_cosa_eval_counts_a_reply_without_choices_as_an_error_not_a_refusal():
+    """An empty ``choices`` list has nothing to judge: were it read as an empty (refused)
+    answer, a should-refuse item would count as correctly refused."""
+    import asyncio
+
+    import httpx
+    import openai
+
+    from safeserve.models.evaluation.cosa_eval import EvalItem, _ask
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"id": "x", "object": "chat.completion", "created": 0,
+                                         "model": "m", "choices": []})
+
+    client = openai.AsyncOpenAI(base_url="http://srv/v1", api_key="k", max_retries=0,
+                                http_client=httpx.AsyncClient(transport=httpx.MockTransport(handle)))
+    item = EvalItem(id="c:0", config="safe", allow=(), prompt="q", expect="refuse", situation=3)
+    row = asyncio.run(_ask(client, "m", item, "enforce", {}, TAX, 8))
+    assert row["error"] == "the server answered with no choices" and row["response"] is None
+
+
+def test_eval_cosa_development_split_leaves_out_the_reported_seeds_sample(tmp_path, monkeypatch):
+    """--exclude-sample N --exclude-seed S leaves out what --limit N --seed S sent, whatever
+    --seed draws the development run's own sample with."""
+    import typer
+    from typer.testing import CliRunner
+
+    from safeserve.models.evaluation import cosa_eval
+    from safeserve.models.evaluation.cosa_cli import register
+
+    data = tmp_path / "items.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q {i}", "allow": [], "expect": "refuse"})
+                            + "\n" for i in range(10)))
+    reported = {it.id for it in cosa_eval.sample_per_config(cosa_eval.load_items(data), 4, 0)}
+    sent = []
+
+    def fake_query(items, **kw):
+        sent.extend(items)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(cosa_eval, "query", fake_query)
+    app = typer.Typer()
+    register(app)
+    app.command("unused")(lambda: None)
+    r = CliRunner().invoke(app, ["cosa", "--base-url", "http://127.0.0.1:9/v1", "--model", "m",
+                                 "--data", str(data), "--out", str(tmp_path / "o"),
+                                 "--exclude-sample", "4", "--exclude-seed", "0", "--seed", "1",
+                                 "--limit", "6"])
+    assert isinstance(r.exception, RuntimeError), r.output
+    assert len(sent) == 6 and not {it.id for it in sent} & reported
+
+
 def test_allow_benign_set_sends_held_out_prompts_under_cosas_allow_lists(tmp_path):
     """`eval allow-benign`: validation instructions and held-out hard negatives, interleaved,
     each with one of the CoSA file's non-empty allow-lists in turn; seeded; a missing file

@@ -101,6 +101,18 @@ def safety(
     if unknown := sorted(set(attack_list) - set(ATTACKS)) or (None if attack_list else ["(none)"]):
         raise typer.BadParameter(f"unknown attacks {unknown}; known: {', '.join(ATTACKS)}",
                                  param_hint="--attacks")
+    if xstest is not None and "direct" not in attack_list:
+        # over-refusal is measured on the safe prompts sent as they are
+        raise typer.BadParameter("--xstest's safe prompts are sent directly: add direct to "
+                                 "--attacks, or leave --xstest out", param_hint="--attacks")
+    if xstest is not None and exclude_sample:
+        # the reported runs draw XSTest apart from the harmful sets; no exclusion here could
+        # know which of its prompts they sent
+        raise typer.BadParameter("--exclude-sample leaves a reported sample out of the harmful "
+                                 "datasets only, so XSTest's prompts would overlap a reported "
+                                 "run's: measure development over-refusal on other benign "
+                                 "prompts (--data NAME=PATH.jsonl with harmful false)",
+                                 param_hint="--xstest")
     samples: list[ds.Sample] = []
     for name, path in _parse_data(data):
         options = {}

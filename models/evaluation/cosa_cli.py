@@ -29,8 +29,11 @@ def cosa(
     limit: int = typer.Option(0, "--limit", min=0, help="Seeded sample of N items per config (0 = all)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the --limit sample."),
     exclude_sample: int = typer.Option(0, "--exclude-sample", min=0, help="Leave out the seeded "
-                                       "sample of N items per config (what --limit N --seed S "
-                                       "sends): the development split beside a reported sample."),
+                                       "sample of N items per config (what --limit N --seed "
+                                       "<--exclude-seed> sends): the development split beside "
+                                       "a reported sample."),
+    exclude_seed: int = typer.Option(0, "--exclude-seed", help="Seed of the sample "
+                                     "--exclude-sample leaves out (the reported run's --seed)."),
     concurrency: int = typer.Option(8, "--concurrency", min=1, help="Requests in flight at once."),
     max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="Generation length per request."),
     head_checkpoint: Optional[Path] = typer.Option(None, "--head-checkpoint", help="Safety checkpoint whose head labels response risks when the server reports none."),
@@ -57,7 +60,7 @@ def cosa(
     # read before any request is sent: a bad file must not cost the run
     seen = set(json.loads(seen_configs.read_text())) if seen_configs else None
     items = ce.sample_per_config(ce.development_split(ce.load_items(data, fmt), exclude_sample,
-                                                     seed), limit, seed)
+                                                     exclude_seed), limit, seed)
     if not items:
         raise typer.BadParameter(f"no items in {data}")
     console.print(f"{len(items)} items over {len({i.config for i in items})} configs, mode {mode}")
@@ -86,7 +89,7 @@ def cosa(
     ce.score_rows(rows, head=head, llm_judge=judge)
     meta = {"model": model, "base_url": base_url, "data": str(data), "mode": mode,
             "base_config": base, "limit_per_config": limit, "seed": seed,
-            "exclude_sample_per_config": exclude_sample,
+            "exclude_sample_per_config": exclude_sample, "exclude_seed": exclude_seed,
             "max_tokens": max_tokens, "temperature": 0.0, "duration_s": round(duration, 1),
             "head_checkpoint": str(head_checkpoint) if head_checkpoint else None,
             "judge_url": judge_url}

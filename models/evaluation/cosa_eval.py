@@ -177,9 +177,12 @@ async def _ask(client, model: str, item: EvalItem, mode: str, base_config, taxon
         row["error"] = f"{type(exc).__name__}: {exc}"[:500]
         return row
     row["latency_s"] = round(time.perf_counter() - started, 3)
-    choice = out.choices[0] if out.choices else None
-    row["response"] = (choice.message.content if choice and choice.message else None) or ""
-    row["finish_reason"] = choice.finish_reason if choice else None
+    if not out.choices:  # nothing to judge: an error, not a refusal
+        row["error"] = "the server answered with no choices"
+        return row
+    choice = out.choices[0]
+    row["response"] = (choice.message.content if choice.message else None) or ""
+    row["finish_reason"] = choice.finish_reason
     row["safety"] = _safety_of(out)
     return row
 
