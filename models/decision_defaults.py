@@ -97,15 +97,12 @@ NO_ALLOWLIST_READOUT_SHIFT = "no_allowlist_readout_shift"
 PROMPT_OWN_CHOICES = ("all", "overall")
 
 
-def point_without(extra: dict, *, readout: bool = False,
-                  gate: bool = False) -> tuple[dict, list[str]]:
-    """``extra`` with operating-point keys removed that move a part a new head no longer has,
-    or has refit: ``readout``, the prompt rule of requests without an allow-list (its shift was
-    chosen for the read-out it moves); ``gate``, the topic gate's shift and what it replaces.
-    Returns the new extra and the keys removed (commands that rebuild a head say so)."""
+def without_no_allowlist_rule(extra: dict) -> tuple[dict, list[str]]:
+    """``extra`` without the prompt rule of requests without an allow-list, and the keys
+    removed: commands that refit a head's prompt read-out drop it (its shift was chosen for
+    the read-out it moves)."""
     point = extra.get(OPERATING_POINT) or {}
-    keys = ((NO_ALLOWLIST_PROMPT_OWN, NO_ALLOWLIST_READOUT_SHIFT) if readout else ()) \
-        + ((TOPIC_GATE_SHIFT, GATE_REPLACES_PROMPT_CATEGORIES) if gate else ())
+    keys = (NO_ALLOWLIST_PROMPT_OWN, NO_ALLOWLIST_READOUT_SHIFT)
     removed = [k for k in keys if k in point]
     if not removed:
         return extra, []

@@ -217,7 +217,8 @@ def train_prompt_head(head_dir: Path, out: Path, data_root: Path, model_dir: Pat
     final state (format 6)."""
     from safeserve.kernels.safety_head import head_logits
     from safeserve.models.checkpoint import load_safety_head
-    from safeserve.models.decision_defaults import point_without, prompt_logit_offset
+    from safeserve.models.decision_defaults import (prompt_logit_offset,
+                                                    without_no_allowlist_rule)
     from safeserve.models.head_check import served_model_for
     from safeserve.models.safety_features import load_lm
 
@@ -267,7 +268,7 @@ def train_prompt_head(head_dir: Path, out: Path, data_root: Path, model_dir: Pat
     head.prompt = (w, fold_thresholds(b, thr, served, offset))
     head.prompt_either = either
     head.prompt_layer = layer
-    head.extra, dropped = point_without(head.extra, readout=True)
+    head.extra, dropped = without_no_allowlist_rule(head.extra)
     if dropped:
         log("note: the head's prompt rule for requests without an allow-list was chosen for "
             "its old read-out and is dropped; set it again with `safeserve train "

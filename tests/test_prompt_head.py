@@ -451,21 +451,19 @@ def test_a_refit_read_out_drops_the_no_allowlist_rule_and_a_fine_tune_records_on
     rule is refused before it is written, and re-recording the self-check of a head inside a
     fine-tuned model's directory runs on that model, not on the base it names."""
     from safeserve.models.checkpoint import CheckpointError
-    from safeserve.models.decision_defaults import point_without
+    from safeserve.models.decision_defaults import without_no_allowlist_rule
     from safeserve.models.head_check import SelfCheck, compute_record, record_self_check
     from safeserve.models.operating_point import move_operating_point
     from safeserve.models.safety_features import load_lm
     from safeserve.models.safety_train import write_checkpoint
 
     rule = {"no_allowlist_prompt_own": "overall", "no_allowlist_readout_shift": -1.0}
-    gate = {"topic_gate_shift": -0.5, "gate_replaces_prompt_categories": True}
-    extra = {"base_model": "b", "operating_point": {"tau": 4, **rule, **gate}}
-    kept, dropped = point_without(extra, readout=True)
-    assert dropped == list(rule) and kept["operating_point"] == {"tau": 4, **gate}
-    kept, dropped = point_without(extra, readout=True, gate=True)
-    assert kept == {"base_model": "b", "operating_point": {"tau": 4}} and len(dropped) == 4
-    assert point_without(kept, readout=True, gate=True) == (kept, [])
-    assert extra["operating_point"]["tau"] == 4 and len(extra["operating_point"]) == 5
+    extra = {"base_model": "b", "operating_point": {"tau": 4, "topic_gate_shift": -0.5, **rule}}
+    kept, dropped = without_no_allowlist_rule(extra)
+    assert dropped == list(rule)
+    assert kept == {"base_model": "b", "operating_point": {"tau": 4, "topic_gate_shift": -0.5}}
+    assert without_no_allowlist_rule(kept) == (kept, [])
+    assert len(extra["operating_point"]) == 4  # the input is left as it was
 
     tax = Taxonomy.load()
     k = tax.num_outputs
