@@ -1,7 +1,7 @@
 """``safeserve bench serve``: one run, several servers on the same model, the same load.
 
-Servers (all started at once, then loaded one at a time, so a load never shares the CPU with
-another; idle engines cost little):
+Servers (by default all started at once, then loaded one at a time, so a load never shares
+the CPU with another; idle engines cost little):
   plain     vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``)
   ours-off  SafeServe without a safety head (--allow-unsafe): the cost of our HTTP layer
   ours-on   SafeServe with the safety head (annotate, so outputs keep their length): the
@@ -20,6 +20,12 @@ concurrency: requests/s, output tokens/s, TTFT and inter-token latency p50/p99 (
 samples of all passes pooled), failed requests, and the ratios ours/plain and on/off. A
 request that fails (an HTTP error, an error event in its stream, a stream cut short) counts as
 failed, not as a fast success; a run with failures says so and exits non-zero.
+
+Two servers started the same way differ by a few percent in throughput for as long as they run
+(measured here: about 5% from one instance to the next at 8 streams), which a run that keeps
+one instance per server puts into every ratio. ``--instances N`` starts every server afresh N
+times instead, one server at a time (nothing else running), and reports each ratio over those
+N pairs of instances: its geometric mean with a 95% interval.
 """
 
 from __future__ import annotations
@@ -290,15 +296,49 @@ def _servers(base: Path, safe: Path | None, port: int,
             for i, (name, cmd, ready, extra, env) in enumerate(out)]
 
 
+# Student's t, two-sided 95%, by degrees of freedom (a larger df reads 1.96)
+_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def _pair_ratios(raw: dict[tuple[str, int], list[LoadResult]] | None, a: str, b: str,
+                 c: int) -> list[float]:
+    """a's throughput over b's, pair by pair: a pair is one pass (all servers up, loaded back
+    to back) or, with --instances, one round of fresh instances."""
+    xs, ys = (raw or {}).get((a, c), []), (raw or {}).get((b, c), [])
+    return [x.tok_per_s / y.tok_per_s for x, y in zip(xs, ys) if y.tok_per_s and x.tok_per_s]
+
+
+def geometric_interval(ratios: list[float]) -> tuple[float, float, float]:
+    """(geometric mean, low, high) of ratios, the bounds a 95% t-interval on their logs: a
+    ratio and its inverse are the same distance from 1."""
+    logs = [math.log(r) for r in ratios]
+    n = len(logs)
+    mean = sum(logs) / n
+    if n < 2:
+        return math.exp(mean), float("nan"), float("nan")
+    sd = math.sqrt(sum((x - mean) ** 2 for x in logs) / (n - 1))
+    half = (_T95[n - 2] if n - 2 < len(_T95) else 1.96) * sd / math.sqrt(n)
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
 def _pass_ratios(raw: dict[tuple[str, int], list[LoadResult]] | None, a: str, b: str,
                  c: int) -> str:
-    """Throughput ratio of each pass (a's and b's loads of one pass ran back to back), as
-    min-max: how much of the combined ratio is the machine's noise."""
-    xs, ys = (raw or {}).get((a, c), []), (raw or {}).get((b, c), [])
-    ratios = [x.tok_per_s / y.tok_per_s for x, y in zip(xs, ys) if y.tok_per_s]
+    """The pairs' ratios as min-max: how much of the combined ratio is the machine's noise."""
+    ratios = _pair_ratios(raw, a, b, c)
     if len(ratios) < 2:
         return "-"
     return f"{min(ratios):.3f}-{max(ratios):.3f}"
+
+
+def _pair_interval(raw: dict[tuple[str, int], list[LoadResult]] | None, a: str, b: str,
+                   c: int) -> str:
+    ratios = _pair_ratios(raw, a, b, c)
+    if len(ratios) < 2:
+        return "-"
+    mean, lo, hi = geometric_interval(ratios)
+    return f"{mean:.3f} [{lo:.3f}, {hi:.3f}] (n={len(ratios)})"
 
 
 def _table(results: list[LoadResult],
@@ -314,8 +354,9 @@ def _table(results: list[LoadResult],
                      f"{r.itl_p99*1e3:.1f} | {r.cpu_ms_per_tok:.1f} "
                      f"({r.cpu_http_s * per_tok:.1f} + {r.cpu_engine_s * per_tok:.1f}) | "
                      f"{r.failed} / {r.requests} |")
-    lines += ["", "| ratio | conc | throughput | per pass | TTFT p50 | ITL p50 | CPU per token |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "| ratio | conc | throughput | pairs: min-max | pairs: geo-mean [95% CI] | "
+              "TTFT p50 | ITL p50 | CPU per token |",
+              "|---|---|---|---|---|---|---|---|"]
     for a, b in (("ours-off", "plain"), ("ours-on", "ours-off"), ("ours-on", "plain"),
                  ("ours-off-b", "ours-off")):
         for c in sorted({r.concurrency for r in results}):
@@ -323,6 +364,7 @@ def _table(results: list[LoadResult],
             if x and y:
                 lines.append(f"| {a} / {b} | {c} | {_ratio(x.tok_per_s, y.tok_per_s):.3f} | "
                              f"{_pass_ratios(raw, a, b, c)} | "
+                             f"{_pair_interval(raw, a, b, c)} | "
                              f"{_ratio(x.ttft_p50, y.ttft_p50):.3f} | "
                              f"{_ratio(x.itl_p50, y.itl_p50):.3f} | "
                              f"{_ratio(x.cpu_ms_per_tok, y.cpu_ms_per_tok):.3f} |")
@@ -384,6 +426,70 @@ def _safe_model(base: Path, safe_model: Path | None, skip_safety: bool) -> Path 
     return compose_checkpoint(base, DEFAULT_HEAD_DIR)
 
 
+def _measure(name: str, proc: _Proc, extra: dict, c: int, n: int, max_tokens: int,
+             label: str) -> LoadResult:
+    """One load of one server, with the CPU its processes spent on it."""
+    cpu0 = proc.cpu_seconds()
+    r = asyncio.run(run_load(proc.url, "bench", name, c, n, max_tokens, extra))
+    cpu1 = proc.cpu_seconds()
+    r.cpu_http_s, r.cpu_engine_s = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+    typer.echo(f"  {label} {name} c={c}: {r.tok_per_s:.1f} tok/s, TTFT "
+               f"p50 {r.ttft_p50*1e3:.0f} ms, ITL p50 {r.itl_p50*1e3:.1f} ms, "
+               f"CPU {r.cpu_ms_per_tok:.1f} ms/tok"
+               + (f", {r.failed} / {r.requests} FAILED" if r.failed else ""))
+    return r
+
+
+def _start(name: str, cmd: list[str], port: int, ready: str, env: dict, log: Path) -> _Proc:
+    typer.echo(f"starting {name} on port {port} ...")
+    proc = _Proc(cmd, port, log, env)
+    try:
+        proc.wait(ready)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
+
+
+def _run_kept(servers, levels, passes, max_tokens, requests_per_level, out, raw) -> None:
+    """Every server up at once, loaded one at a time, passes of alternating order."""
+    procs: list[tuple[str, _Proc, dict]] = []
+    try:
+        for name, cmd, ready, extra, env in servers:
+            port = int(cmd[cmd.index("--port") + 1])
+            procs.append((name, _start(name, cmd, port, ready, env, out / f"{name}.log"), extra))
+        for c in levels:
+            n = requests_per_level or max(6, 2 * c)
+            for p in range(passes):
+                for name, proc, extra in (procs if p % 2 == 0 else procs[::-1]):
+                    raw.setdefault((name, c), []).append(
+                        _measure(name, proc, extra, c, n, max_tokens, f"pass {p + 1}"))
+    finally:
+        for _, proc, _ in procs:
+            proc.stop()
+
+
+def _run_fresh(servers, levels, passes, max_tokens, requests_per_level, out, raw,
+               instances: int) -> None:
+    """Round after round, every server started afresh, one at a time: warmed up at the
+    highest level, loaded at every level (``passes`` loads each, combined), stopped."""
+    for i in range(instances):
+        for name, cmd, ready, extra, env in (servers if i % 2 == 0 else servers[::-1]):
+            port = int(cmd[cmd.index("--port") + 1])
+            proc = _start(f"{name} (instance {i + 1})", cmd, port, ready, env,
+                          out / f"{name}.{i + 1}.log")
+            try:
+                top = max(levels)  # not measured: the first batches of a fresh engine
+                asyncio.run(run_load(proc.url, "bench", name, top, max(6, top), 16, extra))
+                for c in levels:
+                    n = requests_per_level or max(6, 2 * c)
+                    runs = [_measure(name, proc, extra, c, n, max_tokens,
+                                     f"instance {i + 1} pass {p + 1}") for p in range(passes)]
+                    raw.setdefault((name, c), []).append(_mean(runs))
+            finally:
+                proc.stop()
+
+
 def bench_serve(
     concurrency: str = typer.Option("1,8,32", help="comma-separated concurrency levels (>= 1)"),
     requests_per_level: int = typer.Option(
@@ -396,51 +502,46 @@ def bench_serve(
     port: int = typer.Option(
         8790, min=1, max=65535, help="first port; servers use port, port+1, ..."),
     out: Path = typer.Option(Path("runs/bench_serve"), help="results folder"),
-    passes: int = typer.Option(2, min=1, help="passes per level, alternating server order"),
+    passes: int = typer.Option(2, min=1, help="passes per level (per instance with "
+                               "--instances), alternating server order"),
     control: bool = typer.Option(False, help="add a second ours-off server: the ratio of two "
                                  "identical servers, the run's noise floor"),
+    instances: int = typer.Option(
+        0, min=0, help="start every server afresh this many times, one server at a time, and "
+        "report each ratio over the rounds (0: one instance each, all up at once)"),
+    no_plain: bool = typer.Option(False, help="leave plain vLLM out (ours-off vs ours-on)"),
 ):
     """Ours vs plain vLLM, and safety on vs off, measured side by side in one run.
 
-    All servers run at once (idle ones cost little) and are loaded one at a time, level by
-    level, in passes of alternating order (A B C, then C B A, ...), so slow drifts of the
-    machine's load hit every server alike. Each server's passes are combined."""
+    By default all servers run at once (idle ones cost little) and are loaded one at a time,
+    level by level, in passes of alternating order (A B C, then C B A, ...), so slow drifts of
+    the machine's load hit every server alike. With --instances N every server is instead
+    started N times, one at a time, so the spread between instances enters the interval
+    rather than bias the ratio. Each server's passes are combined."""
     from safeserve.models.model_store import ensure_default_model
 
     levels = _levels(concurrency)
+    if no_plain and skip_safety and not control:
+        raise typer.BadParameter("nothing to compare: --no-plain with --skip-safety leaves "
+                                 "one server")
     base = model or ensure_default_model()
     safe = _safe_model(base, safe_model, skip_safety)
+    servers = [s for s in _servers(base, safe, port, control)
+               if not (no_plain and s[0] == "plain")]
     out.mkdir(parents=True, exist_ok=True)
-    procs: list[tuple[str, _Proc, dict]] = []
     raw: dict[tuple[str, int], list[LoadResult]] = {}
     try:
-        for i, (name, cmd, ready, extra, env) in enumerate(_servers(base, safe, port, control)):
-            typer.echo(f"starting {name} on port {port + i} ...")
-            proc = _Proc(cmd, port + i, out / f"{name}.log", env)
-            procs.append((name, proc, extra))
-            proc.wait(ready)
-        for c in levels:
-            n = requests_per_level or max(6, 2 * c)
-            for p in range(passes):
-                order = procs if p % 2 == 0 else procs[::-1]
-                for name, proc, extra in order:
-                    cpu0 = proc.cpu_seconds()
-                    r = asyncio.run(run_load(proc.url, "bench", name, c, n, max_tokens, extra))
-                    cpu1 = proc.cpu_seconds()
-                    r.cpu_http_s, r.cpu_engine_s = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
-                    typer.echo(f"  pass {p + 1} {name} c={c}: {r.tok_per_s:.1f} tok/s, TTFT "
-                               f"p50 {r.ttft_p50*1e3:.0f} ms, ITL p50 {r.itl_p50*1e3:.1f} ms, "
-                               f"CPU {r.cpu_ms_per_tok:.1f} ms/tok"
-                               + (f", {r.failed} / {r.requests} FAILED" if r.failed else ""))
-                    raw.setdefault((name, c), []).append(r)
+        if instances:
+            _run_fresh(servers, levels, passes, max_tokens, requests_per_level, out, raw,
+                       instances)
+        else:
+            _run_kept(servers, levels, passes, max_tokens, requests_per_level, out, raw)
     finally:
-        for _, proc, _ in procs:
-            proc.stop()
         # every load measured so far, before anything else can go wrong (a server that died
         # mid-run, the table): the measurements are kept
         (out / "passes.json").write_text(json.dumps(
             [r.summary() for rs in raw.values() for r in rs], indent=2))
-    results = [_mean(raw[(name, c)]) for c in levels for name, _, _ in procs]
+    results = [_mean(raw[(name, c)]) for c in levels for name, *_ in servers]
     (out / "results.json").write_text(json.dumps([r.summary() for r in results], indent=2))
     table = _table(results, raw)
     typer.echo(table)

@@ -26,6 +26,7 @@ from safeserve.server.bench import (
     _safe_model,
     _servers,
     _table,
+    geometric_interval,
     run_load,
 )
 
@@ -69,14 +70,25 @@ def test_table_reports_cpu_per_token_and_its_ratio():
     table = _table([off, on])
     assert ("| ours-on | 8 | 0.64 | 40.0 | 1000 | 2000 | 100.0 | 200.0 | 5.0 (1.0 + 4.0) "
             "| 0 / 32 |") in table
-    assert "| ours-on / ours-off | 8 | 0.800 | - | 1.000 | 1.000 | 1.250 |" in table
+    assert "| ours-on / ours-off | 8 | 0.800 | - | - | 1.000 | 1.000 | 1.250 |" in table
 
 
 def test_table_shows_the_spread_of_per_pass_ratios():
     raw = {("ours-off", 8): [_result("ours-off", 50, 4.0), _result("ours-off", 40, 4.0)],
            ("ours-on", 8): [_result("ours-on", 45, 4.0), _result("ours-on", 42, 4.0)]}
     table = _table([_mean(raw[("ours-off", 8)]), _mean(raw[("ours-on", 8)])], raw)
-    assert "| ours-on / ours-off | 8 | 0.978 | 0.900-1.050 |" in table
+    assert ("| ours-on / ours-off | 8 | 0.978 | 0.900-1.050 | 0.972 [0.365, 2.588] (n=2) |"
+            in table)
+
+
+def test_pair_ratios_get_a_geometric_mean_and_a_t_interval_on_their_logs():
+    mean, lo, hi = geometric_interval([0.95, 0.97, 0.99, 1.01])
+    assert (round(mean, 4), round(lo, 4), round(hi, 4)) == (0.9797, 0.9395, 1.0217)
+    mean, lo, hi = geometric_interval([2.0, 0.5])  # a ratio and its inverse: centred on 1
+    assert mean == pytest.approx(1.0) and lo * hi == pytest.approx(1.0)
+    assert geometric_interval([1.0] * 40) == (1.0, 1.0, 1.0)  # past the table: 1.96
+    mean, lo, hi = geometric_interval([1.2])
+    assert mean == pytest.approx(1.2) and math.isnan(lo) and math.isnan(hi)
 
 
 def test_passes_combine_into_percentiles_of_the_pooled_samples():
@@ -97,7 +109,7 @@ def test_percentiles_skip_nan_and_ratios_of_nothing_are_nan():
     ours = LoadResult("ours-off", 8, 4, 2.0, 100, 0.5, 0.6, 0.01, 0.02)
     assert nothing.tok_per_s == 0 and nothing.req_per_s == 0
     table = _table([nothing, ours])  # no ZeroDivisionError
-    assert "| ours-off / plain | 8 | nan | - | nan | nan | nan |" in table
+    assert "| ours-off / plain | 8 | nan | - | - | nan | nan | nan |" in table
     assert "| 4 / 4 |" in table
 
 
@@ -224,3 +236,77 @@ def test_bench_leak_on_the_real_engine_mixes_four_configs_without_a_leak(server)
     assert (res["failed"], res["leaks"], res["text_mismatches"]) == (0, 0, 0)
     assert res["identical_text_rate"] == 1.0 and res["max_prompt_score_drift"] < 1e-4
     assert sorted(res["requests_per_config"]) == [4, 4, 4, 4]
+
+
+# A stand-in server for `bench serve --instances`: it logs its start and its stop, answers
+# readiness, and streams `max_tokens` tokens at a fixed pace (argv: name, port, log, seconds
+# per token).
+_FAKE_SERVER = r'''
+import json, signal, sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+name, port, log, pace = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+
+def note(event):
+    with open(log, "a") as f:
+        f.write(f"{event} {name}\n")
+
+class H(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"{}")
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream"); self.end_headers()
+        for _ in range(body["max_tokens"]):
+            time.sleep(pace)
+            chunk = {"choices": [{"index": 0, "delta": {"content": "x"}}]}
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode()); self.wfile.flush()
+        usage = {"choices": [], "usage": {"completion_tokens": body["max_tokens"]}}
+        self.wfile.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
+
+def stop(*_):
+    note("down"); sys.exit(0)
+
+signal.signal(signal.SIGTERM, stop)
+note("up")
+ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+'''
+
+
+def test_fresh_instances_run_one_server_at_a_time_and_report_an_interval(tmp_path,
+                                                                          monkeypatch):
+    from typer.testing import CliRunner
+
+    import safeserve.server.bench as bench
+
+    script, events = tmp_path / "fake_server.py", tmp_path / "events.log"
+    script.write_text(_FAKE_SERVER)
+    paces = {"plain": 0.004, "ours-off": 0.004, "ours-on": 0.008}  # safety on: half the speed
+
+    def fake_servers(base, safe, port, control=False):
+        return [(name, [sys.executable, str(script), name, str(port + i), str(events),
+                        str(pace), "--port", str(port + i)], "/ready", {}, {})
+                for i, (name, pace) in enumerate(paces.items())]
+
+    monkeypatch.setattr(bench, "_servers", fake_servers)
+    app = bench.typer.Typer()
+    bench.register(app)
+    port = 20000 + (hash(tmp_path) % 20000)
+    out = CliRunner().invoke(app, [
+        "serve", "--instances", "3", "--passes", "1", "--concurrency", "1,2",
+        "--requests-per-level", "2", "--max-tokens", "6", "--model", str(tmp_path),
+        "--safe-model", str(tmp_path), "--port", str(port), "--out", str(tmp_path / "o")])
+    assert out.exit_code == 0, out.output
+    log = events.read_text().split("\n")[:-1]
+    # each server up and down before the next starts; the order turns round every round
+    order = ["plain", "ours-off", "ours-on"]
+    expected = [f"{e} {n}" for r in range(3) for n in (order if r % 2 == 0 else order[::-1])
+                for e in ("up", "down")]
+    assert log == expected
+    results = json.loads((tmp_path / "o" / "passes.json").read_text())
+    assert len(results) == 3 * 2 * 3  # one combined result per server, level and instance
+    line = next(x for x in out.output.splitlines() if x.startswith("| ours-on / ours-off | 2 |"))
+    mean, interval = line.split("|")[3], line.split("|")[5]
+    assert 0.35 < float(mean) < 0.65 and interval.strip().endswith("(n=3)")

@@ -48,6 +48,8 @@ def test_bench_config_times_every_case_with_a_key_that_allows_them():
     ["serve", "--requests-per-level", "-1"],
     ["serve", "--max-tokens", "0"],
     ["serve", "--passes", "0"],
+    ["serve", "--instances", "-1"],
+    ["serve", "--no-plain", "--skip-safety"],  # one server: nothing to compare
     ["config", "--iterations", "0"],
     ["leak", "--requests", "0"],
     ["leak", "--max-tokens", "0"],
