@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from safeserve.server import metrics
 from safeserve.server.engine import Engine
-from safeserve.server.errors import APIError, bad_request
+from safeserve.server.errors import APIError, bad_request, engine_request_error
 from safeserve.server.protocol import (
     AssistantMessage,
     ChatCompletionChunk,
@@ -153,7 +153,9 @@ def _check_sampling(prep: PreparedRequest) -> None:
     try:
         for index in {0, prep.body.n - 1}:
             sampling_params(prep, index)
-    except (ValueError, TypeError, OverflowError) as e:
+    except Exception as e:
+        if not isinstance(e, (TypeError, OverflowError)) and engine_request_error(e) is None:
+            raise
         raise bad_request(f"invalid sampling parameters: {e}") from None
 
 
@@ -196,8 +198,8 @@ async def helper_request(engine: Engine, svc: SafetyService, prompt_ids: list[in
                                                  params, rid):
                 finished = out.finished
                 token_ids = tuple(out.outputs[0].token_ids)
-        except ValueError as e:  # engine-side validation of the request
-            raise bad_request(str(e)) from None
+        except Exception as e:  # engine-side validation of the request, a full queue
+            raise (engine_request_error(e) or e) from None
         yield tracker, token_ids
     finally:
         if not finished:
@@ -223,6 +225,8 @@ def sampling_params(prep: PreparedRequest, index: int, extra_args: dict | None =
 
     b = prep.body
     seed = None if b.seed is None else b.seed + index
+    if seed == -1:  # vLLM reads -1 as "no seed"; torch seeds -1 as 2**64 - 1: the same seed
+        seed = (1 << 64) - 1
     # top_p 0 (OpenAI accepts it) keeps only the likeliest token: greedy. vLLM wants (0, 1].
     greedy = b.top_p == 0.0
     return SamplingParams(
@@ -439,9 +443,7 @@ async def _merged_steps(engine: Engine, prep: PreparedRequest,
             if item is done:
                 remaining -= 1
             elif isinstance(item, BaseException):
-                if isinstance(item, ValueError):  # engine-side validation of our params
-                    raise bad_request(str(item))
-                raise item
+                raise engine_request_error(item) or item
             else:
                 yield item
     finally:
@@ -488,8 +490,8 @@ async def _single_steps(engine: Engine, prep: PreparedRequest,
                 choice.finish_reason, choice.stop_reason = c.finish_reason, c.stop_reason
                 _raise_engine_failure(choice)
             yield _Step(choice, c.text, c.token_ids, out.finished, c.logprobs)
-    except ValueError as e:  # engine-side validation of our params
-        raise bad_request(str(e)) from None
+    except Exception as e:  # engine-side validation of our params, a full queue
+        raise (engine_request_error(e) or e) from None
     finally:
         if choice.finish_reason is None:
             metrics.ABORTED.inc()
@@ -569,7 +571,7 @@ async def _settle(step: _Step) -> None:
     """Wait for the safety telemetry of every token this step delivered."""
     c = step.choice
     if c.tracker is not None and step.n_new:
-        await c.tracker.wait_for(c.n_tokens - 1)
+        await c.tracker.wait_for(c.n_tokens - 1, last=step.finished)
         if step.finished and c.n_tokens == 1:
             await c.tracker.wait_verdict()  # (see there: index 0 may be an earlier chunk's)
 

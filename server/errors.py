@@ -45,6 +45,30 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
+def engine_request_error(e: BaseException) -> APIError | None:
+    """What the client gets for an exception vLLM raised about its request (None: not one,
+    a server error). vLLM's own validation (its client errors; ValueError in older paths) is
+    a 400, or 404 for what it did not find; an admission limit (a full queue) carries its
+    status; a dead engine is a 503."""
+    try:
+        from vllm.exceptions import GracefulHTTPError, VLLMClientError, VLLMNotFoundError
+        from vllm.v1.engine.exceptions import EngineDeadError
+    except ImportError:  # pragma: no cover - the HTTP layer's tests run without vLLM too
+        GracefulHTTPError = VLLMClientError = VLLMNotFoundError = EngineDeadError = ()
+    if isinstance(e, VLLMNotFoundError):
+        return APIError(404, str(e), type="not_found_error")
+    if isinstance(e, (VLLMClientError, ValueError)):
+        return bad_request(str(e), param=getattr(e, "parameter", None))
+    if isinstance(e, GracefulHTTPError):
+        status = int(e.http_status)
+        return APIError(status, e.message, code="engine_busy" if status == 503 else None,
+                        type="server_error" if status >= 500 else "invalid_request_error")
+    if isinstance(e, EngineDeadError):
+        return APIError(503, "the engine has stopped; the server must be restarted",
+                        type="server_error", code="engine_dead")
+    return None
+
+
 def request_too_large(limit: int) -> APIError:
     return APIError(413, f"request body is larger than the server's limit of {limit} bytes",
                     code="request_too_large")

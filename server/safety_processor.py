@@ -493,7 +493,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
         if rid is None:
             return
         # Sent after every record of it (one FIFO): a one-token response waits for this.
-        self.telemetry.send([W.StepRecord(rid, W.GONE, [], 0, 0, 0, -1, 0)], None)
+        self.telemetry.send([W.StepRecord(rid, W.GONE, [], 0, 0, 0, -1, 0,
+                                          left_at=len(self.outputs[i] or ()))], None)
         if self.resuming.pop(rid, None) is not None:
             # It leaves before its output grew: its last re-prefill step was discarded too
             # (preempted again, or aborted). A later resume sends its own records.

@@ -115,8 +115,10 @@ class SafetyService:
 
     def close(self, tracker: RequestTracker, finish_reason: str | None = None,
               prompt_metrics: bool = True) -> None:
-        tracker.record_metrics(finish_reason, prompt_metrics)
-        self.hub.release(tracker.rid)
+        try:
+            tracker.record_metrics(finish_reason, prompt_metrics)
+        finally:  # registered trackers are never left behind
+            self.hub.release(tracker.rid)
 
     @staticmethod
     def stop_text() -> str:

@@ -56,7 +56,8 @@ class RequestTracker:
         self.incomplete = False
         self._settled = 0  # releasable()'s last answer: what it has released stays released
         self._before: tuple | None = None  # (index, state before its first record): _undo_repeat
-        self.gone = False  # the worker let the request go: every record of it has arrived
+        # The worker let the request go after it sampled a token: its prompt verdict is final.
+        self.gone = False
         self.final_tokens: int | None = None  # output length at finish(): later records are stray
 
     # -- telemetry in ----------------------------------------------------------------------
@@ -81,7 +82,9 @@ class RequestTracker:
 
     def add(self, rec: W.StepRecord) -> None:
         if rec.index == W.GONE:
-            self.gone = True
+            # Left before a token was sampled (unscheduled for a step mid-prompt): a later
+            # chunk's verdict may still come, so this proves nothing.
+            self.gone = rec.left_at >= 1
             self._changed.set()
             return
         self.gone = False  # it left the batch (preempted, or unscheduled for a step) and is back
@@ -113,9 +116,11 @@ class RequestTracker:
         self._seen = max(self._seen, rec.index)
         self._changed.set()
 
-    async def wait_for(self, index: int) -> None:
-        """Wait until the step that sampled output token ``index`` has been reported."""
-        await self._wait(lambda: self._seen >= index, f"at token {index}")
+    async def wait_for(self, index: int, last: bool = False) -> None:
+        """Wait until the step that sampled output token ``index`` has been reported. With
+        telemetry already missing, a wait returns at once, except for the ``last`` step of a
+        request, which may carry the action that withholds its final tokens."""
+        await self._wait(lambda: self._seen >= index, f"at token {index}", last)
 
     async def wait_verdict(self) -> None:
         """Wait until the prompt verdict in hand is final. A chunked prompt reports index 0
@@ -124,8 +129,8 @@ class RequestTracker:
         of one token has)."""
         await self._wait(lambda: self._seen >= 1 or self.gone, "after its prompt")
 
-    async def _wait(self, done, what: str) -> None:
-        if done() or self.incomplete:
+    async def _wait(self, done, what: str, even_if_incomplete: bool = False) -> None:
+        if done() or (self.incomplete and not even_if_incomplete):
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + TELEMETRY_WAIT_S
@@ -153,16 +158,20 @@ class RequestTracker:
         if finished:
             return n_tokens
         j = min(self._settled, n_tokens)  # resume: a scan from 0 per step is quadratic
-        while j < n_tokens:
-            own = self.steps.get(j)
-            if own is None or own.forced < 0 or j == 0:
-                nxt = self.steps.get(j + 1)
-                if nxt is None or (nxt.event == EVENT_VIOLATION and not nxt.acted
-                                   and not self._run_closed(j + 2)):
-                    break
+        while j < n_tokens and self._is_settled(j):
             j += 1
         self._settled = j
         return j
+
+    def _is_settled(self, j: int) -> bool:
+        """Output token j's status is known: forced, or step j+1 shows it outside a violating
+        run that may still reach tau."""
+        own = self.steps.get(j)
+        if own is not None and own.forced >= 0 and j > 0:
+            return True
+        nxt = self.steps.get(j + 1)
+        return nxt is not None and not (nxt.event == EVENT_VIOLATION and not nxt.acted
+                                        and not self._run_closed(j + 2))
 
     def _run_closed(self, k: int) -> bool:
         """Has the violating run going on at step k - 1 ended by step k or later: a clean
@@ -214,9 +223,9 @@ class RequestTracker:
     def withheld(self, j: int) -> bool:
         if any(a <= j < b for a, b in self.cut):
             return True
-        # Fail closed: with telemetry missing, a token no step has judged (nor forced) is
-        # not released.
-        return self.incomplete and (j + 1) not in self.steps and not self.forced_at(j)
+        # Fail closed: with telemetry missing, a token whose status is not known is not
+        # released: unjudged, or in a violating run whose acting step may be the one missing.
+        return self.incomplete and not self.forced_at(j) and not self._is_settled(j)
 
     def forced_at(self, j: int) -> bool:
         """Output token ``j`` was forced by the strategy (a refusal or end-of-sequence token)."""
@@ -372,7 +381,11 @@ class TelemetryHub:
         for rec in records:
             tracker = self.trackers.get(rec.rid)
             if tracker is not None:
-                tracker.add(rec)
+                try:
+                    tracker.add(rec)
+                except Exception:  # the other requests' records of the step still count
+                    log.exception("safety telemetry record of %s dropped", rec.rid)
+                    tracker.incomplete = True  # fail closed: it has a step it cannot show
 
     def register(self, tracker: RequestTracker) -> None:
         self.trackers[tracker.rid] = tracker

@@ -97,3 +97,7 @@ class StepRecord:
     acted: int  # 1 if the strategy started an action (refusal or stop) at this step
     alert: int = 0  # 1 if the request's prompt verdict fell in the alert band
     gate: int = 0  # category bits the topic gate flagged at this prompt row (format 8)
+    # A GONE record: the request's output length when it left the batch. 0 when it left
+    # before sampling a token (unscheduled for a step mid-prompt, or preempted): its prompt
+    # verdict may still change.
+    left_at: int = 0

@@ -373,6 +373,43 @@ def test_unexpected_engine_failure_is_a_clean_json_500(tokenizer, tmp_path):
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "t0 t1 "
 
 
+def _engine_errors():
+    from vllm.exceptions import QueueOverflowError, VLLMNotFoundError, VLLMValidationError
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    return [(VLLMValidationError("too many logprobs", parameter="logprobs"), 400, "logprobs"),
+            (VLLMNotFoundError("no such adapter"), 404, None),
+            (QueueOverflowError(), 503, "engine_busy"),
+            (EngineDeadError(), 503, "engine_dead")]
+
+
+@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("n", [1, 2])  # one choice, and the several-choices path
+def test_what_vllm_rejects_is_the_clients_error_not_a_500(tokenizer, tmp_path, case, n):
+    """vLLM's validation errors are no ValueError (they were caught as one: a 500), and its
+    admission and dead-engine errors have their own status."""
+    fail, status, detail = _engine_errors()[case]
+    engine = fake_engine(tokenizer, tmp_path, FakeLLM(tokens=0, fail=fail))
+    c = TestClient(create_app(engine), raise_server_exceptions=False)
+    err = _error(c.post("/v1/chat/completions", json=body(max_tokens=8, n=n)), status)
+    assert err["type"] == ("server_error" if status >= 500 else
+                           "not_found_error" if status == 404 else "invalid_request_error")
+    assert detail in (None, err["param"], err["code"]), err
+    r = c.post("/v1/chat/completions", json=body(stream=True, max_tokens=8, n=n))
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["type"] == err["type"]
+
+
+def test_a_seed_of_minus_one_still_seeds(tokenizer, tmp_path):
+    """vLLM reads seed -1 as "no seed": a client's -1 (or -2 with n = 2, whose second choice
+    gets -1) goes to the engine as torch's own reading of -1."""
+    prep = completions.prepare_sync(fake_engine(tokenizer, tmp_path, FakeLLM()),
+                                    completions.ChatCompletionRequest(**body(seed=-2, n=2)), None)
+    seeds = [completions.sampling_params(prep, i).seed for i in range(2)]
+    assert seeds == [-2, (1 << 64) - 1]
+
+
 def test_continuous_usage_stats_puts_usage_in_every_chunk(tokenizer, tmp_path):
     engine = fake_engine(tokenizer, tmp_path, FakeLLM(tokens=3))
     c = TestClient(create_app(engine))

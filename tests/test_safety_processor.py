@@ -938,6 +938,42 @@ def test_missing_telemetry_fails_closed(monkeypatch):
     assert t.report().telemetry_complete is False
 
 
+def test_with_telemetry_missing_a_violating_run_at_the_end_is_withheld(monkeypatch):
+    """Telemetry stalled once (incomplete), and a violating run is under way when the request
+    finishes: the step that would have acted may be the one missing, so the run's tokens are
+    not released (they were: each had its next step's record), and the finishing step still
+    gets a wait of its own for that record."""
+    import asyncio
+
+    from safeserve.kernels.safety_decision import EVENT_TRIGGER, EVENT_VIOLATION
+    from safeserve.server import safety_tracker
+    from safeserve.server import safety_wire as W
+
+    monkeypatch.setattr(safety_tracker, "TELEMETRY_WAIT_S", 0.2)
+    t = _bare_tracker(action=W.ACTION_STOP)  # tau 3
+
+    async def run():
+        t.add(_rec(0))
+        await t.wait_for(1)  # a stall: times out, incomplete from here on
+        assert t.incomplete
+        for j in range(1, 12):
+            t.add(_rec(j))
+        t.add(_rec(12, event=EVENT_VIOLATION))  # reads token 11
+        t.add(_rec(13, event=EVENT_VIOLATION))  # reads token 12
+        # step 14 acts (forces end-of-sequence); its record is late
+        late = asyncio.get_running_loop().call_later(
+            0.05, t.add, _rec(14, event=EVENT_TRIGGER, phase=W.PHASE_DONE, forced=0, acted=1))
+        await t.wait_for(14)  # an ordinary wait: returns at once, incomplete
+        assert 14 not in t.steps
+        assert [t.withheld(j) for j in (10, 11, 12)] == [False, True, True]  # fail closed
+        await t.wait_for(14, last=True)  # the finishing step's own wait
+        late.cancel()
+    asyncio.run(run())
+    t.finish("stop", 15)
+    assert t.stop_forced and t.report().action == "stop"
+    assert [t.withheld(j) for j in range(10, 15)] == [False, True, True, True, False]
+
+
 def test_a_flagged_prompt_verdict_is_no_alert_for_the_tracker_either():
     from safeserve.kernels.safety_decision import EVENT_TRIGGER
 
@@ -1181,8 +1217,12 @@ def test_records_after_finish_are_stray_and_a_one_token_answer_waits_for_the_end
         waiting = asyncio.ensure_future(t.wait_verdict())
         await asyncio.sleep(0.05)
         assert not waiting.done()
+        # unscheduled again before its last chunk: it left with no token, which proves nothing
+        t.add(W.StepRecord("r", W.GONE, [], 0, 0, 0, -1, 0, left_at=0))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
         t.add(_rec(0, event=2, phase=W.PHASE_DONE, forced=0, acted=1))  # the last chunk
-        t.add(W.StepRecord("r", W.GONE, [], 0, 0, 0, -1, 0))
+        t.add(W.StepRecord("r", W.GONE, [], 0, 0, 0, -1, 0, left_at=1))  # done: one token
         await asyncio.wait_for(waiting, 1)
         return t
 
@@ -1199,7 +1239,31 @@ def test_the_worker_reports_each_request_it_lets_go():
     proc.update_state(bu(added=[(0, SimpleNamespace(extra_args=_args("r").to_extra_args()), [], out)]))
     _step(proc, [[0.1] * 10])
     proc.update_state(bu(removed=[0]))
-    assert [(r.rid, r.index) for r in sent] == [("r", 0), ("r", W.GONE)]
+    assert [(r.rid, r.index, r.left_at) for r in sent] == [("r", 0, 0), ("r", W.GONE, 0)]
+    out2 = [7]  # a request that leaves with a token sampled says so
+    proc.update_state(bu(added=[(0, SimpleNamespace(extra_args=_args("s").to_extra_args()), [], out2)]))
+    proc.update_state(bu(removed=[0]))
+    assert (sent[-1].rid, sent[-1].index, sent[-1].left_at) == ("s", W.GONE, 1)
+
+
+def test_one_records_failure_does_not_drop_the_other_requests_records():
+    from safeserve.server.safety_tracker import TelemetryHub
+
+    hub = TelemetryHub()  # not started: routing only
+    bad, good = _bare_tracker(), _bare_tracker()
+    good.rid = "g"
+
+    def broken(rec):
+        raise RuntimeError("boom")
+
+    bad.add = broken
+    hub.register(bad)
+    hub.register(good)
+    rec_g = _rec(0)
+    rec_g.rid = "g"
+    hub._route([_rec(0), rec_g], None)
+    assert good.prompt is rec_g  # routed after the failure
+    assert bad.incomplete  # fail closed: a step of it could not be shown
 
 
 def test_a_nan_score_fails_closed_and_is_reported_as_a_number():
@@ -1256,3 +1320,23 @@ def test_a_requests_prompt_thresholds_judge_its_prompt_row_only():
                        tau=1), [])
     _step(proc, [[0.0] * 10, [0.0] * 10, [0.0] * 9 + [at]])
     assert sent[-1].rid == "c" and sent[-1].event == 2
+
+
+def test_a_tracker_whose_report_fails_is_still_released():
+    from safeserve.models.taxonomy import Taxonomy
+    from safeserve.server.safety_config import SafetyPolicy
+    from safeserve.server.safety_service import SafetyService
+    from safeserve.server.safety_tracker import TelemetryHub
+
+    hub = TelemetryHub()
+    svc = SafetyService(SafetyPolicy(Taxonomy.load()), hub, lambda: None)
+    t = _bare_tracker()
+
+    def broken(*a):
+        raise RuntimeError("boom")
+
+    t.record_metrics = broken
+    hub.register(t)
+    with pytest.raises(RuntimeError):
+        svc.close(t, "stop")
+    assert t.rid not in hub.trackers  # not left registered to collect records forever
