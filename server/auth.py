@@ -107,6 +107,11 @@ class KeyRing:
                 raise ValueError(f"grants file {grants_path}: want a top-level 'keys:' mapping "
                                  "each key to its grant, and nothing else")
             for key, raw in keys.items():
+                if not isinstance(key, str):
+                    # YAML reads 0x1F, 012, on, null, 2024-01-01 as numbers, booleans, dates:
+                    # the key written would never match, and another string would
+                    raise ValueError(f"grants file {grants_path}: key {key!r} is read by YAML "
+                                     f"as a {type(key).__name__}, not text; quote it")
                 if not isinstance(raw, dict | None):
                     raise ValueError(f"grants file {grants_path}: the grant of a key must be a "
                                      f"mapping, got {type(raw).__name__}")

@@ -82,14 +82,16 @@ def render_prompt(engine: Engine, body: ChatCompletionRequest,
 
 def render_messages(engine: Engine, messages: list[dict], safety: RequestSafety | None, *,
                     add_generation_prompt: bool = True, continue_final_message: bool = False,
-                    param: str = "messages", message_params: list[str] | None = None
-                    ) -> list[int]:
+                    param: str = "messages", message_params: list[str] | None = None,
+                    refuse_guideline_header: bool = True) -> list[int]:
     """Token ids of ``messages`` (role / content dicts) through the model's chat template,
     with the config's guideline in the system prompt. Errors name ``param``, or a message's
-    field as ``<param>.<i>.<field>`` (``message_params[i]`` when given)."""
+    field as ``<param>.<i>.<field>`` (``message_params[i]`` when given). Text that imitates
+    the guideline's header is refused unless ``refuse_guideline_header`` is false (text to
+    be judged, not answered: moderation)."""
     tok = engine.tokenizer
     messages = list(messages)
-    for i, m in enumerate(messages):
+    for i, m in enumerate(messages if refuse_guideline_header else ()):
         for key in ("content", "name"):  # a template may render `name` too
             if isinstance(m.get(key), str) and carries_guideline_header(m[key]):
                 where = message_params[i] if message_params else f"{param}.{i}.{key}"

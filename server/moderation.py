@@ -35,8 +35,10 @@ def _render_all(engine: Engine, body: ModerationRequest, safety: RequestSafety) 
     out, total = [], 0
     for i, text in enumerate(texts):
         param = f"input.{i}" if len(texts) > 1 else "input"
+        # Any text may be judged, the guideline's header words included: no answer is
+        # generated from it, so it conditions nothing.
         ids = render_messages(engine, [{"role": "user", "content": text}], safety, param=param,
-                              message_params=[param])
+                              message_params=[param], refuse_guideline_header=False)
         if len(ids) >= limit:
             raise bad_request(f"{param} renders to {len(ids)} tokens; this model's maximum "
                               f"context length is {limit}", param=param,

@@ -236,7 +236,12 @@ class SafetyPolicy:
         got_body = body is not None
         if got_header and got_body:
             h, b = self.parse(header, "X-Safety-Config"), self.parse(body, "safety_config")
-            if h[1] != b[1]:  # a preset's name and its fields written out agree
+            # A preset's name and its fields written out agree; so do two objects setting
+            # the same fields to the same values (a field one sets and the other leaves to
+            # its default, e.g. holdback false beside nothing, is a disagreement: one would
+            # be ignored).
+            if (h[1] != b[1] or h[1].model_dump(exclude_unset=True)
+                    != b[1].model_dump(exclude_unset=True)):
                 raise bad_request("X-Safety-Config and safety_config disagree; send one",
                                   param="safety_config", code="conflicting_safety_config")
             return h if h[0] is not None else b

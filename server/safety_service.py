@@ -4,6 +4,7 @@ engine request its compiled row args and a tracker, and shape what the client re
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 
 from safeserve.kernels.safety_decision import EVENT_TRIGGER
@@ -136,13 +137,22 @@ def guideline_message(cfg: SafetyConfig) -> str | None:
 
 
 
+# Cyrillic and Greek letters drawn like Latin ones (lower case: matched after casefold).
+_LOOKALIKES = str.maketrans("аеорсухіјѕԁһкмнтвɡοαειντκρυ", "aeopcyxijsdhkmhtbgoaeivtkpu")
+
+
 def _letters_and_digits(text: str) -> str:
-    return re.sub(r"[\W_]+", "", text.casefold())
+    """Compatibility forms (full-width, ligatures) unfolded, case folded, look-alike letters
+    read as Latin, and everything but letters and digits dropped."""
+    folded = unicodedata.normalize("NFKC", text).casefold().translate(_LOOKALIKES)
+    return re.sub(r"[\W_]+", "", folded)
 
 
 # The header's words before its parenthesis, letters and digits only: punctuation, spacing,
-# case and invisible characters (zero-width spaces) do not hide it.
-_GUIDELINE_HEADER = _letters_and_digits(GUIDELINE_TEMPLATE.split("(")[0])
+# case, invisible characters (zero-width spaces) and look-alike letters do not hide it, nor
+# its near wordings (plural, "this chat").
+_GUIDELINE_HEADER = re.compile(
+    r"safetyguidelines?(?:for|of|in)this(?:conversation|chat|dialogu?e|session|thread|exchange)")
 
 
 def carries_guideline_header(text: str) -> bool:
@@ -150,4 +160,4 @@ def carries_guideline_header(text: str) -> bool:
     order, whatever stands between them). The guideline is a config field that authorization governs; the same words
     typed into a message would reach a config-conditioned model as a guideline no one
     authorized, so the HTTP layer refuses them."""
-    return _GUIDELINE_HEADER in _letters_and_digits(text)
+    return _GUIDELINE_HEADER.search(_letters_and_digits(text)) is not None
