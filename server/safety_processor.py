@@ -259,7 +259,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
             getattr(vllm_config.model_config, "tokenizer", None), device)
         self.rids: list[str | None] = [None] * r
         self.parked: OrderedDict[str, tuple] = OrderedDict()
-        self.verdict_only: set[str] = set()  # rows of helper requests, never parked
+        self.verdict_only: set[str] = set()  # rows of helper requests (parked mid-answer only)
         self.outputs: list[list[int] | None] = [None] * r  # live refs to output token lists
         # A resumed request's re-prefill chunks all show its output length at resume, and
         # vLLM discards the token of each but the last. Their records wait here (the latest
@@ -500,10 +500,13 @@ class SafetyLogitsProcessor(LogitsProcessor):
             # (preempted again, or aborted). A later resume sends its own records.
             self.deferred.pop(rid, None)
         if rid in self.verdict_only:
-            # Its output is discarded: a resumed one starts over. Not parking these keeps a
-            # burst of moderations from pushing out the state of a preempted request.
             self.verdict_only.discard(rid)
-            return
+            if not self.outputs[i]:
+                # Mid-prompt: a resumed one runs its prompt row again, from a fresh state.
+                # (Mid-answer it is parked like any other: vLLM resumes it with its output,
+                # past its prompt row.) A burst of moderations removed at their end is
+                # never parked (below), so it cannot push a preempted request's state out.
+                return
         if self._finished(i):
             return  # it never comes back: parking it would only push out a preempted one
         self.parked[rid] = tuple(getattr(self, n)[i].clone() for n in self._TENSORS)
@@ -533,6 +536,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self._clear(i)  # its previous occupant was parked by update_state
         if args is None:
             return
+        for rid in args.ended:  # finished on the HTTP side: never resumed
+            self.parked.pop(rid, None)
         self.ends[i] = _ends(params)
         snapshot = self.parked.pop(args.rid, None)
         if snapshot is not None:
@@ -540,6 +545,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
             for name, value in zip(self._TENSORS, snapshot):
                 getattr(self, name)[i] = value
             self.rids[i], self.outputs[i] = args.rid, output_ids
+            if args.verdict_only:
+                self.verdict_only.add(args.rid)
             if output_ids:
                 self.resuming[args.rid] = (len(output_ids), output_ids)
             return

@@ -100,6 +100,7 @@ class SafetyService:
         ids = self.refusal_ids()
         args = self.policy.compile(req.config, rid, ids, eos_id, self._refusal_sep)
         args.prefilled, args.verdict_only = prefilled, verdict_only
+        args.ended = self.hub.take_ended()
         if query is not None and query.event == EVENT_TRIGGER:
             args.query_flagged, args.query_cats = True, query.cats
         elif query is not None and query.alert:

@@ -5,6 +5,7 @@ flagged and cut, the verdicts, the action taken and the score trace."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import pickle
@@ -26,6 +27,8 @@ from safeserve.server.safety_config import echoed_thresholds
 log = logging.getLogger(__name__)
 
 TELEMETRY_WAIT_S = 5.0
+MAX_ENDED = 4096
+ENDED_PER_REQUEST = 64  # two per request on average keep up with any load
 TO_THE_END = 1 << 62  # end of a withheld range that runs to the end of the output
 
 
@@ -345,6 +348,10 @@ class TelemetryHub:
         self.addr: str | None = None
         self._dir: str | None = None
         self.trackers: dict[str, RequestTracker] = {}
+        # Released request ids not yet handed to the worker (bounded: under a flood of
+        # releases with few new requests, the oldest go unsent and their parked state, if
+        # any, is left to the worker's own bound).
+        self._ended: collections.deque[str] = collections.deque(maxlen=MAX_ENDED)
         self._task: asyncio.Task | None = None
         self._sock = None
 
@@ -391,7 +398,13 @@ class TelemetryHub:
         self.trackers[tracker.rid] = tracker
 
     def release(self, rid: str) -> None:
-        self.trackers.pop(rid, None)
+        if self.trackers.pop(rid, None) is not None:
+            self._ended.append(rid)
+
+    def take_ended(self, limit: int = ENDED_PER_REQUEST) -> list[str]:
+        """Up to ``limit`` released request ids, oldest first, each handed out once (to the
+        worker, with the next request: RowSafetyArgs.ended)."""
+        return [self._ended.popleft() for _ in range(min(limit, len(self._ended)))]
 
     def stop(self) -> None:
         if self._task:

@@ -63,6 +63,10 @@ class RowSafetyArgs:
     # request's query, the self-check's answers, which also read its per-token rows): its
     # strategy state is never kept for a resume; a resumed one starts over.
     verdict_only: bool = False
+    # Request ids the HTTP side has finished with since the last request it sent (ended on a
+    # stop string, aborted, done): they never come back, so the worker drops any state it
+    # parked for them (it cannot tell such a removal from a preemption).
+    ended: list[str] = field(default_factory=list)
 
     @property
     def tau_alerted(self) -> int:

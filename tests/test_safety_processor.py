@@ -679,15 +679,47 @@ def test_a_piece_spanning_the_refusals_end_is_split_there():
     assert c2.visible(c2.pieces) == "Sorry. "
 
 
-def test_verdict_only_rows_are_never_parked():
+def test_verdict_only_rows_are_parked_only_mid_answer():
     """Helper requests read for their prompt verdict (moderations, a prefilled query) are
-    dropped on removal: a burst of them cannot push a preempted request's state out."""
+    dropped on removal mid-prompt (a resume runs their prompt row again) and at their end,
+    so a burst of them cannot push a preempted request's state out. Mid-answer (the
+    self-check's answers) vLLM resumes them past their prompt row: they are parked, and
+    resumed from it."""
     proc, _ = _processor()
-    proc._add(0, _args("chat"), [])
-    proc._add(1, _args("modr-1", verdict_only=True), [])
-    proc.update_state(SimpleNamespace(removed=[0, 1], added=[], moved=[]))
-    assert "chat" in proc.parked and "modr-1" not in proc.parked
+    params = SimpleNamespace(extra_args=None, max_tokens=2, stop_token_ids=[], eos_token_id=0)
+    outs = {"chat": [], "modr-1": [], "modr-2": [4, 4], "check": [4]}
+    proc._add(0, _args("chat"), outs["chat"])
+    proc._add(1, _args("modr-1", verdict_only=True), outs["modr-1"])
+    proc._add(2, _args("modr-2", verdict_only=True), outs["modr-2"], params)  # at its end
+    proc._add(3, _args("check", verdict_only=True), outs["check"], params)  # mid-answer
+    proc.phase[3] = 1
+    proc.update_state(SimpleNamespace(removed=[0, 1, 2, 3], added=[], moved=[]))
+    assert list(proc.parked) == ["chat", "check"]
     assert not proc.verdict_only  # nothing left behind either
+    proc._add(0, _args("check", verdict_only=True), outs["check"], params)  # resumed
+    assert proc.phase[0] == 1 and proc.verdict_only == {"check"}
+
+
+def test_requests_the_http_side_ended_lose_their_parked_state():
+    """A removal the worker cannot tell from a preemption (a stop string, an abort) parks the
+    request; the next request brings the ids the HTTP side has finished with, and their
+    parked state is dropped, so it cannot push out a preempted request's."""
+    from safeserve.server.safety_tracker import TelemetryHub
+
+    proc, _ = _processor()
+    for i, rid in enumerate(("stopped", "preempted")):
+        proc._add(i, _args(rid), [4, 4])
+    proc.update_state(SimpleNamespace(removed=[0, 1], added=[], moved=[]))
+    assert list(proc.parked) == ["stopped", "preempted"]
+    hub, tracker = TelemetryHub(), _bare_tracker()
+    tracker.rid = "stopped"
+    hub.register(tracker)
+    hub.release("stopped")
+    hub.release("never-registered")  # not this hub's: nothing to tell
+    ended = hub.take_ended()
+    assert ended == ["stopped"] and hub.take_ended() == []  # handed out once
+    proc._add(0, _args("next", ended=ended), [])
+    assert list(proc.parked) == ["preempted"]
 
 
 def _tracker_with_cut(cut: tuple[int, int], forced: dict[int, int] | None = None):
