@@ -209,16 +209,22 @@ def external_prompt_metrics(scores: torch.Tensor, feats: Features,
 
 
 def head_external_metrics(head: SafetyHead, ex: Features) -> dict:
-    """``external_prompt_metrics`` of a finished head at its served thresholds."""
+    """``external_prompt_metrics`` of a finished head at its served thresholds, its prompt
+    offset (``operating_point.prompt_logit_offset``, kept from an --init-head) applied as
+    the server applies it."""
+    scores = offset_prompt_rows(scores_of(ex.hidden[head.layer], head.weight, head.bias,
+                                          mlp=head.mlp),
+                                ex.kind == MASK_PROMPT, prompt_logit_offset(head.extra))
     return external_prompt_metrics(
-        scores_of(ex.hidden[head.layer], head.weight, head.bias, mlp=head.mlp), ex,
-        torch.tensor([c.threshold for c in head.taxonomy.categories] + [0.5]))
+        scores, ex, torch.tensor([c.threshold for c in head.taxonomy.categories] + [0.5]))
 
 
 def split_groups(meta: list[dict], fraction: float, seed: int) -> tuple[set[int], set[int]]:
     groups = sorted({m["group"] for m in meta})
     random.Random(seed).shuffle(groups)
-    pick = set(groups[: int(round(len(groups) * fraction))])
+    # each side gets a group when there are two (a half without one has nothing to measure)
+    n = int(round(len(groups) * fraction))
+    pick = set(groups[: min(max(n, 1), len(groups) - 1) if len(groups) >= 2 else n])
     a = {i for i, m in enumerate(meta) if m["group"] in pick}
     return a, set(range(len(meta))) - a
 

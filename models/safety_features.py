@@ -269,7 +269,10 @@ def head_features(data, eval_data, external: Path | None, model_dir: Path,
     if paths_of(eval_data):
         out["heldout"] = concat_features([of_file(p, "heldout") for p in paths_of(eval_data)])
     else:
-        held = _held_groups({m["group"] for m in train.meta}, seed)
+        # Held-out groups drawn from every row read, as split_data draws them (lora / full
+        # mode, the pre-check): rows dropped at --max-length must not reshuffle the split.
+        held = _held_groups({t.group or t.user_text for p in paths_of(data)
+                             for t in load_trajectories(p, taxonomy)}, seed)
         out["train"] = train.subset({i for i, m in enumerate(train.meta)
                                      if m["group"] not in held})
         out["heldout"] = train.subset({i for i, m in enumerate(train.meta) if m["group"] in held})

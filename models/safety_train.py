@@ -475,7 +475,7 @@ def check_options(args: dict) -> None:
             raise TrainInputError(f"--init-head: {exc}") from None
 
 
-def check_data(args: dict, taxonomy: Taxonomy) -> None:
+def check_data(args: dict, taxonomy: Taxonomy, log=print) -> None:
     """Read the data once before the model loads: row errors, and a held-out set that cannot
     be split into a calibration half and a report half (it needs two prompt groups), fail
     now, not after the fit."""
@@ -493,6 +493,13 @@ def check_data(args: dict, taxonomy: Taxonomy) -> None:
     if not train:
         raise TrainInputError(f"no training rows left at --max-length {args['max_length']}")
     groups = {t.group or t.user_text for t in held}
+    if paths_of(args.get("eval_data")):
+        # The same prompt on both sides: held-out metrics and calibration partly measure
+        # training conversations. (Group ids are per file, so it is the text that is compared.)
+        shared = {t.user_text for t in held} & {t.user_text for t in train}
+        if shared:
+            log(f"warning: {len(shared)} prompt(s) of --eval-data are also in --data (e.g. "
+                f"{sorted(shared)[0][:80]!r}): the held-out metrics include training prompts")
     if len(groups) < 2:
         where = ("--eval-data" if paths_of(args.get("eval_data"))
                  else "the held-out 20% of --data's prompt groups")
@@ -518,8 +525,9 @@ def train_safety(args: dict, log=print) -> dict:
     except (ValueError, OSError) as exc:
         raise TrainInputError(f"--taxonomy: {exc}") from None
     if args["layer"] != -1:
-        log(f"warning: layer {args['layer']} is for probing; the server serves layer -1 only "
-            "and refuses to load this head")
+        raise TrainInputError(f"--layer {args['layer']}: the server serves heads on the final "
+                              "hidden state (-1) only; compare layers with --probe-layers or "
+                              "`safeserve train probe-layers`")
     if args["lm_targets"] not in LM_TARGETS:
         raise TrainInputError(f"lm_targets must be one of {LM_TARGETS}, not {args['lm_targets']!r}")
     if (args["mlp_units"] or args["mlp_gate"] or args["init_head"]) and args["mode"] != "head":
@@ -527,10 +535,13 @@ def train_safety(args: dict, log=print) -> dict:
                               "lora/full train a linear head")
     if args["mlp_gate"] and not args["mlp_units"]:
         raise TrainInputError("--mlp-gate gates the MLP: give --mlp-units too")
+    if args["init_head"] and not args["mlp_units"]:
+        raise TrainInputError("--init-head keeps that head's linear part frozen and trains an "
+                              "MLP beside it: give --mlp-units")
     if args["keep_thresholds"] and not args["init_head"]:
         raise TrainInputError("--keep-thresholds keeps --init-head's operating point: give it")
     check_options(args)
-    check_data(args, taxonomy)
+    check_data(args, taxonomy, log)
     if args["mode"] == "head":
         return run_head_mode(args, taxonomy, log)
     return run_adapter_mode(args, taxonomy, log)  # lora | full (check_options)

@@ -715,7 +715,11 @@ def test_bad_options_and_unsplittable_data_fail_before_anything_loads(tiny, tmp_
     for extra, message in ((["--dtype", "float64"], "--dtype must be one of"),
                            (["--tau", "0"], "--tau must be at least 1"),
                            (["--target-fpr", "1.5"], "--target-fpr must lie in (0, 1)"),
-                           (["--eval-data", str(one_group)], "1 prompt group(s)")):
+                           (["--eval-data", str(one_group)], "1 prompt group(s)"),
+                           # a head the server would refuse to load, found after the fit
+                           (["--layer", "2"], "--layer 2"),
+                           # a frozen linear head and nothing beside it to train
+                           (["--init-head", str(d)], "give --mlp-units")):
         r = runner.invoke(app, base + extra)
         assert r.exit_code == 2, (extra, r.output)
         assert message in r.output and "Traceback" not in r.output, r.output
@@ -847,3 +851,58 @@ def test_train_safety_options_that_would_fail_late_fail_first(tmp_path):
         with pytest.raises(TrainInputError, match=words):
             check_options({**base, **extra})
     check_options({**base, "probe_layers": "10,-1"})
+
+
+def test_calibration_halves_each_get_a_group_and_eval_overlap_is_reported(tiny, tmp_path):
+    from safeserve.models.safety_calibration import split_groups
+    from safeserve.models.safety_train import check_data
+
+    meta = [{"group": g} for g in ("a", "a", "b")]
+    for fraction in (0.1, 0.5, 0.9):  # two groups: one on each side, whatever the fraction
+        cal, rep = split_groups(meta, fraction, 0)
+        assert cal and rep and not cal & rep
+    d, _ = tiny
+    data = _write(tmp_path / "train.jsonl", _rows(8, 0))
+    logs = []
+    check_data({"data": data, "eval_data": [data], "model": str(d), "max_length": 128,
+                "seed": 0}, Taxonomy.load(), logs.append)
+    assert any("also in --data" in m for m in logs), logs
+
+
+def test_head_mode_holds_out_what_the_other_modes_hold_out(tiny, tmp_path):
+    """Rows dropped at --max-length must not reshuffle which prompt groups are held out."""
+    from safeserve.models.safety_features import head_features, split_data
+
+    model_dir, _ = tiny
+    rows = _rows(12, 0)
+    resp = "word " * 400 + "Now a bomb."  # turns unsafe past max_length 128: dropped
+    rows[3] = {**rows[3], "response": resp, "response_unsafe_from": resp.index("Now")}
+    data = _write(tmp_path / "train.jsonl", rows)
+    _, held = split_data(data, None, Taxonomy.load(), 0)
+    feats, _ = head_features(data, None, None, model_dir, Taxonomy.load(), [-1], 128, 8,
+                             tmp_path / "cache", 0, lambda *a: None)
+    assert {m["group"] for m in feats["heldout"].meta} == {t.group for t in held}
+
+
+def test_external_prompt_metrics_apply_the_heads_prompt_offset():
+    """A head kept at its --init-head's operating point flags prompts with that point's
+    prompt offset, as served: the external metrics must read it the same way."""
+    from safeserve.models.checkpoint import SafetyHead
+    from safeserve.models.decision_defaults import OPERATING_POINT, PROMPT_LOGIT_OFFSET
+    from safeserve.models.safety_calibration import head_external_metrics
+    from safeserve.models.safety_data import MASK_PROMPT
+    from safeserve.models.safety_features import Features
+
+    tax = Taxonomy.load()
+    k = len(tax.categories) + 1
+    weight, bias = torch.zeros(k, 4), torch.full((k,), -1.0)  # every score sigmoid(-1) = 0.27
+    rows = 6
+    feats = Features({-1: torch.zeros(rows, 4)}, torch.zeros(rows, k),
+                     torch.full((rows,), MASK_PROMPT), torch.arange(rows),
+                     [{"source": "x", "prompt_unsafe": i % 2 == 0, "group": str(i)}
+                      for i in range(rows)])
+    plain = head_external_metrics(SafetyHead(weight, bias, tax), feats)
+    moved = head_external_metrics(SafetyHead(weight, bias, tax, extra={
+        OPERATING_POINT: {PROMPT_LOGIT_OFFSET: 5.0}}), feats)  # sigmoid(4) = 0.98 > 0.5
+    assert plain["x/unsafe"]["flagged_rate"] == 0.0
+    assert moved["x/unsafe"]["flagged_rate"] == 1.0 and moved["x/safe"]["flagged_rate"] == 1.0
