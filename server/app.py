@@ -71,9 +71,13 @@ def create_app(engine: Engine, safety=None, head_check=None) -> FastAPI:
         return keyring.authenticate(request.headers.get("authorization"))
 
     def require_ready() -> None:
-        if not engine.is_ready:
-            raise APIError(503, "the engine is not ready yet", type="server_error",
-                           code="engine_not_ready")
+        if engine.is_ready:
+            return
+        if engine.failed:
+            raise APIError(503, "the engine has stopped; the server is shutting down",
+                           type="server_error", code="engine_dead")
+        raise APIError(503, "the engine is not ready yet", type="server_error",
+                       code="engine_not_ready")
 
     def check_model(name: str) -> None:
         if name != engine.spec.served_name:
@@ -88,7 +92,7 @@ def create_app(engine: Engine, safety=None, head_check=None) -> FastAPI:
     async def ready():
         if engine.is_ready:
             return {"status": "ready", "model": engine.spec.served_name}
-        status = "failed" if engine.error else "loading"
+        status = "failed" if engine.failed else "loading"
         return JSONResponse({"status": status}, status_code=503)
 
     @app.get("/metrics")

@@ -17,6 +17,10 @@ from safeserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# How often a ready engine is checked for having died (its core process killed, e.g. by the
+# out-of-memory killer): a dead one stops the server, so a supervisor restarts it.
+WATCH_PERIOD_S = 2.0
+
 
 def _stat_logger_factory():
     from vllm.v1.metrics.loggers import StatLoggerBase
@@ -79,6 +83,7 @@ class Engine:
         # How a failed start stops the server: run_server points it at uvicorn's exit flag,
         # so the process ends through its own exit path with the reason; without one, SIGTERM.
         self.on_failure = None
+        self._watch_task: asyncio.Task | None = None
 
     def _build(self):
         from transformers import AutoTokenizer
@@ -121,14 +126,29 @@ class Engine:
             self.ready.set()
             log.info("engine ready: %s", self.spec.served_name)
         except Exception as e:
-            # A server whose engine cannot start must not linger half-alive: stop the process
-            # (run_server turns this into a non-zero exit) so a supervisor can see and restart.
-            self.error = e
             log.exception("engine failed to start; shutting down")
-            if self.on_failure is not None:
-                self.on_failure()
-            else:
-                os.kill(os.getpid(), signal.SIGTERM)
+            self._fail(e)
+            return
+        self._watch_task = asyncio.create_task(self._watch())
+
+    def _fail(self, error: BaseException) -> None:
+        """A server whose engine cannot run must not linger half-alive (answering 503s
+        forever): stop the process (run_server turns this into a non-zero exit) so a
+        supervisor can see it and restart it."""
+        self.error = error
+        if self.on_failure is not None:
+            self.on_failure()
+        else:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    async def _watch(self) -> None:
+        while (llm := self.llm) is not None:
+            if llm.errored:
+                error = getattr(llm, "dead_error", None) or RuntimeError("the engine died")
+                log.error("the engine died after it was ready (%s); shutting down", error)
+                self._fail(error)
+                return
+            await asyncio.sleep(WATCH_PERIOD_S)
 
     @property
     def eos_id(self) -> int:
@@ -140,6 +160,11 @@ class Engine:
         return frozenset(int(i) for i in self.tokenizer.all_special_ids)
 
     @property
+    def failed(self) -> bool:
+        """It failed to start, or died after it was ready."""
+        return self.error is not None or (self.llm is not None and bool(self.llm.errored))
+
+    @property
     def is_ready(self) -> bool:
         return self.ready.is_set() and self.llm is not None and not self.llm.errored
 
@@ -148,6 +173,8 @@ class Engine:
             await self.llm.abort(request_id)
 
     def shutdown(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
         if self.llm is not None:
             self.llm.shutdown()
             self.llm = None

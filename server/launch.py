@@ -66,7 +66,7 @@ def load_settings(**overrides) -> Settings:
         problems = []
         for err in e.errors():
             name = str(err["loc"][0]) if err["loc"] else "settings"
-            flag = "--" + name.replace("_", "-")
+            flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
             problems.append(f"{flag} (or SAFESERVE_{name.upper()}): {err['msg']}, "
                             f"got {err.get('input')!r}")
         raise StartupError("invalid setting " + "; ".join(problems)) from None
@@ -75,6 +75,9 @@ def load_settings(**overrides) -> Settings:
                     "(set --api-key / SAFESERVE_API_KEYS)", settings.host)
     return settings
 
+
+# Settings whose command-line flag is not their name with dashes.
+_FLAGS = {"api_keys": "--api-key"}
 
 def resolve_spec(settings: Settings) -> EngineSpec:
     from safeserve.models.model_store import DEFAULT_MODEL_NAME, ensure_default_model
@@ -238,4 +241,6 @@ def run_server(settings: Settings) -> None:
 
         if isinstance(engine.error, HeadCheckFailed):
             raise StartupError(f"safety head self-check failed: {engine.error}")
+        if engine.ready.is_set():
+            raise StartupError(f"the engine died while serving: {engine.error}")
         raise StartupError(f"engine failed to start: {engine.error}")

@@ -10,7 +10,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SAFESERVE_", extra="ignore")
+    # inf / nan pass gt=0 otherwise (an infinite KV cache, a self-check that always passes)
+    model_config = SettingsConfigDict(env_prefix="SAFESERVE_", extra="ignore",
+                                      allow_inf_nan=False)
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -46,7 +48,7 @@ class Settings(BaseSettings):
         "be reproduced by this server (error: refuse to serve when they are not; warn: log and "
         "serve; off: skip)")
     head_check_tolerance: float | None = Field(
-        None, gt=0, description="largest allowed self-check difference in logits (default: "
+        None, gt=0, le=10, description="largest allowed self-check difference in logits (default: "
         "0.1 for float32, 1.0 for half precision)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
@@ -58,6 +60,10 @@ class Settings(BaseSettings):
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, v):
+        # the same reading for the variable's text and for repeated --api-key values: comma-
+        # separated, spaces around a key dropped (the server strips the token it receives)
         if isinstance(v, str):
-            return [k.strip() for k in v.split(",") if k.strip()]
+            v = [v]
+        if isinstance(v, (list, tuple)) and all(isinstance(k, str) for k in v):
+            return [k.strip() for item in v for k in item.split(",") if k.strip()]
         return v

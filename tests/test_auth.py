@@ -127,6 +127,25 @@ def test_api_keys_env_is_comma_separated_text(monkeypatch, env, keys):
     assert Settings().api_keys == keys
 
 
+def test_repeated_api_key_flags_read_like_the_variable():
+    from safeserve.server.settings import Settings
+
+    assert Settings(api_keys=[" k1 ", "k2,k3", ""]).api_keys == ["k1", "k2", "k3"]
+
+
+@pytest.mark.parametrize("overrides,flag", [
+    ({"kv_cache_gib": float("inf")}, "--kv-cache-gib"),
+    ({"head_check_tolerance": float("nan")}, "--head-check-tolerance"),
+    ({"head_check_tolerance": 1e9}, "--head-check-tolerance"),  # would always pass
+    ({"api_keys": 3}, "--api-key"),  # the flag's own name, not the setting's
+])
+def test_settings_that_cannot_work_are_startup_errors_naming_the_flag(overrides, flag):
+    from safeserve.server.launch import StartupError, load_settings
+
+    with pytest.raises(StartupError, match=f"invalid setting {flag} "):
+        load_settings(**overrides)
+
+
 def _policy_with(tmp_path, presets: str, **kw) -> SafetyPolicy:
     path = tmp_path / "presets.yaml"
     path.write_text(presets)

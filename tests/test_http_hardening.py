@@ -410,6 +410,38 @@ def test_a_seed_of_minus_one_still_seeds(tokenizer, tmp_path):
     assert seeds == [-2, (1 << 64) - 1]
 
 
+def test_an_engine_that_dies_after_it_was_ready_stops_the_server(tokenizer, tmp_path,
+                                                                monkeypatch):
+    """Its core process killed (the out-of-memory killer): /ready says failed, requests get
+    a 503 that says so, and the watchdog stops the server so a supervisor restarts it (it
+    answered 503 "not ready yet" forever)."""
+    from safeserve.server import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "WATCH_PERIOD_S", 0.01)
+    llm = FakeLLM()
+    llm.shutdown = lambda: None
+    engine = Engine(Settings(), EngineSpec(model_dir=tmp_path, served_name="m"))
+    monkeypatch.setattr(engine, "_build", lambda: llm)
+    stopped = []
+    engine.on_failure = lambda: stopped.append(True)
+
+    async def run():
+        await engine.start()
+        engine.tokenizer = tokenizer
+        assert engine.is_ready and not engine.failed
+        await asyncio.sleep(0.05)
+        assert not stopped  # alive: the watchdog lets it be
+        llm.errored = True
+        c = TestClient(create_app(engine))
+        r = c.get("/ready")
+        assert r.status_code == 503 and r.json()["status"] == "failed"
+        _error(c.post("/v1/chat/completions", json=body(max_tokens=2)), 503, code="engine_dead")
+        await asyncio.sleep(0.1)
+        assert stopped == [True] and engine.error is not None
+        engine.shutdown()
+    asyncio.run(run())
+
+
 def test_continuous_usage_stats_puts_usage_in_every_chunk(tokenizer, tmp_path):
     engine = fake_engine(tokenizer, tmp_path, FakeLLM(tokens=3))
     c = TestClient(create_app(engine))
