@@ -37,7 +37,11 @@ def create_app(engine: Engine, safety=None, head_check=None) -> FastAPI:
     async def lifespan(app: FastAPI):
         if svc is not None:
             svc.hub.export_address()  # before the engine spawns its workers
-            await svc.hub.start()
+            try:
+                await svc.hub.start()
+            except BaseException:
+                svc.hub.stop()  # its socket directory too
+                raise
         verify = None
         if svc is not None and head_check is not None and head_check.runs:
             from safeserve.server.head_check import run_head_check

@@ -226,14 +226,20 @@ def run_server(settings: Settings) -> None:
         app = create_app(engine, build_safety(spec, settings), build_head_check(spec, settings))
     except (ValueError, OSError) as e:  # unreadable grants file and the like
         raise StartupError(one_line(e)) from None
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
-                                           log_level=settings.log_level,
-                                           timeout_graceful_shutdown=5))
+    config = uvicorn.Config(app, host=settings.host, port=settings.port,
+                            log_level=settings.log_level, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    try:
+        # Bound before the app starts (uvicorn would bind after its startup, which begins the
+        # engine's build): a port in use fails now, not after minutes of loading a model.
+        sock = config.bind_socket()
+    except SystemExit:  # uvicorn has logged the reason
+        raise StartupError(f"cannot listen on {settings.host}:{settings.port}") from None
     # A failed start asks uvicorn to exit rather than signalling the process: uvicorn re-raises
     # a signal it caught once it is done, which would end the process before the reason below.
     engine.on_failure = lambda: setattr(server, "should_exit", True)
     try:
-        server.run()
+        server.run(sockets=[sock])
     except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down; exit 0 as uvicorn.run does
         pass
     if engine.error is not None:

@@ -773,3 +773,23 @@ def test_errors_say_what_is_wrong_with_nan_and_non_text_parts(client):
         {"role": "user", "content": [{"type": "text", "text": "see"}, image]}])),
         400, "messages.1.content")
     assert "only text content parts" in err["message"] and "image_url" in err["message"]
+
+
+def test_a_telemetry_socket_that_cannot_bind_leaves_no_directory_behind(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from safeserve.server import safety_wire as W
+
+    monkeypatch.setenv(W.TELEMETRY_ENV, "unset")  # restored after: export_address sets it
+    hub = TelemetryHub()
+
+    async def cannot_bind():
+        raise OSError("address too long")
+
+    monkeypatch.setattr(hub, "start", cannot_bind)
+    spec = EngineSpec(model_dir=tmp_path, served_name="m", has_head=True, safety_enabled=True)
+    app = create_app(Engine(Settings(), spec), (SafetyPolicy(Taxonomy.load()), hub))
+    with pytest.raises(OSError, match="address too long"):
+        with TestClient(app):
+            pass
+    assert hub._dir is not None and not Path(hub._dir).exists()

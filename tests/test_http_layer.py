@@ -243,6 +243,28 @@ def test_misspelt_setting_variables_and_incomplete_heads_stop_the_server(tmp_pat
     assert r.returncode != 0 and "head.safetensors" in r.stderr, r.stderr
 
 
+def test_a_port_in_use_fails_before_the_engine_is_built(base_model_dir):
+    """uvicorn binds after the app's startup, which starts the engine's build: a busy port
+    cost a whole model load (minutes) before the exit. It is bound first now."""
+    import socket
+    import time
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        t0 = time.time()
+        r = run_serve("--model", str(base_model_dir), "--allow-unsafe", "--port",
+                      str(busy.getsockname()[1]))
+        elapsed = time.time() - t0
+    finally:
+        busy.close()
+    assert r.returncode == 1, r.stderr
+    assert "cannot listen on 127.0.0.1" in r.stderr.splitlines()[-1], r.stderr
+    assert "Traceback" not in r.stderr and "engine ready" not in r.stderr
+    assert elapsed < 60
+
+
 def test_composed_models_are_keyed_by_their_base_too(tmp_path, base_model_dir):
     import shutil
 
