@@ -41,6 +41,11 @@ hidden state after reading token ``p``:
   before it;
 * every other position is masked out.
 
+A complete response (one not cut at ``max_length``) is followed by the tokenizer's
+end-of-sequence token, the token the server ends a turn on: a position with no label (never
+scored), there only as the language-model target of lora / full mode, so that the model also
+learns where a safe answer or a refusal ends (``Encoded.end_of_turn``).
+
 The data build (``safeserve train build-safety-data``) is ``safety_data_build``.
 """
 
@@ -246,6 +251,9 @@ class Encoded:
     prompt_end: int  # last prompt position
     response_span: tuple[int, int]  # [start, end) token positions of the response
     truncated: bool = False
+    # Position of the end-of-sequence token after a complete response (None: no response,
+    # cut at max_length, or a tokenizer without one): unlabelled, an LM target only.
+    end_of_turn: int | None = None
 
 
 def target_vector(categories: list[str], taxonomy: Taxonomy) -> torch.Tensor:
@@ -287,6 +295,12 @@ def encode_trajectory(traj: Trajectory, tokenizer, taxonomy: Taxonomy,
                                      f"after max_length {max_length}")
 
     ids = p_ids + r_ids
+    end_of_turn = None
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if (r_ids and not truncated and eos is not None
+            and (max_length is None or len(ids) < max_length)):
+        end_of_turn = len(ids)
+        ids = ids + [int(eos)]
     k = taxonomy.num_outputs
     labels = torch.zeros(len(ids), k)
     mask = torch.zeros(len(ids), dtype=torch.int8)
@@ -300,4 +314,4 @@ def encode_trajectory(traj: Trajectory, tokenizer, taxonomy: Taxonomy,
         mask[start + j] = MASK_RESPONSE
         if traj.response_unsafe_from is not None and end > traj.response_unsafe_from:
             labels[start + j] = unsafe_t
-    return Encoded(ids, labels, mask, pe, (start, start + len(r_ids)), truncated)
+    return Encoded(ids, labels, mask, pe, (start, start + len(r_ids)), truncated, end_of_turn)

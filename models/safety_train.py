@@ -267,6 +267,9 @@ def _collate(encs: list[Encoded], pad: int, lm_targets: str = "safe"):
         if lm_targets == "benign" and bool((e.labels[e.mask > 0] > 0.5).any()):
             safe_resp = torch.zeros_like(safe_resp)
         lm[r, :n] = torch.where(safe_resp, ids, torch.full_like(ids, -100))
+        if e.end_of_turn is not None and bool(safe_resp.any()):
+            # where a response that is a target ends: the turn's end is one too
+            lm[r, e.end_of_turn] = ids[e.end_of_turn]
     return {"input_ids": x, "attention_mask": att, "labels": lab, "kind": kind, "lm": lm}
 
 

@@ -116,10 +116,15 @@ def test_labels_at_prompt_end_and_response_offsets(tiny):
     assert rendered.endswith("<|im_start|>assistant\n")
     assert enc.prompt_end == len(p_ids) - 1
     assert enc.input_ids[: len(p_ids)] == p_ids
-    assert tok.decode(enc.input_ids[enc.prompt_end + 1:]) == resp
+    start, end = enc.response_span
+    assert start == enc.prompt_end + 1 and tok.decode(enc.input_ids[start:end]) == resp
+    # the turn's end follows a complete response: unlabelled, an LM target only
+    assert enc.end_of_turn == end == len(enc.input_ids) - 1
+    assert enc.input_ids[end] == tok.eos_token_id and enc.mask[end] == MASK_IGNORE
+    assert enc.labels[end].sum() == 0
     assert enc.mask[enc.prompt_end] == MASK_PROMPT
     assert (enc.mask[: enc.prompt_end] == MASK_IGNORE).all()
-    assert (enc.mask[enc.prompt_end + 1:] == MASK_RESPONSE).all()
+    assert (enc.mask[start:end] == MASK_RESPONSE).all()
     assert enc.labels[enc.prompt_end].sum() == 0  # safe prompt
     offsets = tok(resp, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     w = tax.index("weapons")
@@ -508,6 +513,15 @@ def test_lm_targets_benign_keeps_only_benign_answers(tiny):
     assert targets(safe, 0) == 0 and targets(benign, 0) == 0  # harmful text: never
     assert targets(safe, 1) > 0 and targets(benign, 1) == 0  # the written refusal
     assert targets(safe, 2) == targets(benign, 2) > 0  # the benign answer
+    # where a target answer ends, the turn's end is a target too (the model learns to stop
+    # after a refusal); not after harmful text, nor after a refusal under "benign"
+    eot = [e.end_of_turn for e in encs]
+    assert all(j is not None for j in eot)
+    assert safe[1, eot[1]] == tok.eos_token_id and benign[2, eot[2]] == tok.eos_token_id
+    assert safe[0, eot[0]] == -100 and benign[1, eot[1]] == -100
+    # the end-of-turn position is no classification sample
+    assert all(int(e.mask[e.end_of_turn]) == 0 and e.labels[e.end_of_turn].sum() == 0
+               for e in encs)
     with pytest.raises(ValueError, match="lm_targets"):
         train_safety({"data": "x", "out": "y", "lm_targets": "all"}, log=lambda *a: None)
 
@@ -695,6 +709,12 @@ def test_a_response_cut_before_it_turns_unsafe_is_skipped_not_mislabelled(tiny):
     assert encs == [] and kept == [] and "turns unsafe only after max_length" in logs[0]
     full = encode_trajectory(t, tok, tax, 512)  # long enough: labelled as before
     assert full.labels[:, -1].sum() > 0
+    # a safe response cut at max_length did not end there: no end-of-turn target
+    safe = parse_trajectory({"prompt": "tell me about a cake", "response": "A cake is nice. " * 6,
+                             "prompt_label": "safe", "categories": [],
+                             "response_unsafe_from": None, "source": "t"}, "row")
+    cut = encode_trajectory(safe, tok, tax, n_prompt + 4)
+    assert cut.truncated and cut.end_of_turn is None and len(cut.input_ids) == n_prompt + 4
 
 
 def test_bad_options_and_unsplittable_data_fail_before_anything_loads(tiny, tmp_path):
