@@ -409,9 +409,13 @@ def test_header_and_body_configs_must_agree(http, server):
             "safety_config": {"allow": []}}
     r = http.post("/v1/chat/completions", json=body, headers={"X-Safety-Config": "stopper"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "conflicting_safety_config"
-    # the test presets' `strict` is exactly {"allow": []}: a name and its fields agree
-    r = http.post("/v1/chat/completions", json=body, headers={"X-Safety-Config": "strict"})
+    # a name and exactly the fields its YAML sets agree (the test presets' `strict` is
+    # {"allow": [], "on_violation": "refuse"}); a subset of them does not
+    r = http.post("/v1/chat/completions", headers={"X-Safety-Config": "strict"},
+                  json={**body, "safety_config": {"allow": [], "on_violation": "refuse"}})
     assert r.status_code == 200 and r.json()["safety"]["config"]["preset"] == "strict"
+    r = http.post("/v1/chat/completions", json=body, headers={"X-Safety-Config": "strict"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "conflicting_safety_config"
     r = http.post("/v1/chat/completions", json=body,
                   headers={"X-Safety-Config": '{"allow": []}'})
     assert r.status_code == 200
