@@ -38,6 +38,11 @@ def alert_band(extra: dict) -> tuple[float, int | None]:
     return (margin, int(tau)) if margin > 0 else (0.0, None)
 
 
+# How a request's guideline reaches the model: the system message the server builds from it,
+# and what config-conditioned training (models/cosalign) writes, so the two cannot differ.
+GUIDELINE_TEMPLATE = "Safety guideline for this conversation (follow it):\n{guideline}"
+
+
 PROMPT_LOGIT_OFFSET = "prompt_logit_offset"
 
 

@@ -172,7 +172,7 @@ def move_operating_point(head_dir: Path, out: Path, *, prompt_shift: float,
         "served_thresholds": {cat.id: cat.threshold for cat in new.taxonomy.categories},
         "moved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "note": "metrics above this block were measured at the head's previous operating point"}
-    from safeserve.models.safety_train import write_checkpoint
+    from safeserve.models.head_writer import write_checkpoint
 
     write_checkpoint(new, metrics, Path(out), new.extra)
     adapter = Path(head_dir) / "adapter"

@@ -300,7 +300,7 @@ def write_readout_checkpoint(head, head_dir: Path, out: Path, model_dir: Path | 
     with its self-check record on the served LM: the old metrics with ``stats`` under ``key``
     (also in ``head_config.json``), and ``head_dir``'s LoRA adapter beside it. Returns
     ``stats``."""
-    from safeserve.models.safety_train import write_checkpoint
+    from safeserve.models.head_writer import write_checkpoint
 
     old = Path(head_dir) / "safety_head" / "metrics.json"
     all_metrics = {**(json.loads(old.read_text()) if old.is_file() else {}), key: stats,

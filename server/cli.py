@@ -112,7 +112,7 @@ def _register_plugins() -> None:
     import importlib
 
     for module, group in (
-        ("safeserve.models.safety_train", train_app),
+        ("safeserve.models.safety_train_cli", train_app),
         ("safeserve.models.evaluation.cli", eval_app),
         ("safeserve.models.seal.cli", train_app),
         ("safeserve.models.cosalign.cli", train_app),

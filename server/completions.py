@@ -423,15 +423,8 @@ async def _merged_steps(engine: Engine, prep: PreparedRequest,
 
     async def pump(choice: ChoiceState):
         try:
-            params = sampling_params(prep, choice.index, choice.extra_args)
-            async for out in engine.llm.generate(
-                {"prompt_token_ids": prep.prompt_ids}, params, choice.request_id
-            ):
-                c = out.outputs[0]
-                if out.finished:
-                    choice.finish_reason, choice.stop_reason = c.finish_reason, c.stop_reason
-                    _raise_engine_failure(choice)
-                await queue.put(_Step(choice, c.text, c.token_ids, out.finished, c.logprobs))
+            async for step in _engine_steps(engine, prep, choice):
+                await queue.put(step)
         except BaseException as e:
             await queue.put(e)
         finally:
@@ -480,18 +473,27 @@ def _raise_engine_failure(choice: ChoiceState) -> None:
         choice.finish_reason = "stop"
 
 
+async def _engine_steps(engine: Engine, prep: PreparedRequest,
+                        choice: ChoiceState) -> AsyncIterator[_Step]:
+    """One choice's engine request, output by output; its ending recorded on ``choice``
+    (an engine failure raised). The callers map errors and abort what did not finish."""
+    params = sampling_params(prep, choice.index, choice.extra_args)
+    async for out in engine.llm.generate(
+        {"prompt_token_ids": prep.prompt_ids}, params, choice.request_id
+    ):
+        c = out.outputs[0]
+        if out.finished:
+            choice.finish_reason, choice.stop_reason = c.finish_reason, c.stop_reason
+            _raise_engine_failure(choice)
+        yield _Step(choice, c.text, c.token_ids, out.finished, c.logprobs)
+
+
 async def _single_steps(engine: Engine, prep: PreparedRequest,
                         choice: ChoiceState) -> AsyncIterator[_Step]:
-    params = sampling_params(prep, choice.index, choice.extra_args)
     try:
-        async for out in engine.llm.generate(
-            {"prompt_token_ids": prep.prompt_ids}, params, choice.request_id
-        ):
-            c = out.outputs[0]
-            if out.finished:
-                choice.finish_reason, choice.stop_reason = c.finish_reason, c.stop_reason
-                _raise_engine_failure(choice)
-            yield _Step(choice, c.text, c.token_ids, out.finished, c.logprobs)
+        async with contextlib.aclosing(_engine_steps(engine, prep, choice)) as steps:
+            async for step in steps:
+                yield step
     except Exception as e:  # engine-side validation of our params, a full queue
         raise (engine_request_error(e) or e) from None
     finally:

@@ -8,6 +8,7 @@ import unicodedata
 from dataclasses import dataclass
 
 from safeserve.kernels.safety_decision import EVENT_TRIGGER
+from safeserve.models.decision_defaults import GUIDELINE_TEMPLATE
 from safeserve.server.auth import Principal, authorize_config
 from safeserve.server.protocol import SafetyReport
 from safeserve.server.safety_config import (
@@ -20,7 +21,6 @@ from safeserve.server.safety_tracker import RequestTracker, TelemetryHub
 from safeserve.server.safety_wire import StepRecord
 
 REFUSAL_SEPARATOR = "\n\n"
-GUIDELINE_TEMPLATE = "Safety guideline for this conversation (follow it):\n{guideline}"
 
 
 @dataclass

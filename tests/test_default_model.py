@@ -509,3 +509,70 @@ def test_the_default_prompt_verdict_flags_short_canonical_requests():
     missed = [t for t, f in zip(CANONICAL_HARMFUL, flagged) if not f]
     assert not missed, missed
     assert flagged[len(CANONICAL_HARMFUL):] == [False, False]
+
+
+# The README's API examples, run as written against the default server: its base URL
+# swapped for this server's, nothing else changed, so an example that stops working (or a
+# documented outcome that stops holding) fails here rather than in a user's hands.
+README_URL = "127.0.0.1:8000"
+
+
+def readme_api_blocks(language: str) -> list[str]:
+    """The fenced ``language`` blocks of README's "API" and "Safety configs" sections."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start, end = text.index("\n## API\n"), text.index("\n## Configuration\n")
+    return re.findall(rf"^```{language}\n(.*?)^```$", text[start:end], re.S | re.M)
+
+
+def run_curl(block: str, base_url: str) -> str:
+    import subprocess
+
+    host = base_url.split("://", 1)[1].rstrip("/")
+    script = block.replace("localhost:8000", host).replace(README_URL, host)
+    done = subprocess.run(["bash", "-c", "set -euo pipefail\n" + script.replace(
+        "curl -s ", "curl -sS --fail-with-body ")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (script, done.stdout, done.stderr)
+    return done.stdout
+
+
+def test_the_readme_curl_examples_work_and_say_what_the_readme_says(default_server):
+    import json
+
+    blocks = readme_api_blocks("bash")
+    assert len(blocks) == 3, "a curl example was added or removed: check it here"
+    pipe_bomb, moderation, sword_fight = (run_curl(b, str(default_server.base_url))
+                                          for b in blocks)
+    answer = json.loads(pipe_bomb)
+    safety = answer["safety"]  # "safety.action: refuse, prompt flagged weapons"
+    assert safety["action"] == "refuse" and "weapons" in safety["prompt"]["categories"]
+    assert answer["choices"][0]["message"]["content"].startswith(DEFAULT_REFUSAL)
+    assert answer["choices"][0]["finish_reason"] == "stop"
+    verdict = json.loads(moderation)
+    assert len(verdict["results"]) == 1 and verdict["safety"]["config"]["allow"] == ["violence"]
+    events = [json.loads(line[len("data: "):]) for line in sword_fight.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    assert sword_fight.rstrip().endswith("data: [DONE]")
+    last = [e for e in events if e["choices"] and e["choices"][0]["finish_reason"]][-1]
+    # "answered, action none: ... the topic gate and the overall output judge the prompt"
+    assert last["safety"]["action"] == "none"
+    assert last["choices"][0]["finish_reason"] in ("stop", "length")
+    assert last["safety"]["config"]["allow"] == ["violence"]
+    assert last["safety"]["config"]["on_violation"] == "stop" and last["safety"]["config"]["holdback"]
+    assert last["safety"]["prompt_thresholds"]["sexual"] is None
+
+
+def test_the_readme_python_examples_run_as_written(default_server, capsys):
+    blocks = readme_api_blocks("python")
+    assert len(blocks) == 4, "a Python example was added or removed: check it here"
+    namespace: dict = {}
+    host = str(default_server.base_url).split("://", 1)[1].rstrip("/")
+    for block in blocks:  # in order: the first defines `client`, the others use it
+        exec(compile(block.replace(README_URL, host), "README.md", "exec"), namespace)
+    printed = capsys.readouterr().out
+    # the first block prints the answer and its action, then streams and prints usage
+    assert "none" in printed and "completion_tokens" in printed, printed
+    # the moderation example prints (flagged, weapons score) per input: pipe bomb, "Hi!"
+    assert "[(True, " in printed and "(False, " in printed, printed

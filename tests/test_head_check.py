@@ -147,7 +147,7 @@ def test_record_follows_the_head_through_training_and_operating_point(tmp_path,
     what the forward computes for the moved head."""
     from safeserve.models.operating_point import move_operating_point
     from safeserve.models.safety_features import load_lm
-    from safeserve.models.safety_train import write_checkpoint
+    from safeserve.models.head_writer import write_checkpoint
 
     tax = Taxonomy.load()
     g = torch.Generator().manual_seed(0)
@@ -192,7 +192,7 @@ def test_prompt_readout_serves_prompt_rows_and_moves_with_the_operating_point(tm
     from safeserve.models.checkpoint import FORMAT_VERSION_PROMPT
     from safeserve.models.operating_point import move_operating_point
     from safeserve.models.safety_features import load_lm
-    from safeserve.models.safety_train import write_checkpoint
+    from safeserve.models.head_writer import write_checkpoint
 
     tax = Taxonomy.load()
     k, h = tax.num_outputs, 576

@@ -455,7 +455,7 @@ def test_a_refit_read_out_drops_the_no_allowlist_rule_and_a_fine_tune_records_on
     from safeserve.models.head_check import SelfCheck, compute_record, record_self_check
     from safeserve.models.operating_point import move_operating_point
     from safeserve.models.safety_features import load_lm
-    from safeserve.models.safety_train import write_checkpoint
+    from safeserve.models.head_writer import write_checkpoint
 
     rule = {"no_allowlist_prompt_own": "overall", "no_allowlist_readout_shift": -1.0}
     extra = {"base_model": "b", "operating_point": {"tau": 4, "topic_gate_shift": -0.5, **rule}}

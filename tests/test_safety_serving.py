@@ -52,6 +52,7 @@ def test_prompt_verdict_refuses_and_withholds_an_explanation_that_reads_unsafe(h
     assert data["usage"]["completion_tokens"] < 24  # ended, not run to max_tokens
     assert r.headers["X-Safety-Action"] == "refuse"
     assert "violence" in r.headers["X-Safety-Categories"]
+    assert r.headers["X-Safety-Enabled"] == "true" and r.headers["X-Safety-Preset"] == "strict"
     # Streamed, with or without holdback: not one token of the explanation reaches the client.
     for holdback in (False, True):
         with http.stream("POST", "/v1/chat/completions", json={
@@ -187,6 +188,13 @@ def test_alert_band_watches_a_near_prompt_more_closely(http, server):
     s = far.json()["safety"]
     assert s["prompt"]["alert"] is False and s["action"] == "none"
     assert "Paris" in far.json()["choices"][0]["message"]["content"]
+    # a moderation of the same text under the same config says the same about the band
+    for threshold, alert in ((0.9999, True), (0.999999, False)):
+        mod = http.post("/v1/moderations", json={
+            "input": FRANCE[0]["content"],
+            "safety_config": {"tau": 3, "threshold": {"violence": threshold}}})
+        assert mod.status_code == 200, mod.text
+        assert mod.json()["results"][0]["alert"] is alert and not mod.json()["results"][0]["flagged"]
 
 
 def test_stop_action_ends_with_content_filter(http, server):
@@ -200,7 +208,8 @@ def test_stop_action_ends_with_content_filter(http, server):
 
 
 def test_threshold_shift_moves_the_response_rule_and_not_the_prompt_verdict(http, server):
-    cfg = {"allow": ["violence"], "on_violation": "annotate", "trace": True}
+    # tau 1 on both sides, so both are flagged and their first violating tokens compare
+    cfg = {"allow": ["violence"], "on_violation": "annotate", "trace": True, "tau": 1}
     plain = chat(http, server, FRANCE, safety_config=cfg).json()
     strict = chat(http, server, FRANCE, safety_config={**cfg, "threshold_shift": -8}).json()
     sp, ss = plain["safety"], strict["safety"]
@@ -208,9 +217,8 @@ def test_threshold_shift_moves_the_response_rule_and_not_the_prompt_verdict(http
     assert ss["prompt_thresholds"] == sp["prompt_thresholds"] == sp["thresholds"]
     assert all(ss["thresholds"][n] < sp["thresholds"][n] for n in sp["thresholds"])
     assert [p["scores"] for p in ss["trace"]] == [p["scores"] for p in sp["trace"]]
-    assert ss["response"]["flagged"]
-    if sp["response"]["flagged"]:
-        assert ss["response"]["token_index"] <= sp["response"]["token_index"]
+    assert ss["response"]["flagged"] and sp["response"]["flagged"]
+    assert ss["response"]["token_index"] <= sp["response"]["token_index"]
     assert strict["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
 
 

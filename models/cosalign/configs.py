@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from safeserve.models.decision_defaults import GUIDELINE_TEMPLATE
+
 from safeserve.models.taxonomy import Taxonomy
 
 # Short readable descriptions of our taxonomy ids (the definitions in taxonomy.yaml are the
@@ -66,9 +68,7 @@ def render_config(allow, taxonomy: Taxonomy | None = None, template: int = 0) ->
 
 def system_prompt(config_text: str) -> str:
     """The system message the server builds from a guideline, so training sees what serving
-    sends (the template lives with the server)."""
-    from safeserve.server.safety_service import GUIDELINE_TEMPLATE
-
+    sends."""
     return GUIDELINE_TEMPLATE.format(guideline=config_text.strip())
 
 
