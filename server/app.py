@@ -58,10 +58,14 @@ def create_app(engine: Engine, safety=None, head_check=None) -> FastAPI:
             if svc is not None:
                 svc.hub.stop()
 
-    app = FastAPI(title="SafeServe", version="0.1.0", lifespan=lifespan)
+    keyring = KeyRing(list(engine.settings.api_keys), engine.settings.grants)
+    # With keys, nothing but /health, /ready and /metrics answers without one: FastAPI's
+    # schema and docs pages are left out (the API is OpenAI's, documented in the README).
+    docs = {} if not keyring.enabled else {"openapi_url": None, "docs_url": None,
+                                            "redoc_url": None}
+    app = FastAPI(title="SafeServe", version="0.1.0", lifespan=lifespan, **docs)
     install_handlers(app)
     # Outermost last: the accounting sees the body limit's 413s.
-    keyring = KeyRing(list(engine.settings.api_keys), engine.settings.grants)
     app.add_middleware(BodyLimit, limit=engine.settings.max_request_body_bytes)
     if keyring.enabled:
         app.add_middleware(AuthenticateFirst, authenticate=keyring.authenticate,
@@ -156,9 +160,9 @@ def create_app(engine: Engine, safety=None, head_check=None) -> FastAPI:
             # The first event is produced before the response starts: a failure up to there
             # is still an HTTP error; after it, the stream ends with an error event.
             first = await events.__anext__()
-            return StreamingResponse(_relay(first, events), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache",
-                                              **_config_headers(req_safety)})
+            return ClosingStreamingResponse(
+                _relay(first, events), media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", **_config_headers(req_safety)})
         metrics.IN_FLIGHT.inc()
         try:
             result = await _unless_disconnected(request, completions.complete(engine, svc, prep))
@@ -236,14 +240,28 @@ def _safety_headers(reports) -> dict:
             "X-Safety-Categories": ",".join(cats)}
 
 
+class ClosingStreamingResponse(StreamingResponse):
+    """Closes its body when the response ends, however it ends: Starlette leaves an
+    abandoned body to the garbage collector, and until then the request's engine request,
+    tracker and in-flight count live on (a client gone while a write was pending)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
 async def _counted(gen):
     metrics.IN_FLIGHT.inc()
     try:
         async for item in gen:
             yield item
     finally:
-        await gen.aclose()
-        metrics.IN_FLIGHT.dec()
+        try:
+            await gen.aclose()  # (aborts the engine request: may raise on a failing engine)
+        finally:
+            metrics.IN_FLIGHT.dec()
 
 
 async def _relay(first: str, events):

@@ -90,6 +90,12 @@ class Principal:
 OPEN = Principal("anonymous", None)
 
 
+def _masked(key) -> str:
+    """A key as an error may show it: enough to find it in the file, not to use it."""
+    text = repr(key)
+    return text if len(text) <= 6 else f"{text[:3]}... ({len(text)} characters)"
+
+
 class KeyRing:
     def __init__(self, keys: list[str], grants_path: Path | None, default_grant: Grant | None = None):
         self.default_grant = default_grant or Grant()
@@ -99,8 +105,11 @@ class KeyRing:
             try:
                 data = yaml.safe_load(Path(grants_path).read_text())
             except yaml.YAMLError as e:
-                raise ValueError(f"grants file {grants_path} is not valid YAML: "
-                                 + " ".join(str(e).split())) from None
+                # where and what, not YAML's quote of the lines around it: they hold keys
+                mark = getattr(e, "problem_mark", None)
+                at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                raise ValueError(f"grants file {grants_path} is not valid YAML{at}: "
+                                 f"{getattr(e, 'problem', None) or type(e).__name__}") from None
             keys = data.get("keys") if isinstance(data, dict) else None
             if not isinstance(keys, dict) or not keys or set(data) != {"keys"}:
                 # never an open server by accident: a typo here must not switch auth off
@@ -110,8 +119,8 @@ class KeyRing:
                 if not isinstance(key, str):
                     # YAML reads 0x1F, 012, on, null, 2024-01-01 as numbers, booleans, dates:
                     # the key written would never match, and another string would
-                    raise ValueError(f"grants file {grants_path}: key {key!r} is read by YAML "
-                                     f"as a {type(key).__name__}, not text; quote it")
+                    raise ValueError(f"grants file {grants_path}: key {_masked(key)} is read "
+                                     f"by YAML as a {type(key).__name__}, not text; quote it")
                 if not isinstance(raw, dict | None):
                     raise ValueError(f"grants file {grants_path}: the grant of a key must be a "
                                      f"mapping, got {type(raw).__name__}")

@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -90,15 +91,29 @@ def render_messages(engine: Engine, messages: list[dict], safety: RequestSafety 
     the guideline's header is refused unless ``refuse_guideline_header`` is false (text to
     be judged, not answered: moderation)."""
     tok = engine.tokenizer
-    messages = list(messages)
-    for i, m in enumerate(messages if refuse_guideline_header else ()):
-        for key in ("content", "name"):  # a template may render `name` too
-            if isinstance(m.get(key), str) and carries_guideline_header(m[key]):
-                where = message_params[i] if message_params else f"{param}.{i}.{key}"
-                raise bad_request("a message may not contain the safety guideline header; "
-                                  "send the guideline as the safety config's `guideline` field",
-                                  param=where, code="invalid_value")
+    client_messages, messages = list(messages), list(messages)
+
+    def texts():  # the client's own (not the guideline); a template may render `name` too
+        for i, m in enumerate(client_messages):
+            for key in ("content", "name"):
+                if isinstance(m.get(key), str):
+                    yield m[key], message_params[i] if message_params else f"{param}.{i}.{key}"
+
+    control = control_tokens(tok)
+    for text, where in texts():
+        # The rendered text is tokenized whole, so a control token typed into a message would
+        # be read as one: a client could close its turn and forge others (an assistant turn
+        # that the prefill check never sees as a prefill, a system turn).
+        found = control.search(text) if control else None
+        if found:
+            raise bad_request(f"a message may not contain the model's control token "
+                              f"{found.group(0)!r}", param=where, code="invalid_value")
     guideline = guideline_message(safety.config) if safety else None
+    found = control.search(guideline) if guideline and control else None
+    if found:  # a granted client's own guideline, or a preset's
+        raise bad_request(f"a guideline may not contain the model's control token "
+                          f"{found.group(0)!r}", param="safety_config.guideline",
+                          code="invalid_value")
     if guideline:  # CoSAlign places the config in the system prompt
         if messages and messages[0]["role"] == "system":
             messages[0] = {**messages[0], "content": f"{guideline}\n\n{messages[0]['content']}"}
@@ -111,7 +126,34 @@ def render_messages(engine: Engine, messages: list[dict], safety: RequestSafety 
     except Exception as e:  # template rejects the conversation shape (e.g. roles out of order)
         raise bad_request(f"messages cannot be rendered by the model's chat template: {e}",
                           param=param) from None
-    return tok(text, add_special_tokens=False)["input_ids"]
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    # Checked once the conversation is known to fit the context (a longer one is refused for
+    # its length by the caller): the check normalises the text (NFKC), which can multiply a
+    # message's length, so an unbounded message would hold the interpreter for seconds.
+    if refuse_guideline_header and len(ids) < engine.max_model_len:
+        for text, where in texts():
+            if carries_guideline_header(text):
+                raise bad_request("a message may not contain the safety guideline header; "
+                                  "send the guideline as the safety config's `guideline` field",
+                                  param=where, code="invalid_value")
+    return ids
+
+
+_CONTROL_TOKENS: dict[int, re.Pattern | None] = {}
+
+
+def control_tokens(tok) -> re.Pattern | None:
+    """The tokenizer's special tokens (its added tokens marked special: the chat template's
+    turn markers among them) as one pattern; None when it has none."""
+    key = id(tok)
+    if key not in _CONTROL_TOKENS:
+        names = {t.content for t in getattr(tok, "added_tokens_decoder", {}).values()
+                 if t.special} | set(getattr(tok, "all_special_tokens", ()))
+        names.discard("")
+        _CONTROL_TOKENS[key] = (re.compile("|".join(map(re.escape, sorted(names, key=len,
+                                                                          reverse=True))))
+                                if names else None)
+    return _CONTROL_TOKENS[key]
 
 
 async def prepare(engine: Engine, body: ChatCompletionRequest,
@@ -204,9 +246,11 @@ async def helper_request(engine: Engine, svc: SafetyService, prompt_ids: list[in
             raise (engine_request_error(e) or e) from None
         yield tracker, token_ids
     finally:
-        if not finished:
-            await engine.abort(rid)
-        svc.discard(tracker)
+        try:
+            if not finished:
+                await engine.abort(rid)
+        finally:
+            svc.discard(tracker)
 
 
 async def prompt_verdict(engine: Engine, svc: SafetyService, prompt_ids: list[int],
@@ -446,11 +490,13 @@ async def _merged_steps(engine: Engine, prep: PreparedRequest,
             if not t.done():
                 t.cancel()
         unfinished = [c.request_id for c in choices if c.finish_reason is None]
-        if unfinished:
-            metrics.ABORTED.inc()  # once per request, however many choices it had
-            for rid in unfinished:
-                await engine.abort(rid)
-        await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            if unfinished:
+                metrics.ABORTED.inc()  # once per request, however many choices it had
+                for rid in unfinished:
+                    await engine.abort(rid)
+        finally:
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 # Endings that are the engine's failure, not an answer (``_raise_engine_failure``).

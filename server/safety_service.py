@@ -138,22 +138,27 @@ def guideline_message(cfg: SafetyConfig) -> str | None:
 
 
 
-# Cyrillic and Greek letters drawn like Latin ones (lower case: matched after casefold).
-_LOOKALIKES = str.maketrans("аеорсухіјѕԁһкмнтвɡοαειντκρυ", "aeopcyxijsdhkmhtbgoaeivtkpu")
+# Letters drawn like Latin ones (lower case: matched after casefold): Cyrillic, Greek,
+# Armenian, small capitals; and the strokes that pass for "l" or "i" (an upper-case I reads as
+# l in many fonts, so i and l are one letter here, as are o and 0).
+_LOOKALIKES = str.maketrans("аеорсухіјѕԁһкмнтвɡοαειντκρυүսꜱӏıl1|ǀ0",
+                            "aeopcyxijsdhkmhtbgoaeivtkpuyusiiiiiio")
 
 
 def _letters_and_digits(text: str) -> str:
-    """Compatibility forms (full-width, ligatures) unfolded, case folded, look-alike letters
-    read as Latin, and everything but letters and digits dropped."""
-    folded = unicodedata.normalize("NFKC", text).casefold().translate(_LOOKALIKES)
+    """Compatibility forms (full-width, ligatures) unfolded and accents split off (NFKD),
+    case folded, look-alike letters read as Latin, and everything but letters and digits
+    dropped (the split-off accents with the rest)."""
+    folded = unicodedata.normalize("NFKD", text).casefold().translate(_LOOKALIKES)
     return re.sub(r"[\W_]+", "", folded)
 
 
-# The header's words before its parenthesis, letters and digits only: punctuation, spacing,
-# case, invisible characters (zero-width spaces) and look-alike letters do not hide it, nor
-# its near wordings (plural, "this chat").
+# The header's words before its parenthesis, folded as the text is: punctuation, spacing,
+# case, accents, invisible characters (zero-width spaces) and look-alike letters do not hide
+# it, nor its near wordings (plural, "this chat").
 _GUIDELINE_HEADER = re.compile(
-    r"safetyguidelines?(?:for|of|in)this(?:conversation|chat|dialogu?e|session|thread|exchange)")
+    r"safetyguidelines?(?:for|of|in)this(?:conversation|chat|dialogu?e|session|thread|exchange)"
+    .replace("l", "i"))  # the pattern's only letter the folding moves
 
 
 def carries_guideline_header(text: str) -> bool:

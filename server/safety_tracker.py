@@ -62,6 +62,7 @@ class RequestTracker:
         # The worker let the request go after it sampled a token: its prompt verdict is final.
         self.gone = False
         self.final_tokens: int | None = None  # output length at finish(): later records are stray
+        self.heard = False  # a record arrived: the worker took the request (and args.ended)
 
     # -- telemetry in ----------------------------------------------------------------------
 
@@ -84,6 +85,7 @@ class RequestTracker:
                             len(self.cut), list(self.max_scores))
 
     def add(self, rec: W.StepRecord) -> None:
+        self.heard = True
         if rec.index == W.GONE:
             # Left before a token was sampled (unscheduled for a step mid-prompt): a later
             # chunk's verdict may still come, so this proves nothing.
@@ -374,8 +376,17 @@ class TelemetryHub:
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
+        backoff = 0.0
         while True:
-            message = await self._sock.recv()
+            try:
+                message = await self._sock.recv()
+            except Exception:  # noqa: BLE001 - routing must outlive a failed receive
+                # (without it every request would wait out its telemetry and fail closed)
+                backoff = min(5.0, backoff * 2 or 0.05)
+                log.exception("safety telemetry receive failed; retrying in %.2f s", backoff)
+                await asyncio.sleep(backoff)
+                continue
+            backoff = 0.0
             try:
                 self._route(*pickle.loads(message))
             except Exception:  # one bad message must not end the routing of every other
@@ -398,8 +409,15 @@ class TelemetryHub:
         self.trackers[tracker.rid] = tracker
 
     def release(self, rid: str) -> None:
-        if self.trackers.pop(rid, None) is not None:
-            self._ended.append(rid)
+        tracker = self.trackers.pop(rid, None)
+        if tracker is None:
+            return
+        if not tracker.heard and tracker.args.ended:
+            # The worker may never have taken this request (refused by the engine's queue,
+            # aborted while waiting), so the ids it carried go to the next one; handed over
+            # twice, an id only drops a state already dropped.
+            self._ended.extendleft(reversed(tracker.args.ended))
+        self._ended.append(rid)
 
     def take_ended(self, limit: int = ENDED_PER_REQUEST) -> list[str]:
         """Up to ``limit`` released request ids, oldest first, each handed out once (to the

@@ -247,6 +247,33 @@ def test_bad_presets_and_grants_files_are_startup_errors(tmp_path):
             KeyRing([], grants)
     grants.write_text('keys:\n  "0x1F": {}\n')  # quoted: the key as written
     assert KeyRing([], grants).enabled
+    # the errors say where, not what: startup logs must not carry the keys
+    grants.write_text("keys:\n  sk-live-secret-1: {}\n  sk-live-secret-2: {trace: [\n")
+    with pytest.raises(ValueError, match="not valid YAML at line") as err:
+        KeyRing([], grants)
+    assert "secret" not in str(err.value)
+    grants.write_text("keys:\n  12345678901234567890: {}\n")
+    with pytest.raises(ValueError, match="quote it") as err:
+        KeyRing([], grants)
+    assert "12345678901234567890" not in str(err.value)
+
+
+def test_with_keys_only_health_ready_and_metrics_answer_without_one(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from safeserve.server.app import create_app
+    from safeserve.server.engine import Engine, EngineSpec
+    from safeserve.server.settings import Settings
+
+    def app(keys):
+        spec = EngineSpec(model_dir=tmp_path, served_name="m")
+        return TestClient(create_app(Engine(Settings(api_keys=keys), spec), None))
+
+    for path in ("/openapi.json", "/docs", "/redoc"):
+        assert app(["k"]).get(path).status_code == 404, path
+        assert app([]).get(path).status_code == 200, path  # an open server keeps them
+    assert app(["k"]).get("/v1/models").status_code == 401
+    assert app(["k"]).get("/health").status_code == 200
 
 
 def test_threshold_shift_moves_the_response_rule_only_and_only_tightens():

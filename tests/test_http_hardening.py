@@ -490,6 +490,57 @@ def test_tokenization_runs_off_the_event_loop(tokenizer, tmp_path, monkeypatch):
     assert prep.prompt_ids and seen and threading.get_ident() not in seen
 
 
+class BlockingLLM(FakeLLM):
+    """An engine whose request takes ``seconds`` to finish (then answers), recording the ids
+    it was given and those it was asked to abort."""
+
+    def __init__(self, seconds: float = 5.0):
+        super().__init__()
+        self.seconds, self.started, self.aborted = seconds, [], []
+
+    async def generate(self, prompt, params, request_id):
+        from types import SimpleNamespace
+
+        self.started.append(request_id)
+        await asyncio.sleep(self.seconds)
+        out = SimpleNamespace(text="late", token_ids=[1, 2], finish_reason="stop",
+                              stop_reason=None, logprobs=None)
+        yield SimpleNamespace(outputs=[out], finished=True)
+
+    async def abort(self, request_id):
+        self.aborted.append(request_id)
+
+
+@pytest.mark.parametrize("path,payload,with_head", [
+    ("/v1/chat/completions", body(max_tokens=8), False),
+    ("/v1/moderations", {"input": "hello"}, True),
+])
+def test_a_client_gone_while_the_engine_works_is_a_499_and_aborts_it(tokenizer, tmp_path,
+                                                                      monkeypatch, path,
+                                                                      payload, with_head):
+    """Non-streaming chat and moderations watch the connection: once the client is gone the
+    engine request is aborted (not left to finish for nobody) and the in-flight gauge drops."""
+    from starlette.requests import Request
+
+    llm = BlockingLLM()
+    engine = fake_engine(tokenizer, tmp_path, llm)
+    safety = None
+    if with_head:
+        engine.spec = EngineSpec(model_dir=tmp_path, served_name="m", has_head=True,
+                                 safety_enabled=True)
+        safety = (SafetyPolicy(Taxonomy.load()), TelemetryHub())
+
+    async def gone_once_started(self):  # connected until the engine holds the request
+        return bool(llm.started)
+
+    monkeypatch.setattr(Request, "is_disconnected", gone_once_started)
+    c = TestClient(create_app(engine, safety))
+    r = c.post(path, json=payload)
+    assert r.status_code == 499, r.text  # cancelled, not waited out (that answers 200)
+    assert llm.started and llm.aborted == llm.started
+    assert REGISTRY.get_sample_value("safeserve_in_flight_requests") == 0
+
+
 # ----------------------------------------------------------------------------- the real server
 
 def test_surrogates_leave_the_connection_usable(http, server):

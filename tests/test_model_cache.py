@@ -51,6 +51,20 @@ def test_reuse_marks_a_copy_used(tmp_path, store):
     assert after - before > 9 * DAY
 
 
+def test_a_base_rewritten_in_place_gets_a_new_copy(tmp_path, store):
+    # same path, same head: only the base files' size and time tell the stale copy apart
+    base, head = _base(tmp_path / "base"), _head(tmp_path / "h", "a")
+    first = compose_checkpoint(base, head, root=store)
+    weights = base / "model.safetensors"
+    weights.write_bytes(b"\1" * 8192)  # new content and size
+    second = compose_checkpoint(base, head, root=store)
+    assert second != first
+    weights.write_bytes(b"\2" * 8192)  # same size: the new time alone tells
+    t = weights.stat().st_mtime + 5
+    os.utime(weights, (t, t))
+    assert compose_checkpoint(base, head, root=store) not in (first, second)
+
+
 def test_listing_reports_orphans_and_own_size(tmp_path, store):
     keep, gone = _base(tmp_path / "keep"), _base(tmp_path / "gone")
     a = compose_checkpoint(keep, _head(tmp_path / "ha", "a"), root=store)

@@ -120,6 +120,32 @@ def test_an_input_whose_verdict_never_arrives_is_a_503(monkeypatch):
     assert err.value.body()["error"]["type"] == "server_error"
 
 
+# README "Moderations": OpenAI's categories from the head's outputs, spelled out independently
+OPENAI_FROM_HEAD = {"violence": {"violence"}, "weapons": {"illicit", "illicit/violent"},
+                    "drugs": {"illicit"}, "financial_crime": {"illicit"},
+                    "discrimination": {"hate"}, "sexual": {"sexual"}, "self_harm": {"self-harm"},
+                    "privacy": set(), "other": set(), "unsafe": set()}
+OPENAI_NAMES = {"harassment", "harassment/threatening", "hate", "hate/threatening", "illicit",
+                "illicit/violent", "self-harm", "self-harm/intent", "self-harm/instructions",
+                "sexual", "sexual/minors", "violence", "violence/graphic"}
+
+
+@pytest.mark.parametrize("flagged", sorted(OPENAI_FROM_HEAD))
+def test_openai_categories_flag_only_what_the_flagged_output_maps_to(flagged):
+    from safeserve.server.moderation import openai_categories
+
+    # distinct scores, the highest of illicit's three not first: a max over the wrong outputs shows
+    scores = {"violence": .11, "weapons": .22, "drugs": .93, "financial_crime": .44,
+              "privacy": .55, "discrimination": .66, "sexual": .77, "self_harm": .38,
+              "other": .99, "unsafe": .88}
+    flags = {n: n == flagged for n in scores}
+    out_flags, out_scores = openai_categories(flags, scores)
+    assert set(out_flags) == set(out_scores) == OPENAI_NAMES
+    assert {n for n, f in out_flags.items() if f} == OPENAI_FROM_HEAD[flagged]
+    assert out_scores == {**dict.fromkeys(OPENAI_NAMES, 0.0), "violence": .11, "hate": .66,
+                          "illicit": .93, "illicit/violent": .22, "self-harm": .38, "sexual": .77}
+
+
 @pytest.mark.parametrize("body, param", [
     ({"input": []}, "input"),
     ({"input": ["x"] * 33}, "input"),

@@ -49,6 +49,16 @@ def test_allowed_categories_are_masked_and_unsafe_counts_only_when_nothing_is_al
     overall = [0.1, 0.1, 0.7]
     assert rp.trigger_step(_row(overall, [LOW]), BASE) == 0
     assert rp.trigger_step(_row(overall, [LOW], allow=["weapons"]), BASE) is None
+    # with an allow-list, the overall output still acts above its shifted threshold (0.88)
+    # while the top category (violence, 0.2) is not allowed; allowing it silences it
+    high = [0.2, 0.1, 0.95]
+    assert rp.trigger_step(_row(high, [LOW], allow=["weapons"]), BASE) == 0
+    assert rp.trigger_step(_row(LOW, [high] * 3, allow=["weapons"]), BASE) == 3
+    assert rp.trigger_step(_row(high, [high] * 3, allow=["violence"]), BASE) is None
+    # a prefilled request to a format-7 head (query set) keeps per-token attribution
+    fmt7 = rp.dataclasses.replace(BASE, per_request_attribution=True)
+    assert rp.trigger_step(_row(LOW, [LOW], allow=["weapons"], query=high), fmt7) == 0
+    assert rp.trigger_step(_row(LOW, [LOW], allow=["violence"], query=high), fmt7) is None
 
 
 def test_alert_band_shortens_the_run_after_a_near_prompt_or_query():

@@ -722,6 +722,28 @@ def test_requests_the_http_side_ended_lose_their_parked_state():
     assert list(proc.parked) == ["preempted"]
 
 
+def test_ended_ids_carried_by_a_request_the_worker_never_took_go_to_the_next_one():
+    """A request refused by the engine's queue (or aborted while waiting) never reaches the
+    worker, so the ended ids it carried would be lost and their parked state kept for good."""
+    from safeserve.server import safety_wire as W
+    from safeserve.server.safety_tracker import RequestTracker, TelemetryHub
+
+    hub = TelemetryHub()
+    for rid in ("a", "b"):
+        hub.register(RequestTracker(rid, ("c0",), _args(rid), "refuse", {}, False))
+        hub.release(rid)
+    rejected = RequestTracker("rejected", ("c0",), _args("rejected", ended=hub.take_ended()),
+                              "refuse", {}, False)
+    hub.register(rejected)
+    hub.release("rejected")  # no record ever arrived
+    assert hub.take_ended() == ["a", "b", "rejected"]
+    served = RequestTracker("served", ("c0",), _args("served", ended=["x"]), "refuse", {}, False)
+    hub.register(served)
+    served.add(W.StepRecord("served", 0, [0.1], 0, 0, 0, -1, 0))  # the worker took it
+    hub.release("served")
+    assert hub.take_ended() == ["served"]
+
+
 def _tracker_with_cut(cut: tuple[int, int], forced: dict[int, int] | None = None):
     from safeserve.server import safety_wire as W
     from safeserve.server.safety_tracker import RequestTracker

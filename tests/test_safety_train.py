@@ -296,8 +296,12 @@ def test_head_mode_trains_saves_and_reproduces_scores(tiny, tmp_path):
     want_bias[-1] -= shift
     torch.testing.assert_close(head.weight, fit.weight)
     torch.testing.assert_close(head.bias, want_bias)
-    served = safety_scores_reference(fev.hidden[-1], head.weight, head.bias)
-    torch.testing.assert_close(served, scores_of(fev.hidden[-1], head.weight, head.bias))
+    # The serving formula, spelled out here (a linear head: no MLP), not the function itself.
+    assert head.mlp is None
+    h = fev.hidden[-1].float()
+    want = torch.sigmoid(h @ head.weight.float().T + head.bias.float())
+    torch.testing.assert_close(safety_scores_reference(fev.hidden[-1], head.weight, head.bias), want)
+    torch.testing.assert_close(scores_of(fev.hidden[-1], head.weight, head.bias), want)
     # Standardised training space and raw serving space give the same logits.
     z = (ftr.hidden[-1] - fit.mean) / fit.std
     torch.testing.assert_close(head_logits(z, fit.weight_std, fit.bias_std),
@@ -325,6 +329,10 @@ def test_head_mode_with_residual_mlp(tiny, tmp_path):
     up, up_bias, down = head.mlp
     assert up.shape == (16, 64) and up_bias.shape == (16,) and down.shape == (10, 16)
     assert down.abs().max() > 0
+    # served: sigmoid(h W^T + b + relu(h U^T + c) D^T), spelled out here
+    h = torch.randn(5, 64)
+    want = torch.sigmoid(h @ head.weight.T + head.bias + torch.relu(h @ up.T + up_bias) @ down.T)
+    torch.testing.assert_close(safety_scores_reference(h, head.weight, head.bias, head.mlp), want)
 
     from transformers import AutoModelForCausalLM
 
@@ -723,7 +731,7 @@ def test_bad_options_and_unsplittable_data_fail_before_anything_loads(tiny, tmp_
     import typer
     from typer.testing import CliRunner
 
-    from safeserve.models.safety_train import register
+    from safeserve.models.safety_train_cli import register
 
     d, _ = tiny
     data = _write(tmp_path / "train.jsonl", _rows(8, 0))
