@@ -161,7 +161,7 @@ def create_app(engine: Engine, safety=None, head_check=None) -> FastAPI:
             # is still an HTTP error; after it, the stream ends with an error event.
             first = await events.__anext__()
             return ClosingStreamingResponse(
-                _relay(first, events), media_type="text/event-stream",
+                _relay(first, events), events=events, media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", **_config_headers(req_safety)})
         metrics.IN_FLIGHT.inc()
         try:
@@ -241,15 +241,24 @@ def _safety_headers(reports) -> dict:
 
 
 class ClosingStreamingResponse(StreamingResponse):
-    """Closes its body when the response ends, however it ends: Starlette leaves an
-    abandoned body to the garbage collector, and until then the request's engine request,
-    tracker and in-flight count live on (a client gone while a write was pending)."""
+    """Closes its body, and the event stream behind it, when the response ends, however it
+    ends: Starlette leaves an abandoned body to the garbage collector, and until then the
+    request's engine request, tracker and in-flight count live on (a client gone while a
+    write was pending). The stream is closed itself too: a body never iterated (the client
+    gone before the first write) does not close what it wraps."""
+
+    def __init__(self, content, *, events, **kw):
+        super().__init__(content, **kw)
+        self._events = events
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.body_iterator.aclose()
+            try:
+                await self.body_iterator.aclose()
+            finally:
+                await self._events.aclose()
 
 
 async def _counted(gen):

@@ -105,11 +105,11 @@ class KeyRing:
             try:
                 data = yaml.safe_load(Path(grants_path).read_text())
             except yaml.YAMLError as e:
-                # where and what, not YAML's quote of the lines around it: they hold keys
+                # where, not what: YAML's message quotes the text around it, keys included
                 mark = getattr(e, "problem_mark", None)
                 at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-                raise ValueError(f"grants file {grants_path} is not valid YAML{at}: "
-                                 f"{getattr(e, 'problem', None) or type(e).__name__}") from None
+                raise ValueError(f"grants file {grants_path} is not valid YAML{at} "
+                                 f"({type(e).__name__})") from None
             keys = data.get("keys") if isinstance(data, dict) else None
             if not isinstance(keys, dict) or not keys or set(data) != {"keys"}:
                 # never an open server by accident: a typo here must not switch auth off

@@ -139,21 +139,33 @@ def render_messages(engine: Engine, messages: list[dict], safety: RequestSafety 
     return ids
 
 
-_CONTROL_TOKENS: dict[int, re.Pattern | None] = {}
-
-
 def control_tokens(tok) -> re.Pattern | None:
-    """The tokenizer's special tokens (its added tokens marked special: the chat template's
-    turn markers among them) as one pattern; None when it has none."""
-    key = id(tok)
-    if key not in _CONTROL_TOKENS:
-        names = {t.content for t in getattr(tok, "added_tokens_decoder", {}).values()
-                 if t.special} | set(getattr(tok, "all_special_tokens", ()))
-        names.discard("")
-        _CONTROL_TOKENS[key] = (re.compile("|".join(map(re.escape, sorted(names, key=len,
-                                                                          reverse=True))))
-                                if names else None)
-    return _CONTROL_TOKENS[key]
+    """The special tokens that mark a conversation's structure, as one pattern (None: none):
+    those the chat template writes around turns, and the tokenizer's BOS and EOS. Other special
+    tokens (SmolLM2's ``<filename>``, ``<|endoftext|>``) forge no turn and stay text a client
+    may send, tokenized as before. Kept on the tokenizer (built once)."""
+    cached = getattr(tok, "_safeserve_control_tokens", False)
+    if cached is not False:
+        return cached
+    special = {t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if t.special}
+    special |= set(getattr(tok, "all_special_tokens", ()))
+    rendered = ""
+    for turns in (["system", "user", "assistant"], ["user", "assistant"]):
+        try:  # (some templates refuse a system turn)
+            rendered = tok.apply_chat_template([{"role": r, "content": f"x{r}"} for r in turns],
+                                               tokenize=False)
+            break
+        except Exception:  # noqa: BLE001 - no template, or one that refuses this shape
+            continue
+    names = {t for t in special if t and t in rendered}
+    names |= {t for t in (getattr(tok, "bos_token", None), getattr(tok, "eos_token", None)) if t}
+    pattern = (re.compile("|".join(map(re.escape, sorted(names, key=len, reverse=True))))
+               if names else None)
+    try:
+        tok._safeserve_control_tokens = pattern
+    except AttributeError:  # a tokenizer that takes no attributes: built each time
+        pass
+    return pattern
 
 
 async def prepare(engine: Engine, body: ChatCompletionRequest,

@@ -139,10 +139,11 @@ def guideline_message(cfg: SafetyConfig) -> str | None:
 
 
 # Letters drawn like Latin ones (lower case: matched after casefold): Cyrillic, Greek,
-# Armenian, small capitals; and the strokes that pass for "l" or "i" (an upper-case I reads as
-# l in many fonts, so i and l are one letter here, as are o and 0).
-_LOOKALIKES = str.maketrans("аеорсухіјѕԁһкмнтвɡοαειντκρυүսꜱӏıl1|ǀ0",
-                            "aeopcyxijsdhkmhtbgoaeivtkpuyusiiiiiio")
+# Armenian, small capitals; and the letters that pass for "l" or "i" (an upper-case I reads as
+# l in many fonts, so i and l are one letter here, as are o and 0). Not "|": punctuation,
+# dropped like the rest, so it cannot split the words.
+_LOOKALIKES = str.maketrans("аеорсухіјѕԁһкмнтвɡοαειντκρυүսꜱӏıl1ǀ0",
+                            "aeopcyxijsdhkmhtbgoaeivtkpuyusiiiiio")
 
 
 def _letters_and_digits(text: str) -> str:

@@ -343,6 +343,16 @@ def verdict_scores(names, rec: W.StepRecord) -> CategoryScores:
                           gated=[n for i, n in enumerate(names) if rec.gate >> i & 1])
 
 
+def _socket_gone(e: Exception) -> bool:
+    """A receive that can never succeed again (the socket or its context closed)."""
+    import errno
+
+    import zmq
+
+    return isinstance(e, zmq.ContextTerminated) or (
+        isinstance(e, zmq.ZMQError) and e.errno == errno.ENOTSOCK)
+
+
 class TelemetryHub:
     """Binds the PULL socket the workers push to, and routes records to trackers."""
 
@@ -380,7 +390,11 @@ class TelemetryHub:
         while True:
             try:
                 message = await self._sock.recv()
-            except Exception:  # noqa: BLE001 - routing must outlive a failed receive
+            except Exception as e:  # noqa: BLE001 - routing must outlive a failed receive
+                if _socket_gone(e):
+                    log.error("safety telemetry socket closed: routing stopped (requests "
+                              "now fail closed)")
+                    return
                 # (without it every request would wait out its telemetry and fail closed)
                 backoff = min(5.0, backoff * 2 or 0.05)
                 log.exception("safety telemetry receive failed; retrying in %.2f s", backoff)
@@ -416,7 +430,9 @@ class TelemetryHub:
             # The worker may never have taken this request (refused by the engine's queue,
             # aborted while waiting), so the ids it carried go to the next one; handed over
             # twice, an id only drops a state already dropped.
-            self._ended.extendleft(reversed(tracker.args.ended))
+            room = (self._ended.maxlen or 0) - len(self._ended) - 1  # (rid's place kept)
+            if room > 0:  # when full, the oldest go unsent, as the bound says
+                self._ended.extendleft(reversed(tracker.args.ended[-room:]))
         self._ended.append(rid)
 
     def take_ended(self, limit: int = ENDED_PER_REQUEST) -> list[str]:

@@ -160,6 +160,12 @@ def test_loader_checks_and_agreement(tmp_path):
     (run / "results.jsonl").write_text(json.dumps(gappy) + "\n")
     with pytest.raises(rp.TraceError, match="incomplete"):
         rp.load_safety_run(run, NAMES)
+    own = dict(rows[0], safety=dict(rows[0]["safety"],
+                                    config=dict(rows[0]["safety"]["config"],
+                                                threshold={"violence": 0.2})))
+    (run / "results.jsonl").write_text(json.dumps(own) + "\n")
+    with pytest.raises(rp.TraceError, match="its own `threshold`"):
+        rp.load_safety_run(run, NAMES)
 
 
 def test_replay_cli_on_the_default_checkpoint(tmp_path):

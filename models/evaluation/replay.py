@@ -149,6 +149,11 @@ def _traced(row: dict, names: tuple[str, ...], where: str) -> tuple[np.ndarray |
                          "'{\"on_violation\": \"annotate\", \"trace\": true}'")
     if tuple(safety.get("score_names") or ()) != names:
         raise TraceError(f"{where}: score names {safety.get('score_names')} do not match the rule's {list(names)}")
+    if (safety.get("config") or {}).get("threshold") is not None:
+        # the rule's thresholds are the head's (moved by the rule's shifts); a request that
+        # set its own would be replayed against the wrong ones
+        raise TraceError(f"{where}: the request set its own `threshold`; replay runs made "
+                         "with the head's thresholds (a `threshold_shift` is replayed)")
     action = (safety.get("action") or "none")
     if action in ("refuse", "stop"):
         raise TraceError(f"{where}: the server acted ({action}); replay needs an annotate-only run")
