@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from safeserve.server import completions, metrics, moderation
+from safeserve.server import completions, metrics, moderation, prepare
 from safeserve.server.auth import KeyRing, Principal
 from safeserve.server.engine import Engine
 from safeserve.server.errors import APIError, bad_request, install_handlers
@@ -154,7 +154,7 @@ def create_app(engine: Engine, safety=None, head_check=None) -> FastAPI:
                            "safety configs cannot be enforced", param="safety_config",
                            code="safety_unavailable")
         require_ready()
-        prep = await completions.prepare(engine, body, req_safety)
+        prep = await prepare.prepare(engine, body, req_safety)
         if body.stream:
             events = _counted(completions.stream(engine, svc, prep))
             # The first event is produced before the response starts: a failure up to there

@@ -65,7 +65,7 @@ async def served_scores(engine, svc, prompt_ids) -> list[dict[str, float]]:
     preset's config without an allow-list: a config changes the verdict's thresholds, not its
     scores, except that a format-10 head judges prompts without an allow-list by their own
     rule, the one the record holds)."""
-    from safeserve.server.completions import prompt_verdict
+    from safeserve.server.helper_requests import prompt_verdict
 
     safety = svc.resolve(None, None)
     if safety.config.allow:
@@ -83,7 +83,7 @@ async def served_responses(engine, svc, record: SelfCheck) -> list[ServedRespons
     so nothing is spliced in) for one token more than its recorded answer: the step that
     samples token j + 1 reports the row of token j. One whose answer would not fit
     ``--max-model-len`` is not run: an empty answer, so all its rows count as skipped."""
-    from safeserve.server.completions import helper_request
+    from safeserve.server.helper_requests import helper_request
 
     safety = svc.resolve(None, {"on_violation": "annotate"})
 
@@ -109,7 +109,7 @@ async def served_responses(engine, svc, record: SelfCheck) -> list[ServedRespons
 
 
 def same_rendering(engine, record: SelfCheck) -> bool:
-    from safeserve.server.completions import render_messages
+    from safeserve.server.prepare import render_messages
 
     try:
         return all(tuple(render_messages(engine, [{"role": "user", "content": p}], None)) == ids

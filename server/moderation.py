@@ -5,7 +5,7 @@ Each input is judged as the user turn of a new conversation, exactly as a chat r
 the same text and safety config would be judged before its first token: the same rendering
 (the config's guideline in the system prompt), the same head, prompt offset, thresholds, allowed
 categories and decision kernel, run through the engine as a helper request
-(``completions.prompt_verdict``). So a moderation result and the ``safety.prompt`` verdict of
+(``helper_requests.prompt_verdict``). So a moderation result and the ``safety.prompt`` verdict of
 that chat request agree. Inputs run concurrently (the engine batches them); one request may send
 at most ``--max-moderation-tokens`` prompt tokens in all.
 """
@@ -17,7 +17,8 @@ import re
 import uuid
 
 from safeserve.server import metrics
-from safeserve.server.completions import prompt_verdict, render_messages
+from safeserve.server.helper_requests import prompt_verdict
+from safeserve.server.prepare import render_messages
 from safeserve.server.engine import Engine
 from safeserve.server.errors import APIError, bad_request
 from safeserve.server.protocol import ModerationRequest, ModerationResponse, ModerationResult

@@ -94,9 +94,9 @@ class SafetyService:
              verdict_only: bool = False) -> tuple[dict, RequestTracker]:
         """Compiled row args for one engine request, and the tracker that receives its
         telemetry. ``query``: the verdict on a prefilled request's query (see
-        ``completions.query_verdict``), carried to the worker so it acts on it.
+        ``helper_requests.query_verdict``), carried to the worker so it acts on it.
         ``verdict_only``: a helper request whose output is discarded (see
-        ``completions.prompt_verdict``)."""
+        ``helper_requests.prompt_verdict``)."""
         ids = self.refusal_ids()
         args = self.policy.compile(req.config, rid, ids, eos_id, self._refusal_sep)
         args.prefilled, args.verdict_only = prefilled, verdict_only

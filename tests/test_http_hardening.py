@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 from safeserve.models.taxonomy import Taxonomy
-from safeserve.server import completions
+from safeserve.server import completions, prepare
 from safeserve.server.app import create_app
 from safeserve.server.engine import Engine, EngineSpec
 from safeserve.server.errors import APIError
@@ -404,9 +404,9 @@ def test_what_vllm_rejects_is_the_clients_error_not_a_500(tokenizer, tmp_path, c
 def test_a_seed_of_minus_one_still_seeds(tokenizer, tmp_path):
     """vLLM reads seed -1 as "no seed": a client's -1 (or -2 with n = 2, whose second choice
     gets -1) goes to the engine as torch's own reading of -1."""
-    prep = completions.prepare_sync(fake_engine(tokenizer, tmp_path, FakeLLM()),
+    prep = prepare.prepare_sync(fake_engine(tokenizer, tmp_path, FakeLLM()),
                                     completions.ChatCompletionRequest(**body(seed=-2, n=2)), None)
-    seeds = [completions.sampling_params(prep, i).seed for i in range(2)]
+    seeds = [prepare.sampling_params(prep, i).seed for i in range(2)]
     assert seeds == [-2, (1 << 64) - 1]
 
 
@@ -479,14 +479,14 @@ def test_tokenization_runs_off_the_event_loop(tokenizer, tmp_path, monkeypatch):
     engine = fake_engine(tokenizer, tmp_path, FakeLLM())
     req = ChatCompletionRequest(model="m", messages=BENIGN)
     seen = []
-    real = completions.render_prompt
+    real = prepare.render_prompt
 
     def spy(*a, **kw):
         seen.append(threading.get_ident())
         return real(*a, **kw)
 
-    monkeypatch.setattr(completions, "render_prompt", spy)
-    prep = asyncio.run(completions.prepare(engine, req, None))
+    monkeypatch.setattr(prepare, "render_prompt", spy)
+    prep = asyncio.run(prepare.prepare(engine, req, None))
     assert prep.prompt_ids and seen and threading.get_ident() not in seen
 
 

@@ -100,7 +100,7 @@ def test_an_input_whose_verdict_never_arrives_is_a_503(monkeypatch):
     import asyncio
     from types import SimpleNamespace
 
-    from safeserve.server import completions, moderation
+    from safeserve.server import helper_requests, moderation
     from safeserve.server.errors import APIError
 
     async def no_verdict(*args, **kwargs):
@@ -112,10 +112,10 @@ def test_an_input_whose_verdict_never_arrives_is_a_503(monkeypatch):
         asyncio.run(moderation.moderate(SimpleNamespace(), SimpleNamespace(), None, None))
     assert err.value.status == 503 and err.value.code == "safety_telemetry_missing"
 
-    monkeypatch.setattr(completions, "prompt_verdict", no_verdict)
+    monkeypatch.setattr(helper_requests, "prompt_verdict", no_verdict)
     prep = SimpleNamespace(query_ids=[1, 2, 3], safety=None, completion_id="chatcmpl-x")
     with pytest.raises(APIError) as err:
-        asyncio.run(completions.query_verdict(SimpleNamespace(), SimpleNamespace(), prep))
+        asyncio.run(helper_requests.query_verdict(SimpleNamespace(), SimpleNamespace(), prep))
     assert err.value.status == 503 and err.value.code == "safety_telemetry_missing"
     assert err.value.body()["error"]["type"] == "server_error"
 
