@@ -37,7 +37,7 @@ def serve(
     api_key: list[str] | None = typer.Option(None, help="bearer token (repeatable) [SAFESERVE_API_KEYS, comma-separated]"),
     enforce_eager: bool | None = typer.Option(None, help="skip torch.compile (faster start)"),
     allow_unsafe: bool | None = typer.Option(None, "--allow-unsafe", help="serve a model without a safety head"),
-    safety_head: str | None = typer.Option(None, help="compose the model with this safety head: bundled 'default' or 'strict', or a directory with safety_head/ (+ adapter/) [SAFESERVE_SAFETY_HEAD]"),
+    safety_head: str | None = typer.Option(None, help="compose the model with this safety head: bundled 'default', 'guarded' or 'strict', or a directory with safety_head/ (+ adapter/) [SAFESERVE_SAFETY_HEAD]"),
     presets: Path | None = typer.Option(None, help="safety presets YAML [SAFESERVE_PRESETS]"),
     grants: Path | None = typer.Option(None, help="API keys and their safety grants YAML [SAFESERVE_GRANTS]"),
     default_preset: str | None = typer.Option(None, help="preset for requests without a config"),

@@ -17,6 +17,17 @@ from safeserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
 
+
+def pin_v1_model_runner() -> None:
+    """GPU builds default to Model Runner V2, whose logits-processor interface differs from
+    the V1 runner our safety processor is written against: pin V1 on every platform, over an
+    operator's setting too (under V2 the processor would not run, and the server would serve
+    unguarded)."""
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") != "0":
+        log.warning("VLLM_USE_V2_MODEL_RUNNER=%s ignored: the safety processor needs vLLM's V1 "
+                    "model runner", os.environ["VLLM_USE_V2_MODEL_RUNNER"])
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+
 # How often a ready engine is checked for having died (its core process killed, e.g. by the
 # out-of-memory killer): a dead one stops the server, so a supervisor restarts it.
 WATCH_PERIOD_S = 2.0
@@ -91,9 +102,7 @@ class Engine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         s = self.settings
-        # GPU builds default to Model Runner V2, whose logits-processor interface differs from
-        # the V1 runner our safety processor is written against: pin V1 on every platform.
-        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+        pin_v1_model_runner()
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.spec.model_dir))
         args = AsyncEngineArgs(
             model=str(self.spec.model_dir),

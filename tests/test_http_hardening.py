@@ -844,3 +844,43 @@ def test_a_telemetry_socket_that_cannot_bind_leaves_no_directory_behind(tmp_path
         with TestClient(app):
             pass
     assert hub._dir is not None and not Path(hub._dir).exists()
+
+
+def test_a_stream_whose_client_left_before_its_first_write_is_closed():
+    """Starlette cancels a streaming response whose client is gone; a body it never iterated
+    does not close what it wraps, so the response closes the event stream itself (it holds
+    the engine request, the tracker and the in-flight count)."""
+    import asyncio
+
+    from safeserve.server.app import ClosingStreamingResponse
+
+    closed = []
+
+    async def events():
+        try:
+            yield "data: 1\n\n"
+            await asyncio.sleep(10)
+        finally:
+            closed.append("events")
+
+    async def body(stream):
+        async for item in stream:
+            yield item
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        await asyncio.sleep(10)  # the client is gone: the write never completes
+
+    async def run():
+        stream = events()
+        await stream.__anext__()  # as the app does: the first event before the response
+        response = ClosingStreamingResponse(body(stream), events=stream,
+                                            media_type="text/event-stream")
+        scope = {"type": "http", "asgi": {"spec_version": "2.3"}, "method": "POST",
+                 "path": "/", "headers": []}
+        await asyncio.wait_for(response(scope, receive, send), 5)
+        assert closed == ["events"]  # now, not when the loop shuts down its generators
+
+    asyncio.run(run())

@@ -245,3 +245,14 @@ def test_models_retrieve_with_the_openai_client(oai, server):
     assert card.id == server.model and card.object == "model"
     with pytest.raises(openai.NotFoundError):
         oai.models.retrieve("no-such/model")
+
+
+def test_the_v1_model_runner_is_pinned_over_an_operators_setting(monkeypatch, caplog):
+    import os
+
+    from safeserve.server.engine import pin_v1_model_runner
+
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with caplog.at_level("WARNING"):
+        pin_v1_model_runner()
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0" and "ignored" in caplog.text
