@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_llama_with_default_tokenizer
-from safeserve.models.seal.experiment import (REFUSALS, ExperimentConfig, _norm, align_refusals,
-                                              build_prompts, run_experiment)
+from safeserve.models.seal.experiment import run_experiment
+from safeserve.models.seal.experiment_config import ExperimentConfig
+from safeserve.models.seal.experiment_data import REFUSALS, _norm, align_refusals, build_prompts
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -137,7 +138,7 @@ def test_stop_after_align_builds_the_aligned_base(tiny, data_root, tmp_path):
 
 
 def test_step_configs_reach_every_later_step(tmp_path):
-    from safeserve.models.seal.experiment import step_configs
+    from safeserve.models.seal.experiment_steps import step_configs
 
     m = tmp_path / "model"
     base = step_configs(_cfg(tmp_path, tmp_path / "o"), m)
@@ -162,7 +163,7 @@ def test_step_configs_reach_every_later_step(tmp_path):
 
 def test_step_record_redoes_changed_steps_and_refuses_unrecorded_outputs(tmp_path):
     from safeserve.models.seal.data import SealInputError
-    from safeserve.models.seal.experiment import STEPS_FILE, StepRecord
+    from safeserve.models.seal.experiment_steps import STEPS_FILE, StepRecord
 
     logs, cleared = [], []
     rec = StepRecord(tmp_path, logs.append)

@@ -10,7 +10,9 @@ Commands (registered on the ``train`` group by ``cli.register``):
 * ``safeserve train seal-finetune``: SFT with TRL on the top ``--keep`` fraction (or a random
   fraction) and save a servable checkpoint, with the safety head copied and re-checked
   (``finetune.py``, ``probe.py``).
-* ``safeserve train seal-experiment``: the small CPU reproduction (``experiment.py``).
+* ``safeserve train seal-experiment``: the small CPU reproduction (``experiment.py``; its
+  settings, data, step bookkeeping and report in ``experiment_config.py``,
+  ``experiment_data.py``, ``experiment_steps.py`` and ``experiment_report.py``).
 
 Data formats: ``data.py``. Data-parallel selector training (every rank walks the same seeded
 batch order and takes its slice; the selector update is formed from the gathered per-row

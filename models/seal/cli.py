@@ -169,7 +169,8 @@ def register(app: typer.Typer) -> None:
     ):
         """Small-scale reproduction of SEAL's comparison (all data vs random vs SEAL) on CPU."""
         from safeserve.models.seal.data import SealInputError
-        from safeserve.models.seal.experiment import STAGES, ExperimentConfig, run_experiment
+        from safeserve.models.seal.experiment import run_experiment
+        from safeserve.models.seal.experiment_config import STAGES, ExperimentConfig
         from safeserve.models.seal.selector import SELECTOR_OPTIMS
 
         _choice(gen_backend, ("hf", "vllm"), "--gen-backend")
