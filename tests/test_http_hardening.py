@@ -405,7 +405,7 @@ def test_a_seed_of_minus_one_still_seeds(tokenizer, tmp_path):
     """vLLM reads seed -1 as "no seed": a client's -1 (or -2 with n = 2, whose second choice
     gets -1) goes to the engine as torch's own reading of -1."""
     prep = prepare.prepare_sync(fake_engine(tokenizer, tmp_path, FakeLLM()),
-                                    completions.ChatCompletionRequest(**body(seed=-2, n=2)), None)
+                                ChatCompletionRequest(**body(seed=-2, n=2)), None)
     seeds = [prepare.sampling_params(prep, i).seed for i in range(2)]
     assert seeds == [-2, (1 << 64) - 1]
 
