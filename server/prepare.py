@@ -99,7 +99,7 @@ def render_messages(engine: Engine, messages: list[dict], safety: RequestSafety 
                           param=param) from None
     ids = tok(text, add_special_tokens=False)["input_ids"]
     # Checked once the conversation is known to fit the context (a longer one is refused for
-    # its length by the caller): the check normalises the text (NFKC), which can multiply a
+    # its length by the caller): the check normalises the text (NFKD), which can multiply a
     # message's length, so an unbounded message would hold the interpreter for seconds.
     if refuse_guideline_header and len(ids) < engine.max_model_len:
         for text, where in texts():
