@@ -43,10 +43,8 @@ def create_app(engine: Engine, safety=None, head_check=None) -> FastAPI:
                 svc.hub.stop()  # its socket directory too
                 raise
         verify = None
-        if svc is not None and head_check is not None and head_check.runs:
-            from safeserve.server.head_check import run_head_check
-
-            verify = functools.partial(run_head_check, engine, svc, head_check)
+        if svc is not None:
+            verify = functools.partial(_verify_safety, engine, svc, head_check)
         task = asyncio.create_task(engine.start(verify))
         app.state.engine_task = task
         try:
@@ -206,6 +204,16 @@ def create_app(engine: Engine, safety=None, head_check=None) -> FastAPI:
 CHAT_PATH = "/v1/chat/completions"
 MODERATIONS_PATH = "/v1/moderations"
 MODELS_PATH = "/v1/models"
+
+
+async def _verify_safety(engine: Engine, svc: SafetyService, head_check) -> None:
+    """Startup checks that need the model's tokenizer, run before the engine is ready: the
+    presets' guidelines, then the head's self-check (when planned)."""
+    prepare.check_preset_guidelines(engine.tokenizer, svc.policy.presets)
+    if head_check is not None and head_check.runs:
+        from safeserve.server.head_check import run_head_check
+
+        await run_head_check(engine, svc, head_check)
 
 
 def utf8_header(request: Request, name: str) -> str | None:

@@ -85,7 +85,8 @@ async def served_responses(engine, svc, record: SelfCheck) -> list[ServedRespons
     ``--max-model-len`` is not run: an empty answer, so all its rows count as skipped."""
     from safeserve.server.helper_requests import helper_request
 
-    safety = svc.resolve(None, {"on_violation": "annotate"})
+    # a trace: the tracker keeps each step's scores only for a request that asks for it
+    safety = svc.resolve(None, {"on_violation": "annotate", "trace": True})
 
     async def answer(n: int, ids: tuple[int, ...], length: int) -> ServedResponse:
         if len(ids) + length + 1 >= engine.max_model_len:

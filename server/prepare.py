@@ -110,6 +110,19 @@ def render_messages(engine: Engine, messages: list[dict], safety: RequestSafety 
     return ids
 
 
+def check_preset_guidelines(tok, presets: dict) -> None:
+    """A preset whose guideline holds a control token would make every request that uses it
+    a 400 (render_messages refuses it): a startup error instead, naming the preset."""
+    control = control_tokens(tok)
+    for name, cfg in sorted(presets.items()):
+        guideline = guideline_message(cfg)
+        found = control.search(guideline) if guideline and control else None
+        if found:
+            raise ValueError(f"preset {name}: its guideline contains the model's control "
+                             f"token {found.group(0)!r}, which would forge a turn of the "
+                             f"conversation; every request using the preset would be refused")
+
+
 def control_tokens(tok) -> re.Pattern | None:
     """The special tokens that mark a conversation's structure, as one pattern (None: none):
     those the chat template writes around turns, and the tokenizer's BOS and EOS. Other special

@@ -31,6 +31,12 @@ MAX_ENDED = 4096
 ENDED_PER_REQUEST = 64  # two per request on average keep up with any load
 TO_THE_END = 1 << 62  # end of a withheld range that runs to the end of the output
 
+# A step's status byte (RequestTracker._status): all holdback, withholding and forced-token
+# questions need of a step, one byte per output token; the full record (the scores) is kept
+# only for a request that asked for its trace.
+_HEARD, _FORCED, _ACTED = 1, 2, 4
+_EVENT_SHIFT = 3  # EVENT_OK / EVENT_VIOLATION / EVENT_TRIGGER in bits 3-4
+
 
 class RequestTracker:
     def __init__(self, rid: str, names: tuple[str, ...], args: W.RowSafetyArgs,
@@ -41,7 +47,11 @@ class RequestTracker:
         self.prompt_thresholds = prompt_thresholds or echoed_thresholds(
             names, args.prompt_thresholds or args.thresholds)
         self.action_name, self.config_echo, self.want_trace = action_name, config_echo, trace
-        self.steps: dict[int, W.StepRecord] = {}
+        # One status byte per step index (0: no record yet); full records only with a trace:
+        # a record is ~700 bytes, and a long answer's would otherwise stay until it ends.
+        self._status = bytearray()
+        self.steps: dict[int, W.StepRecord] = {}  # want_trace only
+        self._triggers: dict[int, int] = {}  # step index > 0 -> categories, EVENT_TRIGGER records
         self.prompt: W.StepRecord | None = None
         self.query: W.StepRecord | None = None  # prefilled requests: the query's own verdict
         self.trigger_index: int | None = None  # step at which the strategy acted
@@ -117,9 +127,34 @@ class RequestTracker:
             self.refusal_end = rec.index + 1
         if rec.phase == W.PHASE_RETRACTED and not self.explanation_retracted:
             self.retract(rec.index, rec.cats)
-        self.steps[rec.index] = rec
+        self._keep(rec)
         self._seen = max(self._seen, rec.index)
         self._changed.set()
+
+    def _keep(self, rec: W.StepRecord) -> None:
+        """Store what later questions need of this step (a repeated index replaces it)."""
+        i = rec.index
+        if i >= len(self._status):
+            self._status.extend(bytes(i + 1 - len(self._status)))
+        self._status[i] = (_HEARD | (_FORCED if rec.forced >= 0 else 0)
+                           | (_ACTED if rec.acted else 0) | rec.event << _EVENT_SHIFT)
+        if i > 0 and rec.event == EVENT_TRIGGER:
+            self._triggers[i] = rec.cats
+        else:
+            self._triggers.pop(i, None)
+        if self.want_trace:
+            self.steps[i] = rec
+
+    def has_step(self, j: int) -> bool:
+        """The step that sampled output token ``j`` has been reported."""
+        return j < len(self._status) and bool(self._status[j])
+
+    def _step(self, j: int) -> tuple[bool, int, bool] | None:
+        """(forced, event, acted) of step ``j``, None before its record arrives."""
+        b = self._status[j] if 0 <= j < len(self._status) else 0
+        if not b:
+            return None
+        return bool(b & _FORCED), b >> _EVENT_SHIFT & 3, bool(b & _ACTED)
 
     async def wait_for(self, index: int, last: bool = False) -> None:
         """Wait until the step that sampled output token ``index`` has been reported. With
@@ -171,18 +206,20 @@ class RequestTracker:
     def _is_settled(self, j: int) -> bool:
         """Output token j's status is known: forced, or step j+1 shows it outside a violating
         run that may still reach tau."""
-        own = self.steps.get(j)
-        if own is not None and own.forced >= 0 and j > 0:
+        if j > 0 and self.forced_at(j):
             return True
-        nxt = self.steps.get(j + 1)
-        return nxt is not None and not (nxt.event == EVENT_VIOLATION and not nxt.acted
-                                        and not self._run_closed(j + 2))
+        nxt = self._step(j + 1)
+        if nxt is None:
+            return False
+        _, event, acted = nxt
+        return not (event == EVENT_VIOLATION and not acted and not self._run_closed(j + 2))
 
     def _run_closed(self, k: int) -> bool:
         """Has the violating run going on at step k - 1 ended by step k or later: a clean
         step (it stopped short of tau: its tokens go out) or the step that acted (withheld)?"""
-        while (rec := self.steps.get(k)) is not None:
-            if rec.event != EVENT_VIOLATION or rec.acted:
+        while (step := self._step(k)) is not None:
+            _, event, acted = step
+            if event != EVENT_VIOLATION or acted:
                 return True
             k += 1
         return False
@@ -234,8 +271,8 @@ class RequestTracker:
 
     def forced_at(self, j: int) -> bool:
         """Output token ``j`` was forced by the strategy (a refusal or end-of-sequence token)."""
-        rec = self.steps.get(j)
-        return rec is not None and rec.forced >= 0
+        step = self._step(j)
+        return step is not None and step[0]
 
     @property
     def alerted(self) -> bool:
@@ -279,13 +316,11 @@ class RequestTracker:
                 response.flagged = True
                 response.token_index = max(0, index - 1)
                 response.categories = self._cats(cats)
-        later = [r for r in self.steps.values()
-                 if r.index > 0 and r.event == EVENT_TRIGGER and not response.flagged]
-        if later:  # annotate-only: flagged but nothing was forced
-            first = min(later, key=lambda r: r.index)
+        if self._triggers and not response.flagged:  # annotate-only: flagged, nothing forced
+            first = min(self._triggers)
             response.flagged = True
-            response.token_index = max(0, first.index - self.run_length)
-            response.categories = self._cats(first.cats)
+            response.token_index = max(0, first - self.run_length)
+            response.categories = self._cats(self._triggers[first])
         trace = None
         if self.want_trace:
             trace = [TracePoint(token_index=i, scores=[shown_score(s) for s in r.scores],

@@ -875,6 +875,41 @@ def _rec(j, event=0, phase=0, forced=-1, acted=0, alert=0):
     return W.StepRecord("r", j, [0.1] * 10, event, 0, phase, forced, acted, alert)
 
 
+def test_a_tracker_without_a_trace_keeps_no_records_and_decides_the_same():
+    """Per-step records (~700 bytes each) are kept only for a trace; without one, a status
+    byte per step answers holdback, withholding, forced tokens and the report the same way,
+    over random record sequences (repeated indices, violating runs, triggers, forced steps)."""
+    import random
+
+    from safeserve.server import safety_wire as W
+    from safeserve.server.safety_tracker import RequestTracker
+
+    rng = random.Random(5)
+    for case in range(200):
+        action = rng.choice([W.ACTION_REFUSE, W.ACTION_STOP, W.ACTION_ANNOTATE])
+        kept, lean = (RequestTracker("r", tuple(f"c{i}" for i in range(10)),
+                                     _args("r", action=action), "refuse", {}, trace)
+                      for trace in (True, False))
+        j, n = 0, rng.randint(1, 40)
+        while j < n:
+            event = rng.choice([0, 0, 1, 1, 2])
+            forced = rng.choice([-1, -1, -1, 0, 7])
+            rec = W.StepRecord("r", j, [rng.random() for _ in range(10)], event,
+                               rng.randrange(1, 1 << 10), rng.choice([0, W.PHASE_REFUSING]),
+                               forced, int(event == 2 and rng.random() < 0.7))
+            kept.add(rec)
+            lean.add(rec)
+            j += 0 if rng.random() < 0.15 else 1  # sometimes a repeated index
+            assert kept.releasable(j, False) == lean.releasable(j, False)
+        assert [kept.withheld(i) for i in range(n + 1)] == [lean.withheld(i) for i in range(n + 1)]
+        assert [kept.forced_at(i) for i in range(n + 1)] == [lean.forced_at(i) for i in range(n + 1)]
+        assert [kept.has_step(i) for i in range(n + 2)] == [i < n for i in range(n + 2)]
+        full, short = kept.report(), lean.report()
+        assert full.trace is not None and len(full.trace) == n and short.trace is None
+        assert full.model_copy(update={"trace": None}) == short, case
+        assert lean.steps == {} and len(kept.steps) == n
+
+
 def test_holdback_releases_a_violating_run_that_ended_short_of_tau():
     """One violating step, then clean ones: the run never reached tau, so its token goes
     out with the next clean verdict (it used to stall the stream to the end)."""
@@ -1018,7 +1053,7 @@ def test_with_telemetry_missing_a_violating_run_at_the_end_is_withheld(monkeypat
         late = asyncio.get_running_loop().call_later(
             0.05, t.add, _rec(14, event=EVENT_TRIGGER, phase=W.PHASE_DONE, forced=0, acted=1))
         await t.wait_for(14)  # an ordinary wait: returns at once, incomplete
-        assert 14 not in t.steps
+        assert not t.has_step(14)
         assert [t.withheld(j) for j in (10, 11, 12)] == [False, True, True]  # fail closed
         await t.wait_for(14, last=True)  # the finishing step's own wait
         late.cancel()
@@ -1230,7 +1265,7 @@ def test_a_deferred_record_counts_no_engine_step():
     hub.register(t)
     before = metrics.SAFETY_STEPS._value.get()
     hub._route([W.StepRecord("r", 0, [0.1] * 10, 0, 0, 0, -1, 0, 0)], None)
-    assert metrics.SAFETY_STEPS._value.get() == before and 0 in t.steps
+    assert metrics.SAFETY_STEPS._value.get() == before and t.has_step(0)
     hub._route([W.StepRecord("r", 1, [0.1] * 10, 0, 0, 0, -1, 0, 0)], 0.001)
     assert metrics.SAFETY_STEPS._value.get() == before + 1
 
@@ -1262,7 +1297,7 @@ def test_records_after_finish_are_stray_and_a_one_token_answer_waits_for_the_end
         t.add(_rec(j))
     t.finish("stop", 3)
     t.add(_rec(3, event=2, phase=W.PHASE_DONE, forced=0, acted=1))  # past the end
-    assert not t.acted and 3 not in t.steps and t.report().action == "none"
+    assert not t.acted and not t.has_step(3) and t.report().action == "none"
 
     async def one_token():
         t = _bare_tracker()
