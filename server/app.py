@@ -296,10 +296,13 @@ async def _unless_disconnected(request: Request, coro):
     """Run a non-streaming completion, cancelling it (and so aborting it in the engine) if the
     client goes away first."""
     work = asyncio.ensure_future(coro)
+    gone = False
 
     async def watch():
+        nonlocal gone
         while not work.done():
             if await request.is_disconnected():
+                gone = True
                 work.cancel()
                 return
             await asyncio.sleep(0.25)
@@ -308,6 +311,8 @@ async def _unless_disconnected(request: Request, coro):
     try:
         return await work
     except asyncio.CancelledError:
+        if not gone:  # this handler was cancelled (the server shutting down): not a 499
+            raise
         return Response(status_code=499)
     finally:
         watcher.cancel()

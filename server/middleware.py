@@ -100,6 +100,14 @@ class RequestAccounting:
                 mode = (scope.get("state") or {}).get("safeserve_mode", "invalid")
                 metrics.REQUESTS.labels(str(final_status), mode).inc()
 
+        disconnected = False
+
+        async def watching_receive():
+            nonlocal disconnected
+            message = await receive()
+            disconnected = disconnected or message["type"] == "http.disconnect"
+            return message
+
         async def watching_send(message):
             nonlocal status
             if message["type"] == "http.response.start":
@@ -109,9 +117,11 @@ class RequestAccounting:
             await send(message)
 
         try:
-            await self.app(scope, receive, watching_send)
+            await self.app(scope, watching_receive, watching_send)
         except asyncio.CancelledError:
-            count(status or 499)
+            # 499 only when the client went away; a handler the server cancelled (uvicorn's
+            # graceful-shutdown timeout) gets uvicorn's 500, if its connection still stands
+            count(status or (499 if disconnected else 500))
             raise
         except Exception:
             count(status or 500)  # the server error middleware answers it with a 500

@@ -541,6 +541,62 @@ def test_a_client_gone_while_the_engine_works_is_a_499_and_aborts_it(tokenizer, 
     assert REGISTRY.get_sample_value("safeserve_in_flight_requests") == 0
 
 
+def test_a_handler_the_server_cancels_is_not_counted_as_a_client_gone():
+    """uvicorn cancels handlers still running when its graceful-shutdown timeout ends: that is
+    the server's doing (counted 500, what uvicorn answers), not a client's 499; a cancellation
+    after the client's disconnect is a 499. The non-streaming watcher re-raises a cancellation
+    it did not cause instead of turning it into a 499 response."""
+    from starlette.requests import Request
+
+    from safeserve.server.app import _unless_disconnected
+    from safeserve.server.middleware import RequestAccounting
+
+    def counted(status: str) -> float:
+        return REGISTRY.get_sample_value("safeserve_requests_total",
+                                         {"status": status, "stream": "invalid"}) or 0.0
+
+    async def stuck(scope, receive, send):
+        await asyncio.sleep(3600)
+
+    async def waits_for_disconnect(scope, receive, send):
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        await asyncio.sleep(3600)
+
+    async def run(app, messages):
+        queue = asyncio.Queue()
+        for m in messages:
+            queue.put_nowait(m)
+        accounting = RequestAccounting(app, path="/v1/chat/completions")
+        scope = {"type": "http", "path": "/v1/chat/completions"}
+        task = asyncio.create_task(accounting(scope, queue.get, None))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    before = {s: counted(s) for s in ("499", "500")}
+    asyncio.run(run(stuck, [{"type": "http.request", "body": b""}]))
+    assert counted("500") == before["500"] + 1 and counted("499") == before["499"]
+    asyncio.run(run(waits_for_disconnect, [{"type": "http.request", "body": b""},
+                                           {"type": "http.disconnect"}]))
+    assert counted("499") == before["499"] + 1 and counted("500") == before["500"] + 1
+
+    async def watched():
+        async def connected():
+            return False
+
+        request = Request({"type": "http", "method": "POST", "path": "/", "headers": []})
+        request.is_disconnected = connected
+        task = asyncio.create_task(_unless_disconnected(request, asyncio.sleep(3600)))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task  # before: returned Response(499), swallowing the cancellation
+
+    asyncio.run(watched())
+
+
 # ----------------------------------------------------------------------------- the real server
 
 def test_surrogates_leave_the_connection_usable(http, server):
