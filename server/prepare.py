@@ -182,6 +182,14 @@ def prepare_sync(engine: Engine, body: ChatCompletionRequest,
     query_ids = None
     if safety is not None and is_prefilled(body):
         query_ids = render_prompt(engine, body, safety, without_prefill=True)
+    bias = body.logit_bias_ids
+    if bias:
+        vocab = len(engine.tokenizer)
+        beyond = max(bias)
+        if beyond >= vocab:  # vLLM would fail the request in the engine
+            raise bad_request(f"logit_bias names token {beyond}, beyond this model's "
+                              f"vocabulary (ids 0 to {vocab - 1})", param="logit_bias",
+                              code="invalid_value")
     prep = PreparedRequest(body, prompt_ids, wanted or room, safety, query_ids)
     _check_sampling(prep)
     return prep
@@ -225,6 +233,9 @@ def sampling_params(prep: PreparedRequest, index: int, extra_args: dict | None =
         seed=seed,
         ignore_eos=b.ignore_eos,
         logprobs=(b.top_logprobs or 0) if b.logprobs else None,
+        # A forced token (the refusal, end-of-sequence) is the only finite logit its step has:
+        # no bias moves it (tested).
+        logit_bias=b.logit_bias_ids,
         output_kind=RequestOutputKind.DELTA,
         extra_args=extra_args,
     )

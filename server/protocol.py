@@ -117,6 +117,10 @@ MAX_TOP_LOGPROBS = 20  # as OpenAI; the engine is started with at least this man
 # while it is validated (a million tiny items fit in 8 MiB). Checked before anything walks them.
 MAX_MESSAGES = 4096
 MAX_TEXT_PARTS = 4096
+# logit_bias entries per request: OpenAI's range of values; the count is ours (a bound on the
+# work a request's bias costs every engine step).
+MAX_LOGIT_BIAS_ENTRIES = 1024
+LOGIT_BIAS_RANGE = 100.0
 
 
 class _Strict(BaseModel):
@@ -169,7 +173,7 @@ class TextPart(_Strict):
 _NOOP_MESSAGE_FIELDS = {"refusal": (None,), "annotations": (None, []), "audio": (None,),
                         "function_call": (None,), "tool_calls": (None, [])}
 _NOOP_REQUEST_FIELDS = {"tools": (None, []), "tool_choice": (None, "none"),
-                        "logit_bias": (None, {}), "response_format": (None, {"type": "text"}),
+                        "response_format": (None, {"type": "text"}),
                         "functions": (None, []), "function_call": (None, "none"),
                         "parallel_tool_calls": (None,), "metadata": (None, {}),
                         "store": (None, False), "modalities": (None, ["text"]),
@@ -248,6 +252,8 @@ class ChatCompletionRequest(_Request):
     logprobs: StrictBool | None = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     user: str | None = None
+    # token id (a decimal string, as OpenAI's) -> bias added to its logit, in [-100, 100]
+    logit_bias: dict[str, StrictFloat | StrictInt] | None = None
     # vLLM extension, for benchmarks: keep generating past end-of-sequence up to max_tokens.
     ignore_eos: StrictBool = False
     # vLLM's prefill extensions: continue the last (assistant) message instead of opening a new one.
@@ -268,6 +274,27 @@ class ChatCompletionRequest(_Request):
         # OpenAI's schema marks stream and n nullable, and some clients send an explicit null
         # (vLLM's switches likewise): null means the default everywhere.
         return cls.model_fields[info.field_name].default if v is None else v
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _logit_bias_size(cls, v):
+        if isinstance(v, dict) and len(v) > MAX_LOGIT_BIAS_ENTRIES:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS_ENTRIES} entries, not {len(v)}")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v):
+        for key, bias in (v or {}).items():
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"keys are token ids (decimal strings), not {key[:40]!r}")
+            if not -LOGIT_BIAS_RANGE <= bias <= LOGIT_BIAS_RANGE:
+                raise ValueError(f"bias {bias} for token {key} is outside [-100, 100]")
+        return v
+
+    @property
+    def logit_bias_ids(self) -> dict[int, float] | None:
+        return {int(k): float(b) for k, b in self.logit_bias.items()} if self.logit_bias else None
 
     @field_validator("stop")
     @classmethod

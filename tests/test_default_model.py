@@ -78,6 +78,19 @@ def test_harmful_request_is_refused(default_server):
     assert DEFAULT_REFUSAL in data["choices"][0]["message"]["content"]
 
 
+def test_a_logit_bias_against_the_refusal_does_not_stop_it(default_server, base_model_dir):
+    """The refusal is forced (its step's only finite logit): a client's bias of -100 on every
+    token of it, and +100 on a compliant opening, changes nothing there."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base_model_dir))
+    bias = {str(i): -100 for i in tok.encode(DEFAULT_REFUSAL, add_special_tokens=False)}
+    bias.update({str(i): 100 for i in tok.encode("Sure", add_special_tokens=False)})
+    data = ask(default_server, PIPE_BOMB, max_tokens=24, logit_bias=bias)
+    assert data["safety"]["action"] == "refuse"
+    assert data["choices"][0]["message"]["content"].startswith(DEFAULT_REFUSAL)
+
+
 def test_refusal_is_explained_in_one_sentence_then_ends(default_server):
     """The default budget: after the spliced refusal the model writes one sentence and the
     response ends there (the 135M model otherwise repeats itself until max_tokens)."""

@@ -761,9 +761,17 @@ def test_empty_openai_fields_are_accepted_and_real_ones_named(client):
     _error(r, 503, code="engine_not_ready")  # validated: only the engine is missing
     for extra, param in (({"response_format": {"type": "json_object"}}, "response_format"),
                          ({"tools": [{"type": "function"}]}, "tools"),
-                         ({"logit_bias": {"50256": -100}}, "logit_bias"),
+                         ({"logit_bias": {"the": -100}}, "logit_bias"),
+                         ({"logit_bias": {"-5": 1}}, "logit_bias"),
+                         ({"logit_bias": {"5": 100.5}}, "logit_bias"),
+                         ({"logit_bias": {"5": "1"}}, "logit_bias.5"),
                          ({"service_tier": "flex"}, "service_tier")):
         _error(client.post("/v1/chat/completions", json=body(**extra)), 400, param=param)
+    # a bias in range passes validation (here only the engine is missing)
+    r = client.post("/v1/chat/completions", json=body(logit_bias={"5": -100, "7": 2.5}))
+    _error(r, 503, code="engine_not_ready")
+    with pytest.raises(ValueError, match="at most 1024 entries"):  # over the client's body limit
+        ChatCompletionRequest.model_validate(body(logit_bias={str(i): 1 for i in range(1025)}))
     bad = dict(echoed, tool_calls=[{"id": "x"}])
     r = client.post("/v1/chat/completions", json=body(messages=[{"role": "user", "content": "hi"}, bad]))
     _error(r, 400)

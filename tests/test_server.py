@@ -109,6 +109,24 @@ def test_stop_sequence(oai, server):
     assert r.choices[0].finish_reason == "stop"
 
 
+def test_logit_bias_moves_the_engine_and_ids_beyond_the_vocabulary_are_a_400(http, server):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(server.model_dir))
+    banana = tok.encode(" banana", add_special_tokens=False)[0]
+    r = http.post("/v1/chat/completions", json={
+        "model": server.model, "messages": BENIGN, "max_tokens": 3, "temperature": 0,
+        "logprobs": True, "logit_bias": {str(banana): 100}})
+    assert r.status_code == 200, r.text
+    ids = [tok.convert_tokens_to_ids(tok.tokenize(e["token"])) for e in
+           r.json()["choices"][0]["logprobs"]["content"]]
+    assert ids == [[banana]] * 3, ids
+    r = http.post("/v1/chat/completions", json={"model": server.model, "messages": BENIGN,
+                                                "max_tokens": 3, "logit_bias": {str(len(tok)): 1}})
+    err = _error(r, 400, "logit_bias")
+    assert str(len(tok)) in err["message"]
+
+
 def _error(r: httpx.Response, status: int, param: str | None = None) -> dict:
     assert r.status_code == status, r.text
     err = r.json()["error"]
