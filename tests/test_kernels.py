@@ -885,7 +885,8 @@ def _worker_processor(sync_free: bool, device: torch.device, capacity: int = 8,
 
     from safeserve.models.model_store import DEFAULT_HEAD_DIR
     from safeserve.server import safety_wire as W
-    from safeserve.server.safety_processor import SafetyLogitsProcessor, step_records
+    from safeserve.server.safety_processor import SafetyLogitsProcessor
+    from safeserve.server.worker_telemetry import step_records
 
     cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=capacity),
                           model_config=SimpleNamespace(model=str(DEFAULT_HEAD_DIR)))

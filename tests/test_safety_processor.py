@@ -1146,9 +1146,9 @@ def test_gpu_telemetry_is_sent_after_its_copy_lands_and_in_step_order():
     import time
 
     from safeserve.server import safety_wire as W
-    from safeserve.server.safety_processor import _Telemetry
+    from safeserve.server.worker_telemetry import StepTelemetry
 
-    tel = _Telemetry()
+    tel = StepTelemetry()
     sent = []
     tel.sock = object()
     tel._push = lambda records, _s: sent.append([(r.rid, r.index, r.forced) for r in records])
