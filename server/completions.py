@@ -63,6 +63,7 @@ class ChoiceState:
     held_text: str = ""
     first_token_at: float | None = None
     last_token_at: float | None = None
+    host_stopped: bool = False  # ended here for its safety (``_host_stop``), not by the engine
 
     def add_piece(self, text: str, n_new: int, ids=(), decode=None) -> None:
         if not (n_new or text):
@@ -267,14 +268,17 @@ async def _engine_steps(engine: Engine, prep: PreparedRequest,
     """One choice's engine request, output by output; its ending recorded on ``choice``
     (an engine failure raised). The callers map errors and abort what did not finish."""
     params = sampling_params(prep, choice.index, choice.extra_args)
-    async for out in engine.llm.generate(
-        {"prompt_token_ids": prep.prompt_ids}, params, choice.request_id
-    ):
-        c = out.outputs[0]
-        if out.finished:
-            choice.finish_reason, choice.stop_reason = c.finish_reason, c.stop_reason
-            _raise_engine_failure(choice)
-        yield _Step(choice, c.text, c.token_ids, out.finished, c.logprobs)
+    outputs = engine.llm.generate({"prompt_token_ids": prep.prompt_ids}, params,
+                                  choice.request_id)
+    async with contextlib.aclosing(outputs):
+        async for out in outputs:
+            if choice.host_stopped:  # (its abort's own ending is no engine failure)
+                return
+            c = out.outputs[0]
+            if out.finished:
+                choice.finish_reason, choice.stop_reason = c.finish_reason, c.stop_reason
+                _raise_engine_failure(choice)
+            yield _Step(choice, c.text, c.token_ids, out.finished, c.logprobs)
 
 
 async def _single_steps(engine: Engine, prep: PreparedRequest,
@@ -319,7 +323,8 @@ async def _open_choices(engine: Engine, svc: SafetyService | None,
         c = ChoiceState(i, f"{base}-{i}-{uuid.uuid4().hex[:8]}")
         if svc is not None and prep.safety is not None:
             c.extra_args, c.tracker = svc.open(c.request_id, prep.safety, engine.eos_id, query,
-                                               prefilled=prep.query_ids is not None)
+                                               prefilled=prep.query_ids is not None,
+                                               structured=prep.body.structured)
             stops = prep.body.stop_list
             if stops:
                 c.stop_hold = max(map(len, stops)) - 1
@@ -369,6 +374,19 @@ async def _settle(step: _Step) -> None:
             await c.tracker.wait_verdict()  # (see there: index 0 may be an earlier chunk's)
 
 
+async def _host_stop(engine: Engine, step: _Step) -> None:
+    """A structured-output request that violated its config ends here (the worker forced
+    nothing: a token outside the grammar fails the request in vLLM): its engine request is
+    aborted, and this step is its last, ``content_filter``. What the tracker cut (the
+    violating run and everything after it) is never released."""
+    c = step.choice
+    if c.tracker is None or step.finished or not c.tracker.host_stopped:
+        return
+    c.host_stopped, step.finished = True, True
+    c.finish_reason = "stop"  # content_filtered: the tracker's stop_forced is set
+    await engine.abort(c.request_id)
+
+
 def _add_logprobs(engine: Engine, prep: PreparedRequest, step: _Step) -> None:
     if prep.body.logprobs and step.n_new:
         step.choice.add_logprobs(step.ids, step.logprobs, prep.body.top_logprobs or 0,
@@ -401,8 +419,11 @@ async def complete(engine: Engine, svc: SafetyService | None,
     steps = _merged_steps(engine, prep, choices)
     try:
         async for step in steps:
+            if step.choice.host_stopped:  # an output that was on its way when it stopped
+                continue
             _observe_timing(prep, step)
             await _settle(step)
+            await _host_stop(engine, step)
             step.choice.add_piece(step.text, step.n_new, step.ids, engine.tokenizer.decode)
             _add_logprobs(engine, prep, step)
             _finish(step)
@@ -489,8 +510,11 @@ async def stream(engine: Engine, svc: SafetyService | None,
                                           delta=Delta(role="assistant", content=""))]))
         try:
             async for step in steps:
+                if step.choice.host_stopped:  # an output that was on its way when it stopped
+                    continue
                 _observe_timing(prep, step)
                 await _settle(step)
+                await _host_stop(engine, step)
                 c = step.choice
                 c.add_piece(step.text, step.n_new, step.ids, engine.tokenizer.decode)
                 _add_logprobs(engine, prep, step)

@@ -192,6 +192,7 @@ def prepare_sync(engine: Engine, body: ChatCompletionRequest,
                               code="invalid_value")
     prep = PreparedRequest(body, prompt_ids, wanted or room, safety, query_ids)
     _check_sampling(prep)
+    _check_grammar(engine, prep)
     return prep
 
 
@@ -205,6 +206,33 @@ def _check_sampling(prep: PreparedRequest) -> None:
         if not isinstance(e, (TypeError, OverflowError)) and engine_request_error(e) is None:
             raise
         raise bad_request(f"invalid sampling parameters: {e}") from None
+
+
+def _check_grammar(engine: Engine, prep: PreparedRequest) -> None:
+    """A ``response_format`` compiled once here (in a worker thread), with the engine's own
+    check: a schema vLLM cannot decode is a 400 naming it, before a stream's 200."""
+    checks = getattr(engine.llm, "input_processor", None)
+    if not prep.body.structured or checks is None:
+        return
+    try:
+        sampling_params(prep, 0).verify(checks.model_config, checks.speculative_config,
+                                        checks.structured_outputs_config, checks.tokenizer)
+    except Exception as e:
+        if engine_request_error(e) is None:
+            raise
+        raise bad_request(f"response_format cannot be decoded: {e}", param="response_format",
+                          code="invalid_value") from None
+
+
+def _structured_outputs(body: ChatCompletionRequest):
+    if not body.structured:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    fmt = body.response_format
+    if fmt.type == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    return StructuredOutputsParams(json=fmt.json_schema.json_schema)
 
 
 def sampling_params(prep: PreparedRequest, index: int, extra_args: dict | None = None):
@@ -236,6 +264,7 @@ def sampling_params(prep: PreparedRequest, index: int, extra_args: dict | None =
         # A forced token (the refusal, end-of-sequence) is the only finite logit its step has:
         # no bias moves it (tested).
         logit_bias=b.logit_bias_ids,
+        structured_outputs=_structured_outputs(b),
         output_kind=RequestOutputKind.DELTA,
         extra_args=extra_args,
     )

@@ -6,6 +6,7 @@ is a 400 that names it, never a silent no-op.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -173,7 +174,6 @@ class TextPart(_Strict):
 _NOOP_MESSAGE_FIELDS = {"refusal": (None,), "annotations": (None, []), "audio": (None,),
                         "function_call": (None,), "tool_calls": (None, [])}
 _NOOP_REQUEST_FIELDS = {"tools": (None, []), "tool_choice": (None, "none"),
-                        "response_format": (None, {"type": "text"}),
                         "functions": (None, []), "function_call": (None, "none"),
                         "parallel_tool_calls": (None,), "metadata": (None, {}),
                         "store": (None, False), "modalities": (None, ["text"]),
@@ -188,6 +188,47 @@ def _drop_noop(data, fields: dict) -> Any:
     drop = {k for k, noops in fields.items() if k in data and any(
         data[k] == v and type(data[k]) is type(v) for v in noops)}
     return {k: v for k, v in data.items() if k not in drop} if drop else data
+
+
+MAX_JSON_SCHEMA_BYTES = 32 << 10  # vLLM compiles it into a grammar on the event loop: bounded
+
+
+class JsonSchemaFormat(_Strict):
+    """OpenAI's ``response_format.json_schema``."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    # The grammar always holds the output to the schema, so strict or not decodes the same.
+    strict: StrictBool | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _bounded(cls, v):
+        if len(json.dumps(v)) > MAX_JSON_SCHEMA_BYTES:
+            raise ValueError(f"the schema is over {MAX_JSON_SCHEMA_BYTES} bytes of JSON")
+        return v
+
+
+class ResponseFormat(_Strict):
+    """Structured output: ``text`` (the default), any JSON object, or JSON that matches a
+    schema; decoded under a grammar (vLLM's structured outputs)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given_for_json_schema(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise invalid("response_format.json_schema",
+                          "json_schema is required with type json_schema, and only then")
+        return self
+
+    @property
+    def structured(self) -> bool:
+        return self.type != "text"
 
 
 class ChatMessage(_Strict):
@@ -252,6 +293,7 @@ class ChatCompletionRequest(_Request):
     logprobs: StrictBool | None = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     user: str | None = None
+    response_format: ResponseFormat | None = None
     # token id (a decimal string, as OpenAI's) -> bias added to its logit, in [-100, 100]
     logit_bias: dict[str, StrictFloat | StrictInt] | None = None
     # vLLM extension, for benchmarks: keep generating past end-of-sequence up to max_tokens.
@@ -338,6 +380,11 @@ class ChatCompletionRequest(_Request):
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def structured(self) -> bool:
+        """The output is decoded under a grammar (response_format json_object / json_schema)."""
+        return self.response_format is not None and self.response_format.structured
 
     @property
     def requested_max_tokens(self) -> int | None:

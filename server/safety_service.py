@@ -18,7 +18,7 @@ from safeserve.server.safety_config import (
     SafetyPolicy,
 )
 from safeserve.server.safety_tracker import RequestTracker, TelemetryHub
-from safeserve.server.safety_wire import StepRecord
+from safeserve.server.safety_wire import ACTION_ANNOTATE, StepRecord
 
 REFUSAL_SEPARATOR = "\n\n"
 
@@ -91,12 +91,15 @@ class SafetyService:
 
     def open(self, rid: str, req: RequestSafety, eos_id: int,
              query: StepRecord | None = None, prefilled: bool = False,
-             verdict_only: bool = False) -> tuple[dict, RequestTracker]:
+             verdict_only: bool = False, structured: bool = False) -> tuple[dict, RequestTracker]:
         """Compiled row args for one engine request, and the tracker that receives its
         telemetry. ``query``: the verdict on a prefilled request's query (see
         ``helper_requests.query_verdict``), carried to the worker so it acts on it.
         ``verdict_only``: a helper request whose output is discarded (see
-        ``helper_requests.prompt_verdict``)."""
+        ``helper_requests.prompt_verdict``). ``structured``: the output is decoded under a
+        grammar (``response_format``), which a forced token would break (vLLM fails the
+        request): the worker forces nothing, and a violation stops the request from here
+        (``RequestTracker.host_stop``), whatever the config's action."""
         ids = self.refusal_ids()
         args = self.policy.compile(req.config, rid, ids, eos_id, self._refusal_sep)
         args.prefilled, args.verdict_only = prefilled, verdict_only
@@ -105,8 +108,13 @@ class SafetyService:
             args.query_flagged, args.query_cats = True, query.cats
         elif query is not None and query.alert:
             args.query_alert = True
-        tracker = RequestTracker(rid, self.names, args, req.config.on_violation, req.echo(),
-                                 req.config.trace, self.policy.prompt_thresholds_echo(args))
+        action = req.config.on_violation
+        host_stop = structured and args.action != ACTION_ANNOTATE
+        if host_stop:
+            args.action, action = ACTION_ANNOTATE, "stop"
+        tracker = RequestTracker(rid, self.names, args, action, req.echo(),
+                                 req.config.trace, self.policy.prompt_thresholds_echo(args),
+                                 host_stop=host_stop)
         tracker.query = query
         self.hub.register(tracker)
         return args.to_extra_args(), tracker

@@ -41,7 +41,8 @@ _EVENT_SHIFT = 3  # EVENT_OK / EVENT_VIOLATION / EVENT_TRIGGER in bits 3-4
 class RequestTracker:
     def __init__(self, rid: str, names: tuple[str, ...], args: W.RowSafetyArgs,
                  action_name: str, config_echo: dict, trace: bool,
-                 prompt_thresholds: dict[str, float | None] | None = None):
+                 prompt_thresholds: dict[str, float | None] | None = None,
+                 host_stop: bool = False):
         self.rid, self.names, self.args = rid, names, args
         # what the prompt verdict compared (SafetyPolicy.prompt_thresholds_echo)
         self.prompt_thresholds = prompt_thresholds or echoed_thresholds(
@@ -73,6 +74,10 @@ class RequestTracker:
         self.gone = False
         self.final_tokens: int | None = None  # output length at finish(): later records are stray
         self.heard = False  # a record arrived: the worker took the request (and args.ended)
+        # A structured-output request: the worker forces nothing (it would break the
+        # grammar); the first trigger stops it here, withholding the violating run and all
+        # after it, and the HTTP side aborts its engine request (completions._host_stop).
+        self.host_stop = host_stop
 
     # -- telemetry in ----------------------------------------------------------------------
 
@@ -117,6 +122,9 @@ class RequestTracker:
             acted_now = bool(rec.acted) or self.args.action == W.ACTION_ANNOTATE
             if self.trigger_index is None and acted_now:
                 self.trigger_index, self.flag_cats = rec.index, rec.cats
+                if self.host_stop:
+                    self.cut.append((max(0, rec.index - self.run_length), TO_THE_END))
+                    self.stop_forced = True
             if rec.acted and rec.index > 0:  # the violating run that reached tau is withheld
                 self.cut.append((max(0, rec.index - self.run_length), rec.index))
         if rec.forced >= 0 and rec.forced == self.args.eos_id and rec.phase == W.PHASE_DONE:
@@ -275,6 +283,13 @@ class RequestTracker:
         return step is not None and step[0]
 
     @property
+    def host_stopped(self) -> bool:
+        """A structured-output request's violation is final: its engine request must end. A
+        verdict at the prompt is final once a later record shows it was the last chunk's."""
+        return (self.host_stop and self.stop_forced
+                and (bool(self.trigger_index) or self._seen >= 1 or self.gone))
+
+    @property
     def alerted(self) -> bool:
         """The prompt (or a prefilled request's query) verdict fell in the alert band."""
         if self.prompt is not None and self.prompt.event == EVENT_TRIGGER:
@@ -316,7 +331,7 @@ class RequestTracker:
                 response.flagged = True
                 response.token_index = max(0, index - 1)
                 response.categories = self._cats(cats)
-        if self._triggers and not response.flagged:  # annotate-only: flagged, nothing forced
+        if self._triggers and not response.flagged and not self.host_stop:  # annotate-only
             first = min(self._triggers)
             response.flagged = True
             response.token_index = max(0, first - self.run_length)

@@ -579,7 +579,7 @@ def test_the_readme_curl_examples_work_and_say_what_the_readme_says(default_serv
 
 def test_the_readme_python_examples_run_as_written(default_server, capsys):
     blocks = readme_api_blocks("python")
-    assert len(blocks) == 4, "a Python example was added or removed: check it here"
+    assert len(blocks) == 5, "a Python example was added or removed: check it here"
     namespace: dict = {}
     host = str(default_server.base_url).split("://", 1)[1].rstrip("/")
     for block in blocks:  # in order: the first defines `client`, the others use it
@@ -589,3 +589,5 @@ def test_the_readme_python_examples_run_as_written(default_server, capsys):
     assert "none" in printed and "completion_tokens" in printed, printed
     # the moderation example prints (flagged, weapons score) per input: pipe bomb, "Hi!"
     assert "[(True, " in printed and "(False, " in printed, printed
+    # the structured-output example prints the decoded object (json.loads ran on it)
+    assert "{'name': " in printed and "'age': " in printed, printed

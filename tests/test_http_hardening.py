@@ -759,7 +759,14 @@ def test_empty_openai_fields_are_accepted_and_real_ones_named(client):
               ignore_eos=None, add_generation_prompt=None, continue_final_message=None)
     r = client.post("/v1/chat/completions", json=ok)
     _error(r, 503, code="engine_not_ready")  # validated: only the engine is missing
-    for extra, param in (({"response_format": {"type": "json_object"}}, "response_format"),
+    for extra, param in (({"response_format": {"type": "json"}}, "response_format.type"),
+                         ({"response_format": {"type": "json_schema"}},
+                          "response_format.json_schema"),
+                         ({"response_format": {"type": "json_object", "json_schema": {
+                             "name": "x", "schema": {}}}}, "response_format.json_schema"),
+                         ({"response_format": {"type": "json_schema", "json_schema": {
+                             "name": "no spaces", "schema": {}}}},
+                          "response_format.json_schema.name"),
                          ({"tools": [{"type": "function"}]}, "tools"),
                          ({"logit_bias": {"the": -100}}, "logit_bias"),
                          ({"logit_bias": {"-5": 1}}, "logit_bias"),
@@ -770,6 +777,9 @@ def test_empty_openai_fields_are_accepted_and_real_ones_named(client):
     # a bias in range passes validation (here only the engine is missing)
     r = client.post("/v1/chat/completions", json=body(logit_bias={"5": -100, "7": 2.5}))
     _error(r, 503, code="engine_not_ready")
+    with pytest.raises(ValueError, match="over 32768 bytes"):
+        ChatCompletionRequest.model_validate(body(response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"enum": ["x" * 40000]}}}))
     with pytest.raises(ValueError, match="at most 1024 entries"):  # over the client's body limit
         ChatCompletionRequest.model_validate(body(logit_bias={str(i): 1 for i in range(1025)}))
     bad = dict(echoed, tool_calls=[{"id": "x"}])

@@ -15,6 +15,8 @@ from safeserve.server.safety_config import DEFAULT_REFUSAL, DEFAULT_STOP_TEXT
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 COLORS = [{"role": "user", "content": "List three colors of the rainbow."}]
+IN_JSON = [{"role": "user", "content": "Write a JSON object with a key \"sentence\" holding "
+                                   "the sentence: The capital of France is Paris."}]
 
 
 def chat(http, server, messages, headers=None, **body):
@@ -528,3 +530,50 @@ def test_continuous_usage_with_holdback_counts_every_generated_token(http, serve
     streamed = "".join(c["delta"].get("content") or "" for ch in chunks for c in ch["choices"])
     assert streamed == unary["choices"][0]["message"]["content"]
     assert "Paris" not in streamed
+
+
+def test_structured_output_stops_at_a_violation_without_breaking_its_grammar(http, server):
+    """response_format json: a forced token outside the grammar would fail the request in
+    vLLM (a 500). So the worker forces nothing there; the server stops the request itself,
+    whatever the config's action: content_filter, nothing from the violating run on
+    released (unary or streamed with holdback), and the JSON of a request that does not
+    violate is decoded as usual."""
+    fmt = {"type": "json_object"}
+    # (in JSON the model says "Paris" without its space unless inside a sentence)
+    answered = chat(http, server, IN_JSON, response_format=fmt, max_tokens=40,
+                    safety_config={"allow": ["violence", "weapons"]}).json()
+    whole = answered["choices"][0]["message"]["content"]
+    assert "Paris" in whole and answered["safety"]["action"] == "none"
+    if answered["choices"][0]["finish_reason"] == "stop":
+        json.loads(whole)
+    cfg = {"allow": ["violence"], "tau": 1}  # refuse by default: a refusal cannot be spliced in
+    data = chat(http, server, IN_JSON, response_format=fmt, max_tokens=40,
+                safety_config=cfg).json()
+    text, choice, s = data["choices"][0]["message"]["content"], data["choices"][0], data["safety"]
+    assert choice["finish_reason"] == "content_filter" and s["action"] == "stop"
+    assert s["response"]["flagged"] and s["response"]["categories"] == ["weapons"]
+    assert "Paris" not in text and text.endswith(DEFAULT_STOP_TEXT)
+    kept = text[:-len(DEFAULT_STOP_TEXT)].rstrip()
+    assert kept and whole.startswith(kept)  # the answer up to the violating token
+    assert data["usage"]["completion_tokens"] < 40  # stopped, not run on to max_tokens
+    with http.stream("POST", "/v1/chat/completions", json={
+            "model": server.model, "messages": IN_JSON, "max_tokens": 40, "temperature": 0,
+            "stream": True, "response_format": fmt,
+            "safety_config": {**cfg, "holdback": True}}) as resp:
+        assert resp.status_code == 200
+        events = [json.loads(line[6:]) for line in resp.iter_lines()
+                  if line.startswith("data: {")]
+    assert not [e for e in events if "error" in e]
+    streamed = "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
+    assert streamed == text
+    assert [c["finish_reason"] for e in events for c in e["choices"]
+            if c["finish_reason"]] == ["content_filter"]
+    # at the prompt (violence is not allowed), for each of two choices: nothing but the stop
+    # text; under `annotate` nothing is stopped
+    both = chat(http, server, IN_JSON, response_format=fmt, n=2, temperature=1.0, seed=1,
+                safety_config={"allow": []}).json()
+    assert [(c["message"]["content"], c["finish_reason"]) for c in both["choices"]] == \
+        [(DEFAULT_STOP_TEXT, "content_filter")] * 2
+    noted = chat(http, server, IN_JSON, response_format=fmt, max_tokens=40,
+                 safety_config={"allow": [], "on_violation": "annotate"}).json()
+    assert noted["safety"]["action"] == "annotate" and noted["choices"][0]["message"]["content"] == whole

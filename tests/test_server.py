@@ -127,6 +127,27 @@ def test_logit_bias_moves_the_engine_and_ids_beyond_the_vocabulary_are_a_400(htt
     assert str(len(tok)) in err["message"]
 
 
+def test_response_format_json_schema_with_the_openai_client(oai, server):
+    schema = {"type": "object", "properties": {"name": {"type": "string"},
+                                               "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    r = oai.chat.completions.create(
+        model=server.model, temperature=0, max_tokens=40,
+        messages=[{"role": "user", "content": "Describe a person as JSON."}],
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "person", "schema": schema, "strict": True}})
+    assert r.choices[0].finish_reason == "stop", r.choices[0]
+    person = json.loads(r.choices[0].message.content)
+    assert set(person) == {"name", "age"} and isinstance(person["age"], int)
+    free = oai.chat.completions.create(
+        model=server.model, temperature=0, max_tokens=40, messages=BENIGN,
+        response_format={"type": "json_object"})
+    if free.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(free.choices[0].message.content), dict)
+    else:  # cut by max_tokens: still the start of an object
+        assert free.choices[0].message.content.lstrip().startswith("{")
+
+
 def _error(r: httpx.Response, status: int, param: str | None = None) -> dict:
     assert r.status_code == status, r.text
     err = r.json()["error"]
@@ -141,8 +162,11 @@ def _error(r: httpx.Response, status: int, param: str | None = None) -> dict:
     ({"model": "{m}", "messages": []}, 400, "messages"),
     ({"model": "{m}", "messages": BENIGN, "temperature": 5}, 400, "temperature"),
     ({"model": "{m}", "messages": BENIGN, "tools": [{"type": "function"}]}, 400, "tools"),
-    ({"model": "{m}", "messages": BENIGN, "response_format": {"type": "json_object"}}, 400,
-     "response_format"),
+    ({"model": "{m}", "messages": BENIGN, "response_format": {"type": "xml"}}, 400,
+     "response_format.type"),
+    ({"model": "{m}", "messages": BENIGN, "response_format": {  # valid JSON, no grammar
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}},
+     400, "response_format"),
     ({"model": "{m}", "messages": BENIGN, "n": 0}, 400, "n"),
     ({"model": "{m}", "messages": BENIGN, "n": 99}, 400, "n"),
     ({"model": "{m}", "messages": BENIGN, "max_tokens": 0}, 400, "max_tokens"),
