@@ -288,3 +288,84 @@ def test_cosa_rows_load_and_can_be_held_out(tmp_path):
     held = rp.run_requests(run)
     assert held == {("t:0", "cosa:violence", "prompt 0"), ("t:1", "cosa:violence", "prompt 1")}
     assert all(r.extra["key"] in held for r in rows)
+
+
+def test_replay_compares_in_float32_as_the_kernel_does():
+    """The decision kernel holds scores and thresholds in float32 (a trace's scores are
+    float32 values): a score equal to a threshold's float32 rounding is at the threshold, even
+    where the threshold itself (0.9) is a hair above it."""
+    at = float(rp.np.float32(0.9))
+    assert at < 0.9
+    assert rp.trigger_step(_row([at, 0.1, 0.1], [LOW]), BASE) == 0
+    assert rp.trigger_step(_row(LOW, [[0.1, at, 0.1]] * 3), BASE) == 3
+    # the overall output acts for the top category; with every category unscored (NaN) there
+    # is none to act for, and NaN itself never violates
+    assert rp.trigger_step(_row([float("nan"), float("nan"), 0.99], [LOW], allow=["weapons"]), BASE) is None
+    assert rp.trigger_step(_row([float("nan"), 0.1, 0.1], [LOW]), BASE) is None
+
+
+def test_replay_builds_the_tables_the_server_compiles():
+    """Per request, replay's thresholds, masks, tau and alert band are what
+    ``SafetyPolicy.compile`` gives the decision kernel for the same config."""
+    import torch
+
+    from safeserve.models.taxonomy import Taxonomy
+    from safeserve.server.safety_config import SafetyConfig, SafetyPolicy
+
+    tax = Taxonomy.load()
+    names = tax.output_names
+    policy = SafetyPolicy(tax, overall_threshold=0.7, default_tau=4, allowlist_overall_shift=1.5,
+                          alert_margin=0.75, alert_tau=2)
+    base = [c.threshold for c in tax.categories] + [0.7]
+    k = len(names)
+    for cfg in (SafetyConfig(), SafetyConfig(allow=(tax.ids[1],)),
+                SafetyConfig(allow=(tax.ids[0], tax.ids[2]), threshold_shift=-1.25),
+                SafetyConfig(threshold_shift=-0.5, tau=2)):
+        args = policy.compile(cfg, "r", [], 0)
+        rule = rp.Rule.shifted(names, base, response_shift=cfg.threshold_shift or 0.0,
+                               tau=policy.tau_of(cfg), allowlist_overall_shift=1.5,
+                               alert_margin=0.75, alert_tau=2)
+        row = rp.TracedRow(kind="benign", group="g", dataset="t", allow=cfg.allow,
+                           prompt=None, query=None, steps=rp.np.zeros((0, k)),
+                           refused_by_text=False, answered_by_text=True)
+        t = rp._tables([row], rule)
+        assert t["thresholds"][0].tolist() == torch.tensor(args.thresholds, dtype=torch.float32).tolist()
+        prompt = args.prompt_thresholds or args.thresholds
+        assert t["prompt_thresholds"][0].tolist() == torch.tensor(prompt, dtype=torch.float32).tolist()
+        assert t["masked"][0].tolist() == list(args.masked)
+        assert int(t["tau"][0]) == args.tau and int(t["alert_tau"][0]) == args.alert_tau
+        assert float(t["alert_scale"][0]) == pytest.approx(args.alert_scale)
+
+
+def test_batched_replay_matches_a_written_out_rule():
+    """A run's rows go through each step together (rows of any length, leaving once they
+    trigger): each row's trigger step is the one written out here for requests without an
+    allow-list or band: 0 if a verdict reaches a threshold, else the first step that ends
+    ``tau`` consecutive steps each with some score at or over its threshold."""
+    rng = rp.np.random.default_rng(0)
+    thresholds = (0.75, 0.5, 0.625)  # exact in float32, as the scores are (multiples of 1/8)
+
+    def expected(row, rule):
+        if any((v >= rp.np.array(rule.prompt_thresholds)).any()
+               for v in (row.prompt, row.query) if v is not None):
+            return 0
+        run = 0
+        for i, s in enumerate(row.steps, start=1):
+            run = run + 1 if (s >= rp.np.array(rule.response_thresholds)).any() else 0
+            if run >= rule.tau:
+                return i
+        return None
+
+    for tau in (1, 2, 3):
+        rule = rp.Rule(NAMES, thresholds, thresholds, tau)
+        rows = []
+        for _ in range(60):
+            def scores(*shape, hot=0.3):
+                return rng.integers(0, 8, size=shape) / 8 * (rng.random(shape) < hot) + 0.0
+
+            rows.append(_row(None if rng.random() < 0.2 else scores(3, hot=0.1),
+                             scores(int(rng.integers(0, 12)), 3), query=scores(3, hot=0.1)
+                             if rng.random() < 0.3 else None))
+        steps = rp._trigger_steps(rows, rule)
+        assert steps == [expected(r, rule) for r in rows] == [rp.trigger_step(r, rule) for r in rows]
+        assert len(set(steps)) > 3  # the cases cover prompt, decode and no trigger

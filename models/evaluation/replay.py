@@ -14,9 +14,11 @@ generating again:
 A rule is the served one (see ``kernels/safety_decision.py``) with three knobs: per-output
 thresholds for the prompt and query verdicts, per-output thresholds for generated tokens,
 and ``tau``. Thresholds move as logit shifts of the checkpoint's served thresholds, so one
-number moves every category by the same evidence. Masking follows the server: a category the
-request allows never violates, and the overall ``unsafe`` output counts only when the request
-allows nothing.
+number moves every category by the same evidence. The rule is decided by the server's own code
+(the PyTorch reference of its decision kernel and the kernel's helpers, on CPU), over the
+tables the server compiles for each request: a category the request allows never violates,
+and under an allow-list the overall ``unsafe`` output acts for the category the head scores
+highest (format 7: the one it names), unless the request allows that one.
 
 This answers "what would these thresholds do" in seconds, and `sweep` traces the trade-off
 between attack success and over-refusal on a development run before a new operating point is
@@ -33,6 +35,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from safeserve.kernels.safety_decision import (
+    EVENT_TRIGGER,
+    MASK_ALLOWED,
+    MASK_ATTRIBUTED,
+    MASK_LIVE,
+    attribute_overall,
+    decide_reference,
+    gate_topics,
+    mask_gated_prompt_categories,
+)
 
 from safeserve.models.decision_defaults import (
     DEFAULT_ALLOWLIST_OVERALL_SHIFT,
@@ -253,38 +267,6 @@ def load_cosa_run(path: str | Path, names: tuple[str, ...]) -> list[TracedRow]:
     return rows
 
 
-def _mask(allow: tuple[str, ...], names: tuple[str, ...]) -> np.ndarray:
-    """True where an output may violate for this request (the server's masking)."""
-    if not allow:
-        return np.ones(len(names), dtype=bool)
-    return np.array([n not in allow and n != OVERALL for n in names], dtype=bool)
-
-
-def _violated(scores: np.ndarray, thresholds: np.ndarray, live: np.ndarray, row: TracedRow,
-              rule: Rule) -> np.ndarray:
-    """[T] whether each step of ``scores`` [T, K] violates (the decision kernel's rule)."""
-    out = ((scores >= thresholds) & live).any(axis=1)
-    if needs_name(row, rule):
-        if row.named is None:
-            raise TraceError("this head's attribution read-out (checkpoint format 7) names the "
-                             "category of each allow-list request from its hidden states, which "
-                             "a trace does not record: name them first (name_categories), or "
-                             "replay requests without an allow-list")
-        if rule.allowlist_overall_shift is None or row.named in row.allow:
-            return out
-        k = rule.names.index(OVERALL)
-        return out | (scores[:, k] >= _shift(float(thresholds[k]), rule.allowlist_overall_shift))
-    if not row.allow or rule.allowlist_overall_shift is None or OVERALL not in rule.names:
-        return out
-    k = rule.names.index(OVERALL)
-    cats = np.delete(scores, k, axis=1)
-    cat_names = [n for n in rule.names if n != OVERALL]
-    top = np.argmax(np.where(np.isnan(cats), -np.inf, cats), axis=1)
-    top_live = np.array([cat_names[t] not in row.allow for t in top])
-    fired = scores[:, k] >= _shift(float(thresholds[k]), rule.allowlist_overall_shift)
-    return out | (fired & top_live)
-
-
 def name_categories(rows: list[TracedRow], head_dir: str | Path,
                     model_dir: str | Path | None = None, log=print) -> int:
     """Set ``named`` on every allow-list row of an ``eval cosa --mode enforce`` run without a
@@ -327,39 +309,171 @@ def needs_name(row: TracedRow, rule: Rule) -> bool:
 def trigger_step(row: TracedRow, rule: Rule) -> int | None:
     """The step at which ``rule`` acts on ``row``: 0 for the prompt or query verdict, i >= 1
     for the decode step that completes a run of ``tau`` violating steps, None if never."""
-    live = _mask(row.allow, rule.names)
-    prompt_t = np.asarray(rule.prompt_thresholds)
-    verdicts = [v for v in (row.prompt, row.query) if v is not None]
-    if needs_name(row, rule) and any(c not in row.allow for c in row.gated):
-        return 0  # the topic gate (format 8): about a category the request does not allow
-    prompt_live = live
-    if needs_name(row, rule) and rule.gate_replaces_prompt_categories:
-        prompt_live = live & (np.asarray(rule.names) == OVERALL)  # the gate judged those
-    for verdict in verdicts:
-        if bool(_violated(verdict[None, :], prompt_t, prompt_live, row, rule)[0]):
-            return 0
-    if len(row.steps) == 0:
-        return None
-    tau = rule.tau
-    if rule.alert_margin > 0 and rule.alert_tau:
-        near_t = np.array([_shift(t, -rule.alert_margin) for t in rule.prompt_thresholds])
-        if any(bool(_violated(v[None, :], near_t, prompt_live, row, rule)[0]) for v in verdicts):
-            tau = rule.response_tau_alerted
-    violated = _violated(row.steps, np.asarray(rule.response_thresholds), live, row, rule)
-    run = 0
-    for i, v in enumerate(violated, start=1):
-        run = run + 1 if v else 0
-        if run >= tau:
-            return i
-    return None
+    return _trigger_steps([row], rule)[0]
+
+
+# -- the decision ---------------------------------------------------------------------------
+#
+# Replay decides with the server's own code: the PyTorch reference of the decision kernel and
+# its helpers (kernels/safety_decision.py), on CPU tensors. The rows of a run are the rows of
+# the decision's state tables, compiled from each request's allow-list and the rule as
+# ``SafetyPolicy.compile`` (server/safety_config.py) compiles a config, and they go through
+# the steps as ``SafetyLogitsProcessor.apply`` (server/safety_processor.py) runs them: the
+# prompt row (attribution, the gate's masks, the decision, the topic gate), then one decode
+# step at a time, every row of the run at once.
+
+
+def _tables(rows: list[TracedRow], rule: Rule) -> dict[str, torch.Tensor]:
+    """The per-row tables the server compiles for these requests under ``rule``
+    (``SafetyPolicy.compile``; it needs the server's taxonomy and presets, so its few lines of
+    layout are written out here): a category the request allows is masked; with an
+    allow-list the overall output (the last column) is attributed, at its thresholds moved
+    by ``allowlist_overall_shift`` (None, a replay-only setting: it does not act); the alert
+    band's scale and tau; a format-7 head's named category and a format-8 head's gate."""
+    n, k = len(rows), len(rule.names)
+    if OVERALL in rule.names[:-1]:
+        raise ValueError(f"the overall output {OVERALL!r} must be the rule's last (the server's "
+                         "layout: categories, then the overall output)")
+    has_overall = rule.names[-1:] == (OVERALL,)
+    cats = rule.names[:-1] if has_overall else rule.names
+    col = {c: j for j, c in enumerate(cats)}
+    shift = rule.allowlist_overall_shift
+    masked = torch.full((n, k), MASK_LIVE, dtype=torch.int8)
+    listed = torch.zeros(n, dtype=torch.bool)
+    named = torch.zeros(n, dtype=torch.int8)  # attributable and gated, as the server's
+    attribution = torch.zeros(n, len(cats), dtype=torch.float32)
+    topic = torch.zeros(n, len(cats), dtype=torch.float32)
+    for i, row in enumerate(rows):
+        for c in row.allow:
+            if c in col:
+                masked[i, col[c]] = MASK_ALLOWED
+        if row.allow and has_overall:
+            masked[i, -1] = MASK_ATTRIBUTED if shift is not None else MASK_ALLOWED
+            listed[i] = True
+        if not needs_name(row, rule):
+            continue
+        if row.named is None:
+            if row.prompt is not None or len(row.steps):
+                raise TraceError(
+                    "this head's attribution read-out (checkpoint format 7) names the category "
+                    "of each allow-list request from its hidden states, which a trace does not "
+                    "record: name them first (name_categories), or replay requests without an "
+                    "allow-list")
+            continue  # nothing to decide on (and named with its gate, so no gate either)
+        unknown = [c for c in (row.named, *row.gated) if c not in col]
+        if unknown or not has_overall:
+            raise TraceError(f"named categories {unknown} are not the rule's {list(cats)}"
+                             if unknown else "a named category needs the overall output")
+        named[i] = 1
+        attribution[i, col[row.named]] = 1.0
+        for c in row.gated:
+            topic[i, col[c]] = 1.0  # open (the gate serves at 0.5)
+
+    def compiled(values: tuple[float, ...]) -> torch.Tensor:
+        plain = torch.tensor(values, dtype=torch.float32)
+        moved = plain.clone()
+        if has_overall and shift is not None:
+            moved[-1] = _shift(values[-1], shift)
+        return torch.where(listed[:, None], moved, plain)
+
+    band = rule.alert_margin > 0 and bool(rule.alert_tau)
+    return {
+        "thresholds": compiled(rule.response_thresholds),
+        "prompt_thresholds": compiled(rule.prompt_thresholds),
+        "masked": masked,
+        # attributable: its overall output is named per request (not when it does not act)
+        "attributable": named * int(shift is not None),
+        "gated": named,
+        "attribution": attribution,
+        "topic": topic,
+        "tau": torch.full((n,), rule.tau, dtype=torch.int32),
+        "alert_tau": torch.full((n,), rule.response_tau_alerted, dtype=torch.int32),
+        "alert_scale": torch.full((n,), math.exp(rule.alert_margin) if band else 1.0,
+                                  dtype=torch.float32),
+    }
+
+
+def _verdict_scores(verdicts: list[np.ndarray | None], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float32 scores (0 where a row has none) and [N] int8: which rows have one."""
+    scores = torch.zeros(len(verdicts), k, dtype=torch.float32)
+    for i, v in enumerate(verdicts):
+        if v is not None:
+            scores[i] = torch.from_numpy(np.asarray(v, dtype=np.float32))
+    return scores, torch.tensor([v is not None for v in verdicts], dtype=torch.int8)
+
+
+def _trigger_steps(rows: list[TracedRow], rule: Rule) -> list[int | None]:
+    """``trigger_step`` of every row, the rows going through each step together. Scores go in
+    as traced: the server's own NaN scores read as 1.0 before its decision (and so in its
+    trace); a NaN here is the kernel's, which never violates."""
+    n, k = len(rows), len(rule.names)
+    if n == 0:
+        return []
+    t = _tables(rows, rule)
+    masked = t["masked"]
+    is_prompt = torch.ones(n, dtype=torch.int8)
+    counter = torch.zeros(n, dtype=torch.int32)
+    alert = torch.zeros(n, dtype=torch.int32)
+    band = (t["alert_tau"], t["alert_scale"])
+    # The prompt row. A format-7 head names the overall output's category first (the mask
+    # then holds for the whole request); a format-9 head leaves a gated prompt's categories
+    # to its topic gate, which judges after the decision.
+    gated = bool(t["gated"].any())  # some row has a named category (else no attribution)
+    if gated:
+        attribute_overall(masked, t["attributable"], torch.full((n,), -1, dtype=torch.int32),
+                          t["attribution"], is_prompt)
+    prompt_masked = (mask_gated_prompt_categories(masked, t["gated"], is_prompt)
+                     if gated and rule.gate_replaces_prompt_categories else masked)
+    scores, has_prompt = _verdict_scores([r.prompt for r in rows], k)
+    event, cats = decide_reference(scores, t["thresholds"], prompt_masked, counter, t["tau"],
+                                   is_prompt, has_prompt, alert, *band,
+                                   prompt_thresholds=t["prompt_thresholds"])
+    # (a row without a prompt verdict in its trace still has its gate: named from the forward)
+    if gated:
+        gate_topics(event, cats, alert, masked, t["gated"], t["topic"], is_prompt)
+    acted = event == EVENT_TRIGGER
+    # A prefilled request's query verdict is the prompt row of a helper request of its own
+    # (server/helper_requests.query_verdict), compiled alike: flagged, the request is acted on
+    # at its prompt row; in the band, its alert is the request's too (kernels/safety_strategy.py,
+    # advance_strategy_reference, step 1). The helper's own prompt end is no prefill, so the
+    # server names its category per request (format 7): a trace holds no named category for
+    # it, and replay keeps per-token attribution there.
+    scores, has_query = _verdict_scores([r.query for r in rows], k)
+    if bool(has_query.any()):
+        query_alert = torch.zeros(n, dtype=torch.int32)
+        query_event, _ = decide_reference(scores, t["thresholds"], masked,
+                                          torch.zeros(n, dtype=torch.int32), t["tau"],
+                                          is_prompt, has_query, query_alert, *band,
+                                          prompt_thresholds=t["prompt_thresholds"])
+        acted |= query_event == EVENT_TRIGGER
+        alert |= query_alert
+    # The generated tokens, one decode step at a time; a row leaves once it triggered.
+    lengths = torch.tensor([len(r.steps) for r in rows])
+    padded = np.zeros((int(lengths.max()), n, k), dtype=np.float32)  # [T, N, K]
+    for i, row in enumerate(rows):
+        padded[:len(row.steps), i] = row.steps
+    steps = torch.from_numpy(padded)
+    at = torch.zeros(n, dtype=torch.int64)  # 0: not (yet)
+    is_decode = torch.zeros(n, dtype=torch.int8)
+    for j in range(steps.shape[0]):
+        active = ~acted & (at == 0) & (lengths > j)
+        if not bool(active.any()):
+            break
+        event, _ = decide_reference(steps[j], t["thresholds"], masked, counter, t["tau"],
+                                    is_decode, active.to(torch.int8), alert, *band)
+        at = torch.where(event == EVENT_TRIGGER, j + 1, at)
+    return [0 if a else (s or None) for a, s in zip(acted.tolist(), at.tolist())]
+
+
+def _outcomes(rows: list[TracedRow], rule: Rule) -> list[str]:
+    return ["acted" if step is not None else "answered" if row.answered_by_text else "declined"
+            for row, step in zip(rows, _trigger_steps(rows, rule))]
 
 
 def outcome(row: TracedRow, rule: Rule) -> str:
     """``acted`` (the server refused or stopped), ``answered`` (full compliance) or
     ``declined`` (the model refused, fully or partly, by itself)."""
-    if trigger_step(row, rule) is not None:
-        return "acted"
-    return "answered" if row.answered_by_text else "declined"
+    return _outcomes([row], rule)[0]
 
 
 def score(rows: list[TracedRow], rule: Rule) -> dict:
@@ -368,8 +482,7 @@ def score(rows: list[TracedRow], rule: Rule) -> dict:
     out: dict = {"asr": {}, "over_refusal": None, "cosa_answered": {}}
     by: dict[tuple[str, str], list[str]] = {}
     benign = []
-    for row in rows:
-        result = outcome(row, rule)
+    for row, result in zip(rows, _outcomes(rows, rule)):
         if row.kind == "benign":
             benign.append(result == "acted" or row.refused_by_text)
         else:
@@ -435,7 +548,12 @@ def agreement(rows: list[TracedRow], rule: Rule) -> tuple[int, int]:
                 _shift(t, shift) for t in rule.response_thresholds))
         return served
 
-    same = sum(trigger_step(r, as_served(r)) == r.extra.get("server_trigger") for r in rows)
+    by_rule: dict[Rule, list[TracedRow]] = {}  # rows that ran alike are replayed together
+    for r in rows:
+        by_rule.setdefault(as_served(r), []).append(r)
+    same = sum(step == r.extra.get("server_trigger")
+               for served, group in by_rule.items()
+               for r, step in zip(group, _trigger_steps(group, served)))
     return same, len(rows)
 
 
