@@ -129,7 +129,7 @@ def answer_wrapped(rows: list, answers: list[str], requests: list[str]) -> tuple
     it carries the request on (``restates``), safe when it refuses, and dropped otherwise: a
     reply such as "I'm ready to help, what is your request?" is neither, and labelling it
     unsafe would teach the head that the reply itself is harmful."""
-    from safeserve.models.safety_data_build import is_refusal
+    from safeserve.models.safety_data_texts import is_refusal
 
     out, counts = [], Counter()
     for row, answer, request in zip(rows, answers, requests, strict=True):

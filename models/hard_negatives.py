@@ -385,7 +385,8 @@ def split_hard_negatives(prompts: list[HardNegative], eval_keys: set[str],
     ``heldout_fraction`` of the remaining groups is held out whole. The one split that
     ``build-hard-negatives``, the prompt read-outs' training rows (``build_prompt_rows``) and
     ``eval allow-benign`` share, so that no held-out hard negative is ever a training prompt."""
-    from safeserve.models.safety_data_build import normalise, split_by_group
+    from safeserve.models.safety_data_build import split_by_group
+    from safeserve.models.safety_data_sources import normalise
 
     leaked = {p.group for p in prompts if normalise(p.prompt) in eval_keys}
     train, held, _ = split_by_group([p for p in prompts if p.group not in leaked],
@@ -404,7 +405,8 @@ def build_hard_negative_data(data_root: Path | None, out_dir: Path, model: Path,
     thresholds (so the benign budget covers risky-looking requests) and half is reported.
     """
     from safeserve.models.safety_data import Trajectory, write_jsonl
-    from safeserve.models.safety_data_build import generate_answers, read_eval_keys
+    from safeserve.models.safety_data_build import generate_answers
+    from safeserve.models.safety_data_sources import read_eval_keys
 
     warnings: list[str] = []
     eval_keys = read_eval_keys(data_root, warnings.append) if data_root else {}

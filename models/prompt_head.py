@@ -56,9 +56,9 @@ def build_prompt_rows(root: Path, seed: int = 0, n_alpaca: int = 600, n_wrapped:
     project-labelled WildGuardMix prompts (``question_data.labelled_wildguard_prompts``)."""
     from safeserve.models.augment import split_wrap
     from safeserve.models.hard_negatives import hard_negative_prompts, split_hard_negatives
-    from safeserve.models.safety_data_build import (PHRASINGS, normalise, read_benign_sources,
-                                                    read_eval_keys, read_harmful_sources,
-                                                    rephrase)
+    from safeserve.models.safety_data_sources import (normalise, read_benign_sources,
+                                                      read_eval_keys, read_harmful_sources)
+    from safeserve.models.safety_data_texts import PHRASINGS, rephrase
 
     rng = random.Random(seed)
     eval_keys = read_eval_keys(root, warn)

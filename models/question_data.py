@@ -9,7 +9,7 @@ harmless-base dialogues (MIT) are questions of exactly that style, but they are 
 and harmless openers with no labels. We labelled a random sample of them ourselves.
 
 Labels (``labels/hh_harmless_first_turns.tsv``): one row per prompt, keyed by the first 16 hex
-digits of the SHA-1 of its normalised text (``safety_data_build.normalise``), so the repository holds
+digits of the SHA-1 of its normalised text (``safety_data_sources.normalise``), so the repository holds
 our labels but none of the dataset's text; the build joins them with the data file at
 ``--data-root``. Columns: ``key``, ``label`` (``safe`` | ``unsafe``), ``categories``
 (comma-separated taxonomy ids, empty when safe). The labelling guide we followed:
@@ -79,7 +79,7 @@ NEAR_COPY_JACCARD = 0.6
 
 
 def prompt_key(text: str) -> str:
-    from safeserve.models.safety_data_build import normalise
+    from safeserve.models.safety_data_sources import normalise
 
     return hashlib.sha1(normalise(text).encode()).hexdigest()[:16]
 
@@ -133,7 +133,7 @@ def leak_keys(data_root: Path, warn) -> tuple[set[str], list[frozenset[str]]]:
     """Evaluation prompts (normalised keys, word sets): every eval set of ``build-safety-data``
     plus the CoSAlign-Test sample, whose BeaverTails prompts come from the same red-team
     dialogues as HH harmless-base (97 of its 583 prompts are HH first turns verbatim)."""
-    from safeserve.models.safety_data_build import EVAL_FILES, normalise
+    from safeserve.models.safety_data_sources import EVAL_FILES, normalise
 
     texts: list[str] = []
     for name, (rel, col) in {**EVAL_FILES, "cosa_test": (COSA_TEST, "prompt")}.items():
@@ -159,7 +159,7 @@ def drop_eval_copies(texts: list[str], eval_keys: set[str], eval_words: list[fro
                      ) -> tuple[list[str], Counter]:
     """``texts`` without evaluation prompts (normalised) and near copies of one, and how many
     of each were dropped."""
-    from safeserve.models.safety_data_build import normalise
+    from safeserve.models.safety_data_sources import normalise
 
     kept, dropped = [], Counter()
     for t in texts:
@@ -224,8 +224,8 @@ def build_question_data(data_root: Path, out_dir: Path, model: Path, *,
                         dry_run: bool = False, log=print) -> dict:
     """Labelled first turns + the base model's answers -> ``train.jsonl`` / ``heldout.jsonl``."""
     from safeserve.models.safety_data import Trajectory, write_jsonl
-    from safeserve.models.safety_data_build import (REFUSALS, generate_answers, is_refusal,
-                                                    split_by_group)
+    from safeserve.models.safety_data_build import generate_answers, split_by_group
+    from safeserve.models.safety_data_texts import REFUSALS, is_refusal
 
     warnings: list[str] = []
     rng = random.Random(seed)

@@ -15,20 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from safeserve.server.bench import (
-    ENGINE_ENV,
-    PROMPTS,
-    LoadResult,
-    _failure_report,
-    _mean,
-    _pct,
-    _Proc,
-    _safe_model,
-    _servers,
-    _table,
-    geometric_interval,
-    run_load,
-)
+from safeserve.server.bench import _safe_model
+from safeserve.server.bench_load import PROMPTS, LoadResult, _mean, _pct, run_load
+from safeserve.server.bench_report import _failure_report, _table, geometric_interval
+from safeserve.server.bench_servers import ENGINE_ENV, _Proc, _servers
 
 # A parent that idles while its child burns about a second of CPU, then idles too.
 _TREE = (

@@ -15,7 +15,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from safeserve.server.bench import config_timings, register
+from safeserve.server.bench import register
+from safeserve.server.bench_config import config_timings
 from safeserve.server.bench_leak import LeakBenchError, _plan, _run, default_configs
 
 CONFIGS = default_configs(["violence", "weapons"])

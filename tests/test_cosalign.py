@@ -233,7 +233,7 @@ def test_allow_benign_set_sends_held_out_prompts_under_cosas_allow_lists(tmp_pat
 
     from safeserve.models.evaluation.allow_benign import build_allow_benign
     from safeserve.models.hard_negatives import hard_negative_prompts, split_hard_negatives
-    from safeserve.models.safety_data_build import read_eval_keys
+    from safeserve.models.safety_data_sources import read_eval_keys
 
     root = tmp_path / "data"
     (root / "refusal_direction_splits").mkdir(parents=True)

@@ -228,7 +228,7 @@ def test_prompt_rows_never_hold_a_held_out_hard_negative(tmp_path):
     """The prompt read-outs train on build-hard-negatives' training groups only: its held-out
     groups calibrate the safety job and are `eval allow-benign`'s hard negatives."""
     from safeserve.models.hard_negatives import hard_negative_prompts, split_hard_negatives
-    from safeserve.models.safety_data_build import read_eval_keys
+    from safeserve.models.safety_data_sources import read_eval_keys
 
     root = data_root(tmp_path / "data")
     keys = set().union(*read_eval_keys(root, lambda *a: None).values())

@@ -16,8 +16,9 @@ from safeserve.models.categories import categorise_text
 from safeserve.models.safety_data import (MASK_IGNORE, MASK_PROMPT, MASK_RESPONSE,
                                           TrajectoryError, encode_trajectory, load_trajectories,
                                           parse_trajectory, prompt_ids)
-from safeserve.models.safety_data_build import (build_safety_data, is_refusal, normalise,
-                                                rephrase)
+from safeserve.models.safety_data_build import build_safety_data
+from safeserve.models.safety_data_sources import normalise
+from safeserve.models.safety_data_texts import is_refusal, rephrase
 from safeserve.models.hard_negatives import build_hard_negative_data, hard_negative_prompts
 from safeserve.models.safety_calibration import auroc
 from safeserve.models.safety_features import extract_features, head_features

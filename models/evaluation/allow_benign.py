@@ -34,7 +34,7 @@ def build_allow_benign(data_root: Path, n_alpaca: int = 150, n_hard: int = 150,
     """``n_alpaca`` validation instructions and ``n_hard`` held-out hard negatives (seeded
     samples), interleaved, the i-th given CoSAlign-Test's i-th allow-list modulo their count."""
     from safeserve.models.hard_negatives import hard_negative_prompts, split_hard_negatives
-    from safeserve.models.safety_data_build import read_eval_keys
+    from safeserve.models.safety_data_sources import read_eval_keys
 
     data_root = Path(data_root)
     for rel in (ALPACA_VALIDATION, COSA_TEST):
