@@ -46,6 +46,7 @@ def serve(
     max_moderation_tokens: int | None = typer.Option(None, help="most prompt tokens one /v1/moderations request may send, all inputs together [SAFESERVE_MAX_MODERATION_TOKENS, 16384]"),
     head_check: str | None = typer.Option(None, help="the head's startup self-check: error (refuse to serve on a mismatch) | warn (log it, serve) | off [SAFESERVE_HEAD_CHECK, error]"),
     head_check_tolerance: float | None = typer.Option(None, help="largest allowed self-check difference in logits [SAFESERVE_HEAD_CHECK_TOLERANCE; 0.1 float32, 1.0 half precision]"),
+    shutdown_grace_s: float | None = typer.Option(None, help="on SIGTERM / Ctrl-C, seconds requests in flight may run on before they are cut [SAFESERVE_SHUTDOWN_GRACE_S, 5]"),
     log_level: str | None = typer.Option(None),
 ):
     """Run the OpenAI-compatible server."""
@@ -60,7 +61,7 @@ def serve(
         refusal_explain_sentences=refusal_explain_sentences,
         max_request_body_bytes=max_request_body_bytes, max_moderation_tokens=max_moderation_tokens,
         head_check=head_check, head_check_tolerance=head_check_tolerance,
-        log_level=log_level).items() if v is not None}
+        shutdown_grace_s=shutdown_grace_s, log_level=log_level).items() if v is not None}
     run_server(load_settings(**overrides))
 
 

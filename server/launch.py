@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import uvicorn
@@ -215,6 +216,13 @@ def build_head_check(spec: EngineSpec, settings: Settings):
                                settings.dtype, prompt_logit_offset(head.extra))
 
 
+def uvicorn_config(app, settings: Settings) -> uvicorn.Config:
+    # uvicorn takes whole seconds; a fraction rounds up, so a grace is never cut short
+    return uvicorn.Config(app, host=settings.host, port=settings.port,
+                          log_level=settings.log_level,
+                          timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s))
+
+
 def run_server(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -226,8 +234,7 @@ def run_server(settings: Settings) -> None:
         app = create_app(engine, build_safety(spec, settings), build_head_check(spec, settings))
     except (ValueError, OSError) as e:  # unreadable grants file and the like
         raise StartupError(one_line(e)) from None
-    config = uvicorn.Config(app, host=settings.host, port=settings.port,
-                            log_level=settings.log_level, timeout_graceful_shutdown=5)
+    config = uvicorn_config(app, settings)
     server = uvicorn.Server(config)
     try:
         # Bound before the app starts (uvicorn would bind after its startup, which begins the

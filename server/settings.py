@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     head_check_tolerance: float | None = Field(
         None, gt=0, le=10, description="largest allowed self-check difference in logits (default: "
         "0.1 for float32, 1.0 for half precision)")
+    shutdown_grace_s: float = Field(
+        5.0, ge=0, le=3600, description="on SIGTERM / Ctrl-C, how long requests in flight may "
+        "run on (a long stream included) before they are cut; new connections are refused "
+        "at once")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     @field_validator("log_level", mode="before")

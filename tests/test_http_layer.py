@@ -359,3 +359,16 @@ def test_bad_settings_and_unparsable_files_are_one_line_startup_errors(tmp_path)
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert lines[-1].startswith("safeserve: ") and named in lines[-1], (args, r.stderr)
         assert "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def test_the_shutdown_grace_reaches_uvicorn_and_bad_values_are_refused(monkeypatch):
+    """In-flight requests get ``--shutdown-grace-s`` to finish on SIGTERM (uvicorn's graceful
+    shutdown timeout, whole seconds rounded up); a negative grace is a startup error."""
+    from safeserve.server.launch import load_settings, uvicorn_config
+
+    assert uvicorn_config(None, Settings()).timeout_graceful_shutdown == 5
+    monkeypatch.setenv("SAFESERVE_SHUTDOWN_GRACE_S", "120")
+    assert uvicorn_config(None, load_settings()).timeout_graceful_shutdown == 120
+    assert uvicorn_config(None, load_settings(shutdown_grace_s=2.5)).timeout_graceful_shutdown == 3
+    r = run_serve("--shutdown-grace-s", "-1")
+    assert r.returncode == 1 and "--shutdown-grace-s" in r.stderr.splitlines()[-1], r.stderr
