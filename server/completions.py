@@ -370,8 +370,11 @@ async def _settle(step: _Step) -> None:
     c = step.choice
     if c.tracker is not None and step.n_new:
         await c.tracker.wait_for(c.n_tokens - 1, last=step.finished)
-        if step.finished and c.n_tokens == 1:
-            await c.tracker.wait_verdict()  # (see there: index 0 may be an earlier chunk's)
+        if (step.finished or c.tracker.host_stop) and c.n_tokens == step.n_new:
+            # (see there: index 0 may be an earlier chunk's.) A request the HTTP side stops
+            # releases its first tokens only on the final verdict: an earlier chunk's would
+            # withhold them for good, or release them ahead of a stop at the prompt.
+            await c.tracker.wait_verdict()
 
 
 async def _host_stop(engine: Engine, step: _Step) -> None:
@@ -383,7 +386,9 @@ async def _host_stop(engine: Engine, step: _Step) -> None:
     if c.tracker is None or step.finished or not c.tracker.host_stopped:
         return
     c.host_stopped, step.finished = True, True
-    c.finish_reason = "stop"  # content_filtered: the tracker's stop_forced is set
+    # content_filtered: the tracker's stop_forced is set. (n > 1: its engine output may have
+    # run on to a stop string meanwhile, which must not cut the text kept here.)
+    c.finish_reason, c.stop_reason = "stop", None
     await engine.abort(c.request_id)
 
 

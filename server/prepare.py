@@ -184,7 +184,7 @@ def prepare_sync(engine: Engine, body: ChatCompletionRequest,
         query_ids = render_prompt(engine, body, safety, without_prefill=True)
     bias = body.logit_bias_ids
     if bias:
-        vocab = len(engine.tokenizer)
+        vocab = _vocab_size(engine)
         beyond = max(bias)
         if beyond >= vocab:  # vLLM would fail the request in the engine
             raise bad_request(f"logit_bias names token {beyond}, beyond this model's "
@@ -208,9 +208,18 @@ def _check_sampling(prep: PreparedRequest) -> None:
         raise bad_request(f"invalid sampling parameters: {e}") from None
 
 
+def _vocab_size(engine: Engine) -> int:
+    """Token ids a request may name: the tokenizer's and the model's, whichever is fewer (vLLM
+    checks ids against the model's; a tokenizer may have more, or fewer)."""
+    checks = getattr(engine.llm, "input_processor", None)
+    model = checks.model_config.get_vocab_size() if checks is not None else None
+    return min(len(engine.tokenizer), model or len(engine.tokenizer))
+
+
 def _check_grammar(engine: Engine, prep: PreparedRequest) -> None:
-    """A ``response_format`` compiled once here (in a worker thread), with the engine's own
-    check: a schema vLLM cannot decode is a 400 naming it, before a stream's 200."""
+    """A ``response_format`` checked here (in a worker thread) as the engine will check it
+    (converted into a grammar; the protocol has bounded its cost): a schema vLLM cannot
+    convert is a 400 naming it, before a stream's 200."""
     checks = getattr(engine.llm, "input_processor", None)
     if not prep.body.structured or checks is None:
         return

@@ -958,3 +958,27 @@ def test_a_stream_whose_client_left_before_its_first_write_is_closed():
         assert closed == ["events"]  # now, not when the loop shuts down its generators
 
     asyncio.run(run())
+
+
+def test_a_schema_whose_patterns_would_take_seconds_to_compile_is_refused():
+    """A regex repetition makes the schema's grammar cost grow with its square (a{20000}:
+    23 s, in the request's path): bounded per repetition and over the schema."""
+    from safeserve.server.protocol import _pattern_repeats
+
+    def fmt(schema):
+        return {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+
+    ok = body(response_format=fmt({"type": "object", "properties": {
+        "id": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{6}$"},
+        "email": {"type": "string", "pattern": "[a-z]{1,64}@[a-z]{1,255}"}}}))
+    ChatCompletionRequest.model_validate(ok)
+    for schema, why in (({"type": "string", "pattern": "[a-z]{1,20000}"}, "up to 20000"),
+                        ({"type": "object", "patternProperties": {"^k{5000,}$": {}}},
+                         "up to 5000"),
+                        ({"type": "array", "items": [{"type": "string", "pattern": "a{900}"}] * 5},
+                         "4500 times in all")):
+        with pytest.raises(ValueError, match=why):
+            ChatCompletionRequest.model_validate(body(response_format=fmt(schema)))
+    # a literal brace is no repetition; an escaped backslash before one is
+    assert _pattern_repeats(r"\{9999\}a{2,7}") == [7]
+    assert _pattern_repeats("\\\\{77}") == [77]

@@ -574,6 +574,15 @@ def test_structured_output_stops_at_a_violation_without_breaking_its_grammar(htt
                 safety_config={"allow": []}).json()
     assert [(c["message"]["content"], c["finish_reason"]) for c in both["choices"]] == \
         [(DEFAULT_STOP_TEXT, "content_filter")] * 2
+    # streamed without holdback, a stop at the prompt releases nothing of the answer: no
+    # token goes out before the prompt's verdict is final
+    with http.stream("POST", "/v1/chat/completions", json={
+            "model": server.model, "messages": IN_JSON, "max_tokens": 40, "temperature": 0,
+            "stream": True, "response_format": fmt, "safety_config": {"allow": []}}) as resp:
+        events = [json.loads(line[6:]) for line in resp.iter_lines()
+                  if line.startswith("data: {")]
+    assert "".join(c["delta"].get("content") or "" for e in events
+                   for c in e["choices"]) == DEFAULT_STOP_TEXT
     noted = chat(http, server, IN_JSON, response_format=fmt, max_tokens=40,
                  safety_config={"allow": [], "on_violation": "annotate"}).json()
     assert noted["safety"]["action"] == "annotate" and noted["choices"][0]["message"]["content"] == whole
