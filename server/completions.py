@@ -383,12 +383,18 @@ async def _host_stop(engine: Engine, step: _Step) -> None:
     aborted, and this step is its last, ``content_filter``. What the tracker cut (the
     violating run and everything after it) is never released."""
     c = step.choice
-    if c.tracker is None or step.finished or not c.tracker.host_stopped:
+    if c.tracker is None or not c.tracker.host_stopped:
         return
+    # Its engine output may have ended on a stop string meanwhile (n > 1: a pump runs ahead;
+    # or this last output): that string must not cut the text kept here.
+    c.stop_reason = None
+    if step.finished:
+        return  # the engine ended it on its own: content_filter all the same
     c.host_stopped, step.finished = True, True
-    # content_filtered: the tracker's stop_forced is set. (n > 1: its engine output may have
-    # run on to a stop string meanwhile, which must not cut the text kept here.)
-    c.finish_reason, c.stop_reason = "stop", None
+    c.finish_reason = "stop"  # content_filtered: the tracker's stop_forced is set
+    # Final before the abort is awaited: a record still in flight (a re-prefill's repeat of
+    # the stopping step) must not undo the stop meanwhile.
+    c.tracker.finish(c.finish_reason, c.n_tokens)
     await engine.abort(c.request_id)
 
 

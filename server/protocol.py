@@ -199,8 +199,12 @@ MAX_PATTERN_REPEATS = 4000  # those bounds summed over the schema's patterns
 _REPEAT = re.compile(r"\{(\d+)(?:,(\d*))?\}")
 
 
+_SCHEMA_DATA_KEYS = ("const", "enum", "default", "examples")  # values, not schemas
+
+
 def _schema_patterns(node) -> list[str]:
-    """Every regex of a JSON schema: ``pattern`` values and ``patternProperties`` keys."""
+    """Every regex of a JSON schema: ``pattern`` values and ``patternProperties`` keys (not
+    inside values such as ``default`` or ``enum``, which are data)."""
     out, todo = [], [node]
     while todo:
         item = todo.pop()
@@ -209,7 +213,7 @@ def _schema_patterns(node) -> list[str]:
                 out.append(item["pattern"])
             if isinstance(item.get("patternProperties"), dict):
                 out.extend(item["patternProperties"])
-            todo.extend(item.values())
+            todo.extend(v for k, v in item.items() if k not in _SCHEMA_DATA_KEYS)
         elif isinstance(item, list):
             todo.extend(item)
     return out
@@ -217,13 +221,18 @@ def _schema_patterns(node) -> list[str]:
 
 def _pattern_repeats(pattern: str) -> list[int]:
     """Bounds of the repetitions ``{m}``, ``{m,}``, ``{m,n}`` in a regex (an open one: m)."""
+    def escaped(i: int) -> bool:  # pattern[i] follows an odd run of backslashes
+        return (i - len(pattern[:i].rstrip("\\"))) % 2 == 1
+
     out = []
     for m in _REPEAT.finditer(pattern):
         start = m.start()
-        escapes = start - len(pattern[:start].rstrip("\\"))
-        if escapes % 2 == 0:  # "\{" is a literal brace; "\\{" a backslash, then a repetition
-            lo, hi = m.groups()
-            out.append(int(hi) if hi else int(lo))
+        if escaped(start):  # "\{" is a literal brace; "\\{" a backslash, then a repetition
+            continue
+        if start and pattern[start - 1] in "uxpPN" and escaped(start - 1):
+            continue  # "\u{10000}", "\x{41}": a code point, not a repetition
+        lo, hi = m.groups()
+        out.append(int(hi) if hi else int(lo))
     return out
 
 

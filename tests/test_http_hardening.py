@@ -982,3 +982,6 @@ def test_a_schema_whose_patterns_would_take_seconds_to_compile_is_refused():
     # a literal brace is no repetition; an escaped backslash before one is
     assert _pattern_repeats(r"\{9999\}a{2,7}") == [7]
     assert _pattern_repeats("\\\\{77}") == [77]
+    assert _pattern_repeats(r"\u{10000}\x{41}b{3}") == [3]  # code points, then a repetition
+    data = {"type": "string", "default": {"pattern": "a{5000}"}, "enum": [{"pattern": "a{9999}"}]}
+    ChatCompletionRequest.model_validate(body(response_format=fmt(data)))  # values, not regexes
