@@ -155,7 +155,7 @@ class RequestTracker:
 
     def has_step(self, j: int) -> bool:
         """The step that sampled output token ``j`` has been reported."""
-        return j < len(self._status) and bool(self._status[j])
+        return 0 <= j < len(self._status) and bool(self._status[j])
 
     def _step(self, j: int) -> tuple[bool, int, bool] | None:
         """(forced, event, acted) of step ``j``, None before its record arrives."""
