@@ -115,7 +115,8 @@ class RequestTracker:
             # A chunked prefill reports index 0 per chunk: the last one is the verdict, and
             # what earlier chunks' rows (mid-prompt positions) decided was undone above.
             self.prompt = rec
-        else:
+        elif not (self.host_stop and self.stop_forced and rec.index > (self.trigger_index or 0)):
+            # (a host-stopped request's steps past its stop read tokens nobody will see)
             self.max_scores = [max(a, b) for a, b in zip(self.max_scores, rec.scores)]
             self.response_scored = True
         if rec.event == EVENT_TRIGGER:

@@ -1429,3 +1429,28 @@ def test_a_tracker_whose_report_fails_is_still_released():
     with pytest.raises(RuntimeError):
         svc.close(t, "stop")
     assert t.rid not in hub.trackers  # not left registered to collect records forever
+
+
+def test_a_host_stopped_requests_scores_end_at_its_stop():
+    """A structured-output request stopped by the HTTP side: the engine may run a few steps
+    past the stop before its abort lands; their scores read tokens nobody sees, so the
+    response's max_scores leave them out."""
+    from safeserve.kernels.safety_decision import EVENT_TRIGGER
+    from safeserve.server import safety_wire as W
+    from safeserve.server.safety_tracker import RequestTracker
+
+    args = _args("r", action=W.ACTION_ANNOTATE)
+    tracker = RequestTracker("r", tuple(f"c{i}" for i in range(10)), args, "stop", {}, False,
+                             host_stop=True)
+    tracker.add(W.StepRecord("r", 0, [0.1] * 10, 0, 0, W.PHASE_WATCH, -1, 0))
+    for i in (1, 2):
+        tracker.add(W.StepRecord("r", i, [0.2] * 10, 0, 0, W.PHASE_WATCH, -1, 0))
+    tracker.add(W.StepRecord("r", 3, [0.2] + [0.7] + [0.2] * 8, EVENT_TRIGGER, 2,
+                             W.PHASE_WATCH, -1, 0))
+    assert tracker.host_stopped and tracker.trigger_index == 3
+    for i in (4, 5):  # past the stop: the abort has not landed yet
+        tracker.add(W.StepRecord("r", i, [0.99] * 10, 0, 0, W.PHASE_WATCH, -1, 0))
+    tracker.finish("stop", 6)
+    scores = tracker.report().response.max_scores
+    assert scores["c1"] == pytest.approx(0.7) and scores["c0"] == pytest.approx(0.2)
+    assert max(scores.values()) < 0.99
