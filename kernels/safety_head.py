@@ -110,8 +110,8 @@ def safety_scores_reference(
 
 def select_prompt_rows(scores: torch.Tensor, is_prompt: torch.Tensor, k: int,
                        either: bool = False, no_allowlist: torch.Tensor | None = None,
-                       own_overall_only: bool = False, readout_shift: float = 0.0
-                       ) -> torch.Tensor:
+                       own_overall_only: bool = False, readout_shift: float = 0.0,
+                       veto: torch.Tensor | None = None) -> torch.Tensor:
     """[N, 2K] scores of a head with a separate prompt read-out (its K outputs after the
     head's K; checkpoint formats 4 and 5) -> [N, K]: at the rows where ``is_prompt`` ([N],
     nonzero = a prompt end) the read-out's scores (format 4) or, with ``either`` (format 5),
@@ -122,14 +122,19 @@ def select_prompt_rows(scores: torch.Tensor, is_prompt: torch.Tensor, k: int,
     ``no_allowlist`` ([N], nonzero = a request without an allow-list; format 10) selects the
     rows judged by that rule instead: the read-out's scores moved by ``readout_shift`` logits
     (+ = act less), beside the head's own outputs, or with ``own_overall_only`` its overall
-    output alone. No host sync."""
-    if scores.shape[1] == k:
+    output alone.
+
+    ``veto`` ([N, K]; format 11): the prompt veto's columns, each already at its output's
+    threshold (models/checkpoint.SafetyHead.veto_logits): the prompt verdict is the smaller
+    of it and the verdict above, so a prompt the veto clears is flagged by no output. No host
+    sync."""
+    if scores.shape[1] == k and veto is None:
         return scores
-    if scores.shape[1] != 2 * k:  # e.g. a format-7 head's attribution columns left on
+    if scores.shape[1] not in (k, 2 * k):  # e.g. a format-7 head's attribution columns left on
         raise ValueError(f"select_prompt_rows takes [N, {k}] or [N, {2 * k}] scores, "
                          f"not {tuple(scores.shape)}")
     own, readout = scores[:, :k], scores[:, k:]
-    prompt = torch.maximum(readout, own) if either else readout
+    prompt = own if readout.shape[1] == 0 else torch.maximum(readout, own) if either else readout
     if no_allowlist is not None:
         moved = shift_scores(readout, -readout_shift)
         judges = own
@@ -137,6 +142,8 @@ def select_prompt_rows(scores: torch.Tensor, is_prompt: torch.Tensor, k: int,
             judges = torch.cat([torch.zeros_like(own[:, :-1]), own[:, -1:]], 1)
         plain = torch.maximum(moved.to(own.dtype), judges)
         prompt = torch.where(no_allowlist.reshape(-1, 1).to(torch.bool), plain, prompt)
+    if veto is not None:
+        prompt = torch.minimum(prompt, veto.to(prompt.dtype))
     return torch.where(is_prompt.reshape(-1, 1).to(torch.bool), prompt, own)
 
 

@@ -44,6 +44,7 @@ input of the LM head, which is what vLLM hands to ``compute_logits`` for the sam
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -82,14 +83,22 @@ FORMAT_VERSION_TOPIC_POINT = 9
 # and ``no_allowlist_readout_shift``): a format-9 reader would judge their prompts by every own
 # output and the read-out unshifted. Any layout; its config says which (as format 7's does).
 FORMAT_VERSION_NO_ALLOWLIST_POINT = 10
+# A prompt veto (models/prompt_veto.py): a one-output read-out that a prompt must also pass to
+# be flagged. A format-10 reader would flag the ordinary prompts the veto clears. Any layout
+# beside it; its tensors and config say which (as format 10's).
+FORMAT_VERSION_PROMPT_VETO = 11
 FORMAT_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_MLP, FORMAT_VERSION_OFFSET,
                    FORMAT_VERSION_PROMPT, FORMAT_VERSION_PROMPT_EITHER, FORMAT_VERSION_PROMPT_LAYER,
                    FORMAT_VERSION_ATTRIBUTION, FORMAT_VERSION_TOPIC, FORMAT_VERSION_TOPIC_POINT,
-                   FORMAT_VERSION_NO_ALLOWLIST_POINT)
+                   FORMAT_VERSION_NO_ALLOWLIST_POINT, FORMAT_VERSION_PROMPT_VETO)
 PROMPT_FORMATS = (FORMAT_VERSION_PROMPT, FORMAT_VERSION_PROMPT_EITHER, FORMAT_VERSION_PROMPT_LAYER)
 PROMPT_TENSORS = ("prompt_weight", "prompt_bias")
 ATTRIBUTION_TENSORS = ("attribution_weight", "attribution_bias")
 TOPIC_TENSORS = ("topic_weight", "topic_bias")
+VETO_TENSORS = ("veto_weight", "veto_bias")
+# A veto logit that no threshold's logit reaches: a threshold of 1.0 (nothing flags) keeps
+# its output's cap out of reach.
+_MAX_THRESHOLD_LOGIT = 30.0
 # The serving kernel writes sigmoid scores; the read-out's logits are served divided by this, so
 # that large logits stay apart in float32 (sigmoid(17) already rounds to 1.0) and the argmax the
 # worker takes over the scores is the argmax of the logits.
@@ -125,6 +134,12 @@ class SafetyHead:
     # bias (a category's gate is open at logit >= 0). Under a non-empty allow-list a category
     # the request does not allow whose logit is >= 0 flags the prompt (models/topic_gate.py).
     topic: tuple[torch.Tensor, torch.Tensor] | None = None
+    # Format 11: (weight [1, W], bias [1]) over the rows the serving kernel reads at a prompt
+    # end (``served_hidden``: W = H, or 2H with a ``prompt_layer``), its threshold folded into
+    # the bias. A prompt whose veto logit is below 0 is not flagged by the harm outputs: each
+    # output's prompt logit is capped at the veto logit plus that output's threshold logit
+    # (``veto_logits``), an AND of the two verdicts at the head's own thresholds.
+    veto: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def mlp_units(self) -> int:
@@ -134,6 +149,8 @@ class SafetyHead:
     def format_version(self) -> int:
         from safeserve.models.decision_defaults import OPERATING_POINT, PROMPT_LOGIT_OFFSET
 
+        if self.veto is not None:
+            return FORMAT_VERSION_PROMPT_VETO
         if self.no_allowlist_rule != ("all", 0.0):
             return FORMAT_VERSION_NO_ALLOWLIST_POINT
         if self.topic is not None:
@@ -243,6 +260,12 @@ class SafetyHead:
                                   "requests without an allow-list (no_allowlist_prompt_own, "
                                   "no_allowlist_readout_shift), which needs a prompt read-out "
                                   "beside the head's own verdict (prompt_either)")
+        width = self.hidden_size * (1 if self.prompt_layer is None else 2)
+        if self.veto is not None and (self.veto[0].shape != (1, width)
+                                      or self.veto[1].shape != (1,)):
+            raise CheckpointError(
+                f"safety head prompt veto has {tuple(self.veto[0].shape)} weights and "
+                f"{tuple(self.veto[1].shape)} biases; want (1, {width}), (1,)")
         if gate_point and self.topic is None:
             raise CheckpointError("safety head's operating point moves a topic gate it does not "
                                   "have (topic_gate_shift, gate_replaces_prompt_categories)")
@@ -274,8 +297,40 @@ class SafetyHead:
         layer's), so every tensor is zero-padded to that width: the head's rows read only the
         first half, the read-out's only the second, still one launch."""
         weight, bias, mlp = self._served_prompt_tensors()
-        if self.attribution is None:
+        if self.attribution is not None:
+            weight, bias, mlp = self._with_attribution(weight, bias, mlp)
+        if self.veto is None:
             return weight, bias, mlp
+        k = self.taxonomy.num_outputs
+        veto_w = self.veto[0].float().expand(k, -1)
+        veto_b = self.veto[1].float() + self._veto_offsets()
+        if mlp is not None:  # the MLP adds nothing to the veto's columns
+            mlp = (mlp[0], mlp[1], torch.cat([mlp[2], torch.zeros(k, mlp[2].shape[1])]),
+                   *mlp[3:])
+        return torch.cat([weight, veto_w]), torch.cat([bias, veto_b]), mlp
+
+    def _veto_offsets(self) -> torch.Tensor:
+        """[K]: per output, its served threshold's logit less the prompt offset: a veto
+        column's logit, offset at the prompt row as every prompt score is, then reaches the
+        output's threshold exactly when the veto logit reaches 0."""
+        from safeserve.models.decision_defaults import prompt_logit_offset
+
+        served = torch.tensor([c.threshold for c in self.taxonomy.categories]
+                              + [float(self.extra.get("overall_threshold", 0.5))],
+                              dtype=torch.float64)
+        logit = (torch.log(served) - torch.log1p(-served)).clamp(max=_MAX_THRESHOLD_LOGIT)
+        return (logit - prompt_logit_offset(self.extra)).float()
+
+    def veto_logits(self, served_rows: torch.Tensor) -> torch.Tensor:
+        """[N, W] rows as the kernel reads them (``served_hidden``) -> [N, K]: the cap each
+        output's prompt logit (before the prompt offset) meets under the veto."""
+        if self.veto is None:
+            raise ValueError("this safety head has no prompt veto")
+        v = served_rows.float() @ self.veto[0].T + self.veto[1]
+        return v + self._veto_offsets()
+
+    def _with_attribution(self, weight: torch.Tensor, bias: torch.Tensor,
+                          mlp: tuple | None) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
         attr_w = self.attribution[0] / ATTRIBUTION_SERVED_SCALE
         attr_b = self.attribution[1] / ATTRIBUTION_SERVED_SCALE
         if self.topic is not None:  # [C attribution | C topic], both over the final state
@@ -310,12 +365,13 @@ class SafetyHead:
         return weight, bias, mlp
 
     @property
-    def served_outputs(self) -> tuple[int, int, int, int]:
+    def served_outputs(self) -> tuple[int, int, int, int, int]:
         """Columns of the serving kernel's scores: (head K, prompt read-out K or 0,
-        attribution C or 0, topic gate C or 0), in that order."""
+        attribution C or 0, topic gate C or 0, prompt veto K or 0), in that order."""
         k, c = self.taxonomy.num_outputs, len(self.taxonomy.categories)
         return (k, k if self.prompt is not None else 0,
-                0 if self.attribution is None else c, 0 if self.topic is None else c)
+                0 if self.attribution is None else c, 0 if self.topic is None else c,
+                0 if self.veto is None else k)
 
     def attribution_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, H] final states at prompt ends -> [N, C] category logits (format 7)."""
@@ -347,6 +403,10 @@ class SafetyHead:
         by its ``no_allowlist_rule``)."""
         from safeserve.kernels.safety_head import head_logits
 
+        if self.veto is not None:
+            verdict = dataclasses.replace(self, veto=None).prompt_logits(hidden, middle,
+                                                                         allowlisted)
+            return torch.minimum(verdict, self.veto_logits(self.served_hidden(hidden, middle)))
         own = None if self.prompt is not None and not self.prompt_either else head_logits(
             hidden, self.weight, self.bias, self.mlp)
         if self.prompt is None:
@@ -376,6 +436,8 @@ class SafetyHead:
             tensors.update(zip(ATTRIBUTION_TENSORS, self.attribution))
         if self.topic is not None:
             tensors.update(zip(TOPIC_TENSORS, self.topic))
+        if self.veto is not None:
+            tensors.update(zip(VETO_TENSORS, self.veto))
         save_file({name: t.detach().float().contiguous().cpu() for name, t in tensors.items()},
                   str(out / "head.safetensors"))
         self.taxonomy.save(out / "taxonomy.yaml")
@@ -391,7 +453,7 @@ class SafetyHead:
                if self.prompt_layer is not None else {}),
             **({"has_prompt_readout": self.prompt is not None, "prompt_either": self.prompt_either}
                if self.attribution is not None or self.format_version
-               == FORMAT_VERSION_NO_ALLOWLIST_POINT else {}),
+               in (FORMAT_VERSION_NO_ALLOWLIST_POINT, FORMAT_VERSION_PROMPT_VETO) else {}),
             **self.extra,
         }
         (out / "head_config.json").write_text(json.dumps(cfg, indent=2))
@@ -440,8 +502,14 @@ def load_safety_head(model_dir: str | Path, expect_taxonomy: Taxonomy | None = N
     # once left out of a list here, and its heads loaded without their MLP).
     has_mlp = cfg["format_version"] == FORMAT_VERSION_MLP or (
         cfg["format_version"] != FORMAT_VERSION and int(cfg.get("mlp_units") or 0) > 0)
-    prompt = attribution = topic = None
+    prompt = attribution = topic = veto = None
     version = cfg["format_version"]
+    if version == FORMAT_VERSION_PROMPT_VETO:
+        missing = [n for n in VETO_TENSORS if n not in tensors]
+        if missing:
+            raise CheckpointError(f"safety head format {version} in {d} lacks {missing}")
+        veto = tuple(tensors[n].float() for n in VETO_TENSORS)
+        version = FORMAT_VERSION_NO_ALLOWLIST_POINT  # the layout beside it: as format 10's
     if version == FORMAT_VERSION_NO_ALLOWLIST_POINT:  # any layout: its tensors say which
         version = (FORMAT_VERSION_TOPIC if all(n in tensors for n in TOPIC_TENSORS)
                    else FORMAT_VERSION_ATTRIBUTION)  # whose branch reads the prompt layout
@@ -505,7 +573,7 @@ def load_safety_head(model_dir: str | Path, expect_taxonomy: Taxonomy | None = N
               else version == FORMAT_VERSION_PROMPT_EITHER)
     head = SafetyHead(tensors["weight"].float(), tensors["bias"].float(), taxonomy,
                       int(cfg.get("layer", -1)), extra, mlp, prompt, either,
-                      cfg["prompt_layer"] if layered else None, attribution, topic)
+                      cfg["prompt_layer"] if layered else None, attribution, topic, veto)
     head.validate(cfg.get("hidden_size"))
     if head.mlp_units != int(cfg.get("mlp_units") or head.mlp_units):
         raise CheckpointError(f"safety head in {d} declares {cfg.get('mlp_units')} MLP units "

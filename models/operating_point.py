@@ -131,7 +131,8 @@ def shift_head(head: SafetyHead, *, prompt_shift: float, response_shift: float,
                      with_thresholds(head.taxonomy, thresholds), head.layer, extra, head.mlp,
                      prompt, head.prompt_either, head.prompt_layer,
                      head.attribution,  # an argmax of raw logits: no threshold moves it
-                     head.topic)  # its thresholds are folded in its bias: its shift moves them
+                     head.topic,  # its thresholds are folded in its bias: its shift moves them
+                     head.veto)  # its caps follow the thresholds (SafetyHead.veto_logits)
     try:
         new.validate()  # e.g. a no-allow-list rule on a head without a read-out beside it
     except CheckpointError as e:
@@ -179,7 +180,9 @@ def move_operating_point(head_dir: Path, out: Path, *, prompt_shift: float,
     if adapter.is_dir():  # the served LM merges it
         shutil.copytree(adapter, Path(out) / "adapter", dirs_exist_ok=True)
     record = SelfCheck.from_extra(head.extra)
-    if record is not None and new.no_allowlist_rule != head.no_allowlist_rule:
+    # (a veto's caps move with the thresholds and the offset, not with the biases alone)
+    if record is not None and (new.no_allowlist_rule != head.no_allowlist_rule
+                               or new.veto is not None):
         _record_again(Path(out), Path(head_dir), record.dtype, log)
     elif record is not None:
         assert torch.equal(new.weight, head.weight)  # only biases move: the record shifts

@@ -183,6 +183,39 @@ def register(app) -> None:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
 
+    @app.command("prompt-veto")
+    def prompt_veto_cmd(
+        head: str = typer.Option(..., help=_READOUT_HEAD_HELP),
+        out: Path = typer.Option(..., help="Output directory (safety_head/, adapter/)."),
+        data_root: Path = typer.Option(..., help=_READOUT_DATA_HELP + " Also the "
+                                       "calibration prompts: Alpaca's validation split."),
+        model: Path = typer.Option(None, help=_READOUT_MODEL_HELP),
+        quantile: float = typer.Option(0.95, min=0.0, max=1.0, help="Share of ordinary "
+                                       "instructions (held-out Alpaca) the veto clears: its "
+                                       "threshold is this quantile of their logits."),
+        alpaca: int = typer.Option(6000, min=0, help="Ordinary instructions (Alpaca's "
+                                   "training split) among the veto's benign rows."),
+        calibration: int = typer.Option(1000, min=10, help="Calibration prompts (Alpaca's "
+                                        "validation split)."),
+        seed: int = typer.Option(0, help="Seed of the rows, the held-out split and the "
+                                 "calibration sample."),
+        questions: bool = typer.Option(True, help="Also the project-labelled conversational "
+                                       "questions (HH first turns), harmful and harmless."),
+    ) -> None:
+        """Add a prompt veto (checkpoint format 11): a read-out a prompt must also pass to be
+        flagged at the prompt, so that ordinary requests the verdict's tail flags are cleared;
+        the response rule stays the head's (models/prompt_veto.py)."""
+        from safeserve.models.model_store import resolve_head_dir
+        from safeserve.models.prompt_veto import train_prompt_veto
+
+        try:
+            train_prompt_veto(resolve_head_dir(head), out, data_root, model, quantile=quantile,
+                              n_alpaca=alpaca, n_calibration=calibration, seed=seed,
+                              questions=questions, log=typer.echo)
+        except (FileNotFoundError, ValueError) as e:  # no such head, no data: one line
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+
     @app.command("attribution")
     def attribution_cmd(
         head: str = typer.Option(..., help=_READOUT_HEAD_HELP),

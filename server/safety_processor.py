@@ -113,6 +113,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.n_attribution = head.served_outputs[2]
         # Format 8: C more columns after those, the topic gate, also read at prompt rows only.
         self.n_topic = head.served_outputs[3]
+        # Format 11: K more columns at the very end, the prompt veto (prompt rows only).
+        self.n_veto = head.served_outputs[4]
         # Format 9 may leave a gated prompt's categories to the gate alone (the per-category
         # outputs then judge its generated tokens only).
         self.gate_replaces = self.n_topic > 0 and head.gate_replaces_prompt_categories
@@ -247,7 +249,10 @@ class SafetyLogitsProcessor(LogitsProcessor):
         # A NaN score (an overflowed hidden state, e.g. in float16) would compare false, never
         # violate and break the JSON report: it reads as certain instead (fail closed).
         scores = STEP_SIGNAL.take(n)
-        attribution = topic = None
+        attribution = topic = veto = None
+        if self.n_veto:  # (a NaN veto score caps nothing: nan_to_num below reads it as 1)
+            veto, scores = scores[:, -self.n_veto:], scores[:, :-self.n_veto]
+            veto = torch.nan_to_num(veto, nan=1.0)
         if self.n_topic:
             topic, scores = scores[:, -self.n_topic:], scores[:, :-self.n_topic]
         if self.n_attribution:  # (split first: a NaN attribution score names nothing)
@@ -262,8 +267,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
         is_prompt = (out_len == 0).to(torch.int8)
         # Off-GPU, the work only prompt rows need is skipped on the many steps without one.
         prompt_work = self.sync_free or 0 in lengths
-        if scores.shape[1] != self.k:  # a separate prompt read-out judges prompt rows
-            scores = (self._select_prompt_rows(scores, is_prompt, n)
+        if scores.shape[1] != self.k or veto is not None:  # a prompt read-out or veto
+            scores = (self._select_prompt_rows(scores, is_prompt, n, veto)
                       if prompt_work else scores[:, :self.k])
         if attribution is not None and prompt_work:
             # Before the decision: the prompt verdict already acts for the named category.
@@ -315,15 +320,15 @@ class SafetyLogitsProcessor(LogitsProcessor):
         return logits
 
     def _select_prompt_rows(self, scores: torch.Tensor, is_prompt: torch.Tensor,
-                            n: int) -> torch.Tensor:
+                            n: int, veto: torch.Tensor | None) -> torch.Tensor:
         if self.no_allowlist_rule is None:
-            return select_prompt_rows(scores, is_prompt, self.k, self.prompt_either)
+            return select_prompt_rows(scores, is_prompt, self.k, self.prompt_either, veto=veto)
         # No allow-list: every category column of the row's mask is live (the overall
         # column's entry may be rewritten by the attribution at prompt rows; these are not).
         no_allowlist = (self.masked[:n, :-1] == MASK_LIVE).all(1)
         own_overall_only, shift = self.no_allowlist_rule
         return select_prompt_rows(scores, is_prompt, self.k, self.prompt_either, no_allowlist,
-                                  own_overall_only, shift)
+                                  own_overall_only, shift, veto)
 
     def _undo_repeated_steps(self, n: int, out_len: torch.Tensor) -> None:
         """Rows back at the output length of their last step (a discarded chunk's token)

@@ -129,7 +129,7 @@ def test_format_7_round_trips_and_serves_its_columns_after_the_rest(tmp_path, fo
     assert back.prompt_either == either and back.prompt_layer == layer
     assert torch.equal(back.attribution[0], head.attribution[0]) and back.mlp is not None
     readout = 0 if prompt is None else K
-    assert back.served_outputs == (K, readout, C, 0)
+    assert back.served_outputs == (K, readout, C, 0, 0)
     final, middle = torch.randn(5, 64, generator=g), torch.randn(5, 64, generator=g)
     rows = back.served_hidden(final, middle if layer else None)
     served = safety_scores_reference(rows, *back.served_tensors())

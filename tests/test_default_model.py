@@ -48,7 +48,8 @@ def default_server(tmp_path_factory):
 def forward_scores(model, head, ids):
     """Transformers' forward over ``ids`` through the head's served tensors, as the worker's
     kernel reads them ([T, 2K] with a prompt read-out; its middle layer too, format 6; a
-    format-7 head's attribution columns left off)."""
+    format-7 head's attribution columns left off), and a format-11 head's [T, K] prompt veto
+    columns (else None)."""
     import torch
 
     from safeserve.kernels.safety_head import safety_scores_reference
@@ -58,8 +59,8 @@ def forward_scores(model, head, ids):
     middle = None if head.prompt_layer is None else res.hidden_states[head.prompt_layer][0]
     scores = safety_scores_reference(head.served_hidden(res.last_hidden_state[0], middle),
                                      *head.served_tensors())
-    k, readout = head.served_outputs[:2]  # the attribution and topic columns judge nothing here
-    return scores[:, :k + readout]
+    k, readout, *_, veto = head.served_outputs  # attribution and topic judge nothing here
+    return scores[:, :k + readout], (scores[:, -veto:] if veto else None)
 
 
 def ask(c, messages, **body):
@@ -219,13 +220,13 @@ def test_default_head_scores_match_the_training_forward(default_server):
     out_ids = tok(data["choices"][0]["message"]["content"], add_special_tokens=False)["input_ids"]
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     head = load_safety_head(model_dir)
-    scores = forward_scores(model, head, prompt_ids + out_ids)  # as the worker's kernel
+    scores, veto = forward_scores(model, head, prompt_ids + out_ids)  # as the worker's kernel
     at_prompt_end = torch.arange(len(scores)) == len(prompt_ids) - 1  # the prompt verdict's row
     own, shift = head.no_allowlist_rule  # (format 10: the rule of a request without an
     plain = (None if (own, shift) == ("all", 0.0)  # allow-list, like this one)
              else torch.ones(len(scores), dtype=torch.int8))
     scores = select_prompt_rows(scores, at_prompt_end, head.taxonomy.num_outputs,
-                                head.prompt_either, plain, own == "overall", shift)
+                                head.prompt_either, plain, own == "overall", shift, veto)
     scores = offset_prompt_rows(scores, at_prompt_end, prompt_logit_offset(head.extra))
     trace = data["safety"]["trace"]
     assert len(trace) >= 8

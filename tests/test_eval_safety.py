@@ -376,6 +376,8 @@ def test_end_to_end_cli_against_stub(stub_server, tmp_path):
     assert summary["safety_flags"]["prompt_flagged"] == 2  # "poison": direct and jailbreak (the stub continues prefills)
     md = (out / "summary.md").read_text()
     assert "| mine |" in md and "25.0% (4)" in md and "Over-refusal" in md
+    # the stub's refusal is its text, not a safety action: refused, not acted on
+    assert "| xstest | 2 | 50.0% | 0.0% | 0.0% | 50.0% |" in md, md
 
     # compare two runs side by side
     out2 = tmp_path / "run2"

@@ -511,3 +511,81 @@ def test_a_refit_read_out_drops_the_no_allowlist_rule_and_a_fine_tune_records_on
     for a, b in zip(rec.logits[:2], on_ft.logits):
         assert a == pytest.approx(b, abs=1e-4)
     assert on_base.logits[0] != pytest.approx(on_ft.logits[0], abs=1e-3)
+
+
+def test_a_prompt_veto_clears_prompt_flags_and_serves_as_its_forward_computes(tmp_path,
+                                                                             tiny_model):
+    """`train prompt-veto` (format 11) over a format-6 head: a prompt is flagged at the prompt
+    only where its verdict flags it and the veto's logit reaches 0; the served tensors (the
+    veto's K columns last, one launch) give exactly that at prompt rows and the head's own
+    scores elsewhere; the veto survives an operating-point move and its self-check record
+    holds; a veto of the wrong width is refused at load."""
+    import dataclasses
+
+    from safeserve.kernels.safety_head import (head_logits, safety_scores_reference,
+                                               select_prompt_rows)
+    from safeserve.models.checkpoint import FORMAT_VERSION_PROMPT_VETO, CheckpointError
+    from safeserve.models.decision_defaults import prompt_logit_offset
+    from safeserve.models.prompt_veto import train_prompt_veto
+
+    root = data_root(tmp_path / "data")
+    (root / "refusal_direction_splits/harmless_val.json").write_text(json.dumps(
+        [{"instruction": f"Name a colour of the rainbow, number {i}"} for i in range(30)]))
+    tax = Taxonomy.load()
+    k = tax.num_outputs
+    g = torch.Generator().manual_seed(3)
+    mlp = (0.05 * torch.randn(8, 64, generator=g), torch.zeros(8),
+           0.01 * torch.randn(k, 8, generator=g), 0.05 * torch.randn(65, generator=g))
+    head = SafetyHead(0.1 * torch.randn(k, 64, generator=g), torch.full((k,), -3.2), tax,
+                      mlp=mlp, extra={"base_model": str(tiny_model),
+                                      "operating_point": {"tau": 4, "prompt_logit_offset": 2.0}})
+    head.save(tmp_path / "head")
+    quiet = {"log": lambda *a: None}
+    train_prompt_head(tmp_path / "head", tmp_path / "layered", root, target_fpr=0.2,
+                      either=True, layer=1, **quiet)
+    with pytest.raises(ValueError, match="quantile"):
+        train_prompt_veto(tmp_path / "layered", tmp_path / "bad", root, quantile=1.0, **quiet)
+    with pytest.raises(ValueError, match="--calibration wants 50"):
+        train_prompt_veto(tmp_path / "layered", tmp_path / "bad", root, n_calibration=50,
+                          questions=False, **quiet)
+    stats = train_prompt_veto(tmp_path / "layered", tmp_path / "out", root, quantile=0.8,
+                              n_alpaca=40, n_calibration=20, questions=False, **quiet)
+    assert stats["reads"] == "final+layer1" and stats["calibration_prompts"] == 20
+    for kind in ("harmful", "benign"):  # the veto only removes flags
+        assert stats["heldout_flagged_with_veto"][kind] <= stats["heldout_flagged_before"][kind]
+    new = load_safety_head(tmp_path / "out")
+    assert new.format_version == FORMAT_VERSION_PROMPT_VETO and new.veto[0].shape == (1, 128)
+    assert new.prompt_layer == 1 and new.prompt_either and new.prompt is not None
+    assert new.served_outputs == (k, k, 0, 0, k)
+    final, middle = torch.randn(64, 64, generator=g), torch.randn(64, 64, generator=g)
+    rows = new.served_hidden(final, middle)
+    plain = dataclasses.replace(new, veto=None).prompt_logits(final, middle)
+    capped = new.prompt_logits(final, middle)
+    assert torch.equal(capped, torch.minimum(plain, new.veto_logits(rows)))
+    # flagged (at the head's thresholds, after the prompt offset) iff both verdicts flag it
+    t = torch.tensor([c.threshold for c in tax.categories] + [0.5])
+    at = torch.log(t / (1 - t)) - prompt_logit_offset(new.extra)
+    veto = (rows @ new.veto[0].T + new.veto[1])[:, 0]
+    clear = (veto.abs() > 1e-4)[:, None] & ((plain - at).abs() > 1e-4)
+    want = (plain >= at) & (veto >= 0)[:, None]
+    assert torch.equal((capped >= at)[clear], want[clear])
+    assert bool((veto < 0).any()) and bool((veto >= 0).any())  # both sides exercised
+    # the served path: [own K | read-out K | veto K], the veto split off as the worker does
+    is_prompt = (torch.arange(64) % 3 == 0).to(torch.int8)
+    scores = safety_scores_reference(rows, *new.served_tensors())
+    assert scores.shape == (64, 3 * k)
+    served = select_prompt_rows(scores[:, :2 * k], is_prompt, k, True, veto=scores[:, -k:])
+    own = head_logits(final, new.weight, new.bias, new.mlp)
+    want = torch.sigmoid(torch.where(is_prompt.bool().unsqueeze(1), capped, own))
+    torch.testing.assert_close(served, want, atol=1e-4, rtol=1e-4)
+    moved = record_holds_then_move(tmp_path, tiny_model, new)
+    assert moved.format_version == FORMAT_VERSION_PROMPT_VETO
+    assert torch.equal(moved.veto[0], new.veto[0]) and torch.equal(moved.veto[1], new.veto[1])
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "moved" / "safety_head" / "head.safetensors"
+    tensors = load_file(str(path))
+    tensors["veto_weight"] = tensors["veto_weight"][:, :64].contiguous()
+    save_file(tensors, str(path))
+    with pytest.raises(CheckpointError, match=r"prompt veto has \(1, 64\) weights"):
+        load_safety_head(tmp_path / "moved")

@@ -74,7 +74,7 @@ def test_format_8_round_trips_and_serves_its_columns_last(tmp_path):
     back = load_safety_head(tmp_path / "h")
     assert back.format_version == FORMAT_VERSION_TOPIC
     assert torch.equal(back.topic[1], topic[1]) and torch.equal(back.attribution[0], attribution[0])
-    assert back.served_outputs == (K, 0, C, C)
+    assert back.served_outputs == (K, 0, C, C, 0)
     final = torch.randn(5, 64, generator=g)
     served = safety_scores_reference(final, *back.served_tensors())
     assert served.shape == (5, K + 2 * C)
