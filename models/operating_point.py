@@ -182,7 +182,7 @@ def move_operating_point(head_dir: Path, out: Path, *, prompt_shift: float,
     record = SelfCheck.from_extra(head.extra)
     # (a veto's caps move with the thresholds and the offset, not with the biases alone)
     if record is not None and (new.no_allowlist_rule != head.no_allowlist_rule
-                               or new.veto is not None):
+                               or (new.veto is not None and (prompt_shift or response_shift))):
         _record_again(Path(out), Path(head_dir), record.dtype, log)
     elif record is not None:
         assert torch.equal(new.weight, head.weight)  # only biases move: the record shifts

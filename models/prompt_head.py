@@ -267,6 +267,11 @@ def train_prompt_head(head_dir: Path, out: Path, data_root: Path, model_dir: Pat
     flagged = readout_flagged | own if either else readout_flagged
     head.prompt = (w, fold_thresholds(b, thr, served, offset))
     head.prompt_either = either
+    if head.veto is not None and head.prompt_layer != layer:
+        # the veto reads the rows the kernel reads at a prompt end, which the layer sets
+        head.veto = None
+        log("note: the head's prompt veto read the old read-out's layer and is dropped; fit "
+            "it again with `safeserve train prompt-veto`")
     head.prompt_layer = layer
     head.extra, dropped = without_no_allowlist_rule(head.extra)
     if dropped:

@@ -257,6 +257,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
             topic, scores = scores[:, -self.n_topic:], scores[:, :-self.n_topic]
         if self.n_attribution:  # (split first: a NaN attribution score names nothing)
             attribution, scores = scores[:, -self.n_attribution:], scores[:, :-self.n_attribution]
+        if veto is not None:  # a NaN verdict stays certain: no finite veto column caps it
+            veto = torch.where(torch.isnan(scores).any(1, keepdim=True), 1.0, veto)
         scores = torch.nan_to_num(scores, nan=1.0)
         # Output length per row (-1: no request): 0 is a prompt row; the strategy derives its
         # positions from it, so a step whose sampled token vLLM discards (a chunked prefill of

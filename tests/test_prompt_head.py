@@ -589,3 +589,13 @@ def test_a_prompt_veto_clears_prompt_flags_and_serves_as_its_forward_computes(tm
     save_file(tensors, str(path))
     with pytest.raises(CheckpointError, match=r"prompt veto has \(1, 64\) weights"):
         load_safety_head(tmp_path / "moved")
+    # a read-out refit on the same layer keeps the veto; on another, it drops it (it read
+    # the old layer's rows)
+    notes = []
+    train_prompt_head(tmp_path / "out", tmp_path / "same", root, target_fpr=0.2, either=True,
+                      layer=1, log=notes.append)
+    assert load_safety_head(tmp_path / "same").veto is not None
+    train_prompt_head(tmp_path / "out", tmp_path / "final", root, target_fpr=0.2, either=True,
+                      log=notes.append)
+    assert load_safety_head(tmp_path / "final").veto is None
+    assert sum("prompt veto read the old read-out's layer" in str(n) for n in notes) == 1

@@ -57,7 +57,8 @@ def _processor(capacity: int = 4, prompt_offset: float = 0.0, head: str = "defau
     proc = SafetyLogitsProcessor(cfg, torch.device("cpu"), False)
     proc.sync_free = _SYNC_FREE[0]
     proc.prompt_offset = prompt_offset
-    proc.n_attribution = proc.n_topic = 0  # the steps below hand [N, K] or [N, 2K] scores (format 7: its own test)
+    # the steps below hand [N, K] or [N, 2K] scores (formats 7, 8 and 11: their own tests)
+    proc.n_attribution = proc.n_topic = proc.n_veto = 0
     sent = []
     proc.telemetry = SimpleNamespace(sock=object(), send=lambda records, _s: sent.extend(records))
     return proc, sent
@@ -1364,6 +1365,25 @@ def test_a_nan_score_fails_closed_and_is_reported_as_a_number():
     logits = _step(proc, [[float("nan")] * 10])  # the prompt row
     assert int(logits[0].argmax()) == 5 and sent[-1].event == 2  # refusal forced
     assert sent[-1].scores == [1.0] * 10
+
+
+def test_a_prompt_veto_caps_the_verdict_but_never_a_nan():
+    """Format 11: the veto's K columns come last; at a prompt row each output is capped at
+    its veto column, so a veto of 0 clears a verdict that flags every output, but a NaN in the
+    verdict still reads as certain (fail closed), whatever the veto says."""
+    proc, sent = _processor()
+    proc.n_veto = 10
+    for i, rid in enumerate(("capped", "nan", "passed")):
+        proc._add(i, _args(rid), [])
+    nan = float("nan")
+    logits = _step(proc, [[0.9] * 20 + [0.0] * 10, [nan] * 20 + [0.0] * 10,
+                          [0.9] * 20 + [0.95] * 10])
+    by_rid = {r.rid: r for r in sent}
+    assert by_rid["capped"].event == 0 and by_rid["capped"].scores == [0.0] * 10
+    assert int(logits[0].argmax()) != 5
+    assert by_rid["nan"].event == 2 and by_rid["nan"].scores == [1.0] * 10
+    assert int(logits[1].argmax()) == 5  # the refusal forced
+    assert by_rid["passed"].event == 2 and by_rid["passed"].scores == pytest.approx([0.9] * 10)
 
 
 def test_a_request_re_added_while_its_old_row_is_refilled_by_a_move_keeps_its_state():

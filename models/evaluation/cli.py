@@ -301,7 +301,14 @@ def replay(
         raise typer.BadParameter("--alert-tau takes whole numbers >= 1")
     if margins and max(margins) > 0 and (band_taus or [base.alert_tau])[0] is None:
         raise typer.BadParameter("an alert band needs --alert-tau (the head has none)")
-    results = rp.sweep(rows, base, _floats(prompt_shift, "--prompt-shift"),
+    prompt_shifts = _floats(prompt_shift, "--prompt-shift")
+    if any(prompt_shifts) and rp.has_prompt_veto(head):
+        # (served, a move keeps the veto's cut at 0 whatever the shift: SafetyHead.veto_logits)
+        typer.echo("note: this head's prompt veto caps the traced prompt scores at its outputs' "
+                   "thresholds, so a prompt shift here also moves the veto's cut by the shift, "
+                   "which a served move does not; the prompt-shifted rows are estimates: serve "
+                   "the moved head to measure them")
+    results = rp.sweep(rows, base, prompt_shifts,
                        _floats(response_shift, "--response-shift"), taus, margins, band_taus)
     same, n = rp.agreement(rows, base)
     typer.echo(f"{n} traced requests; the served rule replayed triggers where the server did on {same} of {n}")

@@ -122,6 +122,12 @@ def served_rule(head_dir: str | Path, *, tau: int | None = None) -> Rule:
                 head.topic is not None and head.gate_replaces_prompt_categories)
 
 
+def has_prompt_veto(head_dir: str | Path) -> bool:
+    from safeserve.models.checkpoint import load_safety_head
+
+    return load_safety_head(head_dir).veto is not None
+
+
 @dataclass
 class TracedRow:
     """One request of a traced run, reduced to what the replay needs."""
