@@ -168,6 +168,10 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.alert_tau = torch.ones(r, dtype=torch.int32, device=device)
         self.alert_scale = torch.ones(r, dtype=torch.float32, device=device)
         self.query_alert = torch.zeros(r, dtype=torch.int32, device=device)
+        # Format 11: whether the prompt veto caps this row's prompt verdict. Not a prefilled
+        # request's: its prompt row reads the attacker's opening inside the answer, unlike the
+        # prompt ends the veto was fitted on (its query verdict, a plain prompt, is vetoed).
+        self.vetoable = torch.zeros(r, dtype=torch.int8, device=device)
         # The prompt verdict's thresholds (a threshold_shift moves only `thresholds`, the
         # response rule's): the decision reads these at prompt rows.
         self.prompt_thresholds = torch.ones(r, k, dtype=torch.float32, device=device)
@@ -323,6 +327,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
 
     def _select_prompt_rows(self, scores: torch.Tensor, is_prompt: torch.Tensor,
                             n: int, veto: torch.Tensor | None) -> torch.Tensor:
+        if veto is not None:  # a score of 1 caps nothing
+            veto = torch.where(self.vetoable[:n, None].to(torch.bool), veto, 1.0)
         if self.no_allowlist_rule is None:
             return select_prompt_rows(scores, is_prompt, self.k, self.prompt_either, veto=veto)
         # No allow-list: every category column of the row's mask is live (the overall
@@ -488,6 +494,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.thresholds[i] = self._host_row(args.thresholds, torch.float32)
         self.masked[i] = self._host_row(args.masked, torch.int8)
         self.attributable[i] = int(args.masked[-1] == MASK_ATTRIBUTED and not args.prefilled)
+        self.vetoable[i] = int(not args.prefilled)
         self.tau[i], self.action[i], self.active[i] = args.tau, args.action, 1
         self.refusal_len[i] = len(args.refusal_ids)
         self.refusal_start[i] = 0 if args.prefilled else args.refusal_sep
@@ -540,6 +547,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.query_cats[i] = 0
         self.alert[i] = 0
         self.query_alert[i] = 0
+        self.vetoable[i] = 0
         self.explain_left[i] = -1
         self.explain_cap[i] = -1
         self.seen_word[i] = 0
@@ -553,7 +561,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
                 "read_len",
                 "refusal", "refusal_len", "refusal_start", "eos", "query_cats", "alert", "alert_tau",
                 "alert_scale", "query_alert", "explain_left", "explain_cap", "seen_word",
-                "prompt_thresholds", "attributable", "named",
+                "prompt_thresholds", "attributable", "named", "vetoable",
                 "step_len", *("_before_" + name for name in _PER_STEP))
 
     def _move(self, src: int, dst: int) -> None:

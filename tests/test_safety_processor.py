@@ -1370,15 +1370,19 @@ def test_a_nan_score_fails_closed_and_is_reported_as_a_number():
 def test_a_prompt_veto_caps_the_verdict_but_never_a_nan():
     """Format 11: the veto's K columns come last; at a prompt row each output is capped at
     its veto column, so a veto of 0 clears a verdict that flags every output, but a NaN in the
-    verdict still reads as certain (fail closed), whatever the veto says."""
+    verdict still reads as certain (fail closed), whatever the veto says; a prefilled
+    request's prompt row is not capped."""
     proc, sent = _processor()
     proc.n_veto = 10
     for i, rid in enumerate(("capped", "nan", "passed")):
         proc._add(i, _args(rid), [])
+    proc._add(3, _args("prefilled", prefilled=True), [])
     nan = float("nan")
     logits = _step(proc, [[0.9] * 20 + [0.0] * 10, [nan] * 20 + [0.0] * 10,
-                          [0.9] * 20 + [0.95] * 10])
+                          [0.9] * 20 + [0.95] * 10, [0.9] * 20 + [0.0] * 10])
     by_rid = {r.rid: r for r in sent}
+    # a prefilled request's prompt row reads the attacker's opening: never vetoed
+    assert by_rid["prefilled"].event == 2 and by_rid["prefilled"].scores == pytest.approx([0.9] * 10)
     assert by_rid["capped"].event == 0 and by_rid["capped"].scores == [0.0] * 10
     assert int(logits[0].argmax()) != 5
     assert by_rid["nan"].event == 2 and by_rid["nan"].scores == [1.0] * 10
