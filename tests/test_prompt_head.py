@@ -72,6 +72,17 @@ def record_holds_then_move(tmp_path, tiny_model, head):
     return moved
 
 
+def gated_mlp_head(tax, g, tiny_model) -> SafetyHead:
+    """A random head over the tiny model's width (64) with a gated residual MLP and the
+    default head's prompt offset and tau."""
+    k = tax.num_outputs
+    mlp = (0.05 * torch.randn(8, 64, generator=g), torch.zeros(8),
+           0.01 * torch.randn(k, 8, generator=g), 0.05 * torch.randn(65, generator=g))
+    return SafetyHead(0.1 * torch.randn(k, 64, generator=g), torch.full((k,), -3.2), tax,
+                      mlp=mlp, extra={"base_model": str(tiny_model),
+                                      "operating_point": {"tau": 4, "prompt_logit_offset": 2.0}})
+
+
 def test_readout_helpers_separate_and_bound_the_union_rate():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(400, 6, generator=g)
@@ -252,12 +263,7 @@ def test_a_readout_over_a_middle_layer_serves_as_its_forward_computes(tmp_path, 
     tax = Taxonomy.load()
     k = tax.num_outputs
     g = torch.Generator().manual_seed(2)
-    mlp = (0.05 * torch.randn(8, 64, generator=g), torch.zeros(8),
-           0.01 * torch.randn(k, 8, generator=g), 0.05 * torch.randn(65, generator=g))
-    head = SafetyHead(0.1 * torch.randn(k, 64, generator=g), torch.full((k,), -3.2), tax,
-                      mlp=mlp, extra={"base_model": str(tiny_model),
-                                      "operating_point": {"tau": 4, "prompt_logit_offset": 2.0}})
-    head.save(tmp_path / "head")
+    gated_mlp_head(tax, g, tiny_model).save(tmp_path / "head")
     with pytest.raises(ValueError, match="--layer 2: this model has 2 decoder layers"):
         train_prompt_head(tmp_path / "head", tmp_path / "bad", root, either=True, layer=2,
                           log=lambda *a: None)
@@ -534,12 +540,7 @@ def test_a_prompt_veto_clears_prompt_flags_and_serves_as_its_forward_computes(tm
     tax = Taxonomy.load()
     k = tax.num_outputs
     g = torch.Generator().manual_seed(3)
-    mlp = (0.05 * torch.randn(8, 64, generator=g), torch.zeros(8),
-           0.01 * torch.randn(k, 8, generator=g), 0.05 * torch.randn(65, generator=g))
-    head = SafetyHead(0.1 * torch.randn(k, 64, generator=g), torch.full((k,), -3.2), tax,
-                      mlp=mlp, extra={"base_model": str(tiny_model),
-                                      "operating_point": {"tau": 4, "prompt_logit_offset": 2.0}})
-    head.save(tmp_path / "head")
+    gated_mlp_head(tax, g, tiny_model).save(tmp_path / "head")
     quiet = {"log": lambda *a: None}
     train_prompt_head(tmp_path / "head", tmp_path / "layered", root, target_fpr=0.2,
                       either=True, layer=1, **quiet)
