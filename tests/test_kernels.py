@@ -24,6 +24,7 @@ import sys
 import torch
 
 _ON_CUDA = torch.cuda.is_available()
+VETO_OPS = 10  # ops a format-11 step adds in the sync-free form (measured: 9)
 _INTERPRETER_ENV = {} if _ON_CUDA else {"TRITON_INTERPRET": "1"}
 _INTERPRETER_ENV["SAFESERVE_FORCE_TRITON"] = "1"
 # True when triton got imported (compiled mode) before this module could ask for the interpreter.
@@ -877,7 +878,7 @@ def test_force_tokens_matches_reference(n_rows, vocab):
 
 
 def _worker_processor(sync_free: bool, device: torch.device, capacity: int = 8,
-                      n_attribution: int = 0):
+                      n_attribution: int = 0, n_veto: int = 0):
     """The worker's logits processor (default head's width, 16-token toy vocabulary where 8
     ends a sentence and 5 and 10 hold words) with its telemetry captured."""
     import math
@@ -894,6 +895,7 @@ def _worker_processor(sync_free: bool, device: torch.device, capacity: int = 8,
     proc.sync_free = sync_free
     proc.n_topic = 0
     proc.n_attribution = n_attribution  # 0: the steps hand [N, K] scores, as a format-6 head's
+    proc.n_veto = n_veto  # K: a format-11 head's prompt veto columns come last
     proc.prompt_offset = 1.0  # prompt rows' scores move before the decision, and are reported
     proc.sentence_end = torch.zeros(16, dtype=torch.bool, device=device)
     proc.sentence_end[8] = True
@@ -920,8 +922,10 @@ def _worker_processor(sync_free: bool, device: torch.device, capacity: int = 8,
 
 
 @needs_triton
-@pytest.mark.parametrize("n_attribution", [0, 9], ids=["format-6", "format-7"])
-def test_the_workers_sync_free_step_runs_two_kernels_and_matches_the_host_path(n_attribution):
+@pytest.mark.parametrize("n_attribution,n_veto", [(0, 0), (9, 0), (0, 10)],
+                         ids=["format-6", "format-7", "format-11"])
+def test_the_workers_sync_free_step_runs_two_kernels_and_matches_the_host_path(n_attribution,
+                                                                               n_veto):
     """The worker as a GPU runs it (sync-free, the decision and strategy kernels) against the
     CPU's form (host syncs, the PyTorch references): twelve steps of a mixed batch (refuse,
     stop, annotate; bounded and unbounded explanations; a flagged prefill query; the prompt
@@ -929,7 +933,8 @@ def test_the_workers_sync_free_step_runs_two_kernels_and_matches_the_host_path(n
     forced tokens and telemetry; and a GPU step is three kernel launches plus a few dozen tensor
     ops (there were ~190 before the strategy's kernels: each a launch on a GPU). A format-7
     head's naming (kernels/safety_decision.attribute_overall, name_overall_bits) adds about 30
-    tensor ops per step in this form, not yet folded into the decision kernel."""
+    tensor ops per step in this form, not yet folded into the decision kernel; a format-11
+    head's prompt veto a few more (its NaN guard, the prefilled rows' exemption, the cap)."""
     from collections import Counter
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -939,9 +944,10 @@ def test_the_workers_sync_free_step_runs_two_kernels_and_matches_the_host_path(n
     from safeserve.kernels import safety_decision, safety_strategy
     from safeserve.server.safety_model import STEP_SIGNAL
 
-    fast, fast_sent, fast_outs = _worker_processor(True, DEVICE, n_attribution=n_attribution)
+    fast, fast_sent, fast_outs = _worker_processor(True, DEVICE, n_attribution=n_attribution,
+                                                   n_veto=n_veto)
     host, host_sent, host_outs = _worker_processor(False, torch.device("cpu"),
-                                                   n_attribution=n_attribution)
+                                                   n_attribution=n_attribution, n_veto=n_veto)
     views = {"aten.view.default", "aten.slice.Tensor", "aten.select.int", "aten.view.dtype",
              "aten.unsqueeze.default", "aten.squeeze.dim", "aten.alias.default",
              "aten.expand.default", "aten.as_strided.default", "aten.detach.default",
@@ -982,6 +988,8 @@ def test_the_workers_sync_free_step_runs_two_kernels_and_matches_the_host_path(n
         scores[1] = 0.9 if step >= 2 else 0.1  # row 1 (stop) violates from its third step
         if n_attribution:  # [head K | read-out K (the same: either keeps it) | C]
             scores = torch.cat([scores, scores, torch.rand(8, n_attribution, generator=g)], 1)
+        if n_veto:  # [head K | read-out K | veto K]: caps some prompt rows, not others
+            scores = torch.cat([scores, scores, torch.rand(8, n_veto, generator=g)], 1)
         logits = torch.randn(8, 16, generator=g)
         STEP_SIGNAL.scores = scores.to(DEVICE)
         counter = CountOps()
@@ -993,7 +1001,7 @@ def test_the_workers_sync_free_step_runs_two_kernels_and_matches_the_host_path(n
         assert counter.launches == 3, "a decision, a strategy and a forcing launch per step"
         # (on a GPU also the host-to-device copies of the lengths and last tokens, and the
         # telemetry's copy to pinned memory)
-        budget = (26 if _ON_CUDA else 20) + (32 if n_attribution else 0)
+        budget = (26 if _ON_CUDA else 20) + (32 if n_attribution else 0) + (VETO_OPS if n_veto else 0)
         assert sum(counter.ops.values()) <= budget, counter.ops
         STEP_SIGNAL.scores = scores.clone()
         with pytest.MonkeyPatch.context() as mp:
