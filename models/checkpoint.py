@@ -303,13 +303,13 @@ class SafetyHead:
             return weight, bias, mlp
         k = self.taxonomy.num_outputs
         veto_w = self.veto[0].float().expand(k, -1)
-        veto_b = self.veto[1].float() + self._veto_offsets()
+        veto_b = self.veto[1].float() + self.veto_offsets()
         if mlp is not None:  # the MLP adds nothing to the veto's columns
             mlp = (mlp[0], mlp[1], torch.cat([mlp[2], torch.zeros(k, mlp[2].shape[1])]),
                    *mlp[3:])
         return torch.cat([weight, veto_w]), torch.cat([bias, veto_b]), mlp
 
-    def _veto_offsets(self) -> torch.Tensor:
+    def veto_offsets(self) -> torch.Tensor:
         """[K]: per output, its served threshold's logit less the prompt offset: a veto
         column's logit, offset at the prompt row as every prompt score is, then reaches the
         output's threshold exactly when the veto logit reaches 0."""
@@ -327,7 +327,7 @@ class SafetyHead:
         if self.veto is None:
             raise ValueError("this safety head has no prompt veto")
         v = served_rows.float() @ self.veto[0].T + self.veto[1]
-        return v + self._veto_offsets()
+        return v + self.veto_offsets()
 
     def _with_attribution(self, weight: torch.Tensor, bias: torch.Tensor,
                           mlp: tuple | None) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:

@@ -82,12 +82,9 @@ def train_prompt_veto(head_dir: Path, out: Path, data_root: Path, model_dir: Pat
     w, b = fit_readout(x[~is_held], y[~is_held], weight_decay=weight_decay)
     threshold = torch.quantile((cal @ w.T + b)[:, 0], quantile)
     head.veto = (w, b - threshold)
-    # What the served prompt verdict does on the held-out rows, with and without the veto.
-    from safeserve.models.decision_defaults import prompt_logit_offset
-
-    t = torch.tensor([c.threshold for c in head.taxonomy.categories]
-                     + [float(head.extra.get("overall_threshold", 0.5))])
-    at = torch.log(t) - torch.log1p(-t) - prompt_logit_offset(head.extra)
+    # What the served prompt verdict does on the held-out rows, with and without the veto
+    # (flagged: a prompt logit at its output's threshold logit, less the prompt offset).
+    at = head.veto_offsets()
     hf, hm = final[:len(rows)][is_held], None if mid is None else mid[:len(rows)][is_held]
     before = dataclasses.replace(head, veto=None).prompt_logits(hf, hm) >= at
     after = head.prompt_logits(hf, hm) >= at
@@ -113,4 +110,3 @@ def train_prompt_veto(head_dir: Path, out: Path, data_root: Path, model_dir: Pat
     return write_readout_checkpoint(
         head, head_dir, out, model_dir, lm_dir, "prompt_veto", stats, model, tok, log,
         note="prompt-verdict metrics above prompt_veto were measured before the veto")
-

@@ -254,15 +254,13 @@ class SafetyLogitsProcessor(LogitsProcessor):
         # violate and break the JSON report: it reads as certain instead (fail closed).
         scores = STEP_SIGNAL.take(n)
         attribution = topic = veto = None
-        if self.n_veto:  # (a NaN veto score caps nothing: nan_to_num below reads it as 1)
+        if self.n_veto:  # (prepared in _select_prompt_rows, on steps with prompt work only)
             veto, scores = scores[:, -self.n_veto:], scores[:, :-self.n_veto]
-            veto = torch.nan_to_num(veto, nan=1.0)
         if self.n_topic:
             topic, scores = scores[:, -self.n_topic:], scores[:, :-self.n_topic]
         if self.n_attribution:  # (split first: a NaN attribution score names nothing)
             attribution, scores = scores[:, -self.n_attribution:], scores[:, :-self.n_attribution]
-        if veto is not None:  # a NaN verdict stays certain: no finite veto column caps it
-            veto = torch.where(torch.isnan(scores).any(1, keepdim=True), 1.0, veto)
+        raw = scores  # (nan_to_num makes a new tensor: the veto's NaN guard reads this one)
         scores = torch.nan_to_num(scores, nan=1.0)
         # Output length per row (-1: no request): 0 is a prompt row; the strategy derives its
         # positions from it, so a step whose sampled token vLLM discards (a chunked prefill of
@@ -274,7 +272,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         # Off-GPU, the work only prompt rows need is skipped on the many steps without one.
         prompt_work = self.sync_free or 0 in lengths
         if scores.shape[1] != self.k or veto is not None:  # a prompt read-out or veto
-            scores = (self._select_prompt_rows(scores, is_prompt, n, veto)
+            scores = (self._select_prompt_rows(scores, is_prompt, n, veto, raw)
                       if prompt_work else scores[:, :self.k])
         if attribution is not None and prompt_work:
             # Before the decision: the prompt verdict already acts for the named category.
@@ -326,9 +324,13 @@ class SafetyLogitsProcessor(LogitsProcessor):
         return logits
 
     def _select_prompt_rows(self, scores: torch.Tensor, is_prompt: torch.Tensor,
-                            n: int, veto: torch.Tensor | None) -> torch.Tensor:
-        if veto is not None:  # a score of 1 caps nothing
-            veto = torch.where(self.vetoable[:n, None].to(torch.bool), veto, 1.0)
+                            n: int, veto: torch.Tensor | None,
+                            raw: torch.Tensor) -> torch.Tensor:
+        if veto is not None:
+            # A score of 1 caps nothing: so a prefilled request's row is not vetoed, a NaN
+            # verdict stays certain (fail closed), and a NaN veto column caps nothing.
+            keep = self.vetoable[:n, None].to(torch.bool) & ~torch.isnan(raw).any(1, keepdim=True)
+            veto = torch.where(keep, torch.nan_to_num(veto, nan=1.0), 1.0)
         if self.no_allowlist_rule is None:
             return select_prompt_rows(scores, is_prompt, self.k, self.prompt_either, veto=veto)
         # No allow-list: every category column of the row's mask is live (the overall
