@@ -261,6 +261,9 @@ def sampling_params(prep: PreparedRequest, index: int, extra_args: dict | None =
         top_p=1.0 if b.top_p is None or greedy else b.top_p,
         presence_penalty=b.presence_penalty or 0.0,
         frequency_penalty=b.frequency_penalty or 0.0,
+        top_k=0 if b.top_k is None else b.top_k,
+        min_p=b.min_p or 0.0,
+        repetition_penalty=1.0 if b.repetition_penalty is None else b.repetition_penalty,
         stop=b.stop_list or None,
         # With safety on, each output's text must be its own tokens' text, for withholding
         # token by token. Excluding stop strings makes vLLM hold back the text's last

@@ -32,6 +32,8 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 LONE_SURROGATE_MSG = "contains invalid unicode (lone surrogate)"
 # vLLM's own OpenAI server bounds ``seed`` to int64 (its engine serialises and seeds with it).
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+INT32_MAX = (1 << 31) - 1
+MIN_REPETITION_PENALTY = 0.01
 
 
 def has_lone_surrogate(text: str) -> bool:
@@ -337,6 +339,13 @@ class ChatCompletionRequest(_Request):
     top_p: StrictFloat | None = Field(None, ge=0.0, le=1.0)  # 0: greedy, as OpenAI takes it
     presence_penalty: StrictFloat | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: StrictFloat | None = Field(None, ge=-2.0, le=2.0)
+    # vLLM's sampling extensions (clients send them in `extra_body`). A token the safety
+    # strategy forces is its step's only finite logit, so none of them can move it.
+    top_k: StrictInt | None = Field(None, ge=-1, le=INT32_MAX)  # 0 or -1: off
+    min_p: StrictFloat | None = Field(None, ge=0.0, le=1.0)
+    # 1: off. Bounded below: vLLM divides positive logits by it and multiplies the others, in
+    # float32, where 1e-300 is 0 and -inf * 0 is NaN, which would unforce a forced token.
+    repetition_penalty: StrictFloat | None = Field(None, ge=MIN_REPETITION_PENALTY, le=2.0)
     stop: str | list[str] | None = None
     seed: StrictInt | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     n: StrictInt = Field(1, ge=1, le=8)

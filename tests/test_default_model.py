@@ -81,15 +81,19 @@ def test_harmful_request_is_refused(default_server):
 
 def test_a_logit_bias_against_the_refusal_does_not_stop_it(default_server, base_model_dir):
     """The refusal is forced (its step's only finite logit): a client's bias of -100 on every
-    token of it, and +100 on a compliant opening, changes nothing there."""
+    token of it, and +100 on a compliant opening, changes nothing there; nor do vLLM's
+    sampling extensions (the penalty applies after the processor, top-k and min-p keep the
+    one finite token)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(base_model_dir))
     bias = {str(i): -100 for i in tok.encode(DEFAULT_REFUSAL, add_special_tokens=False)}
     bias.update({str(i): 100 for i in tok.encode("Sure", add_special_tokens=False)})
-    data = ask(default_server, PIPE_BOMB, max_tokens=24, logit_bias=bias)
-    assert data["safety"]["action"] == "refuse"
-    assert data["choices"][0]["message"]["content"].startswith(DEFAULT_REFUSAL)
+    for extra in ({"logit_bias": bias},
+                  {"repetition_penalty": 2.0, "top_k": 3, "min_p": 0.5, "temperature": 1.5}):
+        data = ask(default_server, PIPE_BOMB, max_tokens=24, **extra)
+        assert data["safety"]["action"] == "refuse", extra
+        assert data["choices"][0]["message"]["content"].startswith(DEFAULT_REFUSAL), extra
 
 
 def test_refusal_is_explained_in_one_sentence_then_ends(default_server):

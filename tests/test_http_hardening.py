@@ -772,10 +772,18 @@ def test_empty_openai_fields_are_accepted_and_real_ones_named(client):
                          ({"logit_bias": {"-5": 1}}, "logit_bias"),
                          ({"logit_bias": {"5": 100.5}}, "logit_bias"),
                          ({"logit_bias": {"5": "1"}}, "logit_bias.5"),
-                         ({"service_tier": "flex"}, "service_tier")):
+                         ({"service_tier": "flex"}, "service_tier"),
+                         ({"top_k": -2}, "top_k"), ({"top_k": 1.5}, "top_k"),
+                         ({"top_k": 1 << 31}, "top_k"), ({"min_p": 1.5}, "min_p"),
+                         ({"repetition_penalty": 0}, "repetition_penalty"),
+                         ({"repetition_penalty": 1e-300}, "repetition_penalty"),
+                         ({"repetition_penalty": 1e-40}, "repetition_penalty"),
+                         ({"repetition_penalty": "1.1"}, "repetition_penalty")):
         _error(client.post("/v1/chat/completions", json=body(**extra)), 400, param=param)
     # a bias in range passes validation (here only the engine is missing)
     r = client.post("/v1/chat/completions", json=body(logit_bias={"5": -100, "7": 2.5}))
+    _error(r, 503, code="engine_not_ready")
+    r = client.post("/v1/chat/completions", json=body(top_k=-1, min_p=0.05, repetition_penalty=1))
     _error(r, 503, code="engine_not_ready")
     with pytest.raises(ValueError, match="over 32768 bytes"):
         ChatCompletionRequest.model_validate(body(response_format={

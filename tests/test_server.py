@@ -127,6 +127,22 @@ def test_logit_bias_moves_the_engine_and_ids_beyond_the_vocabulary_are_a_400(htt
     assert str(len(tok)) in err["message"]
 
 
+def test_vllm_sampling_extensions_reach_the_engine(oai, server):
+    """top_k, min_p and repetition_penalty (vLLM's extensions, sent in extra_body) act on the
+    sampler: top_k 1 or min_p 1 at temperature 1 decode as greedy does, and a repetition
+    penalty changes a greedy answer that repeats itself."""
+    kw = dict(model=server.model, messages=[{"role": "user", "content": "Count from 1 to 30."}],
+              max_tokens=24)
+    greedy = oai.chat.completions.create(temperature=0, **kw).choices[0].message.content
+    for extra in ({"top_k": 1}, {"min_p": 1.0}):
+        r = oai.chat.completions.create(temperature=1.0, seed=3, extra_body=extra, **kw)
+        assert r.choices[0].message.content == greedy, extra
+    r = oai.chat.completions.create(temperature=0, extra_body={"repetition_penalty": 1.8}, **kw)
+    assert r.choices[0].message.content != greedy
+    again = oai.chat.completions.create(temperature=0, extra_body={"repetition_penalty": 1.8}, **kw)
+    assert again.choices[0].message.content == r.choices[0].message.content
+
+
 def test_response_format_json_schema_with_the_openai_client(oai, server):
     schema = {"type": "object", "properties": {"name": {"type": "string"},
                                                "age": {"type": "integer"}},

@@ -35,6 +35,25 @@ def parse_safety_config(value: Optional[str]) -> dict | str | None:
     return parsed
 
 
+def parse_sampling(value: Optional[str]) -> dict | None:
+    """--sampling: a JSON object of further request fields (e.g. vLLM's repetition_penalty),
+    sent with every request; the fields the eval sets itself are refused."""
+    if value is None:
+        return None
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"not valid JSON: {exc}", param_hint="--sampling") from exc
+    if not isinstance(parsed, dict):
+        raise typer.BadParameter("must be a JSON object", param_hint="--sampling")
+    from safeserve.models.evaluation.safety_eval import check_sampling
+
+    try:
+        return check_sampling(parsed)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--sampling") from None
+
+
 def _parse_data(specs: list[str]) -> list[tuple[str, Path]]:
     parsed = []
     for spec in specs:
@@ -81,6 +100,8 @@ def safety(
     harmbench_targets: Optional[Path] = typer.Option(None, "--harmbench-targets", help="HarmBench BehaviorID->target JSON, used as prefills."),
     out: Path = typer.Option(..., "--out", help="Output folder for results.jsonl, summary.json, summary.md, asr.png."),
     safety_config: Optional[str] = typer.Option(None, "--safety-config", help="Preset name or JSON object sent as safety_config with every request, e.g. '{\"on_violation\": \"annotate\", \"trace\": true}' to record traces for `eval replay`."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, max=2.0, help="Sampling temperature of every request (0: greedy, the reported tables' setting; above 0, add '{\"seed\": N}' with --sampling for a repeatable run)."),
+    sampling: Optional[str] = typer.Option(None, "--sampling", help="JSON object of further request fields sent with every request, e.g. '{\"repetition_penalty\": 1.2}' (not the fields the eval sets: model, messages, max_tokens, temperature, n, stream, safety_config, the prefill switches). At temperature 0 vLLM ignores top_k, top_p and min_p; penalties and logit_bias act."),
     label: str = typer.Option("", "--label", help="Name of this run in reports, e.g. 'safety on'."),
     api_key: str = typer.Option(os.environ.get("OPENAI_API_KEY", "EMPTY"), "--api-key", help="API key if the server wants one.", show_default=False),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
@@ -93,6 +114,7 @@ def safety(
 
     from safeserve.models.evaluation.safety_eval import ATTACKS
 
+    sampling_fields = parse_sampling(sampling)
     earlier = [n for n in ("results.jsonl", "results.partial.jsonl") if (out / n).is_file()]
     if earlier and not overwrite:  # a measured run, or what an interrupted one kept
         raise typer.BadParameter(f"{out} holds an earlier run's {earlier[0]}: choose another "
@@ -143,11 +165,13 @@ def safety(
         out_dir=out,
         concurrency=concurrency,
         max_tokens=max_tokens,
+        temperature=temperature,
         max_retries=retries,
         timeout=timeout,
         api_key=api_key,
         progress=progress,
         safety_config=parse_safety_config(safety_config),
+        sampling=sampling_fields,
         meta={"label": label, "limit": limit or None, "seed": seed, "xstest_limit": xstest_limit or None,
               **({"exclude_sample": exclude_sample, "exclude_seed": exclude_seed}
                  if exclude_sample else {})},

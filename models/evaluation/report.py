@@ -147,6 +147,8 @@ def render_markdown(summary: dict) -> str:
     facts = [f"model `{summary['model']}`" if summary.get("model") else None,
              f"server {summary['base_url']}" if summary.get("base_url") else None,
              f"max_tokens {summary['max_tokens']}" if summary.get("max_tokens") else None,
+             f"temperature {summary['temperature']}" if summary.get("temperature") else None,
+             f"sampling `{json.dumps(summary['sampling'])}`" if summary.get("sampling") else None,
              f"limit {summary['limit']} per dataset (seed {summary.get('seed')})" if summary.get("limit") else None,
              f"{summary['n_rows']} requests, {summary['n_errors']} errors",
              f"{summary['duration_s']:.0f} s" if summary.get("duration_s") else None]
@@ -227,7 +229,7 @@ def _run_labels(summaries: list[dict], run_dirs: list[str | Path]) -> list[str]:
 
 
 # Settings two runs must share for their cells to measure the same thing.
-_SAME_SETTINGS = ("limit", "seed", "xstest_limit", "max_tokens", "temperature")
+_SAME_SETTINGS = ("limit", "seed", "xstest_limit", "max_tokens", "temperature", "sampling")
 
 
 def _request_keys(run_dir: str | Path) -> set[tuple] | None:
@@ -248,7 +250,7 @@ def _mismatches(summaries: list[dict], labels: list[str],
     out = []
     for name in _SAME_SETTINGS:
         values = [s.get(name) for s in summaries]
-        if len(set(map(json.dumps, values))) > 1:
+        if len({json.dumps(v, sort_keys=True) for v in values}) > 1:
             out.append(f"`{name}`: " + ", ".join(f"{l} {v}" for l, v in zip(labels, values)))
     keys = [_request_keys(d) for d in run_dirs]
     if all(k is not None for k in keys) and len(keys) > 1:

@@ -96,10 +96,24 @@ def _safety_of(response) -> dict | None:
     return None
 
 
+# Request fields an eval sets itself: extra sampling fields may not override them.
+EVAL_OWNED_FIELDS = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature",
+                     "n", "stream", "safety_config", "continue_final_message",
+                     "add_generation_prompt")
+
+
+def check_sampling(sampling: dict | None) -> dict | None:
+    """Extra request fields for every request (e.g. vLLM's repetition_penalty); ValueError
+    when one of them is a field the eval sets itself."""
+    if owned := sorted(set(sampling or ()) & set(EVAL_OWNED_FIELDS)):
+        raise ValueError(f"sets {', '.join(owned)}, which the eval sets itself (use its options)")
+    return sampling or None
+
+
 async def run_job(client: AsyncOpenAI, model: str, job: Job, *, max_tokens: int, temperature: float = 0.0,
-                  safety_config: dict | str | None = None) -> dict:
+                  safety_config: dict | str | None = None, sampling: dict | None = None) -> dict:
     request = build_request(job.sample, job.attack, job.index)
-    extra_body = dict(request.extra_body)
+    extra_body = {**(sampling or {}), **request.extra_body}
     if safety_config is not None:
         extra_body["safety_config"] = safety_config
     row = {
@@ -161,10 +175,12 @@ async def run_jobs(
     temperature: float = 0.0,
     progress: bool = True,
     safety_config: dict | str | None = None,
+    sampling: dict | None = None,
     on_row=None,
 ) -> list[dict]:
     """Run ``jobs`` with at most ``concurrency`` requests in flight; rows come back in job order
     (``on_row`` also gets each as it completes)."""
+    sampling = check_sampling(sampling)
     gate = asyncio.Semaphore(max(1, concurrency))
     bar = tqdm(total=len(jobs), desc="safety eval", unit="req", disable=not progress)
     errors = 0
@@ -173,7 +189,7 @@ async def run_jobs(
         nonlocal errors
         async with gate:
             row = await run_job(client, model, job, max_tokens=max_tokens, temperature=temperature,
-                                    safety_config=safety_config)
+                                safety_config=safety_config, sampling=sampling)
         errors += row["error"] is not None
         if on_row is not None:
             on_row(row)
@@ -207,6 +223,7 @@ def evaluate(
     out_dir: str | Path,
     concurrency: int = 8,
     max_tokens: int = 128,
+    temperature: float = 0.0,
     max_retries: int = 3,
     timeout: float = 300.0,
     api_key: str = "EMPTY",
@@ -214,11 +231,13 @@ def evaluate(
     progress: bool = True,
     http_client=None,
     safety_config: dict | str | None = None,
+    sampling: dict | None = None,
 ) -> dict:
     """Run the eval end to end and write ``results.jsonl``, ``summary.json``, ``summary.md`` and
     the plot into ``out_dir``; returns the summary."""
     from safeserve.models.evaluation.report import RESULTS_JSONL, write_summary
 
+    sampling = check_sampling(sampling)
     jobs = plan_jobs(samples, attacks)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -237,8 +256,10 @@ def evaluate(
 
             async with client:
                 return await run_jobs(client, model, jobs, concurrency=concurrency,
-                                      max_tokens=max_tokens, progress=progress,
-                                      safety_config=safety_config, on_row=keep)
+                                      max_tokens=max_tokens, temperature=temperature,
+                                      progress=progress,
+                                      safety_config=safety_config, sampling=sampling,
+                                      on_row=keep)
 
     started = time.perf_counter()
     rows = asyncio.run(go())
@@ -252,8 +273,9 @@ def evaluate(
         "attacks": list(attacks),
         "max_tokens": max_tokens,
         "concurrency": concurrency,
-        "temperature": 0.0,
+        "temperature": temperature,
         "safety_config": safety_config,
+        "sampling": sampling,
         "duration_s": round(duration, 2),
         "requests_per_s": round(len(rows) / duration, 3) if duration else None,
         "completion_tokens": completion_tokens,
