@@ -43,6 +43,7 @@ Grants file (``--grants``), YAML::
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import struct
 from dataclasses import dataclass
@@ -90,6 +91,9 @@ class Principal:
 OPEN = Principal("anonymous", None)
 
 
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # a stored key's digest, lower-cased
+
+
 def _masked(key) -> str:
     """A key as an error may show it: enough to find it in the file, not to use it."""
     text = repr(key)
@@ -125,10 +129,19 @@ class KeyRing:
                     raise ValueError(f"grants file {grants_path}: the grant of a key must be a "
                                      f"mapping, got {type(raw).__name__}")
                 grant = Grant(**(raw or {}))
-                if str(key).startswith("sha256:"):
-                    self._hashed[str(key)[7:].lower()] = grant
+                if key[:7].lower() == "sha256:":
+                    digest = key[7:].strip().lower()
+                    if not _SHA256_HEX.fullmatch(digest):
+                        # anything else would never match (or, read as a plain key, make the
+                        # stored hash itself a working key)
+                        raise ValueError(f"grants file {grants_path}: key {_masked(key)} is "
+                                         "not sha256: followed by 64 hex digits")
+                    self._hashed[digest] = grant
                 else:
-                    self._plain[str(key)] = grant
+                    if key != key.strip() or not key:
+                        raise ValueError(f"grants file {grants_path}: key {_masked(key)} is "
+                                         "empty or has blanks around it (it could never match)")
+                    self._plain[key] = grant
 
     def check(self, policy: SafetyPolicy) -> None:
         """A startup error (ValueError) for a grant naming a preset or category the server
@@ -285,7 +298,10 @@ def authorize_config(principal: Principal, preset: str | None, cfg: SafetyConfig
     asking for one there reveals nothing and needs no grant."""
     grant = principal.grant
     if grant is None:
-        return cfg
+        # no keys: nothing is refused, but a custom config's omitted fields still come from
+        # the operator's default preset, as on a keyed server (a preset is taken whole)
+        return cfg if preset is not None else fill_from_ceiling(cfg, ceiling_of(Grant(), policy),
+                                                                policy)
     whole = preset is not None and (preset == policy.default_preset or preset in grant.presets)
     if (trace_returned and cfg.trace and not grant.trace
             and not (whole and policy.presets[preset].trace)):

@@ -31,7 +31,7 @@ from safeserve.server import safety_wire as W
 from safeserve.server.errors import APIError, bad_request
 from safeserve.server.protocol import SafeStr, find_lone_surrogate, shown_score, surrogate_error
 
-PRESET_NAME = re.compile(r"^[a-z0-9_-]+$")
+PRESET_NAME = re.compile(r"[a-z0-9_-]+")  # used with fullmatch ($ would pass a final newline)
 DEFAULT_PRESETS = Path(__file__).with_name("presets") / "presets.yaml"
 MAX_GUIDELINE_CHARS = 2000
 MIN_THRESHOLD_SHIFT = -8.0  # logits: sigmoid(logit(0.9998) - 8) = 0.4
@@ -95,7 +95,9 @@ class SafetyConfig(BaseModel):
     def _guideline(cls, v):
         if v is not None and len(v) > MAX_GUIDELINE_CHARS:
             raise ValueError(f"at most {MAX_GUIDELINE_CHARS} characters (got {len(v)})")
-        return v
+        # only blanks: no guideline (a header over nothing would run into the client's system
+        # message)
+        return v if v is None or v.strip() else None
 
     @field_validator("threshold")
     @classmethod
@@ -112,19 +114,36 @@ class SafetyConfig(BaseModel):
         return self.model_dump(exclude_none=True, mode="json")
 
 
+class _RepeatedKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key[:64]
+
+
+def _no_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _RepeatedKey(key)
+        out[key] = value
+    return out
+
+
 _TYPE_TAGS = {"str", "int", "float", "bool"}
 
 
 def _config_error(source: str, err: ValidationError) -> APIError:
     first = err.errors()[0]
+    if first["type"] == "extra_forbidden":
+        # the client's own key, verbatim (it may look like a union tag: "str", "a[b]", "")
+        field = ".".join(str(p) for p in first["loc"])[:64]
+        return bad_request(f"unknown safety config field '{field}'",
+                           param=f"{source}.{field}", code="invalid_safety_config")
     # drop the union members pydantic adds to a location ("threshold.float")
     field = ".".join(str(p) for p in first["loc"]
                      if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p))) or source
-    if first["type"] == "extra_forbidden":
-        msg = f"unknown safety config field '{field}'"
-    else:
-        msg = f"invalid safety config field '{field}': {first['msg']}"
-    return bad_request(msg, param=f"{source}.{field}", code="invalid_safety_config")
+    return bad_request(f"invalid safety config field '{field}': {first['msg']}",
+                       param=f"{source}.{field}", code="invalid_safety_config")
 
 
 class SafetyPolicy:
@@ -161,7 +180,7 @@ class SafetyPolicy:
             raise ValueError(f"{path}: want a mapping of preset names to configs")
         self.presets: dict[str, SafetyConfig] = {}
         for name, body in raw.items():
-            if not isinstance(name, str) or not PRESET_NAME.match(name):
+            if not isinstance(name, str) or not PRESET_NAME.fullmatch(name):
                 raise ValueError(f"preset name {name!r} must match {PRESET_NAME.pattern}")
             if not isinstance(body, dict | None):
                 raise ValueError(f"preset {name}: want a mapping of config fields, got "
@@ -200,12 +219,18 @@ class SafetyPolicy:
             text = value.strip()
             if text.startswith("{"):
                 try:
-                    value = json.loads(text)
+                    value = json.loads(text, object_pairs_hook=_no_repeated_keys)
+                except _RepeatedKey as e:
+                    # JSON parsers differ on which value wins (a proxy or an audit log may read
+                    # the first): one config, said once
+                    raise bad_request(f"{source} sets '{e.key}' more than once",
+                                      param=f"{source}.{e.key}",
+                                      code="invalid_safety_config") from None
                 except (ValueError, RecursionError):  # JSONDecodeError, or nesting too deep
                     raise bad_request(f"{source} is not valid JSON", param=source,
                                       code="invalid_safety_config") from None
             else:
-                if not PRESET_NAME.match(text):
+                if not PRESET_NAME.fullmatch(text):
                     raise bad_request(f"{source} must be a preset name ([a-z0-9_-]+) or a JSON "
                                       "object", param=source, code="invalid_safety_config")
                 if text not in self.presets:

@@ -4,6 +4,7 @@ tightened to the ceiling, so no key can loosen safety by what it omits."""
 
 from __future__ import annotations
 
+import json
 import pytest
 
 from safeserve.models.taxonomy import Taxonomy
@@ -70,6 +71,21 @@ def test_stricter_presets_pass_on_a_default_server_and_open_servers_are_unchange
     assert "preset 'game_development'" in refused(svc, PLAIN, "game_development")
     open_req = run_with(svc, Principal("anonymous", None), body={"on_violation": "annotate"})
     assert open_req.config.on_violation == "annotate"
+
+
+def test_an_open_server_fills_what_a_custom_config_omits_from_its_default_preset():
+    """No keys: nothing is refused (an explicit annotate stays), but what a custom config
+    leaves out comes from the operator's default preset, here strict's stop, holdback and
+    lower response thresholds, as the README's "omitted fields" says."""
+    svc = service("strict")
+    anyone = Principal("anonymous", None)
+    req = run_with(svc, anyone, body={"allow": []})
+    strict = svc.policy.presets["strict"]
+    assert req.config.on_violation == "stop" and req.config.holdback
+    assert svc.policy.thresholds_of(req.config) == svc.policy.thresholds_of(strict)
+    assert req.config.threshold_shift == strict.threshold_shift
+    assert run_with(svc, anyone, body={"on_violation": "annotate"}).config.on_violation == "annotate"
+    assert run_with(svc, anyone, "annotate_only").config == svc.policy.presets["annotate_only"]
 
 
 def test_grant_caps_apply_to_the_effective_config():
@@ -256,6 +272,21 @@ def test_bad_presets_and_grants_files_are_startup_errors(tmp_path):
     with pytest.raises(ValueError, match="quote it") as err:
         KeyRing([], grants)
     assert "12345678901234567890" not in str(err.value)
+    # a stored digest is 64 hex digits after sha256: (any case); anything else would never
+    # match, or (read as a plain key) make the stored hash a working key
+    import hashlib
+
+    digest = hashlib.sha256(b"sk-one").hexdigest()
+    for key in (f"SHA256:{digest}", f"Sha256:{digest.upper()}"):
+        grants.write_text(f'keys:\n  "{key}": {{name: one}}\n')
+        ring = KeyRing([], grants)
+        assert ring.authenticate("Bearer sk-one").grant.name == "one"
+        with pytest.raises(APIError):
+            ring.authenticate(f"Bearer {key}")
+    for key in ("sha256:abc", f"sha256:{digest[:-1]}\u00e9", " sk-padded ", "sha256:"):
+        grants.write_text(f'keys:\n  "{key}": {{}}\n')
+        with pytest.raises(ValueError, match="grants file"):
+            KeyRing([], grants)
 
 
 def test_with_keys_only_health_ready_and_metrics_answer_without_one(tmp_path):
@@ -372,3 +403,24 @@ def test_the_guideline_header_is_recognised_through_disguises():
         assert carries_guideline_header(text), text
     for text in ("What is a safety guideline?", "What are the safety guidelines for this lab?"):
         assert not carries_guideline_header(text), text
+
+
+def test_config_errors_name_the_clients_field_and_a_header_says_each_field_once():
+    svc = service()
+
+    def error(header=None, body=None):
+        with pytest.raises(APIError) as err:
+            svc.resolve(header, body)
+        assert err.value.status == 400
+        return err.value
+
+    # unknown fields are named as sent, even ones that look like pydantic's union tags
+    for name in ("str", "float", "a[b]", ""):
+        e = error(header=json.dumps({name: 1}))
+        assert e.param == f"X-Safety-Config.{name}" and f"'{name}'" in e.message, e.message
+    assert error(body={"str": 1}).param == "safety_config.str"
+    # a header that sets a field twice is refused (parsers differ on which value wins)
+    e = error(header='{"on_violation": "stop", "on_violation": "annotate"}')
+    assert e.param == "X-Safety-Config.on_violation" and "more than once" in e.message
+    # a guideline of blanks is no guideline
+    assert svc.resolve(None, {"guideline": "  \n "}).config.guideline is None
