@@ -22,6 +22,8 @@ from safeserve.server.safety_service import SafetyService
 
 log = logging.getLogger(__name__)
 
+_TRACE_ON, _TRACE_OFF = ("1", "true", "yes"), ("", "0", "false", "no")
+
 
 def create_app(engine: Engine, safety=None, head_check=None) -> FastAPI:
     """``safety``: (SafetyPolicy, TelemetryHub) when the model has a head, else None;
@@ -144,8 +146,11 @@ def create_app(engine: Engine, safety=None, head_check=None) -> FastAPI:
         req_safety = None
         if svc is not None:
             trace = (utf8_header(request, "X-Safety-Trace") or "").strip().lower()
-            req_safety = svc.resolve(x_config, body.safety_config,
-                                     trace=trace in ("1", "true", "yes"))
+            if trace not in _TRACE_ON + _TRACE_OFF:
+                # a switch misread as off would silently return no trace
+                raise APIError(400, "X-Safety-Trace must be 1, true or yes (or 0, false, no)",
+                               param="X-Safety-Trace", code="invalid_value")
+            req_safety = svc.resolve(x_config, body.safety_config, trace=trace in _TRACE_ON)
             svc.authorize(principal, req_safety)
         elif body.safety_config is not None or (x_config or "").strip():
             raise APIError(400, "this server runs without a safety head (--allow-unsafe); "

@@ -83,8 +83,15 @@ async def moderate(engine: Engine, svc: SafetyService, body: ModerationRequest,
                    safety: RequestSafety) -> ModerationResponse:
     prompts = await asyncio.to_thread(_render_all, engine, body, safety)
     mid = f"modr-{uuid.uuid4().hex}"
-    records = await asyncio.gather(*(prompt_verdict(engine, svc, ids, safety, f"{mid}-{i}")
-                                     for i, ids in enumerate(prompts)))
+    # A task group: when one input's engine request fails, the others are cancelled (their
+    # engine requests aborted) before the error answers, not left running after it.
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(prompt_verdict(engine, svc, ids, safety, f"{mid}-{i}"))
+                     for i, ids in enumerate(prompts)]
+    except BaseExceptionGroup as errors:
+        raise errors.exceptions[0] from None
+    records = [t.result() for t in tasks]
     if any(rec is None for rec in records):
         raise APIError(503, "the safety signal of an input did not arrive; try again",
                        type="server_error", code="safety_telemetry_missing")

@@ -474,6 +474,10 @@ class ModerationRequest(_Request):
         if len(items) > cap:
             raise invalid("input", f"give at most {cap} {'text parts' if parts else 'inputs'}, "
                           f"not {len(items)}", "too_long")
+        for i, p in enumerate(items):  # the official client sends image parts for omni models
+            if isinstance(p, dict) and p.get("type") != "text":
+                raise invalid(f"input.{i}", "only text content parts are supported, not "
+                              f"{str(p.get('type'))[:40]!r}")
 
     @field_validator("input")
     @classmethod

@@ -795,6 +795,15 @@ def test_empty_openai_fields_are_accepted_and_real_ones_named(client):
     _error(r, 400)
 
 
+def test_the_trace_header_is_a_switch_and_anything_else_is_named(client):
+    for value in ("1", "true", "YES", "0", "false", "no", ""):
+        r = client.post("/v1/chat/completions", json=body(), headers={"X-Safety-Trace": value})
+        _error(r, 503, code="engine_not_ready")  # validated: only the engine is missing
+    for value in ("2", "on", "tru"):  # misread as off, a trace would silently not come
+        r = client.post("/v1/chat/completions", json=body(), headers={"X-Safety-Trace": value})
+        _error(r, 400, param="X-Safety-Trace")
+
+
 def test_engine_endings_outside_openai_are_errors_or_stop():
     def ending(reason):
         c = completions.ChoiceState(0, "r-0")

@@ -149,7 +149,8 @@ def test_openai_categories_flag_only_what_the_flagged_output_maps_to(flagged):
 @pytest.mark.parametrize("body, param", [
     ({"input": []}, "input"),
     ({"input": ["x"] * 33}, "input"),
-    ({"input": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}, "input"),
+    ({"input": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}, "input.0"),
+    ({"input": [{"type": "text", "text": "hi"}, {"type": "image_url"}]}, "input.1"),
     ({"input": "x", "threshold": 0.5}, "threshold"),
     ({"input": "x", "safety_config": {"allow": ["nope"]}}, "safety_config.allow"),
     ({"input": "x", "safety_config": {"tau": 0}}, "safety_config.tau"),
@@ -161,6 +162,37 @@ def test_bad_input_is_a_400_naming_the_field(http, server, body, param):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] is not None and err["param"].startswith(param), err
+    if "image_url" in json.dumps(body):
+        assert "only text content parts are supported" in err["message"], err
+
+
+def test_a_failing_input_cancels_the_others_before_the_error_answers(monkeypatch):
+    """One input's engine request fails: the other inputs' requests are cancelled (their
+    engine requests aborted in helper_requests' cleanup) before the error reaches the client,
+    not left running after the response."""
+    import asyncio
+
+    from safeserve.server import moderation
+    from safeserve.server.errors import APIError
+
+    state = {"cancelled": 0, "finished": 0}
+
+    async def verdict(engine, svc, ids, safety, rid):
+        if ids == [0]:
+            await asyncio.sleep(0.01)
+            raise APIError(503, "engine queue is full", code="engine_overloaded")
+        try:
+            await asyncio.sleep(5)
+            state["finished"] += 1
+        except asyncio.CancelledError:
+            state["cancelled"] += 1
+            raise
+
+    monkeypatch.setattr(moderation, "_render_all", lambda engine, body, safety: [[0], [1], [2]])
+    monkeypatch.setattr(moderation, "prompt_verdict", verdict)
+    with pytest.raises(APIError, match="queue is full"):
+        asyncio.run(moderation.moderate(None, None, None, None))
+    assert state == {"cancelled": 2, "finished": 0}
 
 
 def test_unknown_model_is_a_404_but_openai_moderation_names_are_accepted(oai):
