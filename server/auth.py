@@ -292,10 +292,14 @@ def fill_from_ceiling(cfg: SafetyConfig, ceiling: Ceiling, policy: SafetyPolicy,
 
 
 def authorize_config(principal: Principal, preset: str | None, cfg: SafetyConfig,
-                     policy: SafetyPolicy, trace_returned: bool = True) -> SafetyConfig:
+                     policy: SafetyPolicy, trace_returned: bool = True,
+                     param: str = "safety_config", trace_param: str | None = None
+                     ) -> SafetyConfig:
     """The config the request runs with, or a 403 if it asks for more than its key permits.
     ``trace_returned``: False where no trace is ever returned (moderation's verdicts), so
-    asking for one there reveals nothing and needs no grant."""
+    asking for one there reveals nothing and needs no grant. ``param``: where the config
+    came from (the body's ``safety_config`` or the ``X-Safety-Config`` header), and
+    ``trace_param`` where its trace was asked for (default: the same), named by a 403."""
     grant = principal.grant
     if grant is None:
         # no keys: nothing is refused, but a custom config's omitted fields still come from
@@ -309,7 +313,7 @@ def authorize_config(principal: Principal, preset: str | None, cfg: SafetyConfig
         who = f"API key '{grant.name}'" if grant.name else "this API key"
         raise APIError(403, f"{who} may not request: trace (the per-token scores; the "
                        "grant's 'trace' allows it)", type="permission_error",
-                       param="safety_config", code="safety_config_not_permitted")
+                       param=trace_param or param, code="safety_config_not_permitted")
     ceiling = ceiling_of(grant, policy)
     if whole:
         # taken whole; the key's caps still apply (max_tau too, where the preset sets a tau)
@@ -323,7 +327,7 @@ def authorize_config(principal: Principal, preset: str | None, cfg: SafetyConfig
     if refused:
         who = f"API key '{grant.name}'" if grant.name else "this API key"
         raise APIError(403, f"{who} may not request: " + "; ".join(refused),
-                       type="permission_error", param="safety_config",
+                       type="permission_error", param=param,
                        code="safety_config_not_permitted")
     # A preset outside the grant is checked field by field like a custom config, and like
     # one it runs with the ceiling's guideline when it has none: dropping the operator's

@@ -90,7 +90,11 @@ async def moderate(engine: Engine, svc: SafetyService, body: ModerationRequest,
             tasks = [group.create_task(prompt_verdict(engine, svc, ids, safety, f"{mid}-{i}"))
                      for i, ids in enumerate(prompts)]
     except BaseExceptionGroup as errors:
+        metrics.ABORTED.inc()  # one request, however many inputs failed or were cancelled
         raise errors.exceptions[0] from None
+    except asyncio.CancelledError:  # the client went away (app._unless_disconnected)
+        metrics.ABORTED.inc()
+        raise
     records = [t.result() for t in tasks]
     if any(rec is None for rec in records):
         raise APIError(503, "the safety signal of an input did not arrive; try again",

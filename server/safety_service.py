@@ -33,6 +33,9 @@ class RequestSafety:
     alert_margin: float = 0.0  # the head's alert band, logits below the prompt thresholds
     alert_tau: int | None = None  # the response run after a prompt in the band
     explain_sentences: int = -1  # sentences after a refusal (-1: no limit)
+    # Where the config came from, and where its trace was asked for: a 403 names them
+    source: str = "safety_config"
+    trace_source: str = "safety_config"
 
     def echo(self) -> dict:
         return {"preset": self.preset, **self.config.echo(), "tau": self.tau,
@@ -53,10 +56,15 @@ class SafetyService:
 
     def resolve(self, header: str | None, body, trace: bool = False) -> RequestSafety:
         preset, cfg = self.policy.resolve(header, body)
+        source = ("X-Safety-Config" if header is not None and header.strip() != ""
+                  else "safety_config")
+        trace_source = source
         if trace and not cfg.trace:
             cfg = cfg.model_copy(update={"trace": True})
+            trace_source = "X-Safety-Trace"
         return RequestSafety(preset, cfg, self.policy.tau_of(cfg), self.policy.alert_margin,
-                             self.policy.alert_tau_of(cfg), self.policy.explain_sentences_of(cfg))
+                             self.policy.alert_tau_of(cfg), self.policy.explain_sentences_of(cfg),
+                             source, trace_source)
 
     def authorize(self, principal: Principal, req: RequestSafety,
                   trace_returned: bool = True) -> None:
@@ -64,7 +72,8 @@ class SafetyService:
         with (fields it left out tightened to the key's ceiling). ``trace_returned``: False
         for verdict-only requests, which never return a trace."""
         req.config = authorize_config(principal, req.preset, req.config, self.policy,
-                                      trace_returned)
+                                      trace_returned, param=req.source,
+                                      trace_param=req.trace_source)
         req.tau = self.policy.tau_of(req.config)
         req.alert_tau = self.policy.alert_tau_of(req.config)
         req.explain_sentences = self.policy.explain_sentences_of(req.config)

@@ -369,6 +369,25 @@ def test_the_per_token_trace_needs_the_grants_trace(tmp_path):
     assert run_with(own, PLAIN).config.trace  # the operator's default preset traces
 
 
+def test_a_403_names_where_the_refused_ask_came_from():
+    """The error's `param` points at what the client sent: the header, the body field, or
+    the X-Safety-Trace header."""
+    svc = service("strict")
+
+    def param_of(header=None, body=None, trace=False) -> str:
+        with pytest.raises(APIError) as err:
+            svc.authorize(PLAIN, svc.resolve(header, body, trace=trace))
+        assert err.value.status == 403
+        return err.value.param
+
+    assert param_of(header='{"on_violation": "annotate"}') == "X-Safety-Config"
+    assert param_of(header="default") == "X-Safety-Config"
+    assert param_of(body={"on_violation": "annotate"}) == "safety_config"
+    assert param_of(trace=True) == "X-Safety-Trace"
+    assert param_of(header='{"trace": true}', trace=True) == "X-Safety-Config"
+    assert param_of(body={"trace": True}) == "safety_config"
+
+
 def test_a_tracing_preset_outside_the_grant_is_an_ask_and_moderation_needs_no_grant(tmp_path):
     """Only a preset the key takes whole (the default, or one its grant names) may bring the
     trace with it; any other preset that traces is checked like a custom config. Moderation

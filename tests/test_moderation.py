@@ -172,7 +172,7 @@ def test_a_failing_input_cancels_the_others_before_the_error_answers(monkeypatch
     not left running after the response."""
     import asyncio
 
-    from safeserve.server import moderation
+    from safeserve.server import metrics, moderation
     from safeserve.server.errors import APIError
 
     state = {"cancelled": 0, "finished": 0}
@@ -190,9 +190,22 @@ def test_a_failing_input_cancels_the_others_before_the_error_answers(monkeypatch
 
     monkeypatch.setattr(moderation, "_render_all", lambda engine, body, safety: [[0], [1], [2]])
     monkeypatch.setattr(moderation, "prompt_verdict", verdict)
+    aborted = metrics.ABORTED._value.get()
     with pytest.raises(APIError, match="queue is full"):
         asyncio.run(moderation.moderate(None, None, None, None))
     assert state == {"cancelled": 2, "finished": 0}
+    assert metrics.ABORTED._value.get() == aborted + 1  # a failed request, counted once
+
+    async def client_goes_away():
+        task = asyncio.ensure_future(moderation.moderate(None, None, None, None))
+        await asyncio.sleep(0.05)  # past rendering: the inputs are in the engine
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    monkeypatch.setattr(moderation, "_render_all", lambda engine, body, safety: [[1], [2]])
+    asyncio.run(client_goes_away())
+    assert state["cancelled"] == 4 and metrics.ABORTED._value.get() == aborted + 2
 
 
 def test_unknown_model_is_a_404_but_openai_moderation_names_are_accepted(oai):
