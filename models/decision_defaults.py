@@ -128,3 +128,41 @@ def no_allowlist_prompt_rule(extra: dict) -> tuple[str, float]:
         raise ValueError(f"operating_point.{NO_ALLOWLIST_READOUT_SHIFT} must be a number of "
                          f"logits in [-50, 50]; got {shift!r}")
     return own, float(shift)
+
+
+# Sampled decoding: the response rule's overall `unsafe` output is calibrated on greedy
+# answers, and a small model's sampled text (temperature 0.7-1) trips it on benign prompts
+# (session 36: 29 of 250 XSTest answers at temperature 1.0, 7 greedy). A head may name how
+# many logits that threshold moves at a request's sampling temperature (+ = asks for more
+# evidence): points (temperature, shift), linear between them and from (0, 0), flat past the
+# last. Chosen on development runs sampled at those temperatures (README, Evaluation).
+SAMPLED_OVERALL_SHIFT = "sampled_overall_shift"
+
+
+def sampled_overall_shift_points(extra: dict) -> tuple[tuple[float, float], ...]:
+    """A head's (temperature, logit shift) points, checked: temperatures in (0, 2] and
+    increasing, shifts in [-10, 10]. () where the head names none."""
+    raw = (extra.get(OPERATING_POINT) or {}).get(SAMPLED_OVERALL_SHIFT) or []
+    points = []
+    for item in raw:
+        ok = isinstance(item, (list, tuple)) and len(item) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v == v for v in item)
+        if not ok or not 0 < item[0] <= 2 or abs(item[1]) > 10:
+            raise ValueError(f"operating_point.{SAMPLED_OVERALL_SHIFT}: want [temperature in "
+                             f"(0, 2], shift in [-10, 10]] pairs; got {item!r}")
+        points.append((float(item[0]), float(item[1])))
+    if any(b[0] <= a[0] for a, b in zip(points, points[1:])):
+        raise ValueError(f"operating_point.{SAMPLED_OVERALL_SHIFT}: temperatures must increase")
+    return tuple(points)
+
+
+def overall_shift_at(points: tuple[tuple[float, float], ...], temperature: float) -> float:
+    """The overall output's response shift at ``temperature`` (0: greedy, no shift)."""
+    if temperature <= 0 or not points:
+        return 0.0
+    prev_t, prev_s = 0.0, 0.0
+    for t, s in points:
+        if temperature <= t:
+            return prev_s + (s - prev_s) * (temperature - prev_t) / (t - prev_t)
+        prev_t, prev_s = t, s
+    return prev_s

@@ -37,10 +37,12 @@ from safeserve.models.decision_defaults import (
     NO_ALLOWLIST_READOUT_SHIFT,
     OPERATING_POINT,
     PROMPT_LOGIT_OFFSET,
+    SAMPLED_OVERALL_SHIFT,
     TOPIC_GATE_SHIFT,
     alert_band,
     gate_replaces_prompt_categories,
     prompt_logit_offset,
+    sampled_overall_shift_points,
     topic_gate_shift,
 )
 
@@ -50,7 +52,8 @@ def shift_head(head: SafetyHead, *, prompt_shift: float, response_shift: float,
                alert_tau: int | None = None, allowlist_shift: float | None = None,
                gate_shift: float = 0.0, gate_replaces: bool | None = None,
                no_allowlist_own: str | None = None,
-               no_allowlist_readout_shift: float | None = None) -> SafetyHead:
+               no_allowlist_readout_shift: float | None = None,
+               sampled_shift: tuple[tuple[float, float], ...] | None = None) -> SafetyHead:
     """A copy of ``head`` whose prompt and response thresholds moved by the given logits,
     with the given tau (None: ``head``'s own, else 3, as `eval replay` scores it) and alert
     band (``alert_margin`` logits below the prompt thresholds: the response rule acts after
@@ -60,7 +63,9 @@ def shift_head(head: SafetyHead, *, prompt_shift: float, response_shift: float,
     gate moves by ``gate_shift`` more logits (+ = opens less often), and ``gate_replaces``
     sets whether gated prompts skip the per-category outputs (None: kept). The prompt rule of
     requests without an allow-list (format 10: ``no_allowlist_own`` "all" or "overall",
-    ``no_allowlist_readout_shift`` logits, + = act less) is kept where None."""
+    ``no_allowlist_readout_shift`` logits, + = act less) is kept where None, and so are the
+    sampled-decoding points of the overall output's response threshold (``sampled_shift``:
+    (temperature, logits) pairs, () to drop them)."""
     from safeserve.models.safety_calibration import with_thresholds
 
     if tau is None:
@@ -121,6 +126,12 @@ def shift_head(head: SafetyHead, *, prompt_shift: float, response_shift: float,
     if (own, shift) != ("all", 0.0):
         extra[OPERATING_POINT].update({NO_ALLOWLIST_PROMPT_OWN: own,
                                        NO_ALLOWLIST_READOUT_SHIFT: shift})
+    if sampled_shift is None:
+        sampled_shift = sampled_overall_shift_points(head.extra)
+    if sampled_shift:
+        extra[OPERATING_POINT][SAMPLED_OVERALL_SHIFT] = [[float(t), float(v)]
+                                                         for t, v in sampled_shift]
+    sampled_overall_shift_points(extra)  # well-formed, as the server will check
     prompt_logit_offset(extra)  # in range, as the server will check
     prompt = None
     if head.prompt is not None:  # its overall output's fold moves with the head's
@@ -147,6 +158,7 @@ def move_operating_point(head_dir: Path, out: Path, *, prompt_shift: float,
                          gate_shift: float = 0.0, gate_replaces: bool | None = None,
                          no_allowlist_own: str | None = None,
                          no_allowlist_readout_shift: float | None = None,
+                         sampled_shift: tuple[tuple[float, float], ...] | None = None,
                          log=print) -> dict:
     """Shift the head in ``head_dir``, write ``<out>/safety_head/`` (and copy a LoRA adapter).
     Its self-check record moves with the biases, exactly (no model needed), unless the prompt
@@ -165,7 +177,8 @@ def move_operating_point(head_dir: Path, out: Path, *, prompt_shift: float,
                      tau=tau, alert_margin=alert_margin, alert_tau=alert_tau,
                      allowlist_shift=allowlist_shift, gate_shift=gate_shift,
                      gate_replaces=gate_replaces, no_allowlist_own=no_allowlist_own,
-                     no_allowlist_readout_shift=no_allowlist_readout_shift)
+                     no_allowlist_readout_shift=no_allowlist_readout_shift,
+                     sampled_shift=sampled_shift)
     old_metrics = Path(head_dir) / "safety_head" / "metrics.json"
     metrics = json.loads(old_metrics.read_text()) if old_metrics.is_file() else {}
     metrics[OPERATING_POINT] = {

@@ -93,6 +93,19 @@ def register(app) -> None:
         typer.echo(json.dumps(_thresholded(metrics)["conversation_level"],
                               indent=2))
 
+    def _sampled_points(text: str | None):
+        if text is None:
+            return None
+        if text.strip().lower() == "none":
+            return ()
+        try:
+            pairs = [item.split("=") for item in text.split(",") if item.strip()]
+            points = tuple((float(t), float(v)) for t, v in pairs)
+        except ValueError:
+            raise typer.BadParameter(f"--sampled-overall-shift wants TEMP=SHIFT pairs "
+                                     f"(e.g. 0.7=1,1.0=2), got {text!r}") from None
+        return points
+
     @app.command("operating-point")
     def operating_point_cmd(
         head: Path = typer.Option(..., help="Checkpoint directory holding safety_head/."),
@@ -128,6 +141,11 @@ def register(app) -> None:
         no_allowlist_readout_shift: float = typer.Option(
             None, help="Requests without an allow-list: logits their prompt read-out's "
             "thresholds move by (+ = act less; default: keep the head's own, else 0)."),
+        sampled_overall_shift: str = typer.Option(
+            None, help="Sampled decoding: logits the overall output's response threshold "
+            "moves by at a request's temperature, as TEMP=SHIFT pairs, e.g. 0.7=1,1.0=2 "
+            "(linear between them and from 0 at greedy, flat past the last; 'none' drops "
+            "them; default: keep the head's own)."),
     ) -> None:
         """Move a head's operating point (chosen with `eval replay`) without retraining or
         data: exact logit shifts of the prompt verdict and the response rule."""
@@ -141,6 +159,7 @@ def register(app) -> None:
                                      gate_replaces=gate_replaces,
                                      no_allowlist_own=no_allowlist_prompt_own,
                                      no_allowlist_readout_shift=no_allowlist_readout_shift,
+                                     sampled_shift=_sampled_points(sampled_overall_shift),
                                      log=typer.echo)
         typer.echo(json.dumps(point, indent=2))
 

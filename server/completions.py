@@ -19,7 +19,7 @@ from safeserve.server import metrics
 from safeserve.server.engine import Engine
 from safeserve.server.errors import APIError, engine_request_error
 from safeserve.server.helper_requests import query_verdict
-from safeserve.server.prepare import PreparedRequest, sampling_params
+from safeserve.server.prepare import PreparedRequest, sampling_params, sampling_temperature
 from safeserve.server.protocol import (
     AssistantMessage,
     ChatCompletionChunk,
@@ -324,7 +324,8 @@ async def _open_choices(engine: Engine, svc: SafetyService | None,
         if svc is not None and prep.safety is not None:
             c.extra_args, c.tracker = svc.open(c.request_id, prep.safety, engine.eos_id, query,
                                                prefilled=prep.query_ids is not None,
-                                               structured=prep.body.structured)
+                                               structured=prep.body.structured,
+                                               temperature=sampling_temperature(prep.body))
             stops = prep.body.stop_list
             if stops:
                 c.stop_hold = max(map(len, stops)) - 1

@@ -244,6 +244,14 @@ def _structured_outputs(body: ChatCompletionRequest):
     return StructuredOutputsParams(json=fmt.json_schema.json_schema)
 
 
+def sampling_temperature(body: ChatCompletionRequest) -> float:
+    """The temperature the engine samples with: 0 for greedy (temperature 0, or top_p 0,
+    which OpenAI accepts and which keeps only the likeliest token), OpenAI's 1 when unset."""
+    if body.top_p == 0.0:
+        return 0.0
+    return 1.0 if body.temperature is None else float(body.temperature)
+
+
 def sampling_params(prep: PreparedRequest, index: int, extra_args: dict | None = None):
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
@@ -252,12 +260,11 @@ def sampling_params(prep: PreparedRequest, index: int, extra_args: dict | None =
     seed = None if b.seed is None else b.seed + index
     if seed == -1:  # vLLM reads -1 as "no seed"; torch seeds -1 as 2**64 - 1: the same seed
         seed = (1 << 64) - 1
-    # top_p 0 (OpenAI accepts it) keeps only the likeliest token: greedy. vLLM wants (0, 1].
-    greedy = b.top_p == 0.0
+    greedy = b.top_p == 0.0  # vLLM wants top_p in (0, 1]
     return SamplingParams(
         n=1,
         max_tokens=prep.max_tokens,
-        temperature=0.0 if greedy else 1.0 if b.temperature is None else b.temperature,
+        temperature=sampling_temperature(b),
         top_p=1.0 if b.top_p is None or greedy else b.top_p,
         presence_penalty=b.presence_penalty or 0.0,
         frequency_penalty=b.frequency_penalty or 0.0,

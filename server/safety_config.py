@@ -25,7 +25,11 @@ from pydantic import (
     field_validator,
 )
 from safeserve.kernels.safety_decision import MASK_ATTRIBUTED, MASK_LIVE
-from safeserve.models.decision_defaults import DEFAULT_ALLOWLIST_OVERALL_SHIFT, HEAD_DEFAULT_TAU
+from safeserve.models.decision_defaults import (
+    DEFAULT_ALLOWLIST_OVERALL_SHIFT,
+    HEAD_DEFAULT_TAU,
+    overall_shift_at,
+)
 from safeserve.models.taxonomy import OVERALL, Taxonomy
 from safeserve.server import safety_wire as W
 from safeserve.server.errors import APIError, bad_request
@@ -146,6 +150,12 @@ def _config_error(source: str, err: ValidationError) -> APIError:
                        param=f"{source}.{field}", code="invalid_safety_config")
 
 
+def _sets_overall_threshold(cfg: SafetyConfig) -> bool:
+    """The config names the overall output's threshold itself: no head shift moves it."""
+    return isinstance(cfg.threshold, float) or (
+        isinstance(cfg.threshold, dict) and OVERALL in cfg.threshold)
+
+
 class SafetyPolicy:
     """The server's taxonomy and presets; parses, checks and compiles request configs."""
 
@@ -153,6 +163,7 @@ class SafetyPolicy:
                  default_preset: str = "default", overall_threshold: float = 0.5,
                  default_tau: int = DEFAULT_TAU,
                  allowlist_overall_shift: float = DEFAULT_ALLOWLIST_OVERALL_SHIFT,
+                 sampled_overall_shift: tuple[tuple[float, float], ...] = (),
                  alert_margin: float = 0.0, alert_tau: int | None = None,
                  explain_sentences: int = DEFAULT_EXPLAIN_SENTENCES,
                  gate_replaces_prompt_categories: bool = False):
@@ -171,6 +182,9 @@ class SafetyPolicy:
         self.alert_margin = alert_margin if alert_tau else 0.0
         self.alert_tau = alert_tau if self.alert_margin > 0 else None
         self.allowlist_overall_shift = allowlist_overall_shift
+        # The head's (temperature, shift) points for the overall output's response threshold
+        # under sampled decoding (models/decision_defaults.overall_shift_at)
+        self.sampled_overall_shift = tuple(sampled_overall_shift)
         path = presets_path or DEFAULT_PRESETS
         try:
             raw = yaml.safe_load(path.read_text()) or {}
@@ -319,8 +333,15 @@ class SafetyPolicy:
                 echo[name] = None
         return echo
 
+    def sampled_shift_of(self, cfg: SafetyConfig, temperature: float) -> float:
+        """Logits the overall output's response threshold moves by for a request sampling at
+        ``temperature`` (0 when greedy, or when the request set that threshold itself)."""
+        if _sets_overall_threshold(cfg):
+            return 0.0
+        return overall_shift_at(self.sampled_overall_shift, temperature)
+
     def compile(self, cfg: SafetyConfig, rid: str, refusal_ids: list[int],
-                eos_id: int, refusal_sep: int = 0) -> W.RowSafetyArgs:
+                eos_id: int, refusal_sep: int = 0, temperature: float = 0.0) -> W.RowSafetyArgs:
         ids = self.taxonomy.ids
         thresholds = list(self.response_thresholds_of(cfg).values())  # categories, then overall
         prompt_thresholds = list(self.thresholds_of(cfg).values())
@@ -331,12 +352,13 @@ class SafetyPolicy:
         # so allowing one category never switches the overall detector off for the others.
         # Its threshold moves by the head's allow-list shift unless the request set it.
         masked.append(MASK_ATTRIBUTED if allowed else MASK_LIVE)
-        unsafe_set = isinstance(cfg.threshold, float) or (
-            isinstance(cfg.threshold, dict) and OVERALL in cfg.threshold)
-        if allowed and not unsafe_set:
+        if allowed and not _sets_overall_threshold(cfg):
             thresholds[-1] = shift_probability(thresholds[-1], self.allowlist_overall_shift)
             prompt_thresholds[-1] = shift_probability(prompt_thresholds[-1],
                                                       self.allowlist_overall_shift)
+        sampled = self.sampled_shift_of(cfg, temperature)
+        if sampled:  # generated tokens only: the prompt verdict does not depend on sampling
+            thresholds[-1] = shift_probability(thresholds[-1], sampled)
         alert_tau = self.alert_tau_of(cfg)
         return W.RowSafetyArgs(rid=rid, thresholds=thresholds, masked=masked, tau=self.tau_of(cfg),
                                action=W.ACTION_CODES[cfg.on_violation],
@@ -344,5 +366,5 @@ class SafetyPolicy:
                                alert_scale=math.exp(self.alert_margin) if alert_tau else 1.0,
                                alert_tau=alert_tau or 0,
                                explain_sentences=self.explain_sentences_of(cfg),
-                               prompt_thresholds=(prompt_thresholds if cfg.threshold_shift
-                                                  else None))
+                               prompt_thresholds=(prompt_thresholds
+                                                  if cfg.threshold_shift or sampled else None))

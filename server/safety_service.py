@@ -100,7 +100,8 @@ class SafetyService:
 
     def open(self, rid: str, req: RequestSafety, eos_id: int,
              query: StepRecord | None = None, prefilled: bool = False,
-             verdict_only: bool = False, structured: bool = False) -> tuple[dict, RequestTracker]:
+             verdict_only: bool = False, structured: bool = False,
+             temperature: float = 0.0) -> tuple[dict, RequestTracker]:
         """Compiled row args for one engine request, and the tracker that receives its
         telemetry. ``query``: the verdict on a prefilled request's query (see
         ``helper_requests.query_verdict``), carried to the worker so it acts on it.
@@ -108,9 +109,16 @@ class SafetyService:
         ``helper_requests.prompt_verdict``). ``structured``: the output is decoded under a
         grammar (``response_format``), which a forced token would break (vLLM fails the
         request): the worker forces nothing, and a violation stops the request from here
-        (``RequestTracker.host_stop``), whatever the config's action."""
+        (``RequestTracker.host_stop``), whatever the config's action. ``temperature``: the
+        request's sampling temperature, which moves the overall output's response threshold
+        by the head's sampled-decoding shift (echoed as ``sampled_overall_shift``)."""
         ids = self.refusal_ids()
-        args = self.policy.compile(req.config, rid, ids, eos_id, self._refusal_sep)
+        args = self.policy.compile(req.config, rid, ids, eos_id, self._refusal_sep,
+                                   temperature=temperature)
+        echo = req.echo()
+        sampled = self.policy.sampled_shift_of(req.config, temperature)
+        if sampled:
+            echo["sampled_overall_shift"] = round(sampled, 4)
         args.prefilled, args.verdict_only = prefilled, verdict_only
         args.ended = self.hub.take_ended()
         if query is not None and query.event == EVENT_TRIGGER:
@@ -121,7 +129,7 @@ class SafetyService:
         host_stop = structured and args.action != ACTION_ANNOTATE
         if host_stop:
             args.action, action = ACTION_ANNOTATE, "stop"
-        tracker = RequestTracker(rid, self.names, args, action, req.echo(),
+        tracker = RequestTracker(rid, self.names, args, action, echo,
                                  req.config.trace, self.policy.prompt_thresholds_echo(args),
                                  host_stop=host_stop)
         tracker.query = query

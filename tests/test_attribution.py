@@ -189,6 +189,23 @@ def test_an_operating_point_move_keeps_the_attribution(tmp_path):
         move_operating_point(tmp_path / "zero", tmp_path / "bad", prompt_shift=0.0,
                              response_shift=0.0, allowlist_shift=float("nan"),
                              log=lambda *a: None)
+    # the sampled-decoding points: set by a move, kept by the next, dropped with ()
+    from safeserve.models.decision_defaults import sampled_overall_shift_points
+
+    move_operating_point(tmp_path / "zero", tmp_path / "sampled", prompt_shift=0.0,
+                         response_shift=0.0, sampled_shift=((0.7, 1.0), (1.0, 2.0)),
+                         log=lambda *a: None)
+    move_operating_point(tmp_path / "sampled", tmp_path / "kept", prompt_shift=0.0,
+                         response_shift=0.5, log=lambda *a: None)
+    assert sampled_overall_shift_points(load_safety_head(tmp_path / "kept").extra) == (
+        (0.7, 1.0), (1.0, 2.0))
+    move_operating_point(tmp_path / "kept", tmp_path / "dropped", prompt_shift=0.0,
+                         response_shift=0.0, sampled_shift=(), log=lambda *a: None)
+    assert sampled_overall_shift_points(load_safety_head(tmp_path / "dropped").extra) == ()
+    with pytest.raises(ValueError, match="sampled_overall_shift"):
+        move_operating_point(tmp_path / "kept", tmp_path / "bad2", prompt_shift=0.0,
+                             response_shift=0.0, sampled_shift=((1.0, 2.0), (0.7, 1.0)),
+                             log=lambda *a: None)
 
 
 def test_train_attribution_fits_the_labelled_categories(tmp_path, tiny_model, monkeypatch):

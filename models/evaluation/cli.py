@@ -284,6 +284,7 @@ def replay(
     cosa: list[Path] = typer.Option([], "--cosa", help="Traced `eval cosa --mode enforce` output folders (same --base-config)."),
     prompt_shift: str = typer.Option("0", "--prompt-shift", help="Logit shift(s) of the prompt/query thresholds, comma-separated (+ = act less)."),
     response_shift: str = typer.Option("0", "--response-shift", help="Logit shift(s) of the response thresholds, comma-separated."),
+    overall_response_shift: str = typer.Option("0", "--overall-response-shift", help="Logit shift(s) of the overall output's response threshold on top, comma-separated: what a head's sampled-decoding shift (operating_point.sampled_overall_shift) does at a run's temperature."),
     tau: Optional[str] = typer.Option(None, "--tau", help="Consecutive violating steps, comma-separated (default: the head's own, else 3)."),
     alert_margin: Optional[str] = typer.Option(None, "--alert-margin", help="Alert band width(s) in logits below the prompt thresholds, comma-separated; 0 = no band (default: the head's own)."),
     alert_tau: Optional[str] = typer.Option(None, "--alert-tau", help="Consecutive violating steps after a prompt in the alert band, comma-separated (default: the head's own)."),
@@ -333,7 +334,8 @@ def replay(
                    "which a served move does not; the prompt-shifted rows are estimates: serve "
                    "the moved head to measure them")
     results = rp.sweep(rows, base, prompt_shifts,
-                       _floats(response_shift, "--response-shift"), taus, margins, band_taus)
+                       _floats(response_shift, "--response-shift"), taus, margins, band_taus,
+                       _floats(overall_response_shift, "--overall-response-shift"))
     same, n = rp.agreement(rows, base)
     typer.echo(f"{n} traced requests; the served rule replayed triggers where the server did on {same} of {n}")
     shown = results
