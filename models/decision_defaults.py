@@ -142,7 +142,12 @@ SAMPLED_OVERALL_SHIFT = "sampled_overall_shift"
 def sampled_overall_shift_points(extra: dict) -> tuple[tuple[float, float], ...]:
     """A head's (temperature, logit shift) points, checked: temperatures in (0, 2] and
     increasing, shifts in [-10, 10]. () where the head names none."""
-    raw = (extra.get(OPERATING_POINT) or {}).get(SAMPLED_OVERALL_SHIFT) or []
+    raw = (extra.get(OPERATING_POINT) or {}).get(SAMPLED_OVERALL_SHIFT)
+    if raw is None:
+        return ()
+    if not isinstance(raw, (list, tuple)):
+        raise ValueError(f"operating_point.{SAMPLED_OVERALL_SHIFT}: want a list of [temperature, "
+                         f"shift] pairs; got {raw!r}")
     points = []
     for item in raw:
         ok = isinstance(item, (list, tuple)) and len(item) == 2 and all(

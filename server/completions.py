@@ -19,7 +19,7 @@ from safeserve.server import metrics
 from safeserve.server.engine import Engine
 from safeserve.server.errors import APIError, engine_request_error
 from safeserve.server.helper_requests import query_verdict
-from safeserve.server.prepare import PreparedRequest, sampling_params, sampling_temperature
+from safeserve.server.prepare import PreparedRequest, sampling_params, shift_temperature
 from safeserve.server.protocol import (
     AssistantMessage,
     ChatCompletionChunk,
@@ -317,7 +317,11 @@ def _observe_timing(prep: PreparedRequest, step: _Step) -> None:
 async def _open_choices(engine: Engine, svc: SafetyService | None,
                         prep: PreparedRequest) -> list[ChoiceState]:
     base = prep.completion_id
-    query = await query_verdict(engine, svc, prep)
+    try:
+        query = await query_verdict(engine, svc, prep)
+    except BaseException:  # failed, or the client went away, before any choice started
+        metrics.ABORTED.inc()
+        raise
     choices = []
     for i in range(prep.body.n):
         c = ChoiceState(i, f"{base}-{i}-{uuid.uuid4().hex[:8]}")
@@ -325,7 +329,7 @@ async def _open_choices(engine: Engine, svc: SafetyService | None,
             c.extra_args, c.tracker = svc.open(c.request_id, prep.safety, engine.eos_id, query,
                                                prefilled=prep.query_ids is not None,
                                                structured=prep.body.structured,
-                                               temperature=sampling_temperature(prep.body))
+                                               temperature=shift_temperature(prep.body))
             stops = prep.body.stop_list
             if stops:
                 c.stop_hold = max(map(len, stops)) - 1

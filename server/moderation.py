@@ -81,7 +81,11 @@ def openai_categories(flags: dict[str, bool], scores: dict[str, float]
 
 async def moderate(engine: Engine, svc: SafetyService, body: ModerationRequest,
                    safety: RequestSafety) -> ModerationResponse:
-    prompts = await asyncio.to_thread(_render_all, engine, body, safety)
+    try:
+        prompts = await asyncio.to_thread(_render_all, engine, body, safety)
+    except asyncio.CancelledError:  # the client went away while its inputs were rendered
+        metrics.ABORTED.inc()
+        raise
     mid = f"modr-{uuid.uuid4().hex}"
     # A task group: when one input's engine request fails, the others are cancelled (their
     # engine requests aborted) before the error answers, not left running after it.
@@ -97,6 +101,7 @@ async def moderate(engine: Engine, svc: SafetyService, body: ModerationRequest,
         raise
     records = [t.result() for t in tasks]
     if any(rec is None for rec in records):
+        metrics.ABORTED.inc()
         raise APIError(503, "the safety signal of an input did not arrive; try again",
                        type="server_error", code="safety_telemetry_missing")
     results = []

@@ -252,6 +252,22 @@ def sampling_temperature(body: ChatCompletionRequest) -> float:
     return 1.0 if body.temperature is None else float(body.temperature)
 
 
+GREEDY_TEMPERATURE = 1e-5  # vLLM decodes greedily below this temperature
+
+
+def shift_temperature(body: ChatCompletionRequest) -> float:
+    """The temperature a head's sampled-decoding shift is looked up at: the sampling
+    temperature when the request samples from the whole distribution (the setting the
+    shift was calibrated on), else 0. A truncated distribution (top_p < 1, top_k > 0,
+    min_p > 0) writes text closer to greedy; top_k 1 or min_p 1 is greedy outright, and would
+    otherwise buy a greedy answer the sampled, less sensitive rule."""
+    t = sampling_temperature(body)
+    truncated = ((body.top_p is not None and body.top_p < 1.0)
+                 or (body.top_k is not None and body.top_k > 0)
+                 or (body.min_p is not None and body.min_p > 0.0))
+    return 0.0 if t < GREEDY_TEMPERATURE or truncated else t
+
+
 def sampling_params(prep: PreparedRequest, index: int, extra_args: dict | None = None):
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind

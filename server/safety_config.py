@@ -338,7 +338,9 @@ class SafetyPolicy:
         ``temperature`` (0 when greedy, or when the request set that threshold itself)."""
         if _sets_overall_threshold(cfg):
             return 0.0
-        return overall_shift_at(self.sampled_overall_shift, temperature)
+        # rounded once: what the kernel runs is exactly what the response echoes and a
+        # replay of the echo applies
+        return round(overall_shift_at(self.sampled_overall_shift, temperature), 4)
 
     def compile(self, cfg: SafetyConfig, rid: str, refusal_ids: list[int],
                 eos_id: int, refusal_sep: int = 0, temperature: float = 0.0) -> W.RowSafetyArgs:

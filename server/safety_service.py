@@ -118,7 +118,7 @@ class SafetyService:
         echo = req.echo()
         sampled = self.policy.sampled_shift_of(req.config, temperature)
         if sampled:
-            echo["sampled_overall_shift"] = round(sampled, 4)
+            echo["sampled_overall_shift"] = sampled
         args.prefilled, args.verdict_only = prefilled, verdict_only
         args.ended = self.hub.take_ended()
         if query is not None and query.event == EVENT_TRIGGER:

@@ -207,6 +207,27 @@ def test_a_failing_input_cancels_the_others_before_the_error_answers(monkeypatch
     asyncio.run(client_goes_away())
     assert state["cancelled"] == 4 and metrics.ABORTED._value.get() == aborted + 2
 
+    async def lost(engine, svc, ids, safety, rid):
+        return None  # its telemetry never came
+
+    monkeypatch.setattr(moderation, "prompt_verdict", lost)
+    with pytest.raises(APIError, match="did not arrive"):
+        asyncio.run(moderation.moderate(None, None, None, None))
+    assert metrics.ABORTED._value.get() == aborted + 3
+
+    # a prefilled chat request whose query verdict fails before any choice starts
+    from types import SimpleNamespace
+
+    from safeserve.server import completions
+
+    async def failing_query(engine, svc, prep):
+        raise APIError(503, "engine queue is full", code="engine_overloaded")
+
+    monkeypatch.setattr(completions, "query_verdict", failing_query)
+    with pytest.raises(APIError, match="queue is full"):
+        asyncio.run(completions._open_choices(None, None, SimpleNamespace(completion_id="c")))
+    assert metrics.ABORTED._value.get() == aborted + 4
+
 
 def test_unknown_model_is_a_404_but_openai_moderation_names_are_accepted(oai):
     with pytest.raises(openai.NotFoundError):

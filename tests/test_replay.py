@@ -4,6 +4,7 @@ in test_default_model.py."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -337,16 +338,21 @@ def test_replay_builds_the_tables_the_server_compiles():
     tax = Taxonomy.load()
     names = tax.output_names
     policy = SafetyPolicy(tax, overall_threshold=0.7, default_tau=4, allowlist_overall_shift=1.5,
-                          alert_margin=0.75, alert_tau=2)
+                          alert_margin=0.75, alert_tau=2,
+                          sampled_overall_shift=((0.7, 1.0), (1.0, 2.0)))
     base = [c.threshold for c in tax.categories] + [0.7]
     k = len(names)
-    for cfg in (SafetyConfig(), SafetyConfig(allow=(tax.ids[1],)),
-                SafetyConfig(allow=(tax.ids[0], tax.ids[2]), threshold_shift=-1.25),
-                SafetyConfig(threshold_shift=-0.5, tau=2)):
-        args = policy.compile(cfg, "r", [], 0)
+    configs = (SafetyConfig(), SafetyConfig(allow=(tax.ids[1],)),
+               SafetyConfig(allow=(tax.ids[0], tax.ids[2]), threshold_shift=-1.25),
+               SafetyConfig(threshold_shift=-0.5, tau=2))
+    # (a sampled request: the shift it echoes, replayed, gives the kernel's float32 exactly)
+    for cfg, temperature in itertools.product(configs, (0.0, 0.3, 0.77, 1.0)):
+        args = policy.compile(cfg, "r", [], 0, temperature=temperature)
         rule = rp.Rule.shifted(names, base, response_shift=cfg.threshold_shift or 0.0,
                                tau=policy.tau_of(cfg), allowlist_overall_shift=1.5,
                                alert_margin=0.75, alert_tau=2)
+        rule = rp.dataclasses.replace(
+            rule, overall_response_shift=policy.sampled_shift_of(cfg, temperature))
         row = rp.TracedRow(kind="benign", group="g", dataset="t", allow=cfg.allow,
                            prompt=None, query=None, steps=rp.np.zeros((0, k)),
                            refused_by_text=False, answered_by_text=True)

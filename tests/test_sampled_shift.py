@@ -8,7 +8,7 @@ import pytest
 from safeserve.models.decision_defaults import overall_shift_at, sampled_overall_shift_points
 from safeserve.models.taxonomy import Taxonomy
 from safeserve.server.protocol import ChatCompletionRequest
-from safeserve.server.prepare import sampling_temperature
+from safeserve.server.prepare import sampling_temperature, shift_temperature
 from safeserve.server.safety_config import SafetyPolicy, shift_probability
 
 POINTS = ((0.7, 1.0), (1.0, 2.0))
@@ -23,7 +23,8 @@ def test_the_shift_is_linear_between_points_and_flat_past_the_last(temperature, 
 
 @pytest.mark.parametrize("bad", [
     [[0.0, 1.0]], [[2.5, 1.0]], [[1.0, 11.0]], [[1.0]], [["1", 1.0]], [[True, 1.0]],
-    [[1.0, float("nan")]], [[1.0, 1.0], [0.7, 0.5]], [[0.7, 1.0], [0.7, 2.0]]])
+    [[1.0, float("nan")]], [[1.0, 1.0], [0.7, 0.5]], [[0.7, 1.0], [0.7, 2.0]], 1.5, 0, "",
+    {"1.0": 2.0}])
 def test_a_malformed_point_list_is_refused(bad):
     with pytest.raises(ValueError, match="sampled_overall_shift"):
         sampled_overall_shift_points({"operating_point": {"sampled_overall_shift": bad}})
@@ -43,6 +44,19 @@ def test_sampling_temperature_is_what_the_engine_samples_with():
     assert sampling_temperature(body(temperature=0.0)) == 0.0
     assert sampling_temperature(body(temperature=0.7)) == 0.7
     assert sampling_temperature(body(temperature=0.7, top_p=0.0)) == 0.0  # greedy
+
+
+@pytest.mark.parametrize("fields,temperature", [
+    ({}, 1.0), ({"temperature": 0.7}, 0.7), ({"temperature": 0.7, "top_p": 1.0}, 0.7),
+    ({"temperature": 0.7, "top_k": -1}, 0.7), ({"temperature": 0.7, "top_k": 0}, 0.7),
+    ({"temperature": 0.7, "min_p": 0.0}, 0.7),
+    # greedy outright, or a truncated distribution: not what the shift was calibrated on
+    ({"temperature": 2.0, "top_k": 1}, 0.0), ({"min_p": 1.0}, 0.0), ({"top_p": 1e-9}, 0.0),
+    ({"temperature": 1e-6}, 0.0), ({"temperature": 1.0, "top_p": 0.9}, 0.0),
+    ({"temperature": 1.0, "top_k": 40}, 0.0), ({"temperature": 1.0, "min_p": 0.05}, 0.0)])
+def test_the_shift_is_looked_up_only_for_whole_distribution_sampling(fields, temperature):
+    body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], **fields)
+    assert shift_temperature(body) == temperature
 
 
 def test_compile_moves_only_the_overall_response_threshold():

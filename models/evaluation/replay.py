@@ -380,21 +380,20 @@ def _tables(rows: list[TracedRow], rule: Rule) -> dict[str, torch.Tensor]:
         for c in row.gated:
             topic[i, col[c]] = 1.0  # open (the gate serves at 0.5)
 
-    def compiled(values: tuple[float, ...]) -> torch.Tensor:
-        plain = torch.tensor(values, dtype=torch.float32)
-        moved = plain.clone()
+    def compiled(values: tuple[float, ...], overall_shift: float = 0.0) -> torch.Tensor:
+        # in float64, rounded to float32 once, as the server compiles them: the allow-list
+        # shift, then (generated tokens) the sampled-decoding shift
+        plain, moved = list(values), list(values)
         if has_overall and shift is not None:
             moved[-1] = _shift(values[-1], shift)
-        return torch.where(listed[:, None], moved, plain)
+        if has_overall and overall_shift:
+            plain[-1], moved[-1] = _shift(plain[-1], overall_shift), _shift(moved[-1], overall_shift)
+        return torch.where(listed[:, None], torch.tensor(moved, dtype=torch.float32),
+                           torch.tensor(plain, dtype=torch.float32))
 
     band = rule.alert_margin > 0 and bool(rule.alert_tau)
-    response = compiled(rule.response_thresholds)
-    if has_overall and rule.overall_response_shift:
-        # applied after the allow-list shift, as SafetyPolicy.compile does (the shifts add)
-        response[:, -1] = torch.tensor(
-            [_shift(float(t), rule.overall_response_shift) for t in response[:, -1]])
     return {
-        "thresholds": response,
+        "thresholds": compiled(rule.response_thresholds, rule.overall_response_shift),
         "prompt_thresholds": compiled(rule.prompt_thresholds),
         "masked": masked,
         # attributable: its overall output is named per request (not when it does not act)
