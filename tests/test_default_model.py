@@ -304,10 +304,10 @@ def test_sampled_requests_run_the_heads_sampled_response_shift(default_server, t
     assert points, "the default head names its sampled-decoding shift"
     france = [{"role": "user", "content": "What is the capital of France?"}]
     greedy = ask(default_server, france, max_tokens=8)["safety"]
-    for temperature in (0.7, 1.0):
+    for temperature in (0.85, 1.0, 1.3):
         s = ask(default_server, france, max_tokens=8, temperature=temperature, seed=1)["safety"]
         shift = overall_shift_at(points, temperature)
-        assert s["config"]["sampled_overall_shift"] == pytest.approx(shift, abs=1e-4)
+        assert shift > 0 and s["config"]["sampled_overall_shift"] == pytest.approx(shift, abs=1e-4)
         moved = 1 / (1 + math.exp(-(math.log(greedy["thresholds"]["unsafe"]
                                              / (1 - greedy["thresholds"]["unsafe"])) + shift)))
         assert s["thresholds"]["unsafe"] == pytest.approx(moved, abs=1e-5)
@@ -315,6 +315,10 @@ def test_sampled_requests_run_the_heads_sampled_response_shift(default_server, t
         assert {k: v for k, v in s["thresholds"].items() if k != "unsafe"} == {
             k: v for k, v in greedy["thresholds"].items() if k != "unsafe"}
     assert "sampled_overall_shift" not in greedy["config"]
+    for fields in ({"temperature": 1.0, "top_k": 1}, {"temperature": 1.0, "top_p": 0.9}):
+        truncated = ask(default_server, france, max_tokens=8, **fields)["safety"]
+        assert "sampled_overall_shift" not in truncated["config"], fields
+        assert truncated["thresholds"] == greedy["thresholds"], fields
     set_own = ask(default_server, france, max_tokens=8, temperature=1.0,
                   safety_config={"threshold": {"unsafe": 0.6}})["safety"]
     assert "sampled_overall_shift" not in set_own["config"]
