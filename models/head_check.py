@@ -389,4 +389,8 @@ def served_model_for(head_dir: Path, base_dir: Path | None = None) -> Path:
         elif recorded and Path(recorded).name != DEFAULT_MODEL_NAME:
             raise FileNotFoundError(f"the head in {head_dir} was trained on {recorded}, which "
                                     "is not here: give the base model with --model")
+    if base_dir is not None and not (Path(base_dir) / "config.json").is_file():
+        # before composing: a copy of a folder that is no model would be cached for nothing
+        raise FileNotFoundError(f"{base_dir} holds no model (no config.json): give a Hugging "
+                                "Face model directory with --model")
     return compose_checkpoint(Path(base_dir or ensure_default_model()), head_dir)

@@ -60,6 +60,8 @@ def build_prompt_rows(root: Path, seed: int = 0, n_alpaca: int = 600, n_wrapped:
                                                       read_eval_keys, read_harmful_sources)
     from safeserve.models.safety_data_texts import PHRASINGS, rephrase
 
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"--data-root {root} is not a directory")
     rng = random.Random(seed)
     eval_keys = read_eval_keys(root, warn)
     if not eval_keys:

@@ -268,9 +268,9 @@ def read_prompts(prompts_path: Path, opts: JobOptions, taxonomy: Taxonomy) -> li
 
 def make_data(prompts_path: Path, model_dir: Path, out: Path, opts: JobOptions,
               taxonomy: Taxonomy) -> dict:
+    prompts = read_prompts(prompts_path, opts, taxonomy)  # a bad file leaves nothing behind
     data = out / DATA_DIR
     data.mkdir(parents=True, exist_ok=True)
-    prompts = read_prompts(prompts_path, opts, taxonomy)
     jobs = plan_jobs(prompts, taxonomy, opts)
     if not jobs:
         raise JobInputError("no prompt-config jobs: the --modes give these prompts no config "

@@ -52,7 +52,7 @@ def load_prompts(path: str | Path, taxonomy: Taxonomy | None = None) -> list[Lab
             obj = json_object_line(path, n, line)
             prompt = str(obj.get("prompt") or "").strip()
             cats = obj.get("categories", [])
-            if not prompt or not isinstance(cats, list):
+            if not prompt or not isinstance(cats, list) or not all(isinstance(c, str) for c in cats):
                 raise ValueError(f"{path}:{n}: want {{prompt: str, categories: [ids]}}")
             unknown = [c for c in cats if c not in ids]
             if unknown:

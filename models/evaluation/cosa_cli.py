@@ -58,7 +58,17 @@ def cosa(
         raise typer.BadParameter(f"--mode {mode} adds allow to --base-config, which must then "
                                  f"be a JSON object; write out the fields of preset {base!r}")
     # read before any request is sent: a bad file must not cost the run
-    seen = set(json.loads(seen_configs.read_text())) if seen_configs else None
+    seen = None
+    if seen_configs:
+        try:
+            listed = json.loads(seen_configs.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise typer.BadParameter(f"{seen_configs}: {e}", param_hint="--seen-configs") from None
+        if not isinstance(listed, list) or not all(isinstance(c, str) for c in listed):
+            raise typer.BadParameter(f"{seen_configs}: want a JSON list of config names (what "
+                                     "`train cosalign` writes as configs_seen.json)",
+                                     param_hint="--seen-configs")
+        seen = set(listed)
     items = ce.sample_per_config(ce.development_split(ce.load_items(data, fmt), exclude_sample,
                                                      exclude_seed), limit, seed)
     if not items:

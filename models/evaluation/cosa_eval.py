@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from safeserve.models.categories import parse_spec
 from safeserve.models.cosalign.configs import config_key, render_config, system_prompt
+from safeserve.models.evaluation.datasets import json_object_line
 from safeserve.models.evaluation.judge import FULL_COMPLIANCE, PARTIAL_REFUSAL, judge
 from safeserve.models.taxonomy import OVERALL, Taxonomy
 
@@ -67,7 +68,11 @@ def load_cosa_tsv(path: str | Path) -> list[EvalItem]:
             spec, prompt = (row.get("test spec") or "").strip(), (row.get("prompt") or "").strip()
             if not spec or not prompt:
                 continue
-            situation = int(row["situation"])
+            try:
+                situation = int(row["situation"])
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{path}: row {n + 1}: want a 'situation' column holding 1, 2 "
+                                 f"or 3, got {row.get('situation')!r}") from None
             items.append(EvalItem(f"{row.get('assignment', '')}-{n}", prompt, parse_spec(spec),
                                   "answer" if situation == 1 else "refuse", spec, situation))
     return items
@@ -81,9 +86,13 @@ def load_cosa_jsonl(path: str | Path, taxonomy: Taxonomy | None = None) -> list[
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            obj = json.loads(line)
-            allow = tuple(obj.get("allow") or ())
-            if set(allow) - ids or obj.get("expect") not in ("answer", "refuse") or not obj.get("prompt"):
+            obj = json_object_line(path, n, line)
+            raw_allow = obj.get("allow") or ()
+            if not isinstance(raw_allow, list | tuple) or not all(
+                    isinstance(c, str) for c in raw_allow):
+                raise ValueError(f"{path}:{n}: 'allow' must be a list of category ids")
+            allow = tuple(raw_allow)
+            if set(allow) - ids or not isinstance(obj.get("prompt"), str) or obj.get("expect") not in ("answer", "refuse") or not obj.get("prompt"):
                 raise ValueError(f"{path}:{n}: want {{prompt, allow: [known ids], expect: answer|refuse}}")
             items.append(EvalItem(str(obj.get("id", n)), obj["prompt"], allow, obj["expect"],
                                   str(obj.get("config") or config_key(allow))))

@@ -99,7 +99,12 @@ def check_file(path: str | Path) -> Agreement:
     path = Path(path)
     result = Agreement(model_name(path))
     with open(path, newline="", encoding="utf-8-sig") as f:
-        for row in csv.DictReader(f):
+        reader = csv.DictReader(f)
+        missing = {"final_label", "completion"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path}: no {', '.join(sorted(missing))} column (want XSTest's "
+                             "human-labelled completions: completion, final_label)")
+        for row in reader:
             human = _HUMAN.get((row.get("final_label") or "").strip())
             if human is None:
                 continue
@@ -114,6 +119,9 @@ def check_dir(directory: str | Path) -> dict:
     if not files:
         raise FileNotFoundError(f"no *.csv completion files in {directory}")
     per_file = [check_file(f) for f in files]
+    if not any(r.n for r in per_file):
+        raise ValueError(f"no human-labelled completions in {directory} (final_label "
+                         f"{' / '.join(sorted(_HUMAN))})")
     tuned, held_out = Agreement("tuning"), Agreement("held_out")
     for result in per_file:
         (tuned if result.name in TUNING_FILES else held_out).merge(result)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +52,7 @@ from safeserve.models.decision_defaults import (
     alert_band,
     allowlist_overall_shift,
 )
+from safeserve.models.evaluation.datasets import json_object_line
 from safeserve.models.evaluation.judge import FULL_COMPLIANCE, FULL_REFUSAL
 
 OVERALL = "unsafe"
@@ -222,8 +222,10 @@ def request_key(row: dict) -> tuple[str, str, str | None]:
 def run_requests(path: str | Path) -> set[tuple[str, str, str | None]]:
     """``request_key`` of every request of an ``eval safety`` or ``eval cosa`` run, traced
     or not."""
-    lines = _results(path).read_text(encoding="utf-8").splitlines()
-    return {request_key(r) for r in map(json.loads, filter(str.strip, lines))}
+    path = _results(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return {request_key(json_object_line(path, n, line))
+            for n, line in enumerate(lines, start=1) if line.strip()}
 
 
 def _answered_rows(path: str | Path):
@@ -231,7 +233,7 @@ def _answered_rows(path: str | Path):
     path = _results(path)
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if line.strip():
-            row = json.loads(line)
+            row = json_object_line(path, lineno, line)
             if not row.get("error"):
                 yield row, f"{path}:{lineno}"
 

@@ -266,6 +266,10 @@ def compare_runs(run_dirs: list[str | Path]) -> str:
     """A markdown report putting several runs' ASR and over-refusal side by side."""
     summaries = [json.loads((Path(d) / SUMMARY_JSON).read_text(encoding="utf-8"))
                  for d in run_dirs]
+    for d, s in zip(run_dirs, summaries):
+        if not isinstance(s, dict) or not {"asr", "asr_overall"} <= s.keys():
+            raise ValueError(f"{d} is not an `eval safety` run (its {SUMMARY_JSON} has no "
+                             "attack-success table); compare takes `eval safety` output folders")
     labels = _run_labels(summaries, run_dirs)
     keys: list[tuple[str, str]] = []
     for s in summaries:
