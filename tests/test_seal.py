@@ -268,6 +268,8 @@ def test_bad_cli_input_is_one_line(tiny, data, tmp_path):
         (finetune + ["--selector", str(not_selector)], 2, "not a readable SEAL selector"),
         (["train", "seal-finetune", "--ft-data", str(empty), "--out", out, "--model", str(tiny),
           "--keep", "1.0"], 1, "no usable rows"),
+        (["train", "seal-select", "--ft-data", str(empty), "--safe-data", safe, "--out", out,
+          "--model", str(tiny)], 1, "no usable rows"),  # checked before the model loads
         (["train", "seal-experiment", "--data-root", str(tmp_path), "--n-eval-benign", "0"], 2,
          "--n-eval-benign"),
         (["train", "seal-experiment", "--data-root", str(tmp_path), "--keep", "0"], 2, "(0, 1]"),

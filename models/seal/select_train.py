@@ -104,12 +104,19 @@ def check_config(cfg: SelectConfig) -> None:
         raise SealInputError("algorithm must be 1 or 2")
 
 
-def load_lm(model_dir: str | Path, dtype: str = "float32"):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(model_dir: str | Path):
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_lm(model_dir: str | Path, dtype: str = "float32"):
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(model_dir)
     lm = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
     return lm, tok
 
@@ -175,7 +182,8 @@ class SealTrainer:
         check_config(cfg)
         self.acc = Accelerator()
         torch.manual_seed(cfg.seed)
-        lm, self.tok = load_lm(cfg.model, cfg.dtype)
+        # the data first (it needs only the tokenizer): a bad file fails before the model loads
+        self.tok = load_tokenizer(cfg.model)
         self.ft: Dataset = load_dataset(cfg.ft_data, self.tok, cfg.max_length)
         self.safe: Dataset = load_dataset(cfg.safe_data, self.tok, cfg.max_length)
         if self.acc.is_main_process:
@@ -184,6 +192,7 @@ class SealTrainer:
         if not self.ft.samples or not self.safe.samples:
             raise SealInputError("no usable rows in the fine-tuning or safe data (see the counts "
                                  "above)")
+        lm, self.tok = load_lm(cfg.model, cfg.dtype)
         self.pad = self.tok.pad_token_id
 
         aux_lm = None
