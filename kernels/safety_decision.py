@@ -30,6 +30,12 @@ The alert band is the paper's "strategic attention" in threshold form: a prompt 
 within ``alert_margin`` logits of its verdict was not refused, but its answer is watched with
 the shorter run ``alert_tau``. Without the alert tables (None) there is no band.
 
+The clear state is its mirror image for sampled decoding (server/safety_config.py): a prompt
+row sets clear[i] = not violated and not near at thresholds moved log(clear_scale[i]) logits
+lower (clear_scale 1: not violated); at decode rows of a clear request the last column (the
+overall output) is compared against sampled_overall[i] instead of its threshold. Without the
+clear tables (None) nothing changes.
+
 At prompt rows two things may differ from decode rows, both optional: the request's prompt
 verdict has its own thresholds (``prompt_thresholds`` [R, K], e.g. a config whose
 ``threshold_shift`` moves only the response rule), and the head's prompt offset o (logits)
@@ -88,7 +94,7 @@ def attribute_overall(masked: torch.Tensor, attributable: torch.Tensor, named: t
 
 def gate_topics(event: torch.Tensor, cats: torch.Tensor, alert: torch.Tensor | None,
                 masked: torch.Tensor, gated: torch.Tensor, topic: torch.Tensor,
-                is_prompt: torch.Tensor) -> torch.Tensor:
+                is_prompt: torch.Tensor, clear: torch.Tensor | None = None) -> torch.Tensor:
     """The topic gate (checkpoint format 8), in place on the step's ``event`` and ``cats``
     ([N] int32, from ``decide``) and ``alert`` ([N] or None).
 
@@ -96,7 +102,7 @@ def gate_topics(event: torch.Tensor, cats: torch.Tensor, alert: torch.Tensor | N
     assistant prefill), every category the request does not allow (``masked`` [N, K] column
     != MASK_ALLOWED) whose topic score (``topic`` [N, C], C = K - 1, served so that the gate
     is open at 0.5) is >= 0.5 violates: the row's event becomes TRIGGER, the category's bit is
-    set and the row is not on alert (a flagged verdict never is). The per-token head judges
+    set and the row is neither on alert nor clear (a flagged verdict never is). The per-token head judges
     harm; the gate judges what a request is about, which is what an allow-list speaks to.
     A NaN topic score fails closed (open). Returns the gate's own bits ([N] int32), which the
     report carries so that a flag says where it came from. Tensor ops only: no host
@@ -115,6 +121,8 @@ def gate_topics(event: torch.Tensor, cats: torch.Tensor, alert: torch.Tensor | N
     event.copy_(torch.where(hit, torch.full_like(event, EVENT_TRIGGER), event))
     if alert is not None:
         alert[:n] = torch.where(hit, torch.zeros_like(alert[:n]), alert[:n])
+    if clear is not None:
+        clear[:n] = torch.where(hit, torch.zeros_like(clear[:n]), clear[:n])
     return bits
 
 
@@ -208,14 +216,18 @@ def decide_reference(
     alert_scale: torch.Tensor | None = None,
     prompt_thresholds: torch.Tensor | None = None,
     prompt_lift: float = 1.0,
+    clear: torch.Tensor | None = None,
+    clear_scale: torch.Tensor | None = None,
+    sampled_overall: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Vectorised PyTorch decision.
 
-    Mutates counter[:N] (and alert[:N], when given; and the prompt rows of ``scores``, when
-    ``prompt_lift`` != 1) in place; returns (event, cats), each int32 [N].
+    Mutates counter[:N] (and alert[:N] and clear[:N], when given; and the prompt rows of
+    ``scores``, when ``prompt_lift`` != 1) in place; returns (event, cats), each int32 [N].
     """
     _check_decide_args(scores, thresholds, masked, counter, tau, is_prompt, active)
     _check_alert_args(scores, counter, alert, alert_tau, alert_scale)
+    _check_clear_args(scores, counter, clear, clear_scale, sampled_overall)
     _check_prompt_args(scores, thresholds, prompt_thresholds, prompt_lift)
     n_rows = scores.shape[0]
     row_active = active[:n_rows] != 0
@@ -227,6 +239,11 @@ def decide_reference(
     if prompt_thresholds is not None:
         thresholds = torch.where(prompt[:, None], prompt_thresholds[:n_rows],
                                  thresholds[:n_rows])
+    if clear is not None:  # a clear request's generated tokens: the sampled overall threshold
+        use = (clear[:n_rows] != 0) & ~prompt
+        rows_t = thresholds[:n_rows]
+        last = torch.where(use, sampled_overall[:n_rows].to(rows_t.dtype), rows_t[:, -1])
+        thresholds = torch.cat([rows_t[:, :-1], last[:, None]], dim=1)
     viol_bits = _violation_bits_reference(scores, thresholds, masked)
     violated = viol_bits != 0
 
@@ -246,6 +263,12 @@ def decide_reference(
             set_alert = torch.where(prompt, (near & ~violated).to(old_alert.dtype), old_alert)
             alert[:n_rows] = torch.where(row_active, set_alert, old_alert)
         row_tau = torch.where(alert[:n_rows] != 0, alert_tau[:n_rows].to(row_tau.dtype), row_tau)
+    if clear is not None and (scores.device.type == "cuda" or bool(prompt.any())):
+        clear_near = alert_over(scores, thresholds, clear_scale)
+        near = _violation_bits_reference(scores, thresholds, masked, over=clear_near) != 0
+        old_clear = clear[:n_rows]
+        set_clear = torch.where(prompt, (~near & ~violated).to(old_clear.dtype), old_clear)
+        clear[:n_rows] = torch.where(row_active, set_clear, old_clear)
     triggered = violated & (prompt | (new_count >= row_tau))
     # OK=0, VIOLATION=1, TRIGGER=2: violated rows count 1, triggered ones one more.
     event = (violated & row_active).to(torch.int32) + (triggered & row_active).to(torch.int32)
@@ -270,6 +293,9 @@ def _safety_decision_kernel(
     alert_tau_ptr,
     alert_scale_ptr,
     prompt_thresholds_ptr,
+    clear_ptr,
+    clear_scale_ptr,
+    sampled_overall_ptr,
     event_ptr,
     cats_ptr,
     n_rows,
@@ -286,6 +312,7 @@ def _safety_decision_kernel(
     HAS_ALERT: tl.constexpr,
     HAS_PROMPT_THRESHOLDS: tl.constexpr,
     HAS_PROMPT_LIFT: tl.constexpr,
+    HAS_CLEAR: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -311,6 +338,12 @@ def _safety_decision_kernel(
         prompt_threshold = tl.load(prompt_thresholds_ptr + threshold_offsets, mask=tile_ok,
                                    other=1.0)
         threshold = tl.where(at_prompt[:, None], prompt_threshold, threshold)
+    if HAS_CLEAR:  # a clear request's generated tokens: the sampled overall threshold
+        old_clear = tl.load(clear_ptr + rows, mask=row_ok, other=0)
+        sampled = tl.load(sampled_overall_ptr + rows, mask=row_ok, other=1.0)
+        use = (old_clear != 0) & (at_prompt == 0)
+        is_last = cats[None, :] == n_cats - 1
+        threshold = tl.where(use[:, None] & is_last, sampled[:, None], threshold)
     allowed = tl.load(
         masked_ptr + rows[:, None] * stride_mn + cats[None, :] * stride_mk, mask=tile_ok, other=1
     )
@@ -357,6 +390,17 @@ def _safety_decision_kernel(
         tl.store(alert_ptr + rows, new_alert, mask=row_ok & row_active)
         alert_tau = tl.load(alert_tau_ptr + rows, mask=row_ok, other=1)
         tau = tl.where(new_alert != 0, alert_tau, tau)
+    if HAS_CLEAR:
+        # The alert band's test at the clear margin; clear = neither near nor violated.
+        c_scale = tl.load(clear_scale_ptr + rows, mask=row_ok, other=1.0)
+        c_threshold = threshold.to(tl.float32)
+        c_over = (score_f * (c_threshold + (1.0 - c_threshold) * c_scale[:, None]) >= c_threshold) \
+            & (c_scale[:, None] > 1.0)
+        c_hit = tl.max((tile_ok & (allowed == 0) & c_over).to(tl.int32), axis=1) > 0
+        c_attr = (tl.max((tile_ok & (allowed == 2) & c_over).to(tl.int32), axis=1) > 0) \
+            & any_plain & (top_allowed == 0)
+        new_clear = tl.where(prompt, ((c_hit | c_attr) == 0) & (viol_bits == 0), old_clear != 0)
+        tl.store(clear_ptr + rows, new_clear.to(tl.int32), mask=row_ok & row_active)
     triggered = violated & (prompt | (new_count >= tau))
     # Literals rather than the module's EVENT_* names: a jit body may only read constexpr
     # globals. 2 = EVENT_TRIGGER, 1 = EVENT_VIOLATION, 0 = EVENT_OK.
@@ -438,6 +482,23 @@ def _check_alert_args(scores, counter, alert, alert_tau, alert_scale) -> None:
         raise ValueError("alert must be int32 with unit stride (updated in place)")
 
 
+def _check_clear_args(scores, counter, clear, clear_scale, sampled_overall) -> None:
+    given = [t is not None for t in (clear, clear_scale, sampled_overall)]
+    if not any(given):
+        return
+    if not all(given):
+        raise ValueError("clear, clear_scale and sampled_overall come together")
+    capacity = counter.shape[0]
+    for name, table in (("clear", clear), ("clear_scale", clear_scale),
+                        ("sampled_overall", sampled_overall)):
+        if table.dim() != 1 or table.shape[0] != capacity:
+            raise ValueError(f"{name} must be [R={capacity}]; got {tuple(table.shape)}")
+        if table.device != scores.device:
+            raise ValueError(f"{name} is on {table.device}, scores on {scores.device}")
+    if clear.dtype != torch.int32 or clear.stride(0) != 1:
+        raise ValueError("clear must be int32 with unit stride (updated in place)")
+
+
 def _check_prompt_args(scores, thresholds, prompt_thresholds, prompt_lift) -> None:
     if prompt_thresholds is not None and (prompt_thresholds.shape != thresholds.shape
                                           or prompt_thresholds.device != scores.device):
@@ -454,11 +515,19 @@ def _as_flat(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype).contiguous()
 
 
-def _quiet_step(scores: torch.Tensor, thresholds: torch.Tensor, is_prompt: torch.Tensor) -> bool:
-    """No prompt row and no score at or over its threshold (so no violation, no alert to set).
+def _quiet_step(scores: torch.Tensor, thresholds: torch.Tensor, is_prompt: torch.Tensor,
+                sampled_overall: torch.Tensor | None = None) -> bool:
+    """No prompt row and no score at or over its threshold (so no violation, no alert to set;
+    the overall output's lower of its two thresholds, when a clear request has a second).
     Asking syncs the host: for the CPU path only."""
     n_rows = scores.shape[0]
-    return not bool(is_prompt[:n_rows].any()) and not bool((scores >= thresholds[:n_rows]).any())
+    if bool(is_prompt[:n_rows].any()):
+        return False
+    rows_t = thresholds[:n_rows]
+    if sampled_overall is not None:
+        last = torch.minimum(rows_t[:, -1], sampled_overall[:n_rows].to(rows_t.dtype))
+        rows_t = torch.cat([rows_t[:, :-1], last[:, None]], dim=1)
+    return not bool((scores >= rows_t).any())
 
 
 def decide(
@@ -477,6 +546,9 @@ def decide(
     alert_scale: torch.Tensor | None = None,
     prompt_thresholds: torch.Tensor | None = None,
     prompt_lift: float = 1.0,
+    clear: torch.Tensor | None = None,
+    clear_scale: torch.Tensor | None = None,
+    sampled_overall: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decision launch for the step. Mutates counter[:N] (and alert[:N]; and the
     prompt rows of ``scores`` when ``prompt_lift`` != 1, see the module docstring); returns
@@ -485,14 +557,19 @@ def decide(
 
     `event` / `cats` may be preallocated int32 buffers of at least N elements (unit stride);
     the first N are written and returned as views. `alert` (int32 [R], state), `alert_tau`
-    ([R]) and `alert_scale` (float [R], e^margin; 1 = no band) come together or not at all.
+    ([R]) and `alert_scale` (float [R], e^margin; 1 = no band) come together or not at all;
+    so do `clear` (int32 [R], state), `clear_scale` (float [R], e^margin) and
+    `sampled_overall` (float [R]: the overall output's threshold at a clear request's
+    generated tokens).
     """
     _check_decide_args(scores, thresholds, masked, counter, tau, is_prompt, active)
     _check_alert_args(scores, counter, alert, alert_tau, alert_scale)
+    _check_clear_args(scores, counter, clear, clear_scale, sampled_overall)
     _check_prompt_args(scores, thresholds, prompt_thresholds, prompt_lift)
     n_rows, n_cats = scores.shape
     if not _use_triton(scores):
-        if scores.device.type != "cuda" and _quiet_step(scores, thresholds, is_prompt):
+        if scores.device.type != "cuda" and _quiet_step(scores, thresholds, is_prompt,
+                                                        sampled_overall):
             # Off-GPU, where asking costs no sync, most decode steps have nothing over any
             # threshold and no prompt row: the answer is known (what the reference computes
             # then, for a quarter of its time): every event OK, no bits, active counters 0.
@@ -502,7 +579,8 @@ def decide(
         else:
             ref_event, ref_cats = decide_reference(
                 scores, thresholds, masked, counter, tau, is_prompt, active,
-                alert, alert_tau, alert_scale, prompt_thresholds, prompt_lift
+                alert, alert_tau, alert_scale, prompt_thresholds, prompt_lift,
+                clear, clear_scale, sampled_overall
             )
         if event is not None:
             event[:n_rows].copy_(ref_event)
@@ -539,6 +617,12 @@ def decide(
         alert_tau, alert_scale = _as_flat(alert_tau, torch.int32), _as_flat(alert_scale, torch.float32)
     else:  # never read: HAS_ALERT=False compiles the band out
         alert, alert_tau, alert_scale = counter, counter, counter
+    has_clear = clear is not None
+    if has_clear:
+        clear_scale = _as_flat(clear_scale, torch.float32)
+        sampled_overall = _as_flat(sampled_overall, torch.float32)
+    else:  # never read: HAS_CLEAR=False compiles it out
+        clear, clear_scale, sampled_overall = counter, counter, counter
     _jit(_safety_decision_kernel)[grid](
         scores,
         thresholds,
@@ -551,6 +635,9 @@ def decide(
         alert_tau,
         alert_scale,
         prompt_thresholds if has_prompt_thresholds else thresholds,
+        clear,
+        clear_scale,
+        sampled_overall,
         event,
         cats,
         n_rows,
@@ -567,6 +654,7 @@ def decide(
         HAS_ALERT=has_alert,
         HAS_PROMPT_THRESHOLDS=has_prompt_thresholds,
         HAS_PROMPT_LIFT=prompt_lift != 1.0,
+        HAS_CLEAR=has_clear,
         num_warps=4,
         # No fused multiply-add: the alert band's t + (1 - t) * s must round as the reference's
         # two roundings do, or a score one ulp from the moved threshold splits the two paths.

@@ -161,6 +161,25 @@ def sampled_overall_shift_points(extra: dict) -> tuple[tuple[float, float], ...]
     return tuple(points)
 
 
+# With a margin m (logits), the sampled shift applies only to requests whose prompt verdict
+# is clear: not flagged, and every output at least m logits under its prompt threshold. The
+# harmful answers a plain shift let through followed prompts that came close to their
+# verdict; sampled benign answers mostly follow clear ones (docs/history/safety-head.md).
+SAMPLED_CLEAR_MARGIN = "sampled_shift_clear_margin"
+
+
+def sampled_clear_margin(extra: dict) -> float | None:
+    """A head's clear margin for its sampled shift (None: the shift applies to every
+    sampled request)."""
+    value = (extra.get(OPERATING_POINT) or {}).get(SAMPLED_CLEAR_MARGIN)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 10:
+        raise ValueError(f"operating_point.{SAMPLED_CLEAR_MARGIN} must be a number of logits in "
+                         f"[0, 10]; got {value!r}")
+    return float(value)
+
+
 def overall_shift_at(points: tuple[tuple[float, float], ...], temperature: float) -> float:
     """The overall output's response shift at ``temperature`` (0: greedy, no shift)."""
     if temperature <= 0 or not points:

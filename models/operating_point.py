@@ -37,11 +37,13 @@ from safeserve.models.decision_defaults import (
     NO_ALLOWLIST_READOUT_SHIFT,
     OPERATING_POINT,
     PROMPT_LOGIT_OFFSET,
+    SAMPLED_CLEAR_MARGIN,
     SAMPLED_OVERALL_SHIFT,
     TOPIC_GATE_SHIFT,
     alert_band,
     gate_replaces_prompt_categories,
     prompt_logit_offset,
+    sampled_clear_margin,
     sampled_overall_shift_points,
     topic_gate_shift,
 )
@@ -53,7 +55,8 @@ def shift_head(head: SafetyHead, *, prompt_shift: float, response_shift: float,
                gate_shift: float = 0.0, gate_replaces: bool | None = None,
                no_allowlist_own: str | None = None,
                no_allowlist_readout_shift: float | None = None,
-               sampled_shift: tuple[tuple[float, float], ...] | None = None) -> SafetyHead:
+               sampled_shift: tuple[tuple[float, float], ...] | None = None,
+               clear_margin: float | None = None) -> SafetyHead:
     """A copy of ``head`` whose prompt and response thresholds moved by the given logits,
     with the given tau (None: ``head``'s own, else 3, as `eval replay` scores it) and alert
     band (``alert_margin`` logits below the prompt thresholds: the response rule acts after
@@ -65,7 +68,9 @@ def shift_head(head: SafetyHead, *, prompt_shift: float, response_shift: float,
     requests without an allow-list (format 10: ``no_allowlist_own`` "all" or "overall",
     ``no_allowlist_readout_shift`` logits, + = act less) is kept where None, and so are the
     sampled-decoding points of the overall output's response threshold (``sampled_shift``:
-    (temperature, logits) pairs, () to drop them)."""
+    (temperature, logits) pairs, () to drop them) and their clear margin (``clear_margin``
+    logits: the shift applies only to requests whose prompt verdict is clear by that much; a
+    negative number drops it)."""
     from safeserve.models.safety_calibration import with_thresholds
 
     if tau is None:
@@ -131,7 +136,12 @@ def shift_head(head: SafetyHead, *, prompt_shift: float, response_shift: float,
     if sampled_shift:
         extra[OPERATING_POINT][SAMPLED_OVERALL_SHIFT] = [[float(t), float(v)]
                                                          for t, v in sampled_shift]
+    if clear_margin is None:
+        clear_margin = sampled_clear_margin(head.extra)
+    if clear_margin is not None and clear_margin >= 0:
+        extra[OPERATING_POINT][SAMPLED_CLEAR_MARGIN] = float(clear_margin)
     sampled_overall_shift_points(extra)  # well-formed, as the server will check
+    sampled_clear_margin(extra)
     prompt_logit_offset(extra)  # in range, as the server will check
     prompt = None
     if head.prompt is not None:  # its overall output's fold moves with the head's
@@ -159,6 +169,7 @@ def move_operating_point(head_dir: Path, out: Path, *, prompt_shift: float,
                          no_allowlist_own: str | None = None,
                          no_allowlist_readout_shift: float | None = None,
                          sampled_shift: tuple[tuple[float, float], ...] | None = None,
+                         clear_margin: float | None = None,
                          log=print) -> dict:
     """Shift the head in ``head_dir``, write ``<out>/safety_head/`` (and copy a LoRA adapter).
     Its self-check record moves with the biases, exactly (no model needed), unless the prompt
@@ -178,7 +189,7 @@ def move_operating_point(head_dir: Path, out: Path, *, prompt_shift: float,
                      allowlist_shift=allowlist_shift, gate_shift=gate_shift,
                      gate_replaces=gate_replaces, no_allowlist_own=no_allowlist_own,
                      no_allowlist_readout_shift=no_allowlist_readout_shift,
-                     sampled_shift=sampled_shift)
+                     sampled_shift=sampled_shift, clear_margin=clear_margin)
     old_metrics = Path(head_dir) / "safety_head" / "metrics.json"
     metrics = json.loads(old_metrics.read_text()) if old_metrics.is_file() else {}
     metrics[OPERATING_POINT] = {

@@ -146,6 +146,10 @@ def register(app) -> None:
             "moves by at a request's temperature, as TEMP=SHIFT pairs, e.g. 0.7=1,1.0=2 "
             "(linear between them and from 0 at greedy, flat past the last; 'none' drops "
             "them; default: keep the head's own)."),
+        sampled_clear_margin: float = typer.Option(
+            None, help="Apply the sampled-decoding shift only to requests whose prompt verdict "
+            "is clear: every output at least this many logits under its prompt threshold "
+            "(a negative number drops the condition; default: keep the head's own)."),
     ) -> None:
         """Move a head's operating point (chosen with `eval replay`) without retraining or
         data: exact logit shifts of the prompt verdict and the response rule."""
@@ -160,6 +164,7 @@ def register(app) -> None:
                                      no_allowlist_own=no_allowlist_prompt_own,
                                      no_allowlist_readout_shift=no_allowlist_readout_shift,
                                      sampled_shift=_sampled_points(sampled_overall_shift),
+                                     clear_margin=sampled_clear_margin,
                                      log=typer.echo)
         typer.echo(json.dumps(point, indent=2))
 

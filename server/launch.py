@@ -172,6 +172,7 @@ def build_safety(spec: EngineSpec, settings: Settings):
         alert_band,
         allowlist_overall_shift,
         prompt_logit_offset,
+        sampled_clear_margin,
         sampled_overall_shift_points,
     )
     from safeserve.server.safety_config import DEFAULT_TAU, SafetyPolicy
@@ -182,6 +183,7 @@ def build_safety(spec: EngineSpec, settings: Settings):
         alert_margin, alert_tau = alert_band(head.extra)
         prompt_logit_offset(head.extra)  # the worker reads it; a bad one fails here, clearly
         sampled_points = sampled_overall_shift_points(head.extra)
+        clear_margin = sampled_clear_margin(head.extra)
     except (TypeError, ValueError) as e:
         raise StartupError(f"safety head {spec.model_dir}: {e}") from None
     try:
@@ -191,6 +193,7 @@ def build_safety(spec: EngineSpec, settings: Settings):
                                   "tau", DEFAULT_TAU)),
                               allowlist_overall_shift=allowlist_overall_shift(head.extra),
                               sampled_overall_shift=sampled_points,
+                              sampled_clear_margin=clear_margin,
                               alert_margin=alert_margin, alert_tau=alert_tau,
                               explain_sentences=settings.refusal_explain_sentences,
                               gate_replaces_prompt_categories=(

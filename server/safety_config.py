@@ -164,6 +164,7 @@ class SafetyPolicy:
                  default_tau: int = DEFAULT_TAU,
                  allowlist_overall_shift: float = DEFAULT_ALLOWLIST_OVERALL_SHIFT,
                  sampled_overall_shift: tuple[tuple[float, float], ...] = (),
+                 sampled_clear_margin: float | None = None,
                  alert_margin: float = 0.0, alert_tau: int | None = None,
                  explain_sentences: int = DEFAULT_EXPLAIN_SENTENCES,
                  gate_replaces_prompt_categories: bool = False):
@@ -185,6 +186,9 @@ class SafetyPolicy:
         # The head's (temperature, shift) points for the overall output's response threshold
         # under sampled decoding (models/decision_defaults.overall_shift_at)
         self.sampled_overall_shift = tuple(sampled_overall_shift)
+        # None: the shift applies to every sampled request; a number m: only to requests
+        # whose prompt verdict is clear by m logits (decided in the decision kernel)
+        self.sampled_clear_margin = sampled_clear_margin
         path = presets_path or DEFAULT_PRESETS
         try:
             raw = yaml.safe_load(path.read_text()) or {}
@@ -343,7 +347,8 @@ class SafetyPolicy:
         return round(overall_shift_at(self.sampled_overall_shift, temperature), 4)
 
     def compile(self, cfg: SafetyConfig, rid: str, refusal_ids: list[int],
-                eos_id: int, refusal_sep: int = 0, temperature: float = 0.0) -> W.RowSafetyArgs:
+                eos_id: int, refusal_sep: int = 0, temperature: float = 0.0,
+                prefilled: bool = False) -> W.RowSafetyArgs:
         ids = self.taxonomy.ids
         thresholds = list(self.response_thresholds_of(cfg).values())  # categories, then overall
         prompt_thresholds = list(self.thresholds_of(cfg).values())
@@ -359,8 +364,16 @@ class SafetyPolicy:
             prompt_thresholds[-1] = shift_probability(prompt_thresholds[-1],
                                                       self.allowlist_overall_shift)
         sampled = self.sampled_shift_of(cfg, temperature)
-        if sampled:  # generated tokens only: the prompt verdict does not depend on sampling
+        sampled_overall, clear_scale = None, 1.0
+        if sampled and self.sampled_clear_margin is None:
+            # generated tokens only: the prompt verdict does not depend on sampling
             thresholds[-1] = shift_probability(thresholds[-1], sampled)
+        elif sampled and not prefilled:
+            # only if the prompt verdict turns out clear, which the kernel decides (a prefilled
+            # request's prompt row reads the attacker's opening: never clear, no shift)
+            sampled_overall = shift_probability(thresholds[-1], sampled)
+            clear_scale = math.exp(self.sampled_clear_margin)
+            sampled = 0.0  # the response thresholds stand as compiled
         alert_tau = self.alert_tau_of(cfg)
         return W.RowSafetyArgs(rid=rid, thresholds=thresholds, masked=masked, tau=self.tau_of(cfg),
                                action=W.ACTION_CODES[cfg.on_violation],
@@ -369,4 +382,5 @@ class SafetyPolicy:
                                alert_tau=alert_tau or 0,
                                explain_sentences=self.explain_sentences_of(cfg),
                                prompt_thresholds=(prompt_thresholds
-                                                  if cfg.threshold_shift or sampled else None))
+                                                  if cfg.threshold_shift or sampled else None),
+                               sampled_overall=sampled_overall, clear_scale=clear_scale)

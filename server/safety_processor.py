@@ -168,6 +168,11 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.alert_tau = torch.ones(r, dtype=torch.int32, device=device)
         self.alert_scale = torch.ones(r, dtype=torch.float32, device=device)
         self.query_alert = torch.zeros(r, dtype=torch.int32, device=device)
+        # Sampled decoding (clear prompts only): the state is per step, above (clear); the
+        # margin's scale and the overall output's threshold at a clear request's tokens
+        # (its own threshold where the request has no sampled shift: clear changes nothing).
+        self.clear_scale = torch.ones(r, dtype=torch.float32, device=device)
+        self.sampled_overall = torch.ones(r, dtype=torch.float32, device=device)
         # Format 11: whether the prompt veto caps this row's prompt verdict. Not a prefilled
         # request's: its prompt row reads the attacker's opening inside the answer, unlike the
         # prompt ends the veto was fitted on (its query verdict, a plain prompt, is vetoed).
@@ -287,13 +292,15 @@ class SafetyLogitsProcessor(LogitsProcessor):
                              is_prompt, self.active, alert=self.alert, alert_tau=self.alert_tau,
                              alert_scale=self.alert_scale,
                              prompt_thresholds=self.prompt_thresholds if prompt_work else None,
-                             prompt_lift=self.prompt_lift if prompt_work else 1.0)
+                             prompt_lift=self.prompt_lift if prompt_work else 1.0,
+                             clear=self.clear, clear_scale=self.clear_scale,
+                             sampled_overall=self.sampled_overall)
         gate_bits = None
         if topic is not None and prompt_work:
             # An allow-listed request about a category it does not allow: its prompt verdict
             # violates for that category, whatever the harm outputs say.
             gate_bits = gate_topics(event, cats, self.alert, self.masked[:n], self.attributable[:n], topic,
-                        is_prompt)
+                        is_prompt, clear=self.clear)
         # (off-GPU a step with no bit set, nearly every one, has nothing to name)
         if self.n_attribution and (self.sync_free or bool(cats.any())):
             name_overall_bits(cats, self.named[:n], self.k)
@@ -318,6 +325,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
                                              vocab, report)
             logits = self._force(logits, forced, sync_free=self.sync_free)
         if report is not None:
+            # the flags column carries the clear state in its bit 1 (worker_telemetry)
+            report[:, self.k + 5].add_(self.clear[:n], alpha=2)
             if gate_bits is not None:  # one column more: which bits were the gate's
                 report = torch.cat([report, gate_bits[:, None].to(report.dtype)], 1)
             self._report(report, time.perf_counter() - t0)
@@ -519,6 +528,9 @@ class SafetyLogitsProcessor(LogitsProcessor):
             # a flagged verdict always names an output; the overall one if it somehow did not
             self.query_cats[i] = args.query_cats or 1 << (self.thresholds.shape[1] - 1)
         self.alert_scale[i] = args.alert_scale
+        self.clear_scale[i] = args.clear_scale
+        self.sampled_overall[i] = (args.thresholds[-1] if args.sampled_overall is None
+                                   else args.sampled_overall)
         self.prompt_thresholds[i] = self._host_row(args.prompt_thresholds or args.thresholds,
                                                    torch.float32)
         self.alert_tau[i] = args.alert_tau or args.tau
@@ -548,6 +560,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.read_len[i] = 0
         self.query_cats[i] = 0
         self.alert[i] = 0
+        self.clear[i] = 0
         self.query_alert[i] = 0
         self.vetoable[i] = 0
         self.explain_left[i] = -1
@@ -558,11 +571,13 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.step_len[i] = -1
 
     # The state a step changes (see _undo_repeated_steps).
-    _PER_STEP = ("counter", "phase", "origin", "alert", "read_len", "explain_left", "seen_word")
+    _PER_STEP = ("counter", "phase", "origin", "alert", "read_len", "explain_left", "seen_word",
+                 "clear")
     _TENSORS = ("thresholds", "masked", "counter", "tau", "active", "action", "phase", "origin",
                 "read_len",
                 "refusal", "refusal_len", "refusal_start", "eos", "query_cats", "alert", "alert_tau",
                 "alert_scale", "query_alert", "explain_left", "explain_cap", "seen_word",
+                "clear", "clear_scale", "sampled_overall",
                 "prompt_thresholds", "attributable", "named", "vetoable",
                 "step_len", *("_before_" + name for name in _PER_STEP))
 

@@ -114,11 +114,14 @@ class SafetyService:
         by the head's sampled-decoding shift (echoed as ``sampled_overall_shift``)."""
         ids = self.refusal_ids()
         args = self.policy.compile(req.config, rid, ids, eos_id, self._refusal_sep,
-                                   temperature=temperature)
+                                   temperature=temperature, prefilled=prefilled)
         echo = req.echo()
         sampled = self.policy.sampled_shift_of(req.config, temperature)
-        if sampled:
+        margin = self.policy.sampled_clear_margin
+        if sampled and (margin is None or args.sampled_overall is not None):
             echo["sampled_overall_shift"] = sampled
+            if margin is not None:  # it applies only if the prompt verdict was clear
+                echo["sampled_shift_clear_margin"] = margin
         args.prefilled, args.verdict_only = prefilled, verdict_only
         args.ended = self.hub.take_ended()
         if query is not None and query.event == EVENT_TRIGGER:

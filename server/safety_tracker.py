@@ -344,10 +344,19 @@ class RequestTracker:
         return SafetyReport(enabled=True, model_has_head=True, action=action, prompt=prompt,
                             query=self._verdict(self.query), response=response, config=self.config_echo,
                             score_names=list(self.names),
-                            thresholds=echoed_thresholds(self.names, self.args.thresholds),
+                            thresholds=echoed_thresholds(self.names, self.response_thresholds()),
                             prompt_thresholds=self.prompt_thresholds,
                             trace=trace,
                             telemetry_complete=not self.incomplete)
+
+    def response_thresholds(self) -> list[float]:
+        """What the response rule compared each output against: the compiled thresholds, the
+        overall one at its sampled value when the request has one and its prompt verdict
+        was clear (kernels/safety_decision.py)."""
+        values = list(self.args.thresholds)
+        if self.args.sampled_overall is not None and self.prompt is not None and self.prompt.clear:
+            values[-1] = self.args.sampled_overall
+        return values
 
     def refusal_ending(self, finish_reason: str | None) -> str | None:
         """How a refused response ended (None: it was not refused)."""

@@ -53,6 +53,12 @@ class RowSafetyArgs:
     alert_scale: float = 1.0
     alert_tau: int = 0
     query_alert: bool = False
+    # Sampled decoding, for a head whose shift applies to clear prompts only: a prompt
+    # verdict neither violated nor within log(clear_scale) logits of its thresholds makes the
+    # request clear, and its generated tokens compare the overall output against
+    # sampled_overall (None: against thresholds[-1], as every other request).
+    sampled_overall: float | None = None
+    clear_scale: float = 1.0
     # Sentences the model may write after a spliced refusal before the response ends
     # (0: end right after the refusal; -1: no limit, the paper's open-ended explanation).
     explain_sentences: int = -1
@@ -101,6 +107,9 @@ class StepRecord:
     acted: int  # 1 if the strategy started an action (refusal or stop) at this step
     alert: int = 0  # 1 if the request's prompt verdict fell in the alert band
     gate: int = 0  # category bits the topic gate flagged at this prompt row (format 8)
+    # 1 if the request's prompt verdict was clear (sampled decoding: its generated tokens
+    # compare the overall output against RowSafetyArgs.sampled_overall)
+    clear: int = 0
     # A GONE record: the request's output length when it left the batch. 0 when it left
     # before sampling a token (unscheduled for a step mid-prompt, or preempted): its prompt
     # verdict may still change.

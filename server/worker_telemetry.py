@@ -25,11 +25,13 @@ def step_records(packed: list[list[float]], rows: list[tuple[int, str, int]],
     out = []
     for i, rid, length in rows:
         row = packed[i]
+        flags = int(row[k + 5])  # bit 0: alert; bit 1: clear (safety_processor.apply)
         out.append(W.StepRecord(rid, length, row[:k], int(row[k]), int(row[k + 1]),
                                 int(row[k + 2]), int(row[k + 3]), int(row[k + 4]),
-                                int(row[k + 5]),
+                                flags & 1,
                                 # a step that consulted the topic gate has its bits last
-                                int(row[k + 6]) if len(row) > k + 6 else 0))
+                                int(row[k + 6]) if len(row) > k + 6 else 0,
+                                clear=(flags >> 1) & 1))
     return out
 
 

@@ -287,9 +287,10 @@ def test_replay_predicts_the_served_outcomes(default_server, tmp_path):
 
 
 def test_sampled_requests_run_the_heads_sampled_response_shift(default_server, tmp_path):
-    """A request sampling at temperature T runs the overall output's response threshold moved
-    by the head's sampled-decoding shift at T (echoed), its prompt verdict unmoved; and replay
-    with that shift predicts a seeded sampled run as served, request by request."""
+    """A request sampling at temperature T whose prompt verdict is clear runs the overall
+    output's response threshold moved by the head's sampled-decoding shift at T (echoed), its
+    prompt verdict unmoved; and replay with that shift predicts a seeded sampled run as
+    served, request by request."""
     from safeserve.models.checkpoint import load_safety_head
     from safeserve.models.decision_defaults import (
         overall_shift_at,
@@ -300,14 +301,18 @@ def test_sampled_requests_run_the_heads_sampled_response_shift(default_server, t
     from safeserve.models.evaluation.safety_eval import evaluate, read_rows
     from safeserve.models.model_store import DEFAULT_HEAD_DIR
 
-    points = sampled_overall_shift_points(load_safety_head(DEFAULT_HEAD_DIR).extra)
+    extra = load_safety_head(DEFAULT_HEAD_DIR).extra
+    points = sampled_overall_shift_points(extra)
     assert points, "the default head names its sampled-decoding shift"
+    margin = extra["operating_point"].get("sampled_shift_clear_margin")
     france = [{"role": "user", "content": "What is the capital of France?"}]
     greedy = ask(default_server, france, max_tokens=8)["safety"]
-    for temperature in (0.85, 1.0, 1.3):
+    for temperature in (0.35, 1.0, 1.3):
         s = ask(default_server, france, max_tokens=8, temperature=temperature, seed=1)["safety"]
         shift = overall_shift_at(points, temperature)
         assert shift > 0 and s["config"]["sampled_overall_shift"] == pytest.approx(shift, abs=1e-4)
+        assert s["config"].get("sampled_shift_clear_margin") == margin
+        # (this prompt's verdict is far from every threshold: clear)
         moved = 1 / (1 + math.exp(-(math.log(greedy["thresholds"]["unsafe"]
                                              / (1 - greedy["thresholds"]["unsafe"])) + shift)))
         assert s["thresholds"]["unsafe"] == pytest.approx(moved, abs=1e-5)

@@ -337,7 +337,8 @@ def _oracle_bits(row_scores, row_thresholds, row_masked):
 
 
 def _decide_oracle(scores, thresholds, masked, counter, tau, is_prompt, active,
-                   alert=None, alert_tau=None, alert_margin=None):
+                   alert=None, alert_tau=None, alert_margin=None,
+                   clear=None, clear_margin=None, sampled_overall=None):
     """Row-by-row statement of the decision rules on Python lists (independent of both
     implementations); mutates the `counter` (and `alert`) lists like the kernels mutate
     theirs. The alert band is stated in logits here, as the README states it."""
@@ -347,7 +348,10 @@ def _decide_oracle(scores, thresholds, masked, counter, tau, is_prompt, active,
             events.append(EVENT_OK)
             cats.append(0)
             continue
-        bits = _oracle_bits(row_scores, thresholds[i], masked[i])
+        row_thresholds = list(thresholds[i])
+        if clear is not None and clear[i] and not is_prompt[i]:
+            row_thresholds[-1] = sampled_overall[i]  # a clear request's generated tokens
+        bits = _oracle_bits(row_scores, row_thresholds, masked[i])
         if is_prompt[i]:
             counter[i] = 0
             events.append(EVENT_TRIGGER if bits else EVENT_OK)
@@ -355,6 +359,10 @@ def _decide_oracle(scores, thresholds, masked, counter, tau, is_prompt, active,
                 lowered = [1 / (1 + math.exp(-(math.log(t / (1 - t)) - alert_margin[i])))
                            for t in thresholds[i]]
                 alert[i] = int(not bits and _oracle_bits(row_scores, lowered, masked[i]) != 0)
+            if clear is not None:
+                lowered = [1 / (1 + math.exp(-(math.log(t / (1 - t)) - clear_margin[i])))
+                           for t in thresholds[i]]
+                clear[i] = int(not bits and _oracle_bits(row_scores, lowered, masked[i]) == 0)
         else:
             counter[i] = counter[i] + 1 if bits else 0
             run = alert_tau[i] if alert is not None and alert[i] else tau[i]
@@ -450,6 +458,95 @@ def test_decide_reference_alert_band_matches_oracle(n_cats):
         assert counter.tolist() == oracle_counter
         assert alert.tolist() == oracle_alert
     assert 0 < sum(oracle_alert) < capacity  # the band was exercised both ways
+
+
+def _clear_state(capacity: int, thresholds: torch.Tensor, g: torch.Generator):
+    """Per-row clear tables: state (some rows already clear), margin in logits (0: clear is
+    not violated), the kernel's scale e^margin, and the overall output's sampled threshold
+    (a shift of up to +-2 logits of its own)."""
+    clear = (torch.rand(capacity, generator=g) < 0.4).to(torch.int32)
+    margin = torch.rand(capacity, generator=g) * 2.0
+    margin[torch.rand(capacity, generator=g) < 0.2] = 0.0
+    t = thresholds[:, -1]
+    shift = (torch.rand(capacity, generator=g) - 0.5) * 4.0
+    sampled = torch.sigmoid(torch.log(t / (1 - t)) + shift)
+    return clear, margin, torch.exp(margin), sampled
+
+
+@pytest.mark.parametrize("n_cats", [1, 3, 10])
+def test_decide_reference_clear_state_matches_oracle(n_cats):
+    """Sampled decoding: a prompt row sets clear when it is neither violated nor within the
+    clear margin; a clear request's generated tokens compare the overall output (the last
+    column) against its sampled threshold; the alert band runs beside it."""
+    g = _gen(700 + n_cats)
+    capacity, n_rows = 40, 33
+    thresholds, masked, counter, tau, active = _decision_state(capacity, n_cats, g)
+    alert, alert_tau, margin, scale = _alert_state(capacity, g)
+    clear, clear_margin, clear_scale, sampled = _clear_state(capacity, thresholds, g)
+    is_prompt = (torch.rand(n_rows, generator=g) < 0.5).to(torch.int8)
+    oracle = {"counter": counter.tolist(), "alert": alert.tolist(), "clear": clear.tolist()}
+    for step in range(6):
+        scores = torch.rand(n_rows, n_cats, generator=g)
+        if step:  # step 3: decode rows only (the reference's shortcut off-GPU)
+            is_prompt = (torch.rand(n_rows, generator=g) < (0.0 if step == 3 else 0.1)).to(torch.int8)
+        want_events, want_cats = _decide_oracle(
+            scores.tolist(), thresholds.tolist(), masked.tolist(), oracle["counter"],
+            tau.tolist(), is_prompt.tolist(), active.tolist(), oracle["alert"],
+            alert_tau.tolist(), margin.tolist(), oracle["clear"], clear_margin.tolist(),
+            sampled.tolist())
+        event, cats = decide(scores, thresholds, masked, counter, tau, is_prompt, active,
+                             alert=alert, alert_tau=alert_tau, alert_scale=scale,
+                             clear=clear, clear_scale=clear_scale, sampled_overall=sampled)
+        assert event.tolist() == want_events
+        assert cats.tolist() == want_cats
+        assert counter.tolist() == oracle["counter"]
+        assert alert.tolist() == oracle["alert"]
+        assert clear.tolist() == oracle["clear"]
+    assert 0 < sum(oracle["clear"]) < capacity  # exercised both ways
+
+
+def test_decide_without_clear_tables_is_unchanged_and_they_come_together():
+    g = _gen(9)
+    thresholds, masked, counter, tau, active = _decision_state(8, 3, g)
+    scores = torch.rand(8, 3, generator=g)
+    is_prompt = torch.zeros(8, dtype=torch.int8)
+    clear, _, clear_scale, sampled = _clear_state(8, thresholds, g)
+    with pytest.raises(ValueError, match="come together"):
+        decide(scores, thresholds, masked, counter, tau, is_prompt, active, clear=clear)
+    no_clear = torch.zeros_like(clear)  # nothing clear: the same as no tables
+    want = decide_reference(scores, thresholds, masked, counter.clone(), tau, is_prompt, active)
+    got = decide_reference(scores, thresholds, masked, counter.clone(), tau, is_prompt, active,
+                           clear=no_clear, clear_scale=clear_scale, sampled_overall=sampled)
+    _assert_same(got, want)
+
+
+@needs_triton
+@pytest.mark.parametrize("n_rows", [0, 1, 7, 33])
+@pytest.mark.parametrize("n_cats", [1, 3, 10, 31])
+def test_decide_clear_state_matches_reference(n_rows, n_cats):
+    g = _gen(n_rows * 53 + n_cats)
+    capacity = n_rows + 5
+    thresholds, masked, counter, tau, active = _decision_state(capacity, n_cats, g)
+    alert, alert_tau, _, scale = _alert_state(capacity, g)
+    clear, _, clear_scale, sampled = _clear_state(capacity, thresholds, g)
+    counter_ref, alert_ref, clear_ref = counter.clone(), alert.clone(), clear.clone()
+    for step in range(4):
+        scores = torch.rand(n_rows, n_cats, generator=g)
+        is_prompt = (torch.rand(n_rows, generator=g) < (0.6 if step == 0 else 0.1)).to(torch.int8)
+        args = _to_device(scores, thresholds, masked)
+        rest = _to_device(tau, is_prompt, active)
+        alert_d, counter_d, clear_d = alert.to(DEVICE), counter.to(DEVICE), clear.to(DEVICE)
+        event, cats = decide(*args, counter_d, *rest, alert=alert_d,
+                             alert_tau=alert_tau.to(DEVICE), alert_scale=scale.to(DEVICE),
+                             clear=clear_d, clear_scale=clear_scale.to(DEVICE),
+                             sampled_overall=sampled.to(DEVICE))
+        event_ref, cats_ref = decide_reference(scores, thresholds, masked, counter_ref, tau,
+                                               is_prompt, active, alert_ref, alert_tau, scale,
+                                               clear=clear_ref, clear_scale=clear_scale,
+                                               sampled_overall=sampled)
+        _assert_same((event, cats, counter_d, alert_d, clear_d),
+                     (event_ref, cats_ref, counter_ref, alert_ref, clear_ref))
+        counter, alert, clear = counter_d.cpu(), alert_d.cpu(), clear_d.cpu()
 
 
 @needs_triton
@@ -916,7 +1013,11 @@ def _worker_processor(sync_free: bool, device: torch.device, capacity: int = 8,
                                action=actions[i % 4], refusal_ids=[9, 5, 8], refusal_sep=1,
                                eos_id=0, alert_scale=math.e, alert_tau=1,
                                explain_sentences=1 if i % 3 else -1,
-                               query_flagged=i == 5, query_cats=1 if i == 5 else 0)
+                               query_flagged=i == 5, query_cats=1 if i == 5 else 0,
+                               # every other row samples: its overall threshold moves once
+                               # its prompt verdict is clear by 0.5 logits
+                               sampled_overall=0.62 if i % 2 else None,
+                               clear_scale=math.exp(0.5) if i % 2 else 1.0)
         proc._add(i, args, outs[i])
     return proc, sent, outs
 

@@ -108,6 +108,43 @@ def test_alert_band_state_follows_its_row_through_the_persistent_batch():
     assert proc.rids[1] == "near" and proc.alert[1] == 1 and proc.alert[3] == 0
 
 
+def test_a_clear_prompts_answer_is_judged_at_the_sampled_overall_threshold():
+    """Sampled decoding with a clear margin: a prompt verdict clear by the margin makes the
+    row clear (reported in bit 1 of the flags column), and its generated tokens compare the
+    overall output against the sampled threshold; a near prompt's do not; the state follows
+    its request through moves and a preemption."""
+    import math
+
+    proc, sent = _processor()
+    outs = [[], [], []]
+    sampled = dict(sampled_overall=0.75, clear_scale=math.e, alert_scale=1.0, alert_tau=0, tau=2)
+    proc._add(0, _args("clear", **sampled), outs[0])  # prompt 0.1: 2.2 logits short of 0.5
+    proc._add(1, _args("near", **sampled), outs[1])  # prompt 0.3: 0.85 short, margin 1
+    proc._add(2, _args("greedy", alert_scale=1.0, alert_tau=0, tau=2), outs[2])  # no sampled
+    _step(proc, [[0.1] * 10, [0.3] * 10, [0.1] * 10])
+    assert proc.clear[:3].tolist() == [1, 0, 1]
+    assert [(r.rid, r.clear, r.alert) for r in sent] == [("clear", 1, 0), ("near", 0, 0),
+                                                          ("greedy", 1, 0)]
+    for o in outs:
+        o.append(7)
+    # the overall output at 0.6 for two steps: over 0.5, under the clear row's 0.75
+    row = [0.1] * 9 + [0.6]
+    _step(proc, [row] * 3)
+    for o in outs:  # the next token (a step at the same length is a repeat)
+        o.append(8)
+    logits = _step(proc, [row] * 3)
+    assert [int(r.argmax()) for r in logits] == [0, 5, 5]  # tau 2: the others refuse
+    proc._swap(0, 1)
+    assert proc.clear[:2].tolist() == [0, 1] and proc.sampled_overall[1] == 0.75
+    proc._park(1)
+    proc._clear(1)
+    assert proc.clear[1] == 0
+    proc._add(3, _args("clear", **sampled), outs[0])  # resumed: its parked snapshot
+    assert proc.clear[3] == 1 and proc.sampled_overall[3] == 0.75
+    # the row without a sampled threshold compares its own: clear changes nothing there
+    assert proc.sampled_overall[2] == 0.5
+
+
 def test_a_flagged_prompt_is_not_an_alert():
     proc, sent = _processor()
     proc._add(0, _args("flagged", query_alert=True), [])  # own verdict fires; query was near

@@ -92,3 +92,79 @@ def test_a_policy_without_points_samples_like_greedy():
     plain = policy.presets["default"]
     assert (policy.compile(plain, "r", [], 0, temperature=1.0).thresholds
             == policy.compile(plain, "r", [], 0).thresholds)
+
+
+def test_with_a_clear_margin_the_shift_waits_for_a_clear_prompt():
+    """A head whose sampled shift applies to clear prompts only: the compiled response
+    thresholds stand, the shifted overall threshold rides beside them for the kernel to use
+    once the prompt verdict is clear (margin as e^m), and a prefilled request gets none."""
+    import math
+
+    policy = SafetyPolicy(Taxonomy.load(), sampled_overall_shift=POINTS, sampled_clear_margin=1.0)
+    plain = policy.presets["default"]
+    greedy = policy.compile(plain, "r", [], 0)
+    sampled = policy.compile(plain, "r", [], 0, temperature=1.0)
+    assert sampled.thresholds == greedy.thresholds and sampled.prompt_thresholds is None
+    assert sampled.sampled_overall == pytest.approx(shift_probability(greedy.thresholds[-1], 2.0))
+    assert sampled.clear_scale == pytest.approx(math.e)
+    assert greedy.sampled_overall is None and greedy.clear_scale == 1.0
+    prefilled = policy.compile(plain, "r", [], 0, temperature=1.0, prefilled=True)
+    assert prefilled.sampled_overall is None and prefilled.thresholds == greedy.thresholds
+    # the wire carries it to the worker
+    from safeserve.server import safety_wire as W
+
+    back = W.RowSafetyArgs.from_extra_args(sampled.to_extra_args())
+    assert back.sampled_overall == sampled.sampled_overall and back.clear_scale == sampled.clear_scale
+
+
+@pytest.mark.parametrize("bad", [-1, 11, "1", True])
+def test_a_bad_clear_margin_is_refused(bad):
+    from safeserve.models.decision_defaults import sampled_clear_margin
+
+    with pytest.raises(ValueError, match="sampled_shift_clear_margin"):
+        sampled_clear_margin({"operating_point": {"sampled_shift_clear_margin": bad}})
+    assert sampled_clear_margin({}) is None
+
+
+def test_replay_compiles_the_clear_tables_the_server_compiles():
+    from safeserve.models.evaluation import replay as rp
+
+    tax = Taxonomy.load()
+    policy = SafetyPolicy(tax, sampled_overall_shift=POINTS, sampled_clear_margin=1.0)
+    args = policy.compile(policy.presets["default"], "r", [], 0, temperature=0.85)
+    base = [c.threshold for c in tax.categories] + [0.5]
+    rule = rp.Rule(tax.output_names, tuple(base), tuple(base),
+                   overall_response_shift=policy.sampled_shift_of(policy.presets["default"], 0.85),
+                   sampled_clear_margin=1.0)
+    k = len(tax.output_names)
+    rows = [rp.TracedRow(kind="benign", group="direct", dataset="t", allow=(), prompt=None,
+                         query=query, steps=rp.np.zeros((0, k)), refused_by_text=False,
+                         answered_by_text=True) for query in (None, rp.np.zeros(k))]
+    t = rp._tables(rows, rule)
+    import torch
+
+    f32 = lambda x: torch.tensor(x, dtype=torch.float32).item()  # noqa: E731
+    assert t["thresholds"][0].tolist() == torch.tensor(args.thresholds, dtype=torch.float32).tolist()
+    assert t["sampled_overall"][0].item() == f32(args.sampled_overall)
+    assert t["sampled_overall"][1].item() == f32(args.thresholds[-1])  # prefilled: no shift
+    assert t["clear_scale"][0].item() == f32(args.clear_scale)
+
+
+def test_replay_applies_the_shift_only_after_a_clear_prompt():
+    from safeserve.models.evaluation import replay as rp
+
+    names = ("violence", "unsafe")
+    rule = rp.Rule(names, (0.9, 0.5), (0.9, 0.5), tau=2, overall_response_shift=1.0,
+                   sampled_clear_margin=1.0)
+
+    def row(prompt, query=None):
+        return rp.TracedRow(kind="benign", group="direct", dataset="t", allow=(),
+                            prompt=rp.np.array(prompt, dtype=float),
+                            query=None if query is None else rp.np.array(query, dtype=float),
+                            steps=rp.np.array([[0.1, 0.6]] * 3), refused_by_text=False,
+                            answered_by_text=True)
+
+    # the overall output at 0.6: over 0.5, under 0.5 moved +1 logit (0.731)
+    assert rp.trigger_step(row([0.1, 0.1]), rule) is None  # clear prompt: shifted
+    assert rp.trigger_step(row([0.1, 0.4]), rule) == 2  # 0.4 is within 1 logit of 0.5
+    assert rp.trigger_step(row([0.1, 0.1], query=[0.1, 0.1]), rule) == 2  # prefilled

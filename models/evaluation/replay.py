@@ -51,6 +51,7 @@ from safeserve.models.decision_defaults import (
     DEFAULT_ALLOWLIST_OVERALL_SHIFT,
     alert_band,
     allowlist_overall_shift,
+    sampled_clear_margin,
 )
 from safeserve.models.evaluation.datasets import json_object_line
 from safeserve.models.evaluation.judge import FULL_COMPLIANCE, FULL_REFUSAL
@@ -84,6 +85,9 @@ class Rule:
     # Logits the overall output's response threshold moves by on top of the rest (a head's
     # sampled-decoding shift at the run's temperature: decision_defaults.overall_shift_at).
     overall_response_shift: float = 0.0
+    # With a margin (logits), that shift applies only to requests whose prompt verdict is
+    # clear by it (operating_point.sampled_shift_clear_margin), never to prefilled ones.
+    sampled_clear_margin: float | None = None
 
     @property
     def response_tau_alerted(self) -> int:
@@ -122,7 +126,8 @@ def served_rule(head_dir: str | Path, *, tau: int | None = None) -> Rule:
     return Rule(names, tuple(thresholds), tuple(thresholds), tau,
                 allowlist_overall_shift(head.extra), margin, alert_tau,
                 head.attribution is not None,
-                head.topic is not None and head.gate_replaces_prompt_categories)
+                head.topic is not None and head.gate_replaces_prompt_categories,
+                sampled_clear_margin=sampled_clear_margin(head.extra))
 
 
 def has_prompt_veto(head_dir: str | Path) -> bool:
@@ -252,7 +257,9 @@ def load_safety_run(path: str | Path, names: tuple[str, ...]) -> list[TracedRow]
                    "server_trigger": _server_trigger(row),
                    "tau": (row["safety"].get("config") or {}).get("tau"),
                    "shift": (row["safety"].get("config") or {}).get("threshold_shift"),
-                   "sampled": (row["safety"].get("config") or {}).get("sampled_overall_shift")}))
+                   "sampled": (row["safety"].get("config") or {}).get("sampled_overall_shift"),
+                   "clear_margin": (row["safety"].get("config") or {}).get(
+                       "sampled_shift_clear_margin")}))
     return rows
 
 
@@ -276,7 +283,9 @@ def load_cosa_run(path: str | Path, names: tuple[str, ...]) -> list[TracedRow]:
                    "server_trigger": _server_trigger(row),
                    "tau": (row["safety"].get("config") or {}).get("tau"),
                    "shift": (row["safety"].get("config") or {}).get("threshold_shift"),
-                   "sampled": (row["safety"].get("config") or {}).get("sampled_overall_shift")}))
+                   "sampled": (row["safety"].get("config") or {}).get("sampled_overall_shift"),
+                   "clear_margin": (row["safety"].get("config") or {}).get(
+                       "sampled_shift_clear_margin")}))
     return rows
 
 
@@ -394,8 +403,19 @@ def _tables(rows: list[TracedRow], rule: Rule) -> dict[str, torch.Tensor]:
                            torch.tensor(plain, dtype=torch.float32))
 
     band = rule.alert_margin > 0 and bool(rule.alert_tau)
+    conditional = rule.sampled_clear_margin is not None
+    response = compiled(rule.response_thresholds,
+                        0.0 if conditional else rule.overall_response_shift)
+    sampled = response[:, -1].clone()
+    if conditional and rule.overall_response_shift:
+        prefilled = torch.tensor([r.query is not None for r in rows], dtype=torch.bool)
+        shifted = compiled(rule.response_thresholds, rule.overall_response_shift)[:, -1]
+        sampled = torch.where(prefilled, sampled, shifted)
     return {
-        "thresholds": compiled(rule.response_thresholds, rule.overall_response_shift),
+        "thresholds": response,
+        "sampled_overall": sampled,
+        "clear_scale": torch.full((n,), math.exp(rule.sampled_clear_margin) if conditional
+                                  else 1.0, dtype=torch.float32),
         "prompt_thresholds": compiled(rule.prompt_thresholds),
         "masked": masked,
         # attributable: its overall output is named per request (not when it does not act)
@@ -432,6 +452,9 @@ def _trigger_steps(rows: list[TracedRow], rule: Rule) -> list[int | None]:
     counter = torch.zeros(n, dtype=torch.int32)
     alert = torch.zeros(n, dtype=torch.int32)
     band = (t["alert_tau"], t["alert_scale"])
+    clear = torch.zeros(n, dtype=torch.int32)
+    sampled = {"clear": clear, "clear_scale": t["clear_scale"],
+               "sampled_overall": t["sampled_overall"]}
     # The prompt row. A format-7 head names the overall output's category first (the mask
     # then holds for the whole request); a format-9 head leaves a gated prompt's categories
     # to its topic gate, which judges after the decision.
@@ -444,10 +467,10 @@ def _trigger_steps(rows: list[TracedRow], rule: Rule) -> list[int | None]:
     scores, has_prompt = _verdict_scores([r.prompt for r in rows], k)
     event, cats = decide_reference(scores, t["thresholds"], prompt_masked, counter, t["tau"],
                                    is_prompt, has_prompt, alert, *band,
-                                   prompt_thresholds=t["prompt_thresholds"])
+                                   prompt_thresholds=t["prompt_thresholds"], **sampled)
     # (a row without a prompt verdict in its trace still has its gate: named from the forward)
     if gated:
-        gate_topics(event, cats, alert, masked, t["gated"], t["topic"], is_prompt)
+        gate_topics(event, cats, alert, masked, t["gated"], t["topic"], is_prompt, clear=clear)
     acted = event == EVENT_TRIGGER
     # A prefilled request's query verdict is the prompt row of a helper request of its own
     # (server/helper_requests.query_verdict), compiled alike: flagged, the request is acted on
@@ -477,7 +500,7 @@ def _trigger_steps(rows: list[TracedRow], rule: Rule) -> list[int | None]:
         if not bool(active.any()):
             break
         event, _ = decide_reference(steps[j], t["thresholds"], masked, counter, t["tau"],
-                                    is_decode, active.to(torch.int8), alert, *band)
+                                    is_decode, active.to(torch.int8), alert, *band, **sampled)
         at = torch.where(event == EVENT_TRIGGER, j + 1, at)
     return [0 if a else (s or None) for a, s in zip(acted.tolist(), at.tolist())]
 
@@ -532,7 +555,7 @@ def sweep(rows: list[TracedRow], base: Rule, prompt_shifts, response_shifts, tau
         rule = dataclasses.replace(
             rule, per_request_attribution=base.per_request_attribution,
             gate_replaces_prompt_categories=base.gate_replaces_prompt_categories,
-            overall_response_shift=os_)
+            overall_response_shift=os_, sampled_clear_margin=base.sampled_clear_margin)
         results.append({"prompt_shift": ps, "response_shift": rs, "tau": tau,
                          "overall_response_shift": os_,
                          "alert_margin": margin, "alert_tau": rule.response_tau_alerted if margin > 0 else None,
@@ -569,7 +592,8 @@ def agreement(rows: list[TracedRow], rule: Rule) -> tuple[int, int]:
                 _shift(t, shift) for t in rule.response_thresholds))
         sampled = r.extra.get("sampled")
         if sampled is not None:  # the sampled-decoding shift it was served with, as echoed
-            served = dataclasses.replace(served, overall_response_shift=float(sampled))
+            served = dataclasses.replace(served, overall_response_shift=float(sampled),
+                                         sampled_clear_margin=r.extra.get("clear_margin"))
         return served
 
     by_rule: dict[Rule, list[TracedRow]] = {}  # rows that ran alike are replayed together
