@@ -550,7 +550,7 @@ def decide(
     clear_scale: torch.Tensor | None = None,
     sampled_overall: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decision launch for the step. Mutates counter[:N] (and alert[:N]; and the
+    """One decision launch for the step. Mutates counter[:N] (and alert[:N] and clear[:N]; and the
     prompt rows of ``scores`` when ``prompt_lift`` != 1, see the module docstring); returns
     (event, cats) int32 [N]. ``prompt_thresholds`` ([R, K]) judge the prompt rows instead of
     ``thresholds``.

@@ -180,6 +180,22 @@ def sampled_clear_margin(extra: dict) -> float | None:
     return float(value)
 
 
+def check_sampled_clear_margin(extra: dict) -> None:
+    """A clear margin must not make a prompt both alert (watched more closely) and clear
+    (judged more loosely), and it only conditions a loosening: a stricter (negative) shift
+    for clear prompts alone would leave the near ones the looser rule."""
+    margin = sampled_clear_margin(extra)
+    if margin is None:
+        return
+    alert_margin, _ = alert_band(extra)
+    if margin < alert_margin:
+        raise ValueError(f"operating_point.{SAMPLED_CLEAR_MARGIN} ({margin:g}) must be at least "
+                         f"the alert band's margin ({alert_margin:g})")
+    if any(shift < 0 for _, shift in sampled_overall_shift_points(extra)):
+        raise ValueError(f"operating_point.{SAMPLED_OVERALL_SHIFT}: with a clear margin every "
+                         "shift must be >= 0")
+
+
 def overall_shift_at(points: tuple[tuple[float, float], ...], temperature: float) -> float:
     """The overall output's response shift at ``temperature`` (0: greedy, no shift)."""
     if temperature <= 0 or not points:

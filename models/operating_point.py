@@ -41,6 +41,7 @@ from safeserve.models.decision_defaults import (
     SAMPLED_OVERALL_SHIFT,
     TOPIC_GATE_SHIFT,
     alert_band,
+    check_sampled_clear_margin,
     gate_replaces_prompt_categories,
     prompt_logit_offset,
     sampled_clear_margin,
@@ -141,7 +142,7 @@ def shift_head(head: SafetyHead, *, prompt_shift: float, response_shift: float,
     if clear_margin is not None and clear_margin >= 0:
         extra[OPERATING_POINT][SAMPLED_CLEAR_MARGIN] = float(clear_margin)
     sampled_overall_shift_points(extra)  # well-formed, as the server will check
-    sampled_clear_margin(extra)
+    check_sampled_clear_margin(extra)
     prompt_logit_offset(extra)  # in range, as the server will check
     prompt = None
     if head.prompt is not None:  # its overall output's fold moves with the head's

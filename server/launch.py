@@ -172,6 +172,7 @@ def build_safety(spec: EngineSpec, settings: Settings):
         alert_band,
         allowlist_overall_shift,
         prompt_logit_offset,
+        check_sampled_clear_margin,
         sampled_clear_margin,
         sampled_overall_shift_points,
     )
@@ -184,6 +185,7 @@ def build_safety(spec: EngineSpec, settings: Settings):
         prompt_logit_offset(head.extra)  # the worker reads it; a bad one fails here, clearly
         sampled_points = sampled_overall_shift_points(head.extra)
         clear_margin = sampled_clear_margin(head.extra)
+        check_sampled_clear_margin(head.extra)
     except (TypeError, ValueError) as e:
         raise StartupError(f"safety head {spec.model_dir}: {e}") from None
     try:

@@ -323,6 +323,9 @@ class SafetyLogitsProcessor(LogitsProcessor):
             vocab = None if self.sentence_end is None else (self.sentence_end, self.has_word)
             forced, acted = advance_strategy(self, event, cats, out_len, self._last_tokens(n),
                                              vocab, report)
+            # a request that has just acted is judged at the greedy rule from here (its
+            # explanation): the sampled threshold was for answers to clear prompts
+            self.clear[:n].masked_fill_(acted, 0)
             logits = self._force(logits, forced, sync_free=self.sync_free)
         if report is not None:
             # the flags column carries the clear state in its bit 1 (worker_telemetry)

@@ -134,6 +134,7 @@ def test_a_clear_prompts_answer_is_judged_at_the_sampled_overall_threshold():
         o.append(8)
     logits = _step(proc, [row] * 3)
     assert [int(r.argmax()) for r in logits] == [0, 5, 5]  # tau 2: the others refuse
+    assert proc.clear[:3].tolist() == [1, 0, 0]  # a request that acted is clear no more
     proc._swap(0, 1)
     assert proc.clear[:2].tolist() == [0, 1] and proc.sampled_overall[1] == 0.75
     proc._park(1)

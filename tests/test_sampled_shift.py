@@ -168,3 +168,19 @@ def test_replay_applies_the_shift_only_after_a_clear_prompt():
     assert rp.trigger_step(row([0.1, 0.1]), rule) is None  # clear prompt: shifted
     assert rp.trigger_step(row([0.1, 0.4]), rule) == 2  # 0.4 is within 1 logit of 0.5
     assert rp.trigger_step(row([0.1, 0.1], query=[0.1, 0.1]), rule) == 2  # prefilled
+
+
+def test_a_clear_margin_must_cover_the_alert_band_and_only_loosen():
+    from safeserve.models.decision_defaults import check_sampled_clear_margin
+
+    def point(**kw):
+        return {"operating_point": {"alert_margin": 0.5, "alert_tau": 2,
+                                    "sampled_overall_shift": [[1.0, 1.5]], **kw}}
+
+    check_sampled_clear_margin(point(sampled_shift_clear_margin=1.0))
+    check_sampled_clear_margin(point())  # no margin: nothing to check
+    with pytest.raises(ValueError, match="at least the alert band's margin"):
+        check_sampled_clear_margin(point(sampled_shift_clear_margin=0.25))
+    with pytest.raises(ValueError, match="every shift must be >= 0"):
+        check_sampled_clear_margin(point(sampled_shift_clear_margin=1.0,
+                                         sampled_overall_shift=[[1.0, -1.0]]))
