@@ -114,6 +114,9 @@ def test_train_prompt_head_writes_format_4_with_its_record(tmp_path, tiny_model)
     from safeserve.models.head_check import SelfCheck, compute_record
     from safeserve.models.safety_features import load_lm
 
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        build_prompt_rows(tmp_path / "missing", warn=lambda *a: None)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no evaluation set"):
         build_prompt_rows(tmp_path / "empty", warn=lambda *a: None)
     root = data_root(tmp_path / "data")
