@@ -77,7 +77,7 @@ class SafetyConfig(BaseModel):
     holdback: StrictBool = False
     guideline: SafeStr | None = None
     # Logits added to every output's threshold for generated tokens (the response rule), on
-    # the logit scale where the head's thresholds live (0.94-0.9998 here: no single
+    # the logit scale where the head's thresholds live (0.991-0.99998 for the default head: no single
     # probability suits them all); the prompt verdict keeps `threshold`'s (or the head's).
     # Negative: the response rule acts sooner. Never positive: a request loosens only through
     # `threshold`, which authorization checks per output.
