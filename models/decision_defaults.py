@@ -18,9 +18,16 @@ DEFAULT_ALLOWLIST_OVERALL_SHIFT = 2.0
 
 
 def allowlist_overall_shift(extra: dict) -> float:
-    """The overall output's logit shift under an allow-list, for a head's ``extra``."""
+    """The overall output's logit shift under an allow-list, for a head's ``extra``: a number
+    in [0, 10]. Never negative: a request that sets its own ``threshold.unsafe`` replaces the
+    shifted threshold, and authorization compares that against the unshifted one, so a
+    tightening shift could be dropped by any client allowed that threshold."""
     point = extra.get(OPERATING_POINT) or {}
-    return float(point.get("allowlist_overall_shift", DEFAULT_ALLOWLIST_OVERALL_SHIFT))
+    value = point.get("allowlist_overall_shift", DEFAULT_ALLOWLIST_OVERALL_SHIFT)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 10:
+        raise ValueError("operating_point.allowlist_overall_shift must be a number of logits in "
+                         f"[0, 10]; got {value!r}")
+    return float(value)
 
 
 def alert_band(extra: dict) -> tuple[float, int | None]:
@@ -141,7 +148,8 @@ SAMPLED_OVERALL_SHIFT = "sampled_overall_shift"
 
 def sampled_overall_shift_points(extra: dict) -> tuple[tuple[float, float], ...]:
     """A head's (temperature, logit shift) points, checked: temperatures in (0, 2] and
-    increasing, shifts in [-10, 10]. () where the head names none."""
+    increasing, shifts in [0, 10] (a loosening only, as ``allowlist_overall_shift``). ()
+    where the head names none."""
     raw = (extra.get(OPERATING_POINT) or {}).get(SAMPLED_OVERALL_SHIFT)
     if raw is None:
         return ()
@@ -152,9 +160,9 @@ def sampled_overall_shift_points(extra: dict) -> tuple[tuple[float, float], ...]
     for item in raw:
         ok = isinstance(item, (list, tuple)) and len(item) == 2 and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and v == v for v in item)
-        if not ok or not 0 < item[0] <= 2 or abs(item[1]) > 10:
+        if not ok or not 0 < item[0] <= 2 or not 0 <= item[1] <= 10:
             raise ValueError(f"operating_point.{SAMPLED_OVERALL_SHIFT}: want [temperature in "
-                             f"(0, 2], shift in [-10, 10]] pairs; got {item!r}")
+                             f"(0, 2], shift in [0, 10]] pairs; got {item!r}")
         points.append((float(item[0]), float(item[1])))
     if any(b[0] <= a[0] for a, b in zip(points, points[1:])):
         raise ValueError(f"operating_point.{SAMPLED_OVERALL_SHIFT}: temperatures must increase")
@@ -182,8 +190,8 @@ def sampled_clear_margin(extra: dict) -> float | None:
 
 def check_sampled_clear_margin(extra: dict) -> None:
     """A clear margin must not make a prompt both alert (watched more closely) and clear
-    (judged more loosely), and it only conditions a loosening: a stricter (negative) shift
-    for clear prompts alone would leave the near ones the looser rule."""
+    (judged more loosely). (It only conditions a loosening: the shifts are never negative,
+    ``sampled_overall_shift_points``.)"""
     margin = sampled_clear_margin(extra)
     if margin is None:
         return
@@ -191,9 +199,7 @@ def check_sampled_clear_margin(extra: dict) -> None:
     if margin < alert_margin:
         raise ValueError(f"operating_point.{SAMPLED_CLEAR_MARGIN} ({margin:g}) must be at least "
                          f"the alert band's margin ({alert_margin:g})")
-    if any(shift < 0 for _, shift in sampled_overall_shift_points(extra)):
-        raise ValueError(f"operating_point.{SAMPLED_OVERALL_SHIFT}: with a clear margin every "
-                         "shift must be >= 0")
+    sampled_overall_shift_points(extra)
 
 
 def overall_shift_at(points: tuple[tuple[float, float], ...], temperature: float) -> float:

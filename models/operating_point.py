@@ -110,8 +110,9 @@ def shift_head(head: SafetyHead, *, prompt_shift: float, response_shift: float,
     if allowlist_shift is None and "allowlist_overall_shift" in old_point:
         allowlist_shift = old_point["allowlist_overall_shift"]
     if allowlist_shift is not None:
-        if not math.isfinite(allowlist_shift):
-            raise ValueError(f"the allow-list shift must be a finite number, not {allowlist_shift}")
+        if not math.isfinite(allowlist_shift) or not 0 <= allowlist_shift <= 10:
+            raise ValueError(f"the allow-list shift must be a number of logits in [0, 10] (it "
+                             f"loosens the overall output only), not {allowlist_shift}")
         extra[OPERATING_POINT]["allowlist_overall_shift"] = float(allowlist_shift)
     if (gate_shift != 0 or gate_replaces is not None) and head.topic is None:
         raise ValueError("this head has no topic gate (checkpoint format 8) to move")

@@ -144,17 +144,19 @@ def create_app(engine: Engine, safety=None, head_check=None) -> FastAPI:
         check_model(body.model)
         x_config = utf8_header(request, "X-Safety-Config")
         req_safety = None
+        trace = (utf8_header(request, "X-Safety-Trace") or "").strip().lower()
+        if trace not in _TRACE_ON + _TRACE_OFF:
+            # a switch misread as off would silently return no trace
+            raise APIError(400, "X-Safety-Trace must be 1, true or yes (or 0, false, no)",
+                           param="X-Safety-Trace", code="invalid_value")
         if svc is not None:
-            trace = (utf8_header(request, "X-Safety-Trace") or "").strip().lower()
-            if trace not in _TRACE_ON + _TRACE_OFF:
-                # a switch misread as off would silently return no trace
-                raise APIError(400, "X-Safety-Trace must be 1, true or yes (or 0, false, no)",
-                               param="X-Safety-Trace", code="invalid_value")
             req_safety = svc.resolve(x_config, body.safety_config, trace=trace in _TRACE_ON)
             svc.authorize(principal, req_safety)
-        elif body.safety_config is not None or (x_config or "").strip():
+        elif (asked := body.safety_config is not None or bool((x_config or "").strip())) \
+                or trace in _TRACE_ON:
             raise APIError(400, "this server runs without a safety head (--allow-unsafe); "
-                           "safety configs cannot be enforced", param="safety_config",
+                           "safety configs cannot be enforced nor scores traced",
+                           param="safety_config" if asked else "X-Safety-Trace",
                            code="safety_unavailable")
         require_ready()
         prep = await prepare.prepare(engine, body, req_safety)

@@ -186,6 +186,7 @@ def build_safety(spec: EngineSpec, settings: Settings):
         sampled_points = sampled_overall_shift_points(head.extra)
         clear_margin = sampled_clear_margin(head.extra)
         check_sampled_clear_margin(head.extra)
+        allowlist_overall_shift(head.extra)
     except (TypeError, ValueError) as e:
         raise StartupError(f"safety head {spec.model_dir}: {e}") from None
     try:

@@ -202,6 +202,25 @@ _REPEAT = re.compile(r"\{(\d+)(?:,(\d*))?\}")
 
 
 _SCHEMA_DATA_KEYS = ("const", "enum", "default", "examples")  # values, not schemas
+# Deeper schemas are refused before anything walks them recursively (json.dumps, the grammar
+# compiler): one nested as deep as the body parser allows would overflow the stack there.
+MAX_SCHEMA_DEPTH = 64
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0, ``{}`` is 1). Iterative, as
+    ``find_lone_surrogate``."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((v, depth + 1) for v in value)
+        else:
+            continue
+        deepest = max(deepest, depth + 1)
+    return deepest
 
 
 def _schema_patterns(node) -> list[str]:
@@ -252,6 +271,8 @@ class JsonSchemaFormat(_Strict):
     @field_validator("json_schema")
     @classmethod
     def _bounded(cls, v):
+        if json_depth(v) > MAX_SCHEMA_DEPTH:
+            raise ValueError(f"the schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
         if len(json.dumps(v)) > MAX_JSON_SCHEMA_BYTES:
             raise ValueError(f"the schema is over {MAX_JSON_SCHEMA_BYTES} bytes of JSON")
         repeats = [n for p in _schema_patterns(v) for n in _pattern_repeats(p)]
@@ -389,6 +410,8 @@ class ChatCompletionRequest(_Request):
         for key, bias in (v or {}).items():
             if not (key.isascii() and key.isdigit()):
                 raise ValueError(f"keys are token ids (decimal strings), not {key[:40]!r}")
+            if len(key) > 10:  # int() refuses over 4300 digits; no vocabulary reaches 10
+                raise ValueError(f"token id {key[:40]}... is out of range")
             if not -LOGIT_BIAS_RANGE <= bias <= LOGIT_BIAS_RANGE:
                 raise ValueError(f"bias {bias} for token {key} is outside [-100, 100]")
         return v

@@ -23,6 +23,7 @@ from pydantic import (
     StrictInt,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from safeserve.kernels.safety_decision import MASK_ATTRIBUTED, MASK_LIVE
 from safeserve.models.decision_defaults import (
@@ -88,6 +89,16 @@ class SafetyConfig(BaseModel):
     # Sentences the model may write after a spliced refusal (0: none). None: the operator's
     # default (--refusal-explain-sentences), which is also the most a request may ask for.
     explain_sentences: StrictInt | None = Field(None, ge=0, le=MAX_EXPLAIN_SENTENCES)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data):
+        # An explicit null is the field's default, as for the request's own fields (every
+        # default here is None or means the same), and counts as left out, as authorization
+        # and the header-versus-body comparison treat an omitted field.
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
 
     @field_validator("allow")
     @classmethod

@@ -232,6 +232,16 @@ def test_a_preset_and_its_fields_written_out_agree():
         with pytest.raises(APIError) as err:
             svc.resolve(header, body)
         assert err.value.status == 400 and err.value.code == "conflicting_safety_config"
+    # an explicit null is the field's default, for every field, and left out as much as an
+    # omitted one: it agrees with the omission and disagrees with nothing else
+    nulls = {"allow": None, "on_violation": None, "holdback": None, "trace": None,
+             "threshold": None, "threshold_shift": None, "guideline": None, "tau": None}
+    req = svc.resolve(json.dumps(nulls), {})
+    assert req.config == svc.resolve("{}", None).config
+    assert svc.resolve('{"holdback": true}', {"holdback": True, "tau": None}).config.holdback
+    with pytest.raises(APIError) as err:
+        svc.resolve(None, {"bogus": None})  # unknown even when null
+    assert err.value.status == 400
     # an allow-list is a set: order and repeats do not make another config
     same = svc.resolve('{"allow": ["violence", "weapons"]}', {"allow": ["weapons", "violence", "weapons"]})
     assert same.config.allow == ("violence", "weapons")

@@ -772,6 +772,12 @@ def test_empty_openai_fields_are_accepted_and_real_ones_named(client):
                          ({"logit_bias": {"-5": 1}}, "logit_bias"),
                          ({"logit_bias": {"5": 100.5}}, "logit_bias"),
                          ({"logit_bias": {"5": "1"}}, "logit_bias.5"),
+                         # int() refuses over 4300 digits: a 400, not a 500 later
+                         ({"logit_bias": {"9" * 4301: 1}}, "logit_bias"),
+                         # a schema as deep as the parser allows would overflow the stack re-encoded
+                         ({"response_format": {"type": "json_schema", "json_schema": {
+                             "name": "x", "schema": _nested(400)}}},
+                          "response_format.json_schema.schema"),
                          ({"service_tier": "flex"}, "service_tier"),
                          ({"top_k": -2}, "top_k"), ({"top_k": 1.5}, "top_k"),
                          ({"top_k": 1 << 31}, "top_k"), ({"min_p": 1.5}, "min_p"),
@@ -793,6 +799,13 @@ def test_empty_openai_fields_are_accepted_and_real_ones_named(client):
     bad = dict(echoed, tool_calls=[{"id": "x"}])
     r = client.post("/v1/chat/completions", json=body(messages=[{"role": "user", "content": "hi"}, bad]))
     _error(r, 400)
+
+
+def _nested(depth: int) -> dict:
+    schema = {}
+    for _ in range(depth):
+        schema = {"not": schema}
+    return schema
 
 
 def test_the_trace_header_is_a_switch_and_anything_else_is_named(client):

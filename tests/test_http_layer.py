@@ -340,8 +340,14 @@ def test_moderations_share_the_chat_authorization_and_need_a_head(client, tmp_pa
         assert r.status_code == 400, r.text
         assert r.json()["error"]["code"] == "safety_unavailable"
         assert r.json()["error"]["param"] == "safety_config"
-    r = no_head.post("/v1/chat/completions", json={"model": "m", "messages": MSG})
-    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_not_ready"
+    # a trace asked for has nothing to trace: refused too; "off" asks for nothing
+    r = no_head.post("/v1/chat/completions", json={"model": "m", "messages": MSG},
+                     headers={"X-Safety-Trace": "1"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "X-Safety-Trace", r.text
+    for headers in ({}, {"X-Safety-Trace": "0"}):
+        r = no_head.post("/v1/chat/completions", json={"model": "m", "messages": MSG},
+                         headers=headers)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_not_ready"
 
 
 def test_bad_settings_and_unparsable_files_are_one_line_startup_errors(tmp_path):
