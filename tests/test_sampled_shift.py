@@ -24,10 +24,22 @@ def test_the_shift_is_linear_between_points_and_flat_past_the_last(temperature, 
 @pytest.mark.parametrize("bad", [
     [[0.0, 1.0]], [[2.5, 1.0]], [[1.0, 11.0]], [[1.0]], [["1", 1.0]], [[True, 1.0]],
     [[1.0, float("nan")]], [[1.0, 1.0], [0.7, 0.5]], [[0.7, 1.0], [0.7, 2.0]], 1.5, 0, "",
-    {"1.0": 2.0}])
+    {"1.0": 2.0}, [[1.0, -0.5]]])
 def test_a_malformed_point_list_is_refused(bad):
     with pytest.raises(ValueError, match="sampled_overall_shift"):
         sampled_overall_shift_points({"operating_point": {"sampled_overall_shift": bad}})
+
+
+def test_shifts_only_loosen():
+    """A request's own threshold.unsafe replaces the shifted threshold and authorization
+    compares it with the unshifted one: a tightening shift could be dropped that way."""
+    from safeserve.models.decision_defaults import allowlist_overall_shift
+
+    assert allowlist_overall_shift({}) == 2.0
+    assert allowlist_overall_shift({"operating_point": {"allowlist_overall_shift": 0}}) == 0.0
+    for bad in (-0.25, 11, True, "1", None):
+        with pytest.raises(ValueError, match="allowlist_overall_shift"):
+            allowlist_overall_shift({"operating_point": {"allowlist_overall_shift": bad}})
 
 
 def test_points_are_read_from_the_operating_point():
