@@ -193,11 +193,17 @@ def _drop_noop(data, fields: dict) -> Any:
 
 
 # A schema becomes a grammar in the request's path (here, and in vLLM's one-thread request
-# renderer, once per choice), so its cost is bounded. Only a regex repetition grows it past
-# linear: measured, `a{N}` takes 0.04 s at N = 1000 and 23 s at 20000 (quadratic in N).
+# renderer, once per choice), so its cost is bounded. Counted repetitions are what grow it:
+# measured, a regex's `a{N}` takes 0.04 s at N = 1000 and 23 s at 20000 (quadratic in N); a
+# string's maxLength 2 s from about 200 on, per distinct bound (integer ranges, formats and
+# array item counts: milliseconds).
 MAX_JSON_SCHEMA_BYTES = 32 << 10
 MAX_PATTERN_REPEAT = 1000  # largest bound of one regex repetition, {m,n}
 MAX_PATTERN_REPEATS = 4000  # those bounds summed over the schema's patterns
+# String length bounds compile to counted repetitions too, at up to ~2 s each (distinct ones
+# add up): their cost (``_length_bound_cost``) is budgeted over the schema.
+MAX_LENGTH_BOUND_UNITS = 256
+MAX_LENGTH_BOUNDS_COST = 512
 _REPEAT = re.compile(r"\{(\d+)(?:,(\d*))?\}")
 
 
@@ -223,21 +229,41 @@ def json_depth(value: Any) -> int:
     return deepest
 
 
-def _schema_patterns(node) -> list[str]:
-    """Every regex of a JSON schema: ``pattern`` values and ``patternProperties`` keys (not
-    inside values such as ``default`` or ``enum``, which are data)."""
+def _schema_nodes(node) -> list[dict]:
+    """Every object of a JSON schema that is schema, not data (``default``, ``enum``, ...)."""
     out, todo = [], [node]
     while todo:
         item = todo.pop()
         if isinstance(item, dict):
-            if isinstance(item.get("pattern"), str):
-                out.append(item["pattern"])
-            if isinstance(item.get("patternProperties"), dict):
-                out.extend(item["patternProperties"])
+            out.append(item)
             todo.extend(v for k, v in item.items() if k not in _SCHEMA_DATA_KEYS)
         elif isinstance(item, list):
             todo.extend(item)
     return out
+
+
+def _schema_patterns(node) -> list[str]:
+    """Every regex of a JSON schema: ``pattern`` values and ``patternProperties`` keys."""
+    out = []
+    for item in _schema_nodes(node):
+        if isinstance(item.get("pattern"), str):
+            out.append(item["pattern"])
+        if isinstance(item.get("patternProperties"), dict):
+            out.extend(item["patternProperties"])
+    return out
+
+
+def _length_bound_cost(node) -> int:
+    """The grammar cost of a schema's string length bounds, in units of about 10 ms: each
+    distinct (minLength, maxLength) pair costs its larger bound, counted up to 256 (measured
+    with this tokenizer's xgrammar: maxLength 16 0.11 s, 64 0.9 s, 200 2.0 s, 20000 2.8 s;
+    identical pairs compile once)."""
+    def bound(item, key) -> int:
+        value = item.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    pairs = {(bound(item, "minLength"), bound(item, "maxLength")) for item in _schema_nodes(node)}
+    return sum(min(max(pair), MAX_LENGTH_BOUND_UNITS) for pair in pairs)
 
 
 def _pattern_repeats(pattern: str) -> list[int]:
@@ -282,6 +308,11 @@ class JsonSchemaFormat(_Strict):
         if sum(repeats) > MAX_PATTERN_REPEATS:
             raise ValueError(f"the schema's patterns repeat {sum(repeats)} times in all; at most "
                              f"{MAX_PATTERN_REPEATS}")
+        if (cost := _length_bound_cost(v)) > MAX_LENGTH_BOUNDS_COST:
+            raise ValueError(
+                f"the schema's string length bounds cost {cost} units to compile; at most "
+                f"{MAX_LENGTH_BOUNDS_COST} (each distinct minLength/maxLength pair costs its "
+                f"larger bound, up to {MAX_LENGTH_BOUND_UNITS})")
         return v
 
 

@@ -1015,3 +1015,15 @@ def test_a_schema_whose_patterns_would_take_seconds_to_compile_is_refused():
     assert _pattern_repeats(r"\u{10000}\x{41}b{3}") == [3]  # code points, then a repetition
     data = {"type": "string", "default": {"pattern": "a{5000}"}, "enum": [{"pattern": "a{9999}"}]}
     ChatCompletionRequest.model_validate(body(response_format=fmt(data)))  # values, not regexes
+    # string length bounds: ~2 s each from maxLength 200 on, distinct ones adding up (measured:
+    # ten of them took 23 s); two long ones pass, as do many copies of one
+    def strings(*bounds):
+        return {"type": "object", "properties": {
+            f"p{i}": {"type": "string", "maxLength": b} for i, b in enumerate(bounds)}}
+
+    for fine in (strings(500, 400), strings(*[1000] * 40), strings(*range(1, 30))):
+        ChatCompletionRequest.model_validate(body(response_format=fmt(fine)))
+    with pytest.raises(ValueError, match="length bounds cost 768 units"):
+        ChatCompletionRequest.model_validate(body(response_format=fmt(strings(1000, 1001, 1002))))
+    data = {"type": "string", "default": {"maxLength": 5000}, "examples": [{"minLength": 9999}]}
+    ChatCompletionRequest.model_validate(body(response_format=fmt(data)))  # data, not bounds
