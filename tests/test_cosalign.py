@@ -364,8 +364,22 @@ def test_request_modes():
     item = EvalItem("1", "q", ("violence",), "answer", "Violence", 1)
     msgs, extra = build_request(item, "enforce")
     assert msgs == [{"role": "user", "content": "q"}] and extra == {"safety_config": {"allow": ["violence"]}}
+    # prompt-only: the text as the config's guideline, which the server renders with the
+    # training template (a client system message with that template's header is a 400)
     msgs, extra = build_request(item, "prompt-only")
-    assert msgs[0]["role"] == "system" and "violence" in msgs[0]["content"] and extra == {}
+    assert msgs == [{"role": "user", "content": "q"}]
+    cfg = extra["safety_config"]
+    assert set(cfg) == {"on_violation", "guideline"} and cfg["on_violation"] == "annotate"
+    assert "violence" in cfg["guideline"]
+    from safeserve.models.cosalign.configs import system_prompt
+    from safeserve.server.safety_config import SafetyConfig
+    from safeserve.server.safety_service import guideline_message
+
+    assert guideline_message(SafetyConfig(**cfg)) == system_prompt(cfg["guideline"])
+    assert build_request(item, "prompt-only", {"on_violation": "stop"})[1]["safety_config"][
+        "on_violation"] == "stop"
+    with pytest.raises(ValueError, match="must be an object"):
+        build_request(item, "prompt-only", "annotate_only")
     msgs, extra = build_request(item, "both", {"on_violation": "annotate"})
     assert extra["safety_config"]["on_violation"] == "annotate" and extra["safety_config"]["guideline"]
     assert build_request(item, "none") == ([{"role": "user", "content": "q"}], {})

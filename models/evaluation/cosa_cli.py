@@ -23,8 +23,8 @@ def cosa(
     model: str = typer.Option(..., "--model", help="Model name the server serves."),
     data: Path = typer.Option(..., "--data", exists=True, dir_okay=False, help="CoSAlign-Test TSV or JSONL {prompt, allow, expect}."),
     fmt: Optional[str] = typer.Option(None, "--format", help="tsv | jsonl (default: from the file name)."),
-    mode: str = typer.Option("enforce", "--mode", help="enforce (safety_config allow) | prompt-only (config text in the system prompt) | both | none."),
-    base_config: Optional[str] = typer.Option(None, "--base-config", help="Preset name or JSON object sent as safety_config in every mode (enforce/both add allow to it, so there only a JSON object: a preset's fields live on the server), e.g. annotate_only or '{\"on_violation\": \"annotate\"}'."),
+    mode: str = typer.Option("enforce", "--mode", help="enforce (safety_config allow) | prompt-only (config text as safety_config guideline: the server's system-prompt template; annotate unless --base-config) | both | none."),
+    base_config: Optional[str] = typer.Option(None, "--base-config", help="Preset name or JSON object sent as safety_config in every mode (enforce/both/prompt-only add allow or guideline to it, so there only a JSON object: a preset's fields live on the server), e.g. annotate_only or '{\"on_violation\": \"annotate\"}'."),
     out: Path = typer.Option(..., "--out", help="Output folder: results.jsonl, summary.json, summary.md."),
     limit: int = typer.Option(0, "--limit", min=0, help="Seeded sample of N items per config (0 = all)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the --limit sample."),
@@ -52,10 +52,10 @@ def cosa(
     if mode not in ce.MODES:
         raise typer.BadParameter(f"--mode must be one of {', '.join(ce.MODES)}")
     base = parse_safety_config(base_config)
-    if isinstance(base, str) and mode in ("enforce", "both"):
-        # enforce/both send {base..., allow}: a preset's name cannot be merged with an allow
-        # list (its fields are the server's), and dropping it would change what runs
-        raise typer.BadParameter(f"--mode {mode} adds allow to --base-config, which must then "
+    if isinstance(base, str) and mode in ("enforce", "both", "prompt-only"):
+        # these send {base..., allow and/or guideline}: a preset's name cannot be merged with
+        # them (its fields are the server's), and dropping it would change what runs
+        raise typer.BadParameter(f"--mode {mode} adds to --base-config, which must then "
                                  f"be a JSON object; write out the fields of preset {base!r}")
     # read before any request is sent: a bad file must not cost the run
     seen = None

@@ -19,9 +19,11 @@ s = -1. Which risks a response contains comes, in order of preference, from the 
 label: an answered prompt is taken to carry the prompt's risks, so it is safe exactly when
 the item expects an answer. An optional LLM judge adds its categories and replaces h.
 
-Modes: ``enforce`` sends ``safety_config={"allow": [...]}``; ``prompt-only`` writes the
-config text into the system prompt and sends no config; ``both`` does both (text as the
-config's ``guideline``); ``none`` sends the bare prompt.
+Modes: ``enforce`` sends ``safety_config={"allow": [...]}``; ``prompt-only`` sends the
+config text as the config's ``guideline``, which the server writes into the system prompt
+with the template training used (a client system message carrying that template's header is
+a 400), and nothing else: ``{"on_violation": "annotate"}`` unless a base config is given;
+``both`` sends the allow-list and the guideline; ``none`` sends the bare prompt.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import openai
 from tqdm.auto import tqdm
 
 from safeserve.models.categories import parse_spec
-from safeserve.models.cosalign.configs import config_key, render_config, system_prompt
+from safeserve.models.cosalign.configs import config_key, render_config
 from safeserve.models.evaluation.datasets import json_object_line
 from safeserve.models.evaluation.judge import FULL_COMPLIANCE, PARTIAL_REFUSAL, judge
 from safeserve.models.taxonomy import OVERALL, Taxonomy
@@ -139,16 +141,17 @@ def build_request(item: EvalItem, mode: str, base_config: dict | str | None = No
         raise ValueError(f"unknown mode {mode!r} (known: {', '.join(MODES)})")
     text = render_config(item.allow, taxonomy)
     messages = [{"role": "user", "content": item.prompt}]
-    if mode == "prompt-only":
-        messages.insert(0, {"role": "system", "content": system_prompt(text)})
     config = base_config
-    if mode in ("enforce", "both"):
+    if mode in ("enforce", "both", "prompt-only"):
         if isinstance(base_config, str):
-            raise ValueError(f"mode {mode} adds allow to the base config: it must be an object, "
+            raise ValueError(f"mode {mode} adds to the base config: it must be an object, "
                              f"not the preset name {base_config!r}")
+        if mode == "prompt-only" and base_config is None:
+            base_config = {"on_violation": "annotate"}  # the text alone, nothing enforced
         config = dict(base_config or {})
-        config["allow"] = list(item.allow)
-        if mode == "both":
+        if mode != "prompt-only":
+            config["allow"] = list(item.allow)
+        if mode != "enforce":
             config["guideline"] = text
     return messages, ({"safety_config": config} if config is not None else {})
 
