@@ -263,6 +263,9 @@ def test_bad_cli_input_is_one_line(tiny, data, tmp_path):
         (select + ["--dtype", "bf16"], 2, "bfloat16"),
         (select + ["--selector-optim", "foo"], 2, "adam, sgd"),
         (select + ["--resume", str(tmp_path / "missing.json")], 2, "does not exist"),
+        # gamma 0 in every epoch: the selector would stay uniform (the file's order)
+        (select + ["--epochs", "1"], 1, "gamma is 0 in every epoch"),
+        (select + ["--gamma-step", "0"], 1, "gamma is 0 in every epoch"),
         (finetune + ["--keep", "1.5"], 2, "(0, 1]"),
         (finetune + ["--selector", str(tmp_path / "missing.json")], 2, "does not exist"),
         (finetune + ["--selector", str(not_selector)], 2, "not a readable SEAL selector"),

@@ -102,6 +102,12 @@ def check_config(cfg: SelectConfig) -> None:
                              f"not {cfg.selector_optim!r}")
     if cfg.algorithm not in (1, 2):
         raise SealInputError("algorithm must be 1 or 2")
+    if gamma_at(cfg, cfg.epochs - 1) <= 0.0:
+        # the selector steps only where gamma > 0: it would stay uniform, and a "SEAL" top
+        # fraction of uniform scores is the file's first rows
+        raise SealInputError(f"gamma is 0 in every epoch (gamma init {cfg.gamma_init:g}, step "
+                             f"{cfg.gamma_step:g}, {cfg.epochs} epochs): the selector would "
+                             "never learn; raise --epochs, --gamma-init or --gamma-step")
 
 
 def load_tokenizer(model_dir: str | Path):
