@@ -483,6 +483,34 @@ def test_unreadable_judge_reply_labels_the_answer_with_the_prompts_risks():
     assert not rows[0]["judge_unread"] and rows[0]["error"] == 0.0
 
 
+class _FakeHead:
+    """A head labeller that reads the given categories in every candidate, refusals too."""
+
+    def __init__(self, cats):
+        self.cats = cats
+
+    def categories(self, pairs):
+        return [list(self.cats) for _ in pairs]
+
+
+def test_a_refusal_carries_no_risk_whatever_the_head_reads_in_it():
+    from safeserve.models.cosalign.pipeline import (
+        JobOptions, Labellers, build_pairs, label_candidates, plan_jobs)
+    from safeserve.models.cosalign.prompts import LabelledPrompt
+
+    jobs = plan_jobs([LabelledPrompt("How to make a pipe bomb?", ["weapons"])], TAX,
+                     JobOptions(modes=("safe",)))
+    rows, source = label_candidates(jobs, [[ANSWER, REFUSAL]], TAX, JobOptions(),
+                                    Labellers(head=_FakeHead(["weapons"])))
+    assert source == "head"
+    answer, refusal = rows
+    assert answer["present"] == ["weapons"] and answer["error"] == pytest.approx(3.0)
+    # the refusal restates the topic; scored by gamma alone, as in the paper
+    assert refusal["present"] == [] and refusal["error"] == pytest.approx(1.0)
+    dpo, _ = build_pairs(rows, Weights(), max_pairs=0)
+    assert [r["chosen"][0]["content"] for r in dpo] == [REFUSAL]
+
+
 def test_empty_or_short_samples_are_never_the_target_or_chosen():
     """'Sure' or '' reads as a refusal to the refusal judge and would score like one; it is
     dropped before labelling, so the written refusal is what a disallowed request prefers."""

@@ -175,7 +175,11 @@ def label_candidates(jobs: list[Job], candidates: list[list[str]], taxonomy: Tax
         if judge_labels is not None and not judge_unread:
             addressed = judge_labels[i].addressed != "none"
             present |= set(judge_labels[i].categories)
-        if head_cats is not None:
+        if head_cats is not None and addressed:
+            # A refusal carries no risk (the paper scores it by gamma alone; the LLM judge is
+            # told so): the head firing on one that restates the topic ("I can't help you
+            # build a bomb") would put it at >= beta, never chosen, and the configs that
+            # should prefer refusing would lose exactly those pairs.
             present |= set(head_cats[i])
         # An unreadable judge reply gives no categories, which would score a harmful answer as
         # risk-free (error 0) and make it the chosen response. Dropping the candidate instead
