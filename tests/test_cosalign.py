@@ -743,6 +743,7 @@ def _cli():
     (["--prompts", "{p}", "--alpha", "0.3"], 2, "--alpha (0.3) x 9 categories"),
     (["--prompts", "{p}", "--limit", "-1"], 2, "--limit"),
     (["--prompts", "{p}", "--modes", "exact,supreset"], 2, "supreset"),
+    (["--prompts", "{p}", "--dtype", "float16"], 2, "float32 or bfloat16"),
 ])
 def test_cosalign_cli_bad_input_is_one_line(tmp_path, args, code, message):
     from typer.testing import CliRunner

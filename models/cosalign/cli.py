@@ -49,6 +49,7 @@ def cosalign(
     max_length: int = typer.Option(1024, "--max-length", help="Token limit of a training sequence."),
     max_steps: int = typer.Option(-1, "--max-steps", help="Cap on optimizer steps per stage (-1 = epochs decide)."),
     kv_cache_gib: float = typer.Option(1.0, "--kv-cache-gib", help="vLLM KV cache for candidate generation."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 (CPU) | bfloat16 (GPUs: large models): the weights' dtype in candidate generation and training."),
     stage: str = typer.Option("all", "--stage", help="all | data (stop after pairs) | train (reuse out/cosalign data)."),
     keep_sft: bool = typer.Option(False, "--keep-sft", help="Keep the intermediate SFT model under out/cosalign/sft_model."),
     seed: int = typer.Option(0, "--seed", help="Seed of sampling, config synthesis and training."),
@@ -60,6 +61,8 @@ def cosalign(
     from safeserve.models.cosalign.trainer import TrainOptions
     from safeserve.models.taxonomy import Taxonomy
 
+    if dtype not in ("float32", "bfloat16"):
+        raise typer.BadParameter("--dtype must be float32 or bfloat16", param_hint="--dtype")
     if stage not in ("all", "data", "train"):
         raise typer.BadParameter("--stage must be all, data or train", param_hint="--stage")
     if stage != "train" and prompts is None:
@@ -82,7 +85,7 @@ def cosalign(
     logging.basicConfig(level=logging.INFO)
     opts = JobOptions(limit=limit, seed=seed, modes=mode_list,
                       holdout=tuple(holdout), num_candidates=num_candidates, max_tokens=max_tokens,
-                      temperature=temperature, kv_cache_gib=kv_cache_gib,
+                      temperature=temperature, kv_cache_gib=kv_cache_gib, dtype=dtype,
                       weights=Weights(alpha, beta, gamma), max_pairs=max_pairs,
                       refusal_candidates=refusal_candidates,
                       head_checkpoint=str(head_checkpoint) if head_checkpoint else None,
@@ -90,7 +93,7 @@ def cosalign(
     topts = TrainOptions(sft_epochs=sft_epochs, sft_lr=sft_lr, dpo_epochs=dpo_epochs,
                          dpo_beta=dpo_beta, dpo_lr=dpo_lr, optim=optim, batch_size=batch_size,
                          grad_accum=grad_accum, max_length=max_length, lora=lora,
-                         max_steps=max_steps, seed=seed)
+                         max_steps=max_steps, seed=seed, dtype=dtype)
     try:
         recipe = run(prompts, model, out, opts, topts, stage=stage, keep_sft=keep_sft)
     except JobInputError as exc:

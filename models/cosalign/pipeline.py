@@ -60,6 +60,7 @@ class JobOptions:
     max_tokens: int = 256
     temperature: float = 1.0
     kv_cache_gib: float = 1.0
+    dtype: str = "float32"  # candidate generation's (bfloat16 for large models on GPUs)
     weights: Weights = field(default_factory=Weights)
     max_pairs: int = 4
     refusal_candidates: int = 1
@@ -224,6 +225,7 @@ def generation_key(model_dir: Path, jobs: list[Job], opts: JobOptions) -> str:
     """What the sampled candidates depend on: a saved generation is reused only on a match."""
     doc = {"model": str(Path(model_dir).resolve()), "num_candidates": opts.num_candidates,
            "max_tokens": opts.max_tokens, "temperature": opts.temperature, "seed": opts.seed,
+           **({"dtype": opts.dtype} if opts.dtype != "float32" else {}),
            "jobs": [[j.prompt.prompt, j.config_text] for j in jobs]}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
@@ -248,7 +250,7 @@ def sampled_candidates(model_dir: Path, jobs: list[Job], opts: JobOptions,
     candidates = generate_candidates(model_dir, [j.messages() for j in jobs],
                                      num_candidates=opts.num_candidates, max_tokens=opts.max_tokens,
                                      temperature=opts.temperature, seed=opts.seed,
-                                     kv_cache_gib=opts.kv_cache_gib)
+                                     kv_cache_gib=opts.kv_cache_gib, dtype=opts.dtype)
     seconds = round(time.perf_counter() - t0, 1)
     _write_jsonl(({"prompt": j.prompt.prompt, "prompt_categories": j.prompt.categories,
                    "mode": j.config.mode, "allow": list(j.config.allow),
