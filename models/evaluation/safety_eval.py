@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from safeserve.models.evaluation.attacks import ATTACKS, build_request
 from safeserve.models.evaluation.datasets import Sample
-from safeserve.models.evaluation.judge import judge
+from safeserve.models.evaluation.judge import answered_before_action, judge
+from safeserve.server.safety_config import DEFAULT_REFUSAL as SERVER_REFUSAL
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,8 @@ async def run_job(client: AsyncOpenAI, model: str, job: Job, *, max_tokens: int,
         row["usage"] = {"prompt_tokens": response.usage.prompt_tokens, "completion_tokens": response.usage.completion_tokens}
     verdict = judge(row["completion"], finish_reason=row["finish_reason"], safety=row["safety"], prefill=request.prefill)
     row["verdict"], row["judge_rule"] = verdict.label, verdict.rule
+    row["answered_before_action"] = answered_before_action(
+        row["completion"], safety=row["safety"], refusal=SERVER_REFUSAL, prefill=request.prefill)
     return row
 
 
