@@ -453,6 +453,10 @@ def test_end_to_end_cli_against_stub(stub_server, tmp_path):
     (xcell,) = summary["over_refusal"]
     assert xcell["n"] == 2 and xcell["over_refusal"] == pytest.approx(0.5)
     assert summary["label"] == "stub run" and summary["n_errors"] == 0
+    # what was read, by name and digest: runs over other files say so in `compare`
+    assert summary["data"]["mine"] == {"file": harm.name, "sha256_16": summary["data"]["mine"]["sha256_16"]}
+    assert len(summary["data"]["mine"]["sha256_16"]) == 16
+    assert summary["xstest"]["file"] == "xs.csv" and summary["xstest_unsafe"] is False
     assert summary["safety_flags"]["prompt_flagged"] == 2  # "poison": direct and jailbreak (the stub continues prefills)
     md = (out / "summary.md").read_text()
     assert "| mine |" in md and "25.0% (4)" in md and "Over-refusal" in md
@@ -471,6 +475,12 @@ def test_end_to_end_cli_against_stub(stub_server, tmp_path):
     assert "stub run" in text and "other" in text and "| mine | direct | 25.0% (4) | 25.0% (4) |" in text
     assert compare_runs([out]).count("\n") > 5
     assert "differ" not in text  # same settings; run2 has no results.jsonl to compare
+    other_data = tmp_path / "run5"
+    other_data.mkdir()
+    moved = dict(summary, label="other file", data={**summary["data"], "mine": {
+        "file": harm.name, "sha256_16": "0" * 16}})
+    (other_data / "summary.json").write_text(json.dumps(moved))
+    assert "`data`" in compare_runs([out, other_data])
     # no --label: the folder names the column; a repeated label gets its folder; runs that
     # differ in settings or requests say so
     out3, dup = tmp_path / "run3", tmp_path / "run4"

@@ -54,6 +54,16 @@ def parse_sampling(value: Optional[str]) -> dict | None:
         raise typer.BadParameter(str(exc), param_hint="--sampling") from None
 
 
+def _file_fact(path) -> dict:
+    """A data file as a summary records it: its name and a digest of its bytes (not its path,
+    which differs between machines for the same file)."""
+    import hashlib
+
+    path = Path(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+    return {"file": path.name, "sha256_16": digest}
+
+
 def _parse_data(specs: list[str]) -> list[tuple[str, Path]]:
     parsed = []
     for spec in specs:
@@ -174,7 +184,16 @@ def safety(
         sampling=sampling_fields,
         meta={"label": label, "limit": limit or None, "seed": seed, "xstest_limit": xstest_limit or None,
               **({"exclude_sample": exclude_sample, "exclude_seed": exclude_seed}
-                 if exclude_sample else {})},
+                 if exclude_sample else {}),
+              # what was read: two runs over different files are not comparable
+              "data": {name: _file_fact(path) for name, path in _parse_data(data)},
+              **({"xstest": _file_fact(xstest), "xstest_unsafe": xstest_unsafe}
+                 if xstest is not None else {}),
+              **({"harmbench_options": {"contextual": harmbench_contextual,
+                                        "copyright": harmbench_copyright,
+                                        "targets": _file_fact(harmbench_targets)
+                                        if harmbench_targets else None}}
+                 if any(n.lower() == "harmbench" for n, _ in _parse_data(data)) else {})},
     )
     # Plain echo for markdown: rich would re-wrap long table rows.
     if summary["asr"]:

@@ -236,7 +236,8 @@ def _run_labels(summaries: list[dict], run_dirs: list[str | Path]) -> list[str]:
 
 
 # Settings two runs must share for their cells to measure the same thing.
-_SAME_SETTINGS = ("limit", "seed", "xstest_limit", "max_tokens", "temperature", "sampling")
+_SAME_SETTINGS = ("limit", "seed", "xstest_limit", "max_tokens", "temperature", "sampling",
+                  "exclude_sample", "exclude_seed", "data", "xstest", "harmbench_options")
 
 
 def _request_keys(run_dir: str | Path) -> set[tuple] | None:
