@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import free_port
 from safeserve.server.bench import _safe_model
 from safeserve.server.bench_load import PROMPTS, LoadResult, _mean, _pct, run_load
 from safeserve.server.bench_report import _failure_report, _table, geometric_interval
@@ -283,7 +284,7 @@ def test_fresh_instances_run_one_server_at_a_time_and_report_an_interval(tmp_pat
     monkeypatch.setattr(bench, "_servers", fake_servers)
     app = bench.typer.Typer()
     bench.register(app)
-    port = 20000 + (hash(tmp_path) % 20000)
+    port = free_port()  # the three servers take port, port + 1, port + 2
     out = CliRunner().invoke(app, [
         "serve", "--instances", "3", "--passes", "1", "--concurrency", "1,2",
         "--requests-per-level", "2", "--max-tokens", "6", "--model", str(tmp_path),
@@ -299,4 +300,6 @@ def test_fresh_instances_run_one_server_at_a_time_and_report_an_interval(tmp_pat
     assert len(results) == 3 * 2 * 3  # one combined result per server, level and instance
     line = next(x for x in out.output.splitlines() if x.startswith("| ours-on / ours-off | 2 |"))
     mean, interval = line.split("|")[3], line.split("|")[5]
-    assert 0.35 < float(mean) < 0.65 and interval.strip().endswith("(n=3)")
+    # paced at half the speed: about 0.5, pulled toward 1 by per-token overhead on a busy
+    # machine (a unit test checks the ratio's direction and plumbing, not a timing)
+    assert 0.35 < float(mean) < 0.8 and interval.strip().endswith("(n=3)")

@@ -102,8 +102,13 @@ def test_compile_moves_only_the_overall_response_threshold():
 def test_a_policy_without_points_samples_like_greedy():
     policy = SafetyPolicy(Taxonomy.load())
     plain = policy.presets["default"]
-    assert (policy.compile(plain, "r", [], 0, temperature=1.0).thresholds
-            == policy.compile(plain, "r", [], 0).thresholds)
+    sampled = policy.compile(plain, "r", [], 0, temperature=1.0)
+    assert sampled.thresholds == policy.compile(plain, "r", [], 0).thresholds
+    assert policy.sampled_shift_of(plain, 1.0) == 0.0
+    # the overall output at the policy's own threshold (0.5: no shift moved it), no second
+    # (sampled) threshold riding beside it
+    assert sampled.thresholds[-1] == pytest.approx(0.5)
+    assert getattr(sampled, "sampled_overall", None) is None
 
 
 def test_with_a_clear_margin_the_shift_waits_for_a_clear_prompt():
