@@ -357,6 +357,14 @@ def replay(
                        _floats(overall_response_shift, "--overall-response-shift"))
     same, n = rp.agreement(rows, base)
     typer.echo(f"{n} traced requests; the served rule replayed triggers where the server did on {same} of {n}")
+    moved = sum(1 for r in rows if float(r.extra.get("shift") or 0.0)
+                or float(r.extra.get("sampled") or 0.0))
+    if moved:
+        # agreement replays each row as echoed; the sweep's rows are the head's greedy rule
+        typer.echo(f"note: {moved} of {n} requests were served with a threshold_shift or a "
+                   "sampled-decoding shift, which the sweep does not apply: its 0 row is the "
+                   "head's greedy rule, not what those requests ran (--overall-response-shift "
+                   "S adds the sampled shift)")
     shown = results
     if len(results) > 1:
         if max_over_refusal is not None:
