@@ -216,9 +216,19 @@ def test_replay_cli_on_the_default_checkpoint(tmp_path):
     result = CliRunner().invoke(eval_app, ["replay", str(run), "--head", str(DEFAULT_HEAD_DIR),
                                            "--tau", "3,4", "--json-out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "on 1 of 1" in result.output
+    assert "on 1 of 1" in result.output and "note:" not in result.output
     scored = json.loads(out.read_text())
     assert [r["asr"]["direct"]["rate"] for r in scored] == [0.0, 1.0]  # tau 4 lets it through
+    # a request served with a shift the sweep does not apply: said so
+    shifted_run = tmp_path / "shifted"
+    shifted_run.mkdir()
+    shifted = dict(rows[0], safety=dict(rows[0]["safety"], config=dict(
+        rows[0]["safety"]["config"], threshold_shift=-1.0)))
+    (shifted_run / "results.jsonl").write_text(json.dumps(shifted) + "\n")
+    noted = CliRunner().invoke(eval_app, ["replay", str(shifted_run), "--head",
+                                          str(DEFAULT_HEAD_DIR)])
+    assert noted.exit_code == 0, noted.output
+    assert "note: 1 of 1 requests were served with a threshold_shift" in noted.output
     bad = CliRunner().invoke(eval_app, ["replay", str(run), "--head", str(DEFAULT_HEAD_DIR), "--tau", "x"])
     assert bad.exit_code != 0
     # a development run minus the requests of the test run: nothing is left here
