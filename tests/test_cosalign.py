@@ -258,6 +258,10 @@ def test_allow_benign_set_sends_held_out_prompts_under_cosas_allow_lists(tmp_pat
     _, held, _ = split_hard_negatives(hard_negative_prompts(0), keys)
     assert all(r["prompt"] in {p.prompt for p in held} for r in rows
                if r["source"] == "hard_negative")
+    # another sampling seed draws another sample, from the same (training seed 0) split
+    other = build_allow_benign(root, n_alpaca=10, n_hard=12, seed=5)
+    assert other != rows and all(r["prompt"] in {p.prompt for p in held} for r in other
+                                 if r["source"] == "hard_negative")
     items = load_cosa_rows(tmp_path / "b.jsonl", rows)
     assert len(items) == 22 and {it.allow for it in items} == {("drugs",), ("violence",)}
 

@@ -30,9 +30,13 @@ def cosa_allow_lists(tsv: Path) -> list[tuple[str, ...]]:
 
 
 def build_allow_benign(data_root: Path, n_alpaca: int = 150, n_hard: int = 150,
-                       seed: int = 0, heldout_fraction: float = 0.4) -> list[dict]:
+                       seed: int = 0, heldout_fraction: float = 0.4,
+                       split_seed: int = 0) -> list[dict]:
     """``n_alpaca`` validation instructions and ``n_hard`` held-out hard negatives (seeded
-    samples), interleaved, the i-th given CoSAlign-Test's i-th allow-list modulo their count."""
+    samples), interleaved, the i-th given CoSAlign-Test's i-th allow-list modulo their count.
+    ``split_seed`` is the hard negatives' split, apart from ``seed``: it must be the one the
+    heads were trained with (0 for every bundled head), or this set would take some of their
+    training groups."""
     from safeserve.models.hard_negatives import hard_negative_prompts, split_hard_negatives
     from safeserve.models.safety_data_sources import read_eval_keys
 
@@ -51,8 +55,8 @@ def build_allow_benign(data_root: Path, n_alpaca: int = 150, n_hard: int = 150,
     # The same split as build-hard-negatives (groups with an evaluation prompt dropped
     # first): only groups it holds out.
     eval_keys = set().union(*read_eval_keys(data_root, lambda msg: None).values())
-    _, held, _ = split_hard_negatives(hard_negative_prompts(seed), eval_keys,
-                                      heldout_fraction, seed)
+    _, held, _ = split_hard_negatives(hard_negative_prompts(split_seed), eval_keys,
+                                      heldout_fraction, split_seed)
     hard = [p.prompt for p in rng.sample(held, min(n_hard, len(held)))]
     sources = [("alpaca_val", t) for t in alpaca] + [("hard_negative", t) for t in hard]
     rng.shuffle(sources)

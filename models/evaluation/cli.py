@@ -385,13 +385,14 @@ def allow_benign(
     out: Path = typer.Option(..., "--out", help="JSONL to write ({prompt, allow, expect, source})."),
     n_alpaca: int = typer.Option(150, "--n-alpaca", min=0, help="Alpaca validation instructions."),
     n_hard: int = typer.Option(150, "--n-hard", min=0, help="Held-out written hard negatives."),
-    seed: int = typer.Option(0, "--seed", help="Sampling seed (and the hard negatives' split seed)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    split_seed: int = typer.Option(0, "--split-seed", help="The hard negatives' train/held-out split seed: the --seed the heads' training jobs ran with (0 for every bundled head). Another one would hand training prompts to this set."),
 ) -> None:
     """Write the benign development set for allow-list requests: prompts to answer, each
     sent with one of CoSAlign-Test's non-empty allow-lists (run it with `eval cosa --data`)."""
     from safeserve.models.evaluation.allow_benign import build_allow_benign, write_allow_benign
 
-    rows = build_allow_benign(data_root, n_alpaca, n_hard, seed)
+    rows = build_allow_benign(data_root, n_alpaca, n_hard, seed, split_seed=split_seed)
     write_allow_benign(rows, out)
     console.print(f"wrote {len(rows)} prompts to {out}")
 
