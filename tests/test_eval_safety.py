@@ -245,6 +245,14 @@ def test_plan_jobs_safe_prompts_direct_only():
     assert [(j.sample.id, j.attack) for j in jobs] == [("h:0", "direct"), ("x:0", "direct"), ("h:0", "prefill"), ("h:0", "jailbreak")]
     with pytest.raises(ValueError):
         plan_jobs([harmful], ["gcg"])
+    # XSTest's unsafe contrast prompts: their jailbreak templates (by index) do not move with
+    # how many safe prompts of the same set were sampled
+    unsafe = [ds.Sample(id=f"x:u{i}", dataset="xstest", prompt=f"bad {i}") for i in range(3)]
+    for n_safe in (0, 1, 5):
+        safes = [ds.Sample(id=f"x:s{i}", dataset="xstest", prompt="fine", harmful=False)
+                 for i in range(n_safe)]
+        jobs = plan_jobs(safes + unsafe, ["jailbreak"])
+        assert [j.index for j in jobs] == [0, 1, 2]
 
 
 # ---------------------------------------------------------------- client against a stub

@@ -41,11 +41,14 @@ def plan_jobs(samples: list[Sample], attacks: Iterable[str]) -> list[Job]:
     if unknown:
         raise ValueError(f"unknown attacks {sorted(unknown)}; known: {', '.join(ATTACKS)}")
     jobs: list[Job] = []
-    positions: dict[str, int] = {}
+    # counted per dataset and kind: a harmful prompt's template must not depend on how many
+    # safe prompts of its set (XSTest's contrast halves) came before it
+    positions: dict[tuple[str, bool], int] = {}
     indexed = []
     for sample in samples:
-        indexed.append((sample, positions.get(sample.dataset, 0)))
-        positions[sample.dataset] = positions.get(sample.dataset, 0) + 1
+        key = (sample.dataset, sample.harmful)
+        indexed.append((sample, positions.get(key, 0)))
+        positions[key] = positions.get(key, 0) + 1
     for attack in attacks:
         for sample, index in indexed:
             if sample.harmful or attack == "direct":
