@@ -162,9 +162,17 @@ def create_app(engine: Engine, safety=None, head_check=None) -> FastAPI:
         prep = await prepare.prepare(engine, body, req_safety)
         if body.stream:
             events = _counted(completions.stream(engine, svc, prep))
-            # The first event is produced before the response starts: a failure up to there
+            # The first event is produced before the response starts (it waits for the
+            # engine's first output): a failure up to there, the engine's rejection included,
             # is still an HTTP error; after it, the stream ends with an error event.
-            first = await events.__anext__()
+            try:
+                first = await _unless_disconnected(request, anext(events))
+            except BaseException:
+                await events.aclose()
+                raise
+            if isinstance(first, Response):  # the client left before the first output
+                await events.aclose()
+                return first
             return ClosingStreamingResponse(
                 _relay(first, events), events=events, media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", **_config_headers(req_safety)})

@@ -500,11 +500,22 @@ def _releasable_pieces(c: ChoiceState, finished: bool, holdback: bool) -> list:
     return out
 
 
+async def _after(first: _Step | None, steps: AsyncIterator[_Step]) -> AsyncIterator[_Step]:
+    """``first`` (an output already taken from ``steps``), then the rest of ``steps``."""
+    if first is None:
+        return
+    yield first
+    async for step in steps:
+        yield step
+
+
 async def stream(engine: Engine, svc: SafetyService | None,
                  prep: PreparedRequest) -> AsyncIterator[str]:
-    """SSE events of a streamed completion. Whatever fails once the first event is out (the
-    200 is sent by then) ends the stream with an error event and ``[DONE]``, never a cut
-    connection."""
+    """SSE events of a streamed completion. The first event waits for the engine's first
+    output: the engine admits or rejects a request there (a full queue, a dead engine, a
+    parameter it refuses), and a rejection raised before the first event is still an HTTP
+    error. Whatever fails once the first event is out (the 200 is sent by then) ends the
+    stream with an error event and ``[DONE]``, never a cut connection."""
     choices = await _open_choices(engine, svc, prep)
     opts = prep.body.stream_options
     include_usage = bool(opts and opts.include_usage)
@@ -521,11 +532,12 @@ async def stream(engine: Engine, svc: SafetyService | None,
                                    safety=safety)
 
     try:
+        first = await anext(steps, None)  # raises what the engine rejects: no 200 sent yet
         for c in choices:  # OpenAI opens every choice with the role
             yield _sse(chunk([ChunkChoice(index=c.index,
                                           delta=Delta(role="assistant", content=""))]))
         try:
-            async for step in steps:
+            async for step in _after(first, steps):
                 if step.choice.host_stopped:  # an output that was on its way when it stopped
                     continue
                 _observe_timing(prep, step)

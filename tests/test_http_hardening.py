@@ -346,10 +346,18 @@ def test_a_stream_that_fails_after_its_start_ends_with_an_error_event(tokenizer,
     assert REGISTRY.get_sample_value("safeserve_in_flight_requests") == 0
 
 
-def test_an_input_error_from_the_engine_mid_stream_is_an_error_event(tokenizer, tmp_path):
+def test_an_input_error_from_the_engine_is_a_400_before_the_stream_and_an_event_after(
+        tokenizer, tmp_path):
     engine = fake_engine(tokenizer, tmp_path, FakeLLM(tokens=0, fail=ValueError("bad params")))
     c = TestClient(create_app(engine))
+    before = requests_total("400", "stream")
+    err = _error(c.post("/v1/chat/completions", json=body(stream=True, max_tokens=8)), 400)
+    assert "bad params" in err["message"]
+    assert requests_total("400", "stream") == before + 1
+    assert REGISTRY.get_sample_value("safeserve_in_flight_requests") == 0
+    engine.llm = FakeLLM(tokens=2, fail=ValueError("bad params"))
     r = c.post("/v1/chat/completions", json=body(stream=True, max_tokens=8))
+    assert r.status_code == 200
     events = sse_events(r.text)
     assert events[-1] == "[DONE]"
     err = json.loads(events[-2])["error"]
@@ -387,7 +395,7 @@ def _engine_errors():
 @pytest.mark.parametrize("n", [1, 2])  # one choice, and the several-choices path
 def test_what_vllm_rejects_is_the_clients_error_not_a_500(tokenizer, tmp_path, case, n):
     """vLLM's validation errors are no ValueError (they were caught as one: a 500), and its
-    admission and dead-engine errors have their own status."""
+    admission and dead-engine errors have their own status, streamed or not."""
     fail, status, detail = _engine_errors()[case]
     engine = fake_engine(tokenizer, tmp_path, FakeLLM(tokens=0, fail=fail))
     c = TestClient(create_app(engine), raise_server_exceptions=False)
@@ -395,10 +403,10 @@ def test_what_vllm_rejects_is_the_clients_error_not_a_500(tokenizer, tmp_path, c
     assert err["type"] == ("server_error" if status >= 500 else
                            "not_found_error" if status == 404 else "invalid_request_error")
     assert detail in (None, err["param"], err["code"]), err
-    r = c.post("/v1/chat/completions", json=body(stream=True, max_tokens=8, n=n))
-    events = sse_events(r.text)
-    assert events[-1] == "[DONE]"
-    assert json.loads(events[-2])["error"]["type"] == err["type"]
+    # streamed, the rejection is an HTTP error too: the response starts at the first output
+    streamed = _error(c.post("/v1/chat/completions", json=body(stream=True, max_tokens=8, n=n)),
+                      status)
+    assert streamed == err
 
 
 def test_a_seed_of_minus_one_still_seeds(tokenizer, tmp_path):
@@ -515,13 +523,14 @@ class BlockingLLM(FakeLLM):
 
 @pytest.mark.parametrize("path,payload,with_head", [
     ("/v1/chat/completions", body(max_tokens=8), False),
+    ("/v1/chat/completions", body(max_tokens=8, stream=True), False),  # before its first output
     ("/v1/moderations", {"input": "hello"}, True),
 ])
 def test_a_client_gone_while_the_engine_works_is_a_499_and_aborts_it(tokenizer, tmp_path,
                                                                       monkeypatch, path,
                                                                       payload, with_head):
-    """Non-streaming chat and moderations watch the connection: once the client is gone the
-    engine request is aborted (not left to finish for nobody) and the in-flight gauge drops."""
+    """Chat (a stream while it waits for its first output) and moderations watch the
+    connection: once the client is gone the engine request is aborted (not left to finish for nobody) and the in-flight gauge drops."""
     from starlette.requests import Request
 
     llm = BlockingLLM()
