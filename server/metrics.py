@@ -8,7 +8,7 @@ from prometheus_client import Counter, Gauge, Histogram
 # them would cap every quantile there.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
                     600)
-_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # Scores are probabilities whose thresholds sit near 1 (the default head's: 0.94-0.99998), so
 # the buckets get finer toward 1: evenly spaced tenths would put a harmless 0.95 and a flagged
 # 0.9999 in one bucket.
@@ -68,7 +68,8 @@ SAFETY_REFUSAL_ENDINGS = Counter(
 MODERATION_INPUTS = Counter("safeserve_moderation_inputs",
                             "Inputs judged by /v1/moderations, by verdict", ["flagged"])
 SAFETY_STEP_SECONDS = Counter("safeserve_safety_step_seconds",
-                              "Seconds the engine spent in the safety path (head + decision)")
+                              "Host seconds the engine spent in the safety path (head + decision); on "
+                              "CUDA the kernels run asynchronously and this is their launch time")
 SAFETY_STEPS = Counter("safeserve_safety_steps", "Engine steps that ran the safety path")
 HEAD_CHECK_ERROR = Gauge("safeserve_head_check_max_logit_error",
                          "Largest difference, in logits, between the head's recorded scores "

@@ -16,6 +16,7 @@ one launch over them and hands the LM head the first half."""
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from safeserve.kernels.safety_head import safety_scores
@@ -30,6 +31,7 @@ class StepSignal:
 
     def __init__(self):
         self.scores: torch.Tensor | None = None
+        self.head_seconds = 0.0  # host time of the step's head (safety_scores), for the metric
         self.num_outputs: int | None = None
         self.output_names: tuple[str, ...] = ()
 
@@ -92,8 +94,10 @@ class SafetyHeadMixin:
         return torch.cat([out[0], out[1][0]], -1)
 
     def compute_logits(self, hidden_states: torch.Tensor, *args, **kwargs):
+        t0 = time.perf_counter()
         STEP_SIGNAL.scores = safety_scores(hidden_states, self._safety_weight, self._safety_bias,
                                            mlp=self._safety_mlp)
+        STEP_SIGNAL.head_seconds = time.perf_counter() - t0
         if self._safety_layer is not None:
             hidden_states = hidden_states[:, :self._safety_hidden]
         return super().compute_logits(hidden_states, *args, **kwargs)

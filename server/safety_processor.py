@@ -254,7 +254,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
         n = logits.shape[0]
         if n == 0:
             return logits
-        t0 = time.perf_counter()
+        # the step's safety time: the head's (in compute_logits, just before) and this decision's
+        t0 = time.perf_counter() - STEP_SIGNAL.head_seconds
         # A NaN score (an overflowed hidden state, e.g. in float16) would compare false, never
         # violate and break the JSON report: it reads as certain instead (fail closed).
         scores = STEP_SIGNAL.take(n)
