@@ -729,6 +729,27 @@ def test_stage_train_uses_the_model_the_data_was_built_from(tmp_path, monkeypatc
     assert len(trained) == 2
 
 
+def test_stage_train_says_which_data_options_it_does_not_apply(tmp_path, monkeypatch, caplog):
+    from dataclasses import asdict
+
+    from safeserve.models.cosalign import pipeline
+    from safeserve.models.cosalign.pipeline import DATA_DIR, JobOptions, run
+    from safeserve.models.cosalign.trainer import TrainOptions
+
+    monkeypatch.setattr(pipeline, "train_from_data", lambda *a: {})
+    built, out = tmp_path / "built_model", tmp_path / "out"
+    (out / DATA_DIR).mkdir(parents=True)
+    job = {**asdict(JobOptions(num_candidates=2)), "judge_api_key": None}
+    (out / DATA_DIR / "recipe.json").write_text(json.dumps({"base_model": str(built), "job": job}))
+    with caplog.at_level("WARNING", logger="safeserve.cosalign"):
+        run(None, None, out, JobOptions(num_candidates=2), TrainOptions(), stage="train")
+    assert "do not apply" not in caplog.text  # the same options (tuples read back as lists)
+    with caplog.at_level("WARNING", logger="safeserve.cosalign"):
+        run(None, None, out, JobOptions(num_candidates=2, max_pairs=9, seed=3), TrainOptions(),
+            stage="train")
+    assert "do not apply: max_pairs, seed" in caplog.text
+
+
 def _cli():
     import typer
 

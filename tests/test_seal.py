@@ -172,6 +172,12 @@ def test_resume_gives_the_same_ranking(tiny, data, tmp_path):
                         log=lambda *_: None).run()
     assert again.ranking() == straight.ranking()
     assert (tmp_path / "s" / "selector_hist.png").stat().st_size > 0
+    # Its LoRA and optimizer state under another learning rate would not continue this run.
+    from safeserve.models.seal.data import SealInputError
+
+    with pytest.raises(SealInputError, match=r"lr 1e-05 -> 0.001"):
+        SealTrainer(_cfg(tiny, data, tmp_path / "r", epochs=3, selector_lr=0.05, lr=1e-3,
+                         resume=str(tmp_path / "r" / "selector.json")), log=lambda *_: None).run()
 
 
 def test_finetune_writes_a_loadable_checkpoint_with_the_head(tiny, data, tmp_path):
@@ -281,6 +287,11 @@ def test_bad_cli_input_is_one_line(tiny, data, tmp_path):
         (["train", "seal-experiment", "--data-root", str(tmp_path), "--n-eval-benign", "0"], 2,
          "--n-eval-benign"),
         (["train", "seal-experiment", "--data-root", str(tmp_path), "--keep", "0"], 2, "(0, 1]"),
+        (finetune + ["--batch-size", "0"], 2, "--batch-size"),  # was a ZeroDivisionError
+        (finetune + ["--grad-accum", "0"], 2, "--grad-accum"),
+        # the selector's schedule, checked before data generation and alignment
+        (["train", "seal-experiment", "--data-root", str(tmp_path), "--out", out,
+          "--selector-epochs", "1"], 1, "gamma is 0 in every epoch"),
     ]
     for args, code, message in cases:
         result = CliRunner().invoke(_app(), args, env={"COLUMNS": "200"})

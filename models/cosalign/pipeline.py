@@ -295,6 +295,8 @@ def make_data(prompts_path: Path, model_dir: Path, out: Path, opts: JobOptions,
     _write_jsonl(dpo_rows, data / "pairs.jsonl")
     _write_jsonl(sft_rows, data / "sft.jsonl")
     seen = sorted({config_key(j.config.allow) for j in jobs})
+    written = set(REFUSALS)
+    sampled = [r for r in labelled if r["response"] not in written]
     (data / "configs_seen.json").write_text(json.dumps(seen, indent=1))
     stats = {"prompts": len(prompts), "jobs": len(jobs), "candidates": len(labelled),
              "dropped_empty_or_short": sum(map(len, candidates)) - len(labelled),
@@ -303,7 +305,9 @@ def make_data(prompts_path: Path, model_dir: Path, out: Path, opts: JobOptions,
              "judge_unread": sum(r["judge_unread"] for r in labelled),
              "pairs": len(dpo_rows), "sft_rows": len(sft_rows),
              "jobs_by_mode": {m: sum(j.config.mode == m for j in jobs) for m in MODES},
-             "addressed_rate": round(sum(r["addressed"] for r in labelled) / max(1, len(labelled)), 4),
+             # the model's own candidates only: the written refusals never address a prompt
+             "sampled_candidates": len(sampled),
+             "addressed_rate": round(sum(r["addressed"] for r in sampled) / max(1, len(sampled)), 4),
              "seen_configs": len(seen)}
     if stats["judge_unread"]:
         log.warning("%d of %d judge replies were unreadable; those candidates carry their "
@@ -362,6 +366,21 @@ def _check_out(model_dir: Path, out: Path) -> None:
         raise JobInputError(str(exc)) from None
 
 
+def _warn_unused_data_options(recipe: dict, opts: JobOptions, prompts_path: Path | None) -> None:
+    """``--stage train`` trains on the pairs already built: data options that differ from the
+    ones they were built with do not apply, and a user who changed one should know."""
+    built = recipe.get("job") or {}
+    given = {**asdict(opts), "judge_api_key": None}
+    differ = sorted(k for k, v in given.items()
+                    if k in built and json.loads(json.dumps(v)) != built[k])
+    if prompts_path is not None and str(prompts_path) != recipe.get("prompts"):
+        differ.insert(0, "prompts")
+    if differ:
+        log.warning("--stage train reuses the data under %s/ as built; these data options differ "
+                    "from that build and do not apply: %s (rebuild with --stage data or all to "
+                    "use them)", DATA_DIR, ", ".join(differ))
+
+
 def run(prompts_path: Path | None, model_dir: Path | None, out: Path, opts: JobOptions,
         topts: TrainOptions, stage: str = "all", keep_sft: bool = False) -> dict:
     """``model_dir`` None: the embedded default model to build data, the data's own model to
@@ -383,6 +402,8 @@ def run(prompts_path: Path | None, model_dir: Path | None, out: Path, opts: JobO
                   "job": {**asdict(opts), "judge_api_key": None}, "data": make_data(
                       prompts_path, Path(model_dir), out, opts, taxonomy)}
         recipe_path.write_text(json.dumps(recipe, indent=2))
+    if stage == "train":
+        _warn_unused_data_options(recipe, opts, prompts_path)
     if stage in ("all", "train"):
         base = train_base(recipe, model_dir, recipe_path)
         _check_out(base, out)

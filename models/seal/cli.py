@@ -70,9 +70,9 @@ def register(app: typer.Typer) -> None:
         selector_optim: str = typer.Option("adam", help="adam (paper) | sgd"),
         batch_size: int = typer.Option(64, min=1, help="global batch size (fine-tuning rows per step; same for safe rows)"),
         micro_batch_size: int = typer.Option(0, min=0, help="rows per forward pass on each rank (0 = whole local batch)"),
-        lora_r: int = typer.Option(16, help="LoRA rank (q/v projections)"),
+        lora_r: int = typer.Option(16, min=1, help="LoRA rank (q/v projections)"),
         lora_alpha: int = typer.Option(16, help="LoRA alpha"),
-        max_length: int = typer.Option(512, help="rows longer than this many tokens are dropped"),
+        max_length: int = typer.Option(512, min=8, help="rows longer than this many tokens are dropped"),
         fresh_losses: bool = typer.Option(False, help="re-evaluate the batch losses after the model step for the selector step (+1 forward per step)"),
         seed: int = typer.Option(0),
         dtype: str = typer.Option("float32", help="model weight dtype: float32 | bfloat16 | float16 (LoRA and the losses stay float32)"),
@@ -109,12 +109,12 @@ def register(app: typer.Typer) -> None:
         model: Optional[Path] = typer.Option(None, help="base HF model directory (default: the embedded default model)"),
         out: Path = typer.Option(..., help="output checkpoint directory"),
         lora: bool = typer.Option(True, "--lora/--full", help="LoRA (merged into the saved model) or full fine-tuning"),
-        lora_r: int = typer.Option(16), lora_alpha: int = typer.Option(16),
+        lora_r: int = typer.Option(16, min=1), lora_alpha: int = typer.Option(16),
         lr: Optional[float] = typer.Option(None, help="learning rate (default 1e-4 LoRA, 1e-5 full)"),
         epochs: float = typer.Option(1.0, min=0.01, help="SFT epochs"),
-        batch_size: int = typer.Option(8, help="per-device batch size"),
-        grad_accum: int = typer.Option(1, help="gradient accumulation steps"),
-        max_length: int = typer.Option(512, help="rows longer than this are dropped (as in seal-select)"),
+        batch_size: int = typer.Option(8, min=1, help="per-device batch size"),
+        grad_accum: int = typer.Option(1, min=1, help="gradient accumulation steps"),
+        max_length: int = typer.Option(512, min=8, help="rows longer than this are dropped (as in seal-select)"),
         probe_data: Optional[Path] = typer.Option(None, help="probe prompts for the safety-head check (prompt, harmful)"),
     ):
         """Fine-tune on the top-scored (or a random) fraction of the data; save a servable checkpoint."""
@@ -150,8 +150,8 @@ def register(app: typer.Typer) -> None:
         answer_tokens: int = typer.Option(32, help="max tokens of generated answers"),
         keep: float = typer.Option(0.8, help="fraction kept by SEAL and random selection"),
         algorithm: int = typer.Option(2, min=1, max=2),
-        selector_epochs: int = typer.Option(3), sft_epochs: float = typer.Option(1.0),
-        batch_size: int = typer.Option(8, help="selector and SFT batch size"),
+        selector_epochs: int = typer.Option(3, min=1), sft_epochs: float = typer.Option(1.0, min=0.01),
+        batch_size: int = typer.Option(8, min=1, help="selector and SFT batch size"),
         select_lr: float = typer.Option(2e-4, help="model lr in the selector loop (paper: 1e-5 at 8B scale, many more steps)"),
         sft_lr: float = typer.Option(3e-4, help="LoRA SFT learning rate"),
         selector_lr: float = typer.Option(5e-3), gamma_step: float = typer.Option(0.025),
@@ -171,6 +171,7 @@ def register(app: typer.Typer) -> None:
         from safeserve.models.seal.data import SealInputError
         from safeserve.models.seal.experiment import run_experiment
         from safeserve.models.seal.experiment_config import STAGES, ExperimentConfig
+        from safeserve.models.seal.select_train import SelectConfig, check_config
         from safeserve.models.seal.selector import SELECTOR_OPTIMS
 
         _choice(gen_backend, ("hf", "vllm"), "--gen-backend")
@@ -192,6 +193,10 @@ def register(app: typer.Typer) -> None:
                                n_align_benign=n_align_benign, align_epochs=align_epochs,
                                align_lr=align_lr, gen_backend=gen_backend, stop_after=stop_after)
         try:
+            # the selector's settings, checked now rather than after data and alignment
+            check_config(SelectConfig(ft_data="", safe_data="", model="", out="",
+                                      algorithm=algorithm, epochs=selector_epochs,
+                                      gamma_step=gamma_step, selector_optim=selector_optim))
             run_experiment(cfg, log=typer.echo)
         except SealInputError as exc:
             _fail(exc)

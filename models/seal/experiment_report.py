@@ -159,8 +159,10 @@ def render_report(s: dict) -> str:
                                              f"{h['seconds']:.0f}" for h in t["selector_epochs"]),
         f"Selector epoch with gamma > 0: {_f(t['selector_epoch_seconds_gamma_pos'], '{:.0f}')} s; "
         f"plain SFT epoch on all rows: {_f(t['sft_epoch_seconds_all'], '{:.0f}')} s; ratio "
-        f"{_f(t['ratio_selector_vs_sft_epoch'], '{:.2f}')}x. (The gamma = 0 epoch skips the "
-        "fine-tuning rows: nothing depends on them there.)", "",
+        f"{_f(t['ratio_selector_vs_sft_epoch'], '{:.2f}')}x. " + (
+            "(The gamma = 0 epoch skips the fine-tuning rows: nothing depends on them there.)"
+            if cfg["algorithm"] == 2 else "(In the gamma = 0 epoch Algorithm 1 still trains "
+            "its auxiliary model on the fine-tuning rows.)"), "",
         "Stages (s): " + ", ".join(f"{k} {v:.0f}" for k, v in t["stages"].items()), "",
         "## Safety head check", "",
     ]

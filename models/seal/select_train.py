@@ -39,6 +39,13 @@ TRAIN_STATE = "train_state.pt"
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+# The settings a saved training state (LoRA weights, optimizer, schedule) depends on: resuming
+# it under other values would not continue the run it came from.
+_STATE_SETTINGS = ("model", "safe_sha256", "algorithm", "gamma_init", "gamma_step", "lr",
+                   "selector_lr", "selector_optim", "batch_size", "lora_r", "lora_alpha",
+                   "lora_targets", "max_length", "seed", "fresh_losses", "dtype", "world_size")
+
+
 @dataclass
 class SelectConfig:
     ft_data: str
@@ -249,6 +256,14 @@ class SealTrainer:
         state_file = Path(cfg.resume).parent / TRAIN_STATE if Path(cfg.resume).is_file() \
             else Path(cfg.resume) / TRAIN_STATE
         self._resume_state = state_file if state_file.is_file() and same_rows else None
+        if self._resume_state is not None:
+            changed = {k: (old.config.get(k), v) for k, v in meta["config"].items()
+                       if k in _STATE_SETTINGS and k in old.config and old.config[k] != v}
+            if changed:  # its LoRA and optimizer state belong to another run: not "exactly"
+                raise SealInputError(
+                    f"--resume {cfg.resume}: its training state was made with other settings ("
+                    + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+                    + f"); use the same ones, or remove {state_file} to warm-start the selector only")
         if self._resume_state is None:
             sel.state["epochs_done"] = 0  # selector-only warm start: the model starts afresh
             if self.acc.is_main_process:
