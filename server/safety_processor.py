@@ -272,7 +272,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         # positions from it, so a step whose sampled token vLLM discards (a chunked prefill of
         # a resumed request) is simply repeated, never counted twice.
         lengths = [-1 if o is None else len(o) for o in self.outputs[:n]]
-        out_len = torch.tensor(lengths, dtype=torch.int32).to(self.device, non_blocking=True)
+        out_len = self._host_row(lengths, torch.int32)  # (pinned on CUDA: no wait)
         self._undo_repeated_steps(n, out_len)
         is_prompt = (out_len == 0).to(torch.int8)
         # Off-GPU, the work only prompt rows need is skipped on the many steps without one.
@@ -381,7 +381,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
                 j -= 1
             last.append(out[j - 1] if j else -1)
             known.append(j)
-        return torch.tensor([last, known], dtype=torch.int64).to(self.device, non_blocking=True)
+        return self._host_row([last, known], torch.int64)
 
     @staticmethod
     def _force(logits: torch.Tensor, forced: torch.Tensor,
@@ -474,15 +474,16 @@ class SafetyLogitsProcessor(LogitsProcessor):
         ends, out = self.ends[i], self.outputs[i]
         if ends is None or not out:
             return False
-        # Under async scheduling the list ends in -1 placeholders for tokens in flight; the
-        # request's own tokens are those before them.
-        n = len(out)
+        max_tokens, stop_ids = ends
+        # Under async scheduling the list ends in -1 placeholders for tokens in flight: those
+        # are sampled already and count toward max_tokens (vLLM schedules no step past it, so
+        # a request removed at its limit may still hold its last one as a placeholder).
+        if max_tokens is not None and len(out) >= max_tokens:
+            return True
+        n = len(out)  # its last known token: the one before the placeholders
         while n and out[n - 1] < 0:
             n -= 1
-        if n == 0:
-            return False
-        max_tokens, stop_ids = ends
-        return out[n - 1] in stop_ids or (max_tokens is not None and n >= max_tokens)
+        return n > 0 and out[n - 1] in stop_ids
 
     def _add(self, i: int, args: W.RowSafetyArgs | None, output_ids: list[int],
              params=None) -> None:
@@ -544,7 +545,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
                                if args.explain_sentences >= 0 else -1)
 
     def _host_row(self, values, dtype: torch.dtype) -> torch.Tensor:
-        """A row of values built on the host, for one row of a device table. On CUDA it goes
+        """Values built on the host, for the device (a row of a table, a step's lengths). On CUDA it goes
         through pinned memory with a non-blocking copy: a copy from pageable memory would
         wait for the stream, and update_state runs while the previous step is still queued
         (async scheduling). Scalars need none of this: ``t[i] = 3`` is a fill on the device."""

@@ -30,6 +30,9 @@ TELEMETRY_WAIT_S = 5.0
 MAX_ENDED = 4096
 ENDED_PER_REQUEST = 64  # two per request on average keep up with any load
 TO_THE_END = 1 << 62  # end of a withheld range that runs to the end of the output
+# Steps whose prior state a tracker keeps: more than a request's records can run past its end
+# (a stop string ends it in the frontend a step or two later, async scheduling one step).
+RECENT_STATES = 16
 
 # A step's status byte (RequestTracker._status): all holdback, withholding and forced-token
 # questions need of a step, one byte per output token; the full record (the scores) is kept
@@ -69,7 +72,9 @@ class RequestTracker:
         self._changed = asyncio.Event()
         self.incomplete = False
         self._settled = 0  # releasable()'s last answer: what it has released stays released
-        self._before: tuple | None = None  # (index, state before its first record): _undo_repeat
+        # (index, state before its first record) of the latest records: _undo_repeat, and
+        # finish() undoing steps the engine ran past the end before the end was known
+        self._recent: collections.deque = collections.deque(maxlen=RECENT_STATES)
         # The worker let the request go after it sampled a token: its prompt verdict is final.
         self.gone = False
         self.final_tokens: int | None = None  # output length at finish(): later records are stray
@@ -84,20 +89,26 @@ class RequestTracker:
     _DERIVED = ("trigger_index", "flag_cats", "stop_forced", "explanation_closed",
                 "explanation_retracted", "refusal_end", "retracted_at")
 
+    def _state(self) -> tuple:
+        return (tuple(getattr(self, n) for n in self._DERIVED), len(self.cut),
+                list(self.max_scores), self.response_scored)
+
+    def _restore(self, state: tuple) -> None:
+        derived, n_cut, max_scores, self.response_scored = state
+        for name, value in zip(self._DERIVED, derived):
+            setattr(self, name, value)
+        del self.cut[n_cut:]
+        self.max_scores = list(max_scores)
+
     def _undo_repeat(self, rec: W.StepRecord) -> None:
         """A record for the step index of the previous one: a prompt's chunk, or a chunk of a
         resumed request's re-prefill, whose token vLLM discarded (the worker re-decides; so
         does this). What earlier records of this index decided is undone; the last one's
         stands."""
-        if self._before is not None and self._before[0] == rec.index:
-            state, n_cut, max_scores = self._before[1:]
-            for name, value in zip(self._DERIVED, state):
-                setattr(self, name, value)
-            del self.cut[n_cut:]
-            self.max_scores = list(max_scores)
+        if self._recent and self._recent[-1][0] == rec.index:
+            self._restore(self._recent[-1][1])
         else:
-            self._before = (rec.index, tuple(getattr(self, n) for n in self._DERIVED),
-                            len(self.cut), list(self.max_scores))
+            self._recent.append((rec.index, self._state()))
 
     def add(self, rec: W.StepRecord) -> None:
         self.heard = True
@@ -256,12 +267,33 @@ class RequestTracker:
                stop_string: bool = False) -> None:
         """The request ended. A bounded explanation still open that ran into ``max_tokens``
         or a stop string has a last token no step has read: unjudged, it is withheld like an
-        unsafe one. (End-of-sequence is no text.)"""
+        unsafe one. (End-of-sequence is no text.)
+
+        Steps the engine ran past the end (a stop string is found in the frontend, and under
+        async scheduling a step is in flight when a request ends) read tokens after the last
+        one; their records may have arrived before this call. What they decided is undone,
+        so the outcome does not depend on which came first."""
+        self._undo_past(max(1, n_tokens))
         if (self.explanation_open and (finish_reason == "length" or stop_string)
                 and n_tokens > self.refusal_end):
             self.withhold_explanation(n_tokens)  # unjudged: withheld, but nothing flagged it
-        self._before = None  # a record still in flight must not undo what was decided here
+        self._recent.clear()  # a record still in flight must not undo what was decided here
         self.final_tokens = n_tokens
+
+    def _undo_past(self, end: int) -> None:
+        """Undo what records of step ``end`` and later decided (they arrive in step order)."""
+        past = [state for index, state in self._recent if index >= end]
+        if not past:
+            return
+        if len(self._recent) == self._recent.maxlen and self._recent[0][0] >= end:
+            log.warning("safety telemetry for %s ran more than %d steps past its end; undoing "
+                        "the last %d", self.rid, RECENT_STATES, RECENT_STATES)
+        self._restore(past[0])
+        del self._status[end:]
+        for i in [i for i in self._triggers if i >= end]:
+            del self._triggers[i]
+        for i in [i for i in self.steps if i >= end]:
+            del self.steps[i]
 
     def explanation_hold(self, n_tokens: int, finished: bool) -> int:
         """How many of the first ``n_tokens`` may be released as far as a refusal's bounded

@@ -858,20 +858,23 @@ def test_a_request_removed_at_one_of_its_ends_is_not_parked():
     """Finished requests never come back: removed at max_tokens or on a stop token they are
     not parked, so the bounded store keeps room for preempted ones. A request removed
     mid-answer is parked."""
-    proc, _ = _processor(capacity=6)
-    params = lambda: SimpleNamespace(extra_args=None, max_tokens=3, stop_token_ids=[11],  # noqa: E731
-                                     eos_token_id=0)
+    proc, _ = _processor(capacity=8)
     outs = {"length": [], "eos": [], "stop": [], "preempted": [], "eos_async": [],
-            "in_flight": []}
+            "in_flight": [], "length_async": [], "helper": []}
     for i, rid in enumerate(outs):
-        proc._add(i, _args(rid), outs[rid], params())
+        proc._add(i, _args(rid), outs[rid], SimpleNamespace(
+            extra_args=None, max_tokens=1 if rid == "helper" else 3, stop_token_ids=[11],
+            eos_token_id=0))
     outs["length"] += [4, 4, 4]
     outs["eos"] += [4, 0]
     outs["stop"] += [11]
     outs["preempted"] += [4, 4]
     outs["eos_async"] += [4, 0, -1]  # async scheduling: a placeholder after the real end
-    outs["in_flight"] += [4, 4, -1]  # two real tokens of three: still live
-    proc.update_state(SimpleNamespace(removed=list(range(6)), added=[], moved=[]))
+    outs["in_flight"] += [4, -1]  # one real token and one in flight, of three: still live
+    # at its limit with the last token in flight: vLLM schedules it no more (async), it ends
+    outs["length_async"] += [4, 4, -1]
+    outs["helper"] += [-1]  # a one-token helper request (max_tokens 1), likewise
+    proc.update_state(SimpleNamespace(removed=list(range(8)), added=[], moved=[]))
     assert list(proc.parked) == ["preempted", "in_flight"]
 
 
@@ -1337,6 +1340,19 @@ def test_records_after_finish_are_stray_and_a_one_token_answer_waits_for_the_end
     t.finish("stop", 3)
     t.add(_rec(3, event=2, phase=W.PHASE_DONE, forced=0, acted=1))  # past the end
     assert not t.acted and not t.has_step(3) and t.report().action == "none"
+    # The same records in the other order (the telemetry came before the engine's last
+    # output, as under load): finish undoes what the steps past the end decided.
+    t = _bare_tracker()
+    for j in range(3):
+        t.add(_rec(j, event=1 if j else 0))  # a violating run under way at the end
+    t.add(_rec(3, event=2, phase=W.PHASE_DONE, forced=0, acted=1))
+    t.add(W.StepRecord("r", 4, [0.99] * 10, 2, 3, W.PHASE_DONE, 0, 1, 0))
+    assert t.acted and t.stop_forced and t.cut
+    t.finish("stop", 3)
+    assert not t.acted and not t.stop_forced and not t.cut and not t.has_step(3)
+    report = t.report()
+    assert report.action == "none" and not report.response.flagged
+    assert max(report.response.max_scores.values()) < 0.5  # step 4's scores undone too
 
     async def one_token():
         t = _bare_tracker()
