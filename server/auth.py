@@ -6,14 +6,14 @@ its key's ceiling; asking for more is a 403 naming what was refused, before anyt
 generated. A client can never loosen safety by itself:
 
 * The ceiling is the operator's default preset, as the server runs it (its allow-list,
-  action, holdback, thresholds, tau, guideline and the sentences of explanation after a
+  action, holdback, withhold_answer, thresholds, tau, guideline and the sentences of explanation after a
   refusal), widened only where the key's grant says so.
 * A preset the grant names, and the default preset, are taken whole (the operator wrote
   them), tightened only where they are silent, and capped by `max_tau` where it is set.
   Every field any other
   preset or a custom config sets is checked against the ceiling: allow no more categories,
   no weaker action (annotate < refuse < stop; a grant with `annotate` may ask for any), no
-  dropped holdback, no higher threshold, no larger tau, no more sentences of explanation, and
+  dropped holdback or withhold_answer, no higher threshold, no larger tau, no more sentences of explanation, and
   no guideline of its own (the guideline sits in the system prompt, where a config-conditioned
   model reads it as permission) unless the grant's `guideline` says so.
 * The per-token score trace (``trace``: the body's field or ``X-Safety-Trace``) needs the
@@ -198,6 +198,7 @@ class Ceiling:
     on_violation: str  # the weakest action (annotate only with the grant's `annotate`)
     annotate: bool
     holdback: bool
+    withhold_answer: bool
     thresholds: dict[str, float]  # per head output: the most a request may set
     default_thresholds: dict[str, float]  # the default preset's: what omitted ones become at most
     tau: int
@@ -219,7 +220,8 @@ def ceiling_of(grant: Grant, policy: SafetyPolicy) -> Ceiling:
     if grant.max_threshold is not None:  # widens only: one number cannot fit every output's scale
         thresholds = {n: max(t, grant.max_threshold) for n, t in defaults.items()}
     allow = base.allow if grant.allow is None else grant.allow
-    return Ceiling(frozenset(allow), base.on_violation, grant.annotate, base.holdback, thresholds,
+    return Ceiling(frozenset(allow), base.on_violation, grant.annotate, base.holdback,
+                   base.withhold_answer, thresholds,
                    defaults, grant.max_tau if grant.max_tau is not None else policy.tau_of(base),
                    float(base.threshold_shift or 0.0),
                    policy.explain_sentences_of(base), base.guideline, grant.guideline)
@@ -236,6 +238,8 @@ def looser_fields(cfg: SafetyConfig, fields: set[str], ceiling: Ceiling,
         refused.append(f"on_violation '{cfg.on_violation}' (at least '{ceiling.on_violation}')")
     if "holdback" in fields and ceiling.holdback and not cfg.holdback:
         refused.append("holdback false")
+    if "withhold_answer" in fields and ceiling.withhold_answer and not cfg.withhold_answer:
+        refused.append("withhold_answer false")
     if "tau" in fields and cfg.tau is not None and cfg.tau > ceiling.tau:
         refused.append(f"tau {cfg.tau} (max {ceiling.tau})")
     if "threshold_shift" in fields and cfg.threshold_shift > ceiling.threshold_shift + 1e-9:
@@ -276,6 +280,8 @@ def fill_from_ceiling(cfg: SafetyConfig, ceiling: Ceiling, policy: SafetyPolicy,
         update["on_violation"] = ceiling.on_violation
     if "holdback" not in fields and ceiling.holdback:
         update["holdback"] = True
+    if "withhold_answer" not in fields and ceiling.withhold_answer:
+        update["withhold_answer"] = True
     if "tau" not in fields and policy.tau_of(cfg) > ceiling.tau:
         update["tau"] = ceiling.tau
     current = policy.thresholds_of(cfg)

@@ -492,7 +492,8 @@ def _releasable_pieces(c: ChoiceState, finished: bool, holdback: bool) -> list:
         upto = len(c.pieces)
     else:
         settled = c.tracker.releasable(c.n_tokens, finished) if holdback else c.n_tokens
-        settled = min(settled, c.tracker.explanation_hold(c.n_tokens, finished))
+        settled = min(settled, c.tracker.explanation_hold(c.n_tokens, finished),
+                      c.tracker.answer_hold(c.n_tokens, finished))
         upto = c.sent
         while upto < len(c.pieces) and c.pieces[upto][1] <= settled:
             upto += 1

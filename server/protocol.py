@@ -588,6 +588,8 @@ class ResponseVerdict(BaseModel):
     # A refusal's bounded explanation read over a threshold somewhere: it was cut off and
     # withheld, so the response is the refusal alone.
     explanation_withheld: bool = False
+    # The request's `retract`: the answer before the response rule acted was withheld whole.
+    answer_withheld: bool = False
 
 
 class TracePoint(BaseModel):

@@ -76,6 +76,10 @@ class SafetyConfig(BaseModel):
     threshold: StrictFloat | dict[SafeStr, StrictFloat] | None = None
     on_violation: Literal["refuse", "stop", "annotate"] = "refuse"
     holdback: StrictBool = False
+    # On an action of the response rule, withhold the whole answer before it, not only the
+    # violating run: what the model wrote before the signal fired may already be the harm.
+    # Streamed, nothing is released until the response has ended or been acted on.
+    withhold_answer: StrictBool = False
     guideline: SafeStr | None = None
     # Logits added to every output's threshold for generated tokens (the response rule), on
     # the logit scale where the head's thresholds live (0.991-0.99998 for the default head: no single

@@ -134,7 +134,7 @@ class SafetyService:
             args.action, action = ACTION_ANNOTATE, "stop"
         tracker = RequestTracker(rid, self.names, args, action, echo,
                                  req.config.trace, self.policy.prompt_thresholds_echo(args),
-                                 host_stop=host_stop)
+                                 host_stop=host_stop, withhold_answer=req.config.withhold_answer)
         tracker.query = query
         self.hub.register(tracker)
         return args.to_extra_args(), tracker

@@ -45,7 +45,7 @@ class RequestTracker:
     def __init__(self, rid: str, names: tuple[str, ...], args: W.RowSafetyArgs,
                  action_name: str, config_echo: dict, trace: bool,
                  prompt_thresholds: dict[str, float | None] | None = None,
-                 host_stop: bool = False):
+                 host_stop: bool = False, withhold_answer: bool = False):
         self.rid, self.names, self.args = rid, names, args
         # what the prompt verdict compared (SafetyPolicy.prompt_thresholds_echo)
         self.prompt_thresholds = prompt_thresholds or echoed_thresholds(
@@ -83,6 +83,9 @@ class RequestTracker:
         # grammar); the first trigger stops it here, withholding the violating run and all
         # after it, and the HTTP side aborts its engine request (completions._host_stop).
         self.host_stop = host_stop
+        # The config's `withhold_answer`: an action of the response rule withholds the whole answer
+        # before it (from output token 0), not only the violating run.
+        self.withhold_answer = withhold_answer
 
     # -- telemetry in ----------------------------------------------------------------------
 
@@ -135,10 +138,10 @@ class RequestTracker:
             if self.trigger_index is None and acted_now:
                 self.trigger_index, self.flag_cats = rec.index, rec.cats
                 if self.host_stop:
-                    self.cut.append((max(0, rec.index - self.run_length), TO_THE_END))
+                    self.cut.append((self._cut_start(rec.index), TO_THE_END))
                     self.stop_forced = True
             if rec.acted and rec.index > 0:  # the violating run that reached tau is withheld
-                self.cut.append((max(0, rec.index - self.run_length), rec.index))
+                self.cut.append((self._cut_start(rec.index), rec.index))
         if rec.forced >= 0 and rec.forced == self.args.eos_id and rec.phase == W.PHASE_DONE:
             self.stop_forced = True
         if rec.forced >= 0 and rec.phase == W.PHASE_CLOSED:
@@ -150,6 +153,21 @@ class RequestTracker:
         self._keep(rec)
         self._seen = max(self._seen, rec.index)
         self._changed.set()
+
+    def _cut_start(self, index: int) -> int:
+        """Where the withheld text of an action at step ``index`` starts: its violating run,
+        or with ``withhold_answer`` the whole answer."""
+        return 0 if self.withhold_answer else max(0, index - self.run_length)
+
+    def answer_hold(self, n_tokens: int, finished: bool) -> int:
+        """How many of the first ``n_tokens`` may be released as far as ``withhold_answer``
+        goes: none before the response has ended or the response rule has acted (an action
+        later would withhold them). An action counts once its step is known to be no step
+        past the end (finish() undoes those): the output has reached the token it sampled."""
+        if (not self.withhold_answer or finished
+                or (self.acted and self.trigger_index < n_tokens)):
+            return n_tokens
+        return 0
 
     def _keep(self, rec: W.StepRecord) -> None:
         """Store what later questions need of this step (a repeated index replaces it)."""
@@ -358,6 +376,8 @@ class RequestTracker:
             if self.stop_forced:
                 action = "stop"
             response.explanation_withheld = self.explanation_retracted
+            response.answer_withheld = bool(self.withhold_answer and self.trigger_index
+                                            and self.trigger_index > 0)
             if self.retracted_at is not None and not response.flagged:
                 # The explanation read over a threshold: flagged where it did, whatever tau.
                 index, cats = self.retracted_at

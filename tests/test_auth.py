@@ -65,6 +65,21 @@ def test_omitted_fields_are_tightened_to_the_ceiling():
     assert run_with(svc, PLAIN, "strict").config == svc.policy.presets["strict"]
 
 
+def test_withhold_answer_in_the_default_preset_belongs_to_the_ceiling(tmp_path):
+    """An operator whose default preset withholds late-flagged answers: a key cannot turn it off, and
+    a custom config that leaves it out runs with it."""
+    presets = tmp_path / "presets.yaml"
+    presets.write_text("default:\n  allow: []\n  on_violation: refuse\n  withhold_answer: true\n")
+    svc = SafetyService(SafetyPolicy(Taxonomy.load(), presets_path=presets), TelemetryHub(),
+                        lambda: None)
+    assert "withhold_answer false" in refused(svc, PLAIN, body={"withhold_answer": False})
+    assert run_with(svc, PLAIN, body={"tau": 2}).config.withhold_answer is True
+    assert run_with(svc, PLAIN, body={"withhold_answer": True}).echo()["withhold_answer"] is True
+    # without it in the ceiling, a request may ask for it, or not
+    assert run_with(service(), PLAIN, body={"withhold_answer": True}).config.withhold_answer is True
+    assert run_with(service(), PLAIN, body={}).config.withhold_answer is False
+
+
 def test_stricter_presets_pass_on_a_default_server_and_open_servers_are_unchanged():
     svc = service("default")
     assert run_with(svc, PLAIN, "strict").preset == "strict"

@@ -917,6 +917,39 @@ def _rec(j, event=0, phase=0, forced=-1, acted=0, alert=0):
     return W.StepRecord("r", j, [0.1] * 10, event, 0, phase, forced, acted, alert)
 
 
+def test_withhold_answer_cuts_the_answer_before_an_action_and_holds_a_stream_until_then():
+    from safeserve.server import safety_wire as W
+    from safeserve.server.safety_tracker import RequestTracker
+
+    t = RequestTracker("r", tuple(f"c{i}" for i in range(10)), _args("r", tau=2), "refuse",
+                       {}, False, withhold_answer=True)
+    for j in range(4):
+        t.add(_rec(j))
+    assert t.answer_hold(4, finished=False) == 0  # nothing before an action or the end
+    t.add(_rec(4, event=1))
+    t.add(_rec(5, event=2, phase=W.PHASE_REFUSING, forced=7, acted=1))  # tau 2: acts at 5
+    assert t.cut == [(0, 5)] and all(t.withheld(j) for j in range(5))
+    assert t.answer_hold(5, finished=False) == 0  # its step may be one past the end
+    assert t.answer_hold(6, finished=False) == 6  # the output reached the forced token
+    report = t.report()
+    assert report.response.answer_withheld and report.response.token_index == 3
+    # without withhold_answer the same records withhold the violating run only
+    plain = RequestTracker("r", tuple(f"c{i}" for i in range(10)), _args("r", tau=2), "refuse",
+                           {}, False)
+    for rec in [_rec(j) for j in range(4)] + [_rec(4, event=1), _rec(
+            5, event=2, phase=W.PHASE_REFUSING, forced=7, acted=1)]:
+        plain.add(rec)
+    assert plain.cut == [(3, 5)] and not plain.report().response.answer_withheld
+    assert plain.answer_hold(4, finished=False) == 4
+    # a clean answer is released whole at its end
+    clean = RequestTracker("r", tuple(f"c{i}" for i in range(10)), _args("r"), "refuse", {},
+                           False, withhold_answer=True)
+    for j in range(3):
+        clean.add(_rec(j))
+    clean.finish("stop", 3)
+    assert clean.answer_hold(3, finished=True) == 3 and not clean.cut
+
+
 def test_a_tracker_without_a_trace_keeps_no_records_and_decides_the_same():
     """Per-step records (~700 bytes each) are kept only for a trace; without one, a status
     byte per step answers holdback, withholding, forced tokens and the report the same way,

@@ -326,6 +326,32 @@ def test_holdback_never_streams_a_flagged_token(http, server):
     assert len("".join(loose)) > len("".join(pieces))
 
 
+@pytest.mark.parametrize("action", ["refuse", "stop"])
+def test_withhold_answer_drops_the_answer_before_a_late_action(http, server, action):
+    """With `withhold_answer`, what the model wrote before the response rule acted is withheld too:
+    the response is the refusal (or the stop text) alone, streamed or not, and a stream sends
+    none of the answer before the action."""
+    cfg = {"allow": ["violence"], "tau": 1, "on_violation": action}
+    plain = chat(http, server, FRANCE, safety_config=cfg).json()
+    answer = plain["choices"][0]["message"]["content"]
+    marker = DEFAULT_REFUSAL if action == "refuse" else DEFAULT_STOP_TEXT
+    assert answer.index(marker) > 0  # the late action kept the answer before it
+    r = chat(http, server, FRANCE, safety_config={**cfg, "withhold_answer": True}).json()
+    text, s = r["choices"][0]["message"]["content"], r["safety"]
+    assert text.lstrip().startswith(marker), text
+    assert s["response"]["answer_withheld"] is True and s["response"]["flagged"] is True
+    assert s["response"]["token_index"] == plain["safety"]["response"]["token_index"] >= 1
+    assert s["config"]["withhold_answer"] is True and plain["safety"]["response"]["answer_withheld"] is False
+    pieces, final = _stream_text(http, server, {**cfg, "withhold_answer": True})
+    assert "".join(pieces).strip() == text.strip()
+    assert final["choices"][0]["finish_reason"] == r["choices"][0]["finish_reason"]
+    # a clean answer with `withhold_answer` comes back whole (released at its end when streamed)
+    clean = chat(http, server, FRANCE, safety_config={"allow": ["violence", "weapons"],
+                                                      "withhold_answer": True}).json()
+    assert "Paris" in clean["choices"][0]["message"]["content"]
+    assert clean["safety"]["response"]["answer_withheld"] is False
+
+
 def test_trace_header_returns_per_token_scores(http, server):
     r = chat(http, server, COLORS, headers={"X-Safety-Trace": "1"})
     data = r.json()
