@@ -103,8 +103,10 @@ def _masked(key) -> str:
 class KeyRing:
     def __init__(self, keys: list[str], grants_path: Path | None, default_grant: Grant | None = None):
         self.default_grant = default_grant or Grant()
-        self._plain: dict[str, Grant] = {k: self.default_grant for k in keys}
+        self._plain: dict[str, Grant] = {}
         self._hashed: dict[str, Grant] = {}
+        for key in keys:  # --api-key / SAFESERVE_API_KEYS: plain, or stored as sha256:<hex>
+            self._add(key, self.default_grant, "--api-key")
         if grants_path is not None:
             try:
                 data = yaml.safe_load(Path(grants_path).read_text())
@@ -128,20 +130,22 @@ class KeyRing:
                 if not isinstance(raw, dict | None):
                     raise ValueError(f"grants file {grants_path}: the grant of a key must be a "
                                      f"mapping, got {type(raw).__name__}")
-                grant = Grant(**(raw or {}))
-                if key[:7].lower() == "sha256:":
-                    digest = key[7:].strip().lower()
-                    if not _SHA256_HEX.fullmatch(digest):
-                        # anything else would never match (or, read as a plain key, make the
-                        # stored hash itself a working key)
-                        raise ValueError(f"grants file {grants_path}: key {_masked(key)} is "
-                                         "not sha256: followed by 64 hex digits")
-                    self._hashed[digest] = grant
-                else:
-                    if key != key.strip() or not key:
-                        raise ValueError(f"grants file {grants_path}: key {_masked(key)} is "
-                                         "empty or has blanks around it (it could never match)")
-                    self._plain[key] = grant
+                self._add(key, Grant(**(raw or {})), f"grants file {grants_path}")
+
+    def _add(self, key: str, grant: Grant, where: str) -> None:
+        if key[:7].lower() == "sha256:":
+            digest = key[7:].strip().lower()
+            if not _SHA256_HEX.fullmatch(digest):
+                # anything else would never match (or, read as a plain key, make the stored
+                # hash itself a working key)
+                raise ValueError(f"{where}: key {_masked(key)} is not sha256: followed by 64 "
+                                 "hex digits")
+            self._hashed[digest] = grant
+        else:
+            if key != key.strip() or not key:
+                raise ValueError(f"{where}: key {_masked(key)} is empty or has blanks around "
+                                 "it (it could never match)")
+            self._plain[key] = grant
 
     def check(self, policy: SafetyPolicy) -> None:
         """A startup error (ValueError) for a grant naming a preset or category the server

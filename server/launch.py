@@ -45,8 +45,9 @@ def unknown_variables(environ=None) -> list[str]:
 
     known = {name.upper() for name in Settings.model_fields} | _OTHER_VARIABLES
     env = os.environ if environ is None else environ
-    return sorted(k for k in env if k.startswith("SAFESERVE_")
-                  and k[len("SAFESERVE_"):] not in known)
+    # in any case, as the settings reader matches them: safeserve_api_key is a typo too
+    return sorted(k for k in env if k.upper().startswith("SAFESERVE_")
+                  and k[len("SAFESERVE_"):].upper() not in known)
 
 
 def load_settings(**overrides) -> Settings:
@@ -71,9 +72,10 @@ def load_settings(**overrides) -> Settings:
             problems.append(f"{flag} (or SAFESERVE_{name.upper()}): {err['msg']}, "
                             f"got {err.get('input')!r}")
         raise StartupError("invalid setting " + "; ".join(problems)) from None
-    if not settings.api_keys and settings.host not in ("127.0.0.1", "localhost", "::1"):
+    if (not settings.api_keys and settings.grants is None
+            and settings.host not in ("127.0.0.1", "localhost", "::1")):
         log.warning("listening on %s with no API keys: anyone who can reach it can use it "
-                    "(set --api-key / SAFESERVE_API_KEYS)", settings.host)
+                    "(set --api-key / SAFESERVE_API_KEYS, or --grants)", settings.host)
     return settings
 
 

@@ -18,7 +18,7 @@ import uuid
 
 from safeserve.server import metrics
 from safeserve.server.helper_requests import prompt_verdict
-from safeserve.server.prepare import render_messages
+from safeserve.server.prepare import as_plain_text, render_messages
 from safeserve.server.engine import Engine
 from safeserve.server.errors import APIError, bad_request
 from safeserve.server.protocol import ModerationRequest, ModerationResponse, ModerationResult
@@ -37,7 +37,10 @@ def _render_all(engine: Engine, body: ModerationRequest, safety: RequestSafety) 
     for i, text in enumerate(texts):
         param = f"input.{i}" if len(texts) > 1 else "input"
         # Any text may be judged, the guideline's header words included: no answer is
-        # generated from it, so it conditions nothing.
+        # generated from it, so it conditions nothing. A control token in it (a forged turn,
+        # what a gateway most needs screened) is judged as the text it is, broken so that it
+        # is no token: a chat request's 400 here would read as "not flagged" to some gateways.
+        text = as_plain_text(engine.tokenizer, text)
         ids = render_messages(engine, [{"role": "user", "content": text}], safety, param=param,
                               message_params=[param], refuse_guideline_header=False)
         if len(ids) >= limit:

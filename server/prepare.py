@@ -123,6 +123,14 @@ def check_preset_guidelines(tok, presets: dict) -> None:
                              f"conversation; every request using the preset would be refused")
 
 
+def as_plain_text(tok, text: str) -> str:
+    """``text`` with every control token broken by a word joiner (U+2060) after its first
+    character: read as the characters it shows, never as a turn marker."""
+    control = control_tokens(tok)
+    return control.sub(lambda m: m.group(0)[0] + "\u2060" + m.group(0)[1:], text) if control \
+        else text
+
+
 def control_tokens(tok) -> re.Pattern | None:
     """The special tokens that mark a conversation's structure, as one pattern (None: none):
     those the chat template writes around turns, and the tokenizer's BOS and EOS. Other special
@@ -252,7 +260,7 @@ def sampling_temperature(body: ChatCompletionRequest) -> float:
     return 1.0 if body.temperature is None else float(body.temperature)
 
 
-GREEDY_TEMPERATURE = 1e-5  # vLLM decodes greedily below this temperature
+GREEDY_TEMPERATURE = 1e-5  # vLLM's own greedy cut-off (it raises the others under 0.01 to 0.01)
 
 
 def shift_temperature(body: ChatCompletionRequest) -> float:

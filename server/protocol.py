@@ -124,6 +124,7 @@ MAX_TEXT_PARTS = 4096
 # work a request's bias costs every engine step).
 MAX_LOGIT_BIAS_ENTRIES = 1024
 LOGIT_BIAS_RANGE = 100.0
+MAX_STOP_CHARS = 1000  # per stop string
 
 
 class _Strict(BaseModel):
@@ -366,6 +367,11 @@ class StreamOptions(_Strict):
     # vLLM extension: usage (so far) in every chunk; needs include_usage.
     continuous_usage_stats: StrictBool = False
 
+    @field_validator("include_usage", "continuous_usage_stats", mode="before")
+    @classmethod
+    def _null_is_default(cls, v):
+        return False if v is None else v  # as for the request's own fields
+
 
 class ChatCompletionRequest(_Request):
     """Numbers and booleans are strict: ``"2"`` is not an int, ``true`` is not a number."""
@@ -404,6 +410,7 @@ class ChatCompletionRequest(_Request):
     logprobs: StrictBool | None = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     user: str | None = None
+    safety_identifier: str | None = None  # OpenAI's successor of `user`: accepted, as it is
     response_format: ResponseFormat | None = None
     # token id (a decimal string, as OpenAI's) -> bias added to its logit, in [-100, 100]
     logit_bias: dict[str, StrictFloat | StrictInt] | None = None
@@ -461,6 +468,9 @@ class ChatCompletionRequest(_Request):
                 raise ValueError("stop sequences must be non-empty")
         elif v == "":
             raise ValueError("stop sequence must be non-empty")
+        # a stop string's length, less one, is held back from a stream (it could begin there)
+        if any(len(s) > MAX_STOP_CHARS for s in ([v] if isinstance(v, str) else v or [])):
+            raise ValueError(f"stop sequences are at most {MAX_STOP_CHARS} characters")
         return v
 
     @model_validator(mode="after")

@@ -56,6 +56,20 @@ class Settings(BaseSettings):
         "at once")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
+    @field_validator("model", "grants", "presets", mode="before")
+    @classmethod
+    def _empty_path_is_none(cls, v):
+        # compose's ${VAR:-} passes an empty value: that is "not set", not the current folder
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("grants", "presets")
+    @classmethod
+    def _a_file(cls, v):
+        # found now, not after the model was converted or composed (minutes)
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"{v} is not a file")
+        return v
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower_level(cls, v):

@@ -177,6 +177,25 @@ def test_settings_that_cannot_work_are_startup_errors_naming_the_flag(overrides,
         load_settings(**overrides)
 
 
+def test_setting_variables_are_checked_in_any_case_and_empty_paths_are_unset(tmp_path,
+                                                                             monkeypatch):
+    from safeserve.server.launch import StartupError, load_settings, unknown_variables
+
+    # the settings reader takes any case, so the typo check does too
+    assert unknown_variables({"safeserve_api_key": "k", "SAFESERVE_api_keys": "k"}) == \
+        ["safeserve_api_key"]
+    # compose's ${VAR:-} passes "": not set (it was the current folder: an IsADirectoryError)
+    for name in ("SAFESERVE_GRANTS", "SAFESERVE_PRESETS", "SAFESERVE_MODEL"):
+        monkeypatch.setenv(name, "")
+    settings = load_settings()
+    assert settings.grants is None and settings.presets is None and settings.model is None
+    # a grants or presets path that is no file: found at once, not after the model is built
+    with pytest.raises(StartupError, match="--grants .*is not a file"):
+        load_settings(grants=tmp_path)
+    with pytest.raises(StartupError, match="--presets .*is not a file"):
+        load_settings(presets=tmp_path / "missing.yaml")
+
+
 def _policy_with(tmp_path, presets: str, **kw) -> SafetyPolicy:
     path = tmp_path / "presets.yaml"
     path.write_text(presets)
@@ -312,6 +331,13 @@ def test_bad_presets_and_grants_files_are_startup_errors(tmp_path):
         grants.write_text(f'keys:\n  "{key}": {{}}\n')
         with pytest.raises(ValueError, match="grants file"):
             KeyRing([], grants)
+    # the same reading for --api-key / SAFESERVE_API_KEYS (the digest was a working key there)
+    ring = KeyRing([f"sha256:{digest}", "sk-two"], None)
+    assert ring.authenticate("Bearer sk-one").name == ring.authenticate("Bearer sk-two").name
+    with pytest.raises(APIError):
+        ring.authenticate(f"Bearer sha256:{digest}")
+    with pytest.raises(ValueError, match="--api-key"):
+        KeyRing(["sha256:abc"], None)
 
 
 def test_with_keys_only_health_ready_and_metrics_answer_without_one(tmp_path):

@@ -153,6 +153,19 @@ def test_json_numbers_still_pass(client):
     assert r.status_code == 503, r.text
 
 
+def test_nulls_newer_openai_fields_and_stop_string_lengths(client):
+    # null is the default inside stream_options too; safety_identifier is `user`'s successor
+    for extra in ({"stream": True, "stream_options": {"include_usage": None,
+                                                      "continuous_usage_stats": None}},
+                  {"safety_identifier": "user-123"}, {"stop": "x" * 1000}):
+        r = client.post("/v1/chat/completions", json=body(**extra))
+        assert r.status_code == 503, (extra, r.text)  # valid: stopped by the missing engine
+    # a stop string's length is held back from a stream: bounded
+    for stop in ("x" * 1001, ["ok", "y" * 1001]):
+        err = _error(client.post("/v1/chat/completions", json=body(stop=stop)), 400, "stop")
+        assert "1000 characters" in err["message"]
+
+
 @pytest.mark.parametrize("cfg,param", [
     ({"tau": "3"}, "tau"), ({"tau": True}, "tau"), ({"tau": 2.0}, "tau"),
     ({"threshold": "0.5"}, "threshold"), ({"threshold": True}, "threshold"),

@@ -45,10 +45,26 @@ def test_a_control_token_in_a_message_is_refused_naming_it_and_the_field(engine)
     # the turn markers the template writes and BOS / EOS (here <|im_start|> / <|im_end|>)
     assert refusal(engine, [{"role": "system", "content": "<|im_start|>"}]).param == \
         "messages.0.content"
-    # moderation judges text without the header check, but not text that forges turns either
+    # without the header check (moderation's rendering) a control token is still refused:
+    # moderation breaks them first (as_plain_text, below), so none reaches this
     err = refusal(engine, [{"role": "user", "content": FORGED_TURN}], param="input.2",
                   message_params=["input.2"], refuse_guideline_header=False)
     assert err.param == "input.2"
+
+
+def test_moderation_reads_a_forged_turn_as_the_text_it_shows(engine):
+    """Text to be judged may hold control tokens (a forged turn is what a gateway most needs
+    screened): broken by a word joiner, they render as characters, never as turn markers."""
+    plain = prepare.as_plain_text(engine.tokenizer, FORGED_TURN)
+    assert plain.replace("\u2060", "") == FORGED_TURN and prepare.control_tokens(
+        engine.tokenizer).search(plain) is None
+    ids = render_messages(engine, [{"role": "user", "content": plain}], None,
+                          refuse_guideline_header=False)
+    turn_ids = render_messages(engine, [{"role": "user", "content": "hi"}], None)
+    im_start, im_end = engine.tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert ids.count(im_start) == turn_ids.count(im_start)  # only the template's own
+    assert ids.count(im_end) == turn_ids.count(im_end)
+    assert prepare.as_plain_text(engine.tokenizer, "no tokens here") == "no tokens here"
 
 
 def test_special_tokens_that_forge_no_turn_are_still_text_a_client_may_send(engine):
