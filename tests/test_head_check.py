@@ -239,3 +239,39 @@ def test_prompt_readout_serves_prompt_rows_and_moves_with_the_operating_point(tm
     result = compare(fresh, prompts_seen, 0.1, 0.0, answers)
     assert result.response_rows == 2 * RESPONSE_TOKENS and not result.passed, result
     assert result.worst_token is not None
+
+
+@pytest.mark.parametrize("mode", ["warn", "error"])
+def test_a_failed_check_stops_the_server_or_is_served_and_shown(mode, monkeypatch, caplog):
+    """`error` (the default) raises HeadCheckFailed (launch turns it into exit 1; the served
+    mismatch is test_default_model.py's); `warn` logs it and keeps the result /v1/models
+    shows. A check that could not run at all is served in warn mode with its reason."""
+    import asyncio
+
+    from safeserve.models.head_check import CheckResult
+    from safeserve.server import head_check as server_check
+
+    failed = CheckResult(max_error=7.5, tolerance=0.1, worst_prompt="p", worst_output="unsafe",
+                         expected=0.9, served=0.1, prompts=3)
+
+    async def check(engine, svc, plan):
+        plan.result = failed.summary()
+        return failed
+
+    monkeypatch.setattr(server_check, "check", check)
+    plan = HeadCheckPlan(record=None, mode=mode, tolerance=0.1)
+    if mode == "error":
+        with pytest.raises(server_check.HeadCheckFailed, match="7.5 logits"):
+            asyncio.run(server_check.run_head_check(None, None, plan))
+        return
+    with caplog.at_level("ERROR"):
+        assert asyncio.run(server_check.run_head_check(None, None, plan)) is failed
+    assert "self-check FAILED, serving anyway" in caplog.text
+    assert plan.result["status"] == "failed" and plan.result["max_logit_error"] == 7.5
+
+    async def broken(engine, svc, plan):
+        raise RuntimeError("no engine")
+
+    monkeypatch.setattr(server_check, "check", broken)
+    assert asyncio.run(server_check.run_head_check(None, None, plan)) is None
+    assert plan.result == {"status": "error", "reason": "no engine"}
