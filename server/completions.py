@@ -53,6 +53,7 @@ class ChoiceState:
     decode: Callable | None = None  # the tokenizer's, for a piece the strategy cut into
     sent: int = 0  # pieces already streamed
     tail: str = ""  # the last character streamed (the stop text follows it)
+    shown: bool = False  # visible() has returned text
     n_tokens: int = 0
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # the stop string that ended it (or a stop token)
@@ -88,8 +89,14 @@ class ChoiceState:
         self.pieces.append((start, end, text))
 
     def visible(self, pieces) -> str:
-        """Text of the pieces the safety strategy did not withhold."""
-        return "".join(self._text_of(p) for p in pieces)
+        """Text of the pieces the safety strategy did not withhold (called in order, each
+        piece once). With the answer withheld, the response opens with the refusal, without
+        the paragraph break that set it apart from the answer."""
+        text = "".join(self._text_of(p) for p in pieces)
+        if not self.shown and self.tracker is not None and self.tracker.answer_withheld:
+            text = text.lstrip()
+        self.shown = self.shown or bool(text)
+        return text
 
     def outgoing(self, text: str, finished: bool) -> str:
         """``text`` (visible, in order) as the client may see it now: minus the characters

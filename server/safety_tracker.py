@@ -353,6 +353,11 @@ class RequestTracker:
         return self.args.tau_alerted if self.alerted else self.args.tau
 
     @property
+    def answer_withheld(self) -> bool:
+        """``withhold_answer`` acted on: the answer before the response rule's action is cut."""
+        return bool(self.withhold_answer and self.trigger_index and self.trigger_index > 0)
+
+    @property
     def acted(self) -> bool:
         return self.trigger_index is not None
 
@@ -376,8 +381,7 @@ class RequestTracker:
             if self.stop_forced:
                 action = "stop"
             response.explanation_withheld = self.explanation_retracted
-            response.answer_withheld = bool(self.withhold_answer and self.trigger_index
-                                            and self.trigger_index > 0)
+            response.answer_withheld = self.answer_withheld
             if self.retracted_at is not None and not response.flagged:
                 # The explanation read over a threshold: flagged where it did, whatever tau.
                 index, cats = self.retracted_at

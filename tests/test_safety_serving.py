@@ -338,7 +338,7 @@ def test_withhold_answer_drops_the_answer_before_a_late_action(http, server, act
     assert answer.index(marker) > 0  # the late action kept the answer before it
     r = chat(http, server, FRANCE, safety_config={**cfg, "withhold_answer": True}).json()
     text, s = r["choices"][0]["message"]["content"], r["safety"]
-    assert text.lstrip().startswith(marker), text
+    assert text.startswith(marker), text  # (no paragraph break left from the answer)
     assert s["response"]["answer_withheld"] is True and s["response"]["flagged"] is True
     assert s["response"]["token_index"] == plain["safety"]["response"]["token_index"] >= 1
     assert s["config"]["withhold_answer"] is True and plain["safety"]["response"]["answer_withheld"] is False
