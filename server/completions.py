@@ -35,6 +35,7 @@ from safeserve.server.protocol import (
 )
 from safeserve.server.safety_service import SafetyService, disabled_report
 from safeserve.server.safety_tracker import RequestTracker
+from safeserve.server.token_bytes import token_bytes_reader
 
 log = logging.getLogger(__name__)
 
@@ -140,14 +141,14 @@ class ChoiceState:
         return "".join(self.decode(run[1:], skip_special_tokens=True) for run in runs)
 
     def add_logprobs(self, ids, step_logprobs, top: int, special: frozenset = frozenset(),
-                     decode=None) -> None:
+                     decode=None, raw_bytes=None) -> None:
         """One entry per new token from vLLM's per-position {token id: Logprob} maps; a token
         without its map gets none (never the next token's)."""
         maps = list(step_logprobs or ())
         for k, tid in enumerate(ids):
             options = maps[k] if k < len(maps) else None
             self.logprobs.append(None if tid in special or options is None
-                                 else token_logprob(tid, options, top, decode))
+                                 else token_logprob(tid, options, top, decode, raw_bytes))
 
     def visible_logprobs(self, pieces) -> ChoiceLogprobs:
         """The entries of the tokens in ``pieces`` the safety strategy did not withhold, token
@@ -170,27 +171,32 @@ class ChoiceState:
         return self.tracker is not None and self.tracker.stop_forced
 
 
-def _top(token: str, logprob: float) -> TopLogprob:
+def _top(token: str, logprob: float, raw: bytes | None = None) -> TopLogprob:
     value = -9999.0 if math.isnan(logprob) else max(logprob, -9999.0)
     return TopLogprob(token=token, logprob=value,
-                      bytes=list(token.encode("utf-8", errors="replace")))
+                      bytes=list(raw if raw is not None else token.encode("utf-8", errors="replace")))
 
 
-def token_logprob(token_id: int, options: dict, top: int, decode=None) -> TokenLogprob:
+def token_logprob(token_id: int, options: dict, top: int, decode=None,
+                  raw_bytes=None) -> TokenLogprob:
     """An OpenAI logprob entry from vLLM's {token id: Logprob(logprob, rank, decoded_token)}
     for one position: the sampled token's, then the ``top`` most likely (by rank). -inf (a
-    token the model gave no mass) is clamped to -9999, as OpenAI does: JSON has no infinity."""
+    token the model gave no mass) is clamped to -9999, as OpenAI does: JSON has no infinity.
+    ``raw_bytes``: tid -> the token's own bytes (server/token_bytes.py), for ``bytes``."""
     def text(tid: int, lp) -> str:
         if lp is not None and lp.decoded_token is not None:
             return lp.decoded_token
         return decode([tid]) if decode is not None else ""
 
+    def entry(tid: int, lp, logprob: float) -> TopLogprob:
+        return _top(text(tid, lp), logprob, raw_bytes(tid) if raw_bytes is not None else None)
+
     chosen = options.get(token_id)
     ranked = sorted(((tid, lp) for tid, lp in options.items() if lp.rank is not None),
                     key=lambda item: item[1].rank)[:top]
-    entry = _top(text(token_id, chosen), chosen.logprob if chosen else -9999.0)
-    return TokenLogprob(**entry.model_dump(),
-                        top_logprobs=[_top(text(tid, lp), lp.logprob) for tid, lp in ranked])
+    first = entry(token_id, chosen, chosen.logprob if chosen else -9999.0)
+    return TokenLogprob(**first.model_dump(),
+                        top_logprobs=[entry(tid, lp, lp.logprob) for tid, lp in ranked])
 
 
 class _Step:
@@ -413,7 +419,8 @@ async def _host_stop(engine: Engine, step: _Step) -> None:
 def _add_logprobs(engine: Engine, prep: PreparedRequest, step: _Step) -> None:
     if prep.body.logprobs and step.n_new:
         step.choice.add_logprobs(step.ids, step.logprobs, prep.body.top_logprobs or 0,
-                                 engine.special_ids, engine.tokenizer.decode)
+                                 engine.special_ids, engine.tokenizer.decode,
+                                 token_bytes_reader(engine.tokenizer))
 
 
 def _finish(step: _Step) -> None:

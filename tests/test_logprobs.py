@@ -78,3 +78,38 @@ def test_bad_logprobs_requests_are_a_400(http, server, body, param):
     r = http.post("/v1/chat/completions", json={"model": server.model, "messages": FRANCE,
                                                 **body})
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_bytes_are_the_tokens_own_even_inside_a_character(http, server):
+    """A token holding part of a multi-byte character decodes to U+FFFD; its `bytes` are its
+    own, so a client joining them gets the character back (they were U+FFFD's UTF-8)."""
+    prefill = [{"role": "user", "content": "Write the Japanese word for Japan."},
+               {"role": "assistant", "content": "日"}]
+    r = chat(http, server, messages=prefill, logprobs=True, max_tokens=8,
+             continue_final_message=True, add_generation_prompt=False,
+             safety_config=ANNOTATE)
+    content = r["choices"][0]["logprobs"]["content"]
+    joined = b"".join(bytes(e["bytes"]) for e in content).decode("utf-8", errors="strict")
+    assert joined == r["choices"][0]["message"]["content"]
+
+
+def test_token_bytes_of_both_tokenizer_families(base_model_dir):
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from safeserve.server.token_bytes import token_bytes_reader
+
+    tok = AutoTokenizer.from_pretrained(str(base_model_dir))  # byte-level BPE
+    text = "héllo 日本 🙂"
+    ids = tok.encode(text, add_special_tokens=False)
+    read = token_bytes_reader(tok)
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # some tokens split a character
+    assert b"".join(read(i) for i in ids).decode("utf-8") == text
+    assert read(tok.eos_token_id) is None  # special: the text's UTF-8 is used
+    # SentencePiece with byte fallback (Llama 2, Mistral): <0xAB> pieces and U+2581 spaces
+    pieces = {1: "\u2581hello", 2: "<0xE6>", 3: "<0x97>"}
+    sp = SimpleNamespace(backend_tokenizer=SimpleNamespace(decoder=type("Sequence", (), {})()),
+                         all_special_ids=[0], convert_ids_to_tokens=pieces.get)
+    read = token_bytes_reader(sp)
+    assert [read(i) for i in (1, 2, 3)] == [b" hello", b"\xe6", b"\x97"] and read(0) is None
