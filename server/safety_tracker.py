@@ -156,18 +156,28 @@ class RequestTracker:
 
     def _cut_start(self, index: int) -> int:
         """Where the withheld text of an action at step ``index`` starts: its violating run,
-        or with ``withhold_answer`` the whole answer."""
-        return 0 if self.withhold_answer else max(0, index - self.run_length)
+        or, for the first action with ``withhold_answer``, the whole answer (a later one, in
+        an unbounded explanation, withholds its run: the refusal before it stands)."""
+        if self.withhold_answer and index == self.trigger_index:
+            return 0
+        return max(0, index - self.run_length)
 
     def answer_hold(self, n_tokens: int, finished: bool) -> int:
         """How many of the first ``n_tokens`` may be released as far as ``withhold_answer``
         goes: none before the response has ended or the response rule has acted (an action
         later would withhold them). An action counts once its step is known to be no step
         past the end (finish() undoes those): the output has reached the token it sampled."""
-        if (not self.withhold_answer or finished
-                or (self.acted and self.trigger_index < n_tokens)):
+        if (not self.withhold_answer or finished or self._annotating
+                or (self.acted and self.trigger_index < n_tokens
+                    # an earlier prompt chunk's verdict may still be replaced by the last's
+                    and (self.trigger_index > 0 or self._seen >= 1 or self.gone))):
             return n_tokens
         return 0
+
+    @property
+    def _annotating(self) -> bool:
+        """Annotate only: nothing is ever withheld."""
+        return self.args.action == W.ACTION_ANNOTATE and not self.host_stop
 
     def _keep(self, rec: W.StepRecord) -> None:
         """Store what later questions need of this step (a repeated index replaces it)."""
@@ -288,10 +298,14 @@ class RequestTracker:
         unsafe one. (End-of-sequence is no text.)
 
         Steps the engine ran past the end (a stop string is found in the frontend, and under
-        async scheduling a step is in flight when a request ends) read tokens after the last
-        one; their records may have arrived before this call. What they decided is undone,
-        so the outcome does not depend on which came first."""
-        self._undo_past(max(1, n_tokens))
+        async scheduling a step is in flight when a request ends) may have reported before
+        this call. Step ``n_tokens`` read the last token, which the client gets: what it
+        decided stands (a violating run it completed is withheld). The steps after it read
+        tokens nobody gets: what they decided is undone, so it does not depend on which came
+        first. A stop the server made itself (``_host_stop``, at a trigger whose tokens have
+        not all arrived) is final."""
+        if not (self.host_stop and self.stop_forced):
+            self._undo_past(max(1, n_tokens) + 1)
         if (self.explanation_open and (finish_reason == "length" or stop_string)
                 and n_tokens > self.refusal_end):
             self.withhold_explanation(n_tokens)  # unjudged: withheld, but nothing flagged it
@@ -355,7 +369,8 @@ class RequestTracker:
     @property
     def answer_withheld(self) -> bool:
         """``withhold_answer`` acted on: the answer before the response rule's action is cut."""
-        return bool(self.withhold_answer and self.trigger_index and self.trigger_index > 0)
+        return bool(self.withhold_answer and self.trigger_index and self.trigger_index > 0
+                    and any(start == 0 for start, _ in self.cut))
 
     @property
     def acted(self) -> bool:

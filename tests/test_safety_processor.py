@@ -950,6 +950,48 @@ def test_withhold_answer_cuts_the_answer_before_an_action_and_holds_a_stream_unt
     assert clean.answer_hold(3, finished=True) == 3 and not clean.cut
 
 
+def test_withhold_answer_keeps_the_refusal_and_leaves_annotate_and_host_stops_alone():
+    """A later action (a trigger in an unbounded explanation) withholds its run, not the
+    refusal before it; annotate withholds nothing and holds no stream; a stop the server made
+    itself (structured output) is not undone by finish()."""
+    from safeserve.server import safety_wire as W
+    from safeserve.server.safety_tracker import TO_THE_END, RequestTracker
+
+    names = tuple(f"c{i}" for i in range(10))
+    t = RequestTracker("r", names, _args("r", tau=1), "refuse", {}, False, withhold_answer=True)
+    t.add(_rec(0))
+    t.add(_rec(1))
+    t.add(_rec(2, event=2, phase=W.PHASE_REFUSING, forced=5, acted=1))  # first action
+    t.add(_rec(3, phase=W.PHASE_REFUSED, forced=6))  # the refusal's last token
+    for j in range(4, 8):
+        t.add(_rec(j))  # the explanation
+    t.add(_rec(8, event=2, phase=W.PHASE_DONE, forced=0, acted=1))  # a second action
+    assert t.cut == [(0, 2), (7, 8)] and not t.withheld(2) and not t.withheld(5)
+    ann = RequestTracker("r", names, _args("r", tau=1, action=W.ACTION_ANNOTATE), "annotate",
+                         {}, False, withhold_answer=True)
+    ann.add(_rec(0))
+    assert ann.answer_hold(3, finished=False) == 3
+    ann.add(_rec(1))
+    ann.add(_rec(2, event=2))
+    assert not ann.cut and not ann.report().response.answer_withheld
+    # a stream's first token waits for the prompt verdict to be final (a chunk's may change)
+    t = RequestTracker("r", names, _args("r"), "refuse", {}, False, withhold_answer=True)
+    t.add(_rec(0, event=2, phase=W.PHASE_REFUSING, forced=5, acted=1))  # an earlier chunk's
+    assert t.answer_hold(1, finished=False) == 0
+    t.add(_rec(1, phase=W.PHASE_REFUSING, forced=6))
+    assert t.answer_hold(2, finished=False) == 2
+    # structured output: the host stop at step 3, finished before step 3's token arrived
+    hs = RequestTracker("r", names, _args("r", tau=1, action=W.ACTION_ANNOTATE), "stop", {},
+                        False, host_stop=True)
+    for j in range(5):
+        hs.add(_rec(j))
+    hs.add(_rec(5, event=2))  # telemetry ahead of the outputs: 3 tokens have arrived
+    assert hs.host_stopped
+    hs.finish("stop", 3)
+    assert hs.stop_forced and hs.cut == [(4, TO_THE_END)]
+    assert hs.report().action == "stop"
+
+
 def test_a_tracker_without_a_trace_keeps_no_records_and_decides_the_same():
     """Per-step records (~700 bytes each) are kept only for a trace; without one, a status
     byte per step answers holdback, withholding, forced tokens and the report the same way,
@@ -1373,19 +1415,27 @@ def test_records_after_finish_are_stray_and_a_one_token_answer_waits_for_the_end
     t.finish("stop", 3)
     t.add(_rec(3, event=2, phase=W.PHASE_DONE, forced=0, acted=1))  # past the end
     assert not t.acted and not t.has_step(3) and t.report().action == "none"
-    # The same records in the other order (the telemetry came before the engine's last
-    # output, as under load): finish undoes what the steps past the end decided.
+    # Records that came before the engine's last output (as under load): step 3 read the
+    # last token (2), which the client gets, so what it decided stands; step 4 read a token
+    # nobody gets: undone at finish.
     t = _bare_tracker()
     for j in range(3):
         t.add(_rec(j, event=1 if j else 0))  # a violating run under way at the end
-    t.add(_rec(3, event=2, phase=W.PHASE_DONE, forced=0, acted=1))
+    t.add(_rec(4 - 1, event=2, phase=W.PHASE_DONE, forced=0, acted=1))  # completes it (tau 3)
     t.add(W.StepRecord("r", 4, [0.99] * 10, 2, 3, W.PHASE_DONE, 0, 1, 0))
-    assert t.acted and t.stop_forced and t.cut
     t.finish("stop", 3)
-    assert not t.acted and not t.stop_forced and not t.cut and not t.has_step(3)
+    assert t.acted and t.cut == [(0, 3)] and t.has_step(3) and not t.has_step(4)
     report = t.report()
-    assert report.action == "none" and not report.response.flagged
-    assert max(report.response.max_scores.values()) < 0.5  # step 4's scores undone too
+    assert report.response.flagged and report.response.token_index == 0
+    assert max(report.response.max_scores.values()) < 0.5  # step 4's scores undone
+    # and a clean answer whose steps past the end triggered (step 4 only) stays clean
+    t = _bare_tracker()
+    for j in range(4):
+        t.add(_rec(j))
+    t.add(W.StepRecord("r", 4, [0.99] * 10, 2, 3, W.PHASE_DONE, 0, 1, 0))
+    assert t.acted and t.stop_forced
+    t.finish("stop", 3)
+    assert not t.acted and not t.stop_forced and not t.cut and t.report().action == "none"
 
     async def one_token():
         t = _bare_tracker()
