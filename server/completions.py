@@ -55,6 +55,7 @@ class ChoiceState:
     sent: int = 0  # pieces already streamed
     tail: str = ""  # the last character streamed (the stop text follows it)
     shown: bool = False  # visible() has returned text
+    logprobs_shown: bool = False  # visible_logprobs() has returned an entry
     n_tokens: int = 0
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # the stop string that ended it (or a stop token)
@@ -153,7 +154,9 @@ class ChoiceState:
     def visible_logprobs(self, pieces) -> ChoiceLogprobs:
         """The entries of the tokens in ``pieces`` the safety strategy did not withhold, token
         by token. A forced token (the refusal, end-of-sequence) keeps its own logprob but not
-        its alternatives: those would be the model's likely continuation of a withheld run."""
+        its alternatives: those would be the model's likely continuation of a withheld run.
+        With the answer withheld, the blank tokens that open the refusal go as its text does
+        (visible())."""
         t = self.tracker
         out = []
         for start, end, _ in pieces:
@@ -161,9 +164,13 @@ class ChoiceState:
                 e = self.logprobs[j]
                 if e is None or (t is not None and t.withheld(j)):
                     continue
+                if (not self.logprobs_shown and not e.token.strip() and t is not None
+                        and t.answer_withheld):
+                    continue
                 if t is not None and t.forced_at(j) and e.top_logprobs:
                     e = e.model_copy(update={"top_logprobs": []})
                 out.append(e)
+                self.logprobs_shown = True
         return ChoiceLogprobs(content=out)
 
     @property

@@ -336,9 +336,12 @@ def test_withhold_answer_drops_the_answer_before_a_late_action(http, server, act
     answer = plain["choices"][0]["message"]["content"]
     marker = DEFAULT_REFUSAL if action == "refuse" else DEFAULT_STOP_TEXT
     assert answer.index(marker) > 0  # the late action kept the answer before it
-    r = chat(http, server, FRANCE, safety_config={**cfg, "withhold_answer": True}).json()
+    r = chat(http, server, FRANCE, safety_config={**cfg, "withhold_answer": True},
+             logprobs=True).json()
     text, s = r["choices"][0]["message"]["content"], r["safety"]
     assert text.startswith(marker), text  # (no paragraph break left from the answer)
+    if action == "refuse":  # the logprobs are the text's tokens (stop's text is the server's)
+        assert "".join(e["token"] for e in r["choices"][0]["logprobs"]["content"]) == text
     assert s["response"]["answer_withheld"] is True and s["response"]["flagged"] is True
     assert s["response"]["token_index"] == plain["safety"]["response"]["token_index"] >= 1
     assert s["config"]["withhold_answer"] is True and plain["safety"]["response"]["answer_withheld"] is False
