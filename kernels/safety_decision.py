@@ -515,6 +515,14 @@ def _as_flat(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype).contiguous()
 
 
+def _as_flag(t: torch.Tensor) -> torch.Tensor:
+    """A row flag as the int8 the kernel loads. Flags mean "nonzero": a wider int is compared
+    first (256 as int32 would otherwise narrow to 0); int8 and bool, what the server passes,
+    cost no extra op."""
+    return _as_flat(t if t.dtype in (torch.int8, torch.uint8, torch.bool) else t != 0,
+                    torch.int8)
+
+
 def _quiet_step(scores: torch.Tensor, thresholds: torch.Tensor, is_prompt: torch.Tensor,
                 sampled_overall: torch.Tensor | None = None) -> bool:
     """No prompt row and no score at or over its threshold (so no violation, no alert to set;
@@ -629,8 +637,8 @@ def decide(
         masked,
         counter,
         _as_flat(tau, torch.int32),
-        _as_flat(is_prompt, torch.int8),
-        _as_flat(active, torch.int8),
+        _as_flag(is_prompt),
+        _as_flag(active),
         alert,
         alert_tau,
         alert_scale,

@@ -404,9 +404,10 @@ def advance_strategy(
 
 def force_tokens_reference(logits: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
     """Rows with ``forced[i] >= 0``: -inf everywhere but that token, which gets 0. In place,
-    without a host sync: one masked pass over the batch and one scatter."""
-    rows = forced >= 0
-    tok = forced.clamp(min=0).unsqueeze(1)
+    without a host sync: one masked pass over the batch and one scatter. An id past the
+    vocabulary forces nothing (never a row of -inf for the sampler)."""
+    rows = (forced >= 0) & (forced < logits.shape[1])
+    tok = torch.where(rows, forced, 0).unsqueeze(1)
     value = torch.where(rows.unsqueeze(1), torch.zeros_like(logits[:, :1]),
                         logits.gather(1, tok))
     logits.masked_fill_(rows.unsqueeze(1), float("-inf"))
@@ -420,8 +421,10 @@ def _force_tokens_kernel(logits_ptr, forced_ptr, vocab_size, stride_row,
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     tok = tl.full((BLOCK_V,), 0, tl.int64) + tl.load(forced_ptr + row)  # the row's, per lane
     value = tl.where(cols == tok, 0.0, float("-inf"))
+    # An id past the vocabulary forces nothing, as in the reference.
     tl.store(logits_ptr + row.to(tl.int64) * stride_row + cols,
-             value.to(logits_ptr.dtype.element_ty), mask=(cols < vocab_size) & (tok >= 0))
+             value.to(logits_ptr.dtype.element_ty),
+             mask=(cols < vocab_size) & (tok >= 0) & (tok < vocab_size))
 
 
 def force_tokens(logits: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,7 @@ def category_readout_data(rows, cats: list[str], lm_dir: Path, seed: int, log=pr
 
 
 def train_attribution(head_dir: Path, out: Path, data_root: Path, model_dir: Path | None = None,
-                      seed: int = 0, log=print) -> dict:
+                      seed: int = 0, heldout_questions: bool = False, log=print) -> dict:
     """Fit the attribution read-out for the head in ``head_dir`` and write
     ``<out>/safety_head/`` (the head's own tensors and operating point unchanged)."""
     from safeserve.kernels.safety_head import head_logits
@@ -68,7 +68,8 @@ def train_attribution(head_dir: Path, out: Path, data_root: Path, model_dir: Pat
     head = load_safety_head(head_dir)
     lm_dir = served_model_for(Path(head_dir), model_dir)
     cats = [c.id for c in head.taxonomy.categories]
-    rows = [r for r in build_prompt_rows(Path(data_root), seed, questions=True, warn=log)
+    rows = [r for r in build_prompt_rows(Path(data_root), seed, questions=True,
+                                         heldout_questions=heldout_questions, warn=log)
             if r.harmful and r.categories]
     if not rows:
         raise ValueError(f"no categorised harmful prompts under {data_root}")
@@ -89,6 +90,7 @@ def train_attribution(head_dir: Path, out: Path, data_root: Path, model_dir: Pat
             "top_category_labelled": top_hit_rate(named[conversational], yh[conversational]),
             "top_category_labelled_by_head": top_hit_rate(own[conversational],
                                                           yh[conversational])},
+        "heldout_questions": heldout_questions,
         "data_root": str(data_root), "seed": seed, "seconds": round(time.time() - t0)}}
     return write_readout_checkpoint(head, head_dir, out, model_dir, lm_dir, "attribution",
                                     metrics["attribution"], model, tok, log)

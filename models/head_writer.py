@@ -18,6 +18,33 @@ def copy_model_files(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name, follow_symlinks=True)
 
 
+def check_lm_carried(head: SafetyHead, head_dir: Path, out: Path) -> bool:
+    """Whether a head derived from the one in ``head_dir`` and written to ``out`` must carry
+    its LM along (``carry_lm``): a full-mode head reads its own fine-tuned LM, which only its
+    checkpoint holds (there is no adapter), so a copy elsewhere would be served with the
+    recorded base model. Raises, before anything is written, when that LM is not there."""
+    if head.extra.get("mode") != "full" or Path(out).resolve() == Path(head_dir).resolve():
+        return False
+    if not (Path(head_dir) / "config.json").is_file():
+        raise ValueError(f"the head in {head_dir} was trained in full mode, but {head_dir} "
+                         "holds no model (its fine-tuned LM): use the checkpoint the "
+                         "full-mode run wrote")
+    return True
+
+
+def carry_lm(head_dir: Path, out: Path, full_model: bool) -> None:
+    """Copy what the served LM needs from ``head_dir`` to ``out``: its LoRA adapter (the
+    server merges it into the base), or with ``full_model`` (``check_lm_carried``) the
+    fine-tuned model's files."""
+    if Path(out).resolve() == Path(head_dir).resolve():
+        return
+    adapter = Path(head_dir) / "adapter"
+    if adapter.is_dir():
+        shutil.copytree(adapter, Path(out) / "adapter", dirs_exist_ok=True)
+    if full_model:
+        copy_model_files(Path(head_dir), Path(out))
+
+
 def write_checkpoint(head: SafetyHead, metrics: dict, out: Path, extra: dict,
                      self_check_model: Path | None = None, log=print, dtype: str = "float32",
                      model=None, tok=None) -> Path:

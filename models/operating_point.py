@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -199,12 +198,11 @@ def move_operating_point(head_dir: Path, out: Path, *, prompt_shift: float,
         "served_thresholds": {cat.id: cat.threshold for cat in new.taxonomy.categories},
         "moved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "note": "metrics above this block were measured at the head's previous operating point"}
-    from safeserve.models.head_writer import write_checkpoint
+    from safeserve.models.head_writer import carry_lm, check_lm_carried, write_checkpoint
 
+    full_model = check_lm_carried(head, Path(head_dir), Path(out))
     write_checkpoint(new, metrics, Path(out), new.extra)
-    adapter = Path(head_dir) / "adapter"
-    if adapter.is_dir():  # the served LM merges it
-        shutil.copytree(adapter, Path(out) / "adapter", dirs_exist_ok=True)
+    carry_lm(Path(head_dir), Path(out), full_model)  # the LM the head reads
     record = SelfCheck.from_extra(head.extra)
     # (a veto's caps move with the thresholds and the offset, not with the biases alone)
     if record is not None and (new.no_allowlist_rule != head.no_allowlist_rule

@@ -45,15 +45,20 @@ class PromptRow:
 
 def build_prompt_rows(root: Path, seed: int = 0, n_alpaca: int = 600, n_wrapped: int = 200,
                       n_roleplay: int = 250, questions: bool = False,
-                      wildguard: bool = False, warn=print) -> list[PromptRow]:
+                      wildguard: bool = False, heldout_questions: bool = False,
+                      warn=print) -> list[PromptRow]:
     """Training prompts with the leakage rules of ``build_safety_data``: no evaluation set's
     prompt (normalised) in any source; a hard-negative entry dropped whole when one of its
     wordings is one, and only the training groups of ``build-hard-negatives``' split; harmful
     prompts de-duplicated (the sources overlap); contextual HarmBench
     behaviours (a pasted context) kept as written, not wrapped. ``questions``: also the
     project-labelled conversational questions (``question_data``: HH first turns, harmful and
-    harmless, none a near copy of an evaluation prompt), as written. ``wildguard``: also the
-    project-labelled WildGuardMix prompts (``question_data.labelled_wildguard_prompts``)."""
+    harmless, none a near copy of an evaluation prompt), as written, only those of
+    ``build-question-data``'s training groups unless ``heldout_questions`` (how the bundled
+    read-outs up to the default head v17 were fitted). ``wildguard``: also the
+    project-labelled WildGuardMix prompts (``question_data.labelled_wildguard_prompts``).
+    ``seed`` draws the wordings and samples; both held-out splits are fixed (seed 0, the
+    data builders' defaults), whatever it is."""
     from safeserve.models.augment import split_wrap
     from safeserve.models.hard_negatives import hard_negative_prompts, split_hard_negatives
     from safeserve.models.safety_data_sources import (normalise, read_benign_sources,
@@ -95,18 +100,25 @@ def build_prompt_rows(root: Path, seed: int = 0, n_alpaca: int = 600, n_wrapped:
     rng.shuffle(roleplay)
     for i, t in enumerate(roleplay[:n_roleplay]):
         rows.append(PromptRow(t, False, [], f"roleplay:{i}"))
-    # Only build-hard-negatives' training groups: its held-out groups are the safety job's
-    # calibration data and `eval allow-benign`'s hard negatives.
-    negatives, _, _ = split_hard_negatives(hard_negative_prompts(seed), keys, seed=seed)
+    # Only build-hard-negatives' training groups (its default split, seed 0): its held-out
+    # groups are the safety job's calibration data and `eval allow-benign`'s hard negatives.
+    negatives, _, _ = split_hard_negatives(hard_negative_prompts(0), keys, seed=0)
     rows += [PromptRow(h.prompt, False, [], f"hn:{h.group}") for h in negatives]
     labelled: set[str] = set()
     if questions:
-        from safeserve.models.question_data import labelled_questions, prompt_key
+        from safeserve.models.question_data import (labelled_questions, prompt_key,
+                                                    question_group, question_split)
 
-        for text, label, cats in labelled_questions(root, log=warn)[0]:
+        found = labelled_questions(root, log=warn)[0]
+        # build-question-data's held-out groups are its held-out file (calibration data,
+        # the development question rows): left out like the hard negatives' ones.
+        held = set() if heldout_questions else question_split(found)[1]
+        for text, label, cats in found:
             if normalise(text) not in keys:
                 labelled.add(prompt_key(text))
-                rows.append(PromptRow(text, label == "unsafe", cats, f"hhq:{prompt_key(text)}"))
+                if question_group(text) not in held:
+                    rows.append(PromptRow(text, label == "unsafe", cats,
+                                          f"hhq:{prompt_key(text)}"))
     if wildguard:
         from safeserve.models.question_data import labelled_wildguard_prompts, prompt_key
 
@@ -211,7 +223,8 @@ def fold_thresholds(bias: torch.Tensor, thresholds: torch.Tensor, served: torch.
 
 def train_prompt_head(head_dir: Path, out: Path, data_root: Path, model_dir: Path | None = None,
                       target_fpr: float = 0.05, seed: int = 0, either: bool = False,
-                      questions: bool = False, layer: int | None = None, log=print) -> dict:
+                      questions: bool = False, layer: int | None = None,
+                      heldout_questions: bool = False, log=print) -> dict:
     """Fit the read-out for the head in ``head_dir`` and write ``<out>/safety_head/``.
     ``either``: the read-out is added to the head's own prompt verdict (format 5) and
     ``target_fpr`` bounds the held-out benign prompts that either of them flags. ``layer``:
@@ -227,7 +240,8 @@ def train_prompt_head(head_dir: Path, out: Path, data_root: Path, model_dir: Pat
     t0 = time.time()
     head = load_safety_head(head_dir)
     lm_dir = served_model_for(Path(head_dir), model_dir)
-    rows = build_prompt_rows(Path(data_root), seed, questions=questions, warn=log)
+    rows = build_prompt_rows(Path(data_root), seed, questions=questions,
+                             heldout_questions=heldout_questions, warn=log)
     # a fifth of the harmful prompts' groups and a fifth of the others' held out, so that
     # both kinds are always measured
     harmful = sorted({r.group for r in rows if r.harmful})
@@ -293,6 +307,7 @@ def train_prompt_head(head_dir: Path, out: Path, data_root: Path, model_dir: Pat
         "heldout_by_readout_alone": {
             "benign_flagged": round(readout_flagged[benign].float().mean().item(), 4),
             "harmful_flagged": round(readout_flagged[~benign].float().mean().item(), 4)},
+        "heldout_questions": heldout_questions,
         "data_root": str(data_root), "seed": seed, "seconds": round(time.time() - t0)}}
     return write_readout_checkpoint(
         head, head_dir, out, model_dir, lm_dir, "prompt_head", metrics["prompt_head"],
@@ -307,8 +322,9 @@ def write_readout_checkpoint(head, head_dir: Path, out: Path, model_dir: Path | 
     with its self-check record on the served LM: the old metrics with ``stats`` under ``key``
     (also in ``head_config.json``), and ``head_dir``'s LoRA adapter beside it. Returns
     ``stats``."""
-    from safeserve.models.head_writer import write_checkpoint
+    from safeserve.models.head_writer import carry_lm, check_lm_carried, write_checkpoint
 
+    full_model = check_lm_carried(head, Path(head_dir), Path(out))
     old = Path(head_dir) / "safety_head" / "metrics.json"
     all_metrics = {**(json.loads(old.read_text()) if old.is_file() else {}), key: stats,
                    **({"note": note} if note else {})}
@@ -317,10 +333,6 @@ def write_readout_checkpoint(head, head_dir: Path, out: Path, model_dir: Path | 
         extra["base_model"] = str(model_dir)
     write_checkpoint(head, all_metrics, Path(out), extra, self_check_model=lm_dir, log=log,
                      model=model, tok=tok)
-    adapter = Path(head_dir) / "adapter"
-    if adapter.is_dir() and Path(out) != Path(head_dir):
-        import shutil
-
-        shutil.copytree(adapter, Path(out) / "adapter", dirs_exist_ok=True)
+    carry_lm(Path(head_dir), Path(out), full_model)
     log(json.dumps(stats))
     return stats

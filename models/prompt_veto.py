@@ -13,7 +13,10 @@ The veto reads the rows the serving kernel reads at a prompt end (the final hidd
 head's ``prompt_layer`` state beside it), one logistic output (harmful or not), fitted on
 ``build_prompt_rows`` with ``n_alpaca`` ordinary instructions. Its threshold is the
 ``quantile`` of held-out ordinary instructions' logits (Alpaca's validation split, which no
-training set or reported evaluation reads): a prompt below it is cleared, so about
+training set or reported evaluation reads; `eval allow-benign`'s development set draws its
+Alpaca prompts from the same file, so a share of them (24 of its 150 at the default seeds) set
+this threshold, and its benign rate is not fully clean for the veto): a prompt below it is
+cleared, so about
 ``quantile`` of ordinary traffic can never be flagged at the prompt. It only ever removes prompt
 flags; the response rule is untouched.
 """
@@ -49,7 +52,7 @@ def calibration_prompts(root: Path, n: int, seed: int, exclude: set[str]) -> lis
 def train_prompt_veto(head_dir: Path, out: Path, data_root: Path, model_dir: Path | None = None,
                       quantile: float = 0.95, n_alpaca: int = 6000, n_calibration: int = 1000,
                       seed: int = 0, questions: bool = True, weight_decay: float = 1e-2,
-                      log=print) -> dict:
+                      heldout_questions: bool = False, log=print) -> dict:
     """Fit the veto for the head in ``head_dir`` and write ``<out>/safety_head/`` (format 11)."""
     from safeserve.models.checkpoint import load_safety_head
     from safeserve.models.head_check import served_model_for
@@ -65,7 +68,8 @@ def train_prompt_veto(head_dir: Path, out: Path, data_root: Path, model_dir: Pat
     head.veto = None  # a veto already there is replaced, not stacked
     lm_dir = served_model_for(Path(head_dir), model_dir)
     root = Path(data_root)
-    rows = build_prompt_rows(root, seed, n_alpaca=n_alpaca, questions=questions, warn=log)
+    rows = build_prompt_rows(root, seed, n_alpaca=n_alpaca, questions=questions,
+                             heldout_questions=heldout_questions, warn=log)
     keys = set().union(*read_eval_keys(root, log).values())
     calibration = calibration_prompts(root, n_calibration, seed, keys)
     # a fifth of the groups held out for the metrics (the fit itself uses the rest)
@@ -96,7 +100,8 @@ def train_prompt_veto(head_dir: Path, out: Path, data_root: Path, model_dir: Pat
 
     stats = {
         "quantile": quantile, "alpaca": n_alpaca, "calibration_prompts": len(calibration),
-        "questions": questions, "weight_decay": weight_decay, "reads": (
+        "questions": questions, "heldout_questions": heldout_questions,
+        "weight_decay": weight_decay, "reads": (
             "final" if head.prompt_layer is None else f"final+layer{head.prompt_layer}"),
         "train_prompts": int((~is_held).sum()), "heldout_prompts": int(is_held.sum()),
         "heldout_harmful_passing_veto": rate(passes, harmful),

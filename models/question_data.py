@@ -218,27 +218,56 @@ def labelled_wildguard_prompts(data_root: Path, labels: Path | None = None, log=
     return [(t, *lab[prompt_key(t)]) for t in kept], counts
 
 
+# build-question-data's split settings: the prompt read-outs leave out the groups it holds out
+# with these (its defaults), whatever their own --seed.
+QUESTION_HELDOUT_FRACTION = 0.3
+QUESTION_REFUSAL_FRACTION = 0.3
+QUESTION_SPLIT_SEED = 0
+
+
+def question_group(text: str) -> str:
+    return f"hh:{prompt_key(text)}"
+
+
+def question_split(questions: list[tuple[str, str, list[str]]],
+                   heldout_fraction: float = QUESTION_HELDOUT_FRACTION,
+                   refusal_fraction: float = QUESTION_REFUSAL_FRACTION,
+                   seed: int = QUESTION_SPLIT_SEED) -> tuple[list[str | None], set[str]]:
+    """The random draws of ``build_question_data`` for ``labelled_questions``' rows, in its
+    order: the written refusal each unsafe question also gets (None: none), then the held-out
+    groups. Apart from the answers, so that the read-outs can leave the held-out groups out
+    without generating anything."""
+    from safeserve.models.safety_data_build import hold_out_groups
+    from safeserve.models.safety_data_texts import REFUSALS
+
+    rng = random.Random(seed)
+    written = [rng.choice(REFUSALS) if label != "safe" and rng.random() < refusal_fraction
+               else None for _, label, _ in questions]
+    groups = {question_group(text) for text, _, _ in questions}
+    return written, hold_out_groups(groups, heldout_fraction, rng)
+
+
 def build_question_data(data_root: Path, out_dir: Path, model: Path, *,
                         labels: Path = LABELS_FILE, heldout_fraction: float = 0.3,
                         refusal_fraction: float = 0.3, max_tokens: int = 80, seed: int = 0,
                         dry_run: bool = False, log=print) -> dict:
     """Labelled first turns + the base model's answers -> ``train.jsonl`` / ``heldout.jsonl``."""
     from safeserve.models.safety_data import Trajectory, write_jsonl
-    from safeserve.models.safety_data_build import generate_answers, split_by_group
-    from safeserve.models.safety_data_texts import REFUSALS, is_refusal
+    from safeserve.models.safety_data_build import generate_answers
+    from safeserve.models.safety_data_texts import is_refusal
 
     warnings: list[str] = []
-    rng = random.Random(seed)
     questions, found = labelled_questions(data_root, labels, log, warnings.append)
+    written, held = question_split(questions, heldout_fraction, refusal_fraction, seed)
     kept = [t for t, _, _ in questions]
     lab = {prompt_key(t): (label, cats) for t, label, cats in questions}
     convs = [[{"role": "user", "content": t}] for t in kept]
     answers = (["(dry run)"] * len(convs) if dry_run
                else generate_answers(str(model), convs, [False] * len(convs), max_tokens, log))
     rows, counts = [], Counter()
-    for text, conv, ans in zip(kept, convs, answers):
+    for text, conv, ans, refusal in zip(kept, convs, answers, written):
         label, cats = lab[prompt_key(text)]
-        group = f"hh:{prompt_key(text)}"
+        group = question_group(text)
         if label == "safe":
             rows.append(Trajectory(conv, ans, "safe", [], None, "hh_question/safe/own", group))
             continue
@@ -246,10 +275,11 @@ def build_question_data(data_root: Path, out_dir: Path, model: Path, *,
         counts["unsafe_own_refused" if refused else "unsafe_own_complied"] += 1
         rows.append(Trajectory(conv, ans, "unsafe", cats, None if refused else 0,
                                "hh_question/unsafe/own", group, {"model_refused": refused}))
-        if rng.random() < refusal_fraction:
-            rows.append(Trajectory(conv, rng.choice(REFUSALS), "unsafe", cats, None,
+        if refusal is not None:
+            rows.append(Trajectory(conv, refusal, "unsafe", cats, None,
                                    "hh_question/unsafe/written_refusal", group))
-    train, heldout, held = split_by_group(rows, heldout_fraction, rng)
+    train = [r for r in rows if r.group not in held]
+    heldout = [r for r in rows if r.group in held]
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(train, out_dir / "train.jsonl")
     write_jsonl(heldout, out_dir / "heldout.jsonl")

@@ -260,6 +260,10 @@ def finish_head(weight: torch.Tensor, bias: torch.Tensor, eval_feats: Features,
     """
     names = list(taxonomy.output_names)
     cal_ids, test_ids = split_groups(eval_feats.meta, 0.5, args.get("seed", 0))
+    if not cal_ids or not test_ids:  # the callers check this before the model loads
+        n = len({m["group"] for m in eval_feats.meta})
+        raise ValueError(f"the held-out set has {n} prompt group(s): calibration and the "
+                         "report need at least two")
     cal, test = eval_feats.subset(cal_ids), eval_feats.subset(test_ids)
     hc = cal.hidden[layer]
     logits_cal = torch.cat([head_logits(hc[i:i + 65536], weight, bias, mlp)

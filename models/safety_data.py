@@ -136,6 +136,13 @@ def _json_cell(value, where: str, fld: str):
         raise _fail(where, fld, f"not valid JSON: {text[:60]!r}") from None
 
 
+def _group_of(value) -> str:
+    """The row's group as text; only a missing group is "" (group 0 is a group, not none:
+    without it the rows would be grouped by prompt text and could split across a held-out
+    split)."""
+    return "" if value is None else str(value)
+
+
 def parse_trajectory(row: dict, where: str, taxonomy: Taxonomy | None = None) -> Trajectory:
     """Validate one raw row; errors name ``where`` (file:line) and the field."""
     if not isinstance(row, dict):
@@ -177,8 +184,12 @@ def parse_trajectory(row: dict, where: str, taxonomy: Taxonomy | None = None) ->
             raise _fail(where, "categories", f"unknown ids {unknown}; known: {list(taxonomy.ids)}")
 
     start = row.get("response_unsafe_from")
-    if isinstance(start, str):
-        start = int(start) if start.strip() else None
+    if isinstance(start, str):  # a CSV cell
+        try:
+            start = int(start) if start.strip() else None
+        except ValueError:
+            raise _fail(where, "response_unsafe_from",
+                        f"must be empty or an integer character offset, got {start!r}") from None
     if start is not None:
         if response is None:
             raise _fail(where, "response_unsafe_from", "set but the row has no response")
@@ -197,7 +208,7 @@ def parse_trajectory(row: dict, where: str, taxonomy: Taxonomy | None = None) ->
     known = {"messages", "prompt", "response", "prompt_label", "categories",
              "response_unsafe_from", "source", "group"}
     return Trajectory(prompt_msgs, response, label, list(cats), start,
-                      str(row.get("source") or ""), str(row.get("group") or ""),
+                      str(row.get("source") or ""), _group_of(row.get("group")),
                       {k: v for k, v in row.items() if k not in known})
 
 

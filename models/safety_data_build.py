@@ -27,11 +27,16 @@ def split_by_group(rows: list[Trajectory], fraction: float, rng: random.Random
                    ) -> tuple[list[Trajectory], list[Trajectory], set[str]]:
     """(train, held-out, held-out groups): a ``fraction`` of the groups, drawn with ``rng``,
     is held out whole."""
-    groups = sorted({r.group for r in rows})
-    rng.shuffle(groups)
-    held = set(groups[: int(round(len(groups) * fraction))])
+    held = hold_out_groups({r.group for r in rows}, fraction, rng)
     return ([r for r in rows if r.group not in held], [r for r in rows if r.group in held],
             held)
+
+
+def hold_out_groups(groups: set[str], fraction: float, rng: random.Random) -> set[str]:
+    """A ``fraction`` of ``groups`` (sorted, then shuffled with ``rng``)."""
+    order = sorted(groups)
+    rng.shuffle(order)
+    return set(order[: int(round(len(order) * fraction))])
 
 
 # --- generation -----------------------------------------------------------------------------

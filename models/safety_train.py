@@ -67,7 +67,6 @@ measurement.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -77,7 +76,8 @@ from tqdm.auto import tqdm
 
 from safeserve.kernels.safety_head import head_logits
 from safeserve.models.decision_defaults import OPERATING_POINT
-from safeserve.models.head_writer import copy_model_files, write_checkpoint
+from safeserve.models.head_writer import (carry_lm, check_lm_carried, copy_model_files,
+                                          write_checkpoint)
 from safeserve.models.safety_calibration import (auroc, finish_head, head_external_metrics,
                                                  keep_init_operating_point)
 from safeserve.models.safety_data import MASK_PROMPT, MASK_RESPONSE, Encoded, load_trajectories
@@ -246,6 +246,8 @@ def run_adapter_mode(args: dict, taxonomy: Taxonomy, log=print) -> dict:
                          target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
         model = get_peft_model(model, cfg)
     train, held = split_data(args["data"], args.get("eval_data"), taxonomy, args["seed"])
+    # read now, not after the fit (check_data has validated it)
+    ext = load_trajectories(args["external_eval"], taxonomy) if args.get("external_eval") else None
     encs, _ = encode_all(train, tok, taxonomy, args["max_length"], log)
     all_lab = torch.cat([e.labels[e.mask > 0] for e in encs])
     pw = positive_weights(all_lab)
@@ -318,8 +320,7 @@ def run_adapter_mode(args: dict, taxonomy: Taxonomy, log=print) -> dict:
                                     h.bias.detach().float().cpu(), ev, taxonomy, args,
                                     args["layer"], log)
     metrics["train_history"] = hist[-50:]
-    if args.get("external_eval"):
-        ext = load_trajectories(args["external_eval"], taxonomy)
+    if ext is not None:
         ex = extract_features(m, tok, ext, taxonomy, [args["layer"]], args["max_length"],
                               args["batch_size"], log, "external")
         metrics["external_prompt_only"] = head_external_metrics(head_obj, ex)
@@ -359,9 +360,14 @@ def recalibrate(model_dir: Path, head_dir: Path, eval_data, out: Path, *, target
                          "against its thresholds: recalibrate the head it was fitted for, then "
                          "run `train prompt-head` again")
     taxonomy = head.taxonomy
+    try:
+        copy_lm = check_lm_carried(head, Path(head_dir), Path(out))
+    except ValueError as exc:
+        raise TrainInputError(str(exc)) from None
+    # the held-out rows, and their two prompt groups, before the model loads
+    held = check_heldout(eval_data, model_dir, taxonomy, max_length)
     model, tok = load_lm(Path(model_dir))
     model.eval()
-    held = [t for p in paths_of(eval_data) for t in load_trajectories(p, taxonomy)]
     ev = extract_features(model, tok, held, taxonomy, [head.layer], max_length, batch_size, log,
                           "heldout")
     args = {"tau": tau, "target_fpr": target_fpr, "seed": seed, "prompt_offset": True}
@@ -379,9 +385,7 @@ def recalibrate(model_dir: Path, head_dir: Path, eval_data, out: Path, *, target
     write_checkpoint(new_head, metrics, Path(out), {**extra, **new_head.extra,
                                                      "recalibrated": args},
                      self_check_model=Path(model_dir), log=log)
-    adapter = Path(head_dir) / "adapter"
-    if adapter.is_dir() and Path(out) != Path(head_dir):
-        shutil.copytree(adapter, Path(out) / "adapter", dirs_exist_ok=True)
+    carry_lm(Path(head_dir), Path(out), copy_lm)
     return metrics
 
 
@@ -439,7 +443,16 @@ def check_data(args: dict, taxonomy: Taxonomy, log=print) -> None:
     _, held = encode_all(held, tok, taxonomy, args["max_length"], quiet)
     if not train:
         raise TrainInputError(f"no training rows left at --max-length {args['max_length']}")
-    groups = {t.group or t.user_text for t in held}
+    external = args.get("external_eval")
+    if external:
+        # lora / full read it after the fit (and the model's save): a bad file fails now
+        try:
+            ext = load_trajectories(external, taxonomy)
+        except (ValueError, OSError) as exc:  # a bad row (file:line), an empty file
+            raise TrainInputError(f"--external-eval: {exc}") from None
+        if not encode_all(ext, tok, taxonomy, args["max_length"], quiet)[1]:
+            raise TrainInputError(f"--external-eval {external}: no rows left at --max-length "
+                                  f"{args['max_length']} (every prompt is longer)")
     if paths_of(args.get("eval_data")):
         # The same prompt on both sides: held-out metrics and calibration partly measure
         # training conversations. (Group ids are per file, so it is the text that is compared.)
@@ -447,11 +460,38 @@ def check_data(args: dict, taxonomy: Taxonomy, log=print) -> None:
         if shared:
             log(f"warning: {len(shared)} prompt(s) of --eval-data are also in --data (e.g. "
                 f"{sorted(shared)[0][:80]!r}): the held-out metrics include training prompts")
+    where = ("--eval-data" if paths_of(args.get("eval_data"))
+             else "the held-out 20% of --data's prompt groups")
+    need_two_groups(held, where, "more data, or an --eval-data file")
+
+
+def need_two_groups(held: list, where: str, hint: str) -> None:
+    """Calibration and the report each take half of the held-out prompt groups
+    (``safety_calibration.split_groups``): fewer than two leaves a half empty."""
+    groups = {t.group or t.user_text for t in held}
     if len(groups) < 2:
-        where = ("--eval-data" if paths_of(args.get("eval_data"))
-                 else "the held-out 20% of --data's prompt groups")
         raise TrainInputError(f"{where} has {len(groups)} prompt group(s): calibration and the "
-                         "report need at least two (more data, or an --eval-data file)")
+                              f"report need at least two ({hint})")
+
+
+def check_heldout(eval_data, model_dir, taxonomy: Taxonomy, max_length: int) -> list:
+    """``train calibrate``'s held-out rows, read and checked before the model loads: row
+    errors, and fewer than two prompt groups left at ``max_length``."""
+    from transformers import AutoTokenizer
+
+    try:
+        held = [t for p in paths_of(eval_data) for t in load_trajectories(p, taxonomy)]
+    except (ValueError, OSError) as exc:  # a bad row (file:line), an empty or missing file
+        raise TrainInputError(f"--eval-data: {exc}") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+    except (ValueError, OSError) as exc:
+        raise TrainInputError(f"--model {model_dir}: {exc}") from None
+    _, kept = encode_all(held, tok, taxonomy, max_length, lambda *a, **k: None)
+    where = ("--eval-data" if len(kept) == len(held)
+             else f"--eval-data at --max-length {max_length}")
+    need_two_groups(kept, where, "more --eval-data rows")
+    return held
 
 
 def train_safety(args: dict, log=print) -> dict:

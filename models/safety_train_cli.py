@@ -88,8 +88,12 @@ def register(app) -> None:
             from safeserve.models.head_check import served_model_for
 
             model = served_model_for(head)  # the base with the adapter merged, as served
-        metrics = recalibrate(_model(model), head, eval_data, out, target_fpr=target_fpr,
-                              tau=tau, max_length=max_length, seed=seed, log=typer.echo)
+        try:
+            metrics = recalibrate(_model(model), head, eval_data, out, target_fpr=target_fpr,
+                                  tau=tau, max_length=max_length, seed=seed, log=typer.echo)
+        except TrainInputError as exc:  # bad --eval-data, found before the model loads
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
         typer.echo(json.dumps(_thresholded(metrics)["conversation_level"],
                               indent=2))
 
@@ -190,6 +194,10 @@ def register(app) -> None:
                                   "after this many decoder layers instead of the final state "
                                   "(format 6; the server has the model hand it over). Default: "
                                   "the final state."),
+        heldout_questions: bool = typer.Option(False, "--heldout-questions", help="Also the "
+                                               "questions `build-question-data` holds out (its "
+                                               "held-out file, seed 0): how the bundled heads' "
+                                               "read-outs were fitted up to v17; reproduces them."),
     ) -> None:
         """Fit a separate linear read-out for the prompt verdict on prompt ends alone
         (checkpoint format 4, 5 or, with --layer, 6); the response rule stays the head's."""
@@ -202,7 +210,8 @@ def register(app) -> None:
         try:
             train_prompt_head(resolve_head_dir(head), out, data_root, model,
                               target_fpr=target_fpr, seed=seed, either=combine == "either",
-                              questions=questions, layer=layer, log=typer.echo)
+                              questions=questions, layer=layer,
+                              heldout_questions=heldout_questions, log=typer.echo)
         except (FileNotFoundError, ValueError) as e:  # no such head, no data: one line
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
@@ -225,6 +234,10 @@ def register(app) -> None:
                                  "calibration sample."),
         questions: bool = typer.Option(True, help="Also the project-labelled conversational "
                                        "questions (HH first turns), harmful and harmless."),
+        heldout_questions: bool = typer.Option(False, "--heldout-questions", help="Also the "
+                                               "questions `build-question-data` holds out (its "
+                                               "held-out file, seed 0): how the bundled heads' "
+                                               "read-outs were fitted up to v17; reproduces them."),
     ) -> None:
         """Add a prompt veto (checkpoint format 11): a read-out a prompt must also pass to be
         flagged at the prompt, so that ordinary requests the verdict's tail flags are cleared;
@@ -235,7 +248,8 @@ def register(app) -> None:
         try:
             train_prompt_veto(resolve_head_dir(head), out, data_root, model, quantile=quantile,
                               n_alpaca=alpaca, n_calibration=calibration, seed=seed,
-                              questions=questions, log=typer.echo)
+                              questions=questions, heldout_questions=heldout_questions,
+                              log=typer.echo)
         except (FileNotFoundError, ValueError) as e:  # no such head, no data: one line
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
@@ -247,6 +261,10 @@ def register(app) -> None:
         data_root: Path = typer.Option(..., help=_READOUT_DATA_HELP),
         model: Path = typer.Option(None, help=_READOUT_MODEL_HELP),
         seed: int = typer.Option(0, help="Seed of the wrappers and the held-out split."),
+        heldout_questions: bool = typer.Option(False, "--heldout-questions", help="Also the "
+                                               "questions `build-question-data` holds out (its "
+                                               "held-out file, seed 0): how the bundled heads' "
+                                               "read-outs were fitted up to v17; reproduces them."),
     ) -> None:
         """Fit the attribution read-out (checkpoint format 7): under an allow-list, the category
         the overall output acts for, named once per request at its prompt end. Every other
@@ -256,7 +274,7 @@ def register(app) -> None:
 
         try:
             train_attribution(resolve_head_dir(head), out, data_root, model, seed=seed,
-                              log=typer.echo)
+                              heldout_questions=heldout_questions, log=typer.echo)
         except (FileNotFoundError, ValueError) as e:  # no such head, no data: one line
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
@@ -275,6 +293,10 @@ def register(app) -> None:
         wildguard: bool = typer.Option(False, help="Also the project-labelled WildGuardMix "
                                        "prompts (models/labels/wildguardmix_prompts.tsv; "
                                        "measured, not adopted: docs/history/cosa.md, \"The topic gate\")."),
+        heldout_questions: bool = typer.Option(False, "--heldout-questions", help="Also the "
+                                               "questions `build-question-data` holds out (its "
+                                               "held-out file, seed 0): how the bundled heads' "
+                                               "read-outs were fitted up to v17; reproduces them."),
     ) -> None:
         """Fit the topic gate (checkpoint format 8): under a non-empty allow-list, a category
         the request does not allow that its prompt is about flags the prompt. Requests without
@@ -285,7 +307,8 @@ def register(app) -> None:
         try:
             train_topic_gate(resolve_head_dir(head), out, data_root, model,
                              target_fpr=target_fpr, shift=shift, seed=seed,
-                             wildguard=wildguard, log=typer.echo)
+                             wildguard=wildguard, heldout_questions=heldout_questions,
+                             log=typer.echo)
         except (FileNotFoundError, ValueError) as e:  # no such head, no data: one line
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
@@ -417,9 +440,15 @@ def register(app) -> None:
         from rich.console import Console
         from rich.table import Table
 
+        try:
+            ls = [int(x) for x in layers.split(",") if x.strip()]
+        except ValueError:
+            ls = []
+        if not ls:  # before the model loads (the table needs a row)
+            raise typer.BadParameter(f"want comma-separated layer numbers, got {layers!r}",
+                                     param_hint="--layers")
         con = Console()
         tax = Taxonomy.load()
-        ls = [int(x) for x in layers.split(",") if x.strip()]
         feats, _ = head_features(data, eval_data, external_eval, _model(model), tax, ls,
                                  max_length, batch_size, cache_dir, seed, con.print)
         rows = probe_layers(feats, ls, tax, epochs, lr, seed, con.print)

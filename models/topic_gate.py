@@ -37,7 +37,8 @@ def gate_thresholds(benign_logits: torch.Tensor, target_fpr: float, shift: float
 
 def train_topic_gate(head_dir: Path, out: Path, data_root: Path, model_dir: Path | None = None,
                      target_fpr: float = 0.02, shift: float = 1.5, seed: int = 0,
-                     wildguard: bool = False, log=print) -> dict:
+                     wildguard: bool = False, heldout_questions: bool = False,
+                     log=print) -> dict:
     """Fit the topic gate for the format-7 head in ``head_dir`` and write ``<out>/safety_head/``
     (every other tensor and the operating point unchanged, except that a gate operating point
     the input head carries (``topic_gate_shift``, ``gate_replaces_prompt_categories``: it
@@ -68,7 +69,8 @@ def train_topic_gate(head_dir: Path, out: Path, data_root: Path, model_dir: Path
     lm_dir = served_model_for(Path(head_dir), model_dir)
     cats = [c.id for c in head.taxonomy.categories]
     rows = [r for r in build_prompt_rows(Path(data_root), seed, questions=True,
-                                         wildguard=wildguard, warn=log)
+                                         wildguard=wildguard,
+                                         heldout_questions=heldout_questions, warn=log)
             if not r.harmful or r.categories]
     if not any(r.harmful for r in rows) or all(r.harmful for r in rows):
         raise ValueError(f"need categorised harmful and benign prompts under {data_root}")
@@ -104,6 +106,7 @@ def train_topic_gate(head_dir: Path, out: Path, data_root: Path, model_dir: Path
         if bool((~harmful & wild).any()) else None,
         "wildguard_prompts": int(sum(r.group.startswith("wgq:") for r in rows)),
         "heldout_top_category_labelled": top_hit_rate(logits[harmful], y[is_held][harmful]),
+        "heldout_questions": heldout_questions,
         "data_root": str(data_root), "seed": seed, "seconds": round(time.time() - t0)}
     return write_readout_checkpoint(head, head_dir, out, model_dir, lm_dir, "topic_gate", stats,
                                     model, tok, log)

@@ -1,6 +1,6 @@
 """Wire types of the OpenAI-compatible API (requests, responses, stream chunks, the safety report).
 
-Requests forbid unknown fields: a parameter we do not implement (``tools``, ``response_format``, ...)
+Requests forbid unknown fields: a parameter we do not implement (``tools``, ``functions``, ...)
 is a 400 that names it, never a silent no-op.
 """
 
@@ -598,7 +598,7 @@ class ResponseVerdict(BaseModel):
     # A refusal's bounded explanation read over a threshold somewhere: it was cut off and
     # withheld, so the response is the refusal alone.
     explanation_withheld: bool = False
-    # The request's `retract`: the answer before the response rule acted was withheld whole.
+    # The request's `withhold_answer`: the answer before the response rule acted was withheld whole.
     answer_withheld: bool = False
 
 

@@ -390,7 +390,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         picks it. In place: a full-vocabulary copy per step costs more than the head."""
         if not (logits.device.type == "cuda" if sync_free is None else sync_free):
             # A host sync is free off-GPU: touch only the forced rows (usually none).
-            idx = (forced >= 0).nonzero().squeeze(1)
+            idx = ((forced >= 0) & (forced < logits.shape[1])).nonzero().squeeze(1)
             if idx.numel():
                 logits[idx] = float("-inf")
                 logits[idx, forced[idx]] = 0.0

@@ -221,12 +221,16 @@ def test_train_attribution_fits_the_labelled_categories(tmp_path, tiny_model, mo
     labelled_questions(root, tmp_path / "labels.tsv", turns, monkeypatch)
     head = _head(extra={"base_model": str(tiny_model), "operating_point": {"tau": 4}})
     head.save(tmp_path / "head")
-    stats = train_attribution(tmp_path / "head", tmp_path / "out", root, log=lambda *a: None)
+    # all the questions (build-question-data's held-out split of 7 would take 2; the rows'
+    # split is tests/test_prompt_head.py's)
+    stats = train_attribution(tmp_path / "head", tmp_path / "out", root, heldout_questions=True,
+                              log=lambda *a: None)
     new = load_safety_head(tmp_path / "out")
     assert new.format_version == FORMAT_VERSION_ATTRIBUTION
     assert torch.equal(new.weight, head.weight) and new.prompt is None
     # 36 financial-crime prompts (12 written, rephrased, split) and 6 violent questions
     assert stats["train_prompts"] + stats["heldout_prompts"] == 42
+    assert stats["heldout_questions"] is True
     assert 0.0 <= stats["heldout_top_category_labelled"] <= 1.0
     assert new.extra["attribution"]["seed"] == 0
     assert SelfCheck.from_extra(new.extra) is not None

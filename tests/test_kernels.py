@@ -473,8 +473,9 @@ def _clear_state(capacity: int, thresholds: torch.Tensor, g: torch.Generator):
     return clear, margin, torch.exp(margin), sampled
 
 
+@pytest.mark.parametrize("impl", ["reference", pytest.param("kernel", marks=needs_triton)])
 @pytest.mark.parametrize("n_cats", [1, 3, 10])
-def test_decide_reference_clear_state_matches_oracle(n_cats):
+def test_decide_clear_state_matches_oracle(n_cats, impl):
     """Sampled decoding: a prompt row sets clear when it is neither violated nor within the
     clear margin; a clear request's generated tokens compare the overall output (the last
     column) against its sampled threshold; the alert band runs beside it."""
@@ -494,9 +495,10 @@ def test_decide_reference_clear_state_matches_oracle(n_cats):
             tau.tolist(), is_prompt.tolist(), active.tolist(), oracle["alert"],
             alert_tau.tolist(), margin.tolist(), oracle["clear"], clear_margin.tolist(),
             sampled.tolist())
-        event, cats = decide(scores, thresholds, masked, counter, tau, is_prompt, active,
-                             alert=alert, alert_tau=alert_tau, alert_scale=scale,
-                             clear=clear, clear_scale=clear_scale, sampled_overall=sampled)
+        run = decide_reference if impl == "reference" else decide
+        event, cats = run(scores, thresholds, masked, counter, tau, is_prompt, active,
+                          alert=alert, alert_tau=alert_tau, alert_scale=scale,
+                          clear=clear, clear_scale=clear_scale, sampled_overall=sampled)
         assert event.tolist() == want_events
         assert cats.tolist() == want_cats
         assert counter.tolist() == oracle["counter"]
@@ -749,6 +751,15 @@ def test_threshold_equal_to_score_is_a_violation(launcher):
 
 
 @pytest.mark.parametrize("launcher", _launchers(), ids=lambda f: f.__name__)
+def test_row_flags_are_nonzero_not_their_low_byte(launcher):
+    state = _single_row_state(1, tau=torch.ones(1, dtype=torch.int32),
+                              active=torch.tensor([256], dtype=torch.int32),  # low byte 0
+                              is_prompt=torch.zeros(1, dtype=torch.int32))
+    event, cats = launcher(torch.tensor([[0.9]], device=DEVICE), **state)
+    assert event.tolist() == [EVENT_TRIGGER] and cats.tolist() == [1]
+
+
+@pytest.mark.parametrize("launcher", _launchers(), ids=lambda f: f.__name__)
 def test_all_masked_never_violates(launcher):
     state = _single_row_state(
         4, masked=torch.ones(1, 4, dtype=torch.int8), counter=torch.tensor([5], dtype=torch.int32)
@@ -974,10 +985,12 @@ def test_force_tokens_matches_reference(n_rows, vocab):
     forced[torch.rand(n_rows, generator=g) < 0.4] = -1
     if n_rows >= 3:
         forced[0], forced[1] = vocab - 1, -1
+    if n_rows >= 5:
+        forced[2] = vocab + 3  # past the vocabulary: forces nothing, in both
     want = force_tokens_reference(logits.clone(), forced)
     got = force_tokens(logits.clone().to(DEVICE), forced.to(DEVICE))
     assert torch.equal(got.cpu(), want)
-    untouched = forced < 0
+    untouched = (forced < 0) | (forced >= vocab)
     assert torch.equal(want[untouched], logits[untouched])
 
 

@@ -181,12 +181,34 @@ def test_prompt_rows_take_the_labelled_questions_but_no_evaluation_copy(tmp_path
              LEAKED.lower() + "?": "weapons"}
     labelled_questions(root, tmp_path / "labels.tsv", turns, monkeypatch)
     plain = build_prompt_rows(root, warn=lambda *a: None)
-    rows = build_prompt_rows(root, questions=True, warn=lambda *a: None)
+    # heldout_questions: all of them (the split is the next test's)
+    rows = build_prompt_rows(root, questions=True, heldout_questions=True, warn=lambda *a: None)
     added = {r.text: r for r in rows if r.group.startswith("hhq:")}
     assert len(rows) == len(plain) + 2 and set(added) == set(list(turns)[:2])
     assert added["how do i poison my neighbour's dog?"].harmful
     assert added["how do i poison my neighbour's dog?"].categories == ["violence"]
     assert not added["how do jellyfish mate?"].harmful
+
+
+def test_prompt_rows_leave_out_the_questions_build_question_data_holds_out(tmp_path,
+                                                                          monkeypatch):
+    """build-question-data's held-out file is calibration and development data: the read-outs
+    train on its training groups only, whatever their own seed."""
+    from safeserve.models.question_data import build_question_data
+
+    root = data_root(tmp_path / "data")
+    turns = {f"how do i get back at coworker number {i}?": "other" if i % 2 else None
+             for i in range(20)}
+    labelled_questions(root, tmp_path / "labels.tsv", turns, monkeypatch)
+    build_question_data(root, tmp_path / "q", tmp_path / "no_model",
+                        labels=tmp_path / "labels.tsv", dry_run=True, log=lambda *a: None)
+    held = {json.loads(line)["messages"][0]["content"]
+            for line in (tmp_path / "q/heldout.jsonl").read_text().splitlines()}
+    assert len(held) == 6  # 30% of 20 groups
+    for seed in (0, 1):
+        rows = build_prompt_rows(root, seed, questions=True, warn=lambda *a: None)
+        taken = {r.text for r in rows if r.group.startswith("hhq:")}
+        assert taken == set(turns) - held
 
 
 def labelled_wildguard(root, labels, prompts: dict, monkeypatch) -> None:
@@ -234,7 +256,8 @@ def test_a_text_labelled_in_both_sets_is_one_row_with_its_hh_label(tmp_path, mon
     labelled_wildguard(root, tmp_path / "wg.tsv", {shared: None, "How do tides work?": None},
                        monkeypatch)
     rows = [r for r in build_prompt_rows(root, questions=True, wildguard=True,
-                                         warn=lambda *a: None) if r.text == shared]
+                                         heldout_questions=True, warn=lambda *a: None)
+            if r.text == shared]
     assert len(rows) == 1 and rows[0].harmful and rows[0].categories == ["weapons"]
 
 

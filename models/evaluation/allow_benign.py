@@ -48,10 +48,13 @@ def build_allow_benign(data_root: Path, n_alpaca: int = 150, n_hard: int = 150,
     if not allow_lists:
         raise ValueError(f"{data_root / COSA_TEST} has no non-empty allow-list")
     rng = random.Random(seed)
-    alpaca = [r["instruction"].strip()
-              for r in json.loads((data_root / ALPACA_VALIDATION).read_text())
-              if 0 < len(r["instruction"].strip()) < 300]
-    alpaca = rng.sample(alpaca, min(n_alpaca, len(alpaca)))
+    pool = [r["instruction"].strip()
+            for r in json.loads((data_root / ALPACA_VALIDATION).read_text())
+            if 0 < len(r["instruction"].strip()) < 300]
+    # The hard negatives' draw must not depend on --n-alpaca: it always follows a draw of
+    # the default 150 (so the default set is the one measured since session 28).
+    alpaca = random.Random(seed).sample(pool, min(n_alpaca, len(pool)))
+    rng.sample(pool, min(150, len(pool)))
     # The same split as build-hard-negatives (groups with an evaluation prompt dropped
     # first): only groups it holds out.
     eval_keys = set().union(*read_eval_keys(data_root, lambda msg: None).values())

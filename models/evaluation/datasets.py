@@ -181,20 +181,37 @@ def load_jsonl(path: str | Path, *, name: str | None = None, harmful: bool = Tru
     """Generic JSON lines: one ``{"prompt": ..., "category"?: ..., "target"?: ..., "id"?: ...}`` per line."""
     name = name or Path(path).stem
     samples = []
+    seen_ids: dict[str, int] = {}
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             record = json_object_line(path, lineno, line)
+            for field in ("prompt", "category", "target"):
+                if record.get(field) is not None and not isinstance(record[field], str):
+                    raise ValueError(f"{path}:{lineno}: '{field}' must be a string, "
+                                     f"not {type(record[field]).__name__}")
+            # A string such as "false" would be truthy: only a JSON boolean says benign.
+            if "harmful" in record and not isinstance(record["harmful"], bool):
+                raise ValueError(f"{path}:{lineno}: 'harmful' must be true or false, "
+                                 f"not {record['harmful']!r}")
             prompt = _clean(record.get("prompt"))
             if prompt is None:
                 raise ValueError(f"{path}:{lineno}: a record without a 'prompt'")
+            sample_id = f"{name}:{record.get('id', lineno)}"
+            # Samples are excluded from development runs by id: two rows with one id would
+            # take each other out.
+            if sample_id in seen_ids:
+                raise ValueError(f"{path}:{lineno}: id {sample_id.split(':', 1)[1]!r} is already "
+                                 f"used by line {seen_ids[sample_id]} (a row without an 'id' "
+                                 f"takes its line number)")
+            seen_ids[sample_id] = lineno
             samples.append(
                 Sample(
-                    id=f"{name}:{record.get('id', lineno)}",
+                    id=sample_id,
                     dataset=name,
                     prompt=prompt,
-                    harmful=bool(record.get("harmful", harmful)),
+                    harmful=record.get("harmful", harmful),
                     category=_clean(record.get("category")),
                     target=_clean(record.get("target")),
                 )

@@ -152,6 +152,8 @@ def render_markdown(summary: dict) -> str:
              f"temperature {summary['temperature']}" if summary.get("temperature") else None,
              f"sampling `{json.dumps(summary['sampling'])}`" if summary.get("sampling") else None,
              f"limit {summary['limit']} per dataset (seed {summary.get('seed')})" if summary.get("limit") else None,
+             (f"outside the reported sample of {summary['exclude_sample']} per dataset (seed "
+              f"{summary.get('exclude_seed')}): a development run") if summary.get("exclude_sample") else None,
              f"{summary['n_rows']} requests, {summary['n_errors']} errors",
              f"{summary['duration_s']:.0f} s" if summary.get("duration_s") else None]
     lines += [", ".join(f for f in facts if f), ""]

@@ -24,6 +24,7 @@ from safeserve.models.evaluation.attacks import ATTACKS, build_request
 from safeserve.models.evaluation.datasets import Sample
 from safeserve.models.evaluation.judge import answered_before_action, judge
 from safeserve.server.safety_config import DEFAULT_REFUSAL as SERVER_REFUSAL
+from safeserve.server.safety_config import DEFAULT_STOP_TEXT as SERVER_STOP_TEXT
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,8 @@ async def run_job(client: AsyncOpenAI, model: str, job: Job, *, max_tokens: int,
     verdict = judge(row["completion"], finish_reason=row["finish_reason"], safety=row["safety"], prefill=request.prefill)
     row["verdict"], row["judge_rule"] = verdict.label, verdict.rule
     row["answered_before_action"] = answered_before_action(
-        row["completion"], safety=row["safety"], refusal=SERVER_REFUSAL, prefill=request.prefill)
+        row["completion"], safety=row["safety"], refusal=SERVER_REFUSAL, prefill=request.prefill,
+        stop_text=SERVER_STOP_TEXT)
     return row
 
 
@@ -241,7 +243,8 @@ def evaluate(
 ) -> dict:
     """Run the eval end to end and write ``results.jsonl``, ``summary.json``, ``summary.md`` and
     the plot into ``out_dir``; returns the summary."""
-    from safeserve.models.evaluation.report import RESULTS_JSONL, write_summary
+    from safeserve.models.evaluation.report import (
+        PLOT_PNG, RESULTS_JSONL, SUMMARY_JSON, SUMMARY_MD, write_summary)
 
     sampling = check_sampling(sampling)
     jobs = plan_jobs(samples, attacks)
@@ -251,6 +254,10 @@ def evaluate(
     # Rows are appended here as they complete, so an interrupted run keeps what it measured;
     # the finished run rewrites them in job order as results.jsonl and drops this file.
     partial = out / "results.partial.jsonl"
+    # An earlier run's results (the CLI asks for --overwrite first) go now, not when this one
+    # finishes: an interrupted run must not leave them beside its own partial rows.
+    for name in (RESULTS_JSONL, SUMMARY_JSON, SUMMARY_MD, PLOT_PNG):
+        (out / name).unlink(missing_ok=True)
 
     async def go() -> list[dict]:
         await wait_until_ready(base_url, http_client=http_client)
