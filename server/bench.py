@@ -1,7 +1,8 @@
 """``safeserve bench serve``: one run, several servers on the same model, the same load.
 
-Servers (by default all started at once, then loaded one at a time, so a load never shares
-the CPU with another; idle engines cost little):
+Servers (by default all started at once, each warmed up by an unmeasured load as it starts,
+then loaded one at a time, so a load never shares the CPU with another; idle engines cost
+little):
   plain     vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``)
   ours-off  SafeServe without a safety head (--allow-unsafe): the cost of our HTTP layer
   ours-on   SafeServe with the safety head (annotate, so outputs keep their length): the
@@ -25,7 +26,9 @@ Two servers started the same way differ by a few percent in throughput for as lo
 (measured here: about 5% from one instance to the next at 8 streams), which a run that keeps
 one instance per server puts into every ratio. ``--instances N`` starts every server afresh N
 times instead, one server at a time (nothing else running), and reports each ratio over those
-N pairs of instances: its geometric mean with a 95% interval.
+N pairs of instances: its geometric mean with a 95% interval. Without it the pairs are passes
+on the same instances, and their interval is the pass-to-pass noise only (so labelled): it
+leaves the instance-to-instance spread out.
 
 This module runs the command (servers started, loaded, stopped; results written); the load
 is ``bench_load``, the servers ``bench_servers``, the table and its statistics ``bench_report``.
@@ -97,13 +100,22 @@ def _start(name: str, cmd: list[str], port: int, ready: str, env: dict, log: Pat
     return proc
 
 
+def _warm_up(name: str, proc: _Proc, extra: dict, levels: list[int]) -> None:
+    """An unmeasured load at the highest level: the first batches of a fresh engine (and
+    whatever it compiles or allocates for them) are no part of any measurement."""
+    top = max(levels)
+    asyncio.run(run_load(proc.url, "bench", name, top, max(6, top), 16, extra))
+
+
 def _run_kept(servers, levels, passes, max_tokens, requests_per_level, out, raw) -> None:
-    """Every server up at once, loaded one at a time, passes of alternating order."""
+    """Every server up at once, each warmed up once started, loaded one at a time, passes of
+    alternating order."""
     procs: list[tuple[str, _Proc, dict]] = []
     try:
         for name, cmd, ready, extra, env in servers:
             port = int(cmd[cmd.index("--port") + 1])
             procs.append((name, _start(name, cmd, port, ready, env, out / f"{name}.log"), extra))
+            _warm_up(name, procs[-1][1], extra, levels)
         for c in levels:
             n = requests_per_level or max(6, 2 * c)
             for p in range(passes):
@@ -125,8 +137,7 @@ def _run_fresh(servers, levels, passes, max_tokens, requests_per_level, out, raw
             proc = _start(f"{name} (instance {i + 1})", cmd, port, ready, env,
                           out / f"{name}.{i + 1}.log")
             try:
-                top = max(levels)  # not measured: the first batches of a fresh engine
-                asyncio.run(run_load(proc.url, "bench", name, top, max(6, top), 16, extra))
+                _warm_up(name, proc, extra, levels)
                 for c in levels:
                     n = requests_per_level or max(6, 2 * c)
                     runs = [_measure(name, proc, extra, c, n, max_tokens,
@@ -189,7 +200,7 @@ def bench_serve(
             [r.summary() for rs in raw.values() for r in rs], indent=2))
     results = [_mean(raw[(name, c)]) for c in levels for name, *_ in servers]
     (out / "results.json").write_text(json.dumps([r.summary() for r in results], indent=2))
-    table = _table(results, raw)
+    table = _table(results, raw, fresh=bool(instances))
     typer.echo(table)
     (out / "results.md").write_text(table + "\n")
     if failures := _failure_report(results):

@@ -1,8 +1,9 @@
 """The HTTP load of ``safeserve bench serve``: streaming chat completions sent at a fixed
 concurrency to one OpenAI-compatible server, and the figures of a load (``LoadResult``):
 throughput, TTFT and inter-token latency percentiles, failed requests. A request that fails (an
-HTTP error, an error event in its stream, a stream cut short) counts as failed, not as a fast
-success; failed requests add no tokens and no latencies.
+HTTP error, an error event in its stream, a stream cut short, a stream without its usage chunk,
+or, under ``ignore_eos``, fewer or more tokens than ``max_tokens``) counts as failed, not as a
+fast success; failed requests add no tokens and no latencies.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ async def _one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: i
             "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream_options": {"include_usage": True}, **extra}
     t0 = time.perf_counter()
-    ttft, last, gaps, tokens, done = None, None, [], 0, False
+    ttft, last, gaps, tokens, done = None, None, [], None, False
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             text = (await r.aread()).decode("utf-8", "replace")
@@ -123,7 +124,7 @@ async def _one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: i
                 continue
             chunk = json.loads(line[6:])
             if "error" in chunk:  # a failure after the 200: the stream ends with this event
-                return StreamResult(float("nan"), gaps, tokens,
+                return StreamResult(float("nan"), gaps, tokens or 0,
                                     f"error event: {_error_text(chunk['error'])[:300]}")
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
@@ -135,7 +136,13 @@ async def _one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: i
                     gaps.append(now - last)
                 last = now
     if not done:
-        return StreamResult(float("nan"), gaps, tokens, "stream ended without [DONE]")
+        return StreamResult(float("nan"), gaps, tokens or 0, "stream ended without [DONE]")
+    if tokens is None:  # asked for (include_usage): without it the tokens are unknown
+        return StreamResult(float("nan"), gaps, 0, "stream without a usage chunk")
+    if body.get("ignore_eos") and tokens != max_tokens:
+        # every request is to generate max_tokens: a shorter one is no fast success
+        return StreamResult(float("nan"), gaps, tokens,
+                            f"{tokens} of {max_tokens} tokens under ignore_eos")
     return StreamResult(float("nan") if ttft is None else ttft, gaps, tokens)
 
 

@@ -1,6 +1,8 @@
 """The report of ``safeserve bench serve``: the results table (per server and concurrency, and
 the ratios ours/plain, on/off and the control's), the pair-by-pair ratio statistics behind it
-(min-max and a geometric mean with a 95% t-interval) and the summary of failed requests.
+(min-max and a geometric mean with a 95% t-interval: over fresh instances with --instances,
+else over passes on the same instances, labelled pass-to-pass, as it leaves the spread between
+instances out) and the summary of failed requests.
 """
 
 from __future__ import annotations
@@ -54,8 +56,19 @@ def _pair_interval(raw: dict[tuple[str, int], list[LoadResult]] | None, a: str, 
     return f"{mean:.3f} [{lo:.3f}, {hi:.3f}] (n={len(ratios)})"
 
 
+# What the pairs' interval covers: with --instances, fresh instances (their spread included);
+# without, passes on the one instance of each server (the spread between instances left out).
+CI_FRESH = "95% CI"
+CI_PASSES = "95% CI, pass-to-pass"
+CI_PASSES_NOTE = ("95% CI, pass-to-pass: passes on one instance pair; instance spread not "
+                  "included (--instances N starts fresh instances and includes it)")
+
+
 def _table(results: list[LoadResult],
-           raw: dict[tuple[str, int], list[LoadResult]] | None = None) -> str:
+           raw: dict[tuple[str, int], list[LoadResult]] | None = None,
+           fresh: bool = False) -> str:
+    """The results and ratio tables; ``fresh``: the pairs in ``raw`` are rounds of fresh
+    instances (--instances), not passes on the same ones."""
     by = {(r.server, r.concurrency): r for r in results}
     lines = ["| server | conc | req/s | out tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | "
              "ITL p99 ms | CPU ms/tok (HTTP + engine) | failed |",
@@ -67,20 +80,25 @@ def _table(results: list[LoadResult],
                      f"{r.itl_p99*1e3:.1f} | {r.cpu_ms_per_tok:.1f} "
                      f"({r.cpu_http_s * per_tok:.1f} + {r.cpu_engine_s * per_tok:.1f}) | "
                      f"{r.failed} / {r.requests} |")
-    lines += ["", "| ratio | conc | throughput | pairs: min-max | pairs: geo-mean [95% CI] | "
+    ci = CI_FRESH if fresh else CI_PASSES
+    lines += ["", f"| ratio | conc | throughput | pairs: min-max | pairs: geo-mean [{ci}] | "
               "TTFT p50 | ITL p50 | CPU per token |",
               "|---|---|---|---|---|---|---|---|"]
+    intervals = False
     for a, b in (("ours-off", "plain"), ("ours-on", "ours-off"), ("ours-on", "plain"),
                  ("ours-off-b", "ours-off")):
         for c in sorted({r.concurrency for r in results}):
             x, y = by.get((a, c)), by.get((b, c))
             if x and y:
+                intervals |= len(_pair_ratios(raw, a, b, c)) >= 2
                 lines.append(f"| {a} / {b} | {c} | {_ratio(x.tok_per_s, y.tok_per_s):.3f} | "
                              f"{_pass_ratios(raw, a, b, c)} | "
                              f"{_pair_interval(raw, a, b, c)} | "
                              f"{_ratio(x.ttft_p50, y.ttft_p50):.3f} | "
                              f"{_ratio(x.itl_p50, y.itl_p50):.3f} | "
                              f"{_ratio(x.cpu_ms_per_tok, y.cpu_ms_per_tok):.3f} |")
+    if intervals and not fresh:
+        lines += ["", CI_PASSES_NOTE]
     return "\n".join(lines)
 
 

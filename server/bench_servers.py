@@ -1,12 +1,16 @@
 """The servers that ``safeserve bench serve`` compares: their command lines (plain vLLM, ours
 without and with the safety head), the engine settings they all share, their environment
 (without the operator's ``SAFESERVE_*`` settings) and their processes (start, readiness, CPU
-time, stop).
+time, stop). A server starts on a port nothing else holds (a server left from an earlier run
+would answer its readiness check and be measured in its place), in a session of its own, and
+is stopped with its whole process group (vLLM's engine-core processes with it).
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,12 +39,29 @@ def _child_env(extra: dict | None = None) -> dict:
     return {**env, **(extra or {})}
 
 
+def _check_port_free(port: int) -> None:
+    """Raise unless ``port`` can be bound on every interface (as a server binds it: with
+    SO_REUSEADDR, so a closed connection's TIME_WAIT does not count as taken). Port 0 (any
+    free port) always can."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError as e:
+            raise RuntimeError(
+                f"port {port} is in use ({e.strerror}): a server left from an earlier run? "
+                f"Stop it (e.g. `ss -ltnp 'sport = :{port}'` shows its process) or pass "
+                "another --port") from None
+
+
 class _Proc:
     def __init__(self, cmd: list[str], port: int, log: Path, env: dict | None = None):
+        _check_port_free(port)
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
+        # a session (and process group) of its own: stop() ends the engine processes too
         self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                     env=_child_env(env))
+                                     env=_child_env(env), start_new_session=True)
 
     def wait(self, path: str, timeout: float = 1200) -> None:
         deadline = time.time() + timeout
@@ -48,10 +69,15 @@ class _Proc:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited:\n{self.log.read_text()[-3000:]}")
             try:
-                if httpx.get(self.url + path, timeout=2).status_code == 200:
-                    return
+                ready = httpx.get(self.url + path, timeout=2).status_code == 200
             except httpx.HTTPError:
-                pass
+                ready = False
+            if ready:
+                if self.proc.poll() is not None:  # whoever answered, it was not this server
+                    raise RuntimeError(
+                        f"{self.url} answered, but the server started there has exited (another "
+                        f"process holds the port?):\n{self.log.read_text()[-3000:]}")
+                return
             time.sleep(1)
         raise RuntimeError(f"server not ready:\n{self.log.read_text()[-3000:]}")
 
@@ -69,12 +95,49 @@ class _Proc:
         top = psutil.Process(self.proc.pid)
         return used(top), sum(used(c) for c in top.children(recursive=True))
 
-    def stop(self) -> None:
-        self.proc.terminate()
+    def _signal_group(self, sig: int) -> None:
+        """Send ``sig`` to the server's process group (it and its engine processes)."""
         try:
-            self.proc.wait(60)
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:  # none of the group is left
+            pass
+
+    def stop(self, timeout: float = 60, grace: float = 10) -> None:
+        """SIGTERM to the whole process group (the server and its engine processes); SIGKILL
+        to the server after ``timeout`` seconds, and to what is left of the group once its
+        processes ended, or ``grace`` seconds after the server did."""
+        import psutil
+
+        try:
+            tree = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            tree = []
+
+        def running() -> list:
+            out = []
+            for p in tree:
+                try:
+                    if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                        out.append(p)
+                except psutil.NoSuchProcess:
+                    pass
+            return out
+
+        self._signal_group(signal.SIGTERM)  # (the group outlives a server that died)
+        try:
+            self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            self._signal_group(signal.SIGKILL)
+            self.proc.wait()
+        deadline = time.time() + grace
+        while running() and time.time() < deadline:
+            time.sleep(0.1)
+        self._signal_group(signal.SIGKILL)  # what is left of the group
+        for p in running():  # a process that left the group
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
 
 
 def _servers(base: Path, safe: Path | None, port: int,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import uvicorn
@@ -99,9 +100,10 @@ def resolve_spec(settings: Settings) -> EngineSpec:
     name = settings.served_model_name or name
     # A head asked for, or a safety_head/ folder present, is loaded whatever --allow-unsafe
     # says: an incomplete one (its weights lost in a copy) is an error naming the missing
-    # file, never a model served without its head.
+    # file, never a model served without its head. (lexists: a dangling safety_head link
+    # is a head that went missing, not no head.)
     if not has_safety_head(model_dir) and not settings.safety_head \
-            and not (model_dir / HEAD_DIR).exists():
+            and not os.path.lexists(model_dir / HEAD_DIR):
         if not settings.allow_unsafe:
             raise StartupError(
                 f"{model_dir} has no safety head ({HEAD_DIR}/); refusing to serve it without "
@@ -132,12 +134,13 @@ def compose_with_head(model_dir: Path, head: str) -> Path:
         raise StartupError(str(e)) from None
     try:
         return compose_checkpoint(model_dir, head_dir)
-    except (ImportError, OSError, ValueError) as e:  # e.g. PEFT missing for an adapter
+    except Exception as e:  # PEFT missing, an adapter for another base (RuntimeError): one line
         raise StartupError(f"cannot compose {model_dir} with the safety head {head_dir}: "
                            + " ".join(str(e).split())) from None
 
 
 def _safe_spec(model_dir: Path, name: str) -> EngineSpec:
+    from safeserve.models.decision_defaults import overall_threshold
     from safeserve.server.safety_model import SUPPORTED_ARCHITECTURES
 
     config = json.loads((model_dir / "config.json").read_text())
@@ -162,7 +165,7 @@ def _safe_spec(model_dir: Path, name: str) -> EngineSpec:
         head_info={"categories": list(head.taxonomy.ids), "layer": head.layer,
                    # the head's own: every output, the overall one (folded at 0.5) included
                    "thresholds": {**{c.id: c.threshold for c in head.taxonomy.categories},
-                                  "unsafe": head.extra.get("overall_threshold", 0.5)}},
+                                  "unsafe": overall_threshold(head.extra)}},
     )
 
 
@@ -175,6 +178,8 @@ def build_safety(spec: EngineSpec, settings: Settings):
         allowlist_overall_shift,
         prompt_logit_offset,
         check_sampled_clear_margin,
+        head_tau,
+        overall_threshold,
         sampled_clear_margin,
         sampled_overall_shift_points,
     )
@@ -189,13 +194,12 @@ def build_safety(spec: EngineSpec, settings: Settings):
         clear_margin = sampled_clear_margin(head.extra)
         check_sampled_clear_margin(head.extra)
         allowlist_overall_shift(head.extra)
+        threshold, tau = overall_threshold(head.extra), head_tau(head.extra, DEFAULT_TAU)
     except (TypeError, ValueError) as e:
         raise StartupError(f"safety head {spec.model_dir}: {e}") from None
     try:
         policy = SafetyPolicy(head.taxonomy, settings.presets, settings.default_preset,
-                              overall_threshold=head.extra.get("overall_threshold", 0.5),
-                              default_tau=int((head.extra.get("operating_point") or {}).get(
-                                  "tau", DEFAULT_TAU)),
+                              overall_threshold=threshold, default_tau=tau,
                               allowlist_overall_shift=allowlist_overall_shift(head.extra),
                               sampled_overall_shift=sampled_points,
                               sampled_clear_margin=clear_margin,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -117,8 +118,9 @@ def _fake_stream(request: httpx.Request) -> httpx.Response:
     """A streaming server that fails in each way a real one can, one prompt per way."""
     body = json.loads(request.content)
     prompt = body["messages"][0]["content"]
+    # (a delta may carry several tokens: the usage chunk counts them, max_tokens of them)
     good = _sse(_delta("a"), _delta("b"), _delta("c"),
-                {"choices": [], "usage": {"completion_tokens": 3}}, "[DONE]")
+                {"choices": [], "usage": {"completion_tokens": body["max_tokens"]}}, "[DONE]")
     if body["max_tokens"] == 4 or prompt not in PROMPTS[1:5]:  # the warm-up, and the rest
         return httpx.Response(200, content=good)
     if prompt == PROMPTS[1]:  # the engine failed after the 200: an error event ends it
@@ -135,7 +137,7 @@ def test_failed_requests_are_counted_as_failures_not_successes():
     r = asyncio.run(run_load("http://fake", "bench", "ours-on", 4, 8, 16, {},
                              transport=httpx.MockTransport(_fake_stream)))
     assert (r.requests, r.failed, r.completed) == (8, 4, 4)
-    assert r.output_tokens == 12 and len(r.ttfts) == 4 and len(r.itls) == 8
+    assert r.output_tokens == 4 * 16 and len(r.ttfts) == 4 and len(r.itls) == 8
     assert r.req_per_s == pytest.approx(4 / r.seconds)
     assert any("error event: boom" in e for e in r.errors)
     assert any("HTTP 500: overloaded" in e for e in r.errors)
@@ -144,6 +146,26 @@ def test_failed_requests_are_counted_as_failures_not_successes():
     report = _failure_report([r, _result("plain", 50, 1.0)])
     assert report.startswith("FAILED: 4 of 24 requests") and "ours-on c=4: 4 / 8 failed" in report
     assert _failure_report([_result("plain", 50, 1.0)]) is None
+
+
+def _short_streams(request: httpx.Request) -> httpx.Response:
+    """A server that ends some streams early ([DONE] and all) or leaves out their usage."""
+    body = json.loads(request.content)
+    prompt, n = body["messages"][0]["content"], body["max_tokens"]
+    usage = {"choices": [], "usage": {"completion_tokens": n}}
+    if prompt == PROMPTS[1]:  # the model's end of sequence, ignore_eos or not
+        usage["usage"]["completion_tokens"] = 2
+    if prompt == PROMPTS[2]:  # no usage chunk: how many tokens is unknown
+        return httpx.Response(200, content=_sse(_delta("a"), _delta("b"), "[DONE]"))
+    return httpx.Response(200, content=_sse(_delta("a"), _delta("b"), usage, "[DONE]"))
+
+
+def test_under_ignore_eos_a_short_stream_or_one_without_usage_is_a_failure():
+    r = asyncio.run(run_load("http://fake", "bench", "ours-on", 2, 4, 16, {},
+                             transport=httpx.MockTransport(_short_streams)))
+    assert (r.requests, r.failed, r.completed, r.output_tokens) == (4, 2, 2, 2 * 16)
+    assert "2 of 16 tokens under ignore_eos" in r.errors
+    assert "stream without a usage chunk" in r.errors
 
 
 def test_every_server_gets_the_same_engine_settings_and_environment():
@@ -182,6 +204,67 @@ def test_servers_run_without_the_operators_safeserve_settings(tmp_path, monkeypa
     assert seen == {"SAFESERVE_CACHE_DIR": str(tmp_path), "VLLM_USE_V2_MODEL_RUNNER": "0"}
 
 
+def test_a_server_is_not_started_on_a_port_that_is_taken(tmp_path):
+    """A server left from an earlier run would answer the readiness check in the new one's
+    place: the port is checked before anything starts."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"port {port} is in use"):
+            _Proc([sys.executable, "-c", "raise SystemExit('started')"], port,
+                  tmp_path / "taken.log")
+    assert not (tmp_path / "taken.log").exists()  # nothing was started
+
+
+def test_a_ready_answer_from_another_process_is_not_our_server(tmp_path, monkeypatch):
+    """The port answers, but the server started there has exited (it lost the port to
+    another process): not ready, an error."""
+    import safeserve.server.bench_servers as bs
+
+    proc = _Proc([sys.executable, "-c", "import time; time.sleep(60)"], free_port(),
+                 tmp_path / "lost.log")
+
+    def answered_by_another(url, timeout):
+        proc.proc.kill()  # ours is gone by the time the answer comes
+        proc.proc.wait()
+        return httpx.Response(200)
+
+    monkeypatch.setattr(bs.httpx, "get", answered_by_another)
+    try:
+        with pytest.raises(RuntimeError, match="has exited"):
+            proc.wait("/ready", timeout=30)
+    finally:
+        proc.stop()
+
+
+def test_stop_ends_the_servers_whole_process_group(tmp_path):
+    """A server's engine processes (its children, which may outlive a SIGTERM to it alone)
+    are stopped with it."""
+    import psutil
+
+    pid_file = tmp_path / "child.pid"
+    tree = ("import signal, subprocess, sys, time\n"
+            "child = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)'])\n"
+            f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+            "time.sleep(60)\n")
+    proc = _Proc([sys.executable, "-c", tree], 0, tmp_path / "group.log")
+    deadline = time.time() + 30
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.time() < deadline and proc.proc.poll() is None
+        time.sleep(0.1)
+    child = psutil.Process(int(pid_file.read_text()))
+    assert os.getpgid(child.pid) == proc.proc.pid  # in the server's own group
+    proc.stop(grace=1)  # the child ignores SIGTERM: SIGKILL after the grace
+    try:
+        assert child.status() == psutil.STATUS_ZOMBIE  # dead, not yet reaped
+    except psutil.NoSuchProcess:
+        pass
+
+
 def test_skip_safety_wins_over_a_given_safe_model():
     assert _safe_model(Path("/m"), Path("/s"), skip_safety=True) is None
     assert _safe_model(Path("/m"), Path("/s"), skip_safety=False) == Path("/s")
@@ -215,23 +298,27 @@ def test_kernel_bench_cycles_a_pool_of_hidden_buffers_and_reports_the_bound(monk
 
 
 def test_bench_leak_on_the_real_engine_mixes_four_configs_without_a_leak(server):
-    """Four configs (answer, refuse at " Paris", stop at the prompt, annotate), shuffled over
-    16 concurrent requests: each request matches its config's solo reference in every field."""
+    """Four configs (answer, refuse at " Paris", stop at the prompt, annotate) on two prompts,
+    the eight pairs shuffled over 16 concurrent requests: each request matches its pair's solo
+    reference in every field."""
     from safeserve.server.bench_leak import _run, default_configs
 
     configs = default_configs(["violence", "weapons"])
     res = asyncio.run(_run(server.url, server.model, "What is the capital of France?", configs,
-                           16, 12, None, seed=3))
+                           16, 12, None, seed=3,
+                           benign_prompt="List three colors of the rainbow."))
     assert [r["action"] for r in res["references"]] == ["none", "refuse", "stop", "annotate"]
     assert res["alike_configs"] == []  # a leak between any two would show
+    assert len(res["benign_references"]) == 4  # (the test head flags every prompt: no matter)
     assert (res["failed"], res["leaks"], res["text_mismatches"]) == (0, 0, 0)
     assert res["identical_text_rate"] == 1.0 and res["max_prompt_score_drift"] < 1e-4
     assert sorted(res["requests_per_config"]) == [4, 4, 4, 4]
+    assert res["requests_per_pair"] == {"main": [2, 2, 2, 2], "benign": [2, 2, 2, 2]}
 
 
-# A stand-in server for `bench serve --instances`: it logs its start and its stop, answers
-# readiness, and streams `max_tokens` tokens at a fixed pace (argv: name, port, log, seconds
-# per token).
+# A stand-in server for `bench serve`: it logs its start, its stop and each request's max_tokens,
+# answers readiness, and streams `max_tokens` tokens at a fixed pace (argv: name, port, log,
+# seconds per token).
 _FAKE_SERVER = r'''
 import json, signal, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -248,6 +335,7 @@ class H(BaseHTTPRequestHandler):
         self.send_response(200); self.end_headers(); self.wfile.write(b"{}")
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        note(f"post {body['max_tokens']}")
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream"); self.end_headers()
         for _ in range(body["max_tokens"]):
@@ -266,40 +354,69 @@ ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
 '''
 
 
-def test_fresh_instances_run_one_server_at_a_time_and_report_an_interval(tmp_path,
-                                                                          monkeypatch):
+def _fake_bench(tmp_path, monkeypatch, *args: str):
+    """`bench serve` with `args` against three stand-in servers (safety on: ten times slower per
+    token), each on a port of its own; (the CLI's result, the servers' event log)."""
     from typer.testing import CliRunner
 
     import safeserve.server.bench as bench
 
     script, events = tmp_path / "fake_server.py", tmp_path / "events.log"
     script.write_text(_FAKE_SERVER)
-    paces = {"plain": 0.004, "ours-off": 0.004, "ours-on": 0.008}  # safety on: half the speed
+    paces = {"plain": 0.002, "ours-off": 0.002, "ours-on": 0.02}
+    ports = [free_port() for _ in paces]  # each one free on its own, not port + 1, port + 2
 
     def fake_servers(base, safe, port, control=False):
-        return [(name, [sys.executable, str(script), name, str(port + i), str(events),
-                        str(pace), "--port", str(port + i)], "/ready", {}, {})
-                for i, (name, pace) in enumerate(paces.items())]
+        return [(name, [sys.executable, str(script), name, str(p), str(events), str(pace),
+                        "--port", str(p)], "/ready", {}, {})
+                for p, (name, pace) in zip(ports, paces.items())]
 
     monkeypatch.setattr(bench, "_servers", fake_servers)
     app = bench.typer.Typer()
     bench.register(app)
-    port = free_port()  # the three servers take port, port + 1, port + 2
     out = CliRunner().invoke(app, [
-        "serve", "--instances", "3", "--passes", "1", "--concurrency", "1,2",
-        "--requests-per-level", "2", "--max-tokens", "6", "--model", str(tmp_path),
-        "--safe-model", str(tmp_path), "--port", str(port), "--out", str(tmp_path / "o")])
+        "serve", *args, "--model", str(tmp_path), "--safe-model", str(tmp_path),
+        "--out", str(tmp_path / "o")])
+    return out, events.read_text().split("\n")[:-1]
+
+
+def _ratio_row(output: str, ratio: str, c: int) -> list[str]:
+    line = next(x for x in output.splitlines() if x.startswith(f"| {ratio} | {c} |"))
+    return [cell.strip() for cell in line.split("|")]
+
+
+def test_fresh_instances_run_one_server_at_a_time_and_report_an_interval(tmp_path,
+                                                                          monkeypatch):
+    out, log = _fake_bench(tmp_path, monkeypatch, "--instances", "3", "--passes", "1",
+                           "--concurrency", "1,2", "--requests-per-level", "2",
+                           "--max-tokens", "6")
     assert out.exit_code == 0, out.output
-    log = events.read_text().split("\n")[:-1]
     # each server up and down before the next starts; the order turns round every round
     order = ["plain", "ours-off", "ours-on"]
     expected = [f"{e} {n}" for r in range(3) for n in (order if r % 2 == 0 else order[::-1])
                 for e in ("up", "down")]
-    assert log == expected
+    assert [x for x in log if not x.startswith("post")] == expected
     results = json.loads((tmp_path / "o" / "passes.json").read_text())
     assert len(results) == 3 * 2 * 3  # one combined result per server, level and instance
-    line = next(x for x in out.output.splitlines() if x.startswith("| ours-on / ours-off | 2 |"))
-    mean, interval = line.split("|")[3], line.split("|")[5]
-    # paced at half the speed: about 0.5, pulled toward 1 by per-token overhead on a busy
+    row = _ratio_row(out.output, "ours-on / ours-off", 2)
+    # ten times slower per token: below 1 whatever the per-request overhead of a busy
     # machine (a unit test checks the ratio's direction and plumbing, not a timing)
-    assert 0.35 < float(mean) < 0.8 and interval.strip().endswith("(n=3)")
+    assert float(row[3]) < 0.9 and row[5].endswith("(n=3)")
+    assert "geo-mean [95% CI] |" in out.output and "pass-to-pass" not in out.output
+
+
+def test_kept_servers_are_warmed_up_and_their_interval_is_pass_to_pass(tmp_path, monkeypatch):
+    """Without --instances: every server gets an unmeasured load (16-token requests) once
+    started, before any measured one; the pairs are passes on the same instances, and their
+    interval says so."""
+    out, log = _fake_bench(tmp_path, monkeypatch, "--passes", "2", "--concurrency", "2",
+                           "--requests-per-level", "2", "--max-tokens", "6")
+    assert out.exit_code == 0, out.output
+    for name in ("plain", "ours-off", "ours-on"):
+        posts = [x.split()[1] for x in log if x.startswith("post") and x.endswith(f" {name}")]
+        # a load opens with a 4-token request; the warm-up load is 6 requests of 16 tokens
+        assert posts[:8] == ["4"] + ["16"] * 6 + ["4"], (name, posts)
+        assert posts[8:] == ["6", "6", "4", "6", "6"], (name, posts)  # the two passes
+    assert float(_ratio_row(out.output, "ours-on / ours-off", 2)[3]) < 0.9
+    assert "geo-mean [95% CI, pass-to-pass] |" in out.output
+    assert "instance spread not included" in out.output

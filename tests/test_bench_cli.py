@@ -17,9 +17,12 @@ from typer.testing import CliRunner
 
 from safeserve.server.bench import register
 from safeserve.server.bench_config import config_timings
-from safeserve.server.bench_leak import LeakBenchError, _plan, _run, default_configs
+from safeserve.server.bench_leak import (DEFAULT_BENIGN_PROMPT, LeakBenchError, _plan, _run,
+                                         default_configs)
 
 CONFIGS = default_configs(["violence", "weapons"])
+BENIGN = DEFAULT_BENIGN_PROMPT
+REFERENCES = 2 * len(CONFIGS)  # one per (prompt, config) pair
 
 
 def _cli(*args: str):
@@ -63,16 +66,20 @@ def test_options_out_of_range_are_usage_errors(args):
 
 # ------------------------------------------------------------------- a fake SafeServe server
 
-def fake_completion(cfg: dict, safety: bool = True) -> dict:
-    """A fake server's answer: the prompt reads as violence and weapons; every setting of the
-    config shows in the outcome (action, first flagged token = tau, thresholds, text)."""
-    refused = [c for c in ("violence", "weapons") if c not in cfg.get("allow", [])]
+def fake_completion(cfg: dict, safety: bool = True, prompt: str = "p") -> dict:
+    """A fake server's answer: the benign prompt reads as safe, any other as violence and
+    weapons; every setting of the config shows in the outcome (action, first flagged token =
+    tau, thresholds, text), and the prompt in the scores and text."""
+    benign = prompt == BENIGN
+    refused = [] if benign else [c for c in ("violence", "weapons")
+                                 if c not in cfg.get("allow", [])]
     action = cfg.get("on_violation", "refuse") if refused else "none"
     token = cfg.get("tau", 3) if refused else None
-    text = "I'm sorry." if action in ("refuse", "stop") else f"Here goes ({len(refused)})."
+    text = ("I'm sorry." if action in ("refuse", "stop")
+            else "Paris." if benign else f"Here goes ({len(refused)}).")
+    scores = {"violence": 0.01, "weapons": 0.02} if benign else {"violence": 0.9, "weapons": 0.8}
     report = {"enabled": True, "model_has_head": True, "action": action,
-              "prompt": {"flagged": bool(refused), "categories": refused,
-                         "scores": {"violence": 0.9, "weapons": 0.8}},
+              "prompt": {"flagged": bool(refused), "categories": refused, "scores": scores},
               "response": {"flagged": token is not None, "token_index": token,
                            "categories": refused},
               "config": cfg, "thresholds": {"violence": cfg.get("threshold", 0.5)}}
@@ -81,6 +88,12 @@ def fake_completion(cfg: dict, safety: bool = True) -> dict:
     return {"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "finish_reason": "content_filter" if action == "stop" else "length"}],
             "safety": report}
+
+
+def _answer(request: httpx.Request) -> dict:
+    """The fake's answer to a mock transport's request."""
+    body = json.loads(request.content)
+    return fake_completion(body["safety_config"], prompt=body["messages"][0]["content"])
 
 
 class FakeSafeServe(ThreadingHTTPServer):
@@ -132,14 +145,15 @@ class _Handler(BaseHTTPRequestHandler):
         s = self.server
         with s.lock:
             s.chat_calls += 1
-            batched = s.chat_calls > len(CONFIGS)
+            batched = s.chat_calls > REFERENCES
             s.in_flight += 1
             s.max_in_flight = max(s.max_in_flight, s.in_flight)
             s.models.add(body["model"])
         try:
             if s.barrier is not None and batched:
                 s.barrier.wait()  # BrokenBarrierError (a 500) unless all arrive together
-            self._send(200, fake_completion(body["safety_config"], s.safety))
+            self._send(200, fake_completion(body["safety_config"], s.safety,
+                                            body["messages"][0]["content"]))
         except threading.BrokenBarrierError:
             self._send(500, {"error": {"message": "not all requests were in flight"}})
         finally:
@@ -168,7 +182,35 @@ def test_leak_with_an_api_key_and_no_model_asks_models_with_the_key(fake_server,
     res = json.loads((tmp_path / "leak.json").read_text())
     assert (res["requests"], res["failed"], res["leaks"], res["text_mismatches"]) == (8, 0, 0, 0)
     assert [r["action"] for r in res["references"]] == ["none", "refuse", "stop", "annotate"]
+    assert [r["action"] for r in res["benign_references"]] == ["none"] * 4
+    assert res["requests_per_pair"] == {"main": [1, 1, 1, 1], "benign": [1, 1, 1, 1]}
+    assert res["requests_per_config"] == [2, 2, 2, 2]
+    assert res["prompts"]["benign"] == BENIGN
     assert "| 8 | 0 |" in out.output
+    # one row per (prompt, config) pair
+    assert '| main | {"allow": ["violence", "weapons"]} | 1 | none | length | - | - |' \
+        in out.output
+    assert '| main | {"allow": [], "tau": 1, "on_violation": "stop", "threshold_shift": -2} ' \
+        '| 1 | stop | content_filter | violence, weapons | 1 |' in out.output
+    assert out.output.count("\n| benign | ") == 4 and "note: the benign" not in out.output
+
+
+def test_leak_without_a_benign_prompt_sends_the_main_one_only(fake_server, tmp_path):
+    out = _cli("leak", "--url", fake_server.url, "--requests", "8", "--benign-prompt", "",
+               "--out", str(tmp_path / "leak.json"))
+    assert out.exit_code == 0, out.output
+    res = json.loads((tmp_path / "leak.json").read_text())
+    assert res["requests_per_pair"] == {"main": [2, 2, 2, 2]} and res["benign_references"] == []
+    assert "| benign |" not in out.output and out.output.count("\n| main | ") == 4
+    assert fake_server.chat_calls == len(CONFIGS) + 8  # references, then the batch
+    same = _cli("leak", "--url", fake_server.url, "--prompt", BENIGN)  # its default benign
+    assert same.exit_code == 2 and "the benign prompt is the main prompt" in same.output
+
+
+def test_a_benign_prompt_flagged_by_the_head_is_noted(fake_server):
+    out = _cli("leak", "--url", fake_server.url, "--requests", "8", "--benign-prompt", "q")
+    assert out.exit_code == 0, out.output  # the fake flags every prompt but its benign one
+    assert "note: the benign prompt is flagged or acted on under config 1, 2, 3" in out.output
 
 
 @pytest.mark.parametrize("fake_server", [{"key": "k-123"}], indirect=True)
@@ -191,7 +233,8 @@ def test_leak_against_a_server_without_safety_is_a_one_line_error(fake_server):
 def test_leak_has_every_request_in_flight_at_once(fake_server):
     """More requests than httpx's default pool of 100 connections: all 120 must be at the
     server together (each waits until the last has arrived)."""
-    res = asyncio.run(_run(fake_server.url, "fake", "p", CONFIGS, 120, 8, None))
+    res = asyncio.run(_run(fake_server.url, "fake", "p", CONFIGS, 120, 8, None,
+                           benign_prompt=BENIGN))
     assert res["failed"] == 0, res["failure_examples"]
     assert fake_server.max_in_flight == 120 and res["leaks"] == 0
 
@@ -202,16 +245,17 @@ def _slot_leaking_server(leak_field: str, clean_calls: int):
     calls, slots = [0], {}
 
     def handle(request: httpx.Request) -> httpx.Response:
-        cfg = json.loads(request.content)["safety_config"]
+        body = json.loads(request.content)
+        cfg, prompt = body["safety_config"], body["messages"][0]["content"]
         j, calls[0] = calls[0], calls[0] + 1
-        body = fake_completion(cfg)
+        answer = fake_completion(cfg, prompt=prompt)
         if j >= clean_calls:
             previous = slots.get(j % 2)
-            slots[j % 2] = cfg
+            slots[j % 2] = (cfg, prompt)
             if previous is not None:
-                stale = fake_completion(previous)["safety"]["response"][leak_field]
-                body["safety"]["response"][leak_field] = stale
-        return httpx.Response(200, json=body)
+                stale = fake_completion(*previous[:1], prompt=previous[1])
+                answer["safety"]["response"][leak_field] = stale["safety"]["response"][leak_field]
+        return httpx.Response(200, json=answer)
 
     return httpx.MockTransport(handle)
 
@@ -222,10 +266,42 @@ def test_a_slot_reuse_leak_two_rows_apart_is_caught():
     pair = [CONFIGS[0], CONFIGS[3]]
     assert _plan(24, 2, 0) != [i % 2 for i in range(24)]  # not alternating
     res = asyncio.run(_run("http://fake", "fake", "p", pair, 24, 8, None,
-                           transport=_slot_leaking_server("token_index", clean_calls=2)))
+                           transport=_slot_leaking_server("token_index", clean_calls=4),
+                           benign_prompt=BENIGN))
     assert res["leaks"] > 0 and res["failed"] == 0
     assert all(e["fields"] == ["response_token_index"] for e in res["leak_examples"])
     assert res["identical_text_rate"] == 1.0  # the text alone would not have shown it
+
+
+def _prompt_swapping_server():
+    """A mock server that answers each batched row on the previous row's prompt (hidden
+    states swapped between rows), with the row's own config."""
+    calls, last = [0], [None]
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        prompt = body["messages"][0]["content"]
+        calls[0] += 1
+        seen = prompt
+        if calls[0] > REFERENCES:
+            seen, last[0] = last[0] or prompt, prompt
+        return httpx.Response(200, json=fake_completion(body["safety_config"], prompt=seen))
+
+    return httpx.MockTransport(handle)
+
+
+def test_rows_swapped_between_prompts_show_only_with_the_benign_prompt():
+    """One prompt for every row hides a swap of hidden states between rows; the benign one
+    mixed in shows it, in the prompt verdict."""
+    one = asyncio.run(_run("http://fake", "fake", "p", CONFIGS, 16, 8, None,
+                           transport=_prompt_swapping_server()))
+    assert (one["leaks"], one["text_mismatches"]) == (0, 0)  # seen as identical
+    two = asyncio.run(_run("http://fake", "fake", "p", CONFIGS, 16, 8, None,
+                           transport=_prompt_swapping_server(), benign_prompt=BENIGN))
+    assert two["leaks"] > 0 and two["failed"] == 0
+    assert all("prompt_flagged" in e["fields"] for e in two["leak_examples"])
+    assert {e["prompt"] for e in two["leak_examples"]} <= {"main", "benign"}
+    assert two["max_prompt_score_drift"] > 0.5
 
 
 def test_with_text_allowed_to_differ_only_what_precedes_generation_is_a_leak():
@@ -236,9 +312,11 @@ def test_with_text_allowed_to_differ_only_what_precedes_generation_is_a_leak():
 
     ref = {"text": "a b c", "action": "annotate", "prompt_flagged": False, "prompt_categories": [],
            "response_flagged": True, "response_token_index": 2, "response_categories": ["x"],
-           "finish_reason": "length", "config": {"tau": 2}, "thresholds": {"x": 0.4}}
+           "finish_reason": "length", "config": {"tau": 2, "on_violation": "annotate"},
+           "thresholds": {"x": 0.4}}
     other_text = {**ref, "text": "a b d", "response_token_index": 3}
     assert _mismatches(ref, other_text) == []
+    assert _mismatches(ref, {**other_text, "action": "none"}) == []  # the new text is clean
     assert _mismatches(ref, {**other_text, "prompt_flagged": True}) == ["prompt_flagged"]
     assert _mismatches(ref, {**ref, "response_token_index": 3}) == ["response_token_index"]
     res = {"failed": 0, "requests": 1, "leaks": 0, "text_mismatches": 1}
@@ -246,18 +324,70 @@ def test_with_text_allowed_to_differ_only_what_precedes_generation_is_a_leak():
     assert "texts differ" in _problems(res, text_may_differ=False)[0]
 
 
+def test_with_text_allowed_to_differ_an_action_of_another_config_is_still_a_leak():
+    """Whatever its text, a row acts only as its own (echoed, effective) config can: none or
+    its on_violation (a refusal also ends in a stop when its explanation violates again), and
+    a content_filter finish comes only with a stop."""
+    from safeserve.server.bench_leak import _mismatches
+
+    def ref(on_violation):
+        return {"text": "a b c", "action": on_violation, "prompt_flagged": True,
+                "prompt_categories": ["x"], "response_flagged": True,
+                "response_token_index": 2, "response_categories": ["x"],
+                "finish_reason": "length", "config": {"on_violation": on_violation},
+                "thresholds": {"x": 0.4}}
+
+    def got(r, action, finish="length"):
+        return {**r, "text": "a b d", "action": action, "finish_reason": finish}
+
+    annotate, refuse, stop = ref("annotate"), ref("refuse"), ref("stop")
+    assert _mismatches(annotate, got(annotate, "refuse")) == ["action"]  # a neighbour's
+    assert _mismatches(annotate, got(annotate, "stop", "content_filter")) == ["action"]
+    assert _mismatches(annotate, got(annotate, "annotate", "content_filter")) == \
+        ["finish_reason"]
+    assert _mismatches(stop, got(stop, "refuse")) == ["action"]
+    assert _mismatches(stop, got(stop, "stop", "content_filter")) == []
+    assert _mismatches(stop, got(stop, "none")) == []
+    assert _mismatches(refuse, got(refuse, "stop", "content_filter")) == []
+    assert _mismatches(refuse, got(refuse, "annotate")) == ["action"]
+    assert _mismatches(refuse, got(refuse, "refuse", "content_filter")) == ["finish_reason"]
+    default = {**refuse, "config": {}}  # an echo without on_violation: the default, refuse
+    assert _mismatches(default, got(default, "annotate")) == ["action"]
+
+
+def test_a_row_that_follows_a_neighbours_config_is_caught_when_texts_may_differ():
+    """An annotating row refused (its text changed with it) is a leak, not only a text
+    mismatch that --text-may-differ would let pass."""
+    calls = [0]
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        calls[0] += 1
+        answer = _answer(request)
+        if calls[0] > REFERENCES and body["safety_config"].get("on_violation") == "annotate" \
+                and body["messages"][0]["content"] != BENIGN:
+            answer["safety"]["action"] = "refuse"  # config 1's action
+            answer["choices"][0]["message"]["content"] = "I'm sorry."
+        return httpx.Response(200, json=answer)
+
+    res = asyncio.run(_run("http://fake", "fake", "p", CONFIGS, 16, 8, None,
+                           transport=httpx.MockTransport(handle), benign_prompt=BENIGN))
+    assert res["leaks"] == res["text_mismatches"] == res["requests_per_pair"]["main"][3] == 2
+    assert all(e["fields"] == ["action"] and e["config"] == CONFIGS[3]
+               for e in res["leak_examples"])
+
+
 def test_one_failed_request_is_reported_and_the_rest_still_compared():
     calls = [0]
 
     def handle(request: httpx.Request) -> httpx.Response:
         calls[0] += 1
-        if calls[0] == len(CONFIGS) + 3:
+        if calls[0] == REFERENCES + 3:
             return httpx.Response(503, json={"error": {"message": "engine busy"}})
-        return httpx.Response(200, json=fake_completion(json.loads(request.content)
-                                                        ["safety_config"]))
+        return httpx.Response(200, json=_answer(request))
 
     res = asyncio.run(_run("http://fake", "fake", "p", CONFIGS, 12, 8, None,
-                           transport=httpx.MockTransport(handle)))
+                           transport=httpx.MockTransport(handle), benign_prompt=BENIGN))
     assert (res["requests"], res["completed"], res["failed"], res["leaks"]) == (12, 11, 1, 0)
     assert "HTTP 503: engine busy" in res["failure_examples"][0]["error"]
     assert res["identical_text_rate"] == 1.0

@@ -410,9 +410,15 @@ def test_the_gpu_form_of_the_worker_serves_what_the_cpu_form_does(default_server
     own batch bookkeeping."""
     env = {"SAFESERVE_SYNC_FREE": "1", "SAFESERVE_FORCE_TRITON": "1", "TRITON_INTERPRET": "1"}
     # (that these variables give the worker three kernel launches per step and no tensor op
-    # of the strategy is tests/test_kernels.py's; the worker also logs its form, where vLLM's
-    # worker logging reaches the server's log)
-    with running_server(tmp_path, "--served-model-name", "smol", env=env) as (url, _, _):
+    # of the strategy is tests/test_kernels.py's)
+    with running_server(tmp_path, "--served-model-name", "smol", env=env) as (url, _, log):
+        # the worker builds its processor before the engine is ready and logs its form (vLLM's
+        # worker logging reaches the server's log): without this, variables that never reached
+        # the engine would compare the CPU form with itself
+        text = log.read_text(errors="replace")
+        assert "safety processor: sync-free form on cpu (the GPU's), Triton kernels" in text, \
+            text[-4000:]
+        assert "safety processor: host-synced form" not in text, text[-4000:]
         with httpx.Client(base_url=url, timeout=600) as gpu_form:
             for name, messages, body in GPU_FORM_CASES:
                 want, got = ask(default_server, messages, **body), ask(gpu_form, messages, **body)

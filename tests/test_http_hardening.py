@@ -659,17 +659,19 @@ def test_large_bodies_neither_stall_the_server_nor_get_parsed(http, server):
     t = threading.Thread(target=send)
     t.start()
     worst = 0.0
-    probes = 0
+    answered = 0  # probes answered while the large request was still in flight
     while t.is_alive():
         t0 = time.perf_counter()
         assert http.get("/health").status_code == 200
         worst = max(worst, time.perf_counter() - t0)
-        probes += 1
+        answered += t.is_alive()
         time.sleep(0.05)
     t.join()
     _error(result["r"], 400, "messages", "context_length_exceeded")
-    assert probes >= 3, "the large request finished before /health was probed during it"
-    assert worst < 2.0, f"/health took {worst:.2f}s while a large prompt was tokenized"
+    assert answered >= 1, "no /health probe was answered while the large request was read"
+    # generous for a loaded machine: an event loop held by the read or the tokenization
+    # would hold every probe sent meanwhile until it is done
+    assert worst < 10.0, f"/health took {worst:.2f}s while a large prompt was tokenized"
 
     # over the limit: refused from Content-Length, before anything is read or parsed
     t0 = time.perf_counter()
@@ -889,25 +891,45 @@ def test_bodies_that_would_cost_the_event_loop_are_refused_early(client):
     """A body nested as deep as the JSON parser allows is a 400, not a RecursionError's 500;
     a conversation of more than MAX_MESSAGES messages is refused before its messages are
     validated one by one; text parts sent to moderation are one input, however many."""
+    from pydantic import ValidationError
+
     from safeserve.server.protocol import MAX_MESSAGES
+
+    def quickest(validate, tries: int = 3) -> float:
+        """The fastest of a few timings: a loaded machine's pauses are not the code's."""
+        best = float("inf")
+        for _ in range(tries):
+            t0 = time.perf_counter()
+            validate()
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    def refused(model, data):
+        with pytest.raises(ValidationError) as e:
+            model.model_validate(data)
+        return e.value
+
+    def refused_before_walking(model, data, accepted) -> bool:
+        """Whether refusing ``data`` (50 or more times the cap) takes less than 5 times
+        validating ``accepted`` (the largest body of its shape under the cap) does, with a
+        0.5 s floor: walking it one item at a time would take 50 times that or more."""
+        bound = max(0.5, 5 * quickest(lambda: model.model_validate(accepted)))
+        return quickest(lambda: refused(model, data)) < bound
 
     for depth in (200, 900, 960, 1000, 1900):
         raw = ('{"model": "m", "messages": [{"role": "user", "content": "hi"}], '
                '"safety_config": {"a": ' + "[" * depth + "]" * depth + "}}").encode()
         r = post_raw(client, raw)
         assert r.status_code == 400, (depth, r.status_code)
-    from pydantic import ValidationError
-
     from safeserve.server.protocol import ChatCompletionRequest
 
     many = [{"role": "user", "content": ""}] * (MAX_MESSAGES * 50)
-    t0 = time.perf_counter()
-    with pytest.raises(ValidationError) as e:
-        ChatCompletionRequest.model_validate(body(messages=many))
-    assert time.perf_counter() - t0 < 0.5  # checked before the messages are walked
-    (error,) = e.value.errors()
+    (error,) = refused(ChatCompletionRequest, body(messages=many)).errors()
     assert error["ctx"]["param"] == "messages" and str(MAX_MESSAGES) in error["msg"]
     ChatCompletionRequest.model_validate(body(messages=many[:MAX_MESSAGES]))
+    # checked before the messages are walked
+    assert refused_before_walking(ChatCompletionRequest, body(messages=many),
+                                  body(messages=many[:MAX_MESSAGES]))
     parts = [{"type": "text", "text": "a"}] * 40
     r = client.post("/v1/moderations", json={"input": parts})
     assert r.status_code == 503, r.text  # past validation: the engine is not started here
@@ -915,14 +937,14 @@ def test_bodies_that_would_cost_the_event_loop_are_refused_early(client):
     from safeserve.server.protocol import MAX_TEXT_PARTS, ModerationRequest
 
     one = {"role": "user", "content": [{"type": "text", "text": "a"}] * (MAX_TEXT_PARTS * 50)}
-    for model, data, param in ((ChatCompletionRequest, body(messages=[one]), "messages"),
-                               (ModerationRequest, {"input": [""] * 10**6}, "input"),
-                               (ModerationRequest, {"input": one["content"]}, "input")):
-        t0 = time.perf_counter()
-        with pytest.raises(ValidationError) as e:
-            model.model_validate(data)
-        assert time.perf_counter() - t0 < 0.5, param
-        assert e.value.errors()[0]["ctx"]["param"] == param
+    capped = one["content"][:MAX_TEXT_PARTS]
+    for model, data, accepted, param in (
+            (ChatCompletionRequest, body(messages=[one]),
+             body(messages=[{**one, "content": capped}]), "messages"),
+            (ModerationRequest, {"input": [""] * 10**6}, {"input": [""] * 32}, "input"),
+            (ModerationRequest, {"input": one["content"]}, {"input": capped}, "input")):
+        assert refused(model, data).errors()[0]["ctx"]["param"] == param
+        assert refused_before_walking(model, data, accepted), param
 
 
 def test_a_wrong_method_is_a_405_that_says_which_are_allowed(client):

@@ -205,6 +205,28 @@ def test_fail_closed_without_a_head(base_model_dir):
     assert "--allow-unsafe" in r.stderr and "no safety head" in r.stderr
 
 
+def test_allow_unsafe_resolves_a_headless_spec_and_its_absence_refuses(base_model_dir):
+    """What is served, without an engine: a model without a safety head is refused, naming
+    the flag, unless --allow-unsafe, which serves it with safety off (no head, no logits
+    processor, no HTTP safety path) and says so in /v1/models' summary."""
+    from safeserve.server.launch import StartupError, build_safety, resolve_spec
+
+    with pytest.raises(StartupError) as refused:
+        resolve_spec(Settings(model=base_model_dir))
+    message = str(refused.value)
+    assert message.startswith("safeserve: ") and "has no safety head" in message, message
+    assert "refusing to serve it without --allow-unsafe" in message, message
+
+    settings = Settings(model=base_model_dir, allow_unsafe=True, served_model_name="m")
+    spec = resolve_spec(settings)
+    assert spec.model_dir == base_model_dir.resolve() and spec.served_name == "m"
+    assert not spec.has_head and not spec.safety_enabled
+    assert spec.hf_overrides is None and spec.logits_processors is None
+    assert spec.safety_summary() == {"enabled": False, "model_has_head": False,
+                                     "unsafe_allowed": True}
+    assert build_safety(spec, settings) is None
+
+
 def test_head_that_does_not_fit_is_a_startup_error(tmp_path, base_model_dir):
     from safeserve.models.model_store import compose_checkpoint
 

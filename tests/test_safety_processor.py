@@ -1,7 +1,8 @@
 """The worker's logits processor: token forcing, the strategy's state through the persistent
-batch, telemetry. Every test that builds a processor runs twice: in the host-synced form the
-CPU serves with (work skipped on steps it can prove idle) and in the sync-free form a GPU
-runs (fixed work every step, no host sync), here on CPU; both must behave alike."""
+batch, telemetry. Every test that builds a processor (marked @both_forms) runs twice: in the
+host-synced form the CPU serves with (work skipped on steps it can prove idle) and in the
+sync-free form a GPU runs (fixed work every step, no host sync), here on CPU; both must
+behave alike."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import torch
 from safeserve.server.safety_processor import SafetyLogitsProcessor
 
 
-@pytest.mark.parametrize("sync_free", [False, True])
-def test_forced_rows_keep_only_their_token_and_others_are_untouched(sync_free):
+def test_forced_rows_keep_only_their_token_and_others_are_untouched(processor_form):
+    sync_free = processor_form
     torch.manual_seed(0)
     logits = torch.randn(6, 50)
     forced = torch.tensor([-1, 3, -1, 0, 49, -1])
@@ -35,14 +36,19 @@ def test_no_forced_row_leaves_the_logits_as_they_were():
         assert torch.equal(out, logits)
 
 
-_SYNC_FREE = [False]
+# The form _processor() builds, set by the processor_form fixture (None outside it: a test
+# that builds a processor must request it, by @both_forms, to run in both forms).
+_SYNC_FREE = [None]
 
 
-@pytest.fixture(autouse=True, params=[False, True], ids=["host-synced", "sync-free"])
-def _processor_form(request):
+@pytest.fixture(params=[False, True], ids=["host-synced", "sync-free"])
+def processor_form(request):
     _SYNC_FREE[0] = request.param
-    yield
-    _SYNC_FREE[0] = False
+    yield request.param
+    _SYNC_FREE[0] = None
+
+
+both_forms = pytest.mark.usefixtures("processor_form")
 
 
 def _processor(capacity: int = 4, prompt_offset: float = 0.0, head: str = "default"):
@@ -54,6 +60,7 @@ def _processor(capacity: int = 4, prompt_offset: float = 0.0, head: str = "defau
 
     cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=capacity),
                           model_config=SimpleNamespace(model=str(BUNDLED_HEADS[head])))
+    assert _SYNC_FREE[0] is not None, "a test that builds a processor is marked @both_forms"
     proc = SafetyLogitsProcessor(cfg, torch.device("cpu"), False)
     proc.sync_free = _SYNC_FREE[0]
     proc.prompt_offset = prompt_offset
@@ -81,6 +88,7 @@ def _step(proc, rows_scores, vocab: int = 16):
     return proc.apply(torch.zeros(len(rows_scores), vocab))
 
 
+@both_forms
 def test_alert_band_state_follows_its_row_through_the_persistent_batch():
     proc, sent = _processor()
     outs = [[], [], []]
@@ -108,6 +116,7 @@ def test_alert_band_state_follows_its_row_through_the_persistent_batch():
     assert proc.rids[1] == "near" and proc.alert[1] == 1 and proc.alert[3] == 0
 
 
+@both_forms
 def test_a_clear_prompts_answer_is_judged_at_the_sampled_overall_threshold():
     """Sampled decoding with a clear margin: a prompt verdict clear by the margin makes the
     row clear (reported in bit 1 of the flags column), and its generated tokens compare the
@@ -146,6 +155,7 @@ def test_a_clear_prompts_answer_is_judged_at_the_sampled_overall_threshold():
     assert proc.sampled_overall[2] == 0.5
 
 
+@both_forms
 def test_a_flagged_prompt_is_not_an_alert():
     proc, sent = _processor()
     proc._add(0, _args("flagged", query_alert=True), [])  # own verdict fires; query was near
@@ -156,6 +166,7 @@ def test_a_flagged_prompt_is_not_an_alert():
     assert [r.alert for r in sent] == [0, 0, 0]
 
 
+@both_forms
 def test_prompt_offset_moves_prompt_rows_only_and_is_what_is_reported():
     """The head's prompt offset (logits) applies to the rows reading a prompt end, before the
     decision and in the telemetry; generated-token rows in the same step are untouched."""
@@ -175,6 +186,7 @@ def test_prompt_offset_moves_prompt_rows_only_and_is_what_is_reported():
     assert proc.phase[:2].tolist() == [1, 0]  # the prompt row starts its refusal
 
 
+@both_forms
 def test_a_prompt_readout_judges_prompt_rows_and_the_head_the_rest():
     """Format 4: the step's scores are [N, 2K]; prompt rows are judged (and reported) by the
     read-out's half, generated-token rows by the head's, also on a decode-only step."""
@@ -200,6 +212,7 @@ def test_a_prompt_readout_judges_prompt_rows_and_the_head_the_rest():
     assert [r.scores for r in sent] == [pytest.approx(head_half)] * 3
 
 
+@both_forms
 def test_the_attribution_columns_name_the_category_the_overall_output_acts_for():
     """Format 7: the step's scores end with C attribution columns. At the prompt row of a
     request with an allow-list the named category decides, for the whole request, whether the
@@ -238,6 +251,7 @@ def test_the_attribution_columns_name_the_category_the_overall_output_acts_for()
     assert [r.event for r in sent] == [0, 0, 0]
 
 
+@both_forms
 def test_the_prompt_end_names_the_category_not_an_earlier_prefill_chunk():
     """vLLM samples a row for every prefill chunk (output length 0): each is a prompt row, and
     the last one, the prompt end, names the category, whichever way the earlier ones went."""
@@ -266,6 +280,7 @@ def test_the_prompt_end_names_the_category_not_an_earlier_prefill_chunk():
             assert sent[0].event == 0
 
 
+@both_forms
 def test_a_prompt_readout_beside_the_heads_verdict_flags_when_either_does():
     """Format 5 (the bundled `guarded` head; the default's format 6 too): prompt rows are
     judged by the larger of the two halves per output (either verdict flags), generated-token
@@ -287,6 +302,7 @@ def test_a_prompt_readout_beside_the_heads_verdict_flags_when_either_does():
     assert by_rid["decoding"].event != 2
 
 
+@both_forms
 def test_a_request_without_an_allow_list_is_judged_by_the_readout_and_the_own_overall():
     """Format 10: at the prompt row of a request without an allow-list, the own per-category
     outputs are not read (own "overall") and the read-out's scores move by its shift; an
@@ -385,6 +401,7 @@ def _explaining_processor(capacity: int = 4):
     return proc, sent
 
 
+@both_forms
 def test_the_explanation_after_a_refusal_ends_after_its_sentence_budget():
     from safeserve.server import safety_wire as W
 
@@ -433,6 +450,7 @@ def test_the_explanation_after_a_refusal_ends_after_its_sentence_budget():
     assert by_rid["one"].acted == 0  # closing is not a safety action
 
 
+@both_forms
 def test_the_sentence_budget_counts_tokens_under_async_scheduling_placeholders():
     """Under async scheduling (GPU builds) an output list ends in a -1 placeholder for the
     token still in flight. The budget counts the last known token instead, one step late:
@@ -462,6 +480,7 @@ def test_the_sentence_budget_counts_tokens_under_async_scheduling_placeholders()
     assert phases[5] == W.PHASE_CLOSED and out[5] == 0
 
 
+@both_forms
 def test_refusal_separator_is_skipped_only_when_the_refusal_is_the_whole_answer():
     """refusal_ids = [sep, 5, 6] with refusal_sep 1: a prompt verdict on a plain request forces
     5, 6; on a prefilled request (text before it: the prefill) and mid-answer, sep, 5, 6."""
@@ -503,6 +522,7 @@ def test_vocab_masks_read_sentence_ends_and_letters_off_the_real_tokenizer(base_
     assert vocab_masks(None, torch.device("cpu")) == (None, None)
 
 
+@both_forms
 def test_a_refusals_explanation_is_judged_afresh_with_the_requests_run():
     """The refusal's own steps (forcing it, and the step reading its end) are not judged; then
     the explanation needs the request's tau (2) violating steps in a row to stop. The tracker
@@ -539,6 +559,7 @@ def test_a_refusals_explanation_is_judged_afresh_with_the_requests_run():
     assert tracker.refusal_ending("stop") == "stopped"
 
 
+@both_forms
 def test_a_repeated_step_forces_the_same_token_and_counts_nothing_twice():
     """vLLM may run the processor on a step whose sampled token it then discards (a chunked
     prefill of a resumed request): the output list does not grow, and the strategy must force
@@ -579,6 +600,7 @@ def test_a_repeated_step_forces_the_same_token_and_counts_nothing_twice():
     assert not torch.isfinite(logits[1]).all()
 
 
+@both_forms
 def test_an_explanation_without_a_sentence_end_ends_at_its_token_cap():
     from safeserve.server import safety_wire as W
     from safeserve.server.safety_processor import EXPLAIN_TOKENS_PER_SENTENCE
@@ -598,6 +620,7 @@ def test_an_explanation_without_a_sentence_end_ends_at_its_token_cap():
     assert forced[2 + EXPLAIN_TOKENS_PER_SENTENCE] == 0 and proc.phase[0] == W.PHASE_CLOSED
 
 
+@both_forms
 def test_a_bounded_explanation_is_retracted_at_its_first_step_over_a_threshold():
     """Budget 1, tau 3: one violating step in the explanation ends it (end-of-sequence, then
     forced at every later step) and the tracker withholds everything after the refusal; an
@@ -718,6 +741,7 @@ def test_a_piece_spanning_the_refusals_end_is_split_there():
     assert c2.visible(c2.pieces) == "Sorry. "
 
 
+@both_forms
 def test_verdict_only_rows_are_parked_only_mid_answer():
     """Helper requests read for their prompt verdict (moderations, a prefilled query) are
     dropped on removal mid-prompt (a resume runs their prompt row again) and at their end,
@@ -739,6 +763,7 @@ def test_verdict_only_rows_are_parked_only_mid_answer():
     assert proc.phase[0] == 1 and proc.verdict_only == {"check"}
 
 
+@both_forms
 def test_requests_the_http_side_ended_lose_their_parked_state():
     """A removal the worker cannot tell from a preemption (a stop string, an abort) parks the
     request; the next request brings the ids the HTTP side has finished with, and their
@@ -830,6 +855,7 @@ def test_a_piece_merged_across_a_withheld_run_keeps_only_its_clean_tokens():
     assert e.token == " d" and e.logprob == -9999.0 and e.top_logprobs[0].token == " d"
 
 
+@both_forms
 def test_a_row_refilled_in_the_same_step_parks_the_request_it_removed():
     """vLLM leaves a removed index out of ``removed`` when an added request (or a row moved by
     its condense) fills it in the same step: the request that sat there must still be parked,
@@ -854,6 +880,7 @@ def test_a_row_refilled_in_the_same_step_parks_the_request_it_removed():
     assert proc.phase[2] == 1
 
 
+@both_forms
 def test_a_request_removed_at_one_of_its_ends_is_not_parked():
     """Finished requests never come back: removed at max_tokens or on a stop token they are
     not parked, so the bounded store keeps room for preempted ones. A request removed
@@ -878,6 +905,7 @@ def test_a_request_removed_at_one_of_its_ends_is_not_parked():
     assert list(proc.parked) == ["preempted", "in_flight"]
 
 
+@both_forms
 def test_a_resumed_request_whose_parked_state_was_evicted_ends_fail_closed(monkeypatch):
     """A preempted request's state is parked (bounded, oldest out). Resumed after its state
     was pushed out, it cannot know whether it was mid-refusal: it is ended, not left to
@@ -1188,6 +1216,7 @@ def test_a_flagged_prompt_verdict_is_no_alert_for_the_tracker_either():
     assert not t.alerted and t.run_length == 4
 
 
+@both_forms
 def test_a_request_removed_and_re_added_in_one_step_keeps_its_state():
     """Every refilled row is parked before any add: a request that lands on another freed
     row in the same step finds its snapshot, not a fresh state."""
@@ -1220,6 +1249,7 @@ def test_stop_strings_are_held_back_and_cut_by_the_server():
     assert ChoiceState(0, "r").outgoing("abc", False) == "abc"  # not ours: untouched
 
 
+@both_forms
 def test_a_resumed_requests_discarded_prefill_chunks_decide_nothing():
     """A preempted request is re-prefilled in chunks; vLLM samples a row per chunk and discards
     its token, so the row comes back at the same output length. Those rows (hidden states
@@ -1306,6 +1336,7 @@ def test_a_record_arriving_after_finish_does_not_undo_its_decision():
     assert t.withheld(2) and t.explanation_retracted
 
 
+@both_forms
 def test_a_resumed_requests_chunk_records_wait_until_its_kept_chunk_is_known():
     """A preempted request comes back with output and is re-prefilled in chunks; every chunk's
     row shows the same output length and vLLM keeps only the last one's token. The HTTP side
@@ -1352,6 +1383,7 @@ def test_a_resumed_requests_chunk_records_wait_until_its_kept_chunk_is_known():
 
 
 
+@both_forms
 def test_a_resumed_helper_request_defers_its_re_prefill_rows_too():
     """A verdict-only helper request is never parked, so a resumed one starts over; its
     re-prefill chunks' rows still wait for the kept one (the self-check reads its answer rows
@@ -1457,6 +1489,7 @@ def test_records_after_finish_are_stray_and_a_one_token_answer_waits_for_the_end
     assert t.stop_forced and t.report().action == "stop" and not t.incomplete
 
 
+@both_forms
 def test_the_worker_reports_each_request_it_lets_go():
     from safeserve.server import safety_wire as W
 
@@ -1493,6 +1526,7 @@ def test_one_records_failure_does_not_drop_the_other_requests_records():
     assert bad.incomplete  # fail closed: a step of it could not be shown
 
 
+@both_forms
 def test_a_nan_score_fails_closed_and_is_reported_as_a_number():
     """A NaN from an overflowed hidden state must not let the row through (it compares false
     in the kernel) nor reach the JSON report."""
@@ -1504,6 +1538,7 @@ def test_a_nan_score_fails_closed_and_is_reported_as_a_number():
     assert sent[-1].scores == [1.0] * 10
 
 
+@both_forms
 def test_a_prompt_veto_caps_the_verdict_but_never_a_nan():
     """Format 11: the veto's K columns come last; at a prompt row each output is capped at
     its veto column, so a veto of 0 clears a verdict that flags every output, but a NaN in the
@@ -1527,6 +1562,7 @@ def test_a_prompt_veto_caps_the_verdict_but_never_a_nan():
     assert by_rid["passed"].event == 2 and by_rid["passed"].scores == pytest.approx([0.9] * 10)
 
 
+@both_forms
 def test_a_request_re_added_while_its_old_row_is_refilled_by_a_move_keeps_its_state():
     """b leaves row 0, a (row 1, refusing) is removed and re-added in the same step into row
     0, and a condense move fills row 1 from row 2: a must find its snapshot (the move's
@@ -1547,6 +1583,7 @@ def test_a_request_re_added_while_its_old_row_is_refilled_by_a_move_keeps_its_st
     assert "a" not in proc.parked
 
 
+@both_forms
 def test_a_requests_prompt_thresholds_judge_its_prompt_row_only():
     """threshold_shift lowers the row's (response) thresholds; its prompt row is judged at the
     prompt thresholds, exactly (a score equal to one is flagged), for that row alone."""

@@ -492,9 +492,28 @@ def test_server_scores_match_the_training_forward(http, server):
     # engine sampled (as far as the client can see the ids)
     eos = int(data["choices"][0]["finish_reason"] == "stop")
     assert len(trace) == data["usage"]["completion_tokens"] == len(out_ids) + eos >= 8
+    # The test head's outputs are mostly constant (bias -8: scores near 0.0003) and near 0 a
+    # 1e-3 bound on scores says little: compare logits too, where float32 scores keep their
+    # precision, except near-saturated scores (1 - p under 1e-4: the float32 score's rounding
+    # alone is over 1e-3 in logits, or p so small it may be flushed to 0).
+    def usable(p: torch.Tensor) -> torch.Tensor:
+        return (p > 1e-30) & (p < 1 - 1e-4)
+
+    weapons = data["safety"]["score_names"].index("weapons")
+    trigger_logits = []  # the output that reads the hidden state, at each point
     for point in trace:
         pos = len(prompt_ids) - 1 + point["token_index"]
-        assert torch.allclose(torch.tensor(point["scores"]), scores[pos], atol=1e-3), point
+        got, want = torch.tensor(point["scores"], dtype=torch.float64), scores[pos].double()
+        assert torch.allclose(got, want, atol=1e-3), point  # the criterion
+        both = usable(got) & usable(want)
+        assert torch.allclose(torch.logit(got[both]), torch.logit(want[both]), rtol=0,
+                              atol=1e-2), (point, torch.logit(want).tolist())
+        if both[weapons]:
+            trigger_logits.append(float(torch.logit(want[weapons])))
+    # informative: the hidden-state-dependent output was compared at every point, over a range
+    # of logits (the trigger word's step far above the others), not only the constant biases
+    assert len(trigger_logits) == len(trace), trigger_logits
+    assert max(trigger_logits) - min(trigger_logits) > 1.0, trigger_logits
 
 
 def test_bench_leak_counts_no_leaks_in_a_mixed_batch(server):
@@ -503,7 +522,10 @@ def test_bench_leak_counts_no_leaks_in_a_mixed_batch(server):
 
     res = asyncio.run(_run(server.url, server.model, COLORS[0]["content"],
                            [{"allow": ["violence"]}, {"allow": []}], 12, 6, None))
-    assert res["leaks"] == 0 and res["requests"] == 12
+    # every request answered (a failed one is neither a leak nor a match), each as its
+    # config's solo reference, to the text
+    assert (res["requests"], res["failed"], res["leaks"], res["text_mismatches"]) == \
+        (12, 0, 0, 0), res
     permissive, strict = res["references"]
     assert permissive["action"] == "none" and strict["action"] in ("refuse", "stop")
 

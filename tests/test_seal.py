@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_llama_with_default_tokenizer
+from conftest import free_port, tiny_llama_with_default_tokenizer
 from safeserve.models.seal.data import load_dataset
 from safeserve.models.seal.selector import Selector, selector_gradient
 from safeserve.models.seal.select_train import SealTrainer, SelectConfig
@@ -318,7 +318,8 @@ def test_data_parallel_matches_single_process(tiny, data, tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               str(REPO / "deploy" / "accelerate" / "multi_gpu.yaml"), "--num_processes", "2",
-              "-m", "safeserve.server.cli"]
+              # a free port, not accelerate's default 29500 (another run's, or a service's)
+              "--main_process_port", str(free_port()), "-m", "safeserve.server.cli"]
     _run_checked(launch + args + ["--out", str(tmp_path / "ddp")], env)
     _run_checked([sys.executable, "-m", "safeserve.server.cli"] + args
                  + ["--out", str(tmp_path / "one")], env)

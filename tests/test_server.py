@@ -253,19 +253,39 @@ def test_client_disconnect_aborts_the_request(http, server):
 
 
 def test_metrics_exposition_counts_requests(http, server):
+    """This test's own requests move the counters by what they did (the server is shared:
+    absolute values would count earlier tests' requests)."""
+    counted = ("safeserve_time_to_first_token_seconds_count",
+               "safeserve_inter_token_latency_seconds_count",
+               "safeserve_e2e_request_latency_seconds_count", "safeserve_generation_tokens_total",
+               "safeserve_prompt_tokens_total", "safeserve_safety_steps_total")
+    # an earlier test's request still finishing would count in this one's deltas
+    deadline = time.time() + 30
+    while metric(http, "safeserve_in_flight_requests") != 0 and time.time() < deadline:
+        time.sleep(0.2)
     before = metric(http, "safeserve_requests_total", status="200")
     errors_before = metric(http, "safeserve_requests_total", status="404")
-    http.post("/v1/chat/completions", json={"model": server.model, "messages": BENIGN,
-                                            "max_tokens": 3})
+    was = {name: metric(http, name) for name in counted}
+    r = http.post("/v1/chat/completions", json={"model": server.model, "messages": BENIGN,
+                                                "max_tokens": 8, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    n = usage["completion_tokens"]
+    assert n >= 2, usage
     http.post("/v1/chat/completions", json={"model": "nope", "messages": BENIGN})
     assert metric(http, "safeserve_requests_total", status="200") == before + 1
     assert metric(http, "safeserve_requests_total", status="404") == errors_before + 1
-    assert metric(http, "safeserve_time_to_first_token_seconds_count") > 0
-    assert metric(http, "safeserve_inter_token_latency_seconds_count") > 0
-    assert metric(http, "safeserve_e2e_request_latency_seconds_count") > 0
-    assert metric(http, "safeserve_generation_tokens_total") > 0
-    assert metric(http, "safeserve_prompt_tokens_total") > 0
-    assert metric(http, "safeserve_safety_steps_total") > 0
+    delta = {name.removeprefix("safeserve_"): metric(http, name) - was[name]
+             for name in counted}
+    # one request answered (the 404 reached no engine): one first token, one latency
+    assert delta["time_to_first_token_seconds_count"] == 1, delta
+    assert delta["e2e_request_latency_seconds_count"] == 1, delta
+    assert delta["generation_tokens_total"] == n, (delta, usage)
+    assert delta["prompt_tokens_total"] == usage["prompt_tokens"], (delta, usage)
+    # a gap per token after the first (fewer when the engine hands tokens over together with
+    # the first)
+    assert 1 <= delta["inter_token_latency_seconds_count"] <= n - 1, (delta, usage)
+    assert delta["safety_steps_total"] >= 1, delta
     names = {f.name for f in text_string_to_metric_families(http.get("/metrics").text)}
     assert {"safeserve_waiting_requests", "safeserve_running_requests"} <= names
 
