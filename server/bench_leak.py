@@ -19,9 +19,10 @@ rate) and also fails the run, unless --text-may-differ (on a GPU, batching may c
 summation order enough to change a token); such a row's response verdicts follow its own
 text, so only what the config decides before generation is compared with the reference, and
 its action must still be one its own config can take (none, its on_violation, or stop after
-a refusal) with a content_filter finish only on a stop. Also reported: how far the batched
-prompt scores drift from the solo ones (batching changes summation order, never the config).
-A request that fails is reported as failed, never as a pass.
+a refusal with an unbounded explanation), with a content_filter finish only on a stop. Also
+reported: how far the batched prompt scores drift from the solo ones (batching changes
+summation order, never the config). A request that fails is reported as failed, never as a
+pass.
 """
 
 from __future__ import annotations
@@ -133,12 +134,18 @@ def _alike(refs: list[dict]) -> list[list[int]]:
 
 def _possible(ref: dict, got: dict) -> list[str]:
     """What in ``got`` its own config cannot produce (its effective config: the reference's
-    echo). An action is none or the config's on_violation, or stop after a refusal (an
-    unbounded explanation that violates again is stopped: kernels/safety_strategy.py); a
-    content_filter finish is the tracker's forced stop, reported as action stop
-    (server/safety_tracker.py, server/completions.py ``_finish_reason``)."""
-    on_violation = (ref.get("config") or {}).get("on_violation", "refuse")
-    allowed = {"none", on_violation} | ({"stop"} if on_violation == "refuse" else set())
+    echo, which the server fills in with every default). An action is none or the config's
+    on_violation, or a stop after a refusal whose explanation is unbounded (echoed
+    ``explain_sentences`` -1, or not echoed): one that violates again is stopped
+    (kernels/safety_strategy.py), a bounded one is withheld or closed instead. A
+    content_filter finish is the tracker's forced stop, which the report names action stop
+    (server/safety_tracker.py ``report``, server/completions.py ``_finish_reason``)."""
+    cfg = ref.get("config") or {}
+    on_violation = cfg.get("on_violation", "refuse")
+    allowed = {"none", on_violation}
+    explain = cfg.get("explain_sentences")
+    if on_violation == "refuse" and not (isinstance(explain, int) and explain >= 0):
+        allowed.add("stop")
     out = [] if got.get("action") in allowed else ["action"]
     if got.get("finish_reason") == "content_filter" and got.get("action") != "stop":
         out.append("finish_reason")
@@ -255,8 +262,9 @@ def _problems(res: dict, text_may_differ: bool) -> list[str]:
         out.append(f"{res['failed']} of {res['requests']} requests failed, e.g. "
                    f"{res['failure_examples'][0]['error']}")
     if res["leaks"]:
-        out.append(f"{res['leaks']} leaks, e.g. request {res['leak_examples'][0]['request']}: "
-                   f"{', '.join(res['leak_examples'][0]['fields'])} differ from its reference")
+        e = res["leak_examples"][0]
+        out.append(f"{res['leaks']} leaks, e.g. request {e['request']} ({e.get('prompt', 'main')} "
+                   f"prompt): {', '.join(e['fields'])} unlike its reference or its config")
     if res["text_mismatches"] and not text_may_differ:
         out.append(f"{res['text_mismatches']} texts differ from their config's reference "
                    "(--text-may-differ if batching may change tokens on this device)")
@@ -302,13 +310,17 @@ def bench_leak(
                f"|---|---|---|---|---|---|\n| {res['requests']} | {res['failed']} | "
                f"{res['wall_s']} | {res['leaks']} | {res['max_prompt_score_drift']:.2e} | "
                f"{'-' if rate is None else f'{rate:.2f}'} |")
-    typer.echo("\n| prompt | config | requests | action | finish | prompt categories | "
+    typer.echo("")
+    for i, cfg in enumerate(res["configs"]):
+        typer.echo(f"config {i}: {json.dumps(cfg)}")
+    typer.echo("\nreferences (each pair alone), and the batched requests of each pair:\n"
+               "| prompt | config | requests | action | finish | prompt categories | "
                "response flagged at |\n|---|---|---|---|---|---|---|")
     for name, refs in (("main", res["references"]), ("benign", res["benign_references"])):
-        for ref, n in zip(refs, res["requests_per_pair"].get(name, [])):
+        for i, (ref, n) in enumerate(zip(refs, res["requests_per_pair"].get(name, []))):
             at = ref["response_token_index"]
-            typer.echo(f"| {name} | {json.dumps(ref['requested'])} | {n} | {ref['action']} | "
-                       f"{ref['finish_reason']} | {', '.join(ref['prompt_categories']) or '-'} | "
+            typer.echo(f"| {name} | {i} | {n} | {ref['action']} | {ref['finish_reason']} | "
+                       f"{', '.join(ref['prompt_categories']) or '-'} | "
                        f"{'-' if at is None else at} |")
     for i, j in res["alike_configs"]:
         typer.echo(f"note: configs {i} and {j} give the same outcome on the main prompt; a leak "

@@ -78,7 +78,7 @@ class _Proc:
                         f"{self.url} answered, but the server started there has exited (another "
                         f"process holds the port?):\n{self.log.read_text()[-3000:]}")
                 return
-            time.sleep(1)
+            time.sleep(0.25)
         raise RuntimeError(f"server not ready:\n{self.log.read_text()[-3000:]}")
 
     def cpu_seconds(self) -> tuple[float, float]:
@@ -138,6 +138,9 @@ class _Proc:
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
+        deadline = time.time() + 10  # a SIGKILL takes effect soon, not at once
+        while running() and time.time() < deadline:
+            time.sleep(0.05)
 
 
 def _servers(base: Path, safe: Path | None, port: int,

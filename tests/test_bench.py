@@ -363,7 +363,7 @@ def _fake_bench(tmp_path, monkeypatch, *args: str):
 
     script, events = tmp_path / "fake_server.py", tmp_path / "events.log"
     script.write_text(_FAKE_SERVER)
-    paces = {"plain": 0.002, "ours-off": 0.002, "ours-on": 0.02}
+    paces = {"plain": 0.001, "ours-off": 0.001, "ours-on": 0.01}
     ports = [free_port() for _ in paces]  # each one free on its own, not port + 1, port + 2
 
     def fake_servers(base, safe, port, control=False):

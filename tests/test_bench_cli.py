@@ -187,11 +187,12 @@ def test_leak_with_an_api_key_and_no_model_asks_models_with_the_key(fake_server,
     assert res["requests_per_config"] == [2, 2, 2, 2]
     assert res["prompts"]["benign"] == BENIGN
     assert "| 8 | 0 |" in out.output
-    # one row per (prompt, config) pair
-    assert '| main | {"allow": ["violence", "weapons"]} | 1 | none | length | - | - |' \
+    # the configs, then one row per (prompt, config) pair
+    assert 'config 2: {"allow": [], "tau": 1, "on_violation": "stop", "threshold_shift": -2}' \
         in out.output
-    assert '| main | {"allow": [], "tau": 1, "on_violation": "stop", "threshold_shift": -2} ' \
-        '| 1 | stop | content_filter | violence, weapons | 1 |' in out.output
+    assert "| main | 0 | 1 | none | length | - | - |" in out.output
+    assert "| main | 2 | 1 | stop | content_filter | violence, weapons | 1 |" in out.output
+    assert "| benign | 2 | 1 | none | length | - | - |" in out.output
     assert out.output.count("\n| benign | ") == 4 and "note: the benign" not in out.output
 
 
@@ -326,8 +327,8 @@ def test_with_text_allowed_to_differ_only_what_precedes_generation_is_a_leak():
 
 def test_with_text_allowed_to_differ_an_action_of_another_config_is_still_a_leak():
     """Whatever its text, a row acts only as its own (echoed, effective) config can: none or
-    its on_violation (a refusal also ends in a stop when its explanation violates again), and
-    a content_filter finish comes only with a stop."""
+    its on_violation (a refusal also ends in a stop when its unbounded explanation violates
+    again), and a content_filter finish comes only with a stop."""
     from safeserve.server.bench_leak import _mismatches
 
     def ref(on_violation):
@@ -348,7 +349,13 @@ def test_with_text_allowed_to_differ_an_action_of_another_config_is_still_a_leak
     assert _mismatches(stop, got(stop, "refuse")) == ["action"]
     assert _mismatches(stop, got(stop, "stop", "content_filter")) == []
     assert _mismatches(stop, got(stop, "none")) == []
-    assert _mismatches(refuse, got(refuse, "stop", "content_filter")) == []
+    assert _mismatches(refuse, got(refuse, "stop", "content_filter")) == []  # (no echo of
+    # explain_sentences: perhaps unbounded)
+    unbounded = {**refuse, "config": {"on_violation": "refuse", "explain_sentences": -1}}
+    assert _mismatches(unbounded, got(unbounded, "stop", "content_filter")) == []
+    bounded = {**refuse, "config": {"on_violation": "refuse", "explain_sentences": 1}}
+    assert _mismatches(bounded, got(bounded, "stop", "content_filter")) == ["action"]
+    assert _mismatches(bounded, got(bounded, "refuse")) == []
     assert _mismatches(refuse, got(refuse, "annotate")) == ["action"]
     assert _mismatches(refuse, got(refuse, "refuse", "content_filter")) == ["finish_reason"]
     default = {**refuse, "config": {}}  # an echo without on_violation: the default, refuse

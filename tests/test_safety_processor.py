@@ -51,18 +51,22 @@ def processor_form(request):
 both_forms = pytest.mark.usefixtures("processor_form")
 
 
-def _processor(capacity: int = 4, prompt_offset: float = 0.0, head: str = "default"):
+def _processor(capacity: int = 4, prompt_offset: float = 0.0, head: str = "default",
+               sync_free: bool | None = None):
     """The real processor over a bundled head's width (10 outputs), on CPU, with its
-    telemetry captured instead of sent, and the given prompt offset instead of the head's."""
+    telemetry captured instead of sent, and the given prompt offset instead of the head's.
+    Its form is ``sync_free``'s, else the ``processor_form`` fixture's (@both_forms)."""
     from types import SimpleNamespace
 
     from safeserve.models.model_store import BUNDLED_HEADS
 
     cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=capacity),
                           model_config=SimpleNamespace(model=str(BUNDLED_HEADS[head])))
-    assert _SYNC_FREE[0] is not None, "a test that builds a processor is marked @both_forms"
+    if sync_free is None:
+        assert _SYNC_FREE[0] is not None, "a test that builds a processor is marked @both_forms"
+        sync_free = _SYNC_FREE[0]
     proc = SafetyLogitsProcessor(cfg, torch.device("cpu"), False)
-    proc.sync_free = _SYNC_FREE[0]
+    proc.sync_free = sync_free
     proc.prompt_offset = prompt_offset
     # the steps below hand [N, K] or [N, 2K] scores (formats 7, 8 and 11: their own tests)
     proc.n_attribution = proc.n_topic = proc.n_veto = 0

@@ -118,8 +118,7 @@ def test_the_worker_flags_an_allow_listed_prompt_by_its_topic(sync_free):
     from safeserve.kernels.safety_decision import MASK_ATTRIBUTED
     from test_safety_processor import _args, _processor, _step
 
-    proc, sent = _processor()
-    proc.sync_free = sync_free
+    proc, sent = _processor(sync_free=sync_free)
     proc.prompt_either, proc.n_attribution, proc.n_topic = True, 9, 9
     allow_violence = [1] + [0] * 8 + [MASK_ATTRIBUTED]
     outs = [[], [], []]
@@ -314,8 +313,7 @@ def test_a_gate_that_replaces_the_categories_judges_gated_prompts_alone(sync_fre
     from safeserve.kernels.safety_decision import MASK_ATTRIBUTED
     from test_safety_processor import _args, _processor, _step
 
-    proc, sent = _processor()
-    proc.sync_free = sync_free
+    proc, sent = _processor(sync_free=sync_free)
     proc.prompt_either, proc.n_attribution, proc.n_topic = True, 9, 9
     proc.gate_replaces = True
     allow_violence = [1] + [0] * 8 + [MASK_ATTRIBUTED]
