@@ -155,6 +155,34 @@ def tiny_llama_with_default_tokenizer(out: Path) -> Path:
     return out
 
 
+CHATML = (
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_chatml_tokenizer(out: Path, corpus: list[str], vocab_size: int,
+                          template: str = CHATML):
+    """A byte-level BPE tokenizer trained on ``corpus``, with ChatML's special tokens and a
+    ChatML ``template``, saved to ``out``; returned."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>",
+                                  eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                  unk_token="<|endoftext|>")
+    tok.chat_template = template
+    tok.save_pretrained(out)
+    return tok
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny matmuls on a busy 2-core box are ~100x slower with two OpenMP threads."""

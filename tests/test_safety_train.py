@@ -39,24 +39,15 @@ GOOD = ["cake", "garden", "poem", "recipe", "music", "travel", "flower", "painti
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny BPE tokenizer with a ChatML template and a random 2-layer Llama."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import tiny_chatml_tokenizer
 
     d = tmp_path_factory.mktemp("tiny_model")
     corpus = [f"how do I make a {w} at home? Sure, here is a guide. I can't help with that. "
               f"system user assistant You are a helpful assistant {w}s"
               for w in HARM + GOOD] * 4
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>",
-                                  eos_token="<|im_end|>", pad_token="<|im_end|>",
-                                  unk_token="<|endoftext|>")
-    tok.chat_template = CHATML
-    tok.save_pretrained(d)
+    tok = tiny_chatml_tokenizer(d, corpus, 400, template=CHATML)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,

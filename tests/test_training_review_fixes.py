@@ -13,30 +13,14 @@ import torch
 from safeserve.models.safety_data import TrajectoryError, load_trajectories, parse_trajectory
 from safeserve.models.taxonomy import Taxonomy
 
-CHATML = (
-    "{% for message in messages %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+from conftest import tiny_chatml_tokenizer
+
 WORDS = ["bomb", "poison", "weapon", "cake", "garden", "poem", "music", "flower"]
 
 
 def _tokenizer(d):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.train_from_iterator([f"how do I make a {w}? Sure, here is a guide. user assistant"
-                            for w in WORDS] * 4, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>",
-                                  eos_token="<|im_end|>", pad_token="<|im_end|>",
-                                  unk_token="<|endoftext|>")
-    tok.chat_template = CHATML
-    tok.save_pretrained(d)
-    return tok
+    return tiny_chatml_tokenizer(d, [f"how do I make a {w}? Sure, here is a guide. user assistant"
+                                     for w in WORDS] * 4, 300)
 
 
 @pytest.fixture(scope="module")
