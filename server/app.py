@@ -54,9 +54,11 @@ def create_app(engine: Engine, safety=None, head_check=None) -> FastAPI:
         finally:
             if not task.done():
                 task.cancel()
-            engine.shutdown()
-            if svc is not None:
-                svc.hub.stop()
+            try:
+                engine.shutdown()
+            finally:  # the hub's task and socket directory go even if the engine's did not
+                if svc is not None:
+                    svc.hub.stop()
 
     keyring = KeyRing(list(engine.settings.api_keys), engine.settings.grants)
     # With keys, nothing but /health, /ready and /metrics answers without one: FastAPI's

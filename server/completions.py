@@ -377,11 +377,17 @@ def _close(svc: SafetyService | None, prep: PreparedRequest, choices: list[Choic
         # Every choice ended, one by an engine failure: a failed request. (A request with an
         # unfinished choice was counted where it was aborted.)
         metrics.ABORTED.inc()
+    errors = []
     for c in choices:
         metrics.FINISHED.labels(_finish_reason(c) or "abort").inc()
         if svc is not None and c.tracker is not None:
             # the prompt is one per request: its verdict is counted with the first choice
-            svc.close(c.tracker, c.finish_reason, prompt_metrics=c.index == 0)
+            try:
+                svc.close(c.tracker, c.finish_reason, prompt_metrics=c.index == 0)
+            except Exception as e:  # every choice's tracker is released, then it is raised
+                errors.append(e)
+    if errors:
+        raise errors[0]
 
 
 def _report(engine: Engine, c: ChoiceState) -> SafetyReport:

@@ -298,14 +298,17 @@ class RequestTracker:
         unsafe one. (End-of-sequence is no text.)
 
         Steps the engine ran past the end (a stop string is found in the frontend, and under
-        async scheduling a step is in flight when a request ends) may have reported before
-        this call. Step ``n_tokens`` read the last token, which the client gets: what it
-        decided stands (a violating run it completed is withheld). The steps after it read
-        tokens nobody gets: what they decided is undone, so it does not depend on which came
-        first. A stop the server made itself (``_host_stop``, at a trigger whose tokens have
-        not all arrived) is final."""
+        async scheduling a step is in flight when a request ends, end-of-sequence included)
+        may have reported before this call, or may report after it: a race between the
+        engine's outputs and the telemetry, which no wait can settle (with nothing else to
+        run, the engine reports a finished request only when the next one comes). So what
+        they decided is undone here and dropped later, step ``n_tokens`` included: the
+        response's last token is never judged by the per-token rule, whichever way it ended
+        and whichever message came first (an open explanation's is withheld, below). A stop
+        the server made itself (``_host_stop``, at a trigger whose tokens have not all
+        arrived) is final."""
         if not (self.host_stop and self.stop_forced):
-            self._undo_past(max(1, n_tokens) + 1)
+            self._undo_past(max(1, n_tokens))
         if (self.explanation_open and (finish_reason == "length" or stop_string)
                 and n_tokens > self.refusal_end):
             self.withhold_explanation(n_tokens)  # unjudged: withheld, but nothing flagged it

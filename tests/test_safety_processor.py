@@ -1451,19 +1451,25 @@ def test_records_after_finish_are_stray_and_a_one_token_answer_waits_for_the_end
     t.finish("stop", 3)
     t.add(_rec(3, event=2, phase=W.PHASE_DONE, forced=0, acted=1))  # past the end
     assert not t.acted and not t.has_step(3) and t.report().action == "none"
-    # Records that came before the engine's last output (as under load): step 3 read the
-    # last token (2), which the client gets, so what it decided stands; step 4 read a token
-    # nobody gets: undone at finish.
-    t = _bare_tracker()
-    for j in range(3):
-        t.add(_rec(j, event=1 if j else 0))  # a violating run under way at the end
-    t.add(_rec(4 - 1, event=2, phase=W.PHASE_DONE, forced=0, acted=1))  # completes it (tau 3)
-    t.add(W.StepRecord("r", 4, [0.99] * 10, 2, 3, W.PHASE_DONE, 0, 1, 0))
-    t.finish("stop", 3)
-    assert t.acted and t.cut == [(0, 3)] and t.has_step(3) and not t.has_step(4)
-    report = t.report()
-    assert report.response.flagged and report.response.token_index == 0
-    assert max(report.response.max_scores.values()) < 0.5  # step 4's scores undone
+    # The same records before the engine's last output (as under load): the same outcome.
+    # Which came first is a race no wait settles, so steps from n_tokens on are undone at
+    # finish, as they are dropped after it: the last token (2), read by step 3, is never
+    # judged, however the response ended.
+    for before in (True, False):
+        t = _bare_tracker()
+        for j in range(3):
+            t.add(_rec(j, event=1 if j else 0))  # a violating run under way at the end
+        late = [_rec(3, event=2, phase=W.PHASE_DONE, forced=0, acted=1),  # completes it (tau 3)
+                W.StepRecord("r", 4, [0.99] * 10, 2, 3, W.PHASE_DONE, 0, 1, 0)]
+        for rec in late if before else []:
+            t.add(rec)
+        t.finish("stop", 3)
+        for rec in [] if before else late:
+            t.add(rec)
+        assert not t.acted and not t.cut and not t.has_step(3) and not t.has_step(4)
+        report = t.report()
+        assert not report.response.flagged and report.action == "none"
+        assert max(report.response.max_scores.values()) < 0.5  # steps 3 and 4 undone
     # and a clean answer whose steps past the end triggered (step 4 only) stays clean
     t = _bare_tracker()
     for j in range(4):
