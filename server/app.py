@@ -15,7 +15,8 @@ from safeserve.server import completions, metrics, moderation, prepare
 from safeserve.server.auth import KeyRing, Principal
 from safeserve.server.engine import Engine
 from safeserve.server.errors import APIError, bad_request, install_handlers
-from safeserve.server.middleware import AuthenticateFirst, BodyLimit, RequestAccounting
+from safeserve.server.middleware import (AuthenticateFirst, BodyLimit, RequestAccounting,
+                                         RequestIdHeader)
 from safeserve.server.protocol import (ChatCompletionRequest, ModelCard, ModelList,
                                        ModerationRequest)
 from safeserve.server.safety_service import SafetyService
@@ -74,6 +75,7 @@ def create_app(engine: Engine, safety=None, head_check=None) -> FastAPI:
                            paths=(CHAT_PATH, MODERATIONS_PATH))
     app.add_middleware(RequestAccounting, path=CHAT_PATH,
                        other_paths=(MODERATIONS_PATH, MODELS_PATH, MODELS_PATH + "/{id}"))
+    app.add_middleware(RequestIdHeader)  # outermost: every response, 413s and 401s included
     if svc is not None:
         keyring.check(svc.policy)
 
@@ -162,6 +164,7 @@ def create_app(engine: Engine, safety=None, head_check=None) -> FastAPI:
                            code="safety_unavailable")
         require_ready()
         prep = await prepare.prepare(engine, body, req_safety)
+        request.state.safeserve_request_id = prep.completion_id  # the x-request-id header
         if body.stream:
             events = _counted(completions.stream(engine, svc, prep))
             # The first event is produced before the response starts (it waits for the

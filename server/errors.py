@@ -38,7 +38,16 @@ class APIError(Exception):
                           "param": self.param, "code": self.code}}
 
     def response(self, headers: dict | None = None) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        return JSONResponse(self.body(), status_code=self.status,
+                            headers={**_RETRY_HINTS.get(self.code, {}), **(headers or {})})
+
+
+# What a client should do about a 5xx (the official clients retry any 5xx twice unless told
+# not to): a dead engine stays dead; a busy, loading or momentarily silent one may answer soon.
+_RETRY_HINTS = {"engine_dead": {"x-should-retry": "false"},
+                "engine_busy": {"Retry-After": "1"},
+                "engine_not_ready": {"Retry-After": "5"},
+                "safety_telemetry_missing": {"Retry-After": "1"}}
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:

@@ -4,6 +4,7 @@ and per-request accounting."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 from safeserve.server import metrics
 from safeserve.server.errors import APIError, BodyTooLarge, request_too_large
@@ -62,6 +63,32 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class RequestIdHeader:
+    """Every HTTP response carries ``x-request-id`` (the official clients expose it as
+    ``_request_id`` and on their errors, so a report can be matched to the server's log): the
+    chat completion's id once the route has one (``request.state.safeserve_request_id``),
+    else a fresh one."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers") or [])
+                if not any(k.lower() == b"x-request-id" for k, _ in headers):
+                    rid = ((scope.get("state") or {}).get("safeserve_request_id")
+                           or f"req-{uuid.uuid4().hex}")
+                    headers.append((b"x-request-id", rid.encode("latin-1", "replace")))
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 class RequestAccounting:

@@ -113,11 +113,14 @@ async def moderate(engine: Engine, svc: SafetyService, body: ModerationRequest,
         flags = {n: verdict.flagged and n in verdict.categories for n in svc.names}
         scores = dict(verdict.scores)
         openai_flags, openai_scores = openai_categories(flags, scores)
+        # A head output named like an OpenAI category adds to the mapped flag, never clears it.
+        merged = {**openai_flags, **{n: f or openai_flags.get(n, False) for n, f in flags.items()}}
         results.append(ModerationResult(
             flagged=verdict.flagged,
-            categories={**openai_flags, **flags},
-            category_scores={**openai_scores, **scores},
-            category_applied_input_types={n: ["text"] for n in {**openai_flags, **flags}},
+            categories=merged,
+            category_scores={**openai_scores,
+                             **{n: max(v, openai_scores.get(n, 0.0)) for n, v in scores.items()}},
+            category_applied_input_types={n: ["text"] for n in merged},
             alert=verdict.alert, gated=list(verdict.gated)))
         metrics.MODERATION_INPUTS.labels("true" if verdict.flagged else "false").inc()
     return ModerationResponse(

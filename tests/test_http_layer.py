@@ -61,6 +61,24 @@ def test_missing_or_wrong_key_is_401(client):
     assert client.get("/health").status_code == 200  # probes need no key
 
 
+def test_every_response_has_a_request_id_and_5xx_say_whether_to_retry(client):
+    """The official client reads x-request-id (``_request_id``, and on its errors); it retries
+    any 5xx unless told otherwise, so a loading engine says when to come back."""
+    ids = set()
+    for r in (client.get("/health"), post(client, None), client.get("/v1/models"),
+              post(client, "plain-key")):
+        assert r.headers["x-request-id"].startswith("req-")
+        ids.add(r.headers["x-request-id"])
+    assert len(ids) == 4
+    loading = post(client, "plain-key")  # the engine was never started here
+    assert loading.status_code == 503 and loading.json()["error"]["code"] == "engine_not_ready"
+    assert loading.headers["retry-after"] == "5"
+    from safeserve.server.errors import APIError
+
+    dead = APIError(503, "gone", type="server_error", code="engine_dead").response()
+    assert dead.headers["x-should-retry"] == "false"
+
+
 def test_key_without_grant_cannot_loosen_safety(client):
     for cfg, what in [({"allow": ["violence"]}, "allow ['violence']"),
                       ({"on_violation": "annotate"}, "annotate"),

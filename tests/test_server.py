@@ -40,6 +40,7 @@ def test_openai_client_non_streaming(oai, server):
     r = oai.chat.completions.create(model=server.model, messages=BENIGN, max_tokens=20,
                                     temperature=0)
     assert r.object == "chat.completion"
+    assert r._request_id == r.id  # x-request-id: the completion's id, for matching logs
     assert r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content
     assert r.choices[0].finish_reason in ("stop", "length")
