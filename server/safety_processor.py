@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -131,9 +132,11 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.sync_free = device.type == "cuda" or os.environ.get(SYNC_FREE_ENV) == "1"
         path = ("Triton kernels" if _use_triton(torch.empty(0, device=device))
                 else "PyTorch references")
-        if self.sync_free and device.type != "cuda":  # a testing mode: say so wherever it runs
-            log.warning("safety processor: sync-free form on %s (the GPU's), %s", device.type,
-                        path)
+        if self.sync_free and device.type != "cuda":
+            # A testing mode: say so wherever it runs, on stderr itself (a worker's logging
+            # is vLLM's to configure, and is not configured in every process).
+            print(f"safeserve: safety processor: sync-free form on {device.type} (the GPU's), "
+                  f"{path}", file=sys.stderr, flush=True)
         else:
             log.info("safety processor: %s form, %s",
                      "sync-free" if self.sync_free else "host-synced", path)

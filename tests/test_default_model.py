@@ -412,9 +412,9 @@ def test_the_gpu_form_of_the_worker_serves_what_the_cpu_form_does(default_server
     # (that these variables give the worker three kernel launches per step and no tensor op
     # of the strategy is tests/test_kernels.py's)
     with running_server(tmp_path, "--served-model-name", "smol", env=env) as (url, _, log):
-        # the worker builds its processor before the engine is ready and logs its form (vLLM's
-        # worker logging reaches the server's log): without this, variables that never reached
-        # the engine would compare the CPU form with itself
+        # The worker builds its processor before the engine is ready and, in this testing
+        # mode, says so on its stderr (the server's log): without this, variables that never
+        # reached the engine would compare the CPU form with itself.
         text = log.read_text(errors="replace")
         assert "safety processor: sync-free form on cpu (the GPU's), Triton kernels" in text, \
             text[-4000:]
