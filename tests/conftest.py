@@ -47,9 +47,17 @@ def pytest_unconfigure(config):
         shutil.rmtree(session, ignore_errors=True)  # the shared model is a symlink: kept
 
 
+# Importing TRL sets VLLM_LOGGING_LEVEL=ERROR in this process (trl/_compat.py): servers started
+# after a training test would inherit it and log nothing of vLLM's (the workers' lines
+# included). They get the session's own value back.
+_VLLM_LOGGING_LEVEL = os.environ.get("VLLM_LOGGING_LEVEL")
+
+
 def server_env(extra: dict | None = None) -> dict:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("TRITON_INTERPRET", "SAFESERVE_FORCE_TRITON")}
+           if k not in ("TRITON_INTERPRET", "SAFESERVE_FORCE_TRITON", "VLLM_LOGGING_LEVEL")}
+    if _VLLM_LOGGING_LEVEL is not None:
+        env["VLLM_LOGGING_LEVEL"] = _VLLM_LOGGING_LEVEL
     return {**env, **(extra or {})}
 
 REPO = Path(__file__).resolve().parents[1]
