@@ -340,7 +340,9 @@ class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     # Only an assistant turn may come without content (there are no tool calls to carry).
     content: str | list[TextPart] | None = Field(None, validate_default=True)
-    name: str | None = None
+    # OpenAI's participant name (it allows 64 characters): bounded, since the guideline-header
+    # check reads it whole even when the template does not render it.
+    name: str | None = Field(None, max_length=256)
 
     @model_validator(mode="before")
     @classmethod

@@ -170,8 +170,27 @@ def guideline_message(cfg: SafetyConfig) -> str | None:
 # Armenian, small capitals; and the letters that pass for "l" or "i" (an upper-case I reads as
 # l in many fonts, so i and l are one letter here, as are o and 0). Not "|": punctuation,
 # dropped like the rest, so it cannot split the words.
-_LOOKALIKES = str.maketrans("аеорсухіјѕԁһкмнтвɡοαειντκρυүսꜱӏıl1ǀ0",
-                            "aeopcyxijsdhkmhtbgoaeivtkpuyusiiiiio")
+_LOOKALIKES = str.maketrans("аеорсухіјѕԁһкмнтвɡοαειντκρυүսꜱӏıl1ǀ0ɑոпгԍ",
+                            "aeopcyxijsdhkmhtbgoaeivtkpuyusiiiiioannrg")
+
+
+def _latin_forms() -> dict[int, str]:
+    """Latin letters that NFKD leaves alone but that are drawn as a plain one (small capitals
+    ``ᴀ``, ``ꜰ``, ``ʀ``; letters like ``ɪ``): every code point of the Latin extension blocks whose
+    Unicode name ends in a single letter, read as that letter."""
+    named = re.compile(r"^LATIN (?:SMALL |CAPITAL )?LETTER (?:SMALL CAPITAL )?([A-Z])$")
+    out = {}
+    for lo, hi in ((0x0180, 0x02AF), (0x1D00, 0x1DBF), (0xA720, 0xA7FF)):
+        for cp in range(lo, hi + 1):
+            m = named.match(unicodedata.name(chr(cp), ""))
+            if m:
+                out[cp] = m.group(1).lower()
+    return out
+
+
+_LOOKALIKES.update({cp: c for cp, c in _latin_forms().items() if cp not in _LOOKALIKES})
+# (i and l are one letter here, o and 0 another: the table above folds them; so here)
+_LOOKALIKES.update({cp: "i" for cp, c in _latin_forms().items() if c == "l"})
 
 
 def _letters_and_digits(text: str) -> str:

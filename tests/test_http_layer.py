@@ -79,6 +79,14 @@ def test_every_response_has_a_request_id_and_5xx_say_whether_to_retry(client):
     assert dead.headers["x-should-retry"] == "false"
 
 
+def test_a_message_name_is_bounded(client):
+    """The guideline-header check reads a message's `name` whole: an 8 MB one would hold the
+    interpreter for seconds, so it is bounded like OpenAI's (a 400 naming it)."""
+    long_name = [{"role": "user", "content": "hi", "name": "x" * 257}]
+    r = post(client, "plain-key", messages=long_name)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.name", r.text
+
+
 def test_key_without_grant_cannot_loosen_safety(client):
     for cfg, what in [({"allow": ["violence"]}, "allow ['violence']"),
                       ({"on_violation": "annotate"}, "annotate"),
