@@ -46,6 +46,12 @@ def render_prompt(engine: Engine, body: ChatCompletionRequest,
          **({"name": m.name} if m.name else {})}
         for m in (body.messages[:-1] if without_prefill else body.messages)
     ]
+    if without_prefill and not messages:
+        # A conversation that is only the prefill: the query is its empty assistant turn,
+        # continued (a template renders no conversation at all; the prompt's own default
+        # system turn is kept this way too).
+        return render_messages(engine, [{"role": "assistant", "content": ""}], safety,
+                               add_generation_prompt=False, continue_final_message=True)
     return render_messages(
         engine, messages, safety,
         add_generation_prompt=True if without_prefill else body.add_generation_prompt,

@@ -149,3 +149,17 @@ def test_the_bundled_presets_pass_the_startup_check(engine):
     policy = SafetyPolicy(Taxonomy.load())
     assert any(c.guideline for c in policy.presets.values())
     prepare.check_preset_guidelines(engine.tokenizer, policy.presets)
+
+
+def test_the_query_of_a_prefill_only_conversation_is_the_prompt_up_to_the_prefill(engine):
+    """A conversation that is only an assistant prefill has no turn before it: its query (what
+    the prompt verdict reads) is the empty assistant turn, a prefix of the prompt itself."""
+    from safeserve.server.prepare import render_prompt
+    from safeserve.server.protocol import ChatCompletionRequest
+
+    body = ChatCompletionRequest(model="m", messages=[{"role": "assistant", "content": "Sure,"}],
+                                 continue_final_message=True, add_generation_prompt=False)
+    prompt = render_prompt(engine, body)
+    query = render_prompt(engine, body, without_prefill=True)
+    assert 0 < len(query) < len(prompt) and prompt[:len(query)] == query
+    assert engine.tokenizer.decode(prompt[len(query):]) == "Sure,"
