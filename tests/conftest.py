@@ -143,22 +143,32 @@ def running_server(tmp: Path, *args: str, env: dict | None = None):
             proc.kill()
 
 
-def tiny_llama_with_default_tokenizer(out: Path) -> Path:
-    """A 2-layer random Llama (hidden 64) with the embedded default model's real tokenizer,
-    saved to ``out``; prepares the default model first if needed (offline: it ships as a
-    package), so a cold cache runs these tests instead of skipping them."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def save_tiny_llama(out: Path, tok, hidden: int = 64, layers: int = 2, kv_heads: int = 2,
+                    max_positions: int = 512) -> None:
+    """A random Llama (seed 0; two attention heads, tied embeddings) over ``tok``'s vocabulary
+    and special tokens, saved to ``out``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from safeserve.models.model_store import ensure_default_model
-
-    tok = AutoTokenizer.from_pretrained(str(ensure_default_model()))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                      head_dim=32, max_position_embeddings=512, tie_word_embeddings=True,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=2,
+                      num_key_value_heads=kv_heads, head_dim=hidden // 2,
+                      max_position_embeddings=max_positions, tie_word_embeddings=True,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(str(out))
+
+
+def tiny_llama_with_default_tokenizer(out: Path) -> Path:
+    """A 2-layer random Llama (hidden 64) with the embedded default model's real tokenizer,
+    saved to ``out``; prepares the default model first if needed (offline: it ships as a
+    package), so a cold cache runs these tests instead of skipping them."""
+    from transformers import AutoTokenizer
+
+    from safeserve.models.model_store import ensure_default_model
+
+    tok = AutoTokenizer.from_pretrained(str(ensure_default_model()))
+    save_tiny_llama(out, tok)
     tok.save_pretrained(str(out))
     return out
 

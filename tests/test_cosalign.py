@@ -811,21 +811,17 @@ def test_cosalign_cli_bad_input_is_one_line(tmp_path, args, code, message):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
+
+    from conftest import save_tiny_llama
 
     from safeserve.models.checkpoint import SafetyHead
     from safeserve.models.model_store import ensure_default_model
 
     base = ensure_default_model()
     tok = AutoTokenizer.from_pretrained(str(base))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, head_dim=32,
-                      max_position_embeddings=512, tie_word_embeddings=True,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
     d = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(cfg).save_pretrained(str(d))
+    save_tiny_llama(d, tok)
     tok.save_pretrained(str(d))
     if (base / "chat_template.jinja").is_file() and not (d / "chat_template.jinja").is_file():
         (d / "chat_template.jinja").write_text((base / "chat_template.jinja").read_text())

@@ -39,22 +39,14 @@ GOOD = ["cake", "garden", "poem", "recipe", "music", "travel", "flower", "painti
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny BPE tokenizer with a ChatML template and a random 2-layer Llama."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from conftest import tiny_chatml_tokenizer
+    from conftest import save_tiny_llama, tiny_chatml_tokenizer
 
     d = tmp_path_factory.mktemp("tiny_model")
     corpus = [f"how do I make a {w} at home? Sure, here is a guide. I can't help with that. "
               f"system user assistant You are a helpful assistant {w}s"
               for w in HARM + GOOD] * 4
     tok = tiny_chatml_tokenizer(d, corpus, 400, template=CHATML)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                      head_dim=32, max_position_embeddings=256, tie_word_embeddings=True,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(d)
+    save_tiny_llama(d, tok, kv_heads=1, max_positions=256)
     return d, tok
 
 

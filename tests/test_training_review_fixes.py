@@ -13,7 +13,7 @@ import torch
 from safeserve.models.safety_data import TrajectoryError, load_trajectories, parse_trajectory
 from safeserve.models.taxonomy import Taxonomy
 
-from conftest import tiny_chatml_tokenizer
+from conftest import save_tiny_llama, tiny_chatml_tokenizer
 
 WORDS = ["bomb", "poison", "weapon", "cake", "garden", "poem", "music", "flower"]
 
@@ -183,21 +183,13 @@ def test_calibrate_copies_a_full_mode_heads_lm_to_another_out(tmp_path):
     """A full-mode head reads its own fine-tuned LM and has no adapter to carry: a head
     recalibrated into another directory takes the LM files along (else it would be served
     with the recorded base model); a full-mode head whose directory holds no LM is refused."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from safeserve.models.checkpoint import SafetyHead, load_safety_head
     from safeserve.models.head_check import served_model_for
     from safeserve.models.safety_train import TrainInputError, recalibrate
 
     ckpt = tmp_path / "full"
     tok = _tokenizer(ckpt)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                      head_dim=16, max_position_embeddings=128, tie_word_embeddings=True,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(ckpt)
+    save_tiny_llama(ckpt, tok, hidden=32, layers=1, kv_heads=1, max_positions=128)
     tax = Taxonomy.load()
     extra = {"mode": "full", "base_model": str(tmp_path / "the-base-it-started-from")}
     SafetyHead(torch.randn(tax.num_outputs, 32) * 0.1, torch.zeros(tax.num_outputs), tax,
