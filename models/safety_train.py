@@ -33,8 +33,8 @@ runs under ``accelerate.Accelerator``, so the same code trains 7-8B models on se
         --model /models/llama-3-8b-instruct --out ckpt --mode lora --lambda 0.1 \\
         --batch-size 4 --max-length 1024
 
-Multi-GPU runs are data parallel (DDP; gradient accumulation from the accelerate config is
-honoured): LoRA fits a 7-8B model on each 80 GB GPU. FSDP and DeepSpeed (sharded weights, which
+Multi-GPU runs are data parallel (DDP; ``--grad-accum``, or the accelerate config's gradient
+accumulation; N ranks train what one process accumulating N micro-batches trains): LoRA fits a 7-8B model on each 80 GB GPU. FSDP and DeepSpeed (sharded weights, which
 ``full`` mode on 7-8B would need) are refused at start: the head sits beside the LM as a second
 module and the end-of-run save and calibration run on one process, neither of which sharding
 supports here.
@@ -232,7 +232,8 @@ def run_adapter_mode(args: dict, taxonomy: Taxonomy, log=print) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
-    acc = Accelerator()
+    # An `accelerate launch --gradient_accumulation_steps N` still wins when --grad-accum is 1.
+    acc = Accelerator(gradient_accumulation_steps=args["grad_accum"])
     if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise TrainInputError(f"{acc.distributed_type.value} is not supported by train safety: "
                          "use data parallel (DDP) with --mode lora for 7-8B models")
@@ -242,7 +243,8 @@ def run_adapter_mode(args: dict, taxonomy: Taxonomy, log=print) -> dict:
     if args["mode"] == "lora":
         from peft import LoraConfig, get_peft_model
 
-        cfg = LoraConfig(r=args["lora_r"], lora_alpha=args["lora_alpha"], lora_dropout=0.05,
+        cfg = LoraConfig(r=args["lora_r"], lora_alpha=args["lora_alpha"],
+                         lora_dropout=args["lora_dropout"],
                          target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
         model = get_peft_model(model, cfg)
     train, held = split_data(args["data"], args.get("eval_data"), taxonomy, args["seed"])
@@ -256,7 +258,11 @@ def run_adapter_mode(args: dict, taxonomy: Taxonomy, log=print) -> dict:
     n_layers = model.config.num_hidden_layers
     li = resolve_layer(args["layer"], n_layers)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    # The order comes from its own seeded generator, not the global RNG (which model loading
+    # and the process group use differently): N data-parallel ranks then take every Nth batch
+    # of the order one process would see.
     loader = torch.utils.data.DataLoader(encs, batch_size=args["batch_size"], shuffle=True,
+                                         generator=torch.Generator().manual_seed(args["seed"]),
                                          collate_fn=lambda b: _collate(b, pad,
                                                                        args["lm_targets"]))
     params = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": args["lr"]},
@@ -325,7 +331,10 @@ def run_adapter_mode(args: dict, taxonomy: Taxonomy, log=print) -> dict:
                               args["batch_size"], log, "external")
         metrics["external_prompt_only"] = head_external_metrics(head_obj, ex)
     metrics["data"] = {"train_conversations": len(encs), "heldout_conversations": len(ev.meta),
-                       "steps": step, "lm_targets": args["lm_targets"]}
+                       "steps": step, "lm_targets": args["lm_targets"],
+                       # the optimizer step's batch: batch_size x grad_accum x processes
+                       "processes": acc.num_processes,
+                       "grad_accum": acc.gradient_accumulation_steps}
     extra = {"recipe": _recipe(args),
              "base_model": str(args["model"]), "mode": args["mode"],
              "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -404,8 +413,10 @@ def check_options(args: dict) -> None:
         raise TrainInputError("--tau must be at least 1")
     if not 0.0 < float(args["target_fpr"]) < 1.0:
         raise TrainInputError("--target-fpr must lie in (0, 1)")
-    for name in ("epochs", "batch_size", "head_batch_size", "max_length"):
-        if int(args[name]) < 1:
+    if not 0.0 <= float(args.get("lora_dropout", 0.05)) < 1.0:
+        raise TrainInputError("--lora-dropout must lie in [0, 1)")
+    for name in ("epochs", "batch_size", "head_batch_size", "max_length", "grad_accum"):
+        if int(args.get(name, 1)) < 1:
             raise TrainInputError(f"--{name.replace('_', '-')} must be at least 1")
     probe = str(args.get("probe_layers") or "")
     if probe and not all(p.strip().lstrip("-").isdigit() for p in probe.split(",")):
@@ -500,7 +511,8 @@ def train_safety(args: dict, log=print) -> dict:
                 "epochs": 30, "lr": None, "head_lr": 1e-3, "batch_size": 16,
                 "head_batch_size": 4096, "max_length": 512, "layer": -1, "probe_layers": "",
                 "tau": 3, "target_fpr": 0.05, "prompt_offset": True, "seed": 0, "weight_decay": 1e-3,
-                "lora_r": 16, "lora_alpha": 32, "head_only": False, "cache_dir": None,
+                "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "grad_accum": 1,
+                "head_only": False, "cache_dir": None,
                 "max_steps": 0, "taxonomy": None, "dtype": "float32", "lm_targets": "safe",
                 "mlp_units": 0, "mlp_gate": False, "init_head": None,
                 "keep_thresholds": False}

@@ -390,6 +390,10 @@ def register(app) -> None:
         cache_dir: Path = typer.Option(None, help="Cache extracted features here."),
         lora_r: int = typer.Option(16, help="LoRA rank."),
         lora_alpha: int = typer.Option(32, help="LoRA alpha."),
+        lora_dropout: float = typer.Option(0.05, help="LoRA dropout."),
+        grad_accum: int = typer.Option(1, help="lora/full: micro-batches per optimizer "
+                                       "step (per process; the step's batch is "
+                                       "batch-size x grad-accum x processes)."),
         max_steps: int = typer.Option(0, help="Stop lora/full training after this many "
                                       "steps (0 = all epochs)."),
         lm_targets: str = typer.Option("safe", help="lora/full: tokens L_lm trains on. "

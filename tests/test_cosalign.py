@@ -4,6 +4,7 @@ random model (no ../shared, no server)."""
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -899,6 +900,72 @@ def test_sft_dpo_tiny_model_saves_loadable_dir(tiny_model, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model))
     diff = sum((a - b).abs().sum().item() for a, b in zip(model.parameters(), base.parameters()))
     assert diff > 0
+
+
+@pytest.mark.skipif(os.environ.get("SAFESERVE_SKIP_DDP") == "1",
+                    reason="SAFESERVE_SKIP_DDP=1: skip the two-process gloo run")
+def test_stage_train_data_parallel_matches_gradient_accumulation(tiny_model, tmp_path):
+    """`train cosalign --stage train` under `accelerate launch` (DDP, two CPU ranks: the
+    multi-GPU path) trains what one process accumulating two micro-batches per step trains,
+    SFT then DPO, and writes one loadable checkpoint with the head beside it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import free_port
+    from safetensors.torch import load_file
+
+    from safeserve.models.checkpoint import has_safety_head
+    from safeserve.models.cosalign.pipeline import DATA_DIR
+
+    repo = Path(__file__).resolve().parents[1]
+    rows = {"sft.jsonl": [], "pairs.jsonl": []}
+    for i, (question, good, bad) in enumerate([
+            ("How do I bake bread?", "Mix flour and water, then bake it.", "No."),
+            ("Name a colour.", "Blue.", "I will not."),
+            ("Write a fight scene.", "The two knights crossed swords.", "Sorry, I can't."),
+            ("What is two plus two?", "Four.", "Why?")] * 2):
+        msgs = [{"role": "system", "content": f"config {i % 3}"},
+                {"role": "user", "content": question}]
+        rows["sft.jsonl"].append({"prompt": msgs,
+                                  "completion": [{"role": "assistant", "content": good}]})
+        rows["pairs.jsonl"].append({"prompt": msgs,
+                                    "chosen": [{"role": "assistant", "content": good}],
+                                    "rejected": [{"role": "assistant", "content": bad}]})
+    outs = {name: tmp_path / name for name in ("ddp", "one")}
+    for out in outs.values():
+        (out / DATA_DIR).mkdir(parents=True)
+        for name, data in rows.items():
+            (out / DATA_DIR / name).write_text("".join(json.dumps(r) + "\n" for r in data))
+    args = ["train", "cosalign", "--stage", "train", "--model", str(tiny_model), "--lora",
+            "--batch-size", "2", "--max-length", "128", "--sft-lr", "1e-3", "--dpo-lr", "1e-3",
+            "--dpo-epochs", "1", "--sft-epochs", "1"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(repo / "deploy" / "accelerate" / "multi_gpu.yaml"), "--num_processes", "2",
+              "--main_process_port", str(free_port()), "-m", "safeserve.server.cli"]
+    for cmd in (launch + args + ["--out", str(outs["ddp"])],
+                [sys.executable, "-m", "safeserve.server.cli"] + args
+                + ["--grad-accum", "2", "--out", str(outs["one"])]):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, (f"exited {proc.returncode}\nstdout:\n"
+                                      f"{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}")
+    recipes = {k: json.loads((o / DATA_DIR / "recipe.json").read_text()) for k, o in outs.items()}
+    # 8 rows, 2 per micro-batch, 4 per step: 2 steps for each stage
+    for stage in ("sft", "dpo"):
+        assert recipes["ddp"]["train"][stage]["steps"] == recipes["one"]["train"][stage]["steps"] == 2
+        assert recipes["ddp"]["train"][stage]["loss"] == pytest.approx(
+            recipes["one"]["train"][stage]["loss"], rel=1e-3)
+    assert all(has_safety_head(o) for o in outs.values())
+    assert not (outs["ddp"] / DATA_DIR / "sft_model").exists()
+    got, want = (load_file(o / "model.safetensors") for o in (outs["ddp"], outs["one"]))
+    base = load_file(tiny_model / "model.safetensors")
+    assert got.keys() == want.keys()
+    moved = 0.0
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-5, msg=name)
+        moved = max(moved, (want[name] - base[name]).abs().max().item()) if name in base else moved
+    assert moved > 1e-4  # they trained
 
 
 def test_beavertails_prompts_whose_answers_were_all_safe_are_dropped(tmp_path):

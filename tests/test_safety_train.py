@@ -4,8 +4,12 @@ tiny random Llama with a tiny tokenizer built here (no downloads, no shared data
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +29,8 @@ from safeserve.models.safety_features import extract_features, head_features
 from safeserve.models.safety_head_fit import fit_head, scores_of
 from safeserve.models.safety_train import train_safety
 from safeserve.models.taxonomy import Taxonomy
+
+REPO = Path(__file__).resolve().parents[1]
 
 CHATML = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -847,7 +853,8 @@ def test_bad_job_input_is_one_line_and_exit_2(tmp_path):
 
 def test_train_safety_options_that_would_fail_late_fail_first(tmp_path):
     """Checked before the model loads: a non-numeric --probe-layers, --out equal to --model,
-    a missing --external-eval file, an --init-head that is not a linear head."""
+    a missing --external-eval file, an --init-head that is not a linear head, no micro-batch
+    per step, a dropout of 1."""
     from safeserve.models.model_store import BUNDLED_HEADS
     from safeserve.models.safety_train import TrainInputError, check_options
 
@@ -859,7 +866,9 @@ def test_train_safety_options_that_would_fail_late_fail_first(tmp_path):
                          ({"out": str(tmp_path)}, "--out is --model"),
                          ({"external_eval": str(tmp_path / "none.jsonl")}, "--external-eval"),
                          ({"init_head": str(tmp_path / "none")}, "--init-head"),
-                         ({"init_head": str(BUNDLED_HEADS["default"])}, "MLP")):
+                         ({"init_head": str(BUNDLED_HEADS["default"])}, "MLP"),
+                         ({"grad_accum": 0}, "--grad-accum"),
+                         ({"lora_dropout": 1.0}, "--lora-dropout")):
         with pytest.raises(TrainInputError, match=words):
             check_options({**base, **extra})
     check_options({**base, "probe_layers": "10,-1"})
@@ -918,3 +927,53 @@ def test_external_prompt_metrics_apply_the_heads_prompt_offset():
         OPERATING_POINT: {PROMPT_LOGIT_OFFSET: 5.0}}), feats)  # sigmoid(4) = 0.98 > 0.5
     assert plain["x/unsafe"]["flagged_rate"] == 0.0
     assert moved["x/unsafe"]["flagged_rate"] == 1.0 and moved["x/safe"]["flagged_rate"] == 1.0
+
+
+@pytest.mark.skipif(os.environ.get("SAFESERVE_SKIP_DDP") == "1",
+                    reason="SAFESERVE_SKIP_DDP=1: skip the two-process gloo run")
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_data_parallel_matches_gradient_accumulation(tiny, tmp_path, mode):
+    """The multi-GPU path (`accelerate launch`, DDP) on two CPU ranks trains the same LM
+    (LoRA or all weights) and head as one process accumulating two micro-batches per step: each rank takes every
+    other batch of the same shuffled order and the gradients are averaged, so only float
+    summation order differs. One checkpoint is written, by the main rank."""
+    from conftest import free_port
+
+    model_dir, _ = tiny
+    train = _write(tmp_path / "train.jsonl", _rows(32, 4))
+    held = _write(tmp_path / "held.jsonl", _rows(8, 5))
+    args = ["train", "safety", "--data", str(train), "--eval-data", str(held),
+            "--model", str(model_dir), "--mode", mode, "--epochs", "2", "--batch-size", "4",
+            "--max-length", "128", "--lora-dropout", "0", "--lr", "1e-3", "--head-lr", "1e-2"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO / "deploy" / "accelerate" / "multi_gpu.yaml"), "--num_processes", "2",
+              "--main_process_port", str(free_port()), "-m", "safeserve.server.cli"]
+
+    def run(cmd):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, (f"exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}"
+                                      f"\nstderr:\n{proc.stderr[-6000:]}")
+
+    run(launch + args + ["--out", str(tmp_path / "ddp")])
+    run([sys.executable, "-m", "safeserve.server.cli"] + args
+        + ["--grad-accum", "2", "--out", str(tmp_path / "one")])
+    ddp, one = (json.loads((tmp_path / x / "safety_head" / "metrics.json").read_text())
+                for x in ("ddp", "one"))
+    assert (ddp["data"]["processes"], ddp["data"]["grad_accum"]) == (2, 1)
+    assert (one["data"]["processes"], one["data"]["grad_accum"]) == (1, 2)
+    # 32 conversations, 4 per micro-batch, 8 per step: 4 steps an epoch
+    assert ddp["data"]["steps"] == one["data"]["steps"] == 8
+    for a, b in zip(ddp["train_history"], one["train_history"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5), (a, b)
+    from safetensors.torch import load_file
+
+    parts = ["safety_head/head.safetensors", "model.safetensors"]
+    if mode == "lora":
+        parts.append("adapter/adapter_model.safetensors")
+    for part in parts:
+        got, want = (load_file(tmp_path / x / part) for x in ("ddp", "one"))
+        assert got.keys() == want.keys(), part
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-5,
+                                       msg=f"{part}:{name}")
