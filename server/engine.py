@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from safeserve.server import metrics
+from safeserve.server.process_lifetime import mark_children
 from safeserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ class Engine:
 
         s = self.settings
         pin_v1_model_runner()
+        mark_children()  # the engine core dies with this process (process_lifetime)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.spec.model_dir))
         args = AsyncEngineArgs(
             model=str(self.spec.model_dir),

@@ -1,0 +1,43 @@
+"""The engine's processes end with the server that started them.
+
+vLLM runs its engine core in a child process. When the server goes without shutting the engine
+down — SIGKILL, the out-of-memory killer, or SIGTERM while the model still loads (the build's
+thread cannot be cancelled, and uvicorn ends the process by re-raising the signal) — that child
+was left running, reparented to init, holding the model's memory (on a GPU, memory the
+restarted server needs) and ignoring SIGTERM (measured on vLLM 0.32's CPU build). The server
+marks its children with its pid; each one that finds itself the server's direct child asks
+Linux to SIGKILL it when the server's thread that spawned it ends. That thread is the engine
+build's worker of the event loop's default executor, which lives until the loop closes, after
+the orderly shutdown.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+
+# Set by the server in its own environment before vLLM spawns the engine: children inherit it.
+SERVER_PID_ENV = "SAFESERVE_SERVER_PID"
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def mark_children() -> None:
+    """In the server, before the engine is built."""
+    os.environ[SERVER_PID_ENV] = str(os.getpid())
+
+
+def die_with_the_server() -> bool:
+    """In every vLLM process (the plugin runs this): True when this is a direct child of a
+    SafeServe server and will now be killed when it goes. Elsewhere (plain vLLM, vLLM's own
+    worker grandchildren, which follow their engine core) nothing changes."""
+    server = os.environ.get(SERVER_PID_ENV, "")
+    if not server.isdigit() or os.getppid() != int(server) or not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return False
+    if os.getppid() != int(server):  # the server went before the request took effect
+        os._exit(1)
+    return True
