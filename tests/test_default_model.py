@@ -419,6 +419,10 @@ def test_the_gpu_form_of_the_worker_serves_what_the_cpu_form_does(default_server
         assert "safety processor: sync-free form on cpu (the GPU's), Triton kernels" in text, \
             text[-4000:]
         assert "safety processor: host-synced form" not in text, text[-4000:]
+        # The second server over the default model this session: vLLM's CPU build cannot load
+        # its ahead-of-time compile artifacts, and the server uses the cache that loads
+        # (server/engine.py use_loadable_compile_cache) instead of compiling again.
+        assert "Compiling model again due to a load failure" not in text, text[-4000:]
         with httpx.Client(base_url=url, timeout=600) as gpu_form:
             for name, messages, body in GPU_FORM_CASES:
                 want, got = ask(default_server, messages, **body), ask(gpu_form, messages, **body)
