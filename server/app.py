@@ -15,8 +15,8 @@ from safeserve.server import completions, metrics, moderation, prepare
 from safeserve.server.auth import KeyRing, Principal
 from safeserve.server.engine import Engine
 from safeserve.server.errors import APIError, bad_request, install_handlers
-from safeserve.server.middleware import (AuthenticateFirst, BodyLimit, RequestAccounting,
-                                         RequestIdHeader)
+from safeserve.server.middleware import (AuthenticateFirst, BodyLimit, CheckedJSONRoute,
+                                         RequestAccounting, RequestIdHeader)
 from safeserve.server.protocol import (ChatCompletionRequest, ModelCard, ModelList,
                                        ModerationRequest)
 from safeserve.server.safety_service import SafetyService
@@ -67,6 +67,7 @@ def create_app(engine: Engine, safety=None, head_check=None) -> FastAPI:
     docs = {} if not keyring.enabled else {"openapi_url": None, "docs_url": None,
                                             "redoc_url": None}
     app = FastAPI(title="SafeServe", version="0.1.0", lifespan=lifespan, **docs)
+    app.router.route_class = CheckedJSONRoute  # bodies: bounded values, each key once
     install_handlers(app)
     # Outermost last: the accounting sees the body limit's 413s.
     app.add_middleware(BodyLimit, limit=engine.settings.max_request_body_bytes)

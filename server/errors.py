@@ -92,6 +92,15 @@ class BodyTooLarge(StarletteHTTPException):
         self.limit = limit
 
 
+class BodyRefused(StarletteHTTPException):
+    """Raised while the body's JSON is parsed (server/body_json.py): FastAPI re-raises
+    HTTPExceptions from there, so the handler below answers with ``error``."""
+
+    def __init__(self, error: APIError):
+        super().__init__(error.status, error.message)
+        self.error = error
+
+
 # Union members pydantic adds to a location ("stop.str", "safety_config.dict[str,any]").
 _TYPE_TAGS = {"str", "int", "float", "bool", "none"}
 
@@ -150,6 +159,8 @@ def install_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException):
         if isinstance(exc, BodyTooLarge):
             return request_too_large(exc.limit).response()
+        if isinstance(exc, BodyRefused):
+            return exc.error.response()
         if exc.status_code == 400:  # FastAPI could not parse the body (bad UTF-8, deep nesting)
             return APIError(400, "request body is not valid JSON (it could not be parsed)",
                             code="invalid_json").response()

@@ -1,13 +1,17 @@
 """ASGI middleware of the HTTP layer: authentication before the body, the request body limit
-and per-request accounting."""
+and per-request accounting; and the routes' JSON body parsing (server/body_json.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
 
+from fastapi import Request
+from fastapi.routing import APIRoute
+
 from safeserve.server import metrics
-from safeserve.server.errors import APIError, BodyTooLarge, request_too_large
+from safeserve.server.body_json import MAX_JSON_VALUES, RepeatedKey, TooManyValues, loads_checked
+from safeserve.server.errors import APIError, BodyRefused, BodyTooLarge, request_too_large
 
 
 class AuthenticateFirst:
@@ -155,3 +159,33 @@ class RequestAccounting:
             raise
         finally:
             count(status or 500)
+
+
+class _CheckedJSONRequest(Request):
+    async def json(self):
+        if not hasattr(self, "_json"):
+            try:
+                self._json = loads_checked(await self.body())
+            except TooManyValues:
+                raise BodyRefused(APIError(
+                    400, f"the request body holds more than {MAX_JSON_VALUES} JSON values "
+                    "(list items and object members, nested ones included)",
+                    code="too_long")) from None
+            except RepeatedKey as e:
+                raise BodyRefused(APIError(
+                    400, f"the request body sets the key '{e.key}' more than once in one "
+                    "object", code="repeated_key")) from None
+        return self._json
+
+
+class CheckedJSONRoute(APIRoute):
+    """A route whose body is parsed by ``loads_checked`` (FastAPI's pattern for a custom
+    request class)."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def checked(request: Request):
+            return await handler(_CheckedJSONRequest(request.scope, request.receive))
+
+        return checked

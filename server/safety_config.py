@@ -6,7 +6,6 @@ body's ``safety_config``; it is validated once here, into a typed ``SafetyConfig
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import struct
@@ -33,6 +32,7 @@ from safeserve.models.decision_defaults import (
 )
 from safeserve.models.taxonomy import OVERALL, Taxonomy
 from safeserve.server import safety_wire as W
+from safeserve.server.body_json import MAX_JSON_VALUES, RepeatedKey, TooManyValues, loads_checked
 from safeserve.server.errors import APIError, bad_request
 from safeserve.server.protocol import SafeStr, find_lone_surrogate, shown_score, surrogate_error
 
@@ -131,21 +131,6 @@ class SafetyConfig(BaseModel):
 
     def echo(self) -> dict:
         return self.model_dump(exclude_none=True, mode="json")
-
-
-class _RepeatedKey(ValueError):
-    def __init__(self, key: str):
-        super().__init__(key)
-        self.key = key[:64]
-
-
-def _no_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise _RepeatedKey(key)
-        out[key] = value
-    return out
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool"}
@@ -252,8 +237,11 @@ class SafetyPolicy:
             text = value.strip()
             if text.startswith("{"):
                 try:
-                    value = json.loads(text, object_pairs_hook=_no_repeated_keys)
-                except _RepeatedKey as e:
+                    value = loads_checked(text)
+                except TooManyValues:
+                    raise bad_request(f"{source} holds more than {MAX_JSON_VALUES} JSON values",
+                                      param=source, code="invalid_safety_config") from None
+                except RepeatedKey as e:
                     # JSON parsers differ on which value wins (a proxy or an audit log may read
                     # the first): one config, said once
                     raise bad_request(f"{source} sets '{e.key}' more than once",
