@@ -52,7 +52,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safeserve.server.errors import APIError
-from safeserve.server.safety_config import SafetyConfig, SafetyPolicy
+from safeserve.server.safety_config import SafetyConfig, SafetyPolicy, sets_overall_threshold
 
 ACTION_RANK = {"annotate": 0, "refuse": 1, "stop": 2}
 
@@ -210,6 +210,9 @@ class Ceiling:
     explain_sentences: int  # the most sentences after a refusal (-1: no limit)
     guideline: str | None  # the default preset's: what a custom config without one runs with
     own_guideline: bool  # may a custom config set a different one
+    # The default preset sets the overall output's threshold itself, so no head shift (the
+    # allow-list's, sampled decoding's) moves it; one a config leaves out would move.
+    pins_overall: bool = False
 
 
 def _more_explanation(asked: int, limit: int) -> bool:
@@ -228,7 +231,8 @@ def ceiling_of(grant: Grant, policy: SafetyPolicy) -> Ceiling:
                    base.withhold_answer, thresholds,
                    defaults, grant.max_tau if grant.max_tau is not None else policy.tau_of(base),
                    float(base.threshold_shift or 0.0),
-                   policy.explain_sentences_of(base), base.guideline, grant.guideline)
+                   policy.explain_sentences_of(base), base.guideline, grant.guideline,
+                   sets_overall_threshold(base))
 
 
 def looser_fields(cfg: SafetyConfig, fields: set[str], ceiling: Ceiling,
@@ -294,6 +298,11 @@ def fill_from_ceiling(cfg: SafetyConfig, ceiling: Ceiling, policy: SafetyPolicy,
     limit = ceiling.default_thresholds
     tightened = {n: limit[n] for n in current
                  if n not in explicit and current[n] > limit[n] + 1e-9}
+    overall = policy.taxonomy.output_names[-1]
+    if ceiling.pins_overall and overall not in explicit:
+        # Left out, the overall threshold would move by the head's shifts past the pinned
+        # one the default preset runs with: set, it stays where it is, at most that.
+        tightened[overall] = min(current[overall], limit[overall])
     if tightened:
         update["threshold"] = {**{n: current[n] for n in explicit}, **tightened}
     if "threshold_shift" not in fields and ceiling.threshold_shift < 0:

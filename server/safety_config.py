@@ -150,7 +150,7 @@ def _config_error(source: str, err: ValidationError) -> APIError:
                        param=f"{source}.{field}", code="invalid_safety_config")
 
 
-def _sets_overall_threshold(cfg: SafetyConfig) -> bool:
+def sets_overall_threshold(cfg: SafetyConfig) -> bool:
     """The config names the overall output's threshold itself: no head shift moves it."""
     return isinstance(cfg.threshold, float) or (
         isinstance(cfg.threshold, dict) and OVERALL in cfg.threshold)
@@ -343,7 +343,7 @@ class SafetyPolicy:
     def sampled_shift_of(self, cfg: SafetyConfig, temperature: float) -> float:
         """Logits the overall output's response threshold moves by for a request sampling at
         ``temperature`` (0 when greedy, or when the request set that threshold itself)."""
-        if _sets_overall_threshold(cfg):
+        if sets_overall_threshold(cfg):
             return 0.0
         # rounded once: what the kernel runs is exactly what the response echoes and a
         # replay of the echo applies
@@ -362,7 +362,7 @@ class SafetyPolicy:
         # so allowing one category never switches the overall detector off for the others.
         # Its threshold moves by the head's allow-list shift unless the request set it.
         masked.append(MASK_ATTRIBUTED if allowed else MASK_LIVE)
-        if allowed and not _sets_overall_threshold(cfg):
+        if allowed and not sets_overall_threshold(cfg):
             thresholds[-1] = shift_probability(thresholds[-1], self.allowlist_overall_shift)
             prompt_thresholds[-1] = shift_probability(prompt_thresholds[-1],
                                                       self.allowlist_overall_shift)

@@ -499,3 +499,43 @@ def test_config_errors_name_the_clients_field_and_a_header_says_each_field_once(
     assert e.param == "X-Safety-Config.on_violation" and "more than once" in e.message
     # a guideline of blanks is no guideline
     assert svc.resolve(None, {"guideline": "  \n "}).config.guideline is None
+
+
+def test_a_default_preset_that_pins_the_overall_threshold_is_the_most_a_left_out_one_runs(
+        tmp_path):
+    """Found in review: a default preset that sets `unsafe` itself runs it as set (no head
+    shift moves a threshold a config names), but a custom config that left it out ran the
+    head's with the allow-list and sampled-decoding shifts: 0.78-0.82 where the default ran
+    0.6, a key loosening safety by saying less. Left out, it is now set: at most the pin."""
+    from safeserve.models.taxonomy import OVERALL
+
+    policy = _policy_with(tmp_path, "default:\n  threshold: {unsafe: 0.6}\n"
+                          "open:\n  allow: [violence]\n",
+                          allowlist_overall_shift=1.25, sampled_overall_shift=((1.0, 1.5),))
+    svc = SafetyService(policy, TelemetryHub(), lambda: None)
+    pinned = policy.presets["default"]
+
+    def overall(req, temperature: float) -> tuple[float, float]:
+        """The overall output's prompt and response thresholds as compiled for the kernel."""
+        args = policy.compile(req.config, "r", [1], 0, temperature=temperature)
+        prompt = (args.prompt_thresholds or args.thresholds)[-1]
+        return prompt, args.sampled_overall or args.thresholds[-1]
+
+    for who, body in ((PLAIN, {"tau": 2}), (PLAIN, {}),
+                      (Principal("studio", Grant(allow=frozenset({"violence"}))),
+                       {"allow": ["violence"]})):
+        req = run_with(svc, who, body=body)
+        for temperature in (0.0, 1.0):
+            prompt, response = overall(req, temperature)
+            assert prompt <= 0.6 + 1e-6 and response <= 0.6 + 1e-6, (body, temperature,
+                                                                      prompt, response)
+    # the default preset itself, and an explicit tighter one, run as set
+    req = run_with(svc, PLAIN, body={"threshold": {OVERALL: 0.3}})
+    assert overall(req, 1.0) == pytest.approx((0.3, 0.3))
+    assert overall(run_with(svc, PLAIN), 1.0) == pytest.approx((0.6, 0.6))
+    assert run_with(svc, PLAIN, "default").config == pinned
+    # a server whose default preset pins nothing keeps the head's shifts for left-out ones
+    plain = _policy_with(tmp_path, "default: {}\n", allowlist_overall_shift=1.25)
+    req = SafetyService(plain, TelemetryHub(), lambda: None).resolve(None, {"allow": ["violence"]})
+    args = plain.compile(req.config, "r", [1], 0)
+    assert args.thresholds[-1] > plain.thresholds_of(req.config)[OVERALL]
