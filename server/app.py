@@ -165,6 +165,7 @@ def create_app(engine: Engine, safety=None, head_check=None) -> FastAPI:
                            code="safety_unavailable")
         require_ready()
         prep = await prepare.prepare(engine, body, req_safety)
+        prep.cache_salt = principal.cache_salt
         request.state.safeserve_request_id = prep.completion_id  # the x-request-id header
         if body.stream:
             events = _counted(completions.stream(engine, svc, prep))
@@ -207,7 +208,8 @@ def create_app(engine: Engine, safety=None, head_check=None) -> FastAPI:
         metrics.IN_FLIGHT.inc()
         try:
             result = await _unless_disconnected(
-                request, moderation.moderate(engine, svc, body, req_safety))
+                request, moderation.moderate(engine, svc, body, req_safety,
+                                             principal.cache_salt))
         except APIError:
             raise
         except Exception:

@@ -86,6 +86,9 @@ class Grant(BaseModel):
 class Principal:
     name: str
     grant: Grant | None  # None: open server, no limits
+    # vLLM's prefix cache is shared by every request; a key's own salt keeps another key from
+    # timing its requests against this key's cached prompts (None: an open server, one tenant)
+    cache_salt: str | None = None
 
 
 OPEN = Principal("anonymous", None)
@@ -171,15 +174,16 @@ class KeyRing:
         token = header[7:].strip(" \t") if header.lower().startswith("bearer ") else ""
         if token:
             sent = _header_bytes(token)
+            salt = hashlib.sha256(b"safeserve prefix cache\0" + sent).hexdigest()[:32]
             for key, grant in self._plain.items():
                 # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError,
                 # i.e. a 500 for any client that sends one).
                 if secrets.compare_digest(sent, key.encode("utf-8", "surrogatepass")):
-                    return Principal(grant.name or "api-key", grant)
+                    return Principal(grant.name or "api-key", grant, salt)
             digest = hashlib.sha256(sent).hexdigest()
             for key, grant in self._hashed.items():
                 if secrets.compare_digest(digest, key):
-                    return Principal(grant.name or "api-key", grant)
+                    return Principal(grant.name or "api-key", grant, salt)
         raise APIError(401, "invalid or missing API key", type="authentication_error",
                        code="invalid_api_key")
 

@@ -19,7 +19,8 @@ from safeserve.server import metrics
 from safeserve.server.engine import Engine
 from safeserve.server.errors import APIError, engine_request_error
 from safeserve.server.helper_requests import query_verdict
-from safeserve.server.prepare import PreparedRequest, sampling_params, shift_temperature
+from safeserve.server.prepare import (PreparedRequest, engine_prompt, sampling_params,
+                                      shift_temperature)
 from safeserve.server.protocol import (
     AssistantMessage,
     ChatCompletionChunk,
@@ -288,7 +289,7 @@ async def _engine_steps(engine: Engine, prep: PreparedRequest,
     """One choice's engine request, output by output; its ending recorded on ``choice``
     (an engine failure raised). The callers map errors and abort what did not finish."""
     params = sampling_params(prep, choice.index, choice.extra_args)
-    outputs = engine.llm.generate({"prompt_token_ids": prep.prompt_ids}, params,
+    outputs = engine.llm.generate(engine_prompt(prep.prompt_ids, prep.cache_salt), params,
                                   choice.request_id)
     async with contextlib.aclosing(outputs):
         async for out in outputs:

@@ -9,7 +9,7 @@ import uuid
 
 from safeserve.server.engine import Engine
 from safeserve.server.errors import APIError, engine_request_error
-from safeserve.server.prepare import PreparedRequest
+from safeserve.server.prepare import PreparedRequest, engine_prompt
 from safeserve.server.safety_service import RequestSafety, SafetyService
 from safeserve.server.safety_wire import StepRecord
 
@@ -26,7 +26,8 @@ async def query_verdict(engine: Engine, svc: SafetyService | None,
     if svc is None or prep.query_ids is None:
         return None
     verdict = await prompt_verdict(engine, svc, prep.query_ids, prep.safety,
-                                   f"{prep.completion_id}-query-{uuid.uuid4().hex[:8]}")
+                                   f"{prep.completion_id}-query-{uuid.uuid4().hex[:8]}",
+                                   prep.cache_salt)
     if verdict is None:  # fail closed: a prefilled request is not served unjudged
         raise APIError(503, "the safety signal of the request did not arrive; try again",
                        type="server_error", code="safety_telemetry_missing")
@@ -35,7 +36,8 @@ async def query_verdict(engine: Engine, svc: SafetyService | None,
 
 @contextlib.asynccontextmanager
 async def helper_request(engine: Engine, svc: SafetyService, prompt_ids: list[int],
-                         safety: RequestSafety, rid: str, max_tokens: int):
+                         safety: RequestSafety, rid: str, max_tokens: int,
+                         cache_salt: str | None = None):
     """A helper request whose output is only read, not returned to a client: greedy,
     end-of-sequence ignored, ``max_tokens`` long, run to its end. Yields its tracker and the
     token ids it generated; the tracker stops receiving telemetry when the block ends."""
@@ -49,7 +51,7 @@ async def helper_request(engine: Engine, svc: SafetyService, prompt_ids: list[in
     token_ids: tuple[int, ...] = ()
     try:
         try:
-            async for out in engine.llm.generate({"prompt_token_ids": list(prompt_ids)},
+            async for out in engine.llm.generate(engine_prompt(prompt_ids, cache_salt),
                                                  params, rid):
                 finished = out.finished
                 token_ids = tuple(out.outputs[0].token_ids)
@@ -65,12 +67,14 @@ async def helper_request(engine: Engine, svc: SafetyService, prompt_ids: list[in
 
 
 async def prompt_verdict(engine: Engine, svc: SafetyService, prompt_ids: list[int],
-                         safety: RequestSafety, rid: str) -> StepRecord | None:
+                         safety: RequestSafety, rid: str,
+                         cache_salt: str | None = None) -> StepRecord | None:
     """The head's verdict at the end of ``prompt_ids`` under ``safety``'s config (None if its
     telemetry never came). Two tokens: a chunked prefill reports a step at index 0 per chunk,
     the last one being the verdict, and telemetry travels apart from the engine's output; the
     worker sends its steps in order, so once the second token's step is in, the last chunk's
     is too."""
-    async with helper_request(engine, svc, prompt_ids, safety, rid, 2) as (tracker, _):
+    async with helper_request(engine, svc, prompt_ids, safety, rid, 2,
+                              cache_salt) as (tracker, _):
         await tracker.wait_verdict()  # (a prompt at max_model_len - 1 gets one token only)
         return None if tracker.incomplete else tracker.prompt

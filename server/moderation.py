@@ -83,7 +83,7 @@ def openai_categories(flags: dict[str, bool], scores: dict[str, float]
     return out_flags, out_scores
 
 async def moderate(engine: Engine, svc: SafetyService, body: ModerationRequest,
-                   safety: RequestSafety) -> ModerationResponse:
+                   safety: RequestSafety, cache_salt: str | None = None) -> ModerationResponse:
     try:
         prompts = await asyncio.to_thread(_render_all, engine, body, safety)
     except asyncio.CancelledError:  # the client went away while its inputs were rendered
@@ -94,7 +94,8 @@ async def moderate(engine: Engine, svc: SafetyService, body: ModerationRequest,
     # engine requests aborted) before the error answers, not left running after it.
     try:
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(prompt_verdict(engine, svc, ids, safety, f"{mid}-{i}"))
+            tasks = [group.create_task(prompt_verdict(engine, svc, ids, safety, f"{mid}-{i}",
+                                                      cache_salt))
                      for i, ids in enumerate(prompts)]
     except BaseExceptionGroup as errors:
         metrics.ABORTED.inc()  # one request, however many inputs failed or were cancelled

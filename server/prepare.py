@@ -29,6 +29,15 @@ class PreparedRequest:
     created: int = field(default_factory=lambda: int(time.time()))
     arrival: float = field(default_factory=time.perf_counter)
     first_token_seen: bool = False  # TTFT is observed once per request, at its first token
+    cache_salt: str | None = None  # the API key's (auth.Principal)
+
+
+def engine_prompt(prompt_ids: list[int], cache_salt: str | None) -> dict:
+    """What ``AsyncLLM.generate`` takes: the token ids, and the key's prefix-cache salt."""
+    prompt: dict = {"prompt_token_ids": list(prompt_ids)}
+    if cache_salt is not None:
+        prompt["cache_salt"] = cache_salt
+    return prompt
 
 
 def is_prefilled(body: ChatCompletionRequest) -> bool:

