@@ -33,8 +33,9 @@ runs under ``accelerate.Accelerator``, so the same code trains 7-8B models on se
         --model /models/llama-3-8b-instruct --out ckpt --mode lora --lambda 0.1 \\
         --batch-size 4 --max-length 1024
 
-Multi-GPU runs are data parallel (DDP; ``--grad-accum``, or the accelerate config's gradient
-accumulation; N ranks train what one process accumulating N micro-batches trains): LoRA fits a 7-8B model on each 80 GB GPU. FSDP and DeepSpeed (sharded weights, which
+Multi-GPU runs are data parallel (DDP; ``--grad-accum`` micro-batches per step, unless
+ACCELERATE_GRADIENT_ACCUMULATION_STEPS is exported; N ranks train what one process
+accumulating N micro-batches trains): LoRA fits a 7-8B model on each 80 GB GPU. FSDP and DeepSpeed (sharded weights, which
 ``full`` mode on 7-8B would need) are refused at start: the head sits beside the LM as a second
 module and the end-of-run save and calibration run on one process, neither of which sharding
 supports here.
@@ -232,7 +233,8 @@ def run_adapter_mode(args: dict, taxonomy: Taxonomy, log=print) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
-    # An `accelerate launch --gradient_accumulation_steps N` still wins when --grad-accum is 1.
+    # An exported ACCELERATE_GRADIENT_ACCUMULATION_STEPS wins over --grad-accum (accelerate's
+    # rule); metrics.json records the value used.
     acc = Accelerator(gradient_accumulation_steps=args["grad_accum"])
     if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise TrainInputError(f"{acc.distributed_type.value} is not supported by train safety: "

@@ -52,7 +52,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safeserve.server.errors import APIError
-from safeserve.server.safety_config import SafetyConfig, SafetyPolicy, sets_overall_threshold
+from safeserve.server.safety_config import (SafetyConfig, SafetyPolicy, sets_overall_threshold,
+                                            shift_probability)
 
 ACTION_RANK = {"annotate": 0, "refuse": 1, "stop": 2}
 
@@ -304,9 +305,14 @@ def fill_from_ceiling(cfg: SafetyConfig, ceiling: Ceiling, policy: SafetyPolicy,
                  if n not in explicit and current[n] > limit[n] + 1e-9}
     overall = policy.taxonomy.output_names[-1]
     if ceiling.pins_overall and overall not in explicit:
-        # Left out, the overall threshold would move by the head's shifts past the pinned
-        # one the default preset runs with: set, it stays where it is, at most that.
-        tightened[overall] = min(current[overall], limit[overall])
+        # Left out, the overall threshold would move by the head's shifts (the allow-list's,
+        # sampled decoding's) past the pin the default preset runs with. Set, it moves by none:
+        # the allow-list's is kept as far as the pin (sampled decoding's, which the default
+        # preset does not get either, is not).
+        shifted = current[overall]
+        if cfg.allow:
+            shifted = shift_probability(shifted, policy.allowlist_overall_shift)
+        tightened[overall] = min(shifted, limit[overall])
     if tightened:
         update["threshold"] = {**{n: current[n] for n in explicit}, **tightened}
     if "threshold_shift" not in fields and ceiling.threshold_shift < 0:

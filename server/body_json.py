@@ -8,8 +8,10 @@ ours before any validator walks it:
 - **Each key once.** Parsers differ on which of two equal keys wins; a gateway or audit log
   that reads the first would see another conversation or config than the server runs.
 
-The bound is checked on the plain parse (native code) before the key check, whose Python hook
-runs once per object.
+One parse: its per-object hook checks the keys and counts the members as it goes (so a body
+of a million tiny objects is refused at the bound, not after), then the lists of scalars, which
+no hook sees, are counted on the result. (8 MiB of nested empty lists still costs its native
+parse, 0.8 s here; 8 MiB of objects is refused in 0.02 s, of numbers in 0.13 s.)
 """
 
 from __future__ import annotations
@@ -30,13 +32,22 @@ class TooManyValues(ValueError):
     pass
 
 
-def _each_key_once(pairs: list[tuple[str, Any]]) -> dict:
-    seen: dict = {}
-    for key, value in pairs:
-        if key in seen:
-            raise RepeatedKey(key)
-        seen[key] = value
-    return seen
+class _KeysOnceCounted:
+    """``object_pairs_hook``: each key once, and at most ``budget`` members and objects."""
+
+    def __init__(self, budget: int):
+        self.left = budget
+
+    def __call__(self, pairs: list[tuple[str, Any]]) -> dict:
+        self.left -= len(pairs) + 1
+        if self.left < 0:
+            raise TooManyValues
+        seen: dict = {}
+        for key, value in pairs:
+            if key in seen:
+                raise RepeatedKey(key)
+            seen[key] = value
+        return seen
 
 
 def values_over(value: Any, budget: int) -> bool:
@@ -61,7 +72,7 @@ def values_over(value: Any, budget: int) -> bool:
 def loads_checked(text: str | bytes, budget: int = MAX_JSON_VALUES) -> Any:
     """``json.loads`` that raises TooManyValues or RepeatedKey (both ValueErrors, as is a
     JSONDecodeError)."""
-    value = json.loads(text)
+    value = json.loads(text, object_pairs_hook=_KeysOnceCounted(budget))
     if values_over(value, budget):
-        raise TooManyValues(f"more than {budget} JSON values")
-    return json.loads(text, object_pairs_hook=_each_key_once)
+        raise TooManyValues
+    return value

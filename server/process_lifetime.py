@@ -8,7 +8,9 @@ restarted server needs) and ignoring SIGTERM (measured on vLLM 0.32's CPU build)
 marks its children with its pid; each one that finds itself the server's direct child asks
 Linux to SIGKILL it when the server's thread that spawned it ends. That thread is the engine
 build's worker of the event loop's default executor, which lives until the loop closes, after
-the orderly shutdown.
+the orderly shutdown. A spawned child (vLLM's CPU build) asks from the SafeServe vLLM plugin,
+which vLLM runs in every new process; a forked one (vLLM's default on CUDA) inherits the
+parent's loaded plugins and does not run them again, so it asks from an at-fork hook.
 """
 
 from __future__ import annotations
@@ -23,9 +25,16 @@ SERVER_PID_ENV = "SAFESERVE_SERVER_PID"
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
+_fork_hook_registered = False
+
+
 def mark_children() -> None:
     """In the server, before the engine is built."""
+    global _fork_hook_registered
     os.environ[SERVER_PID_ENV] = str(os.getpid())
+    if not _fork_hook_registered:
+        os.register_at_fork(after_in_child=die_with_the_server)
+        _fork_hook_registered = True
 
 
 def die_with_the_server() -> bool:
@@ -33,11 +42,25 @@ def die_with_the_server() -> bool:
     SafeServe server and will now be killed when it goes. Elsewhere (plain vLLM, vLLM's own
     worker grandchildren, which follow their engine core) nothing changes."""
     server = os.environ.get(SERVER_PID_ENV, "")
-    if not server.isdigit() or os.getppid() != int(server) or not sys.platform.startswith("linux"):
+    if not server.isdigit() or not sys.platform.startswith("linux"):
         return False
+    if os.getppid() != int(server):
+        if not _exists(int(server)):  # it went while this process was starting
+            os._exit(1)
+        return False  # a grandchild (vLLM's own workers follow their engine core)
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         return False
     if os.getppid() != int(server):  # the server went before the request took effect
         os._exit(1)
+    return True
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process (the pid was reused): not ours to judge
+        return True
     return True

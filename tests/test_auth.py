@@ -521,14 +521,18 @@ def test_a_default_preset_that_pins_the_overall_threshold_is_the_most_a_left_out
         prompt = (args.prompt_thresholds or args.thresholds)[-1]
         return prompt, args.sampled_overall or args.thresholds[-1]
 
-    for who, body in ((PLAIN, {"tau": 2}), (PLAIN, {}),
-                      (Principal("studio", Grant(allow=frozenset({"violence"}))),
-                       {"allow": ["violence"]})):
-        req = run_with(svc, who, body=body)
+    studio = Principal("studio", Grant(allow=frozenset({"violence"}), presets=("open",)))
+    for who, header, body, allowed in ((PLAIN, None, {"tau": 2}, False), (PLAIN, None, {}, False),
+                                       (studio, None, {"allow": ["violence"]}, True),
+                                       (studio, "open", None, True)):
+        req = run_with(svc, who, header, body)
         for temperature in (0.0, 1.0):
             prompt, response = overall(req, temperature)
             assert prompt <= 0.6 + 1e-6 and response <= 0.6 + 1e-6, (body, temperature,
                                                                       prompt, response)
+        # an allow-list keeps its shift as far as the pin (0.5 shifted is 0.777): never
+        # stricter than the default preset for asking to allow something
+        assert overall(req, 0.0)[0] == pytest.approx(0.6 if allowed else 0.5, abs=1e-6)
     # the default preset itself, and an explicit tighter one, run as set
     req = run_with(svc, PLAIN, body={"threshold": {OVERALL: 0.3}})
     assert overall(req, 1.0) == pytest.approx((0.3, 0.3))
