@@ -121,7 +121,8 @@ def test_an_input_whose_verdict_never_arrives_is_a_503(monkeypatch):
     assert err.value.status == 503 and err.value.code == "safety_telemetry_missing"
 
     monkeypatch.setattr(helper_requests, "prompt_verdict", no_verdict)
-    prep = SimpleNamespace(query_ids=[1, 2, 3], safety=None, completion_id="chatcmpl-x")
+    prep = SimpleNamespace(query_ids=[1, 2, 3], safety=None, completion_id="chatcmpl-x",
+                           cache_salt=None)
     with pytest.raises(APIError) as err:
         asyncio.run(helper_requests.query_verdict(SimpleNamespace(), SimpleNamespace(), prep))
     assert err.value.status == 503 and err.value.code == "safety_telemetry_missing"
@@ -188,7 +189,7 @@ def test_a_failing_input_cancels_the_others_before_the_error_answers(monkeypatch
     # (rendering runs in a thread: no fixed sleep is surely past it)
     running = {"ids": [], "want": None, "event": None}
 
-    async def verdict(engine, svc, ids, safety, rid):
+    async def verdict(engine, svc, ids, safety, rid, cache_salt=None):
         if ids == [0]:
             await asyncio.sleep(0.01)
             raise APIError(503, "engine queue is full", code="engine_overloaded")
@@ -224,7 +225,7 @@ def test_a_failing_input_cancels_the_others_before_the_error_answers(monkeypatch
     asyncio.run(client_goes_away())
     assert state["cancelled"] == 4 and metrics.ABORTED._value.get() == aborted + 2
 
-    async def lost(engine, svc, ids, safety, rid):
+    async def lost(engine, svc, ids, safety, rid, cache_salt=None):
         return None  # its telemetry never came
 
     monkeypatch.setattr(moderation, "prompt_verdict", lost)
