@@ -26,13 +26,23 @@ _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 _fork_hook_registered = False
+_prctl = None  # libc's, resolved before any fork: a forked child of a threaded process should
+# not take the dynamic loader's lock (another thread may have held it at the fork)
+
+
+def _libc_prctl():
+    global _prctl
+    if _prctl is None:
+        _prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return _prctl
 
 
 def mark_children() -> None:
     """In the server, before the engine is built."""
     global _fork_hook_registered
     os.environ[SERVER_PID_ENV] = str(os.getpid())
-    if not _fork_hook_registered:
+    if not _fork_hook_registered and sys.platform.startswith("linux"):
+        _libc_prctl()
         os.register_at_fork(after_in_child=die_with_the_server)
         _fork_hook_registered = True
 
@@ -48,8 +58,7 @@ def die_with_the_server() -> bool:
         if not _exists(int(server)):  # it went while this process was starting
             os._exit(1)
         return False  # a grandchild (vLLM's own workers follow their engine core)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+    if _libc_prctl()(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         return False
     if os.getppid() != int(server):  # the server went before the request took effect
         os._exit(1)
